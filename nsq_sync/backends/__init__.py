@@ -1,0 +1,62 @@
+"""Concurrency backends: ``"thread"`` (default) or ``"gevent"``.
+
+:func:`get_backend` resolves a name, a backend object, or None. None picks
+gevent when the socket module has been monkey-patched by gevent, else threads.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Dict, Optional, Union
+
+from ..errors import ConfigError
+from .base import Backend
+from .thread import ThreadBackend
+
+__all__ = ["Backend", "ThreadBackend", "get_backend", "gevent_patched"]
+
+_cache: Dict[str, Any] = {}
+
+
+def gevent_patched() -> bool:
+    """True when gevent has monkey-patched the socket module in this process."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is None:
+        return False
+    try:
+        return bool(monkey.is_module_patched("socket"))
+    except Exception:  # pragma: no cover - very old gevent
+        return False
+
+
+def get_backend(backend: Union[str, Backend, None] = None) -> Backend:
+    """Return the backend named by *backend* ("thread", "gevent"), the object itself, or the auto choice for None.
+
+    Raises ConfigError for an unknown name or when "gevent" is asked for and gevent is not installed.
+    """
+    if backend is None:
+        backend = "gevent" if gevent_patched() else "thread"
+    if not isinstance(backend, str):
+        if not hasattr(backend, "spawn"):
+            raise ConfigError("backend", backend, "must be 'thread', 'gevent', None or a backend object")
+        return backend
+    cached = _cache.get(backend)
+    if cached is not None:
+        return cached
+    if backend == "thread":
+        instance: Any = ThreadBackend()
+    elif backend == "gevent":
+        try:
+            from .gevent import GeventBackend
+        except ImportError as exc:
+            raise ConfigError("backend", backend, "gevent is not installed; pip install 'nsq_sync[gevent]'") from exc
+        instance = GeventBackend()
+    else:
+        raise ConfigError("backend", backend, "must be 'thread', 'gevent', None or a backend object")
+    _cache[backend] = instance
+    return instance
+
+
+def resolve(backend: Optional[Union[str, Backend]]) -> Backend:
+    """Alias of :func:`get_backend`."""
+    return get_backend(backend)

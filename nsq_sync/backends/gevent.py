@@ -1,0 +1,75 @@
+"""Greenlets: the only module of nsq_sync that imports gevent."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any, Callable, Optional, Tuple
+
+import gevent
+import gevent.event
+import gevent.local
+import gevent.lock
+import gevent.queue
+import gevent.select
+import gevent.socket
+
+
+class _GreenletTask:
+    __slots__ = ("_greenlet",)
+
+    def __init__(self, greenlet: "gevent.Greenlet") -> None:
+        self._greenlet = greenlet
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        self._greenlet.join(timeout)
+
+    def is_alive(self) -> bool:
+        return not self._greenlet.dead
+
+
+class GeventBackend:
+    """Runs tasks as greenlets; gevent's event, lock, queue and socket."""
+
+    name = "gevent"
+    Empty = gevent.queue.Empty
+
+    def spawn(self, fn: Callable[..., Any], *args: Any, name: str = "") -> _GreenletTask:
+        greenlet = gevent.spawn(fn, *args)
+        if name:
+            greenlet.name = name
+        return _GreenletTask(greenlet)
+
+    def event(self) -> gevent.event.Event:
+        return gevent.event.Event()
+
+    def lock(self) -> Any:
+        return gevent.lock.Semaphore()
+
+    def rlock(self) -> Any:
+        return gevent.lock.RLock()
+
+    def queue(self) -> Any:
+        return gevent.queue.SimpleQueue()
+
+    def sleep(self, seconds: float) -> None:
+        gevent.sleep(seconds)
+
+    def local(self) -> Any:
+        return gevent.local.local()
+
+    def current(self) -> object:
+        return gevent.getcurrent()
+
+    def create_connection(self, address: Tuple[str, int], timeout: Optional[float]) -> socket.socket:
+        return gevent.socket.create_connection(address, timeout=timeout)
+
+    def wait_readable(self, sock: socket.socket, timeout: Optional[float]) -> bool:
+        readable, _, _ = gevent.select.select([sock], [], [], timeout)
+        return bool(readable)
+
+    def wait_writable(self, sock: socket.socket, timeout: Optional[float]) -> bool:
+        _, writable, _ = gevent.select.select([], [sock], [], timeout)
+        return bool(writable)
+
+    def __repr__(self) -> str:
+        return "<GeventBackend>"

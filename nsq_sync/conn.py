@@ -1,0 +1,761 @@
+"""AsyncConn: one connection to nsqd, pynsq's API over a blocking socket.
+
+Threads of control around one connection:
+
+* the caller of :meth:`AsyncConn.connect` runs the whole handshake and fires the
+  handshake events (connect, identify, identify_response, auth, auth_response,
+  ready) in its own thread, in order;
+* then one reader task (thread or greenlet) reads in large chunks outside any
+  lock, decodes frames, answers heartbeats with NOP, matches responses to
+  waiting requests, and hands every event to the worker pool. It never runs a
+  listener itself, so a slow handler cannot starve heartbeats;
+* any thread may write. Writes are queued on a deque and one writer at a time
+  drains it with a single ``sendall`` of everything queued (FINs that become
+  ready together leave in one segment); the queue keeps the wire order equal to
+  the call order;
+* callbacks fired by your own calls (``backoff``/``resume``/``continue`` from
+  finish/requeue) run in your thread before the command is written, as in pynsq.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import socket
+import ssl
+import struct
+import time
+from concurrent import futures
+from concurrent.futures import Future
+from typing import Any, Deque, Dict, List, Mapping, Optional, Union
+
+from . import __about__
+from .backends import Backend, get_backend
+from .dispatch import WorkerPool
+from .errors import (
+    AlreadyRespondedError,
+    AuthRequiredError,
+    ConfigError,
+    ConnectError,
+    ConnectionClosedError,
+    Error,
+    ProtocolError,
+    SendError,
+    ServerError,
+    StaleConnectionError,
+    TLSError,
+    TimeoutError,
+    error_from_frame,
+)
+from .events import EventedMixin
+from .message import Message
+from .protocol import commands
+from .protocol.constants import (
+    CLOSE_WAIT,
+    DEFAULT_MAX_FRAME_SIZE,
+    FRAME_TYPE_ERROR,
+    FRAME_TYPE_MESSAGE,
+    FRAME_TYPE_RESPONSE,
+    HEARTBEAT,
+    MAGIC_V2,
+    MAX_RDY_COUNT_DEFAULT,
+    MESSAGE_HEADER_SIZE,
+)
+from .protocol.frames import FrameDecoder
+from .protocol.identify import build_identify, check_number, parse_identify_response
+from .transport import DeflateStream, SnappyStream, SocketStream, TLSStream, make_ssl_context
+
+__all__ = ["AsyncConn", "INIT", "CONNECTING", "CONNECTED", "DISCONNECTED", "DEFAULT_USER_AGENT"]
+
+logger = logging.getLogger(__name__)
+
+INIT = "INIT"
+CONNECTING = "CONNECTING"
+CONNECTED = "CONNECTED"
+DISCONNECTED = "DISCONNECTED"
+
+DEFAULT_USER_AGENT = f"nsq_sync/{__about__.__version__}"
+READ_SIZE = 256 * 1024
+
+_unpack_message_header = struct.Struct(">qH16s").unpack_from
+
+
+class AsyncConn(EventedMixin):
+    """A connection to one nsqd, with pynsq's parameters, events and on/off/trigger.
+
+    :param host: the host to connect to
+    :param port: the TCP port
+    :param timeout: seconds for the TCP connect, the handshake and each write
+    :param heartbeat_interval: seconds, 1..60, or -1 to disable (nsqd then refuses SUB)
+    :param requeue_delay: seconds; an automatic requeue waits ``requeue_delay * attempts``
+    :param tls_v1: upgrade to TLS after IDENTIFY
+    :param tls_options: an ``ssl.SSLContext`` or a dict (ca_certs, certfile, keyfile, cert_reqs, check_hostname)
+    :param snappy: snappy compression (needs python-snappy)
+    :param deflate: deflate compression
+    :param deflate_level: 1..9 (nsqd caps it at its --max-deflate-level)
+    :param user_agent: sent in IDENTIFY
+    :param output_buffer_size: bytes nsqd buffers before writing to us, 64..65536, -1 off, 0 default
+    :param output_buffer_timeout: ms nsqd waits before flushing, 25..30000, -1 off, 0 default
+    :param sample_rate: 0..99 percent of messages to receive (0: all)
+    :param auth_secret: sent with AUTH when nsqd requires it (never logged)
+    :param msg_timeout: seconds nsqd waits for an answer to a message before redelivering it
+    :param backend: "thread", "gevent", or None (gevent when the socket module is monkey-patched)
+    :param worker_pool: the :class:`~nsq_sync.dispatch.WorkerPool` that runs callbacks
+        (shareable); by default the connection makes its own with one message worker
+    :param client_id: sent in IDENTIFY (default: the short host name)
+    :param hostname: sent in IDENTIFY (default: socket.gethostname())
+    :param max_requeue_delay: seconds; cap of the automatic requeue delay
+    :param max_frame_size: bytes; a bigger frame from the server is a ProtocolError
+    :param close_timeout: seconds close() waits for CLOSE_WAIT and in-flight messages
+
+    Raises ConfigError (a ValueError naming the parameter) for any out-of-range value.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        timeout: float = 1.0,
+        heartbeat_interval: float = 30,
+        requeue_delay: float = 90,
+        tls_v1: bool = False,
+        tls_options: Union[None, ssl.SSLContext, Mapping[str, Any]] = None,
+        snappy: bool = False,
+        deflate: bool = False,
+        deflate_level: int = 6,
+        user_agent: str = DEFAULT_USER_AGENT,
+        output_buffer_size: int = 16384,
+        output_buffer_timeout: int = 250,
+        sample_rate: int = 0,
+        auth_secret: Union[None, str, bytes] = None,
+        msg_timeout: Optional[float] = None,
+        *,
+        backend: Union[None, str, Backend] = None,
+        worker_pool: Optional[WorkerPool] = None,
+        client_id: Optional[str] = None,
+        hostname: Optional[str] = None,
+        max_requeue_delay: float = 900,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        close_timeout: float = 30.0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(host, str) or not host:
+            raise ConfigError("host", host, "must be a non-empty string")
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise ConfigError("port", port, "must be an int between 1 and 65535")
+        check_number("timeout", timeout, 0.001, 3600)
+        check_number("requeue_delay", requeue_delay, 0, 3600)
+        check_number("max_requeue_delay", max_requeue_delay, 0, 3600)
+        check_number("max_frame_size", max_frame_size, 1024, 2**31 - 1, integer=True)
+        check_number("close_timeout", close_timeout, 0, 3600)
+        if not isinstance(user_agent, str):
+            raise ConfigError("user_agent", user_agent, "must be a string")
+        if auth_secret is not None and not isinstance(auth_secret, (str, bytes)):
+            raise ConfigError("auth_secret", "<hidden>", "must be str or bytes")
+        if auth_secret is not None and not auth_secret:
+            raise ConfigError("auth_secret", "<hidden>", "must not be empty")
+        hostname = hostname if hostname is not None else socket.gethostname()
+        # Eager: every IDENTIFY value is checked here, not by a fatal E_BAD_BODY later.
+        self._identify_data = build_identify(
+            client_id=client_id if client_id is not None else hostname.split(".")[0],
+            hostname=hostname,
+            user_agent=user_agent,
+            heartbeat_interval=heartbeat_interval,
+            output_buffer_size=output_buffer_size,
+            output_buffer_timeout=output_buffer_timeout,
+            tls_v1=tls_v1,
+            snappy=snappy,
+            deflate=deflate,
+            deflate_level=deflate_level,
+            sample_rate=sample_rate,
+            msg_timeout=msg_timeout,
+        )
+        self._ssl_context = make_ssl_context(tls_options) if tls_v1 else None
+        if snappy:
+            from .transport.compression import snappy_available
+
+            if not snappy_available():
+                raise ConfigError("snappy", snappy, "python-snappy is not installed; pip install 'nsq_sync[snappy]'")
+
+        self.host = host
+        self.port = port
+        self.timeout = float(timeout)
+        self.heartbeat_interval = heartbeat_interval
+        self.requeue_delay = requeue_delay
+        self.max_requeue_delay = max_requeue_delay
+        self.tls_v1 = tls_v1
+        self.tls_options = tls_options
+        self.snappy = snappy
+        self.deflate = deflate
+        self.deflate_level = deflate_level
+        self.user_agent = user_agent
+        self.output_buffer_size = output_buffer_size
+        self.output_buffer_timeout = output_buffer_timeout
+        self.sample_rate = sample_rate
+        self.msg_timeout = msg_timeout
+        self.close_timeout = close_timeout
+        self.hostname = hostname
+        self._auth_secret = auth_secret.encode("utf-8") if isinstance(auth_secret, str) else auth_secret
+        self._max_frame_size = max_frame_size
+
+        self.backend = get_backend(backend)
+        if worker_pool is not None and not isinstance(worker_pool, WorkerPool):
+            raise ConfigError("worker_pool", worker_pool, "must be a nsq_sync WorkerPool")
+        self._own_pool = worker_pool is None
+        self._pool = worker_pool
+        self.state = INIT
+        self.in_flight = 0
+        self.rdy = 0
+        self.last_rdy = 0
+        self.max_rdy_count = MAX_RDY_COUNT_DEFAULT
+        self.last_recv_timestamp = time.time()
+        self.last_msg_timestamp = time.time()
+        self.identify_response: Optional[Dict[str, Any]] = None
+        self.auth_response: Optional[Dict[str, Any]] = None
+        self.error: Optional[BaseException] = None
+        #: set by the Reader that owns this connection (pynsq keeps per-connection Reader state here)
+        self.rdy_timeout: Any = None
+
+        self._stream: Any = None
+        self._raw_sock: Optional[socket.socket] = None
+        self._decoder = FrameDecoder(max_frame_size)
+        self._lock = self.backend.lock()  # counters, responded flags, pending requests
+        self._write_lock = self.backend.lock()  # held by the one task draining the write queue
+        self._writes: Deque[bytes] = collections.deque()
+        self._pending: Deque[Future] = collections.deque()
+        self._reader: Any = None
+        self._subscribed = False
+        self._closing = False
+        self._close_fired = False
+        self._close_wait = self.backend.event()
+        self._drained = self.backend.event()
+        self._closed_event = self.backend.event()
+
+    # ------------------------------------------------------------------ state
+    @property
+    def id(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def __str__(self) -> str:
+        return self.id
+
+    def __repr__(self) -> str:
+        return f"<AsyncConn {self.host}:{self.port} state={self.state} rdy={self.rdy} in_flight={self.in_flight}>"
+
+    def connected(self) -> bool:
+        return self.state == CONNECTED
+
+    def connecting(self) -> bool:
+        return self.state == CONNECTING
+
+    def closed(self) -> bool:
+        return self.state in (INIT, DISCONNECTED)
+
+    def is_starved(self) -> bool:
+        """The guide's rule: messages in flight reached 85% of the last RDY."""
+        return self.in_flight > 0 and self.in_flight >= (self.last_rdy * 0.85)
+
+    @property
+    def worker_pool(self) -> WorkerPool:
+        if self._pool is None:
+            self._pool = WorkerPool(1, self.backend, name=f"nsq_sync-{self.id}")
+        return self._pool
+
+    # -------------------------------------------------------------- handshake
+    def connect(self) -> "AsyncConn":
+        """Connect and run the whole handshake; returns self once ``ready`` has fired.
+
+        Raises ConnectError (TCP connect failed or timed out, or a timeout during the
+        handshake), TLSError, AuthRequiredError, a ServerError subclass for an error
+        frame, ProtocolError for an unparseable answer. On failure ``error`` and
+        ``close`` fire and the connection is closed.
+        """
+        if self.state != INIT:
+            raise ConfigError("state", self.state, "connect() can be called once, on a new connection")
+        self.state = CONNECTING
+        try:
+            self._handshake()
+        except BaseException as exc:
+            error = self._translate_handshake_error(exc)
+            self.error = error
+            self._teardown_socket()
+            self.state = DISCONNECTED
+            self._fail_pending(error)
+            self._fire("error", conn=self, error=error)
+            self._fire_close_sync()
+            if self._own_pool and self._pool is not None:
+                self._pool.close(wait=False)
+            if error is exc:
+                raise
+            raise error from exc
+        self._reader = self.backend.spawn(self._read_loop, name=f"nsq_sync-reader-{self.id}")
+        return self
+
+    def _translate_handshake_error(self, exc: BaseException) -> BaseException:
+        if isinstance(exc, Error):
+            return exc
+        if isinstance(exc, ssl.SSLError):
+            return TLSError(f"TLS handshake with {self.id} failed: {exc}")
+        if isinstance(exc, socket.timeout):
+            return ConnectError(f"timed out after {self.timeout}s during the handshake with {self.id}")
+        if isinstance(exc, OSError):
+            return ConnectError(f"cannot connect to {self.id}: {exc}")
+        return exc
+
+    def _handshake(self) -> None:
+        try:
+            sock = self.backend.create_connection((self.host, self.port), self.timeout)
+        except OSError as exc:
+            raise ConnectError(f"cannot connect to {self.id}: {exc}") from exc
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # pragma: no cover - not every socket family has it
+            pass
+        sock.settimeout(self.timeout)
+        self._raw_sock = sock
+        self._stream = SocketStream(sock)
+        self._stream.sendall(MAGIC_V2)
+        self.state = CONNECTED
+        self._fire("connect", conn=self)
+
+        identify = dict(self._identify_data)
+        self._fire("identify", conn=self, data=identify)
+        self._stream.sendall(commands.identify(identify))
+        response = parse_identify_response(self._read_response("IDENTIFY"))
+        if response is None:
+            self.identify_response = {}
+        else:
+            self.identify_response = response
+            self.max_rdy_count = int(response.get("max_rdy_count", MAX_RDY_COUNT_DEFAULT))
+            self._fire("identify_response", conn=self, data=response)
+            if self.tls_v1 and response.get("tls_v1"):
+                self._upgrade_tls()
+                self._expect_ok("TLS upgrade")
+            elif self.tls_v1:
+                raise TLSError(f"tls_v1 was asked for but {self.id} has no TLS configured")
+            if self.snappy and response.get("snappy"):
+                self._stream = SnappyStream(self._stream, leading=self._decoder.take_unconsumed())
+                self._expect_ok("snappy upgrade")
+            elif self.deflate and response.get("deflate"):
+                self._stream = DeflateStream(self._stream, response.get("deflate_level", self.deflate_level), self._decoder.take_unconsumed())
+                self._expect_ok("deflate upgrade")
+            if response.get("auth_required"):
+                if not self._auth_secret:
+                    raise AuthRequiredError(f"{self.id} requires AUTH but no auth_secret was given")
+                self._fire("auth", conn=self, data=self._auth_secret)
+                self._stream.sendall(commands.auth(self._auth_secret))
+                self.auth_response = parse_identify_response(self._read_response("AUTH")) or {}
+                self._fire("auth_response", conn=self, data=self.auth_response)
+        # From here on the reader owns reads; the socket timeout is the staleness limit.
+        self._stream.settimeout(self._read_timeout())
+        self._fire("ready", conn=self)
+
+    def _read_timeout(self) -> Optional[float]:
+        if self.heartbeat_interval == -1:
+            return None
+        return max(2 * float(self.heartbeat_interval), self.timeout)
+
+    def _upgrade_tls(self) -> None:
+        if self._decoder.buffered:
+            raise ProtocolError(f"{self.id} sent data before the TLS handshake")
+        assert self._ssl_context is not None and self._raw_sock is not None
+        try:
+            tls_sock = self._ssl_context.wrap_socket(self._raw_sock, server_hostname=self.host, do_handshake_on_connect=False)
+            tls_sock.settimeout(self.timeout)
+            tls_sock.do_handshake()
+        except ssl.SSLCertVerificationError as exc:
+            raise TLSError(f"TLS certificate of {self.id} was not accepted: {exc.verify_message or exc}") from exc
+        except (ssl.SSLError, OSError) as exc:
+            raise TLSError(f"TLS handshake with {self.id} failed: {exc}") from exc
+        self._raw_sock = tls_sock
+        self._stream = TLSStream(tls_sock, self.backend.wait_readable, self.backend.wait_writable, self.backend.lock(), self.timeout)
+
+    def _read_frame(self, what: str):
+        frames: List[Any] = []
+        while True:
+            data = self._stream.recv(READ_SIZE)
+            if not data:
+                raise ConnectionClosedError(f"{self.id} closed the connection during {what}")
+            frames = self._decoder.feed(data)
+            for frame_type, payload in frames:
+                if frame_type == FRAME_TYPE_RESPONSE and payload == HEARTBEAT:
+                    self._stream.sendall(commands.nop())
+                    continue
+                # nsqd answers each handshake step before anything else can arrive.
+                return frame_type, payload
+
+    def _read_response(self, what: str) -> bytes:
+        frame_type, payload = self._read_frame(what)
+        if frame_type == FRAME_TYPE_ERROR:
+            raise error_from_frame(payload)
+        if frame_type != FRAME_TYPE_RESPONSE:
+            raise ProtocolError(f"expected a response to {what} from {self.id}, got frame type {frame_type}")
+        return payload
+
+    def _expect_ok(self, what: str) -> None:
+        payload = self._read_response(what)
+        if payload != b"OK":
+            raise ProtocolError(f"expected OK after {what} from {self.id}, got {payload[:64]!r}")
+
+    # ----------------------------------------------------------------- reader
+    def _read_loop(self) -> None:
+        error: Optional[BaseException] = None
+        recv = self._stream.recv
+        feed = self._decoder.feed
+        try:
+            while True:
+                try:
+                    data = recv(READ_SIZE)
+                except socket.timeout:
+                    if self._closing:
+                        continue
+                    raise StaleConnectionError(
+                        f"no data from {self.id} for {self._read_timeout()}s (two heartbeat intervals); closing it as stale"
+                    ) from None
+                if not data:
+                    if not self._closing:
+                        error = ConnectionClosedError(f"{self.id} closed the connection")
+                    return
+                self.last_recv_timestamp = time.time()
+                self._handle_frames(feed(data))
+        except _FatalFrame as exc:
+            error = exc
+        except BaseException as exc:
+            if self._closing and isinstance(exc, (OSError, ValueError)):
+                error = None  # our own close() shut the socket under the reader
+            elif isinstance(exc, Error):
+                error = exc
+            elif isinstance(exc, OSError):
+                error = ConnectionClosedError(f"connection to {self.id} failed: {exc}")
+            else:
+                logger.exception("reader of %s crashed", self.id)
+                error = ConnectionClosedError(f"reader of {self.id} crashed: {exc!r}")
+        finally:
+            self._on_disconnect(error)
+
+    def _handle_frames(self, frames: List[Any]) -> None:
+        messages: Optional[List[Message]] = None
+        for frame_type, payload in frames:
+            if frame_type == FRAME_TYPE_MESSAGE:
+                if len(payload) < MESSAGE_HEADER_SIZE:
+                    raise ProtocolError(
+                        f"message frame of {len(payload)} bytes from {self.id} is shorter than its {MESSAGE_HEADER_SIZE}-byte header"
+                    )
+                timestamp, attempts, message_id = _unpack_message_header(payload)
+                message = Message(message_id, payload[MESSAGE_HEADER_SIZE:], timestamp, attempts, self)
+                if messages is None:
+                    messages = [message]
+                else:
+                    messages.append(message)
+            elif frame_type == FRAME_TYPE_RESPONSE:
+                if payload == HEARTBEAT:
+                    self._write(commands.nop())
+                    self._emit("heartbeat", conn=self)
+                    continue
+                if payload == CLOSE_WAIT:
+                    self._close_wait.set()
+                else:
+                    with self._lock:
+                        waiter = self._pending.popleft() if self._pending else None
+                    if waiter is not None:
+                        waiter.set_result(payload)
+                self._emit("response", conn=self, data=payload)
+            else:
+                error = error_from_frame(payload)
+                if error.fatal:
+                    with self._lock:
+                        waiter = self._pending.popleft() if self._pending else None
+                    if waiter is not None:
+                        waiter.set_exception(error)
+                    logger.warning("%s: %s", self.id, error)
+                else:
+                    logger.debug("%s: %s", self.id, error)
+                self._emit("error", conn=self, error=error)
+                if error.fatal:
+                    self.error = error
+                    # nsqd closes after a fatal error; stop reading now rather than wait for it.
+                    raise _FatalFrame(error)
+        if messages:
+            count = len(messages)
+            with self._lock:
+                self.in_flight += count
+            self.last_msg_timestamp = self.last_recv_timestamp
+            listeners = self._listeners.get("message")
+            if listeners:
+                self.worker_pool.messages.submit_many(self._deliver, messages)
+
+    def _deliver(self, message: Message) -> None:
+        for callback in self._listeners.get("message", ()):
+            try:
+                callback(conn=self, message=message)
+            except Exception:
+                logger.exception("message listener %r raised for %r on %s", callback, message, self.id)
+
+    def _emit(self, name: str, **kwargs: Any) -> None:
+        """Hand an event to the control lane of the worker pool (never run listeners on the reader)."""
+        if self._listeners.get(name):
+            try:
+                self.worker_pool.control.submit(self._fire, name, kwargs)
+            except RuntimeError:
+                logger.debug("%s: worker pool closed; %s event dropped", self.id, name)
+
+    def _fire(self, name: str, kwargs: Optional[Dict[str, Any]] = None, **kw: Any) -> None:  # type: ignore[override]
+        super()._fire(name, **(kwargs if kwargs is not None else kw))
+
+    # ---------------------------------------------------------------- writing
+    def send(self, data: bytes) -> None:
+        """Write raw command bytes (from :mod:`nsq_sync.protocol` helpers); thread-safe.
+
+        Raises ConnectionClosedError if the connection is not open, SendError if the write failed.
+        """
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"send() takes bytes, not {type(data).__name__}")
+        if data[:4] == b"SUB ":
+            self._subscribed = True
+        self._write(bytes(data))
+
+    def _write(self, data: bytes) -> None:
+        if self.state != CONNECTED:
+            raise ConnectionClosedError(f"connection to {self.id} is {self.state.lower()}")
+        self._writes.append(data)
+        self._flush()
+
+    def _flush(self) -> None:
+        # One task at a time drains the queue with a single sendall of everything in it.
+        # Whoever appended after the drainer's last look finds the lock free and drains.
+        writes = self._writes
+        lock = self._write_lock
+        while writes:
+            if not lock.acquire(False):
+                return  # the holder drains our bytes before it lets go (it looks again after)
+            try:
+                while writes:
+                    batch = [writes.popleft() for _ in range(len(writes))]
+                    payload = batch[0] if len(batch) == 1 else b"".join(batch)
+                    try:
+                        self._stream.sendall(payload)
+                    except (OSError, ValueError, Error) as exc:
+                        writes.clear()
+                        error = SendError(f"write to {self.id} failed: {exc}")
+                        self.error = error
+                        self._abort(error)
+                        raise error from exc
+            finally:
+                lock.release()
+
+    def request(self, data: bytes) -> "Future[bytes]":
+        """Write a command that nsqd answers (PUB, MPUB, DPUB, SUB) and return a Future of the answer.
+
+        Answers are matched to requests in order. The Future fails with the ServerError
+        for an error frame, or ConnectionClosedError when the connection goes before the
+        answer. Do not mix with raw send() of answered commands on the same connection.
+        """
+        future: "Future[bytes]" = Future()
+        future.set_running_or_notify_cancel()
+        with self._lock:
+            if self.state != CONNECTED:
+                raise ConnectionClosedError(f"connection to {self.id} is {self.state.lower()}")
+            self._pending.append(future)
+            # Queue the bytes under the same lock, so wire order equals waiter order.
+            self._writes.append(data)
+        try:
+            self._flush()
+        except Error:
+            pass  # the Future carries the failure (failed by _abort)
+        return future
+
+    @property
+    def pending_requests(self) -> int:
+        return len(self._pending)
+
+    def subscribe(self, topic: str, channel: str, timeout: Optional[float] = None) -> bytes:
+        """SUB and wait for OK. Raises BadTopicError/BadChannelError etc. from nsqd, TimeoutError."""
+        self._subscribed = True
+        future = self.request(commands.sub(topic, channel))
+        return self._wait(future, timeout if timeout is not None else self.timeout * 5)
+
+    def _wait(self, future: "Future[bytes]", timeout: Optional[float]) -> bytes:
+        try:
+            return future.result(timeout)
+        except futures.TimeoutError:
+            if future.done():
+                raise
+            raise TimeoutError(f"no answer from {self.id} within {timeout}s") from None
+
+    def send_rdy(self, value: int) -> None:
+        """Send RDY *value* (0..max_rdy_count) and record it in ``rdy``/``last_rdy``.
+
+        Raises ConfigError when *value* is out of range, ConnectionClosedError when not connected.
+        """
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= self.max_rdy_count:
+            raise ConfigError("rdy", value, f"must be an int between 0 and max_rdy_count ({self.max_rdy_count}) of {self.id}")
+        self._write(commands.rdy(value))
+        self.rdy = value
+        self.last_rdy = value
+
+    # ----------------------------------------------------- message responses
+    def _respond(self, message: Message, data: bytes, event: str) -> None:
+        with self._lock:
+            if message._responded:
+                raise AlreadyRespondedError(f"{message!r} was already answered")
+            if self.state != CONNECTED:
+                raise ConnectionClosedError(f"connection to {self.id} is {self.state.lower()}; nsqd will redeliver {message!r}")
+            message._responded = True
+            self.in_flight -= 1
+            drained = self._closing and self.in_flight <= 0
+        self._fire(event, conn=self)
+        try:
+            self._write(data)
+        finally:
+            if drained:
+                self._drained.set()
+
+    def _finish_message(self, message: Message) -> None:
+        self._respond(message, b"FIN %s\n" % message.id, "resume")
+
+    def _requeue_message(self, message: Message, time_ms: int, backoff: bool) -> None:
+        if time_ms < 0:
+            time_ms = int(min(self.requeue_delay * message.attempts, self.max_requeue_delay) * 1000)
+        self._respond(message, b"REQ %s %d\n" % (message.id, time_ms), "backoff" if backoff else "continue")
+
+    def _touch_message(self, message: Message) -> None:
+        if message._responded:
+            raise AlreadyRespondedError(f"{message!r} was already answered")
+        self._write(b"TOUCH %s\n" % message.id)
+
+    # ---------------------------------------------------------------- closing
+    def close(self, timeout: Optional[float] = None) -> None:
+        """Close the connection; ``close`` fires exactly once.
+
+        A subscribed connection closes gracefully: CLS, wait for CLOSE_WAIT and for every
+        in-flight message to be answered (up to *timeout*, default ``close_timeout``), then
+        close the socket. Safe to call more than once and from any thread or callback.
+        """
+        if timeout is None:
+            timeout = self.close_timeout
+        if self.state == INIT:
+            self.state = DISCONNECTED
+            self._fire_close_sync()
+            return
+        if self._closing:
+            self._join(timeout)
+            return
+        self._closing = True
+        deadline = time.monotonic() + timeout
+        if self.state == CONNECTED and self._subscribed:
+            try:
+                self._write(commands.cls())
+                self._close_wait.wait(max(0.0, deadline - time.monotonic()))
+                with self._lock:
+                    if self.in_flight <= 0:
+                        self._drained.set()
+                if not self._drained.wait(max(0.0, deadline - time.monotonic())):
+                    logger.warning("%s: closing with %d messages still in flight (nsqd will redeliver them)", self.id, self.in_flight)
+            except Error:
+                pass
+        self._teardown_socket()
+        self._join(max(0.1, deadline - time.monotonic()))
+
+    def _join(self, timeout: float) -> None:
+        reader = self._reader
+        if reader is not None and self.backend.current() is not reader and not self._is_reader_task():
+            reader.join(timeout)
+        if self._own_pool and self._pool is not None and not self._pool.in_worker():
+            self._closed_event.wait(timeout)
+            self._pool.close(wait=True, timeout=timeout)
+
+    def _is_reader_task(self) -> bool:
+        reader = self._reader
+        current = self.backend.current()
+        return reader is current or getattr(reader, "_greenlet", None) is current
+
+    def _abort(self, error: BaseException) -> None:
+        """Close at once because of *error* (a failed write); the reader reports the close."""
+        if self.error is None:
+            self.error = error
+        self._teardown_socket()
+
+    def _teardown_socket(self) -> None:
+        stream = self._stream
+        if stream is not None:
+            stream.shutdown()
+        elif self._raw_sock is not None:
+            try:
+                self._raw_sock.close()
+            except OSError:
+                pass
+
+    def _on_disconnect(self, error: Optional[BaseException]) -> None:
+        reported = False
+        if isinstance(error, _FatalFrame):
+            error, reported = error.error, True
+        if error is None and not self._closing and self.error is not None:
+            error = self.error
+        with self._lock:
+            self.state = DISCONNECTED
+        if self._stream is not None:
+            self._stream.close()
+        self._close_wait.set()
+        self._drained.set()
+        self._fail_pending(error)
+        if error is not None:
+            self.error = error
+            if not reported:
+                logger.warning("%s: %s", self.id, error)
+                self._emit("error", conn=self, error=error)
+        self._emit_close()
+
+    def _fail_pending(self, error: Optional[BaseException]) -> None:
+        with self._lock:
+            pending = list(self._pending)
+            self._pending.clear()
+        for future in pending:
+            if not future.done():
+                future.set_exception(
+                    ConnectionClosedError(f"connection to {self.id} closed before nsqd answered" + (f": {error}" if error else ""))
+                )
+
+    def _emit_close(self) -> None:
+        with self._lock:
+            if self._close_fired:
+                return
+            self._close_fired = True
+        if self._listeners.get("close"):
+            try:
+                self.worker_pool.control.submit(self._fire_close_final)
+                return
+            except RuntimeError:
+                pass
+        self._closed_event.set()
+        if self._own_pool and self._pool is not None:
+            self._pool.close(wait=False)
+
+    def _fire_close_final(self) -> None:
+        try:
+            self._fire("close", conn=self)
+        finally:
+            self._closed_event.set()
+            if self._own_pool and self._pool is not None:
+                self._pool.close(wait=False)
+
+    def _fire_close_sync(self) -> None:
+        with self._lock:
+            if self._close_fired:
+                return
+            self._close_fired = True
+        self._fire("close", conn=self)
+        self._closed_event.set()
+
+    def wait_closed(self, timeout: Optional[float] = None) -> bool:
+        """Block until the connection is closed and its ``close`` listeners ran; False on timeout."""
+        return self._closed_event.wait(timeout)
+
+
+class _FatalFrame(Exception):
+    """Internal: a fatal error frame ended the read loop (already reported)."""
+
+    def __init__(self, error: ServerError) -> None:
+        super().__init__(str(error))
+        self.error = error

@@ -1,0 +1,316 @@
+"""Every exception nsq_sync raises, rooted at :class:`Error` (pynsq's name).
+
+The tree::
+
+    Error
+    ├── ConfigError (also ValueError)      a parameter out of range, named with its value
+    ├── ProtocolError                      bytes from the peer that do not parse
+    │   └── IntegrityError                 (pynsq's name for a frame that cannot be decoded)
+    ├── ServerError                        an E_* error frame; .code, .text, .fatal
+    │   └── InvalidError, BadTopicError, … one class per E_* code
+    ├── TransportError                     the connection could not be used
+    │   ├── ConnectError                   TCP connect failed or timed out
+    │   ├── TLSError                       the TLS handshake failed
+    │   ├── SendError                      a write failed (pynsq's name)
+    │   └── ConnectionClosedError          closed before the answer came
+    │       └── StaleConnectionError       no data for two heartbeat intervals
+    ├── AuthRequiredError                  nsqd requires AUTH and no auth_secret was given
+    ├── TimeoutError (also builtins.TimeoutError)
+    ├── NoConnectionsError                 no nsqd reachable in time
+    ├── ClosedError                        the Reader/Writer/connection was closed by the user
+    ├── DuplicateListenerError, InvalidListenerError   on()/off() misuse (pynsq's names)
+    ├── AlreadyRespondedError              finish/requeue/touch after the message was answered
+    └── HTTPError                          an nsqd/nsqlookupd HTTP request failed; .status, .message
+
+This module imports nothing from nsq_sync, so every layer can use it.
+"""
+
+from __future__ import annotations
+
+import builtins
+from typing import Dict, Optional, Type
+
+__all__ = [
+    "Error",
+    "ConfigError",
+    "ProtocolError",
+    "IntegrityError",
+    "ServerError",
+    "InvalidError",
+    "BadProtocolError",
+    "BadBodyError",
+    "BadTopicError",
+    "BadChannelError",
+    "BadMessageError",
+    "PubFailedError",
+    "MPubFailedError",
+    "DPubFailedError",
+    "FinFailedError",
+    "ReqFailedError",
+    "TouchFailedError",
+    "IdentifyFailedError",
+    "SubFailedError",
+    "AuthDisabledError",
+    "AuthFailedError",
+    "AuthFirstError",
+    "AuthServerError",
+    "UnauthorizedError",
+    "TransportError",
+    "ConnectError",
+    "TLSError",
+    "SendError",
+    "ConnectionClosedError",
+    "StaleConnectionError",
+    "AuthRequiredError",
+    "TimeoutError",
+    "NoConnectionsError",
+    "ClosedError",
+    "HTTPError",
+    "DuplicateListenerError",
+    "InvalidListenerError",
+    "AlreadyRespondedError",
+    "error_from_frame",
+    "SERVER_ERRORS",
+]
+
+
+class Error(Exception):
+    """Root of every nsq_sync error (pynsq calls its root ``nsq.Error`` too)."""
+
+
+class ConfigError(Error, ValueError):
+    """A parameter is out of range or of the wrong shape.
+
+    ``param`` names the parameter and ``value`` holds what was given, so the
+    message can say both without the caller digging.
+    """
+
+    def __init__(self, param: str, value: object, reason: str) -> None:
+        self.param = param
+        self.value = value
+        self.reason = reason
+        super().__init__(f"{param}={value!r}: {reason}")
+
+    def __reduce__(self):  # keep pickling working with the 3-argument constructor
+        return (type(self), (self.param, self.value, self.reason))
+
+
+class ProtocolError(Error):
+    """The peer sent bytes that are not valid NSQ (bad size, unknown frame, bad JSON)."""
+
+
+class IntegrityError(ProtocolError):
+    """A frame could not be decoded (pynsq's name, kept for code that catches it)."""
+
+
+class ServerError(Error):
+    """nsqd answered with an error frame.
+
+    ``code`` is the ``E_*`` token, ``text`` the server's description, and
+    ``fatal`` says whether nsqd closes the connection after it (every code but
+    E_FIN_FAILED, E_REQ_FAILED and E_TOUCH_FAILED).
+    """
+
+    code: str = ""
+    fatal: bool = True
+
+    def __init__(self, text: str = "", code: Optional[str] = None) -> None:
+        if code is not None:
+            self.code = code
+        self.text = text
+        super().__init__(f"{self.code} {text}".strip())
+
+    def __reduce__(self):
+        return (type(self), (self.text, self.code))
+
+
+class InvalidError(ServerError):
+    code = "E_INVALID"
+
+
+class BadProtocolError(ServerError):
+    code = "E_BAD_PROTOCOL"
+
+
+class BadBodyError(ServerError):
+    code = "E_BAD_BODY"
+
+
+class BadTopicError(ServerError):
+    code = "E_BAD_TOPIC"
+
+
+class BadChannelError(ServerError):
+    code = "E_BAD_CHANNEL"
+
+
+class BadMessageError(ServerError):
+    code = "E_BAD_MESSAGE"
+
+
+class PubFailedError(ServerError):
+    code = "E_PUB_FAILED"
+
+
+class MPubFailedError(ServerError):
+    code = "E_MPUB_FAILED"
+
+
+class DPubFailedError(ServerError):
+    code = "E_DPUB_FAILED"
+
+
+class FinFailedError(ServerError):
+    code = "E_FIN_FAILED"
+    fatal = False
+
+
+class ReqFailedError(ServerError):
+    code = "E_REQ_FAILED"
+    fatal = False
+
+
+class TouchFailedError(ServerError):
+    code = "E_TOUCH_FAILED"
+    fatal = False
+
+
+class IdentifyFailedError(ServerError):
+    code = "E_IDENTIFY_FAILED"
+
+
+class SubFailedError(ServerError):
+    code = "E_SUB_FAILED"
+
+
+class AuthDisabledError(ServerError):
+    code = "E_AUTH_DISABLED"
+
+
+class AuthFailedError(ServerError):
+    code = "E_AUTH_FAILED"
+
+
+class AuthFirstError(ServerError):
+    code = "E_AUTH_FIRST"
+
+
+class AuthServerError(ServerError):
+    code = "E_AUTH_ERROR"
+
+
+class UnauthorizedError(ServerError):
+    code = "E_UNAUTHORIZED"
+
+
+SERVER_ERRORS: Dict[str, Type[ServerError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidError,
+        BadProtocolError,
+        BadBodyError,
+        BadTopicError,
+        BadChannelError,
+        BadMessageError,
+        PubFailedError,
+        MPubFailedError,
+        DPubFailedError,
+        FinFailedError,
+        ReqFailedError,
+        TouchFailedError,
+        IdentifyFailedError,
+        SubFailedError,
+        AuthDisabledError,
+        AuthFailedError,
+        AuthFirstError,
+        AuthServerError,
+        UnauthorizedError,
+    )
+}
+
+
+def error_from_frame(data: bytes) -> ServerError:
+    """Turn the body of an error frame (``b"E_CODE description"``) into its typed exception.
+
+    An unknown code still gives a :class:`ServerError` carrying that code (fatal, as
+    nsqd closes on every error it does not list as non-fatal).
+    """
+    text = bytes(data).decode("utf-8", "replace")
+    code, _, rest = text.partition(" ")
+    cls = SERVER_ERRORS.get(code)
+    if cls is not None:
+        return cls(rest)
+    if code.startswith("E_"):
+        return ServerError(rest, code=code)
+    return ServerError(text, code="E_UNKNOWN")
+
+
+class TransportError(Error):
+    """The connection to a peer could not be used."""
+
+
+class ConnectError(TransportError):
+    """Connecting (TCP, or the whole handshake) failed or timed out."""
+
+
+class TLSError(TransportError):
+    """The TLS handshake failed (untrusted certificate, wrong host name, no TLS on the server)."""
+
+
+class SendError(TransportError):
+    """Writing to the connection failed; the connection is closed (pynsq's name)."""
+
+
+class ConnectionClosedError(TransportError):
+    """The connection closed before the operation could complete."""
+
+
+class StaleConnectionError(ConnectionClosedError):
+    """Nothing arrived for two heartbeat intervals, so the connection was closed."""
+
+
+class AuthRequiredError(Error):
+    """nsqd requires AUTH (``auth_required`` in the IDENTIFY response) and no auth_secret was given."""
+
+
+class TimeoutError(Error, builtins.TimeoutError):  # noqa: A001 - deliberately pynsq-style name
+    """An operation did not complete within its timeout."""
+
+
+class NoConnectionsError(Error):
+    """No nsqd connection could be had within the timeout."""
+
+
+class ClosedError(Error):
+    """The object was closed with close(); it takes no more work."""
+
+
+class HTTPError(Error):
+    """An HTTP request to nsqd or nsqlookupd failed.
+
+    ``status`` is the HTTP status (0 when no response arrived: refused, timed out,
+    bad URL) and ``message`` is the server's ``{"message": ...}`` text or the
+    transport failure.
+    """
+
+    def __init__(self, status: int, message: str, url: str = "") -> None:
+        self.status = status
+        self.message = message
+        self.url = url
+        where = f" ({url})" if url else ""
+        super().__init__(f"HTTP {status}: {message}{where}" if status else f"{message}{where}")
+
+    def __reduce__(self):
+        return (type(self), (self.status, self.message, self.url))
+
+
+class DuplicateListenerError(Error):
+    """on() was called twice with the same event name and callback (pynsq's name)."""
+
+
+class InvalidListenerError(Error):
+    """off() was called with a callback that is not listening to that event (pynsq's name)."""
+
+
+class AlreadyRespondedError(Error):
+    """finish(), requeue() or touch() on a message that was already finished or requeued."""

@@ -1,0 +1,91 @@
+"""The message a handler receives. It answers through a small responder interface, not a connection."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Protocol
+
+from .errors import ConfigError
+
+__all__ = ["Message", "Responder"]
+
+
+class Responder(Protocol):
+    """What a Message needs from whoever delivered it (AsyncConn implements it)."""
+
+    def _finish_message(self, message: "Message") -> None: ...
+
+    def _requeue_message(self, message: "Message", time_ms: int, backoff: bool) -> None: ...
+
+    def _touch_message(self, message: "Message") -> None: ...
+
+
+class Message:
+    """A message from nsqd: ``id`` (16 bytes), ``body`` (bytes), ``timestamp`` (ns), ``attempts`` (first delivery is 1).
+
+    Answer it exactly once with :meth:`finish` or :meth:`requeue`; :meth:`touch` asks nsqd
+    for more time. A Reader answers for the handler (finish on True/None, requeue on
+    False or an exception) unless the handler calls :meth:`enable_async`.
+    """
+
+    __slots__ = ("id", "body", "timestamp", "attempts", "_responder", "_async", "_responded", "__weakref__")
+
+    def __init__(self, id: bytes, body: bytes, timestamp: int, attempts: int, responder: Optional[Responder] = None) -> None:
+        self.id = id
+        self.body = body
+        self.timestamp = timestamp
+        self.attempts = attempts
+        self._responder = responder
+        self._async = False
+        self._responded = False
+
+    def enable_async(self) -> None:
+        """Take over answering this message: the Reader will not finish or requeue it for you."""
+        self._async = True
+
+    def is_async(self) -> bool:
+        return self._async
+
+    def has_responded(self) -> bool:
+        """True once finish() or requeue() went through."""
+        return self._responded
+
+    def _need_responder(self) -> Responder:
+        if self._responder is None:
+            raise ConfigError("message", self, "was not delivered by a connection, so it cannot be answered")
+        return self._responder
+
+    def finish(self) -> None:
+        """Send FIN: the message is done.
+
+        Raises AlreadyRespondedError if it was already finished or requeued, and
+        ConnectionClosedError if the connection it came on is gone (nsqd will redeliver it).
+        """
+        self._need_responder()._finish_message(self)
+
+    def requeue(self, delay: Optional[float] = None, backoff: bool = True, time_ms: Optional[int] = None) -> None:
+        """Send REQ: nsqd delivers the message again after *delay* seconds.
+
+        With no delay (None or pynsq's -1) the delay is ``requeue_delay * attempts``, capped by
+        ``max_requeue_delay``. ``time_ms`` is pynsq's spelling in milliseconds. ``backoff=False``
+        requeues without making a Reader back off. Raises AlreadyRespondedError,
+        ConnectionClosedError, ConfigError for a negative delay.
+        """
+        responder = self._need_responder()
+        if time_ms is not None and time_ms != -1:
+            if isinstance(time_ms, bool) or not isinstance(time_ms, int) or time_ms < 0:
+                raise ConfigError("time_ms", time_ms, "must be an int >= 0 (or -1 for automatic)")
+            ms = time_ms
+        elif delay is None or delay == -1:
+            ms = -1
+        else:
+            if isinstance(delay, bool) or not isinstance(delay, (int, float)) or delay < 0:
+                raise ConfigError("delay", delay, "must be a number of seconds >= 0 (or None for automatic)")
+            ms = int(delay * 1000)
+        responder._requeue_message(self, ms, bool(backoff))
+
+    def touch(self) -> None:
+        """Send TOUCH: reset nsqd's timeout for this message. Raises AlreadyRespondedError after finish/requeue."""
+        self._need_responder()._touch_message(self)
+
+    def __repr__(self) -> str:
+        return f"<Message id={self.id!r} attempts={self.attempts} size={len(self.body)}>"

@@ -1,0 +1,157 @@
+"""Command encoders: arguments in, the exact bytes to send out. No I/O.
+
+Each encoder checks its arguments (names, ranges, body types) and raises
+:class:`~nsq_sync.errors.ConfigError` (a ValueError) or TypeError before any
+byte is produced.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any, Iterable, List, Mapping, Union
+
+from ..errors import ConfigError
+from .constants import MAGIC_V2, MAX_REQ_TIMEOUT_MS, MESSAGE_ID_SIZE
+from .names import check_channel, check_topic
+
+__all__ = [
+    "MAGIC_V2",
+    "to_body",
+    "identify",
+    "auth",
+    "sub",
+    "pub",
+    "mpub",
+    "dpub",
+    "rdy",
+    "fin",
+    "req",
+    "touch",
+    "cls",
+    "nop",
+]
+
+Body = Union[bytes, bytearray, memoryview, str]
+
+_pack_size = struct.Struct(">l").pack
+_NOP = b"NOP\n"
+_CLS = b"CLS\n"
+
+
+def to_body(body: object, param: str = "body") -> bytes:
+    """Return *body* as bytes (str is encoded as UTF-8).
+
+    Raises TypeError for anything but bytes-like or str, ConfigError for an empty body
+    (nsqd refuses it with a fatal E_BAD_MESSAGE).
+    """
+    if isinstance(body, bytes):
+        data = body
+    elif isinstance(body, str):
+        data = body.encode("utf-8")
+    elif isinstance(body, (bytearray, memoryview)):
+        data = bytes(body)
+    else:
+        raise TypeError(f"{param} must be bytes or str, not {type(body).__name__}")
+    if not data:
+        raise ConfigError(param, body, "must not be empty (nsqd rejects empty messages)")
+    return data
+
+
+def _message_id(message_id: object) -> bytes:
+    if isinstance(message_id, str):
+        message_id = message_id.encode("ascii", "replace")
+    elif isinstance(message_id, (bytearray, memoryview)):
+        message_id = bytes(message_id)
+    if not isinstance(message_id, bytes):
+        raise TypeError(f"message id must be bytes or str, not {type(message_id).__name__}")
+    if len(message_id) != MESSAGE_ID_SIZE or b" " in message_id or b"\n" in message_id:
+        raise ConfigError("message_id", message_id, f"must be {MESSAGE_ID_SIZE} bytes")
+    return message_id
+
+
+def _int(param: str, value: object, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{param} must be int, not {type(value).__name__}")
+    if not low <= value <= high:
+        raise ConfigError(param, value, f"must be between {low} and {high}")
+    return value
+
+
+def identify(data: Mapping[str, Any]) -> bytes:
+    """IDENTIFY with a JSON body built from *data* (already in nsqd's units)."""
+    body = json.dumps(dict(data), separators=(",", ":")).encode("utf-8")
+    return b"IDENTIFY\n" + _pack_size(len(body)) + body
+
+
+def auth(secret: object) -> bytes:
+    """AUTH with the secret as its body."""
+    data = to_body(secret, "auth_secret")
+    return b"AUTH\n" + _pack_size(len(data)) + data
+
+
+def sub(topic: str, channel: str) -> bytes:
+    """SUB <topic> <channel>."""
+    topic = check_topic(topic)
+    channel = check_channel(channel)
+    return b"SUB %s %s\n" % (topic.encode("ascii"), channel.encode("ascii"))
+
+
+def pub(topic: str, body: object) -> bytes:
+    """PUB <topic> with one message body."""
+    data = to_body(body)
+    return b"PUB %s\n" % check_topic(topic).encode("ascii") + _pack_size(len(data)) + data
+
+
+def mpub(topic: str, bodies: Iterable[object]) -> bytes:
+    """MPUB <topic> with [count][size body]... as its body. Zero messages is a ConfigError."""
+    topic_b = check_topic(topic).encode("ascii")
+    if isinstance(bodies, (bytes, str, bytearray, memoryview)):
+        raise TypeError("mpub takes a list of message bodies, not a single body")
+    parts: List[bytes] = []
+    for body in bodies:
+        data = to_body(body)
+        parts.append(_pack_size(len(data)))
+        parts.append(data)
+    count = len(parts) // 2
+    if count == 0:
+        raise ConfigError("msgs", [], "mpub needs at least one message")
+    payload = b"".join(parts)
+    return b"MPUB %s\n" % topic_b + _pack_size(len(payload) + 4) + _pack_size(count) + payload
+
+
+def dpub(topic: str, delay_ms: int, body: object) -> bytes:
+    """DPUB <topic> <delay_ms>; the delay must be 0..3,600,000 ms (nsqd's default --max-req-timeout)."""
+    delay = _int("delay_ms", delay_ms, 0, MAX_REQ_TIMEOUT_MS)
+    data = to_body(body)
+    return b"DPUB %s %d\n" % (check_topic(topic).encode("ascii"), delay) + _pack_size(len(data)) + data
+
+
+def rdy(count: int) -> bytes:
+    """RDY <count>."""
+    return b"RDY %d\n" % _int("count", count, 0, 2**31 - 1)
+
+
+def fin(message_id: object) -> bytes:
+    """FIN <message_id>."""
+    return b"FIN %s\n" % _message_id(message_id)
+
+
+def req(message_id: object, time_ms: int) -> bytes:
+    """REQ <message_id> <time_ms>; time_ms must be >= 0 (nsqd clamps to its --max-req-timeout)."""
+    return b"REQ %s %d\n" % (_message_id(message_id), _int("time_ms", time_ms, 0, 2**31 - 1))
+
+
+def touch(message_id: object) -> bytes:
+    """TOUCH <message_id>."""
+    return b"TOUCH %s\n" % _message_id(message_id)
+
+
+def cls() -> bytes:
+    """CLS: stop sending messages; nsqd answers CLOSE_WAIT."""
+    return _CLS
+
+
+def nop() -> bytes:
+    """NOP: the answer to a heartbeat."""
+    return _NOP

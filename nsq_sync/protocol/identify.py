@@ -1,0 +1,101 @@
+"""IDENTIFY: the request body (with nsqd's ranges checked here) and the response.
+
+Units follow pynsq at the edge (seconds for heartbeat_interval and msg_timeout,
+ms for output_buffer_timeout) and nsqd's on the wire (ms everywhere).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, Optional
+
+from ..errors import ConfigError, ProtocolError
+from .constants import MAX_RDY_COUNT_DEFAULT, OK
+
+__all__ = ["build_identify", "parse_identify_response", "check_number"]
+
+
+def check_number(param: str, value: object, low: float, high: float, *, allowed: tuple = (), integer: bool = False) -> Any:
+    """Return *value* if it is a number within [low, high] or one of *allowed*, else raise.
+
+    Raises TypeError for a non-number (bools are refused), ConfigError naming the parameter otherwise.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{param} must be a number, not {type(value).__name__}")
+    if integer and not isinstance(value, int):
+        raise TypeError(f"{param} must be an int, not {type(value).__name__}")
+    if value in allowed:
+        return value
+    if not low <= value <= high:
+        extra = f" (or {', '.join(map(str, allowed))})" if allowed else ""
+        raise ConfigError(param, value, f"must be between {low} and {high}{extra}")
+    return value
+
+
+def build_identify(
+    *,
+    client_id: str,
+    hostname: str,
+    user_agent: str,
+    heartbeat_interval: float = 30,
+    output_buffer_size: int = 16384,
+    output_buffer_timeout: int = 250,
+    tls_v1: bool = False,
+    snappy: bool = False,
+    deflate: bool = False,
+    deflate_level: int = 6,
+    sample_rate: int = 0,
+    msg_timeout: Optional[float] = None,
+) -> Dict[str, Any]:
+    """Return the IDENTIFY JSON object, every value checked against nsqd's ranges.
+
+    heartbeat_interval: seconds, 1..60 or -1 (disabled; nsqd then refuses SUB).
+    output_buffer_size: bytes, 64..65536, -1 (off) or 0 (server default).
+    output_buffer_timeout: ms, 25..30000, -1 (off) or 0 (server default).
+    sample_rate: 0..99. deflate_level: 1..9. msg_timeout: seconds, 1..900, or None (server default).
+    Raises ConfigError (a ValueError) naming the parameter, TypeError for non-numbers.
+    """
+    check_number("heartbeat_interval", heartbeat_interval, 1, 60, allowed=(-1,))
+    check_number("output_buffer_size", output_buffer_size, 64, 65536, allowed=(-1, 0), integer=True)
+    check_number("output_buffer_timeout", output_buffer_timeout, 25, 30000, allowed=(-1, 0), integer=True)
+    check_number("sample_rate", sample_rate, 0, 99, integer=True)
+    check_number("deflate_level", deflate_level, 1, 9, integer=True)
+    if msg_timeout is not None:
+        check_number("msg_timeout", msg_timeout, 1, 900)
+    if snappy and deflate:
+        raise ConfigError("deflate", deflate, "snappy and deflate cannot both be enabled")
+    data: Dict[str, Any] = {
+        "client_id": client_id,
+        "hostname": hostname,
+        "user_agent": user_agent,
+        "feature_negotiation": True,
+        "heartbeat_interval": -1 if heartbeat_interval == -1 else int(round(heartbeat_interval * 1000)),
+        "output_buffer_size": output_buffer_size,
+        "output_buffer_timeout": output_buffer_timeout,
+        "tls_v1": bool(tls_v1),
+        "snappy": bool(snappy),
+        "deflate": bool(deflate),
+        "deflate_level": deflate_level,
+        "sample_rate": sample_rate,
+    }
+    if msg_timeout is not None:
+        data["msg_timeout"] = int(round(msg_timeout * 1000))
+    return data
+
+
+def parse_identify_response(data: bytes) -> Optional[Dict[str, Any]]:
+    """Parse the IDENTIFY answer: None for a plain ``OK`` (no negotiation), else the JSON object.
+
+    ``max_rdy_count`` is filled with nsqd's default when missing. Raises ProtocolError for
+    anything that is neither OK nor a JSON object.
+    """
+    if data == OK:
+        return None
+    try:
+        parsed = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"IDENTIFY response is not JSON: {bytes(data[:64])!r}") from exc
+    if not isinstance(parsed, dict):
+        raise ProtocolError(f"IDENTIFY response is not a JSON object: {bytes(data[:64])!r}")
+    parsed.setdefault("max_rdy_count", MAX_RDY_COUNT_DEFAULT)
+    return parsed
