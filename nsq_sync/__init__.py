@@ -30,11 +30,15 @@ from .helpers import (
     valid_channel_name,
     valid_topic_name,
 )
+from .lifecycle import run
 from .message import Message
+from .writer import Writer
 
 __all__ = [
     "__version__",
     "AsyncConn",
+    "Writer",
+    "run",
     "Message",
     "WorkerPool",
     "FRAME_TYPE_ERROR",

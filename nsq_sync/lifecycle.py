@@ -1,0 +1,66 @@
+"""``nsq_sync.run()``: block until SIGINT/SIGTERM, then close every Reader and Writer gracefully.
+
+Readers and Writers register themselves here (weakly) when created, so
+``run()`` finds them the way pynsq's ``nsq.run()`` does.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import weakref
+from typing import Any, List, Optional
+
+__all__ = ["register", "unregister", "clients", "run", "stop"]
+
+logger = logging.getLogger(__name__)
+
+_clients: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_stop = threading.Event()
+
+
+def register(client: Any) -> None:
+    """Remember *client* (anything with ``close()``) for :func:`run` to close."""
+    _clients.add(client)
+
+
+def unregister(client: Any) -> None:
+    _clients.discard(client)
+
+
+def clients() -> List[Any]:
+    """The live registered clients, Readers first (so consumers drain before producers close)."""
+    items = list(_clients)
+    items.sort(key=lambda c: 0 if type(c).__name__ == "Reader" else 1)
+    return items
+
+
+def stop() -> None:
+    """Make a running :func:`run` return as if it got SIGTERM."""
+    _stop.set()
+
+
+def run(timeout: Optional[float] = None) -> None:
+    """Block until SIGINT or SIGTERM (or :func:`stop`), then close every registered Reader and Writer.
+
+    Signal handlers are installed only when called from the main thread; the previous
+    handlers are restored before returning. *timeout* bounds each close().
+    """
+    _stop.clear()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, lambda *_: _stop.set())
+    try:
+        while not _stop.wait(0.5):
+            pass
+        logger.info("stopping: closing %d clients", len(_clients))
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    for client in clients():
+        try:
+            client.close(timeout) if timeout is not None else client.close()
+        except Exception:
+            logger.exception("closing %r failed", client)

@@ -1,0 +1,449 @@
+"""Writer: publish that blocks until nsqd answers OK, from any thread, across several nsqd.
+
+Each nsqd address has a node task that connects, waits while the connection
+lives, and reconnects with exponential backoff and jitter after it closes.
+Publishing picks a connected node round-robin; answers are matched in order
+per connection (AsyncConn.request), so many threads pipeline on one socket.
+A publish is reported OK only when nsqd said OK; when a connection goes, every
+publish still waiting on it fails with ConnectionClosedError (or is re-sent on
+another node when ``retries`` allows).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from concurrent import futures
+from concurrent.futures import Future
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+from .backends import Backend, get_backend
+from .conn import AsyncConn
+from .dispatch import WorkerPool
+from .errors import (
+    ClosedError,
+    ConfigError,
+    ConnectionClosedError,
+    Error,
+    NoConnectionsError,
+    SendError,
+    TimeoutError,
+)
+from .lifecycle import register
+from .protocol import commands
+from .protocol.identify import check_number
+
+__all__ = ["Writer", "parse_address", "parse_addresses"]
+
+logger = logging.getLogger(__name__)
+
+Callback = Callable[[Optional[AsyncConn], Any], Any]
+_RETRYABLE = (ConnectionClosedError, SendError)
+
+
+def parse_address(address: object, param: str = "nsqd_tcp_addresses") -> Tuple[str, int]:
+    """Split "host:port" (IPv6 as "[::1]:4150") into (host, port); raises ConfigError naming *param*."""
+    if isinstance(address, tuple) and len(address) == 2:
+        host, port = address
+    elif isinstance(address, str):
+        host, sep, port_text = address.rpartition(":")
+        if not sep or not host or not port_text.isdigit():
+            raise ConfigError(param, address, 'must be "host:port"')
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        port = int(port_text)
+    else:
+        raise ConfigError(param, address, 'must be "host:port" strings')
+    if not isinstance(host, str) or not host or isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ConfigError(param, address, 'must be "host:port" with a port from 1 to 65535')
+    return host, port
+
+
+def parse_addresses(addresses: object, param: str = "nsqd_tcp_addresses") -> List[Tuple[str, int]]:
+    """Accept one "host:port" string or a list of them; raises ConfigError naming *param*."""
+    if addresses is None:
+        return []
+    if isinstance(addresses, (str, tuple)):
+        addresses = [addresses]
+    if not isinstance(addresses, (list, set, frozenset)) and not hasattr(addresses, "__iter__"):
+        raise ConfigError(param, addresses, 'must be a "host:port" string or a list of them')
+    result: List[Tuple[str, int]] = []
+    for address in addresses:  # type: ignore[union-attr]
+        parsed = parse_address(address, param)
+        if parsed not in result:
+            result.append(parsed)
+    return result
+
+
+def reconnect_delay(attempt: int, base: float, cap: float, jitter: float = 0.3, rand: Callable[[], float] = random.random) -> float:
+    """Exponential delay ``base * 2**(attempt-1)`` capped at *cap*, spread by +-*jitter* (a fraction)."""
+    delay = min(cap, base * (2 ** max(0, attempt - 1)))
+    return max(0.0, delay * (1 - jitter + 2 * jitter * rand()))
+
+
+class _Node:
+    __slots__ = ("host", "port", "conn", "task", "attempts")
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.conn: Optional[AsyncConn] = None
+        self.task: Any = None
+        self.attempts = 0
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class Writer:
+    """A producer over one or more nsqd.
+
+    :param nsqd_tcp_addresses: "host:port" or a list of them
+    :param publish_timeout: default seconds a blocking publish waits (for a connection and the answer)
+    :param retries: how many times a publish that failed for connection reasons is re-sent on
+        another node (never one nsqd rejected). A re-sent message may be published twice if the
+        first connection died after nsqd took it: at-least-once.
+    :param reconnect_interval: first reconnect delay in seconds; doubles up to ``max_reconnect_interval``
+    :param concurrency: workers that run publish callbacks
+    :param backend: "thread", "gevent" or None (auto)
+    :param conn_kwargs: passed to every :class:`AsyncConn` (timeout, tls_v1, snappy, auth_secret, ...)
+
+    Raises ConfigError for a bad address or parameter, TypeError for an unknown keyword.
+    """
+
+    def __init__(
+        self,
+        nsqd_tcp_addresses: Union[str, Sequence[str]],
+        *,
+        publish_timeout: float = 10.0,
+        retries: int = 0,
+        reconnect_interval: float = 1.0,
+        max_reconnect_interval: float = 60.0,
+        concurrency: int = 1,
+        name: Optional[str] = None,
+        backend: Union[None, str, Backend] = None,
+        **conn_kwargs: Any,
+    ) -> None:
+        addresses = parse_addresses(nsqd_tcp_addresses)
+        if not addresses:
+            raise ConfigError("nsqd_tcp_addresses", nsqd_tcp_addresses, "needs at least one address")
+        check_number("publish_timeout", publish_timeout, 0.001, 86400)
+        check_number("retries", retries, 0, 1000, integer=True)
+        check_number("reconnect_interval", reconnect_interval, 0.001, 3600)
+        check_number("max_reconnect_interval", max_reconnect_interval, 0.001, 3600)
+        if "worker_pool" in conn_kwargs:
+            raise TypeError("Writer() manages its own worker_pool")
+        # Validate every connection parameter now (raises TypeError/ConfigError), not in a background task.
+        AsyncConn(addresses[0][0], addresses[0][1], backend=backend, **conn_kwargs)
+        self.name = name or "nsq_sync.Writer"
+        self.publish_timeout = float(publish_timeout)
+        self.retries = retries
+        self.reconnect_interval = float(reconnect_interval)
+        self.max_reconnect_interval = float(max_reconnect_interval)
+        self.concurrency = concurrency
+        self._conn_kwargs = conn_kwargs
+        self.backend = get_backend(backend)
+        self._addresses = addresses
+        self._closed = False
+        self._start()
+        register(self)
+
+    # ------------------------------------------------------------- lifecycle
+    def _start(self) -> None:
+        backend = self.backend
+        self._pid = os.getpid()
+        self._lock = backend.lock()
+        self._changed = backend.event()  # set whenever a node connects (wakes publishers waiting)
+        self._stopping = backend.event()
+        self._idle = backend.event()
+        self._idle.set()
+        self._outstanding = 0
+        self._rr = 0
+        self.pool = WorkerPool(self.concurrency, backend, name=self.name)
+        self._nodes = [_Node(host, port) for host, port in self._addresses]
+        self._connected: List[AsyncConn] = []
+        for node in self._nodes:
+            node.task = backend.spawn(self._node_loop, node, name=f"nsq_sync-writer-{node.address}")
+
+    def _after_fork(self) -> None:
+        """In a forked child: drop the parent's sockets and threads without touching the parent's connections."""
+        logger.info("%s: forked (pid %d); opening fresh connections", self.name, os.getpid())
+        for node in self._nodes:
+            conn = node.conn
+            if conn is not None and conn._stream is not None:
+                conn._stream.close()  # close our copy of the fd; no shutdown, the parent keeps its socket
+        self._start()
+
+    def _node_loop(self, node: _Node) -> None:
+        while not self._stopping.is_set():
+            conn = AsyncConn(node.host, node.port, backend=self.backend, worker_pool=self.pool, **self._conn_kwargs)
+            try:
+                conn.connect()
+            except Exception as exc:
+                node.attempts += 1
+                delay = reconnect_delay(node.attempts, self.reconnect_interval, self.max_reconnect_interval)
+                logger.warning("%s: cannot connect to %s (%s); retrying in %.1fs", self.name, node.address, exc, delay)
+                self._stopping.wait(delay)
+                continue
+            node.attempts = 0
+            if self._stopping.is_set():
+                conn.close()
+                break
+            with self._lock:
+                node.conn = conn
+                self._connected.append(conn)
+                self._changed.set()
+            logger.info("%s: connected to %s", self.name, node.address)
+            conn.wait_closed()
+            with self._lock:
+                node.conn = None
+                if conn in self._connected:
+                    self._connected.remove(conn)
+                if not self._connected:
+                    self._changed.clear()
+            if not self._stopping.is_set():
+                node.attempts += 1
+                delay = reconnect_delay(node.attempts, self.reconnect_interval, self.max_reconnect_interval)
+                logger.warning("%s: connection to %s closed (%s); reconnecting in %.1fs", self.name, node.address, conn.error, delay)
+                self._stopping.wait(delay)
+
+    @property
+    def conns(self) -> Dict[str, AsyncConn]:
+        """The connected AsyncConns by "host:port" (pynsq's attribute)."""
+        with self._lock:
+            return {conn.id: conn for conn in self._connected}
+
+    def wait_connected(self, timeout: Optional[float] = None, count: int = 1) -> bool:
+        """Block until at least *count* nodes are connected; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if len(self._connected) >= count:
+                    return True
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            self._changed.wait(0.05 if remaining is None else min(remaining, 0.05))
+
+    def close(self, timeout: Optional[float] = None) -> None:
+        """Wait for pending publishes (up to *timeout*, default publish_timeout), then close every connection.
+
+        Publishing afterwards raises ClosedError. Idempotent.
+        """
+        if timeout is None:
+            timeout = self.publish_timeout
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            already = self._closed
+            self._closed = True
+        if not already:
+            self._idle.wait(max(0.0, deadline - time.monotonic()))
+        self._stopping.set()
+        for node in self._nodes:
+            conn = node.conn
+            if conn is not None:
+                conn.close(max(0.1, deadline - time.monotonic()))
+        for node in self._nodes:
+            if node.task is not None:
+                node.task.join(max(0.1, deadline - time.monotonic()))
+        self.pool.close(wait=True, timeout=max(0.1, deadline - time.monotonic()))
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        for node in self._nodes:
+            if node.task is not None:
+                node.task.join(timeout)
+
+    def __enter__(self) -> "Writer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Writer {[n.address for n in self._nodes]} connected={len(self._connected)}>"
+
+    # ------------------------------------------------------------ publishing
+    def pub(self, topic: str, msg: Any, callback: Optional[Callback] = None, timeout: Optional[float] = None) -> Any:
+        """Publish one message.
+
+        Without *callback*: block until nsqd answers and return its answer (b"OK"). Raises the
+        E_* ServerError class nsqd answered with, ConnectionClosedError when the connection
+        went before the answer, TimeoutError when *timeout* passed (the outcome is then unknown),
+        NoConnectionsError when no nsqd was reachable in time, ClosedError after close(),
+        ConfigError/TypeError for a bad topic or body (before anything is sent).
+        With *callback*: return at once; ``callback(conn, data)`` runs on the worker pool with
+        the answer or the exception as data (pynsq's convention).
+        """
+        return self._publish(commands.pub(topic, msg), callback, timeout)
+
+    def mpub(self, topic: str, msgs: Iterable[Any], callback: Optional[Callback] = None, timeout: Optional[float] = None) -> Any:
+        """Publish several messages atomically (MPUB); same contract as :meth:`pub`. Zero messages is a ConfigError."""
+        return self._publish(commands.mpub(topic, msgs), callback, timeout)
+
+    def dpub(self, topic: str, delay_ms: int, msg: Any, callback: Optional[Callback] = None, timeout: Optional[float] = None) -> Any:
+        """Publish one message delivered after *delay_ms* (0..3,600,000); same contract as :meth:`pub`."""
+        return self._publish(commands.dpub(topic, delay_ms, msg), callback, timeout)
+
+    def pub_async(self, topic: str, msg: Any, timeout: Optional[float] = None) -> "Future[bytes]":
+        """Publish without blocking; the Future resolves to b"OK" or fails with the error :meth:`pub` would raise."""
+        return self._submit(commands.pub(topic, msg), timeout)
+
+    def mpub_async(self, topic: str, msgs: Iterable[Any], timeout: Optional[float] = None) -> "Future[bytes]":
+        """:meth:`mpub` returning a Future."""
+        return self._submit(commands.mpub(topic, msgs), timeout)
+
+    def dpub_async(self, topic: str, delay_ms: int, msg: Any, timeout: Optional[float] = None) -> "Future[bytes]":
+        """:meth:`dpub` returning a Future."""
+        return self._submit(commands.dpub(topic, delay_ms, msg), timeout)
+
+    def _publish(self, data: bytes, callback: Optional[Callback], timeout: Optional[float]) -> Any:
+        if callback is not None:
+            if not callable(callback):
+                raise TypeError(f"callback must be callable, not {type(callback).__name__}")
+            future = self._submit(data, timeout)
+            future.add_done_callback(lambda f: self._run_callback(callback, f))
+            return None
+        return self._publish_blocking(data, timeout)
+
+    def _begin(self, timeout: Optional[float]) -> float:
+        if timeout is None:
+            timeout = self.publish_timeout
+        else:
+            check_number("timeout", timeout, 0, 86400)
+        if self._pid != os.getpid():
+            self._after_fork()
+        with self._lock:
+            if self._closed:
+                raise ClosedError(f"{self.name} is closed")
+            self._outstanding += 1
+            self._idle.clear()
+        return time.monotonic() + timeout
+
+    def _end(self) -> None:
+        with self._lock:
+            self._outstanding -= 1
+            if self._outstanding == 0:
+                self._idle.set()
+
+    def _pick(self, avoid: Optional[AsyncConn] = None) -> Optional[AsyncConn]:
+        """Round-robin over open connections, preferring one other than *avoid*."""
+        with self._lock:
+            connected = self._connected
+            count = len(connected)
+            if not count:
+                return None
+            self._rr = start = (self._rr + 1) % count
+            fallback = None
+            for step in range(count):
+                conn = connected[(start + step) % count]
+                if conn.state != "CONNECTED":
+                    continue
+                if conn is avoid:
+                    fallback = conn
+                    continue
+                return conn
+            return fallback
+
+    def _wait_for_conn(self, deadline: float, avoid: Optional[AsyncConn] = None) -> AsyncConn:
+        while True:
+            conn = self._pick(avoid)
+            if conn is not None:
+                return conn
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._stopping.is_set():
+                raise NoConnectionsError(
+                    f"no connection to any of {[n.address for n in self._nodes]} within the timeout"
+                    + self._last_errors()
+                )
+            if self._changed.is_set():
+                # A connection just closed and its node has not noticed yet.
+                self.backend.sleep(min(remaining, 0.005))
+            else:
+                self._changed.wait(min(remaining, 0.25))
+
+    def _last_errors(self) -> str:
+        errors = [f"{n.address}: {n.conn.error}" for n in self._nodes if n.conn is not None and n.conn.error]
+        return f" ({'; '.join(errors)})" if errors else ""
+
+    def _publish_blocking(self, data: bytes, timeout: Optional[float]) -> bytes:
+        deadline = self._begin(timeout)
+        try:
+            retries = self.retries
+            avoid: Optional[AsyncConn] = None
+            while True:
+                conn = self._wait_for_conn(deadline, avoid)
+                try:
+                    future = conn.request(data)
+                except ConnectionClosedError:
+                    avoid = conn  # nothing was sent: try another node without using a retry
+                    continue
+                try:
+                    return future.result(max(0.0, deadline - time.monotonic()))
+                except futures.TimeoutError:
+                    if future.done():
+                        raise
+                    raise TimeoutError(f"no answer from {conn.id} within the timeout; the publish may or may not have landed") from None
+                except _RETRYABLE:
+                    if retries <= 0 or time.monotonic() >= deadline:
+                        raise
+                    retries -= 1
+                    avoid = conn
+                    logger.info("%s: publish failed on %s; re-sending on another node", self.name, conn.id)
+        finally:
+            self._end()
+
+    def _submit(self, data: bytes, timeout: Optional[float]) -> "Future[bytes]":
+        deadline = self._begin(timeout)
+        outer: "Future[bytes]" = Future()
+        outer.set_running_or_notify_cancel()
+        outer.add_done_callback(lambda _f: self._end())
+        self._attempt(data, deadline, self.retries, outer, None)
+        return outer
+
+    def _attempt(self, data: bytes, deadline: float, retries: int, outer: "Future[bytes]", avoid: Optional[AsyncConn]) -> None:
+        conn = self._pick(avoid)
+        if conn is None:
+            # Rare: nothing connected yet. Wait on a task of its own, not on the caller.
+            self.backend.spawn(self._attempt_later, data, deadline, retries, outer, avoid, name="nsq_sync-writer-wait")
+            return
+        outer.conn = conn  # type: ignore[attr-defined]
+        try:
+            inner = conn.request(data)
+        except ConnectionClosedError:
+            self._attempt_later(data, deadline, retries, outer, conn)
+            return
+
+        def done(f: "Future[bytes]") -> None:
+            exc = f.exception()
+            if exc is None:
+                outer.set_result(f.result())
+            elif isinstance(exc, _RETRYABLE) and retries > 0 and time.monotonic() < deadline:
+                # Runs on the connection's reader: re-send from a worker instead.
+                try:
+                    self.pool.control.submit(self._attempt, data, deadline, retries - 1, outer, conn)
+                except RuntimeError:
+                    outer.set_exception(exc)
+            else:
+                outer.set_exception(exc)
+
+        inner.add_done_callback(done)
+
+    def _attempt_later(self, data: bytes, deadline: float, retries: int, outer: "Future[bytes]", avoid: Optional[AsyncConn]) -> None:
+        try:
+            conn = self._wait_for_conn(deadline, avoid)
+        except Error as exc:
+            outer.set_exception(exc)
+            return
+        del conn
+        self._attempt(data, deadline, retries, outer, avoid)
+
+    def _run_callback(self, callback: Callback, future: "Future[bytes]") -> None:
+        conn = getattr(future, "conn", None)
+        exc = future.exception()
+        payload: Any = exc if exc is not None else future.result()
+        try:
+            self.pool.control.submit(callback, conn, payload)
+        except RuntimeError:
+            logger.warning("%s: closed; publish callback %r not run", self.name, callback)
