@@ -1,0 +1,555 @@
+"""The ``nsq-sync`` command: demo, worker, pub, tail, cluster.
+
+Exit codes: 0 success; 1 the job ran but failed (messages lost, a publish
+failed); 2 bad arguments (a bad topic name, a handler that does not import);
+3 a broker could not be reached or started; 130 interrupted (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+EXIT_INTERRUPTED = 130
+
+_REEXEC_MARK = "NSQ_SYNC_CLI_GEVENT"
+
+logger = logging.getLogger("nsq_sync.cli")
+
+
+class UsageError(Exception):
+    """A bad argument found after parsing (exit code 2)."""
+
+
+class Unavailable(Exception):
+    """A broker could not be reached or started (exit code 3)."""
+
+
+# ------------------------------------------------------------------ helpers
+def _check_topic(value: str) -> str:
+    from .protocol.names import valid_topic_name
+
+    if not valid_topic_name(value):
+        raise argparse.ArgumentTypeError(f"bad topic name {value!r}: use 1-64 characters of [.a-zA-Z0-9_-], optionally ending in #ephemeral")
+    return value
+
+
+def _check_channel(value: str) -> str:
+    from .protocol.names import valid_channel_name
+
+    if not valid_channel_name(value):
+        raise argparse.ArgumentTypeError(f"bad channel name {value!r}: use 1-64 characters of [.a-zA-Z0-9_-], optionally ending in #ephemeral")
+    return value
+
+
+def _check_address(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"bad address {value!r}: use host:port")
+    return value
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} must be at least 1")
+    return number
+
+
+def _percentile(sorted_values: List[float], fraction: float) -> float:
+    if not sorted_values:
+        return 0.0
+    index = min(len(sorted_values) - 1, max(0, int(round(fraction * (len(sorted_values) - 1)))))
+    return sorted_values[index]
+
+
+class _Progress:
+    """A one-line progress bar on stderr (only on a terminal)."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total = total
+        self.enabled = enabled
+        self._last = 0.0
+
+    def update(self, sent: int, received: int, elapsed: float, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self.enabled or (not force and now - self._last < 0.2):
+            return
+        self._last = now
+        width = 30
+        done = int(width * received / self.total) if self.total else width
+        bar = "#" * done + "-" * (width - done)
+        rate_in = received / elapsed if elapsed > 0 else 0.0
+        rate_out = sent / elapsed if elapsed > 0 else 0.0
+        sys.stderr.write(f"\r[{bar}] sent {sent:>8,} ({rate_out:>9,.0f}/s)  received {received:>8,} ({rate_in:>9,.0f}/s)")
+        sys.stderr.flush()
+
+    def finish(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _start_cluster(nsqd_count: int) -> Any:
+    from .testing import BrokerNotFoundError, LocalCluster
+
+    try:
+        cluster = LocalCluster(nsqd_count=nsqd_count)
+        cluster.start()
+    except BrokerNotFoundError as exc:
+        raise Unavailable(str(exc)) from exc
+    except Exception as exc:
+        raise Unavailable(f"could not start the local NSQ cluster: {exc}") from exc
+    return cluster
+
+
+# --------------------------------------------------------------------- demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Local cluster -> Writer (several threads) -> Reader via nsqlookupd; count and time everything."""
+    import nsq_sync
+
+    count = args.count
+    topic = f"demo.{os.getpid()}.{int(time.time())}"
+    progress = _Progress(count, enabled=sys.stderr.isatty() and not args.quiet)
+    if not args.json and not args.quiet:
+        print(f"nsq-sync demo: {count:,} messages of {args.body_size} bytes, {args.threads} publishing threads, "
+              f"max_in_flight {args.max_in_flight}, backend {args.backend}", file=sys.stderr)
+    cluster = _start_cluster(2)
+    seen = bytearray(count)
+    latencies: List[float] = []
+    state = {"received": 0, "duplicates": 0, "acknowledged": 0, "publish_errors": 0}
+    lock = threading.Lock()
+    all_received = threading.Event()
+    padding = b"." * max(0, args.body_size - 30)
+
+    def handler(message: Any) -> bool:
+        seq_text, _, sent_ns = message.body.partition(b"|")
+        seq = int(seq_text)
+        latency = (time.time_ns() - int(sent_ns.split(b"|", 1)[0])) / 1e9
+        with lock:
+            if seen[seq]:
+                state["duplicates"] += 1
+            else:
+                seen[seq] = 1
+                state["received"] += 1
+                latencies.append(latency)
+                if state["received"] == count:
+                    all_received.set()
+        return True
+
+    writer = reader = None
+    try:
+        if not args.json and not args.quiet:
+            print(f"cluster: nsqlookupd http {cluster.lookupd_http_addresses[0]}, nsqd tcp {', '.join(cluster.nsqd_tcp_addresses)}", file=sys.stderr)
+        writer = nsq_sync.Writer(cluster.nsqd_tcp_addresses, backend=args.backend, publish_timeout=30)
+        reader = nsq_sync.Reader(
+            topic,
+            "demo",
+            message_handler=handler,
+            lookupd_http_addresses=cluster.lookupd_http_addresses,
+            lookupd_poll_interval=1,
+            max_in_flight=args.max_in_flight,
+            concurrency=args.concurrency,
+            backend=args.backend,
+        )
+        reader.start()
+        started = time.monotonic()
+        per_thread = [count // args.threads + (1 if i < count % args.threads else 0) for i in range(args.threads)]
+        offsets = [sum(per_thread[:i]) for i in range(args.threads)]
+        batch = args.batch
+
+        def publish(first: int, n: int) -> None:
+            seq = first
+            end = first + n
+            while seq < end:
+                top = min(end, seq + batch)
+                bodies = [b"%010d|%d|%s" % (i, time.time_ns(), padding) for i in range(seq, top)]
+                try:
+                    if len(bodies) == 1:
+                        writer.pub(topic, bodies[0])
+                    else:
+                        writer.mpub(topic, bodies)
+                    with lock:
+                        state["acknowledged"] += len(bodies)
+                except nsq_sync.Error as exc:
+                    logger.error("publish failed: %s", exc)
+                    with lock:
+                        state["publish_errors"] += len(bodies)
+                seq = top
+
+        threads = [threading.Thread(target=publish, args=(offsets[i], per_thread[i]), name=f"demo-pub-{i}") for i in range(args.threads)]
+        for thread in threads:
+            thread.start()
+        publishing = True
+        while True:
+            if publishing and not any(t.is_alive() for t in threads):
+                publishing = False
+                publish_elapsed = time.monotonic() - started
+            elapsed = time.monotonic() - started
+            progress.update(state["acknowledged"], state["received"], elapsed)
+            if not publishing and (state["received"] >= state["acknowledged"] or all_received.is_set()):
+                break
+            if elapsed > args.timeout:
+                logger.error("timed out after %.0fs waiting for messages", elapsed)
+                break
+            all_received.wait(0.1)
+        total_elapsed = time.monotonic() - started
+        progress.update(state["acknowledged"], state["received"], total_elapsed, force=True)
+        progress.finish()
+        if publishing:
+            publish_elapsed = total_elapsed
+    finally:
+        if reader is not None:
+            reader.close()
+        if writer is not None:
+            writer.close()
+        cluster.stop()
+
+    latencies.sort()
+    lost = state["acknowledged"] - state["received"]
+    summary = {
+        "backend": args.backend,
+        "sent": count,
+        "acknowledged": state["acknowledged"],
+        "publish_errors": state["publish_errors"],
+        "received": state["received"],
+        "duplicates": state["duplicates"],
+        "lost": lost,
+        "publish_rate": round(state["acknowledged"] / publish_elapsed, 1) if publish_elapsed else 0.0,
+        "consume_rate": round(state["received"] / total_elapsed, 1) if total_elapsed else 0.0,
+        "elapsed_s": round(total_elapsed, 3),
+        "latency_ms": {name: round(_percentile(latencies, q) * 1000, 2) for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0))},
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        lat = summary["latency_ms"]
+        print(
+            f"sent {count:,}  acknowledged {summary['acknowledged']:,}  received {summary['received']:,}  "
+            f"duplicates {summary['duplicates']:,}  lost {lost:,}\n"
+            f"publish {summary['publish_rate']:,.0f} msg/s  consume {summary['consume_rate']:,.0f} msg/s  "
+            f"in {summary['elapsed_s']:.2f}s\n"
+            f"latency publish->receive ms: p50 {lat['p50']}  p90 {lat['p90']}  p99 {lat['p99']}  max {lat['max']}"
+        )
+    ok = lost == 0 and state["publish_errors"] == 0 and state["acknowledged"] == count
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+# ------------------------------------------------------------------- worker
+def _load_handler(path: str) -> Callable[[Any], Any]:
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise UsageError(f"handler {path!r} must look like module:function")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise UsageError(f"cannot import module {module_name!r} for handler {path!r}: {exc}") from exc
+    target: Any = module
+    for part in attr.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise UsageError(f"module {module_name!r} has no {attr!r} (handler {path!r})") from None
+    if not callable(target):
+        raise UsageError(f"handler {path!r} is not callable")
+    return target
+
+
+def _addresses(args: argparse.Namespace, default_nsqd: Optional[str] = None) -> Dict[str, Any]:
+    nsqd = list(args.nsqd_tcp_address or [])
+    lookupd = list(getattr(args, "lookupd_http_address", None) or [])
+    if not nsqd and not lookupd:
+        if default_nsqd is None:
+            raise UsageError("give at least one --nsqd-tcp-address or --lookupd-http-address")
+        nsqd = [default_nsqd]
+    return {"nsqd_tcp_addresses": nsqd or None, "lookupd_http_addresses": lookupd or None}
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Run a user's handler function as a long-lived consumer; SIGTERM drains."""
+    import nsq_sync
+
+    handler = _load_handler(args.handler)
+    reader = nsq_sync.Reader(
+        args.topic,
+        args.channel,
+        message_handler=handler,
+        max_in_flight=args.max_in_flight,
+        concurrency=args.concurrency,
+        max_tries=args.max_tries,
+        backend=args.backend,
+        **_addresses(args),
+    )
+    stop = threading.Event()
+    if args.verbose:
+        threading.Thread(target=_report_rates, args=(reader, stop), name="nsq-sync-rates", daemon=True).start()
+    try:
+        reader.run()
+    finally:
+        stop.set()
+    return EXIT_OK
+
+
+def _report_rates(reader: Any, stop: threading.Event) -> None:
+    last = reader.stats()
+    last_time = time.monotonic()
+    while not stop.wait(1.0):
+        now = reader.stats()
+        now_time = time.monotonic()
+        span = now_time - last_time
+        rates = {key: (now.get(key, 0) - last.get(key, 0)) / span for key in ("received", "finished", "requeued")}
+        logger.info(
+            "received %.0f/s finished %.0f/s requeued %.0f/s in flight %s connections %d",
+            rates["received"], rates["finished"], rates["requeued"], now.get("in_flight", 0), len(now.get("connections", ())),
+        )
+        last, last_time = now, now_time
+
+
+# ---------------------------------------------------------------- pub, tail
+def cmd_pub(args: argparse.Namespace) -> int:
+    """Publish messages from the command line or stdin lines, waiting for each OK."""
+    import nsq_sync
+
+    if args.messages == ["-"] or not args.messages:
+        bodies: Any = (line.rstrip("\n") for line in sys.stdin)
+    else:
+        bodies = args.messages
+    addresses = _addresses(args, default_nsqd="127.0.0.1:4150")
+    if not addresses["nsqd_tcp_addresses"]:
+        raise UsageError("pub needs --nsqd-tcp-address")
+    writer = nsq_sync.Writer(addresses["nsqd_tcp_addresses"], backend=args.backend, publish_timeout=args.timeout)
+    published = 0
+    try:
+        for body in bodies:
+            if not body:
+                continue
+            try:
+                writer.pub(args.topic, body)
+            except nsq_sync.NoConnectionsError as exc:
+                raise Unavailable(str(exc)) from exc
+            published += 1
+    finally:
+        writer.close()
+    if not args.quiet:
+        print(f"published {published} message(s) to {args.topic}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    """Print messages of a topic as they arrive (an ephemeral channel by default)."""
+    import nsq_sync
+
+    channel = args.channel or f"tail{os.getpid()}#ephemeral"
+    remaining = [args.n] if args.n else None
+    done = threading.Event()
+    out = sys.stdout.buffer
+    lock = threading.Lock()
+
+    def handler(message: Any) -> bool:
+        with lock:
+            if remaining is not None:
+                if remaining[0] <= 0:
+                    return False
+                remaining[0] -= 1
+            out.write(message.body + b"\n")
+            out.flush()
+            if remaining is not None and remaining[0] == 0:
+                done.set()
+        return True
+
+    reader = nsq_sync.Reader(
+        args.topic, channel, message_handler=handler, max_in_flight=args.max_in_flight, backend=args.backend,
+        lookupd_poll_interval=args.lookupd_poll_interval, **_addresses(args, default_nsqd="127.0.0.1:4150"),
+    )
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, lambda *_: done.set())
+    reader.start()
+    try:
+        while not done.wait(0.2):
+            pass
+    finally:
+        reader.close()
+        for signum, handler_ in previous.items():
+            signal.signal(signum, handler_)
+    return EXIT_OK
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    """Run nsqlookupd + N nsqd in the foreground until Ctrl-C."""
+    cluster = _start_cluster(args.nsqd)
+    stop = threading.Event()
+    previous = {signum: signal.signal(signum, lambda *_: stop.set()) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        info = {
+            "lookupd_http_addresses": cluster.lookupd_http_addresses,
+            "lookupd_tcp_addresses": cluster.lookupd_tcp_addresses,
+            "nsqd_tcp_addresses": cluster.nsqd_tcp_addresses,
+            "nsqd_http_addresses": cluster.nsqd_http_addresses,
+        }
+        if args.json:
+            print(json.dumps(info), flush=True)
+        else:
+            print(f"nsqlookupd http: {' '.join(info['lookupd_http_addresses'])}  tcp: {' '.join(info['lookupd_tcp_addresses'])}")
+            print(f"nsqd tcp:  {' '.join(info['nsqd_tcp_addresses'])}")
+            print(f"nsqd http: {' '.join(info['nsqd_http_addresses'])}")
+            print("Ctrl-C stops the cluster.", flush=True)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        cluster.stop()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------ parsing
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nsq-sync",
+        description="The synchronous NSQ client's command line.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "examples:\n"
+            "  nsq-sync demo -n 10000                       # local cluster, publish + consume, summary\n"
+            "  nsq-sync cluster                             # nsqlookupd + 2 nsqd until Ctrl-C\n"
+            "  nsq-sync pub --topic events hello world      # two messages to 127.0.0.1:4150\n"
+            "  nsq-sync tail --topic events -n 2            # print two messages and exit\n"
+            "  nsq-sync worker tasks:handle --topic events --channel work --lookupd-http-address 127.0.0.1:4161\n"
+            "\nexit codes: 0 ok, 1 failed (lost messages, publish errors), 2 bad arguments, 3 broker unavailable, 130 interrupted"
+        ),
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO (rates once a second for worker)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def backend_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--backend", choices=("thread", "gevent"), default="thread", help="concurrency backend (default: thread)")
+
+    def address_args(p: argparse.ArgumentParser, lookupd: bool = True) -> None:
+        p.add_argument("--nsqd-tcp-address", action="append", type=_check_address, metavar="HOST:PORT", help="nsqd TCP address (repeatable)")
+        if lookupd:
+            p.add_argument("--lookupd-http-address", action="append", type=_check_address, metavar="HOST:PORT", help="nsqlookupd HTTP address (repeatable)")
+
+    demo = sub.add_parser("demo", help="publish and consume through a local cluster and report", epilog="example: nsq-sync demo -n 100000 --json")
+    demo.add_argument("-n", "--count", type=_positive_int, default=100_000, help="messages to send (default 100,000)")
+    demo.add_argument("--threads", type=_positive_int, default=4, help="publishing threads (default 4)")
+    demo.add_argument("--batch", type=_positive_int, default=50, help="messages per MPUB (1 = PUB each; default 50)")
+    demo.add_argument("--body-size", type=_positive_int, default=100, help="bytes per message (default 100)")
+    demo.add_argument("--max-in-flight", type=_positive_int, default=200)
+    demo.add_argument("--concurrency", type=_positive_int, default=8, help="handler workers (default 8)")
+    demo.add_argument("--timeout", type=float, default=300.0, help="give up after this many seconds")
+    demo.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    demo.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    backend_arg(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    worker = sub.add_parser("worker", help="run module:function as a consumer (SIGTERM drains)",
+                            epilog="example: nsq-sync worker tasks:handle --topic events --channel work --lookupd-http-address 127.0.0.1:4161")
+    worker.add_argument("handler", help="module:function taking a Message; return True/None to finish, False to requeue")
+    worker.add_argument("--topic", required=True, type=_check_topic)
+    worker.add_argument("--channel", required=True, type=_check_channel)
+    address_args(worker)
+    worker.add_argument("--max-in-flight", type=_positive_int, default=1)
+    worker.add_argument("--concurrency", type=_positive_int, default=None)
+    worker.add_argument("--max-tries", type=int, default=5)
+    worker.add_argument("-v", "--verbose", action="store_true", help="log a line of rates every second")
+    backend_arg(worker)
+    worker.set_defaults(func=cmd_worker)
+
+    pub = sub.add_parser("pub", help="publish messages (arguments, or stdin lines with -)", epilog="example: printf 'a\\nb\\n' | nsq-sync pub --topic events -")
+    pub.add_argument("--topic", required=True, type=_check_topic)
+    address_args(pub, lookupd=False)
+    pub.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for nsqd per message")
+    pub.add_argument("-q", "--quiet", action="store_true")
+    pub.add_argument("messages", nargs="*", help="message bodies; '-' or none reads stdin lines")
+    backend_arg(pub)
+    pub.set_defaults(func=cmd_pub)
+
+    tail = sub.add_parser("tail", help="print messages as they arrive", epilog="example: nsq-sync tail --topic events --lookupd-http-address 127.0.0.1:4161 -n 10")
+    tail.add_argument("--topic", required=True, type=_check_topic)
+    tail.add_argument("--channel", type=_check_channel, default=None, help="default: an ephemeral channel of its own")
+    address_args(tail)
+    tail.add_argument("-n", type=_positive_int, default=None, help="exit after N messages")
+    tail.add_argument("--max-in-flight", type=_positive_int, default=200)
+    tail.add_argument("--lookupd-poll-interval", type=float, default=5.0)
+    backend_arg(tail)
+    tail.set_defaults(func=cmd_tail)
+
+    cluster = sub.add_parser("cluster", help="run a local nsqlookupd + nsqd cluster in the foreground", epilog="example: nsq-sync cluster --nsqd 3")
+    cluster.add_argument("--nsqd", type=_positive_int, default=2, help="how many nsqd (default 2)")
+    cluster.add_argument("--json", action="store_true", help="print the addresses as JSON")
+    cluster.set_defaults(func=cmd_cluster)
+    return parser
+
+
+def _maybe_reexec_gevent(argv: Sequence[str]) -> None:
+    """--backend gevent: restart under gevent's monkey-patching runner, before sockets and threads exist."""
+    wants = "--backend=gevent" in argv or any(a == "--backend" and b == "gevent" for a, b in zip(argv, argv[1:]))
+    if not wants or os.environ.get(_REEXEC_MARK) or "gevent.monkey" in sys.modules and _patched():
+        return
+    try:
+        import gevent  # noqa: F401
+    except ImportError:
+        raise UsageError("--backend gevent needs gevent: pip install 'nsq_sync[gevent]'") from None
+    env = dict(os.environ, **{_REEXEC_MARK: "1"})
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "gevent.monkey", "--module", "nsq_sync", *argv], env)
+
+
+def _patched() -> bool:
+    from .backends import gevent_patched
+
+    return gevent_patched()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        _maybe_reexec_gevent(argv)
+        return int(args.func(args) or 0)
+    except UsageError as exc:
+        print(f"nsq-sync: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Unavailable as exc:
+        print(f"nsq-sync: unavailable: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except KeyboardInterrupt:
+        print("nsq-sync: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        from .errors import ConfigError
+
+        if isinstance(exc, ConfigError):
+            print(f"nsq-sync: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
