@@ -30,6 +30,7 @@ from .helpers import (
     valid_channel_name,
     valid_topic_name,
 )
+from .httpapi import LookupdClient, NSQDHTTPClient, NsqdHTTPClient
 from .lifecycle import run
 from .message import Message
 from .writer import Writer
@@ -38,6 +39,9 @@ __all__ = [
     "__version__",
     "AsyncConn",
     "Writer",
+    "NsqdHTTPClient",
+    "NSQDHTTPClient",
+    "LookupdClient",
     "run",
     "Message",
     "WorkerPool",

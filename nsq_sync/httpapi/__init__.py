@@ -1,0 +1,18 @@
+"""HTTP clients for nsqd and nsqlookupd, built only on the standard library.
+
+They use :mod:`http.client` (one connection per request), so they work unchanged
+under gevent monkey-patching and can be shared between threads.
+"""
+
+from .base import ACCEPT_V1, HTTPClient, HTTPResponse
+from .lookupd import LookupdClient
+from .nsqd import NSQDHTTPClient, NsqdHTTPClient
+
+__all__ = [
+    "HTTPClient",
+    "HTTPResponse",
+    "ACCEPT_V1",
+    "NsqdHTTPClient",
+    "NSQDHTTPClient",
+    "LookupdClient",
+]

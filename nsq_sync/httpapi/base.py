@@ -1,0 +1,421 @@
+"""A small JSON-over-HTTP client for the nsqd and nsqlookupd HTTP APIs.
+
+Built only on :mod:`http.client` from the standard library, so it works
+unchanged under gevent monkey-patching (the socket module it uses is the
+patched one).  Every request opens its own connection and closes it, so one
+client object can be shared freely between threads and greenlets.
+
+nsqd/nsqlookupd 1.x answer plain JSON (with the header
+``X-NSQ-Content-Type: nsq; version=1.0``); servers older than 1.0 wrap the
+payload as ``{"status_code": ..., "status_txt": ..., "data": ...}``.  The
+client asks for the v1 format (``Accept: application/vnd.nsq; version=1.0``)
+and unwraps the legacy envelope when a server answers with it anyway.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import json
+import logging
+import math
+import re
+import socket
+import ssl
+import time
+from typing import Any, Dict, Mapping, Optional, Tuple, Type, TypeVar, Union
+from urllib.parse import urlencode, urlsplit
+
+from ..errors import ConfigError, HTTPError
+
+__all__ = ["HTTPClient", "HTTPResponse", "ACCEPT_V1"]
+
+logger = logging.getLogger(__name__)
+
+#: The Accept header nsqd/nsqlookupd use to choose the (unwrapped) v1 response format.
+ACCEPT_V1 = "application/vnd.nsq; version=1.0"
+
+_USER_AGENT = "nsq_sync (python http.client)"
+_LEGACY_KEYS = frozenset(("status_code", "status_txt", "data"))
+_HOSTNAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_MAX_ERROR_TEXT = 500
+
+ParamValue = Union[str, int, bool, None]
+Params = Mapping[str, ParamValue]
+Body = Union[bytes, bytearray, memoryview]
+
+_C = TypeVar("_C", bound="HTTPClient")
+
+
+def _parse_address(address: object) -> Tuple[str, str, int, str]:
+    """Split *address* into (scheme, host, port, path_prefix) or raise ConfigError/TypeError."""
+    if not isinstance(address, str):
+        raise TypeError(f"address must be str, not {type(address).__name__}")
+
+    def bad(reason: str, shown: object = address) -> ConfigError:
+        return ConfigError("address", shown, reason)
+
+    if not address:
+        raise bad("must be 'host:port', 'http://host:port' or 'https://host:port'")
+    if any(c.isspace() for c in address):
+        raise bad("must not contain whitespace")
+
+    if "://" in address:
+        scheme = address.split("://", 1)[0].lower()
+        if scheme not in ("http", "https"):
+            raise bad("scheme must be http or https")
+        rest = address.split("://", 1)[1]
+        explicit_scheme = True
+    else:
+        scheme, rest, explicit_scheme = "http", address, False
+
+    # user:password@ would be a secret; never echo it back.
+    netloc_end = len(rest)
+    for sep in "/?#":
+        idx = rest.find(sep)
+        if idx != -1:
+            netloc_end = min(netloc_end, idx)
+    if "@" in rest[:netloc_end]:
+        raise bad("credentials in the address are not supported; pass headers= instead", "<redacted>")
+
+    try:
+        parts = urlsplit(f"{scheme}://{rest}")
+        host = parts.hostname
+        port = parts.port
+    except ValueError as exc:
+        raise bad(f"not a valid address ({exc})") from None
+
+    if parts.query or parts.fragment or "?" in rest or "#" in rest:
+        raise bad("must not contain a query string or fragment")
+    if not host:
+        raise bad("missing host")
+    if parts.netloc.startswith("["):
+        try:
+            ipaddress.IPv6Address(host.split("%", 1)[0])
+        except ValueError:
+            raise bad("bracketed host must be an IPv6 address") from None
+    elif not _HOSTNAME.match(host):
+        raise bad("host contains invalid characters")
+    if port is None:
+        if not explicit_scheme:
+            raise bad("missing port (expected 'host:port')")
+        port = 443 if scheme == "https" else 80
+    if not 1 <= port <= 65535:
+        raise bad("port must be 1-65535")
+    return scheme, host, port, parts.path.rstrip("/")
+
+
+def _check_timeout(timeout: object) -> float:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise ConfigError("timeout", timeout, "must be a positive number of seconds")
+    if not math.isfinite(timeout) or timeout <= 0:
+        raise ConfigError("timeout", timeout, "must be a positive number of seconds")
+    return float(timeout)
+
+
+def _check_headers(headers: object) -> Dict[str, str]:
+    if headers is None:
+        return {}
+    if not isinstance(headers, Mapping):
+        raise TypeError(f"headers must be a mapping of str to str, not {type(headers).__name__}")
+    checked: Dict[str, str] = {}
+    for name, value in headers.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise TypeError("headers must be a mapping of str to str")
+        if not _HEADER_NAME.match(name):
+            raise ConfigError("headers", name, "not a valid HTTP header name")
+        if "\r" in value or "\n" in value or "\0" in value:
+            # the value may be a secret (Authorization), so do not echo it
+            raise ConfigError("headers", name, "header value must not contain CR, LF or NUL")
+        checked[name] = value
+    return checked
+
+
+def _encode_params(params: Optional[Params]) -> str:
+    if not params:
+        return ""
+    pairs = []
+    for key, value in params.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        pairs.append((key, str(value)))
+    return urlencode(pairs)
+
+
+def _decode_text(body: bytes) -> str:
+    return body.decode("utf-8", "replace")
+
+
+def _is_legacy_envelope(payload: object) -> bool:
+    return isinstance(payload, dict) and set(payload) == _LEGACY_KEYS
+
+
+def _error_message(body: bytes, reason: str) -> str:
+    """The server's explanation of a failed request: JSON ``message``, legacy ``status_txt`` or the text."""
+    text = _decode_text(body).strip()
+    if text:
+        try:
+            payload = json.loads(text)
+        except ValueError:
+            payload = None
+        if isinstance(payload, dict):
+            if isinstance(payload.get("message"), str):
+                return payload["message"]
+            if _is_legacy_envelope(payload) and payload.get("status_txt"):
+                return str(payload["status_txt"])
+        if len(text) > _MAX_ERROR_TEXT:
+            text = text[:_MAX_ERROR_TEXT] + "..."
+        return text
+    return reason or "no response body"
+
+
+def _transport_reason(exc: BaseException, timeout: float) -> str:
+    if isinstance(exc, socket.timeout) or isinstance(exc, TimeoutError):
+        return f"timed out after {timeout:g}s"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, socket.gaierror):
+        return f"could not resolve host ({exc.strerror or exc})"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS error ({exc})"
+    if isinstance(exc, ssl.CertificateError):
+        return f"TLS certificate error ({exc})"
+    if isinstance(exc, ConnectionResetError):
+        return "connection reset by peer"
+    if isinstance(exc, http.client.RemoteDisconnected):
+        return "server closed the connection without answering"
+    if isinstance(exc, http.client.HTTPException):
+        return f"bad HTTP response ({type(exc).__name__}: {exc})"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class HTTPResponse:
+    """A completed HTTP exchange: ``status``, ``headers`` (case-insensitive) and raw ``body`` bytes."""
+
+    __slots__ = ("status", "reason", "headers", "body", "url")
+
+    def __init__(self, status: int, reason: str, headers: http.client.HTTPMessage, body: bytes, url: str) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.body = body
+        self.url = url
+
+    @property
+    def is_v1(self) -> bool:
+        """True when the server marked the body as the v1 (unwrapped) format."""
+        return self.headers.get("X-NSQ-Content-Type") is not None
+
+    def text(self) -> str:
+        """The body decoded as UTF-8 (undecodable bytes replaced)."""
+        return _decode_text(self.body)
+
+    def json(self) -> Any:
+        """The body parsed as JSON, with a pre-1.0 ``{"status_code","status_txt","data"}`` envelope unwrapped.
+
+        Raises :class:`HTTPError` (with this response's status) when the body is not JSON,
+        or when a legacy envelope carries a non-2xx ``status_code``.
+        """
+        try:
+            payload = json.loads(self.body.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise HTTPError(self.status, f"response is not valid JSON ({exc})", self.url) from exc
+        if not self.is_v1 and _is_legacy_envelope(payload):
+            code = payload.get("status_code")
+            if isinstance(code, int) and not 200 <= code < 300:
+                raise HTTPError(code, str(payload.get("status_txt") or "request failed"), self.url)
+            return payload["data"]
+        return payload
+
+    def __repr__(self) -> str:
+        return f"<HTTPResponse {self.status} {self.url} ({len(self.body)} bytes)>"
+
+
+class HTTPClient:
+    """A JSON HTTP client for one nsqd or nsqlookupd HTTP address.
+
+    *address* is ``"host:port"`` (plain http), ``"http://host:port"`` or
+    ``"https://host:port"`` (an IPv6 host goes in brackets, ``"[::1]:4151"``; a
+    URL may carry a path prefix, e.g. for a reverse proxy).  ``https`` uses
+    *ssl_context* or :func:`ssl.create_default_context`.  *timeout* (seconds)
+    applies to connecting and to each socket read.  *headers* are added to every
+    request (they are never logged).
+
+    The address is checked here: a malformed one raises :class:`ConfigError`
+    naming ``address`` (TypeError when it is not a str); a non-positive or
+    non-numeric *timeout* raises :class:`ConfigError` naming ``timeout``.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        timeout: float = 5.0,
+        ssl_context: Optional[ssl.SSLContext] = None,
+        headers: Optional[Mapping[str, str]] = None,
+    ) -> None:
+        scheme, host, port, prefix = _parse_address(address)
+        self._timeout = _check_timeout(timeout)
+        if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
+            raise TypeError(f"ssl_context must be an ssl.SSLContext, not {type(ssl_context).__name__}")
+        if ssl_context is not None and scheme != "https":
+            raise ConfigError("ssl_context", ssl_context, f"given for a plain http address; use 'https://{host}:{port}'")
+        self._scheme = scheme
+        self._host = host
+        self._port = port
+        self._prefix = prefix
+        self._ssl_context = ssl_context
+        self._extra_headers = _check_headers(headers)
+        host_part = f"[{host}]" if ":" in host else host
+        self._address = f"{host_part}:{port}"
+        self._base_url = f"{scheme}://{host_part}:{port}{prefix}"
+
+    @classmethod
+    def from_url(cls: Type[_C], url: str, **kwargs: Any) -> _C:
+        """Build a client from a full ``http://`` or ``https://`` URL; *kwargs* go to the constructor.
+
+        Raises :class:`ConfigError` when *url* has no http/https scheme or is malformed.
+        """
+        if not isinstance(url, str):
+            raise TypeError(f"url must be str, not {type(url).__name__}")
+        if "://" not in url:
+            raise ConfigError("address", url, "from_url needs a URL starting with http:// or https://")
+        return cls(url, **kwargs)
+
+    # -- properties -------------------------------------------------------
+
+    @property
+    def address(self) -> str:
+        """``host:port`` of the server (IPv6 hosts in brackets)."""
+        return self._address
+
+    @property
+    def host(self) -> str:
+        return self._host
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def scheme(self) -> str:
+        """``"http"`` or ``"https"``."""
+        return self._scheme
+
+    @property
+    def base_url(self) -> str:
+        """The URL every request path is appended to, without a trailing slash."""
+        return self._base_url
+
+    @property
+    def timeout(self) -> float:
+        return self._timeout
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._base_url!r})"
+
+    # -- requests ---------------------------------------------------------
+
+    def url_for(self, path: str, params: Optional[Params] = None) -> str:
+        """The full URL a request for *path* with query *params* goes to."""
+        query = _encode_params(params)
+        return f"{self._base_url}{path}" + (f"?{query}" if query else "")
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._scheme == "https":
+            context = self._ssl_context or ssl.create_default_context()
+            return http.client.HTTPSConnection(self._host, self._port, timeout=self._timeout, context=context)
+        return http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        params: Optional[Params] = None,
+        body: Optional[Body] = None,
+        content_type: Optional[str] = None,
+    ) -> HTTPResponse:
+        """Send one request and return the response when its status is 2xx.
+
+        Raises :class:`HTTPError` with the HTTP status and the server's message
+        (``{"message": ...}``, a legacy ``status_txt``, or the body text) for a
+        non-2xx answer, and ``HTTPError(0, reason)`` raised from the underlying
+        exception when no answer arrived (refused, timed out, DNS, TLS, reset).
+        """
+        query = _encode_params(params)
+        target = f"{self._prefix}{path}" + (f"?{query}" if query else "")
+        url = f"{self._base_url}{path}" + (f"?{query}" if query else "")
+        headers = {"Accept": ACCEPT_V1, "User-Agent": _USER_AGENT}
+        if body is not None:
+            headers["Content-Type"] = content_type or "application/octet-stream"
+        elif method in ("POST", "PUT"):
+            body = b""
+        headers.update(self._extra_headers)
+
+        started = time.monotonic()
+        conn = self._connection()
+        try:
+            try:
+                conn.request(method, target, body=bytes(body) if body is not None else None, headers=headers)
+            except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError) as send_exc:
+                # nsqd answers 413 for a too-big body without reading it and then closes the
+                # connection, so the rest of a large body hits a closed socket.  The answer
+                # is usually already in our receive buffer: read it, or report the send failure.
+                try:
+                    resp = conn.getresponse()
+                except (OSError, http.client.HTTPException):
+                    raise send_exc from None
+            else:
+                resp = conn.getresponse()
+            data = resp.read()
+            status, reason, resp_headers = resp.status, resp.reason, resp.headers
+        except (OSError, http.client.HTTPException, ssl.CertificateError) as exc:
+            reason_text = _transport_reason(exc, self._timeout)
+            logger.debug("%s %s failed after %.1f ms: %s", method, url, (time.monotonic() - started) * 1000, reason_text)
+            raise HTTPError(0, reason_text, url) from exc
+        finally:
+            conn.close()
+
+        logger.debug("%s %s -> %d (%.1f ms, %d bytes)", method, url, status, (time.monotonic() - started) * 1000, len(data))
+        if not 200 <= status < 300:
+            raise HTTPError(status, _error_message(data, reason), url)
+        return HTTPResponse(status, reason, resp_headers, data, url)
+
+    def get_json(self, path: str, params: Optional[Params] = None) -> Any:
+        """GET *path* and return the parsed (and, for old servers, unwrapped) JSON.
+
+        Raises :class:`HTTPError` as :meth:`request` does, or when the body is not JSON.
+        """
+        return self.request("GET", path, params).json()
+
+    def get_text(self, path: str, params: Optional[Params] = None) -> str:
+        """GET *path* and return the body as text. Raises :class:`HTTPError` as :meth:`request` does."""
+        return self.request("GET", path, params).text()
+
+    def post(
+        self,
+        path: str,
+        params: Optional[Params] = None,
+        body: Optional[Body] = None,
+        content_type: Optional[str] = None,
+    ) -> str:
+        """POST to *path* and return the body as text (``""`` for the admin actions, ``"OK"`` for pub).
+
+        Raises :class:`HTTPError` as :meth:`request` does.
+        """
+        resp = self.request("POST", path, params, body, content_type)
+        return resp.text()
+
+    def ping(self) -> bool:
+        """GET ``/ping``; True when the server answers 2xx.
+
+        Raises :class:`HTTPError` otherwise (nsqd answers 500 with its health text when unhealthy).
+        """
+        self.request("GET", "/ping")
+        return True
+
+    def info(self) -> Dict[str, Any]:
+        """GET ``/info``: the server's version and (for nsqd) ports and limits. Raises :class:`HTTPError`."""
+        return self.get_json("/info")

@@ -1,0 +1,126 @@
+"""Client for nsqlookupd's HTTP API (``--http-address``, default port 4161).
+
+Routes follow nsqlookupd v1.3.0 (``nsqlookupd/http.go``): ``GET /ping``,
+``GET /info``, ``GET /lookup?topic=``, ``GET /topics``, ``GET /channels?topic=``,
+``GET /nodes``, and ``POST /topic/create``, ``/topic/delete``,
+``/topic/tombstone?topic=&node=``, ``/channel/create``, ``/channel/delete``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Dict, List, Tuple
+
+from ..errors import ConfigError, HTTPError
+from ..protocol.names import check_channel, check_topic
+from .base import HTTPClient
+
+__all__ = ["LookupdClient"]
+
+logger = logging.getLogger(__name__)
+
+_NODE = re.compile(r"^(?:\[[0-9A-Fa-f:.%a-zA-Z]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
+
+
+def _check_node(node: object) -> str:
+    if not isinstance(node, str):
+        raise TypeError(f"node must be str ('broadcast_address:http_port'), not {type(node).__name__}")
+    match = _NODE.match(node)
+    if match is None or not 1 <= int(match.group(1)) <= 65535:
+        raise ConfigError("node", node, "must be 'broadcast_address:http_port' of an nsqd")
+    return node
+
+
+def _list_field(data: Any, key: str) -> List[Any]:
+    if isinstance(data, dict):
+        value = data.get(key)
+        return list(value) if value else []
+    return []
+
+
+class LookupdClient(HTTPClient):
+    """Client for one nsqlookupd's HTTP API.
+
+    ``LookupdClient("127.0.0.1:4161")``; see :class:`~nsq_sync.httpapi.base.HTTPClient`
+    for *timeout*, *ssl_context* and *headers*.  Every method raises
+    :class:`~nsq_sync.errors.HTTPError` when nsqlookupd answers non-2xx or cannot be
+    reached (``.status == 0``).
+    """
+
+    # ping() and info() come from HTTPClient (nsqlookupd's /info holds only "version").
+
+    def lookup(self, topic: str) -> Dict[str, Any]:
+        """``GET /lookup``: ``{"channels": [...], "producers": [{"broadcast_address", "tcp_port",
+        "http_port", "hostname", "remote_address", "version"}, ...]}`` for *topic*.
+
+        Tombstoned and inactive producers are left out by nsqlookupd.  Raises
+        ConfigError/TypeError for a bad name; HTTPError, in particular status 404 with
+        message ``TOPIC_NOT_FOUND`` when no nsqd has registered the topic (see :meth:`producers`).
+        """
+        data = self.get_json("/lookup", {"topic": check_topic(topic)})
+        if not isinstance(data, dict):
+            data = {}
+        data["channels"] = _list_field(data, "channels")
+        data["producers"] = _list_field(data, "producers")
+        return data
+
+    def producers(self, topic: str) -> List[Tuple[str, int]]:
+        """``(broadcast_address, tcp_port)`` of every nsqd with *topic*; ``[]`` when the topic is unknown.
+
+        Raises ConfigError/TypeError for a bad name, HTTPError for any other failure.
+        """
+        try:
+            data = self.lookup(topic)
+        except HTTPError as exc:
+            if exc.status == 404 and exc.message == "TOPIC_NOT_FOUND":
+                return []
+            raise
+        return [(str(p["broadcast_address"]), int(p["tcp_port"])) for p in data["producers"]]
+
+    def topics(self) -> List[str]:
+        """``GET /topics``: every topic registered. Raises HTTPError."""
+        return _list_field(self.get_json("/topics"), "topics")
+
+    def channels(self, topic: str) -> List[str]:
+        """``GET /channels``: the channels registered for *topic* (``[]`` for an unknown topic).
+
+        Raises ConfigError/TypeError for a bad name, HTTPError.
+        """
+        return _list_field(self.get_json("/channels", {"topic": check_topic(topic)}), "channels")
+
+    def nodes(self) -> List[Dict[str, Any]]:
+        """``GET /nodes``: every active nsqd, as dicts with ``broadcast_address``, ``tcp_port``,
+        ``http_port``, ``hostname``, ``remote_address``, ``version``, ``topics`` and
+        ``tombstones`` (one bool per topic; tombstoned nodes are included). Raises HTTPError.
+        """
+        return _list_field(self.get_json("/nodes"), "producers")
+
+    def create_topic(self, topic: str) -> None:
+        """``POST /topic/create``: register *topic* without a producer. Raises ConfigError/TypeError, HTTPError."""
+        self.post("/topic/create", {"topic": check_topic(topic)})
+
+    def delete_topic(self, topic: str) -> None:
+        """``POST /topic/delete``: forget *topic* and its channels (succeeds for unknown topics).
+
+        nsqds that still have the topic register it again on their next heartbeat/change.
+        Raises ConfigError/TypeError, HTTPError.
+        """
+        self.post("/topic/delete", {"topic": check_topic(topic)})
+
+    def create_channel(self, topic: str, channel: str) -> None:
+        """``POST /channel/create``: register *channel* (and *topic*). Raises ConfigError/TypeError, HTTPError."""
+        self.post("/channel/create", {"topic": check_topic(topic), "channel": check_channel(channel)})
+
+    def delete_channel(self, topic: str, channel: str) -> None:
+        """``POST /channel/delete``. Raises ConfigError/TypeError, HTTPError (404 ``CHANNEL_NOT_FOUND``)."""
+        self.post("/channel/delete", {"topic": check_topic(topic), "channel": check_channel(channel)})
+
+    def tombstone_topic(self, topic: str, node: str) -> None:
+        """``POST /topic/tombstone``: hide the producer *node* (``"broadcast_address:http_port"``)
+        of *topic* from lookups for ``--tombstone-lifetime``, e.g. before deleting the topic on it.
+
+        A node that does not match any producer is silently ignored by nsqlookupd.
+        Raises ConfigError/TypeError for a bad topic or node, HTTPError.
+        """
+        self.post("/topic/tombstone", {"topic": check_topic(topic), "node": _check_node(node)})

@@ -1,0 +1,298 @@
+"""Client for nsqd's HTTP API (``--http-address``, default port 4151).
+
+Routes, methods and parameters follow nsqd v1.3.0 (``nsqd/http.go``):
+``GET /ping``, ``GET /info``, ``GET /stats?format=json&topic=&channel=&include_clients=&include_mem=``,
+``POST /pub?topic=&defer=<ms>``, ``POST /mpub?topic=&binary=true``,
+``POST /topic/{create,delete,empty,pause,unpause}?topic=`` and
+``POST /channel/{create,delete,empty,pause,unpause}?topic=&channel=``.
+
+Topic and channel names are checked locally before anything is sent, as are
+message bodies, so a bad argument never reaches the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from typing import Any, Dict, Iterable, List, Optional, Union
+
+from ..errors import ConfigError
+from ..protocol.names import check_channel, check_topic
+from .base import HTTPClient
+
+__all__ = ["NsqdHTTPClient", "encode_mpub_binary"]
+
+logger = logging.getLogger(__name__)
+
+MessageBody = Union[bytes, bytearray, memoryview, str]
+
+_SIZE = struct.Struct(">i")
+_MAX_INT32 = 2**31 - 1
+
+
+def _body_bytes(body: object, param: str) -> bytes:
+    """*body* as bytes (str encoded UTF-8); TypeError for other types, ConfigError when empty."""
+    if isinstance(body, str):
+        data = body.encode("utf-8")
+    elif isinstance(body, (bytes, bytearray, memoryview)):
+        data = bytes(body)
+    else:
+        raise TypeError(f"{param} must be bytes or str, not {type(body).__name__}")
+    if not data:
+        raise ConfigError(param, data, "message body must not be empty")
+    if len(data) > _MAX_INT32:
+        raise ConfigError(param, f"<{len(data)} bytes>", "message body too large")
+    return data
+
+
+def _bodies_list(bodies: object) -> List[bytes]:
+    if isinstance(bodies, (str, bytes, bytearray, memoryview)):
+        raise TypeError("bodies must be a list of message bodies, not a single body")
+    try:
+        items = list(bodies)  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(f"bodies must be an iterable of bytes or str, not {type(bodies).__name__}") from None
+    if not items:
+        raise ConfigError("bodies", items, "at least one message body is required")
+    return [_body_bytes(item, f"bodies[{i}]") for i, item in enumerate(items)]
+
+
+def encode_mpub_binary(bodies: Iterable[bytes]) -> bytes:
+    """nsqd's binary MPUB body: ``[int32 count]`` then ``[int32 size][body]`` per message (big-endian)."""
+    items = list(bodies)
+    parts = [_SIZE.pack(len(items))]
+    for body in items:
+        parts.append(_SIZE.pack(len(body)))
+        parts.append(body)
+    return b"".join(parts)
+
+
+def _check_defer(defer_ms: object) -> Optional[int]:
+    if defer_ms is None:
+        return None
+    if isinstance(defer_ms, bool) or not isinstance(defer_ms, int):
+        raise TypeError(f"defer_ms must be an int number of milliseconds, not {type(defer_ms).__name__}")
+    if defer_ms < 0:
+        raise ConfigError("defer_ms", defer_ms, "must be >= 0 milliseconds")
+    return defer_ms
+
+
+def _lists(obj: Dict[str, Any], *keys: str) -> None:
+    # nsqd marshals empty Go slices as null; callers iterate, so give them lists
+    for key in keys:
+        if obj.get(key) is None and key in obj:
+            obj[key] = []
+
+
+class NsqdHTTPClient(HTTPClient):
+    """Client for one nsqd's HTTP API.
+
+    ``NsqdHTTPClient("127.0.0.1:4151")``; see :class:`~nsq_sync.httpapi.base.HTTPClient`
+    for *timeout*, *ssl_context* and *headers*.  Every method raises
+    :class:`~nsq_sync.errors.HTTPError` when nsqd answers non-2xx (``.status`` and
+    nsqd's ``.message`` such as ``"TOPIC_NOT_FOUND"``) or cannot be reached
+    (``.status == 0``).
+    """
+
+    # ping() and info() come from HTTPClient: nsqd answers /ping with the text "OK"
+    # (500 and its health text such as "NOK - ..." when unhealthy).
+
+    def stats(
+        self,
+        topic: Optional[str] = None,
+        channel: Optional[str] = None,
+        include_clients: bool = True,
+        include_mem: bool = True,
+    ) -> Dict[str, Any]:
+        """``GET /stats?format=json``, optionally filtered to *topic* and/or *channel*.
+
+        Returns nsqd's dict (``version``, ``health``, ``start_time``, ``topics``,
+        ``producers`` and ``memory`` unless *include_mem* is false); ``topics``,
+        ``producers`` and each ``channels``/``clients`` list are lists, never None.
+        An unknown topic gives ``topics == []``, not an error.
+
+        Raises ConfigError/TypeError for a bad topic/channel name, HTTPError on failure.
+        """
+        params: Dict[str, Any] = {"format": "json"}
+        if topic is not None:
+            params["topic"] = check_topic(topic)
+        if channel is not None:
+            params["channel"] = check_channel(channel)
+        params["include_clients"] = bool(include_clients)
+        params["include_mem"] = bool(include_mem)
+        data = self.get_json("/stats", params)
+        if isinstance(data, dict):
+            _lists(data, "topics", "producers")
+            for t in data.get("topics") or []:
+                if isinstance(t, dict):
+                    _lists(t, "channels")
+                    for c in t.get("channels") or []:
+                        if isinstance(c, dict):
+                            _lists(c, "clients")
+        return data
+
+    def topic_stats(self, topic: str) -> Optional[Dict[str, Any]]:
+        """The stats dict of *topic* (``depth``, ``backend_depth``, ``message_count``, ``paused``,
+        ``channels``, ...) or None when nsqd does not have the topic.
+
+        Raises ConfigError/TypeError for a bad name, HTTPError on failure.
+        """
+        topic = check_topic(topic)
+        data = self.stats(topic=topic, include_clients=False, include_mem=False)
+        for t in data.get("topics", []):
+            if t.get("topic_name") == topic:
+                return t
+        return None
+
+    def topic_depth(self, topic: str) -> int:
+        """Messages waiting in *topic* itself (memory + disk; nsqd's ``depth`` already includes
+        ``backend_depth``); 0 when the topic does not exist.
+
+        Once a topic has channels nsqd moves its messages into them, so this drops to 0;
+        use :meth:`channel_depth` then.  Raises ConfigError/TypeError, HTTPError.
+        """
+        stats = self.topic_stats(topic)
+        return int(stats.get("depth", 0)) if stats else 0
+
+    def channel_stats(self, topic: str, channel: str) -> Optional[Dict[str, Any]]:
+        """The stats dict of *channel* in *topic* (``depth``, ``backend_depth``, ``in_flight_count``,
+        ``deferred_count``, ``requeue_count``, ``timeout_count``, ``message_count``,
+        ``client_count``, ``clients``, ``paused``, ...) or None when either does not exist.
+
+        Raises ConfigError/TypeError for bad names, HTTPError on failure.
+        """
+        topic = check_topic(topic)
+        channel = check_channel(channel)
+        data = self.stats(topic=topic, channel=channel, include_clients=True, include_mem=False)
+        for t in data.get("topics", []):
+            if t.get("topic_name") != topic:
+                continue
+            for c in t.get("channels", []):
+                if c.get("channel_name") == channel:
+                    return c
+        return None
+
+    def channel_depth(self, topic: str, channel: str) -> int:
+        """Messages waiting in *channel* (memory + disk, not counting in-flight or deferred);
+        0 when the topic or channel does not exist.  Raises ConfigError/TypeError, HTTPError.
+        """
+        stats = self.channel_stats(topic, channel)
+        return int(stats.get("depth", 0)) if stats else 0
+
+    # -- publishing ---------------------------------------------------------
+
+    def pub(self, topic: str, body: MessageBody, defer_ms: Optional[int] = None) -> str:
+        """``POST /pub``: publish one message (str is encoded UTF-8), deferred by *defer_ms* if given.
+
+        Returns nsqd's answer, ``"OK"``.  Raises before sending: ConfigError for a bad
+        topic, an empty body or a negative *defer_ms*; TypeError for a body that is not
+        bytes/str.  Raises HTTPError from nsqd, e.g. 413 ``MSG_TOO_BIG`` (body over
+        ``--max-msg-size``) or 400 ``INVALID_DEFER`` (over ``--max-req-timeout``).
+        """
+        topic = check_topic(topic)
+        data = _body_bytes(body, "body")
+        defer = _check_defer(defer_ms)
+        params: Dict[str, Any] = {"topic": topic}
+        if defer is not None:
+            params["defer"] = defer
+        return self.post("/pub", params, data)
+
+    def mpub(self, topic: str, bodies: Iterable[MessageBody], binary: bool = True) -> str:
+        """``POST /mpub``: publish several messages at once; returns ``"OK"``.
+
+        *binary* (the default) sends nsqd's length-prefixed format, so bodies may hold
+        any bytes; ``binary=False`` sends newline-separated bodies.  Raises before
+        sending: ConfigError for a bad topic, no bodies, an empty body, or (text mode)
+        a body containing a newline; TypeError for a body that is not bytes/str.
+        Raises HTTPError from nsqd, e.g. 413 ``BAD_MESSAGE`` (binary, a message over
+        ``--max-msg-size``), 413 ``MSG_TOO_BIG`` (text mode) or 413 ``BODY_TOO_BIG``.
+        """
+        topic = check_topic(topic)
+        items = _bodies_list(bodies)
+        if binary:
+            payload = encode_mpub_binary(items)
+            params: Dict[str, Any] = {"topic": topic, "binary": "true"}
+        else:
+            for i, item in enumerate(items):
+                if b"\n" in item:
+                    raise ConfigError(f"bodies[{i}]", f"<{len(item)} bytes>", "contains a newline; use binary=True")
+            payload = b"\n".join(items)
+            params = {"topic": topic}
+        return self.post("/mpub", params, payload)
+
+    # -- topics -------------------------------------------------------------
+
+    def _topic_action(self, action: str, topic: str) -> None:
+        self.post(f"/topic/{action}", {"topic": check_topic(topic)})
+
+    def create_topic(self, topic: str) -> None:
+        """``POST /topic/create`` (idempotent). Raises ConfigError/TypeError for a bad name, HTTPError."""
+        self._topic_action("create", topic)
+
+    def delete_topic(self, topic: str) -> None:
+        """``POST /topic/delete``: delete the topic, its channels and queued messages.
+
+        Raises ConfigError/TypeError for a bad name, HTTPError (404 ``TOPIC_NOT_FOUND``).
+        """
+        self._topic_action("delete", topic)
+
+    def empty_topic(self, topic: str) -> None:
+        """``POST /topic/empty``: drop the messages queued in the topic (not its channels').
+
+        Raises ConfigError/TypeError for a bad name, HTTPError (404 ``TOPIC_NOT_FOUND``).
+        """
+        self._topic_action("empty", topic)
+
+    def pause_topic(self, topic: str) -> None:
+        """``POST /topic/pause``: stop moving messages to channels.
+
+        Raises ConfigError/TypeError for a bad name, HTTPError (404 ``TOPIC_NOT_FOUND``).
+        """
+        self._topic_action("pause", topic)
+
+    def unpause_topic(self, topic: str) -> None:
+        """``POST /topic/unpause``. Raises ConfigError/TypeError for a bad name, HTTPError (404 ``TOPIC_NOT_FOUND``)."""
+        self._topic_action("unpause", topic)
+
+    # -- channels -----------------------------------------------------------
+
+    def _channel_action(self, action: str, topic: str, channel: str) -> None:
+        params = {"topic": check_topic(topic), "channel": check_channel(channel)}
+        self.post(f"/channel/{action}", params)
+
+    def create_channel(self, topic: str, channel: str) -> None:
+        """``POST /channel/create`` (idempotent); the topic must exist.
+
+        Raises ConfigError/TypeError for bad names, HTTPError (404 ``TOPIC_NOT_FOUND``).
+        """
+        self._channel_action("create", topic, channel)
+
+    def delete_channel(self, topic: str, channel: str) -> None:
+        """``POST /channel/delete``. Raises ConfigError/TypeError for bad names, HTTPError
+        (404 ``TOPIC_NOT_FOUND`` or ``CHANNEL_NOT_FOUND``).
+        """
+        self._channel_action("delete", topic, channel)
+
+    def empty_channel(self, topic: str, channel: str) -> None:
+        """``POST /channel/empty``: drop the channel's queued messages.
+
+        Raises ConfigError/TypeError for bad names, HTTPError (404 ``TOPIC_NOT_FOUND``/``CHANNEL_NOT_FOUND``).
+        """
+        self._channel_action("empty", topic, channel)
+
+    def pause_channel(self, topic: str, channel: str) -> None:
+        """``POST /channel/pause``: stop delivering to the channel's consumers.
+
+        Raises ConfigError/TypeError for bad names, HTTPError (404 ``TOPIC_NOT_FOUND``/``CHANNEL_NOT_FOUND``).
+        """
+        self._channel_action("pause", topic, channel)
+
+    def unpause_channel(self, topic: str, channel: str) -> None:
+        """``POST /channel/unpause``. Raises ConfigError/TypeError for bad names,
+        HTTPError (404 ``TOPIC_NOT_FOUND``/``CHANNEL_NOT_FOUND``).
+        """
+        self._channel_action("unpause", topic, channel)
+
+
+#: Upper-case alias (pynsq style).
+NSQDHTTPClient = NsqdHTTPClient

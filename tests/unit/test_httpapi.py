@@ -1,0 +1,765 @@
+"""Unit tests for nsq_sync.httpapi against a real local http.server (no urllib mocks)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import struct
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Dict, List, Optional, Tuple
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from nsq_sync.errors import ConfigError, HTTPError
+from nsq_sync.httpapi import (
+    ACCEPT_V1,
+    HTTPClient,
+    LookupdClient,
+    NSQDHTTPClient,
+    NsqdHTTPClient,
+)
+
+V1_HEADERS = {"X-NSQ-Content-Type": "nsq; version=1.0"}
+
+
+class Recorded:
+    def __init__(self, method: str, path: str, query: Dict[str, List[str]], headers: Dict[str, str], body: bytes):
+        self.method = method
+        self.path = path
+        self.query = query
+        self.headers = headers
+        self.body = body
+
+    def param(self, name: str) -> Optional[str]:
+        values = self.query.get(name)
+        return values[0] if values else None
+
+
+# A route answers (status, headers, body bytes).
+Reply = Tuple[int, Dict[str, str], bytes]
+
+
+def json_reply(payload: Any, status: int = 200, v1: bool = True) -> Reply:
+    headers = {"Content-Type": "application/json; charset=utf-8"}
+    if v1:
+        headers.update(V1_HEADERS)
+    return status, headers, json.dumps(payload).encode()
+
+
+def text_reply(text: str, status: int = 200, v1: bool = True) -> Reply:
+    headers = {"Content-Type": "text/plain; charset=utf-8"}
+    if v1:
+        headers.update(V1_HEADERS)
+    return status, headers, text.encode()
+
+
+class FakeServer:
+    """A ThreadingHTTPServer on 127.0.0.1:0 that records requests and answers from a route table."""
+
+    def __init__(self) -> None:
+        self.requests: List[Recorded] = []
+        self.routes: Dict[Tuple[str, str], Callable[[Recorded], Reply]] = {}
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, fmt: str, *args: Any) -> None:  # keep test output quiet
+                pass
+
+            def _handle(self) -> None:
+                parts = urlsplit(self.path)
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                rec = Recorded(self.command, parts.path, parse_qs(parts.query, keep_blank_values=True),
+                               {k: v for k, v in self.headers.items()}, body)
+                outer.requests.append(rec)
+                route = outer.routes.get((self.command, parts.path))
+                if route is None:
+                    status, headers, data = json_reply({"message": "NOT_FOUND"}, 404)
+                else:
+                    status, headers, data = route(rec)
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = _handle
+            do_POST = _handle
+            do_PUT = _handle
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.address = f"127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def route(self, method: str, path: str, reply: Any) -> None:
+        self.routes[(method, path)] = reply if callable(reply) else (lambda rec, r=reply: r)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def server():
+    srv = FakeServer()
+    try:
+        yield srv
+    finally:
+        srv.close()
+
+
+def free_port() -> int:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+# ---------------------------------------------------------------- addresses
+
+
+@pytest.mark.parametrize(
+    "address, scheme, host, port, base_url",
+    [
+        ("127.0.0.1:4151", "http", "127.0.0.1", 4151, "http://127.0.0.1:4151"),
+        ("localhost:4161", "http", "localhost", 4161, "http://localhost:4161"),
+        ("http://nsqd.example.com:4151", "http", "nsqd.example.com", 4151, "http://nsqd.example.com:4151"),
+        ("http://nsqd.example.com:4151/", "http", "nsqd.example.com", 4151, "http://nsqd.example.com:4151"),
+        ("HTTP://h:1", "http", "h", 1, "http://h:1"),
+        ("https://h:4152", "https", "h", 4152, "https://h:4152"),
+        ("https://h", "https", "h", 443, "https://h:443"),
+        ("http://h", "http", "h", 80, "http://h:80"),
+        ("[::1]:4151", "http", "::1", 4151, "http://[::1]:4151"),
+        ("http://h:8080/nsq/", "http", "h", 8080, "http://h:8080/nsq"),
+        ("my_host-1.local:65535", "http", "my_host-1.local", 65535, "http://my_host-1.local:65535"),
+    ],
+)
+def test_address_parsing(address, scheme, host, port, base_url):
+    c = HTTPClient(address)
+    assert (c.scheme, c.host, c.port, c.base_url) == (scheme, host, port, base_url)
+    assert c.address == base_url.split("://", 1)[1].split("/", 1)[0]
+    assert repr(c) == f"HTTPClient({base_url!r})"
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "",
+        "127.0.0.1",  # no port
+        "127.0.0.1:",
+        "host:0",
+        "host:65536",
+        "host:abc",
+        "ftp://host:21",
+        "tcp://host:4150",
+        "host :4151",
+        " host:4151",
+        "http://:4151",
+        ":4151",
+        "host:4151?x=1",
+        "http://host:4151/#frag",
+        "[zz]:4151",
+        "ho!st:4151",
+        "::1:4151",
+    ],
+)
+def test_bad_address_raises_config_error(address):
+    with pytest.raises(ConfigError) as info:
+        NsqdHTTPClient(address)
+    assert info.value.param == "address"
+    assert isinstance(info.value, ValueError)
+
+
+def test_address_with_credentials_is_rejected_without_echoing_them():
+    with pytest.raises(ConfigError) as info:
+        LookupdClient("http://user:s3cret@host:4161")
+    assert info.value.param == "address"
+    assert "s3cret" not in str(info.value)
+
+
+@pytest.mark.parametrize("address", [None, 4151, b"host:4151", ("host", 4151)])
+def test_non_str_address_is_type_error(address):
+    with pytest.raises(TypeError):
+        HTTPClient(address)
+
+
+@pytest.mark.parametrize("timeout", [0, -1, 0.0, float("nan"), float("inf"), "5", None, True])
+def test_bad_timeout_raises_config_error(timeout):
+    with pytest.raises(ConfigError) as info:
+        HTTPClient("h:1", timeout=timeout)
+    assert info.value.param == "timeout"
+
+
+def test_timeout_accepts_int_and_float():
+    assert HTTPClient("h:1", timeout=2).timeout == 2.0
+    assert HTTPClient("h:1", timeout=0.25).timeout == 0.25
+    assert HTTPClient("h:1").timeout == 5.0
+
+
+def test_ssl_context_rules():
+    ctx = ssl.create_default_context()
+    assert HTTPClient("https://h:1", ssl_context=ctx).scheme == "https"
+    with pytest.raises(ConfigError) as info:
+        HTTPClient("h:1", ssl_context=ctx)
+    assert info.value.param == "ssl_context"
+    with pytest.raises(TypeError):
+        HTTPClient("https://h:1", ssl_context="yes")
+
+
+def test_bad_headers():
+    with pytest.raises(ConfigError) as info:
+        HTTPClient("h:1", headers={"Authorization": "Bearer abc\r\nX-Evil: 1"})
+    assert "abc" not in str(info.value)
+    with pytest.raises(ConfigError):
+        HTTPClient("h:1", headers={"Bad Name": "x"})
+    with pytest.raises(TypeError):
+        HTTPClient("h:1", headers={"X-Num": 1})
+    with pytest.raises(TypeError):
+        HTTPClient("h:1", headers=[("a", "b")])
+
+
+def test_from_url():
+    c = NsqdHTTPClient.from_url("https://h:4152", timeout=1.5)
+    assert isinstance(c, NsqdHTTPClient)
+    assert (c.scheme, c.address, c.timeout) == ("https", "h:4152", 1.5)
+    with pytest.raises(ConfigError):
+        NsqdHTTPClient.from_url("h:4151")
+
+
+def test_alias():
+    assert NSQDHTTPClient is NsqdHTTPClient
+    assert issubclass(NsqdHTTPClient, HTTPClient)
+    assert issubclass(LookupdClient, HTTPClient)
+
+
+# ---------------------------------------------------------------- requests and responses
+
+
+def test_accept_header_user_headers_and_info(server):
+    server.route("GET", "/info", json_reply({"version": "1.3.0", "tcp_port": 4150}))
+    c = NsqdHTTPClient(server.address, headers={"X-Trace": "abc"})
+    assert c.info() == {"version": "1.3.0", "tcp_port": 4150}
+    (rec,) = server.requests
+    assert rec.method == "GET"
+    assert rec.headers["Accept"] == ACCEPT_V1 == "application/vnd.nsq; version=1.0"
+    assert rec.headers["X-Trace"] == "abc"
+
+
+def test_path_prefix_is_prepended(server):
+    server.route("GET", "/proxy/nsqd/ping", text_reply("OK", v1=False))
+    c = NsqdHTTPClient(f"http://{server.address}/proxy/nsqd/")
+    assert c.ping() is True
+    assert server.requests[0].path == "/proxy/nsqd/ping"
+
+
+def test_ping_plain_text_without_v1_header(server):
+    # nsqd's /ping is plain text "OK" without X-NSQ-Content-Type
+    server.route("GET", "/ping", text_reply("OK", v1=False))
+    assert NsqdHTTPClient(server.address).ping() is True
+    assert LookupdClient(server.address).ping() is True
+
+
+def test_ping_unhealthy_raises_with_text(server):
+    server.route("GET", "/ping", text_reply("NOK - failed to write to disk", 500, v1=False))
+    with pytest.raises(HTTPError) as info:
+        NsqdHTTPClient(server.address).ping()
+    assert info.value.status == 500
+    assert info.value.message == "NOK - failed to write to disk"
+    assert info.value.url == f"http://{server.address}/ping"
+
+
+def test_legacy_envelope_is_unwrapped(server):
+    envelope = {"status_code": 200, "status_txt": "OK", "data": {"channels": ["c"], "producers": []}}
+    server.route("GET", "/lookup", json_reply(envelope, v1=False))
+    assert LookupdClient(server.address).lookup("t") == {"channels": ["c"], "producers": []}
+
+
+def test_envelope_shape_is_kept_when_v1_header_present(server):
+    # with X-NSQ-Content-Type the body is the payload, even if it looks like an envelope
+    payload = {"status_code": 200, "status_txt": "OK", "data": 1}
+    server.route("GET", "/info", json_reply(payload, v1=True))
+    assert NsqdHTTPClient(server.address).info() == payload
+
+
+def test_partial_envelope_shape_is_not_unwrapped(server):
+    payload = {"status_code": 200, "data": 1, "version": "x"}
+    server.route("GET", "/info", json_reply(payload, v1=False))
+    assert NsqdHTTPClient(server.address).info() == payload
+
+
+def test_legacy_envelope_error_status(server):
+    envelope = {"status_code": 500, "status_txt": "INTERNAL_ERROR", "data": None}
+    server.route("GET", "/info", json_reply(envelope, status=200, v1=False))
+    with pytest.raises(HTTPError) as info:
+        NsqdHTTPClient(server.address).info()
+    assert (info.value.status, info.value.message) == (500, "INTERNAL_ERROR")
+
+
+def test_legacy_error_body_message(server):
+    envelope = {"status_code": 404, "status_txt": "TOPIC_NOT_FOUND", "data": None}
+    server.route("GET", "/lookup", json_reply(envelope, status=404, v1=False))
+    c = LookupdClient(server.address)
+    with pytest.raises(HTTPError) as info:
+        c.lookup("nope")
+    assert (info.value.status, info.value.message) == (404, "TOPIC_NOT_FOUND")
+    assert c.producers("nope") == []
+
+
+def test_error_json_becomes_http_error(server):
+    server.route("POST", "/topic/delete", json_reply({"message": "TOPIC_NOT_FOUND"}, 404))
+    with pytest.raises(HTTPError) as info:
+        NsqdHTTPClient(server.address).delete_topic("missing")
+    err = info.value
+    assert err.status == 404
+    assert err.message == "TOPIC_NOT_FOUND"
+    assert err.url == f"http://{server.address}/topic/delete?topic=missing"
+    assert "404" in str(err) and "TOPIC_NOT_FOUND" in str(err)
+
+
+def test_error_plain_text_and_empty_body(server):
+    server.route("GET", "/info", text_reply("gateway exploded", 502, v1=False))
+    server.route("GET", "/stats", lambda rec: (503, {}, b""))
+    c = NsqdHTTPClient(server.address)
+    with pytest.raises(HTTPError) as info:
+        c.info()
+    assert (info.value.status, info.value.message) == (502, "gateway exploded")
+    with pytest.raises(HTTPError) as info:
+        c.stats()
+    assert info.value.status == 503
+    assert info.value.message == "Service Unavailable"
+
+
+def test_long_error_text_is_truncated(server):
+    server.route("GET", "/info", text_reply("x" * 5000, 500, v1=False))
+    with pytest.raises(HTTPError) as info:
+        NsqdHTTPClient(server.address).info()
+    assert len(info.value.message) < 600
+
+
+def test_unknown_route_404(server):
+    with pytest.raises(HTTPError) as info:
+        HTTPClient(server.address).get_json("/nope")
+    assert (info.value.status, info.value.message) == (404, "NOT_FOUND")
+
+
+def test_invalid_json_on_success(server):
+    server.route("GET", "/info", text_reply("<html>", 200))
+    with pytest.raises(HTTPError) as info:
+        NsqdHTTPClient(server.address).info()
+    assert info.value.status == 200
+    assert "JSON" in info.value.message
+
+
+def test_other_lookupd_404_is_not_swallowed_by_producers(server):
+    server.route("GET", "/lookup", json_reply({"message": "NOT_FOUND"}, 404))
+    with pytest.raises(HTTPError):
+        LookupdClient(server.address).producers("t")
+
+
+# ---------------------------------------------------------------- transport failures
+
+
+def test_connection_refused_is_http_error_zero():
+    port = free_port()
+    c = NsqdHTTPClient(f"127.0.0.1:{port}", timeout=2)
+    with pytest.raises(HTTPError) as info:
+        c.ping()
+    err = info.value
+    assert err.status == 0
+    assert "refused" in err.message
+    assert err.url == f"http://127.0.0.1:{port}/ping"
+    assert isinstance(err.__cause__, ConnectionRefusedError)
+
+
+def test_timeout_is_http_error_zero():
+    # a listening socket that never accepts: connect succeeds (backlog), no answer ever comes
+    silent = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        c = LookupdClient(f"127.0.0.1:{silent.getsockname()[1]}", timeout=0.2)
+        started = time.monotonic()
+        with pytest.raises(HTTPError) as info:
+            c.topics()
+        assert time.monotonic() - started < 3
+        assert info.value.status == 0
+        assert "timed out" in info.value.message
+        assert isinstance(info.value.__cause__, (socket.timeout, TimeoutError))
+    finally:
+        silent.close()
+
+
+def test_server_closing_without_answer_is_http_error_zero():
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def accept_and_close() -> None:
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        conn.close()
+
+    t = threading.Thread(target=accept_and_close, daemon=True)
+    t.start()
+    try:
+        with pytest.raises(HTTPError) as info:
+            HTTPClient(f"127.0.0.1:{listener.getsockname()[1]}", timeout=2).info()
+        assert info.value.status == 0
+        assert info.value.__cause__ is not None
+    finally:
+        t.join(5)
+        listener.close()
+
+
+def test_dns_failure_is_http_error_zero():
+    with pytest.raises(HTTPError) as info:
+        HTTPClient("no-such-host.invalid:4151", timeout=2).ping()
+    assert info.value.status == 0
+    assert info.value.__cause__ is not None
+
+
+# ---------------------------------------------------------------- nsqd client requests
+
+
+def test_pub_sends_body_and_topic(server):
+    server.route("POST", "/pub", text_reply("OK"))
+    c = NsqdHTTPClient(server.address)
+    assert c.pub("events", b"\x00\x01binary") == "OK"
+    assert c.pub("events", "héllo", defer_ms=1500) == "OK"
+    assert c.pub("events", bytearray(b"ba")) == "OK"
+    first, second, third = server.requests
+    assert first.method == "POST" and first.param("topic") == "events"
+    assert first.body == b"\x00\x01binary" and first.param("defer") is None
+    assert second.body == "héllo".encode("utf-8") and second.param("defer") == "1500"
+    assert third.body == b"ba"
+
+
+def test_pub_ephemeral_topic_is_url_encoded(server):
+    server.route("POST", "/pub", text_reply("OK"))
+    NsqdHTTPClient(server.address).pub("t#ephemeral", b"x")
+    assert server.requests[0].param("topic") == "t#ephemeral"
+
+
+def test_mpub_binary_format(server):
+    server.route("POST", "/mpub", text_reply("OK"))
+    bodies = [b"a", b"line1\nline2", "ü"]
+    assert NsqdHTTPClient(server.address).mpub("t", bodies) == "OK"
+    (rec,) = server.requests
+    assert rec.param("binary") == "true"
+    expected = struct.pack(">i", 3)
+    for b in (b"a", b"line1\nline2", "ü".encode()):
+        expected += struct.pack(">i", len(b)) + b
+    assert rec.body == expected
+
+
+def test_mpub_text_format(server):
+    server.route("POST", "/mpub", text_reply("OK"))
+    NsqdHTTPClient(server.address).mpub("t", (b for b in [b"a", b"bc", "d"]), binary=False)
+    (rec,) = server.requests
+    assert rec.param("binary") is None
+    assert rec.body == b"a\nbc\nd"
+
+
+def test_stats_params_and_null_lists(server):
+    payload = {
+        "version": "1.3.0",
+        "health": "OK",
+        "topics": [{"topic_name": "t", "depth": 3, "channels": [{"channel_name": "c", "depth": 2, "clients": None}]}],
+        "producers": None,
+    }
+    server.route("GET", "/stats", json_reply(payload))
+    c = NsqdHTTPClient(server.address)
+    stats = c.stats(topic="t", channel="c", include_clients=False)
+    assert stats["producers"] == []
+    assert stats["topics"][0]["channels"][0]["clients"] == []
+    rec = server.requests[0]
+    assert rec.param("format") == "json"
+    assert rec.param("topic") == "t"
+    assert rec.param("channel") == "c"
+    assert rec.param("include_clients") == "false"
+    assert c.topic_depth("t") == 3
+    assert c.channel_depth("t", "c") == 2
+    assert c.channel_stats("t", "c")["channel_name"] == "c"
+    assert c.channel_stats("t", "other") is None
+    assert c.channel_depth("t", "other") == 0
+    assert c.topic_stats("other") is None
+    assert c.topic_depth("other") == 0
+    assert server.requests[1].param("include_clients") == "false"
+
+
+def test_stats_without_filters_sends_no_topic(server):
+    server.route("GET", "/stats", json_reply({"topics": None, "producers": []}))
+    assert NsqdHTTPClient(server.address).stats() == {"topics": [], "producers": []}
+    rec = server.requests[0]
+    assert "topic" not in rec.query and "channel" not in rec.query
+    assert rec.param("include_clients") == "true"
+
+
+@pytest.mark.parametrize(
+    "method, args, path, params",
+    [
+        ("create_topic", ("t",), "/topic/create", {"topic": "t"}),
+        ("delete_topic", ("t",), "/topic/delete", {"topic": "t"}),
+        ("empty_topic", ("t",), "/topic/empty", {"topic": "t"}),
+        ("pause_topic", ("t",), "/topic/pause", {"topic": "t"}),
+        ("unpause_topic", ("t",), "/topic/unpause", {"topic": "t"}),
+        ("create_channel", ("t", "c"), "/channel/create", {"topic": "t", "channel": "c"}),
+        ("delete_channel", ("t", "c"), "/channel/delete", {"topic": "t", "channel": "c"}),
+        ("empty_channel", ("t", "c"), "/channel/empty", {"topic": "t", "channel": "c"}),
+        ("pause_channel", ("t", "c"), "/channel/pause", {"topic": "t", "channel": "c"}),
+        ("unpause_channel", ("t", "c"), "/channel/unpause", {"topic": "t", "channel": "c"}),
+    ],
+)
+def test_nsqd_admin_routes(server, method, args, path, params):
+    server.route("POST", path, lambda rec: (200, dict(V1_HEADERS), b""))
+    assert getattr(NsqdHTTPClient(server.address), method)(*args) is None
+    (rec,) = server.requests
+    assert rec.method == "POST" and rec.path == path
+    assert {k: v[0] for k, v in rec.query.items()} == params
+    assert rec.body == b""
+
+
+# ---------------------------------------------------------------- lookupd client requests
+
+
+def test_lookupd_reads(server):
+    server.route("GET", "/lookup", json_reply({
+        "channels": ["c1"],
+        "producers": [{"broadcast_address": "h1", "tcp_port": 4150, "http_port": 4151},
+                      {"broadcast_address": "h2", "tcp_port": 5150, "http_port": 5151}],
+    }))
+    server.route("GET", "/topics", json_reply({"topics": ["a", "b"]}))
+    server.route("GET", "/channels", json_reply({"channels": None}))
+    server.route("GET", "/nodes", json_reply({"producers": [{"broadcast_address": "h1", "topics": ["a"]}]}))
+    server.route("GET", "/info", json_reply({"version": "1.3.0"}))
+    c = LookupdClient(server.address)
+    assert c.lookup("a")["channels"] == ["c1"]
+    assert c.producers("a") == [("h1", 4150), ("h2", 5150)]
+    assert c.topics() == ["a", "b"]
+    assert c.channels("a") == []
+    assert c.nodes() == [{"broadcast_address": "h1", "topics": ["a"]}]
+    assert c.info() == {"version": "1.3.0"}
+    assert [r.path for r in server.requests] == ["/lookup", "/lookup", "/topics", "/channels", "/nodes", "/info"]
+    assert all(r.method == "GET" for r in server.requests)
+    assert server.requests[3].param("topic") == "a"
+
+
+def test_lookupd_producers_topic_not_found(server):
+    server.route("GET", "/lookup", json_reply({"message": "TOPIC_NOT_FOUND"}, 404))
+    c = LookupdClient(server.address)
+    with pytest.raises(HTTPError) as info:
+        c.lookup("missing")
+    assert (info.value.status, info.value.message) == (404, "TOPIC_NOT_FOUND")
+    assert c.producers("missing") == []
+
+
+@pytest.mark.parametrize(
+    "method, args, path, params",
+    [
+        ("create_topic", ("t",), "/topic/create", {"topic": "t"}),
+        ("delete_topic", ("t",), "/topic/delete", {"topic": "t"}),
+        ("create_channel", ("t", "c"), "/channel/create", {"topic": "t", "channel": "c"}),
+        ("delete_channel", ("t", "c"), "/channel/delete", {"topic": "t", "channel": "c"}),
+        ("tombstone_topic", ("t", "h1:4151"), "/topic/tombstone", {"topic": "t", "node": "h1:4151"}),
+        ("tombstone_topic", ("t", "[::1]:4151"), "/topic/tombstone", {"topic": "t", "node": "[::1]:4151"}),
+    ],
+)
+def test_lookupd_admin_routes(server, method, args, path, params):
+    server.route("POST", path, lambda rec: (200, dict(V1_HEADERS), b""))
+    assert getattr(LookupdClient(server.address), method)(*args) is None
+    (rec,) = server.requests
+    assert rec.method == "POST" and rec.path == path
+    assert {k: v[0] for k, v in rec.query.items()} == params
+
+
+# ---------------------------------------------------------------- bad input: nothing is sent
+
+
+BAD_CALLS = [
+    # (client class, method, args, kwargs, expected exception, ConfigError param or None)
+    (NsqdHTTPClient, "pub", ("bad topic!", b"x"), {}, ConfigError, "topic"),
+    (NsqdHTTPClient, "pub", ("", b"x"), {}, ConfigError, "topic"),
+    (NsqdHTTPClient, "pub", ("t" * 65, b"x"), {}, ConfigError, "topic"),
+    (NsqdHTTPClient, "pub", (123, b"x"), {}, TypeError, None),
+    (NsqdHTTPClient, "pub", ("t", b""), {}, ConfigError, "body"),
+    (NsqdHTTPClient, "pub", ("t", ""), {}, ConfigError, "body"),
+    (NsqdHTTPClient, "pub", ("t", 42), {}, TypeError, None),
+    (NsqdHTTPClient, "pub", ("t", None), {}, TypeError, None),
+    (NsqdHTTPClient, "pub", ("t", {"a": 1}), {}, TypeError, None),
+    (NsqdHTTPClient, "pub", ("t", b"x"), {"defer_ms": -1}, ConfigError, "defer_ms"),
+    (NsqdHTTPClient, "pub", ("t", b"x"), {"defer_ms": 1.5}, TypeError, None),
+    (NsqdHTTPClient, "pub", ("t", b"x"), {"defer_ms": True}, TypeError, None),
+    (NsqdHTTPClient, "mpub", ("t", []), {}, ConfigError, "bodies"),
+    (NsqdHTTPClient, "mpub", ("t", iter([])), {}, ConfigError, "bodies"),
+    (NsqdHTTPClient, "mpub", ("t", b"abc"), {}, TypeError, None),
+    (NsqdHTTPClient, "mpub", ("t", "abc"), {}, TypeError, None),
+    (NsqdHTTPClient, "mpub", ("t", 5), {}, TypeError, None),
+    (NsqdHTTPClient, "mpub", ("t", [b"a", 1]), {}, TypeError, None),
+    (NsqdHTTPClient, "mpub", ("t", [b"a", b""]), {}, ConfigError, "bodies[1]"),
+    (NsqdHTTPClient, "mpub", ("t", [b"a", b"b\nc"]), {"binary": False}, ConfigError, "bodies[1]"),
+    (NsqdHTTPClient, "mpub", ("bad/topic", [b"a"]), {}, ConfigError, "topic"),
+    (NsqdHTTPClient, "stats", (), {"topic": "bad topic"}, ConfigError, "topic"),
+    (NsqdHTTPClient, "stats", (), {"channel": "bad!"}, ConfigError, "channel"),
+    (NsqdHTTPClient, "create_topic", ("a:b",), {}, ConfigError, "topic"),
+    (NsqdHTTPClient, "delete_topic", ("a b",), {}, ConfigError, "topic"),
+    (NsqdHTTPClient, "empty_topic", ("",), {}, ConfigError, "topic"),
+    (NsqdHTTPClient, "pause_topic", ("é",), {}, ConfigError, "topic"),
+    (NsqdHTTPClient, "unpause_topic", (None,), {}, TypeError, None),
+    (NsqdHTTPClient, "create_channel", ("t", "bad chan"), {}, ConfigError, "channel"),
+    (NsqdHTTPClient, "delete_channel", ("bad t", "c"), {}, ConfigError, "topic"),
+    (NsqdHTTPClient, "empty_channel", ("t", ""), {}, ConfigError, "channel"),
+    (NsqdHTTPClient, "pause_channel", ("t", "c" * 65), {}, ConfigError, "channel"),
+    (NsqdHTTPClient, "unpause_channel", ("t", 7), {}, TypeError, None),
+    (NsqdHTTPClient, "topic_depth", ("bad!",), {}, ConfigError, "topic"),
+    (NsqdHTTPClient, "channel_stats", ("t", "bad!"), {}, ConfigError, "channel"),
+    (NsqdHTTPClient, "channel_depth", ("bad!", "c"), {}, ConfigError, "topic"),
+    (LookupdClient, "lookup", ("bad!",), {}, ConfigError, "topic"),
+    (LookupdClient, "producers", ("bad!",), {}, ConfigError, "topic"),
+    (LookupdClient, "channels", ("",), {}, ConfigError, "topic"),
+    (LookupdClient, "create_topic", ("bad!",), {}, ConfigError, "topic"),
+    (LookupdClient, "delete_topic", ("bad!",), {}, ConfigError, "topic"),
+    (LookupdClient, "create_channel", ("t", "bad!"), {}, ConfigError, "channel"),
+    (LookupdClient, "delete_channel", ("bad!", "c"), {}, ConfigError, "topic"),
+    (LookupdClient, "tombstone_topic", ("t", "no-port"), {}, ConfigError, "node"),
+    (LookupdClient, "tombstone_topic", ("t", "h:0"), {}, ConfigError, "node"),
+    (LookupdClient, "tombstone_topic", ("t", "h:99999"), {}, ConfigError, "node"),
+    (LookupdClient, "tombstone_topic", ("t", "h:1/x"), {}, ConfigError, "node"),
+    (LookupdClient, "tombstone_topic", ("t", ("h", 1)), {}, TypeError, None),
+    (LookupdClient, "tombstone_topic", ("bad!", "h:1"), {}, ConfigError, "topic"),
+]
+
+
+@pytest.mark.parametrize("cls, method, args, kwargs, exc, param", BAD_CALLS)
+def test_bad_input_raises_before_any_request(server, cls, method, args, kwargs, exc, param):
+    # every route answers OK, so only local validation can fail
+    for m in ("GET", "POST"):
+        for p in ("/pub", "/mpub", "/stats", "/lookup", "/channels", "/topic/create", "/topic/delete",
+                  "/topic/empty", "/topic/pause", "/topic/unpause", "/topic/tombstone", "/channel/create",
+                  "/channel/delete", "/channel/empty", "/channel/pause", "/channel/unpause"):
+            server.route(m, p, json_reply({}))
+    client = cls(server.address)
+    with pytest.raises(exc) as info:
+        getattr(client, method)(*args, **kwargs)
+    if param is not None:
+        assert info.value.param == param
+    assert server.requests == []
+
+
+def test_mpub_text_newline_error_does_not_echo_body(server):
+    with pytest.raises(ConfigError) as info:
+        NsqdHTTPClient(server.address).mpub("t", [b"secret-token\nmore"], binary=False)
+    assert "secret-token" not in str(info.value)
+    assert server.requests == []
+
+
+# ---------------------------------------------------------------- logging
+
+
+def test_no_bodies_or_headers_logged(server, caplog):
+    server.route("POST", "/pub", text_reply("OK"))
+    server.route("POST", "/topic/delete", json_reply({"message": "TOPIC_NOT_FOUND"}, 404))
+    c = NsqdHTTPClient(server.address, headers={"Authorization": "Bearer hunter2"})
+    with caplog.at_level("DEBUG", logger="nsq_sync.httpapi"):
+        c.pub("t", b"very-private-payload")
+        with pytest.raises(HTTPError):
+            c.delete_topic("t")
+    text = caplog.text
+    assert "very-private-payload" not in text
+    assert "hunter2" not in text
+    assert all(r.levelname == "DEBUG" for r in caplog.records)
+
+
+def test_client_shared_between_threads(server):
+    server.route("POST", "/pub", text_reply("OK"))
+    c = NsqdHTTPClient(server.address)
+    errors: List[BaseException] = []
+
+    def worker(n: int) -> None:
+        try:
+            for i in range(10):
+                assert c.pub("t", f"{n}-{i}") == "OK"
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert errors == []
+    assert sorted(r.body for r in server.requests) == sorted(f"{n}-{i}".encode() for n in range(5) for i in range(10))
+
+
+def test_early_413_answer_to_a_large_body_is_reported():
+    # like nsqd: answer 413 as soon as the headers are in, never read the body, close
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def answer_early() -> None:
+        conn, _ = listener.accept()
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        body = b'{"message":"MSG_TOO_BIG"}'
+        conn.sendall(b"HTTP/1.1 413 Request Entity Too Large\r\nContent-Type: application/json\r\n"
+                     b"X-NSQ-Content-Type: nsq; version=1.0\r\nConnection: close\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        time.sleep(0.05)
+        conn.close()  # unread body in the receive buffer -> RST to the sender
+
+    t = threading.Thread(target=answer_early, daemon=True)
+    t.start()
+    try:
+        c = NsqdHTTPClient(f"127.0.0.1:{listener.getsockname()[1]}", timeout=5)
+        with pytest.raises(HTTPError) as info:
+            c.pub("t", b"x" * (16 * 1024 * 1024))
+        assert (info.value.status, info.value.message) == (413, "MSG_TOO_BIG")
+    finally:
+        t.join(5)
+        listener.close()
+
+
+GEVENT_SCRIPT = r"""
+from gevent import monkey
+monkey.patch_all()
+import sys, socket
+import gevent
+from nsq_sync.httpapi import NsqdHTTPClient
+assert socket.socket is gevent.socket.socket
+c = NsqdHTTPClient(sys.argv[1], timeout=5)
+jobs = [gevent.spawn(c.pub, "t", "g%d" % i) for i in range(5)]
+gevent.joinall(jobs, timeout=10, raise_error=True)
+print(sorted(j.value for j in jobs), c.ping())
+"""
+
+
+def test_works_under_gevent_monkey_patching(server):
+    import os
+    import subprocess
+    import sys
+
+    server.route("POST", "/pub", text_reply("OK"))
+    server.route("GET", "/ping", text_reply("OK", v1=False))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", GEVENT_SCRIPT, server.address], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "['OK', 'OK', 'OK', 'OK', 'OK'] True"
+    assert sorted(r.body for r in server.requests if r.path == "/pub") == [b"g%d" % i for i in range(5)]
