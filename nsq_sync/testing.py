@@ -1,0 +1,1402 @@
+"""Run real NSQ brokers (``nsqd``, ``nsqlookupd``) from tests.
+
+This module is public: use it to test your own handlers against a real broker.
+It depends only on the Python standard library (and on the NSQ binaries).
+
+Quick start::
+
+    from nsq_sync.testing import NsqdProcess
+
+    def test_my_handler():
+        with NsqdProcess() as nsqd:            # random free ports, temp data dir
+            nsqd.publish("orders", b"hello")   # via nsqd's HTTP API
+            run_my_consumer(nsqd.tcp_address)  # "127.0.0.1:PORT"
+            assert nsqd.topic_depth("orders") == 0
+
+With pytest, the fixtures ``nsqd``, ``nsqlookupd`` and ``nsq_cluster`` from
+:mod:`nsq_sync.pytest_plugin` do the same for you.
+
+Binaries
+    The processes run the real ``nsqd``/``nsqlookupd`` executables, which are
+    looked up by :func:`find_binary`: first in ``$NSQ_SYNC_BIN_DIR``, then in
+    ``<nsq_sync checkout>/.cache/nsq-1.3.0/bin`` (built by
+    ``bash .ci/build-brokers``), then on ``PATH``. The test suite is pinned to
+    NSQ v1.3.0.
+
+All brokers listen on 127.0.0.1 only, on ports picked by the kernel (port 0);
+the real ports are read from the broker's log lines
+(``TCP: listening on 127.0.0.1:41234``) and kept across :meth:`restart`.
+
+gevent: the module only uses ``threading``, ``subprocess``, ``socket`` and
+``time`` through their module attributes, and imports ``ssl``/``urllib``/
+``http`` lazily, so it works under ``gevent.monkey.patch_all()`` even when it
+was imported before patching.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import itertools
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Deque,
+    Dict,
+    Iterable,
+    List,
+    Mapping,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+    TypeVar,
+    Union,
+)
+
+if TYPE_CHECKING:  # pragma: no cover - imported lazily at runtime (gevent)
+    import http.server
+    import ssl
+
+__all__ = [
+    "NSQ_VERSION",
+    "BIN_DIR_ENV",
+    "BrokerNotFoundError",
+    "BrokerStartError",
+    "BrokerHTTPError",
+    "TLSFilesError",
+    "find_binary",
+    "wait_until",
+    "NsqlookupdProcess",
+    "NsqdProcess",
+    "LocalCluster",
+    "TLSFiles",
+    "make_tls_files",
+    "AuthServer",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The NSQ release this package is tested against.
+NSQ_VERSION = "1.3.0"
+#: Environment variable naming a directory that holds ``nsqd``/``nsqlookupd``.
+BIN_DIR_ENV = "NSQ_SYNC_BIN_DIR"
+#: Where ``bash .ci/build-brokers`` puts the binaries in an nsq_sync checkout.
+_REPO_BIN_DIR = Path(__file__).resolve().parent.parent / ".cache" / f"nsq-{NSQ_VERSION}" / "bin"
+
+LOCALHOST = "127.0.0.1"
+
+_StrPath = Union[str, "os.PathLike[str]"]
+_P = TypeVar("_P", bound="_BrokerProcess")
+_T = TypeVar("_T")
+
+
+# --------------------------------------------------------------------------
+# errors
+
+
+class BrokerNotFoundError(RuntimeError):
+    """An NSQ broker binary (``nsqd``/``nsqlookupd``) could not be found."""
+
+
+class BrokerStartError(RuntimeError):
+    """A broker process exited, or did not become ready, while starting."""
+
+
+class BrokerHTTPError(RuntimeError):
+    """A broker's HTTP API answered with an unexpected status."""
+
+    def __init__(self, message: str, status: int, body: bytes) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body
+
+
+class TLSFilesError(RuntimeError):
+    """Test certificates could not be made (``openssl`` missing or failing)."""
+
+
+# --------------------------------------------------------------------------
+# helpers
+
+
+def find_binary(name: str) -> str:
+    """Return the path of the NSQ executable ``name`` (e.g. ``"nsqd"``).
+
+    Looks in ``$NSQ_SYNC_BIN_DIR``, then in ``<checkout>/.cache/nsq-1.3.0/bin``
+    (relative to this file's package's parent directory, if it exists), then
+    on ``PATH``.
+
+    Raises:
+        BrokerNotFoundError: the executable is in none of those places; the
+            message explains how to get it.
+    """
+    searched: List[str] = []
+    env_dir = os.environ.get(BIN_DIR_ENV)
+    if env_dir:
+        candidate = Path(env_dir) / name
+        if _is_executable(candidate):
+            return str(candidate)
+        searched.append(f"${BIN_DIR_ENV} = {env_dir} (no executable {name!r} there)")
+    else:
+        searched.append(f"${BIN_DIR_ENV} (not set)")
+    candidate = _REPO_BIN_DIR / name
+    if _is_executable(candidate):
+        return str(candidate)
+    searched.append(f"{_REPO_BIN_DIR} (checkout cache)")
+    on_path = shutil.which(name)
+    if on_path:
+        return on_path
+    searched.append("PATH")
+    raise BrokerNotFoundError(
+        f"NSQ broker executable {name!r} (NSQ v{NSQ_VERSION}) not found.\n"
+        "Searched:\n"
+        + "".join(f"  - {s}\n" for s in searched)
+        + "To get nsqd and nsqlookupd v" + NSQ_VERSION + ":\n"
+        "  * in an nsq_sync checkout (needs Go >= 1.17 and the Go module proxy):\n"
+        "        bash .ci/build-brokers\n"
+        "    which builds them into .cache/nsq-" + NSQ_VERSION + "/bin/ where they are found automatically;\n"
+        "  * elsewhere, build them with Go from a module that requires\n"
+        "    github.com/nsqio/nsq v" + NSQ_VERSION + " (copy .ci/brokers from the nsq_sync repo):\n"
+        "        cd .ci/brokers && go build -o DIR/ github.com/nsqio/nsq/apps/nsqd "
+        "github.com/nsqio/nsq/apps/nsqlookupd\n"
+        "    (`go install github.com/nsqio/nsq/apps/nsqd@v" + NSQ_VERSION + "` does NOT work: nsq's go.mod\n"
+        "    has a replace directive), or download a release from\n"
+        "    https://github.com/nsqio/nsq/releases/tag/v" + NSQ_VERSION + ";\n"
+        f"  * then put them on PATH, or set {BIN_DIR_ENV}=DIR."
+    )
+
+
+def _is_executable(path: Path) -> bool:
+    return path.is_file() and os.access(str(path), os.X_OK)
+
+
+def wait_until(
+    predicate: Callable[[], _T],
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    message: str = "condition",
+) -> _T:
+    """Call ``predicate`` until it returns a truthy value, and return that value.
+
+    Exceptions raised by ``predicate`` propagate.
+
+    Raises:
+        TimeoutError: ``predicate`` stayed falsy for ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout:g}s waiting for {message}")
+        time.sleep(interval)
+
+
+def _http_request(
+    url: str,
+    method: str = "GET",
+    body: Optional[bytes] = None,
+    timeout: float = 5.0,
+    ssl_context: Optional["ssl.SSLContext"] = None,
+) -> Tuple[int, bytes]:
+    """Do one HTTP request, ignoring any proxy settings; HTTP errors are returned.
+
+    Raises:
+        OSError: connection-level failures (``urllib.error.URLError`` etc.).
+    """
+    import urllib.error
+    import urllib.request
+
+    handlers: List[Any] = [urllib.request.ProxyHandler({})]
+    if ssl_context is not None:
+        handlers.append(urllib.request.HTTPSHandler(context=ssl_context))
+    opener = urllib.request.build_opener(*handlers)
+    request = urllib.request.Request(url, data=body, method=method)
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        try:
+            return exc.code, exc.read()
+        finally:
+            exc.close()
+
+
+def _split_host_port(address: str) -> Tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+# processes still running at interpreter exit are killed; owned temp dirs removed
+_RUNNING: Dict[int, "subprocess.Popen[bytes]"] = {}
+_OWNED_DIRS: Set[str] = set()
+
+
+@atexit.register
+def _cleanup_at_exit() -> None:
+    for proc in list(_RUNNING.values()):
+        try:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+        except Exception:  # pragma: no cover - best effort at exit
+            pass
+    for path in list(_OWNED_DIRS):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------
+# broker processes
+
+_LISTEN_RE = re.compile(r"\b(TCP|HTTP|HTTPS): listening on (\S+)")
+_START_MARKER = "---- nsq_sync.testing: starting "
+
+
+class _BrokerProcess:
+    """Common machinery for :class:`NsqdProcess` and :class:`NsqlookupdProcess`."""
+
+    binary_name = ""
+
+    def __init__(
+        self,
+        extra_args: Iterable[str] = (),
+        *,
+        binary: Optional[str] = None,
+        start_timeout: float = 10.0,
+        max_log_lines: int = 5000,
+    ) -> None:
+        self.host: str = LOCALHOST
+        self.extra_args: List[str] = list(extra_args)
+        self.binary = binary
+        self.start_timeout = start_timeout
+        self.tcp_port: Optional[int] = None
+        self.http_port: Optional[int] = None
+        self.https_port: Optional[int] = None
+        self._ports_fixed = False
+        self._proc: Optional["subprocess.Popen[bytes]"] = None
+        self._reader: Optional[threading.Thread] = None
+        self._log: Deque[str] = collections.deque(maxlen=max_log_lines)
+        self._cond = threading.Condition()
+        self._listening: Dict[str, str] = {}
+        self._reader_done = True
+        self._paused = False
+
+    # ---- subclass hooks
+
+    def _build_args(self) -> List[str]:
+        raise NotImplementedError
+
+    def _expected_listeners(self) -> Set[str]:
+        return {"TCP", "HTTP"}
+
+    def _prepare(self) -> None:
+        """Called before each spawn (e.g. to create the data dir)."""
+
+    # ---- public properties
+
+    @property
+    def pid(self) -> Optional[int]:
+        """PID of the most recently started process (None if never started)."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        """True while the process is alive (also while paused)."""
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def returncode(self) -> Optional[int]:
+        """Exit status of the last process, None while running or never started."""
+        return self._proc.poll() if self._proc is not None else None
+
+    @property
+    def tcp_address(self) -> str:
+        """``"127.0.0.1:PORT"`` of the TCP listener.
+
+        Raises:
+            RuntimeError: the process was never started.
+        """
+        return f"{self.host}:{self._require_port(self.tcp_port)}"
+
+    @property
+    def http_address(self) -> str:
+        """``"127.0.0.1:PORT"`` of the HTTP listener.
+
+        Raises:
+            RuntimeError: the process was never started.
+        """
+        return f"{self.host}:{self._require_port(self.http_port)}"
+
+    def _require_port(self, port: Optional[int]) -> int:
+        if port is None:
+            raise RuntimeError(f"{self!r} has not been started yet")
+        return port
+
+    def http_url(self, path: str = "/") -> str:
+        """``http://127.0.0.1:PORT`` + ``path``.
+
+        Raises:
+            RuntimeError: the process was never started.
+        """
+        return f"http://{self.http_address}{path}"
+
+    def log_text(self, last: Optional[int] = None) -> str:
+        """The broker's captured stdout/stderr (bounded), optionally only the ``last`` lines."""
+        with self._cond:
+            lines = list(self._log)
+        if last is not None:
+            lines = lines[-last:]
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return (
+            f"<{type(self).__name__} pid={self.pid} tcp={self.tcp_port} "
+            f"http={self.http_port} {state}>"
+        )
+
+    # ---- lifecycle
+
+    def start(self: _P) -> _P:
+        """Start the broker and wait until it answers ``GET /ping``; no-op if running.
+
+        The first start uses kernel-assigned ports; later starts reuse them.
+
+        Raises:
+            BrokerNotFoundError: the executable cannot be found.
+            BrokerStartError: the process exited or did not become ready within
+                ``start_timeout`` seconds (the message contains its log tail).
+        """
+        if self.running:
+            return self
+        binary = self.binary or find_binary(self.binary_name)
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            self._prepare()
+            args = [binary] + self._build_args()
+            try:
+                self._spawn(args)
+                self._wait_listening(deadline)
+                self._wait_ready(deadline)
+            except BrokerStartError:
+                current = self._current_log()
+                self.kill()
+                if (
+                    self._ports_fixed
+                    and "address already in use" in current
+                    and time.monotonic() < deadline
+                ):
+                    # the old socket / another process still holds the port; retry
+                    logger.info("%s: port still in use, retrying", self.binary_name)
+                    time.sleep(0.1)
+                    continue
+                raise
+            except BaseException:
+                self.kill()
+                raise
+            break
+        self._ports_fixed = True
+        logger.info("started %r", self)
+        return self
+
+    def _spawn(self, args: List[str]) -> None:
+        with self._cond:
+            self._listening = {}
+            self._log.append(_START_MARKER + " ".join(args))
+            self._reader_done = False
+        logger.debug("spawning %s", args)
+        proc = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            # keep Ctrl-C in the terminal from killing brokers before teardown
+            start_new_session=True,
+        )
+        self._proc = proc
+        self._paused = False
+        _RUNNING[id(self)] = proc
+        reader = threading.Thread(
+            target=self._read_output,
+            args=(proc,),
+            name=f"{self.binary_name}-{proc.pid}-log",
+            daemon=True,
+        )
+        self._reader = reader
+        reader.start()
+
+    def _read_output(self, proc: "subprocess.Popen[bytes]") -> None:
+        stream = proc.stdout
+        assert stream is not None
+        prefix = f"{self.binary_name}[{proc.pid}]"
+        try:
+            for raw in iter(stream.readline, b""):
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                logger.debug("%s %s", prefix, line)
+                match = _LISTEN_RE.search(line)
+                with self._cond:
+                    self._log.append(line)
+                    if match:
+                        self._listening[match.group(1)] = match.group(2)
+                        self._cond.notify_all()
+        except (OSError, ValueError):  # pipe closed under us
+            pass
+        finally:
+            with self._cond:
+                self._reader_done = True
+                self._cond.notify_all()
+
+    def _current_log(self) -> str:
+        """Log lines since the most recent start."""
+        with self._cond:
+            lines = list(self._log)
+        for index in range(len(lines) - 1, -1, -1):
+            if lines[index].startswith(_START_MARKER):
+                return "\n".join(lines[index:])
+        return "\n".join(lines)
+
+    def _start_error(self, reason: str) -> BrokerStartError:
+        lines = self._current_log().splitlines()
+        if len(lines) > 50:  # keep the head too: flag errors come before the usage text
+            lines = lines[:15] + [f"... ({len(lines) - 45} lines omitted) ..."] + lines[-30:]
+        log = "\n".join(lines)
+        return BrokerStartError(f"{self.binary_name} {reason}\n--- log ---\n{log}")
+
+    def _wait_listening(self, deadline: float) -> None:
+        expected = self._expected_listeners()
+        proc = self._proc
+        assert proc is not None
+        with self._cond:
+            while not expected.issubset(self._listening):
+                if self._reader_done and proc.poll() is not None:
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(min(remaining, 0.1))
+            listening = dict(self._listening)
+        if not expected.issubset(listening):
+            if proc.poll() is not None:
+                try:
+                    proc.wait(1)
+                except subprocess.TimeoutExpired:  # pragma: no cover
+                    pass
+                self._join_reader()
+                raise self._start_error(f"exited with status {proc.returncode} while starting")
+            raise self._start_error(
+                f"did not report {sorted(expected - set(listening))} listeners "
+                f"within {self.start_timeout:g}s"
+            )
+        self.tcp_port = _split_host_port(listening["TCP"])[1]
+        self.http_port = _split_host_port(listening["HTTP"])[1]
+        if "HTTPS" in listening:
+            self.https_port = _split_host_port(listening["HTTPS"])[1]
+
+    def _ping_ok(self, status: int, body: bytes) -> bool:
+        return status == 200 and body.strip() == b"OK"
+
+    def _wait_ready(self, deadline: float) -> None:
+        proc = self._proc
+        assert proc is not None
+        last = "no answer"
+        url = self.http_url("/ping")
+        while True:
+            try:
+                status, body = _http_request(url, timeout=1.0)
+                if self._ping_ok(status, body):
+                    return
+                last = f"HTTP {status} {body[:200]!r}"
+            except OSError as exc:
+                last = repr(exc)
+            if proc.poll() is not None:
+                self._join_reader()
+                raise self._start_error(f"exited with status {proc.returncode} while starting")
+            if time.monotonic() >= deadline:
+                raise self._start_error(
+                    f"did not answer GET {url} within {self.start_timeout:g}s (last: {last})"
+                )
+            time.sleep(0.02)
+
+    def _join_reader(self, timeout: float = 5.0) -> None:
+        reader = self._reader
+        if reader is not None and reader is not threading.current_thread():
+            reader.join(timeout)
+        proc = self._proc
+        if proc is not None and proc.stdout is not None and (reader is None or not reader.is_alive()):
+            try:
+                proc.stdout.close()
+            except OSError:  # pragma: no cover
+                pass
+
+    def _send(self, sig: int) -> None:
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            proc.send_signal(sig)
+        except ProcessLookupError:  # exited meanwhile
+            pass
+
+    def stop(self, timeout: float = 10.0) -> Optional[int]:
+        """Stop the broker: SIGTERM, wait up to ``timeout`` seconds, then SIGKILL.
+
+        Idempotent: does nothing if not running. A paused broker is resumed so
+        it can shut down cleanly (nsqd then persists its in-memory messages).
+        Returns the exit status (None if never started).
+        """
+        proc = self._proc
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            self._send(signal.SIGTERM)
+            if self._paused:
+                self._send(signal.SIGCONT)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                logger.warning(
+                    "%s pid %s ignored SIGTERM for %.1fs; killing it", self.binary_name, proc.pid, timeout
+                )
+                self._send(signal.SIGKILL)
+                proc.wait(10)
+            logger.info("stopped %s pid %s (status %s)", self.binary_name, proc.pid, proc.returncode)
+        self._paused = False
+        _RUNNING.pop(id(self), None)
+        self._join_reader()
+        return proc.returncode
+
+    def kill(self) -> Optional[int]:
+        """SIGKILL the broker (no graceful shutdown) and reap it; idempotent.
+
+        Returns the exit status (None if never started).
+        """
+        proc = self._proc
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            self._send(signal.SIGKILL)
+            proc.wait(10)
+        self._paused = False
+        _RUNNING.pop(id(self), None)
+        self._join_reader()
+        return proc.returncode
+
+    def pause(self) -> None:
+        """Freeze the broker with SIGSTOP (sockets stay open, nothing answers).
+
+        Raises:
+            RuntimeError: the broker is not running.
+        """
+        if not self.running:
+            raise RuntimeError(f"cannot pause {self!r}: not running")
+        self._send(signal.SIGSTOP)
+        self._paused = True
+
+    def resume(self) -> None:
+        """Continue a broker frozen by :meth:`pause` (SIGCONT).
+
+        Raises:
+            RuntimeError: the broker is not running.
+        """
+        if not self.running:
+            raise RuntimeError(f"cannot resume {self!r}: not running")
+        self._send(signal.SIGCONT)
+        self._paused = False
+
+    @property
+    def paused(self) -> bool:
+        """True between :meth:`pause` and :meth:`resume`."""
+        return self._paused and self.running
+
+    def restart(self: _P, timeout: float = 10.0) -> _P:
+        """:meth:`stop` (graceful), then :meth:`start` on the same ports and data.
+
+        Raises:
+            BrokerNotFoundError, BrokerStartError: as :meth:`start`.
+        """
+        self.stop(timeout)
+        return self.start()
+
+    def close(self) -> None:
+        """Stop the broker and release resources it owns (e.g. a temp data dir)."""
+        self.stop()
+
+    def __enter__(self: _P) -> _P:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # ---- HTTP API helpers
+
+    def http_request(
+        self, method: str, path: str, body: Optional[bytes] = None, timeout: float = 5.0
+    ) -> Tuple[int, bytes]:
+        """Send an HTTP request to the broker's API; returns ``(status, body)``.
+
+        Non-2xx statuses are returned, not raised.
+
+        Raises:
+            OSError: connection failures (e.g. the broker is stopped or paused).
+            RuntimeError: the broker was never started.
+        """
+        return _http_request(self.http_url(path), method=method, body=body, timeout=timeout)
+
+    def _api(self, method: str, path: str, body: Optional[bytes] = None) -> bytes:
+        status, data = self.http_request(method, path, body)
+        if status != 200:
+            raise BrokerHTTPError(
+                f"{self.binary_name} {method} {path} -> HTTP {status}: {data[:500]!r}", status, data
+            )
+        return data
+
+    def _api_json(self, method: str, path: str, body: Optional[bytes] = None) -> Any:
+        return json.loads(self._api(method, path, body) or b"null")
+
+
+class NsqlookupdProcess(_BrokerProcess):
+    """A real ``nsqlookupd`` on 127.0.0.1 with kernel-assigned TCP/HTTP ports.
+
+    ``extra_args`` are appended verbatim to the command line (later flags win).
+    """
+
+    binary_name = "nsqlookupd"
+
+    def __init__(
+        self,
+        extra_args: Iterable[str] = (),
+        *,
+        binary: Optional[str] = None,
+        start_timeout: float = 10.0,
+    ) -> None:
+        super().__init__(extra_args, binary=binary, start_timeout=start_timeout)
+
+    def _build_args(self) -> List[str]:
+        return [
+            f"--tcp-address={self.host}:{self.tcp_port or 0}",
+            f"--http-address={self.host}:{self.http_port or 0}",
+            f"--broadcast-address={self.host}",
+        ] + self.extra_args
+
+    def nodes(self) -> List[Dict[str, Any]]:
+        """The producers (nsqd nodes) registered with this lookupd (``GET /nodes``).
+
+        Raises:
+            BrokerHTTPError: unexpected HTTP status. OSError: lookupd unreachable.
+        """
+        return list(self._api_json("GET", "/nodes").get("producers") or [])
+
+    def lookup(self, topic: str) -> List[Dict[str, Any]]:
+        """The producers of ``topic`` (``GET /lookup``); ``[]`` if the topic is unknown.
+
+        Raises:
+            BrokerHTTPError: unexpected HTTP status. OSError: lookupd unreachable.
+        """
+        import urllib.parse
+
+        status, data = self.http_request("GET", "/lookup?" + urllib.parse.urlencode({"topic": topic}))
+        if status == 404:
+            return []
+        if status != 200:
+            raise BrokerHTTPError(f"nsqlookupd /lookup -> HTTP {status}: {data[:500]!r}", status, data)
+        return list(json.loads(data).get("producers") or [])
+
+    def topics(self) -> List[str]:
+        """All topics known to this lookupd (``GET /topics``).
+
+        Raises:
+            BrokerHTTPError: unexpected HTTP status. OSError: lookupd unreachable.
+        """
+        return list(self._api_json("GET", "/topics").get("topics") or [])
+
+
+_node_ids = itertools.count(random.randrange(1024))
+
+
+class NsqdProcess(_BrokerProcess):
+    """A real ``nsqd`` on 127.0.0.1 with kernel-assigned ports and its own data dir.
+
+    Args:
+        lookupd_tcp_addresses: ``"host:port"`` of nsqlookupds to register with.
+        extra_args: appended verbatim to the command line (later flags win),
+            e.g. ``["--mem-queue-size=0", "--auth-http-address=127.0.0.1:9"]``.
+        data_path: data directory; by default a temp dir is created on first
+            start and removed by :meth:`close` / leaving the ``with`` block.
+            It is kept across :meth:`restart`, so queued messages survive.
+        tls_cert, tls_key: server certificate/key; enables TLS on the TCP
+            protocol and an HTTPS listener (``https_port``).
+        tls_root_ca: CA file nsqd uses to verify client certificates.
+        binary: explicit path of the nsqd executable (default: :func:`find_binary`).
+        start_timeout: seconds to wait for ``/ping`` on each start.
+
+    Each instance gets its own ``--node-id`` (unless ``extra_args`` sets one)
+    so message IDs from several local nsqds do not collide.
+
+    Raises:
+        ValueError: only one of ``tls_cert``/``tls_key`` given.
+    """
+
+    binary_name = "nsqd"
+
+    def __init__(
+        self,
+        lookupd_tcp_addresses: Iterable[str] = (),
+        extra_args: Iterable[str] = (),
+        data_path: Optional[_StrPath] = None,
+        tls_cert: Optional[_StrPath] = None,
+        tls_key: Optional[_StrPath] = None,
+        tls_root_ca: Optional[_StrPath] = None,
+        *,
+        binary: Optional[str] = None,
+        start_timeout: float = 10.0,
+    ) -> None:
+        super().__init__(extra_args, binary=binary, start_timeout=start_timeout)
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        self.lookupd_tcp_addresses: List[str] = list(lookupd_tcp_addresses)
+        self.tls_cert = os.fspath(tls_cert) if tls_cert is not None else None
+        self.tls_key = os.fspath(tls_key) if tls_key is not None else None
+        self.tls_root_ca = os.fspath(tls_root_ca) if tls_root_ca is not None else None
+        self.data_path: Optional[str] = os.fspath(data_path) if data_path is not None else None
+        self._owns_data_path = False
+        self.node_id: int = next(_node_ids) % 1024
+
+    def _prepare(self) -> None:
+        if self.data_path is None:
+            self.data_path = tempfile.mkdtemp(prefix="nsq_sync-nsqd-")
+            self._owns_data_path = True
+            _OWNED_DIRS.add(self.data_path)
+        else:
+            os.makedirs(self.data_path, exist_ok=True)
+
+    def _expected_listeners(self) -> Set[str]:
+        expected = {"TCP", "HTTP"}
+        if self.tls_cert:
+            expected.add("HTTPS")
+        return expected
+
+    def _build_args(self) -> List[str]:
+        assert self.data_path is not None
+        args = [
+            f"--tcp-address={self.host}:{self.tcp_port or 0}",
+            f"--http-address={self.host}:{self.http_port or 0}",
+            f"--broadcast-address={self.host}",
+            f"--data-path={self.data_path}",
+        ]
+        if not any(a.lstrip("-").split("=", 1)[0] == "node-id" for a in self.extra_args):
+            args.append(f"--node-id={self.node_id}")
+        if self.tls_cert:
+            args += [
+                f"--https-address={self.host}:{self.https_port or 0}",
+                f"--tls-cert={self.tls_cert}",
+                f"--tls-key={self.tls_key}",
+            ]
+            if self.tls_root_ca:
+                args.append(f"--tls-root-ca-file={self.tls_root_ca}")
+        args += [f"--lookupd-tcp-address={a}" for a in self.lookupd_tcp_addresses]
+        return args + self.extra_args
+
+    @property
+    def https_address(self) -> Optional[str]:
+        """``"127.0.0.1:PORT"`` of the HTTPS listener, None without TLS."""
+        return f"{self.host}:{self.https_port}" if self.https_port else None
+
+    def _ping_ok(self, status: int, body: bytes) -> bool:
+        # with --tls-required=true the plain HTTP port answers every request with
+        # 403 {"message": "TLS_REQUIRED", "https_port": N}: the server is up.
+        return super()._ping_ok(status, body) or (status == 403 and b"TLS_REQUIRED" in body)
+
+    def close(self) -> None:
+        """Stop nsqd and remove the temp data dir if this object created it."""
+        self.stop()
+        if self._owns_data_path and self.data_path:
+            shutil.rmtree(self.data_path, ignore_errors=True)
+            _OWNED_DIRS.discard(self.data_path)
+            self.data_path = None
+            self._owns_data_path = False
+
+    def http_request(
+        self, method: str, path: str, body: Optional[bytes] = None, timeout: float = 5.0
+    ) -> Tuple[int, bytes]:
+        """Send an HTTP request to nsqd's API; returns ``(status, body)``.
+
+        If nsqd runs with ``--tls-required=true`` the request is retried on the
+        HTTPS port without certificate verification and without a client
+        certificate (so it fails with ``--tls-client-auth-policy=require-verify``).
+
+        Raises:
+            OSError: connection failures (e.g. nsqd is stopped or paused).
+            RuntimeError: nsqd was never started.
+        """
+        status, data = super().http_request(method, path, body, timeout)
+        if status == 403 and b"TLS_REQUIRED" in data and self.https_port:
+            import ssl
+
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            url = f"https://{self.host}:{self.https_port}{path}"
+            return _http_request(url, method, body, timeout, ssl_context=context)
+        return status, data
+
+    # ---- convenience wrappers around nsqd's HTTP API
+
+    def publish(self, topic: str, body: bytes, defer_ms: Optional[int] = None) -> None:
+        """Publish one message through ``POST /pub`` (creates the topic).
+
+        Raises:
+            BrokerHTTPError: nsqd refused it. OSError: nsqd unreachable.
+        """
+        import urllib.parse
+
+        params: Dict[str, Any] = {"topic": topic}
+        if defer_ms is not None:
+            params["defer"] = int(defer_ms)
+        self._api("POST", "/pub?" + urllib.parse.urlencode(params), body)
+
+    def mpublish(self, topic: str, bodies: Sequence[bytes]) -> None:
+        """Publish several messages at once through ``POST /mpub?binary=true``.
+
+        Raises:
+            BrokerHTTPError: nsqd refused them. OSError: nsqd unreachable.
+        """
+        import urllib.parse
+
+        payload = struct.pack(">i", len(bodies)) + b"".join(
+            struct.pack(">i", len(b)) + b for b in bodies
+        )
+        self._api("POST", "/mpub?" + urllib.parse.urlencode({"topic": topic, "binary": "true"}), payload)
+
+    def create_topic(self, topic: str) -> None:
+        """Create ``topic`` (``POST /topic/create``).
+
+        Raises:
+            BrokerHTTPError: nsqd refused it. OSError: nsqd unreachable.
+        """
+        import urllib.parse
+
+        self._api("POST", "/topic/create?" + urllib.parse.urlencode({"topic": topic}))
+
+    def create_channel(self, topic: str, channel: str) -> None:
+        """Create ``topic`` (if needed) and ``channel`` on it.
+
+        Raises:
+            BrokerHTTPError: nsqd refused it. OSError: nsqd unreachable.
+        """
+        import urllib.parse
+
+        self.create_topic(topic)  # /channel/create answers 404 TOPIC_NOT_FOUND otherwise
+        self._api(
+            "POST", "/channel/create?" + urllib.parse.urlencode({"topic": topic, "channel": channel})
+        )
+
+    def stats(self, topic: Optional[str] = None, channel: Optional[str] = None) -> Dict[str, Any]:
+        """nsqd's ``GET /stats?format=json`` as a dict (optionally filtered).
+
+        Raises:
+            BrokerHTTPError: unexpected HTTP status. OSError: nsqd unreachable.
+        """
+        import urllib.parse
+
+        params = {"format": "json"}
+        if topic is not None:
+            params["topic"] = topic
+        if channel is not None:
+            params["channel"] = channel
+        return dict(self._api_json("GET", "/stats?" + urllib.parse.urlencode(params)))
+
+    def topic_stats(self, topic: str) -> Optional[Dict[str, Any]]:
+        """The stats entry of ``topic``, None if nsqd does not know it.
+
+        Raises:
+            BrokerHTTPError: unexpected HTTP status. OSError: nsqd unreachable.
+        """
+        for entry in self.stats(topic=topic).get("topics") or []:
+            if entry.get("topic_name") == topic:
+                return dict(entry)
+        return None
+
+    def channel_stats(self, topic: str, channel: str) -> Optional[Dict[str, Any]]:
+        """The stats entry of ``channel`` on ``topic``, None if unknown.
+
+        Raises:
+            BrokerHTTPError: unexpected HTTP status. OSError: nsqd unreachable.
+        """
+        entry = self.topic_stats(topic)
+        for chan in (entry or {}).get("channels") or []:
+            if chan.get("channel_name") == channel:
+                return dict(chan)
+        return None
+
+    def topic_depth(self, topic: str) -> int:
+        """Messages waiting in ``topic`` itself (memory + disk); 0 if unknown.
+
+        Raises:
+            BrokerHTTPError: unexpected HTTP status. OSError: nsqd unreachable.
+        """
+        entry = self.topic_stats(topic)
+        return int(entry["depth"]) if entry else 0
+
+    def channel_depth(self, topic: str, channel: str) -> int:
+        """Messages waiting in ``channel`` (not counting in-flight/deferred); 0 if unknown.
+
+        Raises:
+            BrokerHTTPError: unexpected HTTP status. OSError: nsqd unreachable.
+        """
+        entry = self.channel_stats(topic, channel)
+        return int(entry["depth"]) if entry else 0
+
+
+# --------------------------------------------------------------------------
+# cluster
+
+
+class LocalCluster:
+    """One ``nsqlookupd`` plus ``nsqd_count`` ``nsqd`` registered with it.
+
+    ``nsqd_args``/``lookupd_args`` are extra command-line flags for every nsqd
+    / the lookupd. :meth:`start` returns once every nsqd shows up in the
+    lookupd's ``/nodes``.
+    """
+
+    def __init__(
+        self,
+        nsqd_count: int = 2,
+        nsqd_args: Iterable[str] = (),
+        lookupd_args: Iterable[str] = (),
+        *,
+        start_timeout: float = 10.0,
+    ) -> None:
+        self.nsqd_count = nsqd_count
+        self.nsqd_args: List[str] = list(nsqd_args)
+        self.start_timeout = start_timeout
+        self.lookupd = NsqlookupdProcess(lookupd_args, start_timeout=start_timeout)
+        self.nsqds: List[NsqdProcess] = []
+
+    @property
+    def nsqd_tcp_addresses(self) -> List[str]:
+        """``"host:port"`` of every nsqd's TCP listener."""
+        return [n.tcp_address for n in self.nsqds]
+
+    @property
+    def nsqd_http_addresses(self) -> List[str]:
+        """``"host:port"`` of every nsqd's HTTP listener."""
+        return [n.http_address for n in self.nsqds]
+
+    @property
+    def lookupd_http_addresses(self) -> List[str]:
+        """``["host:port"]`` of the lookupd's HTTP listener (what consumers poll)."""
+        return [self.lookupd.http_address]
+
+    @property
+    def lookupd_tcp_addresses(self) -> List[str]:
+        """``["host:port"]`` of the lookupd's TCP listener (what nsqd registers with)."""
+        return [self.lookupd.tcp_address]
+
+    def start(self) -> "LocalCluster":
+        """Start the lookupd and the nsqds; wait until all are registered.
+
+        Raises:
+            BrokerNotFoundError, BrokerStartError: a broker could not start
+                (everything already started is stopped again).
+            TimeoutError: the nsqds did not register within ``start_timeout``.
+        """
+        try:
+            self.lookupd.start()
+            while len(self.nsqds) < self.nsqd_count:
+                self.add_nsqd()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def add_nsqd(self, extra_args: Iterable[str] = ()) -> NsqdProcess:
+        """Start one more nsqd registered with the lookupd and return it.
+
+        Waits until the lookupd lists it in ``/nodes``.
+
+        Raises:
+            BrokerNotFoundError, BrokerStartError: nsqd could not start.
+            TimeoutError: it did not register within ``start_timeout``.
+        """
+        nsqd = NsqdProcess(
+            lookupd_tcp_addresses=self.lookupd_tcp_addresses,
+            extra_args=self.nsqd_args + list(extra_args),
+            start_timeout=self.start_timeout,
+        )
+        self.nsqds.append(nsqd)
+        nsqd.start()
+        wait_until(
+            lambda: any(p.get("tcp_port") == nsqd.tcp_port for p in self.lookupd.nodes()),
+            timeout=self.start_timeout,
+            message=f"{nsqd!r} to register with nsqlookupd",
+        )
+        return nsqd
+
+    def wait_for_producers(
+        self, topic: Optional[str] = None, count: Optional[int] = None, timeout: float = 10.0
+    ) -> List[Dict[str, Any]]:
+        """Poll the lookupd until exactly ``count`` producers are registered.
+
+        With ``topic``, counts the producers of that topic (``/lookup``),
+        otherwise all nodes (``/nodes``). ``count`` defaults to the number of
+        running nsqds. Returns the producer dicts.
+
+        Raises:
+            TimeoutError: the count was not reached within ``timeout`` seconds.
+        """
+        wanted = count if count is not None else sum(1 for n in self.nsqds if n.running)
+        seen: List[Dict[str, Any]] = []
+
+        def check() -> bool:
+            nonlocal seen
+            seen = self.lookupd.lookup(topic) if topic is not None else self.lookupd.nodes()
+            return len(seen) == wanted
+
+        try:
+            wait_until(check, timeout=timeout, message="producers")
+        except TimeoutError:
+            what = f"topic {topic!r}" if topic is not None else "/nodes"
+            raise TimeoutError(
+                f"expected {wanted} producers for {what} within {timeout:g}s, lookupd has "
+                f"{len(seen)}: {[(p.get('broadcast_address'), p.get('tcp_port')) for p in seen]}"
+            ) from None
+        return seen
+
+    def stop(self) -> None:
+        """Stop every nsqd, then the lookupd (idempotent)."""
+        for nsqd in self.nsqds:
+            nsqd.stop()
+        self.lookupd.stop()
+
+    def close(self) -> None:
+        """:meth:`stop`, and remove the nsqds' temp data dirs."""
+        for nsqd in self.nsqds:
+            nsqd.close()
+        self.lookupd.close()
+
+    def __enter__(self) -> "LocalCluster":
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------
+# TLS test certificates
+
+
+class TLSFiles(NamedTuple):
+    """Paths (str) of the PEM files made by :func:`make_tls_files`."""
+
+    ca_cert: str
+    server_cert: str
+    server_key: str
+    client_cert: str
+    client_key: str
+
+
+def _openssl(openssl: str, *args: str, cwd: str) -> None:
+    proc = subprocess.run(
+        [openssl, *args], cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    if proc.returncode != 0:
+        raise TLSFilesError(
+            f"`openssl {' '.join(args)}` failed with status {proc.returncode}:\n"
+            + proc.stderr.decode("utf-8", "replace")
+        )
+
+
+def _san_for(hostname: str) -> str:
+    import ipaddress
+
+    entries = ["IP:127.0.0.1", "DNS:localhost"]
+    try:
+        ipaddress.ip_address(hostname)
+        extra = f"IP:{hostname}"
+    except ValueError:
+        extra = f"DNS:{hostname}"
+    if extra not in entries:
+        entries.insert(0, extra)
+    return ",".join(entries)
+
+
+def make_tls_files(directory: _StrPath, hostname: str = LOCALHOST) -> TLSFiles:
+    """Create a throw-away CA, a server and a client certificate in ``directory``.
+
+    The server certificate (CN ``hostname``) has subjectAltName
+    ``IP:127.0.0.1, DNS:localhost`` (+ ``hostname``) and extendedKeyUsage
+    serverAuth; the client certificate (CN ``nsq_sync-test-client``) has
+    clientAuth. Both are signed by the CA (RSA 2048, SHA-256). Uses the
+    ``openssl`` command-line tool.
+
+    Raises:
+        TLSFilesError: ``openssl`` is not on PATH or one of its commands failed.
+    """
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise TLSFilesError(
+            "the `openssl` command-line tool is needed to make test certificates but was not "
+            "found on PATH; install it (e.g. `apt-get install openssl`)"
+        )
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    cwd = str(out)
+    files = TLSFiles(
+        ca_cert=str(out / "ca.pem"),
+        server_cert=str(out / "server.pem"),
+        server_key=str(out / "server.key"),
+        client_cert=str(out / "client.pem"),
+        client_key=str(out / "client.key"),
+    )
+    ca_key = str(out / "ca.key")
+    _openssl(
+        openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256", "-days", "3650",
+        "-keyout", ca_key, "-out", files.ca_cert, "-subj", "/CN=nsq_sync test CA",
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        "-addext", "subjectKeyIdentifier=hash",
+        cwd=cwd,
+    )  # fmt: skip
+    leaves = [
+        ("server", files.server_cert, files.server_key, hostname, "serverAuth", _san_for(hostname)),
+        ("client", files.client_cert, files.client_key, "nsq_sync-test-client", "clientAuth", None),
+    ]
+    for name, cert, key, common_name, usage, san in leaves:
+        csr = str(out / f"{name}.csr")
+        ext_file = out / f"{name}.ext"
+        ext_lines = [
+            "basicConstraints=critical,CA:FALSE",
+            "keyUsage=critical,digitalSignature,keyEncipherment",
+            f"extendedKeyUsage={usage}",
+            "subjectKeyIdentifier=hash",
+            "authorityKeyIdentifier=keyid,issuer",
+        ]
+        if san:
+            ext_lines.append(f"subjectAltName={san}")
+        ext_file.write_text("\n".join(ext_lines) + "\n")
+        _openssl(
+            openssl, "req", "-new", "-newkey", "rsa:2048", "-nodes", "-sha256",
+            "-keyout", key, "-out", csr, "-subj", f"/CN={common_name}",
+            cwd=cwd,
+        )  # fmt: skip
+        _openssl(
+            openssl, "x509", "-req", "-in", csr, "-CA", files.ca_cert, "-CAkey", ca_key,
+            "-set_serial", str(random.getrandbits(63) | 1), "-days", "825", "-sha256",
+            "-extfile", str(ext_file), "-out", cert,
+            cwd=cwd,
+        )  # fmt: skip
+        os.unlink(csr)
+        ext_file.unlink()
+    return files
+
+
+# --------------------------------------------------------------------------
+# nsqd auth server
+
+
+class AuthServer:
+    """A tiny nsqd auth server (``--auth-http-address``) on 127.0.0.1.
+
+    nsqd v1.3.0 calls ``GET /auth?remote_ip=..&tls=true|false&secret=..&common_name=..``
+    and expects HTTP 200 with JSON::
+
+        {"ttl": 3600, "identity": "...", "identity_url": "...",
+         "authorizations": [{"topic": ".*", "channels": [".*"],
+                             "permissions": ["subscribe", "publish"]}]}
+
+    ``ttl`` must be > 0 and permissions only ``subscribe``/``publish``, or
+    nsqd rejects the answer. Topic and channel patterns are Go regexps that
+    are NOT anchored (``"foo"`` also matches ``"xfoox"``) and a *publish* is
+    checked against the channel patterns with channel ``""``, so a rule that
+    grants publish needs a channel pattern matching the empty string (``.*``).
+
+    Unknown secrets get HTTP 403 (nsqd then answers the client ``E_AUTH_FAILED``);
+    a 200 with no authorizations makes nsqd answer ``E_UNAUTHORIZED``.
+
+    ``secrets`` pre-registers secrets with full access (see :meth:`set_secret`).
+    """
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        self._lock = threading.Lock()
+        self._responses: Dict[str, Tuple[int, Any]] = {}
+        #: every secret nsqd asked about, in order (including unknown ones)
+        self.requests: List[str] = []
+        #: the full query parameters of every request, in order
+        self.request_params: List[Dict[str, str]] = []
+        self._server: Optional["http.server.ThreadingHTTPServer"] = None
+        self._thread: Optional[threading.Thread] = None
+        self.port: Optional[int] = None
+        for secret in secrets:
+            self.set_secret(secret)
+
+    @property
+    def address(self) -> str:
+        """``"127.0.0.1:PORT"``, the value for nsqd's ``--auth-http-address``.
+
+        Raises:
+            RuntimeError: the server is not started.
+        """
+        if self.port is None:
+            raise RuntimeError("AuthServer is not started")
+        return f"{LOCALHOST}:{self.port}"
+
+    def set_secret(
+        self,
+        secret: str,
+        ttl: int = 3600,
+        topic: str = ".*",
+        permissions: Sequence[str] = ("subscribe", "publish"),
+        channels: Sequence[str] = (".*",),
+        identity: str = "nsq_sync-test-user",
+        identity_url: str = "https://example.invalid/nsq_sync-test-user",
+    ) -> None:
+        """Allow ``secret`` with a single authorization rule (replaces earlier settings)."""
+        self.set_authorizations(
+            secret,
+            [{"topic": topic, "channels": list(channels), "permissions": list(permissions)}],
+            ttl=ttl,
+            identity=identity,
+            identity_url=identity_url,
+        )
+
+    def set_authorizations(
+        self,
+        secret: str,
+        authorizations: Sequence[Mapping[str, Any]],
+        ttl: int = 3600,
+        identity: str = "nsq_sync-test-user",
+        identity_url: str = "https://example.invalid/nsq_sync-test-user",
+    ) -> None:
+        """Answer ``secret`` with these authorization rules (dicts with
+        ``topic``, ``channels``, ``permissions``); an empty list is allowed."""
+        body = {
+            "ttl": ttl,
+            "identity": identity,
+            "identity_url": identity_url,
+            "authorizations": [dict(a) for a in authorizations],
+        }
+        self.set_response(secret, body)
+
+    def set_response(self, secret: str, body: Any, status: int = 200) -> None:
+        """Answer ``secret`` with an arbitrary status and body (JSON-encoded
+        unless ``bytes``), e.g. to test how nsqd treats malformed answers."""
+        with self._lock:
+            self._responses[secret] = (status, body)
+
+    def revoke(self, secret: str) -> None:
+        """Forget ``secret``: later requests for it get 403 (no-op if unknown)."""
+        with self._lock:
+            self._responses.pop(secret, None)
+
+    def _answer(self, params: Dict[str, str]) -> Tuple[int, bytes]:
+        secret = params.get("secret", "")
+        with self._lock:
+            self.requests.append(secret)
+            self.request_params.append(params)
+            response = self._responses.get(secret)
+        if response is None:
+            # Deliberately not JSON: for a 403 nsqd tries to decode
+            # {"https_port": N} and retry over HTTPS; a non-JSON body makes it
+            # fail straight away (the client gets E_AUTH_FAILED either way).
+            return 403, b"forbidden: unknown secret"
+        status, body = response
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return status, data
+
+    def start(self) -> "AuthServer":
+        """Start serving in a background thread; no-op if already started.
+
+        The first start binds a kernel-assigned port; a start after
+        :meth:`stop` binds the same port again (nsqd keeps the address).
+
+        Raises:
+            OSError: the port cannot be bound.
+        """
+        if self._server is not None:
+            return self
+        import http.server
+
+        self._server = http.server.ThreadingHTTPServer(
+            (LOCALHOST, self.port or 0), _make_auth_handler(self)
+        )
+        self._server.daemon_threads = True
+        self.port = int(self._server.server_address[1])
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
+            name=f"nsq_sync-auth-{self.port}", daemon=True,
+        )  # fmt: skip
+        self._thread.start()
+        logger.info("AuthServer listening on %s", self.address)
+        return self
+
+    def stop(self) -> None:
+        """Stop serving (idempotent); nsqd's auth queries then fail to connect.
+
+        ``address`` keeps the old port and :meth:`start` reuses it.
+        """
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+
+    def __enter__(self) -> "AuthServer":
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def _make_auth_handler(owner: AuthServer) -> type:
+    import http.server
+    import urllib.parse
+
+    class AuthHandler(http.server.BaseHTTPRequestHandler):
+        server_version = "nsq_sync-auth/1"
+        # HTTP/1.0: one request per connection, so a stopped server cannot keep
+        # answering nsqd on a kept-alive connection
+        protocol_version = "HTTP/1.0"
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server API
+            url = urllib.parse.urlsplit(self.path)
+            if url.path != "/auth":
+                status, data = 404, b"not found"
+            else:
+                query = urllib.parse.parse_qs(url.query, keep_blank_values=True)
+                status, data = owner._answer({k: v[0] for k, v in query.items()})
+            self.send_response(status)
+            content_type = "application/json" if data[:1] in (b"{", b"[") else "text/plain"
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            logger.debug("auth server: " + format, *args)
+
+    return AuthHandler

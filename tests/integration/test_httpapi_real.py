@@ -1,0 +1,327 @@
+"""nsq_sync.httpapi against real nsqd and nsqlookupd v1.3.0 processes."""
+
+from __future__ import annotations
+
+import ssl
+
+import pytest
+
+from nsq_sync.errors import ConfigError, HTTPError
+from nsq_sync.httpapi import LookupdClient, NsqdHTTPClient
+from nsq_sync.pytest_plugin import started
+from nsq_sync.testing import NsqdProcess, wait_until
+
+
+def expect_http_error(status: int, message: str, fn, *args, **kwargs) -> HTTPError:
+    with pytest.raises(HTTPError) as info:
+        fn(*args, **kwargs)
+    assert (info.value.status, info.value.message) == (status, message)
+    return info.value
+
+
+# ---------------------------------------------------------------- ping / info
+
+
+def test_nsqd_ping_and_info(nsqd):
+    client = NsqdHTTPClient(nsqd.http_address)
+    assert client.ping() is True
+    info = client.info()
+    assert info["version"] == "1.3.0"
+    assert info["tcp_port"] == nsqd.tcp_port
+    assert info["http_port"] == nsqd.http_port
+    assert info["broadcast_address"] == "127.0.0.1"
+    assert NsqdHTTPClient.from_url(f"http://{nsqd.http_address}/").ping() is True
+
+
+def test_lookupd_ping_and_info(nsqlookupd):
+    client = LookupdClient(nsqlookupd.http_address)
+    assert client.ping() is True
+    assert client.info() == {"version": "1.3.0"}
+    assert client.topics() == []
+    assert client.nodes() == []
+
+
+def test_nsqd_over_https(tls_nsqd, tls_files):
+    context = ssl.create_default_context(cafile=tls_files.ca_cert)
+    client = NsqdHTTPClient(f"https://{tls_nsqd.https_address}", ssl_context=context)
+    assert client.scheme == "https"
+    assert client.ping() is True
+    assert client.pub("secure", b"x") == "OK"
+    assert client.topic_depth("secure") == 1
+
+    # the default context does not trust the test CA
+    untrusting = NsqdHTTPClient(f"https://{tls_nsqd.https_address}")
+    with pytest.raises(HTTPError) as info:
+        untrusting.ping()
+    assert info.value.status == 0
+    assert "TLS" in info.value.message
+    assert isinstance(info.value.__cause__, ssl.SSLError)
+
+
+# ---------------------------------------------------------------- publishing
+
+
+def test_pub_mpub_and_depth(nsqd):
+    client = NsqdHTTPClient(nsqd.http_address)
+    bodies = [b"one", "twö", b"\x00\xff binary", b"with\nnewline", b"x" * 1000]
+    assert client.pub("pubtest", bodies[0]) == "OK"
+    assert client.pub("pubtest", bodies[1]) == "OK"
+    assert client.mpub("pubtest", bodies[2:]) == "OK"  # binary: the newline stays inside one message
+    assert client.mpub("pubtest", [b"text1", "text2"], binary=False) == "OK"
+
+    expected_bytes = sum(len(b.encode() if isinstance(b, str) else b) for b in bodies) + len(b"text1text2")
+    assert client.topic_depth("pubtest") == 7
+    topic = client.topic_stats("pubtest")
+    assert topic is not None
+    assert topic["message_count"] == 7
+    assert topic["message_bytes"] == expected_bytes
+    assert topic["channels"] == []
+
+    stats = client.stats(topic="pubtest")
+    assert [t["topic_name"] for t in stats["topics"]] == ["pubtest"]
+    assert "memory" in stats
+    assert "memory" not in client.stats(include_mem=False)
+    assert client.stats(topic="nosuchtopic")["topics"] == []
+
+    # the first channel receives what was queued in the topic
+    client.create_channel("pubtest", "ch")
+    wait_until(lambda: client.channel_depth("pubtest", "ch") == 7, timeout=5, message="messages moved to channel")
+    assert client.topic_depth("pubtest") == 0
+    channel = client.channel_stats("pubtest", "ch")
+    for key in ("depth", "in_flight_count", "deferred_count", "requeue_count", "timeout_count", "client_count"):
+        assert key in channel
+    assert channel["clients"] == []
+
+
+def test_pub_deferred(nsqd):
+    client = NsqdHTTPClient(nsqd.http_address)
+    client.create_topic("deferred")
+    client.create_channel("deferred", "ch")
+    assert client.pub("deferred", b"later", defer_ms=60_000) == "OK"
+    stats = wait_until(
+        lambda: (lambda c: c if c and c["deferred_count"] == 1 else None)(client.channel_stats("deferred", "ch")),
+        timeout=5,
+        message="deferred message",
+    )
+    assert stats["depth"] == 0
+    # over nsqd's --max-req-timeout (default 1h)
+    expect_http_error(400, "INVALID_DEFER", client.pub, "deferred", b"x", defer_ms=2 * 3600 * 1000)
+
+
+def test_bad_input_is_rejected_before_sending(nsqd):
+    client = NsqdHTTPClient(nsqd.http_address)
+    with pytest.raises(ConfigError) as info:
+        client.pub("bad topic!", b"x")
+    assert info.value.param == "topic"
+    with pytest.raises(ConfigError):
+        client.pub("fine", b"")
+    with pytest.raises(ConfigError):
+        client.mpub("fine", [])
+    with pytest.raises(ConfigError):
+        client.mpub("fine", [b"a\nb"], binary=False)
+    with pytest.raises(TypeError):
+        client.pub("fine", 12)
+    # had any of these reached nsqd, "fine" would exist now
+    assert client.stats()["topics"] == []
+
+
+def test_server_side_validation_errors(nsqd):
+    client = NsqdHTTPClient(nsqd.http_address)
+    # nsqd's own answers when a request bypasses the local checks
+    expect_http_error(400, "MSG_EMPTY", client.post, "/pub", {"topic": "t"}, b"")
+    expect_http_error(400, "INVALID_TOPIC", client.post, "/pub", {"topic": "bad!"}, b"x")
+    expect_http_error(400, "MISSING_ARG_TOPIC", client.post, "/pub", {}, b"x")
+    expect_http_error(400, "INVALID_ARG_CHANNEL", client.post, "/channel/create", {"topic": "t", "channel": "bad!"})
+    expect_http_error(405, "METHOD_NOT_ALLOWED", client.get_json, "/pub")
+    expect_http_error(404, "NOT_FOUND", client.get_json, "/no/such/route")
+
+
+def test_too_big_default_limits(nsqd):
+    client = NsqdHTTPClient(nsqd.http_address)
+    one_mib = 1024 * 1024  # nsqd default --max-msg-size
+    err = expect_http_error(413, "MSG_TOO_BIG", client.pub, "big", b"x" * (one_mib + 1))
+    assert err.url.endswith("/pub?topic=big")
+    # a body far larger than socket buffers: nsqd answers without reading it and closes
+    expect_http_error(413, "MSG_TOO_BIG", client.pub, "big", b"x" * (16 * one_mib))
+    # default --max-body-size is 5 MiB
+    expect_http_error(413, "BODY_TOO_BIG", client.mpub, "big", [b"y" * one_mib] * 6)
+    assert client.pub("big", b"x" * one_mib) == "OK"
+    assert client.topic_depth("big") == 1
+
+
+def test_too_big_small_limits():
+    proc = NsqdProcess(extra_args=["--max-msg-size=64", "--max-body-size=256"])
+    with started(proc):
+        client = NsqdHTTPClient(proc.http_address)
+        assert client.pub("small", b"a" * 64) == "OK"
+        expect_http_error(413, "MSG_TOO_BIG", client.pub, "small", b"a" * 65)
+        # binary MPUB reports an oversized message as BAD_MESSAGE (E_BAD_MESSAGE minus "E_")
+        expect_http_error(413, "BAD_MESSAGE", client.mpub, "small", [b"ok", b"b" * 65])
+        expect_http_error(413, "MSG_TOO_BIG", client.mpub, "small", [b"ok", b"b" * 65], binary=False)
+        expect_http_error(413, "BODY_TOO_BIG", client.mpub, "small", [b"c" * 60] * 5)
+        # nothing of the rejected batches was published
+        assert client.topic_depth("small") == 1
+
+
+# ---------------------------------------------------------------- topic / channel administration
+
+
+def test_topic_and_channel_admin(nsqd):
+    client = NsqdHTTPClient(nsqd.http_address)
+    client.create_topic("adm")
+    client.create_topic("adm")  # idempotent
+    topic = client.topic_stats("adm")
+    assert topic is not None and topic["paused"] is False
+
+    client.pause_topic("adm")
+    assert client.topic_stats("adm")["paused"] is True
+    client.unpause_topic("adm")
+    assert client.topic_stats("adm")["paused"] is False
+
+    client.create_channel("adm", "c1")
+    client.create_channel("adm", "c2")
+    assert [c["channel_name"] for c in client.topic_stats("adm")["channels"]] == ["c1", "c2"]
+
+    client.pause_channel("adm", "c1")
+    assert client.channel_stats("adm", "c1")["paused"] is True
+    assert client.channel_stats("adm", "c2")["paused"] is False
+    client.unpause_channel("adm", "c1")
+    assert client.channel_stats("adm", "c1")["paused"] is False
+
+    client.mpub("adm", [b"1", b"2", b"3"])
+    wait_until(lambda: client.channel_depth("adm", "c1") == 3 and client.channel_depth("adm", "c2") == 3,
+               timeout=5, message="messages in both channels")
+    client.empty_channel("adm", "c1")
+    assert client.channel_depth("adm", "c1") == 0
+    assert client.channel_depth("adm", "c2") == 3
+
+    # a paused topic keeps its messages instead of copying them to channels
+    client.pause_topic("adm")
+    client.mpub("adm", [b"4", b"5"])
+    assert client.topic_depth("adm") == 2
+    assert client.channel_depth("adm", "c2") == 3
+    client.empty_topic("adm")
+    assert client.topic_depth("adm") == 0
+    client.unpause_topic("adm")
+
+    client.delete_channel("adm", "c1")
+    assert client.channel_stats("adm", "c1") is None
+    expect_http_error(404, "CHANNEL_NOT_FOUND", client.delete_channel, "adm", "c1")
+    expect_http_error(404, "CHANNEL_NOT_FOUND", client.empty_channel, "adm", "c1")
+    expect_http_error(404, "CHANNEL_NOT_FOUND", client.pause_channel, "adm", "c1")
+
+    client.delete_topic("adm")
+    assert client.topic_stats("adm") is None
+    assert client.topic_depth("adm") == 0
+    expect_http_error(404, "TOPIC_NOT_FOUND", client.delete_topic, "adm")
+    expect_http_error(404, "TOPIC_NOT_FOUND", client.empty_topic, "adm")
+    expect_http_error(404, "TOPIC_NOT_FOUND", client.pause_topic, "adm")
+    expect_http_error(404, "TOPIC_NOT_FOUND", client.unpause_topic, "adm")
+    expect_http_error(404, "TOPIC_NOT_FOUND", client.create_channel, "adm", "c1")
+
+
+def test_ephemeral_names(nsqd):
+    client = NsqdHTTPClient(nsqd.http_address)
+    client.create_topic("eph#ephemeral")
+    client.create_channel("eph#ephemeral", "ch#ephemeral")
+    assert client.channel_stats("eph#ephemeral", "ch#ephemeral") is not None
+    client.pub("eph#ephemeral", b"x")
+    wait_until(lambda: client.channel_depth("eph#ephemeral", "ch#ephemeral") == 1, timeout=5, message="depth 1")
+
+
+# ---------------------------------------------------------------- nsqlookupd
+
+
+def test_lookupd_sees_nsqd_topics(nsq_cluster):
+    lookupd = LookupdClient(nsq_cluster.lookupd.http_address)
+    first, second = nsq_cluster.nsqds
+    nsqd_client = NsqdHTTPClient(first.http_address)
+
+    nsqd_client.create_topic("lk")
+    wait_until(lambda: "lk" in lookupd.topics(), timeout=10, message="topic registered with lookupd")
+    result = lookupd.lookup("lk")
+    assert [p["tcp_port"] for p in result["producers"]] == [first.tcp_port]
+    assert result["producers"][0]["http_port"] == first.http_port
+    assert result["producers"][0]["version"] == "1.3.0"
+    assert result["channels"] == []
+    assert lookupd.producers("lk") == [("127.0.0.1", first.tcp_port)]
+
+    nsqd_client.create_channel("lk", "lkch")
+    wait_until(lambda: lookupd.channels("lk") == ["lkch"], timeout=10, message="channel registered")
+    assert lookupd.lookup("lk")["channels"] == ["lkch"]
+
+    # the second nsqd joins the topic
+    NsqdHTTPClient(second.http_address).pub("lk", b"x")
+    wait_until(lambda: len(lookupd.producers("lk")) == 2, timeout=10, message="two producers")
+    assert sorted(port for _, port in lookupd.producers("lk")) == sorted([first.tcp_port, second.tcp_port])
+
+    nodes = {n["tcp_port"]: n for n in lookupd.nodes()}
+    assert set(nodes) == {first.tcp_port, second.tcp_port}
+    assert nodes[first.tcp_port]["topics"] == ["lk"]
+    assert nodes[first.tcp_port]["tombstones"] == [False]
+    assert nodes[first.tcp_port]["broadcast_address"] == "127.0.0.1"
+
+    # tombstone the first nsqd's producer: hidden from lookups, flagged in /nodes
+    lookupd.tombstone_topic("lk", f"127.0.0.1:{first.http_port}")
+    assert lookupd.producers("lk") == [("127.0.0.1", second.tcp_port)]
+    nodes = {n["tcp_port"]: n for n in lookupd.nodes()}
+    assert nodes[first.tcp_port]["tombstones"] == [True]
+    assert nodes[second.tcp_port]["tombstones"] == [False]
+    # a node that matches nothing is silently ignored
+    lookupd.tombstone_topic("lk", "127.0.0.1:1")
+    assert lookupd.producers("lk") == [("127.0.0.1", second.tcp_port)]
+
+    # deleting the channel and topic from the lookupd
+    lookupd.delete_channel("lk", "lkch")
+    assert lookupd.channels("lk") == []
+    expect_http_error(404, "CHANNEL_NOT_FOUND", lookupd.delete_channel, "lk", "lkch")
+    lookupd.delete_topic("lk")
+    assert "lk" not in lookupd.topics()
+    expect_http_error(404, "TOPIC_NOT_FOUND", lookupd.lookup, "lk")
+    assert lookupd.producers("lk") == []
+
+
+def test_lookupd_admin_without_producers(nsqlookupd):
+    lookupd = LookupdClient(nsqlookupd.http_address)
+    lookupd.create_topic("manual")
+    assert lookupd.topics() == ["manual"]
+    # registered but nobody produces it: not a 404
+    assert lookupd.lookup("manual") == {"channels": [], "producers": []}
+    assert lookupd.producers("manual") == []
+
+    lookupd.create_channel("manual", "mc")
+    lookupd.create_channel("other", "oc")  # also registers the topic
+    assert lookupd.channels("manual") == ["mc"]
+    assert sorted(lookupd.topics()) == ["manual", "other"]
+    lookupd.delete_channel("manual", "mc")
+    assert lookupd.channels("manual") == []
+
+    lookupd.delete_topic("manual")
+    lookupd.delete_topic("never-existed")  # nsqlookupd accepts deleting an unknown topic
+    assert lookupd.topics() == ["other"]
+    assert lookupd.channels("never-existed") == []
+
+
+def test_lookupd_unknown_topic(nsqlookupd):
+    lookupd = LookupdClient(nsqlookupd.http_address)
+    err = expect_http_error(404, "TOPIC_NOT_FOUND", lookupd.lookup, "unknown")
+    assert err.url == f"http://{nsqlookupd.http_address}/lookup?topic=unknown"
+    assert lookupd.producers("unknown") == []
+
+
+# ---------------------------------------------------------------- unreachable servers
+
+
+def test_connection_refused_after_stop(nsqd, nsqlookupd):
+    nsqd_client = NsqdHTTPClient(nsqd.http_address, timeout=2)
+    lookupd_client = LookupdClient(nsqlookupd.http_address, timeout=2)
+    assert nsqd_client.ping() and lookupd_client.ping()
+    nsqd.stop()
+    nsqlookupd.stop()
+    for call in (nsqd_client.ping, nsqd_client.stats, lambda: nsqd_client.pub("t", b"x"),
+                 lookupd_client.ping, lookupd_client.topics, lambda: lookupd_client.producers("t")):
+        with pytest.raises(HTTPError) as info:
+            call()
+        assert info.value.status == 0
+        assert "refused" in info.value.message
+        assert isinstance(info.value.__cause__, ConnectionRefusedError)

@@ -1,0 +1,479 @@
+"""Tests of nsq_sync.testing (the broker launcher) against real nsqd/nsqlookupd v1.3.0.
+
+These talk to the brokers with the standard library only (urllib, socket,
+ssl), so they check the harness independently of the nsq_sync client.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import ssl
+import stat
+import struct
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Optional, Tuple
+
+import pytest
+
+from nsq_sync import testing
+from nsq_sync.testing import (
+    AuthServer,
+    BrokerNotFoundError,
+    BrokerStartError,
+    LocalCluster,
+    NsqdProcess,
+    NsqlookupdProcess,
+    TLSFiles,
+    find_binary,
+    wait_until,
+)
+
+# --------------------------------------------------------------------------
+# stdlib helpers
+
+
+def http(
+    url: str, method: str = "GET", body: Optional[bytes] = None, timeout: float = 5.0
+) -> Tuple[int, bytes]:
+    """Plain urllib request that ignores proxy settings; returns (status, body)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    request = urllib.request.Request(url, data=body, method=method)
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def topic_depth(nsqd: NsqdProcess, topic: str) -> Optional[int]:
+    status, body = http(f"http://{nsqd.http_address}/stats?format=json&topic={topic}")
+    assert status == 200, body
+    for entry in json.loads(body)["topics"]:
+        if entry["topic_name"] == topic:
+            return int(entry["depth"])
+    return None
+
+
+def pid_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def https_get(port: int, context: ssl.SSLContext, hostname: str, path: str = "/ping") -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname=hostname) as conn:
+            conn.sendall(f"GET {path} HTTP/1.0\r\nHost: {hostname}\r\n\r\n".encode())
+            chunks = []
+            while True:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class RawNsqConnection:
+    """Just enough of the NSQ TCP protocol (V2) to check AUTH and PUB."""
+
+    def __init__(self, address: str) -> None:
+        host, port = address.rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=5)
+        self.sock.sendall(b"  V2")
+
+    def _read_exact(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError("nsqd closed the connection")
+            data += chunk
+        return data
+
+    def command(self, line: bytes, body: Optional[bytes] = None) -> Tuple[int, bytes]:
+        payload = line + b"\n"
+        if body is not None:
+            payload += struct.pack(">l", len(body)) + body
+        self.sock.sendall(payload)
+        (size,) = struct.unpack(">l", self._read_exact(4))
+        frame = self._read_exact(size)
+        (frame_type,) = struct.unpack(">l", frame[:4])
+        return frame_type, frame[4:]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+FRAME_RESPONSE, FRAME_ERROR = 0, 1
+
+
+# --------------------------------------------------------------------------
+# process lifecycle
+
+
+def test_nsqd_starts_and_answers_ping(nsqd: NsqdProcess) -> None:
+    assert nsqd.running and nsqd.pid is not None
+    assert http(f"http://{nsqd.http_address}/ping") == (200, b"OK")
+    assert f"TCP: listening on 127.0.0.1:{nsqd.tcp_port}" in nsqd.log_text()
+    assert f"HTTP: listening on 127.0.0.1:{nsqd.http_port}" in nsqd.log_text()
+
+
+def test_nsqlookupd_starts_and_answers_ping(nsqlookupd: NsqlookupdProcess) -> None:
+    assert http(nsqlookupd.http_url("/ping")) == (200, b"OK")
+    assert nsqlookupd.nodes() == []
+
+
+def test_ports_are_distinct_and_nonzero(nsqd: NsqdProcess, nsqlookupd: NsqlookupdProcess) -> None:
+    ports = [nsqd.tcp_port, nsqd.http_port, nsqlookupd.tcp_port, nsqlookupd.http_port]
+    assert all(isinstance(p, int) and p > 0 for p in ports), ports
+    assert len(set(ports)) == 4
+    assert nsqd.https_port is None and nsqd.https_address is None
+    assert nsqd.host == "127.0.0.1"
+    assert nsqd.tcp_address == f"127.0.0.1:{nsqd.tcp_port}"
+    assert nsqd.http_address == f"127.0.0.1:{nsqd.http_port}"
+    assert nsqlookupd.tcp_address == f"127.0.0.1:{nsqlookupd.tcp_port}"
+    socket.create_connection(("127.0.0.1", nsqd.tcp_port), timeout=5).close()
+    socket.create_connection(("127.0.0.1", nsqlookupd.tcp_port), timeout=5).close()
+
+
+def test_restart_keeps_ports_and_data(nsqd: NsqdProcess) -> None:
+    status, body = http(f"http://{nsqd.http_address}/pub?topic=t", "POST", b"persist me")
+    assert (status, body) == (200, b"OK")
+    assert topic_depth(nsqd, "t") == 1
+    ports = (nsqd.tcp_port, nsqd.http_port)
+    data_path, old_pid = nsqd.data_path, nsqd.pid
+    assert old_pid is not None
+
+    assert nsqd.stop() == 0
+    assert not nsqd.running and pid_gone(old_pid)
+    nsqd.restart()
+
+    assert nsqd.running and nsqd.pid != old_pid
+    assert (nsqd.tcp_port, nsqd.http_port) == ports
+    assert nsqd.data_path == data_path
+    assert topic_depth(nsqd, "t") == 1
+
+
+def test_kill_then_start_reuses_ports(nsqd: NsqdProcess) -> None:
+    ports = (nsqd.tcp_port, nsqd.http_port)
+    pid = nsqd.pid
+    assert pid is not None
+    nsqd.kill()
+    assert pid_gone(pid) and not nsqd.running
+    assert nsqd.returncode == -9
+    nsqd.start()
+    assert (nsqd.tcp_port, nsqd.http_port) == ports
+    assert http(nsqd.http_url("/ping")) == (200, b"OK")
+
+
+def test_restart_waits_for_a_busy_port(nsqd: NsqdProcess) -> None:
+    nsqd.stop()
+    blocker = socket.socket()
+    blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # port may be in TIME_WAIT
+    blocker.bind(("127.0.0.1", nsqd.http_port))
+    blocker.listen(1)
+    release = threading.Timer(0.5, blocker.close)
+    release.start()
+    try:
+        nsqd.start()  # retries until the port is free again
+    finally:
+        release.join()
+        blocker.close()
+    assert "address already in use" in nsqd.log_text()
+    assert http(nsqd.http_url("/ping")) == (200, b"OK")
+
+
+def test_pause_and_resume(nsqd: NsqdProcess) -> None:
+    nsqd.pause()
+    assert nsqd.paused
+    with pytest.raises(OSError):
+        http(nsqd.http_url("/ping"), timeout=0.5)
+    nsqd.resume()
+    assert not nsqd.paused
+    assert http(nsqd.http_url("/ping")) == (200, b"OK")
+
+
+def test_stop_while_paused_is_graceful(nsqd: NsqdProcess) -> None:
+    nsqd.pause()
+    assert nsqd.stop(timeout=5) == 0
+
+
+def test_stop_is_idempotent_and_leaves_no_process() -> None:
+    with NsqdProcess() as proc:
+        pid = proc.pid
+        data_path = proc.data_path
+        assert pid is not None and data_path is not None
+        assert Path(data_path).is_dir()
+    assert not proc.running
+    assert pid_gone(pid)
+    assert not Path(f"/proc/{pid}").exists()
+    assert not Path(data_path).exists(), "temp data dir should be removed"
+    # all of these are no-ops now
+    assert proc.stop() == 0
+    proc.kill()
+    proc.close()
+    assert proc.pid == pid
+
+
+def test_explicit_data_path_is_kept(tmp_path: Path) -> None:
+    data = tmp_path / "nsqd-data"
+    with NsqdProcess(data_path=data) as proc:
+        assert proc.data_path == str(data)
+    assert (data / "nsqd.dat").is_file()
+
+
+def test_extra_args_are_passed_verbatim() -> None:
+    with NsqdProcess(extra_args=["--mem-queue-size=0", "--max-msg-size=12345"]) as proc:
+        assert http(proc.http_url("/config/mem_queue_size")) == (200, b"0")
+        assert http(proc.http_url("/config/max_msg_size")) == (200, b"12345")
+        assert f"--node-id={proc.node_id}" in proc.log_text()
+
+
+def test_start_failure_reports_the_log() -> None:
+    proc = NsqdProcess(extra_args=["--no-such-flag"])
+    with pytest.raises(BrokerStartError) as excinfo:
+        proc.start()
+    assert "no-such-flag" in str(excinfo.value)
+    assert not proc.running
+    proc.close()
+
+
+def test_nsqd_http_helpers(nsqd: NsqdProcess) -> None:
+    nsqd.create_channel("events", "ch")
+    nsqd.publish("events", b"one")
+    nsqd.mpublish("events", [b"two", b"three\nwith newline"])
+    wait_until(lambda: nsqd.channel_depth("events", "ch") == 3, timeout=5, message="channel depth 3")
+    assert nsqd.topic_depth("events") == 0
+    assert nsqd.topic_depth("unknown") == 0
+    stats = nsqd.stats()
+    assert stats["health"] == "OK" and stats["version"] == testing.NSQ_VERSION
+
+
+# --------------------------------------------------------------------------
+# cluster
+
+
+def test_cluster_registers_its_producers(nsq_cluster: LocalCluster) -> None:
+    status, body = http(f"http://{nsq_cluster.lookupd_http_addresses[0]}/nodes")
+    assert status == 200
+    producers = json.loads(body)["producers"]
+    assert len(producers) == 2
+    assert {p["tcp_port"] for p in producers} == {n.tcp_port for n in nsq_cluster.nsqds}
+    assert {p["broadcast_address"] for p in producers} == {"127.0.0.1"}
+    assert nsq_cluster.nsqd_tcp_addresses == [n.tcp_address for n in nsq_cluster.nsqds]
+    assert len({n.node_id for n in nsq_cluster.nsqds}) == 2
+
+    third = nsq_cluster.add_nsqd()
+    assert third in nsq_cluster.nsqds
+    assert len(nsq_cluster.wait_for_producers(count=3)) == 3
+    third.stop()
+    assert len(nsq_cluster.wait_for_producers()) == 2
+
+
+def test_cluster_topic_producers(nsq_cluster: LocalCluster) -> None:
+    first = nsq_cluster.nsqds[0]
+    first.publish("orders", b"x")
+    producers = nsq_cluster.wait_for_producers(topic="orders", count=1)
+    assert [p["tcp_port"] for p in producers] == [first.tcp_port]
+    with pytest.raises(TimeoutError):
+        nsq_cluster.wait_for_producers(topic="orders", count=2, timeout=0.3)
+
+
+def test_cluster_context_manager_stops_everything() -> None:
+    with LocalCluster(nsqd_count=1) as cluster:
+        pids = [cluster.lookupd.pid] + [n.pid for n in cluster.nsqds]
+        assert len(pids) == 2 and all(pids)
+    assert all(pid_gone(pid) for pid in pids if pid is not None)
+
+
+# --------------------------------------------------------------------------
+# auth
+
+
+def test_auth_server_answers_known_and_unknown_secrets(auth_server: AuthServer) -> None:
+    auth_server.set_secret("good", ttl=60, permissions=["publish"])
+    base = f"http://{auth_server.address}/auth?remote_ip=127.0.0.1&tls=false&common_name=&secret="
+
+    status, body = http(base + "good")
+    assert status == 200
+    answer = json.loads(body)
+    assert answer["ttl"] == 60
+    assert answer["authorizations"] == [
+        {"topic": ".*", "channels": [".*"], "permissions": ["publish"]}
+    ]
+    assert isinstance(answer["identity"], str) and isinstance(answer["identity_url"], str)
+
+    assert http(base + "bad")[0] == 403
+    auth_server.revoke("good")
+    assert http(base + "good")[0] == 403
+    assert auth_server.requests == ["good", "bad", "good"]
+    assert auth_server.request_params[0]["remote_ip"] == "127.0.0.1"
+
+
+def test_nsqd_accepts_the_auth_server_answers(auth_server: AuthServer, auth_nsqd: NsqdProcess) -> None:
+    auth_server.set_secret("s3cret", identity="alice")
+
+    conn = RawNsqConnection(auth_nsqd.tcp_address)
+    try:
+        frame_type, data = conn.command(b"AUTH", b"s3cret")
+        assert frame_type == FRAME_RESPONSE, data
+        assert json.loads(data) == {
+            "identity": "alice",
+            "identity_url": "https://example.invalid/nsq_sync-test-user",
+            "permission_count": 1,
+        }
+        assert conn.command(b"PUB t", b"hello") == (FRAME_RESPONSE, b"OK")
+    finally:
+        conn.close()
+    assert auth_server.request_params[-1]["tls"] == "false"
+    assert auth_server.request_params[-1]["remote_ip"] == "127.0.0.1"
+
+    conn = RawNsqConnection(auth_nsqd.tcp_address)
+    try:
+        assert conn.command(b"AUTH", b"wrong") == (FRAME_ERROR, b"E_AUTH_FAILED AUTH failed")
+    finally:
+        conn.close()
+    assert auth_server.requests == ["s3cret", "wrong"]
+
+
+def test_auth_rules_as_documented(auth_server: AuthServer, auth_nsqd: NsqdProcess) -> None:
+    auth_server.set_authorizations("nothing", [])
+    # publish is checked against the channel patterns with channel "" (see AuthServer docs)
+    auth_server.set_secret("pub-narrow", topic="^t$", channels=["^c$"], permissions=["publish"])
+    auth_server.set_secret("pub-any", topic="^t$", permissions=["publish"])
+
+    def auth_then_pub(secret: str) -> Tuple[int, bytes]:
+        conn = RawNsqConnection(auth_nsqd.tcp_address)
+        try:
+            frame_type, data = conn.command(b"AUTH", secret.encode())
+            if frame_type != FRAME_RESPONSE:
+                return frame_type, data
+            return conn.command(b"PUB t", b"x")
+        finally:
+            conn.close()
+
+    assert auth_then_pub("nothing") == (FRAME_ERROR, b"E_UNAUTHORIZED AUTH no authorizations found")
+    frame_type, data = auth_then_pub("pub-narrow")
+    assert frame_type == FRAME_ERROR and data.startswith(b"E_UNAUTHORIZED"), data
+    assert auth_then_pub("pub-any") == (FRAME_RESPONSE, b"OK")
+
+
+def test_auth_server_stop_and_start_keep_the_address(
+    auth_server: AuthServer, auth_nsqd: NsqdProcess
+) -> None:
+    auth_server.set_secret("s")
+    address = auth_server.address
+    auth_server.stop()
+    auth_server.stop()  # idempotent
+    conn = RawNsqConnection(auth_nsqd.tcp_address)
+    try:
+        assert conn.command(b"AUTH", b"s") == (FRAME_ERROR, b"E_AUTH_FAILED AUTH failed")
+    finally:
+        conn.close()
+    auth_server.start()
+    assert auth_server.address == address
+    conn = RawNsqConnection(auth_nsqd.tcp_address)
+    try:
+        assert conn.command(b"AUTH", b"s")[0] == FRAME_RESPONSE
+    finally:
+        conn.close()
+
+
+# --------------------------------------------------------------------------
+# TLS
+
+
+def test_tls_files_verify_against_nsqd_https(tls_files: TLSFiles, tls_nsqd: NsqdProcess) -> None:
+    assert tls_nsqd.https_port and tls_nsqd.https_port not in (tls_nsqd.tcp_port, tls_nsqd.http_port)
+    context = ssl.create_default_context(cafile=tls_files.ca_cert)
+    for hostname in ("127.0.0.1", "localhost"):
+        response = https_get(tls_nsqd.https_port, context, hostname)
+        assert response.startswith(b"HTTP/1.0 200"), response
+        assert response.endswith(b"\r\n\r\nOK"), response
+
+    untrusting = ssl.create_default_context()  # system CAs only
+    with pytest.raises(ssl.SSLCertVerificationError):
+        https_get(tls_nsqd.https_port, untrusting, "127.0.0.1")
+
+
+def test_client_certificate_passes_require_verify(tls_files: TLSFiles) -> None:
+    proc = NsqdProcess(
+        tls_cert=tls_files.server_cert,
+        tls_key=tls_files.server_key,
+        tls_root_ca=tls_files.ca_cert,
+        extra_args=["--tls-client-auth-policy=require-verify"],
+    )
+    with proc:
+        assert proc.https_port is not None
+        with_cert = ssl.create_default_context(cafile=tls_files.ca_cert)
+        with_cert.load_cert_chain(tls_files.client_cert, tls_files.client_key)
+        assert https_get(proc.https_port, with_cert, "127.0.0.1").startswith(b"HTTP/1.0 200")
+
+        without_cert = ssl.create_default_context(cafile=tls_files.ca_cert)
+        try:
+            response = https_get(proc.https_port, without_cert, "127.0.0.1")
+        except (ssl.SSLError, OSError):
+            response = b""
+        assert not response.startswith(b"HTTP/1.0 200")
+
+
+def test_tls_required_nsqd_starts_and_helpers_use_https(tls_files: TLSFiles) -> None:
+    proc = NsqdProcess(
+        tls_cert=tls_files.server_cert,
+        tls_key=tls_files.server_key,
+        extra_args=["--tls-required=true"],
+    )
+    with proc:
+        status, body = http(proc.http_url("/ping"))
+        assert status == 403 and b"TLS_REQUIRED" in body
+        proc.publish("secure", b"x")
+        assert proc.topic_depth("secure") == 1
+
+
+# --------------------------------------------------------------------------
+# binary discovery
+
+
+def _make_fake_binary(directory: Path, name: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    path.write_text("#!/bin/sh\nexit 0\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+def test_find_binary_prefers_env_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = _make_fake_binary(tmp_path / "bin", "nsqd")
+    monkeypatch.setenv("NSQ_SYNC_BIN_DIR", str(fake.parent))
+    assert find_binary("nsqd") == str(fake)
+
+
+def test_find_binary_falls_back_to_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = _make_fake_binary(tmp_path / "path-bin", "nsqlookupd")
+    monkeypatch.setenv("NSQ_SYNC_BIN_DIR", str(tmp_path / "empty"))
+    monkeypatch.setattr(testing, "_REPO_BIN_DIR", tmp_path / "no-cache")
+    monkeypatch.setenv("PATH", str(fake.parent))
+    assert find_binary("nsqlookupd") == str(fake)
+
+
+def test_missing_binary_error_explains_how_to_get_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NSQ_SYNC_BIN_DIR", str(tmp_path / "empty"))
+    monkeypatch.setattr(testing, "_REPO_BIN_DIR", tmp_path / "no-cache")
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing-here"))
+    with pytest.raises(BrokerNotFoundError) as excinfo:
+        find_binary("nsqd")
+    message = str(excinfo.value)
+    assert isinstance(excinfo.value, RuntimeError)
+    for hint in ("bash .ci/build-brokers", "go build", "NSQ_SYNC_BIN_DIR", "PATH", "1.3.0"):
+        assert hint in message
+    with pytest.raises(BrokerNotFoundError):
+        NsqdProcess().start()
