@@ -62,7 +62,7 @@ from .protocol.constants import (
     MESSAGE_HEADER_SIZE,
 )
 from .protocol.frames import FrameDecoder
-from .protocol.identify import build_identify, check_number, parse_identify_response
+from .protocol.identify import build_identify, check_number, parse_identify_response, parse_json_object
 from .transport import DeflateStream, SnappyStream, SocketStream, TLSStream, make_ssl_context
 
 __all__ = ["AsyncConn", "INIT", "CONNECTING", "CONNECTED", "DISCONNECTED", "DEFAULT_USER_AGENT"]
@@ -344,7 +344,7 @@ class AsyncConn(EventedMixin):
                     raise AuthRequiredError(f"{self.id} requires AUTH but no auth_secret was given")
                 self._fire("auth", conn=self, data=self._auth_secret)
                 self._stream.sendall(commands.auth(self._auth_secret))
-                self.auth_response = parse_identify_response(self._read_response("AUTH")) or {}
+                self.auth_response = parse_json_object(self._read_response("AUTH"), "AUTH")
                 self._fire("auth_response", conn=self, data=self.auth_response)
         # From here on the reader owns reads; the socket timeout is the staleness limit.
         self._stream.settimeout(self._read_timeout())
@@ -371,12 +371,15 @@ class AsyncConn(EventedMixin):
         self._stream = TLSStream(tls_sock, self.backend.wait_readable, self.backend.wait_writable, self.backend.lock(), self.timeout)
 
     def _read_frame(self, what: str):
-        frames: List[Any] = []
+        # One frame at a time: bytes after it may belong to the next layer (TLS, compression).
+        decoder = self._decoder
         while True:
-            data = self._stream.recv(READ_SIZE)
-            if not data:
-                raise ConnectionClosedError(f"{self.id} closed the connection during {what}")
-            frames = self._decoder.feed(data)
+            frames = decoder.feed(b"", 1) if decoder.buffered else []
+            if not frames:
+                data = self._stream.recv(READ_SIZE)
+                if not data:
+                    raise ConnectionClosedError(f"{self.id} closed the connection during {what}")
+                frames = decoder.feed(data, 1)
             for frame_type, payload in frames:
                 if frame_type == FRAME_TYPE_RESPONSE and payload == HEARTBEAT:
                     self._stream.sendall(commands.nop())
@@ -403,6 +406,8 @@ class AsyncConn(EventedMixin):
         recv = self._stream.recv
         feed = self._decoder.feed
         try:
+            if self._decoder.buffered:
+                self._handle_frames(feed(b""))
             while True:
                 try:
                     data = recv(READ_SIZE)
@@ -572,8 +577,9 @@ class AsyncConn(EventedMixin):
 
     def subscribe(self, topic: str, channel: str, timeout: Optional[float] = None) -> bytes:
         """SUB and wait for OK. Raises BadTopicError/BadChannelError etc. from nsqd, TimeoutError."""
+        data = commands.sub(topic, channel)  # validates the names before anything changes
         self._subscribed = True
-        future = self.request(commands.sub(topic, channel))
+        future = self.request(data)
         return self._wait(future, timeout if timeout is not None else self.timeout * 5)
 
     def _wait(self, future: "Future[bytes]", timeout: Optional[float]) -> bytes:

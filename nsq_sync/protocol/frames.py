@@ -73,7 +73,12 @@ class FrameDecoder:
         self._buf = bytearray()
         self._failed = False
 
-    def feed(self, data: bytes) -> List[Frame]:
+    def feed(self, data: bytes, max_frames: int = 0) -> List[Frame]:
+        """Add *data*; return the frames it completes (at most *max_frames* when > 0, the rest stays buffered).
+
+        A handshake reads one frame at a time, so bytes that belong to the next layer
+        (TLS, snappy, deflate) stay unparsed for :meth:`take_unconsumed`.
+        """
         if self._failed:
             raise ProtocolError("the frame decoder already failed; the stream is unusable")
         buf = self._buf
@@ -96,16 +101,21 @@ class FrameDecoder:
                     break
                 if frame_type > 2:
                     self._failed = True
+                    self._buf = bytearray()
                     raise ProtocolError(f"unknown frame type {frame_type} (frame of {size} bytes)")
                 append((frame_type, bytes(view[offset + 8 : end])))
                 offset = end
+                if max_frames and len(frames) >= max_frames:
+                    break
             else:
                 if end_of_data - offset >= 4:
                     (size,) = _unpack_size(view, offset)
                     if size < 4 or size > self.max_frame_size:
                         self._fail(size)
         finally:
-            if view is buf:
+            if self._failed:
+                self._buf = bytearray()  # a failed stream keeps nothing
+            elif view is buf:
                 del buf[:offset]
             elif offset < end_of_data:
                 buf += data[offset:]
@@ -113,6 +123,7 @@ class FrameDecoder:
 
     def _fail(self, size: int) -> None:
         self._failed = True
+        self._buf = bytearray()
         if size == HTTP_SNIFF:
             raise ProtocolError("received an HTTP response: is this nsqd's HTTP port instead of its TCP port?")
         if size < 4:

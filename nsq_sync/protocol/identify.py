@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional
 from ..errors import ConfigError, ProtocolError
 from .constants import MAX_RDY_COUNT_DEFAULT, OK
 
-__all__ = ["build_identify", "parse_identify_response", "check_number"]
+__all__ = ["build_identify", "parse_identify_response", "parse_json_object", "check_number"]
 
 
 def check_number(param: str, value: object, low: float, high: float, *, allowed: tuple = (), integer: bool = False) -> Any:
@@ -98,4 +98,15 @@ def parse_identify_response(data: bytes) -> Optional[Dict[str, Any]]:
     if not isinstance(parsed, dict):
         raise ProtocolError(f"IDENTIFY response is not a JSON object: {bytes(data[:64])!r}")
     parsed.setdefault("max_rdy_count", MAX_RDY_COUNT_DEFAULT)
+    return parsed
+
+
+def parse_json_object(data: bytes, what: str) -> Dict[str, Any]:
+    """Parse a JSON object answer (AUTH); raises ProtocolError naming *what* otherwise."""
+    try:
+        parsed = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"{what} response is not JSON: {bytes(data[:64])!r}") from exc
+    if not isinstance(parsed, dict):
+        raise ProtocolError(f"{what} response is not a JSON object: {bytes(data[:64])!r}")
     return parsed

@@ -12,11 +12,11 @@ from ..errors import ConfigError
 
 __all__ = ["valid_topic_name", "valid_channel_name", "check_topic", "check_channel"]
 
-_NAME = re.compile(r"^[.a-zA-Z0-9_-]+(#ephemeral)?$")
+_NAME = re.compile(r"[.a-zA-Z0-9_-]+(#ephemeral)?")
 
 
 def _valid(name: object) -> bool:
-    return isinstance(name, str) and 1 <= len(name) <= 64 and _NAME.match(name) is not None
+    return isinstance(name, str) and 1 <= len(name) <= 64 and _NAME.fullmatch(name) is not None
 
 
 def valid_topic_name(topic: object) -> bool:
