@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -506,10 +507,8 @@ def _maybe_reexec_gevent(argv: Sequence[str]) -> None:
     wants = "--backend=gevent" in argv or any(a == "--backend" and b == "gevent" for a, b in zip(argv, argv[1:]))
     if not wants or os.environ.get(_REEXEC_MARK) or "gevent.monkey" in sys.modules and _patched():
         return
-    try:
-        import gevent  # noqa: F401
-    except ImportError:
-        raise UsageError("--backend gevent needs gevent: pip install 'nsq_sync[gevent]'") from None
+    if importlib.util.find_spec("gevent") is None:
+        raise UsageError("--backend gevent needs gevent: pip install 'nsq_sync[gevent]'")
     env = dict(os.environ, **{_REEXEC_MARK: "1"})
     sys.stdout.flush()
     sys.stderr.flush()

@@ -170,7 +170,8 @@ class AsyncConn(EventedMixin):
             sample_rate=sample_rate,
             msg_timeout=msg_timeout,
         )
-        self._ssl_context = make_ssl_context(tls_options) if tls_v1 else None
+        # Checked even without tls_v1, so a typo in tls_options never goes unnoticed.
+        self._ssl_context = make_ssl_context(tls_options) if (tls_v1 or tls_options is not None) else None
         if snappy:
             from .transport.compression import snappy_available
 

@@ -80,7 +80,7 @@ class Message:
         else:
             if isinstance(delay, bool) or not isinstance(delay, (int, float)) or delay < 0:
                 raise ConfigError("delay", delay, "must be a number of seconds >= 0 (or None for automatic)")
-            ms = int(delay * 1000)
+            ms = int(round(delay * 1000))
         responder._requeue_message(self, ms, bool(backoff))
 
     def touch(self) -> None:

@@ -1,0 +1,271 @@
+"""WorkerPool: where callbacks run, ordering, containment of errors, the concurrency bound, close()."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+
+import pytest
+
+from nsq_sync.dispatch import WorkerPool
+from nsq_sync.errors import ConfigError
+
+WAIT = 10  # seconds; only a ceiling for failures, never used to synchronize
+
+_names = itertools.count()
+
+
+@pytest.fixture
+def pool_name():
+    return f"test-pool-{next(_names)}"
+
+
+@pytest.fixture
+def make_pool(pool_name):
+    pools = []
+
+    def make(concurrency=1):
+        pool = WorkerPool(concurrency, backend="thread", name=pool_name)
+        pools.append(pool)
+        return pool
+
+    yield make
+    for pool in pools:
+        pool.close(wait=True, timeout=WAIT)
+
+
+def test_callbacks_run_off_the_calling_thread(make_pool):
+    pool = make_pool()
+    seen = {}
+    done = threading.Event()
+
+    def cb(lane):
+        seen[lane] = (threading.current_thread(), pool.in_worker())
+        if len(seen) == 2:
+            done.set()
+
+    pool.control.submit(cb, "control")
+    pool.messages.submit(cb, "messages")
+    assert done.wait(WAIT)
+    me = threading.current_thread()
+    for lane, (thread, in_worker) in seen.items():
+        assert thread is not me, lane
+        assert in_worker, lane
+    assert seen["control"][0] is not seen["messages"][0]
+    assert not pool.in_worker()
+
+
+def test_control_lane_runs_in_submission_order(make_pool):
+    pool = make_pool(concurrency=4)
+    order = []
+    done = threading.Event()
+    for i in range(200):
+        pool.control.submit(order.append, i)
+    pool.control.submit(done.set)
+    assert done.wait(WAIT)
+    assert order == list(range(200))
+    assert pool.control.size == 1
+
+
+def test_raising_callback_logged_and_lane_keeps_working(make_pool, caplog):
+    pool = make_pool()
+    after = {"control": threading.Event(), "messages": threading.Event()}
+
+    def boom(lane):
+        raise ValueError(f"boom in {lane}")
+
+    with caplog.at_level(logging.ERROR, logger="nsq_sync.dispatch"):
+        for lane_name in ("control", "messages"):
+            lane = getattr(pool, lane_name)
+            lane.submit(boom, lane_name)
+            lane.submit(after[lane_name].set)
+        assert after["control"].wait(WAIT)
+        assert after["messages"].wait(WAIT)
+    records = [r for r in caplog.records if r.name == "nsq_sync.dispatch"]
+    texts = sorted(str(r.exc_info[1]) for r in records if r.exc_info)
+    assert texts == ["boom in control", "boom in messages"]
+    assert all(r.levelno == logging.ERROR for r in records)
+
+
+def test_base_exception_in_callback_does_not_kill_worker(make_pool, caplog):
+    pool = make_pool()
+    done = threading.Event()
+
+    def exit_():
+        raise SystemExit(3)
+
+    with caplog.at_level(logging.ERROR, logger="nsq_sync.dispatch"):
+        pool.control.submit(exit_)
+        pool.control.submit(done.set)
+        assert done.wait(WAIT)
+    assert any(r.exc_info and isinstance(r.exc_info[1], SystemExit) for r in caplog.records)
+
+
+def test_concurrency_bound(make_pool):
+    limit, total = 4, 20
+    pool = make_pool(concurrency=limit)
+    lock = threading.Lock()
+    state = {"running": 0, "max": 0, "started": 0, "done": 0}
+    limit_reached = threading.Event()
+    fifth = threading.Event()
+    release = threading.Event()
+    all_done = threading.Event()
+
+    def work(i):
+        with lock:
+            state["running"] += 1
+            state["started"] += 1
+            state["max"] = max(state["max"], state["running"])
+            if state["running"] == limit:
+                limit_reached.set()
+            if state["started"] > limit and not release.is_set():
+                fifth.set()
+        assert release.wait(WAIT)
+        with lock:
+            state["running"] -= 1
+            state["done"] += 1
+            if state["done"] == total:
+                all_done.set()
+
+    for i in range(total):
+        pool.messages.submit(work, i)
+    assert limit_reached.wait(WAIT), state
+    # negative check: no fifth callback starts while four are blocked (a bounded look, not synchronization)
+    assert not fifth.wait(0.2), state
+    assert state["max"] == limit
+    assert pool.messages.size <= limit
+    release.set()
+    assert all_done.wait(WAIT), state
+    assert state["max"] == limit
+    assert state["done"] == total
+
+
+def test_submit_many_runs_everything_within_the_bound(make_pool):
+    pool = make_pool(concurrency=3)
+    barrier = threading.Barrier(3, timeout=WAIT)
+    results = []
+    done = threading.Event()
+    lock = threading.Lock()
+
+    def work(item):
+        barrier.wait()  # needs exactly 3 concurrent workers to pass each round
+        with lock:
+            results.append(item)
+            if len(results) == 9:
+                done.set()
+
+    pool.messages.submit_many(work, list(range(9)))
+    assert done.wait(WAIT)
+    assert sorted(results) == list(range(9))
+    assert pool.messages.size == 3
+
+
+def test_slow_message_callback_does_not_delay_control(make_pool):
+    pool = make_pool()
+    release = threading.Event()
+    message_started = threading.Event()
+    message_done = threading.Event()
+    control_ran = threading.Event()
+
+    def slow_message():
+        message_started.set()
+        release.wait(WAIT)
+        message_done.set()
+
+    pool.messages.submit(slow_message)
+    assert message_started.wait(WAIT)
+    pool.control.submit(control_ran.set)
+    assert control_ran.wait(WAIT)
+    assert not message_done.is_set()
+    release.set()
+    assert message_done.wait(WAIT)
+
+
+def test_close_runs_queued_work_and_joins_every_worker(pool_name):
+    pool = WorkerPool(3, backend="thread", name=pool_name)
+    threads = set()
+    lock = threading.Lock()
+    barrier = threading.Barrier(3, timeout=WAIT)
+    count = [0]
+
+    three_running = threading.Event()
+    gate = threading.Event()
+
+    def work(i):
+        with lock:
+            threads.add(threading.current_thread())
+            count[0] += 1
+        if i < 3:
+            if barrier.wait() == 0:  # forces three message workers into existence
+                three_running.set()
+        if i == 3:
+            gate.wait(WAIT)  # keeps work queued until close() is called
+
+    for i in range(30):
+        pool.messages.submit(work, i)
+    for i in range(5):
+        pool.control.submit(work, 100 + i)
+    # (a closed lane starts no new workers, so let all three exist before closing)
+    assert three_running.wait(WAIT)
+    closer = threading.Thread(target=pool.close, kwargs={"wait": True, "timeout": WAIT})
+    closer.start()
+    gate.set()
+    closer.join(WAIT)
+    assert not closer.is_alive()
+    assert pool.closed
+    assert count[0] == 35  # queued work ran before the workers stopped
+    assert len(threads) >= 4  # 3 message workers + the control worker
+    for thread in threads:
+        assert not thread.is_alive(), thread.name
+    alive = [t.name for t in threading.enumerate() if t.name.startswith(pool_name)]
+    assert alive == []
+    for task in pool.messages._tasks + pool.control._tasks:
+        assert not task.is_alive()
+
+
+def test_submit_after_close(make_pool):
+    pool = make_pool()
+    pool.close()
+    with pytest.raises(RuntimeError):
+        pool.messages.submit(print)
+    with pytest.raises(RuntimeError):
+        pool.control.submit(print)
+    with pytest.raises(RuntimeError):
+        pool.messages.submit_many(print, [1])
+    pool.close()  # twice is fine
+
+
+def test_close_from_inside_a_worker_does_not_deadlock(make_pool):
+    pool = make_pool()
+    closed = threading.Event()
+
+    def close_me():
+        pool.close(wait=True, timeout=WAIT)
+        closed.set()
+
+    pool.control.submit(close_me)
+    assert closed.wait(WAIT)
+    assert pool.closed
+
+
+def test_workers_start_lazily(make_pool):
+    pool = make_pool(concurrency=8)
+    assert pool.control.size == 0 and pool.messages.size == 0
+    done = threading.Event()
+    pool.messages.submit(done.set)
+    assert done.wait(WAIT)
+    assert pool.messages.size == 1
+
+
+@pytest.mark.parametrize("concurrency", [0, -1, "x", 1.5, True, None])
+def test_bad_concurrency(concurrency):
+    with pytest.raises(ConfigError) as info:
+        WorkerPool(concurrency)
+    assert info.value.param == "concurrency"
+    assert isinstance(info.value, ValueError)
+
+
+def test_bad_backend():
+    with pytest.raises(ConfigError):
+        WorkerPool(1, backend="nope")

@@ -1,0 +1,201 @@
+"""The error tree: E_* frames to typed exceptions, ConfigError, TimeoutError, pickling."""
+
+from __future__ import annotations
+
+import builtins
+import inspect
+import pickle
+
+import pytest
+
+import nsq_sync
+from nsq_sync import errors
+from nsq_sync.errors import (
+    ConfigError,
+    Error,
+    HTTPError,
+    ServerError,
+    error_from_frame,
+)
+
+# Every E_* code nsqd 1.3.0 sends (nsqd/protocol_v2.go), with its class and fatality.
+NSQD_CODES = [
+    ("E_INVALID", errors.InvalidError, True),
+    ("E_BAD_PROTOCOL", errors.BadProtocolError, True),
+    ("E_BAD_BODY", errors.BadBodyError, True),
+    ("E_BAD_TOPIC", errors.BadTopicError, True),
+    ("E_BAD_CHANNEL", errors.BadChannelError, True),
+    ("E_BAD_MESSAGE", errors.BadMessageError, True),
+    ("E_PUB_FAILED", errors.PubFailedError, True),
+    ("E_MPUB_FAILED", errors.MPubFailedError, True),
+    ("E_DPUB_FAILED", errors.DPubFailedError, True),
+    ("E_FIN_FAILED", errors.FinFailedError, False),
+    ("E_REQ_FAILED", errors.ReqFailedError, False),
+    ("E_TOUCH_FAILED", errors.TouchFailedError, False),
+    ("E_IDENTIFY_FAILED", errors.IdentifyFailedError, True),
+    ("E_SUB_FAILED", errors.SubFailedError, True),
+    ("E_AUTH_DISABLED", errors.AuthDisabledError, True),
+    ("E_AUTH_FAILED", errors.AuthFailedError, True),
+    ("E_AUTH_FIRST", errors.AuthFirstError, True),
+    ("E_AUTH_ERROR", errors.AuthServerError, True),
+    ("E_UNAUTHORIZED", errors.UnauthorizedError, True),
+]
+
+
+@pytest.mark.parametrize("code, cls, fatal", NSQD_CODES, ids=[c for c, _, _ in NSQD_CODES])
+def test_error_from_frame(code, cls, fatal):
+    text = 'something "quoted" went wrong: x y'
+    err = error_from_frame(code.encode() + b" " + text.encode())
+    assert type(err) is cls
+    assert isinstance(err, ServerError) and isinstance(err, Error) and isinstance(err, nsq_sync.Error)
+    assert err.code == code
+    assert err.text == text
+    assert err.fatal is fatal
+    assert str(err) == f"{code} {text}"
+    assert errors.SERVER_ERRORS[code] is cls
+
+
+def test_all_server_codes_are_mapped():
+    assert set(errors.SERVER_ERRORS) == {c for c, _, _ in NSQD_CODES}
+
+
+def test_only_fin_req_touch_are_non_fatal():
+    non_fatal = {code for code, cls in errors.SERVER_ERRORS.items() if not cls.fatal}
+    assert non_fatal == {"E_FIN_FAILED", "E_REQ_FAILED", "E_TOUCH_FAILED"}
+
+
+def test_code_without_text():
+    err = error_from_frame(b"E_INVALID")
+    assert type(err) is errors.InvalidError
+    assert err.text == ""
+    assert str(err) == "E_INVALID"
+
+
+def test_real_nsqd_texts():
+    err = error_from_frame(b"E_FIN_FAILED FIN 0a1b2c3d4e5f6a7b failed ID not in flight")
+    assert isinstance(err, errors.FinFailedError) and not err.fatal
+    assert err.text == "FIN 0a1b2c3d4e5f6a7b failed ID not in flight"
+    err = error_from_frame(b'E_BAD_TOPIC SUB topic name "x y" is not valid')
+    assert err.text == 'SUB topic name "x y" is not valid'
+
+
+def test_unknown_e_code():
+    err = error_from_frame(b"E_SOMETHING_NEW a new server error")
+    assert type(err) is ServerError
+    assert err.code == "E_SOMETHING_NEW"
+    assert err.text == "a new server error"
+    assert err.fatal is True
+    assert "E_SOMETHING_NEW" in str(err)
+
+
+def test_non_e_text():
+    err = error_from_frame(b"garbage without a code")
+    assert type(err) is ServerError
+    assert err.code == "E_UNKNOWN"
+    assert err.text == "garbage without a code"
+    assert err.fatal is True
+
+
+def test_invalid_utf8_and_buffer_types():
+    err = error_from_frame(b"E_INVALID bad \xff\xfe bytes")
+    assert type(err) is errors.InvalidError
+    assert "bad" in err.text
+    assert type(error_from_frame(bytearray(b"E_BAD_BODY x"))) is errors.BadBodyError
+    assert type(error_from_frame(memoryview(b"E_BAD_BODY x"))) is errors.BadBodyError
+
+
+def test_empty_frame():
+    err = error_from_frame(b"")
+    assert isinstance(err, ServerError) and err.fatal
+
+
+def _error_classes():
+    return [
+        obj
+        for name, obj in vars(errors).items()
+        if inspect.isclass(obj) and issubclass(obj, BaseException) and not name.startswith("_") and obj.__module__ == errors.__name__
+    ]
+
+
+def test_every_error_class_derives_from_error():
+    classes = _error_classes()
+    assert len(classes) >= 35
+    for cls in classes:
+        assert issubclass(cls, Error), cls
+        assert issubclass(cls, nsq_sync.Error), cls
+
+
+def test_every_error_class_is_in_all():
+    assert {cls.__name__ for cls in _error_classes()} <= set(errors.__all__)
+
+
+def test_tree_shape():
+    assert issubclass(errors.IntegrityError, errors.ProtocolError)
+    for cls in (errors.ConnectError, errors.TLSError, errors.SendError, errors.ConnectionClosedError):
+        assert issubclass(cls, errors.TransportError)
+    assert issubclass(errors.StaleConnectionError, errors.ConnectionClosedError)
+
+
+def test_config_error():
+    err = ConfigError("heartbeat_interval", 61, "must be between 1 and 60")
+    assert isinstance(err, ValueError)
+    assert isinstance(err, Error)
+    assert (err.param, err.value, err.reason) == ("heartbeat_interval", 61, "must be between 1 and 60")
+    assert "heartbeat_interval" in str(err) and "61" in str(err)
+    assert str(err) == "heartbeat_interval=61: must be between 1 and 60"
+    with pytest.raises(ValueError):
+        raise err
+
+
+def test_timeout_error():
+    err = errors.TimeoutError("took too long")
+    assert isinstance(err, builtins.TimeoutError)
+    assert isinstance(err, OSError)
+    assert isinstance(err, Error)
+    assert nsq_sync.TimeoutError is errors.TimeoutError
+    assert errors.TimeoutError is not builtins.TimeoutError
+    with pytest.raises(builtins.TimeoutError):
+        raise err
+    assert "took too long" in str(err)
+
+
+def test_http_error():
+    err = HTTPError(404, "TOPIC_NOT_FOUND", "http://127.0.0.1:4151/stats")
+    assert (err.status, err.message, err.url) == (404, "TOPIC_NOT_FOUND", "http://127.0.0.1:4151/stats")
+    assert "404" in str(err) and "TOPIC_NOT_FOUND" in str(err)
+    refused = HTTPError(0, "connection refused")
+    assert str(refused) == "connection refused"
+
+
+def _sample(cls):
+    if cls is ConfigError:
+        return cls("param", [1, "v"], "reason")
+    if cls is HTTPError:
+        return cls(503, "busy", "http://h:1/x")
+    if issubclass(cls, ServerError):
+        return cls("some text")
+    return cls("a message")
+
+
+@pytest.mark.parametrize("cls", _error_classes(), ids=lambda c: c.__name__)
+def test_pickle_round_trip(cls):
+    err = _sample(cls)
+    copy = pickle.loads(pickle.dumps(err))
+    assert type(copy) is cls
+    assert str(copy) == str(err)
+    for attr in ("param", "value", "reason", "code", "text", "fatal", "status", "message", "url"):
+        if hasattr(err, attr):
+            assert getattr(copy, attr) == getattr(err, attr), attr
+
+
+def test_pickle_unknown_server_error_keeps_code():
+    err = error_from_frame(b"E_NEW something")
+    copy = pickle.loads(pickle.dumps(err))
+    assert (type(copy), copy.code, copy.text, str(copy)) == (ServerError, "E_NEW", "something", "E_NEW something")
+
+
+@pytest.mark.parametrize("code, cls, fatal", NSQD_CODES, ids=[c for c, _, _ in NSQD_CODES])
+def test_pickle_from_frame(code, cls, fatal):
+    err = error_from_frame(code.encode() + b" text here")
+    copy = pickle.loads(pickle.dumps(err))
+    assert type(copy) is cls and copy.code == code and copy.text == "text here" and copy.fatal is fatal

@@ -1,0 +1,171 @@
+"""Message: delegation to its responder, requeue delay units, async flags."""
+
+from __future__ import annotations
+
+import pytest
+
+from nsq_sync import Message
+from nsq_sync.errors import AlreadyRespondedError, ConfigError
+
+MSG_ID = b"0123456789abcdef"
+
+
+class FakeResponder:
+    """Records calls; marks the message answered like AsyncConn does."""
+
+    def __init__(self):
+        self.calls = []
+
+    def _finish_message(self, message):
+        self.calls.append(("finish", message))
+        message._responded = True
+
+    def _requeue_message(self, message, time_ms, backoff):
+        self.calls.append(("requeue", message, time_ms, backoff))
+        message._responded = True
+
+    def _touch_message(self, message):
+        self.calls.append(("touch", message))
+
+
+class StrictResponder(FakeResponder):
+    def _finish_message(self, message):
+        if message._responded:
+            raise AlreadyRespondedError("already")
+        super()._finish_message(message)
+
+
+@pytest.fixture
+def responder():
+    return FakeResponder()
+
+
+def make(responder=None, attempts=1):
+    return Message(MSG_ID, b"body", 1_700_000_000_000_000_000, attempts, responder)
+
+
+def test_attributes():
+    msg = make(attempts=3)
+    assert (msg.id, msg.body, msg.timestamp, msg.attempts) == (MSG_ID, b"body", 1_700_000_000_000_000_000, 3)
+    assert "attempts=3" in repr(msg) and "size=4" in repr(msg)
+
+
+def test_finish_delegates(responder):
+    msg = make(responder)
+    assert not msg.has_responded()
+    msg.finish()
+    assert responder.calls == [("finish", msg)]
+    assert msg.has_responded()
+
+
+def test_touch_delegates(responder):
+    msg = make(responder)
+    msg.touch()
+    msg.touch()
+    assert responder.calls == [("touch", msg), ("touch", msg)]
+    assert not msg.has_responded()
+
+
+@pytest.mark.parametrize(
+    "kwargs, ms, backoff",
+    [
+        ({}, -1, True),
+        ({"delay": None}, -1, True),
+        ({"delay": -1}, -1, True),
+        ({"delay": 0}, 0, True),
+        ({"delay": 2.5}, 2500, True),
+        ({"delay": 2}, 2000, True),
+        ({"delay": 0.001}, 1, True),
+        ({"delay": 60, "backoff": False}, 60000, False),
+        ({"time_ms": 300}, 300, True),
+        ({"time_ms": 0}, 0, True),
+        ({"time_ms": -1}, -1, True),
+        ({"time_ms": 300, "delay": 9}, 300, True),
+        ({"backoff": 0}, -1, False),
+    ],
+    ids=repr,
+)
+def test_requeue_delay_units(responder, kwargs, ms, backoff):
+    msg = make(responder)
+    msg.requeue(**kwargs)
+    assert responder.calls == [("requeue", msg, ms, backoff)]
+    assert type(responder.calls[0][2]) is int
+    assert responder.calls[0][3] is backoff
+    assert msg.has_responded()
+
+
+def test_requeue_positional_delay(responder):
+    msg = make(responder)
+    msg.requeue(1.5, False)
+    assert responder.calls == [("requeue", msg, 1500, False)]
+
+
+@pytest.mark.parametrize("delay", [-0.5, -2, -1000])
+def test_negative_delay(responder, delay):
+    msg = make(responder)
+    with pytest.raises(ConfigError) as info:
+        msg.requeue(delay=delay)
+    assert info.value.param == "delay"
+    assert isinstance(info.value, ValueError)
+    assert responder.calls == [] and not msg.has_responded()
+
+
+@pytest.mark.parametrize("delay", ["5", True, [1]], ids=repr)
+def test_bad_delay_type(responder, delay):
+    with pytest.raises(ConfigError):
+        make(responder).requeue(delay=delay)
+    assert responder.calls == []
+
+
+@pytest.mark.parametrize("time_ms", [-2, 1.5, "300", True], ids=repr)
+def test_bad_time_ms(responder, time_ms):
+    with pytest.raises(ConfigError) as info:
+        make(responder).requeue(time_ms=time_ms)
+    assert info.value.param == "time_ms"
+    assert responder.calls == []
+
+
+@pytest.mark.parametrize("action", ["finish", "requeue", "touch"])
+def test_without_responder(action):
+    msg = make()
+    with pytest.raises(ConfigError) as info:
+        getattr(msg, action)()
+    assert info.value.param == "message"
+    assert not msg.has_responded()
+
+
+def test_async_flags(responder):
+    msg = make(responder)
+    assert not msg.is_async()
+    msg.enable_async()
+    assert msg.is_async()
+    msg.enable_async()
+    assert msg.is_async()
+    assert not msg.has_responded()
+    msg.finish()
+    assert msg.has_responded() and msg.is_async()
+
+
+def test_responder_errors_propagate():
+    responder = StrictResponder()
+    msg = make(responder)
+    msg.finish()
+    with pytest.raises(AlreadyRespondedError):
+        msg.finish()
+    assert responder.calls == [("finish", msg)]
+
+
+def test_weakref_and_slots():
+    import weakref
+
+    msg = make()
+    assert weakref.ref(msg)() is msg
+    with pytest.raises(AttributeError):
+        msg.unexpected = 1
+
+
+@pytest.mark.parametrize("delay, ms", [(1.001, 1001), (1.005, 1005), (1.019, 1019)])
+def test_requeue_delay_rounds_to_nearest_ms(responder, delay, ms):
+    msg = make(responder)
+    msg.requeue(delay=delay)
+    assert responder.calls == [("requeue", msg, ms, True)]
