@@ -470,6 +470,9 @@ class AsyncConn(EventedMixin):
                 error = error_from_frame(payload)
                 if error.fatal:
                     with self._lock:
+                        # nsqd closes after a fatal error: take no more requests from here on,
+                        # before anyone waiting learns of the failure and retries on us.
+                        self.state = DISCONNECTED
                         waiter = self._pending.popleft() if self._pending else None
                     if waiter is not None:
                         waiter.set_exception(error)

@@ -11,6 +11,9 @@ another node when ``retries`` allows).
 
 from __future__ import annotations
 
+import collections
+import heapq
+import itertools
 import logging
 import os
 import random
@@ -80,6 +83,17 @@ def reconnect_delay(attempt: int, base: float, cap: float, jitter: float = 0.3, 
     """Exponential delay ``base * 2**(attempt-1)`` capped at *cap*, spread by +-*jitter* (a fraction)."""
     delay = min(cap, base * (2 ** max(0, attempt - 1)))
     return max(0.0, delay * (1 - jitter + 2 * jitter * rand()))
+
+
+def _settle(future: "Future[Any]", result: Any = None, error: Optional[BaseException] = None) -> None:
+    """Resolve *future* unless something (a timeout, an answer) already did."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except futures.InvalidStateError:
+        pass
 
 
 class _Node:
@@ -164,16 +178,26 @@ class Writer:
         self.pool = WorkerPool(self.concurrency, backend, name=self.name)
         self._nodes = [_Node(host, port) for host, port in self._addresses]
         self._connected: List[AsyncConn] = []
+        self._parked: Any = collections.deque()
+        self._deadlines: List[Tuple[float, int, Future]] = []
+        self._seq = itertools.count()
+        self._wake = backend.event()
+        self._housekeeper: Any = None
         for node in self._nodes:
             node.task = backend.spawn(self._node_loop, node, name=f"nsq_sync-writer-{node.address}")
 
-    def _after_fork(self) -> None:
+    def _forget_parent(self) -> None:
         """In a forked child: drop the parent's sockets and threads without touching the parent's connections."""
-        logger.info("%s: forked (pid %d); opening fresh connections", self.name, os.getpid())
         for node in self._nodes:
             conn = node.conn
             if conn is not None and conn._stream is not None:
-                conn._stream.close()  # close our copy of the fd; no shutdown, the parent keeps its socket
+                conn._stream.close()  # our copy of the fd only; no shutdown, the parent keeps its socket
+            node.conn = None
+            node.task = None
+
+    def _after_fork(self) -> None:
+        logger.info("%s: forked (pid %d); opening fresh connections", self.name, os.getpid())
+        self._forget_parent()
         self._start()
 
     def _node_loop(self, node: _Node) -> None:
@@ -195,6 +219,7 @@ class Writer:
                 node.conn = conn
                 self._connected.append(conn)
                 self._changed.set()
+            self._wake.set()
             logger.info("%s: connected to %s", self.name, node.address)
             conn.wait_closed()
             with self._lock:
@@ -234,6 +259,13 @@ class Writer:
         """
         if timeout is None:
             timeout = self.publish_timeout
+        if self._pid != os.getpid():
+            # Forked and never used here: nothing of ours to drain, and the sockets are the parent's.
+            self._forget_parent()
+            self._closed = True
+            self._stopping = self.backend.event()
+            self._stopping.set()
+            return
         deadline = time.monotonic() + timeout
         with self._lock:
             already = self._closed
@@ -241,6 +273,7 @@ class Writer:
         if not already:
             self._idle.wait(max(0.0, deadline - time.monotonic()))
         self._stopping.set()
+        self._wake.set()
         for node in self._nodes:
             conn = node.conn
             if conn is not None:
@@ -248,6 +281,9 @@ class Writer:
         for node in self._nodes:
             if node.task is not None:
                 node.task.join(max(0.1, deadline - time.monotonic()))
+        if self._housekeeper is not None:
+            self._wake.set()
+            self._housekeeper.join(max(0.1, deadline - time.monotonic()))
         self.pool.close(wait=True, timeout=max(0.1, deadline - time.monotonic()))
 
     def join(self, timeout: Optional[float] = None) -> None:
@@ -399,45 +435,93 @@ class Writer:
         outer: "Future[bytes]" = Future()
         outer.set_running_or_notify_cancel()
         outer.add_done_callback(lambda _f: self._end())
+        with self._lock:
+            heapq.heappush(self._deadlines, (deadline, next(self._seq), outer))
+            first = self._deadlines[0][2] is outer
+        if first or self._housekeeper is None:
+            self._wake_housekeeper()
         self._attempt(data, deadline, self.retries, outer, None)
         return outer
 
     def _attempt(self, data: bytes, deadline: float, retries: int, outer: "Future[bytes]", avoid: Optional[AsyncConn]) -> None:
+        if outer.done():
+            return  # timed out meanwhile
         conn = self._pick(avoid)
         if conn is None:
-            # Rare: nothing connected yet. Wait on a task of its own, not on the caller.
-            self.backend.spawn(self._attempt_later, data, deadline, retries, outer, avoid, name="nsq_sync-writer-wait")
+            # Nothing connected: park it; the housekeeping task sends it when a node connects.
+            with self._lock:
+                self._parked.append((data, deadline, retries, outer, avoid))
+            self._wake_housekeeper()
             return
         outer.conn = conn  # type: ignore[attr-defined]
         try:
             inner = conn.request(data)
         except ConnectionClosedError:
-            self._attempt_later(data, deadline, retries, outer, conn)
+            with self._lock:
+                self._parked.append((data, deadline, retries, outer, conn))
+            self._wake_housekeeper()
             return
+        outer.sent = True  # type: ignore[attr-defined]
 
         def done(f: "Future[bytes]") -> None:
             exc = f.exception()
             if exc is None:
-                outer.set_result(f.result())
+                _settle(outer, f.result())
             elif isinstance(exc, _RETRYABLE) and retries > 0 and time.monotonic() < deadline:
                 # Runs on the connection's reader: re-send from a worker instead.
                 try:
                     self.pool.control.submit(self._attempt, data, deadline, retries - 1, outer, conn)
                 except RuntimeError:
-                    outer.set_exception(exc)
+                    _settle(outer, error=exc)
             else:
-                outer.set_exception(exc)
+                _settle(outer, error=exc)
 
         inner.add_done_callback(done)
 
-    def _attempt_later(self, data: bytes, deadline: float, retries: int, outer: "Future[bytes]", avoid: Optional[AsyncConn]) -> None:
-        try:
-            conn = self._wait_for_conn(deadline, avoid)
-        except Error as exc:
-            outer.set_exception(exc)
-            return
-        del conn
-        self._attempt(data, deadline, retries, outer, avoid)
+    def _wake_housekeeper(self) -> None:
+        with self._lock:
+            if self._housekeeper is None and not self._stopping.is_set():
+                self._housekeeper = self.backend.spawn(self._housekeeping, name="nsq_sync-writer-housekeeping")
+        self._wake.set()
+
+    def _housekeeping(self) -> None:
+        """One task per Writer: fails async publishes at their deadline and sends parked ones when a node connects."""
+        while True:
+            now = time.monotonic()
+            expired: List[Future] = []
+            resend: List[Tuple[Any, ...]] = []
+            with self._lock:
+                heap = self._deadlines
+                while heap and (heap[0][0] <= now or heap[0][2].done()):
+                    expired.append(heapq.heappop(heap)[2])
+                if self._parked and (self._connected or self._stopping.is_set()):
+                    resend = list(self._parked)
+                    self._parked.clear()
+                else:
+                    still = collections.deque()
+                    for item in self._parked:
+                        (still if item[1] > now else resend).append(item)
+                    self._parked = still
+                next_due = heap[0][0] if heap else now + 1.0
+                idle = not heap and not self._parked
+            for future in expired:
+                if future.done():
+                    continue
+                if getattr(future, "sent", False):
+                    _settle(future, error=TimeoutError("no answer from nsqd within the timeout; the publish may or may not have landed"))
+                else:
+                    _settle(future, error=NoConnectionsError(f"no connection to any of {[n.address for n in self._nodes]} within the timeout"))
+            for data, deadline, retries, outer, avoid in resend:
+                if outer.done():
+                    continue
+                if self._stopping.is_set() or time.monotonic() >= deadline:
+                    _settle(outer, error=NoConnectionsError(f"no connection to any of {[n.address for n in self._nodes]} within the timeout"))
+                else:
+                    self._attempt(data, deadline, retries, outer, avoid)
+            if self._stopping.is_set() and idle:
+                return
+            self._wake.wait(max(0.0, min(next_due - time.monotonic(), 1.0)))
+            self._wake.clear()
 
     def _run_callback(self, callback: Callback, future: "Future[bytes]") -> None:
         conn = getattr(future, "conn", None)
