@@ -315,7 +315,7 @@ def _report_rates(reader: Any, stop: threading.Event) -> None:
         now = reader.stats()
         now_time = time.monotonic()
         span = now_time - last_time
-        rates = {key: (now.get(key, 0) - last.get(key, 0)) / span for key in ("received", "finished", "requeued")}
+        rates = {key: (now.get(f"messages_{key}", 0) - last.get(f"messages_{key}", 0)) / span for key in ("received", "finished", "requeued")}
         logger.info(
             "received %.0f/s finished %.0f/s requeued %.0f/s in flight %s connections %d",
             rates["received"], rates["finished"], rates["requeued"], now.get("in_flight", 0), len(now.get("connections", ())),
@@ -472,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--max-in-flight", type=_positive_int, default=1)
     worker.add_argument("--concurrency", type=_positive_int, default=None)
     worker.add_argument("--max-tries", type=int, default=5)
-    worker.add_argument("-v", "--verbose", action="store_true", help="log a line of rates every second")
+    worker.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log a line of rates every second")
     backend_arg(worker)
     worker.set_defaults(func=cmd_worker)
 
@@ -542,11 +542,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("nsq-sync: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:
-        from .errors import ConfigError
+        from .errors import ConfigError, Error, NoConnectionsError
 
         if isinstance(exc, ConfigError):
             print(f"nsq-sync: error: {exc}", file=sys.stderr)
             return EXIT_USAGE
+        if isinstance(exc, NoConnectionsError):
+            print(f"nsq-sync: unavailable: {exc}", file=sys.stderr)
+            return EXIT_UNAVAILABLE
+        if isinstance(exc, Error):
+            print(f"nsq-sync: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return EXIT_FAILED
         raise
 
 

@@ -85,7 +85,8 @@ class AsyncConn(EventedMixin):
 
     :param host: the host to connect to
     :param port: the TCP port
-    :param timeout: seconds for the TCP connect, the handshake and each write
+    :param timeout: seconds for the TCP connect and each handshake step (after it, reads and
+        writes are bounded by ``max(2 * heartbeat_interval, timeout)``)
     :param heartbeat_interval: seconds, 1..60, or -1 to disable (nsqd then refuses SUB)
     :param requeue_delay: seconds; an automatic requeue waits ``requeue_delay * attempts``
     :param tls_v1: upgrade to TLS after IDENTIFY
@@ -95,7 +96,8 @@ class AsyncConn(EventedMixin):
     :param deflate_level: 1..9 (nsqd caps it at its --max-deflate-level)
     :param user_agent: sent in IDENTIFY
     :param output_buffer_size: bytes nsqd buffers before writing to us, 64..65536, -1 off, 0 default
-    :param output_buffer_timeout: ms nsqd waits before flushing, 25..30000, -1 off, 0 default
+    :param output_buffer_timeout: ms nsqd waits before flushing, 25..30000, 0 default, -1 no timer
+        (then only a full buffer flushes: for low latency use 25 or output_buffer_size=-1)
     :param sample_rate: 0..99 percent of messages to receive (0: all)
     :param auth_secret: sent with AUTH when nsqd requires it (never logged)
     :param msg_timeout: seconds nsqd waits for an answer to a message before redelivering it

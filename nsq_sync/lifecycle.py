@@ -42,12 +42,16 @@ def stop() -> None:
 
 
 def run(timeout: Optional[float] = None) -> None:
-    """Block until SIGINT or SIGTERM (or :func:`stop`), then close every registered Reader and Writer.
+    """Start every registered Reader, block until SIGINT or SIGTERM (or :func:`stop`), then close every Reader and Writer.
 
     Signal handlers are installed only when called from the main thread; the previous
     handlers are restored before returning. *timeout* bounds each close().
     """
     _stop.clear()
+    for client in clients():
+        start = getattr(client, "start", None)
+        if start is not None:  # Readers connect on start(), as pynsq's did when its IOLoop ran
+            start()
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGINT, signal.SIGTERM):

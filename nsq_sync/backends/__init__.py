@@ -50,6 +50,12 @@ def get_backend(backend: Union[str, Backend, None] = None) -> Backend:
             from .gevent import GeventBackend
         except ImportError as exc:
             raise ConfigError("backend", backend, "gevent is not installed; pip install 'nsq_sync[gevent]'") from exc
+        if not gevent_patched():
+            # Blocking waits (Future.result, Event.wait) would block the whole hub and deadlock.
+            raise ConfigError(
+                "backend", backend,
+                "needs gevent's monkey-patching: call gevent.monkey.patch_all() first (or run under python -m gevent.monkey)",
+            )
         instance = GeventBackend()
     else:
         raise ConfigError("backend", backend, "must be 'thread', 'gevent', None or a backend object")
