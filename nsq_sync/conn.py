@@ -208,6 +208,7 @@ class AsyncConn(EventedMixin):
         self._pool = worker_pool
         self.state = INIT
         self.in_flight = 0
+        self._inflight: Dict[bytes, Message] = {}
         self.rdy = 0
         self.last_rdy = 0
         self.max_rdy_count = MAX_RDY_COUNT_DEFAULT
@@ -487,13 +488,18 @@ class AsyncConn(EventedMixin):
                     # nsqd closes after a fatal error; stop reading now rather than wait for it.
                     raise _FatalFrame(error)
         if messages:
-            count = len(messages)
+            # In flight by id: a message nsqd timed out and delivered again replaces its old copy.
+            inflight = self._inflight
             with self._lock:
-                self.in_flight += count
+                for message in messages:
+                    inflight[message.id] = message
+                self.in_flight = len(inflight)
             self.last_msg_timestamp = self.last_recv_timestamp
             listeners = self._listeners.get("message")
             if listeners:
                 self.worker_pool.messages.submit_many(self._deliver, messages)
+            else:
+                logger.warning("%s: %d messages arrived with no 'message' listener; nsqd redelivers them after msg_timeout", self.id, len(messages))
 
     def _deliver(self, message: Message) -> None:
         for callback in self._listeners.get("message", ()):
@@ -615,7 +621,8 @@ class AsyncConn(EventedMixin):
             if self.state != CONNECTED:
                 raise ConnectionClosedError(f"connection to {self.id} is {self.state.lower()}; nsqd will redeliver {message!r}")
             message._responded = True
-            self.in_flight -= 1
+            self._inflight.pop(message.id, None)
+            self.in_flight = len(self._inflight)
             drained = self._closing and self.in_flight <= 0
         self._fire(event, conn=self)
         try:
