@@ -621,13 +621,16 @@ class AsyncConn(EventedMixin):
             if self.state != CONNECTED:
                 raise ConnectionClosedError(f"connection to {self.id} is {self.state.lower()}; nsqd will redeliver {message!r}")
             message._responded = True
-            self._inflight.pop(message.id, None)
-            self.in_flight = len(self._inflight)
-            drained = self._closing and self.in_flight <= 0
         self._fire(event, conn=self)
         try:
             self._write(data)
         finally:
+            # Only now is the message out of flight: a close() draining in-flight messages
+            # must not tear the socket down between the answer and its write.
+            with self._lock:
+                self._inflight.pop(message.id, None)
+                self.in_flight = len(self._inflight)
+                drained = self._closing and self.in_flight <= 0
             if drained:
                 self._drained.set()
 
@@ -658,10 +661,21 @@ class AsyncConn(EventedMixin):
             self.state = DISCONNECTED
             self._fire_close_sync()
             return
-        if self._closing:
-            self._join(timeout)
+        with self._lock:
+            already = self._closing
+            self._closing = True
+        if already:
+            if not self.worker_pool.in_worker():
+                self._join(timeout)
             return
-        self._closing = True
+        if self._pool is not None and self._pool.messages.in_worker() and self._subscribed and self.state == CONNECTED:
+            # Called from a message handler: the drain waits for handlers, maybe this one,
+            # so it runs on a task of its own and close() returns at once.
+            self.backend.spawn(self._graceful_close, timeout, name=f"nsq_sync-close-{self.id}")
+            return
+        self._graceful_close(timeout)
+
+    def _graceful_close(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         if self.state == CONNECTED and self._subscribed:
             try:

@@ -94,7 +94,7 @@ class FrameDecoder:
         try:
             while end_of_data - offset >= 8:
                 size, frame_type = _unpack_header(view, offset)
-                if size < 4 or size > self.max_frame_size:
+                if size < 4 or size > self.max_frame_size or size == HTTP_SNIFF:
                     self._fail(size)
                 end = offset + 4 + size
                 if end > end_of_data:
@@ -110,7 +110,7 @@ class FrameDecoder:
             else:
                 if end_of_data - offset >= 4:
                     (size,) = _unpack_size(view, offset)
-                    if size < 4 or size > self.max_frame_size:
+                    if size < 4 or size > self.max_frame_size or size == HTTP_SNIFF:
                         self._fail(size)
         finally:
             if self._failed:

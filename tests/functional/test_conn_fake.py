@@ -1,0 +1,1079 @@
+"""AsyncConn against the scripted fake nsqd: exact events, exact bytes, every fault.
+
+Runs on the backend named by NSQ_SYNC_BACKEND (tests/conftest.py monkey-patches
+the process for gevent). No sleeps for synchronization: every wait is on an
+event, a condition or a Future, with a timeout.
+"""
+
+from __future__ import annotations
+
+import gc
+import struct
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any, Callable, Dict, Iterator, List, Tuple
+
+import pytest
+
+from nsq_sync import AsyncConn, Message
+from nsq_sync.errors import (
+    AlreadyRespondedError,
+    AuthRequiredError,
+    BadTopicError,
+    ConfigError,
+    ConnectionClosedError,
+    FinFailedError,
+    IdentifyFailedError,
+    InvalidError,
+    ProtocolError,
+    StaleConnectionError,
+)
+from nsq_sync.protocol import commands
+
+try:  # tests/functional as a package, or (the default rootdir layout) on sys.path
+    from .fake_nsqd import (
+        DEFAULT,
+        FakeNsqd,
+        close,
+        error,
+        fake_nsqd,  # noqa: F401 - the fixture
+        frame,
+        message_frame,
+        ok,
+        raw,
+        response,
+    )
+except ImportError:
+    from fake_nsqd import (  # type: ignore[no-redef]
+        DEFAULT,
+        FakeNsqd,
+        close,
+        error,
+        fake_nsqd,  # noqa: F401 - the fixture
+        frame,
+        message_frame,
+        ok,
+        raw,
+        response,
+    )
+
+WAIT = 5.0
+ALL_EVENTS = (
+    "connect",
+    "identify",
+    "identify_response",
+    "auth",
+    "auth_response",
+    "ready",
+    "response",
+    "heartbeat",
+    "message",
+    "error",
+    "close",
+    "backoff",
+    "resume",
+    "continue",
+)
+#: the events of the handshake; whether handshake frames also reach ``response`` listeners
+#: (pynsq: yes) is left out of these assertions on purpose
+HANDSHAKE = ("connect", "identify", "identify_response", "auth", "auth_response", "ready", "error", "close")
+HTTP_400 = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 11\r\n\r\nBad Request"
+
+
+# ------------------------------------------------------------------ helpers
+class Recorder:
+    """Records every event of a connection, in order, and lets the test wait for them."""
+
+    def __init__(self, conn: AsyncConn, names=ALL_EVENTS) -> None:
+        self.events: List[Tuple[str, Dict[str, Any]]] = []
+        self._cond = threading.Condition()
+        self._callbacks = {}
+        for name in names:
+            callback = self._make(name)
+            self._callbacks[name] = callback
+            conn.on(name, callback)
+
+    def _make(self, name: str) -> Callable[..., None]:
+        def callback(**kwargs: Any) -> None:
+            with self._cond:
+                self.events.append((name, kwargs))
+                self._cond.notify_all()
+
+        return callback
+
+    def names(self, include=None) -> List[str]:
+        with self._cond:
+            return [n for n, _ in self.events if include is None or n in include]
+
+    def of(self, name: str) -> List[Dict[str, Any]]:
+        with self._cond:
+            return [kw for n, kw in self.events if n == name]
+
+    def wait(self, name: str, count: int = 1, timeout: float = WAIT) -> Dict[str, Any]:
+        with self._cond:
+            ok_ = self._cond.wait_for(lambda: len([1 for n, _ in self.events if n == name]) >= count, timeout)
+            if not ok_:
+                raise AssertionError(f"no {count} x {name!r} event within {timeout}s; events: {[n for n, _ in self.events]}")
+            return [kw for n, kw in self.events if n == name][count - 1]
+
+
+def live_tasks(backend: str) -> List[str]:
+    """Names of live nsq_sync threads, or greenlets under gevent."""
+    names = [t.name for t in threading.enumerate() if "nsq_sync" in t.name and t.is_alive()]
+    if backend == "gevent":
+        import gevent
+
+        names += [g.name for g in gc.get_objects() if isinstance(g, gevent.Greenlet) and not g.dead and "nsq_sync" in (g.name or "")]
+    return sorted(names)
+
+
+def assert_no_leak(backend: str, before: List[str], timeout: float = 3.0) -> None:
+    """nsq_sync's own tasks end by themselves once the connection is closed (bounded wait)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        leaked = sorted(set(live_tasks(backend)) - set(before))
+        if not leaked:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"nsq_sync tasks still running after close: {leaked}")
+        _yield(0.01)
+
+
+def _yield(seconds: float) -> None:
+    # polls the thread list only (never used to wait for the peer); gevent.sleep under gevent
+    time.sleep(seconds)
+
+
+def wait_future(future: "Future[Any]", timeout: float = WAIT) -> Any:
+    return future.result(timeout)
+
+
+def wait_exception(future: "Future[Any]", timeout: float = WAIT) -> BaseException:
+    exc = future.exception(timeout)
+    assert exc is not None, f"future resolved with {future.result()!r}"
+    return exc
+
+
+@pytest.fixture
+def server(fake_nsqd: FakeNsqd) -> FakeNsqd:  # noqa: F811 - fixture imported above
+    return fake_nsqd
+
+
+@pytest.fixture
+def make_conn(server: FakeNsqd, backend: str) -> Iterator[Callable[..., AsyncConn]]:
+    conns: List[AsyncConn] = []
+
+    def make(**kwargs: Any) -> AsyncConn:
+        kwargs.setdefault("backend", backend)
+        conn = AsyncConn(server.host, server.port, **kwargs)
+        conns.append(conn)
+        return conn
+
+    yield make
+    for conn in conns:
+        conn.close(timeout=2)
+
+
+@pytest.fixture
+def tasks_before(backend: str) -> List[str]:
+    return live_tasks(backend)
+
+
+def ready_conn(make_conn: Callable[..., AsyncConn], server: FakeNsqd, subscribe: bool = False, **kwargs: Any):
+    conn = make_conn(**kwargs)
+    events = Recorder(conn)
+    conn.connect()
+    server.wait_for_command("IDENTIFY")
+    if subscribe:
+        assert conn.subscribe("topic", "channel") == b"OK"
+        server.wait_for_command("SUB topic channel")
+    return conn, events
+
+
+def assert_fault(
+    conn: AsyncConn,
+    events: Recorder,
+    backend: str,
+    before: List[str],
+    error_type: type,
+    match: str = "",
+) -> BaseException:
+    """One error event of *error_type*, then exactly one close; no task left behind."""
+    events.wait("close")
+    assert conn.wait_closed(WAIT)
+    errors = events.of("error")
+    assert len(errors) == 1, errors
+    exc = errors[0]["error"]
+    assert isinstance(exc, error_type), repr(exc)
+    assert errors[0]["conn"] is conn
+    assert match.lower() in str(exc).lower(), str(exc)
+    names = events.names()
+    assert names.index("error") < names.index("close")
+    assert names.count("close") == 1
+    assert conn.closed() and not conn.connected()
+    assert conn.error is exc
+    assert_no_leak(backend, before)
+    conn.close(timeout=1)  # idempotent after the fact
+    assert events.names().count("close") == 1
+    return exc
+
+
+# ---------------------------------------------------------------- handshake
+def test_handshake_events_and_wire(server: FakeNsqd, make_conn, tasks_before) -> None:
+    server.identify_response["max_rdy_count"] = 123
+    conn = make_conn(heartbeat_interval=5, client_id="cid", hostname="host.example", user_agent="ua/1")
+    events = Recorder(conn)
+    assert conn.connect() is conn
+    assert conn.connected()
+    ident = server.wait_for_command("IDENTIFY")
+
+    assert events.names(HANDSHAKE) == ["connect", "identify", "identify_response", "ready"]
+    kwargs = [kw for name, kw in events.events if name in HANDSHAKE]
+    assert kwargs[0] == {"conn": conn}
+    assert kwargs[1] == {"conn": conn, "data": ident.json()}
+    assert kwargs[2] == {"conn": conn, "data": server.identify_response}
+    assert kwargs[3] == {"conn": conn}
+
+    session = server.session
+    assert session.magic == b"  V2"
+    assert bytes(session.raw) == b"  V2IDENTIFY\n" + struct.pack(">l", len(ident.body)) + ident.body
+    assert server.commands == [b"IDENTIFY"]
+    data = ident.json()
+    assert data == {
+        "client_id": "cid",
+        "hostname": "host.example",
+        "user_agent": "ua/1",
+        "feature_negotiation": True,
+        "heartbeat_interval": 5000,
+        "output_buffer_size": 16384,
+        "output_buffer_timeout": 250,
+        "tls_v1": False,
+        "snappy": False,
+        "deflate": False,
+        "deflate_level": 6,
+        "sample_rate": 0,
+    }
+    assert "msg_timeout" not in data
+    assert conn.max_rdy_count == 123
+    assert conn.identify_response == server.identify_response
+
+
+def test_identify_defaults_and_msg_timeout(server: FakeNsqd, make_conn) -> None:
+    import socket as socket_module
+
+    conn = make_conn(msg_timeout=2.5, output_buffer_size=-1, output_buffer_timeout=0, sample_rate=10)
+    conn.connect()
+    data = server.wait_for_command("IDENTIFY").json()
+    hostname = socket_module.gethostname()
+    assert data["hostname"] == hostname
+    assert data["client_id"] == hostname.split(".")[0]
+    assert data["user_agent"].startswith("nsq_sync/")
+    assert data["heartbeat_interval"] == 30000
+    assert data["msg_timeout"] == 2500
+    assert data["output_buffer_size"] == -1
+    assert data["output_buffer_timeout"] == 0
+    assert data["sample_rate"] == 10
+    assert data["feature_negotiation"] is True
+
+
+def test_plain_ok_identify_response(server: FakeNsqd, make_conn) -> None:
+    server.set_answer("IDENTIFY", ok())
+    conn = make_conn()
+    events = Recorder(conn)
+    conn.connect()
+    assert events.names(HANDSHAKE) == ["connect", "identify", "ready"]
+    assert conn.identify_response == {}
+    assert conn.max_rdy_count == 2500
+    assert conn.connected()
+
+
+def test_auth_required_without_secret(server: FakeNsqd, make_conn, backend, tasks_before) -> None:
+    server.identify_response["auth_required"] = True
+    conn = make_conn()
+    events = Recorder(conn)
+    with pytest.raises(AuthRequiredError):
+        conn.connect()
+    assert events.names(HANDSHAKE) == ["connect", "identify", "identify_response", "error", "close"]
+    assert isinstance(events.of("error")[0]["error"], AuthRequiredError)
+    assert events.of("error")[0]["conn"] is conn
+    assert events.of("close") == [{"conn": conn}]
+    assert conn.closed()
+    server.wait_disconnected()
+    assert server.commands == [b"IDENTIFY"]
+    assert_no_leak(backend, tasks_before)
+    conn.close(timeout=1)
+    assert events.names().count("close") == 1
+
+
+def test_auth_with_secret(server: FakeNsqd, make_conn) -> None:
+    server.identify_response["auth_required"] = True
+    server.auth_response = {"identity": "me", "identity_url": "http://x", "permission_count": 2}
+    conn = make_conn(auth_secret="s3cret")
+    events = Recorder(conn)
+    conn.connect()
+    auth = server.wait_for_command("AUTH")
+    assert auth.line == b"AUTH" and auth.body == b"s3cret"
+    assert server.session.auth_secret == b"s3cret"
+    assert server.commands == [b"IDENTIFY", b"AUTH"]
+    assert events.names(HANDSHAKE) == ["connect", "identify", "identify_response", "auth", "auth_response", "ready"]
+    assert events.of("auth") == [{"conn": conn, "data": b"s3cret"}]
+    assert events.of("auth_response") == [{"conn": conn, "data": server.auth_response}]
+    assert conn.auth_response == server.auth_response
+
+
+def test_auth_secret_not_sent_when_not_required(server: FakeNsqd, make_conn) -> None:
+    conn = make_conn(auth_secret=b"unused")
+    events = Recorder(conn)
+    conn.connect()
+    server.wait_for_command("IDENTIFY")
+    conn.subscribe("t", "c")
+    assert server.wait_for_commands(2) == [b"IDENTIFY", b"SUB t c"]
+    assert "auth" not in events.names()
+
+
+def test_handshake_error_frame(server: FakeNsqd, make_conn, backend, tasks_before) -> None:
+    server.set_answer("IDENTIFY", [error("E_IDENTIFY_FAILED cannot enable both deflate and snappy"), close()])
+    conn = make_conn()
+    events = Recorder(conn)
+    with pytest.raises(IdentifyFailedError) as info:
+        conn.connect()
+    assert info.value.fatal and "both deflate and snappy" in str(info.value)
+    assert events.names().count("close") == 1 and events.names().count("error") == 1
+    assert_no_leak(backend, tasks_before)
+
+
+def test_auth_failure_error_frame(server: FakeNsqd, make_conn, backend, tasks_before) -> None:
+    from nsq_sync.errors import AuthFailedError
+
+    server.identify_response["auth_required"] = True
+    server.set_answer("AUTH", [error("E_AUTH_FAILED AUTH failed"), close()])
+    conn = make_conn(auth_secret="wrong")
+    events = Recorder(conn)
+    with pytest.raises(AuthFailedError):
+        conn.connect()
+    assert events.names(HANDSHAKE) == ["connect", "identify", "identify_response", "auth", "error", "close"]
+    assert_no_leak(backend, tasks_before)
+
+
+def test_no_identify_answer_times_out(server: FakeNsqd, make_conn, backend, tasks_before) -> None:
+    from nsq_sync.errors import ConnectError
+
+    server.set_answer("IDENTIFY", None)
+    conn = make_conn(timeout=0.5)
+    events = Recorder(conn)
+    started = time.monotonic()
+    with pytest.raises(ConnectError, match="timed out"):
+        conn.connect()
+    assert time.monotonic() - started < 3
+    assert events.names(HANDSHAKE) == ["connect", "identify", "error", "close"]
+    server.wait_disconnected()
+    assert_no_leak(backend, tasks_before)
+
+
+# ---------------------------------------------------------------- heartbeat
+def test_heartbeat_answered_with_nop(server: FakeNsqd, make_conn) -> None:
+    conn, events = ready_conn(make_conn, server)
+    server.send_heartbeat()
+    assert server.wait_for_command("NOP").line == b"NOP"
+    assert events.wait("heartbeat") == {"conn": conn}
+    assert server.commands == [b"IDENTIFY", b"NOP"]
+    assert events.of("response") == []  # _heartbeat_ is not an ordinary response
+
+
+def test_heartbeat_during_handshake_is_answered(server: FakeNsqd, make_conn) -> None:
+    server.set_answer("IDENTIFY", [response(b"_heartbeat_"), DEFAULT])
+    conn = make_conn()
+    events = Recorder(conn)
+    conn.connect()
+    server.wait_for_command("NOP")
+    assert server.commands == [b"IDENTIFY", b"NOP"]
+    assert events.names(HANDSHAKE) == ["connect", "identify", "identify_response", "ready"]
+
+
+def test_heartbeat_coalesced_with_identify_response_is_answered(server: FakeNsqd, make_conn) -> None:
+    identify = response(server.identify_response).data
+    server.set_answer("IDENTIFY", raw(identify + response(b"_heartbeat_").data))  # one segment
+    conn = make_conn()
+    conn.connect()
+    server.wait_for_command("NOP", timeout=2)
+
+
+# ------------------------------------------------------------------- faults
+def test_garbage_frame_type(server: FakeNsqd, make_conn, backend, tasks_before) -> None:
+    conn, events = ready_conn(make_conn, server)
+    server.send_raw(frame(7, b"garbage"))
+    assert_fault(conn, events, backend, tasks_before, ProtocolError, "unknown frame type 7")
+
+
+def test_garbage_bytes(server: FakeNsqd, make_conn, backend, tasks_before) -> None:
+    conn, events = ready_conn(make_conn, server)
+    server.send_raw(b"\xde\xad\xbe\xef random garbage that is no frame")
+    assert_fault(conn, events, backend, tasks_before, ProtocolError, "frame size")
+
+
+def test_negative_frame_size(server: FakeNsqd, make_conn, backend, tasks_before) -> None:
+    conn, events = ready_conn(make_conn, server)
+    server.send_raw(struct.pack(">ll", -5, 0))
+    assert_fault(conn, events, backend, tasks_before, ProtocolError, "bad frame size -5")
+
+
+def test_frame_larger_than_max_frame_size(server: FakeNsqd, make_conn, backend, tasks_before) -> None:
+    conn, events = ready_conn(make_conn, server, max_frame_size=4096)
+    # only the header: the client must refuse before waiting for 1 MiB that never comes
+    server.send_raw(struct.pack(">ll", 1024 * 1024, 0))
+    exc = assert_fault(conn, events, backend, tasks_before, ProtocolError, "limit of 4096")
+    assert "max_frame_size" in str(exc)
+
+
+def test_frame_of_exactly_max_frame_size_is_accepted(server: FakeNsqd, make_conn) -> None:
+    conn, events = ready_conn(make_conn, server, max_frame_size=4096)
+    server.send_raw(frame(0, b"x" * 4092))  # size field = 4096
+    assert events.wait("response")["data"] == b"x" * 4092
+    assert conn.connected()
+
+
+def test_http_response_during_handshake(server: FakeNsqd, make_conn, backend, tasks_before) -> None:
+    server.set_answer("IDENTIFY", [raw(HTTP_400), close()])
+    conn = make_conn()
+    events = Recorder(conn)
+    with pytest.raises(ProtocolError, match="HTTP port"):
+        conn.connect()
+    assert events.names(HANDSHAKE) == ["connect", "identify", "error", "close"]
+    assert isinstance(events.of("error")[0]["error"], ProtocolError)
+    assert_no_leak(backend, tasks_before)
+
+
+def test_http_response_detected_whatever_max_frame_size(server: FakeNsqd, make_conn) -> None:
+    server.set_answer("IDENTIFY", raw(HTTP_400))  # an HTTP server that keeps the connection open
+    conn = make_conn(max_frame_size=2**31 - 1, timeout=1.0)
+    with pytest.raises(ProtocolError, match="HTTP port"):
+        conn.connect()
+
+
+def test_http_response_after_ready(server: FakeNsqd, make_conn, backend, tasks_before) -> None:
+    conn, events = ready_conn(make_conn, server)
+    server.send_raw(HTTP_400)
+    assert_fault(conn, events, backend, tasks_before, ProtocolError, "HTTP port")
+
+
+def test_close_in_the_middle_of_a_frame(server: FakeNsqd, make_conn, backend, tasks_before) -> None:
+    conn, events = ready_conn(make_conn, server)
+    whole = message_frame(b"0123456789abcdef", b"a body that will be cut")
+    server.send_raw(whole[:20])
+    server.close_client()
+    assert_fault(conn, events, backend, tasks_before, ConnectionClosedError, "closed the connection")
+    server.wait_disconnected()
+    assert events.of("message") == []
+
+
+def test_server_resets_connection(server: FakeNsqd, make_conn, backend, tasks_before) -> None:
+    conn, events = ready_conn(make_conn, server)
+    server.close_client(abort=True)
+    assert_fault(conn, events, backend, tasks_before, ConnectionClosedError)
+
+
+def test_stale_connection_without_heartbeats(server: FakeNsqd, make_conn, backend, tasks_before) -> None:
+    conn, events = ready_conn(make_conn, server, heartbeat_interval=1)
+    started = time.monotonic()
+    events.wait("error", timeout=8)
+    elapsed = time.monotonic() - started
+    exc = assert_fault(conn, events, backend, tasks_before, StaleConnectionError, "stale")
+    assert isinstance(exc, ConnectionClosedError)
+    assert 1.5 <= elapsed <= 4.5, elapsed
+    server.wait_disconnected()
+
+
+def test_heartbeats_keep_connection_fresh(server: FakeNsqd, make_conn) -> None:
+    # three heartbeats ~0.8 s apart span more than 2 x heartbeat_interval: no stale close
+    conn, events = ready_conn(make_conn, server, heartbeat_interval=1)
+    for count in range(1, 4):
+        server.send_heartbeat()
+        server.wait_for_command("NOP", count=count)
+        events.wait("heartbeat", count=count)
+        time.sleep(0.8)  # pacing (wall time must pass), not synchronization
+    assert conn.connected()
+    assert events.of("error") == []
+
+
+def test_invalid_json_identify_response(server: FakeNsqd, make_conn, backend, tasks_before) -> None:
+    server.set_answer("IDENTIFY", response(b"{not json"))
+    conn = make_conn()
+    events = Recorder(conn)
+    with pytest.raises(ProtocolError, match="not JSON"):
+        conn.connect()
+    assert events.names(HANDSHAKE) == ["connect", "identify", "error", "close"]
+    assert_no_leak(backend, tasks_before)
+
+
+def test_identify_response_not_an_object(server: FakeNsqd, make_conn) -> None:
+    server.set_answer("IDENTIFY", response(b"[1, 2]"))
+    conn = make_conn()
+    with pytest.raises(ProtocolError, match="not a JSON object"):
+        conn.connect()
+
+
+def test_server_closes_during_handshake(server: FakeNsqd, make_conn, backend, tasks_before) -> None:
+    server.set_answer("IDENTIFY", close())
+    conn = make_conn()
+    events = Recorder(conn)
+    with pytest.raises(ConnectionClosedError, match="during IDENTIFY"):
+        conn.connect()
+    assert events.names(HANDSHAKE) == ["connect", "identify", "error", "close"]
+    assert_no_leak(backend, tasks_before)
+
+
+def test_message_frame_shorter_than_header(server: FakeNsqd, make_conn, backend, tasks_before) -> None:
+    conn, events = ready_conn(make_conn, server)
+    server.send_raw(frame(2, b"x" * 25))
+    exc = assert_fault(conn, events, backend, tasks_before, ProtocolError, "26-byte header")
+    assert "25 bytes" in str(exc)
+    assert conn.in_flight == 0
+
+
+def test_fatal_error_frame(server: FakeNsqd, make_conn, backend, tasks_before) -> None:
+    conn, events = ready_conn(make_conn, server)
+    server.send_error("E_INVALID cannot FIN in current state")
+    exc = assert_fault(conn, events, backend, tasks_before, InvalidError, "cannot FIN")
+    assert exc.fatal is True
+    assert exc.code == "E_INVALID"
+    assert exc.text == "cannot FIN in current state"
+    server.wait_disconnected()  # the client closed without waiting for nsqd to
+
+
+def test_non_fatal_error_frame_keeps_connection(server: FakeNsqd, make_conn) -> None:
+    conn, events = ready_conn(make_conn, server)
+    server.send_error("E_FIN_FAILED FIN 0123456789abcdef failed ID not in flight")
+    exc = events.wait("error")["error"]
+    assert isinstance(exc, FinFailedError)
+    assert exc.fatal is False
+    assert exc.code == "E_FIN_FAILED"
+    # still alive: a heartbeat round trip works
+    server.send_heartbeat()
+    server.wait_for_command("NOP")
+    events.wait("heartbeat")
+    assert conn.connected()
+    assert events.of("close") == []
+    assert server.session.connected
+
+
+def test_non_fatal_error_does_not_fail_pending_request(server: FakeNsqd, make_conn) -> None:
+    conn, events = ready_conn(make_conn, server)
+    server.set_answer("PUB", None)
+    future = conn.request(commands.pub("t", b"m"))
+    server.wait_for_command("PUB t")
+    server.send_error("E_TOUCH_FAILED TOUCH 0123456789abcdef failed")
+    events.wait("error")
+    assert not future.done()
+    server.send_response(b"OK")
+    assert wait_future(future) == b"OK"
+
+
+# ------------------------------------------------------------ requests/responses
+def test_requests_resolve_in_order(server: FakeNsqd, make_conn) -> None:
+    conn, events = ready_conn(make_conn, server)
+    server.set_answer("PUB", lambda session, command: response(b"OK " + command.body))
+    futures = [conn.request(commands.pub("t", b"m%d" % i)) for i in range(5)]
+    assert [wait_future(f) for f in futures] == [b"OK m%d" % i for i in range(5)]
+    server.wait_for_command("PUB", count=5)  # the fake records a command after answering it
+    assert server.commands[1:] == [b"PUB t"] * 5
+    assert server.bodies[1:] == [b"m%d" % i for i in range(5)]
+    assert [p[:2] for p in server.published] == [("t", b"m%d" % i) for i in range(5)]
+    assert conn.pending_requests == 0
+    events.wait("response", count=5)  # events run on the control lane, after the Futures resolve
+    assert [kw["data"] for kw in events.of("response")] == [b"OK m%d" % i for i in range(5)]
+
+
+def test_plain_ok_for_pub_mpub_dpub(server: FakeNsqd, make_conn) -> None:
+    conn, _ = ready_conn(make_conn, server)
+    futures = [
+        conn.request(commands.pub("t", b"one")),
+        conn.request(commands.mpub("t", [b"a", b"bb"])),
+        conn.request(commands.dpub("t", 1500, b"later")),
+    ]
+    assert [wait_future(f) for f in futures] == [b"OK"] * 3
+    mpub = server.wait_for_command("MPUB")
+    server.wait_for_command("DPUB")
+    assert mpub.messages == [b"a", b"bb"]
+    assert server.commands == [b"IDENTIFY", b"PUB t", b"MPUB t", b"DPUB t 1500"]
+    assert server.published == [("t", b"one", None), ("t", b"a", None), ("t", b"bb", None), ("t", b"later", 1500)]
+
+
+def test_error_frame_fails_first_pending_request(server: FakeNsqd, make_conn, backend, tasks_before) -> None:
+    conn, events = ready_conn(make_conn, server)
+    server.set_answer("PUB", None)
+    first = conn.request(commands.pub("t", b"1"))
+    second = conn.request(commands.pub("t", b"2"))
+    server.wait_for_command("PUB", count=2)
+    server.send_error('E_BAD_TOPIC PUB topic name "t" is not valid')  # nsqd: error frame, then close
+    server.close_client()
+    exc = wait_exception(first)
+    assert isinstance(exc, BadTopicError) and exc.fatal
+    assert "is not valid" in str(exc)
+    assert isinstance(wait_exception(second), ConnectionClosedError)
+    # a fatal error frame is reported once and closes the connection
+    assert_fault(conn, events, backend, tasks_before, BadTopicError)
+    with pytest.raises(ConnectionClosedError):
+        conn.request(commands.pub("t", b"3"))
+
+
+def test_subscribe_error_raises_typed(server: FakeNsqd, make_conn) -> None:
+    conn, _ = ready_conn(make_conn, server)
+    server.set_answer("SUB", [error("E_BAD_CHANNEL SUB channel name \"c\" is not valid"), close()])
+    from nsq_sync.errors import BadChannelError
+
+    with pytest.raises(BadChannelError):
+        conn.subscribe("t", "c")
+
+
+def test_pending_requests_fail_when_server_closes(server: FakeNsqd, make_conn, backend, tasks_before) -> None:
+    conn, events = ready_conn(make_conn, server)
+    server.set_answer("PUB", None)
+    futures = [conn.request(commands.pub("t", b"m%d" % i)) for i in range(5)]
+    server.wait_for_command("PUB", count=5)
+    assert conn.pending_requests == 5
+    server.close_client()
+    for future in futures:
+        exc = wait_exception(future)
+        assert isinstance(exc, ConnectionClosedError), repr(exc)
+        assert "before nsqd answered" in str(exc)
+    assert conn.pending_requests == 0
+    assert_fault(conn, events, backend, tasks_before, ConnectionClosedError)
+
+
+# ------------------------------------------------------------------ messages
+@pytest.fixture
+def sub_conn(make_conn, server: FakeNsqd):
+    """A subscribed connection whose message events are collected in a list."""
+
+    def make(**kwargs: Any):
+        conn, events = ready_conn(make_conn, server, subscribe=True, **kwargs)
+        return conn, events
+
+    return make
+
+
+def test_message_event_and_finish(server: FakeNsqd, sub_conn) -> None:
+    conn, events = sub_conn()
+    sent = server.send_message(b"hello", attempts=3, timestamp=1234567890123)
+    got = events.wait("message")
+    assert got["conn"] is conn
+    msg = got["message"]
+    assert isinstance(msg, Message)
+    assert msg.id == sent.id and len(msg.id) == 16
+    assert msg.body == b"hello"
+    assert msg.attempts == 3
+    assert msg.timestamp == 1234567890123
+    assert conn.in_flight == 1
+    assert not msg.has_responded()
+
+    msg.finish()
+    assert events.names(("resume", "backoff", "continue")) == ["resume"]
+    assert events.of("resume") == [{"conn": conn}]
+    assert conn.in_flight == 0
+    assert msg.has_responded()
+    assert server.wait_for_command("FIN").line == b"FIN " + sent.id
+    assert server.session.in_flight == {}
+
+    with pytest.raises(AlreadyRespondedError):
+        msg.finish()
+    with pytest.raises(AlreadyRespondedError):
+        msg.requeue()
+    with pytest.raises(AlreadyRespondedError):
+        msg.touch()
+    assert conn.in_flight == 0
+    # nothing more was written: a heartbeat's NOP is the next command after FIN
+    server.send_heartbeat()
+    server.wait_for_command("NOP")
+    assert server.commands[-2:] == [b"FIN " + sent.id, b"NOP"]
+
+
+def test_attempts_decoded_unsigned(server: FakeNsqd, sub_conn) -> None:
+    conn, events = sub_conn()
+    server.send_message(b"x", attempts=40000)
+    msg = events.wait("message")["message"]
+    assert msg.attempts == 40000
+    msg.finish()
+
+
+def test_requeue_default_delay_and_backoff(server: FakeNsqd, sub_conn) -> None:
+    conn, events = sub_conn(requeue_delay=2)
+    sent = server.send_message(b"x", attempts=3)
+    msg = events.wait("message")["message"]
+    msg.requeue()
+    assert events.names(("resume", "backoff", "continue")) == ["backoff"]
+    assert events.of("backoff") == [{"conn": conn}]
+    assert server.wait_for_command("REQ").line == b"REQ %s 6000" % sent.id
+    assert conn.in_flight == 0
+    assert server.session.requeued == [(sent.id, 6000)]
+
+
+def test_requeue_delay_capped_by_max_requeue_delay(server: FakeNsqd, sub_conn) -> None:
+    conn, events = sub_conn(requeue_delay=90, max_requeue_delay=100)
+    sent = server.send_message(b"x", attempts=5)
+    events.wait("message")["message"].requeue()
+    assert server.wait_for_command("REQ").line == b"REQ %s 100000" % sent.id
+
+
+def test_requeue_without_backoff(server: FakeNsqd, sub_conn) -> None:
+    conn, events = sub_conn()
+    sent = server.send_message(b"x", attempts=2)
+    msg = events.wait("message")["message"]
+    msg.requeue(delay=0, backoff=False)
+    assert events.names(("resume", "backoff", "continue")) == ["continue"]
+    assert server.wait_for_command("REQ").line == b"REQ %s 0" % sent.id
+    with pytest.raises(AlreadyRespondedError):
+        msg.requeue(delay=0, backoff=False)
+
+
+def test_requeue_explicit_delay_and_time_ms(server: FakeNsqd, sub_conn) -> None:
+    conn, events = sub_conn()
+    a = server.send_message(b"a")
+    b = server.send_message(b"b")
+    events.wait("message", count=2)
+    msgs = {kw["message"].id: kw["message"] for kw in events.of("message")}
+    msgs[a.id].requeue(delay=1.5)
+    msgs[b.id].requeue(time_ms=250)
+    server.wait_for_command("REQ", count=2)
+    assert server.commands[-2:] == [b"REQ %s 1500" % a.id, b"REQ %s 250" % b.id]
+
+
+def test_in_flight_counts_and_touch(server: FakeNsqd, sub_conn) -> None:
+    conn, events = sub_conn()
+    sent = [server.send_message(b"m%d" % i) for i in range(3)]
+    events.wait("message", count=3)
+    assert conn.in_flight == 3
+    msgs = [kw["message"] for kw in events.of("message")]
+    assert [m.id for m in msgs] == [s.id for s in sent]
+    msgs[0].touch()
+    assert server.wait_for_command("TOUCH").line == b"TOUCH " + sent[0].id
+    assert conn.in_flight == 3
+    msgs[0].finish()
+    assert conn.in_flight == 2
+    msgs[1].requeue(backoff=False)
+    assert conn.in_flight == 1
+    msgs[2].finish()
+    assert conn.in_flight == 0
+    server.wait_for_command("FIN", count=2)
+    assert server.session.in_flight == {}
+    assert server.session.errors_sent == []
+
+
+def test_send_rdy(server: FakeNsqd, make_conn) -> None:
+    server.identify_response["max_rdy_count"] = 100
+    conn, events = ready_conn(make_conn, server, subscribe=True)
+    assert conn.max_rdy_count == 100
+    conn.send_rdy(5)
+    assert server.wait_for_command("RDY").line == b"RDY 5"
+    assert (conn.rdy, conn.last_rdy) == (5, 5)
+    with pytest.raises(ConfigError) as info:
+        conn.send_rdy(101)
+    assert info.value.param == "rdy"
+    assert (conn.rdy, conn.last_rdy) == (5, 5)
+    with pytest.raises(ConfigError):
+        conn.send_rdy(-1)
+    conn.send_rdy(100)
+    conn.send_rdy(0)
+    server.wait_for_command("RDY", count=3)
+    assert server.commands == [b"IDENTIFY", b"SUB topic channel", b"RDY 5", b"RDY 100", b"RDY 0"]
+    assert server.session.rdy == 0
+    assert server.session.errors_sent == []
+
+
+def test_fake_delivers_under_rdy_control(server: FakeNsqd, sub_conn) -> None:
+    conn, events = sub_conn()
+    queued = [server.enqueue(b"q%d" % i) for i in range(3)]
+    conn.send_rdy(1)
+    first = events.wait("message")["message"]
+    assert first.id == queued[0].id
+    server.wait_until(lambda: len(server.session.delivered) == 1)
+    assert len(server.queued) == 2
+    first.finish()
+    second = events.wait("message", count=2)["message"]
+    assert second.id == queued[1].id
+    second.finish()
+    third = events.wait("message", count=3)["message"]
+    third.finish()
+    server.wait_for_command("FIN", count=3)
+    assert server.finished == [q.id for q in queued]
+    assert conn.in_flight == 0
+
+
+def test_slow_handler_does_not_block_heartbeats(server: FakeNsqd, sub_conn) -> None:
+    conn, events = sub_conn()
+    entered = threading.Event()
+    release = threading.Event()
+
+    def slow(conn: AsyncConn, message: Message) -> None:
+        entered.set()
+        assert release.wait(WAIT)
+        message.finish()
+
+    conn.on("message", slow)
+    sent = server.send_message(b"slow")
+    assert entered.wait(WAIT)
+    for count in range(1, 4):
+        server.send_heartbeat()
+    server.wait_for_command("NOP", count=3)
+    events.wait("heartbeat", count=3)
+    assert not release.is_set()
+    assert conn.in_flight == 1
+    release.set()
+    assert server.wait_for_command("FIN").line == b"FIN " + sent.id
+    assert server.commands[2:] == [b"NOP", b"NOP", b"NOP", b"FIN " + sent.id]
+
+
+# ------------------------------------------------------------------- closing
+def test_graceful_close_waits_for_close_wait_and_in_flight(server: FakeNsqd, sub_conn, backend, tasks_before) -> None:
+    conn, events = sub_conn()
+    conn.send_rdy(1)
+    entered = threading.Event()
+    release = threading.Event()
+
+    def handler(conn: AsyncConn, message: Message) -> None:
+        entered.set()
+        assert release.wait(WAIT)
+        message.finish()
+
+    conn.on("message", handler)
+    sent = server.send_message(b"in flight")
+    assert entered.wait(WAIT)
+
+    server.set_answer("CLS", None)  # CLOSE_WAIT comes when the test says so
+    closer = threading.Thread(target=conn.close, kwargs={"timeout": WAIT}, name="test-closer")
+    closer.start()
+    try:
+        server.wait_for_command("CLS")
+        assert closer.is_alive()  # waits for CLOSE_WAIT and for the message in flight
+        assert conn.connected()
+    finally:
+        release.set()
+    assert server.wait_for_command("FIN").line == b"FIN " + sent.id  # answered on the closing connection
+    assert closer.is_alive()  # still no CLOSE_WAIT
+    assert conn.connected()
+    server.send_response(b"CLOSE_WAIT")
+    closer.join(WAIT)
+    assert not closer.is_alive()
+    server.wait_disconnected()  # the fake has read everything the client sent
+    assert server.commands == [b"IDENTIFY", b"SUB topic channel", b"RDY 1", b"CLS", b"FIN " + sent.id]
+    events.wait("response", count=2)
+    assert [kw["data"] for kw in events.of("response")] == [b"OK", b"CLOSE_WAIT"]
+    assert conn.closed()
+    assert conn.wait_closed(WAIT)
+    events.wait("close")
+    assert events.names().count("close") == 1
+    assert events.of("error") == []
+    assert events.names(("resume",)) == ["resume"]
+    server.wait_disconnected()
+    # close() once more, and from two threads at once: still one close event
+    conn.close(timeout=1)
+    threads = [threading.Thread(target=conn.close, kwargs={"timeout": 1}) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT)
+    assert events.names().count("close") == 1
+    assert_no_leak(backend, tasks_before)
+
+
+def test_close_wait_between_finish_and_its_write_loses_no_fin(server: FakeNsqd, sub_conn) -> None:
+    conn, events = sub_conn()
+    entered = threading.Event()
+    release = threading.Event()
+    outcome: List[BaseException] = []
+
+    def handler(conn: AsyncConn, message: Message) -> None:
+        entered.set()
+        assert release.wait(WAIT)
+        try:
+            message.finish()
+        except BaseException as exc:
+            outcome.append(exc)
+
+    def on_resume(conn: AsyncConn) -> None:
+        # runs inside finish(): in_flight is already 0, FIN not yet written. CLOSE_WAIT arrives now.
+        server.send_response(b"CLOSE_WAIT")
+        conn.wait_closed(1.0)  # a correct close() waits for the FIN instead of closing under it
+
+    conn.on("message", handler)
+    conn.on("resume", on_resume)
+    sent = server.send_message(b"x")
+    assert entered.wait(WAIT)
+    server.set_answer("CLS", None)
+    closer = threading.Thread(target=conn.close, kwargs={"timeout": WAIT}, name="test-closer")
+    closer.start()
+    server.wait_for_command("CLS")
+    release.set()
+    closer.join(WAIT)
+    server.wait_disconnected()
+    assert outcome == []
+    assert server.commands[-1] == b"FIN " + sent.id
+
+
+def test_concurrent_close_sends_one_cls_and_one_close_event(server: FakeNsqd, sub_conn, backend, tasks_before) -> None:
+    conn, events = sub_conn()
+    barrier = threading.Barrier(2)
+
+    def closer() -> None:
+        barrier.wait(WAIT)
+        conn.close(timeout=WAIT)
+
+    threads = [threading.Thread(target=closer, name=f"test-closer-{i}") for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT)
+    assert not any(t.is_alive() for t in threads)
+    server.wait_disconnected()
+    assert conn.wait_closed(WAIT)
+    events.wait("close")
+    assert server.commands == [b"IDENTIFY", b"SUB topic channel", b"CLS"]
+    assert events.names().count("close") == 1
+    assert events.of("error") == []
+    assert server.session.errors_sent == []
+    assert_no_leak(backend, tasks_before)
+
+
+def test_close_unsubscribed_is_immediate(server: FakeNsqd, make_conn, backend, tasks_before) -> None:
+    conn, events = ready_conn(make_conn, server)
+    conn.close(timeout=WAIT)
+    assert conn.closed()
+    server.wait_disconnected()
+    assert server.commands == [b"IDENTIFY"]  # no CLS before SUB (nsqd: fatal E_INVALID)
+    events.wait("close")
+    assert events.names().count("close") == 1
+    assert events.of("error") == []
+    assert_no_leak(backend, tasks_before)
+
+
+def test_close_from_message_handler_returns_promptly(server: FakeNsqd, sub_conn) -> None:
+    conn, events = sub_conn(close_timeout=3)
+    took: List[float] = []
+    done = threading.Event()
+
+    def handler(conn: AsyncConn, message: Message) -> None:
+        started = time.monotonic()
+        try:
+            conn.close()
+        finally:
+            took.append(time.monotonic() - started)
+            done.set()
+
+    conn.on("message", handler)
+    server.send_message(b"x")
+    assert done.wait(WAIT)
+    assert took[0] < 1.5, f"close() inside the handler took {took[0]:.1f}s"
+
+
+def test_close_before_connect(make_conn) -> None:
+    conn = make_conn()
+    events = Recorder(conn)
+    conn.close()
+    conn.close()
+    assert events.names() == ["close"]
+    assert conn.closed()
+
+
+def test_close_times_out_with_message_in_flight(server: FakeNsqd, sub_conn, backend, tasks_before) -> None:
+    conn, events = sub_conn()
+    sent = server.send_message(b"never finished")
+    events.wait("message")
+    started = time.monotonic()
+    conn.close(timeout=0.5)
+    assert time.monotonic() - started < 3
+    assert conn.closed()
+    events.wait("close")
+    server.wait_disconnected()
+    assert server.commands[-1] == b"CLS"
+    assert sent.id in server.session.in_flight  # nsqd would redeliver it
+    assert_no_leak(backend, tasks_before)
+
+
+# ---------------------------------------------------------------- writes
+def test_write_coalescing_keeps_order_across_threads(server: FakeNsqd, sub_conn) -> None:
+    conn, events = sub_conn()
+    total, n_threads = 1000, 8
+    sent = [server.send_message(b"m%d" % i) for i in range(total)]
+    events.wait("message", count=total, timeout=10)
+    msgs = [kw["message"] for kw in events.of("message")]
+    assert [m.id for m in msgs] == [s.id for s in sent]
+    assert conn.in_flight == total
+
+    slices = [msgs[i::n_threads] for i in range(n_threads)]
+    barrier = threading.Barrier(n_threads)
+    failures: List[BaseException] = []
+
+    def finisher(batch: List[Message]) -> None:
+        try:
+            barrier.wait(WAIT)
+            for m in batch:
+                m.finish()
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=finisher, args=(s,), name=f"test-fin-{i}") for i, s in enumerate(slices)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert failures == []
+    server.wait_for_command("FIN", count=total, timeout=10)
+    fins = [c for c in server.commands if c.startswith(b"FIN ")]
+    assert len(fins) == total
+    ids = [c[4:] for c in fins]
+    assert sorted(ids) == sorted(s.id for s in sent)
+    assert len(set(ids)) == total
+    # each thread's FINs arrive in the order that thread wrote them
+    position = {message_id: index for index, message_id in enumerate(ids)}
+    for batch in slices:
+        order = [position[m.id] for m in batch]
+        assert order == sorted(order)
+    assert conn.in_flight == 0
+    assert server.session.in_flight == {}
+    assert server.session.errors_sent == []
+    assert events.names().count("resume") == total
+
+
+# ------------------------------------------------------------ the fake itself
+def test_fake_sessions_per_connection(server: FakeNsqd, make_conn) -> None:
+    first = make_conn()
+    first.connect()
+    second = make_conn()
+    second.connect()
+    s1 = server.wait_connected(count=1)
+    s2 = server.wait_connected(count=2)
+    server.wait_for_command("IDENTIFY", session=s2)
+    assert s1 is not s2 and server.session is s2
+    second.close(timeout=1)
+    server.wait_disconnected(s2)
+    assert s1.connected and not s2.connected and s2.client_closed
+    s1.send_heartbeat()
+    server.wait_for_command("NOP", session=s1)
+    assert s1.commands == [b"IDENTIFY", b"NOP"]
+    assert s2.commands == [b"IDENTIFY"]
+    # a reconnect is a new session
+    third = make_conn()
+    third.connect()
+    assert server.wait_connected(count=3) is server.sessions[2]
+    server.wait_for_command("IDENTIFY", count=3)
+    assert server.commands.count(b"IDENTIFY") == 3
+
+
+def test_fake_rejects_bad_magic() -> None:
+    import socket
+
+    with FakeNsqd() as server:
+        sock = socket.create_connection(server.address, timeout=WAIT)
+        try:
+            sock.sendall(b"  V1")
+            data = b""
+            while True:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+        finally:
+            sock.close()
+        assert data == frame(1, b"E_BAD_PROTOCOL client sent an invalid magic")
+        assert server.session.magic == b"  V1"
+        server.wait_disconnected()
