@@ -33,12 +33,14 @@ from .helpers import (
 from .httpapi import LookupdClient, NSQDHTTPClient, NsqdHTTPClient
 from .lifecycle import run
 from .message import Message
+from .reader import Reader
 from .writer import Writer
 
 __all__ = [
     "__version__",
     "AsyncConn",
     "Writer",
+    "Reader",
     "NsqdHTTPClient",
     "NSQDHTTPClient",
     "LookupdClient",

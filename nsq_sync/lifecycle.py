@@ -18,6 +18,12 @@ logger = logging.getLogger(__name__)
 
 _clients: "weakref.WeakSet[Any]" = weakref.WeakSet()
 _stop = threading.Event()
+_signalled = False
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    global _signalled
+    _signalled = True
 
 
 def register(client: Any) -> None:
@@ -47,17 +53,24 @@ def run(timeout: Optional[float] = None) -> None:
     Signal handlers are installed only when called from the main thread; the previous
     handlers are restored before returning. *timeout* bounds each close().
     """
+    global _signalled
     _stop.clear()
+    _signalled = False
     for client in clients():
         start = getattr(client, "start", None)
-        if start is not None:  # Readers connect on start(), as pynsq's did when its IOLoop ran
-            start()
+        if start is None or getattr(client, "closed", False) is True:
+            continue
+        try:
+            start()  # Readers connect on start(), as pynsq's did when its IOLoop ran
+        except Exception:
+            logger.exception("starting %r failed", client)
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGINT, signal.SIGTERM):
-            previous[signum] = signal.signal(signum, lambda *_: _stop.set())
+            # Only a flag: taking a lock in a signal handler can deadlock the main thread.
+            previous[signum] = signal.signal(signum, _on_signal)
     try:
-        while not _stop.wait(0.5):
+        while not _signalled and not _stop.wait(0.2):
             pass
         logger.info("stopping: closing %d clients", len(_clients))
     finally:

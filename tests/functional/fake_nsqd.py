@@ -545,10 +545,10 @@ class Session:
         return keep_open
 
     def _send_answer(self, command: Command, answer: Answer, default: Answer) -> bool:
-        if answer is None:
-            return True
         if answer is DEFAULT:
             answer = default
+        if answer is None:
+            return True
         if callable(answer) and not isinstance(answer, _Reply):
             return self._send_answer(command, answer(self, command), default)
         if isinstance(answer, (list, tuple)):

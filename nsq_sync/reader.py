@@ -1,0 +1,1189 @@
+"""Reader: a consumer of one topic/channel across many nsqd, with pynsq's API and rules.
+
+Where things run
+    * connection attempts: short-lived background tasks (never the caller of start());
+    * each connection's reader task only reads and hands messages to the Reader's ONE
+      :class:`~nsq_sync.dispatch.WorkerPool` (``concurrency`` workers, shared by every
+      connection), so a slow handler never starves heartbeats;
+    * timers (backoff windows, RDY redistribution, reconnect delays, RDY settling): one
+      scheduler task per Reader that sleeps until the next due time;
+    * nsqlookupd polling: one discovery task (HTTP requests block, so not on the scheduler);
+    * ``backoff``/``resume``/``continue`` events fire synchronously in the thread that
+      answers a message (a handler worker, or your thread for ``enable_async()``).
+
+RDY (all decisions under one Reader lock; writes happen under it too, and are
+skipped when the value is unchanged)
+    * the sum of RDY over all connections never exceeds ``max_in_flight``, and a
+      connection never gets more than its ``max_rdy_count``;
+    * with ``n <= max_in_flight`` connections each gets ``max_in_flight // n``; with more
+      connections than that, RDY 1 goes to a subset and a periodic redistribution takes
+      it back from connections idle for ``low_rdy_idle_timeout`` (or holding it for
+      ``low_rdy_timeout`` while others wait) and hands it to the connection that has
+      waited longest;
+    * raising is budgeted against ``sum(max(rdy, in_flight))`` measured *before* the
+      lowerings of the same decision, so a lowering is never counted as freed capacity
+      until nsqd has had time to apply it (a short settle timer re-runs the decision; an
+      answered message re-arms it while capacity is short). This keeps the server-side total within
+      ``max_in_flight`` even though RDY changes on different sockets may be applied by
+      nsqd in any order (pynsq #177 / PR #254).
+
+Backoff (global, like pynsq and go-nsq): a failure outside a backoff window raises the
+level and opens a window (RDY 0 everywhere) of ``strategy.calculate(level)`` seconds;
+when it ends, RDY 1 goes to ONE connection; the next result counts (success: level
+down, back to full RDY at level 0; failure: level up), results inside a window do not.
+``requeue(backoff=False)`` is neutral. ``max_backoff_duration=0`` disables backoff.
+"""
+
+from __future__ import annotations
+
+import heapq
+import inspect
+import itertools
+import logging
+import random
+import signal
+import socket
+import threading
+import time
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+from . import lifecycle
+from .backends import Backend, get_backend
+from .backoff import ExponentialBackoff, exponential_delay
+from .conn import AsyncConn
+from .dispatch import WorkerPool
+from .errors import AlreadyRespondedError, ClosedError, ConfigError, ConnectionClosedError, Error
+from .httpapi import LookupdClient
+from .message import Message
+from .protocol.identify import check_number
+from .protocol.names import check_channel, check_topic
+
+__all__ = ["Reader"]
+
+logger = logging.getLogger(__name__)
+
+MessageHandler = Callable[[Message], Any]
+
+#: keyword arguments the Reader sets itself on every AsyncConn
+_RESERVED_CONN_KWARGS = frozenset({"host", "port", "backend", "worker_pool"})
+_CONN_PARAMS = frozenset(
+    name for name, p in inspect.signature(AsyncConn.__init__).parameters.items() if name != "self" and p.kind is not p.VAR_KEYWORD
+)
+_MAX_LEVEL = 10_000
+
+
+# ----------------------------------------------------------------- helpers
+def _parse_nsqd_address(address: object, param: str) -> Tuple[str, int]:
+    if not isinstance(address, str):
+        raise ConfigError(param, address, 'must be "host:port" strings')
+    host, sep, port_text = address.strip().rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError(param, address, 'must be "host:port" with a port from 1 to 65535')
+    return host, int(port_text)
+
+
+def _address_key(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _as_list(value: object, param: str) -> List[object]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (bytes, bytearray)) or not isinstance(value, Iterable):
+        raise ConfigError(param, value, 'must be a "host:port" string or a list of them')
+    return list(value)
+
+
+def _strip_lookup_path(address: str) -> str:
+    """pynsq accepted "http://host:4161/lookup"; LookupdClient wants the base address."""
+    trimmed = address.rstrip("/")
+    if trimmed.endswith("/lookup"):
+        return trimmed[: -len("/lookup")]
+    return address
+
+
+class _Timer:
+    __slots__ = ("when", "seq", "fn", "args", "cancelled")
+
+    def __init__(self, when: float, seq: int, fn: Callable[..., Any], args: Tuple[Any, ...]) -> None:
+        self.when = when
+        self.seq = seq
+        self.fn = fn
+        self.args = args
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def __lt__(self, other: "_Timer") -> bool:
+        return (self.when, self.seq) < (other.when, other.seq)
+
+
+class _Scheduler:
+    """One task that runs callbacks at their due time; call_later from any thread.
+
+    Callbacks run in the scheduler task, one at a time, and must not block for long.
+    """
+
+    def __init__(self, backend: Backend, name: str) -> None:
+        self._backend = backend
+        self._name = name
+        self._lock = backend.lock()
+        self._wake = backend.event()
+        self._heap: List[_Timer] = []
+        self._seq = itertools.count()
+        self._stopped = False
+        self.task: Any = None
+
+    def start(self) -> None:
+        with self._lock:
+            if self.task is not None or self._stopped:
+                return
+            self.task = self._backend.spawn(self._run, name=self._name)
+
+    def call_later(self, delay: float, fn: Callable[..., Any], *args: Any) -> _Timer:
+        timer = _Timer(time.monotonic() + max(0.0, delay), next(self._seq), fn, args)
+        with self._lock:
+            if self._stopped:
+                timer.cancelled = True
+                return timer
+            heapq.heappush(self._heap, timer)
+            earliest = self._heap[0] is timer
+        if earliest:
+            self._wake.set()
+        return timer
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            for timer in self._heap:
+                timer.cancelled = True
+            self._heap.clear()
+        self._wake.set()
+
+    def join(self, timeout: Optional[float]) -> None:
+        task = self.task
+        if task is not None and not _is_current(self._backend, task):
+            task.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            due: List[_Timer] = []
+            with self._lock:
+                if self._stopped:
+                    return
+                # Cleared under the lock: a call_later after this point sets it again.
+                self._wake.clear()
+                now = time.monotonic()
+                while self._heap and self._heap[0].when <= now:
+                    timer = heapq.heappop(self._heap)
+                    if not timer.cancelled:
+                        due.append(timer)
+                timeout = (self._heap[0].when - now) if self._heap else None
+            if not due:
+                self._wake.wait(timeout)
+                continue
+            for timer in due:
+                if timer.cancelled or self._stopped:
+                    continue
+                try:
+                    timer.fn(*timer.args)
+                except Exception:
+                    logger.exception("%s: timer callback %r raised", self._name, timer.fn)
+
+
+def _is_current(backend: Backend, task: Any) -> bool:
+    current = backend.current()
+    return task is current or getattr(task, "_greenlet", None) is current
+
+
+class _ConnState:
+    """What the Reader keeps per registered connection."""
+
+    __slots__ = ("conn", "address", "last_held", "rdy_since")
+
+    def __init__(self, conn: AsyncConn, address: str) -> None:
+        now = time.monotonic()
+        self.conn = conn
+        self.address = address
+        self.last_held = now  # when it last lost RDY (or registered): who waited longest goes first
+        self.rdy_since = now  # when RDY last went from 0 to > 0
+
+
+class Reader:
+    """Consume *topic*/*channel* from nsqd, found directly and/or through nsqlookupd.
+
+    :param topic: the topic (1-64 chars of ``[.a-zA-Z0-9_-]``, optionally ``#ephemeral``)
+    :param channel: the channel (same rules)
+    :param message_handler: ``handler(message)``; True or None -> FIN, False -> REQ with
+        backoff, an exception -> REQ with backoff (traceback logged); after
+        ``message.enable_async()`` your code answers later, from any thread
+    :param nsqd_tcp_addresses: ``"host:port"`` or a list of them; reconnected with
+        exponential backoff and jitter until close()
+    :param lookupd_http_addresses: ``"host:port"``/``"http://host:port"`` or a list;
+        polled one per tick, round-robin, trying the next on failure
+    :param max_in_flight: messages in flight over all connections (0 starts paused)
+    :param max_tries: attempts after which :meth:`giving_up` gets the message and it is
+        FINed (0: unlimited)
+    :param max_backoff_duration: seconds; cap of a backoff window (0 disables backoff)
+    :param lookupd_poll_interval: seconds between lookupd polls (first poll at once)
+    :param lookupd_poll_jitter: each poll waits ``interval * (1 + jitter * random())``
+    :param low_rdy_idle_timeout: seconds without a message after which a connection's
+        RDY may be handed to another (when connections outnumber max_in_flight)
+    :param concurrency: handler workers (default: max_in_flight, at least 1)
+    :param name: used in logs and task names (default ``"topic:channel"``)
+    :param lookupd_connect_timeout: kept for pynsq compatibility; the HTTP client uses
+        one timeout for connecting and reading, the larger of the two
+    :param lookupd_request_timeout: seconds for one lookupd request
+    :param backend: "thread", "gevent" or None (auto)
+    :param close_timeout: default seconds :meth:`close` waits for in-flight messages
+    :param backoff_strategy: an object with ``calculate(level) -> seconds`` (see
+        :mod:`nsq_sync.backoff`); default ``ExponentialBackoff(1.0, max_backoff_duration)``
+    :param rdy_redistribute_interval: seconds between RDY redistribution passes
+    :param low_rdy_timeout: seconds after which a connection holding RDY 1 gives it up
+        to a waiting one even if it is busy (go-nsq's option; only when connections
+        outnumber max_in_flight)
+    :param conn_kwargs: passed to every :class:`~nsq_sync.conn.AsyncConn` (timeout,
+        heartbeat_interval, tls_v1, snappy, auth_secret, msg_timeout, ...)
+
+    Raises ConfigError (a ValueError naming the parameter) for a bad value, TypeError for
+    an unknown keyword argument or a value of the wrong type.
+    """
+
+    #: first reconnect delay (seconds) for a direct nsqd address; doubles per failure
+    reconnect_base: float = 1.0
+    #: longest reconnect delay (seconds)
+    reconnect_cap: float = 60.0
+    #: seconds a lowered RDY is given to reach nsqd before the capacity it frees is handed out
+    rdy_settle_delay: float = 0.1
+
+    def __init__(
+        self,
+        topic: str,
+        channel: str,
+        message_handler: Optional[MessageHandler] = None,
+        nsqd_tcp_addresses: Union[None, str, Sequence[str]] = None,
+        lookupd_http_addresses: Union[None, str, Sequence[str]] = None,
+        max_in_flight: int = 1,
+        max_tries: int = 5,
+        max_backoff_duration: float = 128,
+        lookupd_poll_interval: float = 60,
+        lookupd_poll_jitter: float = 0.3,
+        low_rdy_idle_timeout: float = 10,
+        concurrency: Optional[int] = None,
+        name: Optional[str] = None,
+        lookupd_connect_timeout: float = 1,
+        lookupd_request_timeout: float = 2,
+        backend: Union[None, str, Backend] = None,
+        close_timeout: float = 30,
+        backoff_strategy: Any = None,
+        rdy_redistribute_interval: float = 5,
+        low_rdy_timeout: float = 30,
+        **conn_kwargs: Any,
+    ) -> None:
+        self.topic = check_topic(topic)
+        self.channel = check_channel(channel)
+        if message_handler is not None and not callable(message_handler):
+            raise TypeError(f"message_handler must be callable, not {type(message_handler).__name__}")
+        self.message_handler = message_handler
+
+        direct: Dict[str, Tuple[str, int]] = {}
+        for address in _as_list(nsqd_tcp_addresses, "nsqd_tcp_addresses"):
+            host, port = _parse_nsqd_address(address, "nsqd_tcp_addresses")
+            direct[_address_key(host, port)] = (host, port)
+
+        check_number("lookupd_connect_timeout", lookupd_connect_timeout, 0.001, 3600)
+        check_number("lookupd_request_timeout", lookupd_request_timeout, 0.001, 3600)
+        lookupd_timeout = float(max(lookupd_connect_timeout, lookupd_request_timeout))
+        lookupds: List[Tuple[str, LookupdClient]] = []
+        for address in _as_list(lookupd_http_addresses, "lookupd_http_addresses"):
+            if not isinstance(address, str):
+                raise ConfigError("lookupd_http_addresses", address, 'must be "host:port" or "http://host:port" strings')
+            try:
+                client = LookupdClient(_strip_lookup_path(address), timeout=lookupd_timeout)
+            except (ConfigError, TypeError) as exc:
+                raise ConfigError("lookupd_http_addresses", address, str(exc)) from exc
+            if address not in [a for a, _ in lookupds]:
+                lookupds.append((address, client))
+        if not direct and not lookupds:
+            raise ConfigError("nsqd_tcp_addresses", nsqd_tcp_addresses, "give nsqd_tcp_addresses or lookupd_http_addresses (or both)")
+
+        check_number("max_in_flight", max_in_flight, 0, 2**31 - 1, integer=True)
+        check_number("max_tries", max_tries, 0, 65535, integer=True)
+        check_number("max_backoff_duration", max_backoff_duration, 0, 3600)
+        check_number("lookupd_poll_interval", lookupd_poll_interval, 0.001, 86400)
+        check_number("lookupd_poll_jitter", lookupd_poll_jitter, 0, 1)
+        check_number("low_rdy_idle_timeout", low_rdy_idle_timeout, 0.001, 3600)
+        check_number("low_rdy_timeout", low_rdy_timeout, 0.001, 3600)
+        check_number("close_timeout", close_timeout, 0, 3600)
+        check_number("rdy_redistribute_interval", rdy_redistribute_interval, 0.001, 3600)
+        if concurrency is None:
+            concurrency = max(1, max_in_flight)
+        check_number("concurrency", concurrency, 1, 100_000, integer=True)
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ConfigError("name", name, "must be a non-empty string")
+        if backoff_strategy is None:
+            backoff_strategy = ExponentialBackoff(1.0, max_backoff_duration)
+        elif not callable(getattr(backoff_strategy, "calculate", None)):
+            raise TypeError("backoff_strategy must have a calculate(level) -> seconds method")
+
+        unknown = sorted(set(conn_kwargs) - _CONN_PARAMS)
+        if unknown:
+            raise TypeError(f"Reader() got unexpected keyword argument(s) {', '.join(map(repr, unknown))} (not AsyncConn parameters either)")
+        reserved = sorted(set(conn_kwargs) & _RESERVED_CONN_KWARGS)
+        if reserved:
+            raise ConfigError(reserved[0], conn_kwargs[reserved[0]], "is set by the Reader for each connection")
+        self._backend = get_backend(backend)
+        # Eager validation: AsyncConn checks every value in its constructor (no I/O, no task).
+        AsyncConn("127.0.0.1", 4150, backend=self._backend, **conn_kwargs)
+
+        self.name = name or f"{self.topic}:{self.channel}"
+        self.max_tries = max_tries
+        self.max_backoff_duration = float(max_backoff_duration)
+        self.lookupd_poll_interval = float(lookupd_poll_interval)
+        self.lookupd_poll_jitter = float(lookupd_poll_jitter)
+        self.low_rdy_idle_timeout = float(low_rdy_idle_timeout)
+        self.low_rdy_timeout = float(low_rdy_timeout)
+        self.lookupd_connect_timeout = lookupd_connect_timeout
+        self.lookupd_request_timeout = lookupd_request_timeout
+        self.rdy_redistribute_interval = float(rdy_redistribute_interval)
+        self.close_timeout = float(close_timeout)
+        self.concurrency = concurrency
+        self.backoff_strategy = backoff_strategy
+        self.nsqd_tcp_addresses = [_address_key(h, p) for h, p in direct.values()]
+        self.lookupd_http_addresses = [a for a, _ in lookupds]
+        self._conn_kwargs = dict(conn_kwargs)
+        self._max_in_flight = max_in_flight
+        self._random = random.Random()
+
+        backend_ = self._backend
+        self._lock = backend_.lock()  # every RDY/backoff/connection-set decision
+        self._stats_lock = backend_.lock()
+        self._pool = WorkerPool(concurrency, backend_, name=f"nsq_sync-{self.name}")
+        self._scheduler = _Scheduler(backend_, f"nsq_sync-{self.name}-timers")
+        self._conns: Dict[str, _ConnState] = {}
+        self._connecting: Dict[str, Optional[AsyncConn]] = {}
+        self._direct = direct
+        self._direct_failures: Dict[str, int] = {}
+        self._reconnect_timers: Dict[str, _Timer] = {}
+        self._tasks: Dict[int, Any] = {}
+        self._task_ids = itertools.count()
+        lookupds_shuffled = list(lookupds)
+        self._random.shuffle(lookupds_shuffled)
+        self._lookupds = lookupds_shuffled
+        self._lookupd_index = 0
+        self._lookupd_wake = backend_.event()
+        self._lookupd_task: Any = None
+        self._stop_event = backend_.event()
+        self._closed_event = backend_.event()
+        self._started = False
+        self._closing = False
+        self._close_task: Any = None
+        self._run_waker: Optional[socket.socket] = None
+        self._signalled: Optional[int] = None
+
+        # backoff and RDY state (under _lock)
+        self._level = 0
+        self._window = False
+        self._window_gen = 0
+        self._window_timer: Optional[_Timer] = None
+        self._test_addr: Optional[str] = None
+        self._test_prev: Optional[str] = None
+        self._test_since = 0.0
+        self._deficit = False
+        self._settle_timer: Optional[_Timer] = None
+        self._tick_timer: Optional[_Timer] = None
+        self._warned_max_rdy: set = set()
+
+        # stats (under _stats_lock)
+        self._received = 0
+        self._finished = 0
+        self._requeued = 0
+        self._given_up = 0
+
+        lifecycle.register(self)
+
+    # ================================================================ public
+    @property
+    def max_in_flight(self) -> int:
+        return self._max_in_flight
+
+    @property
+    def backoff_level(self) -> int:
+        """0 when not backing off."""
+        return self._level
+
+    @property
+    def conns(self) -> Dict[str, AsyncConn]:
+        """The registered (subscribed) connections by ``"host:port"`` (pynsq's attribute)."""
+        with self._lock:
+            return {address: st.conn for address, st in self._conns.items()}
+
+    @property
+    def closed(self) -> bool:
+        """True once close() was called."""
+        return self._closing
+
+    def set_message_handler(self, message_handler: MessageHandler) -> None:
+        """Set the handler (pynsq's method). Raises TypeError when it is not callable."""
+        if not callable(message_handler):
+            raise TypeError(f"message_handler must be callable, not {type(message_handler).__name__}")
+        self.message_handler = message_handler
+
+    def start(self) -> None:
+        """Start connecting (in background tasks) and polling nsqlookupd; returns at once.
+
+        Idempotent. Raises ClosedError after close(), ConfigError when there is neither a
+        message_handler nor an overridden process_message().
+        """
+        if self.message_handler is None and type(self).process_message is Reader.process_message:
+            raise ConfigError("message_handler", None, "give a message_handler or override process_message()")
+        with self._lock:
+            if self._closing:
+                raise ClosedError(f"{self.name}: the Reader was closed")
+            if self._started:
+                return
+            self._started = True
+            self._scheduler.start()
+            self._tick_timer = self._scheduler.call_later(self.rdy_redistribute_interval, self._redistribute_tick)
+            if self._lookupds:
+                self._lookupd_task = self._backend.spawn(self._lookupd_loop, name=f"nsq_sync-{self.name}-lookupd")
+        logger.info(
+            "%s: starting (nsqd %s, lookupd %s, max_in_flight %d)",
+            self.name,
+            self.nsqd_tcp_addresses or "-",
+            self.lookupd_http_addresses or "-",
+            self._max_in_flight,
+        )
+        for address, (host, port) in list(self._direct.items()):
+            self._connect(address, host, port)
+
+    def run(self) -> None:
+        """start(), block until close() is called or SIGINT/SIGTERM arrives, then close gracefully.
+
+        Signal handlers are installed only in the main thread (and restored before the
+        drain, so a second signal interrupts it the usual way). Raises like start().
+        """
+        self.start()
+        receiver, waker = socket.socketpair()
+        waker.setblocking(False)
+        previous: Dict[int, Any] = {}
+        try:
+            self._run_waker = waker
+            if threading.current_thread() is threading.main_thread():
+                for signum in (signal.SIGINT, signal.SIGTERM):
+                    try:
+                        previous[signum] = signal.signal(signum, self._on_signal)
+                    except ValueError:  # not the interpreter's main thread after all
+                        break
+            while not self._closing and self._signalled is None:
+                try:
+                    receiver.recv(64)
+                except InterruptedError:  # pragma: no cover - PEP 475 retries for us
+                    continue
+        finally:
+            self._run_waker = None
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            receiver.close()
+            waker.close()
+        if self._signalled is not None:
+            logger.info("%s: got signal %d; closing", self.name, self._signalled)
+            self.close()
+        self.join()
+
+    def close(self, timeout: Optional[float] = None) -> None:
+        """Stop gracefully; idempotent, safe from any thread (and from a handler).
+
+        Stops discovery, reconnects and timers; sends CLS on every connection (nsqd stops
+        delivering), requeues messages still queued for a worker, waits up to *timeout*
+        (default ``close_timeout``) for running handlers to answer and the connections to
+        close, then stops the worker pool and joins every task. Called from inside one of
+        the Reader's own tasks (a handler, a hook) it starts the shutdown in the background
+        and returns; use :meth:`join` elsewhere to wait. Raises ConfigError for a bad timeout.
+        """
+        if timeout is None:
+            timeout = self.close_timeout
+        check_number("timeout", timeout, 0, 86400)
+        with self._lock:
+            first = not self._closing
+            self._closing = True
+            started = self._started
+            if first:
+                self._cancel_timers_locked()
+        self._poke_run()
+        if not first:
+            if not self._in_own_task():
+                self.join(timeout)
+            return
+        self._stop_event.set()
+        self._scheduler.stop()
+        self._lookupd_wake.set()
+        if not started:
+            self._pool.close(wait=False)
+            self._closed_event.set()
+            return
+        logger.info("%s: closing", self.name)
+        if self._in_own_task():
+            self._close_task = self._backend.spawn(self._shutdown, float(timeout), name=f"nsq_sync-{self.name}-close")
+            return
+        self._shutdown(float(timeout))
+
+    def join(self, timeout: Optional[float] = None) -> bool:
+        """Block until close() has finished; True if it did within *timeout*."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._closed_event.wait(timeout):
+            return False
+        task = self._close_task
+        if task is not None and not _is_current(self._backend, task) and not self._in_own_task():
+            # The background shutdown has finished its work; let its task end too.
+            task.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return True
+
+    def set_max_in_flight(self, max_in_flight: int) -> None:
+        """Change max_in_flight at runtime: 0 pauses (RDY 0 everywhere), a positive value redistributes.
+
+        Raises TypeError/ConfigError for a value that is not an int >= 0.
+        """
+        check_number("max_in_flight", max_in_flight, 0, 2**31 - 1, integer=True)
+        with self._lock:
+            self._max_in_flight = max_in_flight
+            logger.info("%s: max_in_flight set to %d", self.name, max_in_flight)
+            self._apply_rdy_locked()
+
+    def is_starved(self) -> bool:
+        """True when some connection has messages in flight >= 85% of its last RDY (the guide's rule).
+
+        Use it to flush batches: while starved, nsqd sends nothing more.
+        """
+        with self._lock:
+            return any(st.conn.is_starved() for st in self._conns.values())
+
+    def stats(self) -> Dict[str, Any]:
+        """Counters and per-connection state, for monitoring.
+
+        Keys: ``messages_received``, ``messages_finished``, ``messages_requeued``,
+        ``messages_given_up`` (also FINed, so counted in finished), ``in_flight``,
+        ``max_in_flight``, ``total_rdy``, ``backoff_level``, ``backing_off``, ``closed`` and
+        ``connections``: a list of dicts with ``address``, ``rdy``, ``in_flight``,
+        ``connected``, ``max_rdy_count``, ``last_msg_timestamp``.
+        """
+        with self._stats_lock:
+            received, finished, requeued, given_up = self._received, self._finished, self._requeued, self._given_up
+        with self._lock:
+            states = list(self._conns.values())
+            level, window = self._level, self._window
+        connections = [
+            {
+                "address": st.address,
+                "rdy": st.conn.rdy,
+                "in_flight": st.conn.in_flight,
+                "connected": st.conn.connected(),
+                "max_rdy_count": st.conn.max_rdy_count,
+                "last_msg_timestamp": st.conn.last_msg_timestamp,
+            }
+            for st in states
+        ]
+        return {
+            "topic": self.topic,
+            "channel": self.channel,
+            "name": self.name,
+            "messages_received": received,
+            "messages_finished": finished,
+            "messages_requeued": requeued,
+            "messages_given_up": given_up,
+            "in_flight": sum(c["in_flight"] for c in connections),
+            "max_in_flight": self._max_in_flight,
+            "total_rdy": sum(c["rdy"] for c in connections),
+            "backoff_level": level,
+            "backing_off": bool(level or window),
+            "closed": self._closing,
+            "connections": connections,
+        }
+
+    def connect_to_nsqd(self, host: str, port: int) -> None:
+        """Connect (in the background) to one more nsqd; it is kept and reconnected like
+        ``nsqd_tcp_addresses``. Starts the Reader if needed. Does nothing if already connected.
+
+        Raises ConfigError for a bad host/port, ClosedError after close().
+        """
+        if not isinstance(host, str) or not host:
+            raise ConfigError("host", host, "must be a non-empty string")
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise ConfigError("port", port, "must be an int between 1 and 65535")
+        if self._closing:
+            raise ClosedError(f"{self.name}: the Reader was closed")
+        address = _address_key(host, port)
+        with self._lock:
+            self._direct.setdefault(address, (host, port))
+        if not self._started:
+            self.start()  # connects every direct address, this one included
+        else:
+            self._connect(address, host, port)
+
+    def query_lookupd(self) -> List[Tuple[str, int]]:
+        """Ask the next nsqlookupd (round-robin; on failure the next one, each at most once)
+        for the topic's producers and connect to those not connected yet.
+
+        Returns the producers found (``[]`` if every lookupd failed; failures are logged,
+        not raised).
+        """
+        count = len(self._lookupds)
+        for _ in range(count):
+            if self._closing:
+                return []
+            with self._lock:
+                index = self._lookupd_index
+                self._lookupd_index = (index + 1) % count
+            address, client = self._lookupds[index]
+            try:
+                producers = client.producers(self.topic)
+            except Exception as exc:  # HTTPError, or anything unexpected from the network
+                logger.warning("%s: lookupd %s query failed: %s", self.name, address, exc)
+                continue
+            logger.debug("%s: lookupd %s lists %s", self.name, address, producers)
+            for host, port in producers:
+                self._connect(_address_key(host, port), host, port)
+            return producers
+        return []
+
+    # --------------------------------------------------------- user hooks
+    def process_message(self, message: Message) -> Any:
+        """Handle one message; the default calls ``message_handler(message)``.
+
+        Return True/None to FIN, False to REQ (with backoff); raise to REQ with backoff.
+        """
+        return self.message_handler(message)  # type: ignore[misc]
+
+    def preprocess_message(self, message: Message) -> Message:
+        """Hook run before validate_message(); its result goes to validate_message() only."""
+        return message
+
+    def validate_message(self, message: Message) -> bool:
+        """Hook: return False to FIN the message without processing it."""
+        return True
+
+    def giving_up(self, message: Message) -> None:
+        """Hook called when ``0 < max_tries < message.attempts``; the message is FINed afterwards.
+
+        The default logs a warning (id and attempts; never the body).
+        """
+        logger.warning(
+            "%s: giving up on message %s after %d attempts (max_tries %d)",
+            self.name,
+            message.id.decode("ascii", "replace"),
+            message.attempts,
+            self.max_tries,
+        )
+
+    def heartbeat(self, conn: AsyncConn) -> None:
+        """Hook called after each heartbeat nsqd sends on *conn* (already answered with NOP)."""
+
+    # ===================================================== message handling
+    def _on_message(self, conn: AsyncConn, message: Message) -> None:
+        with self._stats_lock:
+            self._received += 1
+        if self._closing:
+            # close() started: do not begin new work; hand it back at once.
+            self._answer(message, None)
+            return
+        try:
+            if 0 < self.max_tries < message.attempts:
+                self._give_up(message)
+                return
+            if not self.validate_message(self.preprocess_message(message)):
+                logger.debug("%s: message %r from %s failed validation; finishing it", self.name, message, conn.id)
+                self._answer(message, True)
+                return
+            result = self.process_message(message)
+        except Exception:
+            logger.exception("%s: handler raised for %r from %s; requeueing it", self.name, message, conn.id)
+            if not message.has_responded():
+                self._answer(message, False)
+            return
+        if message._async or message._responded:
+            return
+        self._answer(message, result is not False)
+
+    def _answer(self, message: Message, ok: Optional[bool]) -> None:
+        """FIN (ok), REQ with backoff (not ok) or REQ at once without backoff (None)."""
+        try:
+            if ok:
+                message.finish()
+            elif ok is None:
+                message.requeue(delay=0, backoff=False)
+            else:
+                message.requeue()
+        except AlreadyRespondedError:
+            pass  # answered concurrently (enable_async code raced the handler's return)
+        except ConnectionClosedError as exc:
+            # nsqd redelivers it after msg_timeout; expected while closing.
+            (logger.debug if self._closing else logger.warning)("%s: could not answer %r: %s", self.name, message, exc)
+        except Error as exc:
+            logger.warning("%s: could not answer %r: %s", self.name, message, exc)
+
+    def _give_up(self, message: Message) -> None:
+        with self._stats_lock:
+            self._given_up += 1
+        try:
+            self.giving_up(message)
+        except Exception:
+            logger.exception("%s: giving_up() raised for %r", self.name, message)
+        if not message._responded:
+            self._answer(message, True)
+
+    # ----------------------------------------- answer events (caller's thread)
+    def _on_resume(self, conn: AsyncConn) -> None:
+        with self._stats_lock:
+            self._finished += 1
+        if self._level == 0 and not self._deficit:
+            return  # the common case: nothing to decide
+        self._result(True)
+
+    def _on_backoff(self, conn: AsyncConn) -> None:
+        with self._stats_lock:
+            self._requeued += 1
+        if self.max_backoff_duration <= 0 and not self._deficit:
+            return
+        self._result(False)
+
+    def _on_continue(self, conn: AsyncConn) -> None:
+        with self._stats_lock:
+            self._requeued += 1
+        if self._deficit:
+            self._result(None)
+
+    def _result(self, success: Optional[bool]) -> None:
+        """One message answered: success (FIN), failure (REQ with backoff) or neutral."""
+        with self._lock:
+            if self._closing:
+                return
+            if success is None or self._window or self.max_backoff_duration <= 0:
+                # Neutral, or inside a backoff window (only one result per window counts).
+                if self._deficit:
+                    self._schedule_settle_locked()
+                return
+            if success:
+                if self._level == 0:
+                    if self._deficit:
+                        self._schedule_settle_locked()
+                    return
+                self._level -= 1
+                if self._level == 0:
+                    logger.info("%s: backoff complete; resuming full RDY", self.name)
+                    self._test_addr = None
+                    self._apply_rdy_locked()
+                else:
+                    self._start_window_locked()
+            else:
+                if self._level == 0:
+                    self._level = 1
+                elif self._level < _MAX_LEVEL:
+                    try:
+                        current = self._nominal(self._level)
+                        grows = current < self.max_backoff_duration and self._nominal(self._level + 1) > current
+                    except Exception:
+                        logger.exception("%s: backoff_strategy raised; keeping backoff level %d", self.name, self._level)
+                        grows = False
+                    if grows:
+                        self._level += 1
+                self._start_window_locked()
+
+    def _nominal(self, level: int) -> float:
+        strategy = self.backoff_strategy
+        nominal = getattr(strategy, "nominal", None)
+        return float(nominal(level) if callable(nominal) else strategy.calculate(level))
+
+    def _start_window_locked(self) -> None:
+        try:
+            interval = float(self.backoff_strategy.calculate(self._level))
+        except Exception:
+            logger.exception("%s: backoff_strategy.calculate(%d) raised; using max_backoff_duration", self.name, self._level)
+            interval = self.max_backoff_duration
+        interval = max(0.0, min(interval, self.max_backoff_duration))
+        self._window = True
+        self._window_gen += 1
+        self._test_addr = None
+        self._deficit = False
+        if self._window_timer is not None:
+            self._window_timer.cancel()
+        for st in self._conns.values():
+            self._set_rdy(st, 0)
+        logger.warning("%s: backing off for %.3fs (level %d): RDY 0 on every connection", self.name, interval, self._level)
+        self._window_timer = self._scheduler.call_later(interval, self._end_window, self._window_gen)
+
+    def _end_window(self, generation: int) -> None:
+        with self._lock:
+            if self._closing or not self._window or generation != self._window_gen:
+                return
+            self._window = False
+            self._window_timer = None
+            self._test_prev = None
+            logger.info("%s: backoff window over (level %d); testing with RDY 1 on one connection", self.name, self._level)
+            self._apply_rdy_locked()
+
+    # ============================================================ RDY logic
+    def _set_rdy(self, st: _ConnState, value: int) -> bool:
+        conn = st.conn
+        if value > conn.max_rdy_count:
+            value = conn.max_rdy_count
+        previous = conn.rdy
+        if previous == value or not conn.connected():
+            return False
+        try:
+            conn.send_rdy(value)
+        except Error as exc:
+            logger.debug("%s: RDY %d on %s failed: %s", self.name, value, conn.id, exc)
+            return False
+        logger.debug("%s: RDY %d on %s (was %d)", self.name, value, conn.id, previous)
+        now = time.monotonic()
+        if previous == 0:
+            st.rdy_since = now
+        if value == 0:
+            st.last_held = now
+        return True
+
+    def _apply_rdy_locked(self, revoke: bool = False) -> None:
+        """Bring every connection's RDY to what the current mode wants (call under _lock).
+
+        *revoke* (the periodic pass) also takes RDY back from idle or long-holding
+        connections when connections outnumber max_in_flight (or in a backoff test).
+        """
+        self._deficit = False
+        if self._closing:
+            return
+        states = [st for st in self._conns.values() if st.conn.connected()]
+        if not states:
+            return
+        max_in_flight = self._max_in_flight
+        if max_in_flight == 0 or self._window:
+            for st in states:
+                self._set_rdy(st, 0)
+            return
+        if self._level > 0:
+            self._apply_test_rdy_locked(states, revoke)
+            return
+
+        # Capacity in use, measured before this pass lowers anything.
+        used = 0
+        for st in states:
+            conn = st.conn
+            used += conn.rdy if conn.rdy > conn.in_flight else conn.in_flight
+        count = len(states)
+        if count <= max_in_flight:
+            per_conn = max_in_flight // count
+            targets = {st.address: per_conn for st in states}
+        else:
+            targets = self._subset_targets(states, max_in_flight, revoke)
+        lowered = False
+        for st in states:
+            target = min(targets[st.address], st.conn.max_rdy_count)
+            if st.conn.rdy > target:
+                lowered = self._set_rdy(st, target) or lowered
+        budget = max_in_flight - used
+        deficit = False
+        for st in sorted(states, key=lambda s: s.last_held):
+            conn = st.conn
+            target = min(targets[st.address], conn.max_rdy_count)
+            want = target - conn.rdy
+            if want <= 0:
+                continue
+            give = want if want <= budget else max(0, budget)
+            if give > 0 and self._set_rdy(st, conn.rdy + give):
+                budget -= give
+            else:
+                give = 0
+            if give < want:
+                deficit = True
+        self._deficit = deficit
+        if deficit and lowered:
+            self._schedule_settle_locked()
+
+    def _subset_targets(self, states: List[_ConnState], max_in_flight: int, revoke: bool) -> Dict[str, int]:
+        """More connections than max_in_flight: RDY 1 on at most max_in_flight of them."""
+        now_wall = time.time()
+        now = time.monotonic()
+        holders = sorted((st for st in states if st.conn.rdy > 0), key=lambda s: s.conn.last_msg_timestamp, reverse=True)
+        waiting = [st for st in states if st.conn.rdy == 0]
+        keep: List[_ConnState] = []
+        for st in holders:
+            if revoke and waiting:
+                # Idle since its last message or since it got RDY, whichever is later: a
+                # connection that was just handed RDY has not had its chance yet.
+                held = now - st.rdy_since
+                quiet = min(now_wall - st.conn.last_msg_timestamp, held)
+                idle = quiet > self.low_rdy_idle_timeout and st.conn.in_flight == 0
+                hogging = held > self.low_rdy_timeout
+                if idle or hogging:
+                    logger.debug("%s: taking RDY back from %s (%s)", self.name, st.address, "idle" if idle else "held too long")
+                    continue
+            keep.append(st)
+        keep = keep[:max_in_flight]
+        targets = {st.address: 0 for st in states}
+        for st in keep:
+            targets[st.address] = 1
+        slots = max_in_flight - len(keep)
+        if slots > 0:
+            for st in sorted(waiting, key=lambda s: s.last_held)[:slots]:
+                targets[st.address] = 1
+        return targets
+
+    def _apply_test_rdy_locked(self, states: List[_ConnState], revoke: bool) -> None:
+        """After a backoff window: RDY 1 on exactly one connection until a result arrives."""
+        test = self._conns.get(self._test_addr) if self._test_addr else None
+        if test is not None and not test.conn.connected():
+            test = None
+        lowered = False
+        if test is not None and revoke and len(states) > 1 and test.conn.in_flight == 0:
+            last = max(test.conn.last_msg_timestamp, self._test_since)
+            if time.time() - last > self.low_rdy_idle_timeout:
+                # Its nsqd has nothing for us: let another connection test instead.
+                logger.debug("%s: backoff test connection %s is idle; moving the test", self.name, test.address)
+                lowered = self._set_rdy(test, 0) or lowered
+                self._test_prev = test.address
+                test = None
+        for st in states:
+            if st is not test and st.conn.rdy > 0:
+                lowered = self._set_rdy(st, 0) or lowered
+        if test is None:
+            self._test_addr = None
+            if lowered:
+                self._deficit = True
+                self._schedule_settle_locked()
+                return
+            candidates = [st for st in states if st.address != self._test_prev] or states
+            test = self._random.choice(candidates)
+            self._test_addr = test.address
+            self._test_since = time.time()
+        self._set_rdy(test, 1)
+
+    def _schedule_settle_locked(self) -> None:
+        timer = self._settle_timer
+        if timer is not None and not timer.cancelled:
+            return
+        delay = min(self.rdy_settle_delay, self.rdy_redistribute_interval)
+        self._settle_timer = self._scheduler.call_later(delay, self._settle)
+
+    def _settle(self) -> None:
+        with self._lock:
+            self._settle_timer = None
+            self._apply_rdy_locked()
+
+    def _redistribute_tick(self) -> None:
+        with self._lock:
+            if self._closing:
+                return
+            self._apply_rdy_locked(revoke=True)
+            self._tick_timer = self._scheduler.call_later(self.rdy_redistribute_interval, self._redistribute_tick)
+
+    # ========================================================== connections
+    def _connect(self, address: str, host: str, port: int) -> None:
+        """Start a background connection attempt unless connected, connecting or closing."""
+        with self._lock:
+            if self._closing or not self._started or address in self._conns or address in self._connecting:
+                return
+            timer = self._reconnect_timers.pop(address, None)
+            if timer is not None:
+                timer.cancel()
+            self._connecting[address] = None
+            task_id = next(self._task_ids)
+            self._tasks[task_id] = self._backend.spawn(
+                self._connect_task, task_id, address, host, port, name=f"nsq_sync-{self.name}-connect-{address}"
+            )
+
+    def _connect_task(self, task_id: int, address: str, host: str, port: int) -> None:
+        conn: Optional[AsyncConn] = None
+        try:
+            try:
+                conn = AsyncConn(host, port, backend=self._backend, worker_pool=self._pool, **self._conn_kwargs)
+                conn.on("message", self._on_message)
+                conn.on("resume", self._on_resume)
+                conn.on("backoff", self._on_backoff)
+                conn.on("continue", self._on_continue)
+                conn.on("close", self._on_conn_close)
+                conn.on("heartbeat", self._on_heartbeat)
+                with self._lock:
+                    if self._closing:
+                        return
+                    self._connecting[address] = conn
+                logger.debug("%s: connecting to %s", self.name, address)
+                conn.connect()
+                if not self._closing:
+                    conn.subscribe(self.topic, self.channel)
+            except Exception as exc:
+                if conn is not None and conn.connected():
+                    conn.close(0)
+                with self._lock:
+                    self._connecting.pop(address, None)
+                if not self._closing:
+                    logger.warning("%s: cannot consume from %s: %s", self.name, address, exc)
+                    self._connect_failed(address)
+                return
+            with self._lock:
+                self._connecting.pop(address, None)
+                registered = not self._closing and conn.connected() and address not in self._conns
+                if registered:
+                    self._register_locked(address, conn)
+            if not registered:
+                conn.close(1.0)
+                if not self._closing:
+                    self._connect_failed(address)
+        finally:
+            with self._lock:
+                self._connecting.pop(address, None)
+                self._tasks.pop(task_id, None)
+
+    def _register_locked(self, address: str, conn: AsyncConn) -> None:
+        self._conns[address] = _ConnState(conn, address)
+        self._direct_failures.pop(address, None)
+        logger.info("%s: subscribed to %s on %s", self.name, f"{self.topic}/{self.channel}", address)
+        if conn.max_rdy_count < self._max_in_flight and address not in self._warned_max_rdy:
+            self._warned_max_rdy.add(address)
+            logger.warning(
+                "%s: %s has max_rdy_count %d < max_in_flight %d; RDY is capped there",
+                self.name,
+                address,
+                conn.max_rdy_count,
+                self._max_in_flight,
+            )
+        self._apply_rdy_locked()
+
+    def _connect_failed(self, address: str) -> None:
+        with self._lock:
+            if self._closing or address not in self._direct:
+                return  # lookupd-discovered: it comes back when lookupd lists it again
+            attempt = self._direct_failures.get(address, 0) + 1
+            self._direct_failures[address] = attempt
+            self._schedule_reconnect_locked(address, attempt)
+
+    def _schedule_reconnect_locked(self, address: str, attempt: int) -> None:
+        delay = exponential_delay(attempt, self.reconnect_base, self.reconnect_cap, rand=self._random.random)
+        old = self._reconnect_timers.get(address)
+        if old is not None:
+            old.cancel()
+        self._reconnect_timers[address] = self._scheduler.call_later(delay, self._reconnect, address)
+        logger.info("%s: reconnecting to %s in %.2fs (attempt %d)", self.name, address, delay, attempt)
+
+    def _reconnect(self, address: str) -> None:
+        with self._lock:
+            self._reconnect_timers.pop(address, None)
+            target = self._direct.get(address)
+        if target is not None:
+            self._connect(address, *target)
+
+    def _on_conn_close(self, conn: AsyncConn) -> None:
+        address = _address_key(conn.host, conn.port)
+        with self._lock:
+            st = self._conns.get(address)
+            if st is None or st.conn is not conn:
+                return  # never registered: the connect task handled it
+            del self._conns[address]
+            if self._test_addr == address:
+                self._test_addr = None
+            if self._closing:
+                return
+            self._apply_rdy_locked()
+            if address in self._direct:
+                attempt = self._direct_failures.get(address, 0) + 1
+                self._direct_failures[address] = attempt
+                self._schedule_reconnect_locked(address, attempt)
+        reason = f": {conn.error}" if conn.error is not None else ""
+        logger.warning("%s: connection to %s closed%s", self.name, address, reason)
+        if self._lookupds:
+            self._lookupd_wake.set()  # re-query early: it may be back, or gone for good
+
+    def _on_heartbeat(self, conn: AsyncConn) -> None:
+        self.heartbeat(conn)
+
+    # ============================================================ discovery
+    def _lookupd_loop(self) -> None:
+        min_gap = min(1.0, self.lookupd_poll_interval)
+        last = float("-inf")
+        while not self._closing:
+            gap = time.monotonic() - last
+            if gap < min_gap and self._stop_event.wait(min_gap - gap):
+                break  # an early re-query right after a poll waits a little; close() wakes us
+            self._lookupd_wake.clear()
+            last = time.monotonic()
+            try:
+                self.query_lookupd()
+            except Exception:
+                logger.exception("%s: lookupd query crashed", self.name)
+            if self._closing:
+                break
+            delay = self.lookupd_poll_interval * (1.0 + self.lookupd_poll_jitter * self._random.random())
+            self._lookupd_wake.wait(delay)
+
+    # ============================================================= shutdown
+    def _cancel_timers_locked(self) -> None:
+        for timer in [self._window_timer, self._settle_timer, self._tick_timer, *self._reconnect_timers.values()]:
+            if timer is not None:
+                timer.cancel()
+        self._reconnect_timers.clear()
+
+    def _in_own_task(self) -> bool:
+        if self._pool.in_worker():
+            return True
+        backend = self._backend
+        return any(
+            task is not None and _is_current(backend, task) for task in (self._scheduler.task, self._lookupd_task)
+        )
+
+    def _shutdown(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+
+        def remaining() -> float:
+            return max(0.0, deadline - time.monotonic())
+
+        try:
+            with self._lock:
+                conns = [st.conn for st in self._conns.values()]
+            # Connections still in their handshake are closed by their own connect task
+            # (bounded by the connection timeout), which sees the Reader closing.
+            # CLS -> CLOSE_WAIT -> in-flight answered -> close, on every connection in parallel.
+            closers = [
+                self._backend.spawn(self._close_conn, conn, timeout, name=f"nsq_sync-{self.name}-close-{conn.id}") for conn in conns
+            ]
+            for task in closers:
+                task.join(remaining() + 1.0)
+            with self._lock:
+                tasks = list(self._tasks.values())
+            for task in tasks:
+                task.join(remaining() + 1.0)
+            self._pool.close(wait=True, timeout=max(0.1, remaining()))
+            self._scheduler.join(max(0.1, remaining()))
+            if self._lookupd_task is not None:
+                self._lookupd_task.join(max(0.1, remaining()) + self.lookupd_request_timeout)
+            leftover = [st.conn.id for st in self._conns.values()] if self._conns else []
+            if leftover:
+                logger.debug("%s: connections still registered after close: %s", self.name, leftover)
+            logger.info("%s: closed", self.name)
+        finally:
+            self._closed_event.set()
+
+    def _close_conn(self, conn: AsyncConn, timeout: float) -> None:
+        try:
+            conn.close(timeout)
+        except Exception:
+            logger.exception("%s: closing %s failed", self.name, conn.id)
+
+    # =============================================================== signals
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        # A signal handler must not take locks: set a flag and poke the socket run() waits on.
+        self._signalled = signum
+        self._poke_run()
+
+    def _poke_run(self) -> None:
+        waker = self._run_waker
+        if waker is not None:
+            try:
+                waker.send(b"\0")
+            except OSError:
+                pass
+
+    def __repr__(self) -> str:
+        return f"<Reader {self.name} conns={len(self._conns)} max_in_flight={self._max_in_flight} level={self._level}>"

@@ -1,0 +1,737 @@
+"""Reader against the scripted fake nsqd: exact command sequences for RDY, FIN, REQ, backoff, close.
+
+No sleeps: every wait is on what the client sent (the fake's wait_* helpers) or on an
+Event set by a handler. Each test closes its Readers and checks no task is left.
+"""
+
+from __future__ import annotations
+
+import gc
+import http.server
+import json
+import logging
+import socket
+import threading
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import pytest
+from fake_nsqd import FakeNsqd, fake_nsqd  # noqa: F401 - fixture
+
+from nsq_sync.backoff import ExponentialBackoff
+from nsq_sync.errors import ClosedError, ConfigError
+from nsq_sync.reader import Reader
+from nsq_sync.testing import wait_until
+
+TOPIC = "topic"
+CHANNEL = "channel"
+WAIT = 10.0
+
+
+# ------------------------------------------------------------------ helpers
+def live_tasks() -> List[str]:
+    """Names of nsq_sync threads and greenlets still running."""
+    names = [t.name for t in threading.enumerate() if "nsq_sync" in t.name and t.is_alive()]
+    try:
+        import gevent
+    except ImportError:  # pragma: no cover
+        return names
+    for obj in gc.get_objects():
+        if isinstance(obj, gevent.Greenlet) and not obj.dead and "nsq_sync" in str(getattr(obj, "name", "")):
+            names.append(obj.name)
+    return names
+
+
+def address(server: FakeNsqd) -> str:
+    return f"{server.host}:{server.port}"
+
+
+def lines(server: FakeNsqd, session: Any = None) -> List[bytes]:
+    source = session.received if session is not None else server.received
+    with server._cond:
+        return [c.line for c in source]
+
+
+def rdy_values(commands: List[bytes]) -> List[int]:
+    return [int(c.split()[1]) for c in commands if c.startswith(b"RDY ")]
+
+
+@pytest.fixture
+def make_reader(backend: str) -> Iterator[Callable[..., Reader]]:
+    readers: List[Reader] = []
+
+    def make(servers: Any, handler: Optional[Callable[..., Any]] = None, cls: type = Reader, **kwargs: Any) -> Reader:
+        if isinstance(servers, FakeNsqd):
+            servers = [servers]
+        kwargs.setdefault("backend", backend)
+        kwargs.setdefault("backoff_strategy", ExponentialBackoff(multiplier=0.05, max_duration=1))
+        reader = cls(TOPIC, CHANNEL, handler, nsqd_tcp_addresses=[address(s) for s in servers], **kwargs)
+        reader.reconnect_base = 0.02
+        readers.append(reader)
+        return reader
+
+    yield make
+    for reader in readers:
+        reader.close(5)
+        assert reader.join(10)
+    assert live_tasks() == []
+
+
+# ------------------------------------------------------------- (a) success
+def test_success_identify_sub_rdy_then_fin_per_message(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> None:
+    seen: List[bytes] = []
+    reader = make_reader(fake_nsqd, lambda m: seen.append(m.body), max_in_flight=3)
+    reader.start()
+    fake_nsqd.wait_for_command("RDY")
+    ids = [fake_nsqd.enqueue(b"m%d" % i).id for i in range(3)]
+    fake_nsqd.wait_for_command("FIN", count=3, timeout=WAIT)
+    commands = lines(fake_nsqd)
+    assert commands[:3] == [b"IDENTIFY", b"SUB topic channel", b"RDY 3"]
+    assert sorted(commands[3:]) == sorted(b"FIN " + i for i in ids)
+    assert sorted(seen) == [b"m0", b"m1", b"m2"]
+    # A message leaves the client's in-flight count once its FIN is written.
+    wait_until(lambda: reader.stats()["in_flight"] == 0, WAIT, message="in_flight 0")
+    stats = reader.stats()
+    assert (stats["messages_received"], stats["messages_finished"], stats["messages_requeued"]) == (3, 3, 0)
+    assert stats["total_rdy"] == 3
+    assert stats["connections"][0]["address"] == address(fake_nsqd)
+    reader.close()
+    assert lines(fake_nsqd)[6:] == [b"CLS"]
+    fake_nsqd.wait_disconnected()
+
+
+def test_identify_carries_conn_kwargs(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> None:
+    reader = make_reader(fake_nsqd, lambda m: True, heartbeat_interval=5, user_agent="test-agent/1", msg_timeout=30)
+    reader.start()
+    fake_nsqd.wait_for_command("RDY 1")
+    identify = fake_nsqd.session.identify
+    assert identify["heartbeat_interval"] == 5000
+    assert identify["user_agent"] == "test-agent/1"
+    assert identify["msg_timeout"] == 30000
+
+
+# ------------------------------------------------------ (b) failure/backoff
+def test_failure_backs_off_then_tests_with_rdy_1_and_recovers(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> None:
+    answers = iter([False, True])
+    reader = make_reader(fake_nsqd, lambda m: next(answers), max_in_flight=3, backoff_strategy=ExponentialBackoff(multiplier=0.2))
+    reader.start()
+    fake_nsqd.wait_for_command("RDY 3")
+    first = fake_nsqd.enqueue(b"fails")
+    fake_nsqd.wait_for_command("REQ")
+    assert reader.stats()["backing_off"] is True
+    second = fake_nsqd.enqueue(b"succeeds")  # the fake delivers it only once RDY allows
+    fake_nsqd.wait_for_command("FIN", timeout=WAIT)
+    commands = lines(fake_nsqd)
+    # resume/backoff fire before FIN/REQ is written (pynsq's order), so RDY precedes the answer.
+    assert commands == [
+        b"IDENTIFY",
+        b"SUB topic channel",
+        b"RDY 3",
+        b"RDY 0",
+        b"REQ " + first.id + b" 90000",
+        b"RDY 1",
+        b"RDY 3",
+        b"FIN " + second.id,
+    ]
+    rdy0 = fake_nsqd.wait_for_command("RDY 0")
+    rdy1 = fake_nsqd.wait_for_command("RDY 1")
+    assert rdy1.time - rdy0.time >= 0.19  # the level-1 interval: multiplier * 2**0
+    assert fake_nsqd.session.delivered[-1].id == second.id
+    assert reader.stats()["backing_off"] is False and reader.backoff_level == 0
+
+
+def test_failures_during_a_window_count_once_and_level_steps_down(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> None:
+    """Three failures in flight together raise the level once; two levels need two successes."""
+    release = threading.Event()
+    outcomes: Dict[bytes, bool] = {b"f1": False, b"f2": False, b"f3": False}
+
+    def handler(message: Any) -> bool:
+        if message.body in outcomes:
+            release.wait(WAIT)
+            return outcomes[message.body]
+        return True
+
+    reader = make_reader(fake_nsqd, handler, max_in_flight=3, backoff_strategy=ExponentialBackoff(multiplier=0.05))
+    reader.start()
+    fake_nsqd.wait_for_command("RDY 3")
+    for body in (b"f1", b"f2", b"f3"):
+        fake_nsqd.enqueue(body)
+    fake_nsqd.wait_until(lambda: len(fake_nsqd.session.in_flight) == 3, WAIT, "3 in flight")
+    release.set()
+    fake_nsqd.wait_for_command("REQ", count=3, timeout=WAIT)
+    assert reader.backoff_level == 1
+    # Test message: fails -> level 2; then two successes bring it back.
+    fake_nsqd.wait_for_command("RDY 1", timeout=WAIT)
+    outcomes[b"f4"] = False
+    fake_nsqd.enqueue(b"f4")
+    fake_nsqd.wait_for_command("REQ", count=4, timeout=WAIT)
+    assert reader.backoff_level == 2
+    fake_nsqd.wait_for_command("RDY 1", count=2, timeout=WAIT)
+    fake_nsqd.enqueue(b"ok1")
+    fake_nsqd.wait_for_command("FIN", timeout=WAIT)
+    assert reader.backoff_level == 1
+    fake_nsqd.wait_for_command("RDY 1", count=3, timeout=WAIT)
+    fake_nsqd.enqueue(b"ok2")
+    fake_nsqd.wait_for_command("FIN", count=2, timeout=WAIT)
+    assert reader.backoff_level == 0
+    after_first_failure = lines(fake_nsqd)[3:]
+    assert rdy_values(after_first_failure) == [0, 1, 0, 1, 0, 1, 3]
+
+
+# ---------------------------------------------- (c) requeue without backoff
+def test_requeue_without_backoff_never_sends_rdy_0(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> None:
+    def handler(message: Any) -> None:
+        if message.body == b"again":
+            message.requeue(delay=0, backoff=False)
+
+    reader = make_reader(fake_nsqd, handler, max_in_flight=2)
+    reader.start()
+    fake_nsqd.wait_for_command("RDY 2")
+    again = fake_nsqd.enqueue(b"again")
+    fake_nsqd.wait_for_command("REQ")
+    done = fake_nsqd.enqueue(b"done")
+    fake_nsqd.wait_for_command("FIN")
+    assert lines(fake_nsqd) == [b"IDENTIFY", b"SUB topic channel", b"RDY 2", b"REQ " + again.id + b" 0", b"FIN " + done.id]
+    stats = reader.stats()
+    assert stats["backing_off"] is False and stats["messages_requeued"] == 1 and stats["messages_finished"] == 1
+
+
+# ------------------------------------ (d) disconnect while backing off, reconnect
+def test_disconnect_during_backoff_reconnects_without_rdy_above_1(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> None:
+    answers = iter([False, True])
+    reader = make_reader(fake_nsqd, lambda m: next(answers), max_in_flight=2, backoff_strategy=ExponentialBackoff(multiplier=0.5))
+    reader.start()
+    fake_nsqd.wait_for_command("RDY 2")
+    fake_nsqd.enqueue(b"fails")
+    fake_nsqd.wait_for_command("REQ")
+    first = fake_nsqd.session
+    fake_nsqd.close_client()
+    fake_nsqd.wait_disconnected(first)
+    second = fake_nsqd.wait_connected(count=2, timeout=WAIT)
+    fake_nsqd.wait_for_command("SUB", session=second, timeout=WAIT)
+    fake_nsqd.wait_for_command("RDY 1", session=second, timeout=WAIT)
+    ok = fake_nsqd.enqueue(b"succeeds")
+    fake_nsqd.wait_for_command("FIN", session=second, timeout=WAIT)
+    fake_nsqd.wait_for_command("RDY 2", session=second, timeout=WAIT)
+    assert lines(fake_nsqd, second) == [b"IDENTIFY", b"SUB topic channel", b"RDY 1", b"RDY 2", b"FIN " + ok.id]
+    assert rdy_values(lines(fake_nsqd, first)) == [2, 0]
+    assert reader.backoff_level == 0
+
+
+# ------------------------------------------------ (e) backoff disabled
+def test_max_backoff_duration_0_never_throttles(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> None:
+    reader = make_reader(fake_nsqd, lambda m: m.body != b"bad", max_in_flight=4, max_backoff_duration=0)
+    reader.start()
+    fake_nsqd.wait_for_command("RDY 4")
+    for _ in range(5):
+        fake_nsqd.enqueue(b"bad")
+    fake_nsqd.wait_for_command("REQ", count=5, timeout=WAIT)
+    fake_nsqd.enqueue(b"good")
+    fake_nsqd.wait_for_command("FIN", timeout=WAIT)
+    assert rdy_values(lines(fake_nsqd)) == [4]
+    stats = reader.stats()
+    assert stats["backing_off"] is False and stats["messages_requeued"] == 5 and stats["total_rdy"] == 4
+
+
+# ------------------------------- (f) max_in_flight 1 across 3 connections
+def test_max_in_flight_1_over_3_connections_total_rdy_never_above_1(make_reader: Callable[..., Reader]) -> None:
+    servers = [FakeNsqd().start() for _ in range(3)]
+    lock = threading.Lock()
+    rdy: Dict[int, int] = {}
+    sums: List[int] = []
+
+    def track(session: Any, command: Any) -> Any:
+        # Called after the fake applied the command: session.rdy is what nsqd now holds.
+        with lock:
+            rdy[id(session)] = session.rdy
+            sums.append(sum(rdy.values()))
+        # NOTHING, not DEFAULT: the fake cannot send a DEFAULT that resolves to "no answer".
+        return None
+
+    running = 0
+    peak = 0
+    count_lock = threading.Lock()
+
+    def handler(message: Any) -> bool:
+        nonlocal running, peak
+        with count_lock:
+            running += 1
+            peak = max(peak, running)
+        with count_lock:
+            running -= 1
+        return True
+
+    try:
+        for server in servers:
+            server.set_answer("RDY", track)
+            server.set_answer("CLS", lambda s, c: (track(s, c), b"CLOSE_WAIT")[1])
+            for i in range(3):
+                server.enqueue(b"%d" % i)
+        reader = make_reader(servers, handler, max_in_flight=1, low_rdy_idle_timeout=0.2, rdy_redistribute_interval=0.05)
+        reader.start()
+        for server in servers:
+            server.wait_for_command("FIN", count=3, timeout=WAIT)
+        assert max(sums) == 1
+        assert peak == 1
+        assert reader.stats()["messages_finished"] == 9
+        reader.close()
+        # RDY is taken back only from a connection that had it for low_rdy_idle_timeout
+        # without a message (never right after it was handed out).
+        for server in servers:
+            for session in server.sessions:
+                granted_at = None
+                for command in list(session.received):
+                    if command.line == b"RDY 1":
+                        granted_at = command.time
+                    elif command.name == "FIN":
+                        granted_at = command.time
+                    elif command.line == b"RDY 0" and granted_at is not None:
+                        assert command.time - granted_at >= 0.18, session.received
+                        granted_at = None
+    finally:
+        for server in servers:
+            server.stop()
+
+
+# ------------------------------------------- (g) pause and resume
+def test_set_max_in_flight_0_pauses_everywhere_and_restores(make_reader: Callable[..., Reader]) -> None:
+    servers = [FakeNsqd().start() for _ in range(2)]
+    try:
+        reader = make_reader(servers, lambda m: True, max_in_flight=4)
+        reader.start()
+        for server in servers:
+            server.wait_for_command("RDY 2", timeout=WAIT)
+        reader.set_max_in_flight(0)
+        for server in servers:
+            server.wait_for_command("RDY 0", timeout=WAIT)
+        held = servers[0].enqueue(b"while paused")
+        assert servers[0].queued and not servers[0].session.in_flight
+        reader.set_max_in_flight(5)
+        for server in servers:
+            server.wait_for_command("RDY 2", count=2, timeout=WAIT)
+        servers[0].wait_for_command("FIN " + held.id.decode(), timeout=WAIT)
+        # The first connection may have had RDY 4 while it was alone; then 2, 0, 2.
+        for server in servers:
+            assert rdy_values(lines(server))[-3:] == [2, 0, 2]
+        assert reader.max_in_flight == 5
+        reader.set_max_in_flight(1)  # two connections, one slot: only one keeps RDY 1
+        # Which one keeps RDY 1 is not fixed, so poll both fakes rather than wait on one.
+        wait_until(lambda: servers[0].session.rdy + servers[1].session.rdy == 1, WAIT, message="total RDY 1")
+        assert sorted(rdy_values(lines(s))[-1] for s in servers) == [0, 1]
+        with pytest.raises(ConfigError):
+            reader.set_max_in_flight(-1)
+        reader.close()
+    finally:
+        for server in servers:
+            server.stop()
+
+
+# ------------------------------------------------- (h) giving up
+def test_giving_up_after_max_tries_finishes_without_calling_the_handler(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> None:
+    handled: List[bytes] = []
+    given_up: List[Any] = []
+
+    class GivingUp(Reader):
+        def giving_up(self, message: Any) -> None:
+            given_up.append((message.body, message.attempts))
+
+    reader = make_reader(fake_nsqd, lambda m: handled.append(m.body), cls=GivingUp, max_tries=2, max_in_flight=1)
+    reader.start()
+    fake_nsqd.wait_for_command("RDY 1")
+    last_try = fake_nsqd.enqueue(b"last try", attempts=2)
+    fake_nsqd.wait_for_command("FIN")
+    too_many = fake_nsqd.enqueue(b"too many", attempts=3)
+    fake_nsqd.wait_for_command("FIN", count=2)
+    assert handled == [b"last try"]
+    assert given_up == [(b"too many", 3)]
+    assert lines(fake_nsqd)[3:] == [b"FIN " + last_try.id, b"FIN " + too_many.id]
+    assert reader.stats()["messages_given_up"] == 1
+
+
+def test_default_giving_up_logs_a_warning_without_the_body(
+    fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="nsq_sync.reader")
+    reader = make_reader(fake_nsqd, lambda m: True, max_tries=1)
+    reader.start()
+    fake_nsqd.wait_for_command("RDY 1")
+    fake_nsqd.enqueue(b"secret-body", attempts=2)
+    fake_nsqd.wait_for_command("FIN")
+    records = [r for r in caplog.records if "giving up" in r.getMessage()]
+    assert len(records) == 1 and "secret-body" not in records[0].getMessage()
+
+
+def test_validate_message_false_finishes_without_processing(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> None:
+    handled: List[bytes] = []
+
+    class Validating(Reader):
+        def preprocess_message(self, message: Any) -> Any:
+            return message.body.upper()
+
+        def validate_message(self, message: Any) -> bool:
+            return message != b"INVALID"
+
+    reader = make_reader(fake_nsqd, lambda m: handled.append(m.body), cls=Validating)
+    reader.start()
+    fake_nsqd.wait_for_command("RDY 1")
+    fake_nsqd.enqueue(b"invalid")
+    fake_nsqd.wait_for_command("FIN")
+    fake_nsqd.enqueue(b"valid")
+    fake_nsqd.wait_for_command("FIN", count=2)
+    assert handled == [b"valid"]  # process_message gets the original message, as in pynsq
+
+
+# ------------------------------------------------- (i) exceptions
+def test_exception_in_handler_requeues_with_backoff_and_logs_the_traceback(
+    fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="nsq_sync.reader")
+
+    def handler(message: Any) -> None:
+        raise ValueError("boom")
+
+    reader = make_reader(fake_nsqd, handler, max_in_flight=2, backoff_strategy=ExponentialBackoff(multiplier=0.05))
+    reader.start()
+    fake_nsqd.wait_for_command("RDY 2")
+    msg = fake_nsqd.enqueue(b"x")
+    fake_nsqd.wait_for_command("REQ")
+    assert lines(fake_nsqd)[3:5] == [b"RDY 0", b"REQ " + msg.id + b" 90000"]
+    records = [r for r in caplog.records if r.exc_info and r.name == "nsq_sync.reader"]
+    assert len(records) == 1
+    assert records[0].exc_info[0] is ValueError and "Traceback" in caplog.text and "boom" in caplog.text
+
+
+# ------------------------------------------------- (j) enable_async
+def test_enable_async_answers_later_from_another_thread(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> None:
+    parked: List[Any] = []
+
+    def handler(message: Any) -> Any:
+        if message.body == b"async":
+            message.enable_async()
+            parked.append(message)
+            return None
+        return True
+
+    # One worker: the async handler's return is followed by the next message on the same worker.
+    reader = make_reader(fake_nsqd, handler, max_in_flight=2, concurrency=1)
+    reader.start()
+    fake_nsqd.wait_for_command("RDY 2")
+    later = fake_nsqd.enqueue(b"async")
+    sync = fake_nsqd.enqueue(b"sync")
+    fake_nsqd.wait_for_command("FIN")
+    assert lines(fake_nsqd)[3:] == [b"FIN " + sync.id]  # nothing was sent for the async one
+    finisher = threading.Thread(target=parked[0].finish)
+    finisher.start()
+    finisher.join(WAIT)
+    fake_nsqd.wait_for_command("FIN", count=2)
+    assert lines(fake_nsqd)[3:] == [b"FIN " + sync.id, b"FIN " + later.id]
+    wait_until(lambda: reader.stats()["in_flight"] == 0, WAIT, message="in_flight 0")
+
+
+# ------------------------------------------------- (k) graceful close
+def test_close_sends_cls_and_waits_for_the_running_handler(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> None:
+    started = threading.Event()
+    release = threading.Event()
+
+    def handler(message: Any) -> bool:
+        started.set()
+        release.wait(WAIT)
+        return True
+
+    reader = make_reader(fake_nsqd, handler, max_in_flight=1)
+    reader.start()
+    fake_nsqd.wait_for_command("RDY 1")
+    msg = fake_nsqd.enqueue(b"slow")
+    assert started.wait(WAIT)
+    closer = threading.Thread(target=reader.close, args=(WAIT,))
+    closer.start()
+    fake_nsqd.wait_for_command("CLS")
+    assert fake_nsqd.session.connected and not reader.join(0)
+    release.set()
+    closer.join(WAIT)
+    assert not closer.is_alive() and reader.join(0)
+    session = fake_nsqd.wait_disconnected()
+    assert lines(fake_nsqd)[3:] == [b"CLS", b"FIN " + msg.id]
+    assert session.client_closed
+    assert live_tasks() == []
+
+
+def test_close_requeues_messages_no_worker_has_started(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> None:
+    started = threading.Event()
+    release = threading.Event()
+
+    def handler(message: Any) -> bool:
+        started.set()
+        release.wait(WAIT)
+        return True
+
+    reader = make_reader(fake_nsqd, handler, max_in_flight=3, concurrency=1)
+    reader.start()
+    fake_nsqd.wait_for_command("RDY 3")
+    msgs = [fake_nsqd.enqueue(b"%d" % i) for i in range(3)]
+    fake_nsqd.wait_until(lambda: len(fake_nsqd.session.in_flight) == 3, WAIT, "3 in flight")
+    assert started.wait(WAIT)
+    closer = threading.Thread(target=reader.close, args=(WAIT,))
+    closer.start()
+    fake_nsqd.wait_for_command("CLS")
+    release.set()
+    closer.join(WAIT)
+    answered = lines(fake_nsqd)[4:]
+    assert lines(fake_nsqd)[3] == b"CLS"
+    assert answered[0] == b"FIN " + msgs[0].id
+    assert sorted(answered[1:]) == sorted(b"REQ " + m.id + b" 0" for m in msgs[1:])
+    assert reader.stats()["backing_off"] is False
+
+
+def test_close_from_inside_a_handler_does_not_deadlock(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> None:
+    holder: List[Reader] = []
+
+    def handler(message: Any) -> bool:
+        holder[0].close(WAIT)  # returns at once: the shutdown runs in the background
+        return True
+
+    reader = make_reader(fake_nsqd, handler)
+    holder.append(reader)
+    reader.start()
+    fake_nsqd.wait_for_command("RDY 1")
+    msg = fake_nsqd.enqueue(b"x")
+    assert reader.join(WAIT)
+    fake_nsqd.wait_for_command("CLS")
+    fake_nsqd.wait_for_command("FIN")
+    fake_nsqd.wait_disconnected()
+    # The shutdown runs in its own task, so CLS and the handler's FIN may come in either order.
+    assert sorted(lines(fake_nsqd)[3:]) == [b"CLS", b"FIN " + msg.id]
+
+
+# ---------------------------------------------------- lifecycle, misc
+def test_close_is_idempotent_and_stops_everything(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> None:
+    reader = make_reader(fake_nsqd, lambda m: True)
+    reader.start()
+    reader.start()  # idempotent
+    fake_nsqd.wait_for_command("RDY 1")
+    reader.close()
+    reader.close()
+    assert reader.join(0) and reader.closed
+    assert live_tasks() == []
+    with pytest.raises(ClosedError):
+        reader.start()
+    with pytest.raises(ClosedError):
+        reader.connect_to_nsqd("127.0.0.1", fake_nsqd.port)
+    assert len(fake_nsqd.sessions) == 1
+
+
+def test_run_in_a_thread_returns_after_close(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> None:
+    reader = make_reader(fake_nsqd, lambda m: True)
+    runner = threading.Thread(target=reader.run, name="test-runner")
+    runner.start()
+    fake_nsqd.wait_for_command("RDY 1", timeout=WAIT)
+    assert runner.is_alive()
+    reader.close()
+    runner.join(WAIT)
+    assert not runner.is_alive()
+    fake_nsqd.wait_for_command("CLS")
+
+
+def test_close_before_start(make_reader: Callable[..., Reader], fake_nsqd: FakeNsqd) -> None:
+    reader = make_reader(fake_nsqd, lambda m: True)
+    reader.close()
+    assert reader.join(0)
+    assert fake_nsqd.sessions == []
+
+
+def test_direct_address_reconnects_after_the_server_closes(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> None:
+    reader = make_reader(fake_nsqd, lambda m: True, max_in_flight=2)
+    reader.start()
+    fake_nsqd.wait_for_command("RDY 2")
+    fake_nsqd.close_client()
+    second = fake_nsqd.wait_connected(count=2, timeout=WAIT)
+    fake_nsqd.wait_for_command("RDY 2", session=second, timeout=WAIT)
+    msg = fake_nsqd.enqueue(b"after reconnect")
+    fake_nsqd.wait_for_command("FIN " + msg.id.decode(), timeout=WAIT)
+
+
+def test_unreachable_direct_address_is_retried_with_backoff(make_reader: Callable[..., Reader], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="nsq_sync.reader")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.close()  # nothing listens there now: connection refused
+    server = FakeNsqd()
+    server.port = port
+    server.host = "127.0.0.1"
+    reader = make_reader(server, lambda m: True)
+    reader.start()
+
+    def delays() -> List[str]:
+        return [r.getMessage() for r in caplog.records if "reconnecting to" in r.getMessage()]
+
+    wait_until(lambda: len(delays()) >= 3, WAIT, message="3 reconnect attempts")
+    assert "attempt 1" in delays()[0] and "attempt 3" in delays()[2]
+    reader.close()
+    count = len(delays())
+    assert reader.join(0) and len(delays()) == count
+
+
+def test_new_connection_gets_its_share_without_exceeding_the_total(make_reader: Callable[..., Reader]) -> None:
+    first, second = FakeNsqd().start(), FakeNsqd().start()
+    try:
+        reader = make_reader(first, lambda m: True, max_in_flight=10)
+        reader.start()
+        first.wait_for_command("RDY 10")
+        reader.connect_to_nsqd(second.host, second.port)
+        first.wait_for_command("RDY 5", timeout=WAIT)
+        second.wait_for_command("RDY 5", timeout=WAIT)
+        # The new connection got its share only after the old one was lowered.
+        lowered = first.wait_for_command("RDY 5")
+        raised = second.wait_for_command("RDY 5")
+        assert raised.time >= lowered.time
+        assert set(reader.conns) == {address(first), address(second)}
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_max_rdy_count_caps_rdy(make_reader: Callable[..., Reader]) -> None:
+    server = FakeNsqd(identify_response={"max_rdy_count": 3}).start()
+    try:
+        reader = make_reader(server, lambda m: True, max_in_flight=10)
+        reader.start()
+        server.wait_for_command("RDY 3")
+        assert rdy_values(lines(server)) == [3]
+    finally:
+        server.stop()
+
+
+def test_is_starved(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> None:
+    release = threading.Event()
+    reader = make_reader(fake_nsqd, lambda m: release.wait(WAIT), max_in_flight=2)
+    reader.start()
+    fake_nsqd.wait_for_command("RDY 2")
+    assert not reader.is_starved()
+    fake_nsqd.enqueue(b"1")
+    fake_nsqd.enqueue(b"2")
+    fake_nsqd.wait_until(lambda: len(fake_nsqd.session.in_flight) == 2, WAIT, "2 in flight")
+    # The client counts in-flight when its reader task decodes the frames.
+    wait_until(reader.is_starved, WAIT, message="is_starved()")
+    release.set()
+    fake_nsqd.wait_for_command("FIN", count=2)
+    wait_until(lambda: not reader.is_starved(), WAIT, message="not starved")
+
+
+def test_heartbeat_hook_is_called(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> None:
+    beats = threading.Event()
+
+    class Beating(Reader):
+        def heartbeat(self, conn: Any) -> None:
+            beats.set()
+
+    reader = make_reader(fake_nsqd, lambda m: True, cls=Beating)
+    reader.start()
+    fake_nsqd.wait_for_command("RDY 1")
+    fake_nsqd.send_heartbeat()
+    fake_nsqd.wait_for_command("NOP")
+    assert beats.wait(WAIT)
+
+
+# ---------------------------------------------------- lookupd discovery
+class _Lookupd:
+    """A minimal nsqlookupd /lookup endpoint serving a fixed producer list."""
+
+    def __init__(self, producers: List[Dict[str, Any]]) -> None:
+        self.producers = producers
+        self.requests = 0
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                outer.requests += 1
+                body = json.dumps({"channels": [], "producers": outer.producers}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.address = f"127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-lookupd")
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(WAIT)
+
+
+def test_lookupd_discovery_tries_the_next_lookupd_on_failure(fake_nsqd: FakeNsqd, backend: str) -> None:
+    lookupd = _Lookupd([{"broadcast_address": fake_nsqd.host, "tcp_port": fake_nsqd.port, "http_port": 1}])
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    dead_address = f"127.0.0.1:{dead.getsockname()[1]}"
+    dead.close()
+    reader = Reader(
+        TOPIC,
+        CHANNEL,
+        lambda m: True,
+        lookupd_http_addresses=[dead_address, f"http://{lookupd.address}/lookup"],
+        lookupd_poll_interval=60,
+        backend=backend,
+    )
+    try:
+        reader.start()
+        fake_nsqd.wait_for_command("RDY 1", timeout=WAIT)  # found on the first poll, whichever lookupd came first
+        assert lookupd.requests == 1
+        # A closed connection triggers an early re-query (not the 60 s poll).
+        fake_nsqd.close_client()
+        second = fake_nsqd.wait_connected(count=2, timeout=WAIT)
+        fake_nsqd.wait_for_command("RDY 1", session=second, timeout=WAIT)
+        assert lookupd.requests >= 2
+    finally:
+        reader.close(5)
+        lookupd.stop()
+    assert reader.join(10) and live_tasks() == []
+
+
+# ------------------------------------------------------------- validation
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        ({}, "nsqd_tcp_addresses"),
+        ({"nsqd_tcp_addresses": "nohostport"}, "nsqd_tcp_addresses"),
+        ({"nsqd_tcp_addresses": ["127.0.0.1:0"]}, "nsqd_tcp_addresses"),
+        ({"nsqd_tcp_addresses": [b"127.0.0.1:4150"]}, "nsqd_tcp_addresses"),
+        ({"lookupd_http_addresses": "ftp://x:1"}, "lookupd_http_addresses"),
+        ({"nsqd_tcp_addresses": "h:1", "max_in_flight": -1}, "max_in_flight"),
+        ({"nsqd_tcp_addresses": "h:1", "max_tries": -1}, "max_tries"),
+        ({"nsqd_tcp_addresses": "h:1", "lookupd_poll_jitter": 2}, "lookupd_poll_jitter"),
+        ({"nsqd_tcp_addresses": "h:1", "concurrency": 0}, "concurrency"),
+        ({"nsqd_tcp_addresses": "h:1", "max_backoff_duration": -1}, "max_backoff_duration"),
+        ({"nsqd_tcp_addresses": "h:1", "heartbeat_interval": 0.5}, "heartbeat_interval"),
+        ({"nsqd_tcp_addresses": "h:1", "worker_pool": None}, "worker_pool"),
+    ],
+)
+def test_bad_config_raises_config_error_naming_the_parameter(kwargs: Dict[str, Any], param: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Reader(TOPIC, CHANNEL, lambda m: True, **kwargs)
+    assert info.value.param == param
+
+
+def test_bad_names_and_unknown_kwargs() -> None:
+    with pytest.raises(ConfigError) as info:
+        Reader("bad topic", CHANNEL, lambda m: True, nsqd_tcp_addresses="h:1")
+    assert info.value.param == "topic"
+    with pytest.raises(ConfigError) as info:
+        Reader(TOPIC, "", lambda m: True, nsqd_tcp_addresses="h:1")
+    assert info.value.param == "channel"
+    with pytest.raises(TypeError, match="no_such_option"):
+        Reader(TOPIC, CHANNEL, lambda m: True, nsqd_tcp_addresses="h:1", no_such_option=1)
+    with pytest.raises(TypeError):
+        Reader(TOPIC, CHANNEL, "not callable", nsqd_tcp_addresses="h:1")  # type: ignore[arg-type]
+    reader = Reader(TOPIC, CHANNEL, nsqd_tcp_addresses=["h:1", "[::1]:4150"])
+    assert reader.nsqd_tcp_addresses == ["h:1", "[::1]:4150"]
+    with pytest.raises(ConfigError) as info:
+        reader.start()  # neither a handler nor process_message()
+    assert info.value.param == "message_handler"
+    reader.close()

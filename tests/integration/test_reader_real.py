@@ -1,0 +1,387 @@
+"""Reader against real nsqd/nsqlookupd v1.3.0: discovery, volume, failures, slow handlers,
+topology changes, max_in_flight, SIGTERM and a clean close.
+
+Every Reader is made with ``backend=backend`` (thread, or gevent when the suite runs with
+NSQ_SYNC_BACKEND=gevent in its own monkey-patched process). Assertions are about what nsqd
+records in ``/stats`` and what the handlers saw.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from typing import Any, Callable, Dict, Iterator, List
+
+import pytest
+
+from nsq_sync.backoff import ExponentialBackoff
+from nsq_sync.reader import Reader
+from nsq_sync.testing import LocalCluster, NsqdProcess, wait_until
+
+TOPIC = "reader_topic"
+CHANNEL = "reader_channel"
+TIMEOUT = 30.0
+
+
+# ------------------------------------------------------------------ helpers
+def live_tasks() -> List[str]:
+    """Names of nsq_sync threads and greenlets still running."""
+    names = [t.name for t in threading.enumerate() if "nsq_sync" in t.name and t.is_alive()]
+    try:
+        import gevent
+    except ImportError:  # pragma: no cover
+        return names
+    for obj in gc.get_objects():
+        if isinstance(obj, gevent.Greenlet) and not obj.dead and "nsq_sync" in str(getattr(obj, "name", "")):
+            names.append(obj.name)
+    return names
+
+
+def prepare(nsqd: NsqdProcess, bodies: List[bytes], topic: str = TOPIC, channel: str = CHANNEL) -> None:
+    """Create the channel (so nothing waits in the topic), then publish *bodies*."""
+    nsqd.create_channel(topic, channel)
+    for start in range(0, len(bodies), 2000):
+        chunk = bodies[start : start + 2000]
+        if chunk:
+            nsqd.mpublish(topic, chunk)
+
+
+def channel(nsqd: NsqdProcess, topic: str = TOPIC, name: str = CHANNEL) -> Dict[str, Any]:
+    stats = nsqd.channel_stats(topic, name)
+    assert stats is not None, f"{nsqd!r} has no channel {topic}/{name}"
+    return stats
+
+
+def drained(nsqd: NsqdProcess) -> bool:
+    stats = channel(nsqd)
+    return stats["depth"] == 0 and stats["in_flight_count"] == 0 and stats["deferred_count"] == 0
+
+
+class Recorder:
+    """Thread-safe record of what a handler saw; ``done`` is set when ``expected`` distinct bodies arrived."""
+
+    def __init__(self, expected: int) -> None:
+        self.lock = threading.Lock()
+        self.bodies: Counter = Counter()
+        self.expected = expected
+        self.done = threading.Event()
+
+    def add(self, body: bytes) -> None:
+        with self.lock:
+            self.bodies[body] += 1
+            if len(self.bodies) >= self.expected:
+                self.done.set()
+
+    def wait(self, timeout: float = TIMEOUT) -> None:
+        assert self.done.wait(timeout), f"got {len(self.bodies)} of {self.expected} distinct messages"
+
+
+@pytest.fixture
+def make_reader(backend: str) -> Iterator[Callable[..., Reader]]:
+    readers: List[Reader] = []
+
+    def make(*args: Any, cls: type = Reader, **kwargs: Any) -> Reader:
+        kwargs.setdefault("backend", backend)
+        reader = cls(TOPIC, CHANNEL, *args, **kwargs)
+        readers.append(reader)
+        return reader
+
+    yield make
+    for reader in readers:
+        reader.close(10)
+        assert reader.join(15)
+    assert live_tasks() == []
+
+
+# ----------------------------------------------------- (1) volume via lookupd
+@pytest.mark.slow
+def test_ten_thousand_messages_across_two_nsqd_found_through_lookupd(nsq_cluster: LocalCluster, make_reader: Callable[..., Reader]) -> None:
+    count = 10_000
+    bodies = [b"msg-%05d" % i for i in range(count)]
+    for index, nsqd in enumerate(nsq_cluster.nsqds):
+        prepare(nsqd, bodies[index::2])
+    nsq_cluster.wait_for_producers(TOPIC, 2)
+    seen = Recorder(count)
+    reader = make_reader(
+        lambda m: seen.add(m.body),
+        lookupd_http_addresses=nsq_cluster.lookupd_http_addresses,
+        max_in_flight=50,
+        concurrency=8,
+    )
+    reader.start()
+    seen.wait(60)
+    stats = reader.stats()
+    assert len(stats["connections"]) == 2
+    assert max(c["rdy"] for c in stats["connections"]) <= 25
+    reader.close()
+    assert set(seen.bodies) == set(bodies)
+    assert sum(seen.bodies.values()) == count  # no duplicates
+    stats = reader.stats()
+    assert stats["messages_finished"] == count and stats["messages_requeued"] == 0
+    for nsqd in nsq_cluster.nsqds:
+        wait_until(lambda: drained(nsqd), 10, message="channel drained")
+        assert channel(nsqd)["message_count"] == count // 2
+
+
+# ----------------------------------------- (2) failures, retries, giving up
+def test_failing_messages_come_back_with_more_attempts_then_are_given_up(nsqd: NsqdProcess, make_reader: Callable[..., Reader]) -> None:
+    good = [b"good-%d" % i for i in range(15)]
+    bad = [b"bad-%d" % i for i in range(5)]
+    prepare(nsqd, good + bad)
+    lock = threading.Lock()
+    attempts: Dict[bytes, List[int]] = {}
+    given_up: Dict[bytes, int] = {}
+    finished = threading.Event()
+
+    def handler(message: Any) -> bool:
+        with lock:
+            attempts.setdefault(message.body, []).append(message.attempts)
+        if message.body.startswith(b"bad"):
+            raise RuntimeError("cannot process " + message.body.decode())
+        return True
+
+    class Recording(Reader):
+        def giving_up(self, message: Any) -> None:
+            with lock:
+                given_up[message.body] = message.attempts
+                if len(given_up) == len(bad):
+                    finished.set()
+
+    reader = make_reader(
+        handler,
+        cls=Recording,
+        nsqd_tcp_addresses=nsqd.tcp_address,
+        max_in_flight=5,
+        max_tries=3,
+        requeue_delay=0,
+        backoff_strategy=ExponentialBackoff(multiplier=0.01, max_duration=0.05),
+    )
+    reader.start()
+    assert finished.wait(TIMEOUT)
+    wait_until(lambda: len([b for b in attempts if b.startswith(b"good")]) == len(good), 10, message="good messages")
+    for body in bad:
+        assert attempts[body] == [1, 2, 3]
+        assert given_up[body] == 4
+    for body in good:
+        assert attempts[body] == [1]
+    wait_until(lambda: drained(nsqd), 10, message="channel drained")
+    stats = reader.stats()
+    assert stats["messages_given_up"] == 5
+    assert stats["messages_requeued"] == 15  # 5 bad messages x 3 failed attempts
+    assert channel(nsqd)["requeue_count"] == 15
+    wait_until(lambda: not reader.stats()["backing_off"], 10, message="backoff to end")
+
+
+# ------------------------------------------- (3) slow handler vs heartbeats
+def test_handler_slower_than_three_heartbeats_keeps_the_connection(nsqd: NsqdProcess, make_reader: Callable[..., Reader]) -> None:
+    prepare(nsqd, [b"slow"])
+    beats = []
+    closes = []
+    done = threading.Event()
+    never = threading.Event()
+
+    class Watching(Reader):
+        def heartbeat(self, conn: Any) -> None:
+            beats.append(time.monotonic())
+
+    def handler(message: Any) -> bool:
+        never.wait(3.3)  # the handler's "work": 3+ heartbeat intervals (heartbeat_interval=1)
+        done.set()
+        return True
+
+    reader = make_reader(handler, cls=Watching, nsqd_tcp_addresses=nsqd.tcp_address, heartbeat_interval=1)
+    reader.start()
+    wait_until(lambda: reader.conns, 10, message="a connection")
+    (conn,) = reader.conns.values()
+    conn.on("close", lambda conn: closes.append(conn))
+    assert done.wait(TIMEOUT)
+    wait_until(lambda: drained(nsqd), 10, message="message finished")
+    assert len(beats) >= 2
+    assert closes == [] and conn.connected()
+    assert list(reader.conns.values()) == [conn]
+    assert reader.stats()["messages_finished"] == 1
+    assert channel(nsqd)["timeout_count"] == 0
+
+
+# ------------------------------------------------ (4) a new nsqd mid-run
+@pytest.mark.slow
+def test_nsqd_added_mid_run_is_discovered_and_consumed(nsq_cluster: LocalCluster, make_reader: Callable[..., Reader]) -> None:
+    first = [b"first-%d" % i for i in range(20)]
+    for nsqd in nsq_cluster.nsqds:
+        prepare(nsqd, first[: len(first) // 2] if nsqd is nsq_cluster.nsqds[0] else first[len(first) // 2 :])
+    nsq_cluster.wait_for_producers(TOPIC, 2)
+    seen = Recorder(20)
+    reader = make_reader(lambda m: seen.add(m.body), lookupd_http_addresses=nsq_cluster.lookupd_http_addresses, max_in_flight=10, lookupd_poll_interval=0.5)
+    reader.start()
+    seen.wait()
+    third = nsq_cluster.add_nsqd()
+    late = [b"late-%d" % i for i in range(10)]
+    prepare(third, late)
+    nsq_cluster.wait_for_producers(TOPIC, 3)
+    seen.done.clear()
+    seen.expected = 30
+    seen.wait()
+    assert set(late) <= set(seen.bodies)
+    assert third.tcp_address in reader.conns
+    wait_until(lambda: drained(third), 10, message="third nsqd drained")
+
+
+# ------------------------------------------- (5) an nsqd killed mid-run
+@pytest.mark.slow
+def test_killed_nsqd_other_keeps_flowing_and_restarted_one_is_consumed(nsq_cluster: LocalCluster, make_reader: Callable[..., Reader]) -> None:
+    victim, survivor = nsq_cluster.nsqds
+    for nsqd in (victim, survivor):
+        prepare(nsqd, [b"%s-before-%d" % (nsqd.tcp_address.encode(), i) for i in range(10)])
+    nsq_cluster.wait_for_producers(TOPIC, 2)
+    seen = Recorder(20)
+    reader = make_reader(lambda m: seen.add(m.body), lookupd_http_addresses=nsq_cluster.lookupd_http_addresses, max_in_flight=10, lookupd_poll_interval=0.5)
+    reader.start()
+    seen.wait()
+    wait_until(lambda: len(reader.conns) == 2, 10, message="two connections")
+
+    victim.kill()
+    wait_until(lambda: victim.tcp_address not in reader.conns, 10, message="the killed connection to go")
+    during = [b"during-%d" % i for i in range(50)]
+    prepare(survivor, during)
+    seen.done.clear()
+    seen.expected = 70
+    seen.wait()
+
+    victim.restart()
+    after = [b"after-restart-%d" % i for i in range(10)]
+    prepare(victim, after)
+    seen.done.clear()
+    seen.expected = 80
+    seen.wait()
+    assert set(after) <= set(seen.bodies)
+    wait_until(lambda: victim.tcp_address in reader.conns, 10, message="reconnected to the restarted nsqd")
+    for nsqd in (victim, survivor):
+        wait_until(lambda: drained(nsqd), 10, message="drained")
+
+
+# --------------------------------- (6) max_in_flight 1 over 3 connections
+@pytest.mark.slow
+def test_max_in_flight_1_over_three_nsqd_never_runs_two_handlers(nsq_cluster: LocalCluster, make_reader: Callable[..., Reader]) -> None:
+    nsq_cluster.add_nsqd()
+    total = 0
+    for index, nsqd in enumerate(nsq_cluster.nsqds):
+        prepare(nsqd, [b"%d-%d" % (index, i) for i in range(8)])
+        total += 8
+    lock = threading.Lock()
+    running = 0
+    peak = 0
+    seen = Recorder(total)
+    pause = threading.Event()
+
+    def handler(message: Any) -> bool:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        pause.wait(0.005)  # a little work, so overlapping handlers would be caught
+        with lock:
+            running -= 1
+        seen.add(message.body)
+        return True
+
+    reader = make_reader(
+        handler,
+        nsqd_tcp_addresses=nsq_cluster.nsqd_tcp_addresses,
+        max_in_flight=1,
+        concurrency=4,
+        low_rdy_idle_timeout=0.3,
+        rdy_redistribute_interval=0.1,
+    )
+    reader.start()
+    seen.wait(TIMEOUT)
+    assert peak == 1
+    assert len(reader.conns) == 3
+    assert reader.stats()["total_rdy"] <= 1
+    for nsqd in nsq_cluster.nsqds:
+        wait_until(lambda: drained(nsqd), 10, message="drained")
+
+
+# --------------------------------------------- (7) SIGTERM to Reader.run()
+RUN_SCRIPT = r"""
+import json, os, sys, threading
+if os.environ.get("NSQ_SYNC_BACKEND") == "gevent":
+    from gevent import monkey
+    monkey.patch_all()
+from nsq_sync.reader import Reader
+
+def handler(message):
+    os.write(1, b"got\n")  # one write: lines from several workers never interleave
+    threading.Event().wait(0.02)
+    return True
+
+reader = Reader(sys.argv[1], sys.argv[2], handler, nsqd_tcp_addresses=sys.argv[3], max_in_flight=5,
+                backend=os.environ.get("NSQ_SYNC_BACKEND", "thread"))
+reader.run()
+print("stats " + json.dumps(reader.stats()), flush=True)
+"""
+
+
+def test_sigterm_to_reader_run_exits_0_after_a_graceful_drain(nsqd: NsqdProcess, backend: str) -> None:
+    published = 300
+    prepare(nsqd, [b"m-%d" % i for i in range(published)])
+    env = dict(os.environ, NSQ_SYNC_BACKEND=backend)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RUN_SCRIPT, TOPIC, CHANNEL, nsqd.tcp_address],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        for _ in range(10):  # consuming has started
+            assert proc.stdout.readline().strip() == b"got"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err.decode(errors="replace")
+    stats_line = [line for line in out.splitlines() if line.startswith(b"stats ")]
+    assert stats_line, out
+    stats = json.loads(stats_line[0][len(b"stats ") :])
+    assert stats["closed"] and stats["in_flight"] == 0
+    chan = channel(nsqd)
+    assert chan["in_flight_count"] == 0
+    assert chan["clients"] == []
+    finished = stats["messages_finished"]
+    assert finished >= 10
+    assert chan["depth"] + chan["deferred_count"] + finished == published
+    assert chan["depth"] + chan["deferred_count"] > 0  # SIGTERM really arrived mid-run
+
+
+# ------------------------------------------- (8) nothing left after close()
+def test_after_close_no_task_is_left_and_nothing_reconnects(nsqd: NsqdProcess, make_reader: Callable[..., Reader]) -> None:
+    prepare(nsqd, [b"one"])
+    seen = Recorder(1)
+    reader = make_reader(lambda m: seen.add(m.body), nsqd_tcp_addresses=nsqd.tcp_address)
+    reader.reconnect_base = 0.05  # reconnect attempts would come fast
+    reader.start()
+    seen.wait()
+    nsqd.kill()
+    wait_until(lambda: not reader.conns, 10, message="connection to go")
+    wait_until(lambda: reader._direct_failures.get(nsqd.tcp_address, 0) >= 2, 10, message="reconnect attempts")
+    reader.close()
+    assert reader.join(0)
+    assert live_tasks() == []
+    assert not reader._reconnect_timers and not reader._connecting and not reader._tasks
+    nsqd.restart()
+    nsqd.create_channel(TOPIC, CHANNEL)
+    # Absence check: give a would-be reconnect 20x its delay to show up.
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        assert channel(nsqd)["clients"] == []
+        time.sleep(0.1)
+    assert live_tasks() == []
