@@ -2,7 +2,9 @@
 
 Exit codes: 0 success; 1 the job ran but failed (messages lost, a publish
 failed); 2 bad arguments (a bad topic name, a handler that does not import);
-3 a broker could not be reached or started; 130 interrupted (Ctrl-C).
+3 a broker could not be reached or started; 130 interrupted (Ctrl-C, or SIGTERM during
+``demo``, which stops its brokers first). ``worker``, ``tail`` and ``cluster`` treat SIGINT and
+SIGTERM as the normal way to stop and exit 0.
 """
 
 from __future__ import annotations
@@ -120,22 +122,89 @@ def _start_cluster(nsqd_count: int) -> Any:
 
 
 # --------------------------------------------------------------------- demo
+class _Interrupt:
+    """SIGINT/SIGTERM handling for a command that cleans up itself: the first signal sets a
+    flag the command polls (then it raises KeyboardInterrupt: exit 130 after cleaning up);
+    a second one raises KeyboardInterrupt at once."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self._previous: Dict[int, Any] = {}
+
+    def __enter__(self) -> "_Interrupt":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._on_signal)
+        return self
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.event.is_set():
+            raise KeyboardInterrupt
+        self.event.set()
+
+    def check(self) -> None:
+        if self.event.is_set():
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def _prepare_demo_topic(cluster: Any, topic: str, channel: str, timeout: float, interrupt: _Interrupt) -> None:
+    """Create the topic and channel on every nsqd and wait until nsqlookupd lists them all,
+    so the Reader finds every nsqd on its first lookupd query (no discovery delay in the numbers)."""
+    from .httpapi import LookupdClient, NsqdHTTPClient
+
+    for address in cluster.nsqd_http_addresses:
+        client = NsqdHTTPClient(address)
+        client.create_topic(topic)
+        client.create_channel(topic, channel)
+    lookupd = LookupdClient(cluster.lookupd_http_addresses[0])
+    deadline = time.monotonic() + timeout
+    wanted = len(cluster.nsqd_tcp_addresses)
+    while len(lookupd.producers(topic)) < wanted:
+        interrupt.check()
+        if time.monotonic() > deadline:
+            logger.warning("nsqlookupd does not list %s on every nsqd after %.0fs; going on", topic, timeout)
+            return
+        time.sleep(0.01)
+
+
+def _wait_subscribed(reader: Any, count: int, timeout: float, interrupt: _Interrupt) -> None:
+    """Wait until *reader* is subscribed on *count* connections (or *timeout* passed)."""
+    deadline = time.monotonic() + timeout
+    while len(reader.conns) < count:
+        interrupt.check()
+        if time.monotonic() > deadline:
+            logger.warning("the Reader is subscribed to %d of %d nsqd after %.0fs; publishing anyway", len(reader.conns), count, timeout)
+            return
+        time.sleep(0.01)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Local cluster -> Writer (several threads) -> Reader via nsqlookupd; count and time everything."""
+    """Local cluster -> Writer (several threads) -> Reader via nsqlookupd; count and time everything.
+
+    The topic and channel are created on every nsqd, and the Reader is subscribed to all of
+    them, before the first message is published and before the clock starts: the rates and
+    latencies measure the client and the brokers, not nsqlookupd's polling.
+    """
     import nsq_sync
 
     count = args.count
     topic = f"demo.{os.getpid()}.{int(time.time())}"
+    channel = "demo"
+    nsqd_count = 2
     progress = _Progress(count, enabled=sys.stderr.isatty() and not args.quiet)
     if not args.json and not args.quiet:
         print(f"nsq-sync demo: {count:,} messages of {args.body_size} bytes, {args.threads} publishing threads, "
               f"max_in_flight {args.max_in_flight}, backend {args.backend}", file=sys.stderr)
-    cluster = _start_cluster(2)
     seen = bytearray(count)
     latencies: List[float] = []
-    state = {"received": 0, "duplicates": 0, "acknowledged": 0, "publish_errors": 0}
+    state = {"sent": 0, "received": 0, "duplicates": 0, "acknowledged": 0, "publish_errors": 0}
     lock = threading.Lock()
     all_received = threading.Event()
+    stop_publishing = threading.Event()
     padding = b"." * max(0, args.body_size - 30)
 
     def handler(message: Any) -> bool:
@@ -153,101 +222,123 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     all_received.set()
         return True
 
-    writer = reader = None
-    try:
-        if not args.json and not args.quiet:
-            print(f"cluster: nsqlookupd http {cluster.lookupd_http_addresses[0]}, nsqd tcp {', '.join(cluster.nsqd_tcp_addresses)}", file=sys.stderr)
-        writer = nsq_sync.Writer(cluster.nsqd_tcp_addresses, backend=args.backend, publish_timeout=30)
-        reader = nsq_sync.Reader(
-            topic,
-            "demo",
-            message_handler=handler,
-            lookupd_http_addresses=cluster.lookupd_http_addresses,
-            lookupd_poll_interval=1,
-            max_in_flight=args.max_in_flight,
-            concurrency=args.concurrency,
-            backend=args.backend,
-        )
-        reader.start()
-        started = time.monotonic()
-        per_thread = [count // args.threads + (1 if i < count % args.threads else 0) for i in range(args.threads)]
-        offsets = [sum(per_thread[:i]) for i in range(args.threads)]
-        batch = args.batch
+    with _Interrupt() as interrupt:
+        cluster = _start_cluster(nsqd_count)
+        writer = reader = None
+        threads: List[threading.Thread] = []
+        try:
+            interrupt.check()
+            if not args.json and not args.quiet:
+                print(f"cluster: nsqlookupd http {cluster.lookupd_http_addresses[0]}, nsqd tcp {', '.join(cluster.nsqd_tcp_addresses)}", file=sys.stderr)
+            setup_timeout = min(args.timeout, 30.0)
+            _prepare_demo_topic(cluster, topic, channel, setup_timeout, interrupt)
+            writer = nsq_sync.Writer(cluster.nsqd_tcp_addresses, backend=args.backend, publish_timeout=30)
+            reader = nsq_sync.Reader(
+                topic,
+                channel,
+                message_handler=handler,
+                lookupd_http_addresses=cluster.lookupd_http_addresses,
+                lookupd_poll_interval=1,
+                max_in_flight=args.max_in_flight,
+                concurrency=args.concurrency,
+                backend=args.backend,
+            )
+            reader.start()
+            _wait_subscribed(reader, nsqd_count, setup_timeout, interrupt)
+            writer.wait_connected(setup_timeout, count=nsqd_count)
+            started = time.monotonic()
+            per_thread = [count // args.threads + (1 if i < count % args.threads else 0) for i in range(args.threads)]
+            offsets = [sum(per_thread[:i]) for i in range(args.threads)]
+            batch = args.batch
 
-        def publish(first: int, n: int) -> None:
-            seq = first
-            end = first + n
-            while seq < end:
-                top = min(end, seq + batch)
-                bodies = [b"%010d|%d|%s" % (i, time.time_ns(), padding) for i in range(seq, top)]
-                try:
-                    if len(bodies) == 1:
-                        writer.pub(topic, bodies[0])
-                    else:
-                        writer.mpub(topic, bodies)
+            def publish(first: int, n: int) -> None:
+                seq = first
+                end = first + n
+                while seq < end and not stop_publishing.is_set():
+                    top = min(end, seq + batch)
+                    bodies = [b"%010d|%d|%s" % (i, time.time_ns(), padding) for i in range(seq, top)]
                     with lock:
-                        state["acknowledged"] += len(bodies)
-                except nsq_sync.Error as exc:
-                    logger.error("publish failed: %s", exc)
-                    with lock:
-                        state["publish_errors"] += len(bodies)
-                seq = top
+                        state["sent"] += len(bodies)
+                    try:
+                        if len(bodies) == 1:
+                            writer.pub(topic, bodies[0])
+                        else:
+                            writer.mpub(topic, bodies)
+                        with lock:
+                            state["acknowledged"] += len(bodies)
+                    except nsq_sync.Error as exc:
+                        if not stop_publishing.is_set():
+                            logger.error("publish failed: %s", exc)
+                        with lock:
+                            state["publish_errors"] += len(bodies)
+                    seq = top
 
-        threads = [threading.Thread(target=publish, args=(offsets[i], per_thread[i]), name=f"demo-pub-{i}") for i in range(args.threads)]
-        for thread in threads:
-            thread.start()
-        publishing = True
-        while True:
-            if publishing and not any(t.is_alive() for t in threads):
-                publishing = False
-                publish_elapsed = time.monotonic() - started
-            elapsed = time.monotonic() - started
-            progress.update(state["acknowledged"], state["received"], elapsed)
-            if not publishing and (state["received"] >= state["acknowledged"] or all_received.is_set()):
-                break
-            if elapsed > args.timeout:
-                logger.error("timed out after %.0fs waiting for messages", elapsed)
-                break
-            all_received.wait(0.1)
-        total_elapsed = time.monotonic() - started
-        progress.update(state["acknowledged"], state["received"], total_elapsed, force=True)
-        progress.finish()
-        if publishing:
-            publish_elapsed = total_elapsed
-    finally:
-        if reader is not None:
-            reader.close()
-        if writer is not None:
-            writer.close()
-        cluster.stop()
+            threads = [
+                threading.Thread(target=publish, args=(offsets[i], per_thread[i]), name=f"demo-pub-{i}", daemon=True)
+                for i in range(args.threads)
+            ]
+            for thread in threads:
+                thread.start()
+            publishing = True
+            publish_elapsed = 0.0
+            while True:
+                interrupt.check()
+                if publishing and not any(t.is_alive() for t in threads):
+                    publishing = False
+                    publish_elapsed = time.monotonic() - started
+                elapsed = time.monotonic() - started
+                progress.update(state["acknowledged"], state["received"], elapsed)
+                if not publishing and (state["received"] >= state["acknowledged"] or all_received.is_set()):
+                    break
+                if elapsed > args.timeout:
+                    logger.error("timed out after %.0fs waiting for messages", elapsed)
+                    break
+                all_received.wait(0.05)
+            total_elapsed = time.monotonic() - started
+            progress.update(state["acknowledged"], state["received"], total_elapsed, force=True)
+            progress.finish()
+            if publishing:
+                publish_elapsed = total_elapsed
+        finally:
+            stop_publishing.set()
+            if reader is not None:
+                reader.close()
+            if writer is not None:
+                writer.close(5.0)
+            for thread in threads:
+                thread.join(5.0)
+            cluster.close()
 
-    latencies.sort()
-    lost = state["acknowledged"] - state["received"]
+    with lock:
+        counts = dict(state)
+        latencies.sort()
+    lost = max(0, counts["acknowledged"] - counts["received"])
     summary = {
         "backend": args.backend,
-        "sent": count,
-        "acknowledged": state["acknowledged"],
-        "publish_errors": state["publish_errors"],
-        "received": state["received"],
-        "duplicates": state["duplicates"],
+        "sent": counts["sent"],
+        "acknowledged": counts["acknowledged"],
+        "publish_errors": counts["publish_errors"],
+        "received": counts["received"],
+        "duplicates": counts["duplicates"],
         "lost": lost,
-        "publish_rate": round(state["acknowledged"] / publish_elapsed, 1) if publish_elapsed else 0.0,
-        "consume_rate": round(state["received"] / total_elapsed, 1) if total_elapsed else 0.0,
+        "publish_rate": round(counts["acknowledged"] / publish_elapsed, 1) if publish_elapsed else 0.0,
+        "consume_rate": round(counts["received"] / total_elapsed, 1) if total_elapsed else 0.0,
         "elapsed_s": round(total_elapsed, 3),
         "latency_ms": {name: round(_percentile(latencies, q) * 1000, 2) for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0))},
     }
     if args.json:
-        print(json.dumps(summary))
+        print(json.dumps(summary), flush=True)
     else:
         lat = summary["latency_ms"]
         print(
-            f"sent {count:,}  acknowledged {summary['acknowledged']:,}  received {summary['received']:,}  "
-            f"duplicates {summary['duplicates']:,}  lost {lost:,}\n"
+            f"sent {summary['sent']:,}  acknowledged {summary['acknowledged']:,}  received {summary['received']:,}  "
+            f"duplicates {summary['duplicates']:,}  lost {lost:,}  publish errors {summary['publish_errors']:,}\n"
             f"publish {summary['publish_rate']:,.0f} msg/s  consume {summary['consume_rate']:,.0f} msg/s  "
             f"in {summary['elapsed_s']:.2f}s\n"
-            f"latency publish->receive ms: p50 {lat['p50']}  p90 {lat['p90']}  p99 {lat['p99']}  max {lat['max']}"
+            f"latency publish->receive ms: p50 {lat['p50']}  p90 {lat['p90']}  p99 {lat['p99']}  max {lat['max']}",
+            flush=True,
         )
-    ok = lost == 0 and state["publish_errors"] == 0 and state["acknowledged"] == count
+    ok = lost == 0 and counts["publish_errors"] == 0 and counts["acknowledged"] == count and counts["received"] == count
     return EXIT_OK if ok else EXIT_FAILED
 
 
@@ -287,6 +378,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     """Run a user's handler function as a long-lived consumer; SIGTERM drains."""
     import nsq_sync
 
+    addresses = _addresses(args)  # checked before the user's module is imported (and runs its code)
     handler = _load_handler(args.handler)
     reader = nsq_sync.Reader(
         args.topic,
@@ -296,7 +388,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         max_tries=args.max_tries,
         backend=args.backend,
-        **_addresses(args),
+        **addresses,
     )
     stop = threading.Event()
     if args.verbose:
@@ -395,10 +487,17 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
-    """Run nsqlookupd + N nsqd in the foreground until Ctrl-C."""
-    cluster = _start_cluster(args.nsqd)
+    """Run nsqlookupd + N nsqd in the foreground until Ctrl-C or SIGTERM (exit 0 either way)."""
     stop = threading.Event()
+    # Installed before the brokers start: a signal while they start stops them cleanly too
+    # (they run in their own sessions, so nothing else would).
     previous = {signum: signal.signal(signum, lambda *_: stop.set()) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        cluster = _start_cluster(args.nsqd)
+    except BaseException:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        raise
     try:
         info = {
             "lookupd_http_addresses": cluster.lookupd_http_addresses,
@@ -416,7 +515,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         while not stop.wait(0.5):
             pass
     finally:
-        cluster.stop()
+        cluster.close()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return EXIT_OK
@@ -439,6 +538,11 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO (rates once a second for worker)")
+    # -v is accepted after the command too (nsq-sync worker -v ...); SUPPRESS keeps a -v given
+    # before the command from being reset by the subcommand's default.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log at INFO on stderr; worker also logs a line of rates every second")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -450,7 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
         if lookupd:
             p.add_argument("--lookupd-http-address", action="append", type=_check_address, metavar="HOST:PORT", help="nsqlookupd HTTP address (repeatable)")
 
-    demo = sub.add_parser("demo", help="publish and consume through a local cluster and report", epilog="example: nsq-sync demo -n 100000 --json")
+    demo = sub.add_parser("demo", parents=[common], help="publish and consume through a local cluster and report", epilog="example: nsq-sync demo -n 100000 --json")
     demo.add_argument("-n", "--count", type=_positive_int, default=100_000, help="messages to send (default 100,000)")
     demo.add_argument("--threads", type=_positive_int, default=4, help="publishing threads (default 4)")
     demo.add_argument("--batch", type=_positive_int, default=50, help="messages per MPUB (1 = PUB each; default 50)")
@@ -463,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     backend_arg(demo)
     demo.set_defaults(func=cmd_demo)
 
-    worker = sub.add_parser("worker", help="run module:function as a consumer (SIGTERM drains)",
+    worker = sub.add_parser("worker", parents=[common], help="run module:function as a consumer (SIGTERM drains)",
                             epilog="example: nsq-sync worker tasks:handle --topic events --channel work --lookupd-http-address 127.0.0.1:4161")
     worker.add_argument("handler", help="module:function taking a Message; return True/None to finish, False to requeue")
     worker.add_argument("--topic", required=True, type=_check_topic)
@@ -472,11 +576,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--max-in-flight", type=_positive_int, default=1)
     worker.add_argument("--concurrency", type=_positive_int, default=None)
     worker.add_argument("--max-tries", type=int, default=5)
-    worker.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log a line of rates every second")
     backend_arg(worker)
     worker.set_defaults(func=cmd_worker)
 
-    pub = sub.add_parser("pub", help="publish messages (arguments, or stdin lines with -)", epilog="example: printf 'a\\nb\\n' | nsq-sync pub --topic events -")
+    pub = sub.add_parser("pub", parents=[common], help="publish messages (arguments, or stdin lines with -)", epilog="example: printf 'a\\nb\\n' | nsq-sync pub --topic events -")
     pub.add_argument("--topic", required=True, type=_check_topic)
     address_args(pub, lookupd=False)
     pub.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for nsqd per message")
@@ -485,7 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
     backend_arg(pub)
     pub.set_defaults(func=cmd_pub)
 
-    tail = sub.add_parser("tail", help="print messages as they arrive", epilog="example: nsq-sync tail --topic events --lookupd-http-address 127.0.0.1:4161 -n 10")
+    tail = sub.add_parser("tail", parents=[common], help="print messages as they arrive", epilog="example: nsq-sync tail --topic events --lookupd-http-address 127.0.0.1:4161 -n 10")
     tail.add_argument("--topic", required=True, type=_check_topic)
     tail.add_argument("--channel", type=_check_channel, default=None, help="default: an ephemeral channel of its own")
     address_args(tail)
@@ -495,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     backend_arg(tail)
     tail.set_defaults(func=cmd_tail)
 
-    cluster = sub.add_parser("cluster", help="run a local nsqlookupd + nsqd cluster in the foreground", epilog="example: nsq-sync cluster --nsqd 3")
+    cluster = sub.add_parser("cluster", parents=[common], help="run a local nsqlookupd + nsqd cluster in the foreground", epilog="example: nsq-sync cluster --nsqd 3")
     cluster.add_argument("--nsqd", type=_positive_int, default=2, help="how many nsqd (default 2)")
     cluster.add_argument("--json", action="store_true", help="print the addresses as JSON")
     cluster.set_defaults(func=cmd_cluster)

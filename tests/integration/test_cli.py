@@ -1,0 +1,538 @@
+"""The ``nsq-sync`` command end to end: real subprocesses against real nsqd/nsqlookupd v1.3.0.
+
+Every command runs as ``python -m nsq_sync ...`` in its own process, with
+``NSQ_SYNC_BIN_DIR`` pointing at the brokers the fixtures use. Commands that take
+``--backend`` get the suite's backend (``--backend gevent`` in the gevent pass, which
+makes the CLI re-exec itself under ``python -m gevent.monkey``); the demo runs on both
+in both passes. Nothing waits by sleeping: long-running commands are watched through
+their output lines, brokers through their ``/stats``, each with a deadline.
+
+The helpers at the top (``cli_env``, ``run_cli``, ``CliProcess``) are reused by
+test_examples.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+import pytest
+
+from nsq_sync.testing import NsqdProcess, find_binary, wait_until
+
+REPO = Path(__file__).resolve().parents[2]
+RUN_TIMEOUT = 45.0  # one CLI run; each test stays below 60 s
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+# ------------------------------------------------------------------ helpers
+def broker_bin_dir() -> str:
+    """The directory of the nsqd/nsqlookupd executables the fixtures start."""
+    return str(Path(find_binary("nsqd")).resolve().parent)
+
+
+def cli_env(extra: Optional[Dict[str, str]] = None, bin_dir: Optional[str] = None) -> Dict[str, str]:
+    """The environment for a CLI subprocess: ours, the brokers' directory, unbuffered output,
+    and none of the variables that would change how the CLI starts."""
+    env = dict(os.environ)
+    for name in ("NSQ_SYNC_CLI_GEVENT", "NSQ_SYNC_BACKEND", "PYTHONSTARTUP"):
+        env.pop(name, None)
+    env["NSQ_SYNC_BIN_DIR"] = bin_dir if bin_dir is not None else broker_bin_dir()
+    env["PYTHONUNBUFFERED"] = "1"
+    if extra:
+        env.update(extra)
+    return env
+
+
+def cli_command(*args: str) -> List[str]:
+    return [sys.executable, "-m", "nsq_sync", *args]
+
+
+def run_cli(
+    *args: str,
+    env: Optional[Dict[str, str]] = None,
+    input: Optional[str] = None,  # noqa: A002 - subprocess.run's name
+    cwd: Optional[os.PathLike] = None,
+    timeout: float = RUN_TIMEOUT,
+) -> "subprocess.CompletedProcess[str]":
+    """Run ``nsq-sync ARGS`` to completion and return it (stdout/stderr as text)."""
+    return subprocess.run(
+        cli_command(*args),
+        env=env if env is not None else cli_env(),
+        input=input if input is not None else "",
+        cwd=str(cwd) if cwd is not None else None,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def describe(proc: "subprocess.CompletedProcess[str]") -> str:
+    return f"exit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+
+
+class CliProcess:
+    """A long-running command (worker, tail, cluster, a script) whose output lines are
+    collected by two reader threads, so a test can wait for a line with a deadline."""
+
+    def __init__(self, argv: Sequence[str], env: Dict[str, str], cwd: Optional[os.PathLike] = None) -> None:
+        self.argv = list(argv)
+        self.proc = subprocess.Popen(
+            self.argv,
+            env=env,
+            cwd=str(cwd) if cwd is not None else None,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self.lines: Dict[str, List[str]] = {"stdout": [], "stderr": []}
+        self._readers = [
+            threading.Thread(target=self._read, args=(name, stream), daemon=True, name=f"cli-{name}")
+            for name, stream in (("stdout", self.proc.stdout), ("stderr", self.proc.stderr))
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    @classmethod
+    def nsq_sync(cls, *args: str, env: Optional[Dict[str, str]] = None, cwd: Optional[os.PathLike] = None) -> "CliProcess":
+        return cls(cli_command(*args), env if env is not None else cli_env(), cwd)
+
+    def _read(self, name: str, stream: Iterable[str]) -> None:
+        for line in stream:
+            with self._changed:
+                self.lines[name].append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def stdout(self) -> List[str]:
+        with self._lock:
+            return list(self.lines["stdout"])
+
+    def stderr(self) -> List[str]:
+        with self._lock:
+            return list(self.lines["stderr"])
+
+    def output(self) -> str:
+        with self._lock:
+            return "--- stdout\n" + "\n".join(self.lines["stdout"]) + "\n--- stderr\n" + "\n".join(self.lines["stderr"])
+
+    def wait_for_line(self, predicate: Callable[[str], bool], stream: str = "stdout", timeout: float = 20.0) -> str:
+        """The first line of *stream* matching *predicate*; fails on timeout or if the process exits first."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for line in self.lines[stream]:
+                    if predicate(line):
+                        return line
+                if self.proc.poll() is not None and not any(r.is_alive() for r in self._readers):
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._changed.wait(min(remaining, 0.1))
+        state = "still running" if self.proc.poll() is None else f"exited {self.proc.returncode}"
+        pytest.fail(f"no matching {stream} line within {timeout:g}s from {self.argv} ({state})\n{self.output()}")
+
+    def signal(self, signum: int) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        """Wait for the exit (then for all output) and return the exit code; fails on timeout."""
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"{self.argv} did not exit within {timeout:g}s\n{self.output()}")
+        for reader in self._readers:
+            reader.join(5.0)
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def __enter__(self) -> "CliProcess":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.kill()
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def free_port() -> int:
+    """A port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http_ok(address: str, path: str = "/ping") -> bool:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"http://{address}{path}", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def port_closed(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=1):
+            return False
+    except OSError:
+        return True
+
+
+def channel_stats(nsqd: NsqdProcess, topic: str, channel: str) -> Dict[str, int]:
+    stats = nsqd.channel_stats(topic, channel)
+    assert stats is not None, f"nsqd has no channel {topic}/{channel}"
+    return stats
+
+
+# ---------------------------------------------------------------- fixtures
+@pytest.fixture
+def env() -> Dict[str, str]:
+    return cli_env()
+
+
+# -------------------------------------------------------------------- demo
+@pytest.mark.parametrize("demo_backend", ["thread", "gevent"])
+def test_demo_json_summary_nothing_lost(demo_backend: str, env: Dict[str, str]) -> None:
+    proc = run_cli("demo", "-n", "2000", "--json", "--backend", demo_backend, env=env)
+    assert proc.returncode == EXIT_OK, describe(proc)
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, f"--json must print exactly one line on stdout\n{describe(proc)}"
+    summary = json.loads(lines[0])
+    assert isinstance(summary, dict)
+    assert summary["backend"] == demo_backend
+    assert summary["sent"] == summary["acknowledged"] == summary["received"] == 2000
+    assert summary["lost"] == 0
+    assert summary["publish_errors"] == 0
+    assert summary["duplicates"] >= 0
+    assert summary["publish_rate"] > 0 and summary["consume_rate"] > 0
+    latency = summary["latency_ms"]
+    assert set(latency) == {"p50", "p90", "p99", "max"}
+    assert 0 <= latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["max"]
+    # The Reader is subscribed before the first publish: no nsqlookupd poll interval
+    # (one second) hides in the numbers any more.
+    assert latency["p50"] < 1000, summary
+
+
+def test_demo_text_summary(env: Dict[str, str], backend: str) -> None:
+    proc = run_cli("demo", "-n", "300", "--threads", "2", "--batch", "1", "--backend", backend, env=env)
+    assert proc.returncode == EXIT_OK, describe(proc)
+    text = proc.stdout
+    for word in ("sent 300", "acknowledged 300", "received 300", "duplicates", "lost 0", "msg/s", "p50", "p90", "p99", "max"):
+        assert word in text, f"{word!r} missing from the summary\n{describe(proc)}"
+    assert "cluster: nsqlookupd http" in proc.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_demo_interrupted_exits_130_and_stops_its_brokers(signum: int, env: Dict[str, str], backend: str) -> None:
+    # Far more messages than can be sent before the signal; the cluster line tells us it is running.
+    with CliProcess.nsq_sync("demo", "-n", "50000000", "--batch", "1", "--timeout", "50", "--backend", backend, env=env) as demo:
+        line = demo.wait_for_line(lambda l: l.startswith("cluster: nsqlookupd http"), stream="stderr", timeout=30)
+        nsqd_tcp = line.split("nsqd tcp ", 1)[1].split(", ")
+        lookupd_http = line.split("nsqlookupd http ", 1)[1].split(",")[0]
+        assert nsqd_tcp and all(not port_closed(address) for address in nsqd_tcp)
+        demo.signal(signum)
+        code = demo.wait(30)
+        assert code == EXIT_INTERRUPTED, demo.output()
+        assert any("interrupted" in l for l in demo.stderr()), demo.output()
+        assert not any("Traceback" in l for l in demo.stderr()), demo.output()
+    # The brokers run in their own sessions: the demo must have stopped them itself.
+    for address in nsqd_tcp:
+        wait_until(lambda: port_closed(address), timeout=10, message=f"nsqd {address} to stop")
+    wait_until(lambda: port_closed(lookupd_http), timeout=10, message="nsqlookupd to stop")
+
+
+# ------------------------------------------------------------------ worker
+HANDLER_MODULE = '''\
+"""A worker handler for the CLI tests: appends each body to $OUT, slowly."""
+import os
+import threading
+import time
+
+_lock = threading.Lock()
+_path = os.environ["OUT"]
+
+
+def handle(message):
+    time.sleep(float(os.environ.get("DELAY", "0")))
+    with _lock:
+        with open(_path, "ab") as out:
+            out.write(message.body + b"\\n")
+'''
+
+
+def processed_bodies(path: Path) -> List[bytes]:
+    try:
+        return [line for line in path.read_bytes().split(b"\n") if line]
+    except FileNotFoundError:
+        return []
+
+
+def test_worker_drains_on_sigterm(nsqd: NsqdProcess, tmp_path: Path, backend: str) -> None:
+    topic, channel, total = "cli_worker", "work", 500
+    (tmp_path / "slow_handler.py").write_text(HANDLER_MODULE)
+    out = tmp_path / "processed.txt"
+    bodies = [b"job-%04d" % i for i in range(total)]
+    nsqd.create_channel(topic, channel)
+    nsqd.mpublish(topic, bodies)
+    env = cli_env({"OUT": str(out), "DELAY": "0.02"})
+    with CliProcess.nsq_sync(
+        "worker", "slow_handler:handle", "--topic", topic, "--channel", channel,
+        "--nsqd-tcp-address", nsqd.tcp_address, "--max-in-flight", "10", "--concurrency", "2",
+        "--backend", backend, env=env, cwd=tmp_path,
+    ) as worker:
+        wait_until(lambda: len(processed_bodies(out)) >= 20 or worker.proc.poll() is not None, timeout=30, message="20 messages processed")
+        assert worker.proc.poll() is None, worker.output()
+        worker.signal(signal.SIGTERM)
+        code = worker.wait(30)
+        assert code == EXIT_OK, worker.output()
+        assert not any("Traceback" in l for l in worker.stderr()), worker.output()
+
+    processed = processed_bodies(out)
+    assert set(processed) <= set(bodies)
+    assert 20 <= len(set(processed)) < total, "the drain should have stopped it part-way"
+
+    # Everything the worker held was answered before it disconnected: FIN for the processed,
+    # REQ (no delay) for what was buffered. nsqd applies them asynchronously, so poll briefly;
+    # an unanswered message would stay in flight for nsqd's 60 s msg-timeout.
+    def settled() -> Optional[Dict[str, int]]:
+        stats = channel_stats(nsqd, topic, channel)
+        return stats if stats["in_flight_count"] == 0 and stats["deferred_count"] == 0 else None
+
+    stats = wait_until(settled, timeout=5, message="no messages in flight at nsqd")
+    assert stats["depth"] + len(set(processed)) >= total, stats
+    assert stats["client_count"] == 0
+
+
+@pytest.mark.parametrize("where", ["after", "before"])
+def test_worker_verbose_logs_rates(where: str, nsqd: NsqdProcess, tmp_path: Path, backend: str) -> None:
+    (tmp_path / "slow_handler.py").write_text(HANDLER_MODULE)
+    nsqd.mpublish("cli_rates", [b"a", b"b", b"c"])
+    args = ["worker", "slow_handler:handle", "--topic", "cli_rates", "--channel", "c",
+            "--nsqd-tcp-address", nsqd.tcp_address, "--backend", backend]
+    args = args[:1] + ["-v"] + args[1:] if where == "after" else ["-v"] + args
+    with CliProcess.nsq_sync(*args, env=cli_env({"OUT": str(tmp_path / "out.txt")}), cwd=tmp_path) as worker:
+        line = worker.wait_for_line(lambda l: "nsq_sync.cli" in l and "received" in l, stream="stderr", timeout=20)
+        assert "finished" in line and "requeued" in line and "in flight" in line and "connections 1" in line, line
+        worker.signal(signal.SIGINT)
+        assert worker.wait(30) == EXIT_OK, worker.output()
+    assert sorted(processed_bodies(tmp_path / "out.txt")) == [b"a", b"b", b"c"]
+
+
+# --------------------------------------------------------------- pub, tail
+def test_pub_then_tail_round_trip(nsqd: NsqdProcess, env: Dict[str, str], backend: str) -> None:
+    pub = run_cli("pub", "--topic", "cli_pub", "--nsqd-tcp-address", nsqd.tcp_address, "--backend", backend,
+                  "one", "two", "three", env=env)
+    assert pub.returncode == EXIT_OK, describe(pub)
+    assert "published 3 message(s) to cli_pub" in pub.stderr
+    assert nsqd.topic_depth("cli_pub") == 3
+
+    tail = run_cli("tail", "--topic", "cli_pub", "--nsqd-tcp-address", nsqd.tcp_address, "-n", "3", "--backend", backend, env=env)
+    assert tail.returncode == EXIT_OK, describe(tail)
+    assert sorted(tail.stdout.splitlines()) == ["one", "three", "two"], describe(tail)
+
+
+@pytest.mark.parametrize("dash", [True, False], ids=["dash", "no-args"])
+def test_pub_stdin_lines_then_tail(dash: bool, nsqd: NsqdProcess, env: Dict[str, str], backend: str) -> None:
+    args = ["pub", "--topic", "cli_stdin", "--nsqd-tcp-address", nsqd.tcp_address, "--backend", backend]
+    pub = run_cli(*args, *(["-"] if dash else []), input="alpha\nbeta\n\ngamma delta\n", env=env)
+    assert pub.returncode == EXIT_OK, describe(pub)
+    assert "published 3 message(s)" in pub.stderr  # the empty line is skipped
+
+    tail = run_cli("tail", "--topic", "cli_stdin", "--nsqd-tcp-address", nsqd.tcp_address, "-n", "3", "--backend", backend, env=env)
+    assert tail.returncode == EXIT_OK, describe(tail)
+    assert sorted(tail.stdout.splitlines()) == ["alpha", "beta", "gamma delta"], describe(tail)
+
+
+def test_tail_through_lookupd_stops_on_sigterm(nsq_cluster, env: Dict[str, str], backend: str) -> None:
+    nsqd = nsq_cluster.nsqds[0]
+    nsqd.create_topic("cli_tail")
+    nsq_cluster.wait_for_producers("cli_tail", count=1)
+    with CliProcess.nsq_sync("-v", "tail", "--topic", "cli_tail", "--lookupd-http-address", nsq_cluster.lookupd_http_addresses[0],
+                             "--lookupd-poll-interval", "0.2", "--backend", backend, env=env) as tail:
+        tail.wait_for_line(lambda l: "subscribed to" in l, stream="stderr", timeout=20)
+        nsqd.publish("cli_tail", b"first")
+        tail.wait_for_line(lambda l: l == "first", timeout=20)
+        tail.signal(signal.SIGTERM)
+        assert tail.wait(30) == EXIT_OK, tail.output()
+
+
+# ----------------------------------------------------------------- cluster
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_cluster_json_prints_addresses_and_stops_cleanly(signum: int, env: Dict[str, str]) -> None:
+    with CliProcess.nsq_sync("cluster", "--json", "--nsqd", "2", env=env) as cluster:
+        line = cluster.wait_for_line(lambda l: l.startswith("{"), timeout=30)
+        info = json.loads(line)
+        assert set(info) == {"lookupd_http_addresses", "lookupd_tcp_addresses", "nsqd_tcp_addresses", "nsqd_http_addresses"}
+        assert len(info["nsqd_tcp_addresses"]) == len(info["nsqd_http_addresses"]) == 2
+        for address in info["nsqd_http_addresses"] + info["lookupd_http_addresses"]:
+            assert http_ok(address), address
+        # the nsqd are registered with the nsqlookupd it printed
+        nodes = json.loads(urllib.request.build_opener(urllib.request.ProxyHandler({}))
+                           .open(f"http://{info['lookupd_http_addresses'][0]}/nodes", timeout=5).read())
+        assert sorted(n["tcp_port"] for n in nodes["producers"]) == sorted(int(a.rpartition(":")[2]) for a in info["nsqd_tcp_addresses"])
+        cluster.signal(signum)
+        assert cluster.wait(30) == EXIT_OK, cluster.output()
+        assert cluster.stdout() == [line], "--json prints exactly one line"
+        assert not any("Traceback" in l for l in cluster.stderr()), cluster.output()
+    for address in info["nsqd_tcp_addresses"] + info["lookupd_tcp_addresses"]:
+        assert port_closed(address), f"{address} still open after the cluster exited"
+
+
+def test_cluster_text_output(env: Dict[str, str]) -> None:
+    with CliProcess.nsq_sync("cluster", "--nsqd", "1", env=env) as cluster:
+        cluster.wait_for_line(lambda l: l.startswith("Ctrl-C stops the cluster"), timeout=30)
+        lines = cluster.stdout()
+        assert lines[0].startswith("nsqlookupd http: 127.0.0.1:") and "tcp: 127.0.0.1:" in lines[0]
+        assert lines[1].startswith("nsqd tcp:  127.0.0.1:")
+        assert lines[2].startswith("nsqd http: 127.0.0.1:")
+        assert http_ok(lines[2].split()[-1])
+        cluster.signal(signal.SIGTERM)
+        assert cluster.wait(30) == EXIT_OK, cluster.output()
+
+
+# ----------------------------------------------------------- bad arguments
+def _write_not_callable(directory: Path) -> None:
+    (directory / "not_callable_mod.py").write_text("handle = 42\n")
+
+
+def _write_broken_module(directory: Path) -> None:
+    (directory / "broken_mod.py").write_text("import definitely_not_an_installed_module_xyz\n\ndef handle(message):\n    pass\n")
+
+
+BAD_ARGUMENTS = {
+    "bad-topic": (["pub", "--topic", "bad topic!", "x"], "bad topic name"),
+    "bad-topic-too-long": (["tail", "--topic", "t" * 65], "bad topic name"),
+    "bad-channel": (["worker", "m:f", "--topic", "t", "--channel", "no/slash", "--nsqd-tcp-address", "127.0.0.1:4150"], "bad channel name"),
+    "bad-address-no-port": (["pub", "--topic", "t", "--nsqd-tcp-address", "localhost", "x"], "bad address 'localhost'"),
+    "bad-address-port": (["tail", "--topic", "t", "--lookupd-http-address", "127.0.0.1:99999"], "bad address"),
+    "handler-no-colon": (["worker", "slow_handler", "--topic", "t", "--channel", "c", "--nsqd-tcp-address", "127.0.0.1:4150"], "must look like module:function"),
+    "handler-missing-module": (["worker", "no_such_module_xyz:handle", "--topic", "t", "--channel", "c", "--nsqd-tcp-address", "127.0.0.1:4150"], "cannot import module 'no_such_module_xyz'"),
+    "handler-import-error": (["worker", "broken_mod:handle", "--topic", "t", "--channel", "c", "--nsqd-tcp-address", "127.0.0.1:4150"], "definitely_not_an_installed_module_xyz"),
+    "handler-missing-attribute": (["worker", "not_callable_mod:nope", "--topic", "t", "--channel", "c", "--nsqd-tcp-address", "127.0.0.1:4150"], "has no 'nope'"),
+    "handler-not-callable": (["worker", "not_callable_mod:handle", "--topic", "t", "--channel", "c", "--nsqd-tcp-address", "127.0.0.1:4150"], "is not callable"),
+    "worker-no-address": (["worker", "broken_mod:handle", "--topic", "t", "--channel", "c"], "--nsqd-tcp-address or --lookupd-http-address"),
+    "bad-count": (["demo", "-n", "0"], "must be at least 1"),
+    "unknown-command": (["frobnicate"], "invalid choice"),
+    "library-refuses-value": (["worker", "broken_mod:handle", "--topic", "t", "--channel", "c", "--nsqd-tcp-address", "127.0.0.1:4150", "--max-tries", "-1"], None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ARGUMENTS))
+def test_bad_arguments_exit_2_with_a_message(case: str, tmp_path: Path, env: Dict[str, str], backend: str) -> None:
+    args, message = BAD_ARGUMENTS[case]
+    _write_not_callable(tmp_path)
+    _write_broken_module(tmp_path)
+    if case == "library-refuses-value":
+        (tmp_path / "ok_mod.py").write_text("def handle(message):\n    pass\n")
+        args = [a if a != "broken_mod:handle" else "ok_mod:handle" for a in args]
+        message = "max_tries"
+    if args[0] in ("pub", "tail", "worker", "demo"):
+        args = [*args, "--backend", backend]
+    started = time.monotonic()
+    proc = run_cli(*args, env=env, cwd=tmp_path, timeout=30)
+    assert proc.returncode == EXIT_USAGE, describe(proc)
+    assert message in proc.stderr, describe(proc)
+    assert "Traceback" not in proc.stderr, describe(proc)
+    assert proc.stdout == ""
+    assert time.monotonic() - started < 20
+
+
+def test_pub_to_unreachable_nsqd_exits_3_quickly(env: Dict[str, str], backend: str) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    proc = run_cli("pub", "--topic", "t", "--nsqd-tcp-address", address, "--timeout", "1", "--backend", backend, "x", env=env, timeout=30)
+    elapsed = time.monotonic() - started
+    assert proc.returncode == EXIT_UNAVAILABLE, describe(proc)
+    assert "unavailable" in proc.stderr and address in proc.stderr, describe(proc)
+    assert "Traceback" not in proc.stderr, describe(proc)
+    assert elapsed < 8, f"took {elapsed:.1f}s with --timeout 1"
+
+
+def _path_without_brokers() -> str:
+    keep = []
+    for entry in os.environ.get("PATH", "").split(os.pathsep):
+        if entry and not any(os.access(os.path.join(entry, name), os.X_OK) for name in ("nsqd", "nsqlookupd")):
+            keep.append(entry)
+    return os.pathsep.join(keep)
+
+
+def _installed_copy(tmp_path: Path) -> Path:
+    """A copy of the nsq_sync package outside the checkout (as a pip-installed package would be).
+
+    find_binary() also looks in <checkout>/.cache/nsq-1.3.0/bin next to the package, where
+    this checkout keeps the brokers, so an empty NSQ_SYNC_BIN_DIR alone would still find them.
+    """
+    site = tmp_path / "site"
+    shutil.copytree(REPO / "nsq_sync", site / "nsq_sync", ignore=shutil.ignore_patterns("__pycache__"))
+    return site
+
+
+@pytest.mark.parametrize("command", [["demo", "-n", "10"], ["cluster"]], ids=["demo", "cluster"])
+def test_missing_broker_binaries_exit_3(command: List[str], tmp_path: Path, backend: str) -> None:
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    site = _installed_copy(tmp_path)
+    env = cli_env({"PATH": _path_without_brokers(), "PYTHONPATH": str(site)}, bin_dir=str(empty))
+    args = [*command, "--backend", backend] if command[0] == "demo" else command
+    proc = run_cli(*args, env=env, cwd=site, timeout=30)
+    assert proc.returncode == EXIT_UNAVAILABLE, describe(proc)
+    assert "unavailable" in proc.stderr and "not found" in proc.stderr, describe(proc)
+    assert str(empty) in proc.stderr, "the message says where it looked\n" + describe(proc)
+    assert "Traceback" not in proc.stderr, describe(proc)
+
+
+def test_broker_that_does_not_start_exit_3(tmp_path: Path, env: Dict[str, str]) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("nsqd", "nsqlookupd"):
+        script = bin_dir / name
+        script.write_text("#!/bin/sh\necho 'FATAL: this broker is broken' >&2\nexit 1\n")
+        script.chmod(0o755)
+    proc = run_cli("demo", "-n", "10", env=cli_env(bin_dir=str(bin_dir)), timeout=30)
+    assert proc.returncode == EXIT_UNAVAILABLE, describe(proc)
+    assert "could not start the local NSQ cluster" in proc.stderr, describe(proc)
+
+
+# -------------------------------------------------------------------- help
+COMMANDS = ("demo", "worker", "pub", "tail", "cluster")
+
+
+def test_help_shows_an_example_for_each_command(env: Dict[str, str]) -> None:
+    proc = run_cli("--help", env=env)
+    assert proc.returncode == EXIT_OK, describe(proc)
+    for command in COMMANDS:
+        assert f"  nsq-sync {command} " in proc.stdout, f"no example for {command}\n{proc.stdout}"
+    assert "exit codes" in proc.stdout and "130" in proc.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_command_help_has_an_example(command: str, env: Dict[str, str]) -> None:
+    proc = run_cli(command, "--help", env=env)
+    assert proc.returncode == EXIT_OK, describe(proc)
+    assert "example:" in proc.stdout and f"nsq-sync {command}" in proc.stdout.split("example:", 1)[1], proc.stdout
+    assert "-v, --verbose" in proc.stdout
