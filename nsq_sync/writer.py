@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import time
+import weakref
 from concurrent import futures
 from concurrent.futures import Future
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -83,6 +84,21 @@ def reconnect_delay(attempt: int, base: float, cap: float, jitter: float = 0.3, 
     """Exponential delay ``base * 2**(attempt-1)`` capped at *cap*, spread by +-*jitter* (a fraction)."""
     delay = min(cap, base * (2 ** max(0, attempt - 1)))
     return max(0.0, delay * (1 - jitter + 2 * jitter * rand()))
+
+
+_live_writers: "weakref.WeakSet[Writer]" = weakref.WeakSet()
+
+
+def _forget_parents_in_child() -> None:
+    for writer in list(_live_writers):
+        try:
+            writer._forget_parent()
+        except Exception:  # pragma: no cover - never let a fork hook raise
+            logger.exception("resetting %r after fork failed", writer)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_parents_in_child)
 
 
 def _settle(future: "Future[Any]", result: Any = None, error: Optional[BaseException] = None) -> None:
@@ -163,6 +179,7 @@ class Writer:
         self._closed = False
         self._start()
         register(self)
+        _live_writers.add(self)
 
     # ------------------------------------------------------------- lifecycle
     def _start(self) -> None:
@@ -187,7 +204,14 @@ class Writer:
             node.task = backend.spawn(self._node_loop, node, name=f"nsq_sync-writer-{node.address}")
 
     def _forget_parent(self) -> None:
-        """In a forked child: drop the parent's sockets and threads without touching the parent's connections."""
+        """In a forked child: drop the parent's sockets and tasks without touching the parent's connections.
+
+        Runs right after fork (os.register_at_fork) and again, harmlessly, at the child's first use.
+        Under gevent the parent's greenlets live on in the child: the stop flag ends their loops and
+        closing our copies of the sockets ends their reads, so they never take the parent's answers.
+        """
+        self._stopping.set()
+        self._wake.set()
         for node in self._nodes:
             conn = node.conn
             if conn is not None and conn._stream is not None:

@@ -151,22 +151,12 @@ def test_wsgi_app_preloaded_then_forked(nsqd: NsqdProcess, monkeypatch: pytest.M
     assert bodies.count(b'{"n": "master"}') == 1
 
 
-GEVENT_FORK_BUG = (
-    "library bug (nsq_sync/writer.py + conn.py, gevent backend): os.fork() in a monkey-patched process copies the "
-    "parent's greenlets into the child, so the Writer's connection reader greenlet keeps running in the child and "
-    "reads nsqd's answers off the socket it shares with the parent until the child first publishes "
-    "(_after_fork/_forget_parent only runs then); the parent's publishes then time out. Fix: os.register_at_fork("
-    "after_in_child=...) that kills the inherited greenlets (GeventBackend) and closes the child's fd copies "
-    "without shutdown(), for every live Writer (and Reader/AsyncConn)"
-)
 
 
 def test_wsgi_master_keeps_publishing_while_forked_worker_idles(
     nsqd: NsqdProcess, monkeypatch: pytest.MonkeyPatch, backend: str, request: pytest.FixtureRequest
 ) -> None:
     """After the fork the master's Writer must keep working while a worker sits idle."""
-    if backend == "gevent":
-        request.applymarker(pytest.mark.xfail(strict=True, raises=nsq_sync.TimeoutError, reason=GEVENT_FORK_BUG))
     topic = "wsgi_idle"
     monkeypatch.setenv("NSQD_TCP_ADDRESSES", nsqd.tcp_address)
     monkeypatch.setenv("NSQ_TOPIC", topic)
