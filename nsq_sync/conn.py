@@ -209,6 +209,7 @@ class AsyncConn(EventedMixin):
         self.state = INIT
         self.in_flight = 0
         self._inflight: Dict[bytes, Message] = {}
+        self._queued = 0  # messages handed to the worker pool and not yet started
         self.rdy = 0
         self.last_rdy = 0
         self.max_rdy_count = MAX_RDY_COUNT_DEFAULT
@@ -490,18 +491,30 @@ class AsyncConn(EventedMixin):
         if messages:
             # In flight by id: a message nsqd timed out and delivered again replaces its old copy.
             inflight = self._inflight
+            listeners = self._listeners.get("message")
             with self._lock:
                 for message in messages:
                     inflight[message.id] = message
                 self.in_flight = len(inflight)
+                if listeners:
+                    self._queued += len(messages)
             self.last_msg_timestamp = self.last_recv_timestamp
-            listeners = self._listeners.get("message")
             if listeners:
                 self.worker_pool.messages.submit_many(self._deliver, messages)
             else:
                 logger.warning("%s: %d messages arrived with no 'message' listener; nsqd redelivers them after msg_timeout", self.id, len(messages))
 
     def _deliver(self, message: Message) -> None:
+        with self._lock:
+            self._queued -= 1
+            flush = not self._queued and self._writes
+        if flush:
+            # The last queued message starts: write the answers held back for it now,
+            # so none waits behind this handler (see _respond).
+            try:
+                self._flush()
+            except Error:
+                pass  # the connection is closing; the reader reports it
         for callback in self._listeners.get("message", ()):
             try:
                 callback(conn=self, message=message)
@@ -622,15 +635,24 @@ class AsyncConn(EventedMixin):
                 raise ConnectionClosedError(f"connection to {self.id} is {self.state.lower()}; nsqd will redeliver {message!r}")
             message._responded = True
         self._fire(event, conn=self)
-        try:
-            self._write(data)
-        finally:
-            # Only now is the message out of flight: a close() draining in-flight messages
-            # must not tear the socket down between the answer and its write.
-            with self._lock:
+        # FIN/REQ coalescing: while more delivered messages wait for a worker, an answer is
+        # only queued; the worker that starts the last of them (_deliver), or the next
+        # answer after it, writes them all in one send. Queued under the same lock that
+        # counts waiting messages, so no answer is ever left behind.
+        with self._lock:
+            if self.state != CONNECTED:
                 self._inflight.pop(message.id, None)
                 self.in_flight = len(self._inflight)
-                drained = self._closing and self.in_flight <= 0
+                raise ConnectionClosedError(f"connection to {self.id} is {self.state.lower()}; nsqd will redeliver {message!r}")
+            self._writes.append(data)
+            self._inflight.pop(message.id, None)
+            self.in_flight = len(self._inflight)
+            drained = self._closing and self.in_flight <= 0
+            hold = self._queued > 0 and not self._closing
+        try:
+            if not hold:
+                self._flush()
+        finally:
             if drained:
                 self._drained.set()
 
@@ -688,8 +710,20 @@ class AsyncConn(EventedMixin):
                     logger.warning("%s: closing with %d messages still in flight (nsqd will redeliver them)", self.id, self.in_flight)
             except Error:
                 pass
+        self._flush_all()
         self._teardown_socket()
         self._join(max(0.1, deadline - time.monotonic()))
+
+    def _flush_all(self) -> None:
+        """Write everything queued, waiting for a writer in progress (used before closing)."""
+        if not self._writes or self.state != CONNECTED:
+            return
+        with self._write_lock:
+            pass  # a writer in progress drains what it saw; then we drain the rest
+        try:
+            self._flush()
+        except Error:
+            pass
 
     def _join(self, timeout: float) -> None:
         reader = self._reader

@@ -68,19 +68,30 @@ class Lane:
                 wanted -= 1
 
     def _run(self) -> None:
-        get = self._queue.get
+        queue = self._queue
+        get, get_nowait, empty = queue.get, queue.get_nowait, self._backend.Empty
         lock = self._lock
         self._local_ids.add(id(self._backend.current()))
+        counted_idle = True  # the spawner counted this worker idle
         while True:
-            item = get()
-            with lock:
-                self._idle -= 1
-                # Work still queued and nobody idle: start a helper, so items never wait
-                # behind a slow callback while the lane has room for more workers.
-                spawn = self._idle == 0 and len(self._tasks) < self._max and self._queue.qsize() > 0
+            if counted_idle:
+                item = get()
+                with lock:
+                    self._idle -= 1
+                counted_idle = False
+            else:
+                try:
+                    item = get_nowait()  # busy: no idle bookkeeping, no locks
+                except empty:
+                    with lock:
+                        self._idle += 1
+                    counted_idle = True
+                    continue
             if item is _STOP:
                 return
-            if spawn:
+            # Work still queued and nobody idle: start a helper, so items never wait
+            # behind a slow callback while the lane has room for more workers.
+            if not self._idle and len(self._tasks) < self._max and queue.qsize() > 0:
                 self._maybe_spawn()
             fn, args = item
             try:
@@ -89,8 +100,6 @@ class Lane:
                 logger.exception("callback %r raised", fn)
             except BaseException:  # a worker must not die silently (gevent GreenletExit, SystemExit)
                 logger.exception("callback %r raised a BaseException; worker goes on", fn)
-            with lock:
-                self._idle += 1
 
     def in_worker(self) -> bool:
         """True when called from one of this lane's workers."""
