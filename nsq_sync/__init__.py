@@ -5,6 +5,8 @@ Public names come from here; submodules are implementation detail unless documen
 
 from __future__ import annotations
 
+from typing import Any, List
+
 from .__about__ import __version__
 from .conn import AsyncConn
 from .dispatch import WorkerPool
@@ -30,10 +32,8 @@ from .helpers import (
     valid_channel_name,
     valid_topic_name,
 )
-from .httpapi import LookupdClient, NSQDHTTPClient, NsqdHTTPClient
 from .lifecycle import run
 from .message import Message
-from .reader import Reader
 from .writer import Writer
 
 __all__ = [
@@ -66,3 +66,27 @@ __all__ = [
     "valid_channel_name",
     "valid_topic_name",
 ] + list(_errors_all)
+
+_LAZY = {
+    "Reader": ("reader", "Reader"),
+    "NsqdHTTPClient": ("httpapi", "NsqdHTTPClient"),
+    "NSQDHTTPClient": ("httpapi", "NSQDHTTPClient"),
+    "LookupdClient": ("httpapi", "LookupdClient"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Reader and the HTTP clients load on first use: a process that only publishes
+    never pays for http.client and email (about 5 MB of RSS)."""
+    target = _LAZY.get(name)
+    if target is None:
+        raise AttributeError(f"module 'nsq_sync' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{target[0]}", __name__), target[1])
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> List[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -22,12 +22,12 @@ from __future__ import annotations
 import collections
 import logging
 import socket
-import ssl
 import struct
+import sys
 import time
 from concurrent import futures
 from concurrent.futures import Future
-from typing import Any, Deque, Dict, List, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Deque, Dict, List, Mapping, Optional, Union
 
 from . import __about__
 from .backends import Backend, get_backend
@@ -63,7 +63,11 @@ from .protocol.constants import (
 )
 from .protocol.frames import FrameDecoder
 from .protocol.identify import build_identify, check_number, parse_identify_response, parse_json_object
-from .transport import DeflateStream, SnappyStream, SocketStream, TLSStream, make_ssl_context
+from .transport.compression import DeflateStream, SnappyStream
+from .transport.tcp import SocketStream
+
+if TYPE_CHECKING:  # ssl is imported only when TLS is used (it costs ~3 MB)
+    import ssl
 
 __all__ = ["AsyncConn", "INIT", "CONNECTING", "CONNECTED", "DISCONNECTED", "DEFAULT_USER_AGENT"]
 
@@ -173,7 +177,12 @@ class AsyncConn(EventedMixin):
             msg_timeout=msg_timeout,
         )
         # Checked even without tls_v1, so a typo in tls_options never goes unnoticed.
-        self._ssl_context = make_ssl_context(tls_options) if (tls_v1 or tls_options is not None) else None
+        if tls_v1 or tls_options is not None:
+            from .transport.tls import make_ssl_context
+
+            self._ssl_context = make_ssl_context(tls_options)
+        else:
+            self._ssl_context = None
         if snappy:
             from .transport.compression import snappy_available
 
@@ -299,7 +308,8 @@ class AsyncConn(EventedMixin):
     def _translate_handshake_error(self, exc: BaseException) -> BaseException:
         if isinstance(exc, Error):
             return exc
-        if isinstance(exc, ssl.SSLError):
+        ssl = sys.modules.get("ssl")
+        if ssl is not None and isinstance(exc, ssl.SSLError):
             return TLSError(f"TLS handshake with {self.id} failed: {exc}")
         if isinstance(exc, socket.timeout):
             return ConnectError(f"timed out after {self.timeout}s during the handshake with {self.id}")
@@ -364,6 +374,10 @@ class AsyncConn(EventedMixin):
         if self._decoder.buffered:
             raise ProtocolError(f"{self.id} sent data before the TLS handshake")
         assert self._ssl_context is not None and self._raw_sock is not None
+        import ssl
+
+        from .transport.tls import TLSStream
+
         try:
             tls_sock = self._ssl_context.wrap_socket(self._raw_sock, server_hostname=self.host, do_handshake_on_connect=False)
             tls_sock.settimeout(self.timeout)

@@ -45,7 +45,7 @@ import signal
 import socket
 import threading
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from . import lifecycle
 from .backends import Backend, get_backend
@@ -53,12 +53,15 @@ from .backoff import ExponentialBackoff, exponential_delay
 from .conn import AsyncConn
 from .dispatch import WorkerPool
 from .errors import AlreadyRespondedError, ClosedError, ConfigError, ConnectionClosedError, Error
-from .httpapi import LookupdClient
 from .message import Message
 from .protocol.identify import check_number
 from .protocol.names import check_channel, check_topic
 
 __all__ = ["Reader"]
+
+
+if TYPE_CHECKING:  # imported lazily: http.client and email cost memory most consumers never use
+    from .httpapi import LookupdClient
 
 logger = logging.getLogger(__name__)
 
@@ -304,6 +307,8 @@ class Reader:
             if not isinstance(address, str):
                 raise ConfigError("lookupd_http_addresses", address, 'must be "host:port" or "http://host:port" strings')
             try:
+                from .httpapi import LookupdClient
+
                 client = LookupdClient(_strip_lookup_path(address), timeout=lookupd_timeout)
             except (ConfigError, TypeError) as exc:
                 raise ConfigError("lookupd_http_addresses", address, str(exc)) from exc

@@ -10,8 +10,18 @@ call into OpenSSL (see its docstring).
 
 from __future__ import annotations
 
+from typing import Any
+
 from .compression import DeflateStream, SnappyStream
 from .tcp import SocketStream
-from .tls import TLSStream, make_ssl_context
+
+
+def __getattr__(name: str) -> Any:
+    # TLS pulls in ssl (~3 MB): only when asked for.
+    if name in ("TLSStream", "make_ssl_context"):
+        from . import tls
+
+        return getattr(tls, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["SocketStream", "TLSStream", "DeflateStream", "SnappyStream", "make_ssl_context"]
