@@ -481,7 +481,7 @@ class AsyncConn(EventedMixin):
                 else:
                     with self._lock:
                         waiter = self._pending.popleft() if self._pending else None
-                    if waiter is not None:
+                    if waiter is not None and not waiter.done():  # a publish timeout may have failed it
                         waiter.set_result(payload)
                 self._emit("response", conn=self, data=payload)
             else:
@@ -492,7 +492,7 @@ class AsyncConn(EventedMixin):
                         # before anyone waiting learns of the failure and retries on us.
                         self.state = DISCONNECTED
                         waiter = self._pending.popleft() if self._pending else None
-                    if waiter is not None:
+                    if waiter is not None and not waiter.done():
                         waiter.set_exception(error)
                     logger.warning("%s: %s", self.id, error)
                 else:
@@ -514,11 +514,38 @@ class AsyncConn(EventedMixin):
                     self._queued += len(messages)
             self.last_msg_timestamp = self.last_recv_timestamp
             if listeners:
-                self.worker_pool.messages.submit_many(self._deliver, messages)
+                lane = self.worker_pool.messages
+                if lane.slow or len(messages) == 1:
+                    lane.submit_many(self._deliver, messages)
+                else:
+                    lane.submit(self._deliver_batch, messages)
             else:
                 logger.warning("%s: %d messages arrived with no 'message' listener; nsqd redelivers them after msg_timeout", self.id, len(messages))
 
+    def _deliver_batch(self, messages: List[Message]) -> None:
+        """Run one read's messages on one worker while handlers are fast.
+
+        Their answers are held and leave in one send (see _respond). As soon as the lane
+        sees slow handlers, the rest of the batch goes back to the lane one message per
+        item, so idle workers take them instead of waiting behind a slow one.
+        """
+        lane = self.worker_pool.messages
+        deliver = self._deliver_one
+        clock = time.monotonic
+        for index, message in enumerate(messages):
+            if index and lane.slow:
+                lane.submit_many(self._deliver, messages[index:])
+                return
+            started = clock()
+            deliver(message)
+            lane.record(clock() - started)
+
     def _deliver(self, message: Message) -> None:
+        started = time.monotonic()
+        self._deliver_one(message)
+        self.worker_pool.messages.record(time.monotonic() - started)
+
+    def _deliver_one(self, message: Message) -> None:
         with self._lock:
             self._queued -= 1
             flush = not self._queued and self._writes
@@ -648,7 +675,11 @@ class AsyncConn(EventedMixin):
             if self.state != CONNECTED:
                 raise ConnectionClosedError(f"connection to {self.id} is {self.state.lower()}; nsqd will redeliver {message!r}")
             message._responded = True
-        self._fire(event, conn=self)
+        for callback in self._listeners.get(event, ()):
+            try:
+                callback(conn=self)
+            except Exception:
+                logger.exception("listener %r for %r on %s raised", callback, event, self.id)
         # FIN/REQ coalescing: while more delivered messages wait for a worker, an answer is
         # only queued; the worker that starts the last of them (_deliver), or the next
         # answer after it, writes them all in one send. Queued under the same lock that
