@@ -608,6 +608,17 @@ class _BrokerProcess:
             raise RuntimeError(f"cannot pause {self!r}: not running")
         self._send(signal.SIGSTOP)
         self._paused = True
+        # SIGSTOP lands asynchronously: return only once the kernel shows it stopped,
+        # so nothing sent after pause() can still be answered.
+        stat = f"/proc/{self.pid}/stat"
+        if os.path.exists(stat):
+            def stopped() -> bool:
+                try:
+                    with open(stat) as handle:
+                        return handle.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+                except OSError:
+                    return True
+            wait_until(stopped, timeout=5.0, message=f"{self!r} to stop")
 
     def resume(self) -> None:
         """Continue a broker frozen by :meth:`pause` (SIGCONT).

@@ -198,6 +198,7 @@ class Writer:
         self._parked: Any = collections.deque()
         self._deadlines: List[Tuple[float, int, Future]] = []
         self._seq = itertools.count()
+        self._pushes = 0
         self._wake = backend.event()
         self._housekeeper: Any = None
         for node in self._nodes:
@@ -456,16 +457,35 @@ class Writer:
 
     def _submit(self, data: bytes, timeout: Optional[float]) -> "Future[bytes]":
         deadline = self._begin(timeout)
-        outer: "Future[bytes]" = Future()
-        outer.set_running_or_notify_cancel()
-        outer.add_done_callback(lambda _f: self._end())
+        future: "Optional[Future[bytes]]" = None
+        if not self.retries:
+            # Common case: the connection's own Future is the caller's, no second one.
+            conn = self._pick()
+            if conn is not None:
+                try:
+                    future = conn.request(data)
+                except ConnectionClosedError:
+                    future = None
+                else:
+                    future.conn = conn  # type: ignore[attr-defined]
+                    future.sent = True  # type: ignore[attr-defined]
+        if future is None:
+            future = Future()
+            future.set_running_or_notify_cancel()
+            self._attempt(data, deadline, self.retries, future, None)
+        future.add_done_callback(lambda _f: self._end())
         with self._lock:
-            heapq.heappush(self._deadlines, (deadline, next(self._seq), outer))
-            first = self._deadlines[0][2] is outer
+            heap = self._deadlines
+            heapq.heappush(heap, (deadline, next(self._seq), future))
+            first = heap[0][2] is future
+            self._pushes += 1
+            if self._pushes % 4096 == 0:
+                # Answered publishes wait in the heap until their deadline: drop them now and then.
+                self._deadlines = heap = [entry for entry in heap if not entry[2].done()]
+                heapq.heapify(heap)
         if first or self._housekeeper is None:
             self._wake_housekeeper()
-        self._attempt(data, deadline, self.retries, outer, None)
-        return outer
+        return future
 
     def _attempt(self, data: bytes, deadline: float, retries: int, outer: "Future[bytes]", avoid: Optional[AsyncConn]) -> None:
         if outer.done():
