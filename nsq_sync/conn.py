@@ -160,6 +160,14 @@ class AsyncConn(EventedMixin):
             raise ConfigError("auth_secret", "<hidden>", "must be str or bytes")
         if auth_secret is not None and not auth_secret:
             raise ConfigError("auth_secret", "<hidden>", "must not be empty")
+        for name, value in (("client_id", client_id), ("hostname", hostname)):
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(name, value, "must be a non-empty string")
+        for name, value in (("tls_v1", tls_v1), ("snappy", snappy), ("deflate", deflate)):
+            if not isinstance(value, bool):
+                raise ConfigError(name, value, "must be True or False")
+        if tls_options is not None and not isinstance(tls_options, Mapping) and type(tls_options).__name__ != "SSLContext":
+            raise ConfigError("tls_options", tls_options, "must be an ssl.SSLContext or a dict of options")
         hostname = hostname if hostname is not None else socket.gethostname()
         # Eager: every IDENTIFY value is checked here, not by a fatal E_BAD_BODY later.
         self._identify_data = build_identify(
@@ -623,6 +631,8 @@ class AsyncConn(EventedMixin):
         for an error frame, or ConnectionClosedError when the connection goes before the
         answer. Do not mix with raw send() of answered commands on the same connection.
         """
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"request() takes command bytes, not {type(data).__name__}")
         future: "Future[bytes]" = Future()
         future.set_running_or_notify_cancel()
         with self._lock:

@@ -8,6 +8,8 @@ from .errors import ConfigError
 
 __all__ = ["Message", "Responder"]
 
+_MAX_MS = 2**31 - 1  # REQ's timeout must fit nsqd's int32 parse
+
 
 class Responder(Protocol):
     """What a Message needs from whoever delivered it (AsyncConn implements it)."""
@@ -72,14 +74,14 @@ class Message:
         """
         responder = self._need_responder()
         if time_ms is not None and time_ms != -1:
-            if isinstance(time_ms, bool) or not isinstance(time_ms, int) or time_ms < 0:
-                raise ConfigError("time_ms", time_ms, "must be an int >= 0 (or -1 for automatic)")
+            if isinstance(time_ms, bool) or not isinstance(time_ms, int) or not 0 <= time_ms <= _MAX_MS:
+                raise ConfigError("time_ms", time_ms, f"must be an int from 0 to {_MAX_MS} (or -1 for automatic)")
             ms = time_ms
         elif delay is None or delay == -1:
             ms = -1
         else:
-            if isinstance(delay, bool) or not isinstance(delay, (int, float)) or delay < 0:
-                raise ConfigError("delay", delay, "must be a number of seconds >= 0 (or None for automatic)")
+            if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not 0 <= delay <= _MAX_MS / 1000:
+                raise ConfigError("delay", delay, f"must be a number of seconds from 0 to {_MAX_MS // 1000} (or None for automatic)")
             ms = int(round(delay * 1000))
         responder._requeue_message(self, ms, bool(backoff))
 

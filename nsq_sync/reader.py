@@ -79,7 +79,9 @@ _MAX_LEVEL = 10_000
 def _parse_nsqd_address(address: object, param: str) -> Tuple[str, int]:
     if not isinstance(address, str):
         raise ConfigError(param, address, 'must be "host:port" strings')
-    host, sep, port_text = address.strip().rpartition(":")
+    if "/" in address or any(ch.isspace() for ch in address):
+        raise ConfigError(param, address, 'must be "host:port" (no scheme, path or spaces)')
+    host, sep, port_text = address.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:

@@ -52,6 +52,8 @@ def parse_address(address: object, param: str = "nsqd_tcp_addresses") -> Tuple[s
     if isinstance(address, tuple) and len(address) == 2:
         host, port = address
     elif isinstance(address, str):
+        if "/" in address or any(ch.isspace() for ch in address):
+            raise ConfigError(param, address, 'must be "host:port" (no scheme, path or spaces)')
         host, sep, port_text = address.rpartition(":")
         if not sep or not host or not port_text.isdigit():
             raise ConfigError(param, address, 'must be "host:port"')
@@ -156,6 +158,8 @@ class Writer:
         backend: Union[None, str, Backend] = None,
         **conn_kwargs: Any,
     ) -> None:
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ConfigError("name", name, "must be a non-empty string")
         addresses = parse_addresses(nsqd_tcp_addresses)
         if not addresses:
             raise ConfigError("nsqd_tcp_addresses", nsqd_tcp_addresses, "needs at least one address")

@@ -35,6 +35,8 @@ __all__ = [
 Body = Union[bytes, bytearray, memoryview, str]
 
 _pack_size = struct.Struct(">l").pack
+#: a size field is a signed 32-bit int (nsqd's own --max-msg-size default is far lower: 1 MiB)
+MAX_BODY_SIZE = 2**31 - 1 - 8
 _NOP = b"NOP\n"
 _CLS = b"CLS\n"
 
@@ -55,6 +57,8 @@ def to_body(body: object, param: str = "body") -> bytes:
         raise TypeError(f"{param} must be bytes or str, not {type(body).__name__}")
     if not data:
         raise ConfigError(param, body, "must not be empty (nsqd rejects empty messages)")
+    if len(data) > MAX_BODY_SIZE:
+        raise ConfigError(param, f"<{len(data)} bytes>", f"is larger than the protocol's limit of {MAX_BODY_SIZE} bytes")
     return data
 
 
@@ -107,7 +111,9 @@ def mpub(topic: str, bodies: Iterable[object]) -> bytes:
     """MPUB <topic> with [count][size body]... as its body. Zero messages is a ConfigError."""
     topic_b = check_topic(topic).encode("ascii")
     if isinstance(bodies, (bytes, str, bytearray, memoryview)):
-        raise TypeError("mpub takes a list of message bodies, not a single body")
+        raise TypeError("msgs: mpub takes a list of message bodies, not a single body")
+    if bodies is None or not hasattr(bodies, "__iter__"):
+        raise TypeError(f"msgs: mpub takes a list of message bodies, not {type(bodies).__name__}")
     parts: List[bytes] = []
     for body in bodies:
         data = to_body(body)
@@ -117,6 +123,8 @@ def mpub(topic: str, bodies: Iterable[object]) -> bytes:
     if count == 0:
         raise ConfigError("msgs", [], "mpub needs at least one message")
     payload = b"".join(parts)
+    if len(payload) + 4 > MAX_BODY_SIZE:
+        raise ConfigError("msgs", f"<{count} messages, {len(payload)} bytes>", f"exceed the protocol's limit of {MAX_BODY_SIZE} bytes")
     return b"MPUB %s\n" % topic_b + _pack_size(len(payload) + 4) + _pack_size(count) + payload
 
 
