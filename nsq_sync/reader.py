@@ -49,6 +49,8 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional,
 
 from . import lifecycle
 from .backends import Backend, get_backend
+from .addresses import address_key as _address_key
+from .addresses import parse_addresses
 from .backoff import ExponentialBackoff, exponential_delay
 from .conn import AsyncConn
 from .dispatch import WorkerPool
@@ -76,23 +78,6 @@ _MAX_LEVEL = 10_000
 
 
 # ----------------------------------------------------------------- helpers
-def _parse_nsqd_address(address: object, param: str) -> Tuple[str, int]:
-    if not isinstance(address, str):
-        raise ConfigError(param, address, 'must be "host:port" strings')
-    if "/" in address or any(ch.isspace() for ch in address):
-        raise ConfigError(param, address, 'must be "host:port" (no scheme, path or spaces)')
-    host, sep, port_text = address.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ConfigError(param, address, 'must be "host:port" with a port from 1 to 65535')
-    return host, int(port_text)
-
-
-def _address_key(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def _as_list(value: object, param: str) -> List[object]:
     if value is None:
         return []
@@ -297,8 +282,7 @@ class Reader:
         self.message_handler = message_handler
 
         direct: Dict[str, Tuple[str, int]] = {}
-        for address in _as_list(nsqd_tcp_addresses, "nsqd_tcp_addresses"):
-            host, port = _parse_nsqd_address(address, "nsqd_tcp_addresses")
+        for host, port in parse_addresses(nsqd_tcp_addresses, "nsqd_tcp_addresses"):
             direct[_address_key(host, port)] = (host, port)
 
         check_number("lookupd_connect_timeout", lookupd_connect_timeout, 0.001, 3600)

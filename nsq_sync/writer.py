@@ -16,21 +16,21 @@ import heapq
 import itertools
 import logging
 import os
-import random
 import time
 import weakref
 from concurrent import futures
 from concurrent.futures import Future
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
+from .addresses import parse_addresses
 from .backends import Backend, get_backend
+from .backoff import exponential_delay
 from .conn import AsyncConn
 from .dispatch import WorkerPool
 from .errors import (
     ClosedError,
     ConfigError,
     ConnectionClosedError,
-    Error,
     NoConnectionsError,
     SendError,
     TimeoutError,
@@ -39,53 +39,12 @@ from .lifecycle import register
 from .protocol import commands
 from .protocol.identify import check_number
 
-__all__ = ["Writer", "parse_address", "parse_addresses"]
+__all__ = ["Writer"]
 
 logger = logging.getLogger(__name__)
 
 Callback = Callable[[Optional[AsyncConn], Any], Any]
 _RETRYABLE = (ConnectionClosedError, SendError)
-
-
-def parse_address(address: object, param: str = "nsqd_tcp_addresses") -> Tuple[str, int]:
-    """Split "host:port" (IPv6 as "[::1]:4150") into (host, port); raises ConfigError naming *param*."""
-    if isinstance(address, tuple) and len(address) == 2:
-        host, port = address
-    elif isinstance(address, str):
-        if "/" in address or any(ch.isspace() for ch in address):
-            raise ConfigError(param, address, 'must be "host:port" (no scheme, path or spaces)')
-        host, sep, port_text = address.rpartition(":")
-        if not sep or not host or not port_text.isdigit():
-            raise ConfigError(param, address, 'must be "host:port"')
-        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-        port = int(port_text)
-    else:
-        raise ConfigError(param, address, 'must be "host:port" strings')
-    if not isinstance(host, str) or not host or isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-        raise ConfigError(param, address, 'must be "host:port" with a port from 1 to 65535')
-    return host, port
-
-
-def parse_addresses(addresses: object, param: str = "nsqd_tcp_addresses") -> List[Tuple[str, int]]:
-    """Accept one "host:port" string or a list of them; raises ConfigError naming *param*."""
-    if addresses is None:
-        return []
-    if isinstance(addresses, (str, tuple)):
-        addresses = [addresses]
-    if not isinstance(addresses, (list, set, frozenset)) and not hasattr(addresses, "__iter__"):
-        raise ConfigError(param, addresses, 'must be a "host:port" string or a list of them')
-    result: List[Tuple[str, int]] = []
-    for address in addresses:  # type: ignore[union-attr]
-        parsed = parse_address(address, param)
-        if parsed not in result:
-            result.append(parsed)
-    return result
-
-
-def reconnect_delay(attempt: int, base: float, cap: float, jitter: float = 0.3, rand: Callable[[], float] = random.random) -> float:
-    """Exponential delay ``base * 2**(attempt-1)`` capped at *cap*, spread by +-*jitter* (a fraction)."""
-    delay = min(cap, base * (2 ** max(0, attempt - 1)))
-    return max(0.0, delay * (1 - jitter + 2 * jitter * rand()))
 
 
 _live_writers: "weakref.WeakSet[Writer]" = weakref.WeakSet()
@@ -236,7 +195,7 @@ class Writer:
                 conn.connect()
             except Exception as exc:
                 node.attempts += 1
-                delay = reconnect_delay(node.attempts, self.reconnect_interval, self.max_reconnect_interval)
+                delay = exponential_delay(node.attempts, self.reconnect_interval, self.max_reconnect_interval)
                 logger.warning("%s: cannot connect to %s (%s); retrying in %.1fs", self.name, node.address, exc, delay)
                 self._stopping.wait(delay)
                 continue
@@ -259,7 +218,7 @@ class Writer:
                     self._changed.clear()
             if not self._stopping.is_set():
                 node.attempts += 1
-                delay = reconnect_delay(node.attempts, self.reconnect_interval, self.max_reconnect_interval)
+                delay = exponential_delay(node.attempts, self.reconnect_interval, self.max_reconnect_interval)
                 logger.warning("%s: connection to %s closed (%s); reconnecting in %.1fs", self.name, node.address, conn.error, delay)
                 self._stopping.wait(delay)
 
