@@ -237,6 +237,10 @@ class AsyncConn(EventedMixin):
         self.error: Optional[BaseException] = None
         #: set by the Reader that owns this connection (pynsq keeps per-connection Reader state here)
         self.rdy_timeout: Any = None
+        #: ``handler(conn, future)`` for requests nsqd provably never ran because a fatal error
+        #: came before them; the Writer re-sends them elsewhere on the same Future (``future.command``).
+        #: Without a handler they fail with ConnectionClosedError whose ``unprocessed`` is True.
+        self.unprocessed_handler: Any = None
 
         self._stream: Any = None
         self._raw_sock: Optional[socket.socket] = None
@@ -500,8 +504,17 @@ class AsyncConn(EventedMixin):
                         # before anyone waiting learns of the failure and retries on us.
                         self.state = DISCONNECTED
                         waiter = self._pending.popleft() if self._pending else None
+                        # nsqd runs commands in order and closes after a fatal one: the rest never ran.
+                        for behind in self._pending:
+                            behind.unprocessed = True  # type: ignore[attr-defined]
+                        handler = self.unprocessed_handler
+                        resend = list(self._pending) if handler is not None else []
+                        if resend:
+                            self._pending.clear()
                     if waiter is not None and not waiter.done():
                         waiter.set_exception(error)
+                    for future in resend:
+                        handler(self, future)  # type: ignore[misc]
                     logger.warning("%s: %s", self.id, error)
                 else:
                     logger.debug("%s: %s", self.id, error)
@@ -522,38 +535,13 @@ class AsyncConn(EventedMixin):
                     self._queued += len(messages)
             self.last_msg_timestamp = self.last_recv_timestamp
             if listeners:
-                lane = self.worker_pool.messages
-                if lane.slow or len(messages) == 1:
-                    lane.submit_many(self._deliver, messages)
-                else:
-                    lane.submit(self._deliver_batch, messages)
+                # One work item per message, never a batch per worker: a handler that never
+                # returns must not hold up the messages read with it.
+                self.worker_pool.messages.submit_many(self._deliver, messages)
             else:
                 logger.warning("%s: %d messages arrived with no 'message' listener; nsqd redelivers them after msg_timeout", self.id, len(messages))
 
-    def _deliver_batch(self, messages: List[Message]) -> None:
-        """Run one read's messages on one worker while handlers are fast.
-
-        Their answers are held and leave in one send (see _respond). As soon as the lane
-        sees slow handlers, the rest of the batch goes back to the lane one message per
-        item, so idle workers take them instead of waiting behind a slow one.
-        """
-        lane = self.worker_pool.messages
-        deliver = self._deliver_one
-        clock = time.monotonic
-        for index, message in enumerate(messages):
-            if index and lane.slow:
-                lane.submit_many(self._deliver, messages[index:])
-                return
-            started = clock()
-            deliver(message)
-            lane.record(clock() - started)
-
     def _deliver(self, message: Message) -> None:
-        started = time.monotonic()
-        self._deliver_one(message)
-        self.worker_pool.messages.record(time.monotonic() - started)
-
-    def _deliver_one(self, message: Message) -> None:
         with self._lock:
             self._queued -= 1
             flush = not self._queued and self._writes
@@ -624,7 +612,7 @@ class AsyncConn(EventedMixin):
             finally:
                 lock.release()
 
-    def request(self, data: bytes) -> "Future[bytes]":
+    def request(self, data: bytes, future: "Optional[Future[bytes]]" = None) -> "Future[bytes]":
         """Write a command that nsqd answers (PUB, MPUB, DPUB, SUB) and return a Future of the answer.
 
         Answers are matched to requests in order. The Future fails with the ServerError
@@ -633,8 +621,10 @@ class AsyncConn(EventedMixin):
         """
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"request() takes command bytes, not {type(data).__name__}")
-        future: "Future[bytes]" = Future()
-        future.set_running_or_notify_cancel()
+        if future is None:
+            future = Future()
+            future.set_running_or_notify_cancel()
+        future.command = data  # type: ignore[attr-defined]  # kept for a re-send (see unprocessed_handler)
         with self._lock:
             if self.state != CONNECTED:
                 raise ConnectionClosedError(f"connection to {self.id} is {self.state.lower()}")
@@ -794,10 +784,17 @@ class AsyncConn(EventedMixin):
         return reader is current or getattr(reader, "_greenlet", None) is current
 
     def _abort(self, error: BaseException) -> None:
-        """Close at once because of *error* (a failed write); the reader reports the close."""
+        """Stop writing because of *error* (a failed write); the reader reports the close.
+
+        Only the write side is shut: whatever nsqd already sent (often the E_* error frame
+        that explains the failure) is still read, and the reader ends at nsqd's close or,
+        for a peer that stopped reading, at the staleness timeout.
+        """
         if self.error is None:
             self.error = error
-        self._teardown_socket()
+        stream = self._stream
+        if stream is not None:
+            stream.shutdown(write_only=True)
 
     def _teardown_socket(self) -> None:
         stream = self._stream
@@ -835,9 +832,10 @@ class AsyncConn(EventedMixin):
             self._pending.clear()
         for future in pending:
             if not future.done():
-                future.set_exception(
-                    ConnectionClosedError(f"connection to {self.id} closed before nsqd answered" + (f": {error}" if error else ""))
-                )
+                failure = ConnectionClosedError(f"connection to {self.id} closed before nsqd answered" + (f": {error}" if error else ""))
+                #: True when nsqd provably never ran the command (it came after a fatal error), so re-sending it is safe
+                failure.unprocessed = getattr(future, "unprocessed", False)  # type: ignore[attr-defined]
+                future.set_exception(failure)
 
     def _emit_close(self) -> None:
         with self._lock:

@@ -40,9 +40,6 @@ class Lane:
         self._idle = 0
         self._closed = False
         self._local_ids: set = set()
-        #: moving average of callback seconds (see record); read without a lock
-        self.average = 0.0
-        self.slow = False
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
         """Queue ``fn(*args)``; raises RuntimeError once the lane is closed."""
@@ -103,16 +100,6 @@ class Lane:
                 logger.exception("callback %r raised", fn)
             except BaseException:  # a worker must not die silently (gevent GreenletExit, SystemExit)
                 logger.exception("callback %r raised a BaseException; worker goes on", fn)
-
-    #: a callback slower than this on average makes the lane "slow": callers then spread work
-    #: one item per worker instead of running batches on one worker
-    SLOW_SECONDS = 0.001
-
-    def record(self, seconds: float) -> None:
-        """Feed one callback's duration into the lane's moving average (races only blur it)."""
-        average = self.average * 0.9 + seconds * 0.1
-        self.average = average
-        self.slow = average > self.SLOW_SECONDS or seconds > 0.05
 
     def in_worker(self) -> bool:
         """True when called from one of this lane's workers."""

@@ -296,8 +296,11 @@ class Reader:
                 from .httpapi import LookupdClient
 
                 client = LookupdClient(_strip_lookup_path(address), timeout=lookupd_timeout)
-            except (ConfigError, TypeError) as exc:
-                raise ConfigError("lookupd_http_addresses", address, str(exc)) from exc
+            except ConfigError as exc:
+                # exc.value is already redacted (no credentials from the URL)
+                raise ConfigError("lookupd_http_addresses", exc.value, exc.reason) from None
+            except TypeError as exc:
+                raise ConfigError("lookupd_http_addresses", "<redacted>", str(exc)) from None
             if address not in [a for a, _ in lookupds]:
                 lookupds.append((address, client))
         if not direct and not lookupds:

@@ -16,6 +16,7 @@ import heapq
 import itertools
 import logging
 import os
+import struct
 import time
 import weakref
 from concurrent import futures
@@ -29,6 +30,7 @@ from .conn import AsyncConn
 from .dispatch import WorkerPool
 from .errors import (
     ClosedError,
+    Error,
     ConfigError,
     ConnectionClosedError,
     NoConnectionsError,
@@ -45,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 Callback = Callable[[Optional[AsyncConn], Any], Any]
 _RETRYABLE = (ConnectionClosedError, SendError)
+_SIZE = struct.Struct(">l")
 
 
 _live_writers: "weakref.WeakSet[Writer]" = weakref.WeakSet()
@@ -74,7 +77,7 @@ def _settle(future: "Future[Any]", result: Any = None, error: Optional[BaseExcep
 
 
 class _Node:
-    __slots__ = ("host", "port", "conn", "task", "attempts")
+    __slots__ = ("host", "port", "conn", "task", "attempts", "last_error")
 
     def __init__(self, host: str, port: int) -> None:
         self.host = host
@@ -82,6 +85,7 @@ class _Node:
         self.conn: Optional[AsyncConn] = None
         self.task: Any = None
         self.attempts = 0
+        self.last_error: Optional[BaseException] = None
 
     @property
     def address(self) -> str:
@@ -96,6 +100,10 @@ class Writer:
     :param retries: how many times a publish that failed for connection reasons is re-sent on
         another node (never one nsqd rejected). A re-sent message may be published twice if the
         first connection died after nsqd took it: at-least-once.
+    :param max_msg_size: bytes; a bigger message is refused locally with ConfigError (nsqd's
+        --max-msg-size, default 1 MiB; None skips the check). nsqd's own refusal is fatal and
+        takes every publish pipelined behind it on the connection down with it.
+    :param max_body_size: bytes; the same for a whole MPUB body (nsqd's --max-body-size, 5 MiB)
     :param reconnect_interval: first reconnect delay in seconds; doubles up to ``max_reconnect_interval``
     :param concurrency: workers that run publish callbacks
     :param backend: "thread", "gevent" or None (auto)
@@ -110,6 +118,8 @@ class Writer:
         *,
         publish_timeout: float = 10.0,
         retries: int = 0,
+        max_msg_size: Optional[int] = 1024 * 1024,
+        max_body_size: Optional[int] = 5 * 1024 * 1024,
         reconnect_interval: float = 1.0,
         max_reconnect_interval: float = 60.0,
         concurrency: int = 1,
@@ -124,6 +134,9 @@ class Writer:
             raise ConfigError("nsqd_tcp_addresses", nsqd_tcp_addresses, "needs at least one address")
         check_number("publish_timeout", publish_timeout, 0.001, 86400)
         check_number("retries", retries, 0, 1000, integer=True)
+        for param, value in (("max_msg_size", max_msg_size), ("max_body_size", max_body_size)):
+            if value is not None:
+                check_number(param, value, 1, 2**31 - 1, integer=True)
         check_number("reconnect_interval", reconnect_interval, 0.001, 3600)
         check_number("max_reconnect_interval", max_reconnect_interval, 0.001, 3600)
         if "worker_pool" in conn_kwargs:
@@ -133,6 +146,8 @@ class Writer:
         self.name = name or "nsq_sync.Writer"
         self.publish_timeout = float(publish_timeout)
         self.retries = retries
+        self.max_msg_size = max_msg_size
+        self.max_body_size = max_body_size
         self.reconnect_interval = float(reconnect_interval)
         self.max_reconnect_interval = float(max_reconnect_interval)
         self.concurrency = concurrency
@@ -191,10 +206,12 @@ class Writer:
     def _node_loop(self, node: _Node) -> None:
         while not self._stopping.is_set():
             conn = AsyncConn(node.host, node.port, backend=self.backend, worker_pool=self.pool, **self._conn_kwargs)
+            conn.unprocessed_handler = self._resend_unprocessed
             try:
                 conn.connect()
             except Exception as exc:
                 node.attempts += 1
+                node.last_error = exc
                 delay = exponential_delay(node.attempts, self.reconnect_interval, self.max_reconnect_interval)
                 logger.warning("%s: cannot connect to %s (%s); retrying in %.1fs", self.name, node.address, exc, delay)
                 self._stopping.wait(delay)
@@ -233,7 +250,7 @@ class Writer:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with self._lock:
-                if len(self._connected) >= count:
+                if sum(1 for conn in self._connected if conn.connected()) >= count:
                     return True
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
@@ -300,27 +317,47 @@ class Writer:
         With *callback*: return at once; ``callback(conn, data)`` runs on the worker pool with
         the answer or the exception as data (pynsq's convention).
         """
-        return self._publish(commands.pub(topic, msg), callback, timeout)
+        return self._publish(self._checked(commands.pub(topic, msg), topic), callback, timeout)
 
     def mpub(self, topic: str, msgs: Iterable[Any], callback: Optional[Callback] = None, timeout: Optional[float] = None) -> Any:
         """Publish several messages atomically (MPUB); same contract as :meth:`pub`. Zero messages is a ConfigError."""
-        return self._publish(commands.mpub(topic, msgs), callback, timeout)
+        return self._publish(self._checked(commands.mpub(topic, msgs), topic, multi=True), callback, timeout)
 
     def dpub(self, topic: str, delay_ms: int, msg: Any, callback: Optional[Callback] = None, timeout: Optional[float] = None) -> Any:
         """Publish one message delivered after *delay_ms* (0..3,600,000); same contract as :meth:`pub`."""
-        return self._publish(commands.dpub(topic, delay_ms, msg), callback, timeout)
+        return self._publish(self._checked(commands.dpub(topic, delay_ms, msg), topic), callback, timeout)
 
     def pub_async(self, topic: str, msg: Any, timeout: Optional[float] = None) -> "Future[bytes]":
         """Publish without blocking; the Future resolves to b"OK" or fails with the error :meth:`pub` would raise."""
-        return self._submit(commands.pub(topic, msg), timeout)
+        return self._submit(self._checked(commands.pub(topic, msg), topic), timeout)
 
     def mpub_async(self, topic: str, msgs: Iterable[Any], timeout: Optional[float] = None) -> "Future[bytes]":
         """:meth:`mpub` returning a Future."""
-        return self._submit(commands.mpub(topic, msgs), timeout)
+        return self._submit(self._checked(commands.mpub(topic, msgs), topic, multi=True), timeout)
 
     def dpub_async(self, topic: str, delay_ms: int, msg: Any, timeout: Optional[float] = None) -> "Future[bytes]":
         """:meth:`dpub` returning a Future."""
-        return self._submit(commands.dpub(topic, delay_ms, msg), timeout)
+        return self._submit(self._checked(commands.dpub(topic, delay_ms, msg), topic), timeout)
+
+    def _checked(self, data: bytes, topic: str, multi: bool = False) -> bytes:
+        """Refuse, before sending, what nsqd would refuse with a fatal error that fails
+        every publish pipelined behind it on the connection (sizes as nsqd's defaults;
+        set max_msg_size/max_body_size to your nsqd's, or None to skip the check)."""
+        header = data.index(b"\n") + 1
+        body_size = len(data) - header - 4
+        if multi:
+            if self.max_body_size is not None and body_size > self.max_body_size:
+                raise ConfigError("msgs", f"<{body_size} bytes>", f"MPUB body exceeds max_body_size ({self.max_body_size} bytes, nsqd's --max-body-size)")
+            if self.max_msg_size is not None:
+                offset = header + 8
+                while offset < len(data):
+                    (size,) = _SIZE.unpack_from(data, offset)
+                    if size > self.max_msg_size:
+                        raise ConfigError("msgs", f"<a message of {size} bytes>", f"exceeds max_msg_size ({self.max_msg_size} bytes, nsqd's --max-msg-size)")
+                    offset += 4 + size
+        elif self.max_msg_size is not None and body_size > self.max_msg_size:
+            raise ConfigError("msg", f"<{body_size} bytes>", f"exceeds max_msg_size ({self.max_msg_size} bytes, nsqd's --max-msg-size)")
+        return data
 
     def _publish(self, data: bytes, callback: Optional[Callback], timeout: Optional[float]) -> Any:
         if callback is not None:
@@ -388,8 +425,13 @@ class Writer:
                 self._changed.wait(min(remaining, 0.25))
 
     def _last_errors(self) -> str:
-        errors = [f"{n.address}: {n.conn.error}" for n in self._nodes if n.conn is not None and n.conn.error]
-        return f" ({'; '.join(errors)})" if errors else ""
+        """Why each node is not connected (its last connect or connection error), for error messages."""
+        errors = []
+        for node in self._nodes:
+            error = node.conn.error if node.conn is not None and node.conn.error else node.last_error
+            if error is not None:
+                errors.append(f"{node.address}: {type(error).__name__}: {error}")
+        return f" (last errors: {'; '.join(errors)})" if errors else ""
 
     def _publish_blocking(self, data: bytes, timeout: Optional[float]) -> bytes:
         deadline = self._begin(timeout)
@@ -409,8 +451,13 @@ class Writer:
                     if future.done():
                         raise
                     raise TimeoutError(f"no answer from {conn.id} within the timeout; the publish may or may not have landed") from None
-                except _RETRYABLE:
-                    if retries <= 0 or time.monotonic() >= deadline:
+                except _RETRYABLE as exc:
+                    if time.monotonic() >= deadline:
+                        raise
+                    if getattr(exc, "unprocessed", False):
+                        avoid = conn  # nsqd never ran it (it came after a fatal error): safe, and free, to re-send
+                        continue
+                    if retries <= 0:
                         raise
                     retries -= 1
                     avoid = conn
@@ -474,16 +521,43 @@ class Writer:
             exc = f.exception()
             if exc is None:
                 _settle(outer, f.result())
-            elif isinstance(exc, _RETRYABLE) and retries > 0 and time.monotonic() < deadline:
+            elif isinstance(exc, _RETRYABLE) and (retries > 0 or getattr(exc, "unprocessed", False)) and time.monotonic() < deadline:
                 # Runs on the connection's reader: re-send from a worker instead.
+                left = retries if getattr(exc, "unprocessed", False) else retries - 1
                 try:
-                    self.pool.control.submit(self._attempt, data, deadline, retries - 1, outer, conn)
+                    self.pool.control.submit(self._attempt, data, deadline, left, outer, conn)
                 except RuntimeError:
                     _settle(outer, error=exc)
             else:
                 _settle(outer, error=exc)
 
         inner.add_done_callback(done)
+
+    def _resend_unprocessed(self, conn: AsyncConn, future: "Future[bytes]") -> None:
+        """A fatal error on *conn* came before this publish, so nsqd never ran it: send it
+        again elsewhere on the same Future (runs on the reader: hand it to a worker)."""
+        try:
+            self.pool.control.submit(self._resend, conn, future)
+        except RuntimeError:
+            _settle(future, error=ConnectionClosedError(f"connection to {conn.id} closed before nsqd answered"))
+
+    def _resend(self, failed: AsyncConn, future: "Future[bytes]") -> None:
+        deadline = time.monotonic() + self.publish_timeout
+        avoid: Optional[AsyncConn] = failed
+        while not future.done():
+            try:
+                conn = self._wait_for_conn(deadline, avoid)
+                conn.request(future.command, future)  # type: ignore[attr-defined]
+                future.conn = conn  # type: ignore[attr-defined]
+                return
+            except ConnectionClosedError:
+                avoid = None
+                if time.monotonic() >= deadline:
+                    _settle(future, error=ConnectionClosedError(f"connection to {failed.id} closed before nsqd answered"))
+                    return
+            except Error as exc:
+                _settle(future, error=exc)
+                return
 
     def _wake_housekeeper(self) -> None:
         with self._lock:

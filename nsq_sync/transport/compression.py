@@ -45,8 +45,8 @@ class _Layer:
     def settimeout(self, timeout: Optional[float]) -> None:
         self.inner.settimeout(timeout)
 
-    def shutdown(self) -> None:
-        self.inner.shutdown()
+    def shutdown(self, write_only: bool = False) -> None:
+        self.inner.shutdown(write_only)
 
     def close(self) -> None:
         self.inner.close()

@@ -25,9 +25,9 @@ class SocketStream:
     def settimeout(self, timeout: Optional[float]) -> None:
         self.sock.settimeout(timeout)
 
-    def shutdown(self) -> None:
+    def shutdown(self, write_only: bool = False) -> None:
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)
+            self.sock.shutdown(socket.SHUT_WR if write_only else socket.SHUT_RDWR)
         except OSError:
             pass
 

@@ -108,14 +108,15 @@ class TLSStream:
             # OpenSSL wants the same buffer again once the socket can take it.
             self._wait_writable(self.sock, min(remaining, 0.05) if remaining is not None else 0.05)
 
-    def shutdown(self) -> None:
+    def shutdown(self, write_only: bool = False) -> None:
         # Shut the TCP socket below TLS: SSLSocket.shutdown would drop the SSL object
         # while the reader may be using it.
+        how = socket.SHUT_WR if write_only else socket.SHUT_RDWR
         try:
-            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+            socket.socket.shutdown(self.sock, how)
         except (OSError, ValueError, TypeError):
             try:
-                self.sock.shutdown(socket.SHUT_RDWR)
+                self.sock.shutdown(how)
             except (OSError, ValueError):
                 pass
 

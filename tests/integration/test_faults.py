@@ -31,6 +31,7 @@ from nsq_sync.backoff import ExponentialBackoff
 from nsq_sync.errors import (
     AlreadyRespondedError,
     BadMessageError,
+    ConfigError,
     ConnectionClosedError,
     Error,
     SendError,
@@ -943,14 +944,6 @@ def test_handler_exceptions_requeue_and_the_pool_stays_usable(nsqd: NsqdProcess,
     report("handler exceptions", failing=len(failing), requeued=stats["messages_requeued"], requeue_count_nsqd=channel.get("requeue_count"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (conn.py _deliver_batch + _respond hold, since 564bf37 batched delivery): the messages that arrived in "
-    "the same read as a message whose handler never returns wait behind it on the same worker (the other workers "
-    "stay idle), and because they count in _queued, _respond holds every FIN/REQ of the connection in _writes "
-    "(hold = _queued > 0): nothing is finished any more, nsqd times every message out and redelivers it, over and "
-    "over, until the stuck handler returns (or an unrelated write flushes)",
-)
 def test_handler_that_never_returns_is_redelivered_and_workers_stay_usable(nsqd: NsqdProcess, clients: Clients) -> None:
     others = [b"ok-%03d" % i for i in range(60)]
     prepare(nsqd, [b"stuck"] + others)  # RDY 3: "stuck" and the next two arrive in one read
@@ -1006,14 +999,6 @@ def test_handler_that_never_returns_is_redelivered_and_workers_stay_usable(nsqd:
     report("handler that never returns: stuck message redelivered", redelivered_after_s=redelivered, attempts=seen.max_attempts[b"stuck"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (conn.py _deliver_batch/_deliver_one/_respond, since the batched delivery): a BaseException "
-    "(SystemExit, KeyboardInterrupt, GreenletExit) out of a handler aborts _deliver_batch: the rest of that read's "
-    "messages are never handed to a handler and _queued never drops back to 0, so _respond holds every later "
-    "FIN/REQ in _writes (hold = _queued > 0) until some unrelated write (RDY, a heartbeat's NOP) flushes them: "
-    "the consumer stalls and nsqd redelivers everything after msg_timeout",
-)
 def test_handler_raising_a_base_exception_does_not_stall_the_rest_of_its_batch(backend: str) -> None:
     """Deterministic on the fake nsqd: five message frames in ONE write are one read, one batch."""
     handled: List[bytes] = []
@@ -1126,17 +1111,10 @@ def test_handler_answers_twice_only_one_answer_reaches_nsqd(nsqd: NsqdProcess, c
 
 
 # =========================================================================== 7. oversize publish
-OVERSIZE_COLLATERAL = (
-    "BUG (writer.py/conn.py): an oversize PUB is sent, nsqd answers the fatal E_BAD_MESSAGE and closes the "
-    "connection, and every publish pipelined behind it fails with ConnectionClosedError although nsqd never "
-    "processed them (so they were safe to re-send); the body size is not checked before sending"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=OVERSIZE_COLLATERAL)
 def test_oversize_publish_fails_alone_not_the_publishes_behind_it(clients: Clients) -> None:
     with started(NsqdProcess(extra_args=["--max-msg-size=1024"])) as nsqd, TcpProxy(split(nsqd.tcp_address)) as proxy:
-        writer = clients.writer(proxy.address, retries=0, publish_timeout=5)
+        # max_msg_size=None: the Writer's own check would refuse the body; nsqd's refusal is under test
+        writer = clients.writer(proxy.address, retries=0, publish_timeout=5, max_msg_size=None)
         assert writer.pub(TOPIC, b"warm") == b"OK"
         proxy.stall("up")  # hold the client's bytes so that nsqd gets all of them at once, in order
         oversize = writer.pub_async(TOPIC, b"x" * 2000)
@@ -1150,21 +1128,11 @@ def test_oversize_publish_fails_alone_not_the_publishes_behind_it(clients: Clien
         assert outcomes == {"OK": 50}, f"valid publishes failed because of another publish's oversize body: {dict(outcomes)} (nsqd depth {landed}: they never landed)"
 
 
-def test_oversize_publish_gets_the_typed_rejection_while_more_is_written(clients: Clients, backend: str, request: pytest.FixtureRequest) -> None:
+def test_oversize_publish_gets_the_typed_rejection_while_more_is_written(clients: Clients) -> None:
     """nsqd rejects the body and resets the connection while the client still writes publishes
     behind it: the write fails, but the E_BAD_MESSAGE frame already received must still be read."""
-    if backend == "gevent":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="BUG (conn.py _abort -> SocketStream.shutdown under gevent): a failed write shuts the socket down "
-                "from the writing greenlet; gevent's shutdown() cancels the reader's wait with EBADF 'File descriptor was "
-                "closed in another greenlet', so the error frame nsqd sent is never read and the publish fails with that "
-                "ConnectionClosedError instead of BadMessageError",
-            )
-        )
     with started(NsqdProcess(extra_args=["--max-msg-size=1024"])) as nsqd:
-        writer = clients.writer(nsqd.tcp_address, retries=0, publish_timeout=5)
+        writer = clients.writer(nsqd.tcp_address, retries=0, publish_timeout=5, max_msg_size=None)
         assert writer.pub(TOPIC, b"warm") == b"OK"
         oversize = writer.pub_async(TOPIC, b"x" * 2000)
         behind = [writer.pub_async(TOPIC, b"small-%03d" % i) for i in range(300)]
@@ -1173,3 +1141,19 @@ def test_oversize_publish_gets_the_typed_rejection_while_more_is_written(clients
         report("oversize PUB, 300 written behind it", oversize_error=repr(error)[:120], behind=dict(outcomes))
         assert isinstance(error, BadMessageError), repr(error)
         assert "Errno" not in str(error)
+
+
+def test_oversize_publish_is_refused_before_sending(nsqd: NsqdProcess, clients: Clients) -> None:
+    """The Writer knows nsqd's default limits: an oversize body is a ConfigError and nothing is sent."""
+    writer = clients.writer(nsqd.tcp_address, retries=0, publish_timeout=5)
+    assert writer.pub(TOPIC, b"warm") == b"OK"
+    for call in (
+        lambda: writer.pub(TOPIC, b"x" * (1024 * 1024 + 1)),
+        lambda: writer.pub_async(TOPIC, b"x" * (1024 * 1024 + 1)),
+        lambda: writer.mpub(TOPIC, [b"ok", b"x" * (1024 * 1024 + 1)]),
+        lambda: writer.mpub(TOPIC, [b"y" * (1024 * 1024)] * 6),
+    ):
+        with pytest.raises(ConfigError):
+            call()
+    assert nsqd.topic_depth(TOPIC) == 1
+    assert writer.pub(TOPIC, b"after") == b"OK"

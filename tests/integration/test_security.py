@@ -191,12 +191,6 @@ def test_auth_denied_writer_backs_off_and_fails_typed(auth_server: AuthServer, a
     report("AUTH denied (Writer)", error=type(info.value).__name__, auth_attempts_in_2s=attempts, elapsed_s=elapsed)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (writer.py _wait_for_conn/_last_errors): when every node fails its handshake (E_AUTH_FAILED), "
-    "NoConnectionsError says only 'no connection ... within the timeout': the auth failure is neither in the "
-    "message nor chained (_last_errors only looks at node.conn, which a failed handshake never sets)",
-)
 def test_auth_denied_writer_error_names_the_auth_failure(auth_server: AuthServer, auth_nsqd: NsqdProcess, clients: Clients) -> None:
     writer = clients.writer(auth_nsqd.tcp_address, auth_secret="unknown-secret-77aa", publish_timeout=1)
     with pytest.raises(NoConnectionsError) as info:
@@ -325,7 +319,8 @@ def test_no_secret_and_no_body_in_logs_reprs_or_errors(
 
     reader = clients.reader(handler, nsqd_tcp_addresses=auth_nsqd.tcp_address, auth_secret=good, max_in_flight=10, max_tries=1)
     reader.start()
-    writer = clients.writer(auth_nsqd.tcp_address, auth_secret=good, publish_timeout=2)
+    # max_msg_size=None: let nsqd itself refuse the oversize body (its E_BAD_MESSAGE path is under test)
+    writer = clients.writer(auth_nsqd.tcp_address, auth_secret=good, publish_timeout=2, max_msg_size=None)
     for body in bodies:
         assert writer.pub(TOPIC, body) == b"OK"
     inbox.wait(bodies)
@@ -377,12 +372,6 @@ def test_no_secret_and_no_body_in_logs_reprs_or_errors(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (reader.py Reader.__init__, lookupd_http_addresses loop): the LookupdClient's ConfigError redacts "
-    "credentials ('<redacted>'), but the Reader re-raises ConfigError('lookupd_http_addresses', address, ...) with "
-    "the raw address, so the password is in the message and in .value",
-)
 def test_reader_does_not_echo_credentials_in_a_lookupd_address() -> None:
     with pytest.raises(ConfigError) as info:
         Reader(TOPIC, CHANNEL, lambda m: True, lookupd_http_addresses="http://admin:hunter2-pw@127.0.0.1:4161")

@@ -49,8 +49,8 @@ class FakeInner:
     def settimeout(self, timeout):
         self.timeouts.append(timeout)
 
-    def shutdown(self):
-        self.shut = True
+    def shutdown(self, write_only=False):
+        self.shut = "write" if write_only else True
 
     def close(self):
         self.closed = True
