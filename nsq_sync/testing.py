@@ -388,6 +388,7 @@ class _BrokerProcess:
             return self
         binary = self.binary or find_binary(self.binary_name)
         deadline = time.monotonic() + self.start_timeout
+        retried = False
         while True:
             self._prepare()
             args = [binary] + self._build_args()
@@ -398,11 +399,15 @@ class _BrokerProcess:
             except BrokerStartError:
                 current = self._current_log()
                 self.kill()
+                silent = current.count("\n") == 0  # not a line of output: a stuck start, try once more
                 if (
                     self._ports_fixed
-                    and "address already in use" in current
-                    and time.monotonic() < deadline
+                    and ("address already in use" in current or (silent and not retried))
+                    and time.monotonic() < deadline + (self.start_timeout if silent else 0)
                 ):
+                    if silent:
+                        retried = True
+                        deadline = time.monotonic() + self.start_timeout
                     # the old socket / another process still holds the port; retry
                     logger.info("%s: port still in use, retrying", self.binary_name)
                     time.sleep(0.1)
@@ -500,6 +505,10 @@ class _BrokerProcess:
                     pass
                 self._join_reader()
                 raise self._start_error(f"exited with status {proc.returncode} while starting")
+            if self._ports_fixed and self._known_ports_answer():
+                # Restarted on its known ports and serving, but its log lines did not reach us.
+                logger.info("%s: serving on its known ports; its listening lines were not seen", self.binary_name)
+                return
             raise self._start_error(
                 f"did not report {sorted(expected - set(listening))} listeners "
                 f"within {self.start_timeout:g}s"
@@ -508,6 +517,13 @@ class _BrokerProcess:
         self.http_port = _split_host_port(listening["HTTP"])[1]
         if "HTTPS" in listening:
             self.https_port = _split_host_port(listening["HTTPS"])[1]
+
+    def _known_ports_answer(self) -> bool:
+        try:
+            status, body = _http_request(self.http_url("/ping"), timeout=1.0)
+        except OSError:
+            return False
+        return self._ping_ok(status, body)
 
     def _ping_ok(self, status: int, body: bytes) -> bool:
         return status == 200 and body.strip() == b"OK"
@@ -832,6 +848,13 @@ class NsqdProcess(_BrokerProcess):
     def https_address(self) -> Optional[str]:
         """``"127.0.0.1:PORT"`` of the HTTPS listener, None without TLS."""
         return f"{self.host}:{self.https_port}" if self.https_port else None
+
+    def _known_ports_answer(self) -> bool:
+        try:
+            status, body = _http_request(self.http_url("/ping"), timeout=1.0)
+        except OSError:
+            return False
+        return self._ping_ok(status, body)
 
     def _ping_ok(self, status: int, body: bytes) -> bool:
         # with --tls-required=true the plain HTTP port answers every request with
