@@ -15,7 +15,6 @@ greenlets in a monkey-patched process.
 from __future__ import annotations
 
 import collections
-import gc
 import logging
 import struct
 import sys
@@ -44,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "functional"))
 from fake_nsqd import FakeNsqd, message_frame  # noqa: E402
 from tcp_proxy import Link, TcpProxy  # noqa: E402
+from tasks import live_tasks, split  # noqa: E402
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -63,24 +63,6 @@ FAST_BACKOFF = ExponentialBackoff(multiplier=0.01, max_duration=0.1)
 def report(name: str, **values: Any) -> None:
     shown = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
     print(f"\n[fault] {name}: {shown}")
-
-
-def split(address: str) -> Tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host, int(port)
-
-
-def live_tasks() -> List[str]:
-    """nsq_sync threads, and greenlets under gevent, still running."""
-    names = [t.name for t in threading.enumerate() if "nsq_sync" in t.name and t.is_alive()]
-    try:
-        import gevent
-    except ImportError:  # pragma: no cover
-        return names
-    for obj in gc.get_objects():
-        if isinstance(obj, gevent.Greenlet) and not obj.dead and "nsq_sync" in str(getattr(obj, "name", "")):
-            names.append(str(obj.name))
-    return names
 
 
 class Clients:

@@ -12,13 +12,12 @@ fake nsqd (tests/functional/fake_nsqd.py). Every client gets ``backend=backend``
 from __future__ import annotations
 
 import collections
-import gc
 import logging
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Tuple
+from typing import Any, Callable, Dict, Iterator, List
 
 import pytest
 
@@ -41,6 +40,7 @@ sys.path.insert(0, str(_TESTS / "support"))
 sys.path.insert(0, str(_TESTS / "functional"))
 from fake_nsqd import FakeNsqd  # noqa: E402
 from tcp_proxy import TcpProxy  # noqa: E402
+from tasks import live_tasks, split  # noqa: E402
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -56,23 +56,6 @@ FAST_BACKOFF = ExponentialBackoff(multiplier=0.01, max_duration=0.1)
 def report(name: str, **values: Any) -> None:
     shown = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
     print(f"\n[security] {name}: {shown}")
-
-
-def split(address: str) -> Tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host, int(port)
-
-
-def live_tasks() -> List[str]:
-    names = [t.name for t in threading.enumerate() if "nsq_sync" in t.name and t.is_alive()]
-    try:
-        import gevent
-    except ImportError:  # pragma: no cover
-        return names
-    for obj in gc.get_objects():
-        if isinstance(obj, gevent.Greenlet) and not obj.dead and "nsq_sync" in str(getattr(obj, "name", "")):
-            names.append(str(obj.name))
-    return names
 
 
 class Clients:
