@@ -8,12 +8,11 @@ what nsqd really sends and what it records in ``/stats``.
 
 from __future__ import annotations
 
-import functools
 import logging
 import queue
 import threading
 import time
-from typing import Any, Callable, Dict, Iterator, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
 
@@ -21,59 +20,13 @@ import nsq_sync
 from nsq_sync.protocol import commands
 from nsq_sync.testing import AuthServer, NsqdProcess, wait_until
 
+from conn_helpers import Events, host_port  # noqa: E402  (tests/support, on sys.path via conftest)
+
 TIMEOUT = 10.0
 
 
 # --------------------------------------------------------------------------
 # helpers
-
-
-def host_port(address: str) -> Tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host, int(port)
-
-
-class Events:
-    """Records every firing of the named events of one connection, in order, thread-safely."""
-
-    def __init__(self, conn: nsq_sync.AsyncConn, *names: str) -> None:
-        self._lock = threading.Lock()
-        self.log: List[Tuple[str, Dict[str, Any]]] = []
-        for name in names:
-            conn.on(name, functools.partial(self._record, name))
-
-    def _record(self, name: str, **kwargs: Any) -> None:
-        with self._lock:
-            self.log.append((name, kwargs))
-
-    def names(self) -> List[str]:
-        with self._lock:
-            return [name for name, _ in self.log]
-
-    def of(self, name: str) -> List[Dict[str, Any]]:
-        with self._lock:
-            return [kwargs for n, kwargs in self.log if n == name]
-
-    def count(self, name: str) -> int:
-        return len(self.of(name))
-
-
-@pytest.fixture
-def make_conn(backend: str) -> Iterator[Callable[..., nsq_sync.AsyncConn]]:
-    """``make_conn(address, connect=True, **kwargs)``: an AsyncConn on this backend, closed afterwards."""
-    made: List[nsq_sync.AsyncConn] = []
-
-    def factory(address: str, connect: bool = True, **kwargs: Any) -> nsq_sync.AsyncConn:
-        host, port = host_port(address)
-        conn = nsq_sync.AsyncConn(host, port, backend=backend, **kwargs)
-        made.append(conn)
-        if connect:
-            conn.connect()
-        return conn
-
-    yield factory
-    for conn in made:
-        conn.close(timeout=5)
 
 
 def publish(conn: nsq_sync.AsyncConn, topic: str, body: bytes) -> None:
