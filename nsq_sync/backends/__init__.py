@@ -7,7 +7,7 @@ gevent when the socket module has been monkey-patched by gevent, else threads.
 from __future__ import annotations
 
 import sys
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Union
 
 from ..errors import ConfigError
 from .base import Backend
@@ -62,7 +62,3 @@ def get_backend(backend: Union[str, Backend, None] = None) -> Backend:
     _cache[backend] = instance
     return instance
 
-
-def resolve(backend: Optional[Union[str, Backend]]) -> Backend:
-    """Alias of :func:`get_backend`."""
-    return get_backend(backend)
