@@ -166,8 +166,8 @@ class Writer:
         self._lock = backend.lock()
         self._changed = backend.event()  # set whenever a node connects (wakes publishers waiting)
         self._stopping = backend.event()
-        self._idle = backend.event()
-        self._idle.set()
+        self._idle = backend.event()  # set when close() waits and nothing is outstanding
+        self._draining = False
         self._outstanding = 0
         self._rr = 0
         self.pool = WorkerPool(self.concurrency, backend, name=self.name)
@@ -275,6 +275,9 @@ class Writer:
         with self._lock:
             already = self._closed
             self._closed = True
+            self._draining = True
+            if self._outstanding == 0:
+                self._idle.set()
         if not already:
             self._idle.wait(max(0.0, deadline - time.monotonic()))
         self._stopping.set()
@@ -379,13 +382,12 @@ class Writer:
             if self._closed:
                 raise ClosedError(f"{self.name} is closed")
             self._outstanding += 1
-            self._idle.clear()
         return time.monotonic() + timeout
 
     def _end(self) -> None:
         with self._lock:
             self._outstanding -= 1
-            if self._outstanding == 0:
+            if self._outstanding == 0 and self._draining:
                 self._idle.set()
 
     def _pick(self, avoid: Optional[AsyncConn] = None) -> Optional[AsyncConn]:
@@ -441,22 +443,18 @@ class Writer:
             while True:
                 conn = self._wait_for_conn(deadline, avoid)
                 try:
-                    future = conn.request(data)
-                except ConnectionClosedError:
-                    avoid = conn  # nothing was sent: try another node without using a retry
-                    continue
-                try:
-                    return future.result(max(0.0, deadline - time.monotonic()))
-                except futures.TimeoutError:
-                    if future.done():
-                        raise
+                    # The calling thread reads the answer itself when it can (no hand-off).
+                    return conn.request_wait(data, max(0.0, deadline - time.monotonic()))
+                except TimeoutError:
                     raise TimeoutError(f"no answer from {conn.id} within the timeout; the publish may or may not have landed") from None
                 except _RETRYABLE as exc:
+                    if getattr(exc, "unprocessed", False):
+                        # nsqd never ran it (nothing was sent, or it came after a fatal error):
+                        # safe, and free, to send it elsewhere.
+                        avoid = conn
+                        continue
                     if time.monotonic() >= deadline:
                         raise
-                    if getattr(exc, "unprocessed", False):
-                        avoid = conn  # nsqd never ran it (it came after a fatal error): safe, and free, to re-send
-                        continue
                     if retries <= 0:
                         raise
                     retries -= 1

@@ -10,6 +10,21 @@ import time
 from typing import Any, Callable, Optional, Tuple
 
 
+_HAS_POLL = hasattr(select, "poll")
+_READ = (select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR) if _HAS_POLL else 0
+_WRITE = (select.POLLOUT | select.POLLHUP | select.POLLERR) if _HAS_POLL else 0
+
+
+def _poll(sock: socket.socket, writing: bool, timeout: Optional[float]) -> bool:
+    if not _HAS_POLL:  # pragma: no cover - Windows
+        if writing:
+            return bool(select.select([], [sock], [], timeout)[1])
+        return bool(select.select([sock], [], [], timeout)[0])
+    poller = select.poll()
+    poller.register(sock, _WRITE if writing else _READ)
+    return bool(poller.poll(None if timeout is None else max(0.0, timeout) * 1000.0))
+
+
 class ThreadBackend:
     """Runs tasks as daemon threads; primitives from :mod:`threading` and :mod:`queue`."""
 
@@ -45,13 +60,27 @@ class ThreadBackend:
     def create_connection(self, address: Tuple[str, int], timeout: Optional[float]) -> socket.socket:
         return socket.create_connection(address, timeout=timeout)
 
+    # poll, not select: select refuses file descriptors above FD_SETSIZE (1024), which a
+    # busy process reaches. Readable includes hang-up and error, so the recv that follows
+    # reports them.
     def wait_readable(self, sock: socket.socket, timeout: Optional[float]) -> bool:
-        readable, _, _ = select.select([sock], [], [], timeout)
-        return bool(readable)
+        return _poll(sock, False, timeout)
 
     def wait_writable(self, sock: socket.socket, timeout: Optional[float]) -> bool:
-        _, writable, _ = select.select([], [sock], [], timeout)
-        return bool(writable)
+        return _poll(sock, True, timeout)
+
+    def readable_waiter(self, sock: socket.socket) -> Callable[[Optional[float]], bool]:
+        """``wait(timeout) -> bool`` for one socket, reusing one poll object (a hot path)."""
+        if not _HAS_POLL:  # pragma: no cover - Windows
+            return lambda timeout: _poll(sock, False, timeout)
+        poller = select.poll()
+        poller.register(sock, _READ)
+        poll = poller.poll
+
+        def wait(timeout: Optional[float]) -> bool:
+            return bool(poll(None if timeout is None else max(0.0, timeout) * 1000.0))
+
+        return wait
 
     def __repr__(self) -> str:
         return "<ThreadBackend>"

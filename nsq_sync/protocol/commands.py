@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import Any, Iterable, List, Mapping, Union
+from typing import Any, Dict, Iterable, List, Mapping, Union
 
 from ..errors import ConfigError
 from .constants import MAGIC_V2, MAX_REQ_TIMEOUT_MS, MESSAGE_ID_SIZE
@@ -101,10 +101,27 @@ def sub(topic: str, channel: str) -> bytes:
     return b"SUB %s %s\n" % (topic.encode("ascii"), channel.encode("ascii"))
 
 
+_PUB_HEADS: Dict[object, bytes] = {}
+
+
+def _pub_head(topic: object) -> bytes:
+    # Publishing is a hot path and applications use few topics: check each name once.
+    try:
+        return _PUB_HEADS[topic]
+    except (KeyError, TypeError):  # TypeError: an unhashable topic, refused below
+        pass
+    head = b"PUB %s\n" % check_topic(topic).encode("ascii")
+    if type(topic) is str:
+        if len(_PUB_HEADS) >= 1024:
+            _PUB_HEADS.clear()
+        _PUB_HEADS[topic] = head
+    return head
+
+
 def pub(topic: str, body: object) -> bytes:
     """PUB <topic> with one message body."""
     data = to_body(body)
-    return b"PUB %s\n" % check_topic(topic).encode("ascii") + _pack_size(len(data)) + data
+    return _pub_head(topic) + _pack_size(len(data)) + data
 
 
 def mpub(topic: str, bodies: Iterable[object]) -> bytes:

@@ -39,11 +39,28 @@ class _Layer:
             if out:
                 return out
 
+    def read_some(self, size: int) -> Optional[bytes]:
+        """One read of the layer below, decompressed: None at the end of the stream, b""
+        when the bytes that came complete no output yet (nsqd's deflate flush marker can
+        arrive on its own). Unlike recv, it never waits a second time."""
+        if self._leading:
+            raw, self._leading = self._leading, b""
+            return self._decompress(raw)
+        raw = self.inner.read_some(size)
+        if raw is None:
+            return None
+        return self._decompress(bytes(raw))  # the layer below may lend a reused buffer
+
     def sendall(self, data: bytes) -> None:
         self.inner.sendall(self._compress(data))
 
     def settimeout(self, timeout: Optional[float]) -> None:
         self.inner.settimeout(timeout)
+
+    def pending(self) -> bool:
+        # The decompressors return all they can per call; only the bytes read past the
+        # upgrade point, or the layer below, can hold data back.
+        return bool(self._leading) or self.inner.pending()
 
     def shutdown(self, write_only: bool = False) -> None:
         self.inner.shutdown(write_only)

@@ -72,10 +72,19 @@ class TLSStream:
         self._wait_writable = wait_writable
         self._lock = lock
         self._timeout = timeout
+        self._view: Optional[memoryview] = None
         sock.setblocking(False)
 
     def settimeout(self, timeout: Optional[float]) -> None:
         self._timeout = timeout
+
+    def pending(self) -> bool:
+        """True when OpenSSL holds decrypted bytes not read yet (select would not see them)."""
+        with self._lock:
+            try:
+                return self.sock.pending() > 0
+            except (OSError, ValueError):
+                return False
 
     def recv(self, size: int) -> bytes:
         deadline = None if self._timeout is None else time.monotonic() + self._timeout
@@ -85,6 +94,26 @@ class TLSStream:
                     return self.sock.recv(size)
                 except _WANT:
                     pass
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise socket.timeout("timed out")
+            self._wait_readable(self.sock, remaining)
+
+    def read_some(self, size: int) -> Optional[memoryview]:
+        """What one read brings, as a view valid until the next call: None at the end of the stream
+        (one buffer kept for the connection, as SocketStream.read_some)."""
+        view = self._view
+        if view is None or len(view) < size:
+            self._view = view = memoryview(bytearray(size))
+        deadline = None if self._timeout is None else time.monotonic() + self._timeout
+        while True:
+            with self._lock:
+                try:
+                    count = self.sock.recv_into(view)
+                except _WANT:
+                    count = -1
+            if count >= 0:
+                return view[:count] if count else None
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise socket.timeout("timed out")
