@@ -96,6 +96,24 @@ def _strip_lookup_path(address: str) -> str:
     return address
 
 
+
+class _Counter:
+    """A count bumped from many threads without a lock.
+
+    ``next()`` of an :func:`itertools.count` is one C call that the GIL (or gevent's single
+    thread) never splits, and its repr shows the next value without taking it.
+    """
+
+    __slots__ = ("_count", "bump")
+
+    def __init__(self) -> None:
+        self._count = itertools.count()
+        self.bump = self._count.__next__
+
+    @property
+    def value(self) -> int:
+        return int(repr(self._count)[6:-1])
+
 class _Timer:
     __slots__ = ("when", "seq", "fn", "args", "cancelled")
 
@@ -356,7 +374,6 @@ class Reader:
 
         backend_ = self._backend
         self._lock = backend_.lock()  # every RDY/backoff/connection-set decision
-        self._stats_lock = backend_.lock()
         self._pool = WorkerPool(concurrency, backend_, name=f"nsq_sync-{self.name}")
         self._scheduler = _Scheduler(backend_, f"nsq_sync-{self.name}-timers")
         self._conns: Dict[str, _ConnState] = {}
@@ -393,11 +410,14 @@ class Reader:
         self._tick_timer: Optional[_Timer] = None
         self._warned_max_rdy: set = set()
 
-        # stats (under _stats_lock)
-        self._received = 0
-        self._finished = 0
-        self._requeued = 0
-        self._given_up = 0
+        # stats: bumped once per message from many workers, so no lock (see _Counter)
+        # The validation hooks run only when a subclass overrides one (a hot path otherwise).
+        cls = type(self)
+        self._hooked = cls.validate_message is not Reader.validate_message or cls.preprocess_message is not Reader.preprocess_message
+        self._received = _Counter()
+        self._finished = _Counter()
+        self._requeued = _Counter()
+        self._given_up = _Counter()
 
         lifecycle.register(self)
 
@@ -566,8 +586,7 @@ class Reader:
         ``connections``: a list of dicts with ``address``, ``rdy``, ``in_flight``,
         ``connected``, ``max_rdy_count``, ``last_msg_timestamp``.
         """
-        with self._stats_lock:
-            received, finished, requeued, given_up = self._received, self._finished, self._requeued, self._given_up
+        received, finished, requeued, given_up = self._received.value, self._finished.value, self._requeued.value, self._given_up.value
         with self._lock:
             states = list(self._conns.values())
             level, window = self._level, self._window
@@ -679,8 +698,7 @@ class Reader:
 
     # ===================================================== message handling
     def _on_message(self, conn: AsyncConn, message: Message) -> None:
-        with self._stats_lock:
-            self._received += 1
+        self._received.bump()
         if self._closing:
             # close() started: do not begin new work; hand it back at once.
             self._answer(message, None)
@@ -689,7 +707,7 @@ class Reader:
             if 0 < self.max_tries < message.attempts:
                 self._give_up(message)
                 return
-            if not self.validate_message(self.preprocess_message(message)):
+            if self._hooked and not self.validate_message(self.preprocess_message(message)):
                 logger.debug("%s: message %r from %s failed validation; finishing it", self.name, message, conn.id)
                 self._answer(message, True)
                 return
@@ -721,8 +739,7 @@ class Reader:
             logger.warning("%s: could not answer %r: %s", self.name, message, exc)
 
     def _give_up(self, message: Message) -> None:
-        with self._stats_lock:
-            self._given_up += 1
+        self._given_up.bump()
         try:
             self.giving_up(message)
         except Exception:
@@ -732,22 +749,19 @@ class Reader:
 
     # ----------------------------------------- answer events (caller's thread)
     def _on_resume(self, conn: AsyncConn) -> None:
-        with self._stats_lock:
-            self._finished += 1
+        self._finished.bump()
         if self._level == 0 and not self._deficit:
             return  # the common case: nothing to decide
         self._result(True)
 
     def _on_backoff(self, conn: AsyncConn) -> None:
-        with self._stats_lock:
-            self._requeued += 1
+        self._requeued.bump()
         if self.max_backoff_duration <= 0 and not self._deficit:
             return
         self._result(False)
 
     def _on_continue(self, conn: AsyncConn) -> None:
-        with self._stats_lock:
-            self._requeued += 1
+        self._requeued.bump()
         if self._deficit:
             self._result(None)
 
