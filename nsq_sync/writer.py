@@ -16,7 +16,6 @@ import heapq
 import itertools
 import logging
 import os
-import struct
 import time
 import weakref
 from concurrent import futures
@@ -47,7 +46,6 @@ logger = logging.getLogger(__name__)
 
 Callback = Callable[[Optional[AsyncConn], Any], Any]
 _RETRYABLE = (ConnectionClosedError, SendError)
-_SIZE = struct.Struct(">l")
 
 
 _live_writers: "weakref.WeakSet[Writer]" = weakref.WeakSet()
@@ -324,7 +322,7 @@ class Writer:
 
     def mpub(self, topic: str, msgs: Iterable[Any], callback: Optional[Callback] = None, timeout: Optional[float] = None) -> Any:
         """Publish several messages atomically (MPUB); same contract as :meth:`pub`. Zero messages is a ConfigError."""
-        return self._publish(self._checked(commands.mpub(topic, msgs), topic, multi=True), callback, timeout)
+        return self._publish(self._checked_multi(*commands.mpub_sized(topic, msgs)), callback, timeout)
 
     def dpub(self, topic: str, delay_ms: int, msg: Any, callback: Optional[Callback] = None, timeout: Optional[float] = None) -> Any:
         """Publish one message delivered after *delay_ms* (0..3,600,000); same contract as :meth:`pub`."""
@@ -336,30 +334,30 @@ class Writer:
 
     def mpub_async(self, topic: str, msgs: Iterable[Any], timeout: Optional[float] = None) -> "Future[bytes]":
         """:meth:`mpub` returning a Future."""
-        return self._submit(self._checked(commands.mpub(topic, msgs), topic, multi=True), timeout)
+        return self._submit(self._checked_multi(*commands.mpub_sized(topic, msgs)), timeout)
 
     def dpub_async(self, topic: str, delay_ms: int, msg: Any, timeout: Optional[float] = None) -> "Future[bytes]":
         """:meth:`dpub` returning a Future."""
         return self._submit(self._checked(commands.dpub(topic, delay_ms, msg), topic), timeout)
 
-    def _checked(self, data: bytes, topic: str, multi: bool = False) -> bytes:
+    def _checked(self, data: bytes, topic: str) -> bytes:
         """Refuse, before sending, what nsqd would refuse with a fatal error that fails
         every publish pipelined behind it on the connection (sizes as nsqd's defaults;
         set max_msg_size/max_body_size to your nsqd's, or None to skip the check)."""
-        header = data.index(b"\n") + 1
-        body_size = len(data) - header - 4
-        if multi:
-            if self.max_body_size is not None and body_size > self.max_body_size:
+        if self.max_msg_size is not None:
+            body_size = len(data) - data.index(b"\n") - 5
+            if body_size > self.max_msg_size:
+                raise ConfigError("msg", f"<{body_size} bytes>", f"exceeds max_msg_size ({self.max_msg_size} bytes, nsqd's --max-msg-size)")
+        return data
+
+    def _checked_multi(self, data: bytes, largest: int) -> bytes:
+        """:meth:`_checked` for MPUB: the whole body against max_body_size, each message against max_msg_size."""
+        if self.max_body_size is not None:
+            body_size = len(data) - data.index(b"\n") - 5
+            if body_size > self.max_body_size:
                 raise ConfigError("msgs", f"<{body_size} bytes>", f"MPUB body exceeds max_body_size ({self.max_body_size} bytes, nsqd's --max-body-size)")
-            if self.max_msg_size is not None:
-                offset = header + 8
-                while offset < len(data):
-                    (size,) = _SIZE.unpack_from(data, offset)
-                    if size > self.max_msg_size:
-                        raise ConfigError("msgs", f"<a message of {size} bytes>", f"exceeds max_msg_size ({self.max_msg_size} bytes, nsqd's --max-msg-size)")
-                    offset += 4 + size
-        elif self.max_msg_size is not None and body_size > self.max_msg_size:
-            raise ConfigError("msg", f"<{body_size} bytes>", f"exceeds max_msg_size ({self.max_msg_size} bytes, nsqd's --max-msg-size)")
+        if self.max_msg_size is not None and largest > self.max_msg_size:
+            raise ConfigError("msgs", f"<a message of {largest} bytes>", f"exceeds max_msg_size ({self.max_msg_size} bytes, nsqd's --max-msg-size)")
         return data
 
     def _publish(self, data: bytes, callback: Optional[Callback], timeout: Optional[float]) -> Any:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import Any, Dict, Iterable, List, Mapping, Union
+from typing import Any, Dict, Iterable, List, Mapping, Tuple, Union
 
 from ..errors import ConfigError
 from .constants import MAGIC_V2, MAX_REQ_TIMEOUT_MS, MESSAGE_ID_SIZE
@@ -23,6 +23,7 @@ __all__ = [
     "sub",
     "pub",
     "mpub",
+    "mpub_sized",
     "dpub",
     "rdy",
     "fin",
@@ -126,23 +127,33 @@ def pub(topic: str, body: object) -> bytes:
 
 def mpub(topic: str, bodies: Iterable[object]) -> bytes:
     """MPUB <topic> with [count][size body]... as its body. Zero messages is a ConfigError."""
+    return mpub_sized(topic, bodies)[0]
+
+
+def mpub_sized(topic: str, bodies: Iterable[object]) -> Tuple[bytes, int]:
+    """:func:`mpub` and the size of its largest message (for a max_msg_size check without re-parsing)."""
     topic_b = check_topic(topic).encode("ascii")
     if isinstance(bodies, (bytes, str, bytearray, memoryview)):
         raise TypeError("msgs: mpub takes a list of message bodies, not a single body")
     if bodies is None or not hasattr(bodies, "__iter__"):
         raise TypeError(f"msgs: mpub takes a list of message bodies, not {type(bodies).__name__}")
-    parts: List[bytes] = []
-    for body in bodies:
-        data = to_body(body)
-        parts.append(_pack_size(len(data)))
-        parts.append(data)
-    count = len(parts) // 2
+    # Non-empty bytes pass as they are; anything else goes through to_body's checks.
+    datas = [body if type(body) is bytes and body else to_body(body) for body in bodies]
+    count = len(datas)
     if count == 0:
         raise ConfigError("msgs", [], "mpub needs at least one message")
+    sizes = list(map(len, datas))
+    largest = max(sizes)
+    if largest > MAX_BODY_SIZE:
+        raise ConfigError("body", f"<{largest} bytes>", f"is larger than the protocol's limit of {MAX_BODY_SIZE} bytes")
+    # [size][body] pairs interleaved by slice assignment: every loop runs in C.
+    parts: List[bytes] = [b""] * (2 * count)
+    parts[0::2] = map(_pack_size, sizes)
+    parts[1::2] = datas
     payload = b"".join(parts)
     if len(payload) + 4 > MAX_BODY_SIZE:
         raise ConfigError("msgs", f"<{count} messages, {len(payload)} bytes>", f"exceed the protocol's limit of {MAX_BODY_SIZE} bytes")
-    return b"MPUB %s\n" % topic_b + _pack_size(len(payload) + 4) + _pack_size(count) + payload
+    return b"MPUB %s\n" % topic_b + _pack_size(len(payload) + 4) + _pack_size(count) + payload, largest
 
 
 def dpub(topic: str, delay_ms: int, body: object) -> bytes:

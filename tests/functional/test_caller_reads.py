@@ -1,0 +1,640 @@
+"""AsyncConn.request_wait: the calling thread reads its own answer (the read token).
+
+A blocking request on an unsubscribed connection takes the read token when it is
+free, sends and reads its answer itself; when the reader task holds the token the
+request falls back to a Future and the reader task parks once nothing is pending,
+so the next caller leads. These tests check who reads, that a parked reader still
+wakes for what nobody else reads (Futures, heartbeats, a close by nsqd), FIFO
+matching across a timeout, failures while a caller leads, and nsqd's deflate flush
+marker arriving on its own (the pre-send check must not block on it).
+
+Runs on the backend named by NSQ_SYNC_BACKEND (tests/conftest.py monkey-patches
+the process for gevent). No sleeps for synchronization: waits are on events,
+Futures, the fake's records, or ``wait_until`` polling an internal flag.
+"""
+
+from __future__ import annotations
+
+import builtins
+import collections
+import json
+import socket
+import struct
+import threading
+import time
+import zlib
+from concurrent.futures import Future
+from typing import Any, Callable, Iterator, List, Optional, Tuple
+
+import pytest
+
+import nsq_sync.conn
+from nsq_sync import AsyncConn
+from nsq_sync.errors import BadTopicError, ConnectionClosedError, TimeoutError
+from nsq_sync.protocol import commands
+from nsq_sync.testing import wait_until
+from nsq_sync.transport.compression import DeflateStream
+
+try:  # tests/functional as a package, or (the default rootdir layout) on sys.path
+    from .fake_nsqd import NOTHING, FakeNsqd, close, error, fake_nsqd, ok, response, response_frame  # noqa: F401
+except ImportError:
+    from fake_nsqd import NOTHING, FakeNsqd, close, error, fake_nsqd, ok, response, response_frame  # type: ignore[no-redef]  # noqa: F401
+
+WAIT = 5.0
+#: a PARK_SECONDS no test reaches: a parked reader task then only wakes when woken
+LONG_PARK = 30.0
+HEARTBEAT = b"_heartbeat_"
+SYNC_MARKER = b"\x00\x00\xff\xff"
+
+
+# ------------------------------------------------------------------ helpers
+@pytest.fixture
+def server(fake_nsqd: FakeNsqd) -> FakeNsqd:  # noqa: F811 - fixture imported above
+    return fake_nsqd
+
+
+@pytest.fixture
+def make_conn(backend: str) -> Iterator[Callable[..., AsyncConn]]:
+    conns: List[AsyncConn] = []
+
+    def make(host: str, port: int, **kwargs: Any) -> AsyncConn:
+        kwargs.setdefault("backend", backend)
+        conn = AsyncConn(host, port, **kwargs)
+        conns.append(conn)
+        return conn
+
+    yield make
+    for conn in conns:
+        conn.close(timeout=2)
+
+
+class Events:
+    """Records events of a connection; lets the test wait for them."""
+
+    def __init__(self, conn: AsyncConn, names: Tuple[str, ...] = ("error", "close", "heartbeat")) -> None:
+        self.events: List[Tuple[str, Any]] = []
+        self._cond = threading.Condition()
+        for name in names:
+            conn.on(name, self._make(name))
+
+    def _make(self, name: str) -> Callable[..., None]:
+        def callback(**kwargs: Any) -> None:
+            with self._cond:
+                self.events.append((name, kwargs))
+                self._cond.notify_all()
+
+        return callback
+
+    def of(self, name: str) -> List[Any]:
+        with self._cond:
+            return [kw for n, kw in self.events if n == name]
+
+    def wait(self, name: str, count: int = 1, timeout: float = WAIT) -> None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: len([1 for n, _ in self.events if n == name]) >= count, timeout):
+                raise AssertionError(f"no {count} x {name!r} within {timeout}s: {[n for n, _ in self.events]}")
+
+
+class FrameLog:
+    """Wraps ``conn._handle_frames``: who handled which frames (the reader task or the test's thread)."""
+
+    def __init__(self, conn: AsyncConn) -> None:
+        self.conn = conn
+        self.records: List[Tuple[bool, object, List[Tuple[int, bytes]]]] = []
+        self._lock = threading.Lock()
+        original = conn._handle_frames
+
+        def handle_frames(frames: List[Any]) -> None:
+            frames = list(frames)
+            with self._lock:
+                self.records.append((conn._is_reader_task(), conn.backend.current(), [(t, bytes(p)) for t, p in frames]))
+            return original(frames)
+
+        conn._handle_frames = handle_frames  # type: ignore[method-assign]
+
+    def readers_of(self, payload: bytes) -> List[Tuple[bool, object]]:
+        """(by the reader task?, current task) for each frame with this payload, in order."""
+        with self._lock:
+            return [(by_reader, who) for by_reader, who, frames in self.records for _, p in frames if p == payload]
+
+    def clear(self) -> None:
+        with self._lock:
+            self.records.clear()
+
+
+def connect(make_conn: Callable[..., AsyncConn], server: FakeNsqd, **kwargs: Any) -> AsyncConn:
+    conn = make_conn(server.host, server.port, **kwargs)
+    conn.connect()
+    server.wait_for_command("IDENTIFY")
+    return conn
+
+
+def park_reader(conn: AsyncConn, server: FakeNsqd) -> int:
+    """Publish until the reader task parks: a request_wait that finds the reader task
+    reading falls back to a Future, and the reader task then parks. Returns the number
+    of PUBs it took (normally 1; the reader task can read the answer before the caller
+    asked to lead, then one more round is needed)."""
+    wait_until(conn._read_token.locked, WAIT, message="the reader task to hold the read token")
+    for attempt in range(1, 4):
+        assert conn.request_wait(commands.pub("t", b"park-%d" % attempt), timeout=WAIT) == b"OK"
+        try:
+            # _parked is set before the reader task lets go of the token: wait for both
+            wait_until(lambda: conn._parked and not conn._read_token.locked(), 1.0, message="the reader task to park")
+        except builtins.TimeoutError:
+            continue
+        server.wait_for_command("PUB", count=attempt)
+        return attempt
+    raise AssertionError("the reader task never parked")
+
+
+def published(server: FakeNsqd) -> List[bytes]:
+    with server.lock:
+        return [body for _, body, _ in server.published]
+
+
+# ------------------------------------------- 1. callers read their answers
+def test_serial_request_wait_read_by_the_caller(server: FakeNsqd, make_conn, monkeypatch) -> None:
+    monkeypatch.setattr(nsq_sync.conn, "PARK_SECONDS", LONG_PARK)
+    conn = connect(make_conn, server)
+    log = FrameLog(conn)
+    parks = park_reader(conn, server)
+    # the first answer (the request found the reader task reading) was read by the reader task
+    assert log.readers_of(b"OK")[0][0] is True
+    log.clear()
+
+    me = conn.backend.current()
+    count = 30
+    for i in range(count):
+        assert conn.request_wait(commands.pub("t", b"m%d" % i), timeout=5) == b"OK"
+        assert conn._parked, f"the reader task left its park at request {i}"
+    server.wait_for_command("PUB", count=parks + count)
+    assert published(server) == [b"park-%d" % n for n in range(1, parks + 1)] + [b"m%d" % i for i in range(count)]
+    readers = log.readers_of(b"OK")
+    assert len(readers) == count, readers
+    assert all(not by_reader and who is me for by_reader, who in readers), readers
+    assert conn.pending_requests == 0
+    assert conn.connected()
+
+
+# ------------------------------------------------- 2. a Future wakes it
+def test_parked_reader_wakes_for_a_future(server: FakeNsqd, make_conn, monkeypatch) -> None:
+    monkeypatch.setattr(nsq_sync.conn, "PARK_SECONDS", LONG_PARK)
+    conn = connect(make_conn, server)
+    parks = park_reader(conn, server)
+    log = FrameLog(conn)
+    assert conn._parked
+    started = time.monotonic()
+    future = conn.request(commands.pub("t", b"async"))
+    assert future.result(2) == b"OK"  # parked for LONG_PARK: only the wake can explain this
+    assert time.monotonic() - started < 2
+    assert [by_reader for by_reader, _ in log.readers_of(b"OK")] == [True]
+    server.wait_for_command("PUB", count=parks + 1)
+    assert published(server)[-1] == b"async"
+    # and blocking requests still work afterwards
+    assert conn.request_wait(commands.pub("t", b"after"), timeout=5) == b"OK"
+    server.wait_for_command("PUB", count=parks + 2)
+    assert published(server)[-2:] == [b"async", b"after"]
+
+
+# -------------------------------------- 3. heartbeats while parked and idle
+def test_parked_idle_reader_answers_heartbeat(server: FakeNsqd, make_conn) -> None:
+    conn = connect(make_conn, server)
+    events = Events(conn)
+    parks = park_reader(conn, server)
+    log = FrameLog(conn)
+    commands_before = server.commands
+    server.session.send_heartbeat()
+    server.wait_for_command("NOP", timeout=nsq_sync.conn.PARK_SECONDS + 2)
+    events.wait("heartbeat")
+    assert server.commands == commands_before + [b"NOP"]  # no publish was needed
+    assert len([c for c in server.commands if c.startswith(b"PUB")]) == parks
+    assert [by_reader for by_reader, _ in log.readers_of(HEARTBEAT)] == [True]
+    assert conn.connected()
+
+
+# ------------------------------------------- 4. nsqd closes a parked, idle connection
+def test_parked_idle_reader_sees_close(server: FakeNsqd, make_conn) -> None:
+    conn = connect(make_conn, server)
+    events = Events(conn)
+    parks = park_reader(conn, server)
+    server.close_client()
+    started = time.monotonic()
+    assert conn.wait_closed(nsq_sync.conn.PARK_SECONDS + 2)
+    assert time.monotonic() - started < nsq_sync.conn.PARK_SECONDS + 2
+    assert len(events.of("close")) == 1
+    assert [type(kw["error"]) for kw in events.of("error")] == [ConnectionClosedError]
+    assert conn.closed()
+    with pytest.raises(ConnectionClosedError) as info:
+        conn.request_wait(commands.pub("t", b"late"), timeout=5)
+    assert info.value.unprocessed is True
+    server.wait_disconnected()
+    assert len(events.of("close")) == 1
+    assert published(server) == [b"park-%d" % n for n in range(1, parks + 1)]
+
+
+def test_close_seen_by_the_pre_send_check(server: FakeNsqd, make_conn, monkeypatch) -> None:
+    # The parked reader task does not wake (LONG_PARK): the caller's check before sending
+    # must read nsqd's close and refuse to send.
+    monkeypatch.setattr(nsq_sync.conn, "PARK_SECONDS", LONG_PARK)
+    monkeypatch.setattr(nsq_sync.conn, "IDLE_CHECK_SECONDS", -1)
+    conn = connect(make_conn, server)
+    events = Events(conn)
+    parks = park_reader(conn, server)
+    server.close_client()
+    assert conn.backend.wait_readable(conn._raw_sock, WAIT)  # the FIN arrived (nothing read)
+    assert conn._parked and conn.connected()
+    with pytest.raises(ConnectionClosedError) as info:
+        conn.request_wait(commands.pub("t", b"never"), timeout=5)
+    assert info.value.unprocessed is True
+    assert conn.wait_closed(WAIT)
+    assert len(events.of("close")) == 1
+    server.wait_disconnected()
+    assert published(server) == [b"park-%d" % n for n in range(1, parks + 1)]
+    assert b"never" not in bytes(server.session.raw)
+
+
+# --------------------------------------------- 5. close while a caller leads
+def test_close_while_caller_leads(server: FakeNsqd, make_conn, monkeypatch) -> None:
+    monkeypatch.setattr(nsq_sync.conn, "PARK_SECONDS", LONG_PARK)
+    conn = connect(make_conn, server)
+    events = Events(conn)
+    parks = park_reader(conn, server)
+    server.set_answer("PUB", [NOTHING, close()], times=1)  # no answer, then nsqd closes
+    assert conn._parked and not conn._read_token.locked()  # the token is free: this caller leads
+    started = time.monotonic()
+    with pytest.raises(ConnectionClosedError) as info:
+        conn.request_wait(commands.pub("t", b"lost"), timeout=5)
+    assert time.monotonic() - started < 2, "the close was not seen promptly"
+    assert info.value.unprocessed is False  # sent: it may have run
+    assert conn.wait_closed(WAIT)
+    assert len(events.of("close")) == 1
+    server.wait_for_command("PUB", count=parks + 1)
+    assert published(server)[-1] == b"lost"
+
+
+# ----------------------------------------------- 6. timeout, then FIFO matching
+@pytest.mark.parametrize("late", ["before_second", "with_second"])
+def test_timeout_keeps_answers_in_order(server: FakeNsqd, make_conn, monkeypatch, late: str) -> None:
+    """A timed-out request keeps its place: its late answer is consumed for it.
+
+    ``with_second``: the late OK arrives right before the second's answer, after the second
+    PUB (the decisive FIFO check: dropping the timed-out waiter hands the OK to the second).
+    ``before_second``: the late OK arrives while nobody waits (the woken reader task reads it).
+    """
+    monkeypatch.setattr(nsq_sync.conn, "PARK_SECONDS", LONG_PARK)
+    conn = connect(make_conn, server)
+    events = Events(conn)
+    parks = park_reader(conn, server)
+    server.set_answer("PUB", NOTHING, times=1)  # the first goes unanswered (for now)
+    if late == "before_second":
+        server.set_answer("PUB", response(b"second"), times=1)
+    else:  # the late OK and the second's answer arrive together, after the second PUB
+        server.set_answer("PUB", [ok(), response(b"second")], times=1)
+
+    assert conn._parked and not conn._read_token.locked()  # the first request leads
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        conn.request_wait(commands.pub("t", b"first"), timeout=0.2)
+    elapsed = time.monotonic() - started
+    assert 0.2 <= elapsed < 2, elapsed
+    assert conn.connected()
+    server.wait_for_command("PUB", count=parks + 1)
+    if late == "before_second":
+        server.session.send_response(b"OK")  # the first's answer, too late for its caller
+
+    # the late OK belongs to the first request: the second must get its own answer
+    assert conn.request_wait(commands.pub("t", b"second"), timeout=5) == b"second"
+    assert conn.request_wait(commands.pub("t", b"third"), timeout=5) == b"OK"
+    assert conn.pending_requests == 0
+    server.wait_for_command("PUB", count=parks + 3)
+    assert published(server)[parks:] == [b"first", b"second", b"third"]
+    assert conn.connected()
+    assert events.of("error") == []
+
+
+# ------------------------------------------- 7. fatal error answering a led request
+def test_fatal_error_answering_led_request(server: FakeNsqd, make_conn, monkeypatch) -> None:
+    monkeypatch.setattr(nsq_sync.conn, "PARK_SECONDS", LONG_PARK)
+    conn = connect(make_conn, server)
+    events = Events(conn)
+    park_reader(conn, server)
+    server.set_answer("PUB", [error("E_BAD_TOPIC PUB topic name 'x' is not valid"), close()], times=1)
+    assert conn._parked and not conn._read_token.locked()
+    started = time.monotonic()
+    with pytest.raises(BadTopicError) as info:
+        conn.request_wait(commands.pub("t", b"bad"), timeout=5)
+    assert time.monotonic() - started < 2
+    assert info.value.fatal
+    assert conn.wait_closed(WAIT)
+    assert conn.closed()
+    errors = events.of("error")
+    assert [type(kw["error"]) for kw in errors] == [BadTopicError]
+    assert len(events.of("close")) == 1
+    assert conn.error is errors[0]["error"]
+    with pytest.raises(ConnectionClosedError) as after:
+        conn.request_wait(commands.pub("t", b"after"), timeout=5)
+    assert after.value.unprocessed is True
+
+
+@pytest.mark.parametrize("with_handler", [True, False])
+def test_fatal_error_future_behind_led_request(server: FakeNsqd, make_conn, monkeypatch, with_handler: bool) -> None:
+    """A Future queued behind a led request that fails fatally never ran: it goes to
+    unprocessed_handler (or fails with unprocessed=True); the led caller gets the error."""
+    monkeypatch.setattr(nsq_sync.conn, "PARK_SECONDS", LONG_PARK)
+    conn = connect(make_conn, server)
+    park_reader(conn, server)
+    handed: List[Tuple[AsyncConn, Future]] = []
+    if with_handler:
+        conn.unprocessed_handler = lambda c, f: handed.append((c, f))
+    arrived = threading.Event()
+    release = threading.Event()
+
+    def answer_after_release(session: Any, command: Any) -> Any:
+        arrived.set()
+        assert release.wait(WAIT)
+        return [error("E_BAD_TOPIC PUB topic name 'x' is not valid"), close()]
+
+    server.set_answer("PUB", answer_after_release, times=1)
+    outcome: List[BaseException] = []
+
+    def lead() -> None:
+        try:
+            conn.request_wait(commands.pub("t", b"led"), timeout=WAIT)
+        except BaseException as exc:  # noqa: BLE001 - recorded for the test
+            outcome.append(exc)
+
+    leader = threading.Thread(target=lead, name="test-leader")
+    leader.start()
+    try:
+        assert arrived.wait(WAIT)  # the leader sent its PUB, holding the read token
+        assert conn._read_token.locked()
+        behind = conn.request(commands.pub("t", b"behind"))
+    finally:
+        release.set()
+        leader.join(WAIT)
+    assert not leader.is_alive()
+    assert len(outcome) == 1 and isinstance(outcome[0], BadTopicError), outcome
+    assert conn.wait_closed(WAIT)
+    if with_handler:
+        assert handed == [(conn, behind)]
+        assert behind.command == commands.pub("t", b"behind")  # type: ignore[attr-defined]
+        assert behind.unprocessed is True  # type: ignore[attr-defined]
+        assert not behind.done()  # the handler owns it now
+    else:
+        exc = behind.exception(WAIT)
+        assert isinstance(exc, ConnectionClosedError), exc
+        assert exc.unprocessed is True
+
+
+# ------------------------------------------------------------- 8. deflate
+IDENTIFY_RESPONSE_DEFLATE = {
+    "max_rdy_count": 2500,
+    "version": "1.3.0",
+    "max_msg_timeout": 900000,
+    "msg_timeout": 60000,
+    "tls_v1": False,
+    "deflate": True,
+    "deflate_level": 6,
+    "max_deflate_level": 6,
+    "snappy": False,
+    "sample_rate": 0,
+    "auth_required": False,
+    "output_buffer_size": 16384,
+    "output_buffer_timeout": 250,
+}
+BODY_COMMANDS = (b"IDENTIFY", b"AUTH", b"PUB", b"DPUB", b"MPUB")
+
+
+def sync_flushed(compressor: Any, data: bytes) -> bytes:
+    return compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
+
+
+def split_commands(buf: bytearray) -> List[Tuple[bytes, Optional[bytes]]]:
+    """Take every complete command (line, body or None) off the front of *buf*."""
+    out: List[Tuple[bytes, Optional[bytes]]] = []
+    while True:
+        end = buf.find(b"\n")
+        if end < 0:
+            return out
+        line = bytes(buf[:end])
+        if line.split(b" ", 1)[0] in BODY_COMMANDS:
+            if len(buf) < end + 5:
+                return out
+            (size,) = struct.unpack(">l", bytes(buf[end + 1 : end + 5]))
+            if len(buf) < end + 5 + size:
+                return out
+            body: Optional[bytes] = bytes(buf[end + 5 : end + 5 + size])
+            del buf[: end + 5 + size]
+        else:
+            body = None
+            del buf[: end + 1]
+        out.append((line, body))
+
+
+class DeflateNsqd:
+    """Just enough nsqd with deflate: IDENTIFY, then a compressed OK per PUB, sent in two
+    parts: the frame (everything but the sync-flush marker), then, once the test says its
+    caller got the answer, the 4-byte marker ``00 00 ff ff`` alone."""
+
+    def __init__(self) -> None:
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(1)
+        self.host, self.port = self.listener.getsockname()[:2]
+        self.bodies: List[bytes] = []
+        self.lines: List[bytes] = []
+        self.problems: List[str] = []
+        self.answered = threading.Event()  # set by the test: the caller got the OK
+        self.marker_sent = threading.Event()  # set here: the lone marker went out
+        self.conn: Optional[socket.socket] = None
+        self.thread = threading.Thread(target=self._run, name="test-deflate-nsqd", daemon=True)
+        self.thread.start()
+
+    def _read_exact(self, sock: socket.socket, buf: bytearray, n: int) -> bytes:
+        while len(buf) < n:
+            data = sock.recv(65536)
+            if not data:
+                raise EOFError
+            buf += data
+        out = bytes(buf[:n])
+        del buf[:n]
+        return out
+
+    def _run(self) -> None:
+        self.listener.settimeout(WAIT)
+        try:
+            sock, _ = self.listener.accept()
+        except OSError as exc:
+            self.problems.append(f"accept: {exc}")
+            return
+        self.conn = sock
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(WAIT * 2)
+        raw = bytearray()
+        try:
+            if self._read_exact(sock, raw, 4) != b"  V2":
+                self.problems.append("bad magic")
+                return
+            while b"\n" not in raw:
+                raw += sock.recv(65536)
+            line = self._read_exact(sock, raw, raw.index(b"\n") + 1)
+            if line != b"IDENTIFY\n":
+                self.problems.append(f"expected IDENTIFY, got {line!r}")
+                return
+            (size,) = struct.unpack(">l", self._read_exact(sock, raw, 4))
+            identify = json.loads(self._read_exact(sock, raw, size))
+            if identify.get("deflate") is not True:
+                self.problems.append(f"client did not ask for deflate: {identify}")
+            sock.sendall(response_frame(json.dumps(IDENTIFY_RESPONSE_DEFLATE).encode()))
+            compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+            decompressor = zlib.decompressobj(-15)
+            shadow = zlib.decompressobj(-15)  # what the client's decompressor has seen
+            handshake_ok = sync_flushed(compressor, response_frame(b"OK"))
+            shadow.decompress(handshake_ok)
+            sock.sendall(handshake_ok)
+            buf = bytearray(decompressor.decompress(bytes(raw)))
+            while True:
+                for line, body in split_commands(buf):
+                    self.lines.append(line)
+                    if not line.startswith(b"PUB "):
+                        continue
+                    self.bodies.append(body or b"")
+                    ok_frame = response_frame(b"OK")
+                    data = sync_flushed(compressor, ok_frame)
+                    first, marker = data[:-4], data[-4:]
+                    if marker != SYNC_MARKER:
+                        self.problems.append(f"no sync-flush marker at the end: {data!r}")
+                    # the first part alone must decode the whole frame (else the test proves nothing)
+                    if shadow.decompress(first) != ok_frame or shadow.decompress(marker) != b"":
+                        self.problems.append(f"the first part {first!r} does not decode to the whole frame")
+                    sock.sendall(first)
+                    if not self.answered.wait(WAIT):
+                        self.problems.append(f"the caller never got the answer to PUB #{len(self.bodies)}")
+                        return
+                    self.answered.clear()
+                    sock.sendall(marker)
+                    self.marker_sent.set()
+                data = sock.recv(65536)
+                if not data:
+                    return
+                buf += decompressor.decompress(data)
+        except EOFError:
+            self.problems.append("the client closed during the handshake")
+        except OSError as exc:
+            self.problems.append(f"socket: {exc!r}")
+        finally:
+            sock.close()
+
+    def stop(self) -> None:
+        self.answered.set()
+        if self.conn is not None:
+            try:
+                self.conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.thread.join(WAIT)
+        self.listener.close()
+
+
+@pytest.fixture
+def deflate_nsqd() -> Iterator[DeflateNsqd]:
+    server = DeflateNsqd()
+    try:
+        yield server
+    finally:
+        server.stop()
+    assert not server.thread.is_alive()
+
+
+def test_split_marker_precondition() -> None:
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+    frame = response_frame(b"OK")
+    data = sync_flushed(compressor, frame)
+    assert data.endswith(SYNC_MARKER)
+    assert zlib.decompressobj(-15).decompress(data[:-4]) == frame  # a fresh decompressor
+
+
+def test_deflate_marker_alone_does_not_block_caller(deflate_nsqd: DeflateNsqd, make_conn, monkeypatch) -> None:
+    monkeypatch.setattr(nsq_sync.conn, "IDLE_CHECK_SECONDS", -1)  # every request_wait checks before sending
+    monkeypatch.setattr(nsq_sync.conn, "PARK_SECONDS", LONG_PARK)  # callers lead from the 2nd request on
+    empty_reads = [0]
+    original_read_some = DeflateStream.read_some
+
+    def counting_read_some(self: DeflateStream, size: int) -> Optional[bytes]:
+        out = original_read_some(self, size)
+        if out == b"":
+            empty_reads[0] += 1
+        return out
+
+    monkeypatch.setattr(DeflateStream, "read_some", counting_read_some)
+    # heartbeat_interval=1: a read that blocks waiting for more would end as stale after 2 s
+    conn = make_conn(deflate_nsqd.host, deflate_nsqd.port, deflate=True, heartbeat_interval=1)
+    conn.connect()
+    assert isinstance(conn._stream, DeflateStream)
+    count = 50
+    for i in range(count):
+        started = time.monotonic()
+        assert conn.request_wait(commands.pub("t", b"d%d" % i), timeout=2) == b"OK", i
+        assert time.monotonic() - started < 2, i
+        deflate_nsqd.answered.set()
+        assert deflate_nsqd.marker_sent.wait(WAIT), i
+        deflate_nsqd.marker_sent.clear()
+    assert conn.connected()
+    conn.close(timeout=2)
+    deflate_nsqd.thread.join(WAIT)
+    assert deflate_nsqd.problems == []
+    assert deflate_nsqd.bodies == [b"d%d" % i for i in range(count)]
+    # the lone markers were met by reads that decoded to nothing (at least the callers' checks)
+    assert empty_reads[0] >= count - 2, empty_reads[0]
+
+
+class FakeInner:
+    """A stream below DeflateStream that hands out given chunks and counts reads."""
+
+    def __init__(self, chunks: List[bytes]) -> None:
+        self.chunks = collections.deque(chunks)
+        self.calls = 0
+
+    def read_some(self, size: int) -> Optional[bytes]:
+        self.calls += 1
+        return self.chunks.popleft() if self.chunks else None
+
+    def recv(self, size: int) -> bytes:
+        self.calls += 1
+        return self.chunks.popleft() if self.chunks else b""
+
+    def pending(self) -> bool:
+        return False
+
+
+def test_deflate_read_some_marker_alone_reads_once() -> None:
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+    one, two = response_frame(b"OK"), response_frame(b"second")
+    first = sync_flushed(compressor, one)
+    second = sync_flushed(compressor, two)
+    assert first.endswith(SYNC_MARKER)
+    inner = FakeInner([first[:-4], first[-4:], second])
+    stream = DeflateStream(inner)
+    assert stream.read_some(65536) == one
+    assert inner.calls == 1
+    assert stream.read_some(65536) == b""  # the marker alone: nothing yet, and no second read
+    assert inner.calls == 2
+    assert stream.read_some(65536) == two
+    assert inner.calls == 3
+    assert stream.read_some(65536) is None  # end of stream
+    assert inner.calls == 4
+
+
+def test_deflate_read_some_leading_bytes() -> None:
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+    frame = response_frame(b"OK")
+    data = sync_flushed(compressor, frame)
+    inner = FakeInner([SYNC_MARKER])
+    stream = DeflateStream(inner, 6, data[:-4])
+    assert stream.pending()
+    assert stream.read_some(65536) == frame
+    assert inner.calls == 0  # the bytes read past the upgrade point come first
+    assert not stream.pending()
+    assert stream.read_some(65536) == b""
+    assert inner.calls == 1
