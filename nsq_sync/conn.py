@@ -264,6 +264,7 @@ class AsyncConn(EventedMixin):
         self._parked = False  # the reader task leaves reading to the callers
         self._last_led = 0.0
         self._wake_reader = self.backend.event()
+        self._deferred = False  # requests queued behind an unanswered one (see _request)
         self._subscribed = False
         self._closing = False
         self._close_fired = False
@@ -516,10 +517,20 @@ class AsyncConn(EventedMixin):
             self.last_recv_timestamp = time.time()
             if data:
                 self._handle_frames(self._decoder.feed(data))
+                if self._deferred:
+                    self._send_deferred()
             return True
         except BaseException as exc:
             self._end_reading(exc)
             raise _ReadEnded() from None
+
+    def _send_deferred(self) -> None:
+        # Requests queued behind an answer that just came (see _request).
+        self._deferred = False
+        try:
+            self._flush()
+        except Error:
+            pass  # the write side is shut; the next read meets nsqd's close
 
     def _end_reading(self, exc: BaseException) -> None:
         """The connection is over: report it once (caller holds the read token)."""
@@ -804,16 +815,24 @@ class AsyncConn(EventedMixin):
                 error = ConnectionClosedError(f"connection to {self.id} is {self.state.lower()}")
                 error.unprocessed = True  # type: ignore[attr-defined]  # nothing was sent
                 raise error
+            # Nagle's rule for requests: while an earlier one waits for its answer, a new
+            # one is only queued; whoever reads that answer sends everything queued in one
+            # write (_read_once). A burst of pub_async leaves in a few large writes instead
+            # of one per message, and it waits at most one round trip.
+            defer = bool(self._pending)
+            if defer:
+                self._deferred = True
             self._pending.append(future)
             # Queue the bytes under the same lock, so wire order equals waiter order.
             self._writes.append(data)
             wake = wake and self._parked
         if wake:
             self._wake_reader.set()  # nobody else will read the answer
-        try:
-            self._flush()
-        except Error:
-            pass  # the Future carries the failure (failed by _abort)
+        if not defer:
+            try:
+                self._flush()
+            except Error:
+                pass  # the Future carries the failure (failed by _abort)
         return future
 
     @property

@@ -603,14 +603,18 @@ def test_error_frame_fails_first_pending_request(server: FakeNsqd, make_conn, ba
     conn, events = ready_conn(make_conn, server)
     server.set_answer("PUB", None)
     first = conn.request(commands.pub("t", b"1"))
-    second = conn.request(commands.pub("t", b"2"))
-    server.wait_for_command("PUB", count=2)
+    second = conn.request(commands.pub("t", b"2"))  # queued behind the unanswered first (Nagle)
+    server.wait_for_command("PUB", count=1)
     server.send_error('E_BAD_TOPIC PUB topic name "t" is not valid')  # nsqd: error frame, then close
     server.close_client()
     exc = wait_exception(first)
     assert isinstance(exc, BadTopicError) and exc.fatal
     assert "is not valid" in str(exc)
-    assert isinstance(wait_exception(second), ConnectionClosedError)
+    second_exc = wait_exception(second)
+    assert isinstance(second_exc, ConnectionClosedError)
+    assert second_exc.unprocessed is True  # it came after a fatal error: nsqd never ran it
+    server.wait_disconnected()
+    assert server.published == [("t", b"1", None)]  # the second never left
     # a fatal error frame is reported once and closes the connection
     assert_fault(conn, events, backend, tasks_before, BadTopicError)
     with pytest.raises(ConnectionClosedError):
@@ -630,7 +634,7 @@ def test_pending_requests_fail_when_server_closes(server: FakeNsqd, make_conn, b
     conn, events = ready_conn(make_conn, server)
     server.set_answer("PUB", None)
     futures = [conn.request(commands.pub("t", b"m%d" % i)) for i in range(5)]
-    server.wait_for_command("PUB", count=5)
+    server.wait_for_command("PUB", count=1)  # the other four wait for its answer (Nagle)
     assert conn.pending_requests == 5
     server.close_client()
     for future in futures:
@@ -639,6 +643,24 @@ def test_pending_requests_fail_when_server_closes(server: FakeNsqd, make_conn, b
         assert "before nsqd answered" in str(exc)
     assert conn.pending_requests == 0
     assert_fault(conn, events, backend, tasks_before, ConnectionClosedError)
+
+
+def test_requests_behind_an_unanswered_one_leave_together_after_its_answer(server: FakeNsqd, make_conn) -> None:
+    conn, events = ready_conn(make_conn, server)
+    server.set_answer("PUB", None, times=1)  # the first waits until we answer it by hand
+    first = conn.request(commands.pub("t", b"m0"))
+    server.wait_for_command("PUB", count=1)
+    rest = [conn.request(commands.pub("t", b"m%d" % i)) for i in range(1, 6)]
+    # Queued, not written: nothing but the first has reached the server.
+    assert server.published == [("t", b"m0", None)]
+    assert not any(f.done() for f in rest)
+    server.session.send_response("OK")  # the first answer: its reader sends the rest in one write
+    assert first.result(5) == b"OK"
+    assert [f.result(5) for f in rest] == [b"OK"] * 5
+    assert server.published == [("t", b"m%d" % i, None) for i in range(6)]
+    raw = server.session.raw
+    tail = b"".join(commands.pub("t", b"m%d" % i) for i in range(1, 6))
+    assert raw.endswith(tail)  # in call order, back to back
 
 
 # ------------------------------------------------------------------ messages
