@@ -14,8 +14,9 @@ more than RDY messages in flight per connection, so RDY bounds them.
 
 from __future__ import annotations
 
+import collections
 import logging
-from typing import Any, Callable, List, Optional, Union
+from typing import Any, Callable, Deque, List, Optional, Union
 
 from .backends import Backend, get_backend
 from .errors import ConfigError
@@ -28,16 +29,25 @@ _STOP = object()
 
 
 class Lane:
-    """A FIFO of callables served by up to ``workers`` tasks."""
+    """A FIFO of callables served by up to ``workers`` tasks.
+
+    Waking is one at a time: a submit wakes (or starts) a worker only when none is free,
+    and a worker about to run a callback while more work waits and no other worker is
+    free wakes one spare first. A burst of quick callbacks is run by one or two workers
+    instead of waking one thread per item (on CPython a herd of threads fighting for the
+    GIL adds milliseconds of latency), while slow or stuck callbacks still fan out to
+    every worker, one wake-up latency apart, so nothing waits behind them.
+    """
 
     def __init__(self, backend: Backend, workers: int, name: str) -> None:
         self._backend = backend
         self._max = workers
         self._name = name
-        self._queue = backend.queue()
+        self._items: Deque[Any] = collections.deque()
         self._lock = backend.lock()
         self._tasks: List[Any] = []
-        self._idle = 0
+        self._sleepers: List[Any] = []  # wake handles of sleeping workers, most recent last
+        self._free = 0  # workers awake and not running a callback (woken ones included)
         self._closed = False
         self._local_ids: set = set()
 
@@ -45,61 +55,75 @@ class Lane:
         """Queue ``fn(*args)``; raises RuntimeError once the lane is closed."""
         if self._closed:
             raise RuntimeError(f"{self._name} is closed")
-        self._queue.put((fn, args))
-        if self._idle == 0 and len(self._tasks) < self._max:
-            self._maybe_spawn()
+        self._items.append((fn, args))
+        with self._lock:  # under the lock: a worker deciding to sleep has either seen the item or is not free
+            self._wake_locked()
 
     def submit_many(self, fn: Callable[[Any], Any], items: List[Any]) -> None:
-        """Queue ``fn(item)`` for each item; wakes as many workers as there are items."""
+        """Queue ``fn(item)`` for each item (one worker is woken; more join as needed)."""
         if self._closed:
             raise RuntimeError(f"{self._name} is closed")
-        put = self._queue.put
-        for item in items:
-            put((fn, (item,)))
-        if self._idle < len(items) and len(self._tasks) < self._max:
-            self._maybe_spawn(len(items) - self._idle)
-
-    def _maybe_spawn(self, wanted: int = 1) -> None:
+        self._items.extend([(fn, (item,)) for item in items])
         with self._lock:
-            while wanted > 0 and len(self._tasks) < self._max and not self._closed:
-                index = len(self._tasks)
-                self._idle += 1  # counted idle until it takes its first item
-                self._tasks.append(self._backend.spawn(self._run, name=f"{self._name}-{index}"))
-                wanted -= 1
+            self._wake_locked()
+
+    def _wake_locked(self) -> None:
+        # Caller holds the lock. Wake a sleeper, or start a worker, unless one is free.
+        if self._free or self._closed:
+            return
+        if self._sleepers:
+            self._free += 1
+            self._sleepers.pop().release()
+        elif len(self._tasks) < self._max:
+            self._free += 1
+            self._tasks.append(self._backend.spawn(self._run, name=f"{self._name}-{len(self._tasks)}"))
 
     def _run(self) -> None:
-        queue = self._queue
-        get, get_nowait, empty = queue.get, queue.get_nowait, self._backend.Empty
+        items = self._items
+        popleft = items.popleft
         lock = self._lock
         self._local_ids.add(id(self._backend.current()))
-        counted_idle = True  # the spawner counted this worker idle
+        handle = self._backend.lock()
+        handle.acquire()  # held: acquiring it again sleeps until a waker releases it
         while True:
-            if counted_idle:
-                item = get()
-                with lock:
-                    self._idle -= 1
-                counted_idle = False
-            else:
-                try:
-                    item = get_nowait()  # busy: no idle bookkeeping, no locks
-                except empty:
-                    with lock:
-                        self._idle += 1
-                    counted_idle = True
-                    continue
-            if item is _STOP:
-                return
-            # Work still queued and nobody idle: start a helper, so items never wait
-            # behind a slow callback while the lane has room for more workers.
-            if not self._idle and len(self._tasks) < self._max and queue.qsize() > 0:
-                self._maybe_spawn()
-            fn, args = item
+            # Free (counted in _free): take an item, or go to sleep.
             try:
-                fn(*args)
-            except Exception:
-                logger.exception("callback %r raised", fn)
-            except BaseException:  # a worker must not die silently (gevent GreenletExit, SystemExit)
-                logger.exception("callback %r raised a BaseException; worker goes on", fn)
+                item = popleft()
+            except IndexError:
+                with lock:
+                    if items:
+                        continue
+                    self._free -= 1
+                    if self._closed:
+                        return
+                    self._sleepers.append(handle)
+                handle.acquire()  # the waker counted us free again
+                continue
+            with lock:
+                self._free -= 1
+                if items and not self._free:
+                    self._wake_locked()  # a spare, so nothing queued waits behind this callback
+            # Busy: run items back to back without touching the free count.
+            while True:
+                if item is _STOP:
+                    return
+                fn, args = item
+                try:
+                    fn(*args)
+                except Exception:
+                    logger.exception("callback %r raised", fn)
+                except BaseException:  # a worker must not die silently (gevent GreenletExit, SystemExit)
+                    logger.exception("callback %r raised a BaseException; worker goes on", fn)
+                try:
+                    item = popleft()
+                except IndexError:
+                    break
+                if items and not self._free:
+                    with lock:
+                        if items and not self._free:
+                            self._wake_locked()
+            with lock:
+                self._free += 1
 
     def in_worker(self) -> bool:
         """True when called from one of this lane's workers."""
@@ -108,13 +132,15 @@ class Lane:
     def close(self, wait: bool = True, timeout: Optional[float] = None) -> None:
         """Run what is queued, then stop every worker; with *wait*, join them (not from inside a worker)."""
         with self._lock:
-            if self._closed:
-                tasks = list(self._tasks)
-            else:
+            if not self._closed:
                 self._closed = True
-                tasks = list(self._tasks)
-                for _ in tasks:
-                    self._queue.put(_STOP)
+                for _ in self._tasks:
+                    self._items.append(_STOP)
+                # Sleepers wake to take the stops (and whatever is queued before them).
+                while self._sleepers:
+                    self._free += 1
+                    self._sleepers.pop().release()
+            tasks = list(self._tasks)
         if wait and not self.in_worker():
             for task in tasks:
                 task.join(timeout)

@@ -20,10 +20,14 @@ if os.environ.get("NSQ_SYNC_BACKEND") == "gevent":
 
     monkey.patch_all()
 
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Iterator, List  # noqa: E402
 
 import pytest  # noqa: E402
+
+# tests/support (fake servers, proxies, shared helpers) is importable from every suite.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 
 # The plugin's fixtures (nsqd, nsqlookupd, nsq_cluster). Importing them makes
 # them available whether or not the installed entry point already loaded the

@@ -35,10 +35,12 @@ from nsq_sync.protocol import commands
 from nsq_sync.testing import wait_until
 from nsq_sync.transport.compression import DeflateStream
 
+from conn_helpers import Events  # noqa: E402  (tests/support, on sys.path via tests/conftest.py)
+
 try:  # tests/functional as a package, or (the default rootdir layout) on sys.path
-    from .fake_nsqd import NOTHING, FakeNsqd, close, error, fake_nsqd, ok, response, response_frame  # noqa: F401
+    from .fake_nsqd import DEFAULT_IDENTIFY_RESPONSE, NOTHING, FakeNsqd, close, error, fake_nsqd, ok, response, response_frame  # noqa: F401
 except ImportError:
-    from fake_nsqd import NOTHING, FakeNsqd, close, error, fake_nsqd, ok, response, response_frame  # type: ignore[no-redef]  # noqa: F401
+    from fake_nsqd import DEFAULT_IDENTIFY_RESPONSE, NOTHING, FakeNsqd, close, error, fake_nsqd, ok, response, response_frame  # type: ignore[no-redef]  # noqa: F401
 
 WAIT = 5.0
 #: a PARK_SECONDS no test reaches: a parked reader task then only wakes when woken
@@ -66,33 +68,6 @@ def make_conn(backend: str) -> Iterator[Callable[..., AsyncConn]]:
     yield make
     for conn in conns:
         conn.close(timeout=2)
-
-
-class Events:
-    """Records events of a connection; lets the test wait for them."""
-
-    def __init__(self, conn: AsyncConn, names: Tuple[str, ...] = ("error", "close", "heartbeat")) -> None:
-        self.events: List[Tuple[str, Any]] = []
-        self._cond = threading.Condition()
-        for name in names:
-            conn.on(name, self._make(name))
-
-    def _make(self, name: str) -> Callable[..., None]:
-        def callback(**kwargs: Any) -> None:
-            with self._cond:
-                self.events.append((name, kwargs))
-                self._cond.notify_all()
-
-        return callback
-
-    def of(self, name: str) -> List[Any]:
-        with self._cond:
-            return [kw for n, kw in self.events if n == name]
-
-    def wait(self, name: str, count: int = 1, timeout: float = WAIT) -> None:
-        with self._cond:
-            if not self._cond.wait_for(lambda: len([1 for n, _ in self.events if n == name]) >= count, timeout):
-                raise AssertionError(f"no {count} x {name!r} within {timeout}s: {[n for n, _ in self.events]}")
 
 
 class FrameLog:
@@ -199,7 +174,7 @@ def test_parked_reader_wakes_for_a_future(server: FakeNsqd, make_conn, monkeypat
 # -------------------------------------- 3. heartbeats while parked and idle
 def test_parked_idle_reader_answers_heartbeat(server: FakeNsqd, make_conn) -> None:
     conn = connect(make_conn, server)
-    events = Events(conn)
+    events = Events(conn, "error", "close", "heartbeat")
     parks = park_reader(conn, server)
     log = FrameLog(conn)
     commands_before = server.commands
@@ -215,7 +190,7 @@ def test_parked_idle_reader_answers_heartbeat(server: FakeNsqd, make_conn) -> No
 # ------------------------------------------- 4. nsqd closes a parked, idle connection
 def test_parked_idle_reader_sees_close(server: FakeNsqd, make_conn) -> None:
     conn = connect(make_conn, server)
-    events = Events(conn)
+    events = Events(conn, "error", "close", "heartbeat")
     parks = park_reader(conn, server)
     server.close_client()
     started = time.monotonic()
@@ -238,7 +213,7 @@ def test_close_seen_by_the_pre_send_check(server: FakeNsqd, make_conn, monkeypat
     monkeypatch.setattr(nsq_sync.conn, "PARK_SECONDS", LONG_PARK)
     monkeypatch.setattr(nsq_sync.conn, "IDLE_CHECK_SECONDS", -1)
     conn = connect(make_conn, server)
-    events = Events(conn)
+    events = Events(conn, "error", "close", "heartbeat")
     parks = park_reader(conn, server)
     server.close_client()
     assert conn.backend.wait_readable(conn._raw_sock, WAIT)  # the FIN arrived (nothing read)
@@ -257,7 +232,7 @@ def test_close_seen_by_the_pre_send_check(server: FakeNsqd, make_conn, monkeypat
 def test_close_while_caller_leads(server: FakeNsqd, make_conn, monkeypatch) -> None:
     monkeypatch.setattr(nsq_sync.conn, "PARK_SECONDS", LONG_PARK)
     conn = connect(make_conn, server)
-    events = Events(conn)
+    events = Events(conn, "error", "close", "heartbeat")
     parks = park_reader(conn, server)
     server.set_answer("PUB", [NOTHING, close()], times=1)  # no answer, then nsqd closes
     assert conn._parked and not conn._read_token.locked()  # the token is free: this caller leads
@@ -283,7 +258,7 @@ def test_timeout_keeps_answers_in_order(server: FakeNsqd, make_conn, monkeypatch
     """
     monkeypatch.setattr(nsq_sync.conn, "PARK_SECONDS", LONG_PARK)
     conn = connect(make_conn, server)
-    events = Events(conn)
+    events = Events(conn, "error", "close", "heartbeat")
     parks = park_reader(conn, server)
     server.set_answer("PUB", NOTHING, times=1)  # the first goes unanswered (for now)
     if late == "before_second":
@@ -316,7 +291,7 @@ def test_timeout_keeps_answers_in_order(server: FakeNsqd, make_conn, monkeypatch
 def test_fatal_error_answering_led_request(server: FakeNsqd, make_conn, monkeypatch) -> None:
     monkeypatch.setattr(nsq_sync.conn, "PARK_SECONDS", LONG_PARK)
     conn = connect(make_conn, server)
-    events = Events(conn)
+    events = Events(conn, "error", "close", "heartbeat")
     park_reader(conn, server)
     server.set_answer("PUB", [error("E_BAD_TOPIC PUB topic name 'x' is not valid"), close()], times=1)
     assert conn._parked and not conn._read_token.locked()
@@ -387,21 +362,7 @@ def test_fatal_error_future_behind_led_request(server: FakeNsqd, make_conn, monk
 
 
 # ------------------------------------------------------------- 8. deflate
-IDENTIFY_RESPONSE_DEFLATE = {
-    "max_rdy_count": 2500,
-    "version": "1.3.0",
-    "max_msg_timeout": 900000,
-    "msg_timeout": 60000,
-    "tls_v1": False,
-    "deflate": True,
-    "deflate_level": 6,
-    "max_deflate_level": 6,
-    "snappy": False,
-    "sample_rate": 0,
-    "auth_required": False,
-    "output_buffer_size": 16384,
-    "output_buffer_timeout": 250,
-}
+IDENTIFY_RESPONSE_DEFLATE = dict(DEFAULT_IDENTIFY_RESPONSE, deflate=True)
 BODY_COMMANDS = (b"IDENTIFY", b"AUTH", b"PUB", b"DPUB", b"MPUB")
 
 

@@ -269,3 +269,54 @@ def test_bad_concurrency(concurrency):
 def test_bad_backend():
     with pytest.raises(ConfigError):
         WorkerPool(1, backend="nope")
+
+
+def test_a_burst_of_quick_callbacks_does_not_wake_a_worker_per_item(make_pool):
+    # A Reader's default concurrency is max_in_flight: a read of 200 messages must not
+    # wake 200 threads (they would fight for the GIL and add milliseconds of latency).
+    pool = make_pool(concurrency=200)
+    done = threading.Event()
+    counter = itertools.count(1)
+    total = 200 * 20
+
+    def work(_item):
+        if next(counter) == total:
+            done.set()
+
+    for _ in range(20):
+        pool.messages.submit_many(work, list(range(200)))
+    assert done.wait(WAIT)
+    assert pool.messages.size <= 20, pool.messages.size
+
+
+def test_no_wakeup_is_lost_when_workers_go_to_sleep(make_pool):
+    # Every item lands while the only worker is between "queue empty" and "asleep" or
+    # already asleep; a lost wake-up would leave an item queued and time out here.
+    pool = make_pool(concurrency=2)
+    ran = threading.Event()
+    for i in range(3000):
+        ran.clear()
+        pool.messages.submit(ran.set)
+        assert ran.wait(WAIT), f"item {i} never ran"
+
+
+def test_no_wakeup_is_lost_with_many_submitters(make_pool):
+    pool = make_pool(concurrency=3)
+    counter = itertools.count(1)
+    total = 4 * 2000
+    done = threading.Event()
+
+    def work():
+        if next(counter) == total:
+            done.set()
+
+    def submitter():
+        for _ in range(2000):
+            pool.messages.submit(work)
+
+    threads = [threading.Thread(target=submitter) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT)
+    assert done.wait(WAIT), f"{next(counter) - 1} of {total} ran"
