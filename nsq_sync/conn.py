@@ -264,6 +264,7 @@ class AsyncConn(EventedMixin):
         self._parked = False  # the reader task leaves reading to the callers
         self._last_led = 0.0
         self._wake_reader = self.backend.event()
+        self._blocking = False  # a blocking socket after the handshake: reads poll first (see _handshake)
         self._deferred = False  # requests queued behind an unanswered one (see _request)
         self._subscribed = False
         self._closing = False
@@ -396,7 +397,13 @@ class AsyncConn(EventedMixin):
                 self._fire("auth_response", conn=self, data=self.auth_response)
         # From here on the reader owns reads; the socket timeout is the staleness limit.
         self._stale_after = self._read_timeout()
-        self._stream.settimeout(self._stale_after)
+        # A plain socket becomes blocking: every read first waits for data with poll (with the
+        # staleness limit, or a caller's deadline), so the timeout Python would otherwise
+        # check with a poll of its own before each recv and send is not needed. A write to a
+        # peer that stopped reading blocks until the staleness check shuts the socket down.
+        # TLS keeps its own waits (its socket is non-blocking), bounded by the same limit.
+        self._blocking = isinstance(self._raw_sock, socket.socket) and not self.tls_v1
+        self._stream.settimeout(None if self._blocking else self._stale_after)
         self._wait_data = functools.partial(self.backend.wait_readable, self._raw_sock)
         make_waiter = getattr(self.backend, "readable_waiter", None)
         if make_waiter is not None:
@@ -500,10 +507,17 @@ class AsyncConn(EventedMixin):
         the staleness limit. Raises _ReadEnded once the connection is over (reported here).
         """
         try:
-            if deadline is not None and not self._stream.pending():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self._wait_data(remaining):
-                    return False
+            if not self._stream.pending():
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or not self._wait_data(remaining):
+                        return False
+                elif self._blocking and not self._wait_data(self._stale_after):
+                    if self._closing:
+                        return False
+                    raise StaleConnectionError(
+                        f"no data from {self.id} for {self._stale_after}s (two heartbeat intervals); closing it as stale"
+                    )
             try:
                 data = self._stream.read_some(READ_SIZE)
             except socket.timeout:
@@ -525,7 +539,9 @@ class AsyncConn(EventedMixin):
             raise _ReadEnded() from None
 
     def _send_deferred(self) -> None:
-        # Requests queued behind an answer that just came (see _request).
+        # Requests queued behind an answer that just came (see _request). Cleared before the
+        # flush: a request deferred meanwhile either gets flushed here or keeps the flag set
+        # for the answer it waits behind.
         self._deferred = False
         try:
             self._flush()
@@ -820,11 +836,13 @@ class AsyncConn(EventedMixin):
             # write (_read_once). A burst of pub_async leaves in a few large writes instead
             # of one per message, and it waits at most one round trip.
             defer = bool(self._pending)
-            if defer:
-                self._deferred = True
             self._pending.append(future)
             # Queue the bytes under the same lock, so wire order equals waiter order.
             self._writes.append(data)
+            if defer:
+                # Set after the bytes are queued: a reader that sees it (after popping the
+                # answer we queued behind, which needs this lock) flushes our bytes too.
+                self._deferred = True
             wake = wake and self._parked
         if wake:
             self._wake_reader.set()  # nobody else will read the answer
@@ -1015,6 +1033,7 @@ class AsyncConn(EventedMixin):
         with self._lock:
             self.state = DISCONNECTED
         if self._stream is not None:
+            self._stream.shutdown()  # wakes a writer blocked on a peer that stopped reading
             self._stream.close()
         self._close_wait.set()
         self._drained.set()
