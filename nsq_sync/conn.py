@@ -599,14 +599,23 @@ class AsyncConn(EventedMixin):
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"request_wait() takes command bytes, not {type(data).__name__}")
         token = self._read_token
-        if self._subscribed or not token.acquire(False):
-            future = self.request(data)
+        if self._subscribed:
+            return self._wait(self.request(data), timeout)
+        if not token.acquire(False):
+            # Someone else reads: wait for the answer on a plain lock (a Future's condition
+            # costs several times more, and this is the path of many threads publishing).
+            waiter = _WaitedAnswer(self.backend.lock())
+            self._request(data, waiter, True)
             with self._lock:
                 self._want_lead = True
                 wake = self._parked
             if wake:
                 self._wake_reader.set()
-            return self._wait(future, timeout)
+            if not waiter.wait(timeout):
+                raise TimeoutError(f"no answer from {self.id} within {timeout}s; the command may or may not have run")
+            if waiter.error is not None:
+                raise waiter.error
+            return waiter.value  # type: ignore[return-value]
         deadline = None if timeout is None else time.monotonic() + timeout
         answer = _Answer()
         try:
@@ -1099,7 +1108,7 @@ class _Answer:
     reading thread ever sets it, and that is the thread that waits for it.
     """
 
-    __slots__ = ("value", "error", "unprocessed")
+    __slots__ = ("value", "error", "unprocessed", "command")
     #: never handed to unprocessed_handler: the caller re-sends it itself
     led = True
 
@@ -1116,6 +1125,35 @@ class _Answer:
 
     def set_exception(self, error: BaseException) -> None:
         self.error = error
+
+
+class _WaitedAnswer(_Answer):
+    """An :class:`_Answer` whose caller waits for another task to read it: a lock held
+    until the answer (or the failure) is set."""
+
+    __slots__ = ("_done",)
+
+    def __init__(self, lock: Any) -> None:
+        super().__init__()
+        lock.acquire()
+        self._done = lock
+
+    def set_result(self, value: bytes) -> None:
+        if self.value is None and self.error is None:
+            self.value = value
+            self._done.release()
+
+    def set_exception(self, error: BaseException) -> None:
+        if self.value is None and self.error is None:
+            self.error = error
+            self._done.release()
+
+    def wait(self, timeout: Optional[float]) -> bool:
+        # Setters hold the read token, so they never race each other.
+        if timeout is None:
+            self._done.acquire()
+            return True
+        return self._done.acquire(True, max(0.0, timeout)) or self.done()
 
 
 class _Closed(Exception):

@@ -71,5 +71,23 @@ class GeventBackend:
         _, writable, _ = gevent.select.select([], [sock], [], timeout)
         return bool(writable)
 
+    def readable_waiter(self, sock: socket.socket) -> Callable[[Optional[float]], bool]:
+        """``wait(timeout) -> bool`` for one socket, reusing one io watcher (a hot path:
+        select() builds and tears down watchers on every call)."""
+        hub = gevent.get_hub()
+        watcher = hub.loop.io(sock.fileno(), 1)
+        expired = socket.timeout("timed out")
+
+        def wait(timeout: Optional[float]) -> bool:
+            if timeout is not None and timeout <= 0:
+                return bool(gevent.select.select([sock], [], [], 0)[0])
+            try:
+                gevent.socket.wait(watcher, timeout, expired, hub)
+            except socket.timeout:
+                return False
+            return True
+
+        return wait
+
     def __repr__(self) -> str:
         return "<GeventBackend>"

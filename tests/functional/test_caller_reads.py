@@ -152,6 +152,38 @@ def test_serial_request_wait_read_by_the_caller(server: FakeNsqd, make_conn, mon
 
 
 # ------------------------------------------------- 2. a Future wakes it
+def test_many_threads_each_get_their_own_answer(server: FakeNsqd, make_conn) -> None:
+    """Threads publishing at once mix every path: one reads for itself, the others wait on a
+    lock while the reader task (or that thread) reads, and requests queue behind unanswered
+    ones. Each must get the answer to its own command: the fake answers with the body."""
+    server.set_answer("PUB", lambda session, command: response(b"ack:" + command.body))
+    conn = connect(make_conn, server)
+    threads_n, per_thread = 8, 40
+    results: List[Tuple[bytes, bytes]] = []
+    errors: List[BaseException] = []
+    lock = threading.Lock()
+
+    def publisher(index: int) -> None:
+        try:
+            for i in range(per_thread):
+                body = b"t%d-m%d" % (index, i)
+                answer = conn.request_wait(commands.pub("t", body), timeout=WAIT)
+                with lock:
+                    results.append((body, answer))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=publisher, args=(n,)) for n in range(threads_n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT * 4)
+    assert not errors, errors
+    assert len(results) == threads_n * per_thread
+    assert all(answer == b"ack:" + body for body, answer in results), [r for r in results if r[1] != b"ack:" + r[0]][:5]
+    assert conn.pending_requests == 0
+
+
 def test_parked_reader_wakes_for_a_future(server: FakeNsqd, make_conn, monkeypatch) -> None:
     monkeypatch.setattr(nsq_sync.conn, "PARK_SECONDS", LONG_PARK)
     conn = connect(make_conn, server)
