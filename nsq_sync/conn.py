@@ -330,12 +330,6 @@ class AsyncConn(EventedMixin):
             if error is exc:
                 raise
             raise error from exc
-        if self._decoder.buffered:
-            # Frames that came with the last handshake answer (a heartbeat at most).
-            try:
-                self._handle_frames(self._decoder.feed(b""))
-            except Exception:
-                pass  # the reader meets the same trouble on its first read
         self._reader = self.backend.spawn(self._read_loop, name=f"nsq_sync-reader-{self.id}")
         return self
 
@@ -480,6 +474,14 @@ class AsyncConn(EventedMixin):
     def _read_loop(self) -> None:
         token = self._read_token
         try:
+            with token:
+                if self._decoder.buffered and not self._read_ended:
+                    # Frames that came with the last handshake answer (a heartbeat at most).
+                    try:
+                        self._handle_frames(self._decoder.feed(b""))
+                    except BaseException as exc:
+                        self._end_reading(exc)
+                        return
             while True:
                 token.acquire()
                 try:
