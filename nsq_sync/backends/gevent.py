@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from typing import Any, Callable, Optional, Tuple
 
@@ -61,7 +62,22 @@ class GeventBackend:
         return gevent.getcurrent()
 
     def create_connection(self, address: Tuple[str, int], timeout: Optional[float]) -> socket.socket:
-        return gevent.socket.create_connection(address, timeout=timeout)
+        # A numeric address needs no resolver. gevent's default resolver runs getaddrinfo on
+        # its thread pool, and many connections opened at once (Readers and Writers starting
+        # together) were seen to stall there for 10 s and more; an IP literal skips it.
+        host, port = address
+        try:
+            family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+        except ValueError:
+            return gevent.socket.create_connection(address, timeout=timeout)
+        sock = gevent.socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect((host, port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def wait_readable(self, sock: socket.socket, timeout: Optional[float]) -> bool:
         readable, _, _ = gevent.select.select([sock], [], [], timeout)
