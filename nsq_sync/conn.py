@@ -987,15 +987,24 @@ class AsyncConn(EventedMixin):
         self._join(max(0.1, deadline - time.monotonic()))
 
     def _flush_all(self) -> None:
-        """Write everything queued, waiting for a writer in progress (used before closing)."""
-        if not self._writes or self.state != CONNECTED:
+        """Write everything queued, after any writer in progress (used before closing).
+
+        Takes the write lock blocking, unlike _flush: a writer in progress may have taken
+        the last FIN off the queue and not sent it yet, and shutting the socket under it
+        would fail that FIN.
+        """
+        if self.state != CONNECTED:
             return
+        writes = self._writes
         with self._write_lock:
-            pass  # a writer in progress drains what it saw; then we drain the rest
-        try:
-            self._flush()
-        except Error:
-            pass
+            while writes:
+                batch = [writes.popleft() for _ in range(len(writes))]
+                try:
+                    self._stream.sendall(b"".join(batch))
+                except (OSError, ValueError, Error) as exc:
+                    writes.clear()
+                    logger.debug("%s: final write failed: %s", self.id, exc)
+                    return
 
     def _join(self, timeout: float) -> None:
         reader = self._reader
