@@ -517,17 +517,13 @@ class AsyncConn(EventedMixin):
                 elif self._blocking and not self._wait_data(self._stale_after):
                     if self._closing:
                         return False
-                    raise StaleConnectionError(
-                        f"no data from {self.id} for {self._stale_after}s (two heartbeat intervals); closing it as stale"
-                    )
+                    raise self._stale_error()
             try:
                 data = self._stream.read_some(READ_SIZE)
             except socket.timeout:
                 if self._closing or deadline is not None:
                     return False
-                raise StaleConnectionError(
-                    f"no data from {self.id} for {self._read_timeout()}s (two heartbeat intervals); closing it as stale"
-                ) from None
+                raise self._stale_error() from None
             if data is None:
                 raise _Closed()
             self.last_recv_timestamp = time.time()
@@ -539,6 +535,9 @@ class AsyncConn(EventedMixin):
         except BaseException as exc:
             self._end_reading(exc)
             raise _ReadEnded() from None
+
+    def _stale_error(self) -> StaleConnectionError:
+        return StaleConnectionError(f"no data from {self.id} for {self._stale_after}s (two heartbeat intervals); closing it as stale")
 
     def _send_deferred(self) -> None:
         # Requests queued behind an answer that just came (see _request). Cleared before the
@@ -639,18 +638,16 @@ class AsyncConn(EventedMixin):
                 self._flush()
             except Error:
                 pass  # write side shut: the read below meets nsqd's close
-            stale_after = self._stale_after
-            while answer.value is None and answer.error is None:
-                now = time.monotonic()
-                stale_at = None if stale_after is None else now + stale_after
-                if deadline is not None and (stale_at is None or deadline <= stale_at):
-                    if not self._read_once(deadline):
-                        break
-                elif not self._read_once(stale_at if stale_at is not None else now + 3600.0) and stale_at is not None:
-                    self._end_reading(
-                        StaleConnectionError(f"no data from {self.id} for {stale_after}s (two heartbeat intervals); closing it as stale")
-                    )
-                    break
+            while not answer.done():
+                if deadline is None:
+                    self._read_once(None)  # waits with the staleness limit, as the reader task does
+                    continue
+                until = deadline if self._stale_after is None else min(deadline, time.monotonic() + self._stale_after)
+                if self._read_once(until):
+                    continue
+                if time.monotonic() < deadline:
+                    self._end_reading(self._stale_error())  # silent for the staleness limit
+                break
         except _ReadEnded:
             pass  # reported; the answer holds the reason
         finally:
@@ -806,19 +803,25 @@ class AsyncConn(EventedMixin):
             if not lock.acquire(False):
                 return  # the holder drains our bytes before it lets go (it looks again after)
             try:
-                while writes:
-                    batch = [writes.popleft() for _ in range(len(writes))]
-                    payload = batch[0] if len(batch) == 1 else b"".join(batch)
-                    try:
-                        self._stream.sendall(payload)
-                    except (OSError, ValueError, Error) as exc:
-                        writes.clear()
-                        error = SendError(f"write to {self.id} failed: {exc}")
-                        self.error = error
-                        self._abort(error)
-                        raise error from exc
+                self._send_queued()
+            except (OSError, ValueError, Error) as exc:
+                error = SendError(f"write to {self.id} failed: {exc}")
+                self.error = error
+                self._abort(error)
+                raise error from exc
             finally:
                 lock.release()
+
+    def _send_queued(self) -> None:
+        """Send everything queued, a batch per sendall (the caller holds the write lock)."""
+        writes = self._writes
+        while writes:
+            batch = [writes.popleft() for _ in range(len(writes))]
+            try:
+                self._stream.sendall(batch[0] if len(batch) == 1 else b"".join(batch))
+            except BaseException:
+                writes.clear()
+                raise
 
     def request(self, data: bytes, future: "Optional[Future[bytes]]" = None) -> "Future[bytes]":
         """Write a command that nsqd answers (PUB, MPUB, DPUB, SUB) and return a Future of the answer.
@@ -995,16 +998,11 @@ class AsyncConn(EventedMixin):
         """
         if self.state != CONNECTED:
             return
-        writes = self._writes
         with self._write_lock:
-            while writes:
-                batch = [writes.popleft() for _ in range(len(writes))]
-                try:
-                    self._stream.sendall(b"".join(batch))
-                except (OSError, ValueError, Error) as exc:
-                    writes.clear()
-                    logger.debug("%s: final write failed: %s", self.id, exc)
-                    return
+            try:
+                self._send_queued()
+            except (OSError, ValueError, Error) as exc:
+                logger.debug("%s: final write failed: %s", self.id, exc)
 
     def _join(self, timeout: float) -> None:
         reader = self._reader

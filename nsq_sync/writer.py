@@ -63,6 +63,11 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_parents_in_child)
 
 
+def _body_size(data: bytes) -> int:
+    """Bytes after a command's line and 4-byte size prefix (PUB/MPUB/DPUB)."""
+    return len(data) - data.index(b"\n") - 5
+
+
 def _settle(future: "Future[Any]", result: Any = None, error: Optional[BaseException] = None) -> None:
     """Resolve *future* unless something (a timeout, an answer) already did."""
     try:
@@ -345,7 +350,7 @@ class Writer:
         every publish pipelined behind it on the connection (sizes as nsqd's defaults;
         set max_msg_size/max_body_size to your nsqd's, or None to skip the check)."""
         if self.max_msg_size is not None:
-            body_size = len(data) - data.index(b"\n") - 5
+            body_size = _body_size(data)
             if body_size > self.max_msg_size:
                 raise ConfigError("msg", f"<{body_size} bytes>", f"exceeds max_msg_size ({self.max_msg_size} bytes, nsqd's --max-msg-size)")
         return data
@@ -353,7 +358,7 @@ class Writer:
     def _checked_multi(self, data: bytes, largest: int) -> bytes:
         """:meth:`_checked` for MPUB: the whole body against max_body_size, each message against max_msg_size."""
         if self.max_body_size is not None:
-            body_size = len(data) - data.index(b"\n") - 5
+            body_size = _body_size(data)
             if body_size > self.max_body_size:
                 raise ConfigError("msgs", f"<{body_size} bytes>", f"MPUB body exceeds max_body_size ({self.max_body_size} bytes, nsqd's --max-body-size)")
         if self.max_msg_size is not None and largest > self.max_msg_size:

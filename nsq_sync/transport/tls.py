@@ -87,17 +87,8 @@ class TLSStream:
                 return False
 
     def recv(self, size: int) -> bytes:
-        deadline = None if self._timeout is None else time.monotonic() + self._timeout
-        while True:
-            with self._lock:
-                try:
-                    return self.sock.recv(size)
-                except _WANT:
-                    pass
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise socket.timeout("timed out")
-            self._wait_readable(self.sock, remaining)
+        data = self.read_some(size)
+        return b"" if data is None else bytes(data)
 
     def read_some(self, size: int) -> Optional[memoryview]:
         """What one read brings, as a view valid until the next call: None at the end of the stream
