@@ -23,12 +23,11 @@ import collections
 import functools
 import logging
 import socket
-import struct
 import sys
 import time
 from concurrent import futures
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, Deque, Dict, List, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Deque, Dict, List, Mapping, Optional, Tuple, Union
 
 from . import __about__
 from .backends import Backend, get_backend
@@ -55,12 +54,10 @@ from .protocol.constants import (
     CLOSE_WAIT,
     DEFAULT_MAX_FRAME_SIZE,
     FRAME_TYPE_ERROR,
-    FRAME_TYPE_MESSAGE,
     FRAME_TYPE_RESPONSE,
     HEARTBEAT,
     MAGIC_V2,
     MAX_RDY_COUNT_DEFAULT,
-    MESSAGE_HEADER_SIZE,
 )
 from .protocol.frames import FrameDecoder
 from .protocol.identify import build_identify, check_number, parse_identify_response, parse_json_object
@@ -89,7 +86,6 @@ PARK_SECONDS = 0.25
 #: a caller about to publish on a connection nobody read for this long looks for news first
 IDLE_CHECK_SECONDS = 0.005
 
-_unpack_message_header = struct.Struct(">qH16s").unpack_from
 
 
 class AsyncConn(EventedMixin):
@@ -253,6 +249,7 @@ class AsyncConn(EventedMixin):
         self._stream: Any = None
         self._raw_sock: Optional[socket.socket] = None
         self._decoder = FrameDecoder(max_frame_size)
+        self._decoder.build_messages(Message, self)
         self._lock = self.backend.lock()  # counters, responded flags, pending requests
         self._write_lock = self.backend.lock()  # held by the one task draining the write queue
         self._writes: Deque[bytes] = collections.deque()
@@ -672,20 +669,9 @@ class AsyncConn(EventedMixin):
         return error
 
     def _handle_frames(self, frames: List[Any]) -> None:
-        messages: Optional[List[Message]] = None
+        """Act on the frames of one read, then hand its messages (decoded by the decoder) to the workers."""
         for frame_type, payload in frames:
-            if frame_type == FRAME_TYPE_MESSAGE:
-                if len(payload) < MESSAGE_HEADER_SIZE:
-                    raise ProtocolError(
-                        f"message frame of {len(payload)} bytes from {self.id} is shorter than its {MESSAGE_HEADER_SIZE}-byte header"
-                    )
-                timestamp, attempts, message_id = _unpack_message_header(payload)
-                message = Message(message_id, payload[MESSAGE_HEADER_SIZE:], timestamp, attempts, self)
-                if messages is None:
-                    messages = [message]
-                else:
-                    messages.append(message)
-            elif frame_type == FRAME_TYPE_RESPONSE:
+            if frame_type == FRAME_TYPE_RESPONSE:
                 if payload == HEARTBEAT:
                     self._write(commands.nop())
                     self._emit("heartbeat", conn=self)
@@ -728,7 +714,10 @@ class AsyncConn(EventedMixin):
                     self.error = error
                     # nsqd closes after a fatal error; stop reading now rather than wait for it.
                     raise _FatalFrame(error)
+        decoder = self._decoder
+        messages = decoder.messages
         if messages:
+            decoder.messages = []
             # In flight by id: a message nsqd timed out and delivered again replaces its old copy.
             inflight = self._inflight
             listeners = self._listeners.get("message")
@@ -899,40 +888,89 @@ class AsyncConn(EventedMixin):
 
     # ----------------------------------------------------- message responses
     def _respond(self, message: Message, data: bytes, event: str) -> None:
+        """Answer *message* with *data* (a REQ) after its *event* listeners ran.
+
+        A REQ is queued after its "backoff"/"continue" listeners, so the RDY 0 of a backoff
+        they start reaches nsqd no later than the REQ that caused it (pynsq's order).
+        """
         with self._lock:
-            if message._responded:
-                raise AlreadyRespondedError(f"{message!r} was already answered")
-            if self.state != CONNECTED:
-                raise ConnectionClosedError(f"connection to {self.id} is {self.state.lower()}; nsqd will redeliver {message!r}")
+            self._check_answerable_locked(message)
             message._responded = True
+        self._fire_answer(event)
+        with self._lock:
+            if self.state != CONNECTED:
+                self._inflight.pop(message.id, None)
+                self.in_flight = len(self._inflight)
+                raise self._answer_closed(message)
+            hold, drained = self._queue_answer_locked(message, data)
+        self._after_answer(hold, drained)
+
+    def _finish_message(self, message: Message) -> None:
+        # The consumer's hot path, so _respond's steps are inlined here under one lock. The
+        # FIN is queued before the "resume" listeners run: a RDY they send (leaving backoff)
+        # follows the FIN that freed its in-flight slot. Coalescing: see _queue_answer_locked.
+        data = b"FIN %s\n" % message.id
+        with self._lock:
+            if message._responded or self.state != CONNECTED:
+                self._check_answerable_locked(message)  # raises
+            message._responded = True
+            self._writes.append(data)
+            inflight = self._inflight
+            inflight.pop(message.id, None)
+            self.in_flight = in_flight = len(inflight)
+            closing = self._closing
+            hold = self._queued > 0 and not closing
+        for callback in self._listeners.get("resume", ()):
+            try:
+                callback(conn=self)
+            except Exception:
+                logger.exception("listener %r for %r on %s raised", callback, "resume", self.id)
+        if not hold:
+            try:
+                self._flush()
+            finally:
+                if closing and in_flight <= 0:
+                    self._drained.set()
+
+    def _check_answerable_locked(self, message: Message) -> None:
+        if message._responded:
+            raise AlreadyRespondedError(f"{message!r} was already answered")
+        if self.state != CONNECTED:
+            raise self._answer_closed(message)
+
+    def _answer_closed(self, message: Message) -> ConnectionClosedError:
+        return ConnectionClosedError(f"connection to {self.id} is {self.state.lower()}; nsqd will redeliver {message!r}")
+
+    def _fire_answer(self, event: str) -> None:
         for callback in self._listeners.get(event, ()):
             try:
                 callback(conn=self)
             except Exception:
                 logger.exception("listener %r for %r on %s raised", callback, event, self.id)
-        # FIN/REQ coalescing: while more delivered messages wait for a worker, an answer is
-        # only queued; the worker that starts the last of them (_deliver), or the next
-        # answer after it, writes them all in one send. Queued under the same lock that
-        # counts waiting messages, so no answer is ever left behind.
-        with self._lock:
-            if self.state != CONNECTED:
-                self._inflight.pop(message.id, None)
-                self.in_flight = len(self._inflight)
-                raise ConnectionClosedError(f"connection to {self.id} is {self.state.lower()}; nsqd will redeliver {message!r}")
-            self._writes.append(data)
-            self._inflight.pop(message.id, None)
-            self.in_flight = len(self._inflight)
-            drained = self._closing and self.in_flight <= 0
-            hold = self._queued > 0 and not self._closing
+
+    def _queue_answer_locked(self, message: Message, data: bytes) -> Tuple[bool, bool]:
+        """Queue *data*, the answer to *message*; return (hold it back, the last in flight answered while closing).
+
+        FIN/REQ coalescing: while more delivered messages wait for a worker, an answer is
+        only queued; the worker that starts the last of them (_deliver), or the next
+        answer after it, writes them all in one send. Queued under the same lock that
+        counts waiting messages, so no answer is ever left behind.
+        """
+        self._writes.append(data)
+        inflight = self._inflight
+        inflight.pop(message.id, None)
+        self.in_flight = in_flight = len(inflight)
+        if self._closing:
+            return False, in_flight <= 0
+        return self._queued > 0, False
+
+    def _after_answer(self, hold: bool, drained: bool) -> None:
         try:
             if not hold:
                 self._flush()
         finally:
             if drained:
                 self._drained.set()
-
-    def _finish_message(self, message: Message) -> None:
-        self._respond(message, b"FIN %s\n" % message.id, "resume")
 
     def _requeue_message(self, message: Message, time_ms: int, backoff: bool) -> None:
         if time_ms < 0:

@@ -414,6 +414,9 @@ class Reader:
         # The validation hooks run only when a subclass overrides one (a hot path otherwise).
         cls = type(self)
         self._hooked = cls.validate_message is not Reader.validate_message or cls.preprocess_message is not Reader.preprocess_message
+        # No hook overridden: a message goes straight to message_handler (read at each call,
+        # so set_message_handler() and assigning message_handler still take effect).
+        self._plain = not self._hooked and cls.process_message is Reader.process_message
         self._received = _Counter()
         self._finished = _Counter()
         self._requeued = _Counter()
@@ -707,11 +710,14 @@ class Reader:
             if 0 < self.max_tries < message.attempts:
                 self._give_up(message)
                 return
-            if self._hooked and not self.validate_message(self.preprocess_message(message)):
-                logger.debug("%s: message %r from %s failed validation; finishing it", self.name, message, conn.id)
-                self._answer(message, True)
-                return
-            result = self.process_message(message)
+            if self._plain:
+                result = self.message_handler(message)  # type: ignore[misc]
+            else:
+                if self._hooked and not self.validate_message(self.preprocess_message(message)):
+                    logger.debug("%s: message %r from %s failed validation; finishing it", self.name, message, conn.id)
+                    self._answer(message, True)
+                    return
+                result = self.process_message(message)
         except Exception:
             logger.exception("%s: handler raised for %r from %s; requeueing it", self.name, message, conn.id)
             if not message.has_responded():
@@ -725,7 +731,7 @@ class Reader:
         """FIN (ok), REQ with backoff (not ok) or REQ at once without backoff (None)."""
         try:
             if ok:
-                message.finish()
+                message._responder._finish_message(message)  # type: ignore[union-attr]  # delivered: has a connection
             elif ok is None:
                 message.requeue(delay=0, backoff=False)
             else:

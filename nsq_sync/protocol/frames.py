@@ -8,7 +8,7 @@ A frame is ``[int32 size][int32 type][data]`` where size counts type + data.
 from __future__ import annotations
 
 import struct
-from typing import List, NamedTuple, Tuple
+from typing import Any, Callable, List, NamedTuple, Optional, Tuple
 
 from ..errors import IntegrityError, ProtocolError
 from .constants import (
@@ -66,12 +66,26 @@ class FrameDecoder:
     :class:`ProtocolError`; after an error the decoder stays failed.
     """
 
-    __slots__ = ("max_frame_size", "_buf", "_failed")
+    __slots__ = ("max_frame_size", "_buf", "_failed", "_make", "_owner", "messages")
 
     def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
         self.max_frame_size = max_frame_size
         self._buf = bytearray()
         self._failed = False
+        self._make: Optional[Callable[..., Any]] = None
+        self._owner: Any = None
+        #: Messages decoded by :meth:`feed` after :meth:`build_messages`; the caller takes them.
+        self.messages: List[Any] = []
+
+    def build_messages(self, factory: Callable[..., Any], owner: Any) -> None:
+        """From now on, turn message frames into ``factory(id, body, timestamp, attempts, owner)``.
+
+        They are appended to :attr:`messages` instead of being returned by :meth:`feed`:
+        one header unpack and one copy of the body per message, the consumer's hot path.
+        A message frame shorter than its 26-byte header raises ProtocolError.
+        """
+        self._make = factory
+        self._owner = owner
 
     def feed(self, data: bytes, max_frames: int = 0) -> List[Frame]:
         """Add *data*; return the frames it completes (at most *max_frames* when > 0, the rest stays buffered).
@@ -84,11 +98,22 @@ class FrameDecoder:
         buf = self._buf
         if buf:
             buf += data
-            view = buf
+            if len(buf) >= 8:
+                (size,) = _unpack_size(buf)
+                if 4 <= size <= self.max_frame_size and size != HTTP_SNIFF and len(buf) < 4 + size:
+                    return []  # the first frame is still incomplete: no copy until it is whole
+            view = bytes(buf)
+            buf.clear()
         else:
-            view = data
+            # Frames are sliced out of bytes: one copy of the chunk is cheaper than a
+            # memoryview slice per frame.
+            view = data if data.__class__ is bytes else bytes(data)
         frames: List[Frame] = []
         append = frames.append
+        make = self._make
+        if make is not None:
+            owner = self._owner
+            add_message = self.messages.append
         offset = 0
         end_of_data = len(view)
         try:
@@ -103,7 +128,14 @@ class FrameDecoder:
                     self._failed = True
                     self._buf = bytearray()
                     raise ProtocolError(f"unknown frame type {frame_type} (frame of {size} bytes)")
-                append((frame_type, bytes(view[offset + 8 : end])))
+                if frame_type == FRAME_TYPE_MESSAGE and make is not None:
+                    if size < 4 + MESSAGE_HEADER_SIZE:
+                        self._failed = True
+                        raise ProtocolError(f"message frame of {size - 4} bytes is shorter than its {MESSAGE_HEADER_SIZE}-byte header")
+                    timestamp, attempts, message_id = _unpack_message(view, offset + 8)
+                    add_message(make(message_id, view[offset + 34 : end], timestamp, attempts, owner))
+                else:
+                    append((frame_type, view[offset + 8 : end]))
                 offset = end
                 if max_frames and len(frames) >= max_frames:
                     break
@@ -115,10 +147,8 @@ class FrameDecoder:
         finally:
             if self._failed:
                 self._buf = bytearray()  # a failed stream keeps nothing
-            elif view is buf:
-                del buf[:offset]
             elif offset < end_of_data:
-                buf += data[offset:]
+                buf += view[offset:]
         return frames
 
     def _fail(self, size: int) -> None:

@@ -120,8 +120,10 @@ def test_failure_backs_off_then_tests_with_rdy_1_and_recovers(fake_nsqd: FakeNsq
     assert reader.stats()["backing_off"] is True
     second = fake_nsqd.enqueue(b"succeeds")  # the fake delivers it only once RDY allows
     fake_nsqd.wait_for_command("FIN", timeout=WAIT)
+    fake_nsqd.wait_for_command("RDY 3", count=2, timeout=WAIT)
     commands = lines(fake_nsqd)
-    # resume/backoff fire before FIN/REQ is written (pynsq's order), so RDY precedes the answer.
+    # backoff fires before the REQ is written (pynsq's order), so RDY 0 precedes the REQ;
+    # a FIN is written before resume fires, so the full RDY follows the FIN that freed a slot.
     assert commands == [
         b"IDENTIFY",
         b"SUB topic channel",
@@ -129,8 +131,8 @@ def test_failure_backs_off_then_tests_with_rdy_1_and_recovers(fake_nsqd: FakeNsq
         b"RDY 0",
         b"REQ " + first.id + b" 90000",
         b"RDY 1",
-        b"RDY 3",
         b"FIN " + second.id,
+        b"RDY 3",
     ]
     rdy0 = fake_nsqd.wait_for_command("RDY 0")
     rdy1 = fake_nsqd.wait_for_command("RDY 1")
@@ -212,7 +214,7 @@ def test_disconnect_during_backoff_reconnects_without_rdy_above_1(fake_nsqd: Fak
     ok = fake_nsqd.enqueue(b"succeeds")
     fake_nsqd.wait_for_command("FIN", session=second, timeout=WAIT)
     fake_nsqd.wait_for_command("RDY 2", session=second, timeout=WAIT)
-    assert lines(fake_nsqd, second) == [b"IDENTIFY", b"SUB topic channel", b"RDY 1", b"RDY 2", b"FIN " + ok.id]
+    assert lines(fake_nsqd, second) == [b"IDENTIFY", b"SUB topic channel", b"RDY 1", b"FIN " + ok.id, b"RDY 2"]
     assert rdy_values(lines(fake_nsqd, first)) == [2, 0]
     assert reader.backoff_level == 0
 

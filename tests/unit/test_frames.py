@@ -399,3 +399,65 @@ def test_failed_decoder_does_not_keep_the_bad_chunk():
     with pytest.raises(ProtocolError):
         decoder.feed(b"\x00\x01" + b"z" * 5000)
     assert decoder.buffered == 0
+
+
+# --------------------------------------------------------------------------- build_messages (the consumer's path)
+def _decoded(decoder: FrameDecoder, chunks):
+    """Feed *chunks* (as memoryviews of a reused buffer, like the connection's reads); return (frames, messages)."""
+    frames, messages = [], []
+    scratch = bytearray(max((len(c) for c in chunks), default=0))
+    for chunk in chunks:
+        scratch[: len(chunk)] = chunk
+        frames.extend(decoder.feed(memoryview(scratch)[: len(chunk)]))
+        scratch[:] = b"\xee" * len(scratch)  # the next read overwrites the buffer: nothing may point into it
+        messages.extend(decoder.messages)
+        decoder.messages = []
+    return frames, messages
+
+
+@settings(max_examples=150, deadline=None)
+@given(frames=st.lists(frame_st, min_size=1, max_size=8), data=st.data())
+def test_build_messages_any_chunking(frames, data):
+    """Message frames become factory(id, body, timestamp, attempts, owner) in order; other frames are returned as before."""
+    stream = b"".join(frame(t, d) for t, d in frames)
+    cuts = sorted(data.draw(st.sets(st.integers(0, len(stream)), max_size=len(stream) + 1)))
+    chunks = [stream[a:b] for a, b in zip([0] + cuts, cuts + [len(stream)])]
+    decoder = FrameDecoder()
+    owner = object()
+    decoder.build_messages(lambda *args: args, owner)
+    others, messages = _decoded(decoder, chunks)
+    assert others == [(t, d) for t, d in frames if t != 2]
+    expected = []
+    for t, d in frames:
+        if t == 2:
+            raw = decode_message(d)
+            expected.append((raw.id, raw.body, raw.timestamp, raw.attempts, owner))
+    assert messages == expected
+    assert all(type(m[1]) is bytes for m in messages) and all(type(f[1]) is bytes for f in others)
+    assert decoder.buffered == 0
+
+
+@pytest.mark.parametrize("size", [0, 1, 25])
+def test_build_messages_short_message_frame_is_a_protocol_error(size):
+    decoder = FrameDecoder()
+    decoder.build_messages(lambda *args: args, None)
+    with pytest.raises(ProtocolError, match=f"message frame of {size} bytes is shorter than its 26-byte header"):
+        decoder.feed(frame(0, b"OK") + frame(2, b"m" * size))
+    assert decoder.buffered == 0
+    with pytest.raises(ProtocolError, match="already failed"):
+        decoder.feed(frame(0, b"OK"))
+
+
+def test_a_large_frame_in_many_chunks_is_buffered_not_reparsed():
+    """While the first buffered frame is incomplete, a feed only appends (no copy of the whole buffer per chunk)."""
+    body = bytes(range(256)) * 400
+    wire = frame(0, b"OK") + frame(2, message_data(1, 2, MSG_ID, body)) + frame(0, b"after")
+    decoder = FrameDecoder()
+    decoder.build_messages(lambda *args: args, None)
+    chunks = [wire[i : i + 1000] for i in range(0, len(wire), 1000)]
+    assert decoder.feed(chunks[0]) == [(0, b"OK")]
+    for chunk in chunks[1:-1]:
+        assert decoder.feed(chunk) == [] and decoder.messages == []
+    assert decoder.feed(chunks[-1]) == [(0, b"after")]
+    assert decoder.messages == [(MSG_ID, body, 1, 2, None)]
+    assert decoder.buffered == 0
