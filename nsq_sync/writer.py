@@ -50,8 +50,14 @@ _RETRYABLE = (ConnectionClosedError, SendError)
 
 _live_writers: "weakref.WeakSet[Writer]" = weakref.WeakSet()
 
+#: this process's id, kept current by the at-fork hook below (os.getpid() is a system call
+#: and every publish compares it); where there is no register_at_fork there is no fork either
+_pid = os.getpid()
+
 
 def _forget_parents_in_child() -> None:
+    global _pid
+    _pid = os.getpid()
     for writer in list(_live_writers):
         try:
             writer._forget_parent()
@@ -175,6 +181,7 @@ class Writer:
         self._rr = 0
         self.pool = WorkerPool(self.concurrency, backend, name=self.name)
         self._nodes = [_Node(host, port) for host, port in self._addresses]
+        # Replaced, never changed in place (under the lock): _pick reads it without the lock.
         self._connected: List[AsyncConn] = []
         self._parked: Any = collections.deque()
         self._deadlines: List[Tuple[float, int, Future]] = []
@@ -225,7 +232,7 @@ class Writer:
                 break
             with self._lock:
                 node.conn = conn
-                self._connected.append(conn)
+                self._connected = self._connected + [conn]
                 self._changed.set()
             self._wake.set()
             logger.info("%s: connected to %s", self.name, node.address)
@@ -233,7 +240,7 @@ class Writer:
             with self._lock:
                 node.conn = None
                 if conn in self._connected:
-                    self._connected.remove(conn)
+                    self._connected = [other for other in self._connected if other is not conn]
                 if not self._connected:
                     self._changed.clear()
             if not self._stopping.is_set():
@@ -327,7 +334,10 @@ class Writer:
 
     def mpub(self, topic: str, msgs: Iterable[Any], callback: Optional[Callback] = None, timeout: Optional[float] = None) -> Any:
         """Publish several messages atomically (MPUB); same contract as :meth:`pub`. Zero messages is a ConfigError."""
-        return self._publish(self._checked_multi(*commands.mpub_sized(topic, msgs)), callback, timeout)
+        data = self._checked_multi(*commands.mpub_parts(topic, msgs))
+        if callback is None:
+            return self._publish_blocking(data, timeout)
+        return self._publish(data, callback, timeout)
 
     def dpub(self, topic: str, delay_ms: int, msg: Any, callback: Optional[Callback] = None, timeout: Optional[float] = None) -> Any:
         """Publish one message delivered after *delay_ms* (0..3,600,000); same contract as :meth:`pub`."""
@@ -339,7 +349,7 @@ class Writer:
 
     def mpub_async(self, topic: str, msgs: Iterable[Any], timeout: Optional[float] = None) -> "Future[bytes]":
         """:meth:`mpub` returning a Future."""
-        return self._submit(self._checked_multi(*commands.mpub_sized(topic, msgs)), timeout)
+        return self._submit(self._checked_multi(*commands.mpub_parts(topic, msgs)), timeout)
 
     def dpub_async(self, topic: str, delay_ms: int, msg: Any, timeout: Optional[float] = None) -> "Future[bytes]":
         """:meth:`dpub` returning a Future."""
@@ -355,14 +365,18 @@ class Writer:
                 raise ConfigError("msg", f"<{body_size} bytes>", f"exceeds max_msg_size ({self.max_msg_size} bytes, nsqd's --max-msg-size)")
         return data
 
-    def _checked_multi(self, data: bytes, largest: int) -> bytes:
-        """:meth:`_checked` for MPUB: the whole body against max_body_size, each message against max_msg_size."""
-        if self.max_body_size is not None:
-            body_size = _body_size(data)
-            if body_size > self.max_body_size:
-                raise ConfigError("msgs", f"<{body_size} bytes>", f"MPUB body exceeds max_body_size ({self.max_body_size} bytes, nsqd's --max-body-size)")
-        if self.max_msg_size is not None and largest > self.max_msg_size:
-            raise ConfigError("msgs", f"<a message of {largest} bytes>", f"exceeds max_msg_size ({self.max_msg_size} bytes, nsqd's --max-msg-size)")
+    def _checked_multi(self, data: bytes, body_size: int, sizes: List[int]) -> bytes:
+        """:meth:`_checked` for MPUB (what :func:`commands.mpub_parts` returns): the whole body
+        against max_body_size, each message against max_msg_size."""
+        limit = self.max_body_size
+        if limit is not None and body_size > limit:
+            raise ConfigError("msgs", f"<{body_size} bytes>", f"MPUB body exceeds max_body_size ({limit} bytes, nsqd's --max-body-size)")
+        limit = self.max_msg_size
+        # No message is larger than all of them together: the common case needs no max().
+        if limit is not None and body_size - 4 - 4 * len(sizes) > limit:
+            largest = max(sizes)
+            if largest > limit:
+                raise ConfigError("msgs", f"<a message of {largest} bytes>", f"exceeds max_msg_size ({limit} bytes, nsqd's --max-msg-size)")
         return data
 
     def _publish(self, data: bytes, callback: Optional[Callback], timeout: Optional[float]) -> Any:
@@ -379,7 +393,7 @@ class Writer:
             timeout = self.publish_timeout
         else:
             check_number("timeout", timeout, 0, 86400)
-        if self._pid != os.getpid():
+        if self._pid != _pid:
             self._after_fork()
         with self._lock:
             if self._closed:
@@ -394,23 +408,29 @@ class Writer:
                 self._idle.set()
 
     def _pick(self, avoid: Optional[AsyncConn] = None) -> Optional[AsyncConn]:
-        """Round-robin over open connections, preferring one other than *avoid*."""
-        with self._lock:
-            connected = self._connected
-            count = len(connected)
-            if not count:
-                return None
-            self._rr = start = (self._rr + 1) % count
-            fallback = None
-            for step in range(count):
-                conn = connected[(start + step) % count]
-                if conn.state != "CONNECTED":
-                    continue
-                if conn is avoid:
-                    fallback = conn
-                    continue
-                return conn
-            return fallback
+        """Round-robin over open connections, preferring one other than *avoid*.
+
+        No lock: _connected is a list that is replaced, never changed in place, so this
+        reads a consistent one; two threads racing on the counter only skew the rotation.
+        """
+        connected = self._connected
+        count = len(connected)
+        if count == 1:
+            conn = connected[0]
+            return conn if conn.state == "CONNECTED" else None
+        if not count:
+            return None
+        self._rr = start = (self._rr + 1) % count
+        fallback = None
+        for step in range(count):
+            conn = connected[(start + step) % count]
+            if conn.state != "CONNECTED":
+                continue
+            if conn is avoid:
+                fallback = conn
+                continue
+            return conn
+        return fallback
 
     def _wait_for_conn(self, deadline: float, avoid: Optional[AsyncConn] = None) -> AsyncConn:
         while True:

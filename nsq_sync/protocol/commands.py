@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+from operator import countOf as _count_of
 from typing import Any, Dict, Iterable, List, Mapping, Tuple, Union
 
 from ..errors import ConfigError
@@ -24,6 +25,7 @@ __all__ = [
     "pub",
     "mpub",
     "mpub_sized",
+    "mpub_parts",
     "dpub",
     "rdy",
     "fin",
@@ -103,20 +105,38 @@ def sub(topic: str, channel: str) -> bytes:
 
 
 _PUB_HEADS: Dict[object, bytes] = {}
+_MPUB_HEADS: Dict[object, bytes] = {}
+
+
+def _head(cache: Dict[object, bytes], verb: bytes, topic: object) -> bytes:
+    # Publishing is a hot path and applications use few topics: check each name once.
+    try:
+        return cache[topic]
+    except (KeyError, TypeError):  # TypeError: an unhashable topic, refused below
+        pass
+    head = b"%s %s\n" % (verb, check_topic(topic).encode("ascii"))
+    if type(topic) is str:
+        if len(cache) >= 1024:
+            cache.clear()
+        cache[topic] = head
+    return head
 
 
 def _pub_head(topic: object) -> bytes:
-    # Publishing is a hot path and applications use few topics: check each name once.
-    try:
-        return _PUB_HEADS[topic]
-    except (KeyError, TypeError):  # TypeError: an unhashable topic, refused below
-        pass
-    head = b"PUB %s\n" % check_topic(topic).encode("ascii")
-    if type(topic) is str:
-        if len(_PUB_HEADS) >= 1024:
-            _PUB_HEADS.clear()
-        _PUB_HEADS[topic] = head
-    return head
+    return _head(_PUB_HEADS, b"PUB", topic)
+
+
+class _SizeFields(dict):  # type: ignore[type-arg]
+    """The 4-byte size field of each message size seen, packed once (MPUB packs one per message)."""
+
+    def __missing__(self, size: int) -> bytes:
+        field = _pack_size(size)
+        if size < 65536 and len(self) < 4096:
+            self[size] = field
+        return field
+
+
+_size_field = _SizeFields().__getitem__
 
 
 def pub(topic: str, body: object) -> bytes:
@@ -127,33 +147,47 @@ def pub(topic: str, body: object) -> bytes:
 
 def mpub(topic: str, bodies: Iterable[object]) -> bytes:
     """MPUB <topic> with [count][size body]... as its body. Zero messages is a ConfigError."""
-    return mpub_sized(topic, bodies)[0]
+    return mpub_parts(topic, bodies)[0]
 
 
 def mpub_sized(topic: str, bodies: Iterable[object]) -> Tuple[bytes, int]:
     """:func:`mpub` and the size of its largest message (for a max_msg_size check without re-parsing)."""
-    topic_b = check_topic(topic).encode("ascii")
-    if isinstance(bodies, (bytes, str, bytearray, memoryview)):
-        raise TypeError("msgs: mpub takes a list of message bodies, not a single body")
-    if bodies is None or not hasattr(bodies, "__iter__"):
-        raise TypeError(f"msgs: mpub takes a list of message bodies, not {type(bodies).__name__}")
-    # Non-empty bytes pass as they are; anything else goes through to_body's checks.
-    datas = [body if type(body) is bytes and body else to_body(body) for body in bodies]
-    count = len(datas)
+    data, _body_size, sizes = mpub_parts(topic, bodies)
+    return data, max(sizes)
+
+
+def mpub_parts(topic: str, bodies: Iterable[object]) -> Tuple[bytes, int, List[int]]:
+    """:func:`mpub`, the size of the MPUB body (count and messages, as nsqd checks it against
+    --max-body-size) and the size of each message, in order."""
+    head = _head(_MPUB_HEADS, b"MPUB", topic)
+    if type(bodies) is not list:
+        if isinstance(bodies, (bytes, str, bytearray, memoryview)):
+            raise TypeError("msgs: mpub takes a list of message bodies, not a single body")
+        if bodies is None or not hasattr(bodies, "__iter__"):
+            raise TypeError(f"msgs: mpub takes a list of message bodies, not {type(bodies).__name__}")
+        bodies = list(bodies)  # once through a generator: the slow path below may need a second look
+    # Common case, checked in C: every body is bytes and none is empty.
+    datas: List[Any] = bodies
+    sizes = list(map(len, datas)) if _count_of(map(type, datas), bytes) == len(datas) else [0]
+    if 0 in sizes:
+        # Anything else goes through to_body, which converts, or raises the first bad body's error.
+        datas = [body if type(body) is bytes and body else to_body(body) for body in datas]
+        sizes = list(map(len, datas))
+    count = len(sizes)
     if count == 0:
         raise ConfigError("msgs", [], "mpub needs at least one message")
-    sizes = list(map(len, datas))
-    largest = max(sizes)
-    if largest > MAX_BODY_SIZE:
-        raise ConfigError("body", f"<{largest} bytes>", f"is larger than the protocol's limit of {MAX_BODY_SIZE} bytes")
-    # [size][body] pairs interleaved by slice assignment: every loop runs in C.
-    parts: List[bytes] = [b""] * (2 * count)
-    parts[0::2] = map(_pack_size, sizes)
-    parts[1::2] = datas
-    payload = b"".join(parts)
-    if len(payload) + 4 > MAX_BODY_SIZE:
-        raise ConfigError("msgs", f"<{count} messages, {len(payload)} bytes>", f"exceed the protocol's limit of {MAX_BODY_SIZE} bytes")
-    return b"MPUB %s\n" % topic_b + _pack_size(len(payload) + 4) + _pack_size(count) + payload, largest
+    body_size = 4 + 4 * count + sum(sizes)
+    if body_size > MAX_BODY_SIZE:
+        largest = max(sizes)
+        if largest > MAX_BODY_SIZE:
+            raise ConfigError("body", f"<{largest} bytes>", f"is larger than the protocol's limit of {MAX_BODY_SIZE} bytes")
+        raise ConfigError("msgs", f"<{count} messages, {body_size - 4} bytes>", f"exceed the protocol's limit of {MAX_BODY_SIZE} bytes")
+    # head, then [size][body] pairs interleaved by slice assignment: every loop runs in C,
+    # and the message bytes are copied once, by the join.
+    parts: List[bytes] = [head + _pack_size(body_size) + _pack_size(count)] * (2 * count + 1)
+    parts[1::2] = map(_size_field, sizes)
+    parts[2::2] = datas
+    return b"".join(parts), body_size, sizes
 
 
 def dpub(topic: str, delay_ms: int, body: object) -> bytes:
