@@ -626,13 +626,29 @@ class AsyncConn(EventedMixin):
                     self._read_once(None)
                 except _ReadEnded:
                     raise self._not_sent() from None
+            write_lock = self._write_lock
             with self._lock:
                 if self.state != CONNECTED:
                     raise self._not_sent()
                 self._pending.append(answer)
-                self._writes.append(data)
+                # Nothing queued and nobody writing: send it here, without the queue. Taking the
+                # write lock under the lock that orders requests keeps any request queued after
+                # this one behind it on the wire (its sender finds the write lock held).
+                direct = not self._writes and write_lock.acquire(False)
+                if not direct:
+                    self._writes.append(data)
             try:
-                self._flush()
+                if direct:
+                    try:
+                        self._stream.sendall(data)
+                    except (OSError, ValueError) as exc:
+                        self._write_failed(exc)
+                    finally:
+                        write_lock.release()
+                    if self._writes:
+                        self._flush()  # queued while we wrote: we are its drainer
+                else:
+                    self._flush()
             except Error:
                 pass  # write side shut: the read below meets nsqd's close
             while not answer.done():
@@ -794,12 +810,17 @@ class AsyncConn(EventedMixin):
             try:
                 self._send_queued()
             except (OSError, ValueError, Error) as exc:
-                error = SendError(f"write to {self.id} failed: {exc}")
-                self.error = error
-                self._abort(error)
-                raise error from exc
+                self._write_failed(exc)
             finally:
                 lock.release()
+
+    def _write_failed(self, exc: BaseException) -> None:
+        """A write failed (the caller holds the write lock): close the connection, raise SendError."""
+        self._writes.clear()
+        error = SendError(f"write to {self.id} failed: {exc}")
+        self.error = error
+        self._abort(error)
+        raise error from exc
 
     def _send_queued(self) -> None:
         """Send everything queued, a batch per sendall (the caller holds the write lock)."""

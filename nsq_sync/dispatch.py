@@ -118,8 +118,8 @@ class Lane:
                     item = popleft()
                 except IndexError:
                     break
-                if items and not self._free:
-                    with lock:
+                if items and not self._free and (self._sleepers or len(self._tasks) < self._max):
+                    with lock:  # (every worker already awake: nobody to wake, skip the lock)
                         if items and not self._free:
                             self._wake_locked()
             with lock:
