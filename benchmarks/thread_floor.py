@@ -157,6 +157,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=40000)
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--only", default="", help="run only the ways whose name contains this")
     args = parser.parse_args()
 
     from nsq_sync.testing import NsqdProcess
@@ -172,6 +173,7 @@ def main() -> None:
             ("minimal threads", lambda: minimal_threads(nsqd.tcp_address, topic, args.n, args.threads)),
             ("nsq_sync Writer", lambda: nsq_sync_writer(nsqd.tcp_address, topic, args.n, args.threads)),
         ]
+        ways = [(name, run) for name, run in ways if args.only in name]
         for rep in range(args.reps):
             for name, run in ways:
                 c0 = time.process_time()
