@@ -85,6 +85,11 @@ READ_SIZE = 256 * 1024
 PARK_SECONDS = 0.25
 #: a caller about to publish on a connection nobody read for this long looks for news first
 IDLE_CHECK_SECONDS = 0.005
+#: how long an idle pool worker reading a consumer's connection waits for data before it
+#: hands reading back to the reader task (see _lead_read)
+LEAD_WAIT_SECONDS = 0.002
+#: a consumer's parked reader task reads again after this long without a worker reading
+LEAD_PARK_SECONDS = 0.005
 
 
 
@@ -261,6 +266,10 @@ class AsyncConn(EventedMixin):
         self._parked = False  # the reader task leaves reading to the callers
         self._last_led = 0.0
         self._wake_reader = self.backend.event()
+        # Thread backend: after a read of messages the reader task parks and the pool worker
+        # that runs out of work reads next (no thread hand-off per read; see _lead_read).
+        self._workers_lead = getattr(self.backend, "name", "") == "thread"
+        self._lead_offered = False
         self._blocking = False  # a blocking socket after the handshake: reads poll first (see _handshake)
         self._deferred = False  # requests queued behind an unanswered one (see _request)
         self._subscribed = False
@@ -568,19 +577,54 @@ class AsyncConn(EventedMixin):
 
     def _should_park(self) -> bool:
         with self._lock:
-            if self._want_lead and not self._pending and not self._subscribed and not self._closing:
-                self._want_lead = False
+            if self._closing:
+                return False
+            if self._lead_offered or (self._want_lead and not self._pending and not self._subscribed):
+                self._want_lead = self._lead_offered = False
                 self._parked = True
                 self._wake_reader.clear()
                 return True
             return False
 
+    def _lead_read(self) -> bool:
+        """Read once in place of the parked reader task (an idle pool worker calls this).
+
+        Waits at most LEAD_WAIT_SECONDS for data. Returns True when it read something; the
+        next idle worker is then offered the next read, so a busy consumer's reads, message
+        handling and answers run on one worker thread without waking another. When nothing
+        came, or someone else reads, the reader task takes over again. A worker stuck in a
+        slow handler leads nothing: the reader task wakes after LEAD_PARK_SECONDS without a
+        read and reads itself, so messages and heartbeats never wait behind a handler.
+        """
+        token = self._read_token
+        if self._closing or self._read_ended or not token.acquire(False):
+            return False
+        self._last_led = time.monotonic()  # the parked reader task sees someone reading
+        read = False
+        try:
+            if not self._read_ended:
+                read = self._read_once(time.monotonic() + LEAD_WAIT_SECONDS)
+        except _ReadEnded:
+            read = False  # reported by _read_once
+        finally:
+            token.release()
+            with self._lock:
+                self._last_led = time.monotonic()
+            if read and not self._closing:
+                self.worker_pool.messages.offer_lead(self)
+            else:
+                self._wake_reader.set()
+        return read
+
     def _park(self) -> None:
         wake = self._wake_reader
+        # A consumer's reader task takes reading back soon when no worker read meanwhile
+        # (the leading worker may be in a slow handler, and messages or heartbeats wait).
+        limit = LEAD_PARK_SECONDS if self._subscribed else PARK_SECONDS
         while True:
-            woken = wake.wait(PARK_SECONDS)
+            woken = wake.wait(limit)
             with self._lock:
-                if woken or self._closing or self._read_ended or time.monotonic() - self._last_led >= PARK_SECONDS:
+                if woken or self._closing or self._read_ended or time.monotonic() - self._last_led >= limit:
                     self._parked = False
                     wake.clear()
                     return
@@ -686,6 +730,7 @@ class AsyncConn(EventedMixin):
 
     def _handle_frames(self, frames: List[Any]) -> None:
         """Act on the frames of one read, then hand its messages (decoded by the decoder) to the workers."""
+        close_wait = False
         for frame_type, payload in frames:
             if frame_type == FRAME_TYPE_RESPONSE:
                 if payload == HEARTBEAT:
@@ -693,7 +738,7 @@ class AsyncConn(EventedMixin):
                     self._emit("heartbeat", conn=self)
                     continue
                 if payload == CLOSE_WAIT:
-                    self._close_wait.set()
+                    close_wait = True  # set below, once the messages before it are in flight
                 else:
                     with self._lock:
                         waiter = self._pending.popleft() if self._pending else None
@@ -747,9 +792,17 @@ class AsyncConn(EventedMixin):
             if listeners:
                 # One work item per message, never a batch per worker: a handler that never
                 # returns must not hold up the messages read with it.
-                self.worker_pool.messages.submit_many(self._deliver, messages)
+                lane = self.worker_pool.messages
+                lane.submit_many(self._deliver, messages)
+                if self._workers_lead and self._is_reader_task():
+                    self._lead_offered = True  # the reader task parks (see _should_park)
+                    lane.offer_lead(self)
             else:
                 logger.warning("%s: %d messages arrived with no 'message' listener; nsqd redelivers them after msg_timeout", self.id, len(messages))
+        if close_wait:
+            # nsqd sends nothing after CLOSE_WAIT: a graceful close now waits for exactly
+            # the messages counted above (they came before it, maybe in this same read).
+            self._close_wait.set()
 
     def _deliver(self, message: Message) -> None:
         with self._lock:
@@ -941,6 +994,9 @@ class AsyncConn(EventedMixin):
             self.in_flight = in_flight = len(inflight)
             closing = self._closing
             hold = self._queued > 0 and not closing
+            # Drained only once CLOSE_WAIT came: messages nsqd sent before it may still be
+            # unread, and in_flight touches 0 in between (see _graceful_close).
+            drained = closing and in_flight <= 0 and self._close_wait.is_set()
         for callback in self._listeners.get("resume", ()):
             try:
                 callback(conn=self)
@@ -950,7 +1006,7 @@ class AsyncConn(EventedMixin):
             try:
                 self._flush()
             finally:
-                if closing and in_flight <= 0:
+                if drained:
                     self._drained.set()
 
     def _check_answerable_locked(self, message: Message) -> None:
@@ -982,7 +1038,7 @@ class AsyncConn(EventedMixin):
         inflight.pop(message.id, None)
         self.in_flight = in_flight = len(inflight)
         if self._closing:
-            return False, in_flight <= 0
+            return False, in_flight <= 0 and self._close_wait.is_set()
         return self._queued > 0, False
 
     def _after_answer(self, hold: bool, drained: bool) -> None:

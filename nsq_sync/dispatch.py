@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import logging
+from time import monotonic as _monotonic
 from typing import Any, Callable, Deque, List, Optional, Union
 
 from .backends import Backend, get_backend
@@ -27,16 +28,26 @@ logger = logging.getLogger(__name__)
 
 _STOP = object()
 
+#: threads: a spare worker joins when work waited this long with no callback starting
+SPARE_AFTER_SECONDS = 0.005
+#: the watchdog thread parks after this long with nothing to watch
+WATCHDOG_PARK_SECONDS = 0.1
+#: a callback that ran this long wakes a spare at once when work waits (threads)
+SLOW_CALLBACK_SECONDS = 0.001
+
 
 class Lane:
     """A FIFO of callables served by up to ``workers`` tasks.
 
-    Waking is one at a time: a submit wakes (or starts) a worker only when none is free,
-    and a worker about to run a callback while more work waits and no other worker is
-    free wakes one spare first. A burst of quick callbacks is run by one or two workers
-    instead of waking one thread per item (on CPython a herd of threads fighting for the
-    GIL adds milliseconds of latency), while slow or stuck callbacks still fan out to
-    every worker, one wake-up latency apart, so nothing waits behind them.
+    Waking is one at a time: a submit wakes (or starts) a worker only when none is free.
+    A spare joins when work waits and no worker is free: under gevent at once (a
+    greenlet switch is cheap); on threads at once after a callback that ran at least
+    SLOW_CALLBACK_SECONDS, otherwise only once no callback has started for
+    SPARE_AFTER_SECONDS, checked by a watchdog thread that runs while the lane is busy.
+    A burst of quick callbacks is run by one worker instead of waking threads that fight
+    for the GIL (on CPython each wake-up costs more than a quick callback), while slow
+    or stuck callbacks still fan out to every worker, a few milliseconds apart, so
+    nothing waits long behind them.
     """
 
     def __init__(self, backend: Backend, workers: int, name: str) -> None:
@@ -50,6 +61,14 @@ class Lane:
         self._free = 0  # workers awake and not running a callback (woken ones included)
         self._closed = False
         self._local_ids: set = set()
+        # Connections whose next read an idle worker may do (AsyncConn._lead_read).
+        self._lead_jobs: Deque[Any] = collections.deque()
+        self._started = 0  # callbacks started (the watchdog's sign of progress)
+        self._eager = getattr(backend, "name", "") != "thread"
+        self._watchdog: Any = None
+        self._watch_parked = False
+        self._watch_wake = backend.lock()
+        self._watch_wake.acquire()
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
         """Queue ``fn(*args)``; raises RuntimeError once the lane is closed."""
@@ -66,6 +85,10 @@ class Lane:
         self._items.extend([(fn, (item,)) for item in items])
         with self._lock:
             self._wake_locked()
+
+    def offer_lead(self, conn: Any) -> None:
+        """Let the next worker that runs out of work call ``conn._lead_read()`` before it sleeps."""
+        self._lead_jobs.append(conn)
 
     def _wake_locked(self) -> None:
         # Caller holds the lock. Wake a sleeper, or start a worker, unless one is free.
@@ -90,6 +113,18 @@ class Lane:
             try:
                 item = popleft()
             except IndexError:
+                if self._lead_jobs:
+                    # Read for a connection whose reader task parked: messages it reads
+                    # queue here, and this worker (still counted free) runs them next.
+                    try:
+                        conn = self._lead_jobs.popleft()
+                    except IndexError:
+                        continue
+                    try:
+                        conn._lead_read()
+                    except Exception:
+                        logger.exception("reading for %r raised", conn)
+                    continue
                 with lock:
                     if items:
                         continue
@@ -102,12 +137,14 @@ class Lane:
             with lock:
                 self._free -= 1
                 if items and not self._free:
-                    self._wake_locked()  # a spare, so nothing queued waits behind this callback
+                    self._need_spare_locked()  # so nothing queued waits long behind this callback
             # Busy: run items back to back without touching the free count.
             while True:
                 if item is _STOP:
                     return
                 fn, args = item
+                self._started += 1  # (a lost increment under a race still shows progress)
+                began = _monotonic()
                 try:
                     fn(*args)
                 except Exception:
@@ -119,11 +156,56 @@ class Lane:
                 except IndexError:
                     break
                 if items and not self._free and (self._sleepers or len(self._tasks) < self._max):
-                    with lock:  # (every worker already awake: nobody to wake, skip the lock)
-                        if items and not self._free:
-                            self._wake_locked()
+                    # After a slow callback (I/O-bound handlers) a spare joins at once, so a
+                    # backlog fans out to every worker; after a quick one the watchdog decides.
+                    slow = _monotonic() - began >= SLOW_CALLBACK_SECONDS
+                    if slow or self._eager or self._watch_parked or self._watchdog is None:
+                        with lock:  # (otherwise the watchdog is watching: skip the lock)
+                            if items and not self._free:
+                                if slow:
+                                    self._wake_locked()
+                                else:
+                                    self._need_spare_locked()
             with lock:
                 self._free += 1
+
+    def _need_spare_locked(self) -> None:
+        # Caller holds the lock; work waits and no worker is free.
+        if self._eager:
+            self._wake_locked()
+        elif self._watchdog is None:
+            if not self._closed:
+                self._watchdog = self._backend.spawn(self._watch, name=f"{self._name}-watchdog")
+        elif self._watch_parked:
+            self._watch_parked = False
+            self._watch_wake.release()
+
+    def _watch(self) -> None:
+        """Threads: add a spare worker when work waits, no worker is free and no callback
+        started for SPARE_AFTER_SECONDS; park after a quiet while."""
+        items = self._items
+        wake = self._watch_wake  # held; released to park-wake us, or by close()
+        quiet = 0.0
+        while not self._closed:
+            if items and not self._free:
+                quiet = 0.0
+                seen = self._started
+                wake.acquire(timeout=SPARE_AFTER_SECONDS)  # early only at close
+                if self._started == seen and items and not self._free:
+                    with self._lock:
+                        if items and not self._free:
+                            self._wake_locked()
+                continue
+            if quiet >= WATCHDOG_PARK_SECONDS:
+                with self._lock:
+                    if self._closed or (items and not self._free):
+                        continue
+                    self._watch_parked = True
+                wake.acquire()  # released by _need_spare_locked or close()
+                quiet = 0.0
+                continue
+            wake.acquire(timeout=SPARE_AFTER_SECONDS)  # early only at close
+            quiet += SPARE_AFTER_SECONDS
 
     def in_worker(self) -> bool:
         """True when called from one of this lane's workers."""
@@ -140,7 +222,16 @@ class Lane:
                 while self._sleepers:
                     self._free += 1
                     self._sleepers.pop().release()
+                self._lead_jobs.clear()
+                if self._watchdog is not None:
+                    self._watch_parked = False
+                    try:
+                        self._watch_wake.release()  # ends a park or a periodic wait now
+                    except RuntimeError:
+                        pass  # already released: the watchdog sees _closed next
             tasks = list(self._tasks)
+            if self._watchdog is not None:
+                tasks.append(self._watchdog)
         if wait and not self.in_worker():
             for task in tasks:
                 task.join(timeout)

@@ -176,6 +176,10 @@ def test_failing_messages_come_back_with_more_attempts_then_are_given_up(nsqd: N
     assert stats["messages_given_up"] == 5
     assert stats["messages_requeued"] == 15  # 5 bad messages x 3 failed attempts
     assert channel(nsqd)["requeue_count"] == 15
+    # Whether the last results of the run were failures depends on delivery order: the
+    # level still up then steps down one success at a time, so a few more good messages end it.
+    more = [b"more-%d" % i for i in range(20)]  # more successes than failures can have raised the level
+    nsqd.mpublish(TOPIC, more)
     wait_until(lambda: not reader.stats()["backing_off"], 10, message="backoff to end")
 
 
@@ -208,6 +212,65 @@ def test_handler_slower_than_three_heartbeats_keeps_the_connection(nsqd: NsqdPro
     assert list(reader.conns.values()) == [conn]
     assert reader.stats()["messages_finished"] == 1
     assert channel(nsqd)["timeout_count"] == 0
+
+
+def test_a_busy_consumer_reads_on_its_worker(nsqd: NsqdProcess, make_reader: Callable[..., Reader], backend: str, monkeypatch: Any) -> None:
+    """Thread backend: once a worker has run a read's messages it reads the next itself
+    (no hand-off from the reader task per read); gevent keeps reading on the reader greenlet."""
+    from nsq_sync import conn as conn_module
+
+    monkeypatch.setattr(conn_module, "LEAD_WAIT_SECONDS", 5.0)  # more messages always come: never give up
+    led = []
+    original = conn_module.AsyncConn._lead_read
+
+    def lead_read(self: Any) -> bool:
+        read = original(self)
+        led.append(read)
+        return read
+
+    monkeypatch.setattr(conn_module.AsyncConn, "_lead_read", lead_read)
+    count = 3000
+    bodies = [b"busy-%05d" % i for i in range(count)]
+    prepare(nsqd, bodies)
+    seen = Recorder(count)
+    reader = make_reader(lambda m: seen.add(m.body), nsqd_tcp_addresses=nsqd.tcp_address, max_in_flight=200)
+    reader.start()
+    seen.wait()
+    reader.close()
+    assert sum(seen.bodies.values()) == count and set(seen.bodies) == set(bodies)
+    assert reader.stats()["messages_finished"] == count
+    wait_until(lambda: drained(nsqd), 10, message="channel drained")
+    assert (sum(led) > 0) == (backend == "thread"), led[:20]
+
+
+def test_a_worker_stuck_in_a_handler_hands_reading_back(nsqd: NsqdProcess, make_reader: Callable[..., Reader]) -> None:
+    """The worker that was reading blocks in a handler: the reader task takes reading back
+    and a spare worker runs everything behind it, while the handler is still blocked."""
+    others = [b"other-%04d" % i for i in range(500)]
+    prepare(nsqd, [b"block"] + others)
+    entered = threading.Event()
+    release = threading.Event()
+    seen = Recorder(len(others))
+
+    def handler(message: Any) -> bool:
+        if message.body == b"block":
+            entered.set()
+            assert release.wait(TIMEOUT)
+        else:
+            seen.add(message.body)
+        return True
+
+    reader = make_reader(handler, nsqd_tcp_addresses=nsqd.tcp_address, max_in_flight=20, concurrency=4)
+    reader.start()
+    try:
+        assert entered.wait(TIMEOUT)
+        seen.wait()
+        assert not release.is_set()
+        assert set(seen.bodies) == set(others)
+    finally:
+        release.set()
+    wait_until(lambda: drained(nsqd), 10, message="channel drained")
+    assert reader.stats()["messages_finished"] == len(others) + 1
 
 
 # ------------------------------------------------ (4) a new nsqd mid-run

@@ -8,6 +8,7 @@ import threading
 
 import pytest
 
+from nsq_sync import dispatch
 from nsq_sync.dispatch import WorkerPool
 from nsq_sync.errors import ConfigError
 
@@ -320,3 +321,77 @@ def test_no_wakeup_is_lost_with_many_submitters(make_pool):
     for thread in threads:
         thread.join(WAIT)
     assert done.wait(WAIT), f"{next(counter) - 1} of {total} ran"
+
+
+def test_quick_callbacks_run_on_one_thread_without_waking_a_spare(make_pool, monkeypatch):
+    # Threads: a spare joins only when no callback started for SPARE_AFTER_SECONDS while
+    # work waits. With that set far off, a burst of quick callbacks is run by one worker.
+    monkeypatch.setattr(dispatch, "SPARE_AFTER_SECONDS", 30.0)
+    pool = make_pool(concurrency=8)
+    done = threading.Event()
+    counter = itertools.count(1)
+    threads = set()
+    total = 200 * 20
+
+    def work(_item):
+        threads.add(threading.get_ident())
+        if next(counter) == total:
+            done.set()
+
+    for _ in range(20):
+        pool.messages.submit_many(work, list(range(200)))
+    assert done.wait(WAIT)
+    assert pool.messages.size == 1 and len(threads) == 1
+
+
+def test_a_slow_callback_gets_a_spare_for_the_work_behind_it(make_pool):
+    pool = make_pool(concurrency=3)
+    entered = threading.Event()
+    release = threading.Event()
+    behind = threading.Event()
+
+    def slow():
+        entered.set()
+        assert release.wait(WAIT)
+
+    pool.messages.submit(slow)
+    assert entered.wait(WAIT)
+    pool.messages.submit(behind.set)
+    try:
+        assert behind.wait(WAIT), "the callback queued behind a slow one never ran"
+        assert not release.is_set()
+        assert pool.messages.size == 2
+    finally:
+        release.set()
+
+
+def test_close_stops_the_watchdog_at_once(pool_name, monkeypatch):
+    monkeypatch.setattr(dispatch, "SPARE_AFTER_SECONDS", 30.0)
+    monkeypatch.setattr(dispatch, "WATCHDOG_PARK_SECONDS", 60.0)
+    pool = WorkerPool(2, backend="thread", name=pool_name)
+    done = threading.Event()
+    pool.messages.submit_many(lambda last: last and done.set(), [False] * 50 + [True])
+    assert done.wait(WAIT)
+    watchdog = pool.messages._watchdog
+    assert watchdog is not None and watchdog.is_alive()
+    pool.close(wait=True, timeout=WAIT)
+    assert not watchdog.is_alive()  # woken by close(), not left in a 30 s wait
+
+
+def test_blocking_callbacks_fan_out_to_every_worker(make_pool):
+    # Each callback returns only once 4 run at the same time: the lane must reach all 4
+    # workers for every round (a stuck first callback brings the watchdog's spare, slow
+    # ones wake spares at once).
+    pool = make_pool(concurrency=4)
+    barrier = threading.Barrier(4)
+    done = threading.Event()
+    counter = itertools.count(1)
+
+    def blocking(_item):
+        barrier.wait(WAIT)
+        if next(counter) == 12:
+            done.set()
+
+    pool.messages.submit_many(blocking, list(range(12)))
+    assert done.wait(WAIT)
+    assert pool.messages.size == 4
