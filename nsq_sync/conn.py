@@ -605,7 +605,7 @@ class AsyncConn(EventedMixin):
             if not self._read_ended:
                 read = self._read_once(time.monotonic() + LEAD_WAIT_SECONDS)
         except _ReadEnded:
-            read = False  # reported by _read_once
+            pass  # reported by _read_once; the reader task is woken below
         finally:
             token.release()
             with self._lock:
@@ -1031,7 +1031,8 @@ class AsyncConn(EventedMixin):
         FIN/REQ coalescing: while more delivered messages wait for a worker, an answer is
         only queued; the worker that starts the last of them (_deliver), or the next
         answer after it, writes them all in one send. Queued under the same lock that
-        counts waiting messages, so no answer is ever left behind.
+        counts waiting messages, so no answer is ever left behind. _finish_message has
+        these steps inlined (a call less per consumed message): change both together.
         """
         self._writes.append(data)
         inflight = self._inflight

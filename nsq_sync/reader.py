@@ -96,7 +96,6 @@ def _strip_lookup_path(address: str) -> str:
     return address
 
 
-
 class _Counter:
     """A count bumped from many threads without a lock.
 
@@ -113,6 +112,7 @@ class _Counter:
     @property
     def value(self) -> int:
         return int(repr(self._count)[6:-1])
+
 
 class _Timer:
     __slots__ = ("when", "seq", "fn", "args", "cancelled")

@@ -111,12 +111,17 @@ frame_st = st.one_of(
 )
 
 
+def chunked(frames, data):
+    """The wire bytes of *frames*, cut at points hypothesis draws from *data*."""
+    stream = b"".join(frame(t, d) for t, d in frames)
+    cuts = sorted(data.draw(st.sets(st.integers(0, len(stream)), max_size=len(stream) + 1)))
+    return [stream[a:b] for a, b in zip([0] + cuts, cuts + [len(stream)])]
+
+
 @settings(max_examples=150, deadline=None)
 @given(frames=st.lists(frame_st, min_size=1, max_size=8), data=st.data())
 def test_any_chunking_yields_the_same_frames(frames, data):
-    stream = b"".join(frame(t, d) for t, d in frames)
-    cuts = sorted(data.draw(st.sets(st.integers(0, len(stream)), max_size=len(stream) + 1)))
-    chunks = [stream[a:b] for a, b in zip([0] + cuts, cuts + [len(stream)])]
+    chunks = chunked(frames, data)
     decoder = FrameDecoder()
     assert feed_all(decoder, chunks) == [(t, bytes(d)) for t, d in frames]
     assert decoder.buffered == 0
@@ -419,9 +424,7 @@ def _decoded(decoder: FrameDecoder, chunks):
 @given(frames=st.lists(frame_st, min_size=1, max_size=8), data=st.data())
 def test_build_messages_any_chunking(frames, data):
     """Message frames become factory(id, body, timestamp, attempts, owner) in order; other frames are returned as before."""
-    stream = b"".join(frame(t, d) for t, d in frames)
-    cuts = sorted(data.draw(st.sets(st.integers(0, len(stream)), max_size=len(stream) + 1)))
-    chunks = [stream[a:b] for a, b in zip([0] + cuts, cuts + [len(stream)])]
+    chunks = chunked(frames, data)
     decoder = FrameDecoder()
     owner = object()
     decoder.build_messages(lambda *args: args, owner)
