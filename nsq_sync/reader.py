@@ -725,7 +725,13 @@ class Reader:
             return
         if message._async or message._responded:
             return
-        self._answer(message, result is not False)
+        if result is False:
+            self._answer(message, False)
+            return
+        try:  # _answer(message, True), inlined: this is every consumed message's path
+            message._responder._finish_message(message)  # type: ignore[union-attr]  # delivered: has a connection
+        except Error as exc:
+            self._not_answered(message, exc)
 
     def _answer(self, message: Message, ok: Optional[bool]) -> None:
         """FIN (ok), REQ with backoff (not ok) or REQ at once without backoff (None)."""
@@ -736,12 +742,16 @@ class Reader:
                 message.requeue(delay=0, backoff=False)
             else:
                 message.requeue()
-        except AlreadyRespondedError:
-            pass  # answered concurrently (enable_async code raced the handler's return)
-        except ConnectionClosedError as exc:
-            # nsqd redelivers it after msg_timeout; expected while closing.
-            (logger.debug if self._closing else logger.warning)("%s: could not answer %r: %s", self.name, message, exc)
         except Error as exc:
+            self._not_answered(message, exc)
+
+    def _not_answered(self, message: Message, exc: Error) -> None:
+        if isinstance(exc, AlreadyRespondedError):
+            return  # answered concurrently (enable_async code raced the handler's return)
+        if isinstance(exc, ConnectionClosedError) and self._closing:
+            # nsqd redelivers it after msg_timeout; expected while closing.
+            logger.debug("%s: could not answer %r: %s", self.name, message, exc)
+        else:
             logger.warning("%s: could not answer %r: %s", self.name, message, exc)
 
     def _give_up(self, message: Message) -> None:

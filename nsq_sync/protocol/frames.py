@@ -28,6 +28,8 @@ _unpack_message = struct.Struct(">qH16s").unpack_from
 
 Frame = Tuple[int, bytes]
 _KNOWN_TYPES = (FRAME_TYPE_RESPONSE, FRAME_TYPE_ERROR, FRAME_TYPE_MESSAGE)
+_MESSAGE_MIN = 4 + MESSAGE_HEADER_SIZE  # a message frame's size field: its type and header at least
+assert FRAME_TYPE_MESSAGE == 2 and MESSAGE_HEADER_SIZE == 26  # FrameDecoder.feed's fast path spells them out
 
 
 class RawMessage(NamedTuple):
@@ -116,9 +118,19 @@ class FrameDecoder:
             add_message = self.messages.append
         offset = 0
         end_of_data = len(view)
+        # A message frame of a size that passes every check below takes the first branch.
+        message_max = min(self.max_frame_size, HTTP_SNIFF - 1) if make is not None else -1
         try:
             while end_of_data - offset >= 8:
                 size, frame_type = _unpack_header(view, offset)
+                if frame_type == 2 and _MESSAGE_MIN <= size <= message_max:  # FRAME_TYPE_MESSAGE
+                    end = offset + 4 + size
+                    if end > end_of_data:
+                        break
+                    timestamp, attempts, message_id = _unpack_message(view, offset + 8)
+                    add_message(make(message_id, view[offset + 34 : end], timestamp, attempts, owner))
+                    offset = end
+                    continue
                 if size < 4 or size > self.max_frame_size or size == HTTP_SNIFF:
                     self._fail(size)
                 end = offset + 4 + size

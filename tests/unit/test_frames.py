@@ -464,3 +464,30 @@ def test_a_large_frame_in_many_chunks_is_buffered_not_reparsed():
     assert decoder.feed(chunks[-1]) == [(0, b"after")]
     assert decoder.messages == [(MSG_ID, body, 1, 2, None)]
     assert decoder.buffered == 0
+
+
+@pytest.mark.parametrize("over", [0, 1])
+def test_build_messages_honours_max_frame_size(over):
+    """The message fast path applies the same limit: a message frame of exactly max_frame_size
+    is built, one byte more fails before its body arrives."""
+    decoder = FrameDecoder(max_frame_size=4 + 26 + 10)
+    decoder.build_messages(lambda *args: args, None)
+    wire = frame(2, message_data(7, 1, MSG_ID, b"b" * (10 + over)))
+    if over:
+        with pytest.raises(ProtocolError, match="exceeds the limit of 40 bytes"):
+            decoder.feed(wire[:8])
+        assert decoder.buffered == 0
+    else:
+        assert decoder.feed(wire) == [] and decoder.messages == [(MSG_ID, b"b" * 10, 7, 1, None)]
+
+
+def test_build_messages_keeps_a_partial_message_after_whole_ones():
+    whole = frame(2, message_data(1, 1, MSG_ID, b"first"))
+    second = frame(2, message_data(2, 1, MSG_ID[::-1], b"second"))
+    decoder = FrameDecoder()
+    decoder.build_messages(lambda *args: args, None)
+    assert decoder.feed(whole + second[:20]) == []
+    assert decoder.messages == [(MSG_ID, b"first", 1, 1, None)] and decoder.buffered == 20
+    decoder.messages = []
+    assert decoder.feed(second[20:]) == [] and decoder.messages == [(MSG_ID[::-1], b"second", 2, 1, None)]
+    assert decoder.buffered == 0
