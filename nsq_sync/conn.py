@@ -23,6 +23,7 @@ import collections
 import functools
 import logging
 import socket
+import struct
 import sys
 import time
 from concurrent import futures
@@ -90,6 +91,10 @@ IDLE_CHECK_SECONDS = 0.005
 LEAD_WAIT_SECONDS = 0.002
 #: a consumer's parked reader task reads again after this long without a worker reading
 LEAD_PARK_SECONDS = 0.005
+#: thread backend, plain TCP: the kernel ends a blocking recv after this long with no data
+#: (SO_RCVTIMEO), so a caller with a deadline reads at once instead of polling first
+RECV_SLICE_SECONDS = 1.0
+_NOTHING = object()  # _recv_until: the deadline passed with no data
 
 
 
@@ -271,6 +276,7 @@ class AsyncConn(EventedMixin):
         self._workers_lead = getattr(self.backend, "name", "") == "thread"
         self._lead_offered = False
         self._blocking = False  # a blocking socket after the handshake: reads poll first (see _handshake)
+        self._recv_slice: Optional[float] = None  # set when the kernel bounds each recv (see _handshake)
         self._deferred = False  # requests queued behind an unanswered one (see _request)
         self._subscribed = False
         self._closing = False
@@ -404,6 +410,17 @@ class AsyncConn(EventedMixin):
         # TLS keeps its own waits (its socket is non-blocking), bounded by the same limit.
         self._blocking = isinstance(self._raw_sock, socket.socket) and not self.tls_v1
         self._stream.settimeout(None if self._blocking else self._stale_after)
+        if self._blocking and self._workers_lead and sys.platform != "win32":
+            # A caller waiting for its answer (request_wait) then recvs at once, without a
+            # poll before it: one syscall less per publish, about 10% of a serial publish's
+            # time. Its deadline is checked between slices, and its last part polled.
+            try:
+                seconds = int(RECV_SLICE_SECONDS)
+                micros = int((RECV_SLICE_SECONDS - seconds) * 1e6)
+                self._raw_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", seconds, micros))
+                self._recv_slice = RECV_SLICE_SECONDS
+            except (OSError, AttributeError, struct.error):
+                self._recv_slice = None  # polls first, as on every other path
         self._wait_data = functools.partial(self.backend.wait_readable, self._raw_sock)
         make_waiter = getattr(self.backend, "readable_waiter", None)
         if make_waiter is not None:
@@ -515,21 +532,26 @@ class AsyncConn(EventedMixin):
         the staleness limit. Raises _ReadEnded once the connection is over (reported here).
         """
         try:
-            if not self._stream.pending():
-                if deadline is not None:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0 or not self._wait_data(remaining):
-                        return False
-                elif self._blocking and not self._wait_data(self._stale_after):
-                    if self._closing:
-                        return False
-                    raise self._stale_error()
-            try:
-                data = self._stream.read_some(READ_SIZE)
-            except socket.timeout:
-                if self._closing or deadline is not None:
+            if deadline is not None and self._recv_slice is not None and not self._stream.pending():
+                data = self._recv_until(deadline)
+                if data is _NOTHING:
                     return False
-                raise self._stale_error() from None
+            else:
+                if not self._stream.pending():
+                    if deadline is not None:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0 or not self._wait_data(remaining):
+                            return False
+                    elif self._blocking and not self._wait_data(self._stale_after):
+                        if self._closing:
+                            return False
+                        raise self._stale_error()
+                try:
+                    data = self._stream.read_some(READ_SIZE)
+                except socket.timeout:
+                    if self._closing or deadline is not None:
+                        return False
+                    raise self._stale_error() from None
             if data is None:
                 raise _Closed()
             self.last_recv_timestamp = time.time()
@@ -541,6 +563,24 @@ class AsyncConn(EventedMixin):
         except BaseException as exc:
             self._end_reading(exc)
             raise _ReadEnded() from None
+
+    def _recv_until(self, deadline: float) -> Any:
+        """One read of what comes before *deadline* (a blocking socket whose recv the kernel
+        ends after _recv_slice with no data); _NOTHING when the deadline passed first."""
+        slice_seconds = self._recv_slice
+        assert slice_seconds is not None
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return _NOTHING
+            if remaining < slice_seconds:
+                if not self._wait_data(remaining):
+                    return _NOTHING
+                return self._stream.read_some(READ_SIZE)
+            try:
+                return self._stream.read_some(READ_SIZE)
+            except BlockingIOError:
+                continue  # a slice with no data (EAGAIN from SO_RCVTIMEO)
 
     def _stale_error(self) -> StaleConnectionError:
         return StaleConnectionError(f"no data from {self.id} for {self._stale_after}s (two heartbeat intervals); closing it as stale")

@@ -319,6 +319,36 @@ def test_timeout_keeps_answers_in_order(server: FakeNsqd, make_conn, monkeypatch
     assert events.of("error") == []
 
 
+def test_a_caller_reads_in_kernel_timed_slices_until_its_deadline(server: FakeNsqd, make_conn, monkeypatch, backend: str) -> None:
+    """Thread backend: a caller waiting for its answer recvs at once on the blocking socket,
+    which the kernel wakes every RECV_SLICE_SECONDS with no data (SO_RCVTIMEO). Slices that
+    pass empty neither end the wait early nor count as a stale connection; the deadline
+    still holds, and the late answer keeps its place. (gevent polls, as every path did.)"""
+    monkeypatch.setattr(nsq_sync.conn, "PARK_SECONDS", LONG_PARK)
+    monkeypatch.setattr(nsq_sync.conn, "RECV_SLICE_SECONDS", 0.05)
+    conn = connect(make_conn, server)
+    events = Events(conn, "error", "close")
+    parks = park_reader(conn, server)
+    if backend == "thread":
+        assert conn._recv_slice == 0.05
+        raw = conn._raw_sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.calcsize("ll"))
+        seconds, micros = struct.unpack("ll", raw)
+        assert seconds == 0 and 50000 <= micros < 60000  # (the kernel rounds up to its tick)
+    else:
+        assert conn._recv_slice is None
+    server.set_answer("PUB", NOTHING, times=1)
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        conn.request_wait(commands.pub("t", b"unanswered"), timeout=0.4)  # eight slices
+    elapsed = time.monotonic() - started
+    assert 0.4 <= elapsed < 2, elapsed
+    assert conn.connected() and events.of("error") == [] and events.of("close") == []
+    server.session.send_response(b"OK")  # the late answer: consumed for the timed-out request
+    server.set_answer("PUB", response(b"next"), times=1)
+    assert conn.request_wait(commands.pub("t", b"next"), timeout=5) == b"next"
+    assert published(server)[parks:] == [b"unanswered", b"next"]
+
+
 # ------------------------------------------- 7. fatal error answering a led request
 def test_fatal_error_answering_led_request(server: FakeNsqd, make_conn, monkeypatch) -> None:
     monkeypatch.setattr(nsq_sync.conn, "PARK_SECONDS", LONG_PARK)
