@@ -17,7 +17,7 @@ from __future__ import annotations
 import collections
 import logging
 from time import monotonic as _monotonic
-from typing import Any, Callable, Deque, List, Optional, Union
+from typing import Any, Callable, Deque, List, Optional, Tuple, Union
 
 from .backends import Backend, get_backend
 from .errors import ConfigError
@@ -27,6 +27,24 @@ __all__ = ["WorkerPool", "Lane"]
 logger = logging.getLogger(__name__)
 
 _STOP = object()
+_NO_ARG = object()  # the second half of a queued _Call
+
+
+class _Call:
+    """A queued ``fn(*args)`` (Lane.submit); submit_many queues ``(fn, item)`` pairs, which
+    the workers call as ``fn(item)``: one tuple and no argument unpacking per message."""
+
+    __slots__ = ("fn", "args")
+
+    def __init__(self, fn: Callable[..., Any], args: Tuple[Any, ...]) -> None:
+        self.fn = fn
+        self.args = args
+
+    def __call__(self) -> None:
+        self.fn(*self.args)
+
+    def __repr__(self) -> str:
+        return repr(self.fn)
 
 #: threads: a spare worker joins when work waited this long with no callback starting
 SPARE_AFTER_SECONDS = 0.005
@@ -57,6 +75,7 @@ class Lane:
         self._items: Deque[Any] = collections.deque()
         self._lock = backend.lock()
         self._tasks: List[Any] = []
+        self._can_grow = workers > 0  # len(self._tasks) < workers, kept for the busy loop
         self._sleepers: List[Any] = []  # wake handles of sleeping workers, most recent last
         self._free = 0  # workers awake and not running a callback (woken ones included)
         self._closed = False
@@ -74,7 +93,7 @@ class Lane:
         """Queue ``fn(*args)``; raises RuntimeError once the lane is closed."""
         if self._closed:
             raise RuntimeError(f"{self._name} is closed")
-        self._items.append((fn, args))
+        self._items.append((_Call(fn, args), _NO_ARG))
         with self._lock:  # under the lock: a worker deciding to sleep has either seen the item or is not free
             self._wake_locked()
 
@@ -82,7 +101,7 @@ class Lane:
         """Queue ``fn(item)`` for each item (one worker is woken; more join as needed)."""
         if self._closed:
             raise RuntimeError(f"{self._name} is closed")
-        self._items.extend([(fn, (item,)) for item in items])
+        self._items.extend([(fn, item) for item in items])
         with self._lock:
             self._wake_locked()
 
@@ -100,6 +119,7 @@ class Lane:
         elif len(self._tasks) < self._max:
             self._free += 1
             self._tasks.append(self._backend.spawn(self._run, name=f"{self._name}-{len(self._tasks)}"))
+            self._can_grow = len(self._tasks) < self._max
 
     def _run(self) -> None:
         items = self._items
@@ -138,15 +158,19 @@ class Lane:
                 self._free -= 1
                 if items and not self._free:
                     self._need_spare_locked()  # so nothing queued waits long behind this callback
-            # Busy: run items back to back without touching the free count.
+            # Busy: run items back to back without touching the free count. One clock read
+            # per callback: its end is the next one's start.
+            began = _monotonic()
             while True:
                 if item is _STOP:
                     return
-                fn, args = item
+                fn, arg = item
                 self._started += 1  # (a lost increment under a race still shows progress)
-                began = _monotonic()
                 try:
-                    fn(*args)
+                    if arg is _NO_ARG:
+                        fn()
+                    else:
+                        fn(arg)
                 except Exception:
                     logger.exception("callback %r raised", fn)
                 except BaseException:  # a worker must not die silently (gevent GreenletExit, SystemExit)
@@ -155,10 +179,12 @@ class Lane:
                     item = popleft()
                 except IndexError:
                     break
-                if items and not self._free and (self._sleepers or len(self._tasks) < self._max):
+                ended = _monotonic()
+                slow = ended - began >= SLOW_CALLBACK_SECONDS
+                began = ended
+                if items and not self._free and (self._sleepers or self._can_grow):
                     # After a slow callback (I/O-bound handlers) a spare joins at once, so a
                     # backlog fans out to every worker; after a quick one the watchdog decides.
-                    slow = _monotonic() - began >= SLOW_CALLBACK_SECONDS
                     if slow or self._eager or self._watch_parked or self._watchdog is None:
                         with lock:  # (otherwise the watchdog is watching: skip the lock)
                             if items and not self._free:

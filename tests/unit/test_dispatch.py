@@ -57,6 +57,32 @@ def test_callbacks_run_off_the_calling_thread(make_pool):
     assert not pool.in_worker()
 
 
+def test_submit_passes_any_arguments_and_submit_many_one_item_each(make_pool, caplog):
+    """submit(fn, *args) queues fn(*args) whatever the count (none, one that is a tuple,
+    several); submit_many(fn, items) calls fn(item). A failure is logged with fn's repr."""
+    pool = make_pool()
+    calls = []
+    done = threading.Event()
+
+    def record(*args):
+        calls.append(args)
+
+    def failing():
+        raise ValueError("boom")
+
+    with caplog.at_level(logging.ERROR, logger="nsq_sync.dispatch"):
+        pool.messages.submit(record)
+        pool.messages.submit(record, (1, 2))
+        pool.messages.submit(record, "a", "b", None)
+        pool.messages.submit_many(record, [None, (3,), "c"])
+        pool.messages.submit(failing)
+        pool.messages.submit(done.set)
+        assert done.wait(WAIT)
+    assert calls == [(), ((1, 2),), ("a", "b", None), (None,), ((3,),), ("c",)]
+    [record_] = [r for r in caplog.records if r.name == "nsq_sync.dispatch"]
+    assert "failing" in record_.getMessage() and isinstance(record_.exc_info[1], ValueError)
+
+
 def test_control_lane_runs_in_submission_order(make_pool):
     pool = make_pool(concurrency=4)
     order = []
