@@ -898,6 +898,31 @@ def test_graceful_close_waits_for_close_wait_and_in_flight(server: FakeNsqd, sub
     assert_no_leak(backend, tasks_before)
 
 
+def test_answers_are_held_for_at_most_half_the_rdy_window(server: FakeNsqd, sub_conn) -> None:
+    """The FINs of a read wait for the read's last message to start, but no more than half
+    the RDY count of them: then they leave, so nsqd refills the window meanwhile. Here the
+    third of four messages (one read, one worker, RDY 4) finishes only once nsqd has the
+    first two FINs; held until the fourth started, they would never come."""
+    conn, events = sub_conn()
+    ids = [b"%016d" % i for i in range(4)]
+    seen_by_third: List[int] = []
+
+    def handler(conn: AsyncConn, message: Message) -> None:
+        if message.id == ids[2]:
+            server.wait_for_command("FIN", count=2)
+            seen_by_third.append(sum(1 for c in server.commands if c.startswith(b"FIN ")))
+        message.finish()
+
+    conn.on("message", handler)
+    conn.send_rdy(4)
+    server.wait_for_command("RDY 4")
+    server.send_raw(b"".join(message_frame(i, b"x") for i in ids))
+    server.wait_for_command("FIN", count=4)
+    assert seen_by_third == [2]
+    assert [c for c in server.commands if c.startswith(b"FIN ")] == [b"FIN " + i for i in ids]
+    assert conn.in_flight == 0
+
+
 def test_close_wait_between_finish_and_its_write_loses_no_fin(server: FakeNsqd, sub_conn) -> None:
     conn, events = sub_conn()
     entered = threading.Event()
