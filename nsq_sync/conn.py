@@ -97,7 +97,6 @@ RECV_SLICE_SECONDS = 1.0
 _NOTHING = object()  # _recv_until: the deadline passed with no data
 
 
-
 class AsyncConn(EventedMixin):
     """A connection to one nsqd, with pynsq's parameters, events and on/off/trigger.
 

@@ -46,6 +46,7 @@ class _Call:
     def __repr__(self) -> str:
         return repr(self.fn)
 
+
 #: threads: a spare worker joins when work waited this long with no callback starting
 SPARE_AFTER_SECONDS = 0.005
 #: the watchdog thread parks after this long with nothing to watch
