@@ -94,7 +94,7 @@ LEAD_PARK_SECONDS = 0.005
 #: thread backend, plain TCP: the kernel ends a blocking recv after this long with no data
 #: (SO_RCVTIMEO), so a caller with a deadline reads at once instead of polling first
 RECV_SLICE_SECONDS = 1.0
-_NOTHING = object()  # _recv_until: the deadline passed with no data
+_NOTHING = object()  # _read_before: the deadline passed with no data
 
 
 class AsyncConn(EventedMixin):
@@ -420,7 +420,7 @@ class AsyncConn(EventedMixin):
                 self._raw_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", seconds, micros))
                 self._recv_slice = RECV_SLICE_SECONDS
             except (OSError, AttributeError, struct.error):
-                self._recv_slice = None  # polls first, as on every other path
+                pass  # no slices: a caller polls first, as every other reader does
         self._wait_data = functools.partial(self.backend.wait_readable, self._raw_sock)
         make_waiter = getattr(self.backend, "readable_waiter", None)
         if make_waiter is not None:
@@ -532,20 +532,16 @@ class AsyncConn(EventedMixin):
         the staleness limit. Raises _ReadEnded once the connection is over (reported here).
         """
         try:
-            if deadline is not None and self._recv_slice is not None and not self._stream.pending():
-                data = self._recv_until(deadline)
+            pending = self._stream.pending()
+            if deadline is not None and not pending:
+                data = self._read_before(deadline)
                 if data is _NOTHING:
                     return False
             else:
-                if not self._stream.pending():
-                    if deadline is not None:
-                        remaining = deadline - time.monotonic()
-                        if remaining <= 0 or not self._wait_data(remaining):
-                            return False
-                    elif self._blocking and not self._wait_data(self._stale_after):
-                        if self._closing:
-                            return False
-                        raise self._stale_error()
+                if not pending and self._blocking and not self._wait_data(self._stale_after):
+                    if self._closing:
+                        return False
+                    raise self._stale_error()
                 try:
                     data = self._stream.read_some(READ_SIZE)
                 except socket.timeout:
@@ -564,19 +560,25 @@ class AsyncConn(EventedMixin):
             self._end_reading(exc)
             raise _ReadEnded() from None
 
-    def _recv_until(self, deadline: float) -> Any:
-        """One read of what comes before *deadline* (a blocking socket whose recv the kernel
-        ends after _recv_slice with no data); _NOTHING when the deadline passed first."""
+    def _read_before(self, deadline: float) -> Any:
+        """One read of what comes before *deadline*; _NOTHING when the deadline passed first.
+
+        With _recv_slice (the kernel ends a blocking recv after that long without data) it
+        recvs at once and checks the deadline between slices, polling only for the last
+        part; otherwise it polls first.
+        """
         slice_seconds = self._recv_slice
-        assert slice_seconds is not None
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return _NOTHING
-            if remaining < slice_seconds:
+            if slice_seconds is None or remaining < slice_seconds:
                 if not self._wait_data(remaining):
                     return _NOTHING
-                return self._stream.read_some(READ_SIZE)
+                try:
+                    return self._stream.read_some(READ_SIZE)
+                except socket.timeout:  # (TLS: a partial record outlasted its wait)
+                    return _NOTHING
             try:
                 return self._stream.read_some(READ_SIZE)
             except BlockingIOError:
@@ -1044,11 +1046,7 @@ class AsyncConn(EventedMixin):
             except Exception:
                 logger.exception("listener %r for %r on %s raised", callback, "resume", self.id)
         if not hold:
-            try:
-                self._flush()
-            finally:
-                if drained:
-                    self._drained.set()
+            self._after_answer(False, drained)
 
     def _check_answerable_locked(self, message: Message) -> None:
         if message._responded:

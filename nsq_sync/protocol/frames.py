@@ -141,13 +141,10 @@ class FrameDecoder:
                     self._buf = bytearray()
                     raise ProtocolError(f"unknown frame type {frame_type} (frame of {size} bytes)")
                 if frame_type == FRAME_TYPE_MESSAGE and make is not None:
-                    if size < 4 + MESSAGE_HEADER_SIZE:
-                        self._failed = True
-                        raise ProtocolError(f"message frame of {size - 4} bytes is shorter than its {MESSAGE_HEADER_SIZE}-byte header")
-                    timestamp, attempts, message_id = _unpack_message(view, offset + 8)
-                    add_message(make(message_id, view[offset + 34 : end], timestamp, attempts, owner))
-                else:
-                    append((frame_type, view[offset + 8 : end]))
+                    # The first branch took every message frame of a valid size.
+                    self._failed = True
+                    raise ProtocolError(f"message frame of {size - 4} bytes is shorter than its {MESSAGE_HEADER_SIZE}-byte header")
+                append((frame_type, view[offset + 8 : end]))
                 offset = end
                 if max_frames and len(frames) >= max_frames:
                     break
