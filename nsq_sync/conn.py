@@ -277,6 +277,7 @@ class AsyncConn(EventedMixin):
         self._lead_offered = False
         self._blocking = False  # a blocking socket after the handshake: reads poll first (see _handshake)
         self._recv_slice: Optional[float] = None  # set when the kernel bounds each recv (see _handshake)
+        self._tls: Optional[Any] = None  # the TLSStream under any compression layer, once upgraded
         self._deferred = False  # requests queued behind an unanswered one (see _request)
         self._subscribed = False
         self._closing = False
@@ -452,7 +453,7 @@ class AsyncConn(EventedMixin):
         except (ssl.SSLError, OSError) as exc:
             raise TLSError(f"TLS handshake with {self.id} failed: {exc}") from exc
         self._raw_sock = tls_sock
-        self._stream = TLSStream(tls_sock, self.backend.wait_readable, self.backend.wait_writable, self.backend.lock(), self.timeout)
+        self._stream = self._tls = TLSStream(tls_sock, self.backend.wait_readable, self.backend.wait_writable, self.backend.lock(), self.timeout)
 
     def _read_frame(self, what: str):
         # One frame at a time: bytes after it may belong to the next layer (TLS, compression).
@@ -575,10 +576,16 @@ class AsyncConn(EventedMixin):
             if slice_seconds is None or remaining < slice_seconds:
                 if not self._wait_data(remaining):
                     return _NOTHING
+                tls = self._tls
+                if tls is not None:
+                    tls.deadline = deadline  # the rest of a TLS record may come late, or never
                 try:
                     return self._stream.read_some(READ_SIZE)
-                except socket.timeout:  # (TLS: a partial record outlasted its wait)
+                except socket.timeout:  # (TLS: the rest of a record did not come in time; OpenSSL keeps the part)
                     return _NOTHING
+                finally:
+                    if tls is not None:
+                        tls.deadline = None
             try:
                 return self._stream.read_some(READ_SIZE)
             except BlockingIOError:

@@ -72,6 +72,9 @@ class TLSStream:
         self._wait_writable = wait_writable
         self._lock = lock
         self._timeout = timeout
+        #: a caller's deadline (time.monotonic()) that also ends a read, set for the read of
+        #: a caller waiting for its answer: part of a TLS record may come long before the rest
+        self.deadline: Optional[float] = None
         self._view: Optional[memoryview] = None
         sock.setblocking(False)
 
@@ -97,6 +100,8 @@ class TLSStream:
         if view is None or len(view) < size:
             self._view = view = memoryview(bytearray(size))
         deadline = None if self._timeout is None else time.monotonic() + self._timeout
+        if self.deadline is not None and (deadline is None or self.deadline < deadline):
+            deadline = self.deadline
         while True:
             with self._lock:
                 try:

@@ -31,6 +31,7 @@ from nsq_sync.pytest_plugin import started
 from nsq_sync.testing import NsqdProcess, TLSFiles, wait_until
 
 from conn_helpers import Events  # noqa: E402  (tests/support, on sys.path via conftest)
+from tcp_proxy import TcpProxy  # noqa: E402
 
 TIMEOUT = 10.0
 MAX_MSG_SIZE = 1024 * 1024  # nsqd's default --max-msg-size
@@ -333,6 +334,40 @@ def test_tls_required_refuses_plain_client(
 
 def test_tls_required_accepts_tls_client(tls_required_nsqd: NsqdProcess, tls_files: TLSFiles, make_conn: Callable[..., nsq_sync.AsyncConn]) -> None:
     round_trip(make_conn, tls_required_nsqd, "needs_tls", b"secure", **tls_kwargs(tls_files))
+
+
+# --------------------------------------------------------------------------
+# a caller's deadline inside a TLS record
+
+
+@pytest.mark.parametrize("compression", ["none", "deflate"])
+def test_caller_deadline_holds_while_a_tls_record_arrives_in_part(
+    tls_nsqd: NsqdProcess, tls_files: TLSFiles, make_conn: Callable[..., nsq_sync.AsyncConn], compression: str
+) -> None:
+    """A publish's timeout ends its wait even when only the start of a TLS record came.
+
+    The proxy lets 3 bytes of nsqd's answer through and holds the rest. OpenSSL keeps the
+    partial record, so the wait for its rest used to last the staleness limit (60 s here),
+    whatever the caller's timeout. Once the proxy lets go, both answers arrive in order.
+    """
+    host, port = tls_nsqd.tcp_address.rsplit(":", 1)
+    with TcpProxy((host, int(port))) as proxy:
+        conn = make_conn(proxy.address, heartbeat_interval=30, **tls_kwargs(tls_files), **COMPRESSION[compression])
+        topic = f"tls_partial_{compression}"
+        assert conn.request_wait(commands.pub(topic, b"one"), TIMEOUT) == b"OK"
+        link = proxy.wait_links(1)[0]
+        before = link.down.forwarded
+        proxy.stall_after(3, "down", link=link)
+        began = time.monotonic()
+        with pytest.raises(TimeoutError):
+            conn.request_wait(commands.pub(topic, b"two"), 0.3)
+        waited = time.monotonic() - began
+        assert waited < 5, f"the 0.3 s timeout took {waited:.1f}s"
+        proxy.wait_forwarded(link, "down", before + 3)  # the wait began inside a record
+        proxy.resume()
+        assert conn.request_wait(commands.pub(topic, b"three"), TIMEOUT) == b"OK"
+        assert conn.connected() and conn.pending_requests == 0
+        wait_until(lambda: (tls_nsqd.topic_stats(topic) or {}).get("message_count") == 3, timeout=TIMEOUT, message="3 messages in the topic")
 
 
 # --------------------------------------------------------------------------
