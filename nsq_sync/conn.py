@@ -278,6 +278,7 @@ class AsyncConn(EventedMixin):
         self._blocking = False  # a blocking socket after the handshake: reads poll first (see _handshake)
         self._recv_slice: Optional[float] = None  # set when the kernel bounds each recv (see _handshake)
         self._tls: Optional[Any] = None  # the TLSStream under any compression layer, once upgraded
+        self._write_stall: Optional[SendError] = None  # set when a write timed out (see _write_failed)
         self._deferred = False  # requests queued behind an unanswered one (see _request)
         self._subscribed = False
         self._closing = False
@@ -406,19 +407,28 @@ class AsyncConn(EventedMixin):
         self._stale_after = self._read_timeout()
         # A plain socket becomes blocking: every read first waits for data with poll (with the
         # staleness limit, or a caller's deadline), so the timeout Python would otherwise
-        # check with a poll of its own before each recv and send is not needed. A write to a
-        # peer that stopped reading blocks until the staleness check shuts the socket down.
-        # TLS keeps its own waits (its socket is non-blocking), bounded by the same limit.
+        # check with a poll of its own before each recv and send is not needed. TLS keeps its
+        # own waits (its socket is non-blocking), bounded by the same limit.
         self._blocking = isinstance(self._raw_sock, socket.socket) and not self.tls_v1
-        self._stream.settimeout(None if self._blocking else self._stale_after)
-        if self._blocking and self._workers_lead and sys.platform != "win32":
+        native = self._blocking and self._workers_lead and sys.platform != "win32"
+        # A write that makes no progress for the staleness limit (nsqd stopped reading) fails
+        # and closes the connection (_write_failed). The reader task may be the writer (it
+        # flushes requests queued behind an answer), and then nobody else would notice. The
+        # kernel bounds a native socket's sends (SO_SNDTIMEO); a gevent socket keeps its own
+        # timeout (its reads only start once data is there, so it bounds the writes' waits).
+        cooperative = self._blocking and getattr(self.backend, "name", "") == "gevent"
+        self._stream.settimeout(self._stale_after if cooperative or not self._blocking else None)
+        if native:
+            if self._stale_after is not None:
+                try:
+                    self._raw_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(self._stale_after))
+                except (OSError, AttributeError, struct.error):
+                    pass  # unbounded writes: the reader task's staleness check still shuts them down
             # A caller waiting for its answer (request_wait) then recvs at once, without a
             # poll before it: one syscall less per publish, about 10% of a serial publish's
             # time. Its deadline is checked between slices, and its last part polled.
             try:
-                seconds = int(RECV_SLICE_SECONDS)
-                micros = int((RECV_SLICE_SECONDS - seconds) * 1e6)
-                self._raw_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", seconds, micros))
+                self._raw_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(RECV_SLICE_SECONDS))
                 self._recv_slice = RECV_SLICE_SECONDS
             except (OSError, AttributeError, struct.error):
                 pass  # no slices: a caller polls first, as every other reader does
@@ -608,7 +618,7 @@ class AsyncConn(EventedMixin):
         """The connection is over: report it once (caller holds the read token)."""
         error: Optional[BaseException]
         if isinstance(exc, _Closed):
-            error = None if self._closing else ConnectionClosedError(f"{self.id} closed the connection")
+            error = None if self._closing else self._write_stall or ConnectionClosedError(f"{self.id} closed the connection")
         elif isinstance(exc, _FatalFrame):
             error = exc
         elif self._closing and isinstance(exc, (OSError, ValueError)):
@@ -917,11 +927,23 @@ class AsyncConn(EventedMixin):
                 lock.release()
 
     def _write_failed(self, exc: BaseException) -> None:
-        """A write failed (the caller holds the write lock): close the connection, raise SendError."""
+        """A write failed (the caller holds the write lock): close the connection, raise SendError
+        (ConnectionClosedError when the connection had failed first)."""
         self._writes.clear()
-        error = SendError(f"write to {self.id} failed: {exc}")
-        self.error = error
-        self._abort(error)
+        if isinstance(exc, (BlockingIOError, socket.timeout)):  # (SO_SNDTIMEO, or the stream's timeout)
+            # nsqd took nothing for the staleness limit: it is gone or wedged, and nothing it
+            # might still send matters. Shut both ways, so the reader ends now and reports this.
+            error = SendError(f"no progress writing to {self.id} for {self._stale_after}s (two heartbeat intervals): nsqd stopped reading; closing the connection")
+            self._write_stall = error
+            if self.error is None:
+                self.error = error
+            self._teardown_socket()
+        elif self.error is not None or self.state != CONNECTED:
+            # The connection failed first (its socket shut under this write): say so.
+            raise ConnectionClosedError(f"connection to {self.id} closed" + (f": {self.error}" if self.error else "")) from exc
+        else:
+            error = SendError(f"write to {self.id} failed: {exc}")
+            self._abort(error)
         raise error from exc
 
     def _send_queued(self) -> None:
@@ -1328,6 +1350,12 @@ class _WaitedAnswer(_Answer):
             self._done.acquire()
             return True
         return self._done.acquire(True, max(0.0, timeout)) or self.done()
+
+
+def _timeval(seconds: float) -> bytes:
+    """*seconds* as the struct timeval of SO_RCVTIMEO/SO_SNDTIMEO."""
+    whole = int(seconds)
+    return struct.pack("ll", whole, int((seconds - whole) * 1e6))
 
 
 class _Closed(Exception):

@@ -25,15 +25,19 @@ class _Layer:
         self._leading = leading
         self._compress = compress
         self._decompress = decompress
-        inner_sendall = getattr(inner, "sendall", None)
+        self._bind_sendall()
+        if not leading:
+            self._leading_used()
+
+    def _bind_sendall(self) -> None:
+        inner_sendall = getattr(self.inner, "sendall", None)
         if inner_sendall is not None:  # (a minimal stream below, in tests, may have none)
+            compress = self._compress
 
             def sendall(data: bytes) -> None:
                 inner_sendall(compress(data))
 
             self.sendall = sendall  # type: ignore[method-assign]
-        if not leading:
-            self._leading_used()
 
     def _leading_used(self) -> None:
         inner_pending = getattr(self.inner, "pending", None)
@@ -74,6 +78,7 @@ class _Layer:
 
     def settimeout(self, timeout: Optional[float]) -> None:
         self.inner.settimeout(timeout)
+        self._bind_sendall()  # the layer below may write differently with a timeout (SocketStream)
 
     def pending(self) -> bool:
         # The decompressors return all they can per call; only the bytes read past the

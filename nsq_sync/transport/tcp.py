@@ -9,12 +9,13 @@ from typing import Optional
 class SocketStream:
     """A connected socket. The reader calls recv, writers (serialized by the caller) sendall."""
 
-    __slots__ = ("sock", "_recv", "_sendall", "_recv_into", "_buffer", "_view")
+    __slots__ = ("sock", "_recv", "_send", "_sendall", "_recv_into", "_buffer", "_view", "sendall")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self._recv = sock.recv
-        self._sendall = sock.sendall
+        self._send = getattr(sock, "send", None)
+        self._sendall = self.sendall = sock.sendall
         self._recv_into = getattr(sock, "recv_into", None)
         self._buffer: Optional[bytearray] = None
         self._view: Optional[memoryview] = None
@@ -37,11 +38,21 @@ class SocketStream:
         count = self._recv_into(view)
         return view[:count] if count else None
 
-    def sendall(self, data: bytes) -> None:
-        self._sendall(data)
+    def _send_with_progress(self, data: bytes) -> None:
+        """sendall where the socket's timeout bounds each wait for progress, not the whole
+        write (a large write to a slow but working peer may take longer than that)."""
+        sent = self._send(data)
+        if sent == len(data):
+            return
+        view = memoryview(data)[sent:]
+        while view:
+            view = view[self._send(view) :]
 
     def settimeout(self, timeout: Optional[float]) -> None:
+        """The socket's timeout; with one, a write fails once it made no progress for that long."""
         self.sock.settimeout(timeout)
+        bounded = timeout is not None and self._send is not None
+        self.sendall = self._send_with_progress if bounded else self._sendall  # type: ignore[method-assign]
 
     def pending(self) -> bool:
         """True when data is buffered above the socket (a recv would not wait for the network)."""

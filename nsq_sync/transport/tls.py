@@ -126,6 +126,8 @@ class TLSStream:
                     sent = 0
             if sent:
                 view = view[sent:]
+                if view and deadline is not None:  # the timeout bounds each wait for progress, not the whole write
+                    deadline = time.monotonic() + self._timeout  # type: ignore[operator]
                 continue
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:

@@ -27,6 +27,7 @@ from nsq_sync.errors import (
     IdentifyFailedError,
     InvalidError,
     ProtocolError,
+    SendError,
     StaleConnectionError,
 )
 from nsq_sync.protocol import commands
@@ -482,6 +483,65 @@ def test_stale_connection_without_heartbeats(server: FakeNsqd, make_conn, backen
     assert isinstance(exc, ConnectionClosedError)
     assert 1.5 <= elapsed <= 4.5, elapsed
     server.wait_disconnected()
+
+
+@pytest.mark.parametrize("writer", ["reader task", "caller"])
+def test_peer_that_stops_reading_is_closed_after_the_staleness_limit(server: FakeNsqd, make_conn, backend, tasks_before, writer: str) -> None:
+    """A write that makes no progress for two heartbeat intervals closes the connection.
+
+    The fake answers the first PUB and stops reading at the second, so the bytes behind it
+    fill the socket buffers and a write blocks. With "reader task", the reader flushes 38
+    megabyte PUBs queued behind the first answer, and nobody is left to notice that nothing
+    arrives either; with "caller", a thread writes 20 MB of NOPs with send(). Either way the
+    connection used to hang until TCP gave up.
+    """
+    release = threading.Event()
+    seen: List[int] = []
+
+    def answer(session: Any, command: Any) -> Any:
+        seen.append(1)
+        if len(seen) > 1:
+            release.wait(30)  # stop reading
+        return ok()
+
+    server.set_answer("PUB", answer)
+    conn, events = ready_conn(make_conn, server, heartbeat_interval=1)  # stale after 2 s
+    body = b"x" * 1_000_000
+    sender_error: List[BaseException] = []
+    try:
+        first = conn.request(commands.pub("t", body))
+        if writer == "reader task":
+            futures = [conn.request(commands.pub("t", body)) for _ in range(39)]  # queued behind the first
+        else:
+            assert first.result(timeout=WAIT) == b"OK"
+            futures = [conn.request(commands.pub("t", body))]  # sent at once; the fake stops reading
+            server.wait_until(lambda: len(seen) == 2, what="the second PUB")
+
+            def send_nops() -> None:
+                try:
+                    conn.send(b"NOP\n" * 5_000_000)
+                except BaseException as exc:  # noqa: B036 - kept for the assertion below
+                    sender_error.append(exc)
+
+            sender = threading.Thread(target=send_nops, daemon=True)
+            sender.start()
+        began = time.monotonic()
+        # (the kernel takes a few more bytes now and then for a while: the limit is on progress)
+        events.wait("close", timeout=30)
+        exc = assert_fault(conn, events, backend, tasks_before, (SendError, StaleConnectionError))
+        if writer == "reader task":  # (a caller's write: the reader task may see the silence first)
+            assert isinstance(exc, SendError) and "stopped reading" in str(exc), repr(exc)
+        took = time.monotonic() - began
+        assert took < 30, f"closed after {took:.1f}s; the staleness limit is 2 s"
+        assert first.result(timeout=1) == b"OK"
+        for future in futures:
+            assert isinstance(future.exception(timeout=WAIT), ConnectionClosedError) or future.exception() is exc
+        if writer == "caller":
+            sender.join(WAIT)
+            assert not sender.is_alive() and sender_error, "send() of 20 MB to a peer that reads nothing returned"
+            assert sender_error[0] is exc or isinstance(sender_error[0], ConnectionClosedError), repr(sender_error[0])
+    finally:
+        release.set()
 
 
 def test_heartbeats_keep_connection_fresh(server: FakeNsqd, make_conn) -> None:
