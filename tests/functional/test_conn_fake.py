@@ -496,11 +496,14 @@ def test_peer_that_stops_reading_is_closed_after_the_staleness_limit(server: Fak
     connection used to hang until TCP gave up.
     """
     release = threading.Event()
+    queued = threading.Event()  # the first answer waits until everything is queued behind it
     seen: List[int] = []
 
     def answer(session: Any, command: Any) -> Any:
         seen.append(1)
-        if len(seen) > 1:
+        if len(seen) == 1:
+            queued.wait(10)
+        else:
             release.wait(30)  # stop reading
         return ok()
 
@@ -512,7 +515,9 @@ def test_peer_that_stops_reading_is_closed_after_the_staleness_limit(server: Fak
         first = conn.request(commands.pub("t", body))
         if writer == "reader task":
             futures = [conn.request(commands.pub("t", body)) for _ in range(39)]  # queued behind the first
+            queued.set()  # so the reader flushes all 38 MB in one write once the answer comes
         else:
+            queued.set()
             assert first.result(timeout=WAIT) == b"OK"
             futures = [conn.request(commands.pub("t", body))]  # sent at once; the fake stops reading
             server.wait_until(lambda: len(seen) == 2, what="the second PUB")
@@ -541,6 +546,7 @@ def test_peer_that_stops_reading_is_closed_after_the_staleness_limit(server: Fak
             assert not sender.is_alive() and sender_error, "send() of 20 MB to a peer that reads nothing returned"
             assert sender_error[0] is exc or isinstance(sender_error[0], ConnectionClosedError), repr(sender_error[0])
     finally:
+        queued.set()
         release.set()
 
 
