@@ -933,11 +933,8 @@ class AsyncConn(EventedMixin):
         if isinstance(exc, (BlockingIOError, socket.timeout)):  # (SO_SNDTIMEO, or the stream's timeout)
             # nsqd took nothing for the staleness limit: it is gone or wedged, and nothing it
             # might still send matters. Shut both ways, so the reader ends now and reports this.
-            error = SendError(f"no progress writing to {self.id} for {self._stale_after}s (two heartbeat intervals): nsqd stopped reading; closing the connection")
-            self._write_stall = error
-            if self.error is None:
-                self.error = error
-            self._teardown_socket()
+            error = self._write_stall = SendError(f"no progress writing to {self.id} for {self._stale_after}s (two heartbeat intervals): nsqd stopped reading; closing the connection")
+            self._abort(error, reading_too=True)
         elif self.error is not None or self.state != CONNECTED:
             # The connection failed first (its socket shut under this write): say so.
             raise ConnectionClosedError(f"connection to {self.id} closed" + (f": {self.error}" if self.error else "")) from exc
@@ -1204,18 +1201,19 @@ class AsyncConn(EventedMixin):
         current = self.backend.current()
         return reader is current or getattr(reader, "_greenlet", None) is current
 
-    def _abort(self, error: BaseException) -> None:
+    def _abort(self, error: BaseException, reading_too: bool = False) -> None:
         """Stop writing because of *error* (a failed write); the reader reports the close.
 
         Only the write side is shut: whatever nsqd already sent (often the E_* error frame
         that explains the failure) is still read, and the reader ends at nsqd's close or,
-        for a peer that stopped reading, at the staleness timeout.
+        for a peer that stopped reading, at the staleness timeout. With *reading_too* both
+        sides are shut, so the reader ends at once (nothing nsqd might still send matters).
         """
         if self.error is None:
             self.error = error
         stream = self._stream
         if stream is not None:
-            stream.shutdown(write_only=True)
+            stream.shutdown(write_only=not reading_too)
         self._wake_reader.set()  # a parked reader task must see the close
 
     def _teardown_socket(self) -> None:

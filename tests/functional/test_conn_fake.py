@@ -492,7 +492,7 @@ def test_peer_that_stops_reading_is_closed_after_the_staleness_limit(server: Fak
     The fake answers the first PUB and stops reading at the second, so the bytes behind it
     fill the socket buffers and a write blocks. With "reader task", the reader flushes 38
     megabyte PUBs queued behind the first answer, and nobody is left to notice that nothing
-    arrives either; with "caller", a thread writes 20 MB of NOPs with send(). Either way the
+    arrives either; with "caller", a thread writes a 20 MB PUB with send(). Either way the
     connection used to hang until TCP gave up.
     """
     release = threading.Event()
@@ -522,13 +522,13 @@ def test_peer_that_stops_reading_is_closed_after_the_staleness_limit(server: Fak
             futures = [conn.request(commands.pub("t", body))]  # sent at once; the fake stops reading
             server.wait_until(lambda: len(seen) == 2, what="the second PUB")
 
-            def send_nops() -> None:
-                try:
-                    conn.send(b"NOP\n" * 5_000_000)
+            def send_big() -> None:
+                try:  # one 20 MB command: the fake, let go at the end, has one command to parse
+                    conn.send(commands.pub("t", b"x" * 20_000_000))
                 except BaseException as exc:  # noqa: B036 - kept for the assertion below
                     sender_error.append(exc)
 
-            sender = threading.Thread(target=send_nops, daemon=True)
+            sender = threading.Thread(target=send_big, daemon=True)
             sender.start()
         began = time.monotonic()
         # (the kernel takes a few more bytes now and then for a while: the limit is on progress)
