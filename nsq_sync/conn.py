@@ -801,8 +801,11 @@ class AsyncConn(EventedMixin):
                 else:
                     with self._lock:
                         waiter = self._pending.popleft() if self._pending else None
-                    if waiter is not None and not waiter.done():  # a publish timeout may have failed it
-                        waiter.set_result(payload)
+                    if waiter is not None:
+                        try:
+                            waiter.set_result(payload)
+                        except futures.InvalidStateError:
+                            pass  # a publish timeout failed it first
                 self._emit("response", conn=self, data=payload)
             else:
                 error = error_from_frame(payload)
@@ -1315,7 +1318,8 @@ class _Answer:
         return self.value is not None or self.error is not None
 
     def set_result(self, value: bytes) -> None:
-        self.value = value
+        if self.error is None:
+            self.value = value
 
     def set_exception(self, error: BaseException) -> None:
         self.error = error

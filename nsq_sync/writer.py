@@ -20,7 +20,7 @@ import time
 import weakref
 from concurrent import futures
 from concurrent.futures import Future
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from .addresses import parse_addresses
 from .backends import Backend, get_backend
@@ -46,6 +46,10 @@ logger = logging.getLogger(__name__)
 
 Callback = Callable[[Optional[AsyncConn], Any], Any]
 _RETRYABLE = (ConnectionClosedError, SendError)
+#: async publishes kept for their deadline before answered ones are swept from behind an unanswered one
+_FIFO_TRIM = 4096
+#: how many async publishes are kept before the answered ones at the head are let go
+_FIFO_YOUNG = 128
 
 
 _live_writers: "weakref.WeakSet[Writer]" = weakref.WeakSet()
@@ -184,11 +188,18 @@ class Writer:
         # Replaced, never changed in place (under the lock): _pick reads it without the lock.
         self._connected: List[AsyncConn] = []
         self._parked: Any = collections.deque()
+        # Async publishes until answered or timed out, for the housekeeping task (timeouts) and
+        # close() (drain). Deadlines usually come in order (one timeout for all): those go in a
+        # FIFO, cheap to add to and to trim; a shorter timeout than the last one's goes in a heap.
+        self._fifo: Deque[Tuple[float, Future]] = collections.deque()
+        self._fifo_trim = _FIFO_TRIM
         self._deadlines: List[Tuple[float, int, Future]] = []
+        self._heap_trim = _FIFO_TRIM
         self._seq = itertools.count()
-        self._pushes = 0
         self._wake = backend.event()
         self._housekeeper: Any = None
+        #: when the housekeeping task looks next anyway: an earlier deadline has to wake it
+        self._housekeeper_due = float("inf")
         for node in self._nodes:
             node.task = backend.spawn(self._node_loop, node, name=f"nsq_sync-writer-{node.address}")
 
@@ -289,7 +300,10 @@ class Writer:
             if self._outstanding == 0:
                 self._idle.set()
         if not already:
-            self._idle.wait(max(0.0, deadline - time.monotonic()))
+            self._idle.wait(max(0.0, deadline - time.monotonic()))  # blocking publishes, and submits under way
+            with self._lock:
+                waiting = [entry[1] for entry in self._fifo] + [entry[2] for entry in self._deadlines]
+            futures.wait(waiting, max(0.0, deadline - time.monotonic()))  # async ones
         self._stopping.set()
         self._wake.set()
         for node in self._nodes:
@@ -488,33 +502,55 @@ class Writer:
 
     def _submit(self, data: bytes, timeout: Optional[float]) -> "Future[bytes]":
         deadline = self._begin(timeout)
-        future: "Optional[Future[bytes]]" = None
-        if not self.retries:
-            # Common case: the connection's own Future is the caller's, no second one.
-            conn = self._pick()
-            if conn is not None:
-                try:
-                    future = conn.request(data)
-                except ConnectionClosedError:
-                    future = None
-                else:
-                    future.conn = conn  # type: ignore[attr-defined]
-                    future.sent = True  # type: ignore[attr-defined]
-        if future is None:
-            future = Future()
-            future.set_running_or_notify_cancel()
-            self._attempt(data, deadline, self.retries, future, None)
-        future.add_done_callback(lambda _f: self._end())
+        try:
+            future: "Optional[Future[bytes]]" = None
+            if not self.retries:
+                # Common case: the connection's own Future is the caller's, no second one.
+                conn = self._pick()
+                if conn is not None:
+                    try:
+                        future = conn.request(data)
+                    except ConnectionClosedError:
+                        future = None
+                    else:
+                        future.conn = conn  # type: ignore[attr-defined]
+                        future.sent = True  # type: ignore[attr-defined]
+            if future is None:
+                future = Future()
+                future.set_running_or_notify_cancel()
+                self._attempt(data, deadline, self.retries, future, None)
+        except BaseException:
+            self._end()
+            raise
+        # From here on close() drains it through the deadline queues, not _outstanding:
+        # no done-callback per publish.
         with self._lock:
-            heap = self._deadlines
-            heapq.heappush(heap, (deadline, next(self._seq), future))
-            first = heap[0][2] is future
-            self._pushes += 1
-            if self._pushes % 4096 == 0:
-                # Answered publishes wait in the heap until their deadline: drop them now and then.
-                self._deadlines = heap = [entry for entry in heap if not entry[2].done()]
-                heapq.heapify(heap)
-        if first or self._housekeeper is None:
+            fifo = self._fifo
+            if not fifo or deadline >= fifo[-1][0]:
+                fifo.append((deadline, future))
+                if len(fifo) > _FIFO_YOUNG:
+                    # Answers come in order, so the oldest are usually answered by now: let them
+                    # go while they are young (an answered Future kept for its deadline's sake is
+                    # garbage the collector walks again and again: 30% of the cost of a publish).
+                    while fifo and fifo[0][1].done():
+                        fifo.popleft()
+                if len(fifo) >= self._fifo_trim:
+                    # One publish unanswered for long (parked, or on a slow node) holds the
+                    # answered ones behind it: drop those.
+                    self._fifo = fifo = collections.deque(entry for entry in fifo if not entry[1].done())
+                    self._fifo_trim = max(_FIFO_TRIM, 2 * len(fifo))
+            else:
+                heap = self._deadlines
+                heapq.heappush(heap, (deadline, next(self._seq), future))
+                if len(heap) >= self._heap_trim:
+                    self._deadlines = heap = [entry for entry in heap if not entry[2].done()]
+                    heapq.heapify(heap)
+                    self._heap_trim = max(_FIFO_TRIM, 2 * len(heap))
+            self._outstanding -= 1
+            if self._outstanding == 0 and self._draining:
+                self._idle.set()
+            wake = deadline < self._housekeeper_due
+        if wake:
             self._wake_housekeeper()
         return future
 
@@ -596,6 +632,9 @@ class Writer:
                 heap = self._deadlines
                 while heap and (heap[0][0] <= now or heap[0][2].done()):
                     expired.append(heapq.heappop(heap)[2])
+                fifo = self._fifo
+                while fifo and (fifo[0][0] <= now or fifo[0][1].done()):
+                    expired.append(fifo.popleft()[1])
                 if self._parked and (self._connected or self._stopping.is_set()):
                     resend = list(self._parked)
                     self._parked.clear()
@@ -604,8 +643,10 @@ class Writer:
                     for item in self._parked:
                         (still if item[1] > now else resend).append(item)
                     self._parked = still
-                next_due = heap[0][0] if heap else now + 1.0
-                idle = not heap and not self._parked
+                # Look again at the first deadline, and at least every second (parked publishes).
+                next_due = min(heap[0][0] if heap else now + 1.0, fifo[0][0] if fifo else now + 1.0, now + 1.0)
+                self._housekeeper_due = next_due
+                idle = not heap and not fifo and not self._parked
             for future in expired:
                 if future.done():
                     continue
@@ -622,7 +663,7 @@ class Writer:
                     self._attempt(data, deadline, retries, outer, avoid)
             if self._stopping.is_set() and idle:
                 return
-            self._wake.wait(max(0.0, min(next_due - time.monotonic(), 1.0)))
+            self._wake.wait(max(0.0, next_due - time.monotonic()))
             self._wake.clear()
 
     def _run_callback(self, callback: Callback, future: "Future[bytes]") -> None:

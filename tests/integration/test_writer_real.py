@@ -12,11 +12,13 @@ from __future__ import annotations
 import builtins
 import collections
 import concurrent.futures
+import gc
 import json
 import os
 import socket
 import threading
 import time
+import weakref
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
@@ -616,19 +618,54 @@ def test_frozen_nsqd_gives_timeout_error(nsqd, writer_factory):
     print(f"\nfrozen nsqd: pub(timeout=0.5) raised TimeoutError after {elapsed:.3f}s")
 
 
+def failure_within(seconds: float, future: Any, what: str) -> Optional[BaseException]:
+    """The exception *future* ends with (None for a result); fails the test if still pending after *seconds*."""
+    try:
+        return future.exception(seconds)
+    except concurrent.futures.TimeoutError:
+        pytest.fail(f"{what} was still pending after {seconds} s")
+
+
 def test_pub_async_timeout_applies_to_the_answer(nsqd, writer_factory):
     writer = writer_factory(nsqd.tcp_address)
     assert writer.pub("frozen_async", b"before") == b"OK"
     nsqd.pause()
     try:
         future = writer.pub_async("frozen_async", b"during", timeout=0.5)
-        try:
-            error = future.exception(3)
-        except concurrent.futures.TimeoutError:
-            pytest.fail("pub_async(timeout=0.5) on a frozen nsqd was still pending after 3 s")
+        assert isinstance(failure_within(3, future, "pub_async(timeout=0.5) on a frozen nsqd"), nsq_sync.TimeoutError)
+        # Deadlines usually come in order and wait in a FIFO; a shorter timeout than the
+        # publish before it breaks the order (it goes in a heap) and must wake the timer early.
+        slow = writer.pub_async("frozen_async", b"long timeout", timeout=5)
+        started_at = time.monotonic()
+        quick = writer.pub_async("frozen_async", b"short timeout", timeout=0.3)
+        error = failure_within(3, quick, "pub_async(timeout=0.3) behind one with timeout=5")
+        elapsed = time.monotonic() - started_at
         assert isinstance(error, nsq_sync.TimeoutError)
+        assert elapsed <= 1.5, elapsed
+        assert not slow.done()
     finally:
         nsqd.resume()
+    assert slow.result(5) == b"OK"
+    # all were written; nsqd took them once it ran again
+    wait_until(lambda: depth(nsqd, "frozen_async") == 4, timeout=5, message="depth 4")
+
+
+def test_answered_async_publishes_are_let_go(nsqd, writer_factory):
+    # The Writer keeps each async publish until its deadline (to fail it with TimeoutError),
+    # but not once nsqd answered: the caller dropping its Futures frees them.
+    writer = writer_factory(nsqd.tcp_address)
+    assert writer.wait_connected(5)
+    refs = []
+    for _ in range(50):
+        window = [writer.pub_async("let_go", b"x") for _ in range(200)]
+        assert [f.result(5) for f in window] == [b"OK"] * 200
+        refs.extend(weakref.ref(f) for f in window)
+    del window
+    gc.collect()
+    alive = sum(ref() is not None for ref in refs)
+    # the newest few hundred are let go with the next publishes (swept in batches)
+    assert alive <= 400, f"{alive} of 10,000 answered Futures still held"
+    assert depth(nsqd, "let_go") == 10_000
 
 
 # --------------------------------------------------------------------------- 8. callbacks and futures
