@@ -790,6 +790,7 @@ class AsyncConn(EventedMixin):
     def _handle_frames(self, frames: List[Any]) -> None:
         """Act on the frames of one read, then hand its messages (decoded by the decoder) to the workers."""
         close_wait = False
+        registry = self._listeners
         for frame_type, payload in frames:
             if frame_type == FRAME_TYPE_RESPONSE:
                 if payload == HEARTBEAT:
@@ -806,7 +807,8 @@ class AsyncConn(EventedMixin):
                             waiter.set_result(payload)
                         except futures.InvalidStateError:
                             pass  # a publish timeout failed it first
-                self._emit("response", conn=self, data=payload)
+                if registry.get("response"):  # (every publish's answer passes here)
+                    self._emit("response", conn=self, data=payload)
             else:
                 error = error_from_frame(payload)
                 if error.fatal:
