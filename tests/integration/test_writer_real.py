@@ -641,13 +641,45 @@ def test_pub_async_timeout_applies_to_the_answer(nsqd, writer_factory):
         error = failure_within(3, quick, "pub_async(timeout=0.3) behind one with timeout=5")
         elapsed = time.monotonic() - started_at
         assert isinstance(error, nsq_sync.TimeoutError)
-        assert elapsed <= 1.5, elapsed
+        # the timer task had just looked (the first timeout) and sleeps up to a second
+        assert elapsed <= 0.8, elapsed
         assert not slow.done()
     finally:
         nsqd.resume()
     assert slow.result(5) == b"OK"
     # all were written; nsqd took them once it ran again
     wait_until(lambda: depth(nsqd, "frozen_async") == 4, timeout=5, message="depth 4")
+
+
+def test_pub_async_timeouts_in_any_order_each_fail_at_their_own_deadline(nsqd, writer_factory):
+    # Mixed timeouts put some deadlines in the FIFO and the out-of-order ones in the heap;
+    # each must fail at its own deadline, so they fail in deadline order, not publishing order.
+    writer = writer_factory(nsqd.tcp_address)
+    assert writer.pub("frozen_mixed", b"before") == b"OK"
+    # The timer task looks at least once a second; the first publish (a long timeout) lets it
+    # sleep that long, so an earlier deadline behind it fails on time only if it woke the task.
+    timeouts = [2.0, 0.25, 0.9, 0.25, 2.2, 0.6, 0.4, 1.6]
+    failed_at: Dict[int, float] = {}
+    nsqd.pause()
+    try:
+        # (one timeout first: the timer task is running, and has just looked)
+        first = writer.pub_async("frozen_mixed", b"first", timeout=0.2)
+        assert isinstance(failure_within(3, first, "pub_async(timeout=0.2)"), nsq_sync.TimeoutError)
+        started_at = time.monotonic()
+        pending = []
+        for index, timeout in enumerate(timeouts):
+            future = writer.pub_async("frozen_mixed", b"m%d" % index, timeout=timeout)
+            future.add_done_callback(lambda _f, index=index: failed_at.setdefault(index, time.monotonic() - started_at))
+            pending.append(future)
+        for index, future in enumerate(pending):
+            assert isinstance(failure_within(5, future, f"pub_async(timeout={timeouts[index]})"), nsq_sync.TimeoutError)
+    finally:
+        nsqd.resume()
+    for index, timeout in enumerate(timeouts):
+        assert timeout <= failed_at[index] <= timeout + 0.5, (index, timeout, failed_at[index])
+    by_deadline = sorted(range(len(timeouts)), key=lambda i: (timeouts[i], i))
+    by_failure = sorted(range(len(timeouts)), key=lambda i: (failed_at[i], i))
+    assert [timeouts[i] for i in by_failure] == [timeouts[i] for i in by_deadline], failed_at
 
 
 def test_answered_async_publishes_are_let_go(nsqd, writer_factory):
