@@ -46,8 +46,9 @@ logger = logging.getLogger(__name__)
 
 Callback = Callable[[Optional[AsyncConn], Any], Any]
 _RETRYABLE = (ConnectionClosedError, SendError)
-#: async publishes kept for their deadline before answered ones are swept from behind an unanswered one
-_FIFO_TRIM = 4096
+#: entries in a deadline queue (FIFO or heap) before the answered ones anywhere in it are swept
+#: out (one unanswered publish at the head holds the rest); the next sweep waits for twice as many
+_SWEEP_AT = 4096
 #: how many async publishes are kept before the answered ones at the head are let go
 _FIFO_YOUNG = 128
 
@@ -192,9 +193,9 @@ class Writer:
         # close() (drain). Deadlines usually come in order (one timeout for all): those go in a
         # FIFO, cheap to add to and to trim; a shorter timeout than the last one's goes in a heap.
         self._fifo: Deque[Tuple[float, Future]] = collections.deque()
-        self._fifo_trim = _FIFO_TRIM
+        self._fifo_sweep = _SWEEP_AT
         self._deadlines: List[Tuple[float, int, Future]] = []
-        self._heap_trim = _FIFO_TRIM
+        self._heap_sweep = _SWEEP_AT
         self._seq = itertools.count()
         self._wake = backend.event()
         self._housekeeper: Any = None
@@ -534,18 +535,18 @@ class Writer:
                     # garbage the collector walks again and again: 30% of the cost of a publish).
                     while fifo and fifo[0][1].done():
                         fifo.popleft()
-                if len(fifo) >= self._fifo_trim:
+                if len(fifo) >= self._fifo_sweep:
                     # One publish unanswered for long (parked, or on a slow node) holds the
                     # answered ones behind it: drop those.
                     self._fifo = fifo = collections.deque(entry for entry in fifo if not entry[1].done())
-                    self._fifo_trim = max(_FIFO_TRIM, 2 * len(fifo))
+                    self._fifo_sweep = max(_SWEEP_AT, 2 * len(fifo))
             else:
                 heap = self._deadlines
                 heapq.heappush(heap, (deadline, next(self._seq), future))
-                if len(heap) >= self._heap_trim:
+                if len(heap) >= self._heap_sweep:
                     self._deadlines = heap = [entry for entry in heap if not entry[2].done()]
                     heapq.heapify(heap)
-                    self._heap_trim = max(_FIFO_TRIM, 2 * len(heap))
+                    self._heap_sweep = max(_SWEEP_AT, 2 * len(heap))
             self._outstanding -= 1
             if self._outstanding == 0 and self._draining:
                 self._idle.set()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import builtins
 import collections
 import concurrent.futures
+import contextlib
 import gc
 import json
 import os
@@ -698,6 +699,39 @@ def test_answered_async_publishes_are_let_go(nsqd, writer_factory):
     # the newest few hundred are let go with the next publishes (swept in batches)
     assert alive <= 400, f"{alive} of 10,000 answered Futures still held"
     assert depth(nsqd, "let_go") == 10_000
+
+
+def test_answered_async_publishes_behind_a_frozen_nsqd_are_let_go(writer_factory):
+    # One nsqd of four is frozen: a quarter of the publishes stay unanswered until their
+    # deadline, and the answered ones queue up behind them. Those must not be kept until then.
+    with contextlib.ExitStack() as stack:
+        nodes = [stack.enter_context(started(NsqdProcess())) for _ in range(4)]
+        writer = writer_factory([node.tcp_address for node in nodes], publish_timeout=30)
+        assert writer.wait_connected(10, count=4)
+        frozen = nodes[0]
+        frozen.pause()
+        try:
+            answered, stuck = [], []
+            for _ in range(60):
+                window = [writer.pub_async("behind_frozen", b"x") for _ in range(200)]
+                for future in window:
+                    # (the Writer notes on each Future the connection it went out on)
+                    if future.conn.id == frozen.tcp_address:  # type: ignore[attr-defined]
+                        stuck.append(future)
+                    else:
+                        assert future.result(5) == b"OK"
+                        answered.append(weakref.ref(future))
+            del window, future
+            gc.collect()
+            alive = sum(ref() is not None for ref in answered)
+            assert len(stuck) == 3_000 and not any(f.done() for f in stuck)
+            # Swept each time the queue doubles, it holds about as many answered publishes as
+            # unanswered ones at most (3,372 here); without the sweep all 9,000 answered ones
+            # live until the deadline.
+            assert alive <= len(stuck) + 1000, f"{alive} of {len(answered)} answered Futures still held"
+        finally:
+            frozen.resume()
+        assert all(f.result(10) == b"OK" for f in stuck)
 
 
 # --------------------------------------------------------------------------- 8. callbacks and futures
