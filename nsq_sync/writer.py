@@ -418,9 +418,12 @@ class Writer:
 
     def _end(self) -> None:
         with self._lock:
-            self._outstanding -= 1
-            if self._outstanding == 0 and self._draining:
-                self._idle.set()
+            self._end_locked()
+
+    def _end_locked(self) -> None:
+        self._outstanding -= 1
+        if self._outstanding == 0 and self._draining:
+            self._idle.set()
 
     def _pick(self, avoid: Optional[AsyncConn] = None) -> Optional[AsyncConn]:
         """Round-robin over open connections, preferring one other than *avoid*.
@@ -547,9 +550,7 @@ class Writer:
                     self._deadlines = heap = [entry for entry in heap if not entry[2].done()]
                     heapq.heapify(heap)
                     self._heap_sweep = max(_SWEEP_AT, 2 * len(heap))
-            self._outstanding -= 1
-            if self._outstanding == 0 and self._draining:
-                self._idle.set()
+            self._end_locked()
             wake = deadline < self._housekeeper_due
         if wake:
             self._wake_housekeeper()
@@ -645,7 +646,7 @@ class Writer:
                         (still if item[1] > now else resend).append(item)
                     self._parked = still
                 # Look again at the first deadline, and at least every second (parked publishes).
-                next_due = min(heap[0][0] if heap else now + 1.0, fifo[0][0] if fifo else now + 1.0, now + 1.0)
+                next_due = min([now + 1.0] + [queue[0][0] for queue in (heap, fifo) if queue])
                 self._housekeeper_due = next_due
                 idle = not heap and not fifo and not self._parked
             for future in expired:
