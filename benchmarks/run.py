@@ -140,10 +140,10 @@ class Scenario:
 
 
 def build_scenarios() -> List[Scenario]:
-    # Sizes: a publishing run of the fastest client lasts at least about a second. At a third
-    # of a second (mpub of 200,000, 100 outstanding of 30,000) the spread of one client's
-    # repetitions was 1.4-1.6x and the ratio of medians moved by 10 points between runs; at
-    # four times the size the spread fell to 1.1-1.2x.
+    # Sizes: a publishing run of the fastest client lasts about a second or more. At a third of
+    # a second (mpub of 200,000) one client's repetitions spread 1.4-1.6x and the ratio of
+    # medians moved by 10 points between runs; at 800,000 the spread fell to 1.05-1.2x. One at a
+    # time: 1.2-1.9x at 8,000, 1.1-1.3x at 32,000. 100 outstanding (1.1x at either size) grew alike.
     out: List[Scenario] = []
     for comp in ("none", "snappy", "deflate"):
         suffix = "" if comp == "none" else f"_{comp}"
