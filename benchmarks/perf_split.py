@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import re
 import sys
 from typing import Counter, Iterable, List, Optional
@@ -41,7 +42,7 @@ def split(lines: Iterable[str]) -> Counter[str]:
     """Samples per innermost Python function; ``perf script`` separates samples by a blank line."""
     counts: Counter[str] = collections.Counter()
     stack: List[str] = []
-    for line in list(lines) + [""]:
+    for line in itertools.chain(lines, [""]):  # (a last blank line ends the last sample)
         if line.strip():
             stack.append(line)
             continue
