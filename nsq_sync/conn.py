@@ -232,6 +232,7 @@ class AsyncConn(EventedMixin):
         self._max_frame_size = max_frame_size
 
         self.backend = get_backend(backend)
+        self._signal = getattr(self.backend, "signal", None) or self._held_lock
         if worker_pool is not None and not isinstance(worker_pool, WorkerPool):
             raise ConfigError("worker_pool", worker_pool, "must be a nsq_sync WorkerPool")
         self._own_pool = worker_pool is None
@@ -705,7 +706,7 @@ class AsyncConn(EventedMixin):
         if not token.acquire(False):
             # Someone else reads: wait for the answer on a plain lock (a Future's condition
             # costs several times more, and this is the path of many threads publishing).
-            waiter = _WaitedAnswer(self.backend.lock())
+            waiter = _WaitedAnswer(self._signal())
             self._request(data, waiter, True)
             with self._lock:
                 self._want_lead = True
@@ -778,6 +779,12 @@ class AsyncConn(EventedMixin):
         if answer.error is not None:
             raise answer.error
         raise TimeoutError(f"no answer from {self.id} within {timeout}s; the command may or may not have run")
+
+    def _held_lock(self) -> Any:
+        """A backend without signal(): a lock of its own, taken at once."""
+        lock = self.backend.lock()
+        lock.acquire()
+        return lock
 
     def _data_waiting(self, timeout: Optional[float]) -> bool:
         return self._stream.pending() or self._wait_data(timeout)
@@ -1338,15 +1345,15 @@ class _Answer:
 
 
 class _WaitedAnswer(_Answer):
-    """An :class:`_Answer` whose caller waits for another task to read it: a lock held
-    until the answer (or the failure) is set."""
+    """An :class:`_Answer` whose caller waits for another task to read it: *held* (a lock
+    created held, the backend's ``signal()``) is released when the answer (or the failure)
+    is set."""
 
     __slots__ = ("_done",)
 
-    def __init__(self, lock: Any) -> None:
+    def __init__(self, held: Any) -> None:
         super().__init__()
-        lock.acquire()
-        self._done = lock
+        self._done = held
 
     def set_result(self, value: bytes) -> None:
         if self.value is None and self.error is None:

@@ -43,3 +43,7 @@ class Backend(Protocol):
     def wait_readable(self, sock: socket.socket, timeout: Optional[float]) -> bool: ...
 
     def wait_writable(self, sock: socket.socket, timeout: Optional[float]) -> bool: ...
+
+    # Optional, looked up with getattr (a backend object of your own may leave them out):
+    #   readable_waiter(sock) -> wait(timeout) -> bool: wait_readable for one socket, set up once
+    #   signal() -> a lock created held: release() once, acquire([blocking, timeout]) by one waiter

@@ -13,6 +13,73 @@ import gevent.lock
 import gevent.queue
 import gevent.select
 import gevent.socket
+from gevent.exceptions import InvalidSwitchError
+from gevent.hub import Waiter
+from gevent.monkey import get_original
+
+_native_ident = get_original("_thread", "get_ident")
+_READY = object()  # what a watcher or a release switches a waiting greenlet with
+_EXPIRED = object()  # what the timer switches it with
+
+
+def _switched(waiter: Waiter, timer: Any) -> bool:
+    """Wait in *waiter* until something switches to it; True for _READY, False when *timer*
+    (started, or None) expired first. The timer is closed on the way out."""
+    try:
+        result = waiter.get()
+    finally:
+        if timer is not None:
+            timer.close()
+    if result is _READY:
+        return True
+    if result is _EXPIRED:
+        return False
+    raise InvalidSwitchError(f"invalid switch into a waiting greenlet: {result!r}")
+
+
+class _Signal:
+    """A lock created held, released once, acquired by one waiter: the wait for an answer
+    read by another greenlet (see ``GeventBackend.signal``).
+
+    A gevent Semaphore would do, but its timed acquire builds a gevent.Timeout, about 2 us
+    of Python per wait; this waits in a Waiter with a bare loop timer instead.
+    """
+
+    __slots__ = ("_hub", "_released", "_waiter")
+
+    def __init__(self, hub: Any) -> None:
+        self._hub = hub
+        self._released = False
+        self._waiter: Optional[Waiter] = None
+
+    def release(self) -> None:
+        if self._released:
+            raise RuntimeError("signal released twice")
+        self._released = True
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            loop = self._hub.loop
+            if _native_ident() == self._hub.thread_ident:
+                loop.run_callback(waiter.switch, _READY)
+            else:  # released from another OS thread (its own hub): wake ours
+                loop.run_callback_threadsafe(waiter.switch, _READY)
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if self._released:
+            return True
+        if not blocking:
+            return False
+        hub = self._hub
+        waiter = self._waiter = Waiter(hub)
+        timer = None
+        if timeout is not None and timeout >= 0:
+            timer = hub.loop.timer(timeout)
+            timer.start(waiter.switch, _EXPIRED, update=True)
+        try:
+            return _switched(waiter, timer)
+        finally:
+            self._waiter = None
 
 
 class _GreenletTask:
@@ -48,6 +115,10 @@ class GeventBackend:
 
     def rlock(self) -> Any:
         return gevent.lock.RLock()
+
+    def signal(self) -> _Signal:
+        """A lock created held, for one waiter and one release: an answer's wait."""
+        return _Signal(gevent.get_hub())
 
     def queue(self) -> Any:
         return gevent.queue.SimpleQueue()
@@ -91,17 +162,24 @@ class GeventBackend:
         """``wait(timeout) -> bool`` for one socket, reusing one io watcher (a hot path:
         select() builds and tears down watchers on every call)."""
         hub = gevent.get_hub()
-        watcher = hub.loop.io(sock.fileno(), 1)
-        expired = socket.timeout("timed out")
+        loop = hub.loop
+        watcher = loop.io(sock.fileno(), 1)
 
         def wait(timeout: Optional[float]) -> bool:
+            # gevent.socket.wait would do, but its timeout is a gevent.Timeout (about 2 us
+            # of Python per wait, and the reader task waits before every read).
             if timeout is not None and timeout <= 0:
                 return bool(gevent.select.select([sock], [], [], 0)[0])
+            waiter = Waiter(hub)
+            watcher.start(waiter.switch, _READY)
             try:
-                gevent.socket.wait(watcher, timeout, expired, hub)
-            except socket.timeout:
-                return False
-            return True
+                timer = None
+                if timeout is not None:
+                    timer = loop.timer(timeout)
+                    timer.start(waiter.switch, _EXPIRED, update=True)
+                return _switched(waiter, timer)
+            finally:
+                watcher.stop()
 
         return wait
 

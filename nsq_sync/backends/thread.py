@@ -45,6 +45,12 @@ class ThreadBackend:
     def rlock(self) -> Any:
         return threading.RLock()
 
+    def signal(self) -> Any:
+        """A lock created held, for one waiter and one release: an answer's wait."""
+        lock = threading.Lock()
+        lock.acquire()
+        return lock
+
     def queue(self) -> "queue.SimpleQueue[Any]":
         return queue.SimpleQueue()
 

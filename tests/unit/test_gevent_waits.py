@@ -1,0 +1,162 @@
+"""The gevent backend's two hot waits: an answer's signal and a socket's readable wait.
+
+Both wait in a gevent Waiter with a bare loop timer instead of a gevent.Timeout. These run
+without monkey-patching: greenlets in the main thread's hub, gevent's own sockets.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import gevent
+import gevent.socket
+import pytest
+from gevent.exceptions import InvalidSwitchError
+
+from nsq_sync.backends.gevent import GeventBackend
+from nsq_sync.backends.thread import ThreadBackend
+
+
+@pytest.fixture
+def backend() -> GeventBackend:
+    return GeventBackend()
+
+
+@pytest.fixture
+def pair():
+    left, right = gevent.socket.socketpair()
+    yield left, right
+    left.close()
+    right.close()
+
+
+@pytest.mark.parametrize("make", [GeventBackend, ThreadBackend])
+def test_signal_is_created_held(make) -> None:
+    signal = make().signal()
+    assert signal.acquire(False) is False
+    signal.release()
+    assert signal.acquire(True, 0.0) is True
+
+
+def test_signal_released_before_the_wait_returns_at_once(backend) -> None:
+    signal = backend.signal()
+    signal.release()
+    assert signal.acquire(True, 5.0) is True
+    assert signal.acquire() is True
+
+
+def test_signal_wakes_a_waiting_greenlet(backend) -> None:
+    signal = backend.signal()
+    waiting = gevent.spawn(signal.acquire, True, 5.0)
+    gevent.sleep(0)  # the waiter is parked in the hub now
+    assert not waiting.ready()
+    signal.release()
+    assert waiting.get(timeout=5) is True
+
+
+def test_signal_wait_without_timeout(backend) -> None:
+    signal = backend.signal()
+    waiting = gevent.spawn(signal.acquire)
+    gevent.sleep(0)
+    signal.release()
+    assert waiting.get(timeout=5) is True
+
+
+def test_signal_times_out_and_a_late_release_disturbs_nobody(backend) -> None:
+    signal = backend.signal()
+    started = time.monotonic()
+    assert signal.acquire(True, 0.05) is False
+    assert time.monotonic() - started >= 0.04
+    # The same greenlet goes on to wait for something else; the late release must not
+    # switch into that wait.
+    other = backend.signal()
+    sleeper = gevent.spawn_later(0.05, other.release)
+    signal.release()
+    assert other.acquire(True, 5.0) is True
+    sleeper.join()
+
+
+def test_signal_released_twice_is_a_bug(backend) -> None:
+    signal = backend.signal()
+    signal.release()
+    with pytest.raises(RuntimeError):
+        signal.release()
+
+
+def test_signal_released_from_another_os_thread(backend) -> None:
+    signal = backend.signal()
+    releaser = threading.Thread(target=lambda: (time.sleep(0.05), signal.release()))
+    releaser.start()
+    try:
+        assert signal.acquire(True, 5.0) is True
+    finally:
+        releaser.join()
+
+
+def test_signal_refuses_a_stray_switch(backend) -> None:
+    signal = backend.signal()
+    waiting = gevent.spawn(signal.acquire, True, 5.0)
+    gevent.sleep(0)
+    gevent.get_hub().loop.run_callback(waiting.switch, "stray")
+    with pytest.raises(InvalidSwitchError):
+        waiting.get(timeout=5)
+
+
+def test_signal_wait_can_be_killed(backend) -> None:
+    signal = backend.signal()
+    waiting = gevent.spawn(signal.acquire, True, 5.0)
+    gevent.sleep(0)
+    waiting.kill(block=True, timeout=5)
+    assert waiting.dead
+    signal.release()  # nobody waits any more: nothing to wake, nothing raised
+    gevent.sleep(0)
+
+
+def test_readable_wait_sees_data(backend, pair) -> None:
+    left, right = pair
+    wait = backend.readable_waiter(left)
+    gevent.spawn_later(0.02, right.sendall, b"x")
+    assert wait(5.0) is True
+    assert left.recv(1) == b"x"
+
+
+def test_readable_wait_times_out_then_works_again(backend, pair) -> None:
+    left, right = pair
+    wait = backend.readable_waiter(left)
+    started = time.monotonic()
+    assert wait(0.05) is False
+    assert time.monotonic() - started >= 0.04
+    right.sendall(b"y")
+    assert wait(5.0) is True
+    assert wait(None) is True  # still readable: returns at once
+    assert left.recv(1) == b"y"
+
+
+def test_readable_wait_zero_timeout_polls(backend, pair) -> None:
+    left, right = pair
+    wait = backend.readable_waiter(left)
+    assert wait(0) is False
+    right.sendall(b"z")
+    gevent.sleep(0.01)
+    assert wait(0) is True
+
+
+def test_readable_wait_lets_other_greenlets_run(backend, pair) -> None:
+    left, right = pair
+    wait = backend.readable_waiter(left)
+    ran = []
+    gevent.spawn(lambda: (ran.append(1), right.sendall(b"w")))
+    assert wait(5.0) is True
+    assert ran == [1]
+
+
+def test_readable_wait_leaves_no_timer_behind(backend, pair) -> None:
+    left, right = pair
+    wait = backend.readable_waiter(left)
+    right.sendall(b"v")
+    loop = gevent.get_hub().loop
+    before = loop.activecnt
+    for _ in range(100):
+        assert wait(30.0) is True
+    assert loop.activecnt == before
