@@ -597,6 +597,13 @@ def write_markdown(path: str, meta: Dict[str, Any], scenarios: List[Scenario], i
                  "that floor (a bare lock hand-off with no I/O, and the least a threaded client can do): where "
                  "even the hand-off without I/O stays below the target, no threaded client can meet it. "
                  "[Tuning](tuning.md) says what to use instead (`pub_async` windows, `mpub`, gevent).")
+        greenlets = agg.get(("pub_8_threads", "nsq_sync_gevent"), {}).get("rate")
+        bar = agg.get(("pub_100_outstanding", "minimal"), {}).get("rate")
+        if greenlets and bar:
+            L.append("")
+            L.append(f"For comparison, 8 greenlets through one Writer on the gevent backend (no GIL hand-off, a "
+                     f"greenlet switch per answer) reached {greenlets / bar * 100:.0f}% of that bar in this run "
+                     f"({_fmt_rate(greenlets)} vs {_fmt_rate(bar)} msg/s).")
         L.append("")
     # per scenario
     L.append("## Results")
