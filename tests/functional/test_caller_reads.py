@@ -661,3 +661,114 @@ def test_deflate_read_some_leading_bytes() -> None:
     assert not stream.pending()
     assert stream.read_some(65536) == b""
     assert inner.calls == 1
+
+
+# ------------------------------------------------------------- 9. snappy chunks in two writes
+IDENTIFY_RESPONSE_SNAPPY = dict(DEFAULT_IDENTIFY_RESPONSE, snappy=True)
+SPLIT_PAUSE = 0.02  # between a chunk's header and its data: long enough for a reader to wake in between
+
+
+class SnappyNsqd(DeflateNsqd):
+    """Just enough nsqd with snappy: IDENTIFY, then an OK per PUB written as nsqd's snappy
+    writer does, in two parts (the 8-byte chunk header, then the data), with a pause
+    between them so that a reader woken by the header alone would read it alone."""
+
+    def _run(self) -> None:
+        import snappy
+
+        self.listener.settimeout(WAIT)
+        try:
+            sock, _ = self.listener.accept()
+        except OSError as exc:
+            self.problems.append(f"accept: {exc}")
+            return
+        self.conn = sock
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(WAIT * 2)
+        raw = bytearray()
+        try:
+            if self._read_exact(sock, raw, 4) != b"  V2":
+                self.problems.append("bad magic")
+                return
+            while b"\n" not in raw:
+                raw += sock.recv(65536)
+            self._read_exact(sock, raw, raw.index(b"\n") + 1)
+            (size,) = struct.unpack(">l", self._read_exact(sock, raw, 4))
+            identify = json.loads(self._read_exact(sock, raw, size))
+            if identify.get("snappy") is not True:
+                self.problems.append(f"client did not ask for snappy: {identify}")
+            sock.sendall(response_frame(json.dumps(IDENTIFY_RESPONSE_SNAPPY).encode()))
+            compressor = snappy.StreamCompressor()
+            decompressor = snappy.StreamDecompressor()
+            sock.sendall(compressor.add_chunk(response_frame(b"OK")))  # with the stream identifier
+            buf = bytearray(decompressor.decompress(bytes(raw)))
+            while True:
+                for line, body in split_commands(buf):
+                    self.lines.append(line)
+                    if not line.startswith(b"PUB "):
+                        continue
+                    self.bodies.append(body or b"")
+                    chunk = compressor.add_chunk(response_frame(b"OK"))
+                    sock.sendall(chunk[:8])
+                    time.sleep(SPLIT_PAUSE)
+                    sock.sendall(chunk[8:])
+                data = sock.recv(65536)
+                if not data:
+                    return
+                buf += decompressor.decompress(data)
+        except EOFError:
+            self.problems.append("the client closed during the handshake")
+        except OSError as exc:
+            self.problems.append(f"socket: {exc!r}")
+        finally:
+            sock.close()
+
+
+@pytest.fixture
+def snappy_nsqd() -> Iterator[SnappyNsqd]:
+    server = SnappyNsqd()
+    try:
+        yield server
+    finally:
+        server.stop()
+    assert not server.thread.is_alive()
+
+
+def test_snappy_reader_wakes_only_for_whole_chunks(snappy_nsqd: SnappyNsqd, make_conn, monkeypatch) -> None:
+    from nsq_sync.transport.compression import SnappyStream
+
+    monkeypatch.setattr(nsq_sync.conn, "PARK_SECONDS", LONG_PARK)  # callers lead from the 2nd request on
+    raw_reads: List[int] = []
+    conn = make_conn(snappy_nsqd.host, snappy_nsqd.port, snappy=True, heartbeat_interval=1)
+    conn.connect()
+    assert isinstance(conn._stream, SnappyStream)
+    assert conn._raw_sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == nsq_sync.conn.SNAPPY_SMALLEST_CHUNK
+    stream_class = type(conn._stream.inner)
+    original = stream_class.read_some
+
+    def recording_read_some(self: Any, size: int) -> Any:
+        out = original(self, size)
+        if out is not None:
+            raw_reads.append(len(out))
+        return out
+
+    monkeypatch.setattr(stream_class, "read_some", recording_read_some)
+    count = 10
+    for i in range(count):
+        assert conn.request_wait(commands.pub("t", b"s%d" % i), timeout=2) == b"OK", i
+    assert conn.connected()
+    conn.close(timeout=2)
+    snappy_nsqd.thread.join(WAIT)
+    assert snappy_nsqd.problems == []
+    assert snappy_nsqd.bodies == [b"s%d" % i for i in range(count)]
+    # every answer came in one read of its whole chunk (18 bytes), never its header alone
+    assert raw_reads and 8 not in raw_reads, raw_reads
+    assert raw_reads.count(18) >= count, raw_reads
+
+
+def test_plain_and_deflate_sockets_keep_the_default_low_mark(deflate_nsqd: DeflateNsqd, make_conn) -> None:
+    conn = make_conn(deflate_nsqd.host, deflate_nsqd.port, deflate=True, heartbeat_interval=1)
+    conn.connect()
+    # a deflate answer may be shorter than 9 bytes: only snappy may wait for more
+    assert conn._raw_sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
+    deflate_nsqd.answered.set()
