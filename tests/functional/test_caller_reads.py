@@ -459,6 +459,9 @@ class DeflateNsqd:
     parts: the frame (everything but the sync-flush marker), then, once the test says its
     caller got the answer, the 4-byte marker ``00 00 ff ff`` alone."""
 
+    FEATURE = "deflate"
+    ANSWER = IDENTIFY_RESPONSE_DEFLATE
+
     def __init__(self) -> None:
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -484,70 +487,92 @@ class DeflateNsqd:
         del buf[:n]
         return out
 
-    def _run(self) -> None:
+    def _accept(self) -> Optional[socket.socket]:
         self.listener.settimeout(WAIT)
         try:
             sock, _ = self.listener.accept()
         except OSError as exc:
             self.problems.append(f"accept: {exc}")
-            return
+            return None
         self.conn = sock
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(WAIT * 2)
+        return sock
+
+    def _identify(self, sock: socket.socket, raw: bytearray, feature: str, answer: dict) -> bool:
+        """The magic and IDENTIFY (which must ask for *feature*), answered with *answer*."""
+        if self._read_exact(sock, raw, 4) != b"  V2":
+            self.problems.append("bad magic")
+            return False
+        while b"\n" not in raw:
+            raw += sock.recv(65536)
+        line = self._read_exact(sock, raw, raw.index(b"\n") + 1)
+        if line != b"IDENTIFY\n":
+            self.problems.append(f"expected IDENTIFY, got {line!r}")
+            return False
+        (size,) = struct.unpack(">l", self._read_exact(sock, raw, 4))
+        identify = json.loads(self._read_exact(sock, raw, size))
+        if identify.get(feature) is not True:
+            self.problems.append(f"client did not ask for {feature}: {identify}")
+        sock.sendall(response_frame(json.dumps(answer).encode()))
+        return True
+
+    def _run(self) -> None:
+        sock = self._accept()
+        if sock is None:
+            return
         raw = bytearray()
         try:
-            if self._read_exact(sock, raw, 4) != b"  V2":
-                self.problems.append("bad magic")
+            if not self._identify(sock, raw, self.FEATURE, self.ANSWER):
                 return
-            while b"\n" not in raw:
-                raw += sock.recv(65536)
-            line = self._read_exact(sock, raw, raw.index(b"\n") + 1)
-            if line != b"IDENTIFY\n":
-                self.problems.append(f"expected IDENTIFY, got {line!r}")
-                return
-            (size,) = struct.unpack(">l", self._read_exact(sock, raw, 4))
-            identify = json.loads(self._read_exact(sock, raw, size))
-            if identify.get("deflate") is not True:
-                self.problems.append(f"client did not ask for deflate: {identify}")
-            sock.sendall(response_frame(json.dumps(IDENTIFY_RESPONSE_DEFLATE).encode()))
-            compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
-            decompressor = zlib.decompressobj(-15)
-            shadow = zlib.decompressobj(-15)  # what the client's decompressor has seen
-            handshake_ok = sync_flushed(compressor, response_frame(b"OK"))
-            shadow.decompress(handshake_ok)
-            sock.sendall(handshake_ok)
-            buf = bytearray(decompressor.decompress(bytes(raw)))
+            decompress = self._start(sock)
+            buf = bytearray(decompress(bytes(raw)))
             while True:
                 for line, body in split_commands(buf):
                     self.lines.append(line)
                     if not line.startswith(b"PUB "):
                         continue
                     self.bodies.append(body or b"")
-                    ok_frame = response_frame(b"OK")
-                    data = sync_flushed(compressor, ok_frame)
-                    first, marker = data[:-4], data[-4:]
-                    if marker != SYNC_MARKER:
-                        self.problems.append(f"no sync-flush marker at the end: {data!r}")
-                    # the first part alone must decode the whole frame (else the test proves nothing)
-                    if shadow.decompress(first) != ok_frame or shadow.decompress(marker) != b"":
-                        self.problems.append(f"the first part {first!r} does not decode to the whole frame")
-                    sock.sendall(first)
-                    if not self.answered.wait(WAIT):
-                        self.problems.append(f"the caller never got the answer to PUB #{len(self.bodies)}")
+                    if not self._answer(sock):
                         return
-                    self.answered.clear()
-                    sock.sendall(marker)
-                    self.marker_sent.set()
                 data = sock.recv(65536)
                 if not data:
                     return
-                buf += decompressor.decompress(data)
+                buf += decompress(data)
         except EOFError:
             self.problems.append("the client closed during the handshake")
         except OSError as exc:
             self.problems.append(f"socket: {exc!r}")
         finally:
             sock.close()
+
+    def _start(self, sock: socket.socket) -> Callable[[bytes], bytes]:
+        """After IDENTIFY: set up the codec, send the upgrade's OK; return the decompressor."""
+        self._compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+        self._shadow = zlib.decompressobj(-15)  # what the client's decompressor has seen
+        handshake_ok = sync_flushed(self._compressor, response_frame(b"OK"))
+        self._shadow.decompress(handshake_ok)
+        sock.sendall(handshake_ok)
+        return zlib.decompressobj(-15).decompress
+
+    def _answer(self, sock: socket.socket) -> bool:
+        """Answer one PUB; False ends the session."""
+        ok_frame = response_frame(b"OK")
+        data = sync_flushed(self._compressor, ok_frame)
+        first, marker = data[:-4], data[-4:]
+        if marker != SYNC_MARKER:
+            self.problems.append(f"no sync-flush marker at the end: {data!r}")
+        # the first part alone must decode the whole frame (else the test proves nothing)
+        if self._shadow.decompress(first) != ok_frame or self._shadow.decompress(marker) != b"":
+            self.problems.append(f"the first part {first!r} does not decode to the whole frame")
+        sock.sendall(first)
+        if not self.answered.wait(WAIT):
+            self.problems.append(f"the caller never got the answer to PUB #{len(self.bodies)}")
+            return False
+        self.answered.clear()
+        sock.sendall(marker)
+        self.marker_sent.set()
+        return True
 
     def stop(self) -> None:
         self.answered.set()
@@ -673,55 +698,22 @@ class SnappyNsqd(DeflateNsqd):
     writer does, in two parts (the 8-byte chunk header, then the data), with a pause
     between them so that a reader woken by the header alone would read it alone."""
 
-    def _run(self) -> None:
+    FEATURE = "snappy"
+    ANSWER = IDENTIFY_RESPONSE_SNAPPY
+
+    def _start(self, sock: socket.socket) -> Callable[[bytes], bytes]:
         import snappy
 
-        self.listener.settimeout(WAIT)
-        try:
-            sock, _ = self.listener.accept()
-        except OSError as exc:
-            self.problems.append(f"accept: {exc}")
-            return
-        self.conn = sock
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(WAIT * 2)
-        raw = bytearray()
-        try:
-            if self._read_exact(sock, raw, 4) != b"  V2":
-                self.problems.append("bad magic")
-                return
-            while b"\n" not in raw:
-                raw += sock.recv(65536)
-            self._read_exact(sock, raw, raw.index(b"\n") + 1)
-            (size,) = struct.unpack(">l", self._read_exact(sock, raw, 4))
-            identify = json.loads(self._read_exact(sock, raw, size))
-            if identify.get("snappy") is not True:
-                self.problems.append(f"client did not ask for snappy: {identify}")
-            sock.sendall(response_frame(json.dumps(IDENTIFY_RESPONSE_SNAPPY).encode()))
-            compressor = snappy.StreamCompressor()
-            decompressor = snappy.StreamDecompressor()
-            sock.sendall(compressor.add_chunk(response_frame(b"OK")))  # with the stream identifier
-            buf = bytearray(decompressor.decompress(bytes(raw)))
-            while True:
-                for line, body in split_commands(buf):
-                    self.lines.append(line)
-                    if not line.startswith(b"PUB "):
-                        continue
-                    self.bodies.append(body or b"")
-                    chunk = compressor.add_chunk(response_frame(b"OK"))
-                    sock.sendall(chunk[:8])
-                    time.sleep(SPLIT_PAUSE)
-                    sock.sendall(chunk[8:])
-                data = sock.recv(65536)
-                if not data:
-                    return
-                buf += decompressor.decompress(data)
-        except EOFError:
-            self.problems.append("the client closed during the handshake")
-        except OSError as exc:
-            self.problems.append(f"socket: {exc!r}")
-        finally:
-            sock.close()
+        self._compressor = snappy.StreamCompressor()
+        sock.sendall(self._compressor.add_chunk(response_frame(b"OK")))  # with the stream identifier
+        return snappy.StreamDecompressor().decompress
+
+    def _answer(self, sock: socket.socket) -> bool:
+        chunk = self._compressor.add_chunk(response_frame(b"OK"))
+        sock.sendall(chunk[:8])
+        time.sleep(SPLIT_PAUSE)
+        sock.sendall(chunk[8:])
+        return True
 
 
 @pytest.fixture
