@@ -730,12 +730,7 @@ class AsyncConn(EventedMixin):
             # Someone else reads: wait for the answer on a plain lock (a Future's condition
             # costs several times more, and this is the path of many threads publishing).
             waiter = _WaitedAnswer(self._signal())
-            self._request(data, waiter, True)
-            with self._lock:
-                self._want_lead = True
-                wake = self._parked
-            if wake:
-                self._wake_reader.set()
+            self._request(data, waiter, lead=True)
             if not waiter.wait(timeout):
                 raise TimeoutError(f"no answer from {self.id} within {timeout}s; the command may or may not have run")
             if waiter.error is not None:
@@ -1001,9 +996,12 @@ class AsyncConn(EventedMixin):
         answer. Do not mix with raw send() of answered commands on the same connection.
         To block for the answer, :meth:`request_wait` is cheaper than ``request().result()``.
         """
-        return self._request(data, future, True)
+        return self._request(data, future)
 
-    def _request(self, data: bytes, future: "Optional[Future[bytes]]", wake: bool) -> "Future[bytes]":
+    def _request(self, data: bytes, future: "Optional[Future[bytes]]", lead: bool = False) -> "Future[bytes]":
+        """Queue a request and its waiter. *lead*: its caller would read answers itself (a
+        blocking request that found the token taken), so the reader task parks once nothing
+        is pending (set in the same locked step that queues the request)."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"request() takes command bytes, not {type(data).__name__}")
         if future is None:
@@ -1027,7 +1025,9 @@ class AsyncConn(EventedMixin):
                 # Set after the bytes are queued: a reader that sees it (after popping the
                 # answer we queued behind, which needs this lock) flushes our bytes too.
                 self._deferred = True
-            wake = wake and self._parked
+            if lead:
+                self._want_lead = True
+            wake = self._parked
         if wake:
             self._wake_reader.set()  # nobody else will read the answer
         if not defer:
