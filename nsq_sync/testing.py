@@ -575,7 +575,10 @@ class _BrokerProcess:
 
         Idempotent: does nothing if not running. A paused broker is resumed so
         it can shut down cleanly (nsqd then persists its in-memory messages).
-        Returns the exit status (None if never started).
+        Returns the exit status (None if never started): 0 after a clean shutdown, -15
+        when SIGTERM came before nsqd handled it. NSQ's service wrapper (go-svc) starts
+        the servers and only then asks for SIGTERM, so a stop right after :meth:`start`
+        can end the process at once, without the shutdown that persists messages.
         """
         proc = self._proc
         if proc is None:
@@ -592,7 +595,10 @@ class _BrokerProcess:
                 )
                 self._send(signal.SIGKILL)
                 proc.wait(10)
-            logger.info("stopped %s pid %s (status %s)", self.binary_name, proc.pid, proc.returncode)
+            if proc.returncode == -signal.SIGTERM:
+                logger.warning("%s pid %s ended by SIGTERM before it handled it (stopped right after it started): no clean shutdown", self.binary_name, proc.pid)
+            else:
+                logger.info("stopped %s pid %s (status %s)", self.binary_name, proc.pid, proc.returncode)
         self._paused = False
         _RUNNING.pop(id(self), None)
         self._join_reader()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import ssl
 import stat
@@ -206,17 +207,22 @@ def test_stop_while_paused_is_graceful(nsqd: NsqdProcess) -> None:
 
 
 def test_stop_is_idempotent_and_leaves_no_process() -> None:
-    with NsqdProcess() as proc:
-        pid = proc.pid
-        data_path = proc.data_path
-        assert pid is not None and data_path is not None
-        assert Path(data_path).is_dir()
+    proc = NsqdProcess().start()
+    pid = proc.pid
+    data_path = proc.data_path
+    assert pid is not None and data_path is not None
+    assert Path(data_path).is_dir()
+    # Stopped at once: nsqd (go-svc) asks for SIGTERM only after its servers answer, so
+    # this stop may meet the default action (-15) instead of the clean shutdown (0).
+    status = proc.stop()
+    assert status in (0, -signal.SIGTERM), status
+    proc.close()
     assert not proc.running
     assert pid_gone(pid)
     assert not Path(f"/proc/{pid}").exists()
     assert not Path(data_path).exists(), "temp data dir should be removed"
     # all of these are no-ops now
-    assert proc.stop() == 0
+    assert proc.stop() == status
     proc.kill()
     proc.close()
     assert proc.pid == pid
