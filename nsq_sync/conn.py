@@ -727,8 +727,9 @@ class AsyncConn(EventedMixin):
         if self._subscribed:
             return self._wait(self.request(data), timeout)
         if not token.acquire(False):
-            # Someone else reads: wait for the answer on a plain lock (a Future's condition
-            # costs several times more, and this is the path of many threads publishing).
+            # Someone else reads: wait for the answer on the backend's signal, a lock created
+            # held (a Future's condition costs several times more, and this is the path of
+            # many threads publishing).
             waiter = _WaitedAnswer(self._signal())
             self._request(data, waiter, lead=True)
             if not waiter.wait(timeout):
