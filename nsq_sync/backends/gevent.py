@@ -22,9 +22,13 @@ _READY = object()  # what a watcher or a release switches a waiting greenlet wit
 _EXPIRED = object()  # what the timer switches it with
 
 
-def _switched(waiter: Waiter, timer: Any) -> bool:
-    """Wait in *waiter* until something switches to it; True for _READY, False when *timer*
-    (started, or None) expired first. The timer is closed on the way out."""
+def _switched(waiter: Waiter, loop: Any, seconds: Optional[float]) -> bool:
+    """Wait in *waiter* until something switches to it; True for _READY, False when
+    *seconds* (None: no limit) passed first, timed by a bare loop timer closed on the way out."""
+    timer = None
+    if seconds is not None:
+        timer = loop.timer(seconds)
+        timer.start(waiter.switch, _EXPIRED, update=True)
     try:
         result = waiter.get()
     finally:
@@ -70,14 +74,9 @@ class _Signal:
             return True
         if not blocking:
             return False
-        hub = self._hub
-        waiter = self._waiter = Waiter(hub)
-        timer = None
-        if timeout is not None and timeout >= 0:
-            timer = hub.loop.timer(timeout)
-            timer.start(waiter.switch, _EXPIRED, update=True)
+        waiter = self._waiter = Waiter(self._hub)
         try:
-            return _switched(waiter, timer)
+            return _switched(waiter, self._hub.loop, None if timeout is None or timeout < 0 else timeout)
         finally:
             self._waiter = None
 
@@ -173,11 +172,7 @@ class GeventBackend:
             waiter = Waiter(hub)
             watcher.start(waiter.switch, _READY)
             try:
-                timer = None
-                if timeout is not None:
-                    timer = loop.timer(timeout)
-                    timer.start(waiter.switch, _EXPIRED, update=True)
-                return _switched(waiter, timer)
+                return _switched(waiter, loop, timeout)
             finally:
                 watcher.stop()
 

@@ -585,14 +585,17 @@ class DeflateNsqd:
         self.listener.close()
 
 
-@pytest.fixture
-def deflate_nsqd() -> Iterator[DeflateNsqd]:
-    server = DeflateNsqd()
+def _serving(server: "DeflateNsqd") -> Iterator[Any]:
     try:
         yield server
     finally:
         server.stop()
     assert not server.thread.is_alive()
+
+
+@pytest.fixture
+def deflate_nsqd() -> Iterator[DeflateNsqd]:
+    yield from _serving(DeflateNsqd())
 
 
 def test_split_marker_precondition() -> None:
@@ -718,12 +721,7 @@ class SnappyNsqd(DeflateNsqd):
 
 @pytest.fixture
 def snappy_nsqd() -> Iterator[SnappyNsqd]:
-    server = SnappyNsqd()
-    try:
-        yield server
-    finally:
-        server.stop()
-    assert not server.thread.is_alive()
+    yield from _serving(SnappyNsqd())
 
 
 def test_snappy_reader_wakes_only_for_whole_chunks(snappy_nsqd: SnappyNsqd, make_conn, monkeypatch) -> None:
