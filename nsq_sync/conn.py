@@ -106,7 +106,8 @@ class AsyncConn(EventedMixin):
     :param port: the TCP port
     :param timeout: seconds for the TCP connect and each handshake step (after it, reads and
         writes are bounded by ``max(2 * heartbeat_interval, timeout)``)
-    :param heartbeat_interval: seconds, 1..60, or -1 to disable (nsqd then refuses SUB)
+    :param heartbeat_interval: seconds, 1..60, or -1 to disable (nsqd then refuses SUB, so
+        subscribe() raises ConfigError first)
     :param requeue_delay: seconds; an automatic requeue waits ``requeue_delay * attempts``
     :param tls_v1: upgrade to TLS after IDENTIFY
     :param tls_options: an ``ssl.SSLContext`` or a dict (ca_certs, certfile, keyfile, cert_reqs, check_hostname)
@@ -383,6 +384,11 @@ class AsyncConn(EventedMixin):
         self._stream.sendall(commands.identify(identify))
         response = parse_identify_response(self._read_response("IDENTIFY"))
         if response is None:
+            # A plain OK: a server that negotiates nothing. Going on without the TLS that was
+            # asked for would send every body in clear text (and the AUTH secret, if asked).
+            if self.tls_v1:
+                raise TLSError(f"tls_v1 was asked for but {self.id} answered IDENTIFY without negotiating features (a plain OK)")
+            self._warn_not_offered({})
             self.identify_response = {}
         else:
             self.identify_response = response
@@ -401,6 +407,8 @@ class AsyncConn(EventedMixin):
             elif self.deflate and response.get("deflate"):
                 self._stream = DeflateStream(self._stream, response.get("deflate_level", self.deflate_level), self._decoder.take_unconsumed())
                 self._expect_ok("deflate upgrade")
+            else:
+                self._warn_not_offered(response)
             if response.get("auth_required"):
                 if not self._auth_secret:
                     raise AuthRequiredError(f"{self.id} requires AUTH but no auth_secret was given")
@@ -445,6 +453,13 @@ class AsyncConn(EventedMixin):
             except (TypeError, ValueError, OSError):
                 pass  # not a real socket (tests): the generic wait does
         self._fire("ready", conn=self)
+
+    def _warn_not_offered(self, response: Dict[str, Any]) -> None:
+        """Compression asked for and not offered: the connection goes on uncompressed (as
+        pynsq's and go-nsq's do), and says so once."""
+        for name in ("snappy", "deflate"):
+            if getattr(self, name) and not response.get(name):
+                logger.warning("%s was asked for but %s does not offer it; the connection is not compressed", name, self.id)
 
     def _wake_for_whole_chunks(self) -> None:
         """Snappy over plain TCP: let the kernel wake a reader only once a chunk can be whole.
@@ -1045,6 +1060,8 @@ class AsyncConn(EventedMixin):
     def subscribe(self, topic: str, channel: str, timeout: Optional[float] = None) -> bytes:
         """SUB and wait for OK. Raises BadTopicError/BadChannelError etc. from nsqd, TimeoutError."""
         data = commands.sub(topic, channel)  # validates the names before anything changes
+        if self.heartbeat_interval == -1:
+            raise ConfigError("heartbeat_interval", -1, NO_HEARTBEAT_SUB)
         self._subscribed = True
         future = self.request(data)
         return self._wait(future, timeout if timeout is not None else self.timeout * 5)
@@ -1395,6 +1412,10 @@ class _WaitedAnswer(_Answer):
             self._done.acquire()
             return True
         return self._done.acquire(True, max(0.0, timeout)) or self.done()
+
+
+#: why a connection without heartbeats cannot subscribe
+NO_HEARTBEAT_SUB = "nsqd refuses SUB (a fatal E_INVALID that closes the connection) when heartbeats are disabled; a consumer needs them"
 
 
 def _timeval(seconds: float) -> bytes:

@@ -52,7 +52,7 @@ from .backends import Backend, get_backend
 from .addresses import address_key as _address_key
 from .addresses import parse_addresses
 from .backoff import ExponentialBackoff, exponential_delay
-from .conn import AsyncConn
+from .conn import NO_HEARTBEAT_SUB, AsyncConn
 from .dispatch import WorkerPool
 from .errors import AlreadyRespondedError, ClosedError, ConfigError, ConnectionClosedError, Error
 from .message import Message
@@ -352,6 +352,9 @@ class Reader:
         self._backend = get_backend(backend)
         # Eager validation: AsyncConn checks every value in its constructor (no I/O, no task).
         AsyncConn("127.0.0.1", 4150, backend=self._backend, **conn_kwargs)
+        if conn_kwargs.get("heartbeat_interval") == -1:
+            # Not worth a connection attempt: nsqd closes every one at SUB, and it would retry forever.
+            raise ConfigError("heartbeat_interval", -1, NO_HEARTBEAT_SUB)
 
         self.name = name or f"{self.topic}:{self.channel}"
         self.max_tries = max_tries

@@ -29,6 +29,7 @@ from nsq_sync.errors import (
     ProtocolError,
     SendError,
     StaleConnectionError,
+    TLSError,
 )
 from nsq_sync.protocol import commands
 
@@ -287,6 +288,46 @@ def test_plain_ok_identify_response(server: FakeNsqd, make_conn) -> None:
     assert conn.identify_response == {}
     assert conn.max_rdy_count == 2500
     assert conn.connected()
+
+
+def test_plain_ok_identify_response_with_tls_asked_fails_before_anything_else(server: FakeNsqd, make_conn) -> None:
+    # A plain OK negotiates nothing: going on would publish in clear text what was meant for TLS.
+    server.set_answer("IDENTIFY", ok())
+    conn = make_conn(tls_v1=True, auth_secret="never-in-clear")
+    events = Recorder(conn)
+    with pytest.raises(TLSError, match="plain OK"):
+        conn.connect()
+    assert "ready" not in events.names()
+    assert conn.closed()
+    server.wait_disconnected()
+    assert server.commands == [b"IDENTIFY"]
+
+
+@pytest.mark.parametrize("answer", ["plain OK", "JSON without it"])
+@pytest.mark.parametrize("codec", ["snappy", "deflate"])
+def test_compression_not_offered_goes_on_uncompressed_and_says_so(server: FakeNsqd, make_conn, caplog, answer: str, codec: str) -> None:
+    if answer == "plain OK":
+        server.set_answer("IDENTIFY", ok())
+    else:
+        server.identify_response[codec] = False
+    conn = make_conn(**{codec: True})
+    with caplog.at_level("WARNING", logger="nsq_sync.conn"):
+        conn.connect()
+    assert [r.getMessage() for r in caplog.records if r.name == "nsq_sync.conn"] == [
+        f"{codec} was asked for but {conn.id} does not offer it; the connection is not compressed"
+    ]
+    assert conn.request_wait(commands.pub("t", b"plain"), timeout=5) == b"OK"
+    assert server.wait_for_command("PUB").body == b"plain"  # it went out uncompressed, and nsqd read it
+
+
+def test_subscribe_without_heartbeats_is_refused_before_sending(server: FakeNsqd, make_conn) -> None:
+    conn = make_conn(heartbeat_interval=-1)
+    conn.connect()
+    with pytest.raises(ConfigError, match="heartbeat_interval=-1"):
+        conn.subscribe("t", "c")
+    # Nothing was sent, and the connection still publishes.
+    assert conn.request_wait(commands.pub("t", b"x"), timeout=5) == b"OK"
+    assert server.commands == [b"IDENTIFY", b"PUB t"]
 
 
 def test_auth_required_without_secret(server: FakeNsqd, make_conn, backend, tasks_before) -> None:

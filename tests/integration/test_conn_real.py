@@ -175,6 +175,19 @@ def test_heartbeats_answered_and_slow_handler_keeps_connection(nsqd: NsqdProcess
     assert events.count("close") == 0
 
 
+def test_no_heartbeats_means_no_sub_and_we_refuse_it_first(nsqd: NsqdProcess, make_conn: Callable[..., nsq_sync.AsyncConn]) -> None:
+    conn = make_conn(nsqd.tcp_address, heartbeat_interval=-1)
+    with pytest.raises(nsq_sync.ConfigError, match="heartbeat_interval=-1"):
+        conn.subscribe("noheartbeat", "ch")
+    publish(conn, "noheartbeat", b"still open")  # nothing was sent; the connection works
+    with pytest.raises(nsq_sync.ConfigError, match="heartbeat_interval=-1"):
+        nsq_sync.Reader("noheartbeat", "ch", lambda m: None, nsqd_tcp_addresses=nsqd.tcp_address, heartbeat_interval=-1)
+    # Why: nsqd itself refuses the SUB, fatally (sent here by hand, past the check).
+    with pytest.raises(nsq_sync.InvalidError, match="heartbeats disabled"):
+        conn.request(commands.sub("noheartbeat", "ch")).result(TIMEOUT)
+    assert conn.wait_closed(TIMEOUT)
+
+
 # --------------------------------------------------------------------------
 # consuming
 
