@@ -34,6 +34,7 @@ from .helpers import (
 )
 from .lifecycle import run
 from .message import Message
+from .protocol.limits import nsqd_limits, set_nsqd_limits
 from .writer import Writer
 
 __all__ = [
@@ -45,6 +46,8 @@ __all__ = [
     "NSQDHTTPClient",
     "LookupdClient",
     "run",
+    "set_nsqd_limits",
+    "nsqd_limits",
     "Message",
     "WorkerPool",
     "FRAME_TYPE_ERROR",

@@ -13,7 +13,8 @@ from operator import countOf as _count_of
 from typing import Any, Dict, Iterable, List, Mapping, Tuple, Union
 
 from ..errors import ConfigError
-from .constants import MAGIC_V2, MAX_REQ_TIMEOUT_MS, MESSAGE_ID_SIZE
+from .constants import MAGIC_V2, MESSAGE_ID_SIZE
+from .limits import limit, limit_note
 from .names import check_channel, check_topic
 
 __all__ = [
@@ -191,8 +192,13 @@ def mpub_parts(topic: str, bodies: Iterable[object]) -> Tuple[bytes, int, List[i
 
 
 def dpub(topic: str, delay_ms: int, body: object) -> bytes:
-    """DPUB <topic> <delay_ms>; the delay must be 0..3,600,000 ms (nsqd's default --max-req-timeout)."""
-    delay = _int("delay_ms", delay_ms, 0, MAX_REQ_TIMEOUT_MS)
+    """DPUB <topic> <delay_ms>; the delay must be 0..3,600,000 ms (nsqd's default --max-req-timeout;
+    see :func:`~nsq_sync.protocol.limits.set_nsqd_limits`)."""
+    high = int(limit("max_req_timeout") * 1000)
+    try:
+        delay = _int("delay_ms", delay_ms, 0, high)
+    except ConfigError as exc:
+        raise ConfigError("delay_ms", delay_ms, exc.reason + limit_note("max_req_timeout")) from None
     data = to_body(body)
     return b"DPUB %s %d\n" % (check_topic(topic).encode("ascii"), delay) + _pack_size(len(data)) + data
 

@@ -7,10 +7,11 @@ ms for output_buffer_timeout) and nsqd's on the wire (ms everywhere).
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 from ..errors import ConfigError, ProtocolError
 from .constants import MAX_RDY_COUNT_DEFAULT, OK
+from .limits import limit, limit_note
 
 __all__ = ["build_identify", "parse_identify_response", "parse_json_object", "check_number"]
 
@@ -30,6 +31,23 @@ def check_number(param: str, value: object, low: float, high: float, *, allowed:
         extra = f" (or {', '.join(map(str, allowed))})" if allowed else ""
         raise ConfigError(param, value, f"must be between {low} and {high}{extra}")
     return value
+
+
+def _within_limit(param: str, value: object, low: Union[float, str], high: str, *, scale: float = 1, **kwargs: Any) -> Any:
+    """check_number with bounds from the nsqd limits (a str names one; *scale* converts its
+    seconds to the parameter's unit); an out-of-range message says how to raise the limit."""
+    low_value = _plain(limit(low) * scale) if isinstance(low, str) else low
+    high_value = _plain(limit(high) * scale)
+    try:
+        return check_number(param, value, low_value, high_value, **kwargs)
+    except ConfigError as exc:
+        below = isinstance(low, str) and value < low_value  # type: ignore[operator]
+        raise ConfigError(param, value, exc.reason + limit_note(low if below else high)) from None  # type: ignore[arg-type]
+
+
+def _plain(number: float) -> float:
+    """900.0 -> 900, for messages."""
+    return int(number) if float(number).is_integer() else number
 
 
 def build_identify(
@@ -53,15 +71,16 @@ def build_identify(
     output_buffer_size: bytes, 64..65536, -1 (off) or 0 (server default).
     output_buffer_timeout: ms, 25..30000, -1 (off) or 0 (server default).
     sample_rate: 0..99. deflate_level: 1..9. msg_timeout: seconds, 1..900, or None (server default).
+    The upper bounds (and 25 ms) are nsqd's defaults, changed by :func:`set_nsqd_limits`.
     Raises ConfigError (a ValueError) naming the parameter, TypeError for non-numbers.
     """
-    check_number("heartbeat_interval", heartbeat_interval, 1, 60, allowed=(-1,))
-    check_number("output_buffer_size", output_buffer_size, 64, 65536, allowed=(-1, 0), integer=True)
-    check_number("output_buffer_timeout", output_buffer_timeout, 25, 30000, allowed=(-1, 0), integer=True)
+    _within_limit("heartbeat_interval", heartbeat_interval, 1, "max_heartbeat_interval", allowed=(-1,))
+    _within_limit("output_buffer_size", output_buffer_size, 64, "max_output_buffer_size", allowed=(-1, 0), integer=True)
+    _within_limit("output_buffer_timeout", output_buffer_timeout, "min_output_buffer_timeout", "max_output_buffer_timeout", allowed=(-1, 0), integer=True, scale=1000)
     check_number("sample_rate", sample_rate, 0, 99, integer=True)
     check_number("deflate_level", deflate_level, 1, 9, integer=True)
     if msg_timeout is not None:
-        check_number("msg_timeout", msg_timeout, 1, 900)
+        _within_limit("msg_timeout", msg_timeout, 1, "max_msg_timeout")
     if snappy and deflate:
         raise ConfigError("deflate", deflate, "snappy and deflate cannot both be enabled")
     data: Dict[str, Any] = {

@@ -18,6 +18,7 @@ import pytest
 
 import nsq_sync
 from nsq_sync.protocol import commands
+from nsq_sync.pytest_plugin import started
 from nsq_sync.testing import AuthServer, NsqdProcess, wait_until
 
 from conn_helpers import Events, host_port  # noqa: E402  (tests/support, on sys.path via conftest)
@@ -173,6 +174,25 @@ def test_heartbeats_answered_and_slow_handler_keeps_connection(nsqd: NsqdProcess
     assert stats["requeue_count"] == 0 and stats["timeout_count"] == 0
     assert events.count("error") == 0
     assert events.count("close") == 0
+
+
+def test_raised_nsqd_limits_are_usable_once_set(backend: str) -> None:
+    """An nsqd started with raised --max-* flags takes what nsqd's defaults refuse, once
+    nsq_sync.set_nsqd_limits says so."""
+    proc = NsqdProcess(extra_args=["--max-msg-timeout=1h", "--max-req-timeout=3h", "--max-heartbeat-interval=2m"])
+    previous = nsq_sync.set_nsqd_limits(max_msg_timeout=3600, max_req_timeout=3 * 3600, max_heartbeat_interval=120)
+    try:
+        with started(proc):
+            conn = nsq_sync.AsyncConn(*host_port(proc.tcp_address), backend=backend, msg_timeout=1800, heartbeat_interval=90)
+            try:
+                conn.connect()
+                assert conn.identify_response["msg_timeout"] == 1_800_000  # nsqd took it
+                assert conn.request_wait(commands.dpub("limits", 2 * 3600 * 1000, b"in two hours"), TIMEOUT) == b"OK"
+                assert proc.topic_stats("limits")["message_count"] == 1
+            finally:
+                conn.close(2)
+    finally:
+        nsq_sync.set_nsqd_limits(**previous)
 
 
 def test_no_heartbeats_means_no_sub_and_we_refuse_it_first(nsqd: NsqdProcess, make_conn: Callable[..., nsq_sync.AsyncConn]) -> None:
