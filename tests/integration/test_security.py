@@ -32,6 +32,7 @@ from nsq_sync.errors import (
     TLSError,
     UnauthorizedError,
 )
+from nsq_sync.protocol import commands
 from nsq_sync.pytest_plugin import started
 from nsq_sync.testing import AuthServer, NsqdProcess, TLSFiles, wait_until
 
@@ -414,6 +415,33 @@ def test_secret_and_bodies_on_the_wire_only_under_tls(
         assert secret.encode() in wire and body in wire
         assert checks and set(checks) == {"false"}
     report(f"wire capture ({'TLS' if tls else 'plain'})", bytes=len(wire), secret_visible=secret.encode() in wire, body_visible=body in wire)
+
+
+@pytest.mark.parametrize("codec", ["deflate", "snappy"])
+def test_handshake_answers_never_reach_response_listeners(
+    codec: str, backend: str, tls_files: TLSFiles, auth_server: AuthServer, tls_auth_nsqd: NsqdProcess
+) -> None:
+    """TLS, compression and AUTH answer during the handshake (the IDENTIFY JSON, an OK per
+    upgrade, the AUTH JSON); none is a `response` (pynsq passes them all on)."""
+    secret = "HandshakeSecret-61d0"
+    auth_server.set_secret(secret)
+    host, port = split(tls_auth_nsqd.tcp_address)
+    conn = AsyncConn(host, port, backend=backend, tls_v1=True, tls_options={"ca_certs": tls_files.ca_cert}, auth_secret=secret, **{codec: True})
+    seen: List[Any] = []
+    responded = threading.Event()
+    for name in ("response", "identify_response", "auth_response"):
+        conn.on(name, lambda name=name, **kw: seen.append((name, kw.get("data"))))
+    conn.on("response", lambda **kw: responded.set())  # (listeners run on the worker pool)
+    try:
+        conn.connect()
+        assert conn.identify_response["tls_v1"] is True and conn.identify_response[codec] is True
+        assert [name for name, _ in seen] == ["identify_response", "auth_response"]
+        assert seen[1][1]["identity"] == conn.auth_response["identity"]
+        assert conn.request_wait(commands.pub(TOPIC, b"after the handshake"), timeout=5) == b"OK"
+        assert responded.wait(5)
+        assert seen[2:] == [("response", b"OK")]  # the first `response` is the first answer after `ready`
+    finally:
+        conn.close(2)
 
 
 def test_server_answering_identify_without_tls_never_gets_the_secret(backend: str) -> None:
