@@ -251,6 +251,8 @@ class AsyncConn(EventedMixin):
         self.last_recv_timestamp = time.time()
         self.last_msg_timestamp = time.time()
         self.identify_response: Optional[Dict[str, Any]] = None
+        #: (msg_timeout, max_msg_timeout) in seconds from the IDENTIFY answer, for Message.time_left
+        self.message_timeouts: Optional[Tuple[float, float]] = None
         self.auth_response: Optional[Dict[str, Any]] = None
         self.error: Optional[BaseException] = None
         #: set by the Reader that owns this connection (pynsq keeps per-connection Reader state here)
@@ -392,6 +394,9 @@ class AsyncConn(EventedMixin):
             self.identify_response = {}
         else:
             self.identify_response = response
+            if "msg_timeout" in response:
+                timeout = response["msg_timeout"] / 1000.0
+                self.message_timeouts = (timeout, response.get("max_msg_timeout", 0) / 1000.0 or timeout)
             self.max_rdy_count = int(response.get("max_rdy_count", MAX_RDY_COUNT_DEFAULT))
             self._fire("identify_response", conn=self, data=response)
             if self.tls_v1 and response.get("tls_v1"):
@@ -887,9 +892,11 @@ class AsyncConn(EventedMixin):
             # In flight by id: a message nsqd timed out and delivered again replaces its old copy.
             inflight = self._inflight
             listeners = self._listeners.get("message")
+            arrived = time.monotonic()  # (Message.time_left)
             with self._lock:
                 for message in messages:
                     inflight[message.id] = message
+                    message._arrived = arrived
                 self.in_flight = len(inflight)
                 if listeners:
                     self._queued += len(messages)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Optional, Protocol
+import time
+from typing import Optional, Protocol, Tuple
 
 from .errors import ConfigError
 
 __all__ = ["Message", "Responder"]
 
 _MAX_MS = 2**31 - 1  # REQ's timeout must fit nsqd's int32 parse
+_clock = time.monotonic  # (a test may move it)
 
 
 class Responder(Protocol):
@@ -20,6 +22,9 @@ class Responder(Protocol):
 
     def _touch_message(self, message: "Message") -> None: ...
 
+    #: (msg_timeout, max_msg_timeout) in seconds as nsqd negotiated them, or None if unknown
+    message_timeouts: Optional[Tuple[float, float]]
+
 
 class Message:
     """A message from nsqd: ``id`` (16 bytes), ``body`` (bytes), ``timestamp`` (ns), ``attempts`` (first delivery is 1).
@@ -29,7 +34,7 @@ class Message:
     False or an exception) unless the handler calls :meth:`enable_async`.
     """
 
-    __slots__ = ("id", "body", "timestamp", "attempts", "_responder", "_async", "_responded", "__weakref__")
+    __slots__ = ("id", "body", "timestamp", "attempts", "_responder", "_async", "_responded", "_arrived", "_touched", "__weakref__")
 
     def __init__(self, id: bytes, body: bytes, timestamp: int, attempts: int, responder: Optional[Responder] = None) -> None:
         self.id = id
@@ -39,6 +44,8 @@ class Message:
         self._responder = responder
         self._async = False
         self._responded = False
+        self._arrived: Optional[float] = None  # monotonic time the connection read it (set there)
+        self._touched: Optional[float] = None
 
     def enable_async(self) -> None:
         """Take over answering this message: the Reader will not finish or requeue it for you."""
@@ -87,7 +94,27 @@ class Message:
 
     def touch(self) -> None:
         """Send TOUCH: reset nsqd's timeout for this message. Raises AlreadyRespondedError after finish/requeue."""
+        now = _clock()
         self._need_responder()._touch_message(self)
+        self._touched = now
+
+    def time_left(self) -> Optional[float]:
+        """Seconds until nsqd gives up on this message and delivers it again, unless it is
+        answered or touched first (negative once that time has passed); None when unknown
+        (a message not read by a connection, or an nsqd that negotiated nothing).
+
+        nsqd allows ``msg_timeout`` from delivery or from the last :meth:`touch`, but never
+        more than ``max_msg_timeout`` from delivery in all; both come from the IDENTIFY answer.
+        The clock starts when the message was read, a little after nsqd started its own (by
+        up to the output buffer timeout), so keep a margin.
+        """
+        arrived = self._arrived
+        timeouts = getattr(self._responder, "message_timeouts", None)
+        if arrived is None or timeouts is None:
+            return None
+        msg_timeout, max_msg_timeout = timeouts
+        start = arrived if self._touched is None else self._touched
+        return min(start + msg_timeout, arrived + max_msg_timeout) - _clock()
 
     def __repr__(self) -> str:
         return f"<Message id={self.id!r} attempts={self.attempts} size={len(self.body)}>"

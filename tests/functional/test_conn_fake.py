@@ -837,6 +837,44 @@ def test_requeue_default_delay_and_backoff(server: FakeNsqd, sub_conn) -> None:
     assert server.session.requeued == [(sent.id, 6000)]
 
 
+def test_time_left_follows_nsqds_timeouts_touches_and_cap(server: FakeNsqd, sub_conn, monkeypatch) -> None:
+    server.identify_response.update(msg_timeout=60000, max_msg_timeout=90000)
+    conn, events = sub_conn()
+    assert conn.message_timeouts == (60.0, 90.0)
+    before = time.monotonic()
+    server.send_message(b"long job")
+    msg = events.wait("message")["message"]
+    left = msg.time_left()
+    assert 60.0 - (time.monotonic() - before) <= left <= 60.0
+    arrived = time.monotonic() - (60.0 - left)  # when the connection read it, by its own clock
+    # Move the message's clock instead of waiting: 50 s in, a touch gives 60 s more, but only
+    # up to 90 s from delivery (nsqd's max_msg_timeout): 40 s.
+    now = [arrived + 50.0]
+    monkeypatch.setattr("nsq_sync.message._clock", lambda: now[0])
+    assert msg.time_left() == pytest.approx(10.0)
+    msg.touch()
+    assert server.wait_for_command("TOUCH").line == b"TOUCH %s" % msg.id
+    assert msg.time_left() == pytest.approx(40.0)
+    now[0] = arrived + 95.0
+    assert msg.time_left() == pytest.approx(-5.0)  # past it: nsqd has given it to someone else
+    # Early touches restart the 60 s from the touch.
+    now[0] = arrived + 10.0
+    msg.touch()
+    assert msg.time_left() == pytest.approx(60.0)
+    msg.finish()
+
+
+def test_time_left_unknown_without_negotiation_or_connection(server: FakeNsqd, sub_conn) -> None:
+    assert Message(b"0" * 16, b"made by hand", 0, 1).time_left() is None
+    server.set_answer("IDENTIFY", ok())  # a plain OK: nsqd's timeouts are unknown
+    conn, events = sub_conn()
+    assert conn.message_timeouts is None
+    server.send_message(b"x")
+    msg = events.wait("message")["message"]
+    assert msg.time_left() is None
+    msg.finish()
+
+
 def test_requeue_delay_capped_by_max_requeue_delay(server: FakeNsqd, sub_conn) -> None:
     conn, events = sub_conn(requeue_delay=90, max_requeue_delay=100)
     sent = server.send_message(b"x", attempts=5)

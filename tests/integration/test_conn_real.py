@@ -275,6 +275,8 @@ def test_touch_keeps_message_and_untouched_one_is_redelivered(
     received_at = time.monotonic()
     touched = next(m for m in deliveries if m.body == b"touched")
     control = next(m for m in deliveries if m.body == b"control")
+    control_left = control.time_left()
+    assert control_left is not None and 0.5 < control_left <= 1.0
 
     # nsqd v1.3.0 scans in-flight timeouts only on channels its queueScanLoop knows, and it
     # refreshes that list every 5 s (QueueScanRefreshInterval, not a flag): on a fresh channel
@@ -301,6 +303,8 @@ def test_touch_keeps_message_and_untouched_one_is_redelivered(
     touched.finish()
     assert redelivered_at is not None, f"the untouched message was not redelivered: {deliveries}"
     assert 0.9 <= redelivered_at - received_at <= 7.5
+    assert redelivered_at - received_at >= control_left - 0.05  # time_left() was no promise nsqd broke
+    assert touched.time_left() > 0  # touched every half second
     assert [m.attempts for m in deliveries if m.id == control.id] == [1, 2]
     # Give a redelivery of the touched message a chance to show up: it must not.
     with pytest.raises(queue.Empty):
