@@ -176,6 +176,11 @@ class AsyncConn(EventedMixin):
             raise ConfigError("auth_secret", "<hidden>", "must be str or bytes")
         if auth_secret is not None and not auth_secret:
             raise ConfigError("auth_secret", "<hidden>", "must not be empty")
+        if isinstance(auth_secret, str):
+            try:
+                auth_secret = auth_secret.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ConfigError("auth_secret", "<hidden>", "is a str that cannot be encoded as UTF-8 (lone surrogates); pass bytes") from None
         for name, value in (("client_id", client_id), ("hostname", hostname)):
             if value is not None and (not isinstance(value, str) or not value):
                 raise ConfigError(name, value, "must be a non-empty string")
@@ -231,7 +236,7 @@ class AsyncConn(EventedMixin):
         self.msg_timeout = msg_timeout
         self.close_timeout = close_timeout
         self.hostname = hostname
-        self._auth_secret = auth_secret.encode("utf-8") if isinstance(auth_secret, str) else auth_secret
+        self._auth_secret = auth_secret
         self._max_frame_size = max_frame_size
 
         self.backend = get_backend(backend)
@@ -743,6 +748,10 @@ class AsyncConn(EventedMixin):
         """
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"request_wait() takes command bytes, not {type(data).__name__}")
+        if timeout is not None and not (timeout.__class__ is float and 0.0 <= timeout <= _MAX_WAIT):
+            _check_timeout(timeout)  # (before anything is sent or the read token taken)
+        if not data:
+            raise ConfigError("data", data, "is an empty command")
         token = self._read_token
         if self._subscribed:
             return self._wait(self.request(data), timeout)
@@ -1019,6 +1028,8 @@ class AsyncConn(EventedMixin):
         answer. Do not mix with raw send() of answered commands on the same connection.
         To block for the answer, :meth:`request_wait` is cheaper than ``request().result()``.
         """
+        if future is not None and not callable(getattr(future, "set_result", None)):
+            raise TypeError(f"future must be a concurrent.futures.Future, not {type(future).__name__}")
         return self._request(data, future)
 
     def _request(self, data: bytes, future: "Optional[Future[bytes]]", lead: bool = False) -> "Future[bytes]":
@@ -1027,6 +1038,8 @@ class AsyncConn(EventedMixin):
         is pending (set in the same locked step that queues the request)."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"request() takes command bytes, not {type(data).__name__}")
+        if not data:
+            raise ConfigError("data", data, "is an empty command")  # (nothing to answer: every later answer would go to the wrong request)
         if future is None:
             future = Future()
             future.set_running_or_notify_cancel()
@@ -1067,6 +1080,8 @@ class AsyncConn(EventedMixin):
     def subscribe(self, topic: str, channel: str, timeout: Optional[float] = None) -> bytes:
         """SUB and wait for OK. Raises BadTopicError/BadChannelError etc. from nsqd, TimeoutError."""
         data = commands.sub(topic, channel)  # validates the names before anything changes
+        if timeout is not None:
+            _check_timeout(timeout)
         if self.heartbeat_interval == -1:
             raise ConfigError("heartbeat_interval", -1, NO_HEARTBEAT_SUB)
         self._subscribed = True
@@ -1419,6 +1434,14 @@ class _WaitedAnswer(_Answer):
             self._done.acquire()
             return True
         return self._done.acquire(True, max(0.0, timeout)) or self.done()
+
+
+_MAX_WAIT = 86400.0  # the longest timeout a wait accepts (a day, as the Writer's)
+
+
+def _check_timeout(timeout: object) -> None:
+    """A wait's timeout: None or 0..a day seconds; TypeError/ConfigError naming it."""
+    check_number("timeout", timeout, 0, _MAX_WAIT)
 
 
 #: why a connection without heartbeats cannot subscribe

@@ -29,6 +29,13 @@ DEFAULT_NSQD_LIMITS: Dict[str, float] = {
     "max_output_buffer_timeout": 30.0,  # --max-output-buffer-timeout
 }
 
+#: ms values travel as ints that nsqd parses into 32 bits: no duration longer than this (24.8 days)
+_LONGEST = (2**31 - 1) / 1000.0
+_RANGES = {
+    "max_heartbeat_interval": (1, _LONGEST),  # nsqd's smallest heartbeat interval is 1 s
+    "max_msg_timeout": (1, _LONGEST),  # and its smallest message timeout
+    "max_output_buffer_size": (64, 2**31 - 1),
+}
 _FLAGS = {name: "--" + name.replace("_", "-") for name in DEFAULT_NSQD_LIMITS}
 _limits: Dict[str, float] = dict(DEFAULT_NSQD_LIMITS)
 
@@ -44,7 +51,8 @@ def set_nsqd_limits(**limits: float) -> Dict[str, float]:
     ``set_nsqd_limits(**previous)`` restores them.
 
     Raises TypeError for an unknown name or a non-number, ConfigError for a value out of range
-    (each must be positive, and the minimum output buffer timeout at most the maximum).
+    (durations from 1 ms to 24.8 days, heartbeat interval and message timeout at least 1 s,
+    buffer size at least 64 bytes; the minimum output buffer timeout at most the maximum).
     """
     global _limits
     unknown = sorted(set(limits) - set(DEFAULT_NSQD_LIMITS))
@@ -53,8 +61,9 @@ def set_nsqd_limits(**limits: float) -> Dict[str, float]:
     for name, value in limits.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{name} must be a number, not {type(value).__name__}")
-        if not value > 0 or value != value or value == float("inf"):
-            raise ConfigError(name, value, "must be a positive, finite number")
+        low, high = _RANGES.get(name, (0.001, _LONGEST))
+        if not low <= value <= high:  # (NaN fails too)
+            raise ConfigError(name, value, f"must be between {low} and {high}")
     if "max_output_buffer_size" in limits and not isinstance(limits["max_output_buffer_size"], int):
         raise TypeError("max_output_buffer_size must be an int (bytes)")
     new = dict(_limits, **limits)

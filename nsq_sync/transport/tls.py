@@ -51,7 +51,7 @@ def make_ssl_context(tls_options: Union[None, ssl.SSLContext, Mapping[str, Any]]
             context.set_ciphers(options["ciphers"])
         if options.get("minimum_version") is not None:
             context.minimum_version = options["minimum_version"]
-    except (OSError, ssl.SSLError) as exc:
+    except (OSError, ssl.SSLError, TypeError, ValueError) as exc:  # (a wrong type or value in a key, too)
         raise ConfigError("tls_options", {k: v for k, v in options.items() if k != "password"}, f"cannot build a TLS context: {exc}") from exc
     return context
 

@@ -1269,3 +1269,51 @@ def test_fake_rejects_bad_magic() -> None:
         assert data == frame(1, b"E_BAD_PROTOCOL client sent an invalid magic")
         assert server.session.magic == b"  V1"
         server.wait_disconnected()
+
+
+# --------------------------------------------------------------------------- bad input: refused before anything is sent
+
+
+@pytest.mark.parametrize("timeout, error", [("1", TypeError), (True, TypeError), (-1, ConfigError), (float("nan"), ConfigError), (float("inf"), ConfigError), (86401.0, ConfigError)])
+def test_bad_request_wait_timeout_sends_nothing_and_keeps_the_connection(server: FakeNsqd, make_conn, timeout, error) -> None:
+    conn = make_conn()
+    conn.connect()
+    assert conn.request_wait(commands.pub("t", b"lead"), 5) == b"OK"  # the caller reads its own answer
+    with pytest.raises(error, match="timeout"):
+        conn.request_wait(commands.pub("t", b"never"), timeout)
+    # Nothing went out, and the read token was not kept: both kinds of request still work.
+    assert conn.request_wait(commands.pub("t", b"after"), 5) == b"OK"
+    assert conn.request(commands.pub("t", b"future")).result(5) == b"OK"
+    assert [c.body for c in server.received if c.name == "PUB"] == [b"lead", b"after", b"future"]
+
+
+def test_empty_command_is_refused_and_later_answers_stay_matched(server: FakeNsqd, make_conn) -> None:
+    conn = make_conn()
+    conn.connect()
+    for empty in (b"", bytearray(), memoryview(b"")):
+        with pytest.raises(ConfigError, match="empty command"):
+            conn.request(empty)
+        with pytest.raises(ConfigError, match="empty command"):
+            conn.request_wait(empty, 5)
+    assert conn.pending_requests == 0
+    assert conn.request(commands.pub("t", b"x")).result(5) == b"OK"
+
+
+def test_request_with_something_else_than_a_future(server: FakeNsqd, make_conn) -> None:
+    conn = make_conn()
+    conn.connect()
+    with pytest.raises(TypeError, match="future must be"):
+        conn.request(commands.pub("t", b"never"), future="x")  # type: ignore[arg-type]
+    assert conn.pending_requests == 0
+    assert conn.request(commands.pub("t", b"x")).result(5) == b"OK"
+    assert [c.body for c in server.received if c.name == "PUB"] == [b"x"]
+
+
+@pytest.mark.parametrize("timeout, error", [("5", TypeError), (-1, ConfigError), (float("nan"), ConfigError)])
+def test_bad_subscribe_timeout_sends_no_sub(server: FakeNsqd, make_conn, timeout, error) -> None:
+    conn = make_conn()
+    conn.connect()
+    with pytest.raises(error, match="timeout"):
+        conn.subscribe("t", "c", timeout=timeout)
+    assert conn.subscribe("t", "c", timeout=5) == b"OK"  # a second SUB would be fatal: the first never went
+    assert [c.line for c in server.received if c.name == "SUB"] == [b"SUB t c"]

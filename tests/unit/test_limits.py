@@ -89,6 +89,11 @@ def test_the_writers_dpub_follows_the_limit() -> None:
         (dict(max_msg_timeout=float("nan")), ConfigError),
         (dict(max_msg_timeout=float("inf")), ConfigError),
         (dict(min_output_buffer_timeout=31), ConfigError),
+        (dict(max_req_timeout=2**80), ConfigError),
+        (dict(max_heartbeat_interval=0.5), ConfigError),
+        (dict(max_msg_timeout=0.5), ConfigError),
+        (dict(max_output_buffer_size=32), ConfigError),
+        (dict(min_output_buffer_timeout=0.0001), ConfigError),
         (dict(max_output_buffer_timeout=0.01), ConfigError),
     ],
 )
