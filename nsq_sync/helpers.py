@@ -7,8 +7,9 @@ from typing import Any, Iterable, Mapping
 from .message import Message
 from .protocol import commands
 from .protocol.constants import FRAME_TYPE_ERROR, FRAME_TYPE_MESSAGE, FRAME_TYPE_RESPONSE
+from .protocol.frames import Frame
 from .protocol.frames import decode_message as _decode_raw
-from .protocol.frames import unpack_response
+from .protocol.frames import unpack_response as _unpack_raw
 from .protocol.names import valid_channel_name, valid_topic_name
 
 __all__ = [
@@ -88,7 +89,25 @@ def dpub(topic: str, delay_ms: int, data: Any) -> bytes:
     return commands.dpub(topic, delay_ms, data)
 
 
+def _check_data(data: object) -> None:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"data must be bytes, not {type(data).__name__}")
+
+
+def unpack_response(data: bytes) -> Frame:
+    """Split a frame without its size prefix into ``(frame_type, data)``.
+
+    TypeError naming ``data`` unless it is bytes-like; IntegrityError when it is shorter than 4 bytes.
+    """
+    _check_data(data)
+    return _unpack_raw(data)
+
+
 def decode_message(data: bytes) -> Message:
-    """Decode a message frame's data into a :class:`Message` (not tied to a connection)."""
+    """Decode a message frame's data into a :class:`Message` (not tied to a connection).
+
+    TypeError naming ``data`` unless it is bytes-like; IntegrityError when it is shorter than the 26-byte header.
+    """
+    _check_data(data)
     raw = _decode_raw(data)
     return Message(raw.id, raw.body, raw.timestamp, raw.attempts)

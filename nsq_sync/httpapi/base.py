@@ -37,8 +37,10 @@ ACCEPT_V1 = "application/vnd.nsq; version=1.0"
 
 _USER_AGENT = "nsq_sync (python http.client)"
 _LEGACY_KEYS = frozenset(("status_code", "status_txt", "data"))
-_HOSTNAME = re.compile(r"^[A-Za-z0-9_.-]+$")
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+# fullmatch, not ^...$: "$" also matches before a trailing newline
+_HOSTNAME = re.compile(r"[A-Za-z0-9_.-]+").fullmatch
+#: an HTTP token (RFC 9110): a header name or a method
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+").fullmatch
 _MAX_ERROR_TEXT = 500
 
 ParamValue = Union[str, int, bool, None]
@@ -88,6 +90,9 @@ def _parse_address(address: object) -> Tuple[str, str, int, str]:
 
     if parts.query or parts.fragment or "?" in rest or "#" in rest:
         raise bad("must not contain a query string or fragment")
+    if not (address.isascii() and address.isprintable()):
+        # http.client sends the host and path as ASCII: every request would raise UnicodeEncodeError
+        raise bad("must be printable ASCII (percent-encode other characters in the path)")
     if not host:
         raise bad("missing host")
     if parts.netloc.startswith("["):
@@ -95,7 +100,7 @@ def _parse_address(address: object) -> Tuple[str, str, int, str]:
             ipaddress.IPv6Address(host.split("%", 1)[0])
         except ValueError:
             raise bad("bracketed host must be an IPv6 address") from None
-    elif not _HOSTNAME.match(host):
+    elif not _HOSTNAME(host):
         raise bad("host contains invalid characters")
     if port is None:
         if not explicit_scheme:
@@ -123,18 +128,44 @@ def _check_headers(headers: object) -> Dict[str, str]:
     for name, value in headers.items():
         if not isinstance(name, str) or not isinstance(value, str):
             raise TypeError("headers must be a mapping of str to str")
-        if not _HEADER_NAME.match(name):
+        if not _TOKEN(name):
             raise ConfigError("headers", name, "not a valid HTTP header name")
-        if "\r" in value or "\n" in value or "\0" in value:
-            # the value may be a secret (Authorization), so do not echo it
-            raise ConfigError("headers", name, "header value must not contain CR, LF or NUL")
+        # the value may be a secret (Authorization), so do not echo it
+        _check_header_value("headers", name, value)
         checked[name] = value
     return checked
 
 
+def _check_header_value(param: str, shown: object, value: str) -> None:
+    if "\r" in value or "\n" in value or "\0" in value:
+        raise ConfigError(param, shown, "header value must not contain CR, LF or NUL")
+    try:
+        value.encode("latin-1")  # what http.client sends header values as
+    except UnicodeEncodeError:
+        raise ConfigError(param, shown, "header value must be encodable as latin-1 (http.client sends it so)") from None
+
+
+def _check_method(method: object) -> str:
+    if not isinstance(method, str):
+        raise TypeError(f"method must be str, not {type(method).__name__}")
+    if not _TOKEN(method):
+        raise ConfigError("method", method, "must be an HTTP method such as 'GET' or 'POST'")
+    return method
+
+
+def _check_path(path: object) -> str:
+    if not isinstance(path, str):
+        raise TypeError(f"path must be str, not {type(path).__name__}")
+    if not (path.isascii() and path.isprintable()) or " " in path:
+        raise ConfigError("path", path, "must be printable ASCII without spaces (percent-encode other characters)")
+    return path
+
+
 def _encode_params(params: Optional[Params]) -> str:
-    if not params:
+    if params is None:
         return ""
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be a mapping of str to str/int/bool/None, not {type(params).__name__}")
     pairs = []
     for key, value in params.items():
         if value is None:
@@ -142,7 +173,10 @@ def _encode_params(params: Optional[Params]) -> str:
         if isinstance(value, bool):
             value = "true" if value else "false"
         pairs.append((key, str(value)))
-    return urlencode(pairs)
+    try:
+        return urlencode(pairs)
+    except UnicodeEncodeError as exc:  # a lone surrogate: str is not encodable as UTF-8
+        raise ConfigError("params", "<not UTF-8>", f"str is not encodable as UTF-8 ({exc.reason}); pass valid text") from None
 
 
 def _decode_text(body: bytes) -> str:
@@ -244,9 +278,12 @@ class HTTPClient:
     applies to connecting and to each socket read.  *headers* are added to every
     request (they are never logged).
 
-    The address is checked here: a malformed one raises :class:`ConfigError`
-    naming ``address`` (TypeError when it is not a str); a non-positive or
-    non-numeric *timeout* raises :class:`ConfigError` naming ``timeout``.
+    The address is checked here: a malformed one (including one with characters
+    other than printable ASCII) raises :class:`ConfigError` naming ``address``
+    (TypeError when it is not a str); a non-positive or non-numeric *timeout*
+    raises :class:`ConfigError` naming ``timeout``; a header name that is not an
+    HTTP token, or a value with CR/LF/NUL or not encodable as latin-1, raises
+    :class:`ConfigError` naming ``headers``.
     """
 
     def __init__(
@@ -343,8 +380,19 @@ class HTTPClient:
         (``{"message": ...}``, a legacy ``status_txt``, or the body text) for a
         non-2xx answer, and ``HTTPError(0, reason)`` raised from the underlying
         exception when no answer arrived (refused, timed out, DNS, TLS, reset).
+        Before connecting, a bad *method*, *path*, *params*, *body* or *content_type*
+        raises TypeError or :class:`ConfigError` naming it (e.g. a method with CR/LF,
+        a non-ASCII path, params that are not a mapping, a str body).
         """
+        method = _check_method(method)
+        path = _check_path(path)
         query = _encode_params(params)
+        if body is not None and not isinstance(body, (bytes, bytearray, memoryview)):
+            raise TypeError(f"body must be bytes, bytearray or memoryview, not {type(body).__name__}")
+        if content_type is not None:
+            if not isinstance(content_type, str):
+                raise TypeError(f"content_type must be str, not {type(content_type).__name__}")
+            _check_header_value("content_type", content_type, content_type)
         target = f"{self._prefix}{path}" + (f"?{query}" if query else "")
         url = f"{self._base_url}{path}" + (f"?{query}" if query else "")
         headers = {"Accept": ACCEPT_V1, "User-Agent": _USER_AGENT}

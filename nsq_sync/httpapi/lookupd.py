@@ -20,13 +20,14 @@ __all__ = ["LookupdClient"]
 
 logger = logging.getLogger(__name__)
 
-_NODE = re.compile(r"^(?:\[[0-9A-Fa-f:.%a-zA-Z]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
+# fullmatch, not ^...$ ("$" also matches before a trailing newline); [0-9], not \d (any Unicode digit)
+_NODE = re.compile(r"(?:\[[0-9A-Fa-f:.%a-zA-Z]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})").fullmatch
 
 
 def _check_node(node: object) -> str:
     if not isinstance(node, str):
         raise TypeError(f"node must be str ('broadcast_address:http_port'), not {type(node).__name__}")
-    match = _NODE.match(node)
+    match = _NODE(node)
     if match is None or not 1 <= int(match.group(1)) <= 65535:
         raise ConfigError("node", node, "must be 'broadcast_address:http_port' of an nsqd")
     return node

@@ -33,7 +33,11 @@ _MAX_INT32 = 2**31 - 1
 def _body_bytes(body: object, param: str) -> bytes:
     """*body* as bytes (str encoded UTF-8); TypeError for other types, ConfigError when empty."""
     if isinstance(body, str):
-        data = body.encode("utf-8")
+        try:
+            data = body.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            shown = body if len(body) <= 64 else f"<str of {len(body)} characters>"
+            raise ConfigError(param, shown, f"str is not encodable as UTF-8 ({exc.reason} at index {exc.start}); pass bytes") from None
     elif isinstance(body, (bytes, bytearray, memoryview)):
         data = bytes(body)
     else:

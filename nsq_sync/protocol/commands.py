@@ -8,6 +8,7 @@ byte is produced.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from operator import countOf as _count_of
 from typing import Any, Dict, Iterable, List, Mapping, Tuple, Union
@@ -54,7 +55,10 @@ def to_body(body: object, param: str = "body") -> bytes:
     if isinstance(body, bytes):
         data = body
     elif isinstance(body, str):
-        data = body.encode("utf-8")
+        try:
+            data = body.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise _not_utf8(param, body, exc) from None
     elif isinstance(body, (bytearray, memoryview)):
         data = bytes(body)
     else:
@@ -66,16 +70,40 @@ def to_body(body: object, param: str = "body") -> bytes:
     return data
 
 
+def _not_utf8(param: str, text: str, exc: UnicodeEncodeError) -> ConfigError:
+    """The error for a str that cannot be encoded as UTF-8 (a lone surrogate, e.g. from os.fsdecode)."""
+    shown: object = "<hidden>" if param == "auth_secret" else (text if len(text) <= 64 else f"<str of {len(text)} characters>")
+    return ConfigError(param, shown, f"str is not encodable as UTF-8 ({exc.reason} at index {exc.start}); pass bytes")
+
+
+#: nsqd's message ids are 16 hex digits; any 16 printable, non-space ASCII bytes keep the
+#: command line intact (nsqd splits it on spaces and strips a trailing CR).
+_MESSAGE_ID = re.compile(b"[!-~]{%d}" % MESSAGE_ID_SIZE).fullmatch
+_MESSAGE_ID_CHARS = f"must be {MESSAGE_ID_SIZE} printable ASCII characters without spaces (nsqd's ids are hex digits)"
+
+
 def _message_id(message_id: object) -> bytes:
+    # Hot path (one FIN per message): an id as nsqd sends it, bytes of 16 ASCII letters/digits.
+    if message_id.__class__ is bytes and message_id.isalnum() and len(message_id) == MESSAGE_ID_SIZE:  # type: ignore[attr-defined]
+        return message_id  # type: ignore[return-value]
+    return _check_message_id(message_id)
+
+
+def _check_message_id(message_id: object) -> bytes:
     if isinstance(message_id, str):
-        message_id = message_id.encode("ascii", "replace")
+        try:
+            message_id = message_id.encode("ascii")
+        except UnicodeEncodeError:
+            raise ConfigError("message_id", message_id, _MESSAGE_ID_CHARS) from None
     elif isinstance(message_id, (bytearray, memoryview)):
         message_id = bytes(message_id)
     if not isinstance(message_id, bytes):
         raise TypeError(f"message id must be bytes or str, not {type(message_id).__name__}")
-    if len(message_id) != MESSAGE_ID_SIZE or b" " in message_id or b"\n" in message_id:
+    if len(message_id) != MESSAGE_ID_SIZE:
         raise ConfigError("message_id", message_id, f"must be {MESSAGE_ID_SIZE} bytes")
-    return message_id
+    if _MESSAGE_ID(message_id) is None:
+        raise ConfigError("message_id", message_id, _MESSAGE_ID_CHARS)
+    return bytes(message_id)
 
 
 def _int(param: str, value: object, low: int, high: int) -> int:
@@ -87,8 +115,20 @@ def _int(param: str, value: object, low: int, high: int) -> int:
 
 
 def identify(data: Mapping[str, Any]) -> bytes:
-    """IDENTIFY with a JSON body built from *data* (already in nsqd's units)."""
-    body = json.dumps(dict(data), separators=(",", ":")).encode("utf-8")
+    """IDENTIFY with a JSON body built from *data* (already in nsqd's units).
+
+    TypeError naming ``data`` when it is not a mapping or holds a value JSON cannot carry;
+    ConfigError naming it for NaN/infinity (not valid JSON) or a circular reference.
+    """
+    if not isinstance(data, Mapping):
+        raise TypeError(f"data must be a mapping of IDENTIFY fields, not {type(data).__name__}")
+    try:
+        text = json.dumps(dict(data), separators=(",", ":"), allow_nan=False)
+    except TypeError as exc:
+        raise TypeError(f"data cannot be sent as JSON: {exc}") from None
+    except ValueError as exc:  # NaN/inf (allow_nan=False) or a circular reference
+        raise ConfigError("data", data, f"cannot be sent as JSON ({exc})") from None
+    body = text.encode("utf-8")  # ensure_ascii: the text is ASCII, so this cannot fail
     return b"IDENTIFY\n" + _pack_size(len(body)) + body
 
 
