@@ -2,45 +2,90 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Iterable, List, Tuple
 
 from .errors import ConfigError
 
 __all__ = ["parse_address", "parse_addresses", "address_key"]
 
+_ASCII_DIGITS = frozenset("0123456789")
+
+
+def _is_pair(value: object) -> bool:
+    """A (host, port) pair: a 2-tuple whose second item is an int (a tuple of strings is a list of addresses)."""
+    return isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int)
+
+
+def _is_ipv6(host: str) -> bool:
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return False
+    return True
+
 
 def parse_address(address: object, param: str = "nsqd_tcp_addresses") -> Tuple[str, int]:
-    """Split "host:port" into (host, port); a (host, port) tuple passes through.
+    """Split "host:port" into (host, port); a (host, port) pair (an int port) passes through.
 
-    Raises ConfigError naming *param* for anything else (a scheme, a path, spaces, a bad port).
+    Raises ConfigError naming *param* for anything else (a scheme, a path, spaces, a missing
+    host or port, a port that is not ASCII digits or not in 1..65535).
     """
-    if isinstance(address, tuple) and len(address) == 2:
-        host, port = address
+    if _is_pair(address):
+        host, port = address  # type: ignore[misc]
+        if not isinstance(host, str) or not host:
+            raise ConfigError(param, address, "a (host, port) pair needs a non-empty str host")
+        if host.startswith("[") and host.endswith("]") and _is_ipv6(host[1:-1]):
+            host = host[1:-1]
+        if ":" in host and not _is_ipv6(host):
+            raise ConfigError(param, address, 'the host of a (host, port) pair holds a ":" but is no IPv6 address (give "host:port" strings as a list)')
     elif isinstance(address, str):
         if "/" in address or any(ch.isspace() for ch in address):
             raise ConfigError(param, address, 'must be "host:port" (no scheme, path or spaces)')
         host, sep, port_text = address.rpartition(":")
-        if not sep or not host or not port_text.isdigit():
-            raise ConfigError(param, address, 'must be "host:port"')
+        if not sep or not port_text or address.endswith("]"):
+            raise ConfigError(param, address, 'must be "host:port": the port is missing')
+        if not host or host == "[]":
+            raise ConfigError(param, address, 'must be "host:port": the host is missing')
+        if not _ASCII_DIGITS.issuperset(port_text):
+            raise ConfigError(param, address, f'must be "host:port" with the port in ASCII digits 0-9, not {port_text!r}')
         host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
         port = int(port_text)
+    elif isinstance(address, tuple):
+        raise ConfigError(param, address, 'a tuple inside the list must be a (host, port) pair with an int port; give addresses as "host:port" strings')
     else:
-        raise ConfigError(param, address, 'must be "host:port" strings')
-    if not isinstance(host, str) or not host or isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-        raise ConfigError(param, address, 'must be "host:port" with a port from 1 to 65535')
+        raise ConfigError(param, address, f'each address must be a "host:port" string or a (host, port) pair, not {type(address).__name__}')
+    if isinstance(port, bool) or not 0 < port < 65536:
+        raise ConfigError(param, address, "the port must be from 1 to 65535" if isinstance(address, str) else "the port must be an int from 1 to 65535")
     return host, port
 
 
 def parse_addresses(addresses: object, param: str = "nsqd_tcp_addresses") -> List[Tuple[str, int]]:
-    """Accept None, one "host:port" string or an iterable of them; duplicates are dropped, order kept."""
+    """Accept None, one "host:port" string or (host, port) pair, or an iterable (list, tuple, ...)
+    of them; duplicates are dropped, order kept.
+
+    A tuple is a (host, port) pair only when its second item is an int: ``("a:4150", "b:4150")``
+    is two addresses.
+    """
     if addresses is None:
         return []
-    if isinstance(addresses, (str, tuple)):
+    if isinstance(addresses, str) or _is_pair(addresses):
         addresses = [addresses]
     if isinstance(addresses, (bytes, bytearray)) or not isinstance(addresses, Iterable):
         raise ConfigError(param, addresses, 'must be a "host:port" string or a list of them')
+    items = list(addresses)
+    if (
+        isinstance(addresses, tuple)
+        and len(items) == 2
+        and all(isinstance(item, str) for item in items)
+        and ":" not in items[0]
+        and items[1]
+        and _ASCII_DIGITS.issuperset(items[1])
+    ):
+        # ("127.0.0.1", "4150"): meant as a (host, port) pair, read as two addresses.
+        raise ConfigError(param, addresses, 'a (host, port) pair needs an int port, e.g. ("127.0.0.1", 4150); or give "127.0.0.1:4150"')
     result: List[Tuple[str, int]] = []
-    for address in addresses:
+    for address in items:
         parsed = parse_address(address, param)
         if parsed not in result:
             result.append(parsed)

@@ -69,6 +69,10 @@ from typing import (
     Union,
 )
 
+from .addresses import parse_address
+from .errors import ConfigError
+from .protocol.identify import check_number
+
 if TYPE_CHECKING:  # pragma: no cover - imported lazily at runtime (gevent)
     import http.server
     import ssl
@@ -263,6 +267,41 @@ def _cleanup_at_exit() -> None:
 
 
 # --------------------------------------------------------------------------
+# argument checks: bad values fail when the object is made, not at start()
+
+
+def _string_list(param: str, value: object) -> List[str]:
+    """*value* as a list of str; a lone str (which would become its characters) is a TypeError."""
+    if isinstance(value, (str, bytes, bytearray)):
+        raise TypeError(f"{param} must be a list of strings, not a single {type(value).__name__}: write [{value!r}]")
+    if not isinstance(value, Iterable):
+        raise TypeError(f"{param} must be a list of strings, not {type(value).__name__}")
+    items = list(value)
+    for item in items:
+        if not isinstance(item, str):
+            raise TypeError(f"{param} must hold only strings, not {type(item).__name__} ({item!r})")
+    return items
+
+
+def _optional_path(param: str, value: object) -> Optional[str]:
+    """None, or a non-empty str/os.PathLike path as a str."""
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{param} must be a str or os.PathLike path, not {type(value).__name__}")
+    path = os.fspath(value)
+    if not isinstance(path, str):
+        raise TypeError(f"{param} must be a str path, not {type(path).__name__}")
+    if not path:
+        raise ConfigError(param, value, "must be a non-empty path")
+    return path
+
+
+def _check_start_timeout(start_timeout: object) -> float:
+    return float(check_number("start_timeout", start_timeout, 0.001, 86400))
+
+
+# --------------------------------------------------------------------------
 # broker processes
 
 _LISTEN_RE = re.compile(r"\b(TCP|HTTP|HTTPS): listening on (\S+)")
@@ -283,9 +322,9 @@ class _BrokerProcess:
         max_log_lines: int = 5000,
     ) -> None:
         self.host: str = LOCALHOST
-        self.extra_args: List[str] = list(extra_args)
-        self.binary = binary
-        self.start_timeout = start_timeout
+        self.extra_args: List[str] = _string_list("extra_args", extra_args)
+        self.binary = _optional_path("binary", binary)
+        self.start_timeout = _check_start_timeout(start_timeout)
         self.tcp_port: Optional[int] = None
         self.http_port: Optional[int] = None
         self.https_port: Optional[int] = None
@@ -712,6 +751,11 @@ class NsqlookupdProcess(_BrokerProcess):
     """A real ``nsqlookupd`` on 127.0.0.1 with kernel-assigned TCP/HTTP ports.
 
     ``extra_args`` are appended verbatim to the command line (later flags win).
+
+    Raises:
+        TypeError: ``extra_args`` is a str (not a list of them) or holds a non-str;
+            ``binary`` is not a path.
+        ConfigError: ``start_timeout`` is not from 0.001 to 86400 seconds.
     """
 
     binary_name = "nsqlookupd"
@@ -787,7 +831,11 @@ class NsqdProcess(_BrokerProcess):
     so message IDs from several local nsqds do not collide.
 
     Raises:
-        ValueError: only one of ``tls_cert``/``tls_key`` given.
+        TypeError: ``extra_args``/``lookupd_tcp_addresses`` is a str (not a list of
+            them) or holds a non-str; a path or ``binary`` is not a str/os.PathLike.
+        ConfigError (a ValueError): only one of ``tls_cert``/``tls_key`` given,
+            ``tls_root_ca`` without them, a lookupd address that is not
+            ``"host:port"``, an empty path, ``start_timeout`` not from 0.001 to 86400.
     """
 
     binary_name = "nsqd"
@@ -805,13 +853,23 @@ class NsqdProcess(_BrokerProcess):
         start_timeout: float = 10.0,
     ) -> None:
         super().__init__(extra_args, binary=binary, start_timeout=start_timeout)
-        if (tls_cert is None) != (tls_key is None):
-            raise ValueError("tls_cert and tls_key must be given together")
-        self.lookupd_tcp_addresses: List[str] = list(lookupd_tcp_addresses)
-        self.tls_cert = os.fspath(tls_cert) if tls_cert is not None else None
-        self.tls_key = os.fspath(tls_key) if tls_key is not None else None
-        self.tls_root_ca = os.fspath(tls_root_ca) if tls_root_ca is not None else None
-        self.data_path: Optional[str] = os.fspath(data_path) if data_path is not None else None
+        addresses = _string_list("lookupd_tcp_addresses", lookupd_tcp_addresses)
+        for address in addresses:
+            parse_address(address, "lookupd_tcp_addresses")
+        cert = _optional_path("tls_cert", tls_cert)
+        key = _optional_path("tls_key", tls_key)
+        root_ca = _optional_path("tls_root_ca", tls_root_ca)
+        path = _optional_path("data_path", data_path)
+        if (cert is None) != (key is None):
+            missing = "tls_key" if key is None else "tls_cert"
+            raise ConfigError(missing, None, "tls_cert and tls_key must be given together")
+        if root_ca is not None and cert is None:
+            raise ConfigError("tls_root_ca", root_ca, "needs tls_cert and tls_key (nsqd uses it only with TLS)")
+        self.lookupd_tcp_addresses: List[str] = addresses
+        self.tls_cert = cert
+        self.tls_key = key
+        self.tls_root_ca = root_ca
+        self.data_path: Optional[str] = path
         self._owns_data_path = False
         self.node_id: int = next(_node_ids) % 1024
 
@@ -1018,6 +1076,12 @@ class LocalCluster:
     ``nsqd_args``/``lookupd_args`` are extra command-line flags for every nsqd
     / the lookupd. :meth:`start` returns once every nsqd shows up in the
     lookupd's ``/nodes``.
+
+    Raises:
+        TypeError: ``nsqd_count`` is not an int; ``nsqd_args``/``lookupd_args`` is a
+            str (not a list of them) or holds a non-str.
+        ConfigError: ``nsqd_count`` not from 0 to 1000, ``start_timeout`` not from
+            0.001 to 86400 seconds.
     """
 
     def __init__(
@@ -1028,9 +1092,11 @@ class LocalCluster:
         *,
         start_timeout: float = 10.0,
     ) -> None:
+        check_number("nsqd_count", nsqd_count, 0, 1000, integer=True)
+        self.nsqd_args: List[str] = _string_list("nsqd_args", nsqd_args)
+        lookupd_args = _string_list("lookupd_args", lookupd_args)
+        self.start_timeout = _check_start_timeout(start_timeout)
         self.nsqd_count = nsqd_count
-        self.nsqd_args: List[str] = list(nsqd_args)
-        self.start_timeout = start_timeout
         self.lookupd = NsqlookupdProcess(lookupd_args, start_timeout=start_timeout)
         self.nsqds: List[NsqdProcess] = []
 
@@ -1077,12 +1143,14 @@ class LocalCluster:
         Waits until the lookupd lists it in ``/nodes``.
 
         Raises:
+            TypeError: ``extra_args`` is a str (not a list of them) or holds a non-str.
             BrokerNotFoundError, BrokerStartError: nsqd could not start.
             TimeoutError: it did not register within ``start_timeout``.
         """
+        extra = _string_list("extra_args", extra_args)
         nsqd = NsqdProcess(
             lookupd_tcp_addresses=self.lookupd_tcp_addresses,
-            extra_args=self.nsqd_args + list(extra_args),
+            extra_args=self.nsqd_args + extra,
             start_timeout=self.start_timeout,
         )
         self.nsqds.append(nsqd)
@@ -1275,7 +1343,8 @@ class AuthServer:
     Unknown secrets get HTTP 403 (nsqd then answers the client ``E_AUTH_FAILED``);
     a 200 with no authorizations makes nsqd answer ``E_UNAUTHORIZED``.
 
-    ``secrets`` pre-registers secrets with full access (see :meth:`set_secret`).
+    ``secrets`` pre-registers secrets with full access (see :meth:`set_secret`);
+    a lone str (not a list of them) is a TypeError.
     """
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
@@ -1288,7 +1357,7 @@ class AuthServer:
         self._server: Optional["http.server.ThreadingHTTPServer"] = None
         self._thread: Optional[threading.Thread] = None
         self.port: Optional[int] = None
-        for secret in secrets:
+        for secret in _string_list("secrets", secrets):
             self.set_secret(secret)
 
     @property

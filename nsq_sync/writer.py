@@ -109,7 +109,8 @@ class _Node:
 class Writer:
     """A producer over one or more nsqd.
 
-    :param nsqd_tcp_addresses: "host:port" or a list of them
+    :param nsqd_tcp_addresses: "host:port", a (host, port) pair (int port), or a list or tuple of
+        them; a tuple of strings is several addresses
     :param publish_timeout: default seconds a blocking publish waits (for a connection and the answer)
     :param retries: how many times a publish that failed for connection reasons is re-sent on
         another node (never one nsqd rejected). A re-sent message may be published twice if the
@@ -268,7 +269,18 @@ class Writer:
             return {conn.id: conn for conn in self._connected}
 
     def wait_connected(self, timeout: Optional[float] = None, count: int = 1) -> bool:
-        """Block until at least *count* nodes are connected; False on timeout."""
+        """Block until at least *count* nodes are connected; False on timeout.
+
+        *timeout*: seconds (0..86400) or None (no limit). *count*: int from 1 to the number of
+        nsqd addresses. Raises ConfigError/TypeError naming the parameter for anything else.
+        """
+        if timeout is not None:
+            check_number("timeout", timeout, 0, 86400)
+        nodes = len(self._nodes)
+        try:
+            check_number("count", count, 1, nodes, integer=True)
+        except ConfigError:
+            raise ConfigError("count", count, f"must be from 1 to {nodes} (the number of nsqd addresses this Writer has)") from None
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with self._lock:
@@ -282,10 +294,12 @@ class Writer:
     def close(self, timeout: Optional[float] = None) -> None:
         """Wait for pending publishes (up to *timeout*, default publish_timeout), then close every connection.
 
-        Publishing afterwards raises ClosedError. Idempotent.
+        Publishing afterwards raises ClosedError. Idempotent. Raises ConfigError (TypeError for a
+        non-number) naming ``timeout`` for a bad *timeout*, before closing anything.
         """
         if timeout is None:
             timeout = self.publish_timeout
+        check_number("timeout", timeout, 0, 86400)
         if self._pid != os.getpid():
             # Forked and never used here: nothing of ours to drain, and the sockets are the parent's.
             self._forget_parent()
@@ -320,6 +334,10 @@ class Writer:
         self.pool.close(wait=True, timeout=max(0.1, deadline - time.monotonic()))
 
     def join(self, timeout: Optional[float] = None) -> None:
+        """Wait up to *timeout* seconds (0..86400; None: no limit) for each node's task, which
+        ends after close(). Raises ConfigError/TypeError naming ``timeout`` for a bad one."""
+        if timeout is not None:
+            check_number("timeout", timeout, 0, 86400)
         for node in self._nodes:
             if node.task is not None:
                 node.task.join(timeout)

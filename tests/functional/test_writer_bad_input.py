@@ -1,0 +1,115 @@
+"""Writer.close()/wait_connected()/join() with bad arguments, against the fake nsqd.
+
+close(math.nan) while a pub_async waited for its answer used to be accepted and skip the
+drain: the connection was closed at once and the publish failed "closed before nsqd
+answered" (close(5) returns it b"OK"). A bad timeout must be refused before close() changes
+anything, so the publish still lands and a later good close() drains it.
+
+No sleeps: the fake holds the PUB answer until the test releases it.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any, Iterator, List
+
+import pytest
+from fake_nsqd import DEFAULT, FakeNsqd
+
+from nsq_sync.errors import ClosedError, ConfigError
+from nsq_sync.writer import Writer
+
+pytestmark = pytest.mark.timeout(60)
+
+WAIT = 10.0
+NAN, INF = math.nan, math.inf
+
+
+def check_named(exc: BaseException, param: str) -> None:
+    if isinstance(exc, ConfigError):
+        assert exc.param == param, f"ConfigError names {exc.param!r}, expected {param!r}: {exc}"
+    else:
+        assert isinstance(exc, TypeError), repr(exc)
+        assert param in str(exc), f"TypeError does not name {param!r}: {exc}"
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeNsqd]:
+    server = FakeNsqd().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def writer(fake: FakeNsqd, backend: str) -> Iterator[Writer]:
+    made = Writer(f"{fake.host}:{fake.port}", backend=backend, publish_timeout=WAIT)
+    assert made.wait_connected(WAIT)
+    try:
+        yield made
+    finally:
+        made.close(WAIT)
+
+
+@pytest.mark.parametrize("timeout,error", [(NAN, ConfigError), (-1, ConfigError), (INF, ConfigError), ("x", TypeError), (True, TypeError)], ids=repr)
+def test_close_with_a_bad_timeout_keeps_a_waiting_publish(fake: FakeNsqd, writer: Writer, timeout: Any, error: type) -> None:
+    holding, release = threading.Event(), threading.Event()
+
+    def held(session: Any, command: Any) -> Any:
+        holding.set()
+        assert release.wait(WAIT)
+        return DEFAULT
+
+    fake.set_answer("PUB", held, times=1)
+    future = writer.pub_async("t", b"waiting", timeout=WAIT)
+    assert holding.wait(WAIT), "the PUB did not reach the fake"
+    try:
+        with pytest.raises(error) as info:
+            writer.close(timeout)
+        check_named(info.value, "timeout")
+        assert not future.done(), f"the publish was settled by a refused close(): {future.exception()!r}"
+    finally:
+        release.set()
+    assert future.result(WAIT) == b"OK"
+    assert writer.pub("t", b"after") == b"OK"  # still open: no ClosedError
+    writer.close(WAIT)
+    assert [body for _, body, _ in fake.published] == [b"waiting", b"after"]
+    with pytest.raises(ClosedError):
+        writer.pub_async("t", b"closed")
+
+
+def test_good_close_drains_a_waiting_publish(fake: FakeNsqd, writer: Writer) -> None:
+    # The behaviour a refused close() must not lose: close(timeout) waits for the answer.
+    holding, release = threading.Event(), threading.Event()
+    fake.set_answer("PUB", lambda session, command: (holding.set(), release.wait(WAIT), DEFAULT)[-1], times=1)
+    future = writer.pub_async("t", b"drained", timeout=WAIT)
+    assert holding.wait(WAIT)
+    closer = threading.Thread(target=writer.close, args=(WAIT,), name="test-close")
+    closer.start()
+    release.set()
+    closer.join(WAIT)
+    assert not closer.is_alive()
+    assert future.result(0) == b"OK"
+
+
+def test_connected_writer_refuses_bad_wait_connected_and_join_arguments(writer: Writer) -> None:
+    bad: List[Any] = [
+        (lambda: writer.wait_connected(NAN), ConfigError, "timeout"),
+        (lambda: writer.wait_connected("1"), TypeError, "timeout"),
+        (lambda: writer.wait_connected(0.1, count=0), ConfigError, "count"),  # returned True
+        (lambda: writer.wait_connected(0.1, count=-5), ConfigError, "count"),  # returned True
+        (lambda: writer.wait_connected(0.1, count="1"), TypeError, "count"),
+        (lambda: writer.wait_connected(0.1, count=None), TypeError, "count"),
+        (lambda: writer.wait_connected(0.1, count=2), ConfigError, "count"),
+        (lambda: writer.join(NAN), ConfigError, "timeout"),
+        (lambda: writer.join("1"), TypeError, "timeout"),
+    ]
+    for call, error, param in bad:
+        with pytest.raises(error) as info:
+            call()
+        check_named(info.value, param)
+    assert writer.wait_connected(0) is True
+    assert writer.wait_connected(WAIT, count=1) is True
+    assert writer.pub("t", b"still fine") == b"OK"
