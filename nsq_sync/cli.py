@@ -64,14 +64,59 @@ def _check_address(value: str) -> str:
     return value
 
 
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{value!r} must be at least 1")
-    return number
+def _int_range(low: int, high: Optional[int] = None, param: Optional[str] = None) -> Callable[[str], int]:
+    """An argparse type: a whole number from *low* to *high* (no upper bound for None);
+    *param* names the library parameter it becomes, in the error message."""
+    note = f" (the Reader's {param})" if param else ""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:  # also a string of more digits than int() converts
+            raise argparse.ArgumentTypeError(f"{value[:40]!r} is not a whole number") from None
+        if number < low:
+            raise argparse.ArgumentTypeError(f"{value[:40]!r} must be at least {low}{note}")
+        if high is not None and number > high:
+            raise argparse.ArgumentTypeError(f"{value[:40]!r} must be at most {high}{note}")
+        return number
+
+    parse.__name__ = "whole number"
+    return parse
+
+
+def _seconds(low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: seconds, a finite number from *low* to *high*."""
+
+    def parse(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value[:40]!r} is not a number of seconds") from None
+        if not low <= number <= high:  # NaN fails this too
+            raise argparse.ArgumentTypeError(f"{value[:40]!r} must be a number of seconds from {low:g} to {high:g}")
+        return number
+
+    parse.__name__ = "seconds"
+    return parse
+
+
+_positive_int = _int_range(1)
+
+#: option ranges (checked by argparse, before anything starts)
+MAX_DEMO_COUNT = 100_000_000  # the demo keeps a flag (a byte, allocated up front) and a latency per message
+MAX_DEMO_THREADS = 1000
+MAX_DEMO_BATCH = 100_000
+MAX_DEMO_BODY_SIZE = 1024 * 1024 - 64  # a demo body is this + 1 bytes; nsqd's default --max-msg-size is 1 MiB
+MAX_CLUSTER_NSQD = 100
+MAX_TIMEOUT = 86400.0
+MAX_IN_FLIGHT = 2**31 - 1  # the Reader's range
+MAX_CONCURRENCY = 100_000  # the Reader's range (nsq_sync.reader.MAX_CONCURRENCY; not imported: --help stays light)
+MAX_TRIES = 65535  # the Reader's range
+_MPUB_BODY_LIMIT = 5 * 1024 * 1024  # nsqd's default --max-body-size, what the demo's brokers use
+
+
+def _demo_body(seq: int, padding: bytes) -> bytes:
+    return b"%010d|%d|%s" % (seq, time.time_ns(), padding)
 
 
 def _percentile(sorted_values: List[float], fraction: float) -> float:
@@ -192,6 +237,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import nsq_sync
 
     count = args.count
+    padding = b"." * max(0, args.body_size - 30)
+    if args.batch > 1:
+        # MPUB: 4-byte count, then a 4-byte size before each body (checked before the brokers start)
+        mpub_size = 4 + min(args.batch, count) * (4 + len(_demo_body(count, padding)))
+        if mpub_size > _MPUB_BODY_LIMIT:
+            raise UsageError(
+                f"--batch {args.batch} x --body-size {args.body_size} makes MPUB bodies of {mpub_size} bytes, "
+                f"over nsqd's default --max-body-size ({_MPUB_BODY_LIMIT}); use a smaller --batch"
+            )
     topic = f"demo.{os.getpid()}.{int(time.time())}"
     channel = "demo"
     nsqd_count = 2
@@ -205,7 +259,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     lock = threading.Lock()
     all_received = threading.Event()
     stop_publishing = threading.Event()
-    padding = b"." * max(0, args.body_size - 30)
 
     def handler(message: Any) -> bool:
         seq_text, _, sent_ns = message.body.partition(b"|")
@@ -256,7 +309,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 end = first + n
                 while seq < end and not stop_publishing.is_set():
                     top = min(end, seq + batch)
-                    bodies = [b"%010d|%d|%s" % (i, time.time_ns(), padding) for i in range(seq, top)]
+                    bodies = [_demo_body(i, padding) for i in range(seq, top)]
                     with lock:
                         state["sent"] += len(bodies)
                     try:
@@ -361,6 +414,12 @@ def _load_handler(path: str) -> Callable[[Any], Any]:
             raise UsageError(f"module {module_name!r} has no {attr!r} (handler {path!r})") from None
     if not callable(target):
         raise UsageError(f"handler {path!r} is not callable")
+    from .reader import check_message_handler
+
+    try:
+        check_message_handler(target)
+    except TypeError as exc:
+        raise UsageError(f"handler {path!r}: {exc}") from None
     return target
 
 
@@ -420,10 +479,14 @@ def cmd_pub(args: argparse.Namespace) -> int:
     """Publish messages from the command line or stdin lines, waiting for each OK."""
     import nsq_sync
 
+    # The exact bytes given: argv as the OS passed it (os.fsencode undoes Python's decoding,
+    # surrogate escapes included), stdin read as bytes; nothing is decoded or re-encoded.
     if args.messages == ["-"] or not args.messages:
-        bodies: Any = (line.rstrip("\n") for line in sys.stdin)
+        stdin = getattr(sys.stdin, "buffer", None)  # None when something replaced sys.stdin with a text stream
+        lines: Any = stdin if stdin is not None else (line.encode("utf-8", "surrogateescape") for line in sys.stdin)
+        bodies: Any = (line.rstrip(b"\n") for line in lines)
     else:
-        bodies = args.messages
+        bodies = [os.fsencode(message) for message in args.messages]
     addresses = _addresses(args, default_nsqd="127.0.0.1:4150")
     if not addresses["nsqd_tcp_addresses"]:
         raise UsageError("pub needs --nsqd-tcp-address")
@@ -555,13 +618,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--lookupd-http-address", action="append", type=_check_address, metavar="HOST:PORT", help="nsqlookupd HTTP address (repeatable)")
 
     demo = sub.add_parser("demo", parents=[common], help="publish and consume through a local cluster and report", epilog="example: nsq-sync demo -n 100000 --json")
-    demo.add_argument("-n", "--count", type=_positive_int, default=100_000, help="messages to send (default 100,000)")
-    demo.add_argument("--threads", type=_positive_int, default=4, help="publishing threads (default 4)")
-    demo.add_argument("--batch", type=_positive_int, default=50, help="messages per MPUB (1 = PUB each; default 50)")
-    demo.add_argument("--body-size", type=_positive_int, default=100, help="bytes per message (default 100)")
-    demo.add_argument("--max-in-flight", type=_positive_int, default=200)
-    demo.add_argument("--concurrency", type=_positive_int, default=8, help="handler workers (default 8)")
-    demo.add_argument("--timeout", type=float, default=300.0, help="give up after this many seconds")
+    demo.add_argument("-n", "--count", type=_int_range(1, MAX_DEMO_COUNT), default=100_000, help=f"messages to send (default 100,000; at most {MAX_DEMO_COUNT:,})")
+    demo.add_argument("--threads", type=_int_range(1, MAX_DEMO_THREADS), default=4, help="publishing threads (default 4)")
+    demo.add_argument("--batch", type=_int_range(1, MAX_DEMO_BATCH), default=50, help="messages per MPUB (1 = PUB each; default 50)")
+    demo.add_argument("--body-size", type=_int_range(1, MAX_DEMO_BODY_SIZE), default=100, help=f"bytes per message (default 100; at most {MAX_DEMO_BODY_SIZE:,})")
+    demo.add_argument("--max-in-flight", type=_int_range(1, MAX_IN_FLIGHT), default=200)
+    demo.add_argument("--concurrency", type=_int_range(1, MAX_CONCURRENCY), default=8, help="handler workers (default 8)")
+    demo.add_argument("--timeout", type=_seconds(0.001, MAX_TIMEOUT), default=300.0, help="give up after this many seconds")
     demo.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     backend_arg(demo)
@@ -573,16 +636,17 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--topic", required=True, type=_check_topic)
     worker.add_argument("--channel", required=True, type=_check_channel)
     address_args(worker)
-    worker.add_argument("--max-in-flight", type=_positive_int, default=1)
-    worker.add_argument("--concurrency", type=_positive_int, default=None)
-    worker.add_argument("--max-tries", type=int, default=5)
+    worker.add_argument("--max-in-flight", type=_int_range(1, MAX_IN_FLIGHT), default=1)
+    worker.add_argument("--concurrency", type=_int_range(1, MAX_CONCURRENCY), default=None,
+                        help=f"handler workers (default: --max-in-flight, at most {MAX_CONCURRENCY:,})")
+    worker.add_argument("--max-tries", type=_int_range(0, MAX_TRIES, "max_tries"), default=5, help="attempts before giving up (0: unlimited)")
     backend_arg(worker)
     worker.set_defaults(func=cmd_worker)
 
     pub = sub.add_parser("pub", parents=[common], help="publish messages (arguments, or stdin lines with -)", epilog="example: printf 'a\\nb\\n' | nsq-sync pub --topic events -")
     pub.add_argument("--topic", required=True, type=_check_topic)
     address_args(pub, lookupd=False)
-    pub.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for nsqd per message")
+    pub.add_argument("--timeout", type=_seconds(0.001, MAX_TIMEOUT), default=10.0, help="seconds to wait for nsqd per message")
     pub.add_argument("-q", "--quiet", action="store_true")
     pub.add_argument("messages", nargs="*", help="message bodies; '-' or none reads stdin lines")
     backend_arg(pub)
@@ -593,13 +657,13 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--channel", type=_check_channel, default=None, help="default: an ephemeral channel of its own")
     address_args(tail)
     tail.add_argument("-n", type=_positive_int, default=None, help="exit after N messages")
-    tail.add_argument("--max-in-flight", type=_positive_int, default=200)
-    tail.add_argument("--lookupd-poll-interval", type=float, default=5.0)
+    tail.add_argument("--max-in-flight", type=_int_range(1, MAX_IN_FLIGHT), default=200)
+    tail.add_argument("--lookupd-poll-interval", type=_seconds(0.001, MAX_TIMEOUT), default=5.0)
     backend_arg(tail)
     tail.set_defaults(func=cmd_tail)
 
     cluster = sub.add_parser("cluster", parents=[common], help="run a local nsqlookupd + nsqd cluster in the foreground", epilog="example: nsq-sync cluster --nsqd 3")
-    cluster.add_argument("--nsqd", type=_positive_int, default=2, help="how many nsqd (default 2)")
+    cluster.add_argument("--nsqd", type=_int_range(1, MAX_CLUSTER_NSQD), default=2, help=f"how many nsqd (default 2; at most {MAX_CLUSTER_NSQD})")
     cluster.add_argument("--json", action="store_true", help="print the addresses as JSON")
     cluster.set_defaults(func=cmd_cluster)
     return parser

@@ -75,6 +75,10 @@ _CONN_PARAMS = frozenset(
     name for name, p in inspect.signature(AsyncConn.__init__).parameters.items() if name != "self" and p.kind is not p.VAR_KEYWORD
 )
 _MAX_LEVEL = 10_000
+#: the most handler workers a Reader takes, and the cap of the default (max_in_flight)
+MAX_CONCURRENCY = 100_000
+#: the hooks a subclass may override; each is called and its result used at once
+_HOOKS = ("process_message", "preprocess_message", "validate_message", "giving_up", "heartbeat")
 
 
 # ----------------------------------------------------------------- helpers
@@ -86,6 +90,40 @@ def _as_list(value: object, param: str) -> List[object]:
     if isinstance(value, (bytes, bytearray)) or not isinstance(value, Iterable):
         raise ConfigError(param, value, 'must be a "host:port" string or a list of them')
     return list(value)
+
+
+def _never_runs(fn: object) -> Optional[str]:
+    """What *fn* is if calling it only creates an object (a coroutine, a generator) that
+    someone would have to await or iterate: "a coroutine function" etc., else None.
+
+    Looks at *fn* itself (functions, methods, functools.partial) and, for other callable
+    objects, at their class's ``__call__``."""
+    targets = [fn]
+    if not isinstance(fn, type):  # calling a class makes an instance: its __call__ is not run
+        targets.append(getattr(type(fn), "__call__", None))
+    for target in targets:
+        if inspect.iscoroutinefunction(target):
+            return "a coroutine function (async def)"
+        if inspect.isasyncgenfunction(target):
+            return "an async generator function"
+        if inspect.isgeneratorfunction(target):
+            return "a generator function"
+    return None
+
+
+def check_message_handler(message_handler: object) -> None:
+    """Raise TypeError naming message_handler unless it is a plain callable: not a coroutine,
+    async generator or generator function (nor an object whose ``__call__`` is one), whose
+    messages would be finished without their body ever running."""
+    if not callable(message_handler):
+        raise TypeError(f"message_handler must be callable, not {type(message_handler).__name__}")
+    kind = _never_runs(message_handler)
+    if kind is not None:
+        raise TypeError(
+            f"message_handler must be a plain function, not {kind}: nsq_sync calls handlers in worker "
+            "threads/greenlets and never awaits or iterates what they return, so every message would be "
+            "finished unprocessed; use a plain def function (run async code inside it if needed)"
+        )
 
 
 def _strip_lookup_path(address: str) -> str:
@@ -229,7 +267,8 @@ class Reader:
     :param channel: the channel (same rules)
     :param message_handler: ``handler(message)``; True or None -> FIN, False -> REQ with
         backoff, an exception -> REQ with backoff (traceback logged); after
-        ``message.enable_async()`` your code answers later, from any thread
+        ``message.enable_async()`` your code answers later, from any thread. A plain
+        callable: a coroutine (``async def``) or generator function is refused (TypeError)
     :param nsqd_tcp_addresses: ``"host:port"`` or a list of them; reconnected with
         exponential backoff and jitter until close()
     :param lookupd_http_addresses: ``"host:port"``/``"http://host:port"`` or a list;
@@ -242,7 +281,8 @@ class Reader:
     :param lookupd_poll_jitter: each poll waits ``interval * (1 + jitter * random())``
     :param low_rdy_idle_timeout: seconds without a message after which a connection's
         RDY may be handed to another (when connections outnumber max_in_flight)
-    :param concurrency: handler workers (default: max_in_flight, at least 1)
+    :param concurrency: handler workers, 1 to MAX_CONCURRENCY (100,000); default:
+        max_in_flight, at least 1 and at most MAX_CONCURRENCY
     :param name: used in logs and task names (default ``"topic:channel"``)
     :param lookupd_connect_timeout: kept for pynsq compatibility; the HTTP client uses
         one timeout for connecting and reading, the larger of the two
@@ -295,8 +335,15 @@ class Reader:
     ) -> None:
         self.topic = check_topic(topic)
         self.channel = check_channel(channel)
-        if message_handler is not None and not callable(message_handler):
-            raise TypeError(f"message_handler must be callable, not {type(message_handler).__name__}")
+        if message_handler is not None:
+            check_message_handler(message_handler)
+        for hook in _HOOKS:
+            kind = _never_runs(getattr(type(self), hook))
+            if kind is not None:
+                raise TypeError(
+                    f"{type(self).__name__}.{hook} must be a plain method, not {kind}: nsq_sync calls it in "
+                    "worker threads/greenlets and never awaits or iterates what it returns"
+                )
         self.message_handler = message_handler
 
         direct: Dict[str, Tuple[str, int]] = {}
@@ -334,8 +381,8 @@ class Reader:
         check_number("close_timeout", close_timeout, 0, 3600)
         check_number("rdy_redistribute_interval", rdy_redistribute_interval, 0.001, 3600)
         if concurrency is None:
-            concurrency = max(1, max_in_flight)
-        check_number("concurrency", concurrency, 1, 100_000, integer=True)
+            concurrency = min(max(1, max_in_flight), MAX_CONCURRENCY)
+        check_number("concurrency", concurrency, 1, MAX_CONCURRENCY, integer=True)
         if name is not None and (not isinstance(name, str) or not name):
             raise ConfigError("name", name, "must be a non-empty string")
         if backoff_strategy is None:
@@ -449,9 +496,9 @@ class Reader:
         return self._closing
 
     def set_message_handler(self, message_handler: MessageHandler) -> None:
-        """Set the handler (pynsq's method). Raises TypeError when it is not callable."""
-        if not callable(message_handler):
-            raise TypeError(f"message_handler must be callable, not {type(message_handler).__name__}")
+        """Set the handler (pynsq's method). Raises TypeError (the handler is left unchanged)
+        when it is not callable, or is a coroutine, async generator or generator function."""
+        check_message_handler(message_handler)
         self.message_handler = message_handler
 
     def start(self) -> None:

@@ -1,0 +1,159 @@
+"""Bad input to ``nsq-sync`` as real subprocesses against a real nsqd v1.3.0 (the in-process
+versions are in tests/unit/test_bad_input_reader_cli.py):
+
+* ``pub`` publishes the exact bytes it is given, in argv or on stdin, also bytes that are not
+  valid UTF-8 (a UnicodeEncodeError/UnicodeDecodeError traceback and exit 1 before);
+* ``worker`` with an ``async def`` or generator handler exits 2 with a one-line message and never
+  subscribes, so nothing is consumed (before, every message was FINed with its coroutine never run);
+* ``worker``/``tail --max-in-flight 200000`` run (the default concurrency is capped) instead of
+  failing about ``concurrency``, an option not given;
+* out-of-range numbers exit 2 with argparse's usage message before any broker starts.
+
+Commands that take ``--backend`` get the suite's backend, as in test_cli.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import signal
+import subprocess
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Dict, List, Optional
+
+import pytest
+
+from nsq_sync.testing import NsqdProcess
+
+
+def _load(path: Path, name: str) -> ModuleType:
+    """The subprocess helpers of test_cli.py (loaded like test_examples.py does: tests/integration
+    is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, str(path))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_cli = _load(Path(__file__).with_name("test_cli.py"), "_nsq_sync_cli_bad_input_helpers")
+CliProcess, cli_command, cli_env = _cli.CliProcess, _cli.cli_command, _cli.cli_env
+EXIT_OK, EXIT_USAGE = _cli.EXIT_OK, _cli.EXIT_USAGE
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def run_bytes(*args: object, env: Dict[str, str], input: bytes = b"", cwd: Optional[Path] = None) -> "subprocess.CompletedProcess[bytes]":  # noqa: A002
+    """Run ``nsq-sync ARGS`` with argv and stdin as bytes (str arguments are encoded by the OS layer)."""
+    return subprocess.run(cli_command(*args), env=env, input=input, cwd=str(cwd) if cwd else None, capture_output=True, timeout=45)  # type: ignore[arg-type]
+
+
+def describe(proc: "subprocess.CompletedProcess[bytes]") -> str:
+    return f"exit {proc.returncode}\n--- stdout\n{proc.stdout!r}\n--- stderr\n{proc.stderr.decode('utf-8', 'replace')}"
+
+
+def tail_bodies(nsqd: NsqdProcess, topic: str, count: int, backend: str, env: Dict[str, str]) -> List[bytes]:
+    proc = run_bytes("tail", "--topic", topic, "--nsqd-tcp-address", nsqd.tcp_address, "-n", str(count), "--backend", backend, env=env)
+    assert proc.returncode == EXIT_OK, describe(proc)
+    return proc.stdout.split(b"\n")[:-1]
+
+
+@pytest.fixture
+def env() -> Dict[str, str]:
+    return cli_env()
+
+
+# ---------------------------------------------------------------- pub: exact bytes
+def test_pub_argv_bytes_that_are_not_utf8_are_published_exactly(nsqd: NsqdProcess, env: Dict[str, str], backend: str) -> None:
+    bodies = [b"\xff", b"caf\xe9", "h\u00e9llo \u2603".encode("utf-8"), b"plain"]
+    # the first message creates the topic and its only channel gets the backlog; tail reads it
+    proc = run_bytes("pub", "--topic", "cli_bytes", "--nsqd-tcp-address", nsqd.tcp_address, "--backend", backend, *bodies, env=env)
+    assert proc.returncode == EXIT_OK, describe(proc)
+    assert b"published 4 message(s) to cli_bytes" in proc.stderr and b"Traceback" not in proc.stderr, describe(proc)
+    assert nsqd.topic_depth("cli_bytes") == 4
+    assert sorted(tail_bodies(nsqd, "cli_bytes", 4, backend, env)) == sorted(bodies)
+
+
+def test_pub_stdin_bytes_that_are_not_utf8_are_published_exactly(nsqd: NsqdProcess, env: Dict[str, str], backend: str) -> None:
+    proc = run_bytes("pub", "--topic", "cli_stdin_bytes", "--nsqd-tcp-address", nsqd.tcp_address, "--backend", backend, "-",
+                     input=b"\xff\xfe\n\ncaf\xe9\n\xe2\x98\x83 x\n", env=env)
+    assert proc.returncode == EXIT_OK, describe(proc)
+    assert b"published 3 message(s)" in proc.stderr and b"Traceback" not in proc.stderr, describe(proc)
+    assert sorted(tail_bodies(nsqd, "cli_stdin_bytes", 3, backend, env)) == sorted([b"\xff\xfe", b"caf\xe9", b"\xe2\x98\x83 x"])
+
+
+# ---------------------------------------------------------------- worker: a handler that would never run
+HANDLERS = {
+    "async-def": ("async def handle(message):\n    open('ran', 'w').close()\n", "coroutine function"),
+    "generator": ("def handle(message):\n    open('ran', 'w').close()\n    yield\n", "generator function"),
+    "async-call": ("class H:\n    async def __call__(self, message):\n        open('ran', 'w').close()\n\nhandle = H()\n", "coroutine function"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HANDLERS))
+def test_worker_with_a_handler_that_would_never_run_exits_2_and_consumes_nothing(
+    case: str, nsqd: NsqdProcess, tmp_path: Path, env: Dict[str, str], backend: str
+) -> None:
+    source, kind = HANDLERS[case]
+    (tmp_path / "never_mod.py").write_text(source)
+    topic, channel = "cli_async_handler", "work"
+    nsqd.create_channel(topic, channel)
+    nsqd.mpublish(topic, [b"a", b"b"])
+    proc = run_bytes("worker", "never_mod:handle", "--topic", topic, "--channel", channel, "--nsqd-tcp-address", nsqd.tcp_address,
+                     "--backend", backend, env=env, cwd=tmp_path)
+    assert proc.returncode == EXIT_USAGE, describe(proc)
+    err = proc.stderr.decode()
+    assert err.startswith("nsq-sync: error: handler 'never_mod:handle': message_handler must be a plain function, not"), describe(proc)
+    assert kind in err and "Traceback" not in err and err.count("\n") == 1, describe(proc)
+    assert proc.stdout == b""
+    stats = nsqd.channel_stats(topic, channel)
+    assert stats is not None and stats["depth"] == 2 and stats["in_flight_count"] == 0 and stats["client_count"] == 0, stats
+    assert not (tmp_path / "ran").exists()
+
+
+# ---------------------------------------------------------------- a big max-in-flight without concurrency
+def test_worker_and_tail_with_a_big_max_in_flight_run(nsqd: NsqdProcess, tmp_path: Path, env: Dict[str, str], backend: str) -> None:
+    topic = "cli_big_mif"
+    nsqd.create_channel(topic, "work")
+    nsqd.create_channel(topic, "tail")
+    nsqd.publish(topic, b"first")
+    tail = run_bytes("tail", "--topic", topic, "--channel", "tail", "--nsqd-tcp-address", nsqd.tcp_address, "-n", "1",
+                     "--max-in-flight", "200000", "--backend", backend, env=env)
+    assert tail.returncode == EXIT_OK, describe(tail)
+    assert tail.stdout == b"first\n", describe(tail)
+    assert nsqd.channel_stats(topic, "work")["depth"] == 1  # type: ignore[index]
+
+    (tmp_path / "ok_mod.py").write_text("def handle(message):\n    print(message.body.decode(), flush=True)\n")
+    with CliProcess.nsq_sync("worker", "ok_mod:handle", "--topic", topic, "--channel", "work", "--nsqd-tcp-address", nsqd.tcp_address,
+                             "--max-in-flight", "200000", "--backend", backend, env=env, cwd=tmp_path) as worker:
+        worker.wait_for_line(lambda line: line == "first", timeout=20)
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(30) == EXIT_OK, worker.output()
+        assert not any("concurrency" in line or "Traceback" in line for line in worker.stderr()), worker.output()
+
+
+# ---------------------------------------------------------------- numbers out of range: exit 2, nothing started
+BAD_NUMBERS = {
+    "demo-count-overflow": (["demo", "-n", "10000000000000000000"], "must be at most"),
+    "demo-body-size-memory": (["demo", "--body-size", "10000000000000"], "must be at most"),
+    "demo-timeout-nan": (["demo", "--timeout", "nan"], "must be a number of seconds"),
+    "demo-timeout-negative": (["demo", "--timeout", "-5"], "must be a number of seconds"),
+    "demo-mpub-too-big": (["demo", "--batch", "100", "--body-size", "100000"], "over nsqd's default --max-body-size"),
+    "pub-timeout-nan": (["pub", "--topic", "t", "--timeout", "nan", "x"], "must be a number of seconds"),
+    "tail-max-in-flight": (["tail", "--topic", "t", "--max-in-flight", "2147483648"], "must be at most 2147483647"),
+    "worker-max-tries": (["worker", "m:f", "--topic", "t", "--channel", "c", "--nsqd-tcp-address", "127.0.0.1:4150", "--max-tries", "65536"], "must be at most 65535"),
+}  # (cluster --nsqd is checked in-process only: without the check it would start that many nsqd)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_NUMBERS))
+def test_numbers_out_of_range_exit_2_before_anything_starts(case: str, env: Dict[str, str], backend: str) -> None:
+    args, message = BAD_NUMBERS[case]
+    args = [*args, "--backend", backend]
+    started = time.monotonic()
+    proc = run_bytes(*args, env=env)
+    err = proc.stderr.decode()
+    assert proc.returncode == EXIT_USAGE, describe(proc)
+    assert message in err and "Traceback" not in err, describe(proc)
+    assert "\ncluster: " not in err and proc.stdout == b"", describe(proc)  # the demo prints "cluster: ..." once its brokers run
+    assert time.monotonic() - started < 20
