@@ -15,6 +15,7 @@ import threading
 from typing import Any, Iterator, List
 
 import pytest
+from bad_input import check_named
 from fake_nsqd import DEFAULT, FakeNsqd
 
 from nsq_sync.errors import ClosedError, ConfigError
@@ -24,14 +25,6 @@ pytestmark = pytest.mark.timeout(60)
 
 WAIT = 10.0
 NAN, INF = math.nan, math.inf
-
-
-def check_named(exc: BaseException, param: str) -> None:
-    if isinstance(exc, ConfigError):
-        assert exc.param == param, f"ConfigError names {exc.param!r}, expected {param!r}: {exc}"
-    else:
-        assert isinstance(exc, TypeError), repr(exc)
-        assert param in str(exc), f"TypeError does not name {param!r}: {exc}"
 
 
 @pytest.fixture

@@ -29,24 +29,15 @@ from nsq_sync.errors import AlreadyRespondedError, ClosedError, ConfigError, Int
 from nsq_sync.protocol import commands
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "functional"))
+from bad_input import PUBLISHING, check_named, connected_writer, published, serving_fake  # noqa: E402
 from fake_nsqd import FakeNsqd  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
 
 NAN, INF = math.nan, math.inf
 MSG_ID = b"0123456789abcdef"
-PUBLISHING = ("PUB", "MPUB", "DPUB")
 #: a body one byte over what the protocol's int32 size field can carry (calloc'd: no RSS cost)
 TOO_BIG = 2**31
-
-
-def check_named(exc: BaseException, param: str) -> None:
-    """The error names *param*: ConfigError.param, or the TypeError's message."""
-    if isinstance(exc, ConfigError):
-        assert exc.param == param, f"ConfigError names {exc.param!r}, expected {param!r}: {exc}"
-    else:
-        assert isinstance(exc, TypeError), repr(exc)
-        assert param in str(exc), f"TypeError does not name {param!r}: {exc}"
 
 
 def raises_named(call: Callable[[], Any], error: type, param: str) -> BaseException:
@@ -268,22 +259,12 @@ def test_worker_pool_refuses_bad_concurrency() -> None:
 # =========================================================================== Writer: nothing reaches nsqd
 @pytest.fixture(scope="module")
 def fake() -> Iterator[FakeNsqd]:
-    with FakeNsqd() as server:
-        yield server
+    yield from serving_fake()
 
 
 @pytest.fixture(scope="module")
 def writer(fake: FakeNsqd) -> Iterator[Writer]:
-    made = Writer(f"{fake.host}:{fake.port}", backend="thread", publish_timeout=5)
-    assert made.wait_connected(5)
-    fake.wait_for_command("IDENTIFY")
-    yield made
-    made.close(5)
-
-
-def published(fake: FakeNsqd) -> List[bytes]:
-    with fake.lock:
-        return [c.line for c in fake.received if c.name in PUBLISHING]
+    yield from connected_writer(fake)
 
 
 NOT_CALLABLE = "not a callable"

@@ -29,21 +29,13 @@ import pytest
 from nsq_sync import Reader, Writer
 from nsq_sync.errors import ClosedError, ConfigError, NoConnectionsError
 from nsq_sync.testing import AuthServer, LocalCluster, NsqdProcess, NsqlookupdProcess
+from bad_input import check_named  # (tests/support)
 
 pytestmark = pytest.mark.timeout(60)
 
 NAN, INF = math.nan, math.inf
 #: how long a call may take before it counts as hanging (the NaN timeouts used to hang forever)
 HANG = 5.0
-
-
-def check_named(exc: BaseException, param: str) -> None:
-    """The error names *param*: ConfigError.param, or the TypeError's message."""
-    if isinstance(exc, ConfigError):
-        assert exc.param == param, f"ConfigError names {exc.param!r}, expected {param!r}: {exc}"
-    else:
-        assert isinstance(exc, TypeError), repr(exc)
-        assert param in str(exc), f"TypeError does not name {param!r}: {exc}"
 
 
 def raises_named(call: Callable[[], Any], error: type, param: str) -> BaseException:
