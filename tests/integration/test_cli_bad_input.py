@@ -14,12 +14,10 @@ Commands that take ``--backend`` get the suite's backend, as in test_cli.py.
 
 from __future__ import annotations
 
-import importlib.util
 import signal
 import subprocess
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Dict, List, Optional
 
 import pytest
@@ -27,14 +25,7 @@ import pytest
 from nsq_sync.testing import NsqdProcess
 
 
-def _load(path: Path, name: str) -> ModuleType:
-    """The subprocess helpers of test_cli.py (loaded like test_examples.py does: tests/integration
-    is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, str(path))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from loading import load_module as _load  # noqa: E402  (tests/support)
 
 
 _cli = _load(Path(__file__).with_name("test_cli.py"), "_nsq_sync_cli_bad_input_helpers")

@@ -12,7 +12,6 @@ The subprocess machinery comes from test_cli.py.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -22,7 +21,6 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Dict, List, Tuple
 
 import pytest
@@ -35,12 +33,7 @@ EXAMPLES = REPO / "docs" / "examples"
 INTEGRATIONS = REPO / "docs" / "integrations.md"
 
 
-def _load(path: Path, name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, str(path))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from loading import load_module as _load  # noqa: E402  (tests/support)
 
 
 cli = _load(Path(__file__).with_name("test_cli.py"), "_nsq_sync_cli_test_helpers")
