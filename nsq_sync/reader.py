@@ -43,6 +43,7 @@ import logging
 import random
 import signal
 import socket
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -101,8 +102,9 @@ def _never_runs(fn: object) -> Optional[str]:
     targets = [fn]
     if not isinstance(fn, type):  # calling a class makes an instance: its __call__ is not run
         targets.append(getattr(type(fn), "__call__", None))
+    asyncio = sys.modules.get("asyncio")  # (its markers, e.g. AsyncMock's, exist only once it is loaded)
     for target in targets:
-        if inspect.iscoroutinefunction(target):
+        if inspect.iscoroutinefunction(target) or (asyncio is not None and asyncio.iscoroutinefunction(target)):
             return "a coroutine function (async def)"
         if inspect.isasyncgenfunction(target):
             return "an async generator function"
