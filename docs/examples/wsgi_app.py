@@ -72,7 +72,14 @@ def make_server(host="127.0.0.1", port=8000):
     return _make_server(host, port, application, server_class=ThreadingWSGIServer, handler_class=QuietHandler)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (docker stop, systemd) stops the server like Ctrl-C
+
+
 if __name__ == "__main__":
+    import signal
+
+    signal.signal(signal.SIGTERM, _interrupt)
     server = make_server(port=int(sys.argv[1]) if len(sys.argv) > 1 else 8000)
     print(f"serving on http://127.0.0.1:{server.server_port}, publishing to {TOPIC} on {NSQD_TCP_ADDRESSES}", flush=True)
     try:
@@ -81,4 +88,5 @@ if __name__ == "__main__":
         pass
     finally:
         server.server_close()
-        writer.close()
+        writer.close()  # waits for publishes still in flight
+        print("stopped", flush=True)

@@ -240,6 +240,21 @@ def test_tasks_module_bad_usage() -> None:
     assert proc.returncode == 1 and "usage:" in proc.stderr, cli.describe(proc)
 
 
+def test_wsgi_app_script_stops_cleanly_on_sigterm(nsqd: NsqdProcess) -> None:
+    env = cli.cli_env({"NSQD_TCP_ADDRESSES": nsqd.tcp_address, "NSQ_TOPIC": "wsgi_script"})
+    with CliProcess([sys.executable, str(EXAMPLES / "wsgi_app.py"), "0"], env) as server:
+        line = server.wait_for_line(lambda l: l.startswith("serving on http://127.0.0.1:"))
+        url = line.split()[2].rstrip(",")
+        with urllib.request.urlopen(urllib.request.Request(url + "/events", data=b"from the script", method="POST"), timeout=10) as answer:
+            assert json.loads(answer.read())["published"] == len(b"from the script")
+        server.signal(signal.SIGTERM)
+        assert server.wait(30) == 0, server.output()
+        assert server.stdout()[-1] == "stopped", server.output()
+        assert not any("Traceback" in l for l in server.stderr()), server.output()
+    stats = nsqd.topic_stats("wsgi_script")
+    assert stats is not None and stats["message_count"] == 1, stats
+
+
 # --------------------------------------------------------- consumer script
 def test_consumer_script_runs_until_sigterm(nsqd: NsqdProcess, backend: str) -> None:
     topic = "script_events"
