@@ -1084,6 +1084,8 @@ class AsyncConn(EventedMixin):
             _check_timeout(timeout)
         if self.heartbeat_interval == -1:
             raise ConfigError("heartbeat_interval", -1, NO_HEARTBEAT_SUB)
+        if self._subscribed:
+            raise ConfigError("channel", f"{topic}/{channel}", "this connection already subscribed: nsqd allows one SUB per connection and closes it over a second (nothing was sent; open another connection)")
         self._subscribed = True
         future = self.request(data)
         return self._wait(future, timeout if timeout is not None else self.timeout * 5)
@@ -1099,10 +1101,13 @@ class AsyncConn(EventedMixin):
     def send_rdy(self, value: int) -> None:
         """Send RDY *value* (0..max_rdy_count) and record it in ``rdy``/``last_rdy``.
 
-        Raises ConfigError when *value* is out of range, ConnectionClosedError when not connected.
+        Raises ConfigError when *value* is out of range or the connection has not subscribed
+        (nsqd would close it), ConnectionClosedError when not connected.
         """
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= self.max_rdy_count:
             raise ConfigError("rdy", value, f"must be an int between 0 and max_rdy_count ({self.max_rdy_count}) of {self.id}")
+        if not self._subscribed and self.state == CONNECTED:
+            raise ConfigError("rdy", value, "sent before subscribe(): nsqd closes the connection over a RDY on a connection that has not subscribed (nothing was sent)")
         self._write(commands.rdy(value))
         self.rdy = value
         self.last_rdy = value

@@ -616,10 +616,12 @@ class Reader:
     def set_max_in_flight(self, max_in_flight: int) -> None:
         """Change max_in_flight at runtime: 0 pauses (RDY 0 everywhere), a positive value redistributes.
 
-        Raises TypeError/ConfigError for a value that is not an int >= 0.
+        Raises TypeError/ConfigError for a value that is not an int >= 0, ClosedError after close().
         """
         check_number("max_in_flight", max_in_flight, 0, 2**31 - 1, integer=True)
         with self._lock:
+            if self._closing:
+                raise ClosedError(f"{self.name}: the Reader was closed")
             self._max_in_flight = max_in_flight
             logger.info("%s: max_in_flight set to %d", self.name, max_in_flight)
             self._apply_rdy_locked()
@@ -775,6 +777,12 @@ class Reader:
             if not message.has_responded():
                 self._answer(message, False)
             return
+        except BaseException:
+            # SystemExit, KeyboardInterrupt, a greenlet's kill: not the message's fault. Hand it
+            # back at once (no backoff) rather than leave it in flight until nsqd's timeout.
+            if not message.has_responded():
+                self._answer(message, None)
+            raise
         if message._async or message._responded:
             return
         if result is False:

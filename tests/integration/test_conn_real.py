@@ -416,8 +416,11 @@ def test_second_sub_is_fatal_invalid(nsqd: NsqdProcess, make_conn: Callable[...,
     conn = make_conn(nsqd.tcp_address)
     events = Events(conn, "error", "close")
     assert conn.subscribe("twice", "ch") == b"OK"
+    with pytest.raises(nsq_sync.ConfigError, match="already subscribed"):
+        conn.subscribe("twice", "ch2")  # refused here, nothing sent: the reason follows
+    assert conn.connected()
     with pytest.raises(nsq_sync.InvalidError) as info:
-        conn.subscribe("twice", "ch2")
+        conn.request(commands.sub("twice", "ch2")).result(TIMEOUT)  # past the check, by hand
     error = info.value
     assert isinstance(error, nsq_sync.ServerError)
     assert error.code == "E_INVALID" and error.fatal
