@@ -61,7 +61,7 @@ from .protocol.constants import (
     MAX_RDY_COUNT_DEFAULT,
 )
 from .protocol.frames import FrameDecoder
-from .protocol.identify import build_identify, check_number, parse_identify_response, parse_json_object
+from .protocol.identify import MAX_WAIT_SECONDS, build_identify, check_number, check_timeout, parse_identify_response, parse_json_object
 from .transport.compression import DeflateStream, SnappyStream
 from .transport.tcp import SocketStream
 
@@ -748,8 +748,8 @@ class AsyncConn(EventedMixin):
         """
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"request_wait() takes command bytes, not {type(data).__name__}")
-        if timeout is not None and not (timeout.__class__ is float and 0.0 <= timeout <= _MAX_WAIT):
-            _check_timeout(timeout)  # (before anything is sent or the read token taken)
+        if timeout is not None and not (timeout.__class__ is float and 0.0 <= timeout <= MAX_WAIT_SECONDS):
+            check_timeout(timeout)  # (before anything is sent or the read token taken)
         if not data:
             raise ConfigError("data", data, "is an empty command")
         token = self._read_token
@@ -1030,6 +1030,8 @@ class AsyncConn(EventedMixin):
         """
         if future is not None and not callable(getattr(future, "set_result", None)):
             raise TypeError(f"future must be a concurrent.futures.Future, not {type(future).__name__}")
+        if isinstance(data, (bytes, bytearray, memoryview)) and not data:
+            raise ConfigError("data", data, "is an empty command")  # (nothing to answer: every later answer would go to the wrong request)
         return self._request(data, future)
 
     def _request(self, data: bytes, future: "Optional[Future[bytes]]", lead: bool = False) -> "Future[bytes]":
@@ -1038,8 +1040,6 @@ class AsyncConn(EventedMixin):
         is pending (set in the same locked step that queues the request)."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"request() takes command bytes, not {type(data).__name__}")
-        if not data:
-            raise ConfigError("data", data, "is an empty command")  # (nothing to answer: every later answer would go to the wrong request)
         if future is None:
             future = Future()
             future.set_running_or_notify_cancel()
@@ -1081,7 +1081,7 @@ class AsyncConn(EventedMixin):
         """SUB and wait for OK. Raises BadTopicError/BadChannelError etc. from nsqd, TimeoutError."""
         data = commands.sub(topic, channel)  # validates the names before anything changes
         if timeout is not None:
-            _check_timeout(timeout)
+            check_timeout(timeout)
         if self.heartbeat_interval == -1:
             raise ConfigError("heartbeat_interval", -1, NO_HEARTBEAT_SUB)
         if self._subscribed:
@@ -1439,14 +1439,6 @@ class _WaitedAnswer(_Answer):
             self._done.acquire()
             return True
         return self._done.acquire(True, max(0.0, timeout)) or self.done()
-
-
-_MAX_WAIT = 86400.0  # the longest timeout a wait accepts (a day, as the Writer's)
-
-
-def _check_timeout(timeout: object) -> None:
-    """A wait's timeout: None or 0..a day seconds; TypeError/ConfigError naming it."""
-    check_number("timeout", timeout, 0, _MAX_WAIT)
 
 
 #: why a connection without heartbeats cannot subscribe

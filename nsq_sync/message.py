@@ -44,8 +44,8 @@ class Message:
         self._responder = responder
         self._async = False
         self._responded = False
-        self._arrived: Optional[float] = None  # monotonic time the connection read it (set there)
-        self._touched: Optional[float] = None
+        # _arrived (monotonic, set by the connection that read it) and _touched (set by touch())
+        # stay unset otherwise: time_left() is rare, construction is every message's path.
 
     def enable_async(self) -> None:
         """Take over answering this message: the Reader will not finish or requeue it for you."""
@@ -108,12 +108,12 @@ class Message:
         The clock starts when the message was read, a little after nsqd started its own (by
         up to the output buffer timeout), so keep a margin.
         """
-        arrived = self._arrived
+        arrived = getattr(self, "_arrived", None)
         timeouts = getattr(self._responder, "message_timeouts", None)
         if arrived is None or timeouts is None:
             return None
         msg_timeout, max_msg_timeout = timeouts
-        start = arrived if self._touched is None else self._touched
+        start = getattr(self, "_touched", arrived)
         return min(start + msg_timeout, arrived + max_msg_timeout) - _clock()
 
     def __repr__(self) -> str:

@@ -57,7 +57,7 @@ from .conn import NO_HEARTBEAT_SUB, AsyncConn
 from .dispatch import WorkerPool
 from .errors import AlreadyRespondedError, ClosedError, ConfigError, ConnectionClosedError, Error
 from .message import Message
-from .protocol.identify import check_number
+from .protocol.identify import check_number, check_timeout
 from .protocol.names import check_channel, check_topic
 
 __all__ = ["Reader"]
@@ -577,7 +577,7 @@ class Reader:
         """
         if timeout is None:
             timeout = self.close_timeout
-        check_number("timeout", timeout, 0, 86400)
+        check_timeout(timeout)
         with self._lock:
             first = not self._closing
             self._closing = True

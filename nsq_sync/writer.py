@@ -38,7 +38,7 @@ from .errors import (
 )
 from .lifecycle import register
 from .protocol import commands
-from .protocol.identify import check_number
+from .protocol.identify import check_number, check_timeout
 
 __all__ = ["Writer"]
 
@@ -275,7 +275,7 @@ class Writer:
         nsqd addresses. Raises ConfigError/TypeError naming the parameter for anything else.
         """
         if timeout is not None:
-            check_number("timeout", timeout, 0, 86400)
+            check_timeout(timeout)
         nodes = len(self._nodes)
         try:
             check_number("count", count, 1, nodes, integer=True)
@@ -299,7 +299,7 @@ class Writer:
         """
         if timeout is None:
             timeout = self.publish_timeout
-        check_number("timeout", timeout, 0, 86400)
+        check_timeout(timeout)
         if self._pid != os.getpid():
             # Forked and never used here: nothing of ours to drain, and the sockets are the parent's.
             self._forget_parent()
@@ -337,7 +337,7 @@ class Writer:
         """Wait up to *timeout* seconds (0..86400; None: no limit) for each node's task, which
         ends after close(). Raises ConfigError/TypeError naming ``timeout`` for a bad one."""
         if timeout is not None:
-            check_number("timeout", timeout, 0, 86400)
+            check_timeout(timeout)
         for node in self._nodes:
             if node.task is not None:
                 node.task.join(timeout)
@@ -425,7 +425,7 @@ class Writer:
         if timeout is None:
             timeout = self.publish_timeout
         else:
-            check_number("timeout", timeout, 0, 86400)
+            check_timeout(timeout)
         if self._pid != _pid:
             self._after_fork()
         with self._lock:

@@ -13,7 +13,7 @@ from ..errors import ConfigError, ProtocolError
 from .constants import MAX_RDY_COUNT_DEFAULT, OK
 from .limits import limit, limit_note
 
-__all__ = ["build_identify", "parse_identify_response", "parse_json_object", "check_number"]
+__all__ = ["build_identify", "parse_identify_response", "parse_json_object", "check_number", "check_timeout", "MAX_WAIT_SECONDS"]
 
 
 def check_number(param: str, value: object, low: float, high: float, *, allowed: tuple = (), integer: bool = False) -> Any:
@@ -31,6 +31,15 @@ def check_number(param: str, value: object, low: float, high: float, *, allowed:
         extra = f" (or {', '.join(map(str, allowed))})" if allowed else ""
         raise ConfigError(param, value, f"must be between {low} and {high}{extra}")
     return value
+
+
+#: the longest a wait's timeout may be (a day)
+MAX_WAIT_SECONDS = 86400.0
+
+
+def check_timeout(timeout: object) -> Any:
+    """A wait's *timeout*: a number of seconds from 0 to a day (None is the caller's to allow)."""
+    return check_number("timeout", timeout, 0, MAX_WAIT_SECONDS)
 
 
 def _within_limit(param: str, value: object, low: Union[float, str], high: str, *, scale: float = 1, **kwargs: Any) -> Any:
