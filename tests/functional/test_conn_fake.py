@@ -1284,6 +1284,7 @@ def test_bad_request_wait_timeout_sends_nothing_and_keeps_the_connection(server:
     # Nothing went out, and the read token was not kept: both kinds of request still work.
     assert conn.request_wait(commands.pub("t", b"after"), 5) == b"OK"
     assert conn.request(commands.pub("t", b"future")).result(5) == b"OK"
+    server.wait_for_command(b"PUB", count=3)  # (the fake records a command after answering it)
     assert [c.body for c in server.received if c.name == "PUB"] == [b"lead", b"after", b"future"]
 
 
@@ -1306,6 +1307,7 @@ def test_request_with_something_else_than_a_future(server: FakeNsqd, make_conn) 
         conn.request(commands.pub("t", b"never"), future="x")  # type: ignore[arg-type]
     assert conn.pending_requests == 0
     assert conn.request(commands.pub("t", b"x")).result(5) == b"OK"
+    server.wait_for_command(b"PUB")  # (the fake records a command after answering it)
     assert [c.body for c in server.received if c.name == "PUB"] == [b"x"]
 
 
@@ -1316,4 +1318,5 @@ def test_bad_subscribe_timeout_sends_no_sub(server: FakeNsqd, make_conn, timeout
     with pytest.raises(error, match="timeout"):
         conn.subscribe("t", "c", timeout=timeout)
     assert conn.subscribe("t", "c", timeout=5) == b"OK"  # a second SUB would be fatal: the first never went
+    server.wait_for_command(b"SUB")  # (the fake records a command after answering it)
     assert [c.line for c in server.received if c.name == "SUB"] == [b"SUB t c"]
