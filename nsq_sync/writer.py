@@ -16,6 +16,7 @@ import heapq
 import itertools
 import logging
 import os
+import sys
 import time
 import weakref
 from concurrent import futures
@@ -72,6 +73,25 @@ def _forget_parents_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_parents_in_child)
+
+
+def _uwsgi_before_fork() -> Tuple[bool, bool]:
+    """(inside uWSGI, before uWSGI has made this process a worker).
+
+    uWSGI forks its workers in C, so Python's at-fork hooks (and the cached _pid above) do
+    not see it, and it loads the application in the master first unless --lazy-apps is
+    set. A thread of ours running in the master when uWSGI forks can hold the GIL at that
+    instant, and the worker then hangs on its first request, for good. So a Writer made
+    while uWSGI's worker_id() is 0 starts nothing until it is first used, and every
+    Writer made inside uWSGI compares os.getpid() instead of the cached value.
+    """
+    uwsgi = sys.modules.get("uwsgi")
+    if uwsgi is None:
+        return False, False
+    try:
+        return True, uwsgi.worker_id() == 0
+    except Exception:  # not the real thing (or too old): no worker id to go by
+        return True, False
 
 
 def _body_size(data: bytes) -> int:
@@ -170,14 +190,18 @@ class Writer:
         self.backend = get_backend(backend)
         self._addresses = addresses
         self._closed = False
-        self._start()
+        # Under uWSGI the process id is read on every use (see _uwsgi_before_fork).
+        self._uwsgi, defer = _uwsgi_before_fork()
+        self._start_lock = self.backend.lock()
+        self._start(defer)
         register(self)
         _live_writers.add(self)
 
     # ------------------------------------------------------------- lifecycle
-    def _start(self) -> None:
+    def _start(self, defer: bool = False) -> None:
         backend = self.backend
-        self._pid = os.getpid()
+        # 0 (no process's id) when deferred: the first use anywhere starts it (_check_pid).
+        self._pid = 0 if defer else os.getpid()
         self._lock = backend.lock()
         self._changed = backend.event()  # set whenever a node connects (wakes publishers waiting)
         self._stopping = backend.event()
@@ -202,8 +226,24 @@ class Writer:
         self._housekeeper: Any = None
         #: when the housekeeping task looks next anyway: an earlier deadline has to wake it
         self._housekeeper_due = float("inf")
+        if defer:
+            logger.info("%s: made in uWSGI's master process; connecting on first use, in the worker", self.name)
+            return
         for node in self._nodes:
             node.task = backend.spawn(self._node_loop, node, name=f"nsq_sync-writer-{node.address}")
+
+    def _check_pid(self) -> None:
+        """Start afresh when this process is not the one that started the connections (a
+        forked child, or a Writer whose start was deferred); a closed Writer stays closed."""
+        # Not self._lock: a forked child may have inherited it held. This lock is only ever
+        # taken here, by the first users in a process, so no thread holds it at a fork.
+        with self._start_lock:
+            if self._pid == os.getpid():
+                return  # another thread of this process got here first
+            if self._closed:
+                self._forget_parent()
+                return
+            self._after_fork()
 
     def _forget_parent(self) -> None:
         """In a forked child: drop the parent's sockets and tasks without touching the parent's connections.
@@ -220,9 +260,13 @@ class Writer:
                 conn._stream.close()  # our copy of the fd only; no shutdown, the parent keeps its socket
             node.conn = None
             node.task = None
+        self._connected = []  # the parent's, which this process cannot use
 
     def _after_fork(self) -> None:
-        logger.info("%s: forked (pid %d); opening fresh connections", self.name, os.getpid())
+        if self._pid:
+            logger.info("%s: forked (pid %d); opening fresh connections", self.name, os.getpid())
+        else:
+            logger.info("%s: first use (pid %d); connecting", self.name, os.getpid())
         self._forget_parent()
         self._start()
 
@@ -281,6 +325,8 @@ class Writer:
             check_number("count", count, 1, nodes, integer=True)
         except ConfigError:
             raise ConfigError("count", count, f"must be from 1 to {nodes} (the number of nsqd addresses this Writer has)") from None
+        if self._pid != (os.getpid() if self._uwsgi else _pid):
+            self._check_pid()  # (a forked child's or a deferred Writer's connections start now)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with self._lock:
@@ -426,8 +472,8 @@ class Writer:
             timeout = self.publish_timeout
         else:
             check_timeout(timeout)
-        if self._pid != _pid:
-            self._after_fork()
+        if self._pid != (os.getpid() if self._uwsgi else _pid):
+            self._check_pid()
         with self._lock:
             if self._closed:
                 raise ClosedError(f"{self.name} is closed")

@@ -2,6 +2,7 @@
 
     NSQD_TCP_ADDRESSES=127.0.0.1:4150 python wsgi_app.py 8000      # wsgiref, for trying it out
     NSQD_TCP_ADDRESSES=127.0.0.1:4150 gunicorn --preload -w 4 --threads 8 wsgi_app:application
+    NSQD_TCP_ADDRESSES=127.0.0.1:4150 uwsgi --master --processes 4 --threads 8 --http-socket :8000 --wsgi-file wsgi_app.py
 
     curl -X POST --data-binary '{"user": 42}' http://127.0.0.1:8000/events
 
@@ -9,8 +10,9 @@ The Writer is created when the module is imported. Every request thread shares i
 blocks only the calling request until nsqd answers OK, and concurrent publishes pipeline on the
 same connection. With ``gunicorn --preload`` the import happens once in the master, which then
 forks the workers; the Writer notices the fork on its first publish in a worker and opens that
-worker's own connections, leaving the master's sockets alone. Nothing here depends on gunicorn:
-any WSGI server works, and wsgiref (below) is used by the tests.
+worker's own connections, leaving the master's sockets alone. uWSGI also imports the app in its
+master by default; there the Writer connects on its first use, in the worker. Nothing here
+depends on gunicorn or uWSGI: any WSGI server works, and the tests use wsgiref (below) and uWSGI.
 """
 
 from __future__ import annotations

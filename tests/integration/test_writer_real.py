@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 import weakref
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -816,32 +816,23 @@ def _wait_child(pid: int, timeout: float) -> int:
         time.sleep(0.01)  # polling the child's exit, not synchronising
 
 
-def test_fork_child_gets_its_own_connection(nsqd, writer_factory):
-    writer = writer_factory(nsqd.tcp_address)
-    assert writer.pub("fork", b"parent-before") == b"OK"
-    parent_conn = only_conn(writer)
-    assert parent_conn._raw_sock is not None
-    parent_port = parent_conn._raw_sock.getsockname()[1]
-
+def _in_child(work: Callable[[], Dict[str, Any]]) -> Dict[str, Any]:
+    """Fork, run *work* in the child and return its report (the child never returns into pytest)."""
     read_fd, write_fd = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: never return into pytest
-        code = 1
+    if pid == 0:
         try:
             os.close(read_fd)
-            report: Dict[str, Any] = {}
             try:
-                report["answer"] = writer.pub("fork", b"child", timeout=5).decode()
-                report["ports"] = [c._raw_sock.getsockname()[1] for c in writer.conns.values() if c._raw_sock is not None]
-                code = 0
+                report = work()
             except BaseException as exc:
-                report["error"] = repr(exc)
+                report = {"error": repr(exc)}
             os.write(write_fd, json.dumps(report).encode())
         finally:
-            os._exit(code)
+            os._exit(0)
     os.close(write_fd)
     try:
-        exit_code = _wait_child(pid, 20)
+        assert _wait_child(pid, 20) == 0
         chunks = []
         while True:
             chunk = os.read(read_fd, 65536)
@@ -850,9 +841,22 @@ def test_fork_child_gets_its_own_connection(nsqd, writer_factory):
             chunks.append(chunk)
     finally:
         os.close(read_fd)
-    report = json.loads(b"".join(chunks) or b"{}")
-    assert exit_code == 0, report
-    assert report["answer"] == "OK"
+    return json.loads(b"".join(chunks))
+
+
+def test_fork_child_gets_its_own_connection(nsqd, writer_factory):
+    writer = writer_factory(nsqd.tcp_address)
+    assert writer.pub("fork", b"parent-before") == b"OK"
+    parent_conn = only_conn(writer)
+    assert parent_conn._raw_sock is not None
+    parent_port = parent_conn._raw_sock.getsockname()[1]
+
+    def child() -> Dict[str, Any]:
+        answer = writer.pub("fork", b"child", timeout=5).decode()
+        return {"answer": answer, "ports": [c._raw_sock.getsockname()[1] for c in writer.conns.values() if c._raw_sock is not None]}
+
+    report = _in_child(child)
+    assert report.get("answer") == "OK", report
     assert report["ports"] and parent_port not in report["ports"], (parent_port, report)
 
     # the parent's connection was not shut down by the child
@@ -883,6 +887,40 @@ def test_close_in_forked_child_leaves_the_parent_connection_alone(nsqd, writer_f
         answer = exc
     assert answer == b"OK"
     assert only_conn(writer) is parent_conn and parent_conn.state == "CONNECTED", parent_conn.error
+
+
+def test_wait_connected_in_forked_child_waits_for_its_own_connection(nsqd, writer_factory):
+    writer = writer_factory(nsqd.tcp_address)
+    assert writer.wait_connected(5)
+    parent_conn = only_conn(writer)
+    parent_port = parent_conn._raw_sock.getsockname()[1]
+
+    def child() -> Dict[str, Any]:
+        connected = writer.wait_connected(5)
+        return {"connected": connected, "ports": [c._raw_sock.getsockname()[1] for c in writer.conns.values()]}
+
+    report = _in_child(child)
+    assert report.get("connected") is True, report
+    assert report["ports"] and parent_port not in report["ports"], (parent_port, report)
+    assert only_conn(writer) is parent_conn and writer.pub("forkwait", b"parent") == b"OK"
+
+
+def test_writer_closed_before_fork_stays_closed_in_child(nsqd, writer_factory):
+    writer = writer_factory(nsqd.tcp_address)
+    assert writer.pub("forkclosed", b"before") == b"OK"
+    writer.close()
+
+    def child() -> Dict[str, Any]:
+        report: Dict[str, Any] = {"connected": writer.wait_connected(0.2)}
+        try:
+            writer.pub("forkclosed", b"child")
+        except ClosedError as exc:
+            report["error"] = type(exc).__name__
+        report["threads"] = [t.name for t in threading.enumerate() if "nsq_sync-writer" in (t.name or "")]
+        return report
+
+    assert _in_child(child) == {"connected": False, "error": "ClosedError", "threads": []}
+    assert depth(nsqd, "forkclosed") == 1
 
 
 # --------------------------------------------------------------------------- 10. close

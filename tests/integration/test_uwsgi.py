@@ -1,0 +1,157 @@
+"""A module-level Writer under a real uWSGI (a test dependency), in its three ways of loading an app.
+
+uWSGI forks its workers in C: Python's at-fork hooks do not run, and by default the app is
+imported in the master before the fork. A Writer that started its threads there hung every
+worker on its first request (a thread of ours held the GIL when uWSGI forked), and a worker
+would otherwise have taken the master's socket for its own. The Writer now waits for its first
+use when uWSGI made it before the workers, and compares process ids itself under uWSGI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+import pytest
+
+from nsq_sync.testing import NsqdProcess, wait_until
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+APP = REPO / "tests" / "support" / "uwsgi_app.py"
+
+
+def _uwsgi_binary() -> str:
+    found = shutil.which("uwsgi", path=os.path.dirname(sys.executable)) or shutil.which("uwsgi")
+    if not found:
+        pytest.fail("uwsgi is a test dependency: pip install -e '.[test]'")
+    return found
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Uwsgi:
+    def __init__(self, nsqd: NsqdProcess, options: List[str], log: Path, app: Path = APP) -> None:
+        self.port = _free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NSQ_SYNC_")}
+        env.update(NSQD_TCP_ADDRESS=nsqd.tcp_address, NSQD_TCP_ADDRESSES=nsqd.tcp_address, PYTHONPATH=str(REPO))
+        self.log = log
+        self.proc = subprocess.Popen(
+            [_uwsgi_binary(), "--http-socket", f"127.0.0.1:{self.port}", "--wsgi-file", app.name, "--die-on-term",
+             "--need-app", "--disable-logging", *options],
+            cwd=str(app.parent), env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        )
+        wait_until(self._listening, timeout=20, message=f"uWSGI listening (log: {log})")
+
+    def _listening(self) -> bool:
+        if self.proc.poll() is not None:
+            pytest.fail(f"uWSGI exited with {self.proc.returncode}:\n{self.log.read_text(errors='replace')[-3000:]}")
+        try:
+            socket.create_connection(("127.0.0.1", self.port), 0.5).close()
+            return True
+        except OSError:
+            return False
+
+    def get(self, path: str, data: Optional[bytes] = None) -> Dict[str, Any]:
+        """GET *path* (POST *data*) and the JSON answer; no proxy from the environment."""
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data)
+        try:
+            with opener.open(request, timeout=15) as response:
+                return json.loads(response.read())
+        except OSError as exc:
+            pytest.fail(f"GET {path}: {exc!r}; uWSGI log:\n{self.log.read_text(errors='replace')[-3000:]}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+@pytest.fixture
+def uwsgi(nsqd: NsqdProcess, tmp_path: Path) -> Iterator[Any]:
+    started: List[Uwsgi] = []
+
+    def start(*options: str, app: Path = APP) -> Uwsgi:
+        server = Uwsgi(nsqd, list(options), tmp_path / f"uwsgi-{len(started)}.log", app)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+MODES = {
+    # the default: the app is imported in the master, which then forks the workers
+    "prefork": ["--master", "--processes", "2", "--threads", "2"],
+    # each worker imports the app itself, after the fork
+    "lazy-apps": ["--master", "--processes", "2", "--lazy-apps"],
+    # no master: the one process imports the app as "worker 0", then serves as worker 1
+    "single": ["--processes", "1"],
+}
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_module_level_writer_publishes_from_every_worker(nsqd: NsqdProcess, uwsgi: Any, mode: str) -> None:
+    server = uwsgi(*MODES[mode])
+    seen: Dict[int, Dict[str, Any]] = {}
+    answers = []
+    for _ in range(40):
+        report = server.get("/pub")
+        answers.append(report["answer"])
+        seen.setdefault(report["pid"], report)
+    assert answers == ["OK"] * 40
+    assert nsqd.topic_depth("uwsgi") == 40
+    for pid, report in seen.items():
+        assert len(report["ports"]) == 1, report  # its own connection, one per worker
+        if mode == "prefork":
+            assert report["imported_in"] == report["master"] != pid  # really made in the master
+    ports = [report["ports"][0] for report in seen.values()]
+    assert len(set(ports)) == len(ports), seen  # no worker uses another's (or the master's) socket
+    # nsqd sees one producer connection per worker that published, and none from the master
+    producers = wait_until(lambda: nsqd.stats().get("producers"), timeout=5, message="nsqd's producers")
+    assert sorted(int(p["remote_address"].rsplit(":", 1)[1]) for p in producers) == sorted(ports)
+
+
+def test_worker_threads_answer_heartbeats_between_requests(nsqd: NsqdProcess, uwsgi: Any) -> None:
+    """nsqd closes a connection that leaves two heartbeats (here 2 s) unanswered; the worker's
+    own reader thread answers them while no request runs."""
+    server = uwsgi("--master", "--processes", "1")  # one worker (app imported in the master), so every request reaches the same one
+    first = server.get("/pub")
+    assert first["answer"] == "OK"
+    wait_until(lambda: server.get("/heartbeats")["heartbeats"] >= 3, timeout=15, interval=0.5,
+               message="three heartbeats read by the worker")
+    again = server.get("/pub")
+    assert again["answer"] == "OK"
+    assert again["pid"] == first["pid"] and again["ports"] == first["ports"]  # the same connection lived on
+
+
+def test_documented_wsgi_example_under_uwsgi(nsqd: NsqdProcess, uwsgi: Any) -> None:
+    """docs/examples/wsgi_app.py with the uWSGI command its docstring gives (a port of our own)."""
+    example = REPO / "docs" / "examples" / "wsgi_app.py"
+    documented = "uwsgi --master --processes 4 --threads 8 --http-socket :8000 --wsgi-file wsgi_app.py"
+    assert documented in example.read_text()
+    server = uwsgi("--master", "--processes", "4", "--threads", "8", app=example)
+    pids = set()
+    for n in range(20):
+        report = server.get("/events", json.dumps({"n": n}).encode())
+        assert report["topic"] == "web_events", report
+        pids.add(report["pid"])
+    assert nsqd.topic_depth("web_events") == 20
+    assert server.proc.pid not in pids  # answered by the workers, not the master
