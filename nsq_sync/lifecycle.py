@@ -1,16 +1,19 @@
 """``nsq_sync.run()``: block until SIGINT/SIGTERM, then close every Reader and Writer gracefully.
 
 Readers and Writers register themselves here (weakly) when created, so
-``run()`` finds them the way pynsq's ``nsq.run()`` does.
+``run()`` finds them the way pynsq's ``nsq.run()`` does. Also what they share about
+processes: the at-fork hook that makes a child drop what belongs to its parent, and uWSGI.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import threading
 import weakref
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 __all__ = ["register", "unregister", "clients", "run", "stop"]
 
@@ -19,6 +22,41 @@ logger = logging.getLogger(__name__)
 _clients: "weakref.WeakSet[Any]" = weakref.WeakSet()
 _stop = threading.Event()
 _signalled = False
+
+
+def forget_parents_in_child(live: "weakref.WeakSet[Any]", first: Optional[Callable[[], None]] = None) -> None:
+    """Register an at-fork hook: in a forked child, call *first*, then ``_forget_parent()`` on
+    every object in *live* (it drops what belongs to the parent, without touching the parent's
+    connections). Python runs no such hook where a C program forks (uWSGI): the objects check
+    the process id on use as well."""
+
+    def hook() -> None:
+        if first is not None:
+            first()
+        for client in list(live):
+            try:
+                client._forget_parent()
+            except Exception:  # pragma: no cover - never let a fork hook raise
+                logger.exception("resetting %r after fork failed", client)
+
+    if hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=hook)
+
+
+def uwsgi_state() -> Tuple[bool, bool]:
+    """(running inside uWSGI, this is uWSGI's master process with workers still to fork).
+
+    uWSGI forks its workers in C, after importing the application in the master unless
+    --lazy-apps is set: Python's at-fork hooks do not run, and a thread running in the master
+    can hold the GIL at the instant of the fork, which hangs the worker for good.
+    """
+    uwsgi = sys.modules.get("uwsgi")
+    if uwsgi is None:
+        return False, False
+    try:
+        return True, bool(uwsgi.worker_id() == 0 and uwsgi.masterpid() == os.getpid())
+    except Exception:  # not the real thing (or too old to tell)
+        return True, False
 
 
 def _on_signal(signum: int, frame: Any) -> None:

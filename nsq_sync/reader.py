@@ -40,15 +40,18 @@ import heapq
 import inspect
 import itertools
 import logging
+import os
 import random
 import signal
 import socket
 import sys
 import threading
 import time
+import weakref
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from . import lifecycle
+from .lifecycle import forget_parents_in_child, uwsgi_state
 from .backends import Backend, get_backend
 from .addresses import address_key as _address_key
 from .addresses import parse_addresses
@@ -69,6 +72,12 @@ if TYPE_CHECKING:  # imported lazily: http.client and email cost memory most con
 logger = logging.getLogger(__name__)
 
 MessageHandler = Callable[[Message], Any]
+
+#: started Readers, for the at-fork hook below
+_live_readers: "weakref.WeakSet[Reader]" = weakref.WeakSet()
+
+
+forget_parents_in_child(_live_readers)
 
 #: keyword arguments the Reader sets itself on every AsyncConn
 _RESERVED_CONN_KWARGS = frozenset({"host", "port", "backend", "worker_pool"})
@@ -445,6 +454,8 @@ class Reader:
         self._closed_event = backend_.event()
         self._started = False
         self._closing = False
+        self._pid = os.getpid()  # the process that may start it (see _forget_parent)
+        self._forked_from: Optional[int] = None
         self._close_task: Any = None
         self._run_waker: Optional[socket.socket] = None
         self._signalled: Optional[int] = None
@@ -494,8 +505,44 @@ class Reader:
 
     @property
     def closed(self) -> bool:
-        """True once close() was called."""
+        """True once close() was called (or, in a forked child, when the parent had started it)."""
+        if self._pid != os.getpid():
+            self._forget_parent()
         return self._closing
+
+    def _forget_parent(self) -> None:
+        """In a forked child: a Reader the parent started belongs to the parent.
+
+        Its connections, tasks and messages in flight stay there; the child closes only its
+        copies of the sockets (no CLS, no shutdown, which would end the parent's connections)
+        and treats the Reader as closed. Under gevent copies of the parent's greenlets may live
+        on in the child: the stop flags end their loops, and reads on the closed copies end
+        theirs. A Reader never started is simply the child's. Runs from the at-fork hook, and
+        on use where uWSGI forks in C without it. No lock taken: a parent thread may have held
+        it at the fork.
+        """
+        if self._pid == os.getpid():
+            return
+        parent, self._pid = self._pid, os.getpid()
+        if not self._started or self._forked_from is not None:
+            return
+        self._forked_from = parent
+        self._closing = True
+        self._stop_event.set()
+        self._lookupd_wake.set()
+        for state in list(self._conns.values()):
+            stream = state.conn._stream
+            if stream is not None:
+                stream.close()  # our copy of the fd only
+        self._closed_event.set()
+
+    def _refuse_closed(self) -> ClosedError:
+        if self._forked_from is not None:
+            return ClosedError(
+                f"{self.name}: started in process {self._forked_from}, which forked this one; a Reader's "
+                "connections stay in the process that started it: create the Reader in this process"
+            )
+        return ClosedError(f"{self.name}: the Reader was closed")
 
     def set_message_handler(self, message_handler: MessageHandler) -> None:
         """Set the handler (pynsq's method). Raises TypeError (the handler is left unchanged)
@@ -511,16 +558,26 @@ class Reader:
         """
         if self.message_handler is None and type(self).process_message is Reader.process_message:
             raise ConfigError("message_handler", None, "give a message_handler or override process_message()")
+        if self._pid != os.getpid():
+            self._forget_parent()
         with self._lock:
             if self._closing:
-                raise ClosedError(f"{self.name}: the Reader was closed")
+                raise self._refuse_closed()
             if self._started:
                 return
             self._started = True
+            _live_readers.add(self)
             self._scheduler.start()
             self._tick_timer = self._scheduler.call_later(self.rdy_redistribute_interval, self._redistribute_tick)
             if self._lookupds:
                 self._lookupd_task = self._backend.spawn(self._lookupd_loop, name=f"nsq_sync-{self.name}-lookupd")
+        if uwsgi_state()[1]:
+            logger.warning(
+                "%s: started in uWSGI's master process, which forks the workers in C: the Reader's "
+                "connections stay in the master, and a worker forked while one of its threads holds "
+                "the GIL hangs. Start Readers in the workers (uWSGI --lazy-apps, or a postfork hook)",
+                self.name,
+            )
         logger.info(
             "%s: starting (nsqd %s, lookupd %s, max_in_flight %d)",
             self.name,
@@ -578,6 +635,8 @@ class Reader:
         if timeout is None:
             timeout = self.close_timeout
         check_timeout(timeout)
+        if self._pid != os.getpid():
+            self._forget_parent()  # (then closed at once: nothing of the child's to drain)
         with self._lock:
             first = not self._closing
             self._closing = True
@@ -619,9 +678,11 @@ class Reader:
         Raises TypeError/ConfigError for a value that is not an int >= 0, ClosedError after close().
         """
         check_number("max_in_flight", max_in_flight, 0, 2**31 - 1, integer=True)
+        if self._pid != os.getpid():
+            self._forget_parent()
         with self._lock:
             if self._closing:
-                raise ClosedError(f"{self.name}: the Reader was closed")
+                raise self._refuse_closed()
             self._max_in_flight = max_in_flight
             logger.info("%s: max_in_flight set to %d", self.name, max_in_flight)
             self._apply_rdy_locked()
@@ -685,8 +746,8 @@ class Reader:
             raise ConfigError("host", host, "must be a non-empty string")
         if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
             raise ConfigError("port", port, "must be an int between 1 and 65535")
-        if self._closing:
-            raise ClosedError(f"{self.name}: the Reader was closed")
+        if self.closed:
+            raise self._refuse_closed()
         address = _address_key(host, port)
         with self._lock:
             self._direct.setdefault(address, (host, port))

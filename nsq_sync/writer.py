@@ -16,7 +16,6 @@ import heapq
 import itertools
 import logging
 import os
-import sys
 import time
 import weakref
 from concurrent import futures
@@ -37,7 +36,7 @@ from .errors import (
     SendError,
     TimeoutError,
 )
-from .lifecycle import register
+from .lifecycle import forget_parents_in_child, register, uwsgi_state
 from .protocol import commands
 from .protocol.identify import check_number, check_timeout
 
@@ -61,37 +60,12 @@ _live_writers: "weakref.WeakSet[Writer]" = weakref.WeakSet()
 _pid = os.getpid()
 
 
-def _forget_parents_in_child() -> None:
+def _update_pid() -> None:
     global _pid
     _pid = os.getpid()
-    for writer in list(_live_writers):
-        try:
-            writer._forget_parent()
-        except Exception:  # pragma: no cover - never let a fork hook raise
-            logger.exception("resetting %r after fork failed", writer)
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_parents_in_child)
-
-
-def _uwsgi_before_fork() -> Tuple[bool, bool]:
-    """(inside uWSGI, before uWSGI has made this process a worker).
-
-    uWSGI forks its workers in C, so Python's at-fork hooks (and the cached _pid above) do
-    not see it, and it loads the application in the master first unless --lazy-apps is
-    set. A thread of ours running in the master when uWSGI forks can hold the GIL at that
-    instant, and the worker then hangs on its first request, for good. So a Writer made
-    while uWSGI's worker_id() is 0 starts nothing until it is first used, and every
-    Writer made inside uWSGI compares os.getpid() instead of the cached value.
-    """
-    uwsgi = sys.modules.get("uwsgi")
-    if uwsgi is None:
-        return False, False
-    try:
-        return True, uwsgi.worker_id() == 0
-    except Exception:  # not the real thing (or too old): no worker id to go by
-        return True, False
+forget_parents_in_child(_live_writers, first=_update_pid)
 
 
 def _body_size(data: bytes) -> int:
@@ -190,8 +164,10 @@ class Writer:
         self.backend = get_backend(backend)
         self._addresses = addresses
         self._closed = False
-        # Under uWSGI the process id is read on every use (see _uwsgi_before_fork).
-        self._uwsgi, defer = _uwsgi_before_fork()
+        # uWSGI forks in C (see lifecycle.uwsgi_state): no at-fork hook updates _pid there, so
+        # a Writer reads the process id on every use; and one made in the master starts
+        # nothing (no thread of ours there at the fork) until its first use, in the worker.
+        self._uwsgi, defer = uwsgi_state()
         self._start_lock = self.backend.lock()
         self._start(defer)
         register(self)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -43,15 +44,17 @@ def _free_port() -> int:
 
 
 class Uwsgi:
-    def __init__(self, nsqd: NsqdProcess, options: List[str], log: Path, app: Path = APP) -> None:
+    def __init__(self, nsqd: NsqdProcess, options: List[str], log: Path, app: Path = APP, **env_extra: str) -> None:
         self.port = _free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("NSQ_SYNC_")}
         env.update(NSQD_TCP_ADDRESS=nsqd.tcp_address, NSQD_TCP_ADDRESSES=nsqd.tcp_address, PYTHONPATH=str(REPO))
+        env.update(env_extra)
         self.log = log
         self.proc = subprocess.Popen(
             [_uwsgi_binary(), "--http-socket", f"127.0.0.1:{self.port}", "--wsgi-file", app.name, "--die-on-term",
              "--need-app", "--disable-logging", *options],
             cwd=str(app.parent), env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+            start_new_session=True,  # stop() can then kill a hung worker along with its master
         )
         wait_until(self._listening, timeout=20, message=f"uWSGI listening (log: {log})")
 
@@ -74,12 +77,19 @@ class Uwsgi:
         except OSError as exc:
             pytest.fail(f"GET {path}: {exc!r}; uWSGI log:\n{self.log.read_text(errors='replace')[-3000:]}")
 
-    def stop(self) -> None:
+    def stop(self, wait: float = 15) -> None:
+        """SIGTERM (a graceful stop), then SIGKILL to the whole process group: workers included,
+        which a master killed alone would leave behind."""
         self.proc.terminate()
         try:
-            self.proc.wait(15)
+            self.proc.wait(wait)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if self.proc.poll() is None:
             self.proc.wait(5)
 
 
@@ -87,8 +97,8 @@ class Uwsgi:
 def uwsgi(nsqd: NsqdProcess, tmp_path: Path) -> Iterator[Any]:
     started: List[Uwsgi] = []
 
-    def start(*options: str, app: Path = APP) -> Uwsgi:
-        server = Uwsgi(nsqd, list(options), tmp_path / f"uwsgi-{len(started)}.log", app)
+    def start(*options: str, app: Path = APP, **env: str) -> Uwsgi:
+        server = Uwsgi(nsqd, list(options), tmp_path / f"uwsgi-{len(started)}.log", app, **env)
         started.append(server)
         return server
 
@@ -155,3 +165,12 @@ def test_documented_wsgi_example_under_uwsgi(nsqd: NsqdProcess, uwsgi: Any) -> N
         pids.add(report["pid"])
     assert nsqd.topic_depth("web_events") == 20
     assert server.proc.pid not in pids  # answered by the workers, not the master
+
+
+def test_reader_started_in_the_master_warns(nsqd: NsqdProcess, uwsgi: Any) -> None:
+    server = uwsgi("--master", "--processes", "1", START_READER="1")
+    wait_until(lambda: "started in uWSGI's master process" in server.log.read_text(errors="replace"),
+               timeout=10, message="the Reader's warning in uWSGI's log")
+    text = server.log.read_text(errors="replace")
+    assert "Start Readers in the workers (uWSGI --lazy-apps, or a postfork hook)" in text
+    server.stop(wait=0)  # its worker may well be the hung one the warning is about

@@ -6,6 +6,8 @@ worker whose threads did not run between requests loses its connection within tw
 
     GET /pub         publish one message; JSON: pid, master pid, answer, the connection's local port
     GET /heartbeats  JSON: how many heartbeats this worker's connection has read
+
+With START_READER set it also starts a Reader when imported, which logs a warning in the master.
 """
 
 import json
@@ -19,6 +21,10 @@ IMPORTED_IN = os.getpid()
 writer = nsq_sync.Writer([os.environ["NSQD_TCP_ADDRESS"]], heartbeat_interval=1, backend="thread", name="uwsgi-test")
 heartbeats = []
 watched = set()
+if os.environ.get("START_READER"):  # a Reader started in the master: it warns
+    reader = nsq_sync.Reader("uwsgi", "c", message_handler=lambda message: True,
+                             nsqd_tcp_addresses=[os.environ["NSQD_TCP_ADDRESS"]], backend="thread")
+    reader.start()
 
 
 def _watch() -> None:
