@@ -162,13 +162,14 @@ class Writer:
         self.concurrency = concurrency
         self._conn_kwargs = conn_kwargs
         self.backend = get_backend(backend)
+        self._backend_choice = backend  # None: chosen again after a fork (see _after_fork)
         self._addresses = addresses
         self._closed = False
         # uWSGI forks in C (see lifecycle.uwsgi_state): no at-fork hook updates _pid there, so
         # a Writer reads the process id on every use; and one made in the master starts
         # nothing (no thread of ours there at the fork) until its first use, in the worker.
         self._uwsgi, defer = uwsgi_state()
-        self._start_lock = self.backend.lock()
+        self._start_locks: Dict[int, Any] = {}  # per process id (see _check_pid)
         self._start(defer)
         register(self)
         _live_writers.add(self)
@@ -176,8 +177,6 @@ class Writer:
     # ------------------------------------------------------------- lifecycle
     def _start(self, defer: bool = False) -> None:
         backend = self.backend
-        # 0 (no process's id) when deferred: the first use anywhere starts it (_check_pid).
-        self._pid = 0 if defer else os.getpid()
         self._lock = backend.lock()
         self._changed = backend.event()  # set whenever a node connects (wakes publishers waiting)
         self._stopping = backend.event()
@@ -204,16 +203,22 @@ class Writer:
         self._housekeeper_due = float("inf")
         if defer:
             logger.info("%s: made in uWSGI's master process; connecting on first use, in the worker", self.name)
-            return
-        for node in self._nodes:
-            node.task = backend.spawn(self._node_loop, node, name=f"nsq_sync-writer-{node.address}")
+        else:
+            for node in self._nodes:
+                node.task = backend.spawn(self._node_loop, node, name=f"nsq_sync-writer-{node.address}")
+        # Set last: a publisher that sees this process's id (_begin, without a lock) finds
+        # everything above in place; until then it waits in _check_pid for this start. 0 (no
+        # process's id) when deferred: the first use anywhere starts it.
+        self._pid = 0 if defer else os.getpid()
 
     def _check_pid(self) -> None:
         """Start afresh when this process is not the one that started the connections (a
         forked child, or a Writer whose start was deferred); a closed Writer stays closed."""
-        # Not self._lock: a forked child may have inherited it held. This lock is only ever
-        # taken here, by the first users in a process, so no thread holds it at a fork.
-        with self._start_lock:
+        # Not self._lock: a forked child may have inherited it held. One lock per process,
+        # made in that process (setdefault is atomic): one inherited from the parent may be
+        # a real thread lock in a child that gevent has patched since (gunicorn -k gevent
+        # --preload), where two greenlets blocking on it would block the whole hub.
+        with self._start_locks.setdefault(os.getpid(), self.backend.lock()):
             if self._pid == os.getpid():
                 return  # another thread of this process got here first
             if self._closed:
@@ -239,6 +244,10 @@ class Writer:
         self._connected = []  # the parent's, which this process cannot use
 
     def _after_fork(self) -> None:
+        if self._backend_choice is None:
+            # Chosen again: a worker may have been monkey-patched by gevent after the fork
+            # (gunicorn -k gevent --preload), and thread primitives would block its hub.
+            self.backend = get_backend(None)
         if self._pid:
             logger.info("%s: forked (pid %d); opening fresh connections", self.name, os.getpid())
         else:

@@ -6,6 +6,7 @@ gevent when the socket module has been monkey-patched by gevent, else threads.
 
 from __future__ import annotations
 
+import encodings.idna  # noqa: F401  (see below)
 import sys
 from typing import Any, Dict, Union
 
@@ -15,6 +16,13 @@ from .thread import ThreadBackend
 
 __all__ = ["Backend", "ThreadBackend", "get_backend", "gevent_patched"]
 
+# Loaded here, by the importing thread, rather than by the first getaddrinfo() in a
+# background connect task (CPython encodes a host name with the idna codec, importing it on
+# first use). A process that forks while a thread of it is importing a module leaves that
+# module's import lock held in the child for good, and the child's first connect then hangs:
+# gunicorn --preload forks its workers right after importing the app, while a module-level
+# Writer of the master is connecting (seen: a worker hung in about 1 start of 10). With this,
+# connecting imports nothing (tests/integration/test_fork_safety.py).
 _cache: Dict[str, Any] = {}
 
 

@@ -10,95 +10,31 @@ use when uWSGI made it before the workers, and compares process ids itself under
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import urllib.request
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List
 
 import pytest
 
 from nsq_sync.testing import NsqdProcess, wait_until
+from wsgi_servers import REPO, ServerProcess, server_binary  # tests/support
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 APP = REPO / "tests" / "support" / "uwsgi_app.py"
 
 
-def _uwsgi_binary() -> str:
-    found = shutil.which("uwsgi", path=os.path.dirname(sys.executable)) or shutil.which("uwsgi")
-    if not found:
-        pytest.fail("uwsgi is a test dependency: pip install -e '.[test]'")
-    return found
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Uwsgi:
-    def __init__(self, nsqd: NsqdProcess, options: List[str], log: Path, app: Path = APP, **env_extra: str) -> None:
-        self.port = _free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("NSQ_SYNC_")}
-        env.update(NSQD_TCP_ADDRESS=nsqd.tcp_address, NSQD_TCP_ADDRESSES=nsqd.tcp_address, PYTHONPATH=str(REPO))
-        env.update(env_extra)
-        self.log = log
-        self.proc = subprocess.Popen(
-            [_uwsgi_binary(), "--http-socket", f"127.0.0.1:{self.port}", "--wsgi-file", app.name, "--die-on-term",
-             "--need-app", "--disable-logging", *options],
-            cwd=str(app.parent), env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-            start_new_session=True,  # stop() can then kill a hung worker along with its master
-        )
-        wait_until(self._listening, timeout=20, message=f"uWSGI listening (log: {log})")
-
-    def _listening(self) -> bool:
-        if self.proc.poll() is not None:
-            pytest.fail(f"uWSGI exited with {self.proc.returncode}:\n{self.log.read_text(errors='replace')[-3000:]}")
-        try:
-            socket.create_connection(("127.0.0.1", self.port), 0.5).close()
-            return True
-        except OSError:
-            return False
-
-    def get(self, path: str, data: Optional[bytes] = None) -> Dict[str, Any]:
-        """GET *path* (POST *data*) and the JSON answer; no proxy from the environment."""
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data)
-        try:
-            with opener.open(request, timeout=15) as response:
-                return json.loads(response.read())
-        except OSError as exc:
-            pytest.fail(f"GET {path}: {exc!r}; uWSGI log:\n{self.log.read_text(errors='replace')[-3000:]}")
-
-    def stop(self, wait: float = 15) -> None:
-        """SIGTERM (a graceful stop), then SIGKILL to the whole process group: workers included,
-        which a master killed alone would leave behind."""
-        self.proc.terminate()
-        try:
-            self.proc.wait(wait)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        if self.proc.poll() is None:
-            self.proc.wait(5)
+def _uwsgi(nsqd: NsqdProcess, options: List[str], log: Path, app: Path = APP, **env: str) -> ServerProcess:
+    argv = [server_binary("uwsgi"), "--http-socket", "127.0.0.1:{port}", "--wsgi-file", app.name, "--die-on-term",
+            "--need-app", "--disable-logging", *options]
+    return ServerProcess(argv, app.parent, nsqd.tcp_address, log, **env)
 
 
 @pytest.fixture
 def uwsgi(nsqd: NsqdProcess, tmp_path: Path) -> Iterator[Any]:
-    started: List[Uwsgi] = []
+    started: List[ServerProcess] = []
 
-    def start(*options: str, app: Path = APP, **env: str) -> Uwsgi:
-        server = Uwsgi(nsqd, list(options), tmp_path / f"uwsgi-{len(started)}.log", app, **env)
+    def start(*options: str, app: Path = APP, **env: str) -> ServerProcess:
+        server = _uwsgi(nsqd, list(options), tmp_path / f"uwsgi-{len(started)}.log", app, **env)
         started.append(server)
         return server
 
@@ -169,8 +105,8 @@ def test_documented_wsgi_example_under_uwsgi(nsqd: NsqdProcess, uwsgi: Any) -> N
 
 def test_reader_started_in_the_master_warns(nsqd: NsqdProcess, uwsgi: Any) -> None:
     server = uwsgi("--master", "--processes", "1", START_READER="1")
-    wait_until(lambda: "started in uWSGI's master process" in server.log.read_text(errors="replace"),
+    wait_until(lambda: "started in uWSGI's master process" in server.log_text(),
                timeout=10, message="the Reader's warning in uWSGI's log")
-    text = server.log.read_text(errors="replace")
+    text = server.log_text()
     assert "Start Readers in the workers (uWSGI --lazy-apps, or a postfork hook)" in text
     server.stop(wait=0)  # its worker may well be the hung one the warning is about
