@@ -88,12 +88,18 @@ def test_worker_threads_answer_heartbeats_between_requests(nsqd: NsqdProcess, uw
     assert again["pid"] == first["pid"] and again["ports"] == first["ports"]  # the same connection lived on
 
 
-def test_documented_wsgi_example_under_uwsgi(nsqd: NsqdProcess, uwsgi: Any) -> None:
-    """docs/examples/wsgi_app.py with the uWSGI command its docstring gives (a port of our own)."""
+@pytest.mark.parametrize("options", [
+    pytest.param(["--master", "--processes", "4", "--threads", "8"], id="threads"),  # the documented command
+    pytest.param(["--master", "--processes", "2", "--gevent", "10", "--gevent-monkey-patch"], id="gevent-loop"),
+])
+def test_documented_wsgi_example_under_uwsgi(nsqd: NsqdProcess, uwsgi: Any, options: List[str]) -> None:
+    """docs/examples/wsgi_app.py with the uWSGI command its docstring gives (a port of our own), and
+    on uWSGI's gevent loop engine, monkey-patched before the app is imported (the Writer then
+    runs on the gevent backend)."""
     example = REPO / "docs" / "examples" / "wsgi_app.py"
     documented = "uwsgi --master --processes 4 --threads 8 --http-socket :8000 --wsgi-file wsgi_app.py"
     assert documented in example.read_text()
-    server = uwsgi("--master", "--processes", "4", "--threads", "8", app=example)
+    server = uwsgi(*options, app=example)
     pids = set()
     for n in range(20):
         report = server.get("/events", json.dumps({"n": n}).encode())
