@@ -7,6 +7,7 @@ processes: the at-fork hook that makes a child drop what belongs to its parent, 
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import signal
@@ -78,6 +79,33 @@ def clients() -> List[Any]:
     items = list(_clients)
     items.sort(key=lambda c: 0 if type(c).__name__ == "Reader" else 1)
     return items
+
+
+def _is_closed(client: Any) -> bool:
+    closed = getattr(client, "closed", None)  # Reader: a property (it also notices a fork)
+    if isinstance(closed, bool):
+        return closed
+    return bool(getattr(client, "_closed", False))  # Writer
+
+
+def _close_at_exit() -> None:
+    """At interpreter exit, close every client still open, as close() would, Readers first.
+
+    Background tasks die with the interpreter: a Writer's publishes made with pub_async() or a
+    callback and still queued were lost, and a Reader's messages in flight (handled ones
+    included, their FINs never sent) stayed there until nsqd's timeout and came again. Each
+    close() waits at most its own timeout (publish_timeout, close_timeout).
+    """
+    for client in clients():
+        if _is_closed(client):
+            continue
+        try:
+            client.close()
+        except Exception:  # pragma: no cover - never let an exit hook raise
+            logger.exception("closing %r at exit failed", client)
+
+
+atexit.register(_close_at_exit)
 
 
 def stop() -> None:

@@ -11,7 +11,6 @@ another node when ``retries`` allows).
 
 from __future__ import annotations
 
-import atexit
 import collections
 import heapq
 import itertools
@@ -67,23 +66,6 @@ def _update_pid() -> None:
 
 
 forget_parents_in_child(_live_writers, first=_update_pid)
-
-
-def _close_at_exit() -> None:
-    """At interpreter exit, close every Writer still open, as close() would: publishes made with
-    pub_async() or a callback and not answered yet are sent and waited for (each Writer within
-    its publish_timeout), instead of dying with the background tasks. A script that ends
-    without close() then loses nothing it published."""
-    for writer in list(_live_writers):
-        if writer._closed:
-            continue
-        try:
-            writer.close()
-        except Exception:  # pragma: no cover - never let an exit hook raise
-            logger.exception("closing %r at exit failed", writer)
-
-
-atexit.register(_close_at_exit)
 
 
 def _body_size(data: bytes) -> int:
