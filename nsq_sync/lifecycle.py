@@ -77,7 +77,8 @@ def unregister(client: Any) -> None:
 def clients() -> List[Any]:
     """The live registered clients, Readers first (so consumers drain before producers close)."""
     items = list(_clients)
-    items.sort(key=lambda c: 0 if type(c).__name__ == "Reader" else 1)
+    # A Reader is what has process_message (subclasses included, as pynsq's users write them).
+    items.sort(key=lambda c: 0 if hasattr(c, "process_message") else 1)
     return items
 
 

@@ -23,7 +23,12 @@ from nsq_sync.writer import Writer
 WAIT = 10.0
 
 
-def test_run_starts_readers_and_drains_them_before_closing_writers(backend: str) -> None:
+class PynsqStyleReader(Reader):
+    """A subclass, as pynsq's users write them: still a Reader to run() (closed first)."""
+
+
+@pytest.mark.parametrize("reader_class", [Reader, PynsqStyleReader], ids=["Reader", "subclass"])
+def test_run_starts_readers_and_drains_them_before_closing_writers(backend: str, reader_class: type) -> None:
     gc.collect()  # forget clients of earlier tests: run() acts on every live registered one
     consumed, produced = FakeNsqd().start(), FakeNsqd().start()
     handling, release = threading.Event(), threading.Event()
@@ -40,7 +45,7 @@ def test_run_starts_readers_and_drains_them_before_closing_writers(backend: str)
         return True
 
     try:
-        reader = Reader("topic", "channel", handler, nsqd_tcp_addresses=[f"127.0.0.1:{consumed.port}"], backend=backend)
+        reader = reader_class("topic", "channel", handler, nsqd_tcp_addresses=[f"127.0.0.1:{consumed.port}"], backend=backend)
         writer = Writer(f"127.0.0.1:{produced.port}", backend=backend)
         assert writer.wait_connected(WAIT)
         assert consumed.sessions == []  # registered, not started
