@@ -506,8 +506,7 @@ class Reader:
     @property
     def closed(self) -> bool:
         """True once close() was called (or, in a forked child, when the parent had started it)."""
-        if self._pid != os.getpid():
-            self._forget_parent()
+        self._forget_parent()
         return self._closing
 
     def _forget_parent(self) -> None:
@@ -518,8 +517,9 @@ class Reader:
         and treats the Reader as closed. Under gevent copies of the parent's greenlets may live
         on in the child: the stop flags end their loops, and reads on the closed copies end
         theirs. A Reader never started is simply the child's. Runs from the at-fork hook, and
-        on use where uWSGI forks in C without it. No lock taken: a parent thread may have held
-        it at the fork.
+        at the start of start(), close(), set_max_in_flight() and ``closed`` (a no-op in the
+        process that owns it), for uWSGI, which forks in C without the hook. No lock taken: a parent thread may have held it at
+        the fork.
         """
         if self._pid == os.getpid():
             return
@@ -558,8 +558,7 @@ class Reader:
         """
         if self.message_handler is None and type(self).process_message is Reader.process_message:
             raise ConfigError("message_handler", None, "give a message_handler or override process_message()")
-        if self._pid != os.getpid():
-            self._forget_parent()
+        self._forget_parent()
         with self._lock:
             if self._closing:
                 raise self._refuse_closed()
@@ -635,8 +634,7 @@ class Reader:
         if timeout is None:
             timeout = self.close_timeout
         check_timeout(timeout)
-        if self._pid != os.getpid():
-            self._forget_parent()  # (then closed at once: nothing of the child's to drain)
+        self._forget_parent()  # (in a forked child: then closed at once, nothing of its own to drain)
         with self._lock:
             first = not self._closing
             self._closing = True
@@ -678,8 +676,7 @@ class Reader:
         Raises TypeError/ConfigError for a value that is not an int >= 0, ClosedError after close().
         """
         check_number("max_in_flight", max_in_flight, 0, 2**31 - 1, integer=True)
-        if self._pid != os.getpid():
-            self._forget_parent()
+        self._forget_parent()
         with self._lock:
             if self._closing:
                 raise self._refuse_closed()

@@ -214,6 +214,8 @@ class Writer:
     def _check_pid(self) -> None:
         """Start afresh when this process is not the one that started the connections (a
         forked child, or a Writer whose start was deferred); a closed Writer stays closed."""
+        if self._pid == os.getpid():
+            return
         # Not self._lock: a forked child may have inherited it held. One lock per process,
         # made in that process (setdefault is atomic): one inherited from the parent may be
         # a real thread lock in a child that gevent has patched since (gunicorn -k gevent
@@ -310,8 +312,7 @@ class Writer:
             check_number("count", count, 1, nodes, integer=True)
         except ConfigError:
             raise ConfigError("count", count, f"must be from 1 to {nodes} (the number of nsqd addresses this Writer has)") from None
-        if self._pid != (os.getpid() if self._uwsgi else _pid):
-            self._check_pid()  # (a forked child's or a deferred Writer's connections start now)
+        self._check_pid()  # (a forked child's or a deferred Writer's connections start now)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with self._lock:

@@ -10,54 +10,19 @@ threads. A Reader never started is simply the child's.
 
 from __future__ import annotations
 
-import json
-import os
 import socket
 import threading
 import time
-from typing import Any, Callable, Dict, Iterator, List
+from typing import Any, Dict, Iterator, List
 
 import pytest
 
 import nsq_sync
 from nsq_sync.errors import ClosedError
 from nsq_sync.testing import NsqdProcess, wait_until
+from forking import child_report, fork_child  # tests/support
 
 pytestmark = pytest.mark.integration
-
-
-def _fork(child: Callable[[socket.socket], Dict[str, Any]]) -> "tuple[int, socket.socket]":
-    """Fork; the child runs *child* with its end of a socket pair, sends its report as JSON and
-    exits without returning into pytest. Returns (pid, the parent's end)."""
-    parent_end, child_end = socket.socketpair()  # (cooperative under gevent's monkey-patching)
-    pid = os.fork()
-    if pid == 0:
-        try:
-            parent_end.close()
-            try:
-                report = child(child_end)
-            except BaseException as exc:
-                report = {"error": repr(exc)}
-            child_end.sendall(json.dumps(report).encode())
-            child_end.close()
-        finally:
-            os._exit(0)
-    child_end.close()
-    return pid, parent_end
-
-
-def _report(pid: int, parent_end: socket.socket) -> Dict[str, Any]:
-    chunks = []
-    parent_end.settimeout(30)
-    while True:
-        chunk = parent_end.recv(65536)
-        if not chunk:
-            break
-        chunks.append(chunk)
-    parent_end.close()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-    return json.loads(b"".join(chunks))
 
 
 @pytest.fixture
@@ -111,13 +76,13 @@ def test_forked_child_neither_takes_nor_ends_the_parents_connection(clients: Dic
         report["close_seconds"] = time.monotonic() - started
         return report
 
-    pid, channel = _fork(child)
+    pid, channel = fork_child(child)
     assert channel.recv(1) == b"r"
     for i in range(20):
         writer.pub("forked", b"after-%d" % i)
     wait_until(lambda: len(got) == 21, message="the 20 messages published while the child lived")
     channel.sendall(b"d")
-    report = _report(pid, channel)
+    report = child_report(pid, channel)
 
     assert report["closed"] is True, report
     for name in ("start", "set_max_in_flight"):
@@ -142,7 +107,7 @@ def test_reader_never_started_is_the_childs(clients: Dict[str, Any], nsqd: NsqdP
         reader.close(5)
         return {"got": [body.decode() for body in got], "finished": reader.stats()["messages_finished"]}
 
-    pid, channel = _fork(child)
-    assert _report(pid, channel) == {"got": ["for the child"], "finished": 1}
+    pid, channel = fork_child(child)
+    assert child_report(pid, channel) == {"got": ["for the child"], "finished": 1}
     assert got == []  # the parent never started it
     assert nsqd.stats(topic="forkfresh")["topics"][0]["channels"][0]["depth"] == 0

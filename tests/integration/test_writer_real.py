@@ -14,13 +14,12 @@ import collections
 import concurrent.futures
 import contextlib
 import gc
-import json
 import os
 import socket
 import threading
 import time
 import weakref
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -39,6 +38,7 @@ from nsq_sync.errors import (
 )
 from nsq_sync.pytest_plugin import started
 from nsq_sync.testing import NsqdProcess, wait_until
+from forking import in_child, wait_child  # tests/support
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -803,47 +803,6 @@ def test_futures_resolve_to_ok(nsqd, writer_factory):
 # --------------------------------------------------------------------------- 9. fork
 
 
-def _wait_child(pid: int, timeout: float) -> int:
-    deadline = time.monotonic() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        if time.monotonic() > deadline:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-            pytest.fail(f"forked child {pid} did not exit within {timeout}s")
-        time.sleep(0.01)  # polling the child's exit, not synchronising
-
-
-def _in_child(work: Callable[[], Dict[str, Any]]) -> Dict[str, Any]:
-    """Fork, run *work* in the child and return its report (the child never returns into pytest)."""
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(read_fd)
-            try:
-                report = work()
-            except BaseException as exc:
-                report = {"error": repr(exc)}
-            os.write(write_fd, json.dumps(report).encode())
-        finally:
-            os._exit(0)
-    os.close(write_fd)
-    try:
-        assert _wait_child(pid, 20) == 0
-        chunks = []
-        while True:
-            chunk = os.read(read_fd, 65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    finally:
-        os.close(read_fd)
-    return json.loads(b"".join(chunks))
-
-
 def test_fork_child_gets_its_own_connection(nsqd, writer_factory):
     writer = writer_factory(nsqd.tcp_address)
     assert writer.pub("fork", b"parent-before") == b"OK"
@@ -855,7 +814,7 @@ def test_fork_child_gets_its_own_connection(nsqd, writer_factory):
         answer = writer.pub("fork", b"child", timeout=5).decode()
         return {"answer": answer, "ports": [c._raw_sock.getsockname()[1] for c in writer.conns.values() if c._raw_sock is not None]}
 
-    report = _in_child(child)
+    report = in_child(child)
     assert report.get("answer") == "OK", report
     assert report["ports"] and parent_port not in report["ports"], (parent_port, report)
 
@@ -879,7 +838,7 @@ def test_close_in_forked_child_leaves_the_parent_connection_alone(nsqd, writer_f
             code = 0
         finally:
             os._exit(code)
-    assert _wait_child(pid, 20) == 0
+    assert wait_child(pid, 20) == 0
     # the child is gone; a shutdown() it did on the shared socket has already hit our connection
     try:
         answer: Any = writer.pub("forkclose", b"parent-after")
@@ -899,7 +858,7 @@ def test_wait_connected_in_forked_child_waits_for_its_own_connection(nsqd, write
         connected = writer.wait_connected(5)
         return {"connected": connected, "ports": [c._raw_sock.getsockname()[1] for c in writer.conns.values()]}
 
-    report = _in_child(child)
+    report = in_child(child)
     assert report.get("connected") is True, report
     assert report["ports"] and parent_port not in report["ports"], (parent_port, report)
     assert only_conn(writer) is parent_conn and writer.pub("forkwait", b"parent") == b"OK"
@@ -919,7 +878,7 @@ def test_writer_closed_before_fork_stays_closed_in_child(nsqd, writer_factory):
         report["threads"] = [t.name for t in threading.enumerate() if "nsq_sync-writer" in (t.name or "")]
         return report
 
-    assert _in_child(child) == {"connected": False, "error": "ClosedError", "threads": []}
+    assert in_child(child) == {"connected": False, "error": "ClosedError", "threads": []}
     assert depth(nsqd, "forkclosed") == 1
 
 
