@@ -84,8 +84,13 @@ def _settle(future: "Future[Any]", result: Any = None, error: Optional[BaseExcep
         pass
 
 
+#: a lane nobody published on for this long (or half a heartbeat interval, if shorter) is
+#: closed; it comes back when threads contend again
+LANE_IDLE_SECONDS = 60.0
+
+
 class _Node:
-    __slots__ = ("host", "port", "conn", "task", "attempts", "last_error")
+    __slots__ = ("host", "port", "conn", "task", "attempts", "last_error", "lanes", "free", "growing", "grow_after")
 
     def __init__(self, host: str, port: int) -> None:
         self.host = host
@@ -94,6 +99,13 @@ class _Node:
         self.task: Any = None
         self.attempts = 0
         self.last_error: Optional[BaseException] = None
+        #: extra connections for blocking publishes that would otherwise wait for another
+        #: thread's read (see Writer._lane): all of them (replaced, never changed in place)...
+        self.lanes: List[AsyncConn] = []
+        #: ...and the ones no publish holds (a stack: list.pop and append are atomic)
+        self.free: List[AsyncConn] = []
+        self.growing = False
+        self.grow_after = 0.0
 
     @property
     def address(self) -> str:
@@ -115,6 +127,14 @@ class Writer:
     :param max_body_size: bytes; the same for a whole MPUB body (nsqd's --max-body-size, 5 MiB)
     :param reconnect_interval: first reconnect delay in seconds; doubles up to ``max_reconnect_interval``
     :param concurrency: workers that run publish callbacks
+    :param max_connections_per_nsqd: connections a Writer may open to one nsqd (1..64). The first
+        carries every publish as long as the calling thread finds it free; when another thread's
+        blocking publish is using it, an extra connection (a *lane*) opens, so a blocking publish
+        reads its own answer instead of waiting for another thread to hand it over (the cost that
+        bounds many threads on one connection). Lanes open one at a time while threads contend,
+        and close after half a heartbeat interval unused (at most a minute). Async publishes stay
+        on the first connection (one order on the wire). 1 turns lanes off. Thread backend, plain
+        or compressed TCP only: greenlets hand answers over cheaply, and TLS has no kernel-timed reads.
     :param backend: "thread", "gevent" or None (auto)
     :param conn_kwargs: passed to every :class:`AsyncConn` (timeout, tls_v1, snappy, auth_secret, ...)
 
@@ -132,6 +152,7 @@ class Writer:
         reconnect_interval: float = 1.0,
         max_reconnect_interval: float = 60.0,
         concurrency: int = 1,
+        max_connections_per_nsqd: int = 8,
         name: Optional[str] = None,
         backend: Union[None, str, Backend] = None,
         **conn_kwargs: Any,
@@ -148,6 +169,7 @@ class Writer:
                 check_number(param, value, 1, 2**31 - 1, integer=True)
         check_number("reconnect_interval", reconnect_interval, 0.001, 3600)
         check_number("max_reconnect_interval", max_reconnect_interval, 0.001, 3600)
+        check_number("max_connections_per_nsqd", max_connections_per_nsqd, 1, 64, integer=True)
         if "worker_pool" in conn_kwargs:
             raise TypeError("Writer() manages its own worker_pool")
         # Validate every connection parameter now (raises TypeError/ConfigError), not in a background task.
@@ -160,6 +182,7 @@ class Writer:
         self.reconnect_interval = float(reconnect_interval)
         self.max_reconnect_interval = float(max_reconnect_interval)
         self.concurrency = concurrency
+        self.max_connections_per_nsqd = max_connections_per_nsqd
         self._conn_kwargs = conn_kwargs
         self.backend = get_backend(backend)
         self._backend_choice = backend  # None: chosen again after a fork (see _after_fork)
@@ -182,9 +205,16 @@ class Writer:
         self._stopping = backend.event()
         self._idle = backend.event()  # set when close() waits and nothing is outstanding
         self._draining = False
-        self._outstanding = 0
+        # One entry per publish under way (blocking, or a submit not yet in the deadline
+        # queues): list.append and pop are atomic, so publishers count themselves without a
+        # lock, which 8 threads publishing would contend for. close() waits for it to empty.
+        self._calls: List[None] = []
         self._rr = 0
         self.pool = WorkerPool(self.concurrency, backend, name=self.name)
+        # Lanes (see _lane) spare OS threads the hand-off of an answer read by another
+        # thread; greenlets hand over cheaply, and their hub reads every socket anyway.
+        self._max_lanes = self.max_connections_per_nsqd - 1 if getattr(backend, "name", "") == "thread" else 0
+        self._lane_tasks: List[Any] = []
         self._nodes = [_Node(host, port) for host, port in self._addresses]
         # Replaced, never changed in place (under the lock): _pick reads it without the lock.
         self._connected: List[AsyncConn] = []
@@ -238,11 +268,15 @@ class Writer:
         self._stopping.set()
         self._wake.set()
         for node in self._nodes:
-            conn = node.conn
-            if conn is not None and conn._stream is not None:
-                conn._stream.close()  # our copy of the fd only; no shutdown, the parent keeps its socket
+            for conn in [node.conn] + node.lanes:
+                if conn is not None and conn._stream is not None:
+                    conn._stream.close()  # our copy of the fd only; no shutdown, the parent keeps its socket
             node.conn = None
             node.task = None
+            node.lanes = []
+            node.free = []
+            node.growing = False
+        self._lane_tasks = []
         self._connected = []  # the parent's, which this process cannot use
 
     def _after_fork(self) -> None:
@@ -261,6 +295,7 @@ class Writer:
         while not self._stopping.is_set():
             conn = AsyncConn(node.host, node.port, backend=self.backend, worker_pool=self.pool, **self._conn_kwargs)
             conn.unprocessed_handler = self._resend_unprocessed
+            conn._writer_node = node  # type: ignore[attr-defined]
             try:
                 conn.connect()
             except Exception as exc:
@@ -344,8 +379,9 @@ class Writer:
             already = self._closed
             self._closed = True
             self._draining = True
-            if self._outstanding == 0:
-                self._idle.set()
+        # After _draining is set: a publish ending from here on sees it (see _end).
+        if not self._calls:
+            self._idle.set()
         if not already:
             self._idle.wait(max(0.0, deadline - time.monotonic()))  # blocking publishes, and submits under way
             with self._lock:
@@ -354,12 +390,13 @@ class Writer:
         self._stopping.set()
         self._wake.set()
         for node in self._nodes:
-            conn = node.conn
-            if conn is not None:
-                conn.close(max(0.1, deadline - time.monotonic()))
-        for node in self._nodes:
-            if node.task is not None:
-                node.task.join(max(0.1, deadline - time.monotonic()))
+            if node.conn is not None:
+                node.conn.close(max(0.1, deadline - time.monotonic()))
+            for lane in node.lanes:
+                self._close_lane(lane, max(0.1, deadline - time.monotonic()))
+        for task in [node.task for node in self._nodes] + self._lane_tasks:
+            if task is not None:
+                task.join(max(0.1, deadline - time.monotonic()))
         if self._housekeeper is not None:
             self._wake.set()
             self._housekeeper.join(max(0.1, deadline - time.monotonic()))
@@ -460,19 +497,18 @@ class Writer:
             check_timeout(timeout)
         if self._pid != (os.getpid() if self._uwsgi else _pid):
             self._check_pid()
-        with self._lock:
-            if self._closed:
-                raise ClosedError(f"{self.name} is closed")
-            self._outstanding += 1
+        # Counted first, then the check: close() sets _closed before it looks at _calls, so
+        # either this sees _closed or close() sees this publish and waits for it.
+        self._calls.append(None)
+        if self._closed:
+            self._end()
+            raise ClosedError(f"{self.name} is closed")
         return time.monotonic() + timeout
 
     def _end(self) -> None:
-        with self._lock:
-            self._end_locked()
-
-    def _end_locked(self) -> None:
-        self._outstanding -= 1
-        if self._outstanding == 0 and self._draining:
+        calls = self._calls
+        calls.pop()
+        if not calls and self._draining:
             self._idle.set()
 
     def _pick(self, avoid: Optional[AsyncConn] = None) -> Optional[AsyncConn]:
@@ -533,7 +569,16 @@ class Writer:
             avoid: Optional[AsyncConn] = None
             while True:
                 conn = self._wait_for_conn(deadline, avoid)
+                lane = None
+                if self._max_lanes and conn._parked and conn._read_token.locked():
+                    # Another publishing thread reads this connection (its reader task is
+                    # parked): publish on a lane of our own rather than wait for that thread
+                    # to hand our answer over. (A reader task that holds the token itself
+                    # parks after one hand-off: that is no reason to open a connection.)
+                    lane = self._lane(conn._writer_node)  # type: ignore[attr-defined]
                 try:
+                    if lane is not None:
+                        return lane._lane_request(data, max(0.0, deadline - time.monotonic()))
                     # The calling thread reads the answer itself when it can (no hand-off).
                     return conn.request_wait(data, max(0.0, deadline - time.monotonic()))
                 except TimeoutError:
@@ -551,8 +596,99 @@ class Writer:
                     retries -= 1
                     avoid = conn
                     logger.info("%s: publish failed on %s; re-sending on another node", self.name, conn.id)
+                finally:
+                    if lane is not None:
+                        self._lane_back(lane)
         finally:
             self._end()
+
+    # ------------------------------------------------------------------ lanes
+    def _lane(self, node: _Node) -> Optional[AsyncConn]:
+        """A free lane to *node*, taken for one publish (give it back with _lane_back); None
+        when there is none, in which case one opens in the background if the limit allows."""
+        free = node.free
+        while True:
+            try:
+                lane = free.pop()
+            except IndexError:
+                break
+            if lane.state == "CONNECTED":
+                return lane
+            self._drop_lane(node, lane)
+        if not node.growing and len(node.lanes) < self._max_lanes and time.monotonic() >= node.grow_after:
+            with self._lock:
+                if node.growing or self._stopping.is_set() or len(node.lanes) >= self._max_lanes:
+                    return None
+                node.growing = True
+                self._lane_tasks = [task for task in self._lane_tasks if task.is_alive()] + [
+                    self.backend.spawn(self._lane_loop, node, name=f"nsq_sync-writer-lane-{node.address}")
+                ]
+        return None
+
+    def _lane_back(self, lane: AsyncConn) -> None:
+        node: _Node = lane._writer_node  # type: ignore[attr-defined]
+        lane._writer_used = True  # type: ignore[attr-defined]
+        if lane.state == "CONNECTED" and lane in node.lanes:
+            node.free.append(lane)
+        else:
+            self._drop_lane(node, lane)
+
+    def _drop_lane(self, node: _Node, lane: AsyncConn) -> None:
+        with self._lock:
+            if lane in node.lanes:
+                node.lanes = [other for other in node.lanes if other is not lane]
+
+    def _lane_loop(self, node: _Node) -> None:
+        """Open one lane to *node*, keep it while it is used, close it after a period unused (see below)."""
+        lane = AsyncConn(node.host, node.port, backend=self.backend, worker_pool=self.pool, **self._conn_kwargs)
+        lane._lane = True  # no reader task: the publish holding it reads (AsyncConn._lane_request)
+        lane._writer_node = node  # type: ignore[attr-defined]
+        lane._writer_used = False  # type: ignore[attr-defined]
+        try:
+            lane.connect()
+        except Exception as exc:
+            logger.info("%s: cannot open another connection to %s (%s)", self.name, node.address, exc)
+            node.grow_after = time.monotonic() + self.reconnect_interval
+            node.growing = False
+            return
+        if lane._recv_slice is None:
+            # Not a native socket (TLS, or a platform without SO_RCVTIMEO): a read could not
+            # be bounded by the publish's deadline without a reader task. No lanes here.
+            node.growing = False
+            self._max_lanes = 0
+            self._close_lane(lane)
+            return
+        with self._lock:
+            node.growing = False
+            if self._stopping.is_set():
+                self._close_lane(lane)
+                return
+            node.lanes = node.lanes + [lane]
+        node.free.append(lane)
+        logger.debug("%s: opened lane %d to %s", self.name, len(node.lanes), node.address)
+        # Without a reader task nobody answers nsqd's heartbeats while the lane sits unused,
+        # and nsqd closes a connection silent for two heartbeat intervals: a lane unused
+        # for a whole period closes first (unused for one to two periods).
+        heartbeat = float(lane.heartbeat_interval)
+        period = LANE_IDLE_SECONDS if heartbeat <= 0 else min(LANE_IDLE_SECONDS, heartbeat / 2)
+        while not lane.wait_closed(period):
+            if lane._writer_used:  # type: ignore[attr-defined]
+                lane._writer_used = False  # type: ignore[attr-defined]
+                continue
+            try:
+                node.free.remove(lane)  # unused for a whole period, and nobody took it meanwhile
+            except ValueError:
+                continue  # in use right now
+            self._drop_lane(node, lane)
+            self._close_lane(lane)
+            return
+        self._drop_lane(node, lane)
+
+    def _close_lane(self, lane: AsyncConn, timeout: float = 1.0) -> None:
+        """Close a lane nobody holds (it has no reader task to see the close through)."""
+        lane.close(timeout)
+        if not lane.closed():
+            lane._on_disconnect(None)
 
     def _submit(self, data: bytes, timeout: Optional[float]) -> "Future[bytes]":
         deadline = self._begin(timeout)
@@ -576,7 +712,7 @@ class Writer:
         except BaseException:
             self._end()
             raise
-        # From here on close() drains it through the deadline queues, not _outstanding:
+        # From here on close() drains it through the deadline queues, not _calls:
         # no done-callback per publish.
         with self._lock:
             fifo = self._fifo
@@ -600,8 +736,8 @@ class Writer:
                     self._deadlines = heap = [entry for entry in heap if not entry[2].done()]
                     heapq.heapify(heap)
                     self._heap_sweep = max(_SWEEP_AT, 2 * len(heap))
-            self._end_locked()
             wake = deadline < self._housekeeper_due
+        self._end()  # (after the queues have it: close() looks there once _calls is empty)
         if wake:
             self._wake_housekeeper()
         return future

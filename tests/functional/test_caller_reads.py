@@ -38,9 +38,9 @@ from nsq_sync.transport.compression import DeflateStream
 from conn_helpers import Events  # noqa: E402  (tests/support, on sys.path via tests/conftest.py)
 
 try:  # tests/functional as a package, or (the default rootdir layout) on sys.path
-    from .fake_nsqd import DEFAULT_IDENTIFY_RESPONSE, NOTHING, FakeNsqd, close, error, fake_nsqd, ok, response, response_frame  # noqa: F401
+    from .fake_nsqd import DEFAULT_IDENTIFY_RESPONSE, NOTHING, FakeNsqd, close, error, fake_nsqd, ok, raw, response, response_frame  # noqa: F401
 except ImportError:
-    from fake_nsqd import DEFAULT_IDENTIFY_RESPONSE, NOTHING, FakeNsqd, close, error, fake_nsqd, ok, response, response_frame  # type: ignore[no-redef]  # noqa: F401
+    from fake_nsqd import DEFAULT_IDENTIFY_RESPONSE, NOTHING, FakeNsqd, close, error, fake_nsqd, ok, raw, response, response_frame  # type: ignore[no-redef]  # noqa: F401
 
 WAIT = 5.0
 #: a PARK_SECONDS no test reaches: a parked reader task then only wakes when woken
@@ -138,6 +138,14 @@ def test_serial_request_wait_read_by_the_caller(server: FakeNsqd, make_conn, mon
     log.clear()
 
     me = conn.backend.current()
+    fast: List[object] = []  # what each fast-path exchange returned (b"OK": the whole publish)
+    exchange = conn._exchange
+
+    def counted(data: bytes) -> object:
+        fast.append(exchange(data))
+        return fast[-1]
+
+    conn._exchange = counted  # type: ignore[method-assign]
     count = 30
     for i in range(count):
         assert conn.request_wait(commands.pub("t", b"m%d" % i), timeout=5) == b"OK"
@@ -145,11 +153,90 @@ def test_serial_request_wait_read_by_the_caller(server: FakeNsqd, make_conn, mon
     server.wait_for_command("PUB", count=parks + count)
     assert published(server) == [b"park-%d" % n for n in range(1, parks + 1)] + [b"m%d" % i for i in range(count)]
     readers = log.readers_of(b"OK")
-    assert len(readers) == count, readers
+    # Each answer was read by this thread: whole in the fast path (no frame handling; the
+    # thread backend's, for a connection read within the last few ms), or as a frame.
+    assert len(readers) + fast.count(b"OK") == count, (readers, fast)
     assert all(not by_reader and who is me for by_reader, who in readers), readers
+    if conn._recv_slice is not None:
+        assert fast.count(b"OK") >= count - 1, fast  # (the first follows the park: idle for a moment)
     assert conn.pending_requests == 0
     assert conn.connected()
 
+
+
+# ------------------------------------------ 1b. a Writer's lane (no reader task)
+def connect_lane(make_conn: Callable[..., AsyncConn], server: FakeNsqd) -> AsyncConn:
+    conn = make_conn(server.host, server.port)
+    conn._lane = True  # as Writer._lane_loop makes them
+    conn.connect()
+    server.wait_for_command("IDENTIFY")
+    assert conn._reader is None  # nobody reads but the publish holding the lane
+    return conn
+
+
+def pub_commands(server: FakeNsqd) -> List[bytes]:
+    return [c for c in server.commands if c.startswith((b"PUB", b"NOP"))]
+
+
+def test_lane_publishes_read_their_own_answers(server: FakeNsqd, make_conn) -> None:
+    server.set_answer("PUB", lambda session, command: response(b"ack:" + command.body))
+    conn = connect_lane(make_conn, server)
+    for i in range(20):
+        assert conn._lane_request(commands.pub("t", b"m%d" % i), 5.0) == b"ack:m%d" % i
+    server.reset_answers()
+    for i in range(20):  # plain OKs: the fast path where it applies; the same answers either way
+        assert conn._lane_request(commands.pub("t", b"o%d" % i), 5.0) == b"OK"
+    server.wait_for_command("PUB", count=40)
+    assert published(server) == [b"m%d" % i for i in range(20)] + [b"o%d" % i for i in range(20)]
+    assert conn.pending_requests == 0 and conn.connected()
+
+
+def test_lane_heartbeat_read_with_an_answer_is_answered(server: FakeNsqd, make_conn) -> None:
+    conn = connect_lane(make_conn, server)
+    events = Events(conn, "heartbeat", "error")
+    assert conn._lane_request(commands.pub("t", b"first"), 5.0) == b"OK"
+    # the heartbeat and the answer in one read: not the OK frame alone, so the frames are handled
+    server.set_answer("PUB", raw(response_frame(HEARTBEAT) + response_frame(b"OK")), times=1)
+    assert conn._lane_request(commands.pub("t", b"second"), 5.0) == b"OK"
+    server.wait_for_command("NOP")
+    events.wait("heartbeat")
+    assert conn._lane_request(commands.pub("t", b"third"), 5.0) == b"OK"
+    server.wait_for_command("PUB", count=3)
+    assert pub_commands(server) == [b"PUB t", b"PUB t", b"NOP", b"PUB t"]
+    assert events.of("error") == [] and conn.connected()
+
+
+def test_idle_lane_reads_a_waiting_heartbeat_before_publishing(server: FakeNsqd, make_conn) -> None:
+    conn = connect_lane(make_conn, server)
+    assert conn._lane_request(commands.pub("t", b"first"), 5.0) == b"OK"
+    server.session.send_heartbeat()
+    wait_until(lambda: conn._data_waiting(0), WAIT, message="the heartbeat to arrive")
+    conn.last_recv_timestamp -= 1.0  # idle for a second (without waiting one)
+    assert conn._lane_request(commands.pub("t", b"second"), 5.0) == b"OK"
+    server.wait_for_command("PUB", count=2)
+    assert pub_commands(server) == [b"PUB t", b"NOP", b"PUB t"]  # the heartbeat was answered first
+
+
+def test_idle_lane_closed_by_nsqd_refuses_the_publish_unsent(server: FakeNsqd, make_conn) -> None:
+    conn = connect_lane(make_conn, server)
+    assert conn._lane_request(commands.pub("t", b"first"), 5.0) == b"OK"
+    server.close_client()
+    wait_until(lambda: conn._data_waiting(0), WAIT, message="nsqd's close to arrive")
+    conn.last_recv_timestamp -= 1.0
+    with pytest.raises(ConnectionClosedError) as info:
+        conn._lane_request(commands.pub("t", b"late"), 5.0)
+    assert info.value.unprocessed is True  # never sent: the Writer re-sends it elsewhere for free
+    assert conn.closed() and conn.wait_closed(WAIT)
+    assert published(server) == [b"first"]
+
+
+def test_lane_publish_gets_the_server_error(server: FakeNsqd, make_conn) -> None:
+    conn = connect_lane(make_conn, server)
+    assert conn._lane_request(commands.pub("t", b"first"), 5.0) == b"OK"
+    server.set_answer("PUB", [error("E_BAD_TOPIC PUB topic name is not valid"), close()], times=1)
+    with pytest.raises(BadTopicError):
+        conn._lane_request(commands.pub("t", b"refused"), 5.0)
+    assert conn.wait_closed(WAIT) and conn.closed()
 
 # ------------------------------------------------- 2. a Future wakes it
 def test_many_threads_each_get_their_own_answer(server: FakeNsqd, make_conn) -> None:
