@@ -198,6 +198,29 @@ def proc_cpu_seconds(pid: int) -> float:
     return (utime + stime) / os.sysconf("SC_CLK_TCK")
 
 
+#: CPUs for the client subprocesses when --pin is given (None: wherever the scheduler puts them)
+CLIENT_CPUS: Optional[set] = None
+
+
+def pin_cpus(broker_pid: int) -> Optional[str]:
+    """--pin: nsqd on the first CPU, every client on the others; None when this machine cannot.
+
+    Client and broker then never share a core, as on the separate machines of a deployment.
+    Otherwise, on a machine with few cores, the scheduler moves a threaded client's threads
+    onto nsqd's core in some runs and not in others, and the same client's rate varies by 2x.
+    Every implementation runs under the same split.
+    """
+    global CLIENT_CPUS
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cpus) < 2:
+        return None
+    broker_cpu, CLIENT_CPUS = {cpus[0]}, set(cpus[1:])
+    for task in os.listdir(f"/proc/{broker_pid}/task"):  # every thread nsqd has; new ones inherit
+        os.sched_setaffinity(int(task), broker_cpu)
+    os.sched_setaffinity(0, CLIENT_CPUS)  # this process too (it reads the clients' output)
+    return f"nsqd on CPU {cpus[0]}, clients on CPU {','.join(map(str, cpus[1:]))}"
+
+
 class Broker:
     def __init__(self, mem_queue_size: int) -> None:
         from nsq_sync.testing import NsqdProcess
@@ -317,6 +340,7 @@ def run_one(broker: Broker, scenario: Scenario, impl: str, rep: int, seq: int, q
         proc = subprocess.Popen(
             [sys.executable, os.path.join(CLIENTS, client_file), json.dumps(spec)],
             stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, cwd=CLIENTS,
+            preexec_fn=(lambda: os.sched_setaffinity(0, CLIENT_CPUS)) if CLIENT_CPUS else None,
         )
         reader = threading.Thread(target=_reader, args=(proc.stdout, lines), daemon=True)
         reader.start()
@@ -690,7 +714,8 @@ dependencies from `benchmarks/requirements.txt` (pynsq, Tornado, gnsq, gevent, p
 nsq_sync from the checkout; none of them become dependencies of the library. It starts its own nsqd v1.3.0 on
 loopback through `nsq_sync.testing.NsqdProcess`. Options: `--reps N`, `--scenarios` and `--impls`
 (comma-separated ids or prefixes), `--body-size` (100 bytes by default), `--docs DIR` (where this page and the
-chart go) and `--no-docs` (only the raw JSON, in `benchmarks/results/`). `benchmarks/profile_consume.py`
+chart go), `--no-docs` (only the raw JSON, in `benchmarks/results/`) and `--pin` (nsqd on the first CPU, every
+client on the others, as on separate machines; off by default). `benchmarks/profile_consume.py`
 profiles nsq_sync's consume and publish paths (see `benchmarks/README.md`).
 
 Numbers from one machine do not transfer to another; run the suite where you deploy, and compare
@@ -888,6 +913,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--scenarios", default="", help="comma-separated scenario ids or prefixes (default: all)")
     parser.add_argument("--impls", default="", help="comma-separated implementations (default: all)")
     parser.add_argument("--body-size", type=int, default=100)
+    parser.add_argument("--pin", action="store_true", help="nsqd on one CPU, the clients on the others (see pin_cpus)")
     parser.add_argument("--docs", default=DOCS, help="where benchmarks.md and benchmarks.png go")
     parser.add_argument("--no-docs", action="store_true", help="only write the JSON results")
     parser.add_argument("--from-json", metavar="PATH", help="no benchmark: rewrite the report and chart from a results JSON")
@@ -922,6 +948,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     max_n = max(sc.n(args.quick) for sc in scenarios)
     mem_queue_size = max_n + 10000
     broker = Broker(mem_queue_size)
+    pinned = pin_cpus(broker.pid) if args.pin else None
+    if args.pin and pinned is None:
+        print("--pin: fewer than 2 CPUs (or no sched_setaffinity) here; not pinned", flush=True)
     started = time.monotonic()
     meta = {
         "command": "bash benchmarks/run" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else ""),
@@ -929,7 +958,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "quick": args.quick, "reps": reps, "body_size": args.body_size,
         "cpu": cpu_model(), "cores": os.cpu_count(), "kernel": platform.release(),
         "python": platform.python_version(), "nsqd": broker.version, "mem_queue_size": mem_queue_size,
-        "versions": versions(), "nsq_sync_has_reader": have_reader,
+        "versions": versions(), "nsq_sync_has_reader": have_reader, "pinned": pinned,
     }
     print(f"nsqd {broker.version} pid {broker.pid} at {broker.nsqd.tcp_address}; {reps} repetitions; "
           f"{len(scenarios)} scenarios; nsq_sync.Reader {'present' if have_reader else 'absent (AsyncConn used)'}", flush=True)

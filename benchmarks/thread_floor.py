@@ -12,6 +12,8 @@ Three ways, alternated, in one process, against its own nsqd:
 * minimal threads: the least a threaded client can do: each thread writes its PUB under a
                    lock and waits on its own lock; one reader thread reads the OKs (blocking
                    recv, a buffer parse) and releases the waiters in order.
+* own sockets:     each thread on a connection of its own, a bare sendall + recv loop: no
+                   hand-off at all, only the GIL (what a Writer's lanes aim at).
 * nsq_sync:        ``Writer.pub`` from every thread, one Writer.
 
 The benchmark suite's "8 threads" target compares against the minimal loop with 100 PUBs
@@ -118,6 +120,32 @@ def minimal_threads(address: str, topic: str, n: int, threads: int) -> float:
         conn.close()
 
 
+def own_sockets(address: str, topic: str, n: int, threads: int) -> float:
+    from minimal import MinimalConn, pub_cmd
+
+    conns = [MinimalConn(address) for _ in range(threads)]
+    command = pub_cmd(topic, b"x" * 100)
+    handed = iter(conns)
+    lock = threading.Lock()
+
+    def client(count: int) -> None:
+        with lock:
+            sock = next(handed).sock
+        sock.settimeout(None)
+        send, recv = sock.sendall, sock.recv
+        for _ in range(count):
+            send(command)
+            data = recv(65536)
+            while len(data) < 10:  # one OK frame
+                data += recv(65536)
+
+    try:
+        return _run_threads(n, threads, client, None, lambda: None)
+    finally:
+        for conn in conns:
+            conn.close()
+
+
 def nsq_sync_writer(address: str, topic: str, n: int, threads: int) -> float:
     import nsq_sync
 
@@ -171,6 +199,7 @@ def main() -> None:
         ways = [
             ("handoff (no I/O)", lambda: handoff(args.n, args.threads)),
             ("minimal threads", lambda: minimal_threads(nsqd.tcp_address, topic, args.n, args.threads)),
+            ("own sockets", lambda: own_sockets(nsqd.tcp_address, topic, args.n, args.threads)),
             ("nsq_sync Writer", lambda: nsq_sync_writer(nsqd.tcp_address, topic, args.n, args.threads)),
         ]
         ways = [(name, run) for name, run in ways if args.only in name]
