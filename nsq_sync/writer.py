@@ -432,7 +432,10 @@ class Writer:
         With *callback*: return at once; ``callback(conn, data)`` runs on the worker pool with
         the answer or the exception as data (pynsq's convention).
         """
-        return self._publish(self._checked(commands.pub(topic, msg), topic), callback, timeout)
+        data = self._checked(commands.pub(topic, msg), topic)
+        if callback is None:
+            return self._publish_blocking(data, timeout)
+        return self._publish(data, callback, timeout)
 
     def mpub(self, topic: str, msgs: Iterable[Any], callback: Optional[Callback] = None, timeout: Optional[float] = None) -> Any:
         """Publish several messages atomically (MPUB); same contract as :meth:`pub`. Zero messages is a ConfigError."""
@@ -568,7 +571,11 @@ class Writer:
             retries = self.retries
             avoid: Optional[AsyncConn] = None
             while True:
-                conn = self._wait_for_conn(deadline, avoid)
+                connected = self._connected
+                if avoid is None and len(connected) == 1 and connected[0].state == "CONNECTED":
+                    conn = connected[0]  # (the common case of _pick, inline: a publish's every call counts)
+                else:
+                    conn = self._wait_for_conn(deadline, avoid)
                 lane = None
                 if self._max_lanes and conn._parked and conn._read_token.locked():
                     # Another publishing thread reads this connection (its reader task is
