@@ -887,7 +887,10 @@ class AsyncConn(EventedMixin):
         finally:
             write_lock.release()
         if self._writes:
-            self._flush()  # queued while we wrote: we are its drainer
+            try:
+                self._flush()  # queued while we wrote: we are its drainer
+            except Error:
+                pass  # the write side is shut (ours went out before): the read meets the close
         error: Optional[BaseException] = None
         try:
             chunk = self._stream.read_some(READ_SIZE)

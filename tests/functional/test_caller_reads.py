@@ -238,6 +238,34 @@ def test_lane_publish_gets_the_server_error(server: FakeNsqd, make_conn) -> None
         conn._lane_request(commands.pub("t", b"refused"), 5.0)
     assert conn.wait_closed(WAIT) and conn.closed()
 
+
+def test_fast_path_failing_to_flush_others_still_reads_its_own_answer(server: FakeNsqd, make_conn, monkeypatch) -> None:
+    """A request another thread queued while the fast path wrote is flushed by the fast path
+    (the writer drains the queue); when that flush fails, the fast path's own command is
+    already out and it must still read its answer, not raise and leave the answer to be
+    matched with someone else's request."""
+    from nsq_sync.errors import SendError
+
+    monkeypatch.setattr(nsq_sync.conn, "PARK_SECONDS", LONG_PARK)
+    conn = connect(make_conn, server)
+    park_reader(conn, server)
+    stream = conn._stream
+    real_sendall = stream.sendall
+
+    def sendall_then_someone_queues(data: bytes) -> None:
+        real_sendall(data)
+        conn._writes.append(b"NOP\n")  # as if another thread queued while we held the write lock
+
+    def failing_flush() -> None:
+        conn._writes.clear()
+        raise SendError("write failed (simulated)")
+
+    monkeypatch.setattr(stream, "sendall", sendall_then_someone_queues)
+    monkeypatch.setattr(conn, "_flush", failing_flush)
+    conn.last_recv_timestamp = time.time()  # busy: the fast path applies (thread backend; gevent takes the general path, which must cope too)
+    assert conn.request_wait(commands.pub("t", b"mine"), timeout=5) == b"OK"
+    assert conn.pending_requests == 0
+
 # ------------------------------------------------- 2. a Future wakes it
 def test_many_threads_each_get_their_own_answer(server: FakeNsqd, make_conn) -> None:
     """Threads publishing at once mix every path: one reads for itself, the others wait on a
