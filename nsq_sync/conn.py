@@ -811,6 +811,11 @@ class AsyncConn(EventedMixin):
                     wake = self._parked and bool(self._pending)
                 if wake:
                     self._wake_reader.set()
+        return self._outcome(answer, timeout)
+
+    def _outcome(self, answer: "_Answer", timeout: Optional[float]) -> bytes:
+        """What a caller that read for its own *answer* returns (the answer) or raises (nsqd's
+        error, the connection's end, or TimeoutError when the answer is still to come)."""
         if answer.value is not None:
             return answer.value
         if answer.error is not None:
@@ -876,14 +881,7 @@ class AsyncConn(EventedMixin):
             try:
                 self._stream.sendall(data)
             except (OSError, ValueError) as exc:
-                answer = _Answer()
-                with self._lock:
-                    self._pending.appendleft(answer)
-                try:
-                    self._write_failed(exc)
-                except Error:
-                    pass  # the general loop's read meets the close, which fails the answer
-                return answer
+                return self._send_failed(exc)
         finally:
             write_lock.release()
         if self._writes:
@@ -891,19 +889,43 @@ class AsyncConn(EventedMixin):
                 self._flush()  # queued while we wrote: we are its drainer
             except Error:
                 pass  # the write side is shut (ours went out before): the read meets the close
+        return self._read_own_answer()
+
+    def _first_pending(self) -> "_Answer":
+        """A waiter for a command sent ahead of every pending one: its answer comes first."""
+        answer = _Answer()
+        with self._lock:
+            self._pending.appendleft(answer)
+        return answer
+
+    def _send_failed(self, exc: BaseException) -> "_Answer":
+        """The fast paths' write of their command failed (part of it may have gone out): its
+        waiter, which the read after meets the close and fails."""
+        answer = self._first_pending()
+        try:
+            self._write_failed(exc)
+        except Error:
+            pass
+        return answer
+
+    def _read_own_answer(self) -> Any:
+        """The fast paths' one read after sending their command ahead of every pending one.
+
+        b"OK" when the bytes read are exactly nsqd's OK frame; otherwise the command's
+        waiter, first in the pending queue, with what was read handled (or the end of the
+        connection reported, which fails the waiter), for a reading loop to finish.
+        """
         error: Optional[BaseException] = None
         try:
             chunk = self._stream.read_some(READ_SIZE)
         except BlockingIOError:
-            chunk = b""  # a recv slice passed without the answer: the general loop waits on
+            chunk = b""  # a recv slice passed without the answer: the reading loop waits on
         except BaseException as exc:
             chunk, error = None, exc
         if chunk == _OK_FRAME and not self._stream.pending():
             self.last_recv_timestamp = time.time()
             return b"OK"
-        answer = _Answer()
-        with self._lock:
-            self._pending.appendleft(answer)  # first on the wire of all pending: first answered
+        answer = self._first_pending()
         if chunk is None:
             self._end_reading(error or _Closed())  # fails the answer too
         elif chunk:
@@ -925,38 +947,15 @@ class AsyncConn(EventedMixin):
         """
         began = time.time()
         if self._lane_clean and began - self.last_recv_timestamp <= IDLE_CHECK_SECONDS and timeout >= self._recv_slice:  # type: ignore[operator]
-            stream = self._stream
-            error: Optional[BaseException] = None
             try:
-                stream.sendall(data)
+                self._stream.sendall(data)
             except (OSError, ValueError) as exc:
-                chunk, error = b"", exc
+                answer = self._send_failed(exc)
             else:
-                try:
-                    chunk = stream.read_some(READ_SIZE)
-                except BlockingIOError:
-                    chunk = b""  # a recv slice passed without the answer: request_wait's loop waits on
-                except BaseException as exc:
-                    chunk, error = None, exc
-                if chunk == _OK_FRAME and not stream.pending():
-                    self.last_recv_timestamp = time.time()
-                    return b"OK"
+                answer = self._read_own_answer()
+                if answer.__class__ is bytes:
+                    return answer
             self._lane_clean = False
-            answer = _Answer()
-            with self._lock:
-                self._pending.appendleft(answer)  # sent: its answer comes first
-            if error is not None and chunk is not None:
-                try:
-                    self._write_failed(error)
-                except Error:
-                    pass  # the read below meets the close, which fails the answer
-            elif chunk is None:
-                self._end_reading(error or _Closed())
-            elif chunk:
-                try:
-                    self._process(chunk)
-                except _ReadEnded:
-                    pass
             value = self._finish_answer(answer, timeout - (time.time() - began))
         else:
             value = self.request_wait(data, timeout)
@@ -987,11 +986,7 @@ class AsyncConn(EventedMixin):
             pass  # reported; the answer holds the reason
         finally:
             token.release()
-        if answer.value is not None:
-            return answer.value
-        if answer.error is not None:
-            raise answer.error
-        raise TimeoutError(f"no answer from {self.id} within {timeout}s; the command may or may not have run")
+        return self._outcome(answer, timeout)
 
     def _held_lock(self) -> Any:
         """A backend without signal(): a lock of its own, taken at once."""

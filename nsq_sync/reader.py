@@ -518,8 +518,8 @@ class Reader:
         on in the child: the stop flags end their loops, and reads on the closed copies end
         theirs. A Reader never started is simply the child's. Runs from the at-fork hook, and
         at the start of start(), close(), set_max_in_flight() and ``closed`` (a no-op in the
-        process that owns it), for uWSGI, which forks in C without the hook. No lock taken: a parent thread may have held it at
-        the fork.
+        process that owns it), for uWSGI, which forks in C without the hook. No lock taken: a
+        parent thread may have held it at the fork.
         """
         if self._pid == os.getpid():
             return

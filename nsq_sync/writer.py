@@ -293,11 +293,16 @@ class Writer:
         self._forget_parent()
         self._start()
 
+    def _new_conn(self, node: _Node) -> AsyncConn:
+        """A connection to *node*, not connected yet (the first one, or a lane)."""
+        conn = AsyncConn(node.host, node.port, backend=self.backend, worker_pool=self.pool, **self._conn_kwargs)
+        conn.unprocessed_handler = self._resend_unprocessed
+        conn._writer_node = node  # type: ignore[attr-defined]
+        return conn
+
     def _node_loop(self, node: _Node) -> None:
         while not self._stopping.is_set():
-            conn = AsyncConn(node.host, node.port, backend=self.backend, worker_pool=self.pool, **self._conn_kwargs)
-            conn.unprocessed_handler = self._resend_unprocessed
-            conn._writer_node = node  # type: ignore[attr-defined]
+            conn = self._new_conn(node)
             try:
                 conn.connect()
             except Exception as exc:
@@ -573,11 +578,7 @@ class Writer:
             retries = self.retries
             avoid: Optional[AsyncConn] = None
             while True:
-                connected = self._connected
-                if avoid is None and len(connected) == 1 and connected[0].state == "CONNECTED":
-                    conn = connected[0]  # (the common case of _pick, inline: a publish's every call counts)
-                else:
-                    conn = self._wait_for_conn(deadline, avoid)
+                conn = self._wait_for_conn(deadline, avoid)
                 lane = None
                 if self._max_lanes and conn._parked and conn._read_token.locked():
                     # Another publishing thread reads this connection (its reader task is
@@ -649,9 +650,8 @@ class Writer:
 
     def _lane_loop(self, node: _Node) -> None:
         """Open one lane to *node*, keep it while it is used, close it after a period unused (see below)."""
-        lane = AsyncConn(node.host, node.port, backend=self.backend, worker_pool=self.pool, **self._conn_kwargs)
+        lane = self._new_conn(node)
         lane._lane = True  # no reader task: the publish holding it reads (AsyncConn._lane_request)
-        lane._writer_node = node  # type: ignore[attr-defined]
         lane._writer_used = False  # type: ignore[attr-defined]
         try:
             lane.connect()
