@@ -292,6 +292,10 @@ class AsyncConn(EventedMixin):
         #: a Writer's lane (see _lane_request): no reader task; whoever holds the lane reads
         self._lane = False
         self._lane_clean = False  # _lane_request: the last exchange left nothing pending or buffered
+        #: _lane_request on plain TCP: the socket's recv_into and the stream's buffer (one
+        #: read without SocketStream.read_some's call, view and pending check)
+        self._lane_recv_into: Optional[Any] = None
+        self._lane_buffer: Optional[bytearray] = None
         self._tls: Optional[Any] = None  # the TLSStream under any compression layer, once upgraded
         self._write_stall: Optional[SendError] = None  # set when a write timed out (see _write_failed)
         self._deferred = False  # requests queued behind an unanswered one (see _request)
@@ -915,16 +919,21 @@ class AsyncConn(EventedMixin):
         waiter, first in the pending queue, with what was read handled (or the end of the
         connection reported, which fails the waiter), for a reading loop to finish.
         """
-        error: Optional[BaseException] = None
         try:
             chunk = self._stream.read_some(READ_SIZE)
         except BlockingIOError:
             chunk = b""  # a recv slice passed without the answer: the reading loop waits on
         except BaseException as exc:
-            chunk, error = None, exc
+            return self._not_ok(None, exc)
         if chunk == _OK_FRAME and not self._stream.pending():
             self.last_recv_timestamp = time.time()
             return b"OK"
+        return self._not_ok(chunk)
+
+    def _not_ok(self, chunk: Any, error: Optional[BaseException] = None) -> "_Answer":
+        """The fast paths' read brought something else than the OK frame: *chunk* (b"" for
+        nothing yet, None for the end of the connection, with the *error* that ended it).
+        Returns the command's waiter, first in the pending queue, with *chunk* handled."""
         answer = self._first_pending()
         if chunk is None:
             self._end_reading(error or _Closed())  # fails the answer too
@@ -950,16 +959,36 @@ class AsyncConn(EventedMixin):
             try:
                 self._stream.sendall(data)
             except (OSError, ValueError) as exc:
-                answer = self._send_failed(exc)
+                answer: Any = self._send_failed(exc)
             else:
-                answer = self._read_own_answer()
-                if answer.__class__ is bytes:
-                    return answer
+                recv_into = self._lane_recv_into
+                if recv_into is None:
+                    answer = self._read_own_answer()
+                    if answer.__class__ is bytes:
+                        return answer  # type: ignore[no-any-return]
+                else:
+                    # _read_own_answer, inline: the lane's buffer is nobody else's.
+                    buffer = self._lane_buffer
+                    try:
+                        count = recv_into(buffer)
+                    except BlockingIOError:
+                        answer = self._not_ok(b"")  # a recv slice passed: _finish_answer waits on
+                    except BaseException as exc:
+                        answer = self._not_ok(None, exc)
+                    else:
+                        if count == 10 and buffer.startswith(_OK_FRAME):  # type: ignore[union-attr]
+                            self.last_recv_timestamp = time.time()
+                            return b"OK"
+                        answer = self._not_ok(memoryview(buffer)[:count] if count else None)  # type: ignore[arg-type]
             self._lane_clean = False
             value = self._finish_answer(answer, timeout - (time.time() - began))
         else:
             value = self.request_wait(data, timeout)
-        self._lane_clean = self._recv_slice is not None and self.state == CONNECTED and not self._pending and not self._writes and not self._decoder.buffered and not self._stream.pending()
+        stream = self._stream
+        self._lane_clean = self._recv_slice is not None and self.state == CONNECTED and not self._pending and not self._writes and not self._decoder.buffered and not stream.pending()
+        if self._lane_clean and self._lane_buffer is None and stream.__class__ is SocketStream and stream._buffer is not None:
+            # The stream's own buffer (its reads have ended with this lane's caller).
+            self._lane_recv_into, self._lane_buffer = stream._recv_into, stream._buffer
         return value
 
     def _read_until_done(self, answer: "_Answer", deadline: Optional[float]) -> None:
