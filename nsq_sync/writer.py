@@ -104,7 +104,8 @@ class _Node:
         self.lanes: List[AsyncConn] = []
         #: ...and the ones no publish holds (a stack: list.pop and append are atomic)
         self.free: List[AsyncConn] = []
-        self.growing = False
+        #: lanes being opened
+        self.growing = 0
         self.grow_after = 0.0
 
     @property
@@ -131,9 +132,10 @@ class Writer:
         carries every publish as long as the calling thread finds it free; when another thread's
         blocking publish is using it, an extra connection (a *lane*) opens, so a blocking publish
         reads its own answer instead of waiting for another thread to hand it over (the cost that
-        bounds many threads on one connection). Lanes open one at a time while threads contend,
-        and close after half a heartbeat interval unused (at most a minute). Async publishes stay
-        on the first connection (one order on the wire). Set it to at least the number of threads
+        bounds many threads on one connection). Lanes open while threads contend (no more than
+        the other threads publishing at that moment), and close after half a heartbeat interval
+        unused (at most a minute). Async publishes stay on the first connection (one order on
+        the wire). Set it to at least the number of threads
         that publish at the same time: those beyond it wait for hand-offs again (with 8 threads,
         4 connections were no faster than 1). 1 turns lanes off. Thread backend, plain
         or compressed TCP only: greenlets hand answers over cheaply, and TLS has no kernel-timed reads.
@@ -277,7 +279,7 @@ class Writer:
             node.task = None
             node.lanes = []
             node.free = []
-            node.growing = False
+            node.growing = 0
         self._lane_tasks = []
         self._connected = []  # the parent's, which this process cannot use
 
@@ -578,7 +580,11 @@ class Writer:
             retries = self.retries
             avoid: Optional[AsyncConn] = None
             while True:
-                conn = self._wait_for_conn(deadline, avoid)
+                connected = self._connected
+                if len(connected) == 1 and avoid is None and connected[0].state == "CONNECTED":
+                    conn = connected[0]  # (_pick's one-connection case, inline: the path of many threads)
+                else:
+                    conn = self._wait_for_conn(deadline, avoid)
                 lane = None
                 if self._max_lanes and conn._parked and conn._read_token.locked():
                     # Another publishing thread reads this connection (its reader task is
@@ -625,11 +631,15 @@ class Writer:
             if lane.state == "CONNECTED":
                 return lane
             self._drop_lane(node, lane)
-        if not node.growing and len(node.lanes) < self._max_lanes and time.monotonic() >= node.grow_after:
+        # Open lanes for the publishes under way that have none (one of them holds the first
+        # connection), several at once: a burst of threads gets its lanes within one connect
+        # time rather than one after another.
+        wanted = min(self._max_lanes, len(self._calls) - 1)
+        if node.growing + len(node.lanes) < wanted and time.monotonic() >= node.grow_after:
             with self._lock:
-                if node.growing or self._stopping.is_set() or len(node.lanes) >= self._max_lanes:
+                if self._stopping.is_set() or node.growing + len(node.lanes) >= wanted:
                     return None
-                node.growing = True
+                node.growing += 1
                 self._lane_tasks = [task for task in self._lane_tasks if task.is_alive()] + [
                     self.backend.spawn(self._lane_loop, node, name=f"nsq_sync-writer-lane-{node.address}")
                 ]
@@ -657,18 +667,20 @@ class Writer:
             lane.connect()
         except Exception as exc:
             logger.info("%s: cannot open another connection to %s (%s)", self.name, node.address, exc)
-            node.grow_after = time.monotonic() + self.reconnect_interval
-            node.growing = False
+            with self._lock:
+                node.grow_after = time.monotonic() + self.reconnect_interval
+                node.growing -= 1
             return
         if lane._recv_slice is None:
             # Not a native socket (TLS, or a platform without SO_RCVTIMEO): a read could not
             # be bounded by the publish's deadline without a reader task. No lanes here.
-            node.growing = False
-            self._max_lanes = 0
+            with self._lock:
+                node.growing -= 1
+                self._max_lanes = 0
             self._close_lane(lane)
             return
         with self._lock:
-            node.growing = False
+            node.growing -= 1
             if self._stopping.is_set():
                 self._close_lane(lane)
                 return

@@ -167,6 +167,19 @@ def test_max_connections_per_nsqd_caps_the_connections(nsqd: NsqdProcess, writer
     assert len(lanes(writer)) <= limit - 1
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_lanes_never_outnumber_the_other_publishing_threads(nsqd: NsqdProcess, writers, backend: str, threads: int) -> None:
+    if not lanes_expected(backend, nsqd):
+        return
+    writer = writers(nsqd.tcp_address)  # the limit (16) is far above the demand
+    bodies = publish_from_threads(writer, "demand", per_thread=400, threads=threads)
+    counts = pub_counts(nsqd, "demand")
+    assert sum(counts) == len(bodies)
+    # one thread holds the first connection; each other one needs at most one lane
+    assert 1 <= len(counts) <= threads, counts
+    assert len(lanes(writer)) <= threads - 1
+
+
 @pytest.mark.parametrize("bad", [0, 65, -1, 2.5, "4", None, True])
 def test_bad_max_connections_per_nsqd_is_refused_before_connecting(nsqd: NsqdProcess, bad: Any) -> None:
     with pytest.raises((ConfigError, TypeError)) as info:
@@ -219,8 +232,12 @@ def test_fatal_error_on_a_lane_closes_only_that_lane(nsqd: NsqdProcess, writers,
     with started(NsqdProcess(extra_args=["--max-msg-size=1024"])) as small:
         writer = writers(small.tcp_address, max_msg_size=None)  # no local check: nsqd refuses
         node = writer._nodes[0]
-        assert writer._lane(node) is None  # none yet: this opens one
-        wait_until(lambda: node.free, timeout=5, message="a lane to open")
+        writer._calls.extend([None, None])  # as if two publishes were under way: one lane wanted
+        try:
+            assert writer._lane(node) is None  # none yet: this opens one
+            wait_until(lambda: node.free, timeout=5, message="a lane to open")
+        finally:
+            del writer._calls[:2]
         lane = writer._lane(node)
         assert lane is not None and lane._reader is None  # a lane has no reader task
         with pytest.raises(BadMessageError):
