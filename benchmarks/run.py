@@ -616,11 +616,16 @@ def write_markdown(path: str, meta: Dict[str, Any], scenarios: List[Scenario], i
     L.append("")
     if any(t["met"] is False and t["target"].startswith("8 threads") for t in targets):
         L.append("The 8-thread target compares OS threads that each block for their own answer with one "
-                 "thread that pipelines 100 publishes and waits for no one. On CPython every answer then costs "
-                 "a thread wake-up and a GIL hand-off, whoever reads it. `benchmarks/thread_floor.py` measures "
-                 "that floor (a bare lock hand-off with no I/O, and the least a threaded client can do): where "
-                 "even the hand-off without I/O stays below the target, no threaded client can meet it. "
-                 "[Tuning](tuning.md) says what to use instead (`pub_async` windows, `mpub`, gevent).")
+                 "thread that pipelines 100 publishes and waits for no one. nsq_sync gives each of the 8 threads "
+                 "a connection of its own (Writer lanes), so no thread waits for another to read its answer, but "
+                 "every publish still releases and takes back the GIL around its send and its recv. On a 2-core "
+                 "machine shared with nsqd, the rate then depends on where the scheduler puts the client's "
+                 "threads: kept on one core, a publish costs about one context switch; spread over both, a thread "
+                 "that wakes often finds the GIL held on the other core, and the same client runs at half the "
+                 "rate (see the min-max in its table below, and [Architecture](architecture.md#the-writer)). "
+                 "`bash benchmarks/run --pin` (nsqd on one core, every client on the other) measures it without "
+                 "that; `benchmarks/thread_floor.py` compares the Writer with 8 bare send/recv loops on sockets "
+                 "of their own. [Tuning](tuning.md) says what to use for more (`pub_async` windows, `mpub`, gevent).")
         greenlets = agg.get(("pub_8_threads", "nsq_sync_gevent"), {}).get("rate")
         bar = agg.get(("pub_100_outstanding", "minimal"), {}).get("rate")
         if greenlets and bar:
@@ -629,6 +634,15 @@ def write_markdown(path: str, meta: Dict[str, Any], scenarios: List[Scenario], i
                      f"greenlet switch per answer) reached {greenlets / bar * 100:.0f}% of that bar in this run "
                      f"({_fmt_rate(greenlets)} vs {_fmt_rate(bar)} msg/s).")
         L.append("")
+    if any(t["met"] is False and t["target"].startswith("consume mif200 deflate: thread >= 10x pynsq") for t in targets):
+        ceiling = agg.get(("consume_mif200_deflate", "minimal"), {}).get("rate")
+        peer = agg.get(("consume_mif200_deflate", "pynsq"), {}).get("rate")
+        if ceiling and peer:
+            L.append(f"Consuming with deflate, the minimal loop itself reached {ceiling / peer:.1f}x pynsq in this "
+                     "run: nsqd compresses each connection's stream at the level the client asks for (6, every "
+                     "client's default here), and that compression, not the client, bounds the rate. "
+                     "[Tuning](tuning.md#other-settings) has the figures for `deflate_level=1`.")
+            L.append("")
     if any(t["met"] is False and t["target"].startswith("publish one at a time") for t in targets):
         L.append("Publishing one at a time with compression is bound by wake-ups: on a virtual machine whose idle "
                  "vCPUs halt, a client that stays busy until nsqd's answer arrives gains, and the minimal loop's "
