@@ -3,7 +3,7 @@
 
     benchmarks/.venv/bin/python benchmarks/thread_floor.py [--n 40000] [--threads 8] [--reps 3]
 
-Three ways, alternated, in one process, against its own nsqd:
+The ways below, alternated, in one process, against its own nsqd:
 
 * handoff:         no I/O at all: each thread queues a token and waits on its own lock; one
                    server thread releases the locks in order. The cost of waking a waiting
@@ -14,6 +14,8 @@ Three ways, alternated, in one process, against its own nsqd:
                    recv, a buffer parse) and releases the waiters in order.
 * own sockets:     each thread on a connection of its own, a bare sendall + recv loop: no
                    hand-off at all, only the GIL (what a Writer's lanes aim at).
+* nsq_sync lanes:  each thread on an AsyncConn lane of its own (``_lane_request``), what a
+                   Writer's lanes do without the Writer around them.
 * nsq_sync:        ``Writer.pub`` from every thread, one Writer.
 
 The benchmark suite's "8 threads" target compares against the minimal loop with 100 PUBs
@@ -30,6 +32,7 @@ import struct
 import sys
 import threading
 import time
+from typing import List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "clients"))
@@ -146,6 +149,36 @@ def own_sockets(address: str, topic: str, n: int, threads: int) -> float:
             conn.close()
 
 
+def nsq_sync_lanes(address: str, topic: str, n: int, threads: int) -> float:
+    """Each thread on an AsyncConn lane of its own (what a Writer's lanes are, without the
+    Writer around them: no encoding, no choice of connection): the part the Writer adds."""
+    from nsq_sync import AsyncConn
+    from nsq_sync.protocol import commands
+
+    host, port = address.rsplit(":", 1)
+    conns = []
+    for _ in range(threads):
+        conn = AsyncConn(host, int(port))
+        conn._lane = True  # no reader task: the caller sends and reads (as Writer._lane_loop makes them)
+        conn.connect()
+        conns.append(conn)
+    handed = iter(conns)
+    lock = threading.Lock()
+    command = commands.pub(topic, b"x" * 100)
+
+    def client(count: int) -> None:
+        with lock:
+            request = next(handed)._lane_request
+        for _ in range(count):
+            request(command, 5.0)
+
+    try:
+        return _run_threads(n, threads, client, None, lambda: None)
+    finally:
+        for conn in conns:
+            conn.close(5)
+
+
 def nsq_sync_writer(address: str, topic: str, n: int, threads: int) -> float:
     import nsq_sync
 
@@ -163,17 +196,39 @@ def nsq_sync_writer(address: str, topic: str, n: int, threads: int) -> float:
         writer.close()
 
 
+#: per run, what the scheduler did to the calling threads: (context switches, CPU migrations)
+#: summed over them (Linux: /proc/thread-self/sched; None elsewhere)
+_sched_totals: List[Optional[Tuple[int, int]]] = []
+
+
+def _thread_sched() -> Optional[Tuple[int, int]]:
+    """This thread's context switches and CPU migrations so far (Linux), else None."""
+    try:
+        with open("/proc/thread-self/sched") as f:
+            fields = {key.strip(): value for key, value in (line.split(":", 1) for line in f if ":" in line)}
+        return int(fields["nr_switches"].split()[0]), int(fields["se.nr_migrations"].split()[0])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 def _run_threads(n, threads, client, server, stop) -> float:
     helper = threading.Thread(target=server, daemon=True) if server else None
     if helper:
         helper.start()
-    workers = [threading.Thread(target=client, args=(n // threads,)) for _ in range(threads)]
+    counts: List[Optional[Tuple[int, int]]] = []
+
+    def counted(count: int) -> None:
+        client(count)
+        counts.append(_thread_sched())  # (a new thread: its counts are this run's)
+
+    workers = [threading.Thread(target=counted, args=(n // threads,)) for _ in range(threads)]
     start = time.perf_counter()
     for worker in workers:
         worker.start()
     for worker in workers:
         worker.join()
     elapsed = time.perf_counter() - start
+    _sched_totals.append(None if None in counts else (sum(c[0] for c in counts), sum(c[1] for c in counts)))  # type: ignore[index]
     stop()
     if helper:
         helper.join(5)
@@ -194,12 +249,14 @@ def main() -> None:
     topic = "thread_floor"
     results = collections.defaultdict(list)
     cpu = collections.defaultdict(list)
+    sched = collections.defaultdict(list)
     try:
         nsqd.create_topic(topic)
         ways = [
             ("handoff (no I/O)", lambda: handoff(args.n, args.threads)),
             ("minimal threads", lambda: minimal_threads(nsqd.tcp_address, topic, args.n, args.threads)),
             ("own sockets", lambda: own_sockets(nsqd.tcp_address, topic, args.n, args.threads)),
+            ("nsq_sync lanes", lambda: nsq_sync_lanes(nsqd.tcp_address, topic, args.n, args.threads)),
             ("nsq_sync Writer", lambda: nsq_sync_writer(nsqd.tcp_address, topic, args.n, args.threads)),
         ]
         ways = [(name, run) for name, run in ways if args.only in name]
@@ -209,15 +266,24 @@ def main() -> None:
                 rate = run()
                 cpu[name].append((time.process_time() - c0) / args.n * 1e6)
                 results[name].append(rate)
-                print(f"rep {rep + 1} {name:18} {rate:10,.0f} /s", flush=True)
+                counted = _sched_totals[-1]
+                sched[name].append(counted)
+                where = "" if counted is None else f"  {counted[0] / args.n:.2f} context switches/call, {counted[1]:,} CPU migrations"
+                print(f"rep {rep + 1} {name:18} {rate:10,.0f} /s{where}", flush=True)
     finally:
         nsqd.stop()
     print(f"\n{args.threads} threads, one blocking call each at a time; medians of {args.reps}, Python {sys.version.split()[0]}, {os.cpu_count()} CPUs\n")
-    print("| way | round trips/s (min-max) | process CPU per call |")
-    print("|---|---|---|")
+    print("| way | round trips/s (min-max) | process CPU per call | context switches per call | CPU migrations per run |")
+    print("|---|---|---|---|---|")
     for name, _ in ways:
         rates = results[name]
-        print(f"| {name} | {statistics.median(rates):,.0f} ({min(rates):,.0f}-{max(rates):,.0f}) | {statistics.median(cpu[name]):.1f} us |")
+        counted = [c for c in sched[name] if c is not None]
+        switches = f"{statistics.median(c[0] for c in counted) / args.n:.2f}" if counted else "-"
+        migrations = f"{statistics.median(c[1] for c in counted):,.0f} ({min(c[1] for c in counted):,}-{max(c[1] for c in counted):,})" if counted else "-"
+        print(f"| {name} | {statistics.median(rates):,.0f} ({min(rates):,.0f}-{max(rates):,.0f}) | {statistics.median(cpu[name]):.1f} us | {switches} | {migrations} |")
+    print("\nThe calling threads' context switches and CPU migrations (Linux, /proc/thread-self/sched):"
+          " a run whose threads stay on one core switches about once per call; one whose threads"
+          " migrate between cores wakes to a GIL held elsewhere and switches 2-3 times.")
 
 
 if __name__ == "__main__":
