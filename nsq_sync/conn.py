@@ -619,23 +619,21 @@ class AsyncConn(EventedMixin):
                     raise self._stale_error() from None
             if data is None:
                 raise _Closed()
+        except BaseException as exc:
+            self._end_reading(exc)
+            raise _ReadEnded() from None
+        self._process(data)
+        return True
+
+    def _process(self, data: Any) -> None:
+        """The frames of *data* (b"" when a read completed nothing yet), read by the holder of
+        the read token. Raises _ReadEnded once the connection is over (reported here)."""
+        try:
             self.last_recv_timestamp = time.time()
             if data:
                 self._handle_frames(self._decoder.feed(data))
                 if self._deferred:
                     self._send_deferred()
-            return True
-        except BaseException as exc:
-            self._end_reading(exc)
-            raise _ReadEnded() from None
-
-    def _process(self, data: Any) -> None:
-        """The frames of *data*, read by the holder of the read token (see _read_once)."""
-        try:
-            self.last_recv_timestamp = time.time()
-            self._handle_frames(self._decoder.feed(data))
-            if self._deferred:
-                self._send_deferred()
         except BaseException as exc:
             self._end_reading(exc)
             raise _ReadEnded() from None

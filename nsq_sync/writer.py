@@ -135,10 +135,10 @@ class Writer:
         bounds many threads on one connection). Lanes open while threads contend (no more than
         the other threads publishing at that moment), and close after half a heartbeat interval
         unused (at most a minute). Async publishes stay on the first connection (one order on
-        the wire). Set it to at least the number of threads
-        that publish at the same time: those beyond it wait for hand-offs again (with 8 threads,
-        4 connections were no faster than 1). 1 turns lanes off. Thread backend, plain
-        or compressed TCP only: greenlets hand answers over cheaply, and TLS has no kernel-timed reads.
+        the wire). Set it to at least the number of threads that publish at the same time:
+        those beyond it wait for hand-offs again (with 8 threads, 4 connections were no faster
+        than 1). 1 turns lanes off. Thread backend, plain or compressed TCP only: greenlets
+        hand answers over cheaply, and TLS has no kernel-timed reads.
     :param backend: "thread", "gevent" or None (auto)
     :param conn_kwargs: passed to every :class:`AsyncConn` (timeout, tls_v1, snappy, auth_secret, ...)
 
@@ -681,10 +681,12 @@ class Writer:
             return
         with self._lock:
             node.growing -= 1
-            if self._stopping.is_set():
-                self._close_lane(lane)
-                return
-            node.lanes = node.lanes + [lane]
+            stopping = self._stopping.is_set()
+            if not stopping:
+                node.lanes = node.lanes + [lane]
+        if stopping:
+            self._close_lane(lane)  # (not under the lock: a close waits for nsqd)
+            return
         node.free.append(lane)
         logger.debug("%s: opened lane %d to %s", self.name, len(node.lanes), node.address)
         # Without a reader task nobody answers nsqd's heartbeats while the lane sits unused,
