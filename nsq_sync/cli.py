@@ -106,7 +106,7 @@ _positive_int = _int_range(1)
 MAX_DEMO_COUNT = 100_000_000  # the demo keeps a flag (a byte, allocated up front) and a latency per message
 MAX_DEMO_THREADS = 1000
 MAX_DEMO_BATCH = 100_000
-MAX_DEMO_BODY_SIZE = 1024 * 1024 - 64  # a demo body is this + 1 bytes; nsqd's default --max-msg-size is 1 MiB
+MAX_DEMO_BODY_SIZE = 1024 * 1024 - 64  # under nsqd's default --max-msg-size (1 MiB)
 MAX_CLUSTER_NSQD = 100
 MAX_TIMEOUT = 86400.0
 MAX_IN_FLIGHT = 2**31 - 1  # the Reader's range
@@ -115,8 +115,17 @@ MAX_TRIES = 65535  # the Reader's range
 _MPUB_BODY_LIMIT = 5 * 1024 * 1024  # nsqd's default --max-body-size, what the demo's brokers use
 
 
+#: a demo body's sequence number and send time: "%010d|<19-digit time_ns>|"
+DEMO_BODY_HEADER = 31
+
+
 def _demo_body(seq: int, padding: bytes) -> bytes:
     return b"%010d|%d|%s" % (seq, time.time_ns(), padding)
+
+
+def _demo_padding(body_size: int) -> bytes:
+    """What fills a demo body up to *body_size* bytes (nothing below the header's size)."""
+    return b"." * max(0, body_size - DEMO_BODY_HEADER)
 
 
 def _percentile(sorted_values: List[float], fraction: float) -> float:
@@ -237,7 +246,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import nsq_sync
 
     count = args.count
-    padding = b"." * max(0, args.body_size - 30)
+    padding = _demo_padding(args.body_size)
     if args.batch > 1:
         # MPUB: 4-byte count, then a 4-byte size before each body (checked before the brokers start)
         mpub_size = 4 + min(args.batch, count) * (4 + len(_demo_body(count, padding)))

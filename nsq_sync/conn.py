@@ -192,8 +192,10 @@ class AsyncConn(EventedMixin):
             raise ConfigError("tls_options", tls_options, "must be an ssl.SSLContext or a dict of options")
         hostname = hostname if hostname is not None else socket.gethostname()
         # Eager: every IDENTIFY value is checked here, not by a fatal E_BAD_BODY later.
+        if client_id is None:
+            client_id = hostname.split(".")[0]
         self._identify_data = build_identify(
-            client_id=client_id if client_id is not None else hostname.split(".")[0],
+            client_id=client_id,
             hostname=hostname,
             user_agent=user_agent,
             heartbeat_interval=heartbeat_interval,
@@ -237,8 +239,9 @@ class AsyncConn(EventedMixin):
         self.msg_timeout = msg_timeout
         self.close_timeout = close_timeout
         self.hostname = hostname
+        self.client_id = client_id
+        self.max_frame_size = max_frame_size
         self._auth_secret = auth_secret
-        self._max_frame_size = max_frame_size
 
         self.backend = get_backend(backend)
         self._signal = getattr(self.backend, "signal", None) or self._held_lock

@@ -431,3 +431,11 @@ def test_cli_pub_reads_a_replaced_text_stdin(fake_pub: Tuple[FakeNsqd, List[str]
     assert cli.main([*argv, "-"]) == cli.EXIT_OK
     assert published_bodies(server) == [b"a", "\u2603".encode("utf-8")]
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("size", [1, 30, 31, 32, 100, cli.MAX_DEMO_BODY_SIZE])
+def test_demo_bodies_are_the_size_asked_for(size):
+    body = cli._demo_body(99_999_999, cli._demo_padding(size))
+    # (below the header's 31 bytes a body is the header alone: it carries the sequence and send time)
+    assert len(body) == max(size, cli.DEMO_BODY_HEADER)
+    assert body.startswith(b"0099999999|")

@@ -222,6 +222,25 @@ def test_valid_conn_makes_no_connection():
     assert c._stream is None and c._reader is None
 
 
+def test_conn_keeps_every_parameter_but_the_secret_as_an_attribute():
+    """docs/asyncconn.md: every constructor parameter except auth_secret is an attribute, as
+    given; client_id and hostname with their defaults filled in (what IDENTIFY sends)."""
+    import inspect
+
+    given = dict(heartbeat_interval=5, msg_timeout=30, sample_rate=10, output_buffer_size=32768, output_buffer_timeout=100,
+                 deflate=True, deflate_level=3, user_agent="ua/1", client_id="worker-7", hostname="box.example",
+                 max_frame_size=4096, close_timeout=2.5, requeue_delay=12, max_requeue_delay=600, timeout=3.0)
+    c = conn(**given)
+    for name, value in given.items():
+        assert getattr(c, name) == value, name
+    assert c._identify_data["client_id"] == "worker-7" and c._identify_data["hostname"] == "box.example"
+    named = set(inspect.signature(AsyncConn).parameters) - {"auth_secret", "kwargs", "backend", "worker_pool", "io_loop"}
+    assert [name for name in named if not hasattr(c, name)] == []
+    assert not hasattr(c, "auth_secret")
+    default = conn(hostname="web-3.dc1.example")
+    assert default.client_id == "web-3" == default._identify_data["client_id"]
+
+
 BAD_CONN_VALUES = [
     ("host", ""),
     ("host", None),
