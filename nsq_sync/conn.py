@@ -91,6 +91,9 @@ IDLE_CHECK_SECONDS = 0.005
 LEAD_WAIT_SECONDS = 0.002
 #: a consumer's parked reader task reads again after this long without a worker reading
 LEAD_PARK_SECONDS = 0.005
+#: an answer held back for messages still waiting for a worker (see _queue_answer_locked)
+#: leaves after at most about twice this long, whatever the handlers in between take
+ANSWER_HOLD_SECONDS = 0.005
 #: thread backend, plain TCP: the kernel ends a blocking recv after this long with no data
 #: (SO_RCVTIMEO), so a caller with a deadline reads at once instead of polling first
 RECV_SLICE_SECONDS = 1.0
@@ -254,6 +257,8 @@ class AsyncConn(EventedMixin):
         self._inflight: Dict[bytes, Message] = {}
         self._queued = 0  # messages handed to the worker pool and not yet started
         self._hold_max = 1  # answers held back at most: half the RDY count (see _queue_answer_locked)
+        self._held_head: Optional[bytes] = None  # the first write queued when the reader task last looked...
+        self._held_seen = 0.0  # ...and when (see _read_holding)
         self.rdy = 0
         self.last_rdy = 0
         self.max_rdy_count = MAX_RDY_COUNT_DEFAULT
@@ -584,7 +589,10 @@ class AsyncConn(EventedMixin):
                         return
                     park = self._should_park()
                     if not park:
-                        self._read_once(None)
+                        if self._queued:
+                            self._read_holding()
+                        else:
+                            self._read_once(None)
                 finally:
                     token.release()
                 if park:
@@ -595,6 +603,33 @@ class AsyncConn(EventedMixin):
             with token:
                 if not self._read_ended:
                     self._end_reading(exc)
+
+    def _read_holding(self) -> None:
+        """The reader task's read while messages wait for a worker: answers may be held back
+        for them (_queue_answer_locked) while the worker that would send them runs a handler
+        of any length. So it reads with a short deadline, and sends what has been held since
+        its last look: no finished message's FIN waits for another message's handler (nor,
+        with handlers slower than msg_timeout, for nsqd to deliver it again)."""
+        now = time.monotonic()
+        try:
+            head = self._writes[0]
+        except IndexError:
+            head = None
+        if head is not None and head is self._held_head:
+            if now - self._held_seen >= ANSWER_HOLD_SECONDS:
+                self._held_head = None
+                try:
+                    self._flush()
+                except Error:
+                    pass  # the write side failed; the read below meets the close
+        else:
+            self._held_head, self._held_seen = head, now
+        if self._read_once(now + ANSWER_HOLD_SECONDS):
+            return
+        stale = self._stale_after
+        if stale is not None and not self._closing and time.time() - self.last_recv_timestamp >= stale:
+            self._end_reading(self._stale_error())
+            raise _ReadEnded()
 
     def _read_once(self, deadline: Optional[float]) -> bool:
         """One recv and its frames, by the holder of the read token.
@@ -1376,7 +1411,9 @@ class AsyncConn(EventedMixin):
         FIN/REQ coalescing: while more delivered messages wait for a worker, an answer is
         only queued; the worker that starts the last of them (_deliver), or the next
         answer after it, writes them all in one send. Queued under the same lock that
-        counts waiting messages, so no answer is ever left behind. At most half the RDY
+        counts waiting messages, so no answer is ever left behind; and the reader task
+        sends what sat queued for ANSWER_HOLD_SECONDS (_read_holding), so no answer waits
+        for the handlers that run before the last message starts. At most half the RDY
         count is held: then they leave, and nsqd refills that half of the window while the
         rest of the read is handled (7% more messages/s plain, 8% with deflate, with
         max_in_flight 200). _finish_message has these steps inlined (a call less per

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import pytest
 
-from nsq_sync import AsyncConn, Message
+from nsq_sync import AsyncConn, Message, WorkerPool
 from nsq_sync.errors import (
     AlreadyRespondedError,
     AuthRequiredError,
@@ -37,6 +37,7 @@ try:  # tests/functional as a package, or (the default rootdir layout) on sys.pa
     from .fake_nsqd import (
         DEFAULT,
         FakeNsqd,
+        FakeNsqdTimeout,
         close,
         error,
         fake_nsqd,  # noqa: F401 - the fixture
@@ -50,6 +51,7 @@ except ImportError:
     from fake_nsqd import (  # type: ignore[no-redef]
         DEFAULT,
         FakeNsqd,
+        FakeNsqdTimeout,
         close,
         error,
         fake_nsqd,  # noqa: F401 - the fixture
@@ -1066,6 +1068,45 @@ def test_answers_are_held_for_at_most_half_the_rdy_window(server: FakeNsqd, sub_
     assert seen_by_third == [2]
     assert [c for c in server.commands if c.startswith(b"FIN ")] == [b"FIN " + i for i in ids]
     assert conn.in_flight == 0
+
+
+@pytest.mark.parametrize("answer", ["finish", "requeue"])
+def test_an_answer_held_back_is_not_held_up_by_a_slow_handler(server: FakeNsqd, make_conn, backend, answer) -> None:
+    """Answers wait for the read's last message to start (coalescing), but not behind a
+    handler that takes long: one worker, three messages in one read, the second handler
+    runs until nsqd has the first message's answer. Held until the third message started,
+    that answer would wait for the slow handler (with slow handlers: past msg_timeout, and
+    nsqd would deliver a message already handled again)."""
+    pool = WorkerPool(1, backend=backend)
+    try:
+        conn, _events = ready_conn(make_conn, server, subscribe=True, worker_pool=pool)
+        ids = [b"%016d" % i for i in range(3)]
+        verb = b"FIN" if answer == "finish" else b"REQ"
+        saw_first_answer: List[bool] = []
+
+        def handler(conn: AsyncConn, message: Message) -> None:
+            if message.id == ids[0]:
+                getattr(message, answer)()
+                return
+            if message.id == ids[1]:
+                try:
+                    server.wait_for_command(verb + b" " + ids[0], timeout=WAIT)
+                    saw_first_answer.append(True)
+                except FakeNsqdTimeout:
+                    saw_first_answer.append(False)
+            message.finish()
+
+        conn.on("message", handler)
+        conn.send_rdy(10)  # (answers are held for up to half of it: 5)
+        server.wait_for_command("RDY 10")
+        server.send_raw(b"".join(message_frame(i, b"x") for i in ids))
+        server.wait_for_command("FIN " + ids[2].decode())
+        assert saw_first_answer == [True]
+        lines = [c for c in server.commands if c.startswith((b"FIN ", b"REQ "))]
+        assert [line.split(b" ")[:2] for line in lines] == [[verb, ids[0]], [b"FIN", ids[1]], [b"FIN", ids[2]]]
+        assert conn.in_flight == 0
+    finally:
+        pool.close(wait=False)
 
 
 def test_close_wait_between_finish_and_its_write_loses_no_fin(server: FakeNsqd, sub_conn) -> None:

@@ -273,6 +273,37 @@ def test_a_worker_stuck_in_a_handler_hands_reading_back(nsqd: NsqdProcess, make_
     assert reader.stats()["messages_finished"] == len(others) + 1
 
 
+def test_a_finished_message_is_not_redelivered_while_a_slow_handler_runs(nsqd: NsqdProcess, make_reader: Callable[..., Reader]) -> None:
+    """One worker, msg_timeout 1 s: a quick message, then one whose handler runs until nsqd
+    has counted the quick one finished (up to 10 s), then a third. The quick message's FIN
+    may be held back for the others of its read, but not for the slow handler: nsqd has it
+    at once, and delivers nothing twice."""
+    prepare(nsqd, [b"quick", b"slow", b"last"])
+    seen = Recorder(3)
+    finished_during_slow: List[int] = []
+
+    def finished() -> int:  # FINs nsqd counted (per client in /stats)
+        return sum(client["finish_count"] for client in channel(nsqd)["clients"])
+
+    def handler(message: Any) -> bool:
+        if message.body == b"slow":
+            try:
+                wait_until(lambda: finished() >= 1, 10, message="the quick message's FIN at nsqd")
+            finally:
+                finished_during_slow.append(finished())
+        seen.add(message.body)
+        return True
+
+    reader = make_reader(handler, nsqd_tcp_addresses=nsqd.tcp_address, max_in_flight=10, concurrency=1, msg_timeout=1)
+    reader.start()
+    seen.wait()
+    wait_until(lambda: drained(nsqd), 10, message="channel drained")
+    assert finished_during_slow == [1]
+    assert seen.bodies == Counter({b"quick": 1, b"slow": 1, b"last": 1})
+    stats = channel(nsqd)
+    assert stats["timeout_count"] == 0 and stats["requeue_count"] == 0 and finished() == 3
+
+
 # ------------------------------------------------ (4) a new nsqd mid-run
 @pytest.mark.slow
 def test_nsqd_added_mid_run_is_discovered_and_consumed(nsq_cluster: LocalCluster, make_reader: Callable[..., Reader]) -> None:
