@@ -659,6 +659,8 @@ class AsyncConn(EventedMixin):
                 raise _Closed()
         except BaseException as exc:
             self._end_reading(exc)
+            if not isinstance(exc, Exception):
+                raise  # KeyboardInterrupt, SystemExit, GreenletExit: the connection is ended, the caller gets it
             raise _ReadEnded() from None
         self._process(data)
         return True
@@ -674,6 +676,8 @@ class AsyncConn(EventedMixin):
                     self._send_deferred()
         except BaseException as exc:
             self._end_reading(exc)
+            if not isinstance(exc, Exception):
+                raise
             raise _ReadEnded() from None
 
     def _read_before(self, deadline: float) -> Any:
@@ -732,6 +736,8 @@ class AsyncConn(EventedMixin):
             error = exc
         elif isinstance(exc, OSError):
             error = ConnectionClosedError(f"connection to {self.id} failed: {exc}")
+        elif not isinstance(exc, Exception):
+            error = None if self._closing else self._interrupted(exc, "a read")
         else:
             logger.error("reader of %s crashed", self.id, exc_info=exc)
             error = ConnectionClosedError(f"reader of {self.id} crashed: {exc!r}")
@@ -890,6 +896,9 @@ class AsyncConn(EventedMixin):
                     self._stream.sendall(data)
                 except (OSError, ValueError) as exc:
                     self._write_failed(exc)
+                except BaseException as exc:
+                    self._write_interrupted(exc)
+                    raise
                 finally:
                     write_lock.release()
                 if self._writes:
@@ -922,6 +931,9 @@ class AsyncConn(EventedMixin):
                 self._stream.sendall(data)
             except (OSError, ValueError) as exc:
                 return self._send_failed(exc)
+            except BaseException as exc:
+                self._write_interrupted(exc)
+                raise
         finally:
             write_lock.release()
         if self._writes:
@@ -960,7 +972,10 @@ class AsyncConn(EventedMixin):
         except BlockingIOError:
             chunk = b""  # a recv slice passed without the answer: the reading loop waits on
         except BaseException as exc:
-            return self._not_ok(None, exc)
+            answer = self._not_ok(None, exc)
+            if not isinstance(exc, Exception):
+                raise
+            return answer
         if chunk == _OK_FRAME and not self._stream.pending():
             self.last_recv_timestamp = time.time()
             return b"OK"
@@ -996,6 +1011,9 @@ class AsyncConn(EventedMixin):
                 self._stream.sendall(data)
             except (OSError, ValueError) as exc:
                 answer: Any = self._send_failed(exc)
+            except BaseException as exc:
+                self._write_interrupted(exc)
+                raise
             else:
                 recv_into = self._lane_recv_into
                 if recv_into is None:
@@ -1011,6 +1029,8 @@ class AsyncConn(EventedMixin):
                         answer = self._not_ok(b"")  # a recv slice passed: _finish_answer waits on
                     except BaseException as exc:
                         answer = self._not_ok(None, exc)
+                        if not isinstance(exc, Exception):
+                            raise
                     else:
                         if count == 10 and buffer.startswith(_OK_FRAME):  # type: ignore[union-attr]
                             self.last_recv_timestamp = time.time()
@@ -1241,8 +1261,9 @@ class AsyncConn(EventedMixin):
             batch = [writes.popleft() for _ in range(len(writes))]
             try:
                 self._stream.sendall(batch[0] if len(batch) == 1 else b"".join(batch))
-            except BaseException:
+            except BaseException as exc:
                 writes.clear()
+                self._write_interrupted(exc)
                 raise
 
     def request(self, data: bytes, future: "Optional[Future[bytes]]" = None) -> "Future[bytes]":
@@ -1517,6 +1538,16 @@ class AsyncConn(EventedMixin):
         reader = self._reader
         current = self.backend.current()
         return reader is current or getattr(reader, "_greenlet", None) is current
+
+    def _interrupted(self, exc: BaseException, what: str) -> ConnectionClosedError:
+        return ConnectionClosedError(f"{type(exc).__name__} interrupted {what} on {self.id}; the connection is closed (a command or an answer may be cut in two)")
+
+    def _write_interrupted(self, exc: BaseException) -> None:
+        """A KeyboardInterrupt (or SystemExit, GreenletExit) in the middle of a write: part of
+        a command may be on the wire, and nsqd would read the next one as its rest. The
+        connection goes (both ways: pending answers fail now); the caller re-raises *exc*."""
+        if not isinstance(exc, Exception):
+            self._abort(self._interrupted(exc, "a write"), reading_too=True)
 
     def _abort(self, error: BaseException, reading_too: bool = False) -> None:
         """Stop writing because of *error* (a failed write); the reader reports the close.

@@ -232,6 +232,7 @@ class Writer:
         self._heap_sweep = _SWEEP_AT
         self._seq = itertools.count()
         self._wake = backend.event()
+        self._close_done = backend.event()  # the first close() has finished
         self._housekeeper: Any = None
         #: when the housekeeping task looks next anyway: an earlier deadline has to wake it
         self._housekeeper_due = float("inf")
@@ -315,13 +316,17 @@ class Writer:
                 self._stopping.wait(delay)
                 continue
             node.attempts = 0
-            if self._stopping.is_set():
+            # Checked under the lock close() sets _stopping under: either close() sees this
+            # connection in node.conn, or this sees _stopping and closes it here.
+            with self._lock:
+                stopping = self._stopping.is_set()
+                if not stopping:
+                    node.conn = conn
+                    self._connected = self._connected + [conn]
+                    self._changed.set()
+            if stopping:
                 conn.close()
                 break
-            with self._lock:
-                node.conn = conn
-                self._connected = self._connected + [conn]
-                self._changed.set()
             self._wake.set()
             logger.info("%s: connected to %s", self.name, node.address)
             conn.wait_closed()
@@ -391,12 +396,24 @@ class Writer:
         # After _draining is set: a publish ending from here on sees it (see _end).
         if not self._calls:
             self._idle.set()
+        if already:
+            # Another close() drains (run() or atexit, and the application's own): wait for
+            # it rather than close the connections under the publishes it waits for.
+            if self._close_done.wait(max(0.0, deadline - time.monotonic())):
+                return
+        try:
+            self._close(deadline, already)
+        finally:
+            self._close_done.set()
+
+    def _close(self, deadline: float, already: bool) -> None:
         if not already:
             self._idle.wait(max(0.0, deadline - time.monotonic()))  # blocking publishes, and submits under way
             with self._lock:
                 waiting = [entry[1] for entry in self._fifo] + [entry[2] for entry in self._deadlines]
             futures.wait(waiting, max(0.0, deadline - time.monotonic()))  # async ones
-        self._stopping.set()
+        with self._lock:  # (see _node_loop)
+            self._stopping.set()
         self._wake.set()
         for node in self._nodes:
             if node.conn is not None:
@@ -406,9 +423,11 @@ class Writer:
         for task in [node.task for node in self._nodes] + self._lane_tasks:
             if task is not None:
                 task.join(max(0.1, deadline - time.monotonic()))
-        if self._housekeeper is not None:
+        housekeeper = self._housekeeper
+        if housekeeper is not None:
             self._wake.set()
-            self._housekeeper.join(max(0.1, deadline - time.monotonic()))
+            housekeeper.join(max(0.1, deadline - time.monotonic()))
+        self._fail_parked()
         self.pool.close(wait=True, timeout=max(0.1, deadline - time.monotonic()))
 
     def join(self, timeout: Optional[float] = None) -> None:
@@ -829,9 +848,20 @@ class Writer:
 
     def _wake_housekeeper(self) -> None:
         with self._lock:
-            if self._housekeeper is None and not self._stopping.is_set():
+            orphans = self._housekeeper is None and self._stopping.is_set()
+            if self._housekeeper is None and not orphans:
                 self._housekeeper = self.backend.spawn(self._housekeeping, name="nsq_sync-writer-housekeeping")
+        if orphans:
+            # Parked by a publish that raced close(): nobody is left to send it.
+            self._fail_parked()
         self._wake.set()
+
+    def _fail_parked(self) -> None:
+        with self._lock:
+            parked = list(self._parked)
+            self._parked.clear()
+        for item in parked:
+            _settle(item[3], error=ClosedError(f"{self.name} closed before the publish was sent"))
 
     def _housekeeping(self) -> None:
         """One task per Writer: fails async publishes at their deadline and sends parked ones when a node connects."""
@@ -873,7 +903,13 @@ class Writer:
                 else:
                     self._attempt(data, deadline, retries, outer, avoid)
             if self._stopping.is_set() and idle:
-                return
+                with self._lock:
+                    if not self._parked:
+                        # (under the lock: a publish parked from now on finds no housekeeper
+                        # and fails itself, see _wake_housekeeper)
+                        self._housekeeper = None
+                        return
+                continue
             self._wake.wait(max(0.0, next_due - time.monotonic()))
             self._wake.clear()
 

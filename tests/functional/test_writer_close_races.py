@@ -1,0 +1,170 @@
+"""Writer.close() racing publishes, and a Ctrl-C in the middle of one, against the fake nsqd.
+
+* two close() calls at once (the application's and run()'s or atexit's): the second waits for
+  the first one's drain instead of closing the connection under the publish it waits for;
+* pub_async racing close(): every Future resolves (one parked after the housekeeping task
+  stopped used to stay pending for ever);
+* KeyboardInterrupt while a publish waits for its answer reaches the caller as itself (it was
+  turned into ConnectionClosedError, which a loop that retries on connection errors ignores),
+  and the connection it cut goes: the next publish uses a fresh one.
+
+No sleeps: the fake holds the PUB answer until the test releases it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+from concurrent import futures
+from typing import Any, Iterator, List
+
+import pytest
+from fake_nsqd import DEFAULT, FakeNsqd
+
+from nsq_sync.errors import ClosedError, NoConnectionsError
+from nsq_sync.testing import wait_until
+from nsq_sync.writer import Writer
+
+pytestmark = pytest.mark.timeout(60)
+
+WAIT = 10.0
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeNsqd]:
+    server = FakeNsqd().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def writer(fake: FakeNsqd, backend: str) -> Iterator[Writer]:
+    made = Writer(f"{fake.host}:{fake.port}", backend=backend, publish_timeout=WAIT)
+    assert made.wait_connected(WAIT)
+    try:
+        yield made
+    finally:
+        made.close(WAIT)
+
+
+def hold_next_pub(fake: FakeNsqd) -> "tuple[threading.Event, threading.Event]":
+    holding, release = threading.Event(), threading.Event()
+
+    def held(session: Any, command: Any) -> Any:
+        holding.set()
+        release.wait(WAIT)
+        return DEFAULT
+
+    fake.set_answer("PUB", held, times=1)
+    return holding, release
+
+
+def test_two_closes_at_once_both_wait_for_the_publish(fake: FakeNsqd, writer: Writer) -> None:
+    holding, release = hold_next_pub(fake)
+    outcome: List[Any] = []
+    publisher = threading.Thread(target=lambda: outcome.append(writer.pub("t", b"in flight")), name="test-pub")
+    publisher.start()
+    assert holding.wait(WAIT)
+    # The second close() waits on _close_done: note when it does, then let nsqd answer.
+    second_waits = threading.Event()
+    done = writer._close_done
+
+    class Spy:
+        def wait(self, timeout: Any = None) -> bool:
+            second_waits.set()
+            return done.wait(timeout)
+
+        def set(self) -> None:
+            done.set()
+
+    writer._close_done = Spy()  # type: ignore[assignment]
+    closers = [threading.Thread(target=writer.close, args=(WAIT,), name=f"test-close-{i}") for i in range(2)]
+    for closer in closers:
+        closer.start()
+    assert second_waits.wait(WAIT)
+    assert publisher.is_alive() and outcome == []  # both closes are under way, nothing was cut
+    release.set()
+    publisher.join(WAIT)
+    for closer in closers:
+        closer.join(WAIT)
+        assert not closer.is_alive()
+    assert outcome == [b"OK"]
+    assert [body for _, body, _ in fake.published] == [b"in flight"]
+
+
+def test_async_publishes_racing_close_all_resolve(backend: str) -> None:
+    with socket.socket() as probe:  # a port nothing listens on: every publish parks
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for _ in range(5):
+        writer = Writer(f"127.0.0.1:{port}", backend=backend, publish_timeout=WAIT, reconnect_interval=0.05)
+        submitted: List[futures.Future] = []
+        go = threading.Barrier(2)
+
+        def submit() -> None:
+            go.wait(WAIT)
+            for i in range(300):
+                try:
+                    submitted.append(writer.pub_async("t", b"%d" % i))
+                except ClosedError:
+                    return
+
+        submitter = threading.Thread(target=submit, name="test-submit")
+        submitter.start()
+        go.wait(WAIT)
+        writer.close(0)
+        submitter.join(WAIT)
+        _, pending = futures.wait(submitted, WAIT)
+        assert not pending, f"{len(pending)} of {len(submitted)} publishes never resolved"
+        for future in submitted:
+            assert isinstance(future.exception(), (ClosedError, NoConnectionsError)), repr(future.exception())
+
+
+def test_ctrl_c_during_a_publish_reaches_the_caller_and_loses_no_answer_order(fake: FakeNsqd, writer: Writer, backend: str) -> None:
+    assert threading.current_thread() is threading.main_thread()  # (signals go to the main thread)
+    first = writer._connected[0]
+    assert writer.pub("t", b"before") == b"OK"  # (the reader task parks: the next caller reads its own answer)
+    holding, release = hold_next_pub(fake)
+    if backend == "gevent":
+        import gevent
+
+        main = gevent.getcurrent()
+        hub = gevent.get_hub()
+
+    def interrupt() -> None:
+        if not holding.wait(WAIT):
+            return
+        if backend == "gevent":
+            # A signal's KeyboardInterrupt goes to whichever greenlet runs its handler; the
+            # hub hands one it catches to the main greenlet, as this does.
+            hub.loop.run_callback(main.throw, KeyboardInterrupt())
+        else:
+            os.kill(os.getpid(), signal.SIGINT)  # (Python runs the handler in the main thread)
+
+    interrupter = threading.Thread(target=interrupt, name="test-ctrl-c")
+    interrupter.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            writer.pub("t", b"cut short")
+    finally:
+        interrupter.join(WAIT)
+    if first.state == "CONNECTED" and first.error is None:
+        # Interrupted while another task read for it: the stream is whole, the answer still
+        # comes, and goes to the abandoned publish, not to the next one.
+        release.set()
+        assert writer.pub("t", b"after") == b"OK"
+        assert writer._connected[0] is first
+        assert [body for _, body, _ in fake.published] == [b"before", b"cut short", b"after"]
+    else:
+        # Interrupted in its own read: what nsqd sends next cannot be matched any more, so
+        # the connection goes, and the next publish opens a fresh one.
+        release.set()
+        wait_until(lambda: first.state == "DISCONNECTED", WAIT, message="the interrupted connection to close")
+        assert "KeyboardInterrupt interrupted a read" in str(first.error), repr(first.error)
+        assert writer.pub("t", b"after", timeout=WAIT) == b"OK"
+        assert writer._connected[0] is not first
+        assert fake.published[-1][1] == b"after"
