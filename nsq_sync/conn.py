@@ -1507,24 +1507,31 @@ class AsyncConn(EventedMixin):
                     logger.warning("%s: closing with %d messages still in flight (nsqd will redeliver them)", self.id, self.in_flight)
             except Error:
                 pass
-        self._flush_all()
+        self._flush_all(deadline)
         self._teardown_socket()
         self._join(max(0.1, deadline - time.monotonic()))
 
-    def _flush_all(self) -> None:
+    def _flush_all(self, deadline: float) -> None:
         """Write everything queued, after any writer in progress (used before closing).
 
-        Takes the write lock blocking, unlike _flush: a writer in progress may have taken
-        the last FIN off the queue and not sent it yet, and shutting the socket under it
-        would fail that FIN.
+        Waits for the write lock, unlike _flush: a writer in progress may have taken the
+        last FIN off the queue and not sent it yet, and shutting the socket under it would
+        fail that FIN. But not past *deadline* (the close's timeout, at least 0.1 s): a
+        write nsqd stopped taking (its buffers full) would hold close() up until the stall
+        is detected, two heartbeat intervals; closing the socket under it ends it now.
         """
         if self.state != CONNECTED:
             return
-        with self._write_lock:
-            try:
-                self._send_queued()
-            except (OSError, ValueError, Error) as exc:
-                logger.debug("%s: final write failed: %s", self.id, exc)
+        lock = self._write_lock
+        if not lock.acquire(True, max(0.1, deadline - time.monotonic())):
+            logger.warning("%s: a write in progress made no progress within the close timeout (nsqd is not reading); closing under it", self.id)
+            return
+        try:
+            self._send_queued()
+        except (OSError, ValueError, Error) as exc:
+            logger.debug("%s: final write failed: %s", self.id, exc)
+        finally:
+            lock.release()
 
     def _join(self, timeout: float) -> None:
         reader = self._reader

@@ -30,6 +30,7 @@ from nsq_sync.backoff import ExponentialBackoff
 from nsq_sync.errors import (
     AlreadyRespondedError,
     BadMessageError,
+    ClosedError,
     ConfigError,
     ConnectionClosedError,
     Error,
@@ -603,6 +604,43 @@ def _await_discovery(nsqds: List[NsqdProcess], lookupd: NsqlookupdProcess, count
                 next_nudge = now + 0.2
         time.sleep(0.02)  # polling lookupd and the Reader's connection set, against the deadline above
     return registered_at, connected_at
+
+
+def test_close_is_bounded_while_a_publish_is_stuck_in_its_write(nsqd: NsqdProcess, clients: Clients) -> None:
+    """nsqd stops taking bytes (the path up stalls: megabytes of MPUBs fill the buffers), so a
+    publish blocks in its write, holding the connection's write lock. close(1) closes the socket
+    under it after its timeout instead of waiting for that write (until the stall is detected:
+    two heartbeat intervals, 60 s here); every publish fails, typed, and none hangs."""
+    body = [b"x" * 1_000_000] * 4  # a 4 MB MPUB (under nsqd's 5 MiB --max-body-size)
+    with TcpProxy(split(nsqd.tcp_address)) as proxy:
+        writer = clients.writer(proxy.address, publish_timeout=120)
+        assert writer.wait_connected(5)
+        assert writer.pub(TOPIC, b"before") == b"OK"
+        conn = writer._connected[0]
+        proxy.stall("up")
+        outcomes: List[Any] = []
+
+        def publish() -> None:
+            try:
+                outcomes.append(writer.mpub(TOPIC, body))
+            except Exception as exc:
+                outcomes.append(exc)
+
+        publishers = [threading.Thread(target=publish, name=f"test-mpub-{i}") for i in range(4)]
+        for thread in publishers:
+            thread.start()
+        # 16 MB cannot all fit in the socket buffers: some publish ends up blocked in its write.
+        wait_until(lambda: conn._write_lock.locked() and len(conn._writes) > 0, timeout=30, interval=0.01,
+                   message="a publish blocked in its write while another waits behind it")
+        began = time.monotonic()
+        writer.close(1.0)
+        closed_after = time.monotonic() - began
+        for thread in publishers:
+            thread.join(10)
+            assert not thread.is_alive(), "a publish still hangs after close()"
+    assert closed_after < 10, closed_after  # (60 s without the bound)
+    # (ClosedError: a publish that began after close() did)
+    assert len(outcomes) == 4 and all(isinstance(outcome, (SendError, ConnectionClosedError, ClosedError)) for outcome in outcomes), outcomes
 
 
 def test_lookupd_down_at_start_reader_retries_discovery(clients: Clients, caplog: pytest.LogCaptureFixture) -> None:
