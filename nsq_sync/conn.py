@@ -306,6 +306,10 @@ class AsyncConn(EventedMixin):
         self._lane_buffer: Optional[bytearray] = None
         self._tls: Optional[Any] = None  # the TLSStream under any compression layer, once upgraded
         self._write_stall: Optional[SendError] = None  # set when a write timed out (see _write_failed)
+        #: seconds a write may make no progress before the connection closes: the staleness
+        #: limit (two heartbeat intervals), or this when an owner set it lower before connect()
+        self._send_stall_limit: Optional[float] = None
+        self._send_stall_after: Optional[float] = None
         self._deferred = False  # requests queued behind an unanswered one (see _request)
         self._subscribed = False
         self._closing = False
@@ -456,12 +460,20 @@ class AsyncConn(EventedMixin):
         # flushes requests queued behind an answer), and then nobody else would notice. The
         # kernel bounds a native socket's sends (SO_SNDTIMEO); a gevent socket keeps its own
         # timeout (its reads only start once data is there, so it bounds the writes' waits).
+        # An owner whose callers wait less may bound a write's stall more tightly (a Writer:
+        # its publish_timeout, see _send_stall_limit); TLS keeps the staleness limit, which
+        # its stream timeout also applies to reads.
+        stall = self._stale_after
+        limit = self._send_stall_limit
+        if limit is not None and (stall is None or limit < stall) and self._blocking:
+            stall = limit
+        self._send_stall_after = stall
         cooperative = self._blocking and getattr(self.backend, "name", "") == "gevent"
-        self._stream.settimeout(self._stale_after if cooperative or not self._blocking else None)
+        self._stream.settimeout(stall if cooperative else self._stale_after if not self._blocking else None)
         if native:
-            if self._stale_after is not None:
+            if stall is not None:
                 try:
-                    self._raw_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(self._stale_after))
+                    self._raw_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(stall))
                 except (OSError, AttributeError, struct.error):
                     pass  # unbounded writes: the reader task's staleness check still shuts them down
             # A caller waiting for its answer (request_wait) then recvs at once, without a
@@ -1244,7 +1256,7 @@ class AsyncConn(EventedMixin):
         if isinstance(exc, (BlockingIOError, socket.timeout)):  # (SO_SNDTIMEO, or the stream's timeout)
             # nsqd took nothing for the staleness limit: it is gone or wedged, and nothing it
             # might still send matters. Shut both ways, so the reader ends now and reports this.
-            error = self._write_stall = SendError(f"no progress writing to {self.id} for {self._stale_after}s (two heartbeat intervals): nsqd stopped reading; closing the connection")
+            error = self._write_stall = SendError(f"no progress writing to {self.id} for {self._send_stall_after}s: nsqd stopped reading; closing the connection")
             self._abort(error, reading_too=True)
         elif self.error is not None or self.state != CONNECTED:
             # The connection failed first (its socket shut under this write): say so.

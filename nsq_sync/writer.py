@@ -301,6 +301,10 @@ class Writer:
         conn = AsyncConn(node.host, node.port, backend=self.backend, worker_pool=self.pool, **self._conn_kwargs)
         conn.unprocessed_handler = self._resend_unprocessed
         conn._writer_node = node  # type: ignore[attr-defined]
+        # A publish stuck writing to an nsqd that stopped reading fails after about its
+        # timeout, not after two heartbeat intervals (floored: a tiny timeout must not close
+        # connections over a short pause of a busy nsqd).
+        conn._send_stall_limit = max(1.0, self.publish_timeout)
         return conn
 
     def _node_loop(self, node: _Node) -> None:

@@ -606,6 +606,42 @@ def _await_discovery(nsqds: List[NsqdProcess], lookupd: NsqlookupdProcess, count
     return registered_at, connected_at
 
 
+def test_a_publish_stuck_in_its_write_fails_after_about_its_timeout(nsqd: NsqdProcess, clients: Clients) -> None:
+    """nsqd stops taking bytes: a publish blocked in its write fails after about its
+    publish_timeout without progress (1 s here), not after two heartbeat intervals (60 s),
+    and the Writer publishes again once the path is back."""
+    body = [b"x" * 1_000_000] * 4  # a 4 MB MPUB (under nsqd's 5 MiB --max-body-size)
+    with TcpProxy(split(nsqd.tcp_address)) as proxy:
+        writer = clients.writer(proxy.address, publish_timeout=1.0)
+        assert writer.wait_connected(5)
+        assert writer.pub(TOPIC, b"before") == b"OK"
+        conn = writer._connected[0]
+        proxy.stall("up")
+        outcomes: List[Any] = []
+        took: List[float] = []
+
+        def publish() -> None:
+            began = time.monotonic()
+            try:
+                outcomes.append(writer.mpub(TOPIC, body))
+            except Exception as exc:
+                outcomes.append(exc)
+            took.append(time.monotonic() - began)
+
+        publishers = [threading.Thread(target=publish, name=f"test-mpub-{i}") for i in range(4)]
+        for thread in publishers:
+            thread.start()
+        for thread in publishers:
+            thread.join(30)
+            assert not thread.is_alive(), "a publish stuck in its write still hangs"
+        proxy.resume()
+        assert all(isinstance(outcome, (SendError, ConnectionClosedError, TimeoutError)) for outcome in outcomes), outcomes
+        assert max(took) < 10, took  # (60 s, two heartbeat intervals, without the bound)
+        assert conn.wait_closed(10)
+        assert isinstance(conn.error, SendError) and "no progress writing" in str(conn.error), repr(conn.error)
+        wait_until(lambda: writer.pub(TOPIC, b"after") == b"OK", timeout=10, message="a publish on a new connection")
+
+
 def test_close_is_bounded_while_a_publish_is_stuck_in_its_write(nsqd: NsqdProcess, clients: Clients) -> None:
     """nsqd stops taking bytes (the path up stalls: megabytes of MPUBs fill the buffers), so a
     publish blocks in its write, holding the connection's write lock. close(1) closes the socket
