@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Any, Iterator, List
+from typing import Any, List
 
 import pytest
 from bad_input import check_named
@@ -25,25 +25,6 @@ pytestmark = pytest.mark.timeout(60)
 
 WAIT = 10.0
 NAN, INF = math.nan, math.inf
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeNsqd]:
-    server = FakeNsqd().start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def writer(fake: FakeNsqd, backend: str) -> Iterator[Writer]:
-    made = Writer(f"{fake.host}:{fake.port}", backend=backend, publish_timeout=WAIT)
-    assert made.wait_connected(WAIT)
-    try:
-        yield made
-    finally:
-        made.close(WAIT)
 
 
 @pytest.mark.parametrize("timeout,error", [(NAN, ConfigError), (-1, ConfigError), (INF, ConfigError), ("x", TypeError), (True, TypeError)], ids=repr)

@@ -18,7 +18,7 @@ import signal
 import socket
 import threading
 from concurrent import futures
-from typing import Any, Iterator, List
+from typing import Any, List
 
 import pytest
 from fake_nsqd import DEFAULT, FakeNsqd
@@ -30,25 +30,6 @@ from nsq_sync.writer import Writer
 pytestmark = pytest.mark.timeout(60)
 
 WAIT = 10.0
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeNsqd]:
-    server = FakeNsqd().start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def writer(fake: FakeNsqd, backend: str) -> Iterator[Writer]:
-    made = Writer(f"{fake.host}:{fake.port}", backend=backend, publish_timeout=WAIT)
-    assert made.wait_connected(WAIT)
-    try:
-        yield made
-    finally:
-        made.close(WAIT)
 
 
 def hold_next_pub(fake: FakeNsqd) -> "tuple[threading.Event, threading.Event]":

@@ -606,77 +606,79 @@ def _await_discovery(nsqds: List[NsqdProcess], lookupd: NsqlookupdProcess, count
     return registered_at, connected_at
 
 
+class StuckPublishers:
+    """4 threads, each one 4 MB MPUB (under nsqd's 5 MiB --max-body-size) through a path whose
+    way up is stalled: 16 MB cannot all fit in the socket buffers, so some publish blocks in
+    its write while the others wait behind it. Records each outcome and how long it took."""
+
+    BODY = [b"x" * 1_000_000] * 4
+
+    def __init__(self, writer: Writer) -> None:
+        self.writer = writer
+        self.outcomes: List[Any] = []
+        self.took: List[float] = []
+        self.threads = [threading.Thread(target=self._publish, name=f"test-mpub-{i}") for i in range(4)]
+        for thread in self.threads:
+            thread.start()
+
+    def _publish(self) -> None:
+        began = time.monotonic()
+        try:
+            self.outcomes.append(self.writer.mpub(TOPIC, self.BODY))
+        except Exception as exc:
+            self.outcomes.append(exc)
+        self.took.append(time.monotonic() - began)
+
+    def join(self, timeout: float) -> None:
+        for thread in self.threads:
+            thread.join(timeout)
+            assert not thread.is_alive(), "a publish stuck in its write still hangs"
+
+
+def stalled_writer(proxy: TcpProxy, clients: Clients, publish_timeout: float) -> Writer:
+    """A Writer through *proxy*, connected and with one publish done; then the path up stalls."""
+    writer = clients.writer(proxy.address, publish_timeout=publish_timeout)
+    assert writer.wait_connected(5)
+    assert writer.pub(TOPIC, b"before") == b"OK"
+    proxy.stall("up")
+    return writer
+
+
 def test_a_publish_stuck_in_its_write_fails_after_about_its_timeout(nsqd: NsqdProcess, clients: Clients) -> None:
     """nsqd stops taking bytes: a publish blocked in its write fails after about its
     publish_timeout without progress (1 s here), not after two heartbeat intervals (60 s),
     and the Writer publishes again once the path is back."""
-    body = [b"x" * 1_000_000] * 4  # a 4 MB MPUB (under nsqd's 5 MiB --max-body-size)
     with TcpProxy(split(nsqd.tcp_address)) as proxy:
-        writer = clients.writer(proxy.address, publish_timeout=1.0)
-        assert writer.wait_connected(5)
-        assert writer.pub(TOPIC, b"before") == b"OK"
+        writer = stalled_writer(proxy, clients, publish_timeout=1.0)
         conn = writer._connected[0]
-        proxy.stall("up")
-        outcomes: List[Any] = []
-        took: List[float] = []
-
-        def publish() -> None:
-            began = time.monotonic()
-            try:
-                outcomes.append(writer.mpub(TOPIC, body))
-            except Exception as exc:
-                outcomes.append(exc)
-            took.append(time.monotonic() - began)
-
-        publishers = [threading.Thread(target=publish, name=f"test-mpub-{i}") for i in range(4)]
-        for thread in publishers:
-            thread.start()
-        for thread in publishers:
-            thread.join(30)
-            assert not thread.is_alive(), "a publish stuck in its write still hangs"
+        pubs = StuckPublishers(writer)
+        pubs.join(30)
         proxy.resume()
-        assert all(isinstance(outcome, (SendError, ConnectionClosedError, TimeoutError)) for outcome in outcomes), outcomes
-        assert max(took) < 10, took  # (60 s, two heartbeat intervals, without the bound)
+        assert all(isinstance(outcome, (SendError, ConnectionClosedError, TimeoutError)) for outcome in pubs.outcomes), pubs.outcomes
+        assert max(pubs.took) < 10, pubs.took  # (60 s, two heartbeat intervals, without the bound)
         assert conn.wait_closed(10)
         assert isinstance(conn.error, SendError) and "no progress writing" in str(conn.error), repr(conn.error)
         wait_until(lambda: writer.pub(TOPIC, b"after") == b"OK", timeout=10, message="a publish on a new connection")
 
 
 def test_close_is_bounded_while_a_publish_is_stuck_in_its_write(nsqd: NsqdProcess, clients: Clients) -> None:
-    """nsqd stops taking bytes (the path up stalls: megabytes of MPUBs fill the buffers), so a
-    publish blocks in its write, holding the connection's write lock. close(1) closes the socket
-    under it after its timeout instead of waiting for that write (until the stall is detected:
-    two heartbeat intervals, 60 s here); every publish fails, typed, and none hangs."""
-    body = [b"x" * 1_000_000] * 4  # a 4 MB MPUB (under nsqd's 5 MiB --max-body-size)
+    """A publish blocked in its write holds the connection's write lock. close(1) closes the
+    socket under it after its timeout instead of waiting for that write (until the stall is
+    detected: two heartbeat intervals, 60 s here); every publish fails, typed, none hangs."""
     with TcpProxy(split(nsqd.tcp_address)) as proxy:
-        writer = clients.writer(proxy.address, publish_timeout=120)
-        assert writer.wait_connected(5)
-        assert writer.pub(TOPIC, b"before") == b"OK"
+        writer = stalled_writer(proxy, clients, publish_timeout=120)
         conn = writer._connected[0]
-        proxy.stall("up")
-        outcomes: List[Any] = []
-
-        def publish() -> None:
-            try:
-                outcomes.append(writer.mpub(TOPIC, body))
-            except Exception as exc:
-                outcomes.append(exc)
-
-        publishers = [threading.Thread(target=publish, name=f"test-mpub-{i}") for i in range(4)]
-        for thread in publishers:
-            thread.start()
-        # 16 MB cannot all fit in the socket buffers: some publish ends up blocked in its write.
+        pubs = StuckPublishers(writer)
         wait_until(lambda: conn._write_lock.locked() and len(conn._writes) > 0, timeout=30, interval=0.01,
                    message="a publish blocked in its write while another waits behind it")
         began = time.monotonic()
         writer.close(1.0)
         closed_after = time.monotonic() - began
-        for thread in publishers:
-            thread.join(10)
-            assert not thread.is_alive(), "a publish still hangs after close()"
+        pubs.join(10)
     assert closed_after < 10, closed_after  # (60 s without the bound)
     # (ClosedError: a publish that began after close() did)
-    assert len(outcomes) == 4 and all(isinstance(outcome, (SendError, ConnectionClosedError, ClosedError)) for outcome in outcomes), outcomes
+    assert len(pubs.outcomes) == 4, pubs.outcomes
+    assert all(isinstance(outcome, (SendError, ConnectionClosedError, ClosedError)) for outcome in pubs.outcomes), pubs.outcomes
 
 
 def test_lookupd_down_at_start_reader_retries_discovery(clients: Clients, caplog: pytest.LogCaptureFixture) -> None:
