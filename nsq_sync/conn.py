@@ -97,8 +97,6 @@ ANSWER_HOLD_SECONDS = 0.005
 #: thread backend, plain TCP: the kernel ends a blocking recv after this long with no data
 #: (SO_RCVTIMEO), so a caller with a deadline reads at once instead of polling first
 RECV_SLICE_SECONDS = 1.0
-#: the shortest snappy chunk nsqd writes: an 8-byte header and at least one byte of data
-SNAPPY_SMALLEST_CHUNK = 9
 _NOTHING = object()  # _read_before: the deadline passed with no data
 _OK_FRAME = b"\x00\x00\x00\x06\x00\x00\x00\x00OK"  # size 6, FRAME_TYPE_RESPONSE, OK
 
@@ -509,15 +507,25 @@ class AsyncConn(EventedMixin):
         20-40% of the answers when publishing one at a time. No chunk nsqd writes is
         shorter than 9 bytes, so SO_RCVLOWAT=9 spares that wake-up (blocking recv, poll and
         epoll all honour it; a read with a timeout, and the end of the stream, still return
-        fewer bytes).
+        fewer bytes). Inside a chunk (a read that ended in its middle) the mark is what can
+        complete it, if less: a fixed 9 left a chunk 1-8 bytes short until nsqd sent more.
         """
         sock = self._raw_sock
-        if not isinstance(sock, socket.socket) or not hasattr(socket, "SO_RCVLOWAT"):
+        stream = self._stream
+        if not isinstance(sock, socket.socket) or not hasattr(socket, "SO_RCVLOWAT") or not hasattr(stream, "set_lowat"):
             return
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, SNAPPY_SMALLEST_CHUNK)
-        except OSError:
-            pass  # not settable here (some platforms): every partial chunk wakes the reader
+
+        def set_lowat(count: int) -> None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, count)
+            except OSError:
+                pass  # not settable here (some platforms): every partial chunk wakes the reader
+
+        # The mark follows the chunk held back (SnappyStream.read_some): 9 between chunks,
+        # what can complete it inside one. The handshake may have left part of one.
+        stream._lowat = lowat = stream._decompressor.least_missing()
+        set_lowat(lowat)
+        stream.set_lowat = set_lowat
 
     def _read_timeout(self) -> Optional[float]:
         if self.heartbeat_interval == -1:
@@ -1249,6 +1257,28 @@ class AsyncConn(EventedMixin):
             finally:
                 lock.release()
 
+    def _flush_soon(self) -> None:
+        """_flush, unless the socket has no room for a byte right now (nsqd stopped reading, or
+        is slow to): then a task of its own waits to write, not the caller (a Reader that
+        must go on deciding RDY for its other connections, see reader._RdyLock)."""
+        if not self._writes:
+            return
+        sock = self._raw_sock
+        try:
+            room = sock is None or self.backend.wait_writable(sock, 0)
+        except (OSError, ValueError):
+            room = True  # closed under us: _flush reports it
+        if room:
+            self._flush()
+        else:
+            self.backend.spawn(self._flush_quietly, name=f"nsq_sync-flush-{self.id}")
+
+    def _flush_quietly(self) -> None:
+        try:
+            self._flush()
+        except Error:
+            pass  # the connection closes; its close event says why
+
     def _write_failed(self, exc: BaseException) -> None:
         """A write failed (the caller holds the write lock): close the connection, raise SendError
         (ConnectionClosedError when the connection had failed first)."""
@@ -1362,11 +1392,19 @@ class AsyncConn(EventedMixin):
         Raises ConfigError when *value* is out of range or the connection has not subscribed
         (nsqd would close it), ConnectionClosedError when not connected.
         """
+        self._queue_rdy(value)
+        self._flush()
+
+    def _queue_rdy(self, value: int) -> None:
+        """:meth:`send_rdy` without the write: RDY *value* is queued, and leaves with the next
+        flush (a Reader flushes once it let go of its lock, see reader._RdyLock)."""
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= self.max_rdy_count:
             raise ConfigError("rdy", value, f"must be an int between 0 and max_rdy_count ({self.max_rdy_count}) of {self.id}")
         if not self._subscribed and self.state == CONNECTED:
             raise ConfigError("rdy", value, "sent before subscribe(): nsqd closes the connection over a RDY on a connection that has not subscribed (nothing was sent)")
-        self._write(commands.rdy(value))
+        if self.state != CONNECTED:
+            raise ConnectionClosedError(f"connection to {self.id} is {self.state.lower()}")
+        self._writes.append(commands.rdy(value))
         self.rdy = value
         self.last_rdy = value
         self._hold_max = max(1, value // 2)

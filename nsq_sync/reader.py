@@ -271,6 +271,38 @@ class _ConnState:
         self.rdy_since = now  # when RDY last went from 0 to > 0
 
 
+
+class _RdyLock:
+    """The Reader's lock (used as ``with``). RDY commands decided under it are only queued on
+    their connections (_set_rdy), and written once it is released: a write can block (an
+    nsqd that stopped reading, its buffers full, until the stall is detected), and it must
+    not hold up the decisions for every other connection. Order on each connection holds:
+    whatever is queued after the RDY (the REQ that started a backoff) leaves after it."""
+
+    __slots__ = ("_lock", "unsent")
+
+    def __init__(self, lock: Any) -> None:
+        self._lock = lock
+        self.unsent: List[AsyncConn] = []
+
+    def __enter__(self) -> "_RdyLock":
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        unsent = self.unsent
+        if not unsent:
+            self._lock.release()
+            return
+        self.unsent = []
+        self._lock.release()
+        for conn in unsent:
+            try:
+                conn._flush_soon()  # (a socket with no room gets a task of its own to wait on)
+            except Error:
+                pass  # the connection is closing; its close event tells the Reader
+
+
 class Reader:
     """Consume *topic*/*channel* from nsqd, found directly and/or through nsqlookupd.
 
@@ -434,7 +466,7 @@ class Reader:
         self._random = random.Random()
 
         backend_ = self._backend
-        self._lock = backend_.lock()  # every RDY/backoff/connection-set decision
+        self._lock = _RdyLock(backend_.lock())  # every RDY/backoff/connection-set decision
         self._pool = WorkerPool(concurrency, backend_, name=f"nsq_sync-{self.name}")
         self._scheduler = _Scheduler(backend_, f"nsq_sync-{self.name}-timers")
         self._conns: Dict[str, _ConnState] = {}
@@ -977,10 +1009,11 @@ class Reader:
         if previous == value or not conn.connected():
             return False
         try:
-            conn.send_rdy(value)
+            conn._queue_rdy(value)  # sent once the lock is released (see _RdyLock)
         except Error as exc:
             logger.debug("%s: RDY %d on %s failed: %s", self.name, value, conn.id, exc)
             return False
+        self._lock.unsent.append(conn)
         logger.debug("%s: RDY %d on %s (was %d)", self.name, value, conn.id, previous)
         now = time.monotonic()
         if previous == 0:

@@ -123,6 +123,23 @@ class SnappyStream(_Layer):
         self._compressor = snappy.StreamCompressor()
         self._decompressor = SnappyFrameReader(snappy.StreamDecompressor(), snappy.uncompress)
         super().__init__(inner, leading, self._compressor.add_chunk, self._decompressor.decompress)
+        #: set on plain TCP (AsyncConn._wake_for_whole_chunks): called with the socket's new
+        #: receive low-water mark whenever the fewest bytes that can complete a chunk change
+        self.set_lowat: Optional[Callable[[int], None]] = None
+        self._lowat = 1
+
+    def read_some(self, size: int) -> Optional[bytes]:
+        out = super().read_some(size)
+        set_lowat = self.set_lowat
+        if set_lowat is not None:
+            # A read can end inside a chunk (TCP cuts long ones), maybe fewer than 9 bytes
+            # short of its end: the mark must not ask for more than that, or the reader
+            # sleeps until nsqd sends something else (a heartbeat, 30 s on).
+            lowat = self._decompressor.least_missing()
+            if lowat != self._lowat:
+                self._lowat = lowat
+                set_lowat(lowat)
+        return out
 
 
 # --------------------------------------------------------------------------- snappy framing, read side
@@ -141,6 +158,8 @@ _STREAM_IDENTIFIER = b"\xff\x06\x00\x00sNaPpY"
 #: reads whose complete chunks hold at most this many bytes of data are decoded here
 #: (the table CRC costs ~0.09 us a byte; the StreamDecompressor 2.5 to 12 us a call)
 SNAPPY_SMALL_READ = 64
+#: the shortest chunk nsqd writes: an 8-byte header and at least one byte of data
+SNAPPY_SMALLEST_CHUNK = 9
 _KNOWN_CHUNKS = 64  # small chunks remembered as checked (answers and heartbeats repeat)
 _MAX_UNCOMPRESSED_CHUNK = 65536  # the framing format's limit on a chunk's data
 
@@ -227,6 +246,17 @@ class SnappyFrameReader:
         if size > SNAPPY_SMALL_READ:
             return self._stream.decompress(data)
         return self._decode_small(data)
+
+    def least_missing(self) -> int:
+        """The fewest bytes that can complete the chunk held back (its size once its length
+        is in; 9, the shortest chunk, less what is held, before), or 9 when none is."""
+        held = len(self._rest)
+        if not held:
+            return SNAPPY_SMALLEST_CHUNK
+        rest = self._rest
+        if held >= 4:
+            return max(1, min(SNAPPY_SMALLEST_CHUNK, 4 + (rest[1] | rest[2] << 8 | rest[3] << 16) - held))
+        return SNAPPY_SMALLEST_CHUNK - held
 
     def _decode_small(self, data: bytes) -> bytes:
         out = []

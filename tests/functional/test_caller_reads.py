@@ -927,14 +927,14 @@ def snappy_nsqd() -> Iterator[SnappyNsqd]:
 
 
 def test_snappy_reader_wakes_only_for_whole_chunks(snappy_nsqd: SnappyNsqd, make_conn, monkeypatch) -> None:
-    from nsq_sync.transport.compression import SnappyStream
+    from nsq_sync.transport.compression import SNAPPY_SMALLEST_CHUNK, SnappyStream
 
     monkeypatch.setattr(nsq_sync.conn, "PARK_SECONDS", LONG_PARK)  # callers lead from the 2nd request on
     raw_reads: List[int] = []
     conn = make_conn(snappy_nsqd.host, snappy_nsqd.port, snappy=True, heartbeat_interval=1)
     conn.connect()
     assert isinstance(conn._stream, SnappyStream)
-    assert conn._raw_sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == nsq_sync.conn.SNAPPY_SMALLEST_CHUNK
+    assert conn._raw_sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == SNAPPY_SMALLEST_CHUNK
     stream_class = type(conn._stream.inner)
     original = stream_class.read_some
 
@@ -956,6 +956,34 @@ def test_snappy_reader_wakes_only_for_whole_chunks(snappy_nsqd: SnappyNsqd, make
     # every answer came in one read of its whole chunk (18 bytes), never its header alone
     assert raw_reads and 8 not in raw_reads, raw_reads
     assert raw_reads.count(18) >= count, raw_reads
+
+
+class SnappyNsqdShortTail(SnappyNsqd):
+    """Answers with a long chunk (a 300-byte response) whose last 5 bytes come after a pause:
+    what a TCP segment boundary does to a long chunk on a real network."""
+
+    TAIL = 5
+
+    def _answer(self, sock: socket.socket) -> bool:
+        chunk = self._compressor.add_chunk(response_frame(b"OK" + b"." * 298))
+        sock.sendall(chunk[: -self.TAIL])
+        time.sleep(SPLIT_PAUSE)
+        sock.sendall(chunk[-self.TAIL :])
+        return True
+
+
+def test_snappy_chunk_whose_last_bytes_come_late_is_read_when_they_come(make_conn) -> None:
+    """The low-water mark follows the chunk held back: 5 bytes short of its end, a reader
+    waits for 5, not 9 (with 9, the answer waited for nsqd's next write: a heartbeat, 30 s on)."""
+    for server in _serving(SnappyNsqdShortTail()):
+        conn = make_conn(server.host, server.port, snappy=True)  # (heartbeats every 30 s)
+        conn.connect()
+        for i in range(3):
+            assert conn.request_wait(commands.pub("t", b"s%d" % i), timeout=5) == b"OK" + b"." * 298, i
+        assert conn._raw_sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 9  # between chunks again
+        conn.close(timeout=2)
+        server.thread.join(WAIT)
+        assert server.problems == []
 
 
 def test_plain_and_deflate_sockets_keep_the_default_low_mark(deflate_nsqd: DeflateNsqd, make_conn) -> None:

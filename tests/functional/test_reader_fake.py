@@ -10,12 +10,14 @@ import gc
 import http.server
 import json
 import logging
+import select
 import socket
 import threading
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import pytest
 from fake_nsqd import FakeNsqd, fake_nsqd  # noqa: F401 - fixture
+from tcp_proxy import TcpProxy
 
 from nsq_sync.backoff import ExponentialBackoff
 from nsq_sync.errors import ClosedError, ConfigError
@@ -324,6 +326,60 @@ def test_set_max_in_flight_0_pauses_everywhere_and_restores(make_reader: Callabl
         with pytest.raises(ConfigError):
             reader.set_max_in_flight(-1)
         reader.close()
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def test_a_rdy_write_that_blocks_holds_up_no_other_connection(make_reader: Callable[..., Reader]) -> None:
+    """One nsqd stops reading (the path up stalls, the socket's send buffer is full): a RDY
+    for it waits on a task of its own, while the Reader's decisions for the other connection,
+    and stats(), go on. (RDY was written under the Reader's lock, so one stuck socket held
+    every connection's RDY and every stats() call until the stall was detected.)"""
+    servers = [FakeNsqd().start() for _ in range(2)]
+    try:
+        with TcpProxy((servers[0].host, servers[0].port)) as proxy:
+            reader = make_reader([proxy, servers[1]], lambda m: True, max_in_flight=4)
+            reader.start()
+            for server in servers:
+                server.wait_for_command("RDY 2", timeout=WAIT)
+            stuck = next(st.conn for st in reader._conns.values() if st.address == address(proxy))
+            proxy.stall("up")
+            # Fill the socket's buffers with NOPs (harmless to nsqd) until it has no room (a
+            # small send buffer: the fake reads the NOPs one line at a time once resumed).
+            sock = stuck._raw_sock
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+            plain = getattr(sock, "_sock", sock)  # (gevent's socket would wait for room instead)
+            sent = 0
+            while True:
+                for chunk in (b"NOP\n" * 1024, b"NOP\n" * 16, b"NOP\n"):
+                    while True:
+                        try:
+                            count = plain.send(chunk, socket.MSG_DONTWAIT)
+                        except BlockingIOError:
+                            break
+                        assert count % 4 == 0, "a NOP was cut in two"  # (writes of whole NOPs fill whole NOPs)
+                        sent += count
+                # Full once no room comes back (acks of what the proxy's buffer took free some).
+                if not select.select([], [plain], [], 0.2)[1]:
+                    break
+            assert sent > 0
+            setter = threading.Thread(target=reader.set_max_in_flight, args=(6,), name="test-set-mif")
+            setter.start()
+            setter.join(WAIT)
+            assert not setter.is_alive(), "set_max_in_flight() waited for the stuck socket"
+            servers[1].wait_for_command("RDY 3", timeout=WAIT)
+            assert stuck.rdy == 3  # decided; a task of its own waits to write it behind the NOPs
+            # The Reader's lock is free: the next decision reaches the other connection.
+            setter = threading.Thread(target=reader.set_max_in_flight, args=(8,), name="test-set-mif-2")
+            setter.start()
+            setter.join(WAIT)
+            assert not setter.is_alive(), "set_max_in_flight() waited for the stuck socket"
+            servers[1].wait_for_command("RDY 4", timeout=WAIT)
+            assert reader.stats()["max_in_flight"] == 8
+            proxy.resume()
+            servers[0].wait_for_command("RDY 4", timeout=WAIT)
+            reader.close()
     finally:
         for server in servers:
             server.stop()
