@@ -257,6 +257,7 @@ class AsyncConn(EventedMixin):
         self._hold_max = 1  # answers held back at most: half the RDY count (see _queue_answer_locked)
         self._held_head: Optional[bytes] = None  # the first write queued when the reader task last looked...
         self._held_seen = 0.0  # ...and when (see _read_holding)
+        self._quiet_since: Optional[float] = None  # _read_holding's first read that found nothing
         self.rdy = 0
         self.last_rdy = 0
         self.max_rdy_count = MAX_RDY_COUNT_DEFAULT
@@ -364,6 +365,7 @@ class AsyncConn(EventedMixin):
             error = self._translate_handshake_error(exc)
             self.error = error
             self._teardown_socket()
+            self._close_socket()  # now: the error's traceback keeps this object alive for a while
             self.state = DISCONNECTED
             self._fail_pending(error)
             self._fire("error", conn=self, error=error)
@@ -646,8 +648,14 @@ class AsyncConn(EventedMixin):
             self._held_head, self._held_seen = head, now
         if self._read_once(now + ANSWER_HOLD_SECONDS):
             return
+        # Silent since (about) then: stale after the limit (monotonic: a step of the wall
+        # clock must not close a healthy connection).
+        quiet = self._quiet_since
+        if quiet is None:
+            self._quiet_since = now
+            return
         stale = self._stale_after
-        if stale is not None and not self._closing and time.time() - self.last_recv_timestamp >= stale:
+        if stale is not None and not self._closing and time.monotonic() - quiet >= stale:
             self._end_reading(self._stale_error())
             raise _ReadEnded()
 
@@ -690,6 +698,7 @@ class AsyncConn(EventedMixin):
         the read token. Raises _ReadEnded once the connection is over (reported here)."""
         try:
             self.last_recv_timestamp = time.time()
+            self._quiet_since = None  # (see _read_holding)
             if data:
                 self._handle_frames(self._decoder.feed(data))
                 if self._deferred:
@@ -750,8 +759,8 @@ class AsyncConn(EventedMixin):
             error = None if self._closing else self._write_stall or ConnectionClosedError(f"{self.id} closed the connection")
         elif isinstance(exc, _FatalFrame):
             error = exc
-        elif self._closing and isinstance(exc, (OSError, ValueError)):
-            error = None  # our own close() shut the socket under the reader
+        elif self._closing and isinstance(exc, (OSError, ValueError, SendError)):
+            error = None  # our own close() shut the socket under the reader (or under its NOP)
         elif isinstance(exc, Error):
             error = exc
         elif isinstance(exc, OSError):
@@ -1620,6 +1629,15 @@ class AsyncConn(EventedMixin):
         if stream is not None:
             stream.shutdown(write_only=not reading_too)
         self._wake_reader.set()  # a parked reader task must see the close
+
+    def _close_socket(self) -> None:
+        try:
+            if self._stream is not None:
+                self._stream.close()
+            elif self._raw_sock is not None:
+                self._raw_sock.close()
+        except OSError:
+            pass
 
     def _teardown_socket(self) -> None:
         self._wake_reader.set()

@@ -384,6 +384,9 @@ def test_handshake_error_frame(server: FakeNsqd, make_conn, backend, tasks_befor
         conn.connect()
     assert info.value.fatal and "both deflate and snappy" in str(info.value)
     assert events.names().count("close") == 1 and events.names().count("error") == 1
+    # The socket is closed now, not when the garbage collector frees the connection (the
+    # error's traceback keeps it alive): reconnect loops against such an nsqd hold no fds.
+    assert conn._raw_sock.fileno() == -1
     assert_no_leak(backend, tasks_before)
 
 
