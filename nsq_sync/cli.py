@@ -112,6 +112,10 @@ MAX_TIMEOUT = 86400.0
 MAX_IN_FLIGHT = 2**31 - 1  # the Reader's range
 MAX_CONCURRENCY = 100_000  # the Reader's range (nsq_sync.reader.MAX_CONCURRENCY; not imported: --help stays light)
 MAX_TRIES = 65535  # the Reader's range
+#: what stops the commands that run until stopped (and the brokers they started): Ctrl-C,
+#: SIGTERM, and SIGHUP (the terminal closed; the brokers run in sessions of their own, so
+#: nothing else would stop them)
+_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 _MPUB_BODY_LIMIT = 5 * 1024 * 1024  # nsqd's default --max-body-size, what the demo's brokers use
 
 
@@ -187,7 +191,7 @@ class _Interrupt:
 
     def __enter__(self) -> "_Interrupt":
         if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
+            for signum in _STOP_SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._on_signal)
         return self
 
@@ -264,7 +268,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
               f"max_in_flight {args.max_in_flight}, backend {args.backend}", file=sys.stderr)
     seen = bytearray(count)
     latencies: List[float] = []
-    state = {"sent": 0, "received": 0, "duplicates": 0, "acknowledged": 0, "publish_errors": 0}
+    state: Dict[str, Any] = {"sent": 0, "received": 0, "duplicates": 0, "acknowledged": 0, "publish_errors": 0, "published_at": 0.0}
     lock = threading.Lock()
     all_received = threading.Event()
     stop_publishing = threading.Event()
@@ -334,6 +338,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
                         with lock:
                             state["publish_errors"] += len(bodies)
                     seq = top
+                with lock:
+                    # When this thread's last publish was answered (the main loop only looks
+                    # every 50 ms: a short run's rate would be off by that much).
+                    state["published_at"] = max(state["published_at"], time.monotonic())
 
             threads = [
                 threading.Thread(target=publish, args=(offsets[i], per_thread[i]), name=f"demo-pub-{i}", daemon=True)
@@ -347,7 +355,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 interrupt.check()
                 if publishing and not any(t.is_alive() for t in threads):
                     publishing = False
-                    publish_elapsed = time.monotonic() - started
+                    publish_elapsed = state["published_at"] - started
                 elapsed = time.monotonic() - started
                 progress.update(state["acknowledged"], state["received"], elapsed)
                 if not publishing and (state["received"] >= state["acknowledged"] or all_received.is_set()):
@@ -529,12 +537,22 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
     def handler(message: Any) -> bool:
         with lock:
+            if done.is_set():
+                return False  # (the output is gone, or -n was reached: requeued for others)
             if remaining is not None:
                 if remaining[0] <= 0:
                     return False
                 remaining[0] -= 1
-            out.write(message.body + b"\n")
-            out.flush()
+            try:
+                out.write(message.body + b"\n")
+                out.flush()
+            except OSError:
+                # The reading end of the pipe closed (`| head -1`): stop, as cat does. The
+                # message goes back to nsqd (it was not shown) instead of failing again and again.
+                if remaining is not None:
+                    remaining[0] += 1
+                done.set()
+                return False
             if remaining is not None and remaining[0] == 0:
                 done.set()
         return True
@@ -545,17 +563,39 @@ def cmd_tail(args: argparse.Namespace) -> int:
     )
     previous = {}
     if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in _STOP_SIGNALS:
             previous[signum] = signal.signal(signum, lambda *_: done.set())
     reader.start()
     try:
         while not done.wait(0.2):
             pass
     finally:
-        reader.close()
+        # The usual handlers first: a second Ctrl-C interrupts a drain that waits on a hung nsqd.
         for signum, handler_ in previous.items():
             signal.signal(signum, handler_)
+        reader.close()
+    if _out_closed(out):
+        _quiet_broken_stdout()
     return EXIT_OK
+
+
+def _out_closed(out: Any) -> bool:
+    """True when writing to *out* failed with a closed pipe (the reader of our output left)."""
+    try:
+        out.flush()
+    except OSError:
+        return True
+    return False
+
+
+def _quiet_broken_stdout() -> None:
+    # Python would report the broken pipe again when it flushes stdout at exit.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
@@ -563,7 +603,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     stop = threading.Event()
     # Installed before the brokers start: a signal while they start stops them cleanly too
     # (they run in their own sessions, so nothing else would).
-    previous = {signum: signal.signal(signum, lambda *_: stop.set()) for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous = {signum: signal.signal(signum, lambda *_: stop.set()) for signum in _STOP_SIGNALS}
     try:
         cluster = _start_cluster(args.nsqd)
     except BaseException:

@@ -248,22 +248,28 @@ def _split_host_port(address: str) -> Tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-# processes still running at interpreter exit are killed; owned temp dirs removed
-_RUNNING: Dict[int, "subprocess.Popen[bytes]"] = {}
-_OWNED_DIRS: Set[str] = set()
+# processes still running at interpreter exit are killed; owned temp dirs removed. Each
+# with the id of the process that made it: a forked child (os.fork, then a normal exit)
+# must not kill its parent's brokers or delete their data.
+_RUNNING: Dict[int, Tuple["subprocess.Popen[bytes]", int]] = {}
+_OWNED_DIRS: Dict[str, int] = {}
 
 
 @atexit.register
 def _cleanup_at_exit() -> None:
-    for proc in list(_RUNNING.values()):
+    pid = os.getpid()
+    for proc, owner in list(_RUNNING.values()):
+        if owner != pid:
+            continue
         try:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(5)
         except Exception:  # pragma: no cover - best effort at exit
             pass
-    for path in list(_OWNED_DIRS):
-        shutil.rmtree(path, ignore_errors=True)
+    for path, owner in list(_OWNED_DIRS.items()):
+        if owner == pid:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------
@@ -476,7 +482,8 @@ class _BrokerProcess:
         )
         self._proc = proc
         self._paused = False
-        _RUNNING[id(self)] = proc
+        self._owner_pid = os.getpid()
+        _RUNNING[id(self)] = (proc, self._owner_pid)
         reader = threading.Thread(
             target=self._read_output,
             args=(proc,),
@@ -600,6 +607,11 @@ class _BrokerProcess:
             except OSError:  # pragma: no cover
                 pass
 
+    def _forked(self) -> bool:
+        """True in a process forked from the one that started the broker: the broker, its
+        output pipe and its data are the parent's, and stop()/kill()/close() leave them be."""
+        return getattr(self, "_owner_pid", None) not in (None, os.getpid())
+
     def _send(self, sig: int) -> None:
         proc = self._proc
         if proc is None or proc.poll() is not None:
@@ -620,7 +632,7 @@ class _BrokerProcess:
         can end the process at once, without the shutdown that persists messages.
         """
         proc = self._proc
-        if proc is None:
+        if proc is None or self._forked():
             return None
         if proc.poll() is None:
             self._send(signal.SIGTERM)
@@ -649,7 +661,7 @@ class _BrokerProcess:
         Returns the exit status (None if never started).
         """
         proc = self._proc
-        if proc is None:
+        if proc is None or self._forked():
             return None
         if proc.poll() is None:
             self._send(signal.SIGKILL)
@@ -877,7 +889,7 @@ class NsqdProcess(_BrokerProcess):
         if self.data_path is None:
             self.data_path = tempfile.mkdtemp(prefix="nsq_sync-nsqd-")
             self._owns_data_path = True
-            _OWNED_DIRS.add(self.data_path)
+            _OWNED_DIRS[self.data_path] = os.getpid()
         else:
             os.makedirs(self.data_path, exist_ok=True)
 
@@ -928,9 +940,9 @@ class NsqdProcess(_BrokerProcess):
     def close(self) -> None:
         """Stop nsqd and remove the temp data dir if this object created it."""
         self.stop()
-        if self._owns_data_path and self.data_path:
+        if self._owns_data_path and self.data_path and not self._forked():
             shutil.rmtree(self.data_path, ignore_errors=True)
-            _OWNED_DIRS.discard(self.data_path)
+            _OWNED_DIRS.pop(self.data_path, None)
             self.data_path = None
             self._owns_data_path = False
 

@@ -55,7 +55,11 @@ def _parse_address(address: object) -> Tuple[str, str, int, str]:
     if not isinstance(address, str):
         raise TypeError(f"address must be str, not {type(address).__name__}")
 
-    def bad(reason: str, shown: object = address) -> ConfigError:
+    # user:password@ would be a secret: an address with an "@" anywhere is never echoed back,
+    # whichever check refuses it (a password may hold "/", "?", "#" or spaces).
+    redacted = "<redacted>" if "@" in address else address
+
+    def bad(reason: str, shown: object = redacted) -> ConfigError:
         return ConfigError("address", shown, reason)
 
     if not address:
@@ -86,7 +90,8 @@ def _parse_address(address: object) -> Tuple[str, str, int, str]:
         host = parts.hostname
         port = parts.port
     except ValueError as exc:
-        raise bad(f"not a valid address ({exc})") from None
+        # (the parser's message quotes the part it refused: maybe part of a password)
+        raise bad(f"not a valid address ({exc})" if redacted is address else "not a valid address") from None
 
     if parts.query or parts.fragment or "?" in rest or "#" in rest:
         raise bad("must not contain a query string or fragment")
@@ -102,6 +107,9 @@ def _parse_address(address: object) -> Tuple[str, str, int, str]:
             raise bad("bracketed host must be an IPv6 address") from None
     elif not _HOSTNAME(host):
         raise bad("host contains invalid characters")
+    elif not all(0 < len(label) <= 63 for label in (host[:-1] if host.endswith(".") else host).split(".")):
+        # (the resolver's IDNA codec would refuse it with a UnicodeError on every request)
+        raise bad("host is not a valid name (an empty label, as in 'a..b', or one over 63 characters)")
     if port is None:
         if not explicit_scheme:
             raise bad("missing port (expected 'host:port')")
@@ -419,7 +427,8 @@ class HTTPClient:
                 resp = conn.getresponse()
             data = resp.read()
             status, reason, resp_headers = resp.status, resp.reason, resp.headers
-        except (OSError, http.client.HTTPException, ssl.CertificateError) as exc:
+        except (OSError, http.client.HTTPException, ssl.CertificateError, UnicodeError) as exc:
+            # (UnicodeError: a name the IDNA codec refuses, from getaddrinfo)
             reason_text = _transport_reason(exc, self._timeout)
             logger.debug("%s %s failed after %.1f ms: %s", method, url, (time.monotonic() - started) * 1000, reason_text)
             raise HTTPError(0, reason_text, url) from exc

@@ -367,6 +367,20 @@ def test_pub_stdin_lines_then_tail(dash: bool, nsqd: NsqdProcess, env: Dict[str,
     assert sorted(tail.stdout.splitlines()) == ["alpha", "beta", "gamma delta"], describe(tail)
 
 
+def test_tail_stops_when_its_output_pipe_closes(nsqd: NsqdProcess, env: Dict[str, str], backend: str) -> None:
+    """`nsq-sync tail | head -1`: once head exits, tail stops (exit 0) instead of failing
+    every message (and requeueing it) for ever; what it could not print goes back to nsqd."""
+    nsqd.create_channel("cli_pipe", "kept")
+    nsqd.mpublish("cli_pipe", [b"m%d" % i for i in range(20)])
+    command = f"{sys.executable} -m nsq_sync tail --topic cli_pipe --channel kept --nsqd-tcp-address {nsqd.tcp_address} --backend {backend} | head -1"
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", command], env=env, capture_output=True, timeout=60)
+    assert done.returncode == EXIT_OK, describe(done)  # (pipefail: tail's own exit status)
+    assert len(done.stdout.splitlines()) == 1, describe(done)
+    assert b"Traceback" not in done.stderr, describe(done)
+    # Every message was either shown (finished) or given back: none is left in flight.
+    wait_until(lambda: (nsqd.channel_stats("cli_pipe", "kept") or {}).get("in_flight_count") == 0, 10, message="nothing in flight")
+
+
 def test_tail_through_lookupd_stops_on_sigterm(nsq_cluster, env: Dict[str, str], backend: str) -> None:
     nsqd = nsq_cluster.nsqds[0]
     nsqd.create_topic("cli_tail")
@@ -381,7 +395,7 @@ def test_tail_through_lookupd_stops_on_sigterm(nsq_cluster, env: Dict[str, str],
 
 
 # ----------------------------------------------------------------- cluster
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["SIGTERM", "SIGINT", "SIGHUP"])
 def test_cluster_json_prints_addresses_and_stops_cleanly(signum: int, env: Dict[str, str]) -> None:
     with CliProcess.nsq_sync("cluster", "--json", "--nsqd", "2", env=env) as cluster:
         line = cluster.wait_for_line(lambda l: l.startswith("{"), timeout=30)

@@ -483,3 +483,33 @@ def test_missing_binary_error_explains_how_to_get_it(
         assert hint in message
     with pytest.raises(BrokerNotFoundError):
         NsqdProcess().start()
+
+
+def test_a_forked_child_leaves_its_parents_broker_and_data_alone() -> None:
+    """A child of os.fork() that closes the harness objects it inherited (a fixture's
+    teardown, a `with` block) and runs the exit cleanup must not stop the parent's nsqd nor
+    delete its data dir (it deleted the dir, and could hang closing the output pipe whose
+    lock the parent's log thread held)."""
+    nsqd = testing.NsqdProcess().start()
+    try:
+        nsqd.publish("forked", b"kept")
+        data_path = nsqd.data_path
+        assert data_path and os.path.isdir(data_path)
+        pid = os.fork()
+        if pid == 0:  # the child: what a normal exit does, then leave without pytest's own hooks
+            code = 1
+            try:
+                nsqd.close()
+                testing._cleanup_at_exit()
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+        assert nsqd.running and os.path.isdir(data_path)
+        assert nsqd.topic_depth("forked") == 1
+        nsqd.restart()  # the data survived: the message is still there after a restart
+        assert nsqd.topic_depth("forked") == 1
+    finally:
+        nsqd.close()
+    assert not os.path.exists(data_path)

@@ -182,11 +182,25 @@ def test_bad_address_raises_config_error(address):
     assert isinstance(info.value, ValueError)
 
 
-def test_address_with_credentials_is_rejected_without_echoing_them():
+@pytest.mark.parametrize("address", [
+    "http://user:s3cret@host:4161",
+    "http://admin:s3/cret@x:4161",  # fails the port parse first
+    "http://user:s3cret pw@host:80",  # fails the whitespace check first
+    "ftp://user:s3cret@host:21",  # fails the scheme check first
+    "http://user:s3?cret@host:4161",
+])
+def test_address_with_credentials_is_rejected_without_echoing_them(address):
     with pytest.raises(ConfigError) as info:
-        LookupdClient("http://user:s3cret@host:4161")
+        LookupdClient(address)
     assert info.value.param == "address"
-    assert "s3cret" not in str(info.value)
+    assert "s3" not in str(info.value) and "cret" not in str(info.value) and "s3" not in repr(info.value.value)
+
+
+@pytest.mark.parametrize("address", ["a..b:4151", "." + "x" * 10 + ":4151", "x" * 64 + ".example:4151"])
+def test_host_name_the_resolver_would_refuse_is_a_config_error(address):
+    # (getaddrinfo's IDNA codec raised UnicodeError, untyped, on every request)
+    with pytest.raises(ConfigError, match="not a valid name"):
+        LookupdClient(address)
 
 
 @pytest.mark.parametrize("address", [None, 4151, b"host:4151", ("host", 4151)])
