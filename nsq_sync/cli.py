@@ -15,7 +15,9 @@ import importlib.util
 import json
 import logging
 import os
+import select
 import signal
+import stat
 import sys
 import threading
 import time
@@ -566,9 +568,11 @@ def cmd_tail(args: argparse.Namespace) -> int:
         for signum in _STOP_SIGNALS:
             previous[signum] = signal.signal(signum, lambda *_: done.set())
     reader.start()
+    output_gone = _pipe_reader_gone(out)
     try:
         while not done.wait(0.2):
-            pass
+            if output_gone():
+                break  # (`| head -1`: head left while no message came to notice it)
     finally:
         # The usual handlers first: a second Ctrl-C interrupts a drain that waits on a hung nsqd.
         for signum, handler_ in previous.items():
@@ -577,6 +581,36 @@ def cmd_tail(args: argparse.Namespace) -> int:
     if _out_closed(out):
         _quiet_broken_stdout()
     return EXIT_OK
+
+
+_POLLERR = getattr(select, "POLLERR", 8)  # (Linux's values, where gevent's select lacks them)
+_POLLHUP = getattr(select, "POLLHUP", 16)
+
+
+def _pipe_reader_gone(out: Any) -> Callable[[], bool]:
+    """A check that *out*, a pipe, lost its reader (poll reports POLLERR on its write end);
+    always False for anything else, or where poll is missing."""
+    try:
+        fd = out.fileno()
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return lambda: False
+        poll_class: Any = getattr(select, "poll", None)
+        if "gevent.monkey" in sys.modules:  # (monkey-patching removes select.poll: a 0 timeout needs no hub)
+            from gevent.monkey import get_original
+
+            poll_class = get_original("select", "poll")
+        poller = poll_class()
+        poller.register(fd, _POLLERR)
+    except (AttributeError, OSError, ValueError, TypeError):
+        return lambda: False
+
+    def gone() -> bool:
+        try:
+            return any(events & (_POLLERR | _POLLHUP) for _, events in poller.poll(0))
+        except OSError:
+            return False
+
+    return gone
 
 
 def _out_closed(out: Any) -> bool:
