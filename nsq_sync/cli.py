@@ -595,10 +595,10 @@ def _pipe_reader_gone(out: Any) -> Callable[[], bool]:
         if not stat.S_ISFIFO(os.fstat(fd).st_mode):
             return lambda: False
         poll_class: Any = getattr(select, "poll", None)
-        if "gevent.monkey" in sys.modules:  # (monkey-patching removes select.poll: a 0 timeout needs no hub)
-            from gevent.monkey import get_original
+        if "gevent" in sys.modules:  # (monkey-patching removes or replaces select.poll)
+            from .backends.gevent import native_poll
 
-            poll_class = get_original("select", "poll")
+            poll_class = native_poll
         poller = poll_class()
         poller.register(fd, _POLLERR)
     except (AttributeError, OSError, ValueError, TypeError):

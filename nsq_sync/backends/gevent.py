@@ -18,6 +18,12 @@ from gevent.hub import Waiter
 from gevent.monkey import get_original
 
 _native_ident = get_original("_thread", "get_ident")
+#: the OS poll, which monkey-patching removes from select (a poll with timeout 0 needs no
+#: hub), or None where there is none
+try:
+    native_poll: Any = get_original("select", "poll")
+except AttributeError:  # pragma: no cover - Windows
+    native_poll = None
 _READY = object()  # what a watcher or a release switches a waiting greenlet with
 _EXPIRED = object()  # what the timer switches it with
 
