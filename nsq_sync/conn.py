@@ -365,7 +365,8 @@ class AsyncConn(EventedMixin):
             error = self._translate_handshake_error(exc)
             self.error = error
             self._teardown_socket()
-            self._close_socket()  # now: the error's traceback keeps this object alive for a while
+            if self._stream is not None:
+                self._stream.close()  # now: the error's traceback keeps this object alive for a while
             self.state = DISCONNECTED
             self._fail_pending(error)
             self._fire("error", conn=self, error=error)
@@ -514,7 +515,7 @@ class AsyncConn(EventedMixin):
         """
         sock = self._raw_sock
         stream = self._stream
-        if not isinstance(sock, socket.socket) or not hasattr(socket, "SO_RCVLOWAT") or not hasattr(stream, "set_lowat"):
+        if not isinstance(sock, socket.socket) or not hasattr(socket, "SO_RCVLOWAT") or not hasattr(stream, "follow_lowat"):
             return
 
         def set_lowat(count: int) -> None:
@@ -523,11 +524,7 @@ class AsyncConn(EventedMixin):
             except OSError:
                 pass  # not settable here (some platforms): every partial chunk wakes the reader
 
-        # The mark follows the chunk held back (SnappyStream.read_some): 9 between chunks,
-        # what can complete it inside one. The handshake may have left part of one.
-        stream._lowat = lowat = stream._decompressor.least_missing()
-        set_lowat(lowat)
-        stream.set_lowat = set_lowat
+        stream.follow_lowat(set_lowat)
 
     def _read_timeout(self) -> Optional[float]:
         if self.heartbeat_interval == -1:
@@ -1246,10 +1243,14 @@ class AsyncConn(EventedMixin):
         self._write(bytes(data))
 
     def _write(self, data: bytes) -> None:
+        self._queue(data)
+        self._flush()
+
+    def _queue(self, data: bytes) -> None:
+        """Queue *data* for the next flush (ConnectionClosedError when not connected)."""
         if self.state != CONNECTED:
             raise ConnectionClosedError(f"connection to {self.id} is {self.state.lower()}")
         self._writes.append(data)
-        self._flush()
 
     def _flush(self) -> None:
         # One task at a time drains the queue with a single sendall of everything in it.
@@ -1411,9 +1412,7 @@ class AsyncConn(EventedMixin):
             raise ConfigError("rdy", value, f"must be an int between 0 and max_rdy_count ({self.max_rdy_count}) of {self.id}")
         if not self._subscribed and self.state == CONNECTED:
             raise ConfigError("rdy", value, "sent before subscribe(): nsqd closes the connection over a RDY on a connection that has not subscribed (nothing was sent)")
-        if self.state != CONNECTED:
-            raise ConnectionClosedError(f"connection to {self.id} is {self.state.lower()}")
-        self._writes.append(commands.rdy(value))
+        self._queue(commands.rdy(value))
         self.rdy = value
         self.last_rdy = value
         self._hold_max = max(1, value // 2)
@@ -1629,15 +1628,6 @@ class AsyncConn(EventedMixin):
         if stream is not None:
             stream.shutdown(write_only=not reading_too)
         self._wake_reader.set()  # a parked reader task must see the close
-
-    def _close_socket(self) -> None:
-        try:
-            if self._stream is not None:
-                self._stream.close()
-            elif self._raw_sock is not None:
-                self._raw_sock.close()
-        except OSError:
-            pass
 
     def _teardown_socket(self) -> None:
         self._wake_reader.set()

@@ -271,7 +271,6 @@ class _ConnState:
         self.rdy_since = now  # when RDY last went from 0 to > 0
 
 
-
 class _RdyLock:
     """The Reader's lock (used as ``with``). RDY commands decided under it are only queued on
     their connections (_set_rdy), and written once it is released: a write can block (an

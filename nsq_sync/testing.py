@@ -335,6 +335,7 @@ class _BrokerProcess:
         self.http_port: Optional[int] = None
         self.https_port: Optional[int] = None
         self._ports_fixed = False
+        self._owner_pid: Optional[int] = None  # the process that started the broker (see _forked)
         self._proc: Optional["subprocess.Popen[bytes]"] = None
         self._reader: Optional[threading.Thread] = None
         self._log: Deque[str] = collections.deque(maxlen=max_log_lines)
@@ -610,7 +611,7 @@ class _BrokerProcess:
     def _forked(self) -> bool:
         """True in a process forked from the one that started the broker: the broker, its
         output pipe and its data are the parent's, and stop()/kill()/close() leave them be."""
-        return getattr(self, "_owner_pid", None) not in (None, os.getpid())
+        return self._owner_pid not in (None, os.getpid())
 
     def _send(self, sig: int) -> None:
         proc = self._proc

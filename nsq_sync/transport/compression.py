@@ -123,14 +123,20 @@ class SnappyStream(_Layer):
         self._compressor = snappy.StreamCompressor()
         self._decompressor = SnappyFrameReader(snappy.StreamDecompressor(), snappy.uncompress)
         super().__init__(inner, leading, self._compressor.add_chunk, self._decompressor.decompress)
-        #: set on plain TCP (AsyncConn._wake_for_whole_chunks): called with the socket's new
-        #: receive low-water mark whenever the fewest bytes that can complete a chunk change
-        self.set_lowat: Optional[Callable[[int], None]] = None
+        self._set_lowat: Optional[Callable[[int], None]] = None
         self._lowat = 1
+
+    def follow_lowat(self, set_lowat: Callable[[int], None]) -> None:
+        """Plain TCP (AsyncConn._wake_for_whole_chunks): call *set_lowat* with the socket's
+        receive low-water mark now (the handshake may have left part of a chunk) and
+        whenever the fewest bytes that can complete a chunk change: 9 between chunks."""
+        self._lowat = self._decompressor.least_missing()
+        set_lowat(self._lowat)
+        self._set_lowat = set_lowat
 
     def read_some(self, size: int) -> Optional[bytes]:
         out = super().read_some(size)
-        set_lowat = self.set_lowat
+        set_lowat = self._set_lowat
         if set_lowat is not None:
             # A read can end inside a chunk (TCP cuts long ones), maybe fewer than 9 bytes
             # short of its end: the mark must not ask for more than that, or the reader
