@@ -115,7 +115,9 @@ def parse_identify_response(data: bytes) -> Optional[Dict[str, Any]]:
     """Parse the IDENTIFY answer: None for a plain ``OK`` (no negotiation), else the JSON object.
 
     ``max_rdy_count`` is filled with nsqd's default when missing. Raises ProtocolError for
-    anything that is neither OK nor a JSON object.
+    anything that is neither OK nor a JSON object, and for a field this client acts on that
+    is out of range or of the wrong type: ``max_rdy_count`` (an int >= 1), ``msg_timeout``
+    and ``max_msg_timeout`` (milliseconds, numbers >= 0), ``deflate_level`` (0-9).
     """
     if data == OK:
         return None
@@ -126,7 +128,23 @@ def parse_identify_response(data: bytes) -> Optional[Dict[str, Any]]:
     if not isinstance(parsed, dict):
         raise ProtocolError(f"IDENTIFY response is not a JSON object: {bytes(data[:64])!r}")
     parsed.setdefault("max_rdy_count", MAX_RDY_COUNT_DEFAULT)
+    for field, low, high, ints in _ANSWERED_RANGES:
+        if field not in parsed:
+            continue
+        value = parsed[field]
+        kinds = int if ints else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
+            raise ProtocolError(f"IDENTIFY response field {field}={value!r} is not {'an int' if ints else 'a number'} from {low} to {high}")
     return parsed
+
+
+#: (field, lowest, highest, ints only): the IDENTIFY answer's fields AsyncConn acts on
+_ANSWERED_RANGES = (
+    ("max_rdy_count", 1, 2**63 - 1, True),
+    ("msg_timeout", 0, 2**63 - 1, False),
+    ("max_msg_timeout", 0, 2**63 - 1, False),
+    ("deflate_level", 0, 9, True),  # (0 when deflate is not negotiated)
+)
 
 
 def parse_json_object(data: bytes, what: str) -> Dict[str, Any]:

@@ -109,7 +109,15 @@ class DeflateStream(_Layer):
 
         self._compressor = compressor
         self._decompressor = zlib.decompressobj(-zlib.MAX_WBITS)
-        super().__init__(inner, leading, compress, self._decompressor.decompress)
+        decompress_part = self._decompressor.decompress
+
+        def decompress(data: bytes) -> bytes:
+            try:
+                return decompress_part(data)
+            except zlib.error as exc:
+                raise IntegrityError(f"corrupt deflate stream: {exc}") from exc
+
+        super().__init__(inner, leading, compress, decompress)
 
 
 class SnappyStream(_Layer):
@@ -250,7 +258,10 @@ class SnappyFrameReader:
         else:
             self._rest = b""
         if size > SNAPPY_SMALL_READ:
-            return self._stream.decompress(data)
+            try:
+                return self._stream.decompress(data)
+            except Exception as exc:  # python-snappy's: OSError, ValueError, its UncompressError
+                raise IntegrityError(f"corrupt snappy stream: {exc}") from exc
         return self._decode_small(data)
 
     def least_missing(self) -> int:
@@ -296,7 +307,10 @@ class SnappyFrameReader:
         if len(chunk) < 8:
             raise IntegrityError(f"snappy chunk of {len(chunk) - 4} bytes has no checksum")
         body = chunk[8:]
-        piece = body if chunk_type == 0x01 else bytes(self._uncompress(body))
+        try:
+            piece = body if chunk_type == 0x01 else bytes(self._uncompress(body))
+        except Exception as exc:  # python-snappy's UncompressError, or OSError
+            raise IntegrityError(f"corrupt snappy chunk: {exc}") from exc
         if len(piece) > _MAX_UNCOMPRESSED_CHUNK:
             raise IntegrityError(f"snappy chunk of {len(piece)} bytes is over the framing format's limit")
         if masked_crc32c(piece) != int.from_bytes(chunk[4:8], "little"):

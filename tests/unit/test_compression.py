@@ -10,6 +10,7 @@ import zlib
 
 import pytest
 
+from nsq_sync.errors import IntegrityError
 from nsq_sync.transport.compression import DeflateStream, SnappyStream, snappy_available
 
 snappy = pytest.importorskip("snappy")
@@ -217,19 +218,28 @@ def test_delegation(kind):
     assert stream.sock is inner.sock
 
 
-def test_corrupt_deflate_input_raises():
+def test_corrupt_deflate_input_raises_integrity_error():
     reader = DeflateStream(FakeInner(b"\xff\xff\xff\xff not compressed at all" * 4))
-    with pytest.raises(zlib.error):
+    with pytest.raises(IntegrityError, match="corrupt deflate stream") as info:
         read_all(reader)
+    assert isinstance(info.value.__cause__, zlib.error)
 
 
-def test_corrupt_snappy_input_raises():
-    wire = bytearray(compress_all("snappy", [b"hello world " * 20]))
-    wire[-3] ^= 0xFF  # damage the compressed data after the stream identifier
+@pytest.mark.parametrize("size", [20, 5000], ids=["small read", "large read"])  # (our decoder, python-snappy's)
+@pytest.mark.parametrize("damage", ["data", "checksum", "chunk type"])
+def test_corrupt_snappy_input_raises_integrity_error_whatever_the_read_size(size, damage):
+    # The same damage gives the same typed error whichever decoder the read's size picks.
+    wire = bytearray(compress_all("snappy", [bytes(random.Random(size).getrandbits(8) for _ in range(size // 2)) * 2]))
+    first = 10  # the first chunk after the 10-byte stream identifier
+    if damage == "data":
+        wire[-3] ^= 0xFF
+    elif damage == "checksum":
+        wire[first + 4] ^= 0xFF
+    else:
+        wire[first] = 0x05  # a reserved unskippable type
     reader = SnappyStream(FakeInner(bytes(wire)))
-    with pytest.raises(Exception) as info:
+    with pytest.raises(IntegrityError):
         read_all(reader)
-    assert not isinstance(info.value, AssertionError)
 
 
 # --------------------------------------------------------------------------- upgrade handoff (no real socket)

@@ -196,6 +196,37 @@ def test_parse_garbage(data):
         parse_identify_response(data)
 
 
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("max_rdy_count", "abc"),
+        ("max_rdy_count", None),
+        ("max_rdy_count", 0),
+        ("max_rdy_count", -5),
+        ("max_rdy_count", 2.5),
+        ("max_rdy_count", True),
+        ("msg_timeout", "60000"),
+        ("msg_timeout", None),
+        ("msg_timeout", -1),
+        ("max_msg_timeout", [1]),
+        ("deflate_level", 10),
+        ("deflate_level", "x"),
+    ],
+)
+def test_parse_rejects_fields_out_of_range(field, value):
+    # A typed error naming the field, not a ValueError/TypeError from deep in connect(), and no
+    # connection that can never send RDY (max_rdy_count <= 0).
+    with pytest.raises(ProtocolError, match=f"field {field}="):
+        parse_identify_response(json.dumps({field: value}).encode())
+
+
+def test_parse_accepts_what_nsqd_sends_without_deflate():
+    answer = {"max_rdy_count": 2500, "version": "1.3.0", "max_msg_timeout": 900000, "msg_timeout": 60000, "tls_v1": False,
+              "deflate": False, "deflate_level": 0, "max_deflate_level": 6, "snappy": False, "sample_rate": 0,
+              "auth_required": False, "output_buffer_size": 16384, "output_buffer_timeout": 250}
+    assert parse_identify_response(json.dumps(answer).encode()) == answer
+
+
 def test_parse_json_object_for_auth():
     data = {"identity": "me", "identity_url": "http://auth", "permission_count": 2}
     assert parse_json_object(json.dumps(data).encode(), "AUTH") == data  # no max_rdy_count added
