@@ -92,19 +92,42 @@ class Lane:
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
         """Queue ``fn(*args)``; raises RuntimeError once the lane is closed."""
-        if self._closed:
-            raise RuntimeError(f"{self._name} is closed")
-        self._items.append((_Call(fn, args), _NO_ARG))
+        entry = (_Call(fn, args), _NO_ARG)
         with self._lock:  # under the lock: a worker deciding to sleep has either seen the item or is not free
+            if self._closed:  # (checked with the append under the lock: never queued behind the stops)
+                raise RuntimeError(f"{self._name} is closed")
+            self._items.append(entry)
             self._wake_locked()
 
     def submit_many(self, fn: Callable[[Any], Any], items: List[Any]) -> None:
         """Queue ``fn(item)`` for each item (one worker is woken; more join as needed)."""
-        if self._closed:
-            raise RuntimeError(f"{self._name} is closed")
-        self._items.extend([(fn, item) for item in items])
+        entries = [(fn, item) for item in items]
         with self._lock:
+            if self._closed:
+                raise RuntimeError(f"{self._name} is closed")
+            self._items.extend(entries)
             self._wake_locked()
+
+    def take(self, match: Callable[[Any, Any], bool]) -> List[Any]:
+        """Remove the queued ``fn(item)`` pairs (submit_many) for which ``match(fn, item)`` is
+        true and return their items, in queue order; nothing else moves. A worker popping
+        meanwhile may run one of the others first (the lane never promised an order between
+        workers), but every item is either taken here or run, never both."""
+        items = self._items
+        kept: List[Any] = []
+        taken: List[Any] = []
+        with self._lock:  # (a worker deciding to sleep waits for the kept items to be back)
+            for _ in range(len(items)):
+                try:
+                    entry = items.popleft()
+                except IndexError:  # a worker took the rest
+                    break
+                if entry is not _STOP and entry[1] is not _NO_ARG and match(entry[0], entry[1]):
+                    taken.append(entry[1])
+                else:
+                    kept.append(entry)
+            items.extendleft(reversed(kept))
+        return taken
 
     def offer_lead(self, conn: Any) -> None:
         """Let the next worker that runs out of work call ``conn._lead_read()`` before it sleeps."""
@@ -198,6 +221,8 @@ class Lane:
 
     def _need_spare_locked(self) -> None:
         # Caller holds the lock; work waits and no worker is free.
+        if not self._can_grow and not self._sleepers:
+            return  # every worker is running a callback: nothing to add (a one-worker lane)
         if self._eager:
             self._wake_locked()
         elif self._watchdog is None:
@@ -214,7 +239,7 @@ class Lane:
         wake = self._watch_wake  # held; released to park-wake us, or by close()
         quiet = 0.0
         while not self._closed:
-            if items and not self._free:
+            if items and not self._free and (self._can_grow or self._sleepers):
                 quiet = 0.0
                 seen = self._started
                 wake.acquire(timeout=SPARE_AFTER_SECONDS)  # early only at close
@@ -239,7 +264,8 @@ class Lane:
         return id(self._backend.current()) in self._local_ids
 
     def close(self, wait: bool = True, timeout: Optional[float] = None) -> None:
-        """Run what is queued, then stop every worker; with *wait*, join them (not from inside a worker)."""
+        """Run what is queued, then stop every worker; with *wait*, join them (not from inside a
+        worker), all of them within *timeout* in total (None: no limit)."""
         with self._lock:
             if not self._closed:
                 self._closed = True
@@ -260,8 +286,9 @@ class Lane:
             if self._watchdog is not None:
                 tasks.append(self._watchdog)
         if wait and not self.in_worker():
+            deadline = None if timeout is None else _monotonic() + timeout
             for task in tasks:
-                task.join(timeout)
+                task.join(None if deadline is None else max(0.0, deadline - _monotonic()))
 
     @property
     def size(self) -> int:
@@ -289,9 +316,11 @@ class WorkerPool:
         return self.control.in_worker() or self.messages.in_worker()
 
     def close(self, wait: bool = True, timeout: Optional[float] = None) -> None:
-        """Finish queued callbacks, stop the workers and (with *wait*) join them."""
+        """Finish queued callbacks, stop the workers and (with *wait*) join them, within
+        *timeout* in total (None: no limit)."""
+        deadline = None if timeout is None else _monotonic() + timeout
         self.messages.close(wait, timeout)
-        self.control.close(wait, timeout)
+        self.control.close(wait, None if deadline is None else max(0.0, deadline - _monotonic()))
 
     @property
     def closed(self) -> bool:

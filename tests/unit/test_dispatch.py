@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import sys
 import threading
+import time
 
 import pytest
 
@@ -426,3 +428,100 @@ def test_blocking_callbacks_fan_out_to_every_worker(make_pool):
     pool.messages.submit_many(blocking, list(range(12)))
     assert done.wait(WAIT)
     assert pool.messages.size == 4
+
+
+def test_a_one_worker_lane_starts_no_watchdog(make_pool):
+    # Work waiting behind a running callback on a lane that cannot grow: a watchdog there
+    # could never add a worker, and only woke every few milliseconds for nothing.
+    pool = make_pool(concurrency=1)
+    release = threading.Event()
+    started = threading.Semaphore(0)
+    ran = []
+
+    def work(item):
+        if item == 0:
+            started.release()
+            release.wait(WAIT)
+        ran.append(item)
+
+    for lane in (pool.messages, pool.control):
+        lane.submit_many(work, [0, 1, 2])  # the worker takes 0 with 1 and 2 waiting behind it
+        assert started.acquire(timeout=WAIT)
+    assert pool.messages._watchdog is None and pool.control._watchdog is None
+    release.set()
+    pool.close(wait=True, timeout=WAIT)
+    assert sorted(ran) == [0, 0, 1, 1, 2, 2]
+
+
+def test_close_joins_every_worker_within_one_timeout(make_pool):
+    # 20 workers stuck in callbacks: close(timeout=0.3) gives up on them together, not 0.3 s each.
+    pool = make_pool(concurrency=20)
+    release = threading.Event()
+    stuck = threading.Semaphore(0)
+
+    def block(_):
+        stuck.release()
+        release.wait(WAIT)
+
+    pool.messages.submit_many(block, list(range(20)))
+    for _ in range(20):
+        assert stuck.acquire(timeout=WAIT)
+    try:
+        began = time.monotonic()
+        pool.close(wait=True, timeout=0.3)
+        took = time.monotonic() - began
+        assert took < 2.0, f"close(timeout=0.3) took {took:.1f} s"  # (6 s before: 20 joins of 0.3 s)
+    finally:
+        release.set()
+
+
+def test_take_removes_only_matching_items_and_keeps_the_order_of_the_rest(make_pool):
+    pool = make_pool(concurrency=1)
+    running, release = threading.Event(), threading.Event()
+    ran = []
+
+    def first(_):
+        running.set()
+        release.wait(WAIT)
+
+    pool.messages.submit_many(first, [None])
+    assert running.wait(WAIT)
+    pool.messages.submit_many(ran.append, list(range(10)))
+    pool.messages.submit(ran.append, "call")  # (a submit() item is never taken)
+    taken = pool.messages.take(lambda fn, item: item % 3 == 0)
+    assert taken == [0, 3, 6, 9]
+    release.set()
+    pool.close(wait=True, timeout=WAIT)
+    assert ran == [1, 2, 4, 5, 7, 8, "call"]
+
+
+def test_a_submit_racing_close_either_raises_or_runs(pool_name):
+    # The closed check and the append are one step under the lane's lock: an item is never
+    # queued behind the workers' stop marks, accepted and then never run.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # (switch threads as often as possible: the race is a few bytecodes wide)
+    try:
+        for _ in range(300):
+            pool = WorkerPool(1, backend="thread", name=pool_name)
+            ran = []
+            pool.control.submit(ran.append, -1)
+            accepted = []
+            go = threading.Event()
+
+            def produce():
+                go.wait(WAIT)
+                for i in range(100):
+                    try:
+                        pool.control.submit(ran.append, i)
+                    except RuntimeError:
+                        return
+                    accepted.append(i)
+
+            producer = threading.Thread(target=produce)
+            producer.start()
+            go.set()
+            pool.close(wait=True, timeout=WAIT)
+            producer.join(WAIT)
+            assert set(accepted) <= set(ran), f"accepted and never run: {sorted(set(accepted) - set(ran))}"
+    finally:
+        sys.setswitchinterval(interval)
