@@ -28,7 +28,7 @@ import sys
 import time
 from concurrent import futures
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, Deque, Dict, List, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Mapping, Optional, Tuple, Union
 
 from . import __about__
 from .backends import Backend, get_backend
@@ -254,6 +254,10 @@ class AsyncConn(EventedMixin):
         self.in_flight = 0
         self._inflight: Dict[bytes, Message] = {}
         self._queued = 0  # messages handed to the worker pool and not yet started
+        self._received_total = 0  # messages nsqd delivered here, counted on arrival (Reader.stats)
+        #: set by an owner (the Reader): at a graceful close, called with the messages still
+        #: queued for a worker (taken back from the pool: their listeners will not run)
+        self._hand_back: Optional[Callable[[List[Message]], None]] = None
         self._hold_max = 1  # answers held back at most: half the RDY count (see _queue_answer_locked)
         self._held_head: Optional[bytes] = None  # the first write queued when the reader task last looked...
         self._held_seen = 0.0  # ...and when (see _read_holding)
@@ -312,6 +316,7 @@ class AsyncConn(EventedMixin):
         self._deferred = False  # requests queued behind an unanswered one (see _request)
         self._subscribed = False
         self._closing = False
+        self._connecting: Any = None  # the task running connect(), while it runs
         self._close_fired = False
         self._close_wait = self.backend.event()
         self._drained = self.backend.event()
@@ -354,31 +359,51 @@ class AsyncConn(EventedMixin):
         Raises ConnectError (TCP connect failed or timed out, or a timeout during the
         handshake), TLSError, AuthRequiredError, a ServerError subclass for an error
         frame, ProtocolError for an unparseable answer. On failure ``error`` and
-        ``close`` fire and the connection is closed.
+        ``close`` fire and the connection is closed. A close() while it runs (from another
+        thread, or a connect/identify/auth listener) makes it raise ConnectionClosedError;
+        only ``close`` fires then.
         """
         if self.state != INIT:
             raise ConfigError("state", self.state, "connect() can be called once, on a new connection")
         self.state = CONNECTING
+        self._connecting = self.backend.current()
         try:
             self._handshake()
+            with self._lock:  # (a close() from now on finds the reader task to join)
+                self._connecting = None
+                closed = self._closing
+                if not closed and not self._lane:
+                    self._reader = self.backend.spawn(self._read_loop, name=f"nsq_sync-reader-{self.id}")
+            if closed:
+                raise self._closed_while_connecting()
         except BaseException as exc:
-            error = self._translate_handshake_error(exc)
-            self.error = error
+            with self._lock:
+                self._connecting = None
+                closed = self._closing
+            if closed and isinstance(exc, Exception):
+                # close() was called meanwhile (from another thread, or from a connect,
+                # identify or auth listener): whatever cut the handshake short is our own doing.
+                error: BaseException = exc if isinstance(exc, ConnectionClosedError) else self._closed_while_connecting()
+            else:
+                error = self._translate_handshake_error(exc)
+                self.error = error
             self._teardown_socket()
             if self._stream is not None:
                 self._stream.close()  # now: the error's traceback keeps this object alive for a while
             self.state = DISCONNECTED
             self._fail_pending(error)
-            self._fire("error", conn=self, error=error)
+            if not closed:
+                self._fire("error", conn=self, error=error)
             self._fire_close_sync()
             if self._own_pool and self._pool is not None:
                 self._pool.close(wait=False)
             if error is exc:
                 raise
             raise error from exc
-        if not self._lane:
-            self._reader = self.backend.spawn(self._read_loop, name=f"nsq_sync-reader-{self.id}")
         return self
+
+    def _closed_while_connecting(self) -> ConnectionClosedError:
+        return ConnectionClosedError(f"the connection to {self.id} was closed while connect() ran")
 
     def _translate_handshake_error(self, exc: BaseException) -> BaseException:
         if isinstance(exc, Error):
@@ -402,8 +427,14 @@ class AsyncConn(EventedMixin):
         except OSError:  # pragma: no cover - not every socket family has it
             pass
         sock.settimeout(self.timeout)
-        self._raw_sock = sock
-        self._stream = SocketStream(sock)
+        with self._lock:  # a close() from here on shuts this socket; one before, we see
+            closed = self._closing
+            if not closed:
+                self._raw_sock = sock
+                self._stream = SocketStream(sock)
+        if closed:
+            sock.close()
+            raise self._closed_while_connecting()
         self._stream.sendall(MAGIC_V2)
         self.state = CONNECTED
         self._fire("connect", conn=self)
@@ -1178,6 +1209,7 @@ class AsyncConn(EventedMixin):
                     inflight[message.id] = message
                     message._arrived = arrived
                 self.in_flight = len(inflight)
+                self._received_total += len(messages)
                 if listeners:
                     self._queued += len(messages)
             self.last_msg_timestamp = self.last_recv_timestamp
@@ -1216,6 +1248,23 @@ class AsyncConn(EventedMixin):
                 callback(conn=self, message=message)
             except Exception:
                 logger.exception("message listener %r raised for %r on %s", callback, message, self.id)
+
+    def _take_queued(self) -> List[Message]:
+        """Take this connection's messages still queued for a worker back from the pool (their
+        listeners will not run) and return them; answers held back for them go out now."""
+        deliver = self._deliver
+        taken = self.worker_pool.messages.take(lambda fn, item: fn == deliver)
+        if not taken:
+            return taken
+        with self._lock:
+            self._queued -= len(taken)
+            flush = not self._queued and self._writes
+        if flush:
+            try:
+                self._flush()
+            except Error:
+                pass  # the connection is closing; the reader reports it
+        return taken
 
     def _emit(self, name: str, **kwargs: Any) -> None:
         """Hand an event to the control lane of the worker pool (never run listeners on the reader)."""
@@ -1541,9 +1590,18 @@ class AsyncConn(EventedMixin):
         with self._lock:
             already = self._closing
             self._closing = True
+            connecting = self._connecting
         if already:
             if not self.worker_pool.in_worker():
                 self._join(timeout)
+            return
+        if connecting is not None:
+            # connect() is running: its handshake fails on the shut socket (or sees _closing
+            # before it has one, or after it is done) and closes the connection, raising
+            # ConnectionClosedError. Wait for that, unless this is that task (a listener).
+            self._teardown_socket()
+            if connecting is not self.backend.current():
+                self._closed_event.wait(timeout)
             return
         if self._pool is not None and self._pool.messages.in_worker() and self._subscribed and self.state == CONNECTED:
             # Called from a message handler: the drain waits for handlers, maybe this one,
@@ -1558,6 +1616,8 @@ class AsyncConn(EventedMixin):
             try:
                 self._write(commands.cls())
                 self._close_wait.wait(max(0.0, deadline - time.monotonic()))
+                if self._hand_back is not None and self._queued:
+                    self._hand_back(self._take_queued())
                 with self._lock:
                     if self.in_flight <= 0:
                         self._drained.set()
@@ -1682,7 +1742,10 @@ class AsyncConn(EventedMixin):
                 self.worker_pool.control.submit(self._fire_close_final)
                 return
             except RuntimeError:
-                pass
+                # The pool is closed (a shared one, closed first): the listeners still run,
+                # here, as they would have on the pool ("close" fires exactly once).
+                self._fire_close_final()
+                return
         self._closed_event.set()
         if self._own_pool and self._pool is not None:
             self._pool.close(wait=False)
@@ -1704,7 +1767,16 @@ class AsyncConn(EventedMixin):
         self._closed_event.set()
 
     def wait_closed(self, timeout: Optional[float] = None) -> bool:
-        """Block until the connection is closed and its ``close`` listeners ran; False on timeout."""
+        """Block until the connection is closed and its ``close`` listeners ran; False on timeout.
+
+        Raises RuntimeError when called from a listener of an event other than ``message``
+        before that: those run one at a time, and the ``close`` listeners would wait for it.
+        """
+        if not self._closed_event.is_set() and self._pool is not None and self._pool.control.in_worker():
+            raise RuntimeError(
+                f"wait_closed() called from a {self.id} event listener would wait for itself: the close "
+                "listeners run after it, on the same worker; listen to 'close' instead"
+            )
         return self._closed_event.wait(timeout)
 
 

@@ -36,6 +36,7 @@ down, back to full RDY at level 0; failure: level up), results inside a window d
 
 from __future__ import annotations
 
+import functools
 import heapq
 import inspect
 import itertools
@@ -48,6 +49,7 @@ import sys
 import threading
 import time
 import weakref
+from concurrent import futures
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from . import lifecycle
@@ -511,7 +513,7 @@ class Reader:
         # No hook overridden: a message goes straight to message_handler (read at each call,
         # so set_message_handler() and assigning message_handler still take effect).
         self._plain = not self._hooked and cls.process_message is Reader.process_message
-        self._received = _Counter()
+        self._received_gone = 0  # messages that arrived on connections since closed (under _lock)
         self._finished = _Counter()
         self._requeued = _Counter()
         self._given_up = _Counter()
@@ -732,10 +734,12 @@ class Reader:
         ``connections``: a list of dicts with ``address``, ``rdy``, ``in_flight``,
         ``connected``, ``max_rdy_count``, ``last_msg_timestamp``.
         """
-        received, finished, requeued, given_up = self._received.value, self._finished.value, self._requeued.value, self._given_up.value
+        finished, requeued, given_up = self._finished.value, self._requeued.value, self._given_up.value
         with self._lock:
             states = list(self._conns.values())
             level, window = self._level, self._window
+            # Counted on arrival, by each connection: a message still waiting for a worker counts.
+            received = self._received_gone + sum(st.conn._received_total for st in states)
         connections = [
             {
                 "address": st.address,
@@ -844,7 +848,6 @@ class Reader:
 
     # ===================================================== message handling
     def _on_message(self, conn: AsyncConn, message: Message) -> None:
-        self._received.bump()
         if self._closing:
             # close() started: do not begin new work; hand it back at once.
             self._answer(message, None)
@@ -877,10 +880,56 @@ class Reader:
         if result is False:
             self._answer(message, False)
             return
+        if result is not True and result is not None and self._answer_later(message, result):
+            return
         try:  # _answer(message, True), inlined: this is every consumed message's path
             message._responder._finish_message(message)  # type: ignore[union-attr]  # delivered: has a connection
         except Error as exc:
             self._not_answered(message, exc)
+
+    def _answer_later(self, message: Message, result: Any) -> bool:
+        """A handler's result that is not an answer yet; False for any other (then it finishes).
+
+        A ``concurrent.futures.Future`` answers the message when it completes, as pynsq does
+        with a Future its handlers return: FIN, or REQ if it raised, was cancelled or gave
+        False. An awaitable (say, the coroutine of an ``async def`` behind a wrapper that hid
+        it from check_message_handler) never runs here: the message is requeued, not finished
+        unprocessed, and the mistake logged.
+        """
+        if isinstance(result, futures.Future):
+            message.enable_async()
+            result.add_done_callback(functools.partial(self._future_done, message))
+            return True
+        if inspect.isawaitable(result):
+            if inspect.iscoroutine(result):
+                result.close()  # (no "never awaited" warning on top of our error)
+            logger.error(
+                "%s: the handler returned %s for %r; nsq_sync never awaits it, so the message is "
+                "requeued. Use a plain def handler (run async code inside it if needed)",
+                self.name,
+                type(result).__name__,
+                message,
+            )
+            self._answer(message, False)
+            return True
+        return False
+
+    def _future_done(self, message: Message, future: "futures.Future[Any]") -> None:
+        if message._responded:
+            return
+        try:
+            ok = future.result() is not False
+        except BaseException as exc:  # (CancelledError included)
+            logger.error("%s: the handler's future failed for %r; requeueing it", self.name, message, exc_info=exc)
+            ok = False
+        self._answer(message, ok)
+
+    def _hand_back(self, messages: List[Message]) -> None:
+        """A connection closing gracefully took back its messages still waiting for a worker:
+        requeue them at once (no backoff) rather than leave them in flight on nsqd until
+        handlers that run past the close timeout end, or until msg_timeout."""
+        for message in messages:
+            self._answer(message, None)
 
     def _answer(self, message: Message, ok: Optional[bool]) -> None:
         """FIN (ok), REQ with backoff (not ok) or REQ at once without backoff (None)."""
@@ -1175,6 +1224,7 @@ class Reader:
             try:
                 conn = AsyncConn(host, port, backend=self._backend, worker_pool=self._pool, **self._conn_kwargs)
                 conn.on("message", self._on_message)
+                conn._hand_back = self._hand_back
                 conn.on("resume", self._on_resume)
                 conn.on("backoff", self._on_backoff)
                 conn.on("continue", self._on_continue)
@@ -1256,6 +1306,7 @@ class Reader:
             if st is None or st.conn is not conn:
                 return  # never registered: the connect task handled it
             del self._conns[address]
+            self._received_gone += conn._received_total
             if self._test_addr == address:
                 self._test_addr = None
             if self._closing:

@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, Iterator, List, Tuple
 import pytest
 
 from nsq_sync import AsyncConn, Message, WorkerPool
+from nsq_sync.backends import get_backend
 from nsq_sync.errors import (
     AlreadyRespondedError,
     AuthRequiredError,
@@ -1208,6 +1209,94 @@ def test_close_before_connect(make_conn) -> None:
     conn.close()
     assert events.names() == ["close"]
     assert conn.closed()
+
+
+class _SlowConnect:
+    """The test's backend, with a TCP connect that waits for *release* (slow DNS, SYN retries)."""
+
+    def __init__(self, backend: str, connecting: threading.Event, release: threading.Event) -> None:
+        self._inner = get_backend(backend)
+        self.name = self._inner.name
+        self._connecting, self._release = connecting, release
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def create_connection(self, address: Any, timeout: Any) -> Any:
+        self._connecting.set()
+        assert self._release.wait(WAIT)
+        return self._inner.create_connection(address, timeout)
+
+
+def test_close_while_connect_runs_in_another_thread_closes_the_connection(server: FakeNsqd, backend, tasks_before) -> None:
+    # close() before connect() has a socket: connect() must not go on to a live connection
+    # that nothing closes (it did: no close event, and a second close() hung).
+    connecting, release = threading.Event(), threading.Event()
+    conn = AsyncConn(server.host, server.port, backend=_SlowConnect(backend, connecting, release))
+    events = Recorder(conn)
+    outcome: List[Any] = []
+
+    def connect() -> None:
+        try:
+            outcome.append(conn.connect())
+        except Exception as exc:
+            outcome.append(exc)
+
+    connector = threading.Thread(target=connect, name="test-connect")
+    connector.start()
+    assert connecting.wait(WAIT)
+    closer = threading.Thread(target=conn.close, args=(WAIT,), name="test-close")
+    closer.start()
+    server.wait_until(lambda: conn._closing, what="close() called")
+    release.set()
+    connector.join(WAIT)
+    closer.join(WAIT)
+    assert not closer.is_alive()
+    assert len(outcome) == 1 and isinstance(outcome[0], ConnectionClosedError), outcome
+    assert "closed while connect() ran" in str(outcome[0])
+    assert events.names() == ["close"]  # no connect (nothing was sent), no error: our own close
+    assert conn.closed() and conn.wait_closed(0) and conn.error is None
+    assert server.received == []
+    assert_no_leak(backend, tasks_before)
+
+
+def test_close_from_a_handshake_listener_is_not_an_error(server: FakeNsqd, make_conn, backend, tasks_before) -> None:
+    conn = make_conn()
+    events = Recorder(conn)
+    conn.on("identify", lambda conn, data: conn.close())
+    with pytest.raises(ConnectionClosedError, match="closed while connect"):
+        conn.connect()
+    assert events.names(HANDSHAKE) == ["connect", "identify", "close"]
+    assert conn.error is None and conn.closed()
+    assert_no_leak(backend, tasks_before)
+
+
+def test_close_listeners_run_when_the_shared_pool_closed_first(server: FakeNsqd, make_conn, backend) -> None:
+    pool = WorkerPool(2, backend=backend)
+    conn, events = ready_conn(make_conn, server, worker_pool=pool)
+    events.wait("ready")
+    pool.close(wait=True, timeout=WAIT)
+    conn.close(WAIT)
+    assert conn.wait_closed(WAIT)
+    assert events.names()[-1:] == ["close"]  # ("close" fires exactly once, pool or no pool)
+
+
+def test_wait_closed_from_an_event_listener_raises_instead_of_waiting_for_itself(server: FakeNsqd, make_conn) -> None:
+    conn, events = ready_conn(make_conn, server)
+    seen: List[Any] = []
+
+    def on_error(conn: AsyncConn, error: Exception) -> None:
+        try:
+            seen.append(conn.wait_closed(WAIT))
+        except RuntimeError as exc:
+            seen.append(exc)
+
+    conn.on("error", on_error)
+    server.send_error("E_INVALID cannot FIN in current state")  # fatal: error, then close
+    events.wait("close")
+    assert len(seen) == 1 and isinstance(seen[0], RuntimeError), seen
+    assert "listen to 'close'" in str(seen[0])
+    assert conn.wait_closed(WAIT)
 
 
 def test_close_times_out_with_message_in_flight(server: FakeNsqd, sub_conn, backend, tasks_before) -> None:

@@ -13,6 +13,9 @@ import logging
 import select
 import socket
 import threading
+import time
+import warnings
+from concurrent import futures
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import pytest
@@ -487,6 +490,56 @@ def test_enable_async_answers_later_from_another_thread(fake_nsqd: FakeNsqd, mak
     wait_until(lambda: reader.stats()["in_flight"] == 0, WAIT, message="in_flight 0")
 
 
+def test_a_returned_future_answers_the_message_when_it_completes(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> None:
+    # pynsq's handlers may return a Future: the message waits for it, FIN or REQ by its outcome.
+    pending: Dict[bytes, futures.Future] = {}
+
+    def handler(message: Any) -> Any:
+        future: futures.Future = futures.Future()
+        pending[message.body] = future
+        return future
+
+    reader = make_reader(fake_nsqd, handler, max_in_flight=4, backoff_strategy=ExponentialBackoff(multiplier=0.05, max_duration=0.05))
+    reader.start()
+    fake_nsqd.wait_for_command("RDY 4")
+    msgs = {body: fake_nsqd.enqueue(body) for body in (b"ok", b"false", b"raises", b"cancelled")}
+    wait_until(lambda: len(pending) == 4, WAIT, message="4 handlers returned")
+    assert lines(fake_nsqd)[3:] == []  # nothing answered before the futures complete
+    pending[b"ok"].set_result(None)
+    fake_nsqd.wait_for_command("FIN")
+    pending[b"false"].set_result(False)
+    pending[b"raises"].set_exception(RuntimeError("the work failed"))
+    pending[b"cancelled"].cancel()
+    fake_nsqd.wait_for_command("REQ", count=3)
+    answered = [c for c in lines(fake_nsqd) if c.startswith((b"FIN ", b"REQ "))]
+    assert answered[0] == b"FIN " + msgs[b"ok"].id
+    assert sorted(c.split()[1] for c in answered[1:]) == sorted(msgs[b].id for b in (b"false", b"raises", b"cancelled"))
+    assert all(c.startswith(b"REQ ") and not c.endswith(b" 0") for c in answered[1:])  # with the automatic delay
+
+
+def test_a_returned_coroutine_requeues_the_message_and_logs_an_error(
+    fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader], caplog: pytest.LogCaptureFixture
+) -> None:
+    # An async def behind a wrapper gets past check_message_handler; its coroutine never runs here.
+    ran: List[bytes] = []
+
+    async def handle(message: Any) -> bool:
+        ran.append(message.body)
+        return True
+
+    reader = make_reader(fake_nsqd, lambda message: handle(message), max_in_flight=1)
+    with caplog.at_level(logging.ERROR, logger="nsq_sync.reader"), warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no "coroutine was never awaited" either: it is closed)
+        reader.start()
+        fake_nsqd.wait_for_command("RDY 1")
+        msg = fake_nsqd.enqueue(b"x")
+        req = fake_nsqd.wait_for_command("REQ")
+        gc.collect()
+    assert req.line.startswith(b"REQ " + msg.id)
+    assert ran == [] and not any(c.startswith(b"FIN ") for c in lines(fake_nsqd))
+    assert any("never awaits" in r.getMessage() and "coroutine" in r.getMessage() for r in caplog.records)
+
+
 # ------------------------------------------------- (k) graceful close
 def test_close_sends_cls_and_waits_for_the_running_handler(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> None:
     started = threading.Event()
@@ -530,16 +583,53 @@ def test_close_requeues_messages_no_worker_has_started(fake_nsqd: FakeNsqd, make
     msgs = [fake_nsqd.enqueue(b"%d" % i) for i in range(3)]
     fake_nsqd.wait_until(lambda: len(fake_nsqd.session.in_flight) == 3, WAIT, "3 in flight")
     assert started.wait(WAIT)
+    wait_until(lambda: reader.stats()["in_flight"] == 3, WAIT, message="3 arrived")
+    assert reader.stats()["messages_received"] == 3  # counted on arrival, not when a worker starts one
     closer = threading.Thread(target=reader.close, args=(WAIT,))
     closer.start()
-    fake_nsqd.wait_for_command("CLS")
+    # The two waiting for the busy worker go back while its handler still runs: nsqd can give
+    # them to another consumer now, not after the handler (or, past the timeout, msg_timeout).
+    fake_nsqd.wait_for_command("REQ", count=2)
+    assert not release.is_set() and closer.is_alive()
+    assert lines(fake_nsqd)[3] == b"CLS"
+    assert sorted(lines(fake_nsqd)[4:]) == sorted(b"REQ " + m.id + b" 0" for m in msgs[1:])
     release.set()
     closer.join(WAIT)
-    answered = lines(fake_nsqd)[4:]
-    assert lines(fake_nsqd)[3] == b"CLS"
-    assert answered[0] == b"FIN " + msgs[0].id
-    assert sorted(answered[1:]) == sorted(b"REQ " + m.id + b" 0" for m in msgs[1:])
+    assert lines(fake_nsqd)[6:] == [b"FIN " + msgs[0].id]
     assert reader.stats()["backing_off"] is False
+    assert reader.stats()["messages_received"] == 3
+
+
+def test_close_past_its_timeout_still_requeues_the_waiting_and_returns_in_time(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> None:
+    # 20 workers stuck in handlers past the close timeout, 10 messages waiting for them:
+    # close(0.5) requeues the 10, leaves the 20 to nsqd's timeout, and returns within about
+    # its timeout (its workers' joins share one deadline; they took 0.1 s or more each).
+    release = threading.Event()
+    stuck = threading.Semaphore(0)
+
+    def handler(message: Any) -> bool:
+        stuck.release()
+        release.wait(WAIT)
+        return True
+
+    reader = make_reader(fake_nsqd, handler, max_in_flight=30, concurrency=20)
+    try:
+        reader.start()
+        fake_nsqd.wait_for_command("RDY 30")
+        msgs = [fake_nsqd.enqueue(b"%d" % i) for i in range(30)]
+        for _ in range(20):
+            assert stuck.acquire(timeout=WAIT)
+        started = time.monotonic()
+        reader.close(0.5)
+        took = time.monotonic() - started
+        requeued = [c for c in lines(fake_nsqd) if c.startswith(b"REQ ")]
+        assert len(requeued) == 10 and all(c.endswith(b" 0") for c in requeued)
+        assert {c.split()[1] for c in requeued} < {m.id for m in msgs}
+        assert not any(c.startswith(b"FIN ") for c in lines(fake_nsqd))
+        assert took < 1.5, f"close(0.5) took {took:.2f} s"  # (2.5 s and more before: 20 joins of 0.1 s)
+    finally:
+        release.set()
+        wait_until(lambda: live_tasks() == [], WAIT, message="the stuck workers end")
 
 
 def test_close_from_inside_a_handler_does_not_deadlock(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> None:
