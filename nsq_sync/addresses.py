@@ -7,7 +7,7 @@ from typing import Iterable, List, Tuple
 
 from .errors import ConfigError
 
-__all__ = ["parse_address", "parse_addresses", "address_key"]
+__all__ = ["parse_address", "parse_addresses", "address_key", "check_host"]
 
 _ASCII_DIGITS = frozenset("0123456789")
 
@@ -25,11 +25,25 @@ def _is_ipv6(host: str) -> bool:
     return True
 
 
+def check_host(param: str, address: object, host: str) -> None:
+    """A host name (letters, digits, "-", ".", "_"), an IPv4 or an IPv6 address; else ConfigError."""
+    if "," in host or ";" in host:
+        raise ConfigError(param, address, 'is several addresses in one string: give them as a list, e.g. ["a:4150", "b:4150"]')
+    if ":" in host:
+        if not _is_ipv6(host):
+            raise ConfigError(param, address, 'the host holds a ":" but is no IPv6 address (write IPv6 as "[::1]:4150")')
+        return
+    bad = sorted({ch for ch in host if not (ch.isalnum() or ch in "-._")})
+    if bad:
+        raise ConfigError(param, address, f"the host holds {''.join(bad)!r}, which no host name or IP address has")
+
+
 def parse_address(address: object, param: str = "nsqd_tcp_addresses") -> Tuple[str, int]:
     """Split "host:port" into (host, port); a (host, port) pair (an int port) passes through.
 
     Raises ConfigError naming *param* for anything else (a scheme, a path, spaces, a missing
-    host or port, a port that is not ASCII digits or not in 1..65535).
+    host or port, a port that is not ASCII digits or not in 1..65535, a host with characters
+    no host name or IP address has, such as "a:4150,b:4150": a list in one string).
     """
     if _is_pair(address):
         host, port = address  # type: ignore[misc]
@@ -39,6 +53,7 @@ def parse_address(address: object, param: str = "nsqd_tcp_addresses") -> Tuple[s
             host = host[1:-1]
         if ":" in host and not _is_ipv6(host):
             raise ConfigError(param, address, 'the host of a (host, port) pair holds a ":" but is no IPv6 address (give "host:port" strings as a list)')
+        check_host(param, address, host)
     elif isinstance(address, str):
         if "/" in address or any(ch.isspace() for ch in address):
             raise ConfigError(param, address, 'must be "host:port" (no scheme, path or spaces)')
@@ -49,7 +64,11 @@ def parse_address(address: object, param: str = "nsqd_tcp_addresses") -> Tuple[s
             raise ConfigError(param, address, 'must be "host:port": the host is missing')
         if not _ASCII_DIGITS.issuperset(port_text):
             raise ConfigError(param, address, f'must be "host:port" with the port in ASCII digits 0-9, not {port_text!r}')
-        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+            if not _is_ipv6(host):
+                raise ConfigError(param, address, "only an IPv6 address goes in brackets")
+        check_host(param, address, host)
         port = int(port_text)
     elif isinstance(address, tuple):
         raise ConfigError(param, address, 'a tuple inside the list must be a (host, port) pair with an int port; give addresses as "host:port" strings')

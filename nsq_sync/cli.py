@@ -59,11 +59,15 @@ def _check_channel(value: str) -> str:
     return value
 
 
-def _check_address(value: str) -> str:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"bad address {value!r}: use host:port")
-    return value
+def _check_address(value: str) -> List[str]:
+    """An argparse type: one host:port, or several joined by commas (as an environment variable
+    holding a list often is); the library checks each further."""
+    parts = [part.strip() for part in value.split(",")]
+    for part in parts:
+        host, sep, port = part.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise argparse.ArgumentTypeError(f"bad address {part!r} in {value!r}: use host:port, or host:port,host:port" if len(parts) > 1 else f"bad address {value!r}: use host:port")
+    return parts
 
 
 def _int_range(low: int, high: Optional[int] = None, param: Optional[str] = None) -> Callable[[str], int]:
@@ -443,8 +447,9 @@ def _load_handler(path: str) -> Callable[[Any], Any]:
 
 
 def _addresses(args: argparse.Namespace, default_nsqd: Optional[str] = None) -> Dict[str, Any]:
-    nsqd = list(args.nsqd_tcp_address or [])
-    lookupd = list(getattr(args, "lookupd_http_address", None) or [])
+    # (each option's value is a list: _check_address splits host:port,host:port)
+    nsqd = [address for value in args.nsqd_tcp_address or [] for address in value]
+    lookupd = [address for value in getattr(args, "lookupd_http_address", None) or [] for address in value]
     if not nsqd and not lookupd:
         if default_nsqd is None:
             raise UsageError("give at least one --nsqd-tcp-address or --lookupd-http-address")
@@ -537,13 +542,18 @@ def cmd_tail(args: argparse.Namespace) -> int:
     out = sys.stdout.buffer
     lock = threading.Lock()
 
-    def handler(message: Any) -> bool:
+    def give_back(message: Any) -> None:
+        # Not shown: back to nsqd at once, for the channel's other consumers (a handler's
+        # False would defer it by requeue_delay x attempts, 90 s and more, and back off).
+        message.requeue(delay=0, backoff=False)
+
+    def handler(message: Any) -> None:
         with lock:
             if done.is_set():
-                return False  # (the output is gone, or -n was reached: requeued for others)
+                return give_back(message)  # (the output is gone, or -n was reached)
             if remaining is not None:
                 if remaining[0] <= 0:
-                    return False
+                    return give_back(message)
                 remaining[0] -= 1
             try:
                 out.write(message.body + b"\n")
@@ -554,10 +564,10 @@ def cmd_tail(args: argparse.Namespace) -> int:
                 if remaining is not None:
                     remaining[0] += 1
                 done.set()
-                return False
+                return give_back(message)
             if remaining is not None and remaining[0] == 0:
                 done.set()
-        return True
+        return None
 
     reader = nsq_sync.Reader(
         args.topic, channel, message_handler=handler, max_in_flight=args.max_in_flight, backend=args.backend,
@@ -696,9 +706,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--backend", choices=("thread", "gevent"), default="thread", help="concurrency backend (default: thread)")
 
     def address_args(p: argparse.ArgumentParser, lookupd: bool = True) -> None:
-        p.add_argument("--nsqd-tcp-address", action="append", type=_check_address, metavar="HOST:PORT", help="nsqd TCP address (repeatable)")
+        p.add_argument("--nsqd-tcp-address", action="append", type=_check_address, metavar="HOST:PORT", help="nsqd TCP address (repeatable, or comma-separated)")
         if lookupd:
-            p.add_argument("--lookupd-http-address", action="append", type=_check_address, metavar="HOST:PORT", help="nsqlookupd HTTP address (repeatable)")
+            p.add_argument("--lookupd-http-address", action="append", type=_check_address, metavar="HOST:PORT", help="nsqlookupd HTTP address (repeatable, or comma-separated)")
 
     demo = sub.add_parser("demo", parents=[common], help="publish and consume through a local cluster and report", epilog="example: nsq-sync demo -n 100000 --json")
     demo.add_argument("-n", "--count", type=_int_range(1, MAX_DEMO_COUNT), default=100_000, help=f"messages to send (default 100,000; at most {MAX_DEMO_COUNT:,})")

@@ -31,6 +31,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Mapping, Optional, Tuple, Union
 
 from . import __about__
+from .addresses import check_host
 from .backends import Backend, get_backend
 from .dispatch import WorkerPool
 from .errors import (
@@ -165,6 +166,7 @@ class AsyncConn(EventedMixin):
         super().__init__()
         if not isinstance(host, str) or not host:
             raise ConfigError("host", host, "must be a non-empty string")
+        check_host("host", host, host)
         if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
             raise ConfigError("port", port, "must be an int between 1 and 65535")
         check_number("timeout", timeout, 0.001, 3600)

@@ -84,6 +84,8 @@ def _parse_address(address: object) -> Tuple[str, str, int, str]:
             netloc_end = min(netloc_end, idx)
     if "@" in rest[:netloc_end]:
         raise bad("credentials in the address are not supported; pass headers= instead", "<redacted>")
+    if "," in rest[:netloc_end] or ";" in rest[:netloc_end]:
+        raise bad("is several addresses in one string: give them as a list, e.g. ['a:4161', 'b:4161']")
 
     try:
         parts = urlsplit(f"{scheme}://{rest}")

@@ -40,14 +40,29 @@ def _list_field(data: Any, key: str) -> List[Any]:
     return []
 
 
+def strip_lookup_path(address: object) -> object:
+    """pynsq took nsqlookupd addresses as "http://host:4161/lookup": drop that "/lookup" (the
+    client adds the route itself), so the same setting works here and in a Reader."""
+    if not isinstance(address, str):
+        return address
+    trimmed = address.rstrip("/")
+    if trimmed.endswith("/lookup"):
+        return trimmed[: -len("/lookup")]
+    return address
+
+
 class LookupdClient(HTTPClient):
     """Client for one nsqlookupd's HTTP API.
 
     ``LookupdClient("127.0.0.1:4161")``; see :class:`~nsq_sync.httpapi.base.HTTPClient`
-    for *timeout*, *ssl_context* and *headers*.  Every method raises
+    for *timeout*, *ssl_context* and *headers*. An address ending in ``/lookup`` (pynsq's
+    form) stands for the base address. Every method raises
     :class:`~nsq_sync.errors.HTTPError` when nsqlookupd answers non-2xx or cannot be
     reached (``.status == 0``).
     """
+
+    def __init__(self, address: str, *args: Any, **kwargs: Any) -> None:
+        super().__init__(strip_lookup_path(address), *args, **kwargs)  # type: ignore[arg-type]
 
     # ping() and info() come from HTTPClient (nsqlookupd's /info holds only "version").
 

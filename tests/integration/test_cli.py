@@ -381,6 +381,30 @@ def test_tail_stops_when_its_output_pipe_closes(nsqd: NsqdProcess, env: Dict[str
     wait_until(lambda: (nsqd.channel_stats("cli_pipe", "kept") or {}).get("in_flight_count") == 0, 10, message="nothing in flight")
 
 
+def test_tail_n_gives_the_rest_back_at_once_without_backoff(nsqd: NsqdProcess, env: Dict[str, str], backend: str) -> None:
+    """-n 1 on a named channel: what tail does not print goes back for the channel's other
+    consumers now, not deferred by requeue_delay x attempts (90 s), and tail never backs off.
+    The address is given twice, comma-separated, as a list in an environment variable is."""
+    nsqd.create_channel("cli_tail_n", "shared")
+    nsqd.mpublish("cli_tail_n", [b"m%d" % i for i in range(8)])
+    addresses = f"{nsqd.tcp_address},{nsqd.tcp_address}"
+    tail = run_cli("tail", "--topic", "cli_tail_n", "--channel", "shared", "--nsqd-tcp-address", addresses, "-n", "1",
+                   "--max-in-flight", "8", "--backend", backend, env=env)
+    assert tail.returncode == EXIT_OK, describe(tail)
+    assert len(tail.stdout.splitlines()) == 1, describe(tail)
+    assert "backing off" not in tail.stderr, describe(tail)
+    stats = wait_until(lambda: (lambda c: c if c and c.get("in_flight_count") == 0 else None)(nsqd.channel_stats("cli_tail_n", "shared")), 10, message="nothing in flight")
+    assert stats["deferred_count"] == 0 and stats["depth"] == 7, stats
+
+
+def test_a_list_in_one_address_string_is_a_usage_error_naming_it(env: Dict[str, str]) -> None:
+    # A library caller that joins addresses with ";" (or passes a comma list to Reader/Writer)
+    # gets a ConfigError; the CLI splits commas but refuses ";" with exit 2.
+    done = run_cli("pub", "--topic", "t", "--nsqd-tcp-address", "127.0.0.1:4150;127.0.0.1:4151", "x", env=env)
+    assert done.returncode == 2, describe(done)
+    assert "several addresses in one string" in done.stderr, describe(done)
+
+
 def test_tail_through_lookupd_stops_on_sigterm(nsq_cluster, env: Dict[str, str], backend: str) -> None:
     nsqd = nsq_cluster.nsqds[0]
     nsqd.create_topic("cli_tail")

@@ -107,6 +107,9 @@ ASYNCCONN_BAD: List[Tuple[Tuple[Any, Any], type, str]] = [
     (("", 4150), ConfigError, "host"),
     ((None, 4150), ConfigError, "host"),
     ((127001, 4150), ConfigError, "host"),
+    (("a b", 4150), ConfigError, "host"),  # (a resolver error on every connect before)
+    (("127.0.0.1,127.0.0.2", 4150), ConfigError, "host"),
+    (("127.0.0.1:4150", 4150), ConfigError, "host"),
     (("127.0.0.1", 0), ConfigError, "port"),
     (("127.0.0.1", 65536), ConfigError, "port"),
     (("127.0.0.1", "4150"), ConfigError, "port"),

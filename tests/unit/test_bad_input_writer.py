@@ -189,6 +189,15 @@ ADDRESS_BAD: List[Tuple[Any, str]] = [
     (("127.0.0.1:4150", ":4151"), "host is missing"),
     (("127.0.0.1:4150", 4151.0), "not float"),
     ([5], "not int"),
+    # a list in one string (an environment variable's "a:4150,b:4150"): taken as one host before
+    ("127.0.0.1:4150,127.0.0.1:4151", "several addresses in one string"),
+    ("127.0.0.1:4150;127.0.0.1:4151", "several addresses in one string"),
+    (["a:4150,b:4150"], "several addresses in one string"),
+    (("a,b", 4150), "several addresses in one string"),
+    # characters no host name or IP address has
+    ('a"b:4150', "which no host name"),
+    ("a!b:4150", "which no host name"),
+    ("[abc]:4150", "only an IPv6 address goes in brackets"),
 ]
 
 
@@ -203,7 +212,13 @@ def test_bad_addresses_are_config_errors_that_say_what_is_wrong(address: Any, sa
 
 
 def test_ascii_port_digits_and_ipv6_pairs_still_work() -> None:
-    for given, expected in ((("::1", 4150), ["::1:4150"]), (("[::1]", 4150), ["::1:4150"]), ("127.0.0.1:04150", ["127.0.0.1:4150"])):
+    for given, expected in (
+        (("::1", 4150), ["::1:4150"]),
+        (("[::1]", 4150), ["::1:4150"]),
+        ("127.0.0.1:04150", ["127.0.0.1:4150"]),
+        ("my_host-1.example:4150", ["my_host-1.example:4150"]),  # (docker-style names keep "_")
+        ("[fe80::1%eth0]:4150", ["fe80::1%eth0:4150"]),
+    ):
         writer = Writer(given, backend="thread")
         try:
             assert node_addresses(writer) == expected

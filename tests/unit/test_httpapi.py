@@ -203,6 +203,19 @@ def test_host_name_the_resolver_would_refuse_is_a_config_error(address):
         LookupdClient(address)
 
 
+@pytest.mark.parametrize("address", ["127.0.0.1:4161,127.0.0.1:4162", "http://a:4161,b:4161", "a:4161;b:4161"])
+def test_a_list_in_one_address_string_says_so(address):
+    with pytest.raises(ConfigError, match="several addresses in one string"):
+        LookupdClient(address)
+
+
+@pytest.mark.parametrize("address", ["http://127.0.0.1:4161/lookup", "127.0.0.1:4161/lookup/", "http://127.0.0.1:4161"])
+def test_lookupd_client_takes_pynsqs_lookup_url_as_the_base_address(address):
+    # The same LOOKUPD setting works in a Reader (which always took it) and here.
+    client = LookupdClient(address)
+    assert client.base_url == "http://127.0.0.1:4161"
+
+
 @pytest.mark.parametrize("address", [None, 4151, b"host:4151", ("host", 4151)])
 def test_non_str_address_is_type_error(address):
     with pytest.raises(TypeError):
