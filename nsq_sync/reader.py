@@ -139,14 +139,6 @@ def check_message_handler(message_handler: object) -> None:
         )
 
 
-def _strip_lookup_path(address: str) -> str:
-    """pynsq accepted "http://host:4161/lookup"; LookupdClient wants the base address."""
-    trimmed = address.rstrip("/")
-    if trimmed.endswith("/lookup"):
-        return trimmed[: -len("/lookup")]
-    return address
-
-
 class _Counter:
     """A count bumped from many threads without a lock.
 
@@ -358,6 +350,7 @@ class Reader:
         topic: str,
         channel: str,
         message_handler: Optional[MessageHandler] = None,
+        *,
         nsqd_tcp_addresses: Union[None, str, Sequence[str]] = None,
         lookupd_http_addresses: Union[None, str, Sequence[str]] = None,
         max_in_flight: int = 1,
@@ -381,6 +374,12 @@ class Reader:
         self.channel = check_channel(channel)
         if message_handler is not None:
             check_message_handler(message_handler)
+        if getattr(type(self), "disabled", None) is not None:
+            raise TypeError(
+                f"{type(self).__name__}.disabled(): pynsq's deprecated pause switch is not supported, and nothing "
+                "would call it (the Reader would consume while it says disabled); pause with "
+                "reader.set_max_in_flight(0) and resume with set_max_in_flight(n)"
+            )
         for hook in _HOOKS:
             kind = _never_runs(getattr(type(self), hook))
             if kind is not None:
@@ -404,7 +403,7 @@ class Reader:
             try:
                 from .httpapi import LookupdClient
 
-                client = LookupdClient(_strip_lookup_path(address), timeout=lookupd_timeout)
+                client = LookupdClient(address, timeout=lookupd_timeout)  # (it drops pynsq's "/lookup")
             except ConfigError as exc:
                 # exc.value is already redacted (no credentials from the URL)
                 raise ConfigError("lookupd_http_addresses", exc.value, exc.reason) from None
@@ -514,6 +513,7 @@ class Reader:
         # so set_message_handler() and assigning message_handler still take effect).
         self._plain = not self._hooked and cls.process_message is Reader.process_message
         self._received_gone = 0  # messages that arrived on connections since closed (under _lock)
+        self._warned_falsy = False  # a handler returned 0, "" or the like (_answer_later)
         self._finished = _Counter()
         self._requeued = _Counter()
         self._given_up = _Counter()
@@ -896,6 +896,14 @@ class Reader:
         it from check_message_handler) never runs here: the message is requeued, not finished
         unprocessed, and the mistake logged.
         """
+        if not result and not self._warned_falsy and not inspect.isawaitable(result):
+            self._warned_falsy = True
+            logger.warning(
+                "%s: the handler returned %r: that finishes the message (only False requeues it; pynsq "
+                "requeued any falsy result). Return False to requeue; this is said once",
+                self.name,
+                result,
+            )
         if isinstance(result, futures.Future):
             message.enable_async()
             result.add_done_callback(functools.partial(self._future_done, message))

@@ -34,6 +34,7 @@ from .errors import (
     ConnectionClosedError,
     NoConnectionsError,
     SendError,
+    ServerError,
     TimeoutError,
 )
 from .lifecycle import forget_parents_in_child, register, uwsgi_state
@@ -341,6 +342,13 @@ class Writer:
                 if not self._connected:
                     self._changed.clear()
             if not self._stopping.is_set():
+                if isinstance(conn.error, ServerError):
+                    # nsqd closed it after a fatal error frame for one command (E_BAD_MESSAGE for
+                    # a body over its --max-msg-size, ...): it is up and answering, so reconnect
+                    # now; waiting out a backoff failed every other thread's publishes meanwhile.
+                    # (No loop: such a close takes a command of the caller's each time.)
+                    logger.warning("%s: connection to %s closed (%s); reconnecting", self.name, node.address, conn.error)
+                    continue
                 node.attempts += 1
                 delay = exponential_delay(node.attempts, self.reconnect_interval, self.max_reconnect_interval)
                 logger.warning("%s: connection to %s closed (%s); reconnecting in %.1fs", self.name, node.address, conn.error, delay)

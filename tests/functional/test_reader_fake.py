@@ -540,6 +540,23 @@ def test_a_returned_coroutine_requeues_the_message_and_logs_an_error(
     assert any("never awaits" in r.getMessage() and "coroutine" in r.getMessage() for r in caplog.records)
 
 
+def test_a_falsy_result_finishes_the_message_and_warns_once(
+    fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader], caplog: pytest.LogCaptureFixture
+) -> None:
+    # pynsq requeued any falsy result (`return cursor.rowcount` that saved nothing); here only
+    # False does. The difference must not be silent.
+    results = iter([0, "", True])
+    reader = make_reader(fake_nsqd, lambda message: next(results), max_in_flight=1)
+    with caplog.at_level(logging.WARNING, logger="nsq_sync.reader"):
+        reader.start()
+        fake_nsqd.wait_for_command("RDY 1")
+        msgs = [fake_nsqd.enqueue(b"%d" % i) for i in range(3)]
+        fake_nsqd.wait_for_command("FIN", count=3)
+    assert [c for c in lines(fake_nsqd) if c.startswith((b"FIN", b"REQ"))] == [b"FIN " + m.id for m in msgs]
+    warned = [r.getMessage() for r in caplog.records if "only False requeues" in r.getMessage()]
+    assert len(warned) == 1 and "returned 0" in warned[0], warned
+
+
 # ------------------------------------------------- (k) graceful close
 def test_close_sends_cls_and_waits_for_the_running_handler(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> None:
     started = threading.Event()
@@ -866,6 +883,22 @@ def test_bad_config_raises_config_error_naming_the_parameter(kwargs: Dict[str, A
     with pytest.raises(ConfigError) as info:
         Reader(TOPIC, CHANNEL, lambda m: True, **kwargs)
     assert info.value.param == param
+
+
+def test_arguments_after_the_handler_are_keyword_only() -> None:
+    # pynsq's positional order (name fourth, then the addresses) must not be misread as ours:
+    # Reader("t", "c", handler, None, ["127.0.0.1:4150"]) took the nsqd address for nsqlookupd.
+    with pytest.raises(TypeError):
+        Reader(TOPIC, CHANNEL, lambda m: True, None, ["127.0.0.1:4150"])  # type: ignore[misc]
+
+
+def test_a_subclass_with_pynsqs_disabled_is_refused() -> None:
+    class Paused(Reader):
+        def disabled(self) -> bool:
+            return True
+
+    with pytest.raises(TypeError, match="set_max_in_flight"):
+        Paused(TOPIC, CHANNEL, lambda m: True, nsqd_tcp_addresses="127.0.0.1:4150")
 
 
 def test_bad_names_and_unknown_kwargs() -> None:

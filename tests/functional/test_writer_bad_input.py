@@ -87,3 +87,25 @@ def test_connected_writer_refuses_bad_wait_connected_and_join_arguments(writer: 
     assert writer.wait_connected(0) is True
     assert writer.wait_connected(WAIT, count=1) is True
     assert writer.pub("t", b"still fine") == b"OK"
+
+
+def test_a_fatal_error_frame_for_one_publish_reconnects_at_once(fake: FakeNsqd, backend: str) -> None:
+    # nsqd closes after E_BAD_MESSAGE (a body over its --max-msg-size): it is up, so the Writer
+    # replaces the connection now. It waited reconnect_interval (jittered, doubling), and
+    # every other thread's publish failed or waited meanwhile.
+    from fake_nsqd import close, error
+
+    from nsq_sync.errors import BadMessageError
+
+    writer = Writer(f"{fake.host}:{fake.port}", backend=backend, publish_timeout=WAIT, reconnect_interval=60, max_msg_size=None)
+    try:
+        assert writer.wait_connected(WAIT)
+        for round_ in range(3):
+            fake.set_answer("PUB", [error("E_BAD_MESSAGE PUB message too big 200 > 100"), close()], times=1)
+            with pytest.raises(BadMessageError):
+                writer.pub("t", b"x" * 200)
+            fake.wait_connected(count=round_ + 2, timeout=WAIT)  # a new connection, not in 60 s
+            assert writer.pub("t", b"small") == b"OK"
+        assert [body for _, body, _ in fake.published if body == b"small"] == [b"small"] * 3
+    finally:
+        writer.close(WAIT)
