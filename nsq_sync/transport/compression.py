@@ -14,6 +14,12 @@ from typing import Any, Callable, Dict, Optional, Tuple
 from ..errors import ConfigError, IntegrityError
 
 
+#: the most one read of a deflate stream hands up: one read of compressed bytes can expand about
+#: 1,000 times, and no limit on frames helps if it all lands in memory first; the rest of such a
+#: read waits in the layer (pending() is true) for the next call
+DEFLATE_READ_LIMIT = 4 * 1024 * 1024
+
+
 class _Layer:
     """A codec over the stream below. sendall and pending are bound per instance, straight
     to the layer below and the codec (pending once the bytes read past the upgrade point
@@ -48,6 +54,12 @@ class _Layer:
         raw, self._leading = self._leading, b""
         self._leading_used()
         return raw
+
+    def _hold(self, raw: bytes) -> None:
+        """Keep *raw* (read, not decoded yet) for the next call, which takes it before reading
+        the layer below; pending() says so meanwhile."""
+        self._leading = raw
+        self.__dict__.pop("pending", None)  # (back to _Layer.pending, which looks at _leading)
 
     def recv(self, size: int) -> bytes:
         if self._leading:
@@ -108,14 +120,19 @@ class DeflateStream(_Layer):
             return compress_part(data) + flush(sync)
 
         self._compressor = compressor
-        self._decompressor = zlib.decompressobj(-zlib.MAX_WBITS)
-        decompress_part = self._decompressor.decompress
+        decompressor = self._decompressor = zlib.decompressobj(-zlib.MAX_WBITS)
+        decompress_part = decompressor.decompress
+        hold = self._hold
+        limit = DEFLATE_READ_LIMIT
 
         def decompress(data: bytes) -> bytes:
             try:
-                return decompress_part(data)
+                out = decompress_part(data, limit)
             except zlib.error as exc:
                 raise IntegrityError(f"corrupt deflate stream: {exc}") from exc
+            if decompressor.unconsumed_tail:
+                hold(decompressor.unconsumed_tail)
+            return out
 
         super().__init__(inner, leading, compress, decompress)
 

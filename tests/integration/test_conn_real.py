@@ -195,6 +195,25 @@ def test_raised_nsqd_limits_are_usable_once_set(backend: str) -> None:
         nsq_sync.set_nsqd_limits(**previous)
 
 
+def test_deflate_messages_expanding_past_one_reads_limit_arrive_whole(make_conn: Callable[..., nsq_sync.AsyncConn]) -> None:
+    """Two 10 MiB bodies of zeros: a few KiB of deflate stream each, so one read expands past
+    the per-read limit (DEFLATE_READ_LIMIT) and the rest waits in the layer. The reader task
+    must take it from there, not wait on the socket for bytes that never come."""
+    proc = NsqdProcess(extra_args=["--max-msg-size=33554432"])
+    with started(proc):
+        topic, channel = "deflate_big", "ch"
+        bodies = [b"\0" * (10 * 1024 * 1024) + b"one", b"\0" * (10 * 1024 * 1024) + b"two"]
+        publisher = make_conn(proc.tcp_address)
+        for body in bodies:
+            publish(publisher, topic, body)
+        conn, inbox = consumer(make_conn, proc.tcp_address, topic, channel, rdy=2, deflate=True, max_frame_size=32 * 1024 * 1024)
+        assert conn.identify_response["deflate"] is True
+        got = [inbox.get(timeout=TIMEOUT), inbox.get(timeout=TIMEOUT)]
+        assert sorted(m.body for m in got) == sorted(bodies)
+        for message in got:
+            message.finish()
+
+
 def test_no_heartbeats_means_no_sub_and_we_refuse_it_first(nsqd: NsqdProcess, make_conn: Callable[..., nsq_sync.AsyncConn]) -> None:
     conn = make_conn(nsqd.tcp_address, heartbeat_interval=-1)
     with pytest.raises(nsq_sync.ConfigError, match="heartbeat_interval=-1"):

@@ -324,3 +324,31 @@ def test_upgrade_with_everything_in_one_byte_reads(kind):
     response, compressed = _upgrade_wire(kind)
     wire = response + compressed
     assert _connect(kind, [wire[i : i + 1] for i in range(len(wire))])
+
+
+@pytest.mark.parametrize("how", ["recv", "read_some"])
+def test_a_deflate_read_that_expands_enormously_comes_up_in_bounded_pieces(how):
+    # 1 byte of compressed stream can become ~1,000: a 24 MiB body arrives in a few KiB. Each
+    # call hands up at most DEFLATE_READ_LIMIT, and what is left waits in the layer (pending),
+    # so nothing is lost and no read needs memory for the whole expansion.
+    from nsq_sync.transport import compression
+
+    body = b"\0" * (24 * 1024 * 1024) + b"end"
+    wire = compress_all("deflate", [body])
+    assert len(wire) < 64 * 1024
+    inner = FakeInner(wire)
+    inner.read_some = lambda size: inner.recv(size) or None
+    inner.pending = lambda: bool(inner.incoming)
+    reader = DeflateStream(inner)
+    out = bytearray()
+    pieces = 0
+    while len(out) < len(body):
+        piece = reader.recv(1 << 20) if how == "recv" else reader.read_some(1 << 20)
+        assert piece, f"ended after {len(out)} bytes"
+        assert len(piece) <= compression.DEFLATE_READ_LIMIT
+        out += piece
+        pieces += 1
+        if len(out) < len(body):
+            assert reader.pending()  # (the rest is held in the layer: a reader must not wait on the socket)
+    assert bytes(out) == body and pieces >= 6
+    assert not reader.pending() and reader.read_some(10) is None
