@@ -141,8 +141,16 @@ class Lane:
             self._free += 1
             self._sleepers.pop().release()
         elif len(self._tasks) < self._max:
+            try:
+                task = self._backend.spawn(self._run, name=f"{self._name}-{len(self._tasks)}")
+            except RuntimeError:
+                # No new thread (CPython 3.12.0-3.12.1 start none once the interpreter is
+                # finalizing, where atexit hooks close Readers): the workers already there go on.
+                if not self._tasks:
+                    raise
+                return
             self._free += 1
-            self._tasks.append(self._backend.spawn(self._run, name=f"{self._name}-{len(self._tasks)}"))
+            self._tasks.append(task)
             self._can_grow = len(self._tasks) < self._max
 
     def _run(self) -> None:
@@ -227,7 +235,10 @@ class Lane:
             self._wake_locked()
         elif self._watchdog is None:
             if not self._closed:
-                self._watchdog = self._backend.spawn(self._watch, name=f"{self._name}-watchdog")
+                try:
+                    self._watchdog = self._backend.spawn(self._watch, name=f"{self._name}-watchdog")
+                except RuntimeError:
+                    pass  # (no new thread at interpreter shutdown: _wake_locked)
         elif self._watch_parked:
             self._watch_parked = False
             self._watch_wake.release()

@@ -1378,9 +1378,17 @@ class Reader:
             # Connections still in their handshake are closed by their own connect task
             # (bounded by the connection timeout), which sees the Reader closing.
             # CLS -> CLOSE_WAIT -> in-flight answered -> close, on every connection in parallel.
-            closers = [
-                self._backend.spawn(self._close_conn, conn, timeout, name=f"nsq_sync-{self.name}-close-{conn.id}") for conn in conns
-            ]
+            closers = []
+            inline = []
+            for conn in conns:
+                try:
+                    closers.append(self._backend.spawn(self._close_conn, conn, timeout, name=f"nsq_sync-{self.name}-close-{conn.id}"))
+                except RuntimeError:
+                    # CPython 3.12.0-3.12.1 start no thread once the interpreter is finalizing,
+                    # where the atexit hook closes Readers: close here, one after another.
+                    inline.append(conn)
+            for conn in inline:
+                self._close_conn(conn, remaining())
             for task in closers:
                 task.join(remaining() + 1.0)
             with self._lock:

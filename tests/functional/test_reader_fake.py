@@ -649,6 +649,50 @@ def test_close_past_its_timeout_still_requeues_the_waiting_and_returns_in_time(f
         wait_until(lambda: live_tasks() == [], WAIT, message="the stuck workers end")
 
 
+def test_close_where_no_new_thread_can_start_still_drains(fake_nsqd: FakeNsqd, backend: str) -> None:
+    # CPython 3.12.0-3.12.1 refuse new threads once the interpreter is finalizing, which is when
+    # the atexit hook closes Readers: close() raised there, and the messages stayed in flight
+    # until nsqd's timeout. The connections are then closed in the closing thread.
+    from nsq_sync.backends import get_backend
+
+    class NoCloserThreads:
+        def __init__(self) -> None:
+            self._inner = get_backend(backend)
+            self.name = self._inner.name
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._inner, name)
+
+        def spawn(self, fn: Any, *args: Any, name: str = "") -> Any:
+            if "-close-" in name:
+                raise RuntimeError("can't create new thread at interpreter shutdown")
+            return self._inner.spawn(fn, *args, name=name)
+
+    started, release = threading.Event(), threading.Event()
+
+    def handler(message: Any) -> bool:
+        started.set()
+        release.wait(WAIT)
+        return True
+
+    reader = Reader(TOPIC, CHANNEL, handler, nsqd_tcp_addresses=address(fake_nsqd), backend=NoCloserThreads(), max_in_flight=2, concurrency=1)
+    try:
+        reader.start()
+        fake_nsqd.wait_for_command("RDY 2")
+        msgs = [fake_nsqd.enqueue(b"a"), fake_nsqd.enqueue(b"b")]
+        assert started.wait(WAIT)
+        closer = threading.Thread(target=reader.close, args=(WAIT,), name="test-close")
+        closer.start()
+        fake_nsqd.wait_for_command("REQ")  # the one waiting for the worker goes back at once
+        release.set()
+        closer.join(WAIT)
+        assert not closer.is_alive() and reader.join(0)
+        assert lines(fake_nsqd)[3:] == [b"CLS", b"REQ " + msgs[1].id + b" 0", b"FIN " + msgs[0].id]
+    finally:
+        release.set()
+        reader.close(WAIT)
+
+
 def test_close_from_inside_a_handler_does_not_deadlock(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> None:
     holder: List[Reader] = []
 

@@ -525,3 +525,50 @@ def test_a_submit_racing_close_either_raises_or_runs(pool_name):
             assert set(accepted) <= set(ran), f"accepted and never run: {sorted(set(accepted) - set(ran))}"
     finally:
         sys.setswitchinterval(interval)
+
+
+class _NoThreadsAfter:
+    """The thread backend, refusing new threads after *allowed*, as CPython 3.12.0-3.12.1 do
+    once the interpreter is finalizing (atexit hooks run then)."""
+
+    def __init__(self, allowed: int) -> None:
+        from nsq_sync.backends import get_backend
+
+        self._inner = get_backend("thread")
+        self.name = "thread"
+        self.allowed = allowed
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def spawn(self, fn, *args, **kwargs):
+        if self.allowed <= 0:
+            raise RuntimeError("can't create new thread at interpreter shutdown")
+        self.allowed -= 1
+        return self._inner.spawn(fn, *args, **kwargs)
+
+
+def test_a_lane_that_cannot_start_more_workers_runs_everything_on_those_it_has(pool_name):
+    # A spawn failing inside the busy loop killed the worker that asked for a spare, with
+    # the rest of the queue in it.
+    backend = _NoThreadsAfter(1)
+    pool = WorkerPool(4, backend=backend, name=pool_name)
+    ran = []
+    all_ran = threading.Event()
+    slow = threading.Event()
+
+    def work(item):
+        if item == 0:
+            slow.wait(0.01)  # (a slow callback: the worker asks for a spare at once)
+        ran.append(item)
+        if len(ran) == 20:
+            all_ran.set()
+
+    try:
+        pool.messages.submit_many(work, list(range(20)))
+        assert all_ran.wait(WAIT), f"{len(ran)} of 20 ran"
+        assert sorted(ran) == list(range(20))
+        assert pool.messages.size == 1
+    finally:
+        backend.allowed = 10
+        pool.close(wait=True, timeout=WAIT)
