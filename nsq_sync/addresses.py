@@ -65,9 +65,7 @@ def parse_address(address: object, param: str = "nsqd_tcp_addresses") -> Tuple[s
         if not _ASCII_DIGITS.issuperset(port_text):
             raise ConfigError(param, address, f'must be "host:port" with the port in ASCII digits 0-9, not {port_text!r}')
         if host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]
-            if not _is_ipv6(host):
-                raise ConfigError(param, address, "only an IPv6 address goes in brackets")
+            host = host[1:-1]  # (Go's SplitHostPort takes any host in brackets, "[127.0.0.1]:4150" too)
         check_host(param, address, host)
         port = int(port_text)
     elif isinstance(address, tuple):

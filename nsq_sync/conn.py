@@ -319,6 +319,7 @@ class AsyncConn(EventedMixin):
         self._subscribed = False
         self._closing = False
         self._connecting: Any = None  # the task running connect(), while it runs
+        self._close_firer: Any = None  # the task running close listeners outside the pool (wait_closed)
         self._close_fired = False
         self._close_wait = self.backend.event()
         self._drained = self.backend.event()
@@ -1746,7 +1747,11 @@ class AsyncConn(EventedMixin):
             except RuntimeError:
                 # The pool is closed (a shared one, closed first): the listeners still run,
                 # here, as they would have on the pool ("close" fires exactly once).
-                self._fire_close_final()
+                self._close_firer = self.backend.current()
+                try:
+                    self._fire_close_final()
+                finally:
+                    self._close_firer = None
                 return
         self._closed_event.set()
         if self._own_pool and self._pool is not None:
@@ -1765,16 +1770,23 @@ class AsyncConn(EventedMixin):
             if self._close_fired:
                 return
             self._close_fired = True
-        self._fire("close", conn=self)
+        self._close_firer = self.backend.current()
+        try:
+            self._fire("close", conn=self)
+        finally:
+            self._close_firer = None
         self._closed_event.set()
 
     def wait_closed(self, timeout: Optional[float] = None) -> bool:
         """Block until the connection is closed and its ``close`` listeners ran; False on timeout.
 
         Raises RuntimeError when called from a listener of an event other than ``message``
-        before that: those run one at a time, and the ``close`` listeners would wait for it.
+        before that (those run one at a time, and the ``close`` listeners would wait for it),
+        or from a ``close`` listener itself.
         """
-        if not self._closed_event.is_set() and self._pool is not None and self._pool.control.in_worker():
+        if not self._closed_event.is_set() and (
+            (self._pool is not None and self._pool.control.in_worker()) or (self._close_firer is not None and self._close_firer is self.backend.current())
+        ):
             raise RuntimeError(
                 f"wait_closed() called from a {self.id} event listener would wait for itself: the close "
                 "listeners run after it, on the same worker; listen to 'close' instead"

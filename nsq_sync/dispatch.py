@@ -117,6 +117,11 @@ class Lane:
         kept: List[Any] = []
         taken: List[Any] = []
         with self._lock:  # (a worker deciding to sleep waits for the kept items to be back)
+            if self._closed:
+                # Workers may be taking their stop marks: one could end while the items
+                # before its mark were set aside here, and leave them to no one. What is
+                # queued runs before the stops anyway.
+                return taken
             for _ in range(len(items)):
                 try:
                     entry = items.popleft()

@@ -374,7 +374,7 @@ class Reader:
         self.channel = check_channel(channel)
         if message_handler is not None:
             check_message_handler(message_handler)
-        if getattr(type(self), "disabled", None) is not None:
+        if callable(inspect.getattr_static(type(self), "disabled", None)):
             raise TypeError(
                 f"{type(self).__name__}.disabled(): pynsq's deprecated pause switch is not supported, and nothing "
                 "would call it (the Reader would consume while it says disabled); pause with "
@@ -896,7 +896,7 @@ class Reader:
         it from check_message_handler) never runs here: the message is requeued, not finished
         unprocessed, and the mistake logged.
         """
-        if not result and not self._warned_falsy and not inspect.isawaitable(result):
+        if not self._warned_falsy and self._is_falsy(result):
             self._warned_falsy = True
             logger.warning(
                 "%s: the handler returned %r: that finishes the message (only False requeues it; pynsq "
@@ -921,6 +921,17 @@ class Reader:
             self._answer(message, False)
             return True
         return False
+
+    @staticmethod
+    def _is_falsy(result: Any) -> bool:
+        """A result pynsq would have taken for a failure: 0, "", an empty container. Never
+        raises (a numpy array's or a DataFrame's truth value does: that is not falsy here)."""
+        if isinstance(result, futures.Future) or inspect.isawaitable(result):
+            return False
+        try:
+            return not result
+        except Exception:
+            return False
 
     def _future_done(self, message: Message, future: "futures.Future[Any]") -> None:
         if message._responded:

@@ -116,7 +116,7 @@ def parse_identify_response(data: bytes) -> Optional[Dict[str, Any]]:
 
     ``max_rdy_count`` is filled with nsqd's default when missing. Raises ProtocolError for
     anything that is neither OK nor a JSON object, and for a field this client acts on that
-    is out of range or of the wrong type: ``max_rdy_count`` (an int >= 1), ``msg_timeout``
+    is out of range or of the wrong type: ``max_rdy_count`` (an int >= 0), ``msg_timeout``
     and ``max_msg_timeout`` (milliseconds, numbers >= 0), ``deflate_level`` (0-9).
     """
     if data == OK:
@@ -140,7 +140,7 @@ def parse_identify_response(data: bytes) -> Optional[Dict[str, Any]]:
 
 #: (field, lowest, highest, ints only): the IDENTIFY answer's fields AsyncConn acts on
 _ANSWERED_RANGES = (
-    ("max_rdy_count", 1, 2**63 - 1, True),
+    ("max_rdy_count", 0, 2**63 - 1, True),  # (0: an nsqd started with --max-rdy-count=0 publishes only)
     ("msg_timeout", 0, 2**63 - 1, False),
     ("max_msg_timeout", 0, 2**63 - 1, False),
     ("deflate_level", 0, 9, True),  # (0 when deflate is not negotiated)

@@ -1281,6 +1281,26 @@ def test_close_listeners_run_when_the_shared_pool_closed_first(server: FakeNsqd,
     assert events.names()[-1:] == ["close"]  # ("close" fires exactly once, pool or no pool)
 
 
+def test_wait_closed_from_a_close_listener_run_outside_the_pool_raises(server: FakeNsqd, make_conn, backend) -> None:
+    # With the shared pool closed first, close listeners run in the closing task: a
+    # wait_closed() there would wait for itself (it blocked close() for its whole timeout).
+    pool = WorkerPool(2, backend=backend)
+    conn, events = ready_conn(make_conn, server, worker_pool=pool)
+    seen: List[Any] = []
+
+    def on_close(conn: AsyncConn) -> None:
+        try:
+            seen.append(conn.wait_closed(WAIT))
+        except RuntimeError as exc:
+            seen.append(exc)
+
+    conn.on("close", on_close)
+    pool.close(wait=True, timeout=WAIT)
+    conn.close(WAIT)
+    assert conn.wait_closed(WAIT)
+    assert len(seen) == 1 and isinstance(seen[0], RuntimeError), seen
+
+
 def test_wait_closed_from_an_event_listener_raises_instead_of_waiting_for_itself(server: FakeNsqd, make_conn) -> None:
     conn, events = ready_conn(make_conn, server)
     seen: List[Any] = []

@@ -936,6 +936,29 @@ def test_arguments_after_the_handler_are_keyword_only() -> None:
         Reader(TOPIC, CHANNEL, lambda m: True, None, ["127.0.0.1:4150"])  # type: ignore[misc]
 
 
+def test_a_disabled_attribute_that_is_no_method_is_left_alone() -> None:
+    class Flagged(Reader):
+        disabled = False  # (an attribute of the subclass's own, not pynsq's method)
+
+    reader = Flagged(TOPIC, CHANNEL, lambda m: True, nsqd_tcp_addresses="127.0.0.1:4150")
+    reader.close()
+
+
+def test_a_result_whose_truth_value_raises_still_finishes(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> None:
+    # A numpy array or a DataFrame returned by a handler: bool() raises. The message finishes,
+    # as any non-False result does, instead of staying in flight until nsqd times it out.
+    class Ambiguous:
+        def __bool__(self) -> bool:
+            raise ValueError("the truth value of an array with more than one element is ambiguous")
+
+    reader = make_reader(fake_nsqd, lambda message: Ambiguous(), max_in_flight=1)
+    reader.start()
+    fake_nsqd.wait_for_command("RDY 1")
+    msg = fake_nsqd.enqueue(b"x")
+    fake_nsqd.wait_for_command("FIN")
+    assert [c for c in lines(fake_nsqd) if c.startswith((b"FIN", b"REQ"))] == [b"FIN " + msg.id]
+
+
 def test_a_subclass_with_pynsqs_disabled_is_refused() -> None:
     class Paused(Reader):
         def disabled(self) -> bool:

@@ -197,7 +197,6 @@ ADDRESS_BAD: List[Tuple[Any, str]] = [
     # characters no host name or IP address has
     ('a"b:4150', "which no host name"),
     ("a!b:4150", "which no host name"),
-    ("[abc]:4150", "only an IPv6 address goes in brackets"),
 ]
 
 
@@ -218,6 +217,7 @@ def test_ascii_port_digits_and_ipv6_pairs_still_work() -> None:
         ("127.0.0.1:04150", ["127.0.0.1:4150"]),
         ("my_host-1.example:4150", ["my_host-1.example:4150"]),  # (docker-style names keep "_")
         ("[fe80::1%eth0]:4150", ["fe80::1%eth0:4150"]),
+        ("[127.0.0.1]:4150", ["127.0.0.1:4150"]),  # (any host in brackets, as Go's SplitHostPort takes it)
     ):
         writer = Writer(given, backend="thread")
         try:

@@ -495,6 +495,28 @@ def test_take_removes_only_matching_items_and_keeps_the_order_of_the_rest(make_p
     assert ran == [1, 2, 4, 5, 7, 8, "call"]
 
 
+def test_take_after_close_takes_nothing(make_pool):
+    # Workers may be taking their stop marks: items set aside by take() then put back could be
+    # left to no worker. Closed, take() leaves the queue alone (it all runs before the stops).
+    pool = make_pool(concurrency=1)
+    running, release = threading.Event(), threading.Event()
+    ran = []
+
+    def work(item):
+        if item == 0:
+            running.set()
+            release.wait(WAIT)
+        ran.append(item)
+
+    pool.messages.submit_many(work, [0, 1, 2])
+    assert running.wait(WAIT)
+    pool.close(wait=False)
+    assert pool.messages.take(lambda fn, item: True) == []
+    release.set()
+    pool.close(wait=True, timeout=WAIT)
+    assert ran == [0, 1, 2]
+
+
 def test_a_submit_racing_close_either_raises_or_runs(pool_name):
     # The closed check and the append are one step under the lane's lock: an item is never
     # queued behind the workers' stop marks, accepted and then never run.

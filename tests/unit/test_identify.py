@@ -201,7 +201,6 @@ def test_parse_garbage(data):
     [
         ("max_rdy_count", "abc"),
         ("max_rdy_count", None),
-        ("max_rdy_count", 0),
         ("max_rdy_count", -5),
         ("max_rdy_count", 2.5),
         ("max_rdy_count", True),
@@ -218,6 +217,11 @@ def test_parse_rejects_fields_out_of_range(field, value):
     # connection that can never send RDY (max_rdy_count <= 0).
     with pytest.raises(ProtocolError, match=f"field {field}="):
         parse_identify_response(json.dumps({field: value}).encode())
+
+
+def test_parse_accepts_max_rdy_count_0():
+    # nsqd --max-rdy-count=0 is a legal (publish-only) setting: its publishers must connect.
+    assert parse_identify_response(b'{"max_rdy_count": 0}')["max_rdy_count"] == 0
 
 
 def test_parse_accepts_what_nsqd_sends_without_deflate():
