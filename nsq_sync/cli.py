@@ -115,6 +115,9 @@ MAX_DEMO_BATCH = 100_000
 MAX_DEMO_BODY_SIZE = 1024 * 1024 - 64  # under nsqd's default --max-msg-size (1 MiB)
 MAX_CLUSTER_NSQD = 100
 MAX_TIMEOUT = 86400.0
+#: worker --close-timeout: the drain must end before the process manager's SIGKILL (Kubernetes
+#: sends it 30 s after SIGTERM by default; the Reader's own default, 30 s, ends just after that)
+WORKER_CLOSE_TIMEOUT = 25.0
 MAX_IN_FLIGHT = 2**31 - 1  # the Reader's range
 MAX_CONCURRENCY = 100_000  # the Reader's range (nsq_sync.reader.MAX_CONCURRENCY; not imported: --help stays light)
 MAX_TRIES = 65535  # the Reader's range
@@ -470,6 +473,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         max_in_flight=args.max_in_flight,
         concurrency=args.concurrency,
         max_tries=args.max_tries,
+        close_timeout=args.close_timeout,
         backend=args.backend,
         **addresses,
     )
@@ -733,6 +737,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--concurrency", type=_int_range(1, MAX_CONCURRENCY), default=None,
                         help=f"handler workers (default: --max-in-flight, at most {MAX_CONCURRENCY:,})")
     worker.add_argument("--max-tries", type=_int_range(0, MAX_TRIES, "max_tries"), default=5, help="attempts before giving up (0: unlimited)")
+    worker.add_argument("--close-timeout", type=_seconds(0, 3600), default=WORKER_CLOSE_TIMEOUT, metavar="SECONDS",
+                        help=f"on SIGTERM/SIGINT, how long running handlers may take to finish (default {WORKER_CLOSE_TIMEOUT:g}: below a 30 s kill timeout, as Kubernetes' default)"),
     backend_arg(worker)
     worker.set_defaults(func=cmd_worker)
 

@@ -98,6 +98,9 @@ ANSWER_HOLD_SECONDS = 0.005
 #: thread backend, plain TCP: the kernel ends a blocking recv after this long with no data
 #: (SO_RCVTIMEO), so a caller with a deadline reads at once instead of polling first
 RECV_SLICE_SECONDS = 1.0
+#: at most one warning this often about answers nsqd refused because it had timed the message
+#: out (E_FIN_FAILED, E_REQ_FAILED, E_TOUCH_FAILED) or copies it delivered again; counted between
+LATE_WARNING_SECONDS = 10.0
 _NOTHING = object()  # _read_before: the deadline passed with no data
 _OK_FRAME = b"\x00\x00\x00\x06\x00\x00\x00\x00OK"  # size 6, FRAME_TYPE_RESPONSE, OK
 
@@ -257,6 +260,8 @@ class AsyncConn(EventedMixin):
         self._inflight: Dict[bytes, Message] = {}
         self._queued = 0  # messages handed to the worker pool and not yet started
         self._received_total = 0  # messages nsqd delivered here, counted on arrival (Reader.stats)
+        self._late_answers = 0  # answers nsqd refused (E_FIN_FAILED...) or copies it replaced, since...
+        self._late_warned = float("-inf")  # ...the last warning about them (LATE_WARNING_SECONDS)
         #: set by an owner (the Reader): at a graceful close, called with the messages still
         #: queued for a worker (taken back from the pool: their listeners will not run)
         self._hand_back: Optional[Callable[[List[Message]], None]] = None
@@ -320,6 +325,9 @@ class AsyncConn(EventedMixin):
         self._closing = False
         self._connecting: Any = None  # the task running connect(), while it runs
         self._close_firer: Any = None  # the task running close listeners outside the pool (wait_closed)
+        #: a Reader's or Writer's connection: they report its end with their own warning, so
+        #: the connection logs it at DEBUG (one line per outage, not two)
+        self._owned = False
         self._close_fired = False
         self._close_wait = self.backend.event()
         self._drained = self.backend.event()
@@ -1193,7 +1201,20 @@ class AsyncConn(EventedMixin):
                         handler(self, future)  # type: ignore[misc]
                     logger.warning("%s: %s", self.id, error)
                 else:
-                    logger.debug("%s: %s", self.id, error)
+                    # E_FIN_FAILED & co.: almost always a message nsqd had timed out (its handler
+                    # outlived msg_timeout), so it was or will be processed twice. Said at most
+                    # every LATE_WARNING_SECONDS, counted in between.
+                    self._late_answers += 1
+                    now = time.monotonic()
+                    if now - self._late_warned >= LATE_WARNING_SECONDS:
+                        logger.warning(
+                            "%s: %s (%d such since the last warning): nsqd timed the message out before its answer came, "
+                            "and delivers it again; touch() long jobs or raise msg_timeout",
+                            self.id, error, self._late_answers,
+                        )
+                        self._late_warned, self._late_answers = now, 0
+                    else:
+                        logger.debug("%s: %s", self.id, error)
                 self._emit("error", conn=self, error=error)
                 if error.fatal:
                     self.error = error
@@ -1207,8 +1228,16 @@ class AsyncConn(EventedMixin):
             inflight = self._inflight
             listeners = self._listeners.get("message")
             arrived = time.monotonic()  # (Message.time_left)
+            superseded = 0
             with self._lock:
+                known = inflight.get
                 for message in messages:
+                    old = known(message.id)
+                    if old is not None:
+                        # nsqd timed the old copy out and sent it again: the old one can no longer
+                        # be answered, and must not run (again) if it still waits for a worker.
+                        old._responded = True
+                        superseded += 1
                     inflight[message.id] = message
                     message._arrived = arrived
                 self.in_flight = len(inflight)
@@ -1216,6 +1245,16 @@ class AsyncConn(EventedMixin):
                 if listeners:
                     self._queued += len(messages)
             self.last_msg_timestamp = self.last_recv_timestamp
+            if superseded:
+                self._late_answers += superseded
+                now = time.monotonic()
+                if now - self._late_warned >= LATE_WARNING_SECONDS:
+                    logger.warning(
+                        "%s: nsqd timed out messages still in flight here and delivered them again (%d since the last "
+                        "warning); copies not started yet are skipped; touch() long jobs or raise msg_timeout",
+                        self.id, self._late_answers,
+                    )
+                    self._late_warned, self._late_answers = now, 0
             if listeners:
                 # One work item per message, never a batch per worker: a handler that never
                 # returns must not hold up the messages read with it.
@@ -1239,6 +1278,15 @@ class AsyncConn(EventedMixin):
             flush = not self._queued and self._writes
         finally:
             lock.release()
+        if message._responded:
+            # Timed out by nsqd and delivered again while it waited here (_handle_frames):
+            # the new copy runs, this one would only run twice.
+            if flush:
+                try:
+                    self._flush()
+                except Error:
+                    pass
+            return
         if flush:
             # The last queued message starts: write the answers held back for it now,
             # so none waits behind this handler (see _respond).
@@ -1522,6 +1570,9 @@ class AsyncConn(EventedMixin):
 
     def _check_answerable_locked(self, message: Message) -> None:
         if message._responded:
+            newer = self._inflight.get(message.id)
+            if newer is not None and newer is not message:
+                raise AlreadyRespondedError(f"{message!r} can no longer be answered: nsqd timed it out and delivered it again (touch() long jobs or raise msg_timeout)")
             raise AlreadyRespondedError(f"{message!r} was already answered")
         if self.state != CONNECTED:
             raise self._answer_closed(message)
@@ -1618,7 +1669,8 @@ class AsyncConn(EventedMixin):
         if self.state == CONNECTED and self._subscribed:
             try:
                 self._write(commands.cls())
-                self._close_wait.wait(max(0.0, deadline - time.monotonic()))
+                if not self._close_wait.wait(max(0.0, deadline - time.monotonic())):
+                    logger.warning("%s: nsqd did not confirm CLS within the close timeout (%gs); closing anyway (nsqd will redeliver what is in flight)", self.id, timeout)
                 if self._hand_back is not None and self._queued:
                     self._hand_back(self._take_queued())
                 with self._lock:
@@ -1714,13 +1766,22 @@ class AsyncConn(EventedMixin):
         if self._stream is not None:
             self._stream.shutdown()  # wakes a writer blocked on a peer that stopped reading
             self._stream.close()
+        if self._queued:
+            # Messages no handler started yet can no longer be answered here; nsqd delivers
+            # them again (to another consumer, or to the next connection). Running them would
+            # process each twice.
+            dropped = self._take_queued()
+            if dropped:
+                (logger.debug if error is None else logger.warning)(
+                    "%s: %d messages not yet handled are dropped with the connection; nsqd delivers them again", self.id, len(dropped)
+                )
         self._close_wait.set()
         self._drained.set()
         self._fail_pending(error)
         if error is not None:
             self.error = error
             if not reported:
-                logger.warning("%s: %s", self.id, error)
+                (logger.debug if self._owned else logger.warning)("%s: %s", self.id, error)
                 self._emit("error", conn=self, error=error)
         self._emit_close()
 

@@ -15,6 +15,7 @@ more than RDY messages in flight per connection, so RDY bounds them.
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 from time import monotonic as _monotonic
 from typing import Any, Callable, Deque, List, Optional, Tuple, Union
@@ -53,6 +54,9 @@ SPARE_AFTER_SECONDS = 0.005
 WATCHDOG_PARK_SECONDS = 0.1
 #: a callback that ran this long wakes a spare at once when work waits (threads)
 SLOW_CALLBACK_SECONDS = 0.001
+#: a worker asleep this long with nothing to do ends (down to one per lane): a burst's workers
+#: (up to concurrency, max_in_flight by default) do not hold their threads for good
+IDLE_WORKER_SECONDS = 60.0
 
 
 class Lane:
@@ -74,9 +78,11 @@ class Lane:
         self._max = workers
         self._name = name
         self._items: Deque[Any] = collections.deque()
+        self._numbers = itertools.count()  # worker names
         self._lock = backend.lock()
-        self._tasks: List[Any] = []
-        self._can_grow = workers > 0  # len(self._tasks) < workers, kept for the busy loop
+        self._tasks: List[Any] = []  # every worker started (ended ones included until the next start)
+        self._live = 0  # workers running
+        self._can_grow = workers > 0  # self._live < workers, kept for the busy loop
         self._sleepers: List[Any] = []  # wake handles of sleeping workers, most recent last
         self._free = 0  # workers awake and not running a callback (woken ones included)
         self._closed = False
@@ -145,9 +151,9 @@ class Lane:
         if self._sleepers:
             self._free += 1
             self._sleepers.pop().release()
-        elif len(self._tasks) < self._max:
+        elif self._live < self._max:
             try:
-                task = self._backend.spawn(self._run, name=f"{self._name}-{len(self._tasks)}")
+                task = self._backend.spawn(self._run, name=f"{self._name}-{next(self._numbers)}")
             except RuntimeError:
                 # No new thread (CPython 3.12.0-3.12.1 start none once the interpreter is
                 # finalizing, where atexit hooks close Readers): the workers already there go on.
@@ -155,8 +161,11 @@ class Lane:
                     raise
                 return
             self._free += 1
+            self._live += 1
+            if len(self._tasks) >= self._max:
+                self._tasks = [other for other in self._tasks if other.is_alive()]  # (retired ones)
             self._tasks.append(task)
-            self._can_grow = len(self._tasks) < self._max
+            self._can_grow = self._live < self._max
 
     def _run(self) -> None:
         items = self._items
@@ -187,9 +196,22 @@ class Lane:
                         continue
                     self._free -= 1
                     if self._closed:
+                        self._live -= 1
                         return
                     self._sleepers.append(handle)
-                handle.acquire()  # the waker counted us free again
+                if handle.acquire(timeout=IDLE_WORKER_SECONDS):
+                    continue  # the waker counted us free again
+                with lock:
+                    if handle in self._sleepers and self._live > 1:
+                        # Idle for IDLE_WORKER_SECONDS and nobody woke us: end.
+                        self._sleepers.remove(handle)
+                        self._live -= 1
+                        self._can_grow = True
+                        self._local_ids.discard(id(self._backend.current()))
+                        return
+                # A waker took us from the sleepers and releases the handle (it counted us
+                # free), or this is the lane's last worker: sleep on.
+                handle.acquire()
                 continue
             with lock:
                 self._free -= 1
@@ -200,6 +222,8 @@ class Lane:
             began = _monotonic()
             while True:
                 if item is _STOP:
+                    with lock:
+                        self._live -= 1
                     return
                 fn, arg = item
                 self._started += 1  # (a lost increment under a race still shows progress)
@@ -309,7 +333,7 @@ class Lane:
     @property
     def size(self) -> int:
         """How many workers are running."""
-        return len(self._tasks)
+        return self._live
 
 
 class WorkerPool:

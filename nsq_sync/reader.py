@@ -732,7 +732,9 @@ class Reader:
         ``messages_given_up`` (also FINed, so counted in finished), ``in_flight``,
         ``max_in_flight``, ``total_rdy``, ``backoff_level``, ``backing_off``, ``closed`` and
         ``connections``: a list of dicts with ``address``, ``rdy``, ``in_flight``,
-        ``connected``, ``max_rdy_count``, ``last_msg_timestamp``.
+        ``connected``, ``max_rdy_count``, ``last_msg_timestamp``, ``failed_attempts``; a
+        direct nsqd (``nsqd_tcp_addresses``) that is not connected is listed with
+        ``connected`` False and its failed connection attempts in a row.
         """
         finished, requeued, given_up = self._finished.value, self._requeued.value, self._given_up.value
         with self._lock:
@@ -740,6 +742,9 @@ class Reader:
             level, window = self._level, self._window
             # Counted on arrival, by each connection: a message still waiting for a worker counts.
             received = self._received_gone + sum(st.conn._received_total for st in states)
+            # A direct nsqd that is down (or not connected yet) is listed too, so that an alert
+            # on "connected": False can fire.
+            down = [] if self._closing else [(address, self._direct_failures.get(address, 0)) for address in self._direct if address not in self._conns]
         connections = [
             {
                 "address": st.address,
@@ -748,8 +753,13 @@ class Reader:
                 "connected": st.conn.connected(),
                 "max_rdy_count": st.conn.max_rdy_count,
                 "last_msg_timestamp": st.conn.last_msg_timestamp,
+                "failed_attempts": 0,
             }
             for st in states
+        ]
+        connections += [
+            {"address": address, "rdy": 0, "in_flight": 0, "connected": False, "max_rdy_count": None, "last_msg_timestamp": None, "failed_attempts": failed}
+            for address, failed in down
         ]
         return {
             "topic": self.topic,
@@ -1244,6 +1254,7 @@ class Reader:
                 conn = AsyncConn(host, port, backend=self._backend, worker_pool=self._pool, **self._conn_kwargs)
                 conn.on("message", self._on_message)
                 conn._hand_back = self._hand_back
+                conn._owned = True  # (_on_conn_close reports the close)
                 conn.on("resume", self._on_resume)
                 conn.on("backoff", self._on_backoff)
                 conn.on("continue", self._on_continue)

@@ -302,6 +302,7 @@ class Writer:
         conn = AsyncConn(node.host, node.port, backend=self.backend, worker_pool=self.pool, **self._conn_kwargs)
         conn.unprocessed_handler = self._resend_unprocessed
         conn._writer_node = node  # type: ignore[attr-defined]
+        conn._owned = True  # (_node_loop reports the close)
         # A publish stuck writing to an nsqd that stopped reading fails after about its
         # timeout, not after two heartbeat intervals (floored: a tiny timeout must not close
         # connections over a short pause of a busy nsqd).

@@ -557,6 +557,69 @@ def test_a_falsy_result_finishes_the_message_and_warns_once(
     assert len(warned) == 1 and "returned 0" in warned[0], warned
 
 
+def test_messages_waiting_for_a_worker_are_dropped_when_the_connection_dies(
+    fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader], caplog: pytest.LogCaptureFixture
+) -> None:
+    # nsqd crashed (or the connection went stale) with messages still queued for a worker: they
+    # can no longer be answered and nsqd delivers them again, so running them only processed
+    # each twice (and logged a warning per message when its answer failed).
+    started, release = threading.Event(), threading.Event()
+    handled: List[bytes] = []
+
+    def handler(message: Any) -> bool:
+        handled.append(message.body)
+        started.set()
+        release.wait(WAIT)
+        return True
+
+    reader = make_reader(fake_nsqd, handler, max_in_flight=5, concurrency=1)
+    with caplog.at_level(logging.WARNING):
+        reader.start()
+        fake_nsqd.wait_for_command("RDY 5")
+        for i in range(5):
+            fake_nsqd.enqueue(b"%d" % i)
+        assert started.wait(WAIT)
+        wait_until(lambda: reader.stats()["in_flight"] == 5, WAIT, message="5 arrived")
+        fake_nsqd.session.close_client()
+        fake_nsqd.wait_disconnected()
+        wait_until(lambda: any("not yet handled are dropped" in r.getMessage() for r in caplog.records), WAIT, message="the drop")
+        release.set()
+        reader.close(WAIT)
+    assert handled == [b"0"]  # the four behind it never ran
+    dropped = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(dropped) == 1 and " 4 messages" in dropped[0], dropped
+
+
+def test_a_copy_nsqd_timed_out_and_sent_again_runs_once(
+    fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader], caplog: pytest.LogCaptureFixture
+) -> None:
+    # A handler slower than msg_timeout: nsqd delivers the waiting message again (same id)
+    # while the first copy still waits for a worker. Only the newer copy runs, and it is said.
+    release = threading.Event()
+    handled: List[bytes] = []
+
+    def handler(message: Any) -> bool:
+        handled.append(message.body)
+        if message.body == b"slow":
+            release.wait(WAIT)
+        return True
+
+    reader = make_reader(fake_nsqd, handler, max_in_flight=5, concurrency=1)
+    with caplog.at_level(logging.WARNING):
+        reader.start()
+        fake_nsqd.wait_for_command("RDY 5")
+        fake_nsqd.send_message(b"slow")
+        wait_until(lambda: handled == [b"slow"], WAIT, message="the slow one runs")
+        first = fake_nsqd.send_message(b"waiting")
+        fake_nsqd.send_message(b"waiting", attempts=2, id=first.id)  # (nsqd's timeout redelivery)
+        wait_until(lambda: any("delivered them again" in r.getMessage() for r in caplog.records), WAIT, message="the warning")
+        release.set()
+        fake_nsqd.wait_for_command("FIN", count=2)
+    assert handled == [b"slow", b"waiting"]
+    fins = [c for c in lines(fake_nsqd) if c.startswith(b"FIN")]
+    assert len(fins) == 2 and fins.count(b"FIN " + first.id) == 1  # (the slow one's, and the new copy's)
+
+
 # ------------------------------------------------- (k) graceful close
 def test_close_sends_cls_and_waits_for_the_running_handler(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> None:
     started = threading.Event()
@@ -777,7 +840,11 @@ def test_unreachable_direct_address_is_retried_with_backoff(make_reader: Callabl
 
     wait_until(lambda: len(delays()) >= 3, WAIT, message="3 reconnect attempts")
     assert "attempt 1" in delays()[0] and "attempt 3" in delays()[2]
+    # Monitoring sees the nsqd that is down (it saw an empty list, so "connected" never alerted).
+    (entry,) = reader.stats()["connections"]
+    assert entry["address"] == f"127.0.0.1:{port}" and entry["connected"] is False and entry["failed_attempts"] >= 3, entry
     reader.close()
+    assert reader.stats()["connections"] == []
     count = len(delays())
     assert reader.join(0) and len(delays()) == count
 

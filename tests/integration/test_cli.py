@@ -327,6 +327,29 @@ def test_worker_drains_on_sigterm(nsqd: NsqdProcess, tmp_path: Path, backend: st
     assert stats["client_count"] == 0
 
 
+def test_worker_close_timeout_bounds_the_drain(nsqd: NsqdProcess, tmp_path: Path, backend: str) -> None:
+    """A handler that outlives --close-timeout: the worker still exits 0 once the timeout is
+    over (before the process manager's SIGKILL) and says what it left in flight."""
+    (tmp_path / "slow_handler.py").write_text(HANDLER_MODULE)
+    out = tmp_path / "processed.txt"
+    nsqd.mpublish("cli_close_timeout", [b"one"])
+    env = cli_env({"OUT": str(out), "DELAY": "60"})
+    with CliProcess.nsq_sync(
+        "-v", "worker", "slow_handler:handle", "--topic", "cli_close_timeout", "--channel", "work",
+        "--nsqd-tcp-address", nsqd.tcp_address, "--close-timeout", "0.5", "--backend", backend, env=env, cwd=tmp_path,
+    ) as worker:
+        wait_until(lambda: (nsqd.channel_stats("cli_close_timeout", "work") or {}).get("in_flight_count") == 1, timeout=20, message="the message in flight")
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(15) == EXIT_OK, worker.output()  # (the default, 25 s, would not be over yet)
+        assert any("1 messages still in flight" in l for l in worker.stderr()), worker.output()
+    assert processed_bodies(out) == []
+
+
+def test_worker_refuses_a_bad_close_timeout(env: Dict[str, str]) -> None:
+    done = run_cli("worker", "x:y", "--topic", "t", "--channel", "c", "--nsqd-tcp-address", "127.0.0.1:4150", "--close-timeout", "-1", env=env)
+    assert done.returncode == 2 and "--close-timeout" in done.stderr, describe(done)
+
+
 @pytest.mark.parametrize("where", ["after", "before"])
 def test_worker_verbose_logs_rates(where: str, nsqd: NsqdProcess, tmp_path: Path, backend: str) -> None:
     (tmp_path / "slow_handler.py").write_text(HANDLER_MODULE)

@@ -13,6 +13,7 @@ import pytest
 from nsq_sync import dispatch
 from nsq_sync.dispatch import WorkerPool
 from nsq_sync.errors import ConfigError
+from nsq_sync.testing import wait_until
 
 WAIT = 10  # seconds; only a ceiling for failures, never used to synchronize
 
@@ -593,4 +594,29 @@ def test_a_lane_that_cannot_start_more_workers_runs_everything_on_those_it_has(p
         assert pool.messages.size == 1
     finally:
         backend.allowed = 10
+        pool.close(wait=True, timeout=WAIT)
+
+
+def test_idle_workers_end_down_to_one_and_the_lane_grows_again(pool_name, monkeypatch):
+    # A burst fans out to every worker; idle afterwards, they ended only at close(), so a
+    # Reader held max_in_flight threads for good (1,104 threads for 20 Readers in a review).
+    monkeypatch.setattr(dispatch, "IDLE_WORKER_SECONDS", 0.2)
+    pool = WorkerPool(4, backend="thread", name=pool_name)
+    try:
+        for _ in range(2):
+            barrier = threading.Barrier(4)
+            done = threading.Semaphore(0)
+
+            def blocking(_item):
+                barrier.wait(WAIT)
+                done.release()
+
+            pool.messages.submit_many(blocking, [0, 1, 2, 3])
+            for _ in range(4):
+                assert done.acquire(timeout=WAIT)
+            assert pool.messages.size == 4
+            threads = lambda: [t for t in threading.enumerate() if t.name.startswith(f"{pool_name}-worker-") and "watchdog" not in t.name]
+            wait_until(lambda: len(threads()) == 1, WAIT, message="the idle workers end")  # (no event for a thread's end)
+            assert pool.messages.size == 1
+    finally:
         pool.close(wait=True, timeout=WAIT)
