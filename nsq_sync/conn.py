@@ -328,6 +328,9 @@ class AsyncConn(EventedMixin):
         #: a Reader's or Writer's connection: they report its end with their own warning, so
         #: the connection logs it at DEBUG (one line per outage, not two)
         self._owned = False
+        #: time.time() of a caller's timeout waiting for an answer here (set by a Writer): while
+        #: nothing arrived since (last_recv_timestamp older), the nsqd looks hung
+        self._timed_out_at = 0.0
         self._close_fired = False
         self._close_wait = self.backend.event()
         self._drained = self.backend.event()

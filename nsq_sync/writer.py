@@ -556,7 +556,8 @@ class Writer:
             self._idle.set()
 
     def _pick(self, avoid: Optional[AsyncConn] = None) -> Optional[AsyncConn]:
-        """Round-robin over open connections, preferring one other than *avoid*.
+        """Round-robin over open connections, preferring one other than *avoid* and than one
+        that has sent nothing since a publish timed out on it (its nsqd looks hung).
 
         No lock: _connected is a list that is replaced, never changed in place, so this
         reads a consistent one; two threads racing on the counter only skew the rotation.
@@ -574,8 +575,9 @@ class Writer:
             conn = connected[(start + step) % count]
             if conn.state != "CONNECTED":
                 continue
-            if conn is avoid:
-                fallback = conn
+            if conn is avoid or conn._timed_out_at > conn.last_recv_timestamp:
+                if fallback is None or fallback is avoid:
+                    fallback = conn
                 continue
             return conn
         return fallback
@@ -630,6 +632,9 @@ class Writer:
                     # The calling thread reads the answer itself when it can (no hand-off).
                     return conn.request_wait(data, max(0.0, deadline - time.monotonic()))
                 except TimeoutError:
+                    # Passed over by _pick while it stays silent (a hung or blackholed nsqd),
+                    # not only after the staleness limit (two heartbeat intervals) closes it.
+                    conn._timed_out_at = time.time()
                     raise TimeoutError(f"no answer from {conn.id} within the timeout; the publish may or may not have landed") from None
                 except _RETRYABLE as exc:
                     if getattr(exc, "unprocessed", False):

@@ -18,7 +18,7 @@ import pytest
 from bad_input import check_named
 from fake_nsqd import DEFAULT, FakeNsqd
 
-from nsq_sync.errors import ClosedError, ConfigError
+from nsq_sync.errors import ClosedError, ConfigError, TimeoutError
 from nsq_sync.writer import Writer
 
 pytestmark = pytest.mark.timeout(60)
@@ -109,3 +109,32 @@ def test_a_fatal_error_frame_for_one_publish_reconnects_at_once(fake: FakeNsqd, 
         assert [body for _, body, _ in fake.published if body == b"small"] == [b"small"] * 3
     finally:
         writer.close(WAIT)
+
+
+def test_a_silent_nsqd_is_passed_over_once_a_publish_timed_out_on_it(backend: str) -> None:
+    # One of two nsqd hangs (SIGSTOP, a blackholed network): every other publish went to it and
+    # waited out publish_timeout, until the staleness limit (60 s) closed its connection.
+    good, hung = FakeNsqd().start(), FakeNsqd().start()
+    release = threading.Event()
+
+    def silent(session: Any, command: Any) -> Any:
+        assert release.wait(WAIT)
+        return DEFAULT
+
+    writer = Writer([f"{good.host}:{good.port}", f"{hung.host}:{hung.port}"], backend=backend, publish_timeout=0.3)
+    try:
+        assert writer.wait_connected(WAIT, count=2)
+        hung.set_answer("PUB", silent)
+        timeouts = 0
+        for i in range(40):
+            try:
+                writer.pub("t", b"%d" % i)
+            except TimeoutError:
+                timeouts += 1
+        assert timeouts == 1, f"{timeouts} publishes waited out their timeout"
+        assert len(good.published) == 39
+    finally:
+        release.set()
+        writer.close(WAIT)
+        good.stop()
+        hung.stop()
