@@ -497,7 +497,7 @@ def _report_rates(reader: Any, stop: threading.Event) -> None:
         rates = {key: (now.get(f"messages_{key}", 0) - last.get(f"messages_{key}", 0)) / span for key in ("received", "finished", "requeued")}
         logger.info(
             "received %.0f/s finished %.0f/s requeued %.0f/s in flight %s connections %d",
-            rates["received"], rates["finished"], rates["requeued"], now.get("in_flight", 0), len(now.get("connections", ())),
+            rates["received"], rates["finished"], rates["requeued"], now.get("in_flight", 0), sum(1 for c in now.get("connections", ()) if c["connected"]),
         )
         last, last_time = now, now_time
 

@@ -1239,7 +1239,7 @@ class AsyncConn(EventedMixin):
                     if old is not None:
                         # nsqd timed the old copy out and sent it again: the old one can no longer
                         # be answered, and must not run (again) if it still waits for a worker.
-                        old._responded = True
+                        old._responded = old._superseded = True
                         superseded += 1
                     inflight[message.id] = message
                     message._arrived = arrived
@@ -1573,10 +1573,7 @@ class AsyncConn(EventedMixin):
 
     def _check_answerable_locked(self, message: Message) -> None:
         if message._responded:
-            newer = self._inflight.get(message.id)
-            if newer is not None and newer is not message:
-                raise AlreadyRespondedError(f"{message!r} can no longer be answered: nsqd timed it out and delivered it again (touch() long jobs or raise msg_timeout)")
-            raise AlreadyRespondedError(f"{message!r} was already answered")
+            raise _already_answered(message)
         if self.state != CONNECTED:
             raise self._answer_closed(message)
 
@@ -1627,7 +1624,7 @@ class AsyncConn(EventedMixin):
 
     def _touch_message(self, message: Message) -> None:
         if message._responded:
-            raise AlreadyRespondedError(f"{message!r} was already answered")
+            raise _already_answered(message)
         self._write(b"TOUCH %s\n" % message.id)
 
     # ---------------------------------------------------------------- closing
@@ -1769,15 +1766,15 @@ class AsyncConn(EventedMixin):
         if self._stream is not None:
             self._stream.shutdown()  # wakes a writer blocked on a peer that stopped reading
             self._stream.close()
-        if self._queued:
-            # Messages no handler started yet can no longer be answered here; nsqd delivers
-            # them again (to another consumer, or to the next connection). Running them would
-            # process each twice.
-            dropped = self._take_queued()
-            if dropped:
-                (logger.debug if error is None else logger.warning)(
-                    "%s: %d messages not yet handled are dropped with the connection; nsqd delivers them again", self.id, len(dropped)
-                )
+        queued = self._queued
+        if queued and error is not None:
+            # They still go to their handlers: nsqd may deliver them again (a duplicate), or
+            # not at all (it crashed, or the channel was ephemeral), so dropping them here
+            # could lose them. Their answers cannot be sent; said once here, not per message.
+            logger.warning(
+                "%s: %d messages read before the connection ended still go to handlers; their answers cannot be sent, "
+                "and nsqd, if it still holds them, delivers them again", self.id, queued,
+            )
         self._close_wait.set()
         self._drained.set()
         self._fail_pending(error)
@@ -1856,6 +1853,15 @@ class AsyncConn(EventedMixin):
                 "listeners run after it, on the same worker; listen to 'close' instead"
             )
         return self._closed_event.wait(timeout)
+
+
+def _already_answered(message: Message) -> AlreadyRespondedError:
+    if getattr(message, "_superseded", False):  # (set only on a replaced copy: see _handle_frames)
+        return AlreadyRespondedError(
+            f"{message!r} can no longer be answered: nsqd timed it out and delivered it again "
+            "(touch() long jobs or raise msg_timeout)"
+        )
+    return AlreadyRespondedError(f"{message!r} was already answered")
 
 
 class _Answer:

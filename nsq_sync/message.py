@@ -34,7 +34,8 @@ class Message:
     False or an exception) unless the handler calls :meth:`enable_async`.
     """
 
-    __slots__ = ("id", "body", "timestamp", "attempts", "_responder", "_async", "_responded", "_arrived", "_touched", "__weakref__")
+    # (_superseded is set only on a copy nsqd replaced by delivering it again: read with getattr)
+    __slots__ = ("id", "body", "timestamp", "attempts", "_responder", "_async", "_responded", "_arrived", "_touched", "_superseded", "__weakref__")
 
     def __init__(self, id: bytes, body: bytes, timestamp: int, attempts: int, responder: Optional[Responder] = None) -> None:
         self.id = id

@@ -514,6 +514,8 @@ class Reader:
         self._plain = not self._hooked and cls.process_message is Reader.process_message
         self._received_gone = 0  # messages that arrived on connections since closed (under _lock)
         self._warned_falsy = False  # a handler returned 0, "" or the like (_answer_later)
+        self._unanswered = 0  # answers lost with their connection since the last warning (_not_answered)
+        self._unanswered_warned = float("-inf")
         self._finished = _Counter()
         self._requeued = _Counter()
         self._given_up = _Counter()
@@ -743,7 +745,7 @@ class Reader:
             # Counted on arrival, by each connection: a message still waiting for a worker counts.
             received = self._received_gone + sum(st.conn._received_total for st in states)
             # A direct nsqd that is down (or not connected yet) is listed too, so that an alert
-            # on "connected": False can fire.
+            # on "connected": False can fire (its max_rdy_count and last_msg_timestamp: None).
             down = [] if self._closing else [(address, self._direct_failures.get(address, 0)) for address in self._direct if address not in self._conns]
         connections = [
             {
@@ -975,9 +977,18 @@ class Reader:
     def _not_answered(self, message: Message, exc: Error) -> None:
         if isinstance(exc, AlreadyRespondedError):
             return  # answered concurrently (enable_async code raced the handler's return)
-        if isinstance(exc, ConnectionClosedError) and self._closing:
-            # nsqd redelivers it after msg_timeout; expected while closing.
+        if isinstance(exc, ConnectionClosedError):
+            # Its connection ended (the connection and _on_conn_close said so): nsqd, if it still
+            # holds the message, delivers it again. Expected while closing; otherwise counted
+            # and said at most every 10 s, not once per message read before the end.
             logger.debug("%s: could not answer %r: %s", self.name, message, exc)
+            if self._closing:
+                return
+            self._unanswered += 1
+            now = time.monotonic()
+            if now - self._unanswered_warned >= 10.0:
+                logger.warning("%s: %d answers could not be sent (their connection had ended) since the last warning; the last: %r: %s", self.name, self._unanswered, message, exc)
+                self._unanswered_warned, self._unanswered = now, 0
         else:
             logger.warning("%s: could not answer %r: %s", self.name, message, exc)
 

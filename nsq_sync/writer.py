@@ -575,12 +575,20 @@ class Writer:
             conn = connected[(start + step) % count]
             if conn.state != "CONNECTED":
                 continue
-            if conn is avoid or conn._timed_out_at > conn.last_recv_timestamp:
+            if conn is avoid or (conn._timed_out_at > conn.last_recv_timestamp and self._still_silent(conn)):
                 if fallback is None or fallback is avoid:
                     fallback = conn
                 continue
             return conn
         return fallback
+
+    @staticmethod
+    def _still_silent(conn: AsyncConn) -> bool:
+        """Within the staleness limit of the timeout on *conn* (past it, the connection would
+        have been closed if nsqd were still silent). False too if the wall clock went back
+        since (both times are time.time(): last_recv_timestamp is pynsq's attribute)."""
+        since = time.time() - conn._timed_out_at
+        return 0 <= since < (getattr(conn, "_stale_after", None) or 60.0)
 
     def _wait_for_conn(self, deadline: float, avoid: Optional[AsyncConn] = None) -> AsyncConn:
         while True:

@@ -23,7 +23,7 @@ from fake_nsqd import FakeNsqd, fake_nsqd  # noqa: F401 - fixture
 from tcp_proxy import TcpProxy
 
 from nsq_sync.backoff import ExponentialBackoff
-from nsq_sync.errors import ClosedError, ConfigError
+from nsq_sync.errors import AlreadyRespondedError, ClosedError, ConfigError
 from nsq_sync.reader import Reader
 from nsq_sync.testing import wait_until
 
@@ -557,12 +557,13 @@ def test_a_falsy_result_finishes_the_message_and_warns_once(
     assert len(warned) == 1 and "returned 0" in warned[0], warned
 
 
-def test_messages_waiting_for_a_worker_are_dropped_when_the_connection_dies(
+def test_messages_read_before_the_connection_died_still_run_and_are_warned_about_once(
     fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader], caplog: pytest.LogCaptureFixture
 ) -> None:
-    # nsqd crashed (or the connection went stale) with messages still queued for a worker: they
-    # can no longer be answered and nsqd delivers them again, so running them only processed
-    # each twice (and logged a warning per message when its answer failed).
+    # nsqd crashed with messages still queued for a worker. They still run: nsqd may not
+    # deliver them again (a crash loses its in-flight messages; an ephemeral channel goes with
+    # its last client), and at-least-once allows a duplicate, never a loss. Their answers
+    # cannot be sent; that is said once, not once per message (505 warnings for one crash).
     started, release = threading.Event(), threading.Event()
     handled: List[bytes] = []
 
@@ -582,12 +583,15 @@ def test_messages_waiting_for_a_worker_are_dropped_when_the_connection_dies(
         wait_until(lambda: reader.stats()["in_flight"] == 5, WAIT, message="5 arrived")
         fake_nsqd.session.close_client()
         fake_nsqd.wait_disconnected()
-        wait_until(lambda: any("not yet handled are dropped" in r.getMessage() for r in caplog.records), WAIT, message="the drop")
+        wait_until(lambda: any("still go to handlers" in r.getMessage() for r in caplog.records), WAIT, message="the warning")
         release.set()
+        wait_until(lambda: len(handled) == 5, WAIT, message="all 5 handled")
         reader.close(WAIT)
-    assert handled == [b"0"]  # the four behind it never ran
-    dropped = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
-    assert len(dropped) == 1 and " 4 messages" in dropped[0], dropped
+    assert handled == [b"%d" % i for i in range(5)]
+    told = [r.getMessage() for r in caplog.records if "still go to handlers" in r.getMessage()]
+    assert len(told) == 1 and " 4 messages" in told[0], told
+    failed = [r.getMessage() for r in caplog.records if "could not" in r.getMessage()]
+    assert len(failed) == 1 and "5 answers could not be sent" not in failed[0], failed  # (one summary, not one per message)
 
 
 def test_a_copy_nsqd_timed_out_and_sent_again_runs_once(
@@ -618,6 +622,37 @@ def test_a_copy_nsqd_timed_out_and_sent_again_runs_once(
     assert handled == [b"slow", b"waiting"]
     fins = [c for c in lines(fake_nsqd) if c.startswith(b"FIN")]
     assert len(fins) == 2 and fins.count(b"FIN " + first.id) == 1  # (the slow one's, and the new copy's)
+
+
+def test_a_running_copy_nsqd_replaced_cannot_be_answered_and_says_why(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> None:
+    # The first copy's handler outlives msg_timeout and touches too late: the newer copy runs
+    # and finishes; the old one's touch() and finish() say what happened, and send nothing.
+    first_running, release = threading.Event(), threading.Event()
+    seen: List[Any] = []
+
+    def handler(message: Any) -> bool:
+        if message.attempts == 1:
+            first_running.set()
+            release.wait(WAIT)
+            for answer in (message.touch, message.finish):
+                try:
+                    answer()
+                except Exception as exc:
+                    seen.append(exc)
+        return True
+
+    reader = make_reader(fake_nsqd, handler, max_in_flight=2, concurrency=2)
+    reader.start()
+    fake_nsqd.wait_for_command("RDY 2")
+    first = fake_nsqd.send_message(b"job")
+    assert first_running.wait(WAIT)
+    fake_nsqd.send_message(b"job", attempts=2, id=first.id)
+    fake_nsqd.wait_for_command("FIN")  # the newer copy's
+    release.set()
+    wait_until(lambda: len(seen) == 2, WAIT, message="the old copy's answers")
+    assert all(isinstance(exc, AlreadyRespondedError) and "delivered it again" in str(exc) for exc in seen), seen
+    assert [c for c in lines(fake_nsqd) if c.startswith((b"FIN", b"REQ", b"TOUCH"))] == [b"FIN " + first.id]
+    wait_until(lambda: reader.stats()["in_flight"] == 0, WAIT, message="nothing in flight")
 
 
 # ------------------------------------------------- (k) graceful close

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from typing import Any, List
 
 import pytest
@@ -138,3 +139,21 @@ def test_a_silent_nsqd_is_passed_over_once_a_publish_timed_out_on_it(backend: st
         writer.close(WAIT)
         good.stop()
         hung.stop()
+
+
+def test_a_wall_clock_step_back_does_not_shut_a_healthy_nsqd_out(backend: str) -> None:
+    # A publish timed out on b, then the wall clock went back 100 s (NTP, a VM restore): every
+    # byte b sends is stamped "before" the timeout. b must not be passed over for 100 s.
+    a, b = FakeNsqd().start(), FakeNsqd().start()
+    writer = Writer([f"{a.host}:{a.port}", f"{b.host}:{b.port}"], backend=backend, publish_timeout=WAIT)
+    try:
+        assert writer.wait_connected(WAIT, count=2)
+        late = next(conn for conn in writer._connected if conn.port == b.port)
+        late._timed_out_at = time.time() + 100.0  # (the timeout's stamp, from before the step back)
+        for i in range(20):
+            assert writer.pub("t", b"%d" % i) == b"OK"
+        assert len(b.published) >= 5, f"{len(b.published)} of 20 reached b"
+    finally:
+        writer.close(WAIT)
+        a.stop()
+        b.stop()
