@@ -918,6 +918,9 @@ class Writer:
                 if future.done():
                     continue
                 if getattr(future, "sent", False):
+                    conn = getattr(future, "conn", None)
+                    if conn is not None:
+                        conn._timed_out_at = time.time()  # (passed over while silent: see _pick)
                     _settle(future, error=TimeoutError("no answer from nsqd within the timeout; the publish may or may not have landed"))
                 else:
                     _settle(future, error=NoConnectionsError(f"no connection to any of {[n.address for n in self._nodes]} within the timeout"))

@@ -157,3 +157,30 @@ def test_a_wall_clock_step_back_does_not_shut_a_healthy_nsqd_out(backend: str) -
         writer.close(WAIT)
         a.stop()
         b.stop()
+
+
+def test_a_silent_nsqd_is_passed_over_by_async_publishes_too(backend: str) -> None:
+    # The same for pub_async(): its timeout (found by the housekeeping task) marks the connection.
+    good, hung = FakeNsqd().start(), FakeNsqd().start()
+    release = threading.Event()
+
+    def silent(session: Any, command: Any) -> Any:
+        assert release.wait(WAIT)
+        return DEFAULT
+
+    writer = Writer([f"{good.host}:{good.port}", f"{hung.host}:{hung.port}"], backend=backend, publish_timeout=0.3)
+    try:
+        assert writer.wait_connected(WAIT, count=2)
+        hung.set_answer("PUB", silent)
+        for i in range(4):  # round robin: one of the first two goes to the silent one
+            if isinstance(writer.pub_async("t", b"probe").exception(WAIT), TimeoutError):
+                break
+        else:
+            raise AssertionError("no publish went to the silent nsqd")
+        outcomes = [writer.pub_async("t", b"%d" % i).exception(WAIT) for i in range(20)]
+        assert outcomes == [None] * 20, outcomes
+    finally:
+        release.set()
+        writer.close(WAIT)
+        good.stop()
+        hung.stop()
