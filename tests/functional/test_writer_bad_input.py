@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from typing import Any, List
+from typing import Any, Iterator, List, Tuple
 
 import pytest
 from bad_input import check_named
@@ -112,9 +112,10 @@ def test_a_fatal_error_frame_for_one_publish_reconnects_at_once(fake: FakeNsqd, 
         writer.close(WAIT)
 
 
-def test_a_silent_nsqd_is_passed_over_once_a_publish_timed_out_on_it(backend: str) -> None:
-    # One of two nsqd hangs (SIGSTOP, a blackholed network): every other publish went to it and
-    # waited out publish_timeout, until the staleness limit (60 s) closed its connection.
+@pytest.fixture
+def silent_pair(backend: str) -> Iterator[Tuple[Writer, FakeNsqd]]:
+    """A Writer (publish_timeout 0.3 s) on two fakes, the second of which takes PUBs and never
+    answers until the test ends (a hung nsqd: SIGSTOP, a blackholed network)."""
     good, hung = FakeNsqd().start(), FakeNsqd().start()
     release = threading.Event()
 
@@ -126,19 +127,26 @@ def test_a_silent_nsqd_is_passed_over_once_a_publish_timed_out_on_it(backend: st
     try:
         assert writer.wait_connected(WAIT, count=2)
         hung.set_answer("PUB", silent)
-        timeouts = 0
-        for i in range(40):
-            try:
-                writer.pub("t", b"%d" % i)
-            except TimeoutError:
-                timeouts += 1
-        assert timeouts == 1, f"{timeouts} publishes waited out their timeout"
-        assert len(good.published) == 39
+        yield writer, good
     finally:
         release.set()
         writer.close(WAIT)
         good.stop()
         hung.stop()
+
+
+def test_a_silent_nsqd_is_passed_over_once_a_publish_timed_out_on_it(silent_pair: Tuple[Writer, FakeNsqd]) -> None:
+    # Every other publish went to the hung one and waited out publish_timeout, until the
+    # staleness limit (60 s) closed its connection.
+    writer, good = silent_pair
+    timeouts = 0
+    for i in range(40):
+        try:
+            writer.pub("t", b"%d" % i)
+        except TimeoutError:
+            timeouts += 1
+    assert timeouts == 1, f"{timeouts} publishes waited out their timeout"
+    assert len(good.published) == 39
 
 
 def test_a_wall_clock_step_back_does_not_shut_a_healthy_nsqd_out(backend: str) -> None:
@@ -159,28 +167,13 @@ def test_a_wall_clock_step_back_does_not_shut_a_healthy_nsqd_out(backend: str) -
         b.stop()
 
 
-def test_a_silent_nsqd_is_passed_over_by_async_publishes_too(backend: str) -> None:
+def test_a_silent_nsqd_is_passed_over_by_async_publishes_too(silent_pair: Tuple[Writer, FakeNsqd]) -> None:
     # The same for pub_async(): its timeout (found by the housekeeping task) marks the connection.
-    good, hung = FakeNsqd().start(), FakeNsqd().start()
-    release = threading.Event()
-
-    def silent(session: Any, command: Any) -> Any:
-        assert release.wait(WAIT)
-        return DEFAULT
-
-    writer = Writer([f"{good.host}:{good.port}", f"{hung.host}:{hung.port}"], backend=backend, publish_timeout=0.3)
-    try:
-        assert writer.wait_connected(WAIT, count=2)
-        hung.set_answer("PUB", silent)
-        for i in range(4):  # round robin: one of the first two goes to the silent one
-            if isinstance(writer.pub_async("t", b"probe").exception(WAIT), TimeoutError):
-                break
-        else:
-            raise AssertionError("no publish went to the silent nsqd")
-        outcomes = [writer.pub_async("t", b"%d" % i).exception(WAIT) for i in range(20)]
-        assert outcomes == [None] * 20, outcomes
-    finally:
-        release.set()
-        writer.close(WAIT)
-        good.stop()
-        hung.stop()
+    writer, _ = silent_pair
+    for i in range(4):  # round robin: one of the first two goes to the silent one
+        if isinstance(writer.pub_async("t", b"probe").exception(WAIT), TimeoutError):
+            break
+    else:
+        raise AssertionError("no publish went to the silent nsqd")
+    outcomes = [writer.pub_async("t", b"%d" % i).exception(WAIT) for i in range(20)]
+    assert outcomes == [None] * 20, outcomes
