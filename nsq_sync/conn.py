@@ -260,8 +260,9 @@ class AsyncConn(EventedMixin):
         self._inflight: Dict[bytes, Message] = {}
         self._queued = 0  # messages handed to the worker pool and not yet started
         self._received_total = 0  # messages nsqd delivered here, counted on arrival (Reader.stats)
-        self._late_answers = 0  # answers nsqd refused (E_FIN_FAILED...) or copies it replaced, since...
-        self._late_warned = float("-inf")  # ...the last warning about them (LATE_WARNING_SECONDS)
+        #: answers nsqd refused (E_FIN_FAILED...) and copies it replaced, warned about at most
+        #: every LATE_WARNING_SECONDS
+        self._late = WarningTally(LATE_WARNING_SECONDS)
         #: set by an owner (the Reader): at a graceful close, called with the messages still
         #: queued for a worker (taken back from the pool: their listeners will not run)
         self._hand_back: Optional[Callable[[List[Message]], None]] = None
@@ -1205,17 +1206,14 @@ class AsyncConn(EventedMixin):
                     logger.warning("%s: %s", self.id, error)
                 else:
                     # E_FIN_FAILED & co.: almost always a message nsqd had timed out (its handler
-                    # outlived msg_timeout), so it was or will be processed twice. Said at most
-                    # every LATE_WARNING_SECONDS, counted in between.
-                    self._late_answers += 1
-                    now = time.monotonic()
-                    if now - self._late_warned >= LATE_WARNING_SECONDS:
+                    # outlived msg_timeout), so it was or will be processed twice.
+                    due = self._late.add(1)
+                    if due:
                         logger.warning(
                             "%s: %s (%d such since the last warning): nsqd timed the message out before its answer came, "
                             "and delivers it again; touch() long jobs or raise msg_timeout",
-                            self.id, error, self._late_answers,
+                            self.id, error, due,
                         )
-                        self._late_warned, self._late_answers = now, 0
                     else:
                         logger.debug("%s: %s", self.id, error)
                 self._emit("error", conn=self, error=error)
@@ -1249,15 +1247,13 @@ class AsyncConn(EventedMixin):
                     self._queued += len(messages)
             self.last_msg_timestamp = self.last_recv_timestamp
             if superseded:
-                self._late_answers += superseded
-                now = time.monotonic()
-                if now - self._late_warned >= LATE_WARNING_SECONDS:
+                due = self._late.add(superseded)
+                if due:
                     logger.warning(
                         "%s: nsqd timed out messages still in flight here and delivered them again (%d since the last "
                         "warning); copies not started yet are skipped; touch() long jobs or raise msg_timeout",
-                        self.id, self._late_answers,
+                        self.id, due,
                     )
-                    self._late_warned, self._late_answers = now, 0
             if listeners:
                 # One work item per message, never a batch per worker: a handler that never
                 # returns must not hold up the messages read with it.
@@ -1281,22 +1277,14 @@ class AsyncConn(EventedMixin):
             flush = not self._queued and self._writes
         finally:
             lock.release()
-        if message._responded:
-            # Timed out by nsqd and delivered again while it waited here (_handle_frames):
-            # the new copy runs, this one would only run twice.
-            if flush:
-                try:
-                    self._flush()
-                except Error:
-                    pass
-            return
         if flush:
             # The last queued message starts: write the answers held back for it now,
             # so none waits behind this handler (see _respond).
-            try:
-                self._flush()
-            except Error:
-                pass  # the connection is closing; the reader reports it
+            self._flush_quietly()
+        if message._responded:
+            # Timed out by nsqd and delivered again while it waited here (_handle_frames):
+            # the new copy runs, this one would only run twice.
+            return
         for callback in self._listeners.get("message", ()):
             try:
                 callback(conn=self, message=message)
@@ -1314,10 +1302,7 @@ class AsyncConn(EventedMixin):
             self._queued -= len(taken)
             flush = not self._queued and self._writes
         if flush:
-            try:
-                self._flush()
-            except Error:
-                pass  # the connection is closing; the reader reports it
+            self._flush_quietly()
         return taken
 
     def _emit(self, name: str, **kwargs: Any) -> None:
@@ -1390,7 +1375,7 @@ class AsyncConn(EventedMixin):
         try:
             self._flush()
         except Error:
-            pass  # the connection closes; its close event says why
+            pass  # the connection is closing; the reader reports it
 
     def _write_failed(self, exc: BaseException) -> None:
         """A write failed (the caller holds the write lock): close the connection, raise SendError
@@ -1853,6 +1838,27 @@ class AsyncConn(EventedMixin):
                 "listeners run after it, on the same worker; listen to 'close' instead"
             )
         return self._closed_event.wait(timeout)
+
+
+class WarningTally:
+    """A count of like events, warned about at most every *every* seconds, with the count
+    since the last warning (not a warning per event, which floods a log in an outage)."""
+
+    __slots__ = ("every", "count", "said")
+
+    def __init__(self, every: float) -> None:
+        self.every = every
+        self.count = 0
+        self.said = float("-inf")
+
+    def add(self, n: int) -> int:
+        """Count *n* more; the count to warn about now (then it starts again), else 0."""
+        self.count += n
+        now = time.monotonic()
+        if now - self.said < self.every:
+            return 0
+        due, self.count, self.said = self.count, 0, now
+        return due
 
 
 def _already_answered(message: Message) -> AlreadyRespondedError:

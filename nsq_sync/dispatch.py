@@ -59,6 +59,15 @@ SLOW_CALLBACK_SECONDS = 0.001
 IDLE_WORKER_SECONDS = 60.0
 
 
+def _deadline(timeout: Optional[float]) -> Optional[float]:
+    return None if timeout is None else _monotonic() + timeout
+
+
+def _left(deadline: Optional[float]) -> Optional[float]:
+    """Seconds to *deadline* (never negative); None for no deadline."""
+    return None if deadline is None else max(0.0, deadline - _monotonic())
+
+
 class Lane:
     """A FIFO of callables served by up to ``workers`` tasks.
 
@@ -157,7 +166,7 @@ class Lane:
             except RuntimeError:
                 # No new thread (CPython 3.12.0-3.12.1 start none once the interpreter is
                 # finalizing, where atexit hooks close Readers): the workers already there go on.
-                if not self._tasks:
+                if not self._live:
                     raise
                 return
             self._free += 1
@@ -326,9 +335,9 @@ class Lane:
             if self._watchdog is not None:
                 tasks.append(self._watchdog)
         if wait and not self.in_worker():
-            deadline = None if timeout is None else _monotonic() + timeout
+            deadline = _deadline(timeout)
             for task in tasks:
-                task.join(None if deadline is None else max(0.0, deadline - _monotonic()))
+                task.join(_left(deadline))
 
     @property
     def size(self) -> int:
@@ -358,9 +367,9 @@ class WorkerPool:
     def close(self, wait: bool = True, timeout: Optional[float] = None) -> None:
         """Finish queued callbacks, stop the workers and (with *wait*) join them, within
         *timeout* in total (None: no limit)."""
-        deadline = None if timeout is None else _monotonic() + timeout
+        deadline = _deadline(timeout)
         self.messages.close(wait, timeout)
-        self.control.close(wait, None if deadline is None else max(0.0, deadline - _monotonic()))
+        self.control.close(wait, _left(deadline))
 
     @property
     def closed(self) -> bool:

@@ -58,7 +58,7 @@ from .backends import Backend, get_backend
 from .addresses import address_key as _address_key
 from .addresses import parse_addresses
 from .backoff import ExponentialBackoff, exponential_delay
-from .conn import NO_HEARTBEAT_SUB, AsyncConn
+from .conn import NO_HEARTBEAT_SUB, AsyncConn, WarningTally
 from .dispatch import WorkerPool
 from .errors import AlreadyRespondedError, ClosedError, ConfigError, ConnectionClosedError, Error
 from .message import Message
@@ -514,8 +514,7 @@ class Reader:
         self._plain = not self._hooked and cls.process_message is Reader.process_message
         self._received_gone = 0  # messages that arrived on connections since closed (under _lock)
         self._warned_falsy = False  # a handler returned 0, "" or the like (_answer_later)
-        self._unanswered = 0  # answers lost with their connection since the last warning (_not_answered)
-        self._unanswered_warned = float("-inf")
+        self._unanswered = WarningTally(10.0)  # answers lost with their connection (_not_answered)
         self._finished = _Counter()
         self._requeued = _Counter()
         self._given_up = _Counter()
@@ -984,11 +983,9 @@ class Reader:
             logger.debug("%s: could not answer %r: %s", self.name, message, exc)
             if self._closing:
                 return
-            self._unanswered += 1
-            now = time.monotonic()
-            if now - self._unanswered_warned >= 10.0:
-                logger.warning("%s: %d answers could not be sent (their connection had ended) since the last warning; the last: %r: %s", self.name, self._unanswered, message, exc)
-                self._unanswered_warned, self._unanswered = now, 0
+            due = self._unanswered.add(1)
+            if due:
+                logger.warning("%s: %d answers could not be sent (their connection had ended) since the last warning; the last: %r: %s", self.name, due, message, exc)
         else:
             logger.warning("%s: could not answer %r: %s", self.name, message, exc)
 
