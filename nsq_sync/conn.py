@@ -799,7 +799,9 @@ class AsyncConn(EventedMixin):
         """The connection is over: report it once (caller holds the read token)."""
         error: Optional[BaseException]
         if isinstance(exc, _Closed):
-            error = None if self._closing else self._write_stall or ConnectionClosedError(f"{self.id} closed the connection")
+            # The end of the stream after _abort shut it: the reason _abort recorded (a stalled
+            # or interrupted write) is the one to report, not the end it caused.
+            error = None if self._closing else self._write_stall or self.error or ConnectionClosedError(f"{self.id} closed the connection")
         elif isinstance(exc, _FatalFrame):
             error = exc
         elif self._closing and isinstance(exc, (OSError, ValueError, SendError)):
