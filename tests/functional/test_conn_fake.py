@@ -330,6 +330,7 @@ def test_subscribe_without_heartbeats_is_refused_before_sending(server: FakeNsqd
         conn.subscribe("t", "c")
     # Nothing was sent, and the connection still publishes.
     assert conn.request_wait(commands.pub("t", b"x"), timeout=5) == b"OK"
+    server.wait_for_command("PUB t")  # (the fake answers before it records: see fake_nsqd)
     assert server.commands == [b"IDENTIFY", b"PUB t"]
 
 
