@@ -110,7 +110,12 @@ atexit.register(_close_at_exit)
 
 
 def stop() -> None:
-    """Make a running :func:`run` return as if it got SIGTERM."""
+    """Make a running :func:`run` return as if it got SIGTERM.
+
+    Called while no run() is under way, it makes the next run() return at once, after
+    starting and closing the clients (as Tornado's ``IOLoop.stop()`` before ``start()``):
+    a stop asked for while another thread is still on its way into run() is not lost.
+    """
     _stop.set()
 
 
@@ -121,7 +126,6 @@ def run(timeout: Optional[float] = None) -> None:
     handlers are restored before returning. *timeout* bounds each close().
     """
     global _signalled
-    _stop.clear()
     _signalled = False
     for client in clients():
         start = getattr(client, "start", None)
@@ -141,6 +145,7 @@ def run(timeout: Optional[float] = None) -> None:
             pass
         logger.info("stopping: closing %d clients", len(_clients))
     finally:
+        _stop.clear()  # this run took the stop (a stop() asked before it started included)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     for client in clients():

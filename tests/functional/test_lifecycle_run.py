@@ -44,6 +44,7 @@ def test_run_starts_readers_and_drains_them_before_closing_writers(backend: str,
             answers.append(exc)
         return True
 
+    runner = None
     try:
         reader = reader_class("topic", "channel", handler, nsqd_tcp_addresses=[f"127.0.0.1:{consumed.port}"], backend=backend)
         writer = Writer(f"127.0.0.1:{produced.port}", backend=backend)
@@ -76,8 +77,47 @@ def test_run_starts_readers_and_drains_them_before_closing_writers(backend: str,
         assert live_tasks() == []
     finally:  # on failure, leave no run() or client behind
         release.set()
-        lifecycle.stop()
+        _stop_runner(runner)
         for client in lifecycle.clients():
             client.close(1)
         consumed.stop()
         produced.stop()
+
+
+def _stop_runner(runner: Any) -> None:
+    """Cleanup: stop a run() still going (a stop() with none going would end the next test's)."""
+    if runner is not None and runner.is_alive():
+        lifecycle.stop()
+        runner.join(WAIT)
+
+
+def test_stop_asked_before_run_starts_is_kept_for_it(backend: str) -> None:
+    # An application whose shutdown (a signal handler of its own, a test's teardown) comes
+    # while the thread meant to call run() has not got there yet: run() must still return.
+    gc.collect()
+    fake = FakeNsqd().start()
+    runner = None
+    try:
+        reader = Reader("topic", "channel", lambda message: True, nsqd_tcp_addresses=[f"127.0.0.1:{fake.port}"], backend=backend)
+        lifecycle.stop()
+        runner = threading.Thread(target=nsq_sync.run, kwargs={"timeout": WAIT}, name="test-run-stopped")
+        runner.start()
+        runner.join(WAIT)
+        assert not runner.is_alive(), "a stop() asked before run() was lost: run() blocks"
+        assert reader.closed  # started, then closed as on a signal
+
+        # That run() took the stop: the next one runs until a stop() of its own.
+        before = len(fake.sessions)
+        again = Reader("topic", "channel", lambda message: True, nsqd_tcp_addresses=[f"127.0.0.1:{fake.port}"], backend=backend)
+        runner = threading.Thread(target=nsq_sync.run, kwargs={"timeout": WAIT}, name="test-run-again")
+        runner.start()
+        fake.wait_until(lambda: any(b"RDY 1" in session.commands for session in fake.sessions[before:]), WAIT, "the second run() to start its Reader")
+        assert runner.is_alive() and not again.closed
+        lifecycle.stop()
+        runner.join(WAIT)
+        assert not runner.is_alive() and again.closed
+    finally:
+        _stop_runner(runner)
+        for client in lifecycle.clients():
+            client.close(1)
+        fake.stop()
