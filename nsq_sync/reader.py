@@ -247,6 +247,21 @@ class _Scheduler:
                     logger.exception("%s: timer callback %r raised", self._name, timer.fn)
 
 
+def _is_future_like(result: Any) -> bool:
+    """A future of another kind than concurrent.futures.Future: add_done_callback and result."""
+    return callable(getattr(result, "add_done_callback", None)) and callable(getattr(result, "result", None))
+
+
+def _is_exit(exc: BaseException) -> bool:
+    """SystemExit, KeyboardInterrupt or a greenlet's kill (GreenletExit): the process or the
+    task is ending. Any other BaseException out of a handler is the handler failing."""
+    if isinstance(exc, (SystemExit, KeyboardInterrupt, GeneratorExit)):
+        return True
+    greenlet = sys.modules.get("greenlet")
+    exit_class = getattr(greenlet, "GreenletExit", None)
+    return exit_class is not None and isinstance(exc, exit_class)
+
+
 def _is_current(backend: Backend, task: Any) -> bool:
     current = backend.current()
     return task is current or getattr(task, "_greenlet", None) is current
@@ -465,10 +480,8 @@ class Reader:
         self._max_in_flight = max_in_flight
         self._random = random.Random()
 
-        backend_ = self._backend
-        self._lock = _RdyLock(backend_.lock())  # every RDY/backoff/connection-set decision
-        self._pool = WorkerPool(concurrency, backend_, name=f"nsq_sync-{self.name}")
-        self._scheduler = _Scheduler(backend_, f"nsq_sync-{self.name}-timers")
+        self._backend_choice = backend  # None: chosen again at start() (see _primitives)
+        self._primitives(self._backend)
         self._conns: Dict[str, _ConnState] = {}
         self._connecting: Dict[str, Optional[AsyncConn]] = {}
         self._direct = direct
@@ -480,10 +493,7 @@ class Reader:
         self._random.shuffle(lookupds_shuffled)
         self._lookupds = lookupds_shuffled
         self._lookupd_index = 0
-        self._lookupd_wake = backend_.event()
         self._lookupd_task: Any = None
-        self._stop_event = backend_.event()
-        self._closed_event = backend_.event()
         self._started = False
         self._closing = False
         self._pid = os.getpid()  # the process that may start it (see _forget_parent)
@@ -543,6 +553,28 @@ class Reader:
         self._forget_parent()
         return self._closing
 
+    def _primitives(self, backend: Backend) -> None:
+        """The locks, events, worker pool and timer task of *backend*, none started yet."""
+        self._backend = backend
+        self._lock = _RdyLock(backend.lock())  # every RDY/backoff/connection-set decision
+        self._pool = WorkerPool(self.concurrency, backend, name=f"nsq_sync-{self.name}")
+        self._scheduler = _Scheduler(backend, f"nsq_sync-{self.name}-timers")
+        self._lookupd_wake = backend.event()
+        self._stop_event = backend.event()
+        self._closed_event = backend.event()
+
+    def _choose_backend_again(self) -> None:
+        """start() of a Reader whose backend was chosen automatically, before gevent patched the
+        process (gunicorn -k gevent --preload: made at import in the master, started in a
+        worker that patched after the fork). Its thread locks would block the hub of the
+        greenlets spawned from now on: it takes gevent's, while nothing has started yet."""
+        if self._backend_choice is not None or self._started or self._closing:
+            return
+        backend = get_backend(None)
+        if backend is not self._backend:
+            logger.info("%s: gevent patched the process after the Reader was made; using greenlets", self.name)
+            self._primitives(backend)
+
     def _forget_parent(self) -> None:
         """In a forked child: a Reader the parent started belongs to the parent.
 
@@ -593,6 +625,7 @@ class Reader:
         if self.message_handler is None and type(self).process_message is Reader.process_message:
             raise ConfigError("message_handler", None, "give a message_handler or override process_message()")
         self._forget_parent()
+        self._choose_backend_again()
         with self._lock:
             if self._closing:
                 raise self._refuse_closed()
@@ -880,7 +913,14 @@ class Reader:
             if not message.has_responded():
                 self._answer(message, False)
             return
-        except BaseException:
+        except BaseException as exc:
+            if not _is_exit(exc):
+                # Another BaseException: a gevent.Timeout (one by design) that the handler's
+                # own time limit on a call raised. A failure of the handler, as an Exception is.
+                logger.exception("%s: handler raised for %r from %s; requeueing it", self.name, message, conn.id)
+                if not message.has_responded():
+                    self._answer(message, False)
+                return
             # SystemExit, KeyboardInterrupt, a greenlet's kill: not the message's fault. Hand it
             # back at once (no backoff) rather than leave it in flight until nsqd's timeout.
             if not message.has_responded():
@@ -919,6 +959,18 @@ class Reader:
             message.enable_async()
             result.add_done_callback(functools.partial(self._future_done, message))
             return True
+        if _is_future_like(result):
+            # Another executor's future (gevent's thread pool, loky, dask...): the same. gevent's
+            # run their callbacks in the hub, where an answer must not wait for a lock: those
+            # answer from a greenlet of their own.
+            message.enable_async()
+            done = functools.partial(self._future_done, message)
+            if self._backend.name == "gevent":
+                spawn = self._backend.spawn
+                result.add_done_callback(lambda future: spawn(done, future))
+            else:
+                result.add_done_callback(done)
+            return True
         if inspect.isawaitable(result):
             if inspect.iscoroutine(result):
                 result.close()  # (no "never awaited" warning on top of our error)
@@ -937,7 +989,7 @@ class Reader:
     def _is_falsy(result: Any) -> bool:
         """A result pynsq would have taken for a failure: 0, "", an empty container. Never
         raises (a numpy array's or a DataFrame's truth value does: that is not falsy here)."""
-        if isinstance(result, futures.Future) or inspect.isawaitable(result):
+        if isinstance(result, futures.Future) or inspect.isawaitable(result) or _is_future_like(result):
             return False
         try:
             return not result

@@ -23,7 +23,7 @@ from concurrent.futures import Future
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from .addresses import parse_addresses
-from .backends import Backend, get_backend
+from .backends import Backend, gevent_patched, get_backend
 from .backoff import exponential_delay
 from .conn import AsyncConn
 from .dispatch import WorkerPool
@@ -759,6 +759,16 @@ class Writer:
             lane._on_disconnect(None)
 
     def _submit(self, data: bytes, timeout: Optional[float]) -> "Future[bytes]":
+        if self._backend_choice is None and self.backend.name == "thread" and gevent_patched():
+            # Made before gevent patched the process (in this process: a fork chooses again):
+            # its Future, made now with gevent's locks, would be completed by one of the
+            # Writer's OS threads, which cannot wake the hub waiting in result(): a hang.
+            raise ConfigError(
+                "backend", None,
+                f"{self.name} was created before gevent monkey-patched this process, so it runs on OS threads, "
+                "whose answers cannot wake a greenlet waiting on a Future (and callbacks would run outside the hub): create Writers after "
+                "gevent.monkey.patch_all()",
+            )
         deadline = self._begin(timeout)
         try:
             future: "Optional[Future[bytes]]" = None

@@ -1,7 +1,8 @@
 """Concurrency backends: ``"thread"`` (default) or ``"gevent"``.
 
 :func:`get_backend` resolves a name, a backend object, or None. None picks
-gevent when the socket module has been monkey-patched by gevent, else threads.
+gevent when gevent has monkey-patched the process (socket and threading), threads when it
+has patched nothing, and raises ConfigError for a process it patched only in part.
 """
 
 from __future__ import annotations
@@ -28,13 +29,31 @@ _cache: Dict[str, Any] = {}
 
 def gevent_patched() -> bool:
     """True when gevent has monkey-patched the socket module in this process."""
+    return _patched("socket")
+
+
+def _patched(module: str) -> bool:
     monkey = sys.modules.get("gevent.monkey")
     if monkey is None:
         return False
     try:
-        return bool(monkey.is_module_patched("socket"))
+        return bool(monkey.is_module_patched(module))
     except Exception:  # pragma: no cover - very old gevent
         return False
+
+
+def _check_threading_patched(backend: Any) -> None:
+    """gevent patched the socket module but not threading (``patch_all(thread=False)``,
+    ``patch_socket()`` alone): neither backend works there. Greenlets would block the hub in
+    every wait on a threading primitive (a publish Future's result(), nsq_sync.run()), and
+    threads would use gevent sockets bound to another thread's hub."""
+    if not _patched("threading"):
+        raise ConfigError(
+            "backend", backend,
+            "gevent has monkey-patched socket but not threading in this process, and nsq_sync works with "
+            "neither: patch both (gevent.monkey.patch_all() with its default thread=True, before "
+            "creating Readers and Writers), or none",
+        )
 
 
 def get_backend(backend: Union[str, Backend, None] = None) -> Backend:
@@ -43,7 +62,11 @@ def get_backend(backend: Union[str, Backend, None] = None) -> Backend:
     Raises ConfigError for an unknown name or when "gevent" is asked for and gevent is not installed.
     """
     if backend is None:
-        backend = "gevent" if gevent_patched() else "thread"
+        if gevent_patched():
+            _check_threading_patched(None)
+            backend = "gevent"
+        else:
+            backend = "thread"
     if not isinstance(backend, str):
         if not hasattr(backend, "spawn"):
             raise ConfigError("backend", backend, "must be 'thread', 'gevent', None or a backend object")
@@ -64,6 +87,7 @@ def get_backend(backend: Union[str, Backend, None] = None) -> Backend:
                 "backend", backend,
                 "needs gevent's monkey-patching: call gevent.monkey.patch_all() first (or run under python -m gevent.monkey)",
             )
+        _check_threading_patched(backend)
         instance = GeventBackend()
     else:
         raise ConfigError("backend", backend, "must be 'thread', 'gevent', None or a backend object")

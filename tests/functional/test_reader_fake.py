@@ -463,6 +463,83 @@ def test_exception_in_handler_requeues_with_backoff_and_logs_the_traceback(
     assert records[0].exc_info[0] is ValueError and "Traceback" in caplog.text and "boom" in caplog.text
 
 
+class _TimeLimit(BaseException):
+    """What gevent.Timeout is: a BaseException by design, raised by a handler's own time limit."""
+
+
+def test_a_base_exception_that_is_no_exit_is_a_handler_failure(
+    fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader], caplog: pytest.LogCaptureFixture
+) -> None:
+    # A gevent.Timeout out of a handler used to be taken for an exit: REQ 0 without backoff and
+    # re-raised, so the message came straight back and used up max_tries within a second.
+    caplog.set_level(logging.ERROR, logger="nsq_sync.reader")
+    calls: List[bytes] = []
+
+    def handler(message: Any) -> bool:
+        calls.append(message.body)
+        if message.body == b"slow":
+            raise _TimeLimit("0.05 seconds")
+        return True
+
+    reader = make_reader(fake_nsqd, handler, max_in_flight=2, concurrency=1, backoff_strategy=ExponentialBackoff(multiplier=0.05))
+    reader.start()
+    fake_nsqd.wait_for_command("RDY 2")
+    slow = fake_nsqd.enqueue(b"slow")
+    fake_nsqd.wait_for_command("REQ")
+    assert lines(fake_nsqd)[3:5] == [b"RDY 0", b"REQ " + slow.id + b" 90000"]  # with the delay, and backoff
+    records = [r for r in caplog.records if r.exc_info and r.name == "nsq_sync.reader"]
+    assert len(records) == 1 and records[0].exc_info[0] is _TimeLimit
+    # The worker lives on: the next message is handled (once the backoff lets one in).
+    fast = fake_nsqd.enqueue(b"fast")
+    fake_nsqd.wait_for_command("FIN", timeout=WAIT)
+    assert b"FIN " + fast.id in lines(fake_nsqd) and calls[-1] == b"fast"
+
+
+class _OtherFuture:
+    """A future of another executor than concurrent.futures (gevent's thread pool, loky):
+    add_done_callback and result, no common base class."""
+
+    def __init__(self) -> None:
+        self._callbacks: List[Callable[[Any], Any]] = []
+        self._outcome: Any = None
+
+    def add_done_callback(self, callback: Callable[[Any], Any]) -> None:
+        self._callbacks.append(callback)
+
+    def result(self, timeout: Any = None) -> Any:
+        if isinstance(self._outcome, BaseException):
+            raise self._outcome
+        return self._outcome
+
+    def complete(self, outcome: Any) -> None:
+        self._outcome = outcome
+        for callback in self._callbacks:
+            callback(self)
+
+
+def test_a_returned_future_of_another_executor_answers_when_it_completes(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> None:
+    # It was finished at once, before its work ran (and whatever that work then did).
+    pending: Dict[bytes, _OtherFuture] = {}
+
+    def handler(message: Any) -> Any:
+        pending[message.body] = _OtherFuture()
+        return pending[message.body]
+
+    reader = make_reader(fake_nsqd, handler, max_in_flight=2, backoff_strategy=ExponentialBackoff(multiplier=0.05, max_duration=0.05))
+    reader.start()
+    fake_nsqd.wait_for_command("RDY 2")
+    good, bad = fake_nsqd.enqueue(b"good"), fake_nsqd.enqueue(b"bad")
+    wait_until(lambda: len(pending) == 2, WAIT, message="2 handlers returned")
+    assert lines(fake_nsqd)[3:] == []  # nothing answered before the futures complete
+    pending[b"bad"].complete(RuntimeError("the work failed"))
+    fake_nsqd.wait_for_command("REQ")
+    pending[b"good"].complete(None)
+    fake_nsqd.wait_for_command("FIN")
+    answered = [c for c in lines(fake_nsqd) if c.startswith((b"FIN ", b"REQ "))]
+    assert answered[0].startswith(b"REQ " + bad.id + b" ") and not answered[0].endswith(b" 0")
+    assert answered[1] == b"FIN " + good.id
+
+
 # ------------------------------------------------- (j) enable_async
 def test_enable_async_answers_later_from_another_thread(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> None:
     parked: List[Any] = []

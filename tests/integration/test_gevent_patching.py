@@ -1,0 +1,137 @@
+"""gevent's monkey-patching done late, or in part, against a real nsqd.
+
+Each case runs in a fresh interpreter (patching cannot be undone in this one). A hang is
+the old failure of most of them: every script runs under a timeout.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nsq_sync.testing import NsqdProcess
+
+pytest.importorskip("gevent")
+
+ROOT = str(Path(__file__).resolve().parents[2])
+TIMEOUT = 30.0
+PRELUDE = f"import sys; sys.path.insert(0, {ROOT!r})\n"
+
+
+def run_script(script: str, *args: str) -> str:
+    """Run *script* in a new interpreter; its stdout. A script that hangs fails the test."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", PRELUDE + script, *args], capture_output=True, timeout=TIMEOUT
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the script hung (killed after {TIMEOUT}s); its stderr: {(exc.stderr or b'').decode(errors='replace')[-2000:]}")
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    return done.stdout.decode()
+
+
+PARTIAL = r"""
+from gevent import monkey
+monkey.patch_all(thread=False)  # socket patched, threading not
+import nsq_sync
+from nsq_sync.errors import ConfigError
+for backend in (None, "gevent"):
+    try:
+        nsq_sync.Writer("127.0.0.1:4150", backend=backend)
+    except ConfigError as exc:
+        print(backend, exc.param, "thread=True" in str(exc))
+    else:
+        print(backend, "accepted")
+"""
+
+
+def test_a_process_patched_in_part_is_refused_with_a_config_error() -> None:
+    # Auto-detection used to choose greenlets there, which then blocked the hub in every
+    # wait on a threading primitive: pub_async(...).result() hung, nsq_sync.run() consumed nothing.
+    assert run_script(PARTIAL).split("\n")[:2] == ["None backend True", "gevent backend True"]
+
+
+READER_BEFORE_PATCH = r"""
+import nsq_sync
+received = []
+reader = nsq_sync.Reader("late", "ch", lambda m: received.append(m.body) or True,
+                         nsqd_tcp_addresses=sys.argv[1], max_in_flight=5)
+from gevent import monkey
+monkey.patch_all()  # as a gunicorn -k gevent worker does, after the app was imported
+import gevent
+reader.start()
+deadline = 200
+while len(received) < 3 and deadline:
+    gevent.sleep(0.05)
+    deadline -= 1
+reader.close()
+print(sorted(received), reader._backend.name, reader.stats()["messages_finished"])
+"""
+
+
+def test_a_reader_made_before_patching_and_started_after_uses_greenlets(nsqd: NsqdProcess) -> None:
+    # Its thread locks, taken by greenlets, blocked the hub: the process hung at start().
+    for body in (b"a", b"b", b"c"):
+        nsqd.publish("late", body)
+    assert run_script(READER_BEFORE_PATCH, nsqd.tcp_address).strip() == "[b'a', b'b', b'c'] gevent 3"
+
+
+WRITER_BEFORE_PATCH = r"""
+import nsq_sync
+from nsq_sync.errors import ConfigError
+writer = nsq_sync.Writer(sys.argv[1])
+from gevent import monkey
+monkey.patch_all()
+try:
+    writer.pub_async("late", b"x").result(3)
+except ConfigError as exc:
+    print("ConfigError", exc.param, "created before gevent" in str(exc))
+writer.close()
+"""
+
+
+def test_pub_async_on_a_writer_made_before_patching_is_a_config_error(nsqd: NsqdProcess) -> None:
+    # Its Future, completed by one of the Writer's OS threads, never woke the waiting greenlet:
+    # result(3) hung past its own timeout.
+    assert run_script(WRITER_BEFORE_PATCH, nsqd.tcp_address).strip() == "ConfigError backend True"
+    assert nsqd.topic_depth("late") == 0  # refused before anything was sent
+
+
+GEVENT_POOL_FUTURE = r"""
+from gevent import monkey
+monkey.patch_all()
+import gevent, gevent.threadpool
+import nsq_sync
+from nsq_sync.backoff import ExponentialBackoff
+pool = gevent.threadpool.ThreadPoolExecutor(2)
+attempts = []
+
+def work(body, attempt):
+    if attempt == 1:
+        raise RuntimeError("the work failed")
+    return True
+
+def handler(message):
+    attempts.append(message.attempts)
+    return pool.submit(work, message.body, message.attempts)
+
+reader = nsq_sync.Reader("pooled", "ch", handler, nsqd_tcp_addresses=sys.argv[1], max_in_flight=1,
+                         requeue_delay=0, backoff_strategy=ExponentialBackoff(multiplier=0.01))
+reader.start()
+deadline = 400
+while reader.stats()["messages_finished"] < 1 and deadline:
+    gevent.sleep(0.05)
+    deadline -= 1
+stats = reader.stats()
+reader.close()
+print(attempts, stats["messages_finished"], stats["messages_requeued"])
+"""
+
+
+def test_a_future_of_gevents_thread_pool_answers_when_its_work_ends(nsqd: NsqdProcess) -> None:
+    # It was finished at once: the work that then failed lost its message.
+    nsqd.publish("pooled", b"job")
+    assert run_script(GEVENT_POOL_FUTURE, nsqd.tcp_address).strip() == "[1, 2] 1 1"
