@@ -168,6 +168,9 @@ def _check_path(path: object) -> str:
         raise TypeError(f"path must be str, not {type(path).__name__}")
     if not (path.isascii() and path.isprintable()) or " " in path:
         raise ConfigError("path", path, "must be printable ASCII without spaces (percent-encode other characters)")
+    if not path.startswith("/"):
+        # (it is appended to the base URL as is: "ping" would make "http://host:4151ping")
+        raise ConfigError("path", path, "must start with '/', e.g. '/ping'")
     return path
 
 
@@ -366,7 +369,11 @@ class HTTPClient:
     # -- requests ---------------------------------------------------------
 
     def url_for(self, path: str, params: Optional[Params] = None) -> str:
-        """The full URL a request for *path* with query *params* goes to."""
+        """The full URL a request for *path* with query *params* goes to.
+
+        Raises TypeError or :class:`ConfigError` for a bad *path* or *params*, as :meth:`request` does.
+        """
+        path = _check_path(path)
         query = _encode_params(params)
         return f"{self._base_url}{path}" + (f"?{query}" if query else "")
 
@@ -392,7 +399,7 @@ class HTTPClient:
         exception when no answer arrived (refused, timed out, DNS, TLS, reset).
         Before connecting, a bad *method*, *path*, *params*, *body* or *content_type*
         raises TypeError or :class:`ConfigError` naming it (e.g. a method with CR/LF,
-        a non-ASCII path, params that are not a mapping, a str body).
+        a non-ASCII path or one not starting with "/", params that are not a mapping, a str body).
         """
         method = _check_method(method)
         path = _check_path(path)
