@@ -230,10 +230,10 @@ def _transport_reason(exc: BaseException, timeout: float) -> str:
         return f"TLS error ({exc})"
     if isinstance(exc, ssl.CertificateError):
         return f"TLS certificate error ({exc})"
+    if isinstance(exc, http.client.RemoteDisconnected):  # (before its base class ConnectionResetError)
+        return "server closed the connection without answering"
     if isinstance(exc, ConnectionResetError):
         return "connection reset by peer"
-    if isinstance(exc, http.client.RemoteDisconnected):
-        return "server closed the connection without answering"
     if isinstance(exc, http.client.HTTPException):
         return f"bad HTTP response ({type(exc).__name__}: {exc})"
     return f"{type(exc).__name__}: {exc}"
