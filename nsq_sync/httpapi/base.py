@@ -27,6 +27,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Type, TypeVar, Union
 from urllib.parse import urlencode, urlsplit
 
 from ..errors import ConfigError, HTTPError
+from ..protocol.identify import MAX_WAIT_SECONDS
 
 __all__ = ["HTTPClient", "HTTPResponse", "ACCEPT_V1"]
 
@@ -126,6 +127,9 @@ def _check_timeout(timeout: object) -> float:
         raise ConfigError("timeout", timeout, "must be a positive number of seconds")
     if not math.isfinite(timeout) or timeout <= 0:
         raise ConfigError("timeout", timeout, "must be a positive number of seconds")
+    if timeout > MAX_WAIT_SECONDS:
+        # (the socket layer refuses ~1e10 s and more with OverflowError, on every request)
+        raise ConfigError("timeout", timeout, f"must be at most {MAX_WAIT_SECONDS:g} seconds (a day)")
     return float(timeout)
 
 
@@ -293,8 +297,8 @@ class HTTPClient:
 
     The address is checked here: a malformed one (including one with characters
     other than printable ASCII) raises :class:`ConfigError` naming ``address``
-    (TypeError when it is not a str); a non-positive or non-numeric *timeout*
-    raises :class:`ConfigError` naming ``timeout``; a header name that is not an
+    (TypeError when it is not a str); a non-positive, non-numeric or over a day (86400 s)
+    *timeout* raises :class:`ConfigError` naming ``timeout``; a header name that is not an
     HTTP token, or a value with CR/LF/NUL or not encodable as latin-1, raises
     :class:`ConfigError` naming ``headers``.
     """

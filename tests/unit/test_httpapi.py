@@ -223,7 +223,8 @@ def test_non_str_address_is_type_error(address):
         HTTPClient(address)
 
 
-@pytest.mark.parametrize("timeout", [0, -1, 0.0, float("nan"), float("inf"), "5", None, True])
+# (1e10 and more passed, then every request failed with OverflowError from the socket layer)
+@pytest.mark.parametrize("timeout", [0, -1, 0.0, float("nan"), float("inf"), "5", None, True, 86400.5, 1e10, 10**20])
 def test_bad_timeout_raises_config_error(timeout):
     with pytest.raises(ConfigError) as info:
         HTTPClient("h:1", timeout=timeout)
@@ -233,6 +234,7 @@ def test_bad_timeout_raises_config_error(timeout):
 def test_timeout_accepts_int_and_float():
     assert HTTPClient("h:1", timeout=2).timeout == 2.0
     assert HTTPClient("h:1", timeout=0.25).timeout == 0.25
+    assert HTTPClient("h:1", timeout=86400).timeout == 86400.0
     assert HTTPClient("h:1").timeout == 5.0
 
 
