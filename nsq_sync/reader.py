@@ -321,7 +321,7 @@ class Reader:
         max_in_flight, at least 1 and at most MAX_CONCURRENCY
     :param name: used in logs and task names (default ``"topic:channel"``)
     :param lookupd_connect_timeout: kept for pynsq compatibility; the HTTP client uses
-        one timeout for connecting and reading, the larger of the two
+        one limit for a whole request (connecting, sending, reading the answer), the larger of the two
     :param lookupd_request_timeout: seconds for one lookupd request
     :param backend: "thread", "gevent" or None (auto)
     :param close_timeout: default seconds :meth:`close` waits for in-flight messages

@@ -431,6 +431,80 @@ def test_timeout_is_http_error_zero():
         silent.close()
 
 
+@pytest.fixture
+def trickle():
+    """``trickle(fast, slow, gap) -> address``: a server that answers one request with *fast*
+    at once, then *slow* one byte every *gap* seconds, then closes (or stops when the client hangs up)."""
+    stop = threading.Event()
+    listeners: List[socket.socket] = []
+    threads: List[threading.Thread] = []
+
+    def serve(listener: socket.socket, fast: bytes, slow: bytes, gap: float) -> None:
+        conn, _ = listener.accept()
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                data += chunk
+            try:
+                conn.sendall(fast)
+                for i in range(len(slow)):
+                    if stop.wait(gap):
+                        return
+                    conn.sendall(slow[i:i + 1])
+            except OSError:
+                return  # the client gave up
+
+    def start(fast: bytes, slow: bytes, gap: float) -> str:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listeners.append(listener)
+        thread = threading.Thread(target=serve, args=(listener, fast, slow, gap), daemon=True)
+        thread.start()
+        threads.append(thread)
+        return f"127.0.0.1:{listener.getsockname()[1]}"
+
+    yield start
+    stop.set()
+    for thread in threads:
+        thread.join(5)
+    for listener in listeners:
+        listener.close()
+
+
+TOPICS_BODY = b'{"topics": ["a"]}' + b" " * 43
+TOPICS_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-NSQ-Content-Type: nsq; version=1.0\r\n"
+               b"Content-Length: %d\r\n\r\n" % len(TOPICS_BODY))
+
+
+@pytest.mark.parametrize("trickled", ["status line and headers", "body"])
+def test_timeout_bounds_the_whole_request_not_each_read(trickle, trickled):
+    # a byte every 50 ms: every read is quick, the whole answer takes 3 s or more
+    # (it used to be read to the end: the timeout bounded each socket read only)
+    if trickled == "body":
+        address = trickle(TOPICS_HEAD, TOPICS_BODY, gap=0.05)
+    else:
+        address = trickle(b"", TOPICS_HEAD + TOPICS_BODY, gap=0.05)
+    c = LookupdClient(address, timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(HTTPError) as info:
+        c.topics()
+    assert time.monotonic() - started < 1.5
+    assert (info.value.status, info.value.message) == (0, "timed out after 0.5s")
+    assert isinstance(info.value.__cause__, (socket.timeout, TimeoutError))
+
+
+def test_an_answer_within_the_timeout_is_read_whole_even_when_slow_and_until_close(trickle):
+    # a Connection: close answer without Content-Length: http.client closes the connection
+    # before the body is read, which then runs to the end of the stream
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n"
+    address = trickle(head, TOPICS_BODY, gap=0.002)
+    assert LookupdClient(address, timeout=5).topics() == ["a"]
+
+
 def test_server_closing_without_answer_is_http_error_zero():
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
