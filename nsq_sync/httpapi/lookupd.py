@@ -8,6 +8,7 @@ Routes follow nsqlookupd v1.3.0 (``nsqlookupd/http.go``): ``GET /ping``,
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 from typing import Any, Dict, List, Tuple
@@ -21,16 +22,33 @@ __all__ = ["LookupdClient"]
 logger = logging.getLogger(__name__)
 
 # fullmatch, not ^...$ ("$" also matches before a trailing newline); [0-9], not \d (any Unicode digit)
-_NODE = re.compile(r"(?:\[[0-9A-Fa-f:.%a-zA-Z]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})").fullmatch
+_NODE_HOST = re.compile(r"[A-Za-z0-9_.-]+").fullmatch
+_NODE_PORT = re.compile(r"[0-9]{1,5}").fullmatch
+
+
+def _is_ipv6(host: str) -> bool:
+    address, percent, zone = host.partition("%")
+    try:
+        ipaddress.IPv6Address(address)
+    except ValueError:
+        return False
+    return not percent or _NODE_HOST(zone) is not None
 
 
 def _check_node(node: object) -> str:
+    """*node* as nsqlookupd compares it: ``broadcast_address + ":" + http_port``, so an IPv6
+    address without brackets ("[::1]:4151" and "::1:4151" both give "::1:4151")."""
     if not isinstance(node, str):
         raise TypeError(f"node must be str ('broadcast_address:http_port'), not {type(node).__name__}")
-    match = _NODE(node)
-    if match is None or not 1 <= int(match.group(1)) <= 65535:
-        raise ConfigError("node", node, "must be 'broadcast_address:http_port' of an nsqd")
-    return node
+    host, _, port = node.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        usable = _is_ipv6(host)
+    else:
+        usable = _is_ipv6(host) if ":" in host else _NODE_HOST(host) is not None
+    if not usable or _NODE_PORT(port) is None or not 1 <= int(port) <= 65535:
+        raise ConfigError("node", node, "must be 'broadcast_address:http_port' of an nsqd (IPv6 as '[::1]:4151' or '::1:4151')")
+    return f"{host}:{port}"
 
 
 def _list_field(data: Any, key: str) -> List[Any]:
@@ -136,6 +154,8 @@ class LookupdClient(HTTPClient):
         """``POST /topic/tombstone``: hide the producer *node* (``"broadcast_address:http_port"``)
         of *topic* from lookups for ``--tombstone-lifetime``, e.g. before deleting the topic on it.
 
+        An IPv6 broadcast address may be given in brackets or not (``"[::1]:4151"`` or
+        ``"::1:4151"``): nsqlookupd compares the node with the unbracketed form, which is sent.
         A node that does not match any producer is silently ignored by nsqlookupd.
         Raises ConfigError/TypeError for a bad topic or node, HTTPError.
         """

@@ -679,7 +679,10 @@ def test_lookupd_producers_topic_not_found(server):
         ("create_channel", ("t", "c"), "/channel/create", {"topic": "t", "channel": "c"}),
         ("delete_channel", ("t", "c"), "/channel/delete", {"topic": "t", "channel": "c"}),
         ("tombstone_topic", ("t", "h1:4151"), "/topic/tombstone", {"topic": "t", "node": "h1:4151"}),
-        ("tombstone_topic", ("t", "[::1]:4151"), "/topic/tombstone", {"topic": "t", "node": "[::1]:4151"}),
+        # nsqlookupd compares node with broadcast_address + ":" + http_port: IPv6 goes unbracketed
+        ("tombstone_topic", ("t", "[::1]:4151"), "/topic/tombstone", {"topic": "t", "node": "::1:4151"}),
+        ("tombstone_topic", ("t", "::1:4151"), "/topic/tombstone", {"topic": "t", "node": "::1:4151"}),
+        ("tombstone_topic", ("t", "[fe80::1%eth0]:4151"), "/topic/tombstone", {"topic": "t", "node": "fe80::1%eth0:4151"}),
     ],
 )
 def test_lookupd_admin_routes(server, method, args, path, params):
@@ -743,6 +746,11 @@ BAD_CALLS = [
     (LookupdClient, "tombstone_topic", ("t", "h:99999"), {}, ConfigError, "node"),
     (LookupdClient, "tombstone_topic", ("t", "h:1/x"), {}, ConfigError, "node"),
     (LookupdClient, "tombstone_topic", ("t", ("h", 1)), {}, TypeError, None),
+    (LookupdClient, "tombstone_topic", ("t", "[::zz]:4151"), {}, ConfigError, "node"),
+    (LookupdClient, "tombstone_topic", ("t", "::zz:4151"), {}, ConfigError, "node"),
+    (LookupdClient, "tombstone_topic", ("t", "[127.0.0.1]:4151"), {}, ConfigError, "node"),
+    (LookupdClient, "tombstone_topic", ("t", "[::1]"), {}, ConfigError, "node"),
+    (LookupdClient, "tombstone_topic", ("t", "[]:4151"), {}, ConfigError, "node"),
     (LookupdClient, "tombstone_topic", ("bad!", "h:1"), {}, ConfigError, "topic"),
 ]
 
