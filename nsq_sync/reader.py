@@ -60,7 +60,7 @@ from .addresses import parse_addresses
 from .backoff import ExponentialBackoff, exponential_delay
 from .conn import NO_HEARTBEAT_SUB, AsyncConn, WarningTally
 from .dispatch import WorkerPool
-from .errors import AlreadyRespondedError, ClosedError, ConfigError, ConnectionClosedError, Error
+from .errors import AlreadyRespondedError, ClosedError, ConfigError, ConnectionClosedError, Error, HTTPError
 from .message import Message
 from .protocol.identify import check_number, check_timeout
 from .protocol.names import check_channel, check_topic
@@ -816,8 +816,11 @@ class Reader:
             address, client = self._lookupds[index]
             try:
                 producers = client.producers(self.topic)
-            except Exception as exc:  # HTTPError, or anything unexpected from the network
+            except HTTPError as exc:  # unreachable, a non-2xx answer, or not a /lookup answer
                 logger.warning("%s: lookupd %s query failed: %s", self.name, address, exc)
+                continue
+            except Exception as exc:  # unexpected: this lookupd fails all the same, with the traceback
+                logger.warning("%s: lookupd %s query failed: %s: %s", self.name, address, type(exc).__name__, exc, exc_info=True)
                 continue
             logger.debug("%s: lookupd %s lists %s", self.name, address, producers)
             for host, port in producers:

@@ -614,6 +614,60 @@ def test_stats_without_filters_sends_no_topic(server):
 
 
 @pytest.mark.parametrize(
+    "payload, problem",
+    [
+        ([1, 2], "a JSON array, not an object"),  # was read as "no producers"
+        ("proxy login", "a JSON string, not an object"),
+        (None, "a JSON null, not an object"),
+        ({"channels": []}, "no 'producers' list"),  # was read as "no producers"
+        ({"channels": [], "producers": {"a": 1}}, "'producers' is a JSON object, not a list"),  # was TypeError
+        ({"channels": [], "producers": "127.0.0.1:4150"}, "'producers' is a JSON string, not a list"),
+        ({"channels": "c1", "producers": []}, "'channels' is a JSON string, not a list"),
+    ],
+)
+def test_lookup_answer_of_the_wrong_shape_is_http_error(server, payload, problem):
+    server.route("GET", "/lookup", json_reply(payload))
+    c = LookupdClient(server.address)
+    for call in (c.lookup, c.producers):
+        with pytest.raises(HTTPError) as info:
+            call("t")
+        assert (info.value.status, info.value.message) == (200, f"not an nsqlookupd /lookup answer: {problem}")
+        assert info.value.url == f"http://{server.address}/lookup?topic=t"
+
+
+def test_lookup_null_lists_are_empty(server):
+    server.route("GET", "/lookup", json_reply({"channels": None, "producers": None}))
+    c = LookupdClient(server.address)
+    assert c.lookup("t") == {"channels": [], "producers": []}
+    assert c.producers("t") == []
+
+
+def test_producer_entries_without_a_usable_address_are_skipped_with_one_warning(server, caplog):
+    good = [{"broadcast_address": "h1", "tcp_port": 4150}, {"broadcast_address": "::1", "tcp_port": 5150}]
+    bad = [
+        {"broadcast_address": "127.0.0.1", "http_port": 4151},  # was KeyError 'tcp_port'
+        {"broadcast_address": "127.0.0.1", "tcp_port": None},  # was TypeError
+        {"broadcast_address": "127.0.0.1", "tcp_port": "4150"},
+        {"broadcast_address": "127.0.0.1", "tcp_port": True},
+        {"broadcast_address": "127.0.0.1", "tcp_port": 0},
+        {"broadcast_address": "127.0.0.1", "tcp_port": 65536},
+        {"tcp_port": 4150, "hostname": "x"},
+        {"broadcast_address": "", "tcp_port": 4150},
+        {"broadcast_address": None, "tcp_port": 4150},
+        {"broadcast_address": "bad host!", "tcp_port": 4150},
+        "127.0.0.1:4150",
+    ]
+    server.route("GET", "/lookup", json_reply({"channels": [], "producers": [good[0], *bad, good[1]]}))
+    c = LookupdClient(server.address)
+    with caplog.at_level("WARNING", logger="nsq_sync.httpapi.lookupd"):
+        assert c.producers("t") == [("h1", 4150), ("::1", 5150)]
+    (record,) = [r for r in caplog.records if r.name == "nsq_sync.httpapi.lookupd"]
+    assert record.levelname == "WARNING"
+    assert f"skipped {len(bad)} of {len(bad) + 2} producers of topic 't'" in record.getMessage()
+    assert c.lookup("t")["producers"] == [good[0], *bad, good[1]]  # lookup() returns them as sent
+
+
+@pytest.mark.parametrize(
     "method, args, path, params",
     [
         ("create_topic", ("t",), "/topic/create", {"topic": "t"}),
