@@ -60,7 +60,7 @@ from .addresses import parse_addresses
 from .backoff import ExponentialBackoff, exponential_delay
 from .conn import NO_HEARTBEAT_SUB, AsyncConn, WarningTally
 from .dispatch import WorkerPool
-from .errors import AlreadyRespondedError, ClosedError, ConfigError, ConnectionClosedError, Error
+from .errors import AlreadyRespondedError, ClosedError, ConfigError, ConnectionClosedError, Error, HTTPError
 from .message import Message
 from .protocol.identify import check_number, check_timeout
 from .protocol.names import check_channel, check_topic
@@ -336,7 +336,7 @@ class Reader:
         max_in_flight, at least 1 and at most MAX_CONCURRENCY
     :param name: used in logs and task names (default ``"topic:channel"``)
     :param lookupd_connect_timeout: kept for pynsq compatibility; the HTTP client uses
-        one timeout for connecting and reading, the larger of the two
+        one limit for a whole request (connecting, sending, reading the answer), the larger of the two
     :param lookupd_request_timeout: seconds for one lookupd request
     :param backend: "thread", "gevent" or None (auto)
     :param close_timeout: default seconds :meth:`close` waits for in-flight messages
@@ -849,8 +849,11 @@ class Reader:
             address, client = self._lookupds[index]
             try:
                 producers = client.producers(self.topic)
-            except Exception as exc:  # HTTPError, or anything unexpected from the network
+            except HTTPError as exc:  # unreachable, a non-2xx answer, or not a /lookup answer
                 logger.warning("%s: lookupd %s query failed: %s", self.name, address, exc)
+                continue
+            except Exception as exc:  # unexpected: this lookupd fails all the same, with the traceback
+                logger.warning("%s: lookupd %s query failed: %s: %s", self.name, address, type(exc).__name__, exc, exc_info=True)
                 continue
             logger.debug("%s: lookupd %s lists %s", self.name, address, producers)
             for host, port in producers:

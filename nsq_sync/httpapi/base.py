@@ -15,6 +15,7 @@ and unwraps the legacy envelope when a server answers with it anyway.
 from __future__ import annotations
 
 import http.client
+import io
 import ipaddress
 import json
 import logging
@@ -27,6 +28,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Type, TypeVar, Union
 from urllib.parse import urlencode, urlsplit
 
 from ..errors import ConfigError, HTTPError
+from ..protocol.identify import MAX_WAIT_SECONDS
 
 __all__ = ["HTTPClient", "HTTPResponse", "ACCEPT_V1"]
 
@@ -126,6 +128,9 @@ def _check_timeout(timeout: object) -> float:
         raise ConfigError("timeout", timeout, "must be a positive number of seconds")
     if not math.isfinite(timeout) or timeout <= 0:
         raise ConfigError("timeout", timeout, "must be a positive number of seconds")
+    if timeout > MAX_WAIT_SECONDS:
+        # (the socket layer refuses ~1e10 s and more with OverflowError, on every request)
+        raise ConfigError("timeout", timeout, f"must be at most {MAX_WAIT_SECONDS:g} seconds (a day)")
     return float(timeout)
 
 
@@ -168,6 +173,9 @@ def _check_path(path: object) -> str:
         raise TypeError(f"path must be str, not {type(path).__name__}")
     if not (path.isascii() and path.isprintable()) or " " in path:
         raise ConfigError("path", path, "must be printable ASCII without spaces (percent-encode other characters)")
+    if not path.startswith("/"):
+        # (it is appended to the base URL as is: "ping" would make "http://host:4151ping")
+        raise ConfigError("path", path, "must start with '/', e.g. '/ping'")
     return path
 
 
@@ -227,13 +235,94 @@ def _transport_reason(exc: BaseException, timeout: float) -> str:
         return f"TLS error ({exc})"
     if isinstance(exc, ssl.CertificateError):
         return f"TLS certificate error ({exc})"
+    if isinstance(exc, http.client.RemoteDisconnected):  # (before its base class ConnectionResetError)
+        return "server closed the connection without answering"
     if isinstance(exc, ConnectionResetError):
         return "connection reset by peer"
-    if isinstance(exc, http.client.RemoteDisconnected):
-        return "server closed the connection without answering"
     if isinstance(exc, http.client.HTTPException):
         return f"bad HTTP response ({type(exc).__name__}: {exc})"
     return f"{type(exc).__name__}: {exc}"
+
+
+def _time_left(deadline: float) -> float:
+    """Seconds until *deadline* (a :func:`time.monotonic` time); socket.timeout once it has passed."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise socket.timeout("timed out")
+    return left
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The response side of a :class:`_DeadlineSocket`: each receive gets only the time left."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        super().__init__()
+        self._sock = sock
+        self._deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        self._sock.settimeout(_time_left(self._deadline))
+        return self._sock.recv_into(buffer)
+
+
+class _DeadlineSocket:
+    """A connected socket as :mod:`http.client` uses it (``sendall``, ``makefile``, ``close``),
+    giving every send and receive only the time left before the request's *deadline*.
+
+    A socket timeout alone bounds each read: a server trickling its answer a byte at a time
+    would hold a request for as long as it likes.  ``close()`` leaves the socket open (http.client
+    closes the connection before reading a ``Connection: close`` body); :class:`_Connection`
+    closes it once the request is over.
+    """
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self._sock = sock
+        self._deadline = deadline
+
+    def sendall(self, data: Body) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            self._sock.settimeout(_time_left(self._deadline))
+            view = view[self._sock.send(view):]
+
+    def makefile(self, mode: str = "rb", *args: Any, **kwargs: Any) -> io.BufferedReader:
+        return io.BufferedReader(_DeadlineReader(self._sock, self._deadline))
+
+    def close(self) -> None:
+        pass
+
+
+class _Connection(http.client.HTTPConnection):
+    """One request's connection, over TLS when given *context*: connecting, the TLS handshake,
+    sending and each read get only the time left before *deadline*."""
+
+    def __init__(self, host: str, port: int, timeout: float, deadline: float, context: Optional[ssl.SSLContext]) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self._deadline = deadline
+        self._tls_context = context
+        self._raw: Optional[socket.socket] = None
+        if context is not None:
+            self.default_port = 443  # (the Host header leaves out the default port, as HTTPSConnection does)
+
+    def connect(self) -> None:
+        self.timeout = _time_left(self._deadline)
+        super().connect()
+        raw = self.sock
+        if self._tls_context is not None:
+            raw.settimeout(_time_left(self._deadline))  # (bounds the whole handshake)
+            raw = self._tls_context.wrap_socket(raw, server_hostname=self.host)
+        self._raw = raw
+        self.sock = _DeadlineSocket(raw, self._deadline)
+
+    def discard(self) -> None:
+        """Close the connection and its socket."""
+        self.close()
+        raw, self._raw = self._raw, None
+        if raw is not None:
+            raw.close()
 
 
 class HTTPResponse:
@@ -285,13 +374,15 @@ class HTTPClient:
     ``"https://host:port"`` (an IPv6 host goes in brackets, ``"[::1]:4151"``; a
     URL may carry a path prefix, e.g. for a reverse proxy).  ``https`` uses
     *ssl_context* or :func:`ssl.create_default_context`.  *timeout* (seconds)
-    applies to connecting and to each socket read.  *headers* are added to every
+    bounds each request as a whole: connecting, the TLS handshake, sending and
+    reading the whole answer (a request still going when it passes fails with
+    ``HTTPError(0, "timed out after ...")``).  *headers* are added to every
     request (they are never logged).
 
     The address is checked here: a malformed one (including one with characters
     other than printable ASCII) raises :class:`ConfigError` naming ``address``
-    (TypeError when it is not a str); a non-positive or non-numeric *timeout*
-    raises :class:`ConfigError` naming ``timeout``; a header name that is not an
+    (TypeError when it is not a str); a non-positive, non-numeric or over a day (86400 s)
+    *timeout* raises :class:`ConfigError` naming ``timeout``; a header name that is not an
     HTTP token, or a value with CR/LF/NUL or not encodable as latin-1, raises
     :class:`ConfigError` naming ``headers``.
     """
@@ -366,15 +457,19 @@ class HTTPClient:
     # -- requests ---------------------------------------------------------
 
     def url_for(self, path: str, params: Optional[Params] = None) -> str:
-        """The full URL a request for *path* with query *params* goes to."""
+        """The full URL a request for *path* with query *params* goes to.
+
+        Raises TypeError or :class:`ConfigError` for a bad *path* or *params*, as :meth:`request` does.
+        """
+        path = _check_path(path)
         query = _encode_params(params)
         return f"{self._base_url}{path}" + (f"?{query}" if query else "")
 
-    def _connection(self) -> http.client.HTTPConnection:
+    def _connection(self, deadline: float) -> _Connection:
+        context = None
         if self._scheme == "https":
             context = self._ssl_context or ssl.create_default_context()
-            return http.client.HTTPSConnection(self._host, self._port, timeout=self._timeout, context=context)
-        return http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+        return _Connection(self._host, self._port, self._timeout, deadline, context)
 
     def request(
         self,
@@ -389,10 +484,11 @@ class HTTPClient:
         Raises :class:`HTTPError` with the HTTP status and the server's message
         (``{"message": ...}``, a legacy ``status_txt``, or the body text) for a
         non-2xx answer, and ``HTTPError(0, reason)`` raised from the underlying
-        exception when no answer arrived (refused, timed out, DNS, TLS, reset).
+        exception when no (whole) answer arrived (refused, not done within the client's
+        *timeout*, DNS, TLS, reset, closed without answering).
         Before connecting, a bad *method*, *path*, *params*, *body* or *content_type*
         raises TypeError or :class:`ConfigError` naming it (e.g. a method with CR/LF,
-        a non-ASCII path, params that are not a mapping, a str body).
+        a non-ASCII path or one not starting with "/", params that are not a mapping, a str body).
         """
         method = _check_method(method)
         path = _check_path(path)
@@ -413,7 +509,7 @@ class HTTPClient:
         headers.update(self._extra_headers)
 
         started = time.monotonic()
-        conn = self._connection()
+        conn = self._connection(started + self._timeout)  # one deadline for the whole request
         try:
             try:
                 conn.request(method, target, body=bytes(body) if body is not None else None, headers=headers)
@@ -435,7 +531,7 @@ class HTTPClient:
             logger.debug("%s %s failed after %.1f ms: %s", method, url, (time.monotonic() - started) * 1000, reason_text)
             raise HTTPError(0, reason_text, url) from exc
         finally:
-            conn.close()
+            conn.discard()
 
         logger.debug("%s %s -> %d (%.1f ms, %d bytes)", method, url, status, (time.monotonic() - started) * 1000, len(data))
         if not 200 <= status < 300:

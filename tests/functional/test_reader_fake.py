@@ -1026,7 +1026,7 @@ def test_heartbeat_hook_is_called(fake_nsqd: FakeNsqd, make_reader: Callable[...
 class _Lookupd:
     """A minimal nsqlookupd /lookup endpoint serving a fixed producer list."""
 
-    def __init__(self, producers: List[Dict[str, Any]]) -> None:
+    def __init__(self, producers: List[Dict[str, Any]], payload: Any = None) -> None:
         self.producers = producers
         self.requests = 0
         outer = self
@@ -1034,7 +1034,8 @@ class _Lookupd:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802
                 outer.requests += 1
-                body = json.dumps({"channels": [], "producers": outer.producers}).encode()
+                answer = {"channels": [], "producers": outer.producers} if payload is None else payload
+                body = json.dumps(answer).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -1082,6 +1083,44 @@ def test_lookupd_discovery_tries_the_next_lookupd_on_failure(fake_nsqd: FakeNsqd
         reader.close(5)
         lookupd.stop()
     assert reader.join(10) and live_tasks() == []
+
+
+def test_lookupd_producer_without_a_usable_address_does_not_hide_the_others(
+    fake_nsqd: FakeNsqd, backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # one entry without tcp_port used to fail the whole answer (KeyError): no nsqd was found
+    lookupd = _Lookupd([
+        {"broadcast_address": "127.0.0.1", "http_port": 4151},
+        {"broadcast_address": fake_nsqd.host, "tcp_port": fake_nsqd.port, "http_port": 1},
+    ])
+    reader = Reader(TOPIC, CHANNEL, lambda m: True, lookupd_http_addresses=lookupd.address, lookupd_poll_interval=60, backend=backend)
+    try:
+        with caplog.at_level(logging.WARNING):
+            reader.start()
+            fake_nsqd.wait_for_command("RDY 1", timeout=WAIT)
+        skipped = [r.getMessage() for r in caplog.records if r.name == "nsq_sync.httpapi.lookupd"]
+        assert len(skipped) == 1 and "skipped 1 of 2 producers" in skipped[0]
+        assert not [r for r in caplog.records if "query failed" in r.getMessage()]
+    finally:
+        reader.close(5)
+        lookupd.stop()
+    assert reader.join(10) and live_tasks() == []
+
+
+@pytest.mark.parametrize("payload", [[1, 2], {"channels": []}], ids=["a list", "no producers key"])
+def test_lookupd_answer_of_the_wrong_shape_is_that_lookupd_failing(backend: str, caplog: pytest.LogCaptureFixture, payload: Any) -> None:
+    # it used to be read as "no producers" without a word (the next lookupd was not asked)
+    lookupd = _Lookupd([], payload=payload)
+    reader = Reader(TOPIC, CHANNEL, lambda m: True, lookupd_http_addresses=lookupd.address, lookupd_poll_interval=60, backend=backend)
+    try:
+        with caplog.at_level(logging.WARNING, logger="nsq_sync.reader"):
+            assert reader.query_lookupd() == []
+        (failed,) = [r.getMessage() for r in caplog.records if r.name == "nsq_sync.reader"]
+        assert f"lookupd {lookupd.address} query failed: HTTP 200: not an nsqlookupd /lookup answer" in failed
+        assert lookupd.requests == 1
+    finally:
+        reader.close(5)
+        lookupd.stop()
 
 
 # ------------------------------------------------------------- validation

@@ -281,6 +281,25 @@ def test_lookupd_sees_nsqd_topics(nsq_cluster):
     assert lookupd.producers("lk") == []
 
 
+@pytest.mark.parametrize("spelling", ["[::1]:{port}", "::1:{port}"])
+def test_lookupd_tombstones_an_nsqd_with_an_ipv6_broadcast_address(nsqlookupd, spelling):
+    # nsqlookupd matches node against broadcast_address + ":" + http_port, never bracketed:
+    # "[::1]:PORT" was sent as is and matched nothing, "::1:PORT" was refused
+    lookupd = LookupdClient(nsqlookupd.http_address)
+    with started(NsqdProcess([nsqlookupd.tcp_address], extra_args=["--broadcast-address=::1"])) as v6, \
+            started(NsqdProcess([nsqlookupd.tcp_address])) as v4:
+        for proc in (v6, v4):
+            NsqdHTTPClient(proc.http_address).create_topic("v6")
+        wait_until(lambda: len(lookupd.producers("v6")) == 2, timeout=10, message="both nsqd registered")
+        assert ("::1", v6.tcp_port) in lookupd.producers("v6")
+
+        lookupd.tombstone_topic("v6", spelling.format(port=v6.http_port))
+        assert lookupd.producers("v6") == [("127.0.0.1", v4.tcp_port)]
+        nodes = {n["tcp_port"]: n for n in lookupd.nodes()}
+        assert (nodes[v6.tcp_port]["broadcast_address"], nodes[v6.tcp_port]["tombstones"]) == ("::1", [True])
+        assert nodes[v4.tcp_port]["tombstones"] == [False]
+
+
 def test_lookupd_admin_without_producers(nsqlookupd):
     lookupd = LookupdClient(nsqlookupd.http_address)
     lookupd.create_topic("manual")

@@ -326,6 +326,10 @@ def test_http_calls_refuse_bad_input_before_connecting(http_server: CountingServ
         ("path space", lambda: base.get_json("/a b"), ConfigError, "path"),
         ("path CRLF", lambda: base.get_json("/a\r\nX: y"), ConfigError, "path"),
         ("path None", lambda: base.get_json(None), TypeError, "path"),
+        # a path without its leading "/" was glued to the port: "http://127.0.0.1:4151ping"
+        ("path without /", lambda: base.get_text("ping"), ConfigError, "path"),
+        ("path empty", lambda: base.request("GET", ""), ConfigError, "path"),
+        ("url_for path without /", lambda: base.url_for("stats"), ConfigError, "path"),
         ("body str", lambda: base.post("/pub", {"topic": "t"}, "text"), TypeError, "body"),
         ("body int", lambda: base.post("/pub", {"topic": "t"}, 5), TypeError, "body"),  # was sent as 5 NUL bytes
         ("content_type CRLF", lambda: base.post("/pub", None, b"x", "text/plain\r\nX: y"), ConfigError, "content_type"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 import ssl
@@ -222,7 +223,8 @@ def test_non_str_address_is_type_error(address):
         HTTPClient(address)
 
 
-@pytest.mark.parametrize("timeout", [0, -1, 0.0, float("nan"), float("inf"), "5", None, True])
+# (1e10 and more passed, then every request failed with OverflowError from the socket layer)
+@pytest.mark.parametrize("timeout", [0, -1, 0.0, float("nan"), float("inf"), "5", None, True, 86400.5, 1e10, 10**20])
 def test_bad_timeout_raises_config_error(timeout):
     with pytest.raises(ConfigError) as info:
         HTTPClient("h:1", timeout=timeout)
@@ -232,6 +234,7 @@ def test_bad_timeout_raises_config_error(timeout):
 def test_timeout_accepts_int_and_float():
     assert HTTPClient("h:1", timeout=2).timeout == 2.0
     assert HTTPClient("h:1", timeout=0.25).timeout == 0.25
+    assert HTTPClient("h:1", timeout=86400).timeout == 86400.0
     assert HTTPClient("h:1").timeout == 5.0
 
 
@@ -428,6 +431,80 @@ def test_timeout_is_http_error_zero():
         silent.close()
 
 
+@pytest.fixture
+def trickle():
+    """``trickle(fast, slow, gap) -> address``: a server that answers one request with *fast*
+    at once, then *slow* one byte every *gap* seconds, then closes (or stops when the client hangs up)."""
+    stop = threading.Event()
+    listeners: List[socket.socket] = []
+    threads: List[threading.Thread] = []
+
+    def serve(listener: socket.socket, fast: bytes, slow: bytes, gap: float) -> None:
+        conn, _ = listener.accept()
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                data += chunk
+            try:
+                conn.sendall(fast)
+                for i in range(len(slow)):
+                    if stop.wait(gap):
+                        return
+                    conn.sendall(slow[i:i + 1])
+            except OSError:
+                return  # the client gave up
+
+    def start(fast: bytes, slow: bytes, gap: float) -> str:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listeners.append(listener)
+        thread = threading.Thread(target=serve, args=(listener, fast, slow, gap), daemon=True)
+        thread.start()
+        threads.append(thread)
+        return f"127.0.0.1:{listener.getsockname()[1]}"
+
+    yield start
+    stop.set()
+    for thread in threads:
+        thread.join(5)
+    for listener in listeners:
+        listener.close()
+
+
+TOPICS_BODY = b'{"topics": ["a"]}' + b" " * 43
+TOPICS_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-NSQ-Content-Type: nsq; version=1.0\r\n"
+               b"Content-Length: %d\r\n\r\n" % len(TOPICS_BODY))
+
+
+@pytest.mark.parametrize("trickled", ["status line and headers", "body"])
+def test_timeout_bounds_the_whole_request_not_each_read(trickle, trickled):
+    # a byte every 50 ms: every read is quick, the whole answer takes 3 s or more
+    # (it used to be read to the end: the timeout bounded each socket read only)
+    if trickled == "body":
+        address = trickle(TOPICS_HEAD, TOPICS_BODY, gap=0.05)
+    else:
+        address = trickle(b"", TOPICS_HEAD + TOPICS_BODY, gap=0.05)
+    c = LookupdClient(address, timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(HTTPError) as info:
+        c.topics()
+    assert time.monotonic() - started < 1.5
+    assert (info.value.status, info.value.message) == (0, "timed out after 0.5s")
+    assert isinstance(info.value.__cause__, (socket.timeout, TimeoutError))
+
+
+def test_an_answer_within_the_timeout_is_read_whole_even_when_slow_and_until_close(trickle):
+    # a Connection: close answer without Content-Length: http.client closes the connection
+    # before the body is read, which then runs to the end of the stream
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n"
+    address = trickle(head, TOPICS_BODY, gap=0.002)
+    assert LookupdClient(address, timeout=5).topics() == ["a"]
+
+
 def test_server_closing_without_answer_is_http_error_zero():
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
@@ -444,7 +521,9 @@ def test_server_closing_without_answer_is_http_error_zero():
         with pytest.raises(HTTPError) as info:
             HTTPClient(f"127.0.0.1:{listener.getsockname()[1]}", timeout=2).info()
         assert info.value.status == 0
-        assert info.value.__cause__ is not None
+        # a clean close, not a reset (RemoteDisconnected is a ConnectionResetError: it was reported as one)
+        assert info.value.message == "server closed the connection without answering"
+        assert isinstance(info.value.__cause__, http.client.RemoteDisconnected)
     finally:
         t.join(5)
         listener.close()
@@ -535,6 +614,60 @@ def test_stats_without_filters_sends_no_topic(server):
 
 
 @pytest.mark.parametrize(
+    "payload, problem",
+    [
+        ([1, 2], "a JSON array, not an object"),  # was read as "no producers"
+        ("proxy login", "a JSON string, not an object"),
+        (None, "a JSON null, not an object"),
+        ({"channels": []}, "no 'producers' list"),  # was read as "no producers"
+        ({"channels": [], "producers": {"a": 1}}, "'producers' is a JSON object, not a list"),  # was TypeError
+        ({"channels": [], "producers": "127.0.0.1:4150"}, "'producers' is a JSON string, not a list"),
+        ({"channels": "c1", "producers": []}, "'channels' is a JSON string, not a list"),
+    ],
+)
+def test_lookup_answer_of_the_wrong_shape_is_http_error(server, payload, problem):
+    server.route("GET", "/lookup", json_reply(payload))
+    c = LookupdClient(server.address)
+    for call in (c.lookup, c.producers):
+        with pytest.raises(HTTPError) as info:
+            call("t")
+        assert (info.value.status, info.value.message) == (200, f"not an nsqlookupd /lookup answer: {problem}")
+        assert info.value.url == f"http://{server.address}/lookup?topic=t"
+
+
+def test_lookup_null_lists_are_empty(server):
+    server.route("GET", "/lookup", json_reply({"channels": None, "producers": None}))
+    c = LookupdClient(server.address)
+    assert c.lookup("t") == {"channels": [], "producers": []}
+    assert c.producers("t") == []
+
+
+def test_producer_entries_without_a_usable_address_are_skipped_with_one_warning(server, caplog):
+    good = [{"broadcast_address": "h1", "tcp_port": 4150}, {"broadcast_address": "::1", "tcp_port": 5150}]
+    bad = [
+        {"broadcast_address": "127.0.0.1", "http_port": 4151},  # was KeyError 'tcp_port'
+        {"broadcast_address": "127.0.0.1", "tcp_port": None},  # was TypeError
+        {"broadcast_address": "127.0.0.1", "tcp_port": "4150"},
+        {"broadcast_address": "127.0.0.1", "tcp_port": True},
+        {"broadcast_address": "127.0.0.1", "tcp_port": 0},
+        {"broadcast_address": "127.0.0.1", "tcp_port": 65536},
+        {"tcp_port": 4150, "hostname": "x"},
+        {"broadcast_address": "", "tcp_port": 4150},
+        {"broadcast_address": None, "tcp_port": 4150},
+        {"broadcast_address": "bad host!", "tcp_port": 4150},
+        "127.0.0.1:4150",
+    ]
+    server.route("GET", "/lookup", json_reply({"channels": [], "producers": [good[0], *bad, good[1]]}))
+    c = LookupdClient(server.address)
+    with caplog.at_level("WARNING", logger="nsq_sync.httpapi.lookupd"):
+        assert c.producers("t") == [("h1", 4150), ("::1", 5150)]
+    (record,) = [r for r in caplog.records if r.name == "nsq_sync.httpapi.lookupd"]
+    assert record.levelname == "WARNING"
+    assert f"skipped {len(bad)} of {len(bad) + 2} producers of topic 't'" in record.getMessage()
+    assert c.lookup("t")["producers"] == [good[0], *bad, good[1]]  # lookup() returns them as sent
+
+
+@pytest.mark.parametrize(
     "method, args, path, params",
     [
         ("create_topic", ("t",), "/topic/create", {"topic": "t"}),
@@ -600,7 +733,10 @@ def test_lookupd_producers_topic_not_found(server):
         ("create_channel", ("t", "c"), "/channel/create", {"topic": "t", "channel": "c"}),
         ("delete_channel", ("t", "c"), "/channel/delete", {"topic": "t", "channel": "c"}),
         ("tombstone_topic", ("t", "h1:4151"), "/topic/tombstone", {"topic": "t", "node": "h1:4151"}),
-        ("tombstone_topic", ("t", "[::1]:4151"), "/topic/tombstone", {"topic": "t", "node": "[::1]:4151"}),
+        # nsqlookupd compares node with broadcast_address + ":" + http_port: IPv6 goes unbracketed
+        ("tombstone_topic", ("t", "[::1]:4151"), "/topic/tombstone", {"topic": "t", "node": "::1:4151"}),
+        ("tombstone_topic", ("t", "::1:4151"), "/topic/tombstone", {"topic": "t", "node": "::1:4151"}),
+        ("tombstone_topic", ("t", "[fe80::1%eth0]:4151"), "/topic/tombstone", {"topic": "t", "node": "fe80::1%eth0:4151"}),
     ],
 )
 def test_lookupd_admin_routes(server, method, args, path, params):
@@ -664,6 +800,11 @@ BAD_CALLS = [
     (LookupdClient, "tombstone_topic", ("t", "h:99999"), {}, ConfigError, "node"),
     (LookupdClient, "tombstone_topic", ("t", "h:1/x"), {}, ConfigError, "node"),
     (LookupdClient, "tombstone_topic", ("t", ("h", 1)), {}, TypeError, None),
+    (LookupdClient, "tombstone_topic", ("t", "[::zz]:4151"), {}, ConfigError, "node"),
+    (LookupdClient, "tombstone_topic", ("t", "::zz:4151"), {}, ConfigError, "node"),
+    (LookupdClient, "tombstone_topic", ("t", "[127.0.0.1]:4151"), {}, ConfigError, "node"),
+    (LookupdClient, "tombstone_topic", ("t", "[::1]"), {}, ConfigError, "node"),
+    (LookupdClient, "tombstone_topic", ("t", "[]:4151"), {}, ConfigError, "node"),
     (LookupdClient, "tombstone_topic", ("bad!", "h:1"), {}, ConfigError, "topic"),
 ]
 
