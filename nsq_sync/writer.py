@@ -365,7 +365,8 @@ class Writer:
         """Block until at least *count* nodes are connected; False on timeout.
 
         *timeout*: seconds (0..86400) or None (no limit). *count*: int from 1 to the number of
-        nsqd addresses. Raises ConfigError/TypeError naming the parameter for anything else.
+        nsqd addresses. Raises ConfigError/TypeError naming the parameter for anything else,
+        ClosedError once the Writer is closed (before or during the wait).
         """
         if timeout is not None:
             check_timeout(timeout)
@@ -377,6 +378,8 @@ class Writer:
         self._check_pid()  # (a forked child's or a deferred Writer's connections start now)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            if self._stopping.is_set():
+                raise ClosedError(f"{self.name} is closed")  # (it would never connect again)
             with self._lock:
                 if sum(1 for conn in self._connected if conn.connected()) >= count:
                     return True
@@ -596,7 +599,9 @@ class Writer:
             if conn is not None:
                 return conn
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or self._stopping.is_set():
+            if self._stopping.is_set():
+                raise ClosedError(f"{self.name} was closed before the publish could be sent")
+            if remaining <= 0:
                 raise NoConnectionsError(
                     f"no connection to any of {[n.address for n in self._nodes]} within the timeout"
                     + self._last_errors()
@@ -621,12 +626,20 @@ class Writer:
         try:
             retries = self.retries
             avoid: Optional[AsyncConn] = None
+            unknown: Optional[BaseException] = None  # a sent attempt's failure, outcome unknown
             while True:
                 connected = self._connected
                 if len(connected) == 1 and avoid is None and connected[0].state == "CONNECTED":
                     conn = connected[0]  # (_pick's one-connection case, inline: the path of many threads)
-                else:
+                elif unknown is None:
                     conn = self._wait_for_conn(deadline, avoid)
+                else:
+                    try:
+                        conn = self._wait_for_conn(deadline, avoid)
+                    except (NoConnectionsError, ClosedError):
+                        # The retry found no connection: the sent attempt's error, which says the
+                        # outcome is unknown, not one that says the message never left.
+                        raise unknown from None
                 lane = None
                 if self._max_lanes and conn._parked and conn._read_token.locked():
                     # Another publishing thread reads this connection (its reader task is
@@ -656,6 +669,7 @@ class Writer:
                         raise
                     retries -= 1
                     avoid = conn
+                    unknown = exc
                     logger.info("%s: publish failed on %s; re-sending on another node", self.name, conn.id)
                 finally:
                     if lane is not None:
@@ -847,6 +861,8 @@ class Writer:
             elif isinstance(exc, _RETRYABLE) and (retries > 0 or getattr(exc, "unprocessed", False)) and time.monotonic() < deadline:
                 # Runs on the connection's reader: re-send from a worker instead.
                 left = retries if getattr(exc, "unprocessed", False) else retries - 1
+                if not getattr(exc, "unprocessed", False):
+                    outer.unknown = exc  # type: ignore[attr-defined]  # (it may have landed: see _unsent_error)
                 try:
                     self.pool.control.submit(self._attempt, data, deadline, left, outer, conn)
                 except RuntimeError:
@@ -899,6 +915,17 @@ class Writer:
         for item in parked:
             _settle(item[3], error=ClosedError(f"{self.name} closed before the publish was sent"))
 
+    def _unsent_error(self, future: "Future[bytes]") -> BaseException:
+        """Why a publish waiting for a connection fails: the unknown outcome of an earlier
+        attempt nsqd may have run (a retry that found no connection must not say "never
+        sent"), ClosedError when close() ended the wait, else NoConnectionsError."""
+        unknown = getattr(future, "unknown", None)
+        if unknown is not None:
+            return unknown  # type: ignore[no-any-return]
+        if self._stopping.is_set():
+            return ClosedError(f"{self.name} was closed before the publish could be sent")
+        return NoConnectionsError(f"no connection to any of {[n.address for n in self._nodes]} within the timeout" + self._last_errors())
+
     def _housekeeping(self) -> None:
         """One task per Writer: fails async publishes at their deadline and sends parked ones when a node connects."""
         while True:
@@ -933,12 +960,12 @@ class Writer:
                         conn._timed_out_at = time.time()  # (passed over while silent: see _pick)
                     _settle(future, error=TimeoutError("no answer from nsqd within the timeout; the publish may or may not have landed"))
                 else:
-                    _settle(future, error=NoConnectionsError(f"no connection to any of {[n.address for n in self._nodes]} within the timeout"))
+                    _settle(future, error=self._unsent_error(future))
             for data, deadline, retries, outer, avoid in resend:
                 if outer.done():
                     continue
                 if self._stopping.is_set() or time.monotonic() >= deadline:
-                    _settle(outer, error=NoConnectionsError(f"no connection to any of {[n.address for n in self._nodes]} within the timeout"))
+                    _settle(outer, error=self._unsent_error(outer))
                 else:
                     self._attempt(data, deadline, retries, outer, avoid)
             if self._stopping.is_set() and idle:

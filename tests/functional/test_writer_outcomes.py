@@ -1,0 +1,135 @@
+"""What a publish that could not complete says about its message, against the fake nsqd.
+
+The error type is the application's answer to "did it land?" (docs/writer.md): NoConnectionsError
+says it never left, ConnectionClosedError and TimeoutError that it may have, ClosedError that
+close() ended the wait. Each case below used to give the wrong one.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from typing import Any, List
+
+import pytest
+from fake_nsqd import FakeNsqd, close
+
+from nsq_sync.errors import ClosedError, ConnectionClosedError, NoConnectionsError
+from nsq_sync.testing import wait_until
+from nsq_sync.writer import Writer
+
+pytestmark = pytest.mark.timeout(60)
+
+WAIT = 10.0
+
+
+def vanish_at_pub(fake: FakeNsqd) -> None:
+    """The fake takes the PUB in, then goes away for good: it closes the connection without
+    answering and refuses every connection from then on (an nsqd that crashed after reading)."""
+
+    def vanish(session: Any, command: Any) -> Any:
+        fake._stopping = True
+        fake._listener.close()  # type: ignore[union-attr]
+        return close()
+
+    fake.set_answer("PUB", vanish)
+
+
+def refused_address() -> str:
+    """A loopback address where nothing listens."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return f"127.0.0.1:{port}"
+
+
+def test_a_retry_that_finds_no_connection_keeps_the_unknown_outcome(backend: str) -> None:
+    # With retries=1, the retry of a PUB nsqd had read found no connection and raised
+    # NoConnectionsError ("it never left"): an application spooling those re-sends, and
+    # duplicates, what nsqd may have stored.
+    fake = FakeNsqd().start()
+    vanish_at_pub(fake)
+    writer = Writer(f"127.0.0.1:{fake.port}", retries=1, publish_timeout=2, backend=backend)
+    try:
+        assert writer.wait_connected(WAIT)
+        with pytest.raises(ConnectionClosedError) as info:
+            writer.pub("t", b"read by nsqd")
+        assert not getattr(info.value, "unprocessed", False)
+        assert fake.published == [("t", b"read by nsqd", None)]
+    finally:
+        writer.close(1)
+        fake.stop()
+
+
+def test_close_ends_an_async_retry_with_the_unknown_outcome(backend: str) -> None:
+    # The retry of a PUB nsqd had read waits for a connection; close() ended it with
+    # NoConnectionsError ("it never left").
+    fake = FakeNsqd().start()
+    vanish_at_pub(fake)
+    writer = Writer(f"127.0.0.1:{fake.port}", retries=1, publish_timeout=30, backend=backend)
+    try:
+        assert writer.wait_connected(WAIT)
+        future = writer.pub_async("t", b"read by nsqd")
+        wait_until(lambda: writer._parked, WAIT, message="the retry to wait for a connection")
+        writer.close(0.5)
+        assert isinstance(future.exception(WAIT), ConnectionClosedError), repr(future.exception())
+        assert fake.published == [("t", b"read by nsqd", None)]
+    finally:
+        writer.close(1)
+        fake.stop()
+
+
+def test_close_ends_publishes_waiting_for_a_connection_with_closed_error(backend: str) -> None:
+    # They failed with NoConnectionsError "within the timeout" (the blocking one a second into
+    # its 30 s): close() ended their wait, which is what ClosedError says.
+    writer = Writer(refused_address(), publish_timeout=30, backend=backend)
+    outcomes: List[Any] = []
+    waiting = threading.Event()
+
+    def blocking() -> None:
+        waiting.set()
+        try:
+            outcomes.append(writer.pub("t", b"blocking"))
+        except Exception as exc:
+            outcomes.append(exc)
+
+    publisher = threading.Thread(target=blocking, name="test-pub")
+    try:
+        future = writer.pub_async("t", b"async")
+        called: List[Any] = []
+        writer.pub("t", b"callback", callback=lambda conn, data: called.append(data))
+        publisher.start()
+        assert waiting.wait(WAIT)
+        started = time.monotonic()
+        writer.close(0.5)
+        publisher.join(WAIT)
+        assert not publisher.is_alive() and time.monotonic() - started < 5
+        assert isinstance(outcomes[0], ClosedError), repr(outcomes[0])
+        assert isinstance(future.exception(WAIT), ClosedError), repr(future.exception())
+        assert not isinstance(future.exception(), NoConnectionsError)
+        wait_until(lambda: called, WAIT, message="the callback")
+        assert isinstance(called[0], ClosedError), repr(called[0])
+    finally:
+        writer.close(0.1)
+        publisher.join(WAIT)
+
+
+def test_wait_connected_after_close_raises_closed_error(backend: str) -> None:
+    # It waited for ever (a closed Writer never connects again); with a timeout, the whole timeout.
+    writer = Writer(refused_address(), backend=backend)
+    writer.close(0.1)
+    result: List[Any] = []
+
+    def wait() -> None:
+        try:
+            result.append(writer.wait_connected())
+        except Exception as exc:
+            result.append(exc)
+
+    waiter = threading.Thread(target=wait, name="test-wait-connected", daemon=True)
+    waiter.start()
+    waiter.join(WAIT)
+    assert not waiter.is_alive(), "wait_connected() after close() never returned"
+    assert isinstance(result[0], ClosedError), repr(result[0])
