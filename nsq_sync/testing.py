@@ -27,6 +27,11 @@ All brokers listen on 127.0.0.1 only, on ports picked by the kernel (port 0);
 the real ports are read from the broker's log lines
 (``TCP: listening on 127.0.0.1:41234``) and kept across :meth:`restart`.
 
+Brokers never outlive the process that started them: at a normal exit ``atexit``
+kills them; if the process dies otherwise (SIGTERM, SIGKILL, ``os._exit``), a
+watchdog process started with the first broker kills them and removes their
+temporary data directories (see docs/testing.md).
+
 gevent: the module only uses ``threading``, ``subprocess``, ``socket`` and
 ``time`` through their module attributes, and imports ``ssl``/``urllib``/
 ``http`` lazily, so it works under ``gevent.monkey.patch_all()`` even when it
@@ -47,6 +52,7 @@ import shutil
 import signal
 import struct
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -265,11 +271,151 @@ def _cleanup_at_exit() -> None:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(5)
+            _watch("-pid", proc.pid)
         except Exception:  # pragma: no cover - best effort at exit
             pass
     for path, owner in list(_OWNED_DIRS.items()):
         if owner == pid:
             shutil.rmtree(path, ignore_errors=True)
+            _watch("-dir", path)
+
+
+# atexit does not run when the process dies otherwise (SIGTERM, SIGKILL, os._exit). For
+# that, the first broker a process starts also starts one watchdog: a small Python process
+# in its own session that reads a pipe from this process. Every broker pid and owned temp
+# dir is announced on the pipe ("+pid"/"+dir") and withdrawn once stopped or removed
+# ("-pid"/"-dir"). When this process ends, however it ends, the kernel closes the pipe; at
+# end of file the watchdog kills the brokers still announced and removes the dirs. On Linux
+# it holds a pidfd per broker, so a pid reused after the broker was reaped is never hit.
+_WATCHDOG_SCRIPT = r"""
+import json, os, select, shutil, signal, sys, time
+for name in ("SIGINT", "SIGHUP"):
+    if hasattr(signal, name):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+pids, dirs = {}, set()
+for line in sys.stdin.buffer:
+    try:
+        op, arg = json.loads(line)
+    except ValueError:
+        continue
+    if op == "+pid":
+        handle = None
+        if hasattr(os, "pidfd_open"):
+            try:
+                handle = os.pidfd_open(arg)
+            except OSError:
+                continue  # already gone
+        pids[arg] = handle
+    elif op == "-pid":
+        handle = pids.pop(arg, None)
+        if handle is not None:
+            os.close(handle)
+    elif op == "+dir":
+        dirs.add(arg)
+    elif op == "-dir":
+        dirs.discard(arg)
+kill = getattr(signal, "SIGKILL", signal.SIGTERM)
+for pid, handle in pids.items():
+    try:
+        if handle is not None:
+            signal.pidfd_send_signal(handle, kill)
+        else:
+            os.kill(pid, kill)
+    except OSError:
+        pass
+deadline = time.monotonic() + 5.0
+for pid, handle in pids.items():
+    while time.monotonic() < deadline:
+        if handle is not None:
+            if select.select([handle], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                break
+            continue
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            break
+        time.sleep(0.05)
+for path in dirs:
+    shutil.rmtree(path, ignore_errors=True)
+"""
+
+# _watchdog_lock is held across Popen, which yields under gevent: it is made on first use
+# (after any monkey-patching); _watchdog_guard, held only to make it, never yields.
+_watchdog_guard = threading.Lock()
+_watchdog_lock: Optional[threading.Lock] = None
+_watchdog_fd: Optional[int] = None  # write end of the pipe the watchdog reads
+_watchdog_proc: Optional["subprocess.Popen[bytes]"] = None
+_watchdog_failed = False
+
+
+def _start_watchdog() -> Optional[int]:
+    """Start this process's watchdog (lock held); the pipe's write end, None if it cannot run."""
+    global _watchdog_fd, _watchdog_proc, _watchdog_failed
+    python = sys.executable
+    if not python or not re.match(r"(python|pypy)", os.path.basename(python).lower()):
+        # embedded interpreter (uWSGI & co.): sys.executable is not a Python to run
+        logger.info("no broker watchdog: sys.executable %r is not a Python interpreter", python)
+        _watchdog_failed = True
+        return None
+    read_end, write_end = os.pipe()  # both close-on-exec: brokers started later do not hold it
+    try:
+        _watchdog_proc = subprocess.Popen(
+            [python, "-I", "-S", "-c", _WATCHDOG_SCRIPT],
+            stdin=read_end,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=os.path.abspath(os.sep),
+            start_new_session=True,  # no Ctrl-C / group kill reaches it: it outlives this process
+        )
+    except OSError as exc:
+        os.close(write_end)
+        logger.warning("no broker watchdog (%s): brokers are only killed at a normal exit", exc)
+        _watchdog_failed = True
+        return None
+    finally:
+        os.close(read_end)
+    _watchdog_fd = write_end
+    return write_end
+
+
+def _watch(op: str, arg: Union[int, str]) -> None:
+    """Tell this process's watchdog ``op`` (``+pid``, ``-pid``, ``+dir``, ``-dir``) ``arg``;
+    the first ``+`` starts it. Best effort: without a watchdog only atexit cleans up."""
+    global _watchdog_failed, _watchdog_lock
+    with _watchdog_guard:
+        if _watchdog_lock is None:
+            _watchdog_lock = threading.Lock()
+        lock = _watchdog_lock
+    with lock:
+        fd = _watchdog_fd
+        if fd is None:
+            if op.startswith("-") or _watchdog_failed:
+                return
+            fd = _start_watchdog()
+            if fd is None:
+                return
+        try:
+            os.write(fd, json.dumps([op, arg]).encode() + b"\n")
+        except OSError as exc:  # the watchdog died (EPIPE)
+            logger.warning("broker watchdog gone (%s): brokers are only killed at a normal exit", exc)
+            _watchdog_failed = True
+
+
+def _watchdog_after_fork() -> None:
+    # The child must not keep its parent's pipe open (the watchdog would not see the
+    # parent die) nor write to it; brokers it starts get a watchdog of its own.
+    global _watchdog_fd, _watchdog_proc, _watchdog_failed, _watchdog_lock, _watchdog_guard
+    _watchdog_guard, _watchdog_lock = threading.Lock(), None
+    fd, _watchdog_fd, _watchdog_proc, _watchdog_failed = _watchdog_fd, None, None, False
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:  # pragma: no cover
+            pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_watchdog_after_fork)
 
 
 # --------------------------------------------------------------------------
@@ -365,12 +511,26 @@ class _BrokerProcess:
     @property
     def running(self) -> bool:
         """True while the process is alive (also while paused)."""
-        return self._proc is not None and self._proc.poll() is None
+        return self._proc is not None and self._poll(self._proc) is None
 
     @property
     def returncode(self) -> Optional[int]:
         """Exit status of the last process, None while running or never started."""
-        return self._proc.poll() if self._proc is not None else None
+        return self._poll(self._proc) if self._proc is not None else None
+
+    def _poll(self, proc: "subprocess.Popen[bytes]") -> Optional[int]:
+        status = proc.poll()
+        if status is not None:
+            self._released(proc)
+        return status
+
+    def _released(self, proc: "subprocess.Popen[bytes]") -> None:
+        """``proc`` has exited and is reaped: withdraw it from the exit cleanup and the
+        watchdog (which must not signal its pid once it may be reused)."""
+        entry = _RUNNING.get(id(self))
+        if entry is not None and entry[0] is proc:
+            del _RUNNING[id(self)]
+            _watch("-pid", proc.pid)
 
     @property
     def tcp_address(self) -> str:
@@ -485,6 +645,7 @@ class _BrokerProcess:
         self._paused = False
         self._owner_pid = os.getpid()
         _RUNNING[id(self)] = (proc, self._owner_pid)
+        _watch("+pid", proc.pid)
         reader = threading.Thread(
             target=self._read_output,
             args=(proc,),
@@ -652,7 +813,7 @@ class _BrokerProcess:
             else:
                 logger.info("stopped %s pid %s (status %s)", self.binary_name, proc.pid, proc.returncode)
         self._paused = False
-        _RUNNING.pop(id(self), None)
+        self._released(proc)
         self._join_reader()
         return proc.returncode
 
@@ -668,7 +829,7 @@ class _BrokerProcess:
             self._send(signal.SIGKILL)
             proc.wait(10)
         self._paused = False
-        _RUNNING.pop(id(self), None)
+        self._released(proc)
         self._join_reader()
         return proc.returncode
 
@@ -891,6 +1052,7 @@ class NsqdProcess(_BrokerProcess):
             self.data_path = tempfile.mkdtemp(prefix="nsq_sync-nsqd-")
             self._owns_data_path = True
             _OWNED_DIRS[self.data_path] = os.getpid()
+            _watch("+dir", self.data_path)
         else:
             os.makedirs(self.data_path, exist_ok=True)
 
@@ -944,6 +1106,7 @@ class NsqdProcess(_BrokerProcess):
         if self._owns_data_path and self.data_path and not self._forked():
             shutil.rmtree(self.data_path, ignore_errors=True)
             _OWNED_DIRS.pop(self.data_path, None)
+            _watch("-dir", self.data_path)
             self.data_path = None
             self._owns_data_path = False
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -513,3 +514,79 @@ def test_a_forked_child_leaves_its_parents_broker_and_data_alone() -> None:
     finally:
         nsqd.close()
     assert not os.path.exists(data_path)
+
+
+# --------------------------------------------------------------------------
+# a test process that dies without a normal exit
+
+
+def process_gone(pid: int) -> bool:
+    """The process is gone or a zombie (its parent died and nobody reaped it yet)."""
+    if pid_gone(pid):
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return pid_gone(pid)
+
+
+_DYING_SCRIPT = r"""
+import os, signal, sys, threading
+from nsq_sync.testing import NsqdProcess, NsqlookupdProcess
+lookupd = NsqlookupdProcess().start()
+started = []
+# from a thread that ends at once: the brokers must outlive the thread, not the process
+thread = threading.Thread(target=lambda: started.append(NsqdProcess().start()))
+thread.start()
+thread.join()
+nsqd = started[0]
+print(lookupd.pid, nsqd.pid, nsqd.data_path, flush=True)
+if sys.argv[1] == "os._exit":
+    os._exit(3)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM", "SIGHUP", "os._exit"])
+def test_brokers_die_with_the_process_that_started_them(how: str) -> None:
+    """atexit does not run when a test process is killed (or pytest-timeout ends it with
+    os._exit): the brokers it started kept running with parent 1 and their temp data dirs
+    stayed. Now they are killed and the dirs removed, however the process ends."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(testing.__file__).resolve().parents[1])] + [p for p in [env.get("PYTHONPATH")] if p]
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", _DYING_SCRIPT, how],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    pids: list = []
+    data_path = ""
+    try:
+        assert child.stdout is not None
+        line = child.stdout.readline().decode()
+        assert line, f"the child failed to start brokers (status {child.wait(10)})"
+        lookupd_pid, nsqd_pid, data_path = line.split()
+        pids = [int(lookupd_pid), int(nsqd_pid)]
+        assert not any(process_gone(pid) for pid in pids) and os.path.isdir(data_path)
+        if how != "os._exit":
+            child.send_signal(getattr(signal, how))
+        child.wait(10)
+        wait_until(
+            lambda: all(process_gone(pid) for pid in pids) and not os.path.exists(data_path),
+            timeout=10,
+            message="the brokers to die and their data dir to go",
+        )
+    finally:
+        child.kill()
+        child.wait(10)
+        for pid in pids:  # the old behaviour: the brokers outlive the child
+            if not process_gone(pid):
+                os.kill(pid, signal.SIGKILL)
+        if data_path:
+            wait_until(lambda: all(process_gone(pid) for pid in pids), timeout=10, message="brokers gone")
+            shutil.rmtree(data_path, ignore_errors=True)
