@@ -457,6 +457,8 @@ def _check_start_timeout(start_timeout: object) -> float:
 # broker processes
 
 _LISTEN_RE = re.compile(r"\b(TCP|HTTP|HTTPS): listening on (\S+)")
+# --log-level values that hide the INFO "listening on" lines the ports are read from
+_QUIET_LOG_LEVELS = ("warn", "error", "fatal")
 _START_MARKER = "---- nsq_sync.testing: starting "
 
 
@@ -500,6 +502,22 @@ class _BrokerProcess:
 
     def _prepare(self) -> None:
         """Called before each spawn (e.g. to create the data dir)."""
+
+    def _log_level_args(self) -> List[str]:
+        """``["--log-level=info"]`` if ``extra_args`` sets a level that hides INFO lines.
+
+        The ports are learned from the INFO ``listening on`` lines, so a quieter level is
+        overridden by a later flag (the last one wins) rather than failing every start.
+        """
+        level = None
+        args = self.extra_args
+        for index, arg in enumerate(args):
+            name, equals, value = arg.lstrip("-").partition("=")
+            if name == "log-level":
+                level = value if equals else (args[index + 1] if index + 1 < len(args) else None)
+        if level is not None and level.lower() in _QUIET_LOG_LEVELS:
+            return ["--log-level=info"]
+        return []
 
     # ---- public properties
 
@@ -924,7 +942,9 @@ class _BrokerProcess:
 class NsqlookupdProcess(_BrokerProcess):
     """A real ``nsqlookupd`` on 127.0.0.1 with kernel-assigned TCP/HTTP ports.
 
-    ``extra_args`` are appended verbatim to the command line (later flags win).
+    ``extra_args`` are appended verbatim to the command line (later flags win);
+    a ``--log-level`` of ``warn``, ``error`` or ``fatal`` is followed by
+    ``--log-level=info``: the ports are read from INFO log lines.
 
     Raises:
         TypeError: ``extra_args`` is a str (not a list of them) or holds a non-str;
@@ -948,7 +968,7 @@ class NsqlookupdProcess(_BrokerProcess):
             f"--tcp-address={self.host}:{self.tcp_port or 0}",
             f"--http-address={self.host}:{self.http_port or 0}",
             f"--broadcast-address={self.host}",
-        ] + self.extra_args
+        ] + self.extra_args + self._log_level_args()
 
     def nodes(self) -> List[Dict[str, Any]]:
         """The producers (nsqd nodes) registered with this lookupd (``GET /nodes``).
@@ -991,7 +1011,9 @@ class NsqdProcess(_BrokerProcess):
     Args:
         lookupd_tcp_addresses: ``"host:port"`` of nsqlookupds to register with.
         extra_args: appended verbatim to the command line (later flags win),
-            e.g. ``["--mem-queue-size=0", "--auth-http-address=127.0.0.1:9"]``.
+            e.g. ``["--mem-queue-size=0", "--auth-http-address=127.0.0.1:9"]``;
+            a ``--log-level`` of ``warn``, ``error`` or ``fatal`` is followed by
+            ``--log-level=info``: the ports are read from INFO log lines.
         data_path: data directory; by default a temp dir is created on first
             start and removed by :meth:`close` / leaving the ``with`` block.
             It is kept across :meth:`restart`, so queued messages survive.
@@ -1081,7 +1103,7 @@ class NsqdProcess(_BrokerProcess):
             if self.tls_root_ca:
                 args.append(f"--tls-root-ca-file={self.tls_root_ca}")
         args += [f"--lookupd-tcp-address={a}" for a in self.lookupd_tcp_addresses]
-        return args + self.extra_args
+        return args + self.extra_args + self._log_level_args()
 
     @property
     def https_address(self) -> Optional[str]:

@@ -590,3 +590,34 @@ def test_brokers_die_with_the_process_that_started_them(how: str) -> None:
         if data_path:
             wait_until(lambda: all(process_gone(pid) for pid in pids), timeout=10, message="brokers gone")
             shutil.rmtree(data_path, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------
+# extra_args
+
+
+@pytest.mark.parametrize(
+    "cls, extra_args",
+    [
+        (NsqdProcess, ["--log-level=warn"]),
+        (NsqdProcess, ["-log-level", "ERROR"]),
+        (NsqlookupdProcess, ["--log-level=fatal"]),
+    ],
+)
+def test_a_quiet_log_level_still_starts(cls: type, extra_args: list) -> None:
+    """The ports are read from INFO lines: --log-level=warn (or error) made every start fail
+    with "did not report listeners". A later --log-level=info now wins."""
+    with cls(extra_args=extra_args, start_timeout=5) as proc:
+        assert http(proc.http_url("/ping")) == (200, b"OK")
+        ports = (proc.tcp_port, proc.http_port)
+        started = [line for line in proc.log_text().splitlines() if line.startswith("---- nsq_sync")]
+        assert started[-1].endswith(" ".join(extra_args) + " --log-level=info"), started
+        proc.restart()
+        assert (proc.tcp_port, proc.http_port) == ports
+        assert http(proc.http_url("/ping")) == (200, b"OK")
+
+
+def test_a_debug_log_level_is_kept() -> None:
+    with NsqdProcess(extra_args=["--log-level=debug"]) as proc:
+        assert "--log-level=info" not in proc.log_text()
+        assert "--log-level=debug" in proc.log_text()
