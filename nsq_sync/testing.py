@@ -460,6 +460,10 @@ _LISTEN_RE = re.compile(r"\b(TCP|HTTP|HTTPS): listening on (\S+)")
 # --log-level values that hide the INFO "listening on" lines the ports are read from
 _QUIET_LOG_LEVELS = ("warn", "error", "fatal")
 _START_MARKER = "---- nsq_sync.testing: starting "
+# the FATAL line of a broker whose port is taken: "... listen tcp 127.0.0.1:4151: bind: address already in use"
+_IN_USE_RE = re.compile(r"listen tcp (\S+): bind: address already in use")
+_RETRY_PAUSE = 0.1  # between start attempts while a known port is in use
+_LATE_LINES = 1.0  # how long, past the deadline, listening lines may still be on their way
 
 
 class _BrokerProcess:
@@ -601,18 +605,22 @@ class _BrokerProcess:
     def start(self: _P) -> _P:
         """Start the broker and wait until it answers ``GET /ping``; no-op if running.
 
-        The first start uses kernel-assigned ports; later starts reuse them.
+        The first start uses kernel-assigned ports; later starts reuse them. While one
+        of them is still in use (the old socket, another process), the start is retried
+        until ``start_timeout``.
 
         Raises:
             BrokerNotFoundError: the executable cannot be found.
             BrokerStartError: the process exited or did not become ready within
-                ``start_timeout`` seconds (the message contains its log tail).
+                ``start_timeout`` seconds (the message contains its log tail), or one of
+                its known ports stayed in use by another process (the message names it).
         """
         if self.running:
             return self
         binary = self.binary or find_binary(self.binary_name)
         deadline = time.monotonic() + self.start_timeout
         retried = False
+        taken: Optional[str] = None  # log of the latest attempt that found a port in use
         while True:
             self._prepare()
             args = [binary] + self._build_args()
@@ -620,21 +628,26 @@ class _BrokerProcess:
                 self._spawn(args)
                 self._wait_listening(deadline)
                 self._wait_ready(deadline)
-            except BrokerStartError:
+            except BrokerStartError as exc:
                 current = self._current_log()
                 self.kill()
+                if self._ports_fixed and _IN_USE_RE.search(current):
+                    taken = current
+                    # the old socket / another process still holds the port: retry while
+                    # there is time for another attempt, never past the deadline
+                    if deadline - time.monotonic() > _RETRY_PAUSE:
+                        logger.info("%s: port still in use, retrying", self.binary_name)
+                        time.sleep(_RETRY_PAUSE)
+                        continue
+                    raise self._port_taken_error(taken) from None
+                if taken is not None:  # the last attempt ran out of time; the ones before met a taken port
+                    raise self._port_taken_error(taken, str(exc).split("\n", 1)[0]) from None
                 silent = current.count("\n") == 0  # not a line of output: a stuck start, try once more
-                if (
-                    self._ports_fixed
-                    and ("address already in use" in current or (silent and not retried))
-                    and time.monotonic() < deadline + (self.start_timeout if silent else 0)
-                ):
-                    if silent:
-                        retried = True
-                        deadline = time.monotonic() + self.start_timeout
-                    # the old socket / another process still holds the port; retry
-                    logger.info("%s: port still in use, retrying", self.binary_name)
-                    time.sleep(0.1)
+                if self._ports_fixed and silent and not retried:
+                    retried = True
+                    deadline = time.monotonic() + self.start_timeout
+                    logger.info("%s: printed nothing while starting, retrying", self.binary_name)
+                    time.sleep(_RETRY_PAUSE)
                     continue
                 raise
             except BaseException:
@@ -703,14 +716,29 @@ class _BrokerProcess:
                 return "\n".join(lines[index:])
         return "\n".join(lines)
 
-    def _start_error(self, reason: str) -> BrokerStartError:
-        lines = self._current_log().splitlines()
+    def _port_taken_error(self, log: str, last: Optional[str] = None) -> BrokerStartError:
+        """The error for a restart whose known port stayed in use (``log``: that attempt's)."""
+        match = _IN_USE_RE.search(log)
+        assert match is not None
+        port = _split_host_port(match.group(1))[1]
+        names = {self.tcp_port: "TCP", self.http_port: "HTTP", self.https_port: "HTTPS"}
+        reason = (
+            f"could not start within {self.start_timeout:g}s: its {names.get(port, 'known')} "
+            f"port {port} is in use by another process (address already in use)"
+        )
+        if last:
+            reason += f"; the last attempt: {last}"
+        return self._start_error(reason, log)
+
+    def _start_error(self, reason: str, log: Optional[str] = None) -> BrokerStartError:
+        lines = (self._current_log() if log is None else log).splitlines()
         if len(lines) > 50:  # keep the head too: flag errors come before the usage text
             lines = lines[:15] + [f"... ({len(lines) - 45} lines omitted) ..."] + lines[-30:]
         log = "\n".join(lines)
         return BrokerStartError(f"{self.binary_name} {reason}\n--- log ---\n{log}")
 
-    def _wait_listening(self, deadline: float) -> None:
+    def _listeners_by(self, deadline: float) -> Dict[str, str]:
+        """The listening lines seen once all expected ones are, the process ended, or ``deadline``."""
         expected = self._expected_listeners()
         proc = self._proc
         assert proc is not None
@@ -722,7 +750,25 @@ class _BrokerProcess:
                 if remaining <= 0:
                     break
                 self._cond.wait(min(remaining, 0.1))
-            listening = dict(self._listening)
+            return dict(self._listening)
+
+    def _wait_listening(self, deadline: float) -> None:
+        expected = self._expected_listeners()
+        proc = self._proc
+        assert proc is not None
+        listening = self._listeners_by(deadline)
+        if not expected.issubset(listening) and proc.poll() is None and self._ports_fixed:
+            if self._known_ports_answer():
+                # Something serves on the known ports. This broker logs its listening lines
+                # before it serves, so they may only be late (a loaded machine); if they do
+                # not come, the answer is from another process that took the port.
+                listening = self._listeners_by(time.monotonic() + _LATE_LINES)
+                if not expected.issubset(listening) and proc.poll() is None:
+                    raise self._start_error(
+                        f"did not report {sorted(expected - set(listening))} listeners within "
+                        f"{self.start_timeout:g}s, and port {self.http_port} answers /ping: another "
+                        "process serves on its port"
+                    )
         if not expected.issubset(listening):
             if proc.poll() is not None:
                 try:
@@ -731,10 +777,6 @@ class _BrokerProcess:
                     pass
                 self._join_reader()
                 raise self._start_error(f"exited with status {proc.returncode} while starting")
-            if self._ports_fixed and self._known_ports_answer():
-                # Restarted on its known ports and serving, but its log lines did not reach us.
-                logger.info("%s: serving on its known ports; its listening lines were not seen", self.binary_name)
-                return
             raise self._start_error(
                 f"did not report {sorted(expected - set(listening))} listeners "
                 f"within {self.start_timeout:g}s"
@@ -1109,13 +1151,6 @@ class NsqdProcess(_BrokerProcess):
     def https_address(self) -> Optional[str]:
         """``"127.0.0.1:PORT"`` of the HTTPS listener, None without TLS."""
         return f"{self.host}:{self.https_port}" if self.https_port else None
-
-    def _known_ports_answer(self) -> bool:
-        try:
-            status, body = _http_request(self.http_url("/ping"), timeout=1.0)
-        except OSError:
-            return False
-        return self._ping_ok(status, body)
 
     def _ping_ok(self, status: int, body: bytes) -> bool:
         # with --tls-required=true the plain HTTP port answers every request with

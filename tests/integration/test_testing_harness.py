@@ -448,10 +448,10 @@ def test_tls_required_nsqd_starts_and_helpers_use_https(tls_files: TLSFiles) -> 
 # binary discovery
 
 
-def _make_fake_binary(directory: Path, name: str) -> Path:
+def _make_fake_binary(directory: Path, name: str, body: str = "exit 0") -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / name
-    path.write_text("#!/bin/sh\nexit 0\n")
+    path.write_text(f"#!/bin/sh\n{body}\n")
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
     return path
 
@@ -621,3 +621,91 @@ def test_a_debug_log_level_is_kept() -> None:
     with NsqdProcess(extra_args=["--log-level=debug"]) as proc:
         assert "--log-level=info" not in proc.log_text()
         assert "--log-level=debug" in proc.log_text()
+
+
+# --------------------------------------------------------------------------
+# a known port taken by another process on restart
+
+
+def test_restart_refuses_another_nsqd_on_its_http_port() -> None:
+    """Another nsqd took the HTTP port freed by stop(): start() retried until the deadline,
+    spawned one last attempt with no time left and took the other nsqd's /ping answer as
+    its own, so it "succeeded" with its own nsqd dead and its helpers talking to the other."""
+    import time
+
+    proc = NsqdProcess(start_timeout=2).start()
+    try:
+        proc.stop()
+        with NsqdProcess(extra_args=[f"--http-address=127.0.0.1:{proc.http_port}"]) as other:
+            began = time.monotonic()
+            with pytest.raises(BrokerStartError) as excinfo:
+                proc.start()
+            elapsed = time.monotonic() - began
+            message = str(excinfo.value)
+            assert f"HTTP port {proc.http_port} is in use by another process" in message
+            assert "bind: address already in use" in message  # the failed attempt's log
+            assert elapsed < proc.start_timeout + 1.0, elapsed
+            assert not proc.running
+            assert other.running and http(other.http_url("/ping")) == (200, b"OK")
+    finally:
+        proc.close()
+
+
+def test_restart_with_its_tcp_port_taken_names_the_port_in_time() -> None:
+    """A plain socket on the TCP port: the error said "did not report listeners within 2s"
+    after twice start_timeout, without the "address already in use" line."""
+    import time
+
+    proc = NsqdProcess(start_timeout=1.5).start()
+    blocker = socket.socket()
+    try:
+        proc.stop()
+        blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        blocker.bind(("127.0.0.1", proc.tcp_port))
+        blocker.listen(1)
+        began = time.monotonic()
+        with pytest.raises(BrokerStartError) as excinfo:
+            proc.start()
+        elapsed = time.monotonic() - began
+        message = str(excinfo.value)
+        assert f"TCP port {proc.tcp_port} is in use by another process" in message, message
+        assert f"listen tcp 127.0.0.1:{proc.tcp_port}: bind: address already in use" in message
+        assert elapsed < proc.start_timeout + 1.0, elapsed
+    finally:
+        blocker.close()
+        proc.close()
+
+
+def test_a_ping_answer_from_another_process_is_not_taken_for_the_broker(tmp_path: Path) -> None:
+    """The broker's process is alive but has not logged its listening lines, while another
+    process answers /ping on its HTTP port: that answer is not the broker's."""
+    import http.server as http_server
+
+    proc = NsqdProcess(start_timeout=0.5).start()
+    server: Optional[http_server.HTTPServer] = None
+    try:
+        proc.stop()
+
+        class Ping(http_server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"OK")
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        server = http_server.HTTPServer(("127.0.0.1", proc.http_port), Ping)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        # an "nsqd" that stays alive without binding anything (a slow start)
+        proc.binary = str(_make_fake_binary(tmp_path, "slow-nsqd", "exec sleep 30"))
+        with pytest.raises(BrokerStartError) as excinfo:
+            proc.start()
+        assert f"port {proc.http_port} answers /ping: another process serves on its port" in str(excinfo.value)
+        assert not proc.running
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        proc.close()
