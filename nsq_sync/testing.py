@@ -495,6 +495,7 @@ class _BrokerProcess:
         self._listening: Dict[str, str] = {}
         self._reader_done = True
         self._paused = False
+        self._wanted = False  # started, and not stopped or killed since (see LocalCluster)
 
     # ---- subclass hooks
 
@@ -655,6 +656,7 @@ class _BrokerProcess:
                 raise
             break
         self._ports_fixed = True
+        self._wanted = True
         logger.info("started %r", self)
         return self
 
@@ -856,6 +858,7 @@ class _BrokerProcess:
         proc = self._proc
         if proc is None or self._forked():
             return None
+        self._wanted = False
         if proc.poll() is None:
             self._send(signal.SIGTERM)
             if self._paused:
@@ -885,6 +888,7 @@ class _BrokerProcess:
         proc = self._proc
         if proc is None or self._forked():
             return None
+        self._wanted = False
         if proc.poll() is None:
             self._send(signal.SIGKILL)
             proc.wait(10)
@@ -1356,6 +1360,10 @@ class LocalCluster:
     def start(self) -> "LocalCluster":
         """Start the lookupd and the nsqds; wait until all are registered.
 
+        After :meth:`stop` (or with some nsqds stopped), starts again the lookupd and
+        every nsqd of :attr:`nsqds` that is not running, on their ports and data, then
+        adds nsqds up to ``nsqd_count``.
+
         Raises:
             BrokerNotFoundError, BrokerStartError: a broker could not start
                 (everything already started is stopped again).
@@ -1363,6 +1371,10 @@ class LocalCluster:
         """
         try:
             self.lookupd.start()
+            for nsqd in self.nsqds:
+                if not nsqd.running:
+                    nsqd.start()
+                    self._wait_registered(nsqd)
             while len(self.nsqds) < self.nsqd_count:
                 self.add_nsqd()
         except BaseException:
@@ -1370,29 +1382,43 @@ class LocalCluster:
             raise
         return self
 
-    def add_nsqd(self, extra_args: Iterable[str] = ()) -> NsqdProcess:
-        """Start one more nsqd registered with the lookupd and return it.
+    def _require_lookupd(self, what: str) -> None:
+        if not self.lookupd.running:
+            raise RuntimeError(f"cannot {what}: the cluster's nsqlookupd is not running (start() the cluster)")
 
-        Waits until the lookupd lists it in ``/nodes``.
-
-        Raises:
-            TypeError: ``extra_args`` is a str (not a list of them) or holds a non-str.
-            BrokerNotFoundError, BrokerStartError: nsqd could not start.
-            TimeoutError: it did not register within ``start_timeout``.
-        """
-        extra = _string_list("extra_args", extra_args)
-        nsqd = NsqdProcess(
-            lookupd_tcp_addresses=self.lookupd_tcp_addresses,
-            extra_args=self.nsqd_args + extra,
-            start_timeout=self.start_timeout,
-        )
-        self.nsqds.append(nsqd)
-        nsqd.start()
+    def _wait_registered(self, nsqd: NsqdProcess) -> None:
         wait_until(
             lambda: any(p.get("tcp_port") == nsqd.tcp_port for p in self.lookupd.nodes()),
             timeout=self.start_timeout,
             message=f"{nsqd!r} to register with nsqlookupd",
         )
+
+    def add_nsqd(self, extra_args: Iterable[str] = ()) -> NsqdProcess:
+        """Start one more nsqd registered with the lookupd and return it.
+
+        Waits until the lookupd lists it in ``/nodes``. It joins :attr:`nsqds` only
+        then: one that fails is closed (its temp data dir removed) and left out.
+
+        Raises:
+            TypeError: ``extra_args`` is a str (not a list of them) or holds a non-str.
+            RuntimeError: the cluster's lookupd is not running.
+            BrokerNotFoundError, BrokerStartError: nsqd could not start.
+            TimeoutError: it did not register within ``start_timeout``.
+        """
+        extra = _string_list("extra_args", extra_args)
+        self._require_lookupd("add an nsqd")
+        nsqd = NsqdProcess(
+            lookupd_tcp_addresses=self.lookupd_tcp_addresses,
+            extra_args=self.nsqd_args + extra,
+            start_timeout=self.start_timeout,
+        )
+        try:
+            nsqd.start()
+            self._wait_registered(nsqd)
+        except BaseException:
+            nsqd.close()
+            raise
+        self.nsqds.append(nsqd)
         return nsqd
 
     def wait_for_producers(
@@ -1402,12 +1428,16 @@ class LocalCluster:
 
         With ``topic``, counts the producers of that topic (``/lookup``),
         otherwise all nodes (``/nodes``). ``count`` defaults to the number of
-        running nsqds. Returns the producer dicts.
+        the cluster's nsqds started and not stopped or killed since: one that
+        crashed still counts, so the wait fails rather than pass without it.
+        Returns the producer dicts.
 
         Raises:
+            RuntimeError: the cluster's lookupd is not running.
             TimeoutError: the count was not reached within ``timeout`` seconds.
         """
-        wanted = count if count is not None else sum(1 for n in self.nsqds if n.running)
+        self._require_lookupd("wait for producers")
+        wanted = count if count is not None else sum(1 for n in self.nsqds if n._wanted)
         seen: List[Dict[str, Any]] = []
 
         def check() -> bool:
@@ -1419,9 +1449,11 @@ class LocalCluster:
             wait_until(check, timeout=timeout, message="producers")
         except TimeoutError:
             what = f"topic {topic!r}" if topic is not None else "/nodes"
+            crashed = [n for n in self.nsqds if n._wanted and not n.running]
             raise TimeoutError(
                 f"expected {wanted} producers for {what} within {timeout:g}s, lookupd has "
                 f"{len(seen)}: {[(p.get('broadcast_address'), p.get('tcp_port')) for p in seen]}"
+                + "".join(f"; nsqd pid {n.pid} exited with status {n.returncode}" for n in crashed)
             ) from None
         return seen
 

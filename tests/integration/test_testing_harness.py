@@ -709,3 +709,54 @@ def test_a_ping_answer_from_another_process_is_not_taken_for_the_broker(tmp_path
             server.shutdown()
             server.server_close()
         proc.close()
+
+
+# --------------------------------------------------------------------------
+# LocalCluster stop/start and add_nsqd failures
+
+
+def test_cluster_stop_then_start_restarts_the_nsqds() -> None:
+    """start() after stop() started the lookupd only (it counted list entries, not running
+    nsqds), and wait_for_producers() then expected the 0 running nsqds and passed."""
+    with LocalCluster(nsqd_count=2) as cluster:
+        ports = [(n.tcp_port, n.http_port) for n in cluster.nsqds]
+        cluster.stop()
+        cluster.start()
+        assert len(cluster.nsqds) == 2 and all(n.running for n in cluster.nsqds)
+        assert [(n.tcp_port, n.http_port) for n in cluster.nsqds] == ports
+        producers = cluster.wait_for_producers(timeout=5)
+        assert sorted(p["tcp_port"] for p in producers) == sorted(tcp for tcp, _ in ports)
+        cluster.stop()
+        with pytest.raises(RuntimeError, match="nsqlookupd is not running"):
+            cluster.wait_for_producers(timeout=0.5)
+
+
+def test_wait_for_producers_counts_a_crashed_nsqd(nsq_cluster: LocalCluster) -> None:
+    crashed, killed = nsq_cluster.nsqds
+    assert crashed.pid is not None
+    os.kill(crashed.pid, signal.SIGKILL)  # not through the harness: a crash
+    wait_until(lambda: not crashed.running, timeout=5, message="nsqd to die")
+    with pytest.raises(TimeoutError, match=f"nsqd pid {crashed.pid} exited with status -9"):
+        nsq_cluster.wait_for_producers(timeout=0.5)
+    killed.kill()  # through the harness: no longer expected
+    crashed.kill()
+    assert nsq_cluster.wait_for_producers(timeout=5) == []
+
+
+def test_a_failed_add_nsqd_leaves_no_entry_and_no_data_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """add_nsqd() appended the nsqd before starting it: a failed start left a dead entry in
+    cluster.nsqds (nsqd_tcp_addresses then raised) and its temp data dir until close()."""
+    import tempfile
+
+    with LocalCluster(nsqd_count=1) as cluster:
+        temp = tmp_path / "temp"
+        temp.mkdir()
+        monkeypatch.setattr(tempfile, "tempdir", str(temp))
+        with pytest.raises(BrokerStartError, match="bogus"):
+            cluster.add_nsqd(["--bogus"])
+        assert len(cluster.nsqds) == 1
+        assert cluster.nsqd_tcp_addresses == [cluster.nsqds[0].tcp_address]
+        assert list(temp.iterdir()) == []
+        assert len(cluster.wait_for_producers(timeout=5)) == 1
