@@ -611,14 +611,15 @@ class _BrokerProcess:
         until ``start_timeout``.
 
         Raises:
-            BrokerNotFoundError: the executable cannot be found.
+            BrokerNotFoundError: the executable cannot be found, or the explicit
+                ``binary`` is missing or not an executable file.
             BrokerStartError: the process exited or did not become ready within
                 ``start_timeout`` seconds (the message contains its log tail), or one of
                 its known ports stayed in use by another process (the message names it).
         """
         if self.running:
             return self
-        binary = self.binary or find_binary(self.binary_name)
+        binary = self._executable()
         deadline = time.monotonic() + self.start_timeout
         retried = False
         taken: Optional[str] = None  # log of the latest attempt that found a port in use
@@ -660,20 +661,43 @@ class _BrokerProcess:
         logger.info("started %r", self)
         return self
 
+    def _executable(self) -> str:
+        """The explicit ``binary``, checked, or :func:`find_binary`'s answer.
+
+        Raises:
+            BrokerNotFoundError: ``binary`` is missing or not an executable file.
+        """
+        if self.binary is None:
+            return find_binary(self.binary_name)
+        path = Path(self.binary)
+        if not _is_executable(path):
+            problem = (
+                "does not exist" if not path.exists()
+                else "is not a file" if not path.is_file()
+                else "is not executable"
+            )  # fmt: skip
+            raise BrokerNotFoundError(f"{self.binary_name} executable binary={self.binary!r} {problem}")
+        return self.binary
+
     def _spawn(self, args: List[str]) -> None:
         with self._cond:
             self._listening = {}
             self._log.append(_START_MARKER + " ".join(args))
             self._reader_done = False
         logger.debug("spawning %s", args)
-        proc = subprocess.Popen(
-            args,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            # keep Ctrl-C in the terminal from killing brokers before teardown
-            start_new_session=True,
-        )
+        try:
+            proc = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                # keep Ctrl-C in the terminal from killing brokers before teardown
+                start_new_session=True,
+            )
+        except (FileNotFoundError, PermissionError) as exc:  # removed or chmod-ed since the check
+            raise BrokerNotFoundError(f"cannot run {self.binary_name} executable {args[0]!r}: {exc}") from None
+        except OSError as exc:  # e.g. ENOEXEC: not a program for this system
+            raise BrokerStartError(f"cannot run {self.binary_name} executable {args[0]!r}: {exc}") from None
         self._proc = proc
         self._paused = False
         self._owner_pid = os.getpid()

@@ -760,3 +760,40 @@ def test_a_failed_add_nsqd_leaves_no_entry_and_no_data_dir(
         assert cluster.nsqd_tcp_addresses == [cluster.nsqds[0].tcp_address]
         assert list(temp.iterdir()) == []
         assert len(cluster.wait_for_producers(timeout=5)) == 1
+
+
+# --------------------------------------------------------------------------
+# an explicit binary
+
+
+@pytest.mark.parametrize("cls", [NsqdProcess, NsqlookupdProcess])
+def test_an_explicit_binary_that_cannot_run_is_broker_not_found(cls: type, tmp_path: Path) -> None:
+    """binary= missing or not executable raised a raw FileNotFoundError/PermissionError."""
+    not_executable = tmp_path / "plain-file"
+    not_executable.write_text("#!/bin/sh\nexit 0\n")
+    not_executable.chmod(0o644)
+    for binary, problem in [
+        (tmp_path / "missing", "does not exist"),
+        (not_executable, "is not executable"),
+        (tmp_path, "is not a file"),
+    ]:
+        proc = cls(binary=str(binary))
+        try:
+            with pytest.raises(BrokerNotFoundError) as excinfo:
+                proc.start()
+            assert str(excinfo.value) == f"{cls.binary_name} executable binary={str(binary)!r} {problem}"
+            assert not proc.running
+        finally:
+            proc.close()
+
+
+def test_an_explicit_binary_that_is_no_program_is_a_start_error(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage"
+    garbage.write_bytes(b"\x00\x01 not a program\n")
+    garbage.chmod(0o755)
+    proc = NsqdProcess(binary=str(garbage))
+    try:
+        with pytest.raises(BrokerStartError, match="cannot run nsqd executable"):
+            proc.start()
+    finally:
+        proc.close()
