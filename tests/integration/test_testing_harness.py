@@ -797,3 +797,33 @@ def test_an_explicit_binary_that_is_no_program_is_a_start_error(tmp_path: Path) 
             proc.start()
     finally:
         proc.close()
+
+
+# --------------------------------------------------------------------------
+# the pytest plugin without broker executables
+
+
+def test_a_missing_executable_is_a_setup_error_as_documented(tmp_path: Path) -> None:
+    """The docs said the test FAILS; pytest reports an ERROR at setup (pytest.fail() in a
+    fixture). The behaviour is kept, the docs now say what pytest reports."""
+    import subprocess
+    import sys
+
+    (tmp_path / "test_needs_nsqd.py").write_text("def test_needs_nsqd(nsqd):\n    pass\n")
+    runner = (
+        "import sys, pathlib, pytest, nsq_sync.testing as t\n"
+        "t._REPO_BIN_DIR = pathlib.Path(sys.argv[1]) / 'no-cache'\n"
+        "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-rA', sys.argv[1]]))\n"
+    )
+    env = dict(os.environ, NSQ_SYNC_BIN_DIR=str(tmp_path / "empty"), PATH=str(tmp_path / "empty"), COLUMNS="400")
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(testing.__file__).resolve().parents[1])] + [p for p in [env.get("PYTHONPATH")] if p]
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", runner, str(tmp_path)], cwd=str(tmp_path), env=env,
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert "1 error" in proc.stdout and "skipped" not in proc.stdout, proc.stdout + proc.stderr
+    assert "ERROR test_needs_nsqd.py::test_needs_nsqd - Failed: NSQ broker executable 'nsqd'" in proc.stdout
+    docs = (Path(testing.__file__).resolve().parents[1] / "docs" / "testing.md").read_text()
+    assert "pytest reports the test as an **error** at setup" in " ".join(docs.split())
