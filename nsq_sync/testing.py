@@ -110,6 +110,8 @@ BIN_DIR_ENV = "NSQ_SYNC_BIN_DIR"
 _REPO_BIN_DIR = Path(__file__).resolve().parent.parent / ".cache" / f"nsq-{NSQ_VERSION}" / "bin"
 
 LOCALHOST = "127.0.0.1"
+#: what executables' names end with on this platform (Windows: nsqd.exe)
+_EXE_SUFFIX = ".exe" if os.name == "nt" else ""
 
 _StrPath = Union[str, "os.PathLike[str]"]
 _P = TypeVar("_P", bound="_BrokerProcess")
@@ -150,7 +152,7 @@ def find_binary(name: str) -> str:
 
     Looks in ``$NSQ_SYNC_BIN_DIR``, then in ``<checkout>/.cache/nsq-1.3.0/bin``
     (relative to this file's package's parent directory, if it exists), then
-    on ``PATH``.
+    on ``PATH``. On Windows ``name + ".exe"`` is looked for too.
 
     Raises:
         BrokerNotFoundError: the executable is in none of those places; the
@@ -158,16 +160,19 @@ def find_binary(name: str) -> str:
     """
     searched: List[str] = []
     env_dir = os.environ.get(BIN_DIR_ENV)
+    names = [name]
+    if _EXE_SUFFIX and not name.lower().endswith(_EXE_SUFFIX):
+        names.append(name + _EXE_SUFFIX)
     if env_dir:
-        candidate = Path(env_dir) / name
-        if _is_executable(candidate):
-            return str(candidate)
-        searched.append(f"${BIN_DIR_ENV} = {env_dir} (no executable {name!r} there)")
+        for candidate in (Path(env_dir) / n for n in names):
+            if _is_executable(candidate):
+                return str(candidate)
+        searched.append(f"${BIN_DIR_ENV} = {env_dir} (no executable {' or '.join(map(repr, names))} there)")
     else:
         searched.append(f"${BIN_DIR_ENV} (not set)")
-    candidate = _REPO_BIN_DIR / name
-    if _is_executable(candidate):
-        return str(candidate)
+    for candidate in (_REPO_BIN_DIR / n for n in names):
+        if _is_executable(candidate):
+            return str(candidate)
     searched.append(f"{_REPO_BIN_DIR} (checkout cache)")
     on_path = shutil.which(name)
     if on_path:
@@ -860,14 +865,27 @@ class _BrokerProcess:
         output pipe and its data are the parent's, and stop()/kill()/close() leave them be."""
         return self._owner_pid not in (None, os.getpid())
 
-    def _send(self, sig: int) -> None:
+    def _send(self, sig: Optional[int]) -> None:
+        """Send ``sig`` to a running broker; None: kill it (SIGKILL, or Windows' TerminateProcess)."""
         proc = self._proc
         if proc is None or proc.poll() is not None:
             return
         try:
-            proc.send_signal(sig)
+            if sig is None:
+                proc.kill()
+            else:
+                proc.send_signal(sig)
         except ProcessLookupError:  # exited meanwhile
             pass
+
+    def _posix_signal(self, name: str, method: str) -> int:
+        sig = getattr(signal, name, None)
+        if sig is None:
+            raise NotImplementedError(
+                f"{method}() needs {name}, which this platform ({sys.platform}) lacks: "
+                "pause() and resume() are POSIX-only"
+            )
+        return int(sig)
 
     def stop(self, timeout: float = 10.0) -> Optional[int]:
         """Stop the broker: SIGTERM, wait up to ``timeout`` seconds, then SIGKILL.
@@ -893,7 +911,7 @@ class _BrokerProcess:
                 logger.warning(
                     "%s pid %s ignored SIGTERM for %.1fs; killing it", self.binary_name, proc.pid, timeout
                 )
-                self._send(signal.SIGKILL)
+                self._send(None)
                 proc.wait(10)
             if proc.returncode == -signal.SIGTERM:
                 logger.warning("%s pid %s ended by SIGTERM before it handled it (stopped right after it started): no clean shutdown", self.binary_name, proc.pid)
@@ -905,7 +923,7 @@ class _BrokerProcess:
         return proc.returncode
 
     def kill(self) -> Optional[int]:
-        """SIGKILL the broker (no graceful shutdown) and reap it; idempotent.
+        """SIGKILL the broker (Windows: TerminateProcess; no graceful shutdown) and reap it; idempotent.
 
         Returns the exit status (None if never started).
         """
@@ -914,7 +932,7 @@ class _BrokerProcess:
             return None
         self._wanted = False
         if proc.poll() is None:
-            self._send(signal.SIGKILL)
+            self._send(None)
             proc.wait(10)
         self._paused = False
         self._released(proc)
@@ -922,14 +940,17 @@ class _BrokerProcess:
         return proc.returncode
 
     def pause(self) -> None:
-        """Freeze the broker with SIGSTOP (sockets stay open, nothing answers).
+        """Freeze the broker with SIGSTOP (sockets stay open, nothing answers). POSIX only.
 
         Raises:
+            NotImplementedError: the platform has no SIGSTOP (Windows).
             RuntimeError: the broker is not running.
         """
+        sigstop = self._posix_signal("SIGSTOP", "pause")
+        self._posix_signal("SIGCONT", "pause")  # stop() and resume() need it to continue
         if not self.running:
             raise RuntimeError(f"cannot pause {self!r}: not running")
-        self._send(signal.SIGSTOP)
+        self._send(sigstop)
         self._paused = True
         # SIGSTOP lands asynchronously: return only once the kernel shows it stopped,
         # so nothing sent after pause() can still be answered.
@@ -944,14 +965,16 @@ class _BrokerProcess:
             wait_until(stopped, timeout=5.0, message=f"{self!r} to stop")
 
     def resume(self) -> None:
-        """Continue a broker frozen by :meth:`pause` (SIGCONT).
+        """Continue a broker frozen by :meth:`pause` (SIGCONT). POSIX only.
 
         Raises:
+            NotImplementedError: the platform has no SIGCONT (Windows).
             RuntimeError: the broker is not running.
         """
+        sigcont = self._posix_signal("SIGCONT", "resume")
         if not self.running:
             raise RuntimeError(f"cannot resume {self!r}: not running")
-        self._send(signal.SIGCONT)
+        self._send(sigcont)
         self._paused = False
 
     @property

@@ -827,3 +827,42 @@ def test_a_missing_executable_is_a_setup_error_as_documented(tmp_path: Path) -> 
     assert "ERROR test_needs_nsqd.py::test_needs_nsqd - Failed: NSQ broker executable 'nsqd'" in proc.stdout
     docs = (Path(testing.__file__).resolve().parents[1] / "docs" / "testing.md").read_text()
     assert "pytest reports the test as an **error** at setup" in " ".join(docs.split())
+
+
+# --------------------------------------------------------------------------
+# portability: what can be checked off Windows
+
+
+@pytest.mark.parametrize("where", ["env", "cache"])
+def test_find_binary_finds_the_exe_on_windows(
+    where: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On Windows the executables are nsqd.exe / nsqlookupd.exe: find_binary("nsqd") looked
+    for "nsqd" only. _EXE_SUFFIX is what the module sets from os.name."""
+    fake = _make_fake_binary(tmp_path / "bin", "nsqd.exe")
+    monkeypatch.setattr(testing, "_EXE_SUFFIX", ".exe")
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing-here"))
+    if where == "env":
+        monkeypatch.setenv("NSQ_SYNC_BIN_DIR", str(fake.parent))
+        monkeypatch.setattr(testing, "_REPO_BIN_DIR", tmp_path / "no-cache")
+    else:
+        monkeypatch.setenv("NSQ_SYNC_BIN_DIR", str(tmp_path / "empty"))
+        monkeypatch.setattr(testing, "_REPO_BIN_DIR", fake.parent)
+    assert find_binary("nsqd") == str(fake)
+    assert find_binary("nsqd.exe") == str(fake)
+    with pytest.raises(BrokerNotFoundError, match="'nsqlookupd' or 'nsqlookupd.exe'"):
+        monkeypatch.setenv("NSQ_SYNC_BIN_DIR", str(tmp_path / "empty"))
+        find_binary("nsqlookupd")
+
+
+def test_pause_without_sigstop_is_a_clear_error(nsqd: NsqdProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where signal.SIGSTOP/SIGCONT do not exist (Windows), pause()/resume() raised
+    AttributeError; now NotImplementedError, and the broker is left as it was."""
+    monkeypatch.delattr(signal, "SIGSTOP")
+    monkeypatch.delattr(signal, "SIGCONT")
+    with pytest.raises(NotImplementedError, match=r"pause\(\) needs SIGSTOP.*POSIX-only"):
+        nsqd.pause()
+    with pytest.raises(NotImplementedError, match=r"resume\(\) needs SIGCONT.*POSIX-only"):
+        nsqd.resume()
+    assert nsqd.running and not nsqd.paused
+    assert http(nsqd.http_url("/ping")) == (200, b"OK")
