@@ -293,7 +293,7 @@ def _cleanup_at_exit() -> None:
 # end of file the watchdog kills the brokers still announced and removes the dirs. On Linux
 # it holds a pidfd per broker, so a pid reused after the broker was reaped is never hit.
 _WATCHDOG_SCRIPT = r"""
-import json, os, select, shutil, signal, sys, time
+import errno, json, os, select, shutil, signal, sys, time
 for name in ("SIGINT", "SIGHUP"):
     if hasattr(signal, name):
         signal.signal(getattr(signal, name), signal.SIG_IGN)
@@ -308,8 +308,10 @@ for line in sys.stdin.buffer:
         if hasattr(os, "pidfd_open"):
             try:
                 handle = os.pidfd_open(arg)
-            except OSError:
-                continue  # already gone
+            except OSError as exc:
+                if exc.errno == errno.ESRCH:
+                    continue  # already gone
+                # e.g. ENOSYS (a kernel before 5.3): signal the pid instead
         pids[arg] = handle
     elif op == "-pid":
         handle = pids.pop(arg, None)
@@ -386,7 +388,7 @@ def _start_watchdog() -> Optional[int]:
 def _watch(op: str, arg: Union[int, str]) -> None:
     """Tell this process's watchdog ``op`` (``+pid``, ``-pid``, ``+dir``, ``-dir``) ``arg``;
     the first ``+`` starts it. Best effort: without a watchdog only atexit cleans up."""
-    global _watchdog_failed, _watchdog_lock
+    global _watchdog_failed, _watchdog_lock, _watchdog_fd
     with _watchdog_guard:
         if _watchdog_lock is None:
             _watchdog_lock = threading.Lock()
@@ -404,6 +406,8 @@ def _watch(op: str, arg: Union[int, str]) -> None:
         except OSError as exc:  # the watchdog died (EPIPE)
             logger.warning("broker watchdog gone (%s): brokers are only killed at a normal exit", exc)
             _watchdog_failed = True
+            _watchdog_fd = None
+            os.close(fd)
 
 
 def _watchdog_after_fork() -> None:
