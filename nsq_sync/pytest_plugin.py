@@ -31,8 +31,8 @@ Example::
 
 The broker executables are located with :func:`nsq_sync.testing.find_binary`
 (``$NSQ_SYNC_BIN_DIR``, a checkout's ``.cache/nsq-1.3.0/bin``, then ``PATH``).
-If they are missing the test FAILS (it is never skipped) with instructions on
-how to get them.
+If they are missing, pytest reports the test as an ERROR at setup (never a
+skip), with instructions on how to get them.
 
 For other configurations build your own fixture, e.g.::
 
@@ -61,9 +61,10 @@ _T = TypeVar("_T")
 def started(broker: _T) -> Iterator[_T]:
     """Start ``broker`` (anything with ``start()``/``close()``), yield it, close it.
 
-    A missing broker executable fails the current test with the
+    A missing broker executable becomes ``pytest.fail()`` with the
     :class:`~nsq_sync.testing.BrokerNotFoundError` instructions instead of a
-    traceback; other start errors propagate.
+    traceback: in a fixture pytest reports an ERROR at the test's setup, in a
+    test body a FAILURE. Other start errors propagate.
     """
     from nsq_sync.testing import BrokerNotFoundError
 
@@ -84,7 +85,7 @@ def started(broker: _T) -> Iterator[_T]:
 def nsqd() -> Iterator["NsqdProcess"]:
     """A running nsqd (fresh per test, own temp data dir).
 
-    Fails the test if the nsqd executable cannot be found.
+    The test errors at setup if the nsqd executable cannot be found.
     """
     from nsq_sync.testing import NsqdProcess
 
@@ -96,7 +97,7 @@ def nsqd() -> Iterator["NsqdProcess"]:
 def nsqlookupd() -> Iterator["NsqlookupdProcess"]:
     """A running nsqlookupd (fresh per test).
 
-    Fails the test if the nsqlookupd executable cannot be found.
+    The test errors at setup if the nsqlookupd executable cannot be found.
     """
     from nsq_sync.testing import NsqlookupdProcess
 
@@ -108,7 +109,7 @@ def nsqlookupd() -> Iterator["NsqlookupdProcess"]:
 def nsq_cluster() -> Iterator["LocalCluster"]:
     """A running LocalCluster: one nsqlookupd and two nsqd registered with it.
 
-    Fails the test if an executable cannot be found.
+    The test errors at setup if an executable cannot be found.
     """
     from nsq_sync.testing import LocalCluster
 

@@ -27,6 +27,11 @@ All brokers listen on 127.0.0.1 only, on ports picked by the kernel (port 0);
 the real ports are read from the broker's log lines
 (``TCP: listening on 127.0.0.1:41234``) and kept across :meth:`restart`.
 
+Brokers never outlive the process that started them: at a normal exit ``atexit``
+kills them; if the process dies otherwise (SIGTERM, SIGKILL, ``os._exit``), a
+watchdog process started with the first broker kills them and removes their
+temporary data directories (see docs/testing.md).
+
 gevent: the module only uses ``threading``, ``subprocess``, ``socket`` and
 ``time`` through their module attributes, and imports ``ssl``/``urllib``/
 ``http`` lazily, so it works under ``gevent.monkey.patch_all()`` even when it
@@ -47,6 +52,7 @@ import shutil
 import signal
 import struct
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -104,6 +110,8 @@ BIN_DIR_ENV = "NSQ_SYNC_BIN_DIR"
 _REPO_BIN_DIR = Path(__file__).resolve().parent.parent / ".cache" / f"nsq-{NSQ_VERSION}" / "bin"
 
 LOCALHOST = "127.0.0.1"
+#: what executables' names end with on this platform (Windows: nsqd.exe)
+_EXE_SUFFIX = ".exe" if os.name == "nt" else ""
 
 _StrPath = Union[str, "os.PathLike[str]"]
 _P = TypeVar("_P", bound="_BrokerProcess")
@@ -144,7 +152,7 @@ def find_binary(name: str) -> str:
 
     Looks in ``$NSQ_SYNC_BIN_DIR``, then in ``<checkout>/.cache/nsq-1.3.0/bin``
     (relative to this file's package's parent directory, if it exists), then
-    on ``PATH``.
+    on ``PATH``. On Windows ``name + ".exe"`` is looked for too.
 
     Raises:
         BrokerNotFoundError: the executable is in none of those places; the
@@ -152,16 +160,19 @@ def find_binary(name: str) -> str:
     """
     searched: List[str] = []
     env_dir = os.environ.get(BIN_DIR_ENV)
+    names = [name]
+    if _EXE_SUFFIX and not name.lower().endswith(_EXE_SUFFIX):
+        names.append(name + _EXE_SUFFIX)
     if env_dir:
-        candidate = Path(env_dir) / name
-        if _is_executable(candidate):
-            return str(candidate)
-        searched.append(f"${BIN_DIR_ENV} = {env_dir} (no executable {name!r} there)")
+        for candidate in (Path(env_dir) / n for n in names):
+            if _is_executable(candidate):
+                return str(candidate)
+        searched.append(f"${BIN_DIR_ENV} = {env_dir} (no executable {' or '.join(map(repr, names))} there)")
     else:
         searched.append(f"${BIN_DIR_ENV} (not set)")
-    candidate = _REPO_BIN_DIR / name
-    if _is_executable(candidate):
-        return str(candidate)
+    for candidate in (_REPO_BIN_DIR / n for n in names):
+        if _is_executable(candidate):
+            return str(candidate)
     searched.append(f"{_REPO_BIN_DIR} (checkout cache)")
     on_path = shutil.which(name)
     if on_path:
@@ -265,11 +276,155 @@ def _cleanup_at_exit() -> None:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(5)
+            _watch("-pid", proc.pid)
         except Exception:  # pragma: no cover - best effort at exit
             pass
     for path, owner in list(_OWNED_DIRS.items()):
         if owner == pid:
             shutil.rmtree(path, ignore_errors=True)
+            _watch("-dir", path)
+
+
+# atexit does not run when the process dies otherwise (SIGTERM, SIGKILL, os._exit). For
+# that, the first broker a process starts also starts one watchdog: a small Python process
+# in its own session that reads a pipe from this process. Every broker pid and owned temp
+# dir is announced on the pipe ("+pid"/"+dir") and withdrawn once stopped or removed
+# ("-pid"/"-dir"). When this process ends, however it ends, the kernel closes the pipe; at
+# end of file the watchdog kills the brokers still announced and removes the dirs. On Linux
+# it holds a pidfd per broker, so a pid reused after the broker was reaped is never hit.
+_WATCHDOG_SCRIPT = r"""
+import errno, json, os, select, shutil, signal, sys, time
+for name in ("SIGINT", "SIGHUP"):
+    if hasattr(signal, name):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+pids, dirs = {}, set()
+for line in sys.stdin.buffer:
+    try:
+        op, arg = json.loads(line)
+    except ValueError:
+        continue
+    if op == "+pid":
+        handle = None
+        if hasattr(os, "pidfd_open"):
+            try:
+                handle = os.pidfd_open(arg)
+            except OSError as exc:
+                if exc.errno == errno.ESRCH:
+                    continue  # already gone
+                # e.g. ENOSYS (a kernel before 5.3): signal the pid instead
+        pids[arg] = handle
+    elif op == "-pid":
+        handle = pids.pop(arg, None)
+        if handle is not None:
+            os.close(handle)
+    elif op == "+dir":
+        dirs.add(arg)
+    elif op == "-dir":
+        dirs.discard(arg)
+kill = getattr(signal, "SIGKILL", signal.SIGTERM)
+for pid, handle in pids.items():
+    try:
+        if handle is not None:
+            signal.pidfd_send_signal(handle, kill)
+        else:
+            os.kill(pid, kill)
+    except OSError:
+        pass
+deadline = time.monotonic() + 5.0
+for pid, handle in pids.items():
+    while time.monotonic() < deadline:
+        if handle is not None:
+            if select.select([handle], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                break
+            continue
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            break
+        time.sleep(0.05)
+for path in dirs:
+    shutil.rmtree(path, ignore_errors=True)
+"""
+
+# _watchdog_lock is held across Popen, which yields under gevent: it is made on first use
+# (after any monkey-patching); _watchdog_guard, held only to make it, never yields.
+_watchdog_guard = threading.Lock()
+_watchdog_lock: Optional[threading.Lock] = None
+_watchdog_fd: Optional[int] = None  # write end of the pipe the watchdog reads
+_watchdog_proc: Optional["subprocess.Popen[bytes]"] = None
+_watchdog_failed = False
+
+
+def _start_watchdog() -> Optional[int]:
+    """Start this process's watchdog (lock held); the pipe's write end, None if it cannot run."""
+    global _watchdog_fd, _watchdog_proc, _watchdog_failed
+    python = sys.executable
+    if not python or not re.match(r"(python|pypy)", os.path.basename(python).lower()):
+        # embedded interpreter (uWSGI & co.): sys.executable is not a Python to run
+        logger.info("no broker watchdog: sys.executable %r is not a Python interpreter", python)
+        _watchdog_failed = True
+        return None
+    read_end, write_end = os.pipe()  # both close-on-exec: brokers started later do not hold it
+    try:
+        _watchdog_proc = subprocess.Popen(
+            [python, "-I", "-S", "-c", _WATCHDOG_SCRIPT],
+            stdin=read_end,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=os.path.abspath(os.sep),
+            start_new_session=True,  # no Ctrl-C / group kill reaches it: it outlives this process
+        )
+    except OSError as exc:
+        os.close(write_end)
+        logger.warning("no broker watchdog (%s): brokers are only killed at a normal exit", exc)
+        _watchdog_failed = True
+        return None
+    finally:
+        os.close(read_end)
+    _watchdog_fd = write_end
+    return write_end
+
+
+def _watch(op: str, arg: Union[int, str]) -> None:
+    """Tell this process's watchdog ``op`` (``+pid``, ``-pid``, ``+dir``, ``-dir``) ``arg``;
+    the first ``+`` starts it. Best effort: without a watchdog only atexit cleans up."""
+    global _watchdog_failed, _watchdog_lock, _watchdog_fd
+    with _watchdog_guard:
+        if _watchdog_lock is None:
+            _watchdog_lock = threading.Lock()
+        lock = _watchdog_lock
+    with lock:
+        fd = _watchdog_fd
+        if fd is None:
+            if op.startswith("-") or _watchdog_failed:
+                return
+            fd = _start_watchdog()
+            if fd is None:
+                return
+        try:
+            os.write(fd, json.dumps([op, arg]).encode() + b"\n")
+        except OSError as exc:  # the watchdog died (EPIPE)
+            logger.warning("broker watchdog gone (%s): brokers are only killed at a normal exit", exc)
+            _watchdog_failed = True
+            _watchdog_fd = None
+            os.close(fd)
+
+
+def _watchdog_after_fork() -> None:
+    # The child must not keep its parent's pipe open (the watchdog would not see the
+    # parent die) nor write to it; brokers it starts get a watchdog of its own.
+    global _watchdog_fd, _watchdog_proc, _watchdog_failed, _watchdog_lock, _watchdog_guard
+    _watchdog_guard, _watchdog_lock = threading.Lock(), None
+    fd, _watchdog_fd, _watchdog_proc, _watchdog_failed = _watchdog_fd, None, None, False
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:  # pragma: no cover
+            pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_watchdog_after_fork)
 
 
 # --------------------------------------------------------------------------
@@ -311,7 +466,13 @@ def _check_start_timeout(start_timeout: object) -> float:
 # broker processes
 
 _LISTEN_RE = re.compile(r"\b(TCP|HTTP|HTTPS): listening on (\S+)")
+# --log-level values that hide the INFO "listening on" lines the ports are read from
+_QUIET_LOG_LEVELS = ("warn", "error", "fatal")
 _START_MARKER = "---- nsq_sync.testing: starting "
+# the FATAL line of a broker whose port is taken: "... listen tcp 127.0.0.1:4151: bind: address already in use"
+_IN_USE_RE = re.compile(r"listen tcp (\S+): bind: address already in use")
+_RETRY_PAUSE = 0.1  # between start attempts while a known port is in use
+_LATE_LINES = 1.0  # how long, past the deadline, listening lines may still be on their way
 
 
 class _BrokerProcess:
@@ -343,6 +504,7 @@ class _BrokerProcess:
         self._listening: Dict[str, str] = {}
         self._reader_done = True
         self._paused = False
+        self._wanted = False  # started, and not stopped or killed since (see LocalCluster)
 
     # ---- subclass hooks
 
@@ -355,6 +517,22 @@ class _BrokerProcess:
     def _prepare(self) -> None:
         """Called before each spawn (e.g. to create the data dir)."""
 
+    def _log_level_args(self) -> List[str]:
+        """``["--log-level=info"]`` if ``extra_args`` sets a level that hides INFO lines.
+
+        The ports are learned from the INFO ``listening on`` lines, so a quieter level is
+        overridden by a later flag (the last one wins) rather than failing every start.
+        """
+        level = None
+        args = self.extra_args
+        for index, arg in enumerate(args):
+            name, equals, value = arg.lstrip("-").partition("=")
+            if name == "log-level":
+                level = value if equals else (args[index + 1] if index + 1 < len(args) else None)
+        if level is not None and level.lower() in _QUIET_LOG_LEVELS:
+            return ["--log-level=info"]
+        return []
+
     # ---- public properties
 
     @property
@@ -365,12 +543,26 @@ class _BrokerProcess:
     @property
     def running(self) -> bool:
         """True while the process is alive (also while paused)."""
-        return self._proc is not None and self._proc.poll() is None
+        return self._proc is not None and self._poll(self._proc) is None
 
     @property
     def returncode(self) -> Optional[int]:
         """Exit status of the last process, None while running or never started."""
-        return self._proc.poll() if self._proc is not None else None
+        return self._poll(self._proc) if self._proc is not None else None
+
+    def _poll(self, proc: "subprocess.Popen[bytes]") -> Optional[int]:
+        status = proc.poll()
+        if status is not None:
+            self._released(proc)
+        return status
+
+    def _released(self, proc: "subprocess.Popen[bytes]") -> None:
+        """``proc`` has exited and is reaped: withdraw it from the exit cleanup and the
+        watchdog (which must not signal its pid once it may be reused)."""
+        entry = _RUNNING.get(id(self))
+        if entry is not None and entry[0] is proc:
+            del _RUNNING[id(self)]
+            _watch("-pid", proc.pid)
 
     @property
     def tcp_address(self) -> str:
@@ -423,18 +615,23 @@ class _BrokerProcess:
     def start(self: _P) -> _P:
         """Start the broker and wait until it answers ``GET /ping``; no-op if running.
 
-        The first start uses kernel-assigned ports; later starts reuse them.
+        The first start uses kernel-assigned ports; later starts reuse them. While one
+        of them is still in use (the old socket, another process), the start is retried
+        until ``start_timeout``.
 
         Raises:
-            BrokerNotFoundError: the executable cannot be found.
+            BrokerNotFoundError: the executable cannot be found, or the explicit
+                ``binary`` is missing or not an executable file.
             BrokerStartError: the process exited or did not become ready within
-                ``start_timeout`` seconds (the message contains its log tail).
+                ``start_timeout`` seconds (the message contains its log tail), or one of
+                its known ports stayed in use by another process (the message names it).
         """
         if self.running:
             return self
-        binary = self.binary or find_binary(self.binary_name)
+        binary = self._executable()
         deadline = time.monotonic() + self.start_timeout
         retried = False
+        taken: Optional[str] = None  # log of the latest attempt that found a port in use
         while True:
             self._prepare()
             args = [binary] + self._build_args()
@@ -442,21 +639,26 @@ class _BrokerProcess:
                 self._spawn(args)
                 self._wait_listening(deadline)
                 self._wait_ready(deadline)
-            except BrokerStartError:
+            except BrokerStartError as exc:
                 current = self._current_log()
                 self.kill()
+                if self._ports_fixed and _IN_USE_RE.search(current):
+                    taken = current
+                    # the old socket / another process still holds the port: retry while
+                    # there is time for another attempt, never past the deadline
+                    if deadline - time.monotonic() > _RETRY_PAUSE:
+                        logger.info("%s: port still in use, retrying", self.binary_name)
+                        time.sleep(_RETRY_PAUSE)
+                        continue
+                    raise self._port_taken_error(taken) from None
+                if taken is not None:  # the last attempt ran out of time; the ones before met a taken port
+                    raise self._port_taken_error(taken, str(exc).split("\n", 1)[0]) from None
                 silent = current.count("\n") == 0  # not a line of output: a stuck start, try once more
-                if (
-                    self._ports_fixed
-                    and ("address already in use" in current or (silent and not retried))
-                    and time.monotonic() < deadline + (self.start_timeout if silent else 0)
-                ):
-                    if silent:
-                        retried = True
-                        deadline = time.monotonic() + self.start_timeout
-                    # the old socket / another process still holds the port; retry
-                    logger.info("%s: port still in use, retrying", self.binary_name)
-                    time.sleep(0.1)
+                if self._ports_fixed and silent and not retried:
+                    retried = True
+                    deadline = time.monotonic() + self.start_timeout
+                    logger.info("%s: printed nothing while starting, retrying", self.binary_name)
+                    time.sleep(_RETRY_PAUSE)
                     continue
                 raise
             except BaseException:
@@ -464,8 +666,27 @@ class _BrokerProcess:
                 raise
             break
         self._ports_fixed = True
+        self._wanted = True
         logger.info("started %r", self)
         return self
+
+    def _executable(self) -> str:
+        """The explicit ``binary``, checked, or :func:`find_binary`'s answer.
+
+        Raises:
+            BrokerNotFoundError: ``binary`` is missing or not an executable file.
+        """
+        if self.binary is None:
+            return find_binary(self.binary_name)
+        path = Path(self.binary)
+        if not _is_executable(path):
+            problem = (
+                "does not exist" if not path.exists()
+                else "is not a file" if not path.is_file()
+                else "is not executable"
+            )  # fmt: skip
+            raise BrokerNotFoundError(f"{self.binary_name} executable binary={self.binary!r} {problem}")
+        return self.binary
 
     def _spawn(self, args: List[str]) -> None:
         with self._cond:
@@ -473,18 +694,24 @@ class _BrokerProcess:
             self._log.append(_START_MARKER + " ".join(args))
             self._reader_done = False
         logger.debug("spawning %s", args)
-        proc = subprocess.Popen(
-            args,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            # keep Ctrl-C in the terminal from killing brokers before teardown
-            start_new_session=True,
-        )
+        try:
+            proc = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                # keep Ctrl-C in the terminal from killing brokers before teardown
+                start_new_session=True,
+            )
+        except (FileNotFoundError, PermissionError) as exc:  # removed or chmod-ed since the check
+            raise BrokerNotFoundError(f"cannot run {self.binary_name} executable {args[0]!r}: {exc}") from None
+        except OSError as exc:  # e.g. ENOEXEC: not a program for this system
+            raise BrokerStartError(f"cannot run {self.binary_name} executable {args[0]!r}: {exc}") from None
         self._proc = proc
         self._paused = False
         self._owner_pid = os.getpid()
         _RUNNING[id(self)] = (proc, self._owner_pid)
+        _watch("+pid", proc.pid)
         reader = threading.Thread(
             target=self._read_output,
             args=(proc,),
@@ -524,14 +751,29 @@ class _BrokerProcess:
                 return "\n".join(lines[index:])
         return "\n".join(lines)
 
-    def _start_error(self, reason: str) -> BrokerStartError:
-        lines = self._current_log().splitlines()
+    def _port_taken_error(self, log: str, last: Optional[str] = None) -> BrokerStartError:
+        """The error for a restart whose known port stayed in use (``log``: that attempt's)."""
+        match = _IN_USE_RE.search(log)
+        assert match is not None
+        port = _split_host_port(match.group(1))[1]
+        names = {self.tcp_port: "TCP", self.http_port: "HTTP", self.https_port: "HTTPS"}
+        reason = (
+            f"could not start within {self.start_timeout:g}s: its {names.get(port, 'known')} "
+            f"port {port} is in use by another process (address already in use)"
+        )
+        if last:
+            reason += f"; the last attempt: {last}"
+        return self._start_error(reason, log)
+
+    def _start_error(self, reason: str, log: Optional[str] = None) -> BrokerStartError:
+        lines = (self._current_log() if log is None else log).splitlines()
         if len(lines) > 50:  # keep the head too: flag errors come before the usage text
             lines = lines[:15] + [f"... ({len(lines) - 45} lines omitted) ..."] + lines[-30:]
         log = "\n".join(lines)
         return BrokerStartError(f"{self.binary_name} {reason}\n--- log ---\n{log}")
 
-    def _wait_listening(self, deadline: float) -> None:
+    def _listeners_by(self, deadline: float) -> Dict[str, str]:
+        """The listening lines seen once all expected ones are, the process ended, or ``deadline``."""
         expected = self._expected_listeners()
         proc = self._proc
         assert proc is not None
@@ -543,7 +785,25 @@ class _BrokerProcess:
                 if remaining <= 0:
                     break
                 self._cond.wait(min(remaining, 0.1))
-            listening = dict(self._listening)
+            return dict(self._listening)
+
+    def _wait_listening(self, deadline: float) -> None:
+        expected = self._expected_listeners()
+        proc = self._proc
+        assert proc is not None
+        listening = self._listeners_by(deadline)
+        if not expected.issubset(listening) and proc.poll() is None and self._ports_fixed:
+            if self._known_ports_answer():
+                # Something serves on the known ports. This broker logs its listening lines
+                # before it serves, so they may only be late (a loaded machine); if they do
+                # not come, the answer is from another process that took the port.
+                listening = self._listeners_by(time.monotonic() + _LATE_LINES)
+                if not expected.issubset(listening) and proc.poll() is None:
+                    raise self._start_error(
+                        f"did not report {sorted(expected - set(listening))} listeners within "
+                        f"{self.start_timeout:g}s, and port {self.http_port} answers /ping: another "
+                        "process serves on its port"
+                    )
         if not expected.issubset(listening):
             if proc.poll() is not None:
                 try:
@@ -552,10 +812,6 @@ class _BrokerProcess:
                     pass
                 self._join_reader()
                 raise self._start_error(f"exited with status {proc.returncode} while starting")
-            if self._ports_fixed and self._known_ports_answer():
-                # Restarted on its known ports and serving, but its log lines did not reach us.
-                logger.info("%s: serving on its known ports; its listening lines were not seen", self.binary_name)
-                return
             raise self._start_error(
                 f"did not report {sorted(expected - set(listening))} listeners "
                 f"within {self.start_timeout:g}s"
@@ -613,14 +869,27 @@ class _BrokerProcess:
         output pipe and its data are the parent's, and stop()/kill()/close() leave them be."""
         return self._owner_pid not in (None, os.getpid())
 
-    def _send(self, sig: int) -> None:
+    def _send(self, sig: Optional[int]) -> None:
+        """Send ``sig`` to a running broker; None: kill it (SIGKILL, or Windows' TerminateProcess)."""
         proc = self._proc
         if proc is None or proc.poll() is not None:
             return
         try:
-            proc.send_signal(sig)
+            if sig is None:
+                proc.kill()
+            else:
+                proc.send_signal(sig)
         except ProcessLookupError:  # exited meanwhile
             pass
+
+    def _posix_signal(self, name: str, method: str) -> int:
+        sig = getattr(signal, name, None)
+        if sig is None:
+            raise NotImplementedError(
+                f"{method}() needs {name}, which this platform ({sys.platform}) lacks: "
+                "pause() and resume() are POSIX-only"
+            )
+        return int(sig)
 
     def stop(self, timeout: float = 10.0) -> Optional[int]:
         """Stop the broker: SIGTERM, wait up to ``timeout`` seconds, then SIGKILL.
@@ -635,6 +904,7 @@ class _BrokerProcess:
         proc = self._proc
         if proc is None or self._forked():
             return None
+        self._wanted = False
         if proc.poll() is None:
             self._send(signal.SIGTERM)
             if self._paused:
@@ -645,42 +915,46 @@ class _BrokerProcess:
                 logger.warning(
                     "%s pid %s ignored SIGTERM for %.1fs; killing it", self.binary_name, proc.pid, timeout
                 )
-                self._send(signal.SIGKILL)
+                self._send(None)
                 proc.wait(10)
             if proc.returncode == -signal.SIGTERM:
                 logger.warning("%s pid %s ended by SIGTERM before it handled it (stopped right after it started): no clean shutdown", self.binary_name, proc.pid)
             else:
                 logger.info("stopped %s pid %s (status %s)", self.binary_name, proc.pid, proc.returncode)
         self._paused = False
-        _RUNNING.pop(id(self), None)
+        self._released(proc)
         self._join_reader()
         return proc.returncode
 
     def kill(self) -> Optional[int]:
-        """SIGKILL the broker (no graceful shutdown) and reap it; idempotent.
+        """SIGKILL the broker (Windows: TerminateProcess; no graceful shutdown) and reap it; idempotent.
 
         Returns the exit status (None if never started).
         """
         proc = self._proc
         if proc is None or self._forked():
             return None
+        self._wanted = False
         if proc.poll() is None:
-            self._send(signal.SIGKILL)
+            self._send(None)
             proc.wait(10)
         self._paused = False
-        _RUNNING.pop(id(self), None)
+        self._released(proc)
         self._join_reader()
         return proc.returncode
 
     def pause(self) -> None:
-        """Freeze the broker with SIGSTOP (sockets stay open, nothing answers).
+        """Freeze the broker with SIGSTOP (sockets stay open, nothing answers). POSIX only.
 
         Raises:
+            NotImplementedError: the platform has no SIGSTOP (Windows).
             RuntimeError: the broker is not running.
         """
+        sigstop = self._posix_signal("SIGSTOP", "pause")
+        self._posix_signal("SIGCONT", "pause")  # stop() and resume() need it to continue
         if not self.running:
             raise RuntimeError(f"cannot pause {self!r}: not running")
-        self._send(signal.SIGSTOP)
+        self._send(sigstop)
         self._paused = True
         # SIGSTOP lands asynchronously: return only once the kernel shows it stopped,
         # so nothing sent after pause() can still be answered.
@@ -695,14 +969,16 @@ class _BrokerProcess:
             wait_until(stopped, timeout=5.0, message=f"{self!r} to stop")
 
     def resume(self) -> None:
-        """Continue a broker frozen by :meth:`pause` (SIGCONT).
+        """Continue a broker frozen by :meth:`pause` (SIGCONT). POSIX only.
 
         Raises:
+            NotImplementedError: the platform has no SIGCONT (Windows).
             RuntimeError: the broker is not running.
         """
+        sigcont = self._posix_signal("SIGCONT", "resume")
         if not self.running:
             raise RuntimeError(f"cannot resume {self!r}: not running")
-        self._send(signal.SIGCONT)
+        self._send(sigcont)
         self._paused = False
 
     @property
@@ -763,7 +1039,9 @@ class _BrokerProcess:
 class NsqlookupdProcess(_BrokerProcess):
     """A real ``nsqlookupd`` on 127.0.0.1 with kernel-assigned TCP/HTTP ports.
 
-    ``extra_args`` are appended verbatim to the command line (later flags win).
+    ``extra_args`` are appended verbatim to the command line (later flags win);
+    a ``--log-level`` of ``warn``, ``error`` or ``fatal`` is followed by
+    ``--log-level=info``: the ports are read from INFO log lines.
 
     Raises:
         TypeError: ``extra_args`` is a str (not a list of them) or holds a non-str;
@@ -787,7 +1065,7 @@ class NsqlookupdProcess(_BrokerProcess):
             f"--tcp-address={self.host}:{self.tcp_port or 0}",
             f"--http-address={self.host}:{self.http_port or 0}",
             f"--broadcast-address={self.host}",
-        ] + self.extra_args
+        ] + self.extra_args + self._log_level_args()
 
     def nodes(self) -> List[Dict[str, Any]]:
         """The producers (nsqd nodes) registered with this lookupd (``GET /nodes``).
@@ -830,7 +1108,9 @@ class NsqdProcess(_BrokerProcess):
     Args:
         lookupd_tcp_addresses: ``"host:port"`` of nsqlookupds to register with.
         extra_args: appended verbatim to the command line (later flags win),
-            e.g. ``["--mem-queue-size=0", "--auth-http-address=127.0.0.1:9"]``.
+            e.g. ``["--mem-queue-size=0", "--auth-http-address=127.0.0.1:9"]``;
+            a ``--log-level`` of ``warn``, ``error`` or ``fatal`` is followed by
+            ``--log-level=info``: the ports are read from INFO log lines.
         data_path: data directory; by default a temp dir is created on first
             start and removed by :meth:`close` / leaving the ``with`` block.
             It is kept across :meth:`restart`, so queued messages survive.
@@ -891,6 +1171,7 @@ class NsqdProcess(_BrokerProcess):
             self.data_path = tempfile.mkdtemp(prefix="nsq_sync-nsqd-")
             self._owns_data_path = True
             _OWNED_DIRS[self.data_path] = os.getpid()
+            _watch("+dir", self.data_path)
         else:
             os.makedirs(self.data_path, exist_ok=True)
 
@@ -919,19 +1200,12 @@ class NsqdProcess(_BrokerProcess):
             if self.tls_root_ca:
                 args.append(f"--tls-root-ca-file={self.tls_root_ca}")
         args += [f"--lookupd-tcp-address={a}" for a in self.lookupd_tcp_addresses]
-        return args + self.extra_args
+        return args + self.extra_args + self._log_level_args()
 
     @property
     def https_address(self) -> Optional[str]:
         """``"127.0.0.1:PORT"`` of the HTTPS listener, None without TLS."""
         return f"{self.host}:{self.https_port}" if self.https_port else None
-
-    def _known_ports_answer(self) -> bool:
-        try:
-            status, body = _http_request(self.http_url("/ping"), timeout=1.0)
-        except OSError:
-            return False
-        return self._ping_ok(status, body)
 
     def _ping_ok(self, status: int, body: bytes) -> bool:
         # with --tls-required=true the plain HTTP port answers every request with
@@ -944,6 +1218,7 @@ class NsqdProcess(_BrokerProcess):
         if self._owns_data_path and self.data_path and not self._forked():
             shutil.rmtree(self.data_path, ignore_errors=True)
             _OWNED_DIRS.pop(self.data_path, None)
+            _watch("-dir", self.data_path)
             self.data_path = None
             self._owns_data_path = False
 
@@ -1136,6 +1411,10 @@ class LocalCluster:
     def start(self) -> "LocalCluster":
         """Start the lookupd and the nsqds; wait until all are registered.
 
+        After :meth:`stop` (or with some nsqds stopped), starts again the lookupd and
+        every nsqd of :attr:`nsqds` that is not running, on their ports and data, then
+        adds nsqds up to ``nsqd_count``.
+
         Raises:
             BrokerNotFoundError, BrokerStartError: a broker could not start
                 (everything already started is stopped again).
@@ -1143,6 +1422,10 @@ class LocalCluster:
         """
         try:
             self.lookupd.start()
+            for nsqd in self.nsqds:
+                if not nsqd.running:
+                    nsqd.start()
+                    self._wait_registered(nsqd)
             while len(self.nsqds) < self.nsqd_count:
                 self.add_nsqd()
         except BaseException:
@@ -1150,29 +1433,43 @@ class LocalCluster:
             raise
         return self
 
-    def add_nsqd(self, extra_args: Iterable[str] = ()) -> NsqdProcess:
-        """Start one more nsqd registered with the lookupd and return it.
+    def _require_lookupd(self, what: str) -> None:
+        if not self.lookupd.running:
+            raise RuntimeError(f"cannot {what}: the cluster's nsqlookupd is not running (start() the cluster)")
 
-        Waits until the lookupd lists it in ``/nodes``.
-
-        Raises:
-            TypeError: ``extra_args`` is a str (not a list of them) or holds a non-str.
-            BrokerNotFoundError, BrokerStartError: nsqd could not start.
-            TimeoutError: it did not register within ``start_timeout``.
-        """
-        extra = _string_list("extra_args", extra_args)
-        nsqd = NsqdProcess(
-            lookupd_tcp_addresses=self.lookupd_tcp_addresses,
-            extra_args=self.nsqd_args + extra,
-            start_timeout=self.start_timeout,
-        )
-        self.nsqds.append(nsqd)
-        nsqd.start()
+    def _wait_registered(self, nsqd: NsqdProcess) -> None:
         wait_until(
             lambda: any(p.get("tcp_port") == nsqd.tcp_port for p in self.lookupd.nodes()),
             timeout=self.start_timeout,
             message=f"{nsqd!r} to register with nsqlookupd",
         )
+
+    def add_nsqd(self, extra_args: Iterable[str] = ()) -> NsqdProcess:
+        """Start one more nsqd registered with the lookupd and return it.
+
+        Waits until the lookupd lists it in ``/nodes``. It joins :attr:`nsqds` only
+        then: one that fails is closed (its temp data dir removed) and left out.
+
+        Raises:
+            TypeError: ``extra_args`` is a str (not a list of them) or holds a non-str.
+            RuntimeError: the cluster's lookupd is not running.
+            BrokerNotFoundError, BrokerStartError: nsqd could not start.
+            TimeoutError: it did not register within ``start_timeout``.
+        """
+        extra = _string_list("extra_args", extra_args)
+        self._require_lookupd("add an nsqd")
+        nsqd = NsqdProcess(
+            lookupd_tcp_addresses=self.lookupd_tcp_addresses,
+            extra_args=self.nsqd_args + extra,
+            start_timeout=self.start_timeout,
+        )
+        try:
+            nsqd.start()
+            self._wait_registered(nsqd)
+        except BaseException:
+            nsqd.close()
+            raise
+        self.nsqds.append(nsqd)
         return nsqd
 
     def wait_for_producers(
@@ -1182,12 +1479,16 @@ class LocalCluster:
 
         With ``topic``, counts the producers of that topic (``/lookup``),
         otherwise all nodes (``/nodes``). ``count`` defaults to the number of
-        running nsqds. Returns the producer dicts.
+        the cluster's nsqds started and not stopped or killed since: one that
+        crashed still counts, so the wait fails rather than pass without it.
+        Returns the producer dicts.
 
         Raises:
+            RuntimeError: the cluster's lookupd is not running.
             TimeoutError: the count was not reached within ``timeout`` seconds.
         """
-        wanted = count if count is not None else sum(1 for n in self.nsqds if n.running)
+        self._require_lookupd("wait for producers")
+        wanted = count if count is not None else sum(1 for n in self.nsqds if n._wanted)
         seen: List[Dict[str, Any]] = []
 
         def check() -> bool:
@@ -1199,9 +1500,11 @@ class LocalCluster:
             wait_until(check, timeout=timeout, message="producers")
         except TimeoutError:
             what = f"topic {topic!r}" if topic is not None else "/nodes"
+            crashed = [n for n in self.nsqds if n._wanted and not n.running]
             raise TimeoutError(
                 f"expected {wanted} producers for {what} within {timeout:g}s, lookupd has "
                 f"{len(seen)}: {[(p.get('broadcast_address'), p.get('tcp_port')) for p in seen]}"
+                + "".join(f"; nsqd pid {n.pid} exited with status {n.returncode}" for n in crashed)
             ) from None
         return seen
 
