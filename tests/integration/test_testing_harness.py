@@ -543,6 +543,7 @@ thread.join()
 nsqd = started[0]
 print(lookupd.pid, nsqd.pid, nsqd.data_path, flush=True)
 if sys.argv[1] == "os._exit":
+    sys.stdin.readline()  # once the test has seen the brokers running
     os._exit(3)
 sys.stdin.read()
 """
@@ -573,7 +574,11 @@ def test_brokers_die_with_the_process_that_started_them(how: str) -> None:
         lookupd_pid, nsqd_pid, data_path = line.split()
         pids = [int(lookupd_pid), int(nsqd_pid)]
         assert not any(process_gone(pid) for pid in pids) and os.path.isdir(data_path)
-        if how != "os._exit":
+        if how == "os._exit":
+            assert child.stdin is not None
+            child.stdin.write(b"go\n")
+            child.stdin.flush()
+        else:
             child.send_signal(getattr(signal, how))
         child.wait(10)
         wait_until(
