@@ -100,7 +100,7 @@ ANSWER_HOLD_SECONDS = 0.005
 #: (SO_RCVTIMEO), so a caller with a deadline reads at once instead of polling first
 RECV_SLICE_SECONDS = 1.0
 #: plain TCP: one send waits at most this long for room in the socket (thread backend: the
-#: kernel's SO_SNDTIMEO; gevent: the send's timeout). Only a write the socket cannot take at
+#: kernel's SO_SNDTIMEO; gevent: a wait for writability in _send_rest). Only a write the socket cannot take at
 #: once gets there: it then goes on in slices, so a caller with a deadline stops at its
 #: deadline and a write's stall is counted from its last progress (see _send_rest)
 SEND_SLICE_SECONDS = 0.05
@@ -333,6 +333,8 @@ class AsyncConn(EventedMixin):
         #: that waits at most SEND_SLICE_SECONDS for room (set in _handshake), else the stream's
         #: sendall (all of it, or an error)
         self._send_some: Callable[[Any], int] = self._send_whole
+        #: _send_some never waits for room (gevent): _send_rest waits with this, a slice at a time
+        self._send_wait: Optional[Callable[[float], Any]] = None
         self._partial: Any = None  # the rest of a command cut short, first in _writes (see _requeue)
         self._stalled_since: Optional[float] = None  # last progress of a write handed on unfinished
         self._close_at: Optional[float] = None  # close()'s final drain: writers stop here (_send_rest)
@@ -538,7 +540,11 @@ class AsyncConn(EventedMixin):
         # each send bounded by the stall limit (its bytes cannot be cut and queued again).
         plain = self._stream.__class__ is SocketStream
         if cooperative and plain:
-            self._send_some = functools.partial(self._raw_sock.send, timeout=SEND_SLICE_SECONDS)  # type: ignore[union-attr]
+            # gevent's send waits for room with the socket's own timeout (its timeout argument
+            # only says whether to wait at all): it sends without waiting, and _send_rest waits
+            # for room a slice at a time
+            self._send_some = functools.partial(self._raw_sock.send, timeout=0.0)  # type: ignore[union-attr]
+            self._send_wait = functools.partial(self.backend.wait_writable, self._raw_sock)
         if native:
             if plain or stall is not None:
                 try:
@@ -1507,6 +1513,7 @@ class AsyncConn(EventedMixin):
         nothing went out for the stall limit, counted from the last progress (of this write,
         or of the one handed on to this writer unfinished)."""
         send = self._send_some
+        wait = self._send_wait
         stall = self._send_stall_after
         now = time.monotonic()
         since = self._stalled_since or now
@@ -1520,6 +1527,8 @@ class AsyncConn(EventedMixin):
                 count = send(view)
             except (BlockingIOError, socket.timeout):
                 count = 0  # a slice without room
+            if not count and wait is not None:
+                wait(SEND_SLICE_SECONDS)
             now = time.monotonic()
             if count:
                 view = view[count:]
