@@ -39,6 +39,7 @@ from .errors import (
     AuthRequiredError,
     ConfigError,
     ConnectError,
+    ClosedError,
     ConnectionClosedError,
     Error,
     ProtocolError,
@@ -98,11 +99,18 @@ ANSWER_HOLD_SECONDS = 0.005
 #: thread backend, plain TCP: the kernel ends a blocking recv after this long with no data
 #: (SO_RCVTIMEO), so a caller with a deadline reads at once instead of polling first
 RECV_SLICE_SECONDS = 1.0
+#: plain TCP: one send waits at most this long for room in the socket (thread backend: the
+#: kernel's SO_SNDTIMEO; gevent: a wait for writability in _send_rest). Only a write the socket cannot take at
+#: once gets there: it then goes on in slices, so a caller with a deadline stops at its
+#: deadline and a write's stall is counted from its last progress (see _send_rest)
+SEND_SLICE_SECONDS = 0.05
 #: at most one warning this often about answers nsqd refused because it had timed the message
 #: out (E_FIN_FAILED, E_REQ_FAILED, E_TOUCH_FAILED) or copies it delivered again; counted between
 LATE_WARNING_SECONDS = 10.0
 _NOTHING = object()  # _read_before: the deadline passed with no data
 _OK_FRAME = b"\x00\x00\x00\x06\x00\x00\x00\x00OK"  # size 6, FRAME_TYPE_RESPONSE, OK
+#: how the commands nsqd answers through the pending queue begin (see _fail_unsent)
+_REQUESTS = frozenset((b"PUB ", b"MPUB", b"DPUB", b"SUB "))
 
 
 class AsyncConn(EventedMixin):
@@ -321,6 +329,15 @@ class AsyncConn(EventedMixin):
         #: limit (two heartbeat intervals), or this when an owner set it lower before connect()
         self._send_stall_limit: Optional[float] = None
         self._send_stall_after: Optional[float] = None
+        #: one send of the bytes given, returning how many the socket took: on plain TCP a send
+        #: that waits at most SEND_SLICE_SECONDS for room (set in _handshake), else the stream's
+        #: sendall (all of it, or an error)
+        self._send_some: Callable[[Any], int] = self._send_whole
+        #: _send_some never waits for room (gevent): _send_rest waits with this, a slice at a time
+        self._send_wait: Optional[Callable[[float], Any]] = None
+        self._partial: Any = None  # the rest of a command cut short, first in _writes (see _requeue)
+        self._stalled_since: Optional[float] = None  # last progress of a write handed on unfinished
+        self._close_at: Optional[float] = None  # close()'s final drain: writers stop here (_send_rest)
         self._deferred = False  # requests queued behind an unanswered one (see _request)
         self._subscribed = False
         self._closing = False
@@ -517,10 +534,23 @@ class AsyncConn(EventedMixin):
         self._send_stall_after = stall
         cooperative = self._blocking and getattr(self.backend, "name", "") == "gevent"
         self._stream.settimeout(stall if cooperative else self._stale_after if not self._blocking else None)
+        # Plain TCP writes in slices (_send_some, SEND_SLICE_SECONDS): a write the socket cannot
+        # take at once goes on in _send_rest, which counts the stall from the last progress and
+        # lets a caller with a deadline hand the rest on. A compressed stream keeps whole writes,
+        # each send bounded by the stall limit (its bytes cannot be cut and queued again).
+        plain = self._stream.__class__ is SocketStream
+        if cooperative and plain:
+            # gevent's send waits for room with the socket's own timeout (its timeout argument
+            # only says whether to wait at all): it sends without waiting, and _send_rest waits
+            # for room a slice at a time
+            self._send_some = functools.partial(self._raw_sock.send, timeout=0.0)  # type: ignore[union-attr]
+            self._send_wait = functools.partial(self.backend.wait_writable, self._raw_sock)
         if native:
-            if stall is not None:
+            if plain or stall is not None:
                 try:
-                    self._raw_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(stall))
+                    self._raw_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(SEND_SLICE_SECONDS if plain else stall))
+                    if plain:
+                        self._send_some = self._raw_sock.send  # type: ignore[union-attr]
                 except (OSError, AttributeError, struct.error):
                     pass  # unbounded writes: the reader task's staleness check still shuts them down
             # A caller waiting for its answer (request_wait) then recvs at once, without a
@@ -684,7 +714,7 @@ class AsyncConn(EventedMixin):
             if now - self._held_seen >= ANSWER_HOLD_SECONDS:
                 self._held_head = None
                 try:
-                    self._flush()
+                    self._flush(0.0)
                 except Error:
                     pass  # the write side failed; the read below meets the close
         else:
@@ -791,7 +821,7 @@ class AsyncConn(EventedMixin):
         # for the answer it waits behind.
         self._deferred = False
         try:
-            self._flush()
+            self._flush(0.0)  # (no room: a flush task writes them; the reader goes on reading)
         except Error:
             pass  # the write side is shut; the next read meets nsqd's close
 
@@ -896,7 +926,7 @@ class AsyncConn(EventedMixin):
             # held (a Future's condition costs several times more, and this is the path of
             # many threads publishing).
             waiter = _WaitedAnswer(self._signal())
-            self._request(data, waiter, lead=True)
+            self._request(data, waiter, lead=True)  # (no room to write: a flush task writes it)
             if not waiter.wait(timeout):
                 raise TimeoutError(f"no answer from {self.id} within {timeout}s; the command may or may not have run")
             if waiter.error is not None:
@@ -908,12 +938,12 @@ class AsyncConn(EventedMixin):
             slice_seconds = self._recv_slice
             if slice_seconds is not None and (timeout is None or timeout >= slice_seconds) and time.time() - self.last_recv_timestamp <= IDLE_CHECK_SECONDS:
                 # (a deadline within the first recv slice is kept by the general path's poll)
-                answer = self._exchange(data)
+                answer = self._exchange(data, timeout)
                 if answer.__class__ is bytes:
                     return answer  # (the finally below still runs)
             if answer is None:
                 answer = _Answer()
-                self._send_for_answer(data, answer)
+                self._send_for_answer(data, answer, timeout)
             self._read_until_done(answer, deadline)
         except _ReadEnded:
             pass  # reported; the answer holds the reason
@@ -942,8 +972,9 @@ class AsyncConn(EventedMixin):
             raise answer.error
         raise TimeoutError(f"no answer from {self.id} within {timeout}s; the command may or may not have run")
 
-    def _send_for_answer(self, data: bytes, answer: "_Answer") -> None:
-        """request_wait's general path: queue *answer* and send *data* (the caller holds the read token)."""
+    def _send_for_answer(self, data: bytes, answer: "_Answer", budget: Optional[float]) -> None:
+        """request_wait's general path: queue *answer* and send *data* (the caller holds the read
+        token), writing for at most *budget* seconds once the socket has no room (see _flush)."""
         if self._read_ended:
             raise self._not_sent()
         if time.time() - self.last_recv_timestamp > IDLE_CHECK_SECONDS and self._data_waiting(0):
@@ -967,7 +998,12 @@ class AsyncConn(EventedMixin):
         try:
             if direct:
                 try:
-                    self._stream.sendall(data)
+                    try:
+                        sent = self._send_some(data)
+                    except (BlockingIOError, socket.timeout):
+                        sent = 0  # no room for a whole send slice
+                    if sent != len(data):
+                        self._queue_rest(data, sent)  # (sent on by _flush below)
                 except (OSError, ValueError) as exc:
                     self._write_failed(exc)
                 except BaseException as exc:
@@ -976,13 +1012,13 @@ class AsyncConn(EventedMixin):
                 finally:
                     write_lock.release()
                 if self._writes:
-                    self._flush()  # queued while we wrote: we are its drainer
+                    self._flush(budget)  # queued while we wrote: we are its drainer
             else:
-                self._flush()
+                self._flush(budget)
         except Error:
             pass  # write side shut: the read below meets nsqd's close
 
-    def _exchange(self, data: bytes) -> Any:
+    def _exchange(self, data: bytes, budget: Optional[float]) -> Any:
         """request_wait's fast path: the caller holds the read token of a busy, healthy
         connection (native socket, read within IDLE_CHECK_SECONDS). With nothing else
         pending or queued it sends *data* itself and reads once; when that read is exactly
@@ -998,23 +1034,33 @@ class AsyncConn(EventedMixin):
         # The write lock first, then the checks: a request another thread adds from here on
         # is written after this one (its sender finds the write lock held), so its answer
         # comes after ours; one added before is in _pending or _writes, and we stand aside.
+        cut = None
         try:
             if self._pending or self._writes or self._deferred or self.state != CONNECTED or self._decoder.buffered or self._stream.pending() or self._listeners.get("response"):
                 return None  # the general path
             try:
-                self._stream.sendall(data)
+                sent = self._send_some(data)
+            except (BlockingIOError, socket.timeout):
+                sent = 0  # no room for a whole send slice
             except (OSError, ValueError) as exc:
                 return self._send_failed(exc)
             except BaseException as exc:
                 self._write_interrupted(exc)
                 raise
+            if sent != len(data):
+                # The socket took only part (or none) of it: the rest goes first in the queue,
+                # written below within the budget, then by a flush task (see _flush).
+                cut = self._first_pending()
+                self._queue_rest(data, sent)
         finally:
             write_lock.release()
         if self._writes:
             try:
-                self._flush()  # queued while we wrote: we are its drainer
+                self._flush(budget)  # queued while we wrote: we are its drainer
             except Error:
                 pass  # the write side is shut (ours went out before): the read meets the close
+        if cut is not None:
+            return cut  # (request_wait's reading loop waits for it until the deadline)
         return self._read_own_answer()
 
     def _first_pending(self) -> "_Answer":
@@ -1082,12 +1128,25 @@ class AsyncConn(EventedMixin):
         began = time.time()
         if self._lane_clean and began - self.last_recv_timestamp <= IDLE_CHECK_SECONDS and timeout >= self._recv_slice:  # type: ignore[operator]
             try:
-                self._stream.sendall(data)
+                sent = self._send_some(data)
+            except (BlockingIOError, socket.timeout):
+                sent = 0  # no room for a whole send slice
             except (OSError, ValueError) as exc:
+                sent = -1
                 answer: Any = self._send_failed(exc)
             except BaseException as exc:
                 self._write_interrupted(exc)
                 raise
+            if sent != len(data):
+                if sent >= 0:
+                    # The socket took only part of it: the rest goes first in the queue, written
+                    # within the timeout, then by a flush task (see _flush).
+                    answer = self._first_pending()
+                    self._queue_rest(data, sent)
+                    try:
+                        self._flush(timeout)
+                    except Error:
+                        pass  # the write side is shut: the read meets the close
             else:
                 recv_into = self._lane_recv_into
                 if recv_into is None:
@@ -1115,7 +1174,10 @@ class AsyncConn(EventedMixin):
         else:
             value = self.request_wait(data, timeout)
         stream = self._stream
-        self._lane_clean = self._recv_slice is not None and self.state == CONNECTED and not self._pending and not self._writes and not self._decoder.buffered and not stream.pending()
+        self._lane_clean = (
+            self._recv_slice is not None and self.state == CONNECTED and not self._pending and not self._writes
+            and not self._write_lock.locked() and not self._decoder.buffered and not stream.pending()
+        )  # (the fast path writes without the write lock: not while a flush task finishes a write)
         if self._lane_clean and self._lane_buffer is None and stream.__class__ is SocketStream and stream._buffer is not None:
             # The stream's own buffer (its reads have ended with this lane's caller).
             self._lane_recv_into, self._lane_buffer = stream._recv_into, stream._buffer
@@ -1168,7 +1230,8 @@ class AsyncConn(EventedMixin):
         for frame_type, payload in frames:
             if frame_type == FRAME_TYPE_RESPONSE:
                 if payload == HEARTBEAT:
-                    self._write(commands.nop())
+                    self._queue(commands.nop())
+                    self._flush(0.0)  # (no room: a flush task writes it; the reader goes on reading)
                     self._emit("heartbeat", conn=self)
                     continue
                 if payload == CLOSE_WAIT:
@@ -1342,20 +1405,27 @@ class AsyncConn(EventedMixin):
             raise ConnectionClosedError(f"connection to {self.id} is {self.state.lower()}")
         self._writes.append(data)
 
-    def _flush(self) -> None:
-        # One task at a time drains the queue with a single sendall of everything in it.
+    def _flush(self, budget: Optional[float] = None) -> None:
+        # One task at a time drains the queue with a single send of everything in it.
         # Whoever appended after the drainer's last look finds the lock free and drains.
+        # *budget*: seconds this caller may go on writing once the socket has no room (None:
+        # until done, or stalled for the stall limit). Past it the rest stays queued, first,
+        # and a flush task of its own finishes it (_hand_off): a publish with a deadline, a
+        # pub_async (0: at once) or the reader never drain a stalled socket for everybody.
         writes = self._writes
         lock = self._write_lock
         while writes:
             if not lock.acquire(False):
                 return  # the holder drains our bytes before it lets go (it looks again after)
             try:
-                self._send_queued()
+                left = self._send_queued(budget)
             except (OSError, ValueError, Error) as exc:
                 self._write_failed(exc)
             finally:
                 lock.release()
+            if left:
+                self._hand_off()
+                return
 
     def _flush_soon(self) -> None:
         """_flush, unless the socket has no room for a byte right now (nsqd stopped reading, or
@@ -1379,6 +1449,15 @@ class AsyncConn(EventedMixin):
         except Error:
             pass  # the connection is closing; the reader reports it
 
+    def _hand_off(self) -> None:
+        """A writer with a budget left bytes queued (the socket had no room): a task of its own
+        finishes them, bounded by the stall limit. Not once close() drains: that takes them."""
+        if self._close_at is None:
+            try:
+                self.backend.spawn(self._flush_quietly, name=f"nsq_sync-flush-{self.id}")
+            except RuntimeError:  # pragma: no cover - no new threads (interpreter shutdown)
+                self._flush_quietly()
+
     def _write_failed(self, exc: BaseException) -> None:
         """A write failed (the caller holds the write lock): close the connection, raise SendError
         (ConnectionClosedError when the connection had failed first)."""
@@ -1396,17 +1475,111 @@ class AsyncConn(EventedMixin):
             self._abort(error)
         raise error from exc
 
-    def _send_queued(self) -> None:
-        """Send everything queued, a batch per sendall (the caller holds the write lock)."""
+    def _send_queued(self, budget: Optional[float] = None) -> bool:
+        """Send everything queued, a batch per send (the caller holds the write lock). True when
+        *budget* (see _flush) passed with bytes left: they are queued again, first."""
         writes = self._writes
+        send = self._send_some
         while writes:
             batch = [writes.popleft() for _ in range(len(writes))]
+            data = batch[0] if len(batch) == 1 else b"".join(batch)
             try:
-                self._stream.sendall(batch[0] if len(batch) == 1 else b"".join(batch))
+                try:
+                    sent = send(data)
+                except (BlockingIOError, socket.timeout):
+                    sent = 0  # no room for a whole send slice
+                if sent != len(data):
+                    if sent:
+                        self._stalled_since = None  # progress: a stall counts from here
+                    rest = self._send_rest(memoryview(data)[sent:], budget)
+                    if rest:
+                        self._requeue(batch, rest)
+                        return True
             except BaseException as exc:
                 writes.clear()
                 self._write_interrupted(exc)
                 raise
+        return False
+
+    def _send_whole(self, data: Any) -> int:
+        """_send_some of a stream written whole (TLS, compression, a socket without send slices)."""
+        self._stream.sendall(data)
+        return len(data)
+
+    def _send_rest(self, view: memoryview, budget: Optional[float]) -> memoryview:
+        """The part of a write the socket did not take at once (the caller holds the write
+        lock, or the lane): sent a slice at a time. Returns what is left when *budget* seconds
+        passed first, or close()'s deadline (empty once all went). Raises socket.timeout when
+        nothing went out for the stall limit, counted from the last progress (of this write,
+        or of the one handed on to this writer unfinished)."""
+        send = self._send_some
+        wait = self._send_wait
+        stall = self._send_stall_after
+        now = time.monotonic()
+        since = self._stalled_since or now
+        deadline = None if budget is None else now + budget
+        while view:
+            close_at = self._close_at
+            if (deadline is not None and now >= deadline) or (close_at is not None and now >= close_at):
+                self._stalled_since = since
+                return view
+            try:
+                count = send(view)
+            except (BlockingIOError, socket.timeout):
+                count = 0  # a slice without room
+            if not count and wait is not None:
+                wait(SEND_SLICE_SECONDS)
+            now = time.monotonic()
+            if count:
+                view = view[count:]
+                since = now
+            elif stall is not None and now - since >= stall:
+                self._stalled_since = None
+                raise socket.timeout("no progress writing for the stall limit")
+        self._stalled_since = None
+        return view
+
+    def _requeue(self, batch: List[Any], rest: memoryview) -> None:
+        """Queue *rest*, the unsent end of *batch*, first again (the caller holds the write
+        lock): the commands not started stay whole, the one cut short becomes _partial."""
+        left = len(rest)
+        first = len(batch)
+        while first and len(batch[first - 1]) <= left:
+            first -= 1
+            left -= len(batch[first])
+        writes = self._writes
+        writes.extendleft(reversed(batch[first:]))  # not started: whole, as queued
+        if left:
+            self._partial = rest[:left]
+            writes.appendleft(self._partial)
+
+    def _queue_rest(self, data: Any, sent: int) -> None:
+        """A command written directly, of which the socket took *sent* bytes: the rest goes
+        first in the queue (the caller holds the write lock, or the lane)."""
+        if sent:
+            data = self._partial = memoryview(data)[sent:]
+        self._writes.appendleft(data)
+
+    def _fail_unsent(self) -> None:
+        """close() gave up on what is queued (the caller holds the write lock): the requests
+        that never started fail with ClosedError (not sent: nothing landed); the one cut short,
+        and those sent, fail with ConnectionClosedError (unknown) when the connection goes."""
+        writes = self._writes
+        queued = list(writes)
+        writes.clear()
+        if queued and queued[0] is self._partial:
+            del queued[0]
+        count = sum(1 for data in queued if bytes(data[:4]) in _REQUESTS)
+        with self._lock:
+            unsent = [self._pending.pop() for _ in range(min(count, len(self._pending)))]
+        for waiter in unsent:
+            error = ClosedError(f"{self.id} was closed before the command was sent (nsqd did not get it)")
+            error.unprocessed = True  # type: ignore[attr-defined]
+            try:
+                if not waiter.done():
+                    waiter.set_exception(error)
+            except futures.InvalidStateError:
+                pass  # a publish timeout failed it first
 
     def request(self, data: bytes, future: "Optional[Future[bytes]]" = None) -> "Future[bytes]":
         """Write a command that nsqd answers (PUB, MPUB, DPUB, SUB) and return a Future of the answer.
@@ -1422,10 +1595,12 @@ class AsyncConn(EventedMixin):
             raise ConfigError("data", data, "is an empty command")  # (nothing to answer: every later answer would go to the wrong request)
         return self._request(data, future)
 
-    def _request(self, data: bytes, future: "Optional[Future[bytes]]", lead: bool = False) -> "Future[bytes]":
+    def _request(self, data: bytes, future: "Optional[Future[bytes]]", lead: bool = False, budget: Optional[float] = 0.0) -> "Future[bytes]":
         """Queue a request and its waiter. *lead*: its caller would read answers itself (a
         blocking request that found the token taken), so the reader task parks once nothing
-        is pending (set in the same locked step that queues the request)."""
+        is pending (set in the same locked step that queues the request). *budget*: seconds
+        the caller may write once the socket has no room (see _flush; 0: a Future's caller
+        returns at once, a flush task writes the rest)."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"request() takes command bytes, not {type(data).__name__}")
         if future is None:
@@ -1456,7 +1631,7 @@ class AsyncConn(EventedMixin):
             self._wake_reader.set()  # nobody else will read the answer
         if not defer:
             try:
-                self._flush()
+                self._flush(budget)
             except Error:
                 pass  # the Future carries the failure (failed by _abort)
         return future
@@ -1655,7 +1830,8 @@ class AsyncConn(EventedMixin):
         deadline = time.monotonic() + timeout
         if self.state == CONNECTED and self._subscribed:
             try:
-                self._write(commands.cls())
+                self._queue(commands.cls())
+                self._flush(max(0.0, deadline - time.monotonic()))  # (no room: a flush task writes it)
                 if not self._close_wait.wait(max(0.0, deadline - time.monotonic())):
                     logger.warning("%s: nsqd did not confirm CLS within the close timeout (%gs); closing anyway (nsqd will redeliver what is in flight)", self.id, timeout)
                 if self._hand_back is not None and self._queued:
@@ -1678,16 +1854,23 @@ class AsyncConn(EventedMixin):
         last FIN off the queue and not sent it yet, and shutting the socket under it would
         fail that FIN. But not past *deadline* (the close's timeout, at least 0.1 s): a
         write nsqd stopped taking (its buffers full) would hold close() up until the stall
-        is detected, two heartbeat intervals; closing the socket under it ends it now.
+        is detected. From here on every plain TCP write stops at the deadline (_send_rest),
+        so a flush task in the middle of one lets go within a send slice and what is left
+        is failed here: requests never started with ClosedError (they did not land), the one
+        cut short and those sent with ConnectionClosedError when the socket closes (unknown).
+        A compressed or TLS stream writes whole: closing the socket under it ends it.
         """
         if self.state != CONNECTED:
             return
+        self._close_at = max(deadline, time.monotonic() + 0.1)
         lock = self._write_lock
-        if not lock.acquire(True, max(0.1, deadline - time.monotonic())):
+        if not lock.acquire(True, max(0.1, deadline - time.monotonic()) + 2 * SEND_SLICE_SECONDS):
             logger.warning("%s: a write in progress made no progress within the close timeout (nsqd is not reading); closing under it", self.id)
             return
         try:
-            self._send_queued()
+            if self._send_queued(max(0.0, self._close_at - time.monotonic())):
+                logger.warning("%s: nsqd took too little of the last writes within the close timeout (it is not reading); closing with them unsent", self.id)
+                self._fail_unsent()
         except (OSError, ValueError, Error) as exc:
             logger.debug("%s: final write failed: %s", self.id, exc)
         finally:

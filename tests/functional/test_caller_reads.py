@@ -141,8 +141,8 @@ def test_serial_request_wait_read_by_the_caller(server: FakeNsqd, make_conn, mon
     fast: List[object] = []  # what each fast-path exchange returned (b"OK": the whole publish)
     exchange = conn._exchange
 
-    def counted(data: bytes) -> object:
-        fast.append(exchange(data))
+    def counted(data: bytes, budget: object) -> object:
+        fast.append(exchange(data, budget))
         return fast[-1]
 
     conn._exchange = counted  # type: ignore[method-assign]
@@ -281,18 +281,18 @@ def test_fast_path_failing_to_flush_others_still_reads_its_own_answer(server: Fa
     monkeypatch.setattr(nsq_sync.conn, "PARK_SECONDS", LONG_PARK)
     conn = connect(make_conn, server)
     park_reader(conn, server)
-    stream = conn._stream
-    real_sendall = stream.sendall
+    real_send = conn._send_some
 
-    def sendall_then_someone_queues(data: bytes) -> None:
-        real_sendall(data)
+    def send_then_someone_queues(data: bytes) -> int:
+        sent = real_send(data)
         conn._writes.append(b"NOP\n")  # as if another thread queued while we held the write lock
+        return sent
 
-    def failing_flush() -> None:
+    def failing_flush(budget: object = None) -> None:
         conn._writes.clear()
         raise SendError("write failed (simulated)")
 
-    monkeypatch.setattr(stream, "sendall", sendall_then_someone_queues)
+    monkeypatch.setattr(conn, "_send_some", send_then_someone_queues)
     monkeypatch.setattr(conn, "_flush", failing_flush)
     conn.last_recv_timestamp = time.time()  # busy: the fast path applies (thread backend; gevent takes the general path, which must cope too)
     assert conn.request_wait(commands.pub("t", b"mine"), timeout=5) == b"OK"
@@ -345,8 +345,8 @@ def test_fast_path_among_futures_takes_only_its_own_ok(server: FakeNsqd, make_co
     fast: List[object] = []
     exchange = conn._exchange
 
-    def counted(data: bytes) -> object:
-        result = exchange(data)
+    def counted(data: bytes, budget: object) -> object:
+        result = exchange(data, budget)
         fast.append(result)
         return result
 

@@ -18,6 +18,7 @@ import pytest
 
 from nsq_sync import AsyncConn, Message, WorkerPool
 from nsq_sync.backends import get_backend
+from nsq_sync.errors import TimeoutError as NsqTimeoutError
 from nsq_sync.errors import (
     AlreadyRespondedError,
     AuthRequiredError,
@@ -581,9 +582,12 @@ def test_peer_that_stops_reading_is_closed_after_the_staleness_limit(server: Fak
         began = time.monotonic()
         # (the kernel takes a few more bytes now and then for a while: the limit is on progress)
         events.wait("close", timeout=30)
+        # (the reader task no longer writes a socket without room itself: a flush task does, and
+        # reports the stall, unless the reader, still reading, sees the silence first: here both
+        # limits are 2 s)
         exc = assert_fault(conn, events, backend, tasks_before, (SendError, StaleConnectionError))
-        if writer == "reader task":  # (a caller's write: the reader task may see the silence first)
-            assert isinstance(exc, SendError) and "stopped reading" in str(exc), repr(exc)
+        if isinstance(exc, SendError):
+            assert "stopped reading" in str(exc), repr(exc)
         took = time.monotonic() - began
         assert took < 30, f"closed after {took:.1f}s; the staleness limit is 2 s"
         assert first.result(timeout=1) == b"OK"
@@ -595,6 +599,42 @@ def test_peer_that_stops_reading_is_closed_after_the_staleness_limit(server: Fak
             assert sender_error[0] is exc or isinstance(sender_error[0], ConnectionClosedError), repr(sender_error[0])
     finally:
         queued.set()
+        release.set()
+
+
+@pytest.mark.parametrize("caller", ["request", "request_wait"])
+def test_a_caller_does_not_write_for_others_to_a_peer_that_stops_reading(server: FakeNsqd, make_conn, backend, tasks_before, caller: str) -> None:
+    """The peer stops reading (its session blocks at a NOP); then 20 MB, more than the socket
+    buffers take. A Future's request() returns at once (it wrote until the stall limit first,
+    4 s here), a request_wait(timeout=1) raises TimeoutError at about 1 s (it wrote until the
+    stall limit too). A flush task goes on writing and closes the connection as stalled; the
+    request fails, it never succeeds."""
+    release = threading.Event()
+    stopped = threading.Event()
+
+    def stop_reading(session: Any, command: Any) -> None:
+        stopped.set()
+        release.wait(30)
+
+    server.set_answer("NOP", stop_reading)
+    conn, events = ready_conn(make_conn, server, heartbeat_interval=2)  # stall limit 4 s
+    data = commands.pub("t", b"x" * 20_000_000)
+    try:
+        conn.send(b"NOP\n")
+        assert stopped.wait(WAIT)
+        began = time.monotonic()
+        if caller == "request":
+            future = conn.request(data)
+        else:
+            with pytest.raises(NsqTimeoutError):
+                conn.request_wait(data, timeout=1.0)
+        took = time.monotonic() - began
+        assert took < (1.0 if caller == "request" else 2.0), took
+        assert conn.wait_closed(30)
+        assert_fault(conn, events, backend, tasks_before, (SendError, StaleConnectionError))
+        if caller == "request":
+            assert isinstance(future.exception(timeout=WAIT), ConnectionClosedError), future.exception()
+    finally:
         release.set()
 
 

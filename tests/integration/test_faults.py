@@ -653,11 +653,13 @@ def test_a_publish_stuck_in_its_write_fails_after_about_its_timeout(nsqd: NsqdPr
         conn = writer._connected[0]
         pubs = StuckPublishers(writer)
         pubs.join(30)
+        # (a publish gives up at its timeout; the write it left goes on in a flush task, which
+        # closes the connection once it made no progress for publish_timeout)
+        assert conn.wait_closed(10)
         proxy.resume()
         # (b"OK": a publish whose bytes got through before the stall took hold)
         assert all(outcome == b"OK" or isinstance(outcome, (SendError, ConnectionClosedError, TimeoutError)) for outcome in pubs.outcomes), pubs.outcomes
         assert max(pubs.took) < 10, pubs.took  # (60 s, two heartbeat intervals, without the bound)
-        assert conn.wait_closed(10)
         assert isinstance(conn.error, SendError) and "no progress writing" in str(conn.error), repr(conn.error)
         wait_until(lambda: writer.pub(TOPIC, b"after") == b"OK", timeout=10, message="a publish on a new connection")
 
@@ -681,6 +683,86 @@ def test_close_is_bounded_while_a_publish_is_stuck_in_its_write(nsqd: NsqdProces
     # before the proxy's stall took hold, as in the test above)
     assert len(pubs.outcomes) == 4, pubs.outcomes
     assert all(outcome == b"OK" or isinstance(outcome, (SendError, ConnectionClosedError, ClosedError)) for outcome in pubs.outcomes), pubs.outcomes
+
+
+def test_close_with_large_async_publishes_queued_to_a_frozen_nsqd_is_bounded(nsqd: NsqdProcess, clients: Clients) -> None:
+    """nsqd frozen (SIGSTOP) with four 4 MB mpub_async queued, more than the socket buffers take:
+    close(1) returns within about its timeout (it took 20-60 s: its final drain wrote everything
+    queued, each send bounded only by publish_timeout, restarted by any progress). The publishes
+    it could not send fail: ClosedError for those never started (they did not land),
+    ConnectionClosedError for those sent or cut short (unknown); nothing succeeds."""
+    writer = clients.writer(nsqd.tcp_address)  # publish_timeout 10
+    assert writer.wait_connected(5)
+    nsqd.pause()
+    try:
+        futures = [writer.mpub_async(TOPIC, StuckPublishers.BODY) for _ in range(4)]
+        began = time.monotonic()
+        writer.close(1.0)
+        took = time.monotonic() - began
+        errors = [future.exception(5) for future in futures]
+    finally:
+        nsqd.resume()
+    report("close with 16 MB queued to a frozen nsqd", close_s=took, errors=[type(e).__name__ for e in errors])
+    assert took < 5, took
+    assert all(isinstance(error, (ClosedError, ConnectionClosedError)) for error in errors), errors
+    # never started: the last ones queued, after every one that may have gone out
+    unknown = [not isinstance(error, ClosedError) for error in errors]
+    assert unknown == sorted(unknown, reverse=True), errors
+    # what ClosedError says did not land did not: at most the others' messages reach nsqd
+    wait_until(lambda: nsqd.topic_stats(TOPIC) is not None or sum(unknown) == 0, timeout=10, message="nsqd answers again")
+    stats = nsqd.topic_stats(TOPIC)
+    assert (stats["message_count"] if stats else 0) <= 4 * sum(unknown), (stats, errors)
+
+
+def test_publishes_to_a_frozen_nsqd_honour_their_timeouts(nsqd: NsqdProcess, clients: Clients) -> None:
+    """nsqd frozen (SIGSTOP) and 4 MB publishes, more than the socket buffers take. Blocking
+    mpub(timeout=1) from three threads each fail with TimeoutError at about 1 s (the one that
+    wrote the others' queued bytes took 30 s), mpub_async(timeout=1) returns at once (it wrote
+    for 10 s first) and its Future fails by its timeout; the connection closes as stalled
+    about publish_timeout (2 s) after the write's last progress (the count restarted with each
+    send() that took a few bytes: several times the limit)."""
+    writer = clients.writer(nsqd.tcp_address, publish_timeout=2.0)
+    assert writer.wait_connected(5)
+    conn = writer._connected[0]
+    nsqd.pause()
+    try:
+        outcomes: List[Any] = []
+        took: List[float] = []
+
+        def publish() -> None:
+            began = time.monotonic()
+            try:
+                outcomes.append(writer.mpub(TOPIC, StuckPublishers.BODY, timeout=1.0))
+            except Exception as exc:
+                outcomes.append(exc)
+            took.append(time.monotonic() - began)
+
+        threads = [threading.Thread(target=publish, name=f"test-mpub-{i}") for i in range(3)]
+        started = time.monotonic()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        returned: List[float] = []
+        futures = []
+        for _ in range(2):
+            began = time.monotonic()
+            futures.append(writer.mpub_async(TOPIC, StuckPublishers.BODY, timeout=1.0))
+            returned.append(time.monotonic() - began)
+        async_errors = [future.exception(10) for future in futures]
+        closed = conn.wait_closed(10)
+        stalled_after = time.monotonic() - started
+    finally:
+        nsqd.resume()
+    report("publishes to a frozen nsqd", blocking_s=max(took), async_return_s=max(returned), stall_closed_s=stalled_after)
+    assert len(outcomes) == 3 and all(isinstance(outcome, TimeoutError) for outcome in outcomes), outcomes
+    assert max(took) < 2.5, took
+    assert max(returned) < 0.5, returned
+    assert all(isinstance(error, (TimeoutError, ConnectionClosedError)) for error in async_errors), async_errors
+    assert closed and isinstance(conn.error, SendError) and "no progress writing" in str(conn.error), repr(conn.error)
+    # the write's last progress came before the blocking publishes timed out (1 s): closed as
+    # stalled 2 s after it
+    assert stalled_after < 1 + 2 + 1.5, (stalled_after, took)
 
 
 def test_lookupd_down_at_start_reader_retries_discovery(clients: Clients, caplog: pytest.LogCaptureFixture) -> None:
