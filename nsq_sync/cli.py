@@ -2,9 +2,9 @@
 
 Exit codes: 0 success; 1 the job ran but failed (messages lost, a publish
 failed); 2 bad arguments (a bad topic name, a handler that does not import);
-3 a broker could not be reached or started; 130 interrupted (Ctrl-C, or SIGTERM during
-``demo``, which stops its brokers first). ``worker``, ``tail`` and ``cluster`` treat SIGINT and
-SIGTERM as the normal way to stop and exit 0.
+3 a broker could not be reached or started; 130 interrupted (Ctrl-C, or SIGTERM/SIGHUP during
+``demo``, which stops its brokers first, or ``pub``, which closes its Writer first). ``worker``,
+``tail`` and ``cluster`` treat SIGINT and SIGTERM as the normal way to stop and exit 0.
 """
 
 from __future__ import annotations
@@ -40,6 +40,10 @@ class UsageError(Exception):
 
 class Unavailable(Exception):
     """A broker could not be reached or started (exit code 3)."""
+
+
+class Failed(Exception):
+    """The job ran but failed part-way (exit code 1); the message says where and what was done."""
 
 
 # ------------------------------------------------------------------ helpers
@@ -192,10 +196,12 @@ def _start_cluster(nsqd_count: int) -> Any:
 class _Interrupt:
     """SIGINT/SIGTERM handling for a command that cleans up itself: the first signal sets a
     flag the command polls (then it raises KeyboardInterrupt: exit 130 after cleaning up);
-    a second one raises KeyboardInterrupt at once."""
+    a second one raises KeyboardInterrupt at once. While *defer* is False the first signal
+    raises at once too (pub between messages: its read of stdin may wait for ever)."""
 
-    def __init__(self) -> None:
+    def __init__(self, defer: bool = True) -> None:
         self.event = threading.Event()
+        self.defer = defer
         self._previous: Dict[int, Any] = {}
 
     def __enter__(self) -> "_Interrupt":
@@ -205,7 +211,7 @@ class _Interrupt:
         return self
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        if self.event.is_set():
+        if self.event.is_set() or not self.defer:
             raise KeyboardInterrupt
         self.event.set()
 
@@ -504,35 +510,58 @@ def _report_rates(reader: Any, stop: threading.Event) -> None:
 
 # ---------------------------------------------------------------- pub, tail
 def cmd_pub(args: argparse.Namespace) -> int:
-    """Publish messages from the command line or stdin lines, waiting for each OK."""
+    """Publish messages from the command line or stdin lines, waiting for each OK.
+
+    A failure, or a stop by SIGINT/SIGTERM/SIGHUP, names the line or argument it came at and
+    says how many messages nsqd had confirmed; the Writer is closed on every way out."""
     import nsq_sync
 
     # The exact bytes given: argv as the OS passed it (os.fsencode undoes Python's decoding,
     # surrogate escapes included), stdin read as bytes; nothing is decoded or re-encoded.
     if args.messages == ["-"] or not args.messages:
+        what = "line"
         stdin = getattr(sys.stdin, "buffer", None)  # None when something replaced sys.stdin with a text stream
         lines: Any = stdin if stdin is not None else (line.encode("utf-8", "surrogateescape") for line in sys.stdin)
         bodies: Any = (line.rstrip(b"\n") for line in lines)
     else:
+        what = "argument"
         bodies = [os.fsencode(message) for message in args.messages]
     addresses = _addresses(args, default_nsqd="127.0.0.1:4150")
     if not addresses["nsqd_tcp_addresses"]:
         raise UsageError("pub needs --nsqd-tcp-address")
     writer = nsq_sync.Writer(addresses["nsqd_tcp_addresses"], backend=args.backend, publish_timeout=args.timeout)
     published = 0
+    number = 0  # of the line or argument being published (1-based)
+
+    def done() -> str:
+        return f"published {published} message(s) to {args.topic}"
+
     try:
-        for body in bodies:
-            if not body:
-                continue
+        with _Interrupt(defer=False) as interrupt:
             try:
-                writer.pub(args.topic, body)
-            except nsq_sync.NoConnectionsError as exc:
-                raise Unavailable(str(exc)) from exc
-            published += 1
+                for number, body in enumerate(bodies, 1):
+                    if not body:
+                        continue
+                    # A signal now waits for nsqd's answer (a second one does not), so the count is exact.
+                    interrupt.defer = True
+                    try:
+                        writer.pub(args.topic, body)
+                    except nsq_sync.NoConnectionsError as exc:
+                        raise Unavailable(f"{what} {number}: {exc}; {done()} before {what} {number}") from exc
+                    except nsq_sync.Error as exc:
+                        # (a ConfigError here is this message's, a body over max_msg_size: the job
+                        # failed part-way, not its arguments)
+                        raise Failed(f"{what} {number}: {type(exc).__name__}: {exc}; {done()} before {what} {number}") from exc
+                    published += 1
+                    interrupt.defer = False
+                    interrupt.check()
+            except KeyboardInterrupt:
+                unknown = f"; nsqd's answer to {what} {number} is unknown" if interrupt.defer else ""
+                raise KeyboardInterrupt(f"{done()}{unknown}") from None
     finally:
         writer.close()
     if not args.quiet:
-        print(f"published {published} message(s) to {args.topic}", file=sys.stderr)
+        print(done(), file=sys.stderr)
     return EXIT_OK
 
 
@@ -804,8 +833,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Unavailable as exc:
         print(f"nsq-sync: unavailable: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
-    except KeyboardInterrupt:
-        print("nsq-sync: interrupted", file=sys.stderr)
+    except Failed as exc:
+        print(f"nsq-sync: failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt as exc:
+        print(f"nsq-sync: interrupted: {exc}" if str(exc) else "nsq-sync: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:
         from .errors import ConfigError, Error, NoConnectionsError

@@ -83,15 +83,16 @@ def describe(proc: "subprocess.CompletedProcess[str]") -> str:
 
 class CliProcess:
     """A long-running command (worker, tail, cluster, a script) whose output lines are
-    collected by two reader threads, so a test can wait for a line with a deadline."""
+    collected by two reader threads, so a test can wait for a line with a deadline.
+    With ``stdin=subprocess.PIPE`` the test writes its input (``self.proc.stdin``, text)."""
 
-    def __init__(self, argv: Sequence[str], env: Dict[str, str], cwd: Optional[os.PathLike] = None) -> None:
+    def __init__(self, argv: Sequence[str], env: Dict[str, str], cwd: Optional[os.PathLike] = None, stdin: int = subprocess.DEVNULL) -> None:
         self.argv = list(argv)
         self.proc = subprocess.Popen(
             self.argv,
             env=env,
             cwd=str(cwd) if cwd is not None else None,
-            stdin=subprocess.DEVNULL,
+            stdin=stdin,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -107,8 +108,9 @@ class CliProcess:
             reader.start()
 
     @classmethod
-    def nsq_sync(cls, *args: str, env: Optional[Dict[str, str]] = None, cwd: Optional[os.PathLike] = None) -> "CliProcess":
-        return cls(cli_command(*args), env if env is not None else cli_env(), cwd)
+    def nsq_sync(cls, *args: str, env: Optional[Dict[str, str]] = None, cwd: Optional[os.PathLike] = None,
+                 stdin: int = subprocess.DEVNULL) -> "CliProcess":
+        return cls(cli_command(*args), env if env is not None else cli_env(), cwd, stdin)
 
     def _read(self, name: str, stream: Iterable[str]) -> None:
         for line in stream:
@@ -172,9 +174,12 @@ class CliProcess:
 
     def __exit__(self, *exc_info: object) -> None:
         self.kill()
-        for stream in (self.proc.stdout, self.proc.stderr):
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             if stream is not None:
-                stream.close()
+                try:
+                    stream.close()
+                except OSError:  # (stdin: unread input left in a pipe nobody reads any more)
+                    pass
 
 
 def free_port() -> int:
@@ -390,6 +395,78 @@ def test_pub_stdin_lines_then_tail(dash: bool, nsqd: NsqdProcess, env: Dict[str,
     assert sorted(tail.stdout.splitlines()) == ["alpha", "beta", "gamma delta"], describe(tail)
 
 
+def test_pub_stops_at_a_line_nsqd_refuses_and_says_how_far_it_got(tmp_path: Path, env: Dict[str, str], backend: str) -> None:
+    """A line nsqd refuses (E_BAD_MESSAGE: over its --max-msg-size) ends pub with exit 1 naming
+    the line (1-based, empty lines counted) and how many messages were published before it;
+    nothing after it is published. Before, the count was only printed on success."""
+    from nsq_sync.pytest_plugin import started
+
+    with started(NsqdProcess(extra_args=["--max-msg-size", "10"])) as small:
+        args = ["pub", "--topic", "cli_refused", "--nsqd-tcp-address", small.tcp_address, "--backend", backend]
+        pub = run_cli(*args, "-", input="one\n\ntwo\nthis one is too long\nfour\n", env=env)
+        assert pub.returncode == EXIT_FAILED, describe(pub)
+        assert "nsq-sync: failed: line 4: BadMessageError: E_BAD_MESSAGE" in pub.stderr, describe(pub)
+        assert "published 2 message(s) to cli_refused before line 4" in pub.stderr, describe(pub)
+        assert "Traceback" not in pub.stderr, describe(pub)
+        assert small.topic_depth("cli_refused") == 2
+
+        pub = run_cli(*args, "five", "this one is too long", "six", env=env)
+        assert pub.returncode == EXIT_FAILED, describe(pub)
+        assert "nsq-sync: failed: argument 2: BadMessageError" in pub.stderr, describe(pub)
+        assert "published 1 message(s) to cli_refused before argument 2" in pub.stderr, describe(pub)
+        assert small.topic_depth("cli_refused") == 3
+
+
+def test_pub_line_over_max_msg_size_fails_the_job_not_its_arguments(nsqd: NsqdProcess, env: Dict[str, str], backend: str) -> None:
+    """A stdin line over the Writer's max_msg_size (nsqd's default 1 MiB) is refused by the Writer
+    (ConfigError) after the lines before it were published: exit 1 naming the line and the count,
+    also with -q. Before, it was exit 2, "bad arguments", with no count."""
+    big = "x" * (1024 * 1024 + 1)
+    pub = run_cli("pub", "--topic", "cli_big_line", "--nsqd-tcp-address", nsqd.tcp_address, "-q", "--backend", backend, "-",
+                  input=f"one\n{big}\nthree\n", env=env)
+    assert pub.returncode == EXIT_FAILED, describe(pub)
+    assert "nsq-sync: failed: line 2: ConfigError" in pub.stderr and "max_msg_size" in pub.stderr, describe(pub)
+    assert "published 1 message(s) to cli_big_line before line 2" in pub.stderr, describe(pub)
+    assert nsqd.topic_depth("cli_big_line") == 1
+
+
+def test_pub_nsqd_gone_part_way_exits_3_naming_the_line(nsqd: NsqdProcess, env: Dict[str, str], backend: str) -> None:
+    topic = "cli_pub_gone"
+    with CliProcess.nsq_sync("pub", "--topic", topic, "--nsqd-tcp-address", nsqd.tcp_address, "--timeout", "1", "--backend", backend, "-",
+                             env=env, stdin=subprocess.PIPE) as pub:
+        assert pub.proc.stdin is not None
+        pub.proc.stdin.write("one\ntwo\n")
+        pub.proc.stdin.flush()
+        wait_until(lambda: nsqd.topic_depth(topic) == 2, timeout=20, message="two messages published")
+        nsqd.stop()
+        # (once the Writer saw its connection end, the next line finds no connection at all)
+        pub.wait_for_line(lambda l: "connection to" in l and "closed" in l, stream="stderr", timeout=20)
+        pub.proc.stdin.write("three\n")
+        pub.proc.stdin.close()
+        assert pub.wait(30) == EXIT_UNAVAILABLE, pub.output()
+        err = "\n".join(pub.stderr())
+        assert "nsq-sync: unavailable: line 3: " in err and f"published 2 message(s) to {topic} before line 3" in err, pub.output()
+        assert "Traceback" not in err, pub.output()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_pub_stopped_by_a_signal_exits_130_with_the_count(signum: int, nsqd: NsqdProcess, env: Dict[str, str], backend: str) -> None:
+    """Ctrl-C or SIGTERM while pub waits for stdin: the Writer is closed, exit 130, and stderr
+    says how many messages were published. Before, SIGTERM killed it silently (no close) and
+    Ctrl-C printed no count."""
+    topic = "cli_pub_signal"
+    with CliProcess.nsq_sync("pub", "--topic", topic, "--nsqd-tcp-address", nsqd.tcp_address, "--backend", backend, "-",
+                             env=env, stdin=subprocess.PIPE) as pub:
+        assert pub.proc.stdin is not None
+        pub.proc.stdin.write("one\ntwo\n")
+        pub.proc.stdin.flush()
+        wait_until(lambda: nsqd.topic_depth(topic) == 2, timeout=20, message="two messages published")
+        pub.signal(signum)
+        assert pub.wait(30) == EXIT_INTERRUPTED, pub.output()
+        assert pub.stderr() == [f"nsq-sync: interrupted: published 2 message(s) to {topic}"], pub.output()
+    assert nsqd.topic_depth(topic) == 2
+
+
 def test_tail_stops_when_its_output_pipe_closes(nsqd: NsqdProcess, env: Dict[str, str], backend: str) -> None:
     """`nsq-sync tail | head -1`: once head exits, tail stops (exit 0) instead of failing
     every message (and requeueing it) for ever; what it could not print goes back to nsqd."""
@@ -529,6 +606,7 @@ def test_pub_to_unreachable_nsqd_exits_3_quickly(env: Dict[str, str], backend: s
     elapsed = time.monotonic() - started
     assert proc.returncode == EXIT_UNAVAILABLE, describe(proc)
     assert "unavailable" in proc.stderr and address in proc.stderr, describe(proc)
+    assert "nsq-sync: unavailable: argument 1: " in proc.stderr and "published 0 message(s) to t before argument 1" in proc.stderr, describe(proc)
     assert "Traceback" not in proc.stderr, describe(proc)
     assert elapsed < 8, f"took {elapsed:.1f}s with --timeout 1"
 
