@@ -520,12 +520,17 @@ def cmd_pub(args: argparse.Namespace) -> int:
     # surrogate escapes included), stdin read as bytes; nothing is decoded or re-encoded.
     if args.messages == ["-"] or not args.messages:
         what = "line"
+        if sys.stdin is None:  # (started with stdin closed: `<&-`)
+            raise UsageError("stdin is closed: give the messages as arguments, or one per line on stdin")
         stdin = getattr(sys.stdin, "buffer", None)  # None when something replaced sys.stdin with a text stream
         lines: Any = stdin if stdin is not None else (line.encode("utf-8", "surrogateescape") for line in sys.stdin)
         bodies: Any = (line.rstrip(b"\n") for line in lines)
     else:
         what = "argument"
         bodies = [os.fsencode(message) for message in args.messages]
+        empty = next((number for number, body in enumerate(bodies, 1) if not body), None)
+        if empty is not None:  # (nsqd refuses an empty body; "$UNSET" would publish nothing, silently)
+            raise UsageError(f"argument {empty} is empty: nsqd refuses empty messages (empty lines of stdin are skipped)")
     addresses = _addresses(args, default_nsqd="127.0.0.1:4150")
     if not addresses["nsqd_tcp_addresses"]:
         raise UsageError("pub needs --nsqd-tcp-address")
@@ -569,6 +574,8 @@ def cmd_tail(args: argparse.Namespace) -> int:
     """Print messages of a topic as they arrive (an ephemeral channel by default)."""
     import nsq_sync
 
+    if sys.stdout is None:  # (started with stdout closed: `>&-`)
+        raise UsageError("stdout is closed: tail prints the messages there (redirect it to a file or a pipe)")
     channel = args.channel or f"tail{os.getpid()}#ephemeral"
     remaining = [args.n] if args.n else None
     done = threading.Event()
