@@ -581,6 +581,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
     done = threading.Event()
     out = sys.stdout.buffer
     lock = threading.Lock()
+    write_errors: List[OSError] = []
 
     def give_back(message: Any) -> None:
         # Not shown: back to nsqd at once, for the channel's other consumers (a handler's
@@ -598,9 +599,12 @@ def cmd_tail(args: argparse.Namespace) -> int:
             try:
                 out.write(message.body + b"\n")
                 out.flush()
-            except OSError:
-                # The reading end of the pipe closed (`| head -1`): stop, as cat does. The
-                # message goes back to nsqd (it was not shown) instead of failing again and again.
+            except OSError as exc:
+                # The reading end of the pipe closed (`| head -1`): stop quietly, as cat does; any
+                # other error (a full disk) stops with exit 1. The message goes back to nsqd (it
+                # was not shown) instead of failing again and again.
+                if not isinstance(exc, BrokenPipeError):
+                    write_errors.append(exc)
                 if remaining is not None:
                     remaining[0] += 1
                 done.set()
@@ -628,8 +632,11 @@ def cmd_tail(args: argparse.Namespace) -> int:
         for signum, handler_ in previous.items():
             signal.signal(signum, handler_)
         reader.close()
-    if _out_closed(out):
+    error = write_errors[0] if write_errors else _flush_error(out)
+    if error is not None:
         _quiet_broken_stdout()
+        if not isinstance(error, BrokenPipeError):
+            raise Failed(f"write error: {error.strerror or error}")
     return EXIT_OK
 
 
@@ -663,17 +670,17 @@ def _pipe_reader_gone(out: Any) -> Callable[[], bool]:
     return gone
 
 
-def _out_closed(out: Any) -> bool:
-    """True when writing to *out* failed with a closed pipe (the reader of our output left)."""
+def _flush_error(out: Any) -> Optional[OSError]:
+    """The error flushing *out* raises (BrokenPipeError: the reader of our output left), or None."""
     try:
         out.flush()
-    except OSError:
-        return True
-    return False
+    except OSError as exc:
+        return exc
+    return None
 
 
 def _quiet_broken_stdout() -> None:
-    # Python would report the broken pipe again when it flushes stdout at exit.
+    # Python would report the failed write again (and exit 120) when it flushes stdout at exit.
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())

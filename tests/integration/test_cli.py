@@ -481,6 +481,20 @@ def test_tail_stops_when_its_output_pipe_closes(nsqd: NsqdProcess, env: Dict[str
     wait_until(lambda: (nsqd.channel_stats("cli_pipe", "kept") or {}).get("in_flight_count") == 0, 10, message="nothing in flight")
 
 
+def test_tail_write_error_other_than_a_closed_pipe_exits_1_and_gives_the_messages_back(nsqd: NsqdProcess, env: Dict[str, str], backend: str) -> None:
+    """stdout on a full disk (/dev/full): tail says so and exits 1; the messages it could not
+    print go back to nsqd. Before, every write error was taken for a closed pipe: exit 0, silent."""
+    nsqd.create_channel("cli_full", "kept")
+    nsqd.mpublish("cli_full", [b"m%d" % i for i in range(5)])
+    with open("/dev/full", "wb") as full:  # (Linux: every write fails with ENOSPC)
+        done = subprocess.run(cli_command("tail", "--topic", "cli_full", "--channel", "kept", "--nsqd-tcp-address", nsqd.tcp_address,
+                                          "-n", "3", "--backend", backend), env=env, stdout=full, stderr=subprocess.PIPE, text=True, timeout=60)
+    assert done.returncode == EXIT_FAILED, f"exit {done.returncode}\n{done.stderr}"
+    assert done.stderr == "nsq-sync: failed: write error: No space left on device\n", done.stderr
+    stats = wait_until(lambda: (lambda c: c if c and c.get("in_flight_count") == 0 else None)(nsqd.channel_stats("cli_full", "kept")), 10, message="nothing in flight")
+    assert stats["depth"] == 5 and stats["deferred_count"] == 0, stats  # (none was finished)
+
+
 def test_tail_n_gives_the_rest_back_at_once_without_backoff(nsqd: NsqdProcess, env: Dict[str, str], backend: str) -> None:
     """-n 1 on a named channel: what tail does not print goes back for the channel's other
     consumers now, not deferred by requeue_delay x attempts (90 s), and tail never backs off.
