@@ -15,6 +15,7 @@ import importlib.util
 import json
 import logging
 import os
+import secrets
 import select
 import signal
 import stat
@@ -576,7 +577,9 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
     if sys.stdout is None:  # (started with stdout closed: `>&-`)
         raise UsageError("stdout is closed: tail prints the messages there (redirect it to a file or a pipe)")
-    channel = args.channel or f"tail{os.getpid()}#ephemeral"
+    # Random, not the pid: in containers every tail may be PID 1, and two tails sharing a
+    # channel would each print half of the messages.
+    channel = args.channel or f"tail-{secrets.token_hex(6)}#ephemeral"
     remaining = [args.n] if args.n else None
     done = threading.Event()
     out = sys.stdout.buffer
