@@ -814,10 +814,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _maybe_reexec_gevent(argv: Sequence[str]) -> None:
-    """--backend gevent: restart under gevent's monkey-patching runner, before sockets and threads exist."""
-    wants = "--backend=gevent" in argv or any(a == "--backend" and b == "gevent" for a, b in zip(argv, argv[1:]))
-    if not wants or os.environ.get(_REEXEC_MARK) or "gevent.monkey" in sys.modules and _patched():
+def _maybe_reexec_gevent(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    """--backend gevent: restart under gevent's monkey-patching runner, before sockets and threads exist.
+
+    Decided from the parsed arguments, not argv's words: argparse takes an abbreviation
+    (``--back gevent``) too, and a message body may read ``--backend gevent``."""
+    if getattr(args, "backend", None) != "gevent" or os.environ.get(_REEXEC_MARK) or "gevent.monkey" in sys.modules and _patched():
         return
     if importlib.util.find_spec("gevent") is None:
         raise UsageError("--backend gevent needs gevent: pip install 'nsq_sync[gevent]'")
@@ -842,7 +844,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        _maybe_reexec_gevent(argv)
+        _maybe_reexec_gevent(args, argv)
         return int(args.func(args) or 0)
     except UsageError as exc:
         print(f"nsq-sync: error: {exc}", file=sys.stderr)

@@ -473,6 +473,30 @@ def test_pub_stopped_by_a_signal_exits_130_with_the_count(signum: int, nsqd: Nsq
     assert nsqd.topic_depth(topic) == 2
 
 
+def test_pub_backend_option_abbreviated_restarts_under_gevent(nsqd: NsqdProcess, env: Dict[str, str]) -> None:
+    """argparse takes --back for --backend: the CLI restarts under gevent's runner for it too.
+    Before, only the words "--backend gevent" did, and --back gevent failed (exit 2) asking
+    for gevent's monkey-patching."""
+    pub = run_cli("pub", "--topic", "cli_back", "--nsqd-tcp-address", nsqd.tcp_address, "--back", "gevent", "one", env=env)
+    assert pub.returncode == EXIT_OK, describe(pub)
+    assert "published 1 message(s) to cli_back" in pub.stderr, describe(pub)
+    assert nsqd.topic_depth("cli_back") == 1
+
+
+def test_pub_bodies_reading_backend_gevent_do_not_restart_under_gevent(nsqd: NsqdProcess, tmp_path: Path) -> None:
+    """Message bodies "--backend" "gevent" (after --) are messages, not the option: no restart
+    under gevent. A gevent package that fails to import stands in for gevent here, so a restart
+    would fail the run; before, the words anywhere in argv made the CLI restart."""
+    stub = tmp_path / "stub"
+    (stub / "gevent").mkdir(parents=True)
+    (stub / "gevent" / "__init__.py").write_text("raise ImportError('the CLI imported gevent')\n")
+    env = cli_env({"PYTHONPATH": os.pathsep.join([str(stub), str(REPO), os.environ.get("PYTHONPATH", "")])})
+    pub = run_cli("pub", "--topic", "cli_body_backend", "--nsqd-tcp-address", nsqd.tcp_address, "--", "--backend", "gevent", env=env)
+    assert pub.returncode == EXIT_OK, describe(pub)
+    assert "published 2 message(s) to cli_body_backend" in pub.stderr, describe(pub)
+    assert nsqd.topic_depth("cli_body_backend") == 2
+
+
 def test_tail_stops_when_its_output_pipe_closes(nsqd: NsqdProcess, env: Dict[str, str], backend: str) -> None:
     """`nsq-sync tail | head -1`: once head exits, tail stops (exit 0) instead of failing
     every message (and requeueing it) for ever; what it could not print goes back to nsqd."""
