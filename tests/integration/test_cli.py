@@ -251,6 +251,29 @@ def test_demo_text_summary(env: Dict[str, str], backend: str) -> None:
     assert "cluster: nsqlookupd http" in proc.stderr
 
 
+@pytest.mark.parametrize("json_output", [True, False], ids=["json", "text"])
+def test_demo_timeout_reports_unreceived_not_lost(json_output: bool, env: Dict[str, str], backend: str) -> None:
+    """--timeout ends the run before 20,000 single PUBs can be sent: the messages acknowledged
+    but not received by then are reported as unreceived with the run marked timed out, not as
+    lost (acknowledged but never received), which the demo cannot know; still exit 1. Before,
+    they were "lost 342"."""
+    args = ["demo", "-n", "20000", "--threads", "1", "--batch", "1", "--timeout", "0.05", "-q", "--backend", backend]
+    proc = run_cli(*args, *(["--json"] if json_output else []), env=env)
+    assert proc.returncode == EXIT_FAILED, describe(proc)
+    assert "timed out after" in proc.stderr and "Traceback" not in proc.stderr, describe(proc)
+    if json_output:
+        summary = json.loads(proc.stdout)
+        assert summary["timed_out"] is True and summary["lost"] == 0, summary
+        assert summary["unreceived"] == summary["acknowledged"] - summary["received"] > 0, summary
+        assert summary["sent"] < 20000, summary
+    else:
+        first = proc.stdout.splitlines()[0]
+        assert "(timed out)" in first and " lost " not in first, describe(proc)
+        counts = dict(zip(first.split()[::2], first.split()[1::2]))  # ("sent", "522"), ("acknowledged", "522"), ...
+        unreceived = int(counts["unreceived"].replace(",", ""))
+        assert unreceived == int(counts["acknowledged"].replace(",", "")) - int(counts["received"].replace(",", "")) > 0, first
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_demo_interrupted_exits_130_and_stops_its_brokers(signum: int, env: Dict[str, str], backend: str) -> None:
     # Far more messages than can be sent before the signal; the cluster line tells us it is running.
