@@ -832,8 +832,9 @@ def _maybe_reexec_gevent(args: argparse.Namespace, argv: Sequence[str]) -> None:
     if importlib.util.find_spec("gevent") is None:
         raise UsageError("--backend gevent needs gevent: pip install 'nsq_sync[gevent]'")
     env = dict(os.environ, **{_REEXEC_MARK: "1"})
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:  # (None: started with it closed; the command itself says so)
+            stream.flush()
     os.execve(sys.executable, [sys.executable, "-m", "gevent.monkey", "--module", "nsq_sync", *argv], env)
 
 
