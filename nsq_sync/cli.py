@@ -521,8 +521,9 @@ def _report_rates(reader: Any, stop: threading.Event) -> None:
 def cmd_pub(args: argparse.Namespace) -> int:
     """Publish messages from the command line or stdin lines, waiting for each OK.
 
-    A failure, or a stop by SIGINT/SIGTERM/SIGHUP, names the line or argument it came at and
-    says how many messages nsqd had confirmed; the Writer is closed on every way out."""
+    Every way out says how many messages nsqd had confirmed, a failure also the line or
+    argument that failed; SIGINT/SIGTERM/SIGHUP stop it (exit 130) like a failure does, with
+    the Writer closed."""
     import nsq_sync
 
     # The exact bytes given: argv as the OS passed it (os.fsencode undoes Python's decoding,
