@@ -2,9 +2,9 @@
 
 Exit codes: 0 success; 1 the job ran but failed (messages lost, a publish
 failed); 2 bad arguments (a bad topic name, a handler that does not import);
-3 a broker could not be reached or started; 130 interrupted (Ctrl-C, or SIGTERM during
-``demo``, which stops its brokers first). ``worker``, ``tail`` and ``cluster`` treat SIGINT and
-SIGTERM as the normal way to stop and exit 0.
+3 a broker could not be reached or started; 130 interrupted (Ctrl-C, or SIGTERM/SIGHUP during
+``demo``, which stops its brokers first, or ``pub``, which closes its Writer first). ``worker``,
+``tail`` and ``cluster`` treat SIGINT and SIGTERM as the normal way to stop and exit 0.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import importlib.util
 import json
 import logging
 import os
+import secrets
 import select
 import signal
 import stat
@@ -40,6 +41,10 @@ class UsageError(Exception):
 
 class Unavailable(Exception):
     """A broker could not be reached or started (exit code 3)."""
+
+
+class Failed(Exception):
+    """The job ran but failed part-way (exit code 1); the message says where and what was done."""
 
 
 # ------------------------------------------------------------------ helpers
@@ -192,10 +197,12 @@ def _start_cluster(nsqd_count: int) -> Any:
 class _Interrupt:
     """SIGINT/SIGTERM handling for a command that cleans up itself: the first signal sets a
     flag the command polls (then it raises KeyboardInterrupt: exit 130 after cleaning up);
-    a second one raises KeyboardInterrupt at once."""
+    a second one raises KeyboardInterrupt at once. While *defer* is False the first signal
+    raises at once too (pub between messages: its read of stdin may wait for ever)."""
 
-    def __init__(self) -> None:
+    def __init__(self, defer: bool = True) -> None:
         self.event = threading.Event()
+        self.defer = defer
         self._previous: Dict[int, Any] = {}
 
     def __enter__(self) -> "_Interrupt":
@@ -205,7 +212,7 @@ class _Interrupt:
         return self
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        if self.event.is_set():
+        if self.event.is_set() or not self.defer:
             raise KeyboardInterrupt
         self.event.set()
 
@@ -281,6 +288,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     lock = threading.Lock()
     all_received = threading.Event()
     stop_publishing = threading.Event()
+    timed_out = False
 
     def handler(message: Any) -> bool:
         seq_text, _, sent_ns = message.body.partition(b"|")
@@ -370,7 +378,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 if not publishing and (state["received"] >= state["acknowledged"] or all_received.is_set()):
                     break
                 if elapsed > args.timeout:
-                    logger.error("timed out after %.0fs waiting for messages", elapsed)
+                    timed_out = True
+                    logger.error("timed out after %.3gs (--timeout) waiting for messages%s", elapsed, "; publishing had not finished" if publishing else "")
                     break
                 all_received.wait(0.05)
             total_elapsed = time.monotonic() - started
@@ -391,7 +400,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with lock:
         counts = dict(state)
         latencies.sort()
-    lost = max(0, counts["acknowledged"] - counts["received"])
+    # The demo ends early only at --timeout: what has not arrived by then may be late, not lost.
+    unreceived = max(0, counts["acknowledged"] - counts["received"])
+    lost = 0 if timed_out else unreceived
     summary = {
         "backend": args.backend,
         "sent": counts["sent"],
@@ -400,6 +411,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "received": counts["received"],
         "duplicates": counts["duplicates"],
         "lost": lost,
+        "timed_out": timed_out,
+        "unreceived": unreceived,
         "publish_rate": round(counts["acknowledged"] / publish_elapsed, 1) if publish_elapsed else 0.0,
         "consume_rate": round(counts["received"] / total_elapsed, 1) if total_elapsed else 0.0,
         "elapsed_s": round(total_elapsed, 3),
@@ -411,13 +424,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         lat = summary["latency_ms"]
         print(
             f"sent {summary['sent']:,}  acknowledged {summary['acknowledged']:,}  received {summary['received']:,}  "
-            f"duplicates {summary['duplicates']:,}  lost {lost:,}  publish errors {summary['publish_errors']:,}\n"
+            f"duplicates {summary['duplicates']:,}  "
+            + (f"unreceived {unreceived:,} (timed out)" if timed_out else f"lost {lost:,}")
+            + f"  publish errors {summary['publish_errors']:,}\n"
             f"publish {summary['publish_rate']:,.0f} msg/s  consume {summary['consume_rate']:,.0f} msg/s  "
             f"in {summary['elapsed_s']:.2f}s\n"
             f"latency publish->receive ms: p50 {lat['p50']}  p90 {lat['p90']}  p99 {lat['p99']}  max {lat['max']}",
             flush=True,
         )
-    ok = lost == 0 and counts["publish_errors"] == 0 and counts["acknowledged"] == count and counts["received"] == count
+    ok = not timed_out and lost == 0 and counts["publish_errors"] == 0 and counts["acknowledged"] == count and counts["received"] == count
     return EXIT_OK if ok else EXIT_FAILED
 
 
@@ -504,35 +519,64 @@ def _report_rates(reader: Any, stop: threading.Event) -> None:
 
 # ---------------------------------------------------------------- pub, tail
 def cmd_pub(args: argparse.Namespace) -> int:
-    """Publish messages from the command line or stdin lines, waiting for each OK."""
+    """Publish messages from the command line or stdin lines, waiting for each OK.
+
+    Every way out says how many messages nsqd had confirmed, a failure also the line or
+    argument that failed; SIGINT/SIGTERM/SIGHUP stop it (exit 130) like a failure does, with
+    the Writer closed."""
     import nsq_sync
 
     # The exact bytes given: argv as the OS passed it (os.fsencode undoes Python's decoding,
     # surrogate escapes included), stdin read as bytes; nothing is decoded or re-encoded.
     if args.messages == ["-"] or not args.messages:
+        what = "line"
+        if sys.stdin is None:  # (started with stdin closed: `<&-`)
+            raise UsageError("stdin is closed: give the messages as arguments, or one per line on stdin")
         stdin = getattr(sys.stdin, "buffer", None)  # None when something replaced sys.stdin with a text stream
         lines: Any = stdin if stdin is not None else (line.encode("utf-8", "surrogateescape") for line in sys.stdin)
         bodies: Any = (line.rstrip(b"\n") for line in lines)
     else:
+        what = "argument"
         bodies = [os.fsencode(message) for message in args.messages]
+        empty = next((number for number, body in enumerate(bodies, 1) if not body), None)
+        if empty is not None:  # (nsqd refuses an empty body; "$UNSET" would publish nothing, silently)
+            raise UsageError(f"argument {empty} is empty: nsqd refuses empty messages (empty lines of stdin are skipped)")
     addresses = _addresses(args, default_nsqd="127.0.0.1:4150")
     if not addresses["nsqd_tcp_addresses"]:
         raise UsageError("pub needs --nsqd-tcp-address")
     writer = nsq_sync.Writer(addresses["nsqd_tcp_addresses"], backend=args.backend, publish_timeout=args.timeout)
     published = 0
+    number = 0  # of the line or argument being published (1-based)
+
+    def done() -> str:
+        return f"published {published} message(s) to {args.topic}"
+
     try:
-        for body in bodies:
-            if not body:
-                continue
+        with _Interrupt(defer=False) as interrupt:
             try:
-                writer.pub(args.topic, body)
-            except nsq_sync.NoConnectionsError as exc:
-                raise Unavailable(str(exc)) from exc
-            published += 1
+                for number, body in enumerate(bodies, 1):
+                    if not body:
+                        continue
+                    # A signal now waits for nsqd's answer (a second one does not), so the count is exact.
+                    interrupt.defer = True
+                    try:
+                        writer.pub(args.topic, body)
+                    except nsq_sync.NoConnectionsError as exc:
+                        raise Unavailable(f"{what} {number}: {exc}; {done()} before {what} {number}") from exc
+                    except nsq_sync.Error as exc:
+                        # (a ConfigError here is this message's, a body over max_msg_size: the job
+                        # failed part-way, not its arguments)
+                        raise Failed(f"{what} {number}: {type(exc).__name__}: {exc}; {done()} before {what} {number}") from exc
+                    published += 1
+                    interrupt.defer = False
+                    interrupt.check()
+            except KeyboardInterrupt:
+                unknown = f"; nsqd's answer to {what} {number} is unknown" if interrupt.defer else ""
+                raise KeyboardInterrupt(f"{done()}{unknown}") from None
     finally:
         writer.close()
     if not args.quiet:
-        print(f"published {published} message(s) to {args.topic}", file=sys.stderr)
+        print(done(), file=sys.stderr)
     return EXIT_OK
 
 
@@ -540,11 +584,16 @@ def cmd_tail(args: argparse.Namespace) -> int:
     """Print messages of a topic as they arrive (an ephemeral channel by default)."""
     import nsq_sync
 
-    channel = args.channel or f"tail{os.getpid()}#ephemeral"
+    if sys.stdout is None:  # (started with stdout closed: `>&-`)
+        raise UsageError("stdout is closed: tail prints the messages there (redirect it to a file or a pipe)")
+    # Random, not the pid: in containers every tail may be PID 1, and two tails sharing a
+    # channel would each print half of the messages.
+    channel = args.channel or f"tail-{secrets.token_hex(6)}#ephemeral"
     remaining = [args.n] if args.n else None
     done = threading.Event()
     out = sys.stdout.buffer
     lock = threading.Lock()
+    write_errors: List[OSError] = []
 
     def give_back(message: Any) -> None:
         # Not shown: back to nsqd at once, for the channel's other consumers (a handler's
@@ -562,9 +611,12 @@ def cmd_tail(args: argparse.Namespace) -> int:
             try:
                 out.write(message.body + b"\n")
                 out.flush()
-            except OSError:
-                # The reading end of the pipe closed (`| head -1`): stop, as cat does. The
-                # message goes back to nsqd (it was not shown) instead of failing again and again.
+            except OSError as exc:
+                # The reading end of the pipe closed (`| head -1`): stop quietly, as cat does; any
+                # other error (a full disk) stops with exit 1. The message goes back to nsqd (it
+                # was not shown) instead of failing again and again.
+                if not isinstance(exc, BrokenPipeError):
+                    write_errors.append(exc)
                 if remaining is not None:
                     remaining[0] += 1
                 done.set()
@@ -592,8 +644,11 @@ def cmd_tail(args: argparse.Namespace) -> int:
         for signum, handler_ in previous.items():
             signal.signal(signum, handler_)
         reader.close()
-    if _out_closed(out):
+    error = write_errors[0] if write_errors else _flush_error(out)
+    if error is not None:
         _quiet_broken_stdout()
+        if not isinstance(error, BrokenPipeError):
+            raise Failed(f"write error: {error.strerror or error}")
     return EXIT_OK
 
 
@@ -627,17 +682,17 @@ def _pipe_reader_gone(out: Any) -> Callable[[], bool]:
     return gone
 
 
-def _out_closed(out: Any) -> bool:
-    """True when writing to *out* failed with a closed pipe (the reader of our output left)."""
+def _flush_error(out: Any) -> Optional[OSError]:
+    """The error flushing *out* raises (BrokenPipeError: the reader of our output left), or None."""
     try:
         out.flush()
-    except OSError:
-        return True
-    return False
+    except OSError as exc:
+        return exc
+    return None
 
 
 def _quiet_broken_stdout() -> None:
-    # Python would report the broken pipe again when it flushes stdout at exit.
+    # Python would report the failed write again (and exit 120) when it flushes stdout at exit.
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
@@ -768,16 +823,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _maybe_reexec_gevent(argv: Sequence[str]) -> None:
-    """--backend gevent: restart under gevent's monkey-patching runner, before sockets and threads exist."""
-    wants = "--backend=gevent" in argv or any(a == "--backend" and b == "gevent" for a, b in zip(argv, argv[1:]))
-    if not wants or os.environ.get(_REEXEC_MARK) or "gevent.monkey" in sys.modules and _patched():
+def _maybe_reexec_gevent(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    """--backend gevent: restart under gevent's monkey-patching runner, before sockets and threads exist.
+
+    Decided from the parsed arguments, not argv's words: argparse takes an abbreviation
+    (``--back gevent``) too, and a message body may read ``--backend gevent``."""
+    if getattr(args, "backend", None) != "gevent" or os.environ.get(_REEXEC_MARK) or "gevent.monkey" in sys.modules and _patched():
         return
     if importlib.util.find_spec("gevent") is None:
         raise UsageError("--backend gevent needs gevent: pip install 'nsq_sync[gevent]'")
     env = dict(os.environ, **{_REEXEC_MARK: "1"})
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:  # (None: started with it closed; the command itself says so)
+            stream.flush()
     os.execve(sys.executable, [sys.executable, "-m", "gevent.monkey", "--module", "nsq_sync", *argv], env)
 
 
@@ -796,7 +854,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        _maybe_reexec_gevent(argv)
+        _maybe_reexec_gevent(args, argv)
         return int(args.func(args) or 0)
     except UsageError as exc:
         print(f"nsq-sync: error: {exc}", file=sys.stderr)
@@ -804,8 +862,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Unavailable as exc:
         print(f"nsq-sync: unavailable: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
-    except KeyboardInterrupt:
-        print("nsq-sync: interrupted", file=sys.stderr)
+    except Failed as exc:
+        print(f"nsq-sync: failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt as exc:
+        print(f"nsq-sync: interrupted: {exc}" if str(exc) else "nsq-sync: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:
         from .errors import ConfigError, Error, NoConnectionsError

@@ -83,15 +83,16 @@ def describe(proc: "subprocess.CompletedProcess[str]") -> str:
 
 class CliProcess:
     """A long-running command (worker, tail, cluster, a script) whose output lines are
-    collected by two reader threads, so a test can wait for a line with a deadline."""
+    collected by two reader threads, so a test can wait for a line with a deadline.
+    With ``stdin=subprocess.PIPE`` the test writes its input (``self.proc.stdin``, text)."""
 
-    def __init__(self, argv: Sequence[str], env: Dict[str, str], cwd: Optional[os.PathLike] = None) -> None:
+    def __init__(self, argv: Sequence[str], env: Dict[str, str], cwd: Optional[os.PathLike] = None, stdin: int = subprocess.DEVNULL) -> None:
         self.argv = list(argv)
         self.proc = subprocess.Popen(
             self.argv,
             env=env,
             cwd=str(cwd) if cwd is not None else None,
-            stdin=subprocess.DEVNULL,
+            stdin=stdin,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -107,8 +108,9 @@ class CliProcess:
             reader.start()
 
     @classmethod
-    def nsq_sync(cls, *args: str, env: Optional[Dict[str, str]] = None, cwd: Optional[os.PathLike] = None) -> "CliProcess":
-        return cls(cli_command(*args), env if env is not None else cli_env(), cwd)
+    def nsq_sync(cls, *args: str, env: Optional[Dict[str, str]] = None, cwd: Optional[os.PathLike] = None,
+                 stdin: int = subprocess.DEVNULL) -> "CliProcess":
+        return cls(cli_command(*args), env if env is not None else cli_env(), cwd, stdin)
 
     def _read(self, name: str, stream: Iterable[str]) -> None:
         for line in stream:
@@ -172,9 +174,12 @@ class CliProcess:
 
     def __exit__(self, *exc_info: object) -> None:
         self.kill()
-        for stream in (self.proc.stdout, self.proc.stderr):
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             if stream is not None:
-                stream.close()
+                try:
+                    stream.close()
+                except OSError:  # (stdin: unread input left in a pipe nobody reads any more)
+                    pass
 
 
 def free_port() -> int:
@@ -244,6 +249,29 @@ def test_demo_text_summary(env: Dict[str, str], backend: str) -> None:
     for word in ("sent 300", "acknowledged 300", "received 300", "duplicates", "lost 0", "msg/s", "p50", "p90", "p99", "max"):
         assert word in text, f"{word!r} missing from the summary\n{describe(proc)}"
     assert "cluster: nsqlookupd http" in proc.stderr
+
+
+@pytest.mark.parametrize("json_output", [True, False], ids=["json", "text"])
+def test_demo_timeout_reports_unreceived_not_lost(json_output: bool, env: Dict[str, str], backend: str) -> None:
+    """--timeout ends the run before 20,000 single PUBs can be sent: the messages acknowledged
+    but not received by then are reported as unreceived with the run marked timed out, not as
+    lost (acknowledged but never received), which the demo cannot know; still exit 1. Before,
+    they were "lost 342"."""
+    args = ["demo", "-n", "20000", "--threads", "1", "--batch", "1", "--timeout", "0.05", "-q", "--backend", backend]
+    proc = run_cli(*args, *(["--json"] if json_output else []), env=env)
+    assert proc.returncode == EXIT_FAILED, describe(proc)
+    assert "timed out after" in proc.stderr and "Traceback" not in proc.stderr, describe(proc)
+    if json_output:
+        summary = json.loads(proc.stdout)
+        assert summary["timed_out"] is True and summary["lost"] == 0, summary
+        assert summary["unreceived"] == summary["acknowledged"] - summary["received"] > 0, summary
+        assert summary["sent"] < 20000, summary
+    else:
+        first = proc.stdout.splitlines()[0]
+        assert "(timed out)" in first and " lost " not in first, describe(proc)
+        counts = dict(zip(first.split()[::2], first.split()[1::2]))  # ("sent", "522"), ("acknowledged", "522"), ...
+        unreceived = int(counts["unreceived"].replace(",", ""))
+        assert unreceived == int(counts["acknowledged"].replace(",", "")) - int(counts["received"].replace(",", "")) > 0, first
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -390,6 +418,108 @@ def test_pub_stdin_lines_then_tail(dash: bool, nsqd: NsqdProcess, env: Dict[str,
     assert sorted(tail.stdout.splitlines()) == ["alpha", "beta", "gamma delta"], describe(tail)
 
 
+def test_pub_stops_at_a_line_nsqd_refuses_and_says_how_far_it_got(tmp_path: Path, env: Dict[str, str], backend: str) -> None:
+    """A line nsqd refuses (E_BAD_MESSAGE: over its --max-msg-size) ends pub with exit 1 naming
+    the line (1-based, empty lines counted) and how many messages were published before it;
+    nothing after it is published. Before, the count was only printed on success."""
+    from nsq_sync.pytest_plugin import started
+
+    with started(NsqdProcess(extra_args=["--max-msg-size", "10"])) as small:
+        args = ["pub", "--topic", "cli_refused", "--nsqd-tcp-address", small.tcp_address, "--backend", backend]
+        pub = run_cli(*args, "-", input="one\n\ntwo\nthis one is too long\nfour\n", env=env)
+        assert pub.returncode == EXIT_FAILED, describe(pub)
+        assert "nsq-sync: failed: line 4: BadMessageError: E_BAD_MESSAGE" in pub.stderr, describe(pub)
+        assert "published 2 message(s) to cli_refused before line 4" in pub.stderr, describe(pub)
+        assert "Traceback" not in pub.stderr, describe(pub)
+        assert small.topic_depth("cli_refused") == 2
+
+        pub = run_cli(*args, "five", "this one is too long", "six", env=env)
+        assert pub.returncode == EXIT_FAILED, describe(pub)
+        assert "nsq-sync: failed: argument 2: BadMessageError" in pub.stderr, describe(pub)
+        assert "published 1 message(s) to cli_refused before argument 2" in pub.stderr, describe(pub)
+        assert small.topic_depth("cli_refused") == 3
+
+
+def test_pub_line_over_max_msg_size_fails_the_job_not_its_arguments(nsqd: NsqdProcess, env: Dict[str, str], backend: str) -> None:
+    """A stdin line over the Writer's max_msg_size (nsqd's default 1 MiB) is refused by the Writer
+    (ConfigError) after the lines before it were published: exit 1 naming the line and the count,
+    also with -q. Before, it was exit 2, "bad arguments", with no count."""
+    big = "x" * (1024 * 1024 + 1)
+    pub = run_cli("pub", "--topic", "cli_big_line", "--nsqd-tcp-address", nsqd.tcp_address, "-q", "--backend", backend, "-",
+                  input=f"one\n{big}\nthree\n", env=env)
+    assert pub.returncode == EXIT_FAILED, describe(pub)
+    assert "nsq-sync: failed: line 2: ConfigError" in pub.stderr and "max_msg_size" in pub.stderr, describe(pub)
+    assert "published 1 message(s) to cli_big_line before line 2" in pub.stderr, describe(pub)
+    assert nsqd.topic_depth("cli_big_line") == 1
+
+
+def test_pub_nsqd_gone_part_way_exits_3_naming_the_line(nsqd: NsqdProcess, env: Dict[str, str], backend: str) -> None:
+    topic = "cli_pub_gone"
+    with CliProcess.nsq_sync("pub", "--topic", topic, "--nsqd-tcp-address", nsqd.tcp_address, "--timeout", "1", "--backend", backend, "-",
+                             env=env, stdin=subprocess.PIPE) as pub:
+        assert pub.proc.stdin is not None
+        pub.proc.stdin.write("one\ntwo\n")
+        pub.proc.stdin.flush()
+        wait_until(lambda: nsqd.topic_depth(topic) == 2, timeout=20, message="two messages published")
+        nsqd.stop()
+        if backend == "thread":
+            # Once the Writer saw its connection end, the next line finds no connection at all.
+            # (On gevent the hub cannot run while pub blocks reading stdin: the Writer may send
+            # line 3 on the dead connection first, and that failure's outcome is unknown, exit 1.)
+            pub.wait_for_line(lambda l: "connection to" in l and "closed" in l, stream="stderr", timeout=20)
+        pub.proc.stdin.write("three\n")
+        pub.proc.stdin.close()
+        code = pub.wait(30)
+        err = "\n".join(pub.stderr())
+        if backend == "thread" or code == EXIT_UNAVAILABLE:
+            assert code == EXIT_UNAVAILABLE and "nsq-sync: unavailable: line 3: " in err, pub.output()
+        else:
+            assert code == EXIT_FAILED and "nsq-sync: failed: line 3: " in err, pub.output()
+        assert f"published 2 message(s) to {topic} before line 3" in err and "Traceback" not in err, pub.output()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_pub_stopped_by_a_signal_exits_130_with_the_count(signum: int, nsqd: NsqdProcess, env: Dict[str, str], backend: str) -> None:
+    """Ctrl-C or SIGTERM while pub waits for stdin: the Writer is closed, exit 130, and stderr
+    says how many messages were published. Before, SIGTERM killed it silently (no close) and
+    Ctrl-C printed no count."""
+    topic = "cli_pub_signal"
+    with CliProcess.nsq_sync("pub", "--topic", topic, "--nsqd-tcp-address", nsqd.tcp_address, "--backend", backend, "-",
+                             env=env, stdin=subprocess.PIPE) as pub:
+        assert pub.proc.stdin is not None
+        pub.proc.stdin.write("one\ntwo\n")
+        pub.proc.stdin.flush()
+        wait_until(lambda: nsqd.topic_depth(topic) == 2, timeout=20, message="two messages published")
+        pub.signal(signum)
+        assert pub.wait(30) == EXIT_INTERRUPTED, pub.output()
+        assert pub.stderr() == [f"nsq-sync: interrupted: published 2 message(s) to {topic}"], pub.output()
+    assert nsqd.topic_depth(topic) == 2
+
+
+def test_pub_backend_option_abbreviated_restarts_under_gevent(nsqd: NsqdProcess, env: Dict[str, str]) -> None:
+    """argparse takes --back for --backend: the CLI restarts under gevent's runner for it too.
+    Before, only the words "--backend gevent" did, and --back gevent failed (exit 2) asking
+    for gevent's monkey-patching."""
+    pub = run_cli("pub", "--topic", "cli_back", "--nsqd-tcp-address", nsqd.tcp_address, "--back", "gevent", "one", env=env)
+    assert pub.returncode == EXIT_OK, describe(pub)
+    assert "published 1 message(s) to cli_back" in pub.stderr, describe(pub)
+    assert nsqd.topic_depth("cli_back") == 1
+
+
+def test_pub_bodies_reading_backend_gevent_do_not_restart_under_gevent(nsqd: NsqdProcess, tmp_path: Path) -> None:
+    """Message bodies "--backend" "gevent" (after --) are messages, not the option: no restart
+    under gevent. A gevent package that fails to import stands in for gevent here, so a restart
+    would fail the run; before, the words anywhere in argv made the CLI restart."""
+    stub = tmp_path / "stub"
+    (stub / "gevent").mkdir(parents=True)
+    (stub / "gevent" / "__init__.py").write_text("raise ImportError('the CLI imported gevent')\n")
+    env = cli_env({"PYTHONPATH": os.pathsep.join([str(stub), str(REPO), os.environ.get("PYTHONPATH", "")])})
+    pub = run_cli("pub", "--topic", "cli_body_backend", "--nsqd-tcp-address", nsqd.tcp_address, "--", "--backend", "gevent", env=env)
+    assert pub.returncode == EXIT_OK, describe(pub)
+    assert "published 2 message(s) to cli_body_backend" in pub.stderr, describe(pub)
+    assert nsqd.topic_depth("cli_body_backend") == 2
+
+
 def test_tail_stops_when_its_output_pipe_closes(nsqd: NsqdProcess, env: Dict[str, str], backend: str) -> None:
     """`nsq-sync tail | head -1`: once head exits, tail stops (exit 0) instead of failing
     every message (and requeueing it) for ever; what it could not print goes back to nsqd."""
@@ -402,6 +532,59 @@ def test_tail_stops_when_its_output_pipe_closes(nsqd: NsqdProcess, env: Dict[str
     assert b"Traceback" not in done.stderr, describe(done)
     # Every message was either shown (finished) or given back: none is left in flight.
     wait_until(lambda: (nsqd.channel_stats("cli_pipe", "kept") or {}).get("in_flight_count") == 0, 10, message="nothing in flight")
+
+
+def test_tail_write_error_other_than_a_closed_pipe_exits_1_and_gives_the_messages_back(nsqd: NsqdProcess, env: Dict[str, str], backend: str) -> None:
+    """stdout on a full disk (/dev/full): tail says so and exits 1; the messages it could not
+    print go back to nsqd. Before, every write error was taken for a closed pipe: exit 0, silent."""
+    nsqd.create_channel("cli_full", "kept")
+    nsqd.mpublish("cli_full", [b"m%d" % i for i in range(5)])
+    with open("/dev/full", "wb") as full:  # (Linux: every write fails with ENOSPC)
+        done = subprocess.run(cli_command("tail", "--topic", "cli_full", "--channel", "kept", "--nsqd-tcp-address", nsqd.tcp_address,
+                                          "-n", "3", "--backend", backend), env=env, stdout=full, stderr=subprocess.PIPE, text=True, timeout=60)
+    assert done.returncode == EXIT_FAILED, f"exit {done.returncode}\n{done.stderr}"
+    assert done.stderr == "nsq-sync: failed: write error: No space left on device\n", done.stderr
+    stats = wait_until(lambda: (lambda c: c if c and c.get("in_flight_count") == 0 else None)(nsqd.channel_stats("cli_full", "kept")), 10, message="nothing in flight")
+    assert stats["depth"] == 5 and stats["deferred_count"] == 0, stats  # (none was finished)
+
+
+PID_1_TAIL = """\
+import os
+import sys
+
+sys.path.insert(0, {repo!r})
+os.getpid = lambda: 1  # as in a container where the command is PID 1 (each in its own PID namespace)
+from nsq_sync.cli import main
+
+sys.exit(main())
+"""
+
+
+def test_two_tails_get_channels_of_their_own_even_with_the_same_pid(nsqd: NsqdProcess, tmp_path: Path, backend: str) -> None:
+    """Two default tails whose processes have the same pid (PID 1 in two containers) each get a
+    channel of their own, so each prints every message. Before, both used tail1#ephemeral: one
+    channel, each tail printing about half."""
+    topic, total = "cli_tail_pid1", 6
+    script = tmp_path / "pid1_tail.py"
+    script.write_text(PID_1_TAIL.format(repo=str(REPO)))
+    # (on gevent the script runs under gevent's runner itself: the CLI's re-exec would drop its getpid)
+    runner = [sys.executable, "-m", "gevent.monkey"] if backend == "gevent" else [sys.executable]
+    env = cli_env({"NSQ_SYNC_CLI_GEVENT": "1"} if backend == "gevent" else None)
+    argv = [*runner, str(script), "tail", "--topic", topic, "--nsqd-tcp-address", nsqd.tcp_address, "-n", str(total), "--backend", backend]
+    nsqd.create_topic(topic)
+
+    def channels() -> List[Dict[str, object]]:
+        return list((nsqd.topic_stats(topic) or {}).get("channels") or [])
+
+    with CliProcess(argv, env) as first, CliProcess(argv, env) as second:
+        wait_until(lambda: sum(int(c["client_count"]) for c in channels()) == 2 or first.proc.poll() is not None or second.proc.poll() is not None,
+                   timeout=20, message="both tails subscribed")
+        names = sorted(str(c["channel_name"]) for c in channels())
+        assert len(names) == 2 and all(name.startswith("tail-") and name.endswith("#ephemeral") for name in names), names
+        nsqd.mpublish(topic, [b"m%d" % i for i in range(total)])
+        for tail in (first, second):
+            assert tail.wait(30) == EXIT_OK, tail.output()
+            assert sorted(tail.stdout()) == sorted("m%d" % i for i in range(total)), tail.output()
 
 
 def test_tail_n_gives_the_rest_back_at_once_without_backoff(nsqd: NsqdProcess, env: Dict[str, str], backend: str) -> None:
@@ -529,6 +712,7 @@ def test_pub_to_unreachable_nsqd_exits_3_quickly(env: Dict[str, str], backend: s
     elapsed = time.monotonic() - started
     assert proc.returncode == EXIT_UNAVAILABLE, describe(proc)
     assert "unavailable" in proc.stderr and address in proc.stderr, describe(proc)
+    assert "nsq-sync: unavailable: argument 1: " in proc.stderr and "published 0 message(s) to t before argument 1" in proc.stderr, describe(proc)
     assert "Traceback" not in proc.stderr, describe(proc)
     assert elapsed < 8, f"took {elapsed:.1f}s with --timeout 1"
 

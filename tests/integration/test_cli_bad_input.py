@@ -7,13 +7,17 @@ versions are in tests/unit/test_bad_input_reader_cli.py):
   subscribes, so nothing is consumed (before, every message was FINed with its coroutine never run);
 * ``worker``/``tail --max-in-flight 200000`` run (the default concurrency is capped) instead of
   failing about ``concurrency``, an option not given;
-* out-of-range numbers exit 2 with argparse's usage message before any broker starts.
+* out-of-range numbers exit 2 with argparse's usage message before any broker starts;
+* ``pub`` with stdin closed and ``tail`` with stdout closed exit 2 with one line (a TypeError or
+  AttributeError traceback and exit 1 before); an empty ``pub`` argument exits 2 before anything
+  is published (it was skipped silently: ``pub ""`` printed "published 0 message(s)").
 
 Commands that take ``--backend`` get the suite's backend, as in test_cli.py.
 """
 
 from __future__ import annotations
 
+import shlex
 import signal
 import subprocess
 import time
@@ -72,6 +76,33 @@ def test_pub_stdin_bytes_that_are_not_utf8_are_published_exactly(nsqd: NsqdProce
     assert proc.returncode == EXIT_OK, describe(proc)
     assert b"published 3 message(s)" in proc.stderr and b"Traceback" not in proc.stderr, describe(proc)
     assert sorted(tail_bodies(nsqd, "cli_stdin_bytes", 3, backend, env)) == sorted([b"\xff\xfe", b"caf\xe9", b"\xe2\x98\x83 x"])
+
+
+# ---------------------------------------------------------------- closed stdin/stdout, empty arguments
+CLOSED_STREAMS = {
+    "pub-dash-stdin-closed": (["pub", "--topic", "cli_closed", "-"], "<&-", "stdin is closed"),
+    "pub-no-args-stdin-closed": (["pub", "--topic", "cli_closed"], "<&-", "stdin is closed"),
+    "tail-stdout-closed": (["tail", "--topic", "cli_closed", "-n", "1"], ">&-", "stdout is closed"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CLOSED_STREAMS))
+def test_a_closed_stdin_or_stdout_exits_2_with_one_line(case: str, nsqd: NsqdProcess, env: Dict[str, str], backend: str) -> None:
+    args, redirect, message = CLOSED_STREAMS[case]
+    command = shlex.join(cli_command(*args, "--nsqd-tcp-address", nsqd.tcp_address, "--backend", backend)) + " " + redirect
+    proc = subprocess.run(["bash", "-c", command], env=env, capture_output=True, timeout=45)
+    err = proc.stderr.decode()
+    assert proc.returncode == EXIT_USAGE, describe(proc)
+    assert err.startswith(f"nsq-sync: error: {message}") and err.count("\n") == 1, describe(proc)
+    assert nsqd.topic_stats("cli_closed") is None  # (neither connected)
+
+
+def test_pub_refuses_an_empty_argument_before_publishing_anything(nsqd: NsqdProcess, env: Dict[str, str], backend: str) -> None:
+    proc = run_bytes("pub", "--topic", "cli_empty_arg", "--nsqd-tcp-address", nsqd.tcp_address, "--backend", backend, "a", "", "b", env=env)
+    err = proc.stderr.decode()
+    assert proc.returncode == EXIT_USAGE, describe(proc)
+    assert err == "nsq-sync: error: argument 2 is empty: nsqd refuses empty messages (empty lines of stdin are skipped)\n", describe(proc)
+    assert nsqd.topic_stats("cli_empty_arg") is None
 
 
 # ---------------------------------------------------------------- worker: a handler that would never run
