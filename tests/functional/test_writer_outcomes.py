@@ -7,10 +7,11 @@ close() ended the wait. Each case below used to give the wrong one.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
-from typing import Any, List
+from typing import Any, Iterator, List, Tuple
 
 import pytest
 from fake_nsqd import FakeNsqd, close
@@ -45,40 +46,40 @@ def refused_address() -> str:
     return f"127.0.0.1:{port}"
 
 
+@contextlib.contextmanager
+def writer_to_vanishing_nsqd(backend: str, publish_timeout: float) -> Iterator[Tuple[FakeNsqd, Writer]]:
+    """A connected Writer with retries=1 to a fake nsqd that vanishes at the first PUB."""
+    fake = FakeNsqd().start()
+    vanish_at_pub(fake)
+    writer = Writer(f"127.0.0.1:{fake.port}", retries=1, publish_timeout=publish_timeout, backend=backend)
+    try:
+        assert writer.wait_connected(WAIT)
+        yield fake, writer
+    finally:
+        writer.close(1)
+        fake.stop()
+
+
 def test_a_retry_that_finds_no_connection_keeps_the_unknown_outcome(backend: str) -> None:
     # With retries=1, the retry of a PUB nsqd had read found no connection and raised
     # NoConnectionsError ("it never left"): an application spooling those re-sends, and
     # duplicates, what nsqd may have stored.
-    fake = FakeNsqd().start()
-    vanish_at_pub(fake)
-    writer = Writer(f"127.0.0.1:{fake.port}", retries=1, publish_timeout=2, backend=backend)
-    try:
-        assert writer.wait_connected(WAIT)
+    with writer_to_vanishing_nsqd(backend, publish_timeout=2) as (fake, writer):
         with pytest.raises(ConnectionClosedError) as info:
             writer.pub("t", b"read by nsqd")
         assert not getattr(info.value, "unprocessed", False)
         assert fake.published == [("t", b"read by nsqd", None)]
-    finally:
-        writer.close(1)
-        fake.stop()
 
 
 def test_close_ends_an_async_retry_with_the_unknown_outcome(backend: str) -> None:
     # The retry of a PUB nsqd had read waits for a connection; close() ended it with
     # NoConnectionsError ("it never left").
-    fake = FakeNsqd().start()
-    vanish_at_pub(fake)
-    writer = Writer(f"127.0.0.1:{fake.port}", retries=1, publish_timeout=30, backend=backend)
-    try:
-        assert writer.wait_connected(WAIT)
+    with writer_to_vanishing_nsqd(backend, publish_timeout=30) as (fake, writer):
         future = writer.pub_async("t", b"read by nsqd")
         wait_until(lambda: writer._parked, WAIT, message="the retry to wait for a connection")
         writer.close(0.5)
         assert isinstance(future.exception(WAIT), ConnectionClosedError), repr(future.exception())
         assert fake.published == [("t", b"read by nsqd", None)]
-    finally:
-        writer.close(1)
-        fake.stop()
 
 
 def test_close_ends_publishes_waiting_for_a_connection_with_closed_error(backend: str) -> None:
