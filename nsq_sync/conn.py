@@ -1230,8 +1230,7 @@ class AsyncConn(EventedMixin):
         for frame_type, payload in frames:
             if frame_type == FRAME_TYPE_RESPONSE:
                 if payload == HEARTBEAT:
-                    self._queue(commands.nop())
-                    self._flush(0.0)  # (no room: a flush task writes it; the reader goes on reading)
+                    self._write(commands.nop(), 0.0)  # (no room: a flush task writes it; the reader goes on reading)
                     self._emit("heartbeat", conn=self)
                     continue
                 if payload == CLOSE_WAIT:
@@ -1395,9 +1394,10 @@ class AsyncConn(EventedMixin):
             self._subscribed = True
         self._write(bytes(data))
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes, budget: Optional[float] = None) -> None:
+        """Queue *data* and flush, writing for at most *budget* seconds once the socket has no room (see _flush)."""
         self._queue(data)
-        self._flush()
+        self._flush(budget)
 
     def _queue(self, data: bytes) -> None:
         """Queue *data* for the next flush (ConnectionClosedError when not connected)."""
@@ -1595,12 +1595,12 @@ class AsyncConn(EventedMixin):
             raise ConfigError("data", data, "is an empty command")  # (nothing to answer: every later answer would go to the wrong request)
         return self._request(data, future)
 
-    def _request(self, data: bytes, future: "Optional[Future[bytes]]", lead: bool = False, budget: Optional[float] = 0.0) -> "Future[bytes]":
+    def _request(self, data: bytes, future: "Optional[Future[bytes]]", lead: bool = False) -> "Future[bytes]":
         """Queue a request and its waiter. *lead*: its caller would read answers itself (a
         blocking request that found the token taken), so the reader task parks once nothing
-        is pending (set in the same locked step that queues the request). *budget*: seconds
-        the caller may write once the socket has no room (see _flush; 0: a Future's caller
-        returns at once, a flush task writes the rest)."""
+        is pending (set in the same locked step that queues the request). The caller writes
+        only what the socket takes at once (a Future's caller returns at once): a flush task
+        writes the rest (see _flush)."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"request() takes command bytes, not {type(data).__name__}")
         if future is None:
@@ -1631,7 +1631,7 @@ class AsyncConn(EventedMixin):
             self._wake_reader.set()  # nobody else will read the answer
         if not defer:
             try:
-                self._flush(budget)
+                self._flush(0.0)
             except Error:
                 pass  # the Future carries the failure (failed by _abort)
         return future
@@ -1830,8 +1830,7 @@ class AsyncConn(EventedMixin):
         deadline = time.monotonic() + timeout
         if self.state == CONNECTED and self._subscribed:
             try:
-                self._queue(commands.cls())
-                self._flush(max(0.0, deadline - time.monotonic()))  # (no room: a flush task writes it)
+                self._write(commands.cls(), max(0.0, deadline - time.monotonic()))  # (no room: a flush task writes it)
                 if not self._close_wait.wait(max(0.0, deadline - time.monotonic())):
                     logger.warning("%s: nsqd did not confirm CLS within the close timeout (%gs); closing anyway (nsqd will redeliver what is in flight)", self.id, timeout)
                 if self._hand_back is not None and self._queued:

@@ -911,24 +911,19 @@ class Reader:
                     self._answer(message, True)
                     return
                 result = self.process_message(message)
-        except Exception:
+        except BaseException as exc:
+            if _is_exit(exc):
+                # SystemExit, KeyboardInterrupt, a greenlet's kill: not the message's fault. Hand
+                # it back at once (no backoff) rather than leave it in flight until nsqd's timeout.
+                if not message.has_responded():
+                    self._answer(message, None)
+                raise
+            # An exception, or another BaseException (a gevent.Timeout, one by design, that the
+            # handler's own time limit on a call raised): the handler failed.
             logger.exception("%s: handler raised for %r from %s; requeueing it", self.name, message, conn.id)
             if not message.has_responded():
                 self._answer(message, False)
             return
-        except BaseException as exc:
-            if not _is_exit(exc):
-                # Another BaseException: a gevent.Timeout (one by design) that the handler's
-                # own time limit on a call raised. A failure of the handler, as an Exception is.
-                logger.exception("%s: handler raised for %r from %s; requeueing it", self.name, message, conn.id)
-                if not message.has_responded():
-                    self._answer(message, False)
-                return
-            # SystemExit, KeyboardInterrupt, a greenlet's kill: not the message's fault. Hand it
-            # back at once (no backoff) rather than leave it in flight until nsqd's timeout.
-            if not message.has_responded():
-                self._answer(message, None)
-            raise
         if message._async or message._responded:
             return
         if result is False:

@@ -599,13 +599,8 @@ class Writer:
             if conn is not None:
                 return conn
             remaining = deadline - time.monotonic()
-            if self._stopping.is_set():
-                raise ClosedError(f"{self.name} was closed before the publish could be sent")
-            if remaining <= 0:
-                raise NoConnectionsError(
-                    f"no connection to any of {[n.address for n in self._nodes]} within the timeout"
-                    + self._last_errors()
-                )
+            if remaining <= 0 or self._stopping.is_set():
+                raise self._unsent_error()
             if self._changed.is_set():
                 # A connection just closed and its node has not noticed yet.
                 self.backend.sleep(min(remaining, 0.005))
@@ -631,14 +626,14 @@ class Writer:
                 connected = self._connected
                 if len(connected) == 1 and avoid is None and connected[0].state == "CONNECTED":
                     conn = connected[0]  # (_pick's one-connection case, inline: the path of many threads)
-                elif unknown is None:
-                    conn = self._wait_for_conn(deadline, avoid)
                 else:
                     try:
                         conn = self._wait_for_conn(deadline, avoid)
                     except (NoConnectionsError, ClosedError):
-                        # The retry found no connection: the sent attempt's error, which says the
-                        # outcome is unknown, not one that says the message never left.
+                        if unknown is None:
+                            raise
+                        # A retry that found no connection: the sent attempt's error, which says
+                        # the outcome is unknown, not one that says the message never left.
                         raise unknown from None
                 lane = None
                 if self._max_lanes and conn._parked and conn._read_token.locked():
@@ -915,10 +910,10 @@ class Writer:
         for item in parked:
             _settle(item[3], error=ClosedError(f"{self.name} closed before the publish was sent"))
 
-    def _unsent_error(self, future: "Future[bytes]") -> BaseException:
+    def _unsent_error(self, future: "Optional[Future[bytes]]" = None) -> BaseException:
         """Why a publish waiting for a connection fails: the unknown outcome of an earlier
-        attempt nsqd may have run (a retry that found no connection must not say "never
-        sent"), ClosedError when close() ended the wait, else NoConnectionsError."""
+        attempt nsqd may have run (an async retry's *future* that found no connection must not
+        say "never sent"), ClosedError when close() ended the wait, else NoConnectionsError."""
         unknown = getattr(future, "unknown", None)
         if unknown is not None:
             return unknown  # type: ignore[no-any-return]

@@ -8,13 +8,13 @@ close() ended the wait. Each case below used to give the wrong one.
 from __future__ import annotations
 
 import contextlib
-import socket
 import threading
 import time
 from typing import Any, Iterator, List, Tuple
 
 import pytest
 from fake_nsqd import FakeNsqd, close
+from wsgi_servers import free_port
 
 from nsq_sync.errors import ClosedError, ConnectionClosedError, NoConnectionsError
 from nsq_sync.testing import wait_until
@@ -39,11 +39,7 @@ def vanish_at_pub(fake: FakeNsqd) -> None:
 
 def refused_address() -> str:
     """A loopback address where nothing listens."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return f"127.0.0.1:{port}"
+    return f"127.0.0.1:{free_port()}"
 
 
 @contextlib.contextmanager

@@ -120,6 +120,18 @@ def server():
         srv.close()
 
 
+def read_request_head(conn: socket.socket) -> bytes:
+    """What a raw server reads of a request up to the end of its headers (b"" if the client
+    hung up first)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(4096)
+        if not chunk:
+            return b""
+        data += chunk
+    return data
+
+
 def free_port() -> int:
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.bind(("127.0.0.1", 0))
@@ -442,12 +454,8 @@ def trickle():
     def serve(listener: socket.socket, fast: bytes, slow: bytes, gap: float) -> None:
         conn, _ = listener.accept()
         with conn:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = conn.recv(4096)
-                if not chunk:
-                    return
-                data += chunk
+            if not read_request_head(conn):
+                return
             try:
                 conn.sendall(fast)
                 for i in range(len(slow)):
@@ -878,12 +886,7 @@ def test_early_413_answer_to_a_large_body_is_reported():
 
     def answer_early() -> None:
         conn, _ = listener.accept()
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = conn.recv(4096)
-            if not chunk:
-                break
-            data += chunk
+        read_request_head(conn)
         body = b'{"message":"MSG_TOO_BIG"}'
         conn.sendall(b"HTTP/1.1 413 Request Entity Too Large\r\nContent-Type: application/json\r\n"
                      b"X-NSQ-Content-Type: nsq; version=1.0\r\nConnection: close\r\n"
