@@ -39,6 +39,7 @@ from .errors import (
 )
 from .lifecycle import forget_parents_in_child, register, uwsgi_state
 from .protocol import commands
+from .protocol.commands import MAX_BODY_SIZE as _MAX_BODY_SIZE, _PUB_HEADS as _pub_heads, _pack_size
 from .protocol.identify import check_number, check_timeout
 
 __all__ = ["Writer"]
@@ -476,6 +477,15 @@ class Writer:
         With *callback*: return at once; ``callback(conn, data)`` runs on the worker pool with
         the answer or the exception as data (pynsq's convention).
         """
+        if callback is None and msg.__class__ is bytes and topic.__class__ is str:
+            # The common case checked and encoded here, without commands.pub and _checked:
+            # a topic already checked (its command line is cached) and a bytes body within
+            # max_msg_size. Anything else goes the general way, which says what is wrong.
+            head = _pub_heads.get(topic)
+            size = len(msg)
+            limit = self.max_msg_size
+            if head is not None and limit is not None and 0 < size <= limit and size <= _MAX_BODY_SIZE:
+                return self._publish_blocking(head + _pack_size(size) + msg, timeout)
         data = self._checked(commands.pub(topic, msg), topic)
         if callback is None:
             return self._publish_blocking(data, timeout)
@@ -908,7 +918,8 @@ class Writer:
             parked = list(self._parked)
             self._parked.clear()
         for item in parked:
-            _settle(item[3], error=ClosedError(f"{self.name} closed before the publish was sent"))
+            # (a retry parked here may follow an attempt nsqd got: then that attempt's error)
+            _settle(item[3], error=self._unsent_error(item[3]))
 
     def _unsent_error(self, future: "Optional[Future[bytes]]" = None) -> BaseException:
         """Why a publish waiting for a connection fails: the unknown outcome of an earlier

@@ -145,6 +145,7 @@ def sub(topic: str, channel: str) -> bytes:
     return b"SUB %s %s\n" % (topic.encode("ascii"), channel.encode("ascii"))
 
 
+#: each checked topic's "PUB <topic>\n" (Writer.pub's fast path reads it: a topic found here is valid)
 _PUB_HEADS: Dict[object, bytes] = {}
 _MPUB_HEADS: Dict[object, bytes] = {}
 

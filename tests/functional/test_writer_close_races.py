@@ -6,7 +6,8 @@
   stopped used to stay pending for ever);
 * KeyboardInterrupt while a publish waits for its answer reaches the caller as itself (it was
   turned into ConnectionClosedError, which a loop that retries on connection errors ignores),
-  and the connection it cut goes: the next publish uses a fresh one.
+  and the connection it cut goes: the next publish uses a fresh one;
+* a retry parked after close() fails with its sent attempt's error, not ClosedError.
 
 No sleeps: the fake holds the PUB answer until the test releases it.
 """
@@ -152,3 +153,27 @@ def test_ctrl_c_during_a_publish_reaches_the_caller_and_loses_no_answer_order(fa
         assert writer.pub("t", b"after", timeout=WAIT) == b"OK"
         assert writer._connected[0] is not first
         assert fake.published[-1][1] == b"after"
+
+
+def test_a_retry_parked_after_close_keeps_its_sent_attempts_error(fake: FakeNsqd, writer: Writer) -> None:
+    """A pub_async retry (run by a worker after an attempt nsqd may have run failed) that finds
+    the Writer closed and no housekeeper left fails itself, with the sent attempt's error: a
+    ClosedError would say the message never left, and the caller might publish it twice."""
+    from concurrent.futures import Future
+
+    from nsq_sync.errors import ConnectionClosedError
+    from nsq_sync.protocol import commands
+
+    writer.close(WAIT)
+    assert writer._housekeeper is None and not writer._connected
+    outer: "Future[bytes]" = Future()
+    outer.set_running_or_notify_cancel()
+    sent_attempt = ConnectionClosedError("connection to nsqd closed before it answered")
+    outer.unknown = sent_attempt  # type: ignore[attr-defined]  # (what _attempt's done() records)
+    writer._attempt(commands.pub("t", b"retried"), 1e18, 0, outer, None)
+    assert outer.exception(WAIT) is sent_attempt
+    # Without an earlier sent attempt it is the close that stopped it.
+    never_sent: "Future[bytes]" = Future()
+    never_sent.set_running_or_notify_cancel()
+    writer._attempt(commands.pub("t", b"parked"), 1e18, 0, never_sent, None)
+    assert isinstance(never_sent.exception(WAIT), ClosedError)

@@ -1,4 +1,4 @@
-"""MPUB encoding (commands.mpub_parts) and the Writer's MPUB size limits.
+"""MPUB encoding (commands.mpub_parts), the Writer's MPUB size limits, and Writer.pub's fast path.
 
 mpub_parts has a fast path for a list of non-empty bytes, checked in C; everything else goes
 through to_body one body at a time. Both must give the same bytes, and bad input the same typed
@@ -136,5 +136,59 @@ def test_writer_mpub_without_limits(fake: FakeNsqd) -> None:
     try:
         assert writer.wait_connected(5)
         assert writer.mpub("t", [b"x" * 2_000_000, b"y"]) == b"OK"
+    finally:
+        writer.close(5)
+
+
+# ---------------------------------------------------------------- Writer.pub's fast path
+def pubs(fake: FakeNsqd) -> List[Any]:
+    with fake.lock:
+        return [c for c in fake.received if c.name == "PUB"]
+
+
+def test_writer_pub_fast_path_sends_what_the_general_path_sends(fake: FakeNsqd) -> None:
+    writer = Writer(f"{fake.host}:{fake.port}", backend="thread", publish_timeout=5, max_msg_size=10)
+    try:
+        assert writer.wait_connected(5)
+        before = len(pubs(fake))
+        topic = "pub_fast_path"
+        assert topic not in commands._PUB_HEADS
+        assert writer.pub(topic, b"first") == b"OK"  # general path: checks the topic, caches its line
+        assert topic in commands._PUB_HEADS
+        assert writer.pub(topic, b"x" * 10) == b"OK"  # fast path, at the limit
+        assert writer.pub(topic, "caf\u00e9") == b"OK"  # a str body: general path
+        assert writer.pub(topic, bytearray(b"ba")) == b"OK"
+        fake.wait_until(lambda: len(pubs(fake)) == before + 4, what="four PUBs")
+        sent = pubs(fake)[before:]
+        assert [c.args for c in sent] == [(topic.encode(),)] * 4
+        assert [c.body for c in sent] == [b"first", b"x" * 10, "caf\u00e9".encode(), b"ba"]
+        with fake.lock:
+            wire = b"".join(session.raw for session in fake.sessions)
+        assert commands.pub(topic, b"x" * 10) in wire
+    finally:
+        writer.close(5)
+
+
+def test_writer_pub_fast_path_refuses_what_the_general_path_refuses(fake: FakeNsqd) -> None:
+    writer = Writer(f"{fake.host}:{fake.port}", backend="thread", publish_timeout=5, max_msg_size=10)
+    try:
+        assert writer.wait_connected(5)
+        topic = "pub_fast_path_refused"
+        assert writer.pub(topic, b"ok") == b"OK"  # the topic's line is cached from here on
+        before = len(pubs(fake))
+        with pytest.raises(ConfigError, match="max_msg_size") as info:
+            writer.pub(topic, b"x" * 11)
+        assert info.value.param == "msg"
+        with pytest.raises(ConfigError, match="empty"):
+            writer.pub(topic, b"")
+        writer.max_msg_size = 5  # changed after the Writer was made: honoured at once
+        with pytest.raises(ConfigError, match="max_msg_size"):
+            writer.pub(topic, b"x" * 6)
+        with pytest.raises(ConfigError):
+            writer.pub("bad topic!", b"x")  # never cached: the general path checks it
+        assert len(pubs(fake)) == before, "a refused PUB was sent"
+        writer.max_msg_size = None  # no local limit: the general path sends it
+        assert writer.pub(topic, b"x" * 11) == b"OK"
+        fake.wait_until(lambda: len(pubs(fake)) == before + 1, what="the unlimited PUB")
     finally:
         writer.close(5)
