@@ -271,6 +271,10 @@ class AsyncConn(EventedMixin):
         #: answers nsqd refused (E_FIN_FAILED...) and copies it replaced, warned about at most
         #: every LATE_WARNING_SECONDS
         self._late = WarningTally(LATE_WARNING_SECONDS)
+        #: answers to messages whose connection had ended (_answer_lost): the owner's report
+        #: (a Reader sets it), else counted here and warned about at most every 10 s
+        self._lost_answers: Optional[Callable[[Message, Error], None]] = None
+        self._lost_tally = WarningTally(10.0)
         #: set by an owner (the Reader): at a graceful close, called with the messages still
         #: queued for a worker (taken back from the pool: their listeners will not run)
         self._hand_back: Optional[Callable[[List[Message]], None]] = None
@@ -1732,6 +1736,17 @@ class AsyncConn(EventedMixin):
                 logger.exception("listener %r for %r on %s raised", callback, "resume", self.id)
         if not hold:
             self._after_answer(False, drained)
+
+    def _answer_lost(self, message: Message, error: Error) -> None:
+        """finish()/requeue()/touch() of a message whose connection is gone (Message._lost):
+        the owner's report (a Reader counts them), else a warning at most every 10 s."""
+        owner = self._lost_answers
+        if owner is not None:
+            owner(message, error)
+            return
+        due = self._lost_tally.add(1)
+        if due:
+            logger.warning("%s: %d answer(s) not sent since the last warning (the connection had ended; nsqd delivers those messages again); the last: %s", self.id, due, error)
 
     def _check_answerable_locked(self, message: Message) -> None:
         if message._responded:

@@ -277,8 +277,9 @@ class TimeoutError(Error, builtins.TimeoutError):  # noqa: A001 - deliberately p
     """An operation did not complete within its timeout."""
 
 
-class NoConnectionsError(Error):
-    """No nsqd connection could be had within the timeout."""
+class NoConnectionsError(SendError):
+    """No nsqd connection could be had within the timeout: nothing was sent. A SendError, as
+    pynsq's "no open connections" is, so ported ``isinstance(data, SendError)`` checks see it."""
 
 
 class ClosedError(Error):

@@ -1,7 +1,7 @@
 """``nsq_sync.run()``: block until SIGINT/SIGTERM, then close every Reader and Writer gracefully.
 
-Readers and Writers register themselves here (weakly) when created, so
-``run()`` finds them the way pynsq's ``nsq.run()`` does. Also what they share about
+Readers and Writers register themselves here when created, so ``run()`` finds them the way
+pynsq's ``nsq.run()`` does: weakly, except that a Reader is held until it is closed. Also what they share about
 processes: the at-fork hook that makes a child drop what belongs to its parent, and uWSGI.
 """
 
@@ -21,6 +21,10 @@ __all__ = ["register", "unregister", "clients", "run", "stop"]
 logger = logging.getLogger(__name__)
 
 _clients: "weakref.WeakSet[Any]" = weakref.WeakSet()
+#: Readers not closed yet, held strongly: pynsq code makes Readers without keeping them
+#: (``Reader(...)`` in a set-up function, then ``nsq.run()``), and Tornado's IOLoop held them
+#: until they ran. A Writer is held by its own connection tasks from the start.
+_held: "set[Any]" = set()
 _stop = threading.Event()
 _signalled = False
 
@@ -72,6 +76,15 @@ def register(client: Any) -> None:
 
 def unregister(client: Any) -> None:
     _clients.discard(client)
+
+
+def hold(client: Any) -> None:
+    """Keep *client* alive without a reference of the application's, until :func:`release`."""
+    _held.add(client)
+
+
+def release(client: Any) -> None:
+    _held.discard(client)
 
 
 def clients() -> List[Any]:

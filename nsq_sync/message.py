@@ -5,7 +5,10 @@ from __future__ import annotations
 import time
 from typing import Optional, Protocol, Tuple
 
-from .errors import ConfigError
+from .errors import ConfigError, ConnectionClosedError, SendError
+
+#: what finish()/requeue()/touch() report instead of raising: no connection left to answer on
+_LOST = (ConnectionClosedError, SendError)
 
 __all__ = ["Message", "Responder"]
 
@@ -21,6 +24,9 @@ class Responder(Protocol):
     def _requeue_message(self, message: "Message", time_ms: int, backoff: bool) -> None: ...
 
     def _touch_message(self, message: "Message") -> None: ...
+
+    # Optional: ``_answer_lost(message, error)`` reports an answer whose connection is gone
+    # (the three methods above raise ConnectionClosedError for it).
 
     #: (msg_timeout, max_msg_timeout) in seconds as nsqd negotiated them, or None if unknown
     message_timeouts: Optional[Tuple[float, float]]
@@ -56,7 +62,7 @@ class Message:
         return self._async
 
     def has_responded(self) -> bool:
-        """True once finish() or requeue() went through."""
+        """True once finish() or requeue() was called and accepted (also one lost with its connection)."""
         return self._responded
 
     def _need_responder(self) -> Responder:
@@ -64,21 +70,30 @@ class Message:
             raise ConfigError("message", self, "was not delivered by a connection, so it cannot be answered")
         return self._responder
 
-    def finish(self) -> None:
-        """Send FIN: the message is done.
+    def finish(self) -> bool:
+        """Send FIN: the message is done. True once the FIN is on its way.
 
-        Raises AlreadyRespondedError if it was already finished or requeued, and
-        ConnectionClosedError if the connection it came on is gone (nsqd will redeliver it).
+        False when the connection it came on is gone (or its write failed, which closes it):
+        nsqd delivers the message again by itself. As in pynsq this is not an exception (a
+        thread answering batches later would die of it); it is logged, or counted by the
+        Reader that owns the connection. Raises AlreadyRespondedError if the message was
+        already finished or requeued.
         """
-        self._need_responder()._finish_message(self)
+        responder = self._need_responder()
+        try:
+            responder._finish_message(self)
+        except _LOST as exc:
+            return self._lost(responder, exc, answered=True)
+        return True
 
     def requeue(self, delay: Optional[float] = None, backoff: bool = True, time_ms: Optional[int] = None) -> None:
         """Send REQ: nsqd delivers the message again after *delay* seconds.
 
         With no delay (None or pynsq's -1) the delay is ``requeue_delay * attempts``, capped by
         ``max_requeue_delay``. ``time_ms`` is pynsq's spelling in milliseconds. ``backoff=False``
-        requeues without making a Reader back off. Raises AlreadyRespondedError,
-        ConnectionClosedError, ConfigError for a negative delay.
+        requeues without making a Reader back off. True once the REQ is on its way, False when
+        the connection is gone (see :meth:`finish`). Raises AlreadyRespondedError, ConfigError
+        for a negative delay.
         """
         responder = self._need_responder()
         if time_ms is not None and time_ms != -1:
@@ -91,13 +106,35 @@ class Message:
             if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not 0 <= delay <= _MAX_MS / 1000:
                 raise ConfigError("delay", delay, f"must be a number of seconds from 0 to {_MAX_MS // 1000} (or None for automatic)")
             ms = int(round(delay * 1000))
-        responder._requeue_message(self, ms, bool(backoff))
+        try:
+            responder._requeue_message(self, ms, bool(backoff))
+        except _LOST as exc:
+            return self._lost(responder, exc, answered=True)
+        return True
 
-    def touch(self) -> None:
-        """Send TOUCH: reset nsqd's timeout for this message. Raises AlreadyRespondedError after finish/requeue."""
+    def touch(self) -> bool:
+        """Send TOUCH: reset nsqd's timeout for this message. True once it is on its way, False
+        when the connection is gone (see :meth:`finish`). Raises AlreadyRespondedError after
+        finish/requeue."""
         now = _clock()
-        self._need_responder()._touch_message(self)
+        responder = self._need_responder()
+        try:
+            responder._touch_message(self)
+        except _LOST as exc:
+            return self._lost(responder, exc, answered=False)
         self._touched = now
+        return True
+
+    def _lost(self, responder: Responder, error: Exception, answered: bool) -> bool:
+        """An answer (or touch) with no connection left to carry it: reported, not raised.
+        A lost finish or requeue still counts as the answer (pynsq's has_responded()), so
+        nobody answers the message a second time."""
+        if answered:
+            self._responded = True
+        report = getattr(responder, "_answer_lost", None)
+        if report is not None:
+            report(self, error)
+        return False
 
     def time_left(self) -> Optional[float]:
         """Seconds until nsqd gives up on this message and delivers it again, unless it is

@@ -530,11 +530,19 @@ class Reader:
         self._given_up = _Counter()
 
         lifecycle.register(self)
+        lifecycle.hold(self)  # until close(): nsq_sync.run() starts it even if nobody keeps it
 
     # ================================================================ public
     @property
     def max_in_flight(self) -> int:
         return self._max_in_flight
+
+    @property
+    def total_rdy(self) -> int:
+        """The RDY counts of every connection added up (pynsq's attribute; also in :meth:`stats`)."""
+        with self._lock:
+            states = list(self._conns.values())
+        return sum(st.conn.rdy for st in states)
 
     @property
     def backoff_level(self) -> int:
@@ -594,6 +602,7 @@ class Reader:
             return
         self._forked_from = parent
         self._closing = True
+        lifecycle.release(self)
         self._stop_event.set()
         self._lookupd_wake.set()
         for state in list(self._conns.values()):
@@ -708,6 +717,7 @@ class Reader:
             started = self._started
             if first:
                 self._cancel_timers_locked()
+        lifecycle.release(self)
         self._poke_run()
         if not first:
             if not self._in_own_task():
@@ -1312,6 +1322,7 @@ class Reader:
                 conn = AsyncConn(host, port, backend=self._backend, worker_pool=self._pool, **self._conn_kwargs)
                 conn.on("message", self._on_message)
                 conn._hand_back = self._hand_back
+                conn._lost_answers = self._not_answered  # (late answers from enable_async code)
                 conn._owned = True  # (_on_conn_close reports the close)
                 conn.on("resume", self._on_resume)
                 conn.on("backoff", self._on_backoff)

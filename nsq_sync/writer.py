@@ -22,7 +22,7 @@ from concurrent import futures
 from concurrent.futures import Future
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-from .addresses import parse_addresses
+from .addresses import address_key, parse_addresses
 from .backends import Backend, gevent_patched, get_backend
 from .backoff import exponential_delay
 from .conn import AsyncConn
@@ -193,6 +193,8 @@ class Writer:
         self.backend = get_backend(backend)
         self._backend_choice = backend  # None: chosen again after a fork (see _after_fork)
         self._addresses = addresses
+        #: the nsqd addresses as "host:port" (pynsq's attribute; changing it changes nothing)
+        self.nsqd_tcp_addresses = [address_key(host, port) for host, port in addresses]
         self._closed = False
         # uWSGI forks in C (see lifecycle.uwsgi_state): no at-fork hook updates _pid there, so
         # a Writer reads the process id on every use; and one made in the master starts
@@ -308,7 +310,13 @@ class Writer:
         # timeout, not after two heartbeat intervals (floored: a tiny timeout must not close
         # connections over a short pause of a busy nsqd).
         conn._send_stall_limit = max(1.0, self.publish_timeout)
+        if type(self).heartbeat is not Writer.heartbeat:
+            conn.on("heartbeat", self.heartbeat)  # (a lane's heartbeats too: read by its publishes)
         return conn
+
+    def heartbeat(self, conn: AsyncConn) -> None:
+        """Hook called after each heartbeat nsqd sends on *conn* (already answered with NOP);
+        override it in a subclass, as with pynsq's Writer, to watch connections."""
 
     def _node_loop(self, node: _Node) -> None:
         while not self._stopping.is_set():
@@ -492,7 +500,11 @@ class Writer:
         return self._publish(data, callback, timeout)
 
     def mpub(self, topic: str, msgs: Iterable[Any], callback: Optional[Callback] = None, timeout: Optional[float] = None) -> Any:
-        """Publish several messages atomically (MPUB); same contract as :meth:`pub`. Zero messages is a ConfigError."""
+        """Publish several messages atomically (MPUB); same contract as :meth:`pub`. Zero messages
+        is a ConfigError. One bytes-like body is taken as a list of one, as pynsq does (a str is
+        refused: iterating it would publish each character)."""
+        if isinstance(msgs, (bytes, bytearray, memoryview)):
+            msgs = [msgs]
         data = self._checked_multi(*commands.mpub_parts(topic, msgs))
         if callback is None:
             return self._publish_blocking(data, timeout)
@@ -508,6 +520,8 @@ class Writer:
 
     def mpub_async(self, topic: str, msgs: Iterable[Any], timeout: Optional[float] = None) -> "Future[bytes]":
         """:meth:`mpub` returning a Future."""
+        if isinstance(msgs, (bytes, bytearray, memoryview)):
+            msgs = [msgs]
         return self._submit(self._checked_multi(*commands.mpub_parts(topic, msgs)), timeout)
 
     def dpub_async(self, topic: str, delay_ms: int, msg: Any, timeout: Optional[float] = None) -> "Future[bytes]":

@@ -8,6 +8,7 @@ event, a condition or a Future, with a timeout.
 from __future__ import annotations
 
 import gc
+import logging
 import struct
 import threading
 import time
@@ -862,6 +863,38 @@ def test_message_event_and_finish(server: FakeNsqd, sub_conn) -> None:
     server.send_heartbeat()
     server.wait_for_command("NOP")
     assert server.commands[-2:] == [b"FIN " + sent.id, b"NOP"]
+
+
+def test_answers_after_the_connection_ended_are_reported_not_raised(server: FakeNsqd, sub_conn, caplog: pytest.LogCaptureFixture) -> None:
+    # pynsq's finish()/requeue()/touch() never raise for a connection that is gone (nsqd delivers
+    # the message again by itself): code answering later from its own thread (a batcher) died of
+    # the ConnectionClosedError nsq_sync raised, and nothing answered the messages after it.
+    conn, events = sub_conn()
+    first = server.send_message(b"one")
+    server.send_message(b"two")
+    server.send_message(b"three")
+    messages = [events.wait("message", count=n)["message"] for n in (1, 2, 3)]
+    assert messages[0].id == first.id
+    server.close_client()
+    events.wait("close")
+    with caplog.at_level(logging.WARNING, logger="nsq_sync.conn"):
+        assert messages[0].touch() is False
+        assert not messages[0].has_responded()  # a lost touch is no answer
+        assert messages[0].finish() is False
+        assert messages[0].has_responded()  # ...a lost finish is (pynsq's meaning): not answered twice
+        with pytest.raises(AlreadyRespondedError):
+            messages[0].requeue()
+        assert messages[1].requeue(delay=0) is False
+        assert messages[2].finish() is False
+    lost = [r for r in caplog.records if "answer(s) not sent" in r.getMessage()]
+    assert len(lost) == 1 and "1 answer(s)" in lost[0].getMessage(), "one warning, then counted for the next one"
+    # A Reader (any owner) takes the report instead.
+    reported: List[Any] = []
+    conn._lost_answers = lambda message, error: reported.append((message, type(error)))
+    conn._lost_tally = type(conn._lost_tally)(10.0)
+    fresh = Message(b"0" * 16, b"x", 0, 1, conn)
+    assert fresh.finish() is False
+    assert reported == [(fresh, ConnectionClosedError)]
 
 
 def test_attempts_decoded_unsigned(server: FakeNsqd, sub_conn) -> None:

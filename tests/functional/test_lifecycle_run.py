@@ -1,5 +1,6 @@
-"""nsq_sync.run() against fake nsqd: it starts registered Readers, and on stop() closes
-Readers (draining their handlers) before Writers.
+"""nsq_sync.run() against fake nsqd: it starts registered Readers (also one nobody keeps a
+reference to, as pynsq's IOLoop kept them), and on stop() closes Readers (draining their
+handlers) before Writers.
 
 No sleeps: every wait is on what a fake received or on an Event set by the handler.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import weakref
 from typing import Any, List
 
 import pytest
@@ -29,7 +31,7 @@ class PynsqStyleReader(Reader):
 
 @pytest.mark.parametrize("reader_class", [Reader, PynsqStyleReader], ids=["Reader", "subclass"])
 def test_run_starts_readers_and_drains_them_before_closing_writers(backend: str, reader_class: type) -> None:
-    gc.collect()  # forget clients of earlier tests: run() acts on every live registered one
+    _close_earlier_clients()
     consumed, produced = FakeNsqd().start(), FakeNsqd().start()
     handling, release = threading.Event(), threading.Event()
     answers: List[Any] = []
@@ -84,6 +86,50 @@ def test_run_starts_readers_and_drains_them_before_closing_writers(backend: str,
         produced.stop()
 
 
+def _close_earlier_clients() -> None:
+    """run() acts on every registered client that is alive (a Reader is held until closed):
+    close what earlier tests left."""
+    gc.collect()
+    for client in lifecycle.clients():
+        client.close(1)
+
+
+def test_a_reader_nobody_keeps_is_started_by_run_and_let_go_once_closed(backend: str) -> None:
+    # pynsq code makes its Readers in a set-up function and keeps no reference: Tornado's IOLoop
+    # held them. A weakly registered Reader was collected at once, and run() consumed nothing.
+    _close_earlier_clients()
+    fake = FakeNsqd().start()
+    handled = threading.Event()
+    runner = None
+
+    def setup() -> None:
+        Reader("topic", "channel", lambda message: handled.set() or True, nsqd_tcp_addresses=[f"127.0.0.1:{fake.port}"], backend=backend)
+
+    try:
+        setup()
+        gc.collect()
+        readers = [client for client in lifecycle.clients() if isinstance(client, Reader)]
+        assert len(readers) == 1, "the Reader nobody keeps is gone before run()"
+        gone = weakref.ref(readers[0])
+        del readers
+        runner = threading.Thread(target=nsq_sync.run, kwargs={"timeout": WAIT}, name="test-run-unkept")
+        runner.start()
+        fake.wait_for_command("RDY 1", timeout=WAIT)
+        msg = fake.enqueue(b"m1")
+        assert handled.wait(WAIT)
+        fake.wait_for_command(b"FIN " + msg.id, timeout=WAIT)
+        lifecycle.stop()
+        runner.join(WAIT)
+        assert not runner.is_alive(), "run() did not return after stop()"
+        assert fake.finished == [msg.id]
+        # Closed: nothing of the library's holds it any longer.
+        gc.collect()
+        assert gone() is None, "a closed Reader is still held"
+    finally:
+        _stop_runner(runner)
+        fake.stop()
+
+
 def _stop_runner(runner: Any) -> None:
     """Cleanup: stop a run() still going (a stop() with none going would end the next test's)."""
     if runner is not None and runner.is_alive():
@@ -94,7 +140,7 @@ def _stop_runner(runner: Any) -> None:
 def test_stop_asked_before_run_starts_is_kept_for_it(backend: str) -> None:
     # An application whose shutdown (a signal handler of its own, a test's teardown) comes
     # while the thread meant to call run() has not got there yet: run() must still return.
-    gc.collect()
+    _close_earlier_clients()
     fake = FakeNsqd().start()
     runner = None
     try:

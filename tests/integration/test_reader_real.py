@@ -304,6 +304,36 @@ def test_a_finished_message_is_not_redelivered_while_a_slow_handler_runs(nsqd: N
     assert stats["timeout_count"] == 0 and stats["requeue_count"] == 0 and finished() == 3
 
 
+def test_late_answers_across_an_nsqd_restart_are_reported_and_the_consumer_goes_on(nsqd: NsqdProcess, make_reader: Callable[..., Reader]) -> None:
+    """docs/reader.md's batcher: messages taken with enable_async() and answered later from
+    another thread. nsqd restarts while five are held: their finish() has no connection left.
+    It returned nothing in pynsq; here it raised ConnectionClosedError, which killed the batcher
+    thread, and the messages delivered after the reconnect were never answered."""
+    import queue
+
+    bodies = [b"held-%d" % n for n in range(5)]
+    prepare(nsqd, bodies)
+    work: "queue.Queue[Any]" = queue.Queue()
+
+    def handle(message: Any) -> None:
+        message.enable_async()
+        work.put(message)
+
+    reader = make_reader(handle, nsqd_tcp_addresses=nsqd.tcp_address, max_in_flight=10)
+    reader.start()
+    held = [work.get(timeout=TIMEOUT) for _ in bodies]
+    nsqd.restart()  # a graceful stop keeps the messages in flight: they come again
+    again = [work.get(timeout=TIMEOUT) for _ in bodies]  # on the new connection: the old one is over
+    assert sorted(m.body for m in again) == bodies
+    assert [m.finish() for m in held] == [False] * 5  # lost with their connection: said, not raised
+    assert all(m.has_responded() for m in held)
+    assert [m.finish() for m in again] == [True] * 5
+    nsqd.publish(TOPIC, b"after")
+    late = work.get(timeout=TIMEOUT)
+    assert late.body == b"after" and late.finish() is True
+    wait_until(lambda: drained(nsqd), TIMEOUT, message="channel drained")
+
+
 # ------------------------------------------------ (4) a new nsqd mid-run
 @pytest.mark.slow
 def test_nsqd_added_mid_run_is_discovered_and_consumed(nsq_cluster: LocalCluster, make_reader: Callable[..., Reader]) -> None:

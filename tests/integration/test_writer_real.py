@@ -343,7 +343,7 @@ def test_empty_and_out_of_range_inputs_are_config_errors(nsqd, writer_factory):
     with pytest.raises(TypeError):
         writer.dpub("inputs", 1.5, b"body")
     with pytest.raises(TypeError):
-        writer.mpub("inputs", b"a single body is not a list")
+        writer.mpub("inputs", "a str is not a list of bodies")  # (one bytes body is taken as a list of one)
     with pytest.raises(TypeError):
         writer.pub("inputs", b"body", callback="not callable")
     stats = topic_stats(nsqd, "inputs")

@@ -134,6 +134,8 @@ def test_tree_shape():
     for cls in (errors.ConnectError, errors.TLSError, errors.SendError, errors.ConnectionClosedError):
         assert issubclass(cls, errors.TransportError)
     assert issubclass(errors.StaleConnectionError, errors.ConnectionClosedError)
+    # pynsq's Writer reports "no open connections" as a SendError: ported checks must see ours
+    assert issubclass(errors.NoConnectionsError, errors.SendError)
 
 
 def test_config_error():

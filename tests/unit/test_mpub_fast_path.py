@@ -131,6 +131,27 @@ def test_writer_mpub_limits(fake: FakeNsqd) -> None:
         writer.close(5)
 
 
+def test_writer_mpub_of_one_bytes_body_is_a_list_of_one(fake: FakeNsqd) -> None:
+    # pynsq's Writer.mpub wraps a single bytes-like body in a list; a str stays refused (taken
+    # as a list it would publish one message per character).
+    writer = Writer(f"{fake.host}:{fake.port}", backend="thread", publish_timeout=5)
+    try:
+        assert writer.wait_connected(5)
+        before = len(mpubs(fake))
+        with pytest.raises(TypeError, match="not a single body"):
+            writer.mpub("t", "text")
+        with pytest.raises(TypeError, match="not a single body"):
+            writer.mpub_async("t", "text")
+        assert len(mpubs(fake)) == before
+        assert writer.mpub("t", b"one") == b"OK"
+        assert writer.mpub_async("t", bytearray(b"two")).result(5) == b"OK"
+        assert writer.mpub("t", memoryview(b"three"), callback=lambda conn, data: None) is None
+        fake.wait_until(lambda: len(mpubs(fake)) == before + 3, what="three MPUBs")
+        assert [c.messages for c in mpubs(fake)[before:]] == [[b"one"], [b"two"], [b"three"]]
+    finally:
+        writer.close(5)
+
+
 def test_writer_mpub_without_limits(fake: FakeNsqd) -> None:
     writer = Writer(f"{fake.host}:{fake.port}", backend="thread", publish_timeout=5, max_msg_size=None, max_body_size=None)
     try:
