@@ -1950,6 +1950,8 @@ class AsyncConn(EventedMixin):
         if self._stream is not None:
             self._stream.shutdown()  # wakes a writer blocked on a peer that stopped reading
             self._stream.close()
+        if self._workers_lead and self._pool is not None:
+            self._pool.messages.withdraw_lead(self)  # nothing more to read here
         queued = self._queued
         if queued and error is not None:
             # They still go to their handlers: nsqd may deliver them again (a duplicate), or

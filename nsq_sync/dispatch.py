@@ -96,8 +96,10 @@ class Lane:
         self._free = 0  # workers awake and not running a callback (woken ones included)
         self._closed = False
         self._local_ids: set = set()
-        # Connections whose next read an idle worker may do (AsyncConn._lead_read).
+        # Connections whose next read an idle worker may do (AsyncConn._lead_read), each once
+        # (_lead_offered): while every worker is busy, a reader task offers after each read.
         self._lead_jobs: Deque[Any] = collections.deque()
+        self._lead_offered: set = set()
         self._started = 0  # callbacks started (the watchdog's sign of progress)
         self._eager = getattr(backend, "name", "") != "thread"
         self._watchdog: Any = None
@@ -150,8 +152,27 @@ class Lane:
         return taken
 
     def offer_lead(self, conn: Any) -> None:
-        """Let the next worker that runs out of work call ``conn._lead_read()`` before it sleeps."""
+        """Let the next worker that runs out of work call ``conn._lead_read()`` before it sleeps.
+
+        A connection already waiting for a worker is not queued again: while handlers are
+        behind (a backlog), no worker runs out of work, the reader task reads for itself
+        after each short park, and offered again after every read; the queue grew by about
+        100 entries a second for as long as the backlog lasted."""
+        offered = self._lead_offered
+        if conn in offered:
+            return
+        offered.add(conn)
         self._lead_jobs.append(conn)
+
+    def withdraw_lead(self, conn: Any) -> None:
+        """Forget *conn*'s offer: its connection ended. (Kept, it held the closed connection,
+        its read buffer and its messages until a worker ran out of work.)"""
+        if conn in self._lead_offered:
+            self._lead_offered.discard(conn)
+            try:
+                self._lead_jobs.remove(conn)
+            except ValueError:
+                pass  # a worker took it meanwhile
 
     def _wake_locked(self) -> None:
         # Caller holds the lock. Wake a sleeper, or start a worker, unless one is free.
@@ -195,6 +216,7 @@ class Lane:
                         conn = self._lead_jobs.popleft()
                     except IndexError:
                         continue
+                    self._lead_offered.discard(conn)  # (before the read: it may offer again)
                     try:
                         conn._lead_read()
                     except Exception:
@@ -325,6 +347,7 @@ class Lane:
                     self._free += 1
                     self._sleepers.pop().release()
                 self._lead_jobs.clear()
+                self._lead_offered.clear()
                 if self._watchdog is not None:
                     self._watch_parked = False
                     try:

@@ -15,6 +15,7 @@ greenlets in a monkey-patched process.
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import struct
 import sys
@@ -1301,3 +1302,37 @@ def test_oversize_publish_is_refused_before_sending(nsqd: NsqdProcess, clients: 
             call()
     assert nsqd.topic_depth(TOPIC) == 1
     assert writer.pub(TOPIC, b"after") == b"OK"
+
+
+def test_a_reader_behind_a_backlog_keeps_one_read_offer_per_connection_and_drops_a_closed_ones(nsqd: NsqdProcess, clients: Clients) -> None:
+    """Thread backend: after each read the reader task offers the next one to whichever worker
+    runs out of work. Behind a backlog no worker does, and the offers piled up (about 100 a
+    second, for as long as the backlog lasted), each holding its connection: a connection cut
+    meanwhile stayed in memory with its 256 KiB read buffer and its messages. One offer per
+    connection now, withdrawn when it closes."""
+    nsqd.create_channel(TOPIC, CHANNEL)
+    nsqd.mpublish(TOPIC, [b"m%d" % n for n in range(4000)])
+    handled = itertools.count(1)
+    milestones = {200: threading.Event(), 400: threading.Event()}
+
+    def handler(message: Message) -> bool:
+        time.sleep(0.002)  # (work: the four workers stay behind the backlog)
+        count = next(handled)
+        if count in milestones:
+            milestones[count].set()
+        return True
+
+    with TcpProxy(split(nsqd.tcp_address)) as proxy:
+        reader = clients.reader(handler, nsqd_tcp_addresses=proxy.address, max_in_flight=50, concurrency=4)
+        reader.start()
+        assert milestones[200].wait(30)
+        lane = reader._pool.messages
+        first = next(iter(reader.conns.values()))
+        assert len(lane._lead_jobs) <= 1, f"{len(lane._lead_jobs)} read offers queued for one connection"
+        proxy.cut()
+        wait_until(lambda: not first.connected(), timeout=10, message="the cut connection to close")
+        assert first not in lane._lead_jobs, "a closed connection is still offered for reading"
+        wait_until(lambda: any(conn is not first for conn in reader.conns.values()), timeout=10, message="a new connection")
+        assert milestones[400].wait(30)
+        assert first not in lane._lead_jobs
+        assert len(lane._lead_jobs) <= 1, f"{len(lane._lead_jobs)} read offers queued for one connection"
