@@ -843,7 +843,9 @@ class AsyncConn(EventedMixin):
         elif isinstance(exc, Error):
             error = exc
         elif isinstance(exc, OSError):
-            error = ConnectionClosedError(f"connection to {self.id} failed: {exc}")
+            # After _abort the peer may answer our shutdown with a reset: the reason _abort
+            # recorded (a failed, stalled or interrupted write) is still the one to report.
+            error = self._write_stall or self.error or ConnectionClosedError(f"connection to {self.id} failed: {exc}")
         elif not isinstance(exc, Exception):
             error = None if self._closing else self._interrupted(exc, "a read")
         else:
