@@ -34,8 +34,10 @@ skipped when the value is unchanged)
 
 Backoff (global, like pynsq and go-nsq): a failure outside a backoff window raises the
 level and opens a window (RDY 0 everywhere) of ``strategy.calculate(level)`` seconds;
-when it ends, RDY 1 goes to ONE connection; the next result counts (success: level
-down, back to full RDY at level 0; failure: level up), results inside a window do not.
+when it ends, RDY 1 goes to ONE connection (one whose nsqd had messages lately, and never
+one found idle as the test earlier in the episode while another is left); the next result
+counts (success: level down, back to full RDY at level 0; failure: level up), results
+inside a window do not.
 ``requeue(backoff=False)`` is neutral. ``max_backoff_duration=0`` disables backoff.
 """
 
@@ -538,7 +540,9 @@ class Reader:
         self._window_gen = 0
         self._window_timer: Optional[_Timer] = None
         self._test_addr: Optional[str] = None
-        self._test_prev: Optional[str] = None
+        self._test_idle: set = set()  # found idle as the backoff test during this backoff episode
+        self._test_last_idle: Optional[str] = None
+        self._episode_since = 0.0  # time.time() the backoff level last went from 0 to 1
         self._test_since = 0.0
         self._deficit = False
         self._settle_timer: Optional[_Timer] = None
@@ -1124,12 +1128,17 @@ class Reader:
                 if self._level == 0:
                     logger.info("%s: backoff complete; resuming full RDY", self.name)
                     self._test_addr = None
+                    self._test_idle.clear()
+                    self._test_last_idle = None
                     self._apply_rdy_locked()
                 else:
                     self._start_window_locked()
             else:
                 if self._level == 0:
                     self._level = 1
+                    self._episode_since = time.time()
+                    self._test_idle.clear()
+                    self._test_last_idle = None
                 elif self._level < _MAX_LEVEL:
                     try:
                         current = self._nominal(self._level)
@@ -1170,7 +1179,6 @@ class Reader:
                 return
             self._window = False
             self._window_timer = None
-            self._test_prev = None
             logger.info("%s: backoff window over (level %d); testing with RDY 1 on one connection", self.name, self._level)
             self._apply_rdy_locked()
 
@@ -1304,17 +1312,18 @@ class Reader:
         if test is not None and revoke and len(states) > 1 and test.conn.in_flight == 0:
             last = max(test.conn.last_msg_timestamp, self._test_since)
             if time.time() - last > self.low_rdy_idle_timeout:
-                # Its nsqd has nothing for us: let another connection test instead.
+                # Its nsqd has nothing for us: let another connection test instead, and not
+                # this one again in this backoff episode while there is another to try.
                 logger.debug("%s: backoff test connection %s is idle; moving the test", self.name, test.address)
                 self._set_rdy(test, 0)
-                self._test_prev = test.address
+                self._test_idle.add(test.address)
+                self._test_last_idle = test.address
                 test = None
         for st in states:
             if st is not test and st.conn.rdy > 0:
                 self._set_rdy(st, 0)
         if test is None:
-            candidates = [st for st in states if st.address != self._test_prev] or states
-            test = self._random.choice(candidates)
+            test = self._choose_test_locked(states)
             self._test_addr = test.address
         if test.conn.rdy >= 1:
             if test.conn.rdy > 1:
@@ -1331,6 +1340,22 @@ class Reader:
             return
         if self._set_rdy(test, 1):
             self._test_since = time.time()
+
+    def _choose_test_locked(self, states: List[_ConnState]) -> _ConnState:
+        """Where the backoff test's RDY 1 goes: at random among the connections whose nsqd had
+        messages for us lately (some in flight, or one received in this backoff episode or
+        within low_rdy_idle_timeout before it), else among the others; never to one found idle
+        as the test in this episode while there is another to try."""
+        untried = [st for st in states if st.address not in self._test_idle]
+        if not untried:
+            # Every connection was found idle in this episode: start over, the last one last.
+            self._test_idle.clear()
+            untried = [st for st in states if st.address != self._test_last_idle] or states
+        since = self._episode_since - self.low_rdy_idle_timeout
+        recent = [
+            st for st in untried if st.conn.in_flight > 0 or (st.conn._received_total > 0 and st.conn.last_msg_timestamp >= since)
+        ]
+        return self._random.choice(recent or untried)
 
     def _settle_later_locked(self, states: List[_ConnState], now: float) -> None:
         """Capacity is short: decide again once the first lowering still counted is due."""

@@ -1,5 +1,5 @@
 """RDY moving between connections never lets the total exceed max_in_flight on the servers,
-with latency too.
+with latency too; the backoff test's RDY 1 goes where messages are.
 
 nsqd applies a RDY only when it reads it, and messages it sent under the old value may still be
 on their way: a lowered RDY counts as used until the connection's round trip (measured at SUB)
@@ -19,6 +19,7 @@ from typing import Any, List, Tuple
 from fake_nsqd import DEFAULT, FakeNsqd
 from tasks import live_tasks
 
+from nsq_sync.backoff import ExponentialBackoff
 from nsq_sync.reader import Reader
 from nsq_sync.testing import wait_until
 
@@ -155,6 +156,97 @@ def test_a_first_attempt_that_fails_hands_its_share_to_the_others(backend: str) 
         for server in servers:
             server.wait_for_command("RDY 3", timeout=WAIT)
         assert reader.stats()["total_rdy"] == 6
+        reader.close(5)
+        assert reader.join(WAIT)
+    finally:
+        reader.close(1)
+        for server in servers:
+            server.stop()
+
+
+# ------------------------------------------------------- the backoff test's RDY 1
+def backoff_reader(servers: List[FakeNsqd], handler: Any, backend: str, **kwargs: Any) -> Reader:
+    kwargs.setdefault("low_rdy_idle_timeout", 60)
+    return Reader(
+        "topic", "channel", handler,
+        nsqd_tcp_addresses=[f"127.0.0.1:{s.port}" for s in servers],
+        backend=backend,
+        max_in_flight=len(servers),
+        backoff_strategy=ExponentialBackoff(multiplier=0.05, max_duration=1),
+        **kwargs,
+    )  # fmt: skip
+
+
+def test_the_backoff_test_goes_to_the_connection_that_had_messages(backend: str) -> None:
+    """Messages on one nsqd of four: every test RDY 1 of the backoff goes there (a random
+    connection's nsqd, with nothing, would keep it low_rdy_idle_timeout before it moved)."""
+    servers = [FakeNsqd().start() for _ in range(4)]
+    log = RdyLog(servers)
+    results = iter([False, False])  # level 1, 2, then successes down to 0: three tests at least
+
+    def handler(message: Any) -> bool:
+        return next(results, True)
+
+    reader = backoff_reader(servers, handler, backend)
+    try:
+        reader.start()
+        for server in servers:
+            server.wait_for_command("RDY 1", timeout=WAIT)
+        for index in range(10):  # (a message may come, and count for nothing, inside a window)
+            servers[0].enqueue(b"m%d" % index)
+        servers[0].wait_for_command("REQ", timeout=WAIT)
+        with log.lock:
+            start = len(log.entries)
+        strays: List[Any] = []
+
+        def over() -> bool:
+            with log.lock:
+                elsewhere = [entry for entry in log.entries[start:] if entry[1] != 0 and entry[2] == 1]
+            level = reader.backoff_level  # (read after: once at 0 it stays there, no failure follows)
+            if elsewhere and level > 0:
+                strays.extend(elsewhere)  # a test RDY 1 on an nsqd without messages
+                return True
+            return level == 0 and len(servers[0].finished) >= 2
+
+        wait_until(over, WAIT, message="backoff over, or a test on an nsqd without messages")
+        assert strays == [], log.entries
+        with log.lock:
+            tests = [entry for entry in log.entries[start:] if entry[1] == 0 and entry[2] == 1]
+        assert len(tests) >= 3, log.entries
+        reader.close(5)
+        assert reader.join(WAIT)
+    finally:
+        reader.close(1)
+        for server in servers:
+            server.stop()
+
+
+def test_a_backoff_test_found_idle_does_not_come_back_before_every_other_was_tried(backend: str) -> None:
+    """The test's nsqd runs dry: the test moves, and not back to one already found idle in this
+    backoff episode while another is left to try (the first goes where the failure came from)."""
+    servers = [FakeNsqd().start() for _ in range(4)]
+    log = RdyLog(servers)
+    results = iter([False])
+    reader = backoff_reader(servers, lambda m: next(results, True), backend, low_rdy_idle_timeout=0.1, rdy_redistribute_interval=0.05)
+    try:
+        reader.start()
+        for server in servers:
+            server.wait_for_command("RDY 1", timeout=WAIT)
+        servers[0].enqueue(b"fails")
+        servers[0].wait_for_command("REQ", timeout=WAIT)
+        with log.lock:
+            start = len(log.entries)
+
+        def tests() -> List[int]:
+            with log.lock:
+                return [i for _, i, v in log.entries[start:] if v == 1]
+
+        wait_until(lambda: len(tests()) >= 4, WAIT, message="four backoff tests")
+        assert tests()[0] == 0, log.entries
+        assert sorted(tests()[:4]) == [0, 1, 2, 3], log.entries
+        for server in servers:
+            server.enqueue(b"ok")
+        wait_until(lambda: reader.backoff_level == 0, WAIT, message="a success ends the backoff")
         reader.close(5)
         assert reader.join(WAIT)
     finally:
