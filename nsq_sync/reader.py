@@ -1309,7 +1309,8 @@ class Reader:
         test = self._conns.get(self._test_addr) if self._test_addr else None
         if test is not None and not test.conn.connected():
             test = None
-        if test is not None and revoke and len(states) > 1 and test.conn.in_flight == 0:
+        # (A test still waiting for its RDY 1, capacity being short, has not had its chance.)
+        if test is not None and revoke and len(states) > 1 and test.conn.rdy > 0 and test.conn.in_flight == 0:
             last = max(test.conn.last_msg_timestamp, self._test_since)
             if time.time() - last > self.low_rdy_idle_timeout:
                 # Its nsqd has nothing for us: let another connection test instead, and not
