@@ -20,17 +20,24 @@ skipped when the value is unchanged)
       it back from connections idle for ``low_rdy_idle_timeout`` (or holding it for
       ``low_rdy_timeout`` while others wait) and hands it to the connection that has
       waited longest;
-    * raising is budgeted against ``sum(max(rdy, in_flight))`` measured *before* the
-      lowerings of the same decision, so a lowering is never counted as freed capacity
-      until nsqd has had time to apply it (a short settle timer re-runs the decision; an
-      answered message re-arms it while capacity is short). This keeps the server-side total within
-      ``max_in_flight`` even though RDY changes on different sockets may be applied by
-      nsqd in any order (pynsq #177 / PR #254).
+    * raising is budgeted against ``sum(max(held, in_flight))``, where *held* is the RDY
+      sent or, after a lowering, the higher value nsqd may still be honouring: it is
+      counted until ``rdy_settle_delay`` plus ``rdy_settle_rtts`` round trips of that
+      connection (measured at SUB) have passed, whichever decision looks (a settle timer
+      re-runs the decision then; an answered message re-arms it while capacity is
+      short). This keeps the server-side total within ``max_in_flight`` even though RDY
+      changes on different sockets may be applied by nsqd in any order, and messages sent
+      under the old value are still on the wire (pynsq #177 / PR #254);
+    * connection attempts started together (the direct addresses at start(), the producers
+      of one lookupd answer) have their shares held back for them until each attempt ends,
+      so the first to subscribe does not get all of max_in_flight, to give it back later.
 
 Backoff (global, like pynsq and go-nsq): a failure outside a backoff window raises the
 level and opens a window (RDY 0 everywhere) of ``strategy.calculate(level)`` seconds;
-when it ends, RDY 1 goes to ONE connection; the next result counts (success: level
-down, back to full RDY at level 0; failure: level up), results inside a window do not.
+when it ends, RDY 1 goes to ONE connection (one whose nsqd had messages lately, and never
+one found idle as the test earlier in the episode while another is left); the next result
+counts (success: level down, back to full RDY at level 0; failure: level up), results
+inside a window do not.
 ``requeue(backoff=False)`` is neutral. ``max_backoff_duration=0`` disables backoff.
 """
 
@@ -268,16 +275,36 @@ def _is_current(backend: Backend, task: Any) -> bool:
 
 
 class _ConnState:
-    """What the Reader keeps per registered connection."""
+    """What the Reader keeps per registered connection (under the Reader's lock)."""
 
-    __slots__ = ("conn", "address", "last_held", "rdy_since")
+    __slots__ = ("conn", "address", "last_held", "rdy_since", "rtt", "ceiling", "ceiling_until")
 
-    def __init__(self, conn: AsyncConn, address: str) -> None:
+    def __init__(self, conn: AsyncConn, address: str, rtt: float = 0.0) -> None:
         now = time.monotonic()
         self.conn = conn
         self.address = address
         self.last_held = now  # when it last lost RDY (or registered): who waited longest goes first
         self.rdy_since = now  # when RDY last went from 0 to > 0
+        self.rtt = rtt  # seconds from SUB to its answer: the connection's measured round trip
+        # After a lowered RDY: the highest RDY nsqd may still be honouring (messages it sent
+        # under it may still be on the wire), until ceiling_until (time.monotonic()).
+        self.ceiling = 0
+        self.ceiling_until = 0.0
+
+    def held(self, now: float) -> int:
+        """The most messages nsqd may put in flight here: the RDY sent, or a higher one sent
+        before it that nsqd may not have applied the lowering of yet (forgotten once due)."""
+        ceiling = self.ceiling
+        if ceiling and now >= self.ceiling_until:
+            self.ceiling = ceiling = 0
+        rdy = self.conn.rdy
+        return ceiling if ceiling > rdy else rdy
+
+    def used(self, now: float) -> int:
+        """Capacity this connection uses: what nsqd may hold here, or what is in flight if more."""
+        held = self.held(now)
+        in_flight = self.conn.in_flight
+        return held if held > in_flight else in_flight
 
 
 class _RdyLock:
@@ -357,8 +384,13 @@ class Reader:
     reconnect_base: float = 1.0
     #: longest reconnect delay (seconds)
     reconnect_cap: float = 60.0
-    #: seconds a lowered RDY is given to reach nsqd before the capacity it frees is handed out
+    #: seconds a lowered RDY is given to reach nsqd, and the messages nsqd sent under the
+    #: higher value to arrive, before the capacity it frees is handed out: this plus
+    #: ``rdy_settle_rtts`` times the connection's round trip (measured at SUB)
     rdy_settle_delay: float = 0.1
+    #: round trips added to ``rdy_settle_delay`` (one is the least: the RDY going up, the
+    #: last messages sent under the old value coming down; the rest is a margin for jitter)
+    rdy_settle_rtts: float = 2.0
 
     def __init__(
         self,
@@ -508,12 +540,15 @@ class Reader:
         self._window_gen = 0
         self._window_timer: Optional[_Timer] = None
         self._test_addr: Optional[str] = None
-        self._test_prev: Optional[str] = None
+        self._test_idle: set = set()  # found idle as the backoff test during this backoff episode
+        self._test_last_idle: Optional[str] = None
+        self._episode_since = 0.0  # time.time() the backoff level last went from 0 to 1
         self._test_since = 0.0
         self._deficit = False
         self._settle_timer: Optional[_Timer] = None
         self._tick_timer: Optional[_Timer] = None
         self._warned_max_rdy: set = set()
+        self._tried: set = set()  # addresses whose first connection attempt has ended (see _targets)
 
         # stats: bumped once per message from many workers, so no lock (see _Counter)
         # The validation hooks run only when a subclass overrides one (a hot path otherwise).
@@ -660,8 +695,7 @@ class Reader:
             self.lookupd_http_addresses or "-",
             self._max_in_flight,
         )
-        for address, (host, port) in list(self._direct.items()):
-            self._connect(address, host, port)
+        self._connect_many([(address, host, port) for address, (host, port) in list(self._direct.items())])
 
     def run(self) -> None:
         """start(), block until close() is called or SIGINT/SIGTERM arrives, then close gracefully.
@@ -866,8 +900,7 @@ class Reader:
                 logger.warning("%s: lookupd %s query failed: %s: %s", self.name, address, type(exc).__name__, exc, exc_info=True)
                 continue
             logger.debug("%s: lookupd %s lists %s", self.name, address, producers)
-            for host, port in producers:
-                self._connect(_address_key(host, port), host, port)
+            self._connect_many([(_address_key(host, port), host, port) for host, port in producers])
             return producers
         return []
 
@@ -1095,12 +1128,17 @@ class Reader:
                 if self._level == 0:
                     logger.info("%s: backoff complete; resuming full RDY", self.name)
                     self._test_addr = None
+                    self._test_idle.clear()
+                    self._test_last_idle = None
                     self._apply_rdy_locked()
                 else:
                     self._start_window_locked()
             else:
                 if self._level == 0:
                     self._level = 1
+                    self._episode_since = time.time()
+                    self._test_idle.clear()
+                    self._test_last_idle = None
                 elif self._level < _MAX_LEVEL:
                     try:
                         current = self._nominal(self._level)
@@ -1141,7 +1179,6 @@ class Reader:
                 return
             self._window = False
             self._window_timer = None
-            self._test_prev = None
             logger.info("%s: backoff window over (level %d); testing with RDY 1 on one connection", self.name, self._level)
             self._apply_rdy_locked()
 
@@ -1153,6 +1190,8 @@ class Reader:
         previous = conn.rdy
         if previous == value or not conn.connected():
             return False
+        now = time.monotonic()
+        held = st.held(now)
         try:
             conn._queue_rdy(value)  # sent once the lock is released (see _RdyLock)
         except Error as exc:
@@ -1160,12 +1199,27 @@ class Reader:
             return False
         self._lock.unsent.append(conn)
         logger.debug("%s: RDY %d on %s (was %d)", self.name, value, conn.id, previous)
-        now = time.monotonic()
+        if value < previous:
+            # Until nsqd has read this RDY it may go on sending under the higher value, and
+            # what it sent under it may still be on the way: count that value a while longer
+            # (the RDY's way up, the messages' way down, and a margin).
+            st.ceiling = held
+            st.ceiling_until = now + self.rdy_settle_delay + self.rdy_settle_rtts * st.rtt
         if previous == 0:
             st.rdy_since = now
         if value == 0:
             st.last_held = now
         return True
+
+    def _first_attempts_locked(self) -> int:
+        """Connection attempts under way to addresses never tried before (found together: the
+        nsqd_tcp_addresses at start(), the producers of one lookupd answer). Their shares are
+        held back for them, rather than all of max_in_flight going to the first to connect and
+        being taken back, a settle delay at a time, as the others come."""
+        if not self._connecting:
+            return 0
+        tried = self._tried
+        return sum(1 for address in self._connecting if address not in tried)
 
     def _apply_rdy_locked(self, revoke: bool = False) -> None:
         """Bring every connection's RDY to what the current mode wants (call under _lock).
@@ -1188,40 +1242,38 @@ class Reader:
             self._apply_test_rdy_locked(states, revoke)
             return
 
-        # Capacity in use, measured before this pass lowers anything.
-        used = 0
-        for st in states:
-            conn = st.conn
-            used += conn.rdy if conn.rdy > conn.in_flight else conn.in_flight
-        count = len(states)
+        count = len(states) + self._first_attempts_locked()
         if count <= max_in_flight:
             per_conn = max_in_flight // count
             targets = {st.address: per_conn for st in states}
         else:
             targets = self._subset_targets(states, max_in_flight, revoke)
-        lowered = False
         for st in states:
             target = min(targets[st.address], st.conn.max_rdy_count)
             if st.conn.rdy > target:
-                lowered = self._set_rdy(st, target) or lowered
+                self._set_rdy(st, target)
+        # Capacity in use: a lowering frees nothing until nsqd has had time to apply it
+        # (_ConnState.held), whichever pass looks.
+        now = time.monotonic()
+        used = 0
+        for st in states:
+            used += st.used(now)
         budget = max_in_flight - used
         deficit = False
         for st in sorted(states, key=lambda s: s.last_held):
             conn = st.conn
             target = min(targets[st.address], conn.max_rdy_count)
-            want = target - conn.rdy
-            if want <= 0:
+            if target <= conn.rdy:
                 continue
-            give = want if want <= budget else max(0, budget)
-            if give > 0 and self._set_rdy(st, conn.rdy + give):
-                budget -= give
-            else:
-                give = 0
-            if give < want:
+            base = st.used(now)  # counted already: raising up to it costs nothing
+            value = min(target, base + budget) if budget > 0 else min(target, base)
+            if value > conn.rdy and self._set_rdy(st, value) and value > base:
+                budget -= value - base
+            if conn.rdy < target:
                 deficit = True
         self._deficit = deficit
-        if deficit and lowered:
-            self._schedule_settle_locked()
+        if deficit:
+            self._settle_later_locked(states, now)
 
     def _subset_targets(self, states: List[_ConnState], max_in_flight: int, revoke: bool) -> Dict[str, int]:
         """More connections than max_in_flight: RDY 1 on at most max_in_flight of them."""
@@ -1257,36 +1309,72 @@ class Reader:
         test = self._conns.get(self._test_addr) if self._test_addr else None
         if test is not None and not test.conn.connected():
             test = None
-        lowered = False
-        if test is not None and revoke and len(states) > 1 and test.conn.in_flight == 0:
+        # (A test still waiting for its RDY 1, capacity being short, has not had its chance.)
+        if test is not None and revoke and len(states) > 1 and test.conn.rdy > 0 and test.conn.in_flight == 0:
             last = max(test.conn.last_msg_timestamp, self._test_since)
             if time.time() - last > self.low_rdy_idle_timeout:
-                # Its nsqd has nothing for us: let another connection test instead.
+                # Its nsqd has nothing for us: let another connection test instead, and not
+                # this one again in this backoff episode while there is another to try.
                 logger.debug("%s: backoff test connection %s is idle; moving the test", self.name, test.address)
-                lowered = self._set_rdy(test, 0) or lowered
-                self._test_prev = test.address
+                self._set_rdy(test, 0)
+                self._test_idle.add(test.address)
+                self._test_last_idle = test.address
                 test = None
         for st in states:
             if st is not test and st.conn.rdy > 0:
-                lowered = self._set_rdy(st, 0) or lowered
+                self._set_rdy(st, 0)
         if test is None:
-            self._test_addr = None
-            if lowered:
-                self._deficit = True
-                self._schedule_settle_locked()
-                return
-            candidates = [st for st in states if st.address != self._test_prev] or states
-            test = self._random.choice(candidates)
+            test = self._choose_test_locked(states)
             self._test_addr = test.address
+        if test.conn.rdy >= 1:
+            if test.conn.rdy > 1:
+                self._set_rdy(test, 1)
+            return
+        now = time.monotonic()
+        used = 0
+        for st in states:
+            used += st.used(now)
+        if test.used(now) < 1 and used + 1 > self._max_in_flight:
+            # The RDY just taken back elsewhere (or messages still in flight) hold the capacity.
+            self._deficit = True
+            self._settle_later_locked(states, now)
+            return
+        if self._set_rdy(test, 1):
             self._test_since = time.time()
-        self._set_rdy(test, 1)
 
-    def _schedule_settle_locked(self) -> None:
+    def _choose_test_locked(self, states: List[_ConnState]) -> _ConnState:
+        """Where the backoff test's RDY 1 goes: at random among the connections whose nsqd had
+        messages for us lately (some in flight, or one received in this backoff episode or
+        within low_rdy_idle_timeout before it), else among the others; never to one found idle
+        as the test in this episode while there is another to try."""
+        untried = [st for st in states if st.address not in self._test_idle]
+        if not untried:
+            # Every connection was found idle in this episode: start over, the last one last.
+            self._test_idle.clear()
+            untried = [st for st in states if st.address != self._test_last_idle] or states
+        since = self._episode_since - self.low_rdy_idle_timeout
+        recent = [
+            st for st in untried if st.conn.in_flight > 0 or (st.conn._received_total > 0 and st.conn.last_msg_timestamp >= since)
+        ]
+        return self._random.choice(recent or untried)
+
+    def _settle_later_locked(self, states: List[_ConnState], now: float) -> None:
+        """Capacity is short: decide again once the first lowering still counted is due."""
+        due = [st.ceiling_until for st in states if st.ceiling and st.ceiling_until > now]
+        if due:
+            self._schedule_settle_locked(min(due))
+
+    def _schedule_settle_locked(self, when: Optional[float] = None) -> None:
+        """Run _apply_rdy_locked again at *when* (time.monotonic()), or after the settle delay."""
+        now = time.monotonic()
+        if when is None:
+            when = now + min(self.rdy_settle_delay, self.rdy_redistribute_interval)
         timer = self._settle_timer
         if timer is not None and not timer.cancelled:
-            return
-        delay = min(self.rdy_settle_delay, self.rdy_redistribute_interval)
-        self._settle_timer = self._scheduler.call_later(delay, self._settle)
+            if timer.when <= when:
+                return
+            timer.cancel()
+        self._settle_timer = self._scheduler.call_later(when - now, self._settle)
 
     def _settle(self) -> None:
         with self._lock:
@@ -1303,17 +1391,23 @@ class Reader:
     # ========================================================== connections
     def _connect(self, address: str, host: str, port: int) -> None:
         """Start a background connection attempt unless connected, connecting or closing."""
+        self._connect_many([(address, host, port)])
+
+    def _connect_many(self, targets: Iterable[Tuple[str, str, int]]) -> None:
+        """_connect for each of *targets*, all of them under one hold of the lock: each is
+        counted as connecting before any can register (see _first_attempts_locked)."""
         with self._lock:
-            if self._closing or not self._started or address in self._conns or address in self._connecting:
-                return
-            timer = self._reconnect_timers.pop(address, None)
-            if timer is not None:
-                timer.cancel()
-            self._connecting[address] = None
-            task_id = next(self._task_ids)
-            self._tasks[task_id] = self._backend.spawn(
-                self._connect_task, task_id, address, host, port, name=f"nsq_sync-{self.name}-connect-{address}"
-            )
+            for address, host, port in targets:
+                if self._closing or not self._started or address in self._conns or address in self._connecting:
+                    continue
+                timer = self._reconnect_timers.pop(address, None)
+                if timer is not None:
+                    timer.cancel()
+                self._connecting[address] = None
+                task_id = next(self._task_ids)
+                self._tasks[task_id] = self._backend.spawn(
+                    self._connect_task, task_id, address, host, port, name=f"nsq_sync-{self.name}-connect-{address}"
+                )
 
     def _connect_task(self, task_id: int, address: str, host: str, port: int) -> None:
         conn: Optional[AsyncConn] = None
@@ -1335,8 +1429,11 @@ class Reader:
                     self._connecting[address] = conn
                 logger.debug("%s: connecting to %s", self.name, address)
                 conn.connect()
+                rtt = 0.0
                 if not self._closing:
+                    sent = time.monotonic()
                     conn.subscribe(self.topic, self.channel)
+                    rtt = time.monotonic() - sent  # (how long a lowered RDY is counted: _set_rdy)
             except Exception as exc:
                 if conn is not None and conn.connected():
                     conn.close(0)
@@ -1350,7 +1447,7 @@ class Reader:
                 self._connecting.pop(address, None)
                 registered = not self._closing and conn.connected() and address not in self._conns
                 if registered:
-                    self._register_locked(address, conn)
+                    self._register_locked(address, conn, rtt)
             if not registered:
                 conn.close(1.0)
                 if not self._closing:
@@ -1359,9 +1456,14 @@ class Reader:
             with self._lock:
                 self._connecting.pop(address, None)
                 self._tasks.pop(task_id, None)
+                if address not in self._tried:
+                    # A first attempt ended: the share held back for it (_first_attempts_locked)
+                    # goes to the connections there are, if it failed.
+                    self._tried.add(address)
+                    self._apply_rdy_locked()
 
-    def _register_locked(self, address: str, conn: AsyncConn) -> None:
-        self._conns[address] = _ConnState(conn, address)
+    def _register_locked(self, address: str, conn: AsyncConn, rtt: float = 0.0) -> None:
+        self._conns[address] = _ConnState(conn, address, rtt)
         self._direct_failures.pop(address, None)
         logger.info("%s: subscribed to %s on %s", self.name, f"{self.topic}/{self.channel}", address)
         if conn.max_rdy_count < self._max_in_flight and address not in self._warned_max_rdy:
