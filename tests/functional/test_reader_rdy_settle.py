@@ -12,9 +12,10 @@ held back on purpose, to make the round trip the Reader measures).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from typing import Any, List, Tuple
+from typing import Any, Iterator, List, Tuple
 
 from fake_nsqd import DEFAULT, FakeNsqd
 from tasks import live_tasks
@@ -66,6 +67,19 @@ class RdyLog:
         return peak
 
 
+@contextlib.contextmanager
+def closed_after(reader: Reader, servers: List[FakeNsqd]) -> Iterator[None]:
+    """Run the block, then close the Reader gracefully (joined); on any exit stop the fakes."""
+    try:
+        yield
+        reader.close(5)
+        assert reader.join(WAIT)
+    finally:
+        reader.close(1)
+        for server in servers:
+            server.stop()
+
+
 def late_sub(delay: float) -> Any:
     """A SUB answer that takes *delay* seconds: the round trip the Reader measures."""
     pause = threading.Event()
@@ -90,7 +104,7 @@ def test_a_lowered_rdy_is_counted_for_the_measured_round_trip_before_another_con
         low_rdy_idle_timeout=60,  # no redistribution by the periodic pass during the test
         rdy_redistribute_interval=60,
     )  # fmt: skip
-    try:
+    with closed_after(reader, servers):
         reader.start()
         servers[0].wait_for_command("RDY 2", timeout=WAIT)
         # Two more connections, one after the other: the first lowers RDY 2 to 1 on the old
@@ -104,13 +118,7 @@ def test_a_lowered_rdy_is_counted_for_the_measured_round_trip_before_another_con
         assert raised - lowered.time >= ROUND_TRIP, log.entries
         assert log.honoured_peak(ROUND_TRIP) <= 2, log.entries
         assert reader.stats()["total_rdy"] == 2
-        reader.close(5)
-        assert reader.join(WAIT)
-        assert live_tasks() == []
-    finally:
-        reader.close(1)
-        for server in servers:
-            server.stop()
+    assert live_tasks() == []
 
 
 def test_connections_found_together_get_their_shares_at_once(backend: str) -> None:
@@ -125,18 +133,12 @@ def test_connections_found_together_get_their_shares_at_once(backend: str) -> No
         backend=backend,
         max_in_flight=6,
     )  # fmt: skip
-    try:
+    with closed_after(reader, servers):
         reader.start()
         for server in servers:
             server.wait_for_command("RDY 2", timeout=WAIT)
         for index in range(3):
             assert log.values(index) == [2], log.entries
-        reader.close(5)
-        assert reader.join(WAIT)
-    finally:
-        reader.close(1)
-        for server in servers:
-            server.stop()
 
 
 def test_a_first_attempt_that_fails_hands_its_share_to_the_others(backend: str) -> None:
@@ -151,17 +153,11 @@ def test_a_first_attempt_that_fails_hands_its_share_to_the_others(backend: str) 
         max_in_flight=6,
     )  # fmt: skip
     reader.reconnect_base = 30.0  # (no second attempt during the test)
-    try:
+    with closed_after(reader, servers):
         reader.start()
         for server in servers:
             server.wait_for_command("RDY 3", timeout=WAIT)
         assert reader.stats()["total_rdy"] == 6
-        reader.close(5)
-        assert reader.join(WAIT)
-    finally:
-        reader.close(1)
-        for server in servers:
-            server.stop()
 
 
 # ------------------------------------------------------- the backoff test's RDY 1
@@ -188,7 +184,7 @@ def test_the_backoff_test_goes_to_the_connection_that_had_messages(backend: str)
         return next(results, True)
 
     reader = backoff_reader(servers, handler, backend)
-    try:
+    with closed_after(reader, servers):
         reader.start()
         for server in servers:
             server.wait_for_command("RDY 1", timeout=WAIT)
@@ -213,12 +209,6 @@ def test_the_backoff_test_goes_to_the_connection_that_had_messages(backend: str)
         with log.lock:
             tests = [entry for entry in log.entries[start:] if entry[1] == 0 and entry[2] == 1]
         assert len(tests) >= 3, log.entries
-        reader.close(5)
-        assert reader.join(WAIT)
-    finally:
-        reader.close(1)
-        for server in servers:
-            server.stop()
 
 
 def test_a_backoff_test_found_idle_does_not_come_back_before_every_other_was_tried(backend: str) -> None:
@@ -228,7 +218,7 @@ def test_a_backoff_test_found_idle_does_not_come_back_before_every_other_was_tri
     log = RdyLog(servers)
     results = iter([False])
     reader = backoff_reader(servers, lambda m: next(results, True), backend, low_rdy_idle_timeout=0.1, rdy_redistribute_interval=0.05)
-    try:
+    with closed_after(reader, servers):
         reader.start()
         for server in servers:
             server.wait_for_command("RDY 1", timeout=WAIT)
@@ -247,9 +237,3 @@ def test_a_backoff_test_found_idle_does_not_come_back_before_every_other_was_tri
         for server in servers:
             server.enqueue(b"ok")
         wait_until(lambda: reader.backoff_level == 0, WAIT, message="a success ends the backoff")
-        reader.close(5)
-        assert reader.join(WAIT)
-    finally:
-        reader.close(1)
-        for server in servers:
-            server.stop()
