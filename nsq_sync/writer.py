@@ -485,19 +485,22 @@ class Writer:
         With *callback*: return at once; ``callback(conn, data)`` runs on the worker pool with
         the answer or the exception as data (pynsq's convention).
         """
-        if callback is None and msg.__class__ is bytes and topic.__class__ is str:
-            # The common case checked and encoded here, without commands.pub and _checked:
-            # a topic already checked (its command line is cached) and a bytes body within
-            # max_msg_size. Anything else goes the general way, which says what is wrong.
+        data = self._pub_command(topic, msg)
+        if callback is None:
+            return self._publish_blocking(data, timeout)
+        return self._publish(data, callback, timeout)
+
+    def _pub_command(self, topic: str, msg: Any) -> bytes:
+        """PUB's bytes, checked. The common case is encoded here, without commands.pub and
+        _checked: a topic already checked (its command line is cached) and a bytes body within
+        max_msg_size. Anything else goes the general way, which says what is wrong."""
+        if msg.__class__ is bytes and topic.__class__ is str:
             head = _pub_heads.get(topic)
             size = len(msg)
             limit = self.max_msg_size
             if head is not None and limit is not None and 0 < size <= limit and size <= _MAX_BODY_SIZE:
-                return self._publish_blocking(head + _pack_size(size) + msg, timeout)
-        data = self._checked(commands.pub(topic, msg), topic)
-        if callback is None:
-            return self._publish_blocking(data, timeout)
-        return self._publish(data, callback, timeout)
+                return head + _pack_size(size) + msg
+        return self._checked(commands.pub(topic, msg), topic)
 
     def mpub(self, topic: str, msgs: Iterable[Any], callback: Optional[Callback] = None, timeout: Optional[float] = None) -> Any:
         """Publish several messages atomically (MPUB); same contract as :meth:`pub`. Zero messages
@@ -516,7 +519,7 @@ class Writer:
 
     def pub_async(self, topic: str, msg: Any, timeout: Optional[float] = None) -> "Future[bytes]":
         """Publish without blocking; the Future resolves to b"OK" or fails with the error :meth:`pub` would raise."""
-        return self._submit(self._checked(commands.pub(topic, msg), topic), timeout)
+        return self._submit(self._pub_command(topic, msg), timeout)
 
     def mpub_async(self, topic: str, msgs: Iterable[Any], timeout: Optional[float] = None) -> "Future[bytes]":
         """:meth:`mpub` returning a Future."""

@@ -179,10 +179,11 @@ def test_writer_pub_fast_path_sends_what_the_general_path_sends(fake: FakeNsqd) 
         assert writer.pub(topic, b"x" * 10) == b"OK"  # fast path, at the limit
         assert writer.pub(topic, "caf\u00e9") == b"OK"  # a str body: general path
         assert writer.pub(topic, bytearray(b"ba")) == b"OK"
-        fake.wait_until(lambda: len(pubs(fake)) == before + 4, what="four PUBs")
+        assert writer.pub_async(topic, b"future").result(5) == b"OK"
+        fake.wait_until(lambda: len(pubs(fake)) == before + 5, what="five PUBs")
         sent = pubs(fake)[before:]
-        assert [c.args for c in sent] == [(topic.encode(),)] * 4
-        assert [c.body for c in sent] == [b"first", b"x" * 10, "caf\u00e9".encode(), b"ba"]
+        assert [c.args for c in sent] == [(topic.encode(),)] * 5
+        assert [c.body for c in sent] == [b"first", b"x" * 10, "caf\u00e9".encode(), b"ba", b"future"]
         with fake.lock:
             wire = b"".join(session.raw for session in fake.sessions)
         assert commands.pub(topic, b"x" * 10) in wire
@@ -202,6 +203,10 @@ def test_writer_pub_fast_path_refuses_what_the_general_path_refuses(fake: FakeNs
         assert info.value.param == "msg"
         with pytest.raises(ConfigError, match="empty"):
             writer.pub(topic, b"")
+        with pytest.raises(ConfigError, match="max_msg_size"):
+            writer.pub_async(topic, b"x" * 11)  # (futures and callbacks take the same path)
+        with pytest.raises(ConfigError, match="max_msg_size"):
+            writer.pub(topic, b"x" * 11, callback=lambda conn, data: None)
         writer.max_msg_size = 5  # changed after the Writer was made: honoured at once
         with pytest.raises(ConfigError, match="max_msg_size"):
             writer.pub(topic, b"x" * 6)
