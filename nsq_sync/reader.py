@@ -67,7 +67,7 @@ from .addresses import parse_addresses
 from .backoff import ExponentialBackoff, exponential_delay
 from .conn import NO_HEARTBEAT_SUB, AsyncConn, WarningTally
 from .dispatch import WorkerPool
-from .errors import AlreadyRespondedError, ClosedError, ConfigError, ConnectionClosedError, Error, HTTPError
+from .errors import AlreadyRespondedError, ClosedError, ConfigError, ConnectionClosedError, Error, HTTPError, SendError
 from .message import Message
 from .protocol.identify import check_number, check_timeout
 from .protocol.names import check_channel, check_topic
@@ -547,7 +547,7 @@ class Reader:
         self._deficit = False
         self._settle_timer: Optional[_Timer] = None
         self._tick_timer: Optional[_Timer] = None
-        self._warned_max_rdy: set = set()
+        self._warned_max_rdy: set = set()  # max_rdy_count values warned about (_warn_capped_locked)
         self._tried: set = set()  # addresses whose first connection attempt has ended (see _targets)
 
         # stats: bumped once per message from many workers, so no lock (see _Counter)
@@ -894,11 +894,13 @@ class Reader:
             try:
                 producers = client.producers(self.topic)
             except HTTPError as exc:  # unreachable, a non-2xx answer, or not a /lookup answer
-                logger.warning("%s: lookupd %s query failed: %s", self.name, address, exc)
+                (logger.debug if self._closing else logger.warning)("%s: lookupd %s query failed: %s", self.name, address, exc)
                 continue
             except Exception as exc:  # unexpected: this lookupd fails all the same, with the traceback
                 logger.warning("%s: lookupd %s query failed: %s: %s", self.name, address, type(exc).__name__, exc, exc_info=True)
                 continue
+            if self._closing:
+                return []  # (an answer that came in after close(): nothing to connect to)
             logger.debug("%s: lookupd %s lists %s", self.name, address, producers)
             self._connect_many([(_address_key(host, port), host, port) for host, port in producers])
             return producers
@@ -1069,8 +1071,9 @@ class Reader:
     def _not_answered(self, message: Message, exc: Error) -> None:
         if isinstance(exc, AlreadyRespondedError):
             return  # answered concurrently (enable_async code raced the handler's return)
-        if isinstance(exc, ConnectionClosedError):
-            # Its connection ended (the connection and _on_conn_close said so): nsqd, if it still
+        if isinstance(exc, (ConnectionClosedError, SendError)):
+            # Its connection ended, or its write failed, which ends it (the connection and
+            # _on_conn_close say so): nsqd, if it still
             # holds the message, delivers it again. Expected while closing; otherwise counted
             # and said at most every 10 s, not once per message read before the end.
             logger.debug("%s: could not answer %r: %s", self.name, message, exc)
@@ -1249,7 +1252,10 @@ class Reader:
         else:
             targets = self._subset_targets(states, max_in_flight, revoke)
         for st in states:
-            target = min(targets[st.address], st.conn.max_rdy_count)
+            share = targets[st.address]
+            target = min(share, st.conn.max_rdy_count)
+            if share > target:
+                self._warn_capped_locked(st, share)
             if st.conn.rdy > target:
                 self._set_rdy(st, target)
         # Capacity in use: a lowering frees nothing until nsqd has had time to apply it
@@ -1460,22 +1466,30 @@ class Reader:
                     # A first attempt ended: the share held back for it (_first_attempts_locked)
                     # goes to the connections there are, if it failed.
                     self._tried.add(address)
+                    if len(self._tried) > 2 * (len(self._conns) + len(self._direct)) + 64:
+                        # Under churn (new addresses on every deploy) it would only grow: keep
+                        # the addresses still in use. One forgotten and seen again has its next
+                        # attempt counted as a first, a share held back for one connect time.
+                        self._tried &= set(self._conns) | set(self._connecting) | set(self._direct) | set(self._reconnect_timers)
                     self._apply_rdy_locked()
 
     def _register_locked(self, address: str, conn: AsyncConn, rtt: float = 0.0) -> None:
         self._conns[address] = _ConnState(conn, address, rtt)
         self._direct_failures.pop(address, None)
         logger.info("%s: subscribed to %s on %s", self.name, f"{self.topic}/{self.channel}", address)
-        if conn.max_rdy_count < self._max_in_flight and address not in self._warned_max_rdy:
-            self._warned_max_rdy.add(address)
-            logger.warning(
-                "%s: %s has max_rdy_count %d < max_in_flight %d; RDY is capped there",
-                self.name,
-                address,
-                conn.max_rdy_count,
-                self._max_in_flight,
-            )
         self._apply_rdy_locked()
+
+    def _warn_capped_locked(self, st: _ConnState, share: int) -> None:
+        """A connection's share of max_in_flight is over its nsqd's max_rdy_count: said once per
+        max_rdy_count value (per address, it came again with every new address under churn)."""
+        cap = st.conn.max_rdy_count
+        if cap in self._warned_max_rdy:
+            return
+        self._warned_max_rdy.add(cap)
+        logger.warning(
+            "%s: %s has max_rdy_count %d, below its share of max_in_flight (%d of %d): RDY is capped there",
+            self.name, st.address, cap, share, self._max_in_flight,
+        )
 
     def _connect_failed(self, address: str) -> None:
         with self._lock:
@@ -1591,7 +1605,10 @@ class Reader:
             self._pool.close(wait=True, timeout=max(0.1, remaining()))
             self._scheduler.join(max(0.1, remaining()))
             if self._lookupd_task is not None:
-                self._lookupd_task.join(max(0.1, remaining()) + self.lookupd_request_timeout)
+                # Within close()'s own timeout: a request to a hung nsqlookupd cannot be cut
+                # short, and a close(timeout) that waited for it took up to its timeout more
+                # (10 s). Its thread ends when the request does; the answer is ignored.
+                self._lookupd_task.join(max(0.1, remaining()))
             leftover = [st.conn.id for st in self._conns.values()] if self._conns else []
             if leftover:
                 logger.debug("%s: connections still registered after close: %s", self.name, leftover)

@@ -991,6 +991,54 @@ def test_max_rdy_count_caps_rdy(make_reader: Callable[..., Reader]) -> None:
         server.stop()
 
 
+def capped_warnings(caplog: pytest.LogCaptureFixture) -> List[str]:
+    return [r.getMessage() for r in caplog.records if "RDY is capped" in r.getMessage()]
+
+
+def test_max_rdy_count_warning_only_for_a_capped_share_and_once_per_value(make_reader: Callable[..., Reader], caplog: pytest.LogCaptureFixture) -> None:
+    # It compared max_rdy_count with the whole max_in_flight, once per address: with two nsqd
+    # at max_rdy_count 8 and max_in_flight 10 (shares of 5, nothing capped) it warned for each,
+    # and again for every new address under churn.
+    roomy = [FakeNsqd(identify_response={"max_rdy_count": 8}).start() for _ in range(2)]
+    tight = [FakeNsqd(identify_response={"max_rdy_count": 3}).start() for _ in range(2)]
+    try:
+        with caplog.at_level(logging.WARNING, logger="nsq_sync.reader"):
+            reader = make_reader(roomy, lambda m: True, max_in_flight=10)
+            reader.start()
+            for server in roomy:
+                server.wait_for_command("RDY 5")
+            assert capped_warnings(caplog) == []
+            other = make_reader(tight[0], lambda m: True, max_in_flight=10)
+            other.start()
+            tight[0].wait_for_command("RDY 3")
+            other.connect_to_nsqd("127.0.0.1", tight[1].port)  # a new address, the same cap
+            tight[1].wait_for_command("RDY 3")
+            wait_until(lambda: other.stats()["total_rdy"] == 6, WAIT, message="RDY 3 on both")
+        said = capped_warnings(caplog)
+        assert len(said) == 1 and "max_rdy_count 3" in said[0] and "(10 of 10)" in said[0], said
+    finally:
+        for server in roomy + tight:
+            server.stop()
+
+
+def test_answers_lost_to_a_failed_write_are_counted_not_warned_one_by_one(make_reader: Callable[..., Reader], caplog: pytest.LogCaptureFixture) -> None:
+    # A reset connection fails the first FIN written with SendError: that was one warning per
+    # message, where a ConnectionClosedError was counted in one warning every 10 s.
+    from nsq_sync import Message
+    from nsq_sync.errors import SendError
+
+    server = FakeNsqd().start()
+    try:
+        reader = make_reader(server, lambda m: True)
+        with caplog.at_level(logging.WARNING, logger="nsq_sync.reader"):
+            for n in range(3):
+                reader._not_answered(Message(b"%016d" % n, b"x", 0, 1), SendError("write to nsqd failed: [Errno 104] Connection reset by peer"))
+        said = [r.getMessage() for r in caplog.records if r.name == "nsq_sync.reader"]
+        assert len(said) == 1 and "1 answers could not be sent" in said[0], said
+    finally:
+        server.stop()
+
+
 def test_is_starved(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> None:
     release = threading.Event()
     reader = make_reader(fake_nsqd, lambda m: release.wait(WAIT), max_in_flight=2)
@@ -1101,6 +1149,77 @@ def test_lookupd_producer_without_a_usable_address_does_not_hide_the_others(
         skipped = [r.getMessage() for r in caplog.records if r.name == "nsq_sync.httpapi.lookupd"]
         assert len(skipped) == 1 and "skipped 1 of 2 producers" in skipped[0]
         assert not [r for r in caplog.records if "query failed" in r.getMessage()]
+    finally:
+        reader.close(5)
+        lookupd.stop()
+    assert reader.join(10) and live_tasks() == []
+
+
+def test_close_does_not_wait_for_a_request_to_a_hung_lookupd(backend: str, caplog: pytest.LogCaptureFixture) -> None:
+    # An nsqlookupd that accepts and never answers: close(0.5) took the request's whole
+    # timeout more (10 s here), and the request's failure was logged after "closed".
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    accepted: List[socket.socket] = []
+    came = threading.Event()
+
+    def accept() -> None:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        accepted.append(conn)
+        came.set()
+
+    acceptor = threading.Thread(target=accept, name="hung-lookupd")
+    acceptor.start()
+    reader = Reader(
+        TOPIC, CHANNEL, lambda m: True,
+        lookupd_http_addresses=f"127.0.0.1:{listener.getsockname()[1]}",
+        lookupd_request_timeout=10, lookupd_poll_interval=60, backend=backend,
+    )  # fmt: skip
+    try:
+        reader.start()
+        assert came.wait(WAIT), "the Reader did not ask the lookupd"
+        with caplog.at_level(logging.WARNING, logger="nsq_sync.reader"):
+            began = time.monotonic()
+            reader.close(0.5)
+            took = time.monotonic() - began
+            assert took < 5, f"close(0.5) took {took:.1f} s"  # (10.5 s before: the request's timeout)
+            for conn in accepted:
+                conn.close()  # the request fails now, after close(): quietly
+            reader._lookupd_task.join(WAIT)
+        assert not [r for r in caplog.records if "query failed" in r.getMessage()]
+    finally:
+        reader.close(1)
+        listener.close()
+        acceptor.join(WAIT)
+        for conn in accepted:
+            conn.close()
+    assert live_tasks() == []
+
+
+def test_addresses_tried_once_are_not_remembered_for_ever(backend: str) -> None:
+    # nsqlookupd lists new addresses on every deploy (pods): the set of addresses whose first
+    # attempt ended only grew, by one entry per address ever seen.
+    lookupd = _Lookupd([])
+    reader = Reader(TOPIC, CHANNEL, lambda m: True, lookupd_http_addresses=lookupd.address, lookupd_poll_interval=60, backend=backend)
+    reader.reconnect_base = 30.0
+    try:
+        reader.start()
+        wait_until(lambda: lookupd.requests >= 1, WAIT, message="the first poll")
+        for round_ in range(15):
+            ports = []
+            for _ in range(10):  # addresses nobody listens on: each attempt is refused at once
+                probe = socket.socket()
+                probe.bind(("127.0.0.1", 0))
+                ports.append(probe.getsockname()[1])
+                probe.close()
+            lookupd.producers = [{"broadcast_address": "127.0.0.1", "tcp_port": port, "http_port": 1} for port in ports]
+            reader.query_lookupd()
+            wait_until(lambda: not reader._connecting, WAIT, message="the attempts to end")
+        assert len(reader._tried) <= 64 + 10, len(reader._tried)  # (150 addresses tried)
     finally:
         reader.close(5)
         lookupd.stop()
