@@ -1468,7 +1468,7 @@ class AsyncConn(EventedMixin):
         """A write failed (the caller holds the write lock): close the connection, raise SendError
         (ConnectionClosedError when the connection had failed first)."""
         self._writes.clear()
-        if isinstance(exc, (BlockingIOError, socket.timeout)):  # (SO_SNDTIMEO, or the stream's timeout)
+        if isinstance(exc, (BlockingIOError, socket.timeout, _WholeWriteStalled)):  # (SO_SNDTIMEO, or the stream's timeout)
             # nsqd took nothing for the staleness limit: it is gone or wedged, and nothing it
             # might still send matters. Shut both ways, so the reader ends now and reports this.
             error = self._write_stall = SendError(f"no progress writing to {self.id} for {self._send_stall_after}s: nsqd stopped reading; closing the connection")
@@ -1508,8 +1508,17 @@ class AsyncConn(EventedMixin):
         return False
 
     def _send_whole(self, data: Any) -> int:
-        """_send_some of a stream written whole (TLS, compression, a socket without send slices)."""
-        self._stream.sendall(data)
+        """_send_some of a stream written whole (TLS, compression, a socket without send slices).
+
+        Its sendall can time out (SO_SNDTIMEO is the stall limit there, or the stream's own
+        timeout) after part of the command went out, and the compressor has taken all of it:
+        nothing can be sent again. That is a stall that ends the connection, never "no room"
+        to retry: a second copy behind a cut first one corrupted the stream (a body published
+        with the next command's bytes in it, or published twice)."""
+        try:
+            self._stream.sendall(data)
+        except (BlockingIOError, socket.timeout) as exc:
+            raise _WholeWriteStalled(f"a whole write timed out: {exc}") from exc
         return len(data)
 
     def _send_rest(self, view: memoryview, budget: Optional[float]) -> memoryview:
@@ -2041,6 +2050,12 @@ class AsyncConn(EventedMixin):
                 "listeners run after it, on the same worker; listen to 'close' instead"
             )
         return self._closed_event.wait(timeout)
+
+
+class _WholeWriteStalled(OSError):
+    """A write of a stream written whole (TLS, compression) timed out, maybe part way: fatal
+    for the connection (see AsyncConn._send_whole). Not a BlockingIOError or socket.timeout,
+    which the slice writers take for "no room yet" and retry."""
 
 
 class WarningTally:

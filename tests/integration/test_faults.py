@@ -1336,3 +1336,53 @@ def test_a_reader_behind_a_backlog_keeps_one_read_offer_per_connection_and_drops
         assert milestones[400].wait(30)
         assert first not in lane._lead_jobs
         assert len(lane._lead_jobs) <= 1, f"{len(lane._lead_jobs)} read offers queued for one connection"
+
+
+@pytest.mark.parametrize("compression", ["deflate", "snappy"])
+def test_a_compressed_write_that_times_out_part_way_is_never_sent_again(nsqd: NsqdProcess, clients: Clients, compression: str) -> None:
+    """A compressed stream is written whole; its write timing out after part of a command
+    went out was taken for "no room yet" and the whole command compressed and sent again
+    behind the cut first copy: nsqd stored a body with the next command's bytes in it, or the
+    message twice, or refused the stream. It is a stall now: the connection goes, the
+    publish fails typed, and nsqd stores nothing of it."""
+    import random
+    import socket
+
+    topic = f"whole_{compression}"
+    with TcpProxy(split(nsqd.tcp_address)) as proxy:
+        writer = clients.writer(proxy.address, publish_timeout=1.0, max_msg_size=None, **{compression: True})
+        assert writer.wait_connected(5)
+        assert writer.pub(topic, b"warm") == b"OK"
+        conn = writer._connected[0]
+        link = proxy.links[0]
+        conn._raw_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)  # (the write stops early)
+        body = random.Random(7).randbytes(1_000_000)  # incompressible: about as long on the wire
+        given: List[int] = []
+        sendall = conn._stream.sendall
+
+        def counted(data: Any) -> None:
+            given.append(len(data))
+            sendall(data)
+
+        conn._stream.sendall = counted
+        proxy.stall("up")
+        outcome: List[Any] = []
+        publisher = threading.Thread(target=lambda: outcome.append(_outcome_of(lambda: writer.pub(topic, body))), name="test-pub")
+        publisher.start()
+        publisher.join(30)
+        assert not publisher.is_alive()
+        assert isinstance(outcome[0], (SendError, ConnectionClosedError, TimeoutError)), outcome  # (the publish's timeout and the stall limit are both 1 s)
+        assert conn.wait_closed(10)
+        assert isinstance(conn.error, SendError) and "no progress writing" in str(conn.error), repr(conn.error)
+        assert [size for size in given if size > len(body)] == [len(body) + len(f"PUB {topic}\n") + 4], given  # compressed once
+        proxy.resume()  # nsqd gets the cut first copy, then the end of the stream
+        proxy.wait_closed(link)
+    stats = nsqd.topic_stats(topic)
+    assert stats is not None and stats["message_count"] == 1, stats  # only "warm"
+
+
+def _outcome_of(call: Callable[[], Any]) -> Any:
+    try:
+        return call()
+    except Exception as exc:
+        return exc
