@@ -1892,6 +1892,16 @@ class AsyncConn(EventedMixin):
         if not lock.acquire(True, max(0.1, deadline - time.monotonic()) + 2 * SEND_SLICE_SECONDS):
             logger.warning("%s: a write in progress made no progress within the close timeout (nsqd is not reading); closing under it", self.id)
             return
+        done = None
+        if self._writes and self._send_some == self._send_whole:
+            # A stream written whole (TLS, compression) cannot stop at the deadline between
+            # slices: its sendall waits up to the stall limit (two heartbeat intervals for a
+            # consumer). A watcher closes the socket under it at the deadline instead.
+            done = self.backend.event()
+            try:
+                self.backend.spawn(self._cut_at, done, self._close_at, name=f"nsq_sync-close-{self.id}")
+            except RuntimeError:  # pragma: no cover - no new threads (interpreter shutdown)
+                done = None
         try:
             if self._send_queued(max(0.0, self._close_at - time.monotonic())):
                 logger.warning("%s: nsqd took too little of the last writes within the close timeout (it is not reading); closing with them unsent", self.id)
@@ -1899,7 +1909,18 @@ class AsyncConn(EventedMixin):
         except (OSError, ValueError, Error) as exc:
             logger.debug("%s: final write failed: %s", self.id, exc)
         finally:
+            if done is not None:
+                done.set()
             lock.release()
+
+    def _cut_at(self, done: Any, deadline: float) -> None:
+        """_flush_all's watcher for a stream written whole: close the socket under the final
+        write if it is still going at *deadline* (its requests then fail as the socket closes:
+        ConnectionClosedError, the outcome unknown)."""
+        if done.wait(max(0.0, deadline - time.monotonic())):
+            return
+        logger.warning("%s: nsqd took too little of the last writes within the close timeout (it is not reading); closing under them", self.id)
+        self._teardown_socket()
 
     def _join(self, timeout: float) -> None:
         reader = self._reader

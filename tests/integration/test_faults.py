@@ -1386,3 +1386,35 @@ def _outcome_of(call: Callable[[], Any]) -> Any:
         return call()
     except Exception as exc:
         return exc
+
+
+@pytest.mark.parametrize("compression", ["deflate", "snappy"])
+def test_close_is_bounded_with_a_large_compressed_write_to_an_nsqd_not_reading(nsqd: NsqdProcess, compression: str, backend: str) -> None:
+    """A compressed (or TLS) stream is written whole, so close()'s final write of a large
+    request queued behind an unanswered one could not stop at the deadline between slices:
+    close(1) waited for the stall limit, two heartbeat intervals (10 s here, 60 s by default).
+    The socket is now closed under that write at the deadline; both requests fail as
+    connection errors (their outcome unknown)."""
+    import random
+    import socket
+
+    from nsq_sync.protocol import commands
+
+    with TcpProxy(split(nsqd.tcp_address)) as proxy:
+        conn = AsyncConn("127.0.0.1", proxy.port, heartbeat_interval=5, backend=backend, **{compression: True})
+        conn.connect()
+        try:
+            assert conn.request(commands.pub(TOPIC, b"warm")).result(5) == b"OK"
+            conn._raw_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+            proxy.stall("up")
+            first = conn.request(commands.pub(TOPIC, b"x"))  # written; its answer never comes
+            second = conn.request(commands.pub(TOPIC, random.Random(1).randbytes(1_000_000)))  # queued behind it
+            assert len(conn._writes) == 1
+            began = time.monotonic()
+            conn.close(1.0)
+            took = time.monotonic() - began
+            assert took < 5, f"close(1.0) took {took:.1f} s"  # (10 s, the stall limit, before)
+            for future in (first, second):
+                assert isinstance(future.exception(5), ConnectionClosedError), future.exception(0)
+        finally:
+            conn.close(1.0)
