@@ -86,7 +86,7 @@ class Message:
             return self._lost(responder, exc, answered=True)
         return True
 
-    def requeue(self, delay: Optional[float] = None, backoff: bool = True, time_ms: Optional[int] = None) -> None:
+    def requeue(self, delay: Optional[float] = None, backoff: bool = True, time_ms: Optional[int] = None) -> bool:
         """Send REQ: nsqd delivers the message again after *delay* seconds.
 
         With no delay (None or pynsq's -1) the delay is ``requeue_delay * attempts``, capped by

@@ -548,7 +548,7 @@ class Reader:
         self._settle_timer: Optional[_Timer] = None
         self._tick_timer: Optional[_Timer] = None
         self._warned_max_rdy: set = set()  # max_rdy_count values warned about (_warn_capped_locked)
-        self._tried: set = set()  # addresses whose first connection attempt has ended (see _targets)
+        self._tried: set = set()  # addresses whose first connection attempt has ended (see _first_attempts_locked)
 
         # stats: bumped once per message from many workers, so no lock (see _Counter)
         # The validation hooks run only when a subclass overrides one (a hot path otherwise).

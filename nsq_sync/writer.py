@@ -506,9 +506,7 @@ class Writer:
         """Publish several messages atomically (MPUB); same contract as :meth:`pub`. Zero messages
         is a ConfigError. One bytes-like body is taken as a list of one, as pynsq does (a str is
         refused: iterating it would publish each character)."""
-        if isinstance(msgs, (bytes, bytearray, memoryview)):
-            msgs = [msgs]
-        data = self._checked_multi(*commands.mpub_parts(topic, msgs))
+        data = self._mpub_command(topic, msgs)
         if callback is None:
             return self._publish_blocking(data, timeout)
         return self._publish(data, callback, timeout)
@@ -523,9 +521,13 @@ class Writer:
 
     def mpub_async(self, topic: str, msgs: Iterable[Any], timeout: Optional[float] = None) -> "Future[bytes]":
         """:meth:`mpub` returning a Future."""
+        return self._submit(self._mpub_command(topic, msgs), timeout)
+
+    def _mpub_command(self, topic: str, msgs: Iterable[Any]) -> bytes:
+        """MPUB's bytes, checked; one bytes-like body is a list of one (pynsq's Writer.mpub)."""
         if isinstance(msgs, (bytes, bytearray, memoryview)):
             msgs = [msgs]
-        return self._submit(self._checked_multi(*commands.mpub_parts(topic, msgs)), timeout)
+        return self._checked_multi(*commands.mpub_parts(topic, msgs))
 
     def dpub_async(self, topic: str, delay_ms: int, msg: Any, timeout: Optional[float] = None) -> "Future[bytes]":
         """:meth:`dpub` returning a Future."""
