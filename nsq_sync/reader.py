@@ -526,6 +526,11 @@ class Reader:
         self._lookupds = lookupds_shuffled
         self._lookupd_index = 0
         self._lookupd_task: Any = None
+        #: per lookupd address, how its queries went (stats()["lookupd"]); changed under _lock
+        self._lookupd_health: Dict[str, Dict[str, Any]] = {
+            address: {"address": address, "queries": 0, "failed_queries": 0, "last_success": None, "last_error": None, "producers": None}
+            for address, _ in lookupds
+        }
         self._started = False
         self._closing = False
         self._pid = os.getpid()  # the process that may start it (see _forget_parent)
@@ -812,7 +817,12 @@ class Reader:
         ``connections``: a list of dicts with ``address``, ``rdy``, ``in_flight``,
         ``connected``, ``max_rdy_count``, ``last_msg_timestamp``, ``failed_attempts``; a
         direct nsqd (``nsqd_tcp_addresses``) that is not connected is listed with
-        ``connected`` False and its failed connection attempts in a row.
+        ``connected`` False and its failed connection attempts in a row. ``lookupd``: a list
+        of dicts, one per nsqlookupd in ``lookupd_http_addresses``, with ``address``,
+        ``queries`` (so far), ``failed_queries`` (in a row: 0 after a success),
+        ``last_success`` (time.time() of its last answer, or None), ``last_error`` (the
+        latest failure, kept after a success; None if it never failed) and ``producers``
+        (how many nsqd its last answer listed, or None).
         """
         finished, requeued, given_up = self._finished.value, self._requeued.value, self._given_up.value
         with self._lock:
@@ -823,6 +833,7 @@ class Reader:
             # A direct nsqd that is down (or not connected yet) is listed too, so that an alert
             # on "connected": False can fire (its max_rdy_count and last_msg_timestamp: None).
             down = [] if self._closing else [(address, self._direct_failures.get(address, 0)) for address in self._direct if address not in self._conns]
+            lookupds = [dict(health) for health in self._lookupd_health.values()]
         connections = [
             {
                 "address": st.address,
@@ -854,6 +865,7 @@ class Reader:
             "backing_off": bool(level or window),
             "closed": self._closing,
             "connections": connections,
+            "lookupd": lookupds,
         }
 
     def connect_to_nsqd(self, host: str, port: int) -> None:
@@ -895,16 +907,32 @@ class Reader:
                 producers = client.producers(self.topic)
             except HTTPError as exc:  # unreachable, a non-2xx answer, or not a /lookup answer
                 (logger.debug if self._closing else logger.warning)("%s: lookupd %s query failed: %s", self.name, address, exc)
+                self._lookupd_outcome(address, error=str(exc))
                 continue
             except Exception as exc:  # unexpected: this lookupd fails all the same, with the traceback
                 logger.warning("%s: lookupd %s query failed: %s: %s", self.name, address, type(exc).__name__, exc, exc_info=True)
+                self._lookupd_outcome(address, error=f"{type(exc).__name__}: {exc}")
                 continue
+            self._lookupd_outcome(address, producers=len(producers))
             if self._closing:
                 return []  # (an answer that came in after close(): nothing to connect to)
             logger.debug("%s: lookupd %s lists %s", self.name, address, producers)
             self._connect_many([(_address_key(host, port), host, port) for host, port in producers])
             return producers
         return []
+
+    def _lookupd_outcome(self, address: str, producers: Optional[int] = None, error: Optional[str] = None) -> None:
+        """Record one query of *address* for stats(): *producers* listed, or the *error* it failed with."""
+        with self._lock:
+            health = self._lookupd_health[address]
+            health["queries"] += 1
+            if error is None:
+                health["failed_queries"] = 0
+                health["last_success"] = time.time()
+                health["producers"] = producers
+            else:
+                health["failed_queries"] += 1
+                health["last_error"] = error
 
     # --------------------------------------------------------- user hooks
     def process_message(self, message: Message) -> Any:

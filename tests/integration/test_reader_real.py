@@ -12,6 +12,7 @@ import gc
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -128,6 +129,36 @@ def test_ten_thousand_messages_across_two_nsqd_found_through_lookupd(nsq_cluster
     for nsqd in nsq_cluster.nsqds:
         wait_until(lambda: drained(nsqd), 10, message="channel drained")
         assert channel(nsqd)["message_count"] == count // 2
+
+
+def test_stats_show_each_lookupd_answering_or_failing(nsq_cluster: LocalCluster, make_reader: Callable[..., Reader]) -> None:
+    """stats()["lookupd"]: per nsqlookupd, its queries, failures in a row, last success and
+    error, and how many nsqd it listed: an alert can fire on discovery that stopped working."""
+    for nsqd in nsq_cluster.nsqds:
+        nsqd.create_topic(TOPIC)
+    nsq_cluster.wait_for_producers(TOPIC, 2)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{sock.getsockname()[1]}"  # nothing listens there once the socket is closed
+    live = nsq_cluster.lookupd_http_addresses[0]
+    reader = make_reader(lambda m: None, lookupd_http_addresses=[live, dead], lookupd_poll_interval=0.1, lookupd_request_timeout=2)
+    before = time.time()
+    reader.start()
+
+    def health() -> Dict[str, Dict[str, Any]]:
+        return {entry["address"]: entry for entry in reader.stats()["lookupd"]}
+
+    wait_until(lambda: health()[dead]["failed_queries"] >= 2 and health()[live]["queries"] >= 2, TIMEOUT, message="both lookupds asked twice")
+    report = health()
+    assert [entry["address"] for entry in reader.stats()["lookupd"]] == [live, dead]  # in the order given
+    assert report[live]["failed_queries"] == 0 and report[live]["last_error"] is None
+    assert report[live]["producers"] == 2
+    assert before <= report[live]["last_success"] <= time.time()
+    assert report[dead]["last_success"] is None and report[dead]["producers"] is None
+    assert report[dead]["failed_queries"] == report[dead]["queries"]  # every query failed, in a row
+    assert dead in report[dead]["last_error"]
+    wait_until(lambda: len(reader.conns) == 2, TIMEOUT, message="both nsqd found through the live lookupd")
+    assert make_reader(lambda m: None, nsqd_tcp_addresses=nsq_cluster.nsqd_tcp_addresses).stats()["lookupd"] == []
 
 
 # ----------------------------------------- (2) failures, retries, giving up
