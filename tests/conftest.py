@@ -77,6 +77,23 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         report.longrepr = f"integration tests must not be skipped; skip reason was: {reason}"
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_collectreport(report: pytest.CollectReport) -> Iterator[None]:
+    """A skip while a file under tests/integration is collected (a module-level importorskip
+    or skip) never reaches pytest_runtest_makereport: fail it here (before any other plugin,
+    the session's failure count and the terminal's report, sees it)."""
+    if report.skipped:
+        try:
+            relative = Path(str(report.fspath)).resolve().relative_to(TESTS_DIR)
+        except ValueError:
+            relative = None
+        if relative is not None and relative.parts and relative.parts[0] == "integration":
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+            report.outcome = "failed"
+            report.longrepr = f"integration tests must not be skipped; {relative} was skipped at collection: {reason}"
+    yield
+
+
 @pytest.fixture(scope="session")
 def backend() -> str:
     """The concurrency backend under test: ``"thread"`` (default) or ``"gevent"``."""

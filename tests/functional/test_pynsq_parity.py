@@ -37,7 +37,11 @@ def test_writer_heartbeat_hook_runs_for_each_heartbeat(fake: FakeNsqd, backend: 
         fake.send_heartbeat()
         fake.wait_for_command("NOP", timeout=WAIT)
         assert beat.wait(WAIT), "Writer.heartbeat() was not called"
-        assert seen == [writer.conns[f"{fake.host}:{fake.port}"]]
+        fake.send_heartbeat()
+        fake.wait_for_command("NOP", timeout=WAIT, count=2)
+        wait_until(lambda: len(seen) == 2, WAIT, message="the hook for the second heartbeat")
+        conn = writer.conns[f"{fake.host}:{fake.port}"]
+        assert seen == [conn, conn]
         # A Writer that does not override it registers no listener at all.
         plain = Writer(f"{fake.host}:{fake.port}", backend=backend, publish_timeout=WAIT)
         try:

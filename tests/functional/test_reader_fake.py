@@ -1277,7 +1277,8 @@ def test_a_disabled_attribute_that_is_no_method_is_left_alone() -> None:
     class Flagged(Reader):
         disabled = False  # (an attribute of the subclass's own, not pynsq's method)
 
-    reader = Flagged(TOPIC, CHANNEL, lambda m: True, nsqd_tcp_addresses="127.0.0.1:4150")
+    reader = Flagged(TOPIC, CHANNEL, lambda m: True, nsqd_tcp_addresses="127.0.0.1:4150")  # (no TypeError)
+    assert reader.disabled is False
     reader.close()
 
 

@@ -25,7 +25,7 @@ from typing import Any, List
 import pytest
 from fake_nsqd import DEFAULT, FakeNsqd
 
-from nsq_sync.errors import ClosedError, NoConnectionsError
+from nsq_sync.errors import ClosedError
 from nsq_sync.testing import wait_until
 from nsq_sync.writer import Writer
 
@@ -104,7 +104,7 @@ def test_async_publishes_racing_close_all_resolve(backend: str) -> None:
         _, pending = futures.wait(submitted, WAIT)
         assert not pending, f"{len(pending)} of {len(submitted)} publishes never resolved"
         for future in submitted:
-            assert isinstance(future.exception(), (ClosedError, NoConnectionsError)), repr(future.exception())
+            assert isinstance(future.exception(), ClosedError), repr(future.exception())  # (close() ended them all, well within publish_timeout)
 
 
 def test_ctrl_c_during_a_publish_reaches_the_caller_and_loses_no_answer_order(fake: FakeNsqd, writer: Writer, backend: str) -> None:

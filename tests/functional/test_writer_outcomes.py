@@ -99,6 +99,9 @@ def test_close_ends_publishes_waiting_for_a_connection_with_closed_error(backend
         writer.pub("t", b"callback", callback=lambda conn, data: called.append(data))
         publisher.start()
         assert waiting.wait(WAIT)
+        # The blocking publish is waiting for a connection (counted, past close()'s check),
+        # not still to start: one that starts after close() fails at once, another path.
+        wait_until(lambda: len(writer._calls) == 1, WAIT, message="the blocking publish to wait")
         started = time.monotonic()
         writer.close(0.5)
         publisher.join(WAIT)

@@ -232,7 +232,7 @@ def test_demo_json_summary_nothing_lost(demo_backend: str, env: Dict[str, str]) 
     assert summary["sent"] == summary["acknowledged"] == summary["received"] == 2000
     assert summary["lost"] == 0
     assert summary["publish_errors"] == 0
-    assert summary["duplicates"] >= 0
+    assert summary["duplicates"] == 0  # (nothing comes near msg_timeout: no redelivery)
     assert summary["publish_rate"] > 0 and summary["consume_rate"] > 0
     latency = summary["latency_ms"]
     assert set(latency) == {"p50", "p90", "p99", "max"}

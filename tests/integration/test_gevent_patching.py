@@ -14,7 +14,7 @@ import pytest
 
 from nsq_sync.testing import NsqdProcess
 
-pytest.importorskip("gevent")
+import gevent  # noqa: E402,F401  (a dependency of the suite: never skipped)
 
 ROOT = str(Path(__file__).resolve().parents[2])
 TIMEOUT = 30.0

@@ -164,12 +164,15 @@ def test_exponential_delay_large_attempt_and_zero_base() -> None:
         ({"jitter": 1.5}, ConfigError),
         ({"jitter": -0.1}, ConfigError),
         ({"rand": None}, TypeError),
+        ({"rand": None, "jitter": 0}, TypeError),  # (checked even when no random number is drawn)
+        ({"rand": None, "attempt": 0}, TypeError),
     ],
 )
 def test_exponential_delay_rejects_bad_parameters(kwargs: dict, error: type) -> None:
     args = {"attempt": 1, "base": 1.0, "cap": 10.0}
     args.update(kwargs)
-    with pytest.raises(error):
+    match = "rand must be a callable" if "rand" in kwargs else None
+    with pytest.raises(error, match=match):
         exponential_delay(**args)
 
 

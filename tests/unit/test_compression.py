@@ -13,7 +13,7 @@ import pytest
 from nsq_sync.errors import IntegrityError
 from nsq_sync.transport.compression import DeflateStream, SnappyStream, snappy_available
 
-snappy = pytest.importorskip("snappy")
+import snappy  # noqa: E402  (python-snappy is a test dependency: never skipped)
 
 
 class FakeInner:

@@ -86,10 +86,21 @@ def test_signal_released_twice_is_a_bug(backend) -> None:
 
 def test_signal_released_from_another_os_thread(backend) -> None:
     signal = backend.signal()
-    releaser = threading.Thread(target=lambda: (time.sleep(0.05), signal.release()))
+
+    def release_once_parked() -> None:
+        # Released only once the hub's greenlet waits in acquire() (a release before it is
+        # the already-released path, not the cross-thread wake-up under test).
+        deadline = time.monotonic() + 5.0
+        while signal._waiter is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+        signal.release()
+
+    releaser = threading.Thread(target=release_once_parked)
     releaser.start()
     try:
+        started = time.monotonic()
         assert signal.acquire(True, 5.0) is True
+        assert time.monotonic() - started < 2.0  # woken by the release, not by the timeout
     finally:
         releaser.join()
 
