@@ -63,6 +63,7 @@ from .protocol.constants import (
     MAX_RDY_COUNT_DEFAULT,
 )
 from .protocol.frames import FrameDecoder
+from .protocol.limits import limit, limit_note
 from .protocol.identify import MAX_WAIT_SECONDS, build_identify, check_number, check_timeout, parse_identify_response, parse_json_object
 from .transport.compression import DeflateStream, SnappyStream
 from .transport.tcp import SocketStream
@@ -181,8 +182,11 @@ class AsyncConn(EventedMixin):
         if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
             raise ConfigError("port", port, "must be an int between 1 and 65535")
         check_number("timeout", timeout, 0.001, 3600)
-        check_number("requeue_delay", requeue_delay, 0, 3600)
-        check_number("max_requeue_delay", max_requeue_delay, 0, 3600)
+        for name, delay in (("requeue_delay", requeue_delay), ("max_requeue_delay", max_requeue_delay)):
+            try:
+                check_number(name, delay, 0, limit("max_req_timeout"))  # (nsqd would cut a longer REQ delay to it)
+            except ConfigError as exc:
+                raise ConfigError(name, delay, exc.reason + limit_note("max_req_timeout")) from None
         check_number("max_frame_size", max_frame_size, 1024, 2**31 - 1, integer=True)
         check_number("close_timeout", close_timeout, 0, 3600)
         if not isinstance(user_agent, str):

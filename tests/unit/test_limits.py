@@ -40,6 +40,8 @@ def test_defaults_are_nsqd_v1_3_0s() -> None:
         (dict(output_buffer_size=131072), "max_output_buffer_size"),
         (dict(output_buffer_timeout=40000), "max_output_buffer_timeout"),
         (dict(output_buffer_timeout=10), "min_output_buffer_timeout"),
+        (dict(requeue_delay=3601), "max_req_timeout"),
+        (dict(max_requeue_delay=7200), "max_req_timeout"),
     ],
 )
 def test_out_of_default_range_names_the_limit_and_the_way_to_raise_it(kwargs, flag) -> None:
@@ -56,7 +58,8 @@ def test_raised_limits_let_the_values_through_in_nsqds_units() -> None:
         max_msg_timeout=3600, max_heartbeat_interval=120, max_output_buffer_size=1 << 20, min_output_buffer_timeout=0.005, max_req_timeout=7200
     )
     assert previous == DEFAULT_NSQD_LIMITS
-    conn = AsyncConn("127.0.0.1", 4150, msg_timeout=1800, heartbeat_interval=90, output_buffer_size=131072, output_buffer_timeout=10)
+    conn = AsyncConn("127.0.0.1", 4150, msg_timeout=1800, heartbeat_interval=90, output_buffer_size=131072, output_buffer_timeout=10, requeue_delay=7200, max_requeue_delay=7200)
+    assert (conn.requeue_delay, conn.max_requeue_delay) == (7200, 7200)
     sent = conn._identify_data
     assert (sent["msg_timeout"], sent["heartbeat_interval"], sent["output_buffer_size"], sent["output_buffer_timeout"]) == (1800000, 90000, 131072, 10)
     assert commands.dpub("t", 7_200_000, b"x").startswith(b"DPUB t 7200000\n")
