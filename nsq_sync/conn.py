@@ -288,6 +288,9 @@ class AsyncConn(EventedMixin):
         self._quiet_since: Optional[float] = None  # _read_holding's first read that found nothing
         self.rdy = 0
         self.last_rdy = 0
+        #: the highest RDY this connection ever sent: an honest nsqd never has more messages in
+        #: flight here (see _beyond_rdy_locked)
+        self._rdy_peak = 0
         self.max_rdy_count = MAX_RDY_COUNT_DEFAULT
         self.last_recv_timestamp = time.time()
         self.last_msg_timestamp = time.time()
@@ -1317,8 +1320,11 @@ class AsyncConn(EventedMixin):
                     message._arrived = arrived
                 self.in_flight = len(inflight)
                 self._received_total += len(messages)
-                if listeners:
+                beyond = self._beyond_rdy_locked(arrived) if len(inflight) > self._rdy_peak else None
+                if listeners and beyond is None:
                     self._queued += len(messages)
+            if beyond is not None:
+                raise beyond  # (ends the connection; nsqd gives its messages in flight to others)
             self.last_msg_timestamp = self.last_recv_timestamp
             if superseded:
                 due = self._late.add(superseded)
@@ -1342,6 +1348,33 @@ class AsyncConn(EventedMixin):
             # nsqd sends nothing after CLOSE_WAIT: a graceful close now waits for exactly
             # the messages counted above (they came before it, maybe in this same read).
             self._close_wait.set()
+
+    def _beyond_rdy_locked(self, now: float) -> Optional[ProtocolError]:
+        """More messages in flight here than the highest RDY this connection ever sent: the
+        error that ends the connection, or None when nsqd may have timed some of them out
+        (then it counts them no more and sends others: a handler slower than msg_timeout).
+
+        An honest nsqd never exceeds RDY; a peer that does (a broken or hostile server, or a
+        Writer's connection, which sends no RDY) would otherwise fill memory without bound.
+        Only messages surely still in flight at nsqd are counted: touched or read less than
+        msg_timeout ago by a margin for network and timer delays.
+        """
+        timeouts = self.message_timeouts or (float(self.msg_timeout or 60.0),) * 2
+        msg_timeout, max_msg_timeout = timeouts
+        margin = 2.0
+        live = 0
+        for message in self._inflight.values():
+            arrived = message._arrived
+            start = getattr(message, "_touched", arrived)
+            if min(start + msg_timeout, arrived + max_msg_timeout) - now > margin:
+                live += 1
+        if live <= self._rdy_peak:
+            return None
+        if self._rdy_peak:
+            reason = f"{live} messages in flight, more than the highest RDY it was sent ({self._rdy_peak})"
+        else:
+            reason = f"{live} messages, and it was never sent RDY"
+        return ProtocolError(f"{self.id} sent {reason}; nsqd never does: closing the connection")
 
     def _deliver(self, message: Message) -> None:
         lock = self._lock  # acquire/release, not `with`: see _finish_message
@@ -1402,7 +1435,22 @@ class AsyncConn(EventedMixin):
             raise TypeError(f"send() takes bytes, not {type(data).__name__}")
         if data[:4] == b"SUB ":
             self._subscribed = True
+        if b"RDY " in data:
+            self._note_raw_rdy(bytes(data))
         self._write(bytes(data))
+
+    def _note_raw_rdy(self, data: bytes) -> None:
+        """RDY commands written with send() (pynsq code sends ``nsq.ready(n)`` itself) count
+        towards the RDY peak too. (A body that happens to hold such a line only raises it:
+        the check becomes laxer, never wrong.)"""
+        for line in data.split(b"\n"):
+            if line[:4] == b"RDY ":
+                try:
+                    value = int(line[4:])
+                except ValueError:
+                    continue
+                if value > self._rdy_peak:
+                    self._rdy_peak = value
 
     def _write(self, data: bytes, budget: Optional[float] = None) -> None:
         """Queue *data* and flush, writing for at most *budget* seconds once the socket has no room (see _flush)."""
@@ -1696,6 +1744,8 @@ class AsyncConn(EventedMixin):
             raise ConfigError("rdy", value, f"must be an int between 0 and max_rdy_count ({self.max_rdy_count}) of {self.id}")
         if not self._subscribed and self.state == CONNECTED:
             raise ConfigError("rdy", value, "sent before subscribe(): nsqd closes the connection over a RDY on a connection that has not subscribed (nothing was sent)")
+        if value > self._rdy_peak:
+            self._rdy_peak = value  # (before it is written: messages it allows come after)
         self._queue(commands.rdy(value))
         self.rdy = value
         self.last_rdy = value

@@ -821,13 +821,70 @@ def test_requests_behind_an_unanswered_one_leave_together_after_its_answer(serve
 # ------------------------------------------------------------------ messages
 @pytest.fixture
 def sub_conn(make_conn, server: FakeNsqd):
-    """A subscribed connection whose message events are collected in a list."""
+    """A subscribed connection whose message events are collected in a list; it sent RDY
+    *rdy* (a connection that gets more messages than its highest RDY ends: see
+    test_more_messages_than_rdy_end_the_connection)."""
 
-    def make(**kwargs: Any):
+    def make(rdy: int = 100, **kwargs: Any):
         conn, events = ready_conn(make_conn, server, subscribe=True, **kwargs)
+        if rdy:
+            conn.send_rdy(rdy)
+            server.wait_for_command(f"RDY {rdy}")
         return conn, events
 
     return make
+
+
+def test_more_messages_than_rdy_end_the_connection(server: FakeNsqd, sub_conn, backend, tasks_before) -> None:
+    # nsqd never has more messages in flight on a connection than its RDY: a peer that sends
+    # more (broken or hostile) would fill the client's memory without bound.
+    conn, events = sub_conn(rdy=2)
+    for i in range(2):
+        server.send_message(b"m%d" % i)
+    events.wait("message", count=2)
+    server.send_message(b"one too many")
+    assert_fault(conn, events, backend, tasks_before, ProtocolError, match="3 messages in flight, more than the highest RDY it was sent (2)")
+    assert [kw["message"].body for kw in events.of("message")] == [b"m0", b"m1"]  # the third never ran
+
+
+def test_lowering_rdy_keeps_the_messages_already_in_flight(server: FakeNsqd, sub_conn) -> None:
+    # RDY 5, five messages, then RDY 1: nsqd may have sent all five before it saw the RDY 1,
+    # and a RDY written with send() (pynsq code sends nsq.ready(n) itself) counts as well.
+    conn, events = sub_conn(rdy=0)
+    conn.send(b"NOP\nRDY 5\n")
+    server.wait_for_command("RDY 5")
+    conn.send_rdy(1)
+    server.wait_for_command("RDY 1")
+    for i in range(5):
+        server.send_message(b"m%d" % i)
+    events.wait("message", count=5)
+    for kw in events.of("message"):
+        kw["message"].finish()
+    server.wait_for_command("FIN", count=5)
+    assert conn.connected() and events.of("error") == []
+
+
+def test_messages_nsqd_may_have_timed_out_are_not_counted(server: FakeNsqd, sub_conn) -> None:
+    # A handler slower than msg_timeout: nsqd times its message out, counts it no more, and
+    # sends another while the first is still here. With a 1 s msg_timeout no message here is
+    # surely still in flight at nsqd, so three with RDY 1 are no fault.
+    server.identify_response["msg_timeout"] = 1000
+    conn, events = sub_conn(rdy=1, msg_timeout=1)
+    for i in range(3):
+        server.send_message(b"m%d" % i)
+    events.wait("message", count=3)
+    for kw in events.of("message"):
+        kw["message"].finish()
+    server.wait_for_command("FIN", count=3)
+    assert conn.connected() and events.of("error") == []
+
+
+def test_a_message_on_a_connection_that_never_sent_rdy_ends_it(server: FakeNsqd, make_conn, backend, tasks_before) -> None:
+    # A Writer's connection: nsqd sends it no message, ever (before, each one stayed in flight
+    # for good, and a flood of them filled memory).
+    conn, events = ready_conn(make_conn, server)
+    server.send_message(b"unasked")
+    assert_fault(conn, events, backend, tasks_before, ProtocolError, match="it was never sent RDY")
 
 
 def test_message_event_and_finish(server: FakeNsqd, sub_conn) -> None:
@@ -1028,7 +1085,7 @@ def test_send_rdy(server: FakeNsqd, make_conn) -> None:
 
 
 def test_fake_delivers_under_rdy_control(server: FakeNsqd, sub_conn) -> None:
-    conn, events = sub_conn()
+    conn, events = sub_conn(rdy=0)
     queued = [server.enqueue(b"q%d" % i) for i in range(3)]
     conn.send_rdy(1)
     first = events.wait("message")["message"]
@@ -1067,12 +1124,12 @@ def test_slow_handler_does_not_block_heartbeats(server: FakeNsqd, sub_conn) -> N
     assert conn.in_flight == 1
     release.set()
     assert server.wait_for_command("FIN").line == b"FIN " + sent.id
-    assert server.commands[2:] == [b"NOP", b"NOP", b"NOP", b"FIN " + sent.id]
+    assert server.commands[2:] == [b"RDY 100", b"NOP", b"NOP", b"NOP", b"FIN " + sent.id]
 
 
 # ------------------------------------------------------------------- closing
 def test_graceful_close_waits_for_close_wait_and_in_flight(server: FakeNsqd, sub_conn, backend, tasks_before) -> None:
-    conn, events = sub_conn()
+    conn, events = sub_conn(rdy=0)
     conn.send_rdy(1)
     entered = threading.Event()
     release = threading.Event()
@@ -1222,7 +1279,7 @@ def test_close_wait_between_finish_and_its_write_loses_no_fin(server: FakeNsqd, 
 
 
 def test_concurrent_close_sends_one_cls_and_one_close_event(server: FakeNsqd, sub_conn, backend, tasks_before) -> None:
-    conn, events = sub_conn()
+    conn, events = sub_conn(rdy=0)
     barrier = threading.Barrier(2)
 
     def closer() -> None:
@@ -1410,7 +1467,7 @@ def test_close_times_out_with_message_in_flight(server: FakeNsqd, sub_conn, back
 
 # ---------------------------------------------------------------- writes
 def test_write_coalescing_keeps_order_across_threads(server: FakeNsqd, sub_conn) -> None:
-    conn, events = sub_conn()
+    conn, events = sub_conn(rdy=1000)
     total, n_threads = 1000, 8
     sent = [server.send_message(b"m%d" % i) for i in range(total)]
     events.wait("message", count=total, timeout=10)
