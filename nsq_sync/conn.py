@@ -100,6 +100,9 @@ ANSWER_HOLD_SECONDS = 0.005
 #: thread backend, plain TCP: the kernel ends a blocking recv after this long with no data
 #: (SO_RCVTIMEO), so a caller with a deadline reads at once instead of polling first
 RECV_SLICE_SECONDS = 1.0
+#: bytes a handshake step's answer (IDENTIFY, AUTH, an upgrade's OK) may take: nsqd's are under
+#: a kilobyte; a peer sending megabytes (kept in identify_response) is refused
+HANDSHAKE_ANSWER_MAX = 64 * 1024
 #: plain TCP: one send waits at most this long for room in the socket (thread backend: the
 #: kernel's SO_SNDTIMEO; gevent: a wait for writability in _send_rest). Only a write the socket cannot take at
 #: once gets there: it then goes on in slices, so a caller with a deadline stops at its
@@ -639,13 +642,22 @@ class AsyncConn(EventedMixin):
 
     def _read_frame(self, what: str):
         # One frame at a time: bytes after it may belong to the next layer (TLS, compression).
+        # The whole answer within the timeout (each recv's own timeout does not bound a peer
+        # that trickles a byte at a time), and no larger than any handshake answer can be.
         decoder = self._decoder
+        deadline = time.monotonic() + self.timeout
+        received = 0
         while True:
             frames = decoder.feed(b"", 1) if decoder.buffered else []
             if not frames:
+                if time.monotonic() >= deadline:
+                    raise ConnectError(f"timed out after {self.timeout}s waiting for the answer to {what} from {self.id} (it came in part)")
                 data = self._stream.recv(READ_SIZE)
                 if not data:
                     raise ConnectionClosedError(f"{self.id} closed the connection during {what}")
+                received += len(data)
+                if received > HANDSHAKE_ANSWER_MAX:
+                    raise ProtocolError(f"{self.id} sent more than {HANDSHAKE_ANSWER_MAX} bytes in answer to {what}; nsqd's are far smaller")
                 frames = decoder.feed(data, 1)
             for frame_type, payload in frames:
                 if frame_type == FRAME_TYPE_RESPONSE and payload == HEARTBEAT:

@@ -123,8 +123,8 @@ def parse_identify_response(data: bytes) -> Optional[Dict[str, Any]]:
         return None
     try:
         parsed = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"IDENTIFY response is not JSON: {bytes(data[:64])!r}") from exc
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # (RecursionError: nested too deep)
+        raise ProtocolError(f"IDENTIFY response is not JSON: {bytes(data[:64])!r}") from None
     if not isinstance(parsed, dict):
         raise ProtocolError(f"IDENTIFY response is not a JSON object: {bytes(data[:64])!r}")
     parsed.setdefault("max_rdy_count", MAX_RDY_COUNT_DEFAULT)
@@ -151,8 +151,8 @@ def parse_json_object(data: bytes, what: str) -> Dict[str, Any]:
     """Parse a JSON object answer (AUTH); raises ProtocolError naming *what* otherwise."""
     try:
         parsed = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"{what} response is not JSON: {bytes(data[:64])!r}") from exc
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ProtocolError(f"{what} response is not JSON: {bytes(data[:64])!r}") from None
     if not isinstance(parsed, dict):
         raise ProtocolError(f"{what} response is not a JSON object: {bytes(data[:64])!r}")
     return parsed

@@ -25,6 +25,7 @@ from nsq_sync.errors import (
     AuthRequiredError,
     BadTopicError,
     ConfigError,
+    ConnectError,
     ConnectionClosedError,
     FinFailedError,
     IdentifyFailedError,
@@ -227,6 +228,49 @@ def assert_fault(
 
 
 # ---------------------------------------------------------------- handshake
+def test_a_handshake_answer_trickled_byte_by_byte_times_out(server: FakeNsqd, make_conn) -> None:
+    # Each recv got its byte within the timeout, so connect() waited as long as the peer
+    # trickled (for ever, for a hostile one): the whole answer must come within the timeout.
+    stop = threading.Event()
+
+    def trickle(session: Any, command: Any) -> Any:
+        session.send_raw(struct.pack(">ll", 1004, 0))  # a response frame of 1,000 bytes...
+        for _ in range(100):  # ...that comes a byte every 0.1 s (10 s in all)
+            if stop.wait(0.1) or not session.connected:
+                break
+            try:
+                session.send_raw(b"x")
+            except ConnectionError:
+                break
+        return None
+
+    server.set_answer("IDENTIFY", trickle)
+    conn = make_conn(timeout=0.5)
+    started = time.monotonic()
+    try:
+        with pytest.raises(ConnectError, match="came in part"):
+            conn.connect()
+        assert time.monotonic() - started < 3.0
+    finally:
+        stop.set()
+
+
+@pytest.mark.parametrize(
+    "answer, match",
+    [
+        (b"{" + b'"padding": "' + b"x" * 70_000 + b'"}', "more than 65536 bytes in answer to IDENTIFY"),
+        (b"[" * 20_000 + b"]" * 20_000, "IDENTIFY response is not JSON"),  # (nested too deep: RecursionError)
+    ],
+    ids=["oversized", "nested-too-deep"],
+)
+def test_a_handshake_answer_too_big_or_too_deep_is_a_protocol_error(server: FakeNsqd, make_conn, answer: bytes, match: str) -> None:
+    server.set_answer("IDENTIFY", response(answer))
+    conn = make_conn()
+    with pytest.raises(ProtocolError, match=match):
+        conn.connect()
+    assert conn.identify_response is None and not conn.connected()
+
+
 def test_handshake_events_and_wire(server: FakeNsqd, make_conn, tasks_before) -> None:
     server.identify_response["max_rdy_count"] = 123
     conn = make_conn(heartbeat_interval=5, client_id="cid", hostname="host.example", user_agent="ua/1")
