@@ -26,16 +26,23 @@ def _is_ipv6(host: str) -> bool:
 
 
 def check_host(param: str, address: object, host: str) -> None:
-    """A host name (letters, digits, "-", ".", "_"), an IPv4 or an IPv6 address; else ConfigError."""
+    """A host name (ASCII letters, digits, "-", ".", "_"; at most 253 characters, 63 between
+    dots), an IPv4 or an IPv6 address; else ConfigError."""
     if "," in host or ";" in host:
         raise ConfigError(param, address, 'is several addresses in one string: give them as a list, e.g. ["a:4150", "b:4150"]')
     if ":" in host:
         if not _is_ipv6(host):
             raise ConfigError(param, address, 'the host holds a ":" but is no IPv6 address (write IPv6 as "[::1]:4150")')
         return
+    if not host.isascii():
+        # (str.isalnum() takes any script's letters and digits: "１２７.０.０.１" resolves to
+        # 127.0.0.1, a second key for the same nsqd)
+        raise ConfigError(param, address, "the host holds non-ASCII characters: write an internationalised name in its ASCII (xn--) form")
     bad = sorted({ch for ch in host if not (ch.isalnum() or ch in "-._")})
     if bad:
         raise ConfigError(param, address, f"the host holds {''.join(bad)!r}, which no host name or IP address has")
+    if len(host) > 253 or any(len(label) > 63 for label in host.split(".")):
+        raise ConfigError(param, address, "is longer than a host name can be (253 characters, 63 between dots)")
 
 
 def parse_address(address: object, param: str = "nsqd_tcp_addresses") -> Tuple[str, int]:

@@ -71,6 +71,8 @@ def _check_address(value: str) -> List[str]:
     for part in parts:
         host, sep, port = part.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            if "@" in value:  # (a URL's user:password: not echoed to the terminal or a log)
+                raise argparse.ArgumentTypeError("bad address <redacted: it holds credentials>: use host:port, with no user or password")
             raise argparse.ArgumentTypeError(f"bad address {part!r} in {value!r}: use host:port, or host:port,host:port" if len(parts) > 1 else f"bad address {value!r}: use host:port")
     return parts
 
@@ -442,7 +444,8 @@ def _load_handler(path: str) -> Callable[[Any], Any]:
     if not sep or not module_name or not attr:
         raise UsageError(f"handler {path!r} must look like module:function")
     if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+        # Last: a file here (an ssl.py, a json.py) must not shadow a module the library imports.
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:

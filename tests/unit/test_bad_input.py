@@ -108,6 +108,10 @@ ASYNCCONN_BAD: List[Tuple[Tuple[Any, Any], type, str]] = [
     ((None, 4150), ConfigError, "host"),
     ((127001, 4150), ConfigError, "host"),
     (("a b", 4150), ConfigError, "host"),  # (a resolver error on every connect before)
+    (("\uff11\uff12\uff17.\uff10.\uff10.\uff11", 4150), ConfigError, "host"),  # fullwidth 127.0.0.1: it resolved, a second key for one nsqd
+    (("h\u00f4te.example", 4150), ConfigError, "host"),  # IDN: its xn-- form, please
+    (("a" * 64 + ".example", 4150), ConfigError, "host"),  # a label over 63 characters
+    ((".".join(["a" * 60] * 5), 4150), ConfigError, "host"),  # over 253 characters
     (("127.0.0.1,127.0.0.2", 4150), ConfigError, "host"),
     (("127.0.0.1:4150", 4150), ConfigError, "host"),
     (("127.0.0.1", 0), ConfigError, "port"),

@@ -19,6 +19,7 @@ cases as real subprocesses against a real nsqd.
 from __future__ import annotations
 
 import functools
+import importlib
 import io
 import sys
 import uuid
@@ -285,6 +286,8 @@ BAD_NUMBERS: List[Tuple[List[str], str]] = [
     ([*TAIL, "--lookupd-poll-interval", "0"], "argument --lookupd-poll-interval: '0' must be a number of seconds"),
     # cluster
     (["cluster", "--nsqd", "0"], "argument --nsqd: '0' must be at least 1"),
+    # an address holding credentials: refused, and not echoed
+    (["tail", "--topic", "t", "--lookupd-http-address", "http://user:PASSWD@127.0.0.1"], "bad address <redacted: it holds credentials>"),
     (["cluster", "--nsqd", "100000"], "argument --nsqd: '100000' must be at most 100"),
 ]
 
@@ -295,6 +298,7 @@ def test_cli_numeric_options_are_range_checked(argv: List[str], message: str, no
     assert code == cli.EXIT_USAGE, err
     assert message in err, err
     assert "usage: nsq-sync" in err and "Traceback" not in err, err
+    assert "PASSWD" not in err, err
 
 
 def test_cli_demo_refuses_mpub_bodies_nsqd_would_refuse(no_brokers: None, capsys: pytest.CaptureFixture) -> None:
@@ -439,3 +443,21 @@ def test_demo_bodies_are_the_size_asked_for(size):
     # (below the header's 31 bytes a body is the header alone: it carries the sequence and send time)
     assert len(body) == max(size, cli.DEMO_BODY_HEADER)
     assert body.startswith(b"0099999999|")
+
+
+def test_worker_handler_directory_cannot_shadow_a_module_the_library_imports(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The current directory is searched last for the handler: a json.py (or ssl.py) lying
+    # there must not replace the module the library imports later (lazily, e.g. the HTTP client).
+    (tmp_path / "json.py").write_text("raise SystemExit('the current directory shadowed json')\n")
+    (tmp_path / "nsq_sync_test_tasks.py").write_text("def handle(message):\n    return True\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [entry for entry in sys.path if entry not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "json")
+    monkeypatch.delitem(sys.modules, "nsq_sync_test_tasks", raising=False)
+    try:
+        handler = cli._load_handler("nsq_sync_test_tasks:handle")
+        assert handler.__module__ == "nsq_sync_test_tasks"
+        assert sys.path[-1] == str(tmp_path)
+        assert str(tmp_path) not in importlib.import_module("json").__file__
+    finally:
+        sys.modules.pop("nsq_sync_test_tasks", None)
