@@ -117,6 +117,17 @@ _OK_FRAME = b"\x00\x00\x00\x06\x00\x00\x00\x00OK"  # size 6, FRAME_TYPE_RESPONSE
 _REQUESTS = frozenset((b"PUB ", b"MPUB", b"DPUB", b"SUB "))
 
 
+#: what _warn_once said already, process-wide
+_warned: set = set()
+
+
+def _warn_once(key: str, text: str) -> None:
+    """Log a configuration warning once per process (a Reader makes one connection per nsqd)."""
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning("%s", text)
+
+
 class AsyncConn(EventedMixin):
     """A connection to one nsqd, with pynsq's parameters, events and on/off/trigger.
 
@@ -234,6 +245,11 @@ class AsyncConn(EventedMixin):
             from .transport.tls import make_ssl_context
 
             self._ssl_context = make_ssl_context(tls_options)
+            if not tls_v1:
+                _warn_once(
+                    "tls_options",
+                    "tls_options were given but tls_v1 is False: connections are NOT encrypted (pass tls_v1=True to use them)",
+                )
         else:
             self._ssl_context = None
         if snappy:

@@ -14,6 +14,7 @@ regression tests (the last part of this file).
 
 from __future__ import annotations
 
+import logging
 import math
 import socket
 import sys
@@ -705,3 +706,15 @@ def test_wrong_types_are_refused_and_named() -> None:
                 made.close()
             offenders.append(f"{label}: accepted")
     assert not offenders, offenders
+
+
+def test_tls_options_without_tls_v1_warn_once_that_nothing_is_encrypted(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import nsq_sync.conn as conn_module
+
+    monkeypatch.setattr(conn_module, "_warned", set())
+    with caplog.at_level(logging.WARNING, logger="nsq_sync.conn"):
+        for _ in range(3):  # (a Reader makes one connection per nsqd)
+            AsyncConn("127.0.0.1", 4150, tls_options={"check_hostname": False})
+        AsyncConn("127.0.0.1", 4150, tls_v1=True, tls_options={"check_hostname": False})
+    warned = [r.getMessage() for r in caplog.records if "NOT encrypted" in r.getMessage()]
+    assert warned == ["tls_options were given but tls_v1 is False: connections are NOT encrypted (pass tls_v1=True to use them)"]
