@@ -191,6 +191,9 @@ _STREAM_IDENTIFIER = b"\xff\x06\x00\x00sNaPpY"
 SNAPPY_SMALL_READ = 64
 #: the shortest chunk nsqd writes: an 8-byte header and at least one byte of data
 SNAPPY_SMALLEST_CHUNK = 9
+#: the largest chunk the snappy framing format has for data (a compressed 64 KiB block at its worst,
+#: 76,490 bytes, and its checksum); a longer one declared is refused before it is buffered
+SNAPPY_LARGEST_CHUNK = 4 + 76490
 _KNOWN_CHUNKS = 64  # small chunks remembered as checked (answers and heartbeats repeat)
 _MAX_UNCOMPRESSED_CHUNK = 65536  # the framing format's limit on a chunk's data
 
@@ -259,6 +262,10 @@ class SnappyFrameReader:
         while end - offset >= 4:
             length = data[offset + 1] | data[offset + 2] << 8 | data[offset + 3] << 16
             if end - offset - 4 < length:
+                if length > SNAPPY_LARGEST_CHUNK:
+                    # (buffering it would copy the held part again on every read, and no
+                    # decompressor takes it once whole)
+                    raise IntegrityError(f"corrupt snappy stream: a chunk of {length} bytes declared, more than the format allows ({SNAPPY_LARGEST_CHUNK})")
                 break
             chunk_type = data[offset]
             if chunk_type == 0x01:

@@ -105,3 +105,21 @@ def test_known_chunk_memory_is_bounded():
     for i in range(compression._KNOWN_CHUNKS * 3):
         assert r.decompress(uncompressed(b"%d" % i)) == b"%d" % i
     assert len(r._known) <= compression._KNOWN_CHUNKS
+
+
+def test_a_chunk_declared_longer_than_the_format_allows_is_refused_at_once():
+    # A hostile peer declares a 16 MB chunk and trickles it: the reader held the growing
+    # part and copied it again on every read (quadratic), for a chunk no decompressor takes.
+    r = reader()
+    assert r.decompress(IDENT) == b""
+    largest = compression.SNAPPY_LARGEST_CHUNK
+    assert r.decompress(bytes([1]) + largest.to_bytes(3, "little") + b"\x00" * 100) == b""  # (the largest allowed: held)
+    r = reader()
+    with pytest.raises(IntegrityError, match=f"a chunk of {largest + 1} bytes declared"):
+        r.decompress(IDENT + bytes([0]) + (largest + 1).to_bytes(3, "little") + b"\x00" * 100)
+    # The largest compressed chunk python-snappy makes (64 KiB of random data) is within it.
+    data = random.Random(7).randbytes(65536)
+    wire = compressed(data)
+    assert len(wire) - 4 <= largest
+    r = reader()
+    assert r.decompress(IDENT + wire[:1000]) == b"" and r.decompress(wire[1000:]) == data
