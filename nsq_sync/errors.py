@@ -22,12 +22,14 @@ The tree::
     ├── AlreadyRespondedError              finish/requeue/touch after the message was answered
     └── HTTPError                          an nsqd/nsqlookupd HTTP request failed; .status, .message
 
-This module imports nothing from nsq_sync, so every layer can use it.
+This module imports nothing from nsq_sync, so every layer can use it (also for
+:func:`peer_text`, which bounds and escapes a peer's text before it goes into an exception).
 """
 
 from __future__ import annotations
 
 import builtins
+import re
 from typing import Dict, Optional, Type
 
 __all__ = [
@@ -229,20 +231,54 @@ SERVER_ERRORS: Dict[str, Type[ServerError]] = {
 }
 
 
+#: the most characters of a peer's text (error frame, HTTP error message) kept in an exception
+MAX_PEER_TEXT = 500
+
+
+def peer_text(text: str, limit: int = MAX_PEER_TEXT) -> str:
+    """*text* from a peer made safe for exception messages and logs: at most *limit* characters
+    (escapes included) followed by ``"... (N more characters)"`` when cut, and every character
+    that is not printable (newline, CR, tab, other C0/C1 controls, DEL, line separators,
+    bidirectional and other format controls, lone surrogates) escaped as :func:`repr` does
+    (``\\n``, ``\\x1b``, ``\\u2028``). Ordinary printable Unicode is kept as is.
+    """
+    if len(text) <= limit and text.isprintable():
+        return text
+    kept = []
+    size = 0
+    used = 0
+    for char in text[:limit]:
+        piece = char if char.isprintable() else repr(char)[1:-1]
+        if size + len(piece) > limit:
+            break
+        kept.append(piece)
+        size += len(piece)
+        used += 1
+    safe = "".join(kept)
+    if used < len(text):
+        safe += f"... ({len(text) - used} more characters)"
+    return safe
+
+
+# nsqd's codes are E_ and capitals; anything else is not taken as a code (it could be huge or hold a newline)
+_CODE = re.compile(r"E_[A-Z0-9_]{1,64}").fullmatch
+
+
 def error_from_frame(data: bytes) -> ServerError:
     """Turn the body of an error frame (``b"E_CODE description"``) into its typed exception.
 
     An unknown code still gives a :class:`ServerError` carrying that code (fatal, as
-    nsqd closes on every error it does not list as non-fatal).
+    nsqd closes on every error it does not list as non-fatal).  The text comes from the
+    peer: it is bounded and escaped with :func:`peer_text` (in ``.text`` and the message).
     """
     text = bytes(data).decode("utf-8", "replace")
     code, _, rest = text.partition(" ")
     cls = SERVER_ERRORS.get(code)
     if cls is not None:
-        return cls(rest)
-    if code.startswith("E_"):
-        return ServerError(rest, code=code)
-    return ServerError(text, code="E_UNKNOWN")
+        return cls(peer_text(rest))
+    if _CODE(code):
+        return ServerError(peer_text(rest), code=code)
+    return ServerError(peer_text(text), code="E_UNKNOWN")
 
 
 class TransportError(Error):

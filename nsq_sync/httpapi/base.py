@@ -27,7 +27,7 @@ import time
 from typing import Any, Dict, Mapping, Optional, Tuple, Type, TypeVar, Union
 from urllib.parse import urlencode, urlsplit
 
-from ..errors import ConfigError, HTTPError
+from ..errors import ConfigError, HTTPError, peer_text
 from ..protocol.identify import MAX_WAIT_SECONDS
 
 __all__ = ["HTTPClient", "HTTPResponse", "ACCEPT_V1"]
@@ -43,7 +43,9 @@ _LEGACY_KEYS = frozenset(("status_code", "status_txt", "data"))
 _HOSTNAME = re.compile(r"[A-Za-z0-9_.-]+").fullmatch
 #: an HTTP token (RFC 9110): a header name or a method
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+").fullmatch
-_MAX_ERROR_TEXT = 500
+#: the default max_response_size: nsqd's /stats with many clients can be several MB
+DEFAULT_MAX_RESPONSE_SIZE = 64 * 1024 * 1024
+_READ_CHUNK = 64 * 1024
 
 ParamValue = Union[str, int, bool, None]
 Params = Mapping[str, ParamValue]
@@ -134,6 +136,37 @@ def _check_timeout(timeout: object) -> float:
     return float(timeout)
 
 
+def _check_max_response_size(size: object) -> Optional[int]:
+    if size is None:
+        return None
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise TypeError(f"max_response_size must be an int (bytes) or None, not {type(size).__name__}")
+    if size < 1:
+        raise ConfigError("max_response_size", size, "must be a positive number of bytes, or None for no limit")
+    return size
+
+
+def _read_body(resp: http.client.HTTPResponse, limit: Optional[int], url: str) -> bytes:
+    """The whole body of *resp*, or HTTPError (with the response's status) once it is over *limit* bytes:
+    at once when its Content-Length says so, else as soon as more than *limit* bytes have come."""
+    if limit is None:
+        return resp.read()
+    if resp.length is not None and resp.length > limit:
+        raise HTTPError(resp.status, f"response body of {resp.length} bytes (Content-Length) is over "
+                                     f"max_response_size ({limit} bytes); not read", url)
+    chunks = []
+    size = 0
+    while True:
+        chunk = resp.read(min(_READ_CHUNK, limit + 1 - size))  # (never more than one byte over)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > limit:
+            raise HTTPError(resp.status, f"response body is over max_response_size ({limit} bytes); "
+                                         f"stopped reading", url)
+        chunks.append(chunk)
+
+
 def _check_headers(headers: object) -> Dict[str, str]:
     if headers is None:
         return {}
@@ -206,22 +239,21 @@ def _is_legacy_envelope(payload: object) -> bool:
 
 
 def _error_message(body: bytes, reason: str) -> str:
-    """The server's explanation of a failed request: JSON ``message``, legacy ``status_txt`` or the text."""
+    """The server's explanation of a failed request: JSON ``message``, legacy ``status_txt`` or the text,
+    bounded and escaped with :func:`~nsq_sync.errors.peer_text` (it goes into exceptions and logs)."""
     text = _decode_text(body).strip()
     if text:
         try:
             payload = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # (RecursionError: deeply nested JSON)
             payload = None
         if isinstance(payload, dict):
             if isinstance(payload.get("message"), str):
-                return payload["message"]
+                return peer_text(payload["message"])
             if _is_legacy_envelope(payload) and payload.get("status_txt"):
-                return str(payload["status_txt"])
-        if len(text) > _MAX_ERROR_TEXT:
-            text = text[:_MAX_ERROR_TEXT] + "..."
-        return text
-    return reason or "no response body"
+                return peer_text(str(payload["status_txt"]))
+        return peer_text(text)
+    return peer_text(reason) if reason else "no response body"
 
 
 def _transport_reason(exc: BaseException, timeout: float) -> str:
@@ -240,7 +272,8 @@ def _transport_reason(exc: BaseException, timeout: float) -> str:
     if isinstance(exc, ConnectionResetError):
         return "connection reset by peer"
     if isinstance(exc, http.client.HTTPException):
-        return f"bad HTTP response ({type(exc).__name__}: {exc})"
+        # (a bad status line or header is quoted in the exception: the peer's text)
+        return f"bad HTTP response ({type(exc).__name__}: {peer_text(str(exc))})"
     return f"{type(exc).__name__}: {exc}"
 
 
@@ -359,7 +392,7 @@ class HTTPResponse:
         if not self.is_v1 and _is_legacy_envelope(payload):
             code = payload.get("status_code")
             if isinstance(code, int) and not 200 <= code < 300:
-                raise HTTPError(code, str(payload.get("status_txt") or "request failed"), self.url)
+                raise HTTPError(code, peer_text(str(payload.get("status_txt") or "request failed")), self.url)
             return payload["data"]
         return payload
 
@@ -377,14 +410,18 @@ class HTTPClient:
     bounds each request as a whole: connecting, the TLS handshake, sending and
     reading the whole answer (a request still going when it passes fails with
     ``HTTPError(0, "timed out after ...")``).  *headers* are added to every
-    request (they are never logged).
+    request (they are never logged).  *max_response_size* (bytes, default 64 MiB; None for
+    no limit) bounds the body read from any answer: a bigger one fails with
+    ``HTTPError(status, "... over max_response_size (N bytes) ...")``, before reading when its
+    Content-Length says so, else as soon as the limit is passed.
 
     The address is checked here: a malformed one (including one with characters
     other than printable ASCII) raises :class:`ConfigError` naming ``address``
     (TypeError when it is not a str); a non-positive, non-numeric or over a day (86400 s)
     *timeout* raises :class:`ConfigError` naming ``timeout``; a header name that is not an
     HTTP token, or a value with CR/LF/NUL or not encodable as latin-1, raises
-    :class:`ConfigError` naming ``headers``.
+    :class:`ConfigError` naming ``headers``; a *max_response_size* below 1 raises
+    :class:`ConfigError` naming it (TypeError when it is not an int or None).
     """
 
     def __init__(
@@ -393,9 +430,11 @@ class HTTPClient:
         timeout: float = 5.0,
         ssl_context: Optional[ssl.SSLContext] = None,
         headers: Optional[Mapping[str, str]] = None,
+        max_response_size: Optional[int] = DEFAULT_MAX_RESPONSE_SIZE,
     ) -> None:
         scheme, host, port, prefix = _parse_address(address)
         self._timeout = _check_timeout(timeout)
+        self._max_response_size = _check_max_response_size(max_response_size)
         if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
             raise TypeError(f"ssl_context must be an ssl.SSLContext, not {type(ssl_context).__name__}")
         if ssl_context is not None and scheme != "https":
@@ -451,6 +490,11 @@ class HTTPClient:
     def timeout(self) -> float:
         return self._timeout
 
+    @property
+    def max_response_size(self) -> Optional[int]:
+        """The most bytes of body read from an answer (None: no limit)."""
+        return self._max_response_size
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._base_url!r})"
 
@@ -483,7 +527,8 @@ class HTTPClient:
 
         Raises :class:`HTTPError` with the HTTP status and the server's message
         (``{"message": ...}``, a legacy ``status_txt``, or the body text) for a
-        non-2xx answer, and ``HTTPError(0, reason)`` raised from the underlying
+        non-2xx answer, with the answer's status when its body is over *max_response_size*,
+        and ``HTTPError(0, reason)`` raised from the underlying
         exception when no (whole) answer arrived (refused, not done within the client's
         *timeout*, DNS, TLS, reset, closed without answering).
         Before connecting, a bad *method*, *path*, *params*, *body* or *content_type*
@@ -523,7 +568,7 @@ class HTTPClient:
                     raise send_exc from None
             else:
                 resp = conn.getresponse()
-            data = resp.read()
+            data = _read_body(resp, self._max_response_size, url)
             status, reason, resp_headers = resp.status, resp.reason, resp.headers
         except (OSError, http.client.HTTPException, ssl.CertificateError, UnicodeError) as exc:
             # (UnicodeError: a name the IDNA codec refuses, from getaddrinfo)

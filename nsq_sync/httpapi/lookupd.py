@@ -98,7 +98,7 @@ class LookupdClient(HTTPClient):
     """Client for one nsqlookupd's HTTP API.
 
     ``LookupdClient("127.0.0.1:4161")``; see :class:`~nsq_sync.httpapi.base.HTTPClient`
-    for *timeout*, *ssl_context* and *headers*. An address ending in ``/lookup`` (pynsq's
+    for *timeout*, *ssl_context*, *headers* and *max_response_size*. An address ending in ``/lookup`` (pynsq's
     form) stands for the base address. Every method raises
     :class:`~nsq_sync.errors.HTTPError` when nsqlookupd answers non-2xx or cannot be
     reached (``.status == 0``).

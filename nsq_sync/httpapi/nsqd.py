@@ -92,7 +92,7 @@ class NsqdHTTPClient(HTTPClient):
     """Client for one nsqd's HTTP API.
 
     ``NsqdHTTPClient("127.0.0.1:4151")``; see :class:`~nsq_sync.httpapi.base.HTTPClient`
-    for *timeout*, *ssl_context* and *headers*.  Every method raises
+    for *timeout*, *ssl_context*, *headers* and *max_response_size*.  Every method raises
     :class:`~nsq_sync.errors.HTTPError` when nsqd answers non-2xx (``.status`` and
     nsqd's ``.message`` such as ``"TOPIC_NOT_FOUND"``) or cannot be reached
     (``.status == 0``).

@@ -31,6 +31,7 @@ from nsq_sync.errors import (
     IdentifyFailedError,
     InvalidError,
     ProtocolError,
+    PubFailedError,
     SendError,
     StaleConnectionError,
     TLSError,
@@ -738,6 +739,26 @@ def test_fatal_error_frame(server: FakeNsqd, make_conn, backend, tasks_before) -
     assert exc.code == "E_INVALID"
     assert exc.text == "cannot FIN in current state"
     server.wait_disconnected()  # the client closed without waiting for nsqd to
+
+
+def test_error_frame_text_is_bounded_and_escaped_in_the_error_and_the_log(server: FakeNsqd, make_conn, caplog) -> None:
+    # an E_PUB_FAILED with a newline forged a "CRITICAL ..." line in the WARNING the
+    # connection logs, and 8 MB of text went whole into the exception
+    conn, events = ready_conn(make_conn, server)
+    server.set_answer("PUB", None)
+    future = conn.request(commands.pub("t", b"m"))
+    server.wait_for_command("PUB t")
+    with caplog.at_level(logging.DEBUG, logger="nsq_sync.conn"):
+        server.send_error("E_PUB_FAILED boom\nCRITICAL forged line " + "x" * 1_000_000)
+        exc = wait_exception(future)
+        events.wait("close")
+    assert isinstance(exc, PubFailedError) and exc.code == "E_PUB_FAILED"
+    assert exc.text.startswith("boom\\nCRITICAL forged line xxx") and exc.text.endswith(" more characters)")
+    assert "\n" not in str(exc) and len(str(exc)) < 600
+    logged = [r.getMessage() for r in caplog.records if r.name == "nsq_sync.conn" and "E_PUB_FAILED" in r.getMessage()]
+    assert logged, [r.getMessage()[:200] for r in caplog.records]
+    for line in logged:
+        assert "\n" not in line and len(line) < 1000
 
 
 def test_non_fatal_error_frame_keeps_connection(server: FakeNsqd, make_conn) -> None:

@@ -58,6 +58,21 @@ def test_nsqd_over_https(tls_nsqd, tls_files):
     assert isinstance(info.value.__cause__, ssl.SSLError)
 
 
+def test_max_response_size_against_real_servers(nsqd, nsqlookupd):
+    assert NsqdHTTPClient(nsqd.http_address, max_response_size=2).ping() is True  # "OK": exactly the limit
+    small = NsqdHTTPClient(nsqd.http_address, max_response_size=100)
+    with pytest.raises(HTTPError) as info:
+        small.stats()  # nsqd sends a Content-Length: refused before reading
+    assert info.value.status == 200
+    assert info.value.message.endswith("is over max_response_size (100 bytes); not read")
+    assert NsqdHTTPClient(nsqd.http_address, max_response_size=None).stats()["version"] == "1.3.0"
+    # error answers are bounded too: nsqlookupd's 404 {"message":"TOPIC_NOT_FOUND"} is 29 bytes
+    assert LookupdClient(nsqlookupd.http_address, max_response_size=29).producers("nope") == []
+    with pytest.raises(HTTPError) as info:
+        LookupdClient(nsqlookupd.http_address, max_response_size=28).producers("nope")
+    assert info.value.status == 404 and "max_response_size (28 bytes)" in info.value.message
+
+
 # ---------------------------------------------------------------- publishing
 
 

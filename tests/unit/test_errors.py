@@ -201,3 +201,54 @@ def test_pickle_from_frame(code, cls, fatal):
     err = error_from_frame(code.encode() + b" text here")
     copy = pickle.loads(pickle.dumps(err))
     assert type(copy) is cls and copy.code == code and copy.text == "text here" and copy.fatal is fatal
+
+
+# ------------------------------------------------- a peer's text: bounded and escaped
+
+
+def test_error_frame_text_is_bounded_and_escaped():
+    # an 8 MB E_PUB_FAILED used to become an 8,388,692-character message, and its newline
+    # forged a log line ("... CRITICAL ...") wherever the error was logged
+    forged = "boom\nCRITICAL forged line\r\x1b[31m"
+    huge = "E_PUB_FAILED " + forged + "x" * (8 * 1024 * 1024)
+    err = error_from_frame(huge.encode())
+    assert type(err) is errors.PubFailedError and err.code == "E_PUB_FAILED" and err.fatal
+    for text in (err.text, str(err)):
+        assert "\n" not in text and "\r" not in text and "\x1b" not in text
+        assert len(text) < 600
+    assert err.text.startswith("boom\\nCRITICAL forged line\\r\\x1b[31mxxx")
+    kept = len(err.text.partition("...")[0].encode().decode("unicode_escape"))  # (the peer's characters kept)
+    assert err.text.endswith(f"... ({len(forged) + 8 * 1024 * 1024 - kept} more characters)")
+    assert str(err) == f"E_PUB_FAILED {err.text}"
+    copy = pickle.loads(pickle.dumps(err))
+    assert (copy.text, str(copy)) == (err.text, str(err))
+
+
+def test_error_frame_unknown_code_must_look_like_a_code():
+    # the code is the text before the first space: a newline or 1 MB in it went into str(err)
+    err = error_from_frame(b"E_X\nCRITICAL forged")
+    assert (type(err), err.code) == (ServerError, "E_UNKNOWN")
+    assert err.text == "E_X\\nCRITICAL forged" and "\n" not in str(err)
+    err = error_from_frame(b"E_" + b"A" * 100_000 + b" x")
+    assert err.code == "E_UNKNOWN" and len(str(err)) < 600
+    assert error_from_frame(b"E_NEW_THING 2 x").code == "E_NEW_THING"
+
+
+@pytest.mark.parametrize("text", ["", "plain text", 'SUB topic name "x y" is not valid', "déjà vu, 日本語, emoji 🎉", "a" * 500])
+def test_peer_text_keeps_ordinary_text(text):
+    assert errors.peer_text(text) == text
+
+
+@pytest.mark.parametrize("char, escaped", [
+    ("\n", "\\n"), ("\r", "\\r"), ("\t", "\\t"), ("\0", "\\x00"), ("\x1b", "\\x1b"), ("\x7f", "\\x7f"),
+    ("\x85", "\\x85"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029"), ("\u202e", "\\u202e"), ("\ud800", "\\ud800"),
+])
+def test_peer_text_escapes_control_characters(char, escaped):
+    assert errors.peer_text(f"a{char}b") == f"a{escaped}b"
+
+
+def test_peer_text_limit_counts_escapes_and_says_what_was_cut():
+    assert errors.peer_text("a" * 501) == "a" * 500 + "... (1 more characters)"
+    cut = errors.peer_text("\n" * 1000)  # 2 characters each once escaped
+    assert cut == "\\n" * 250 + "... (750 more characters)"
+    assert errors.peer_text("abcdef", limit=3) == "abc... (3 more characters)"

@@ -250,6 +250,25 @@ def test_timeout_accepts_int_and_float():
     assert HTTPClient("h:1").timeout == 5.0
 
 
+@pytest.mark.parametrize("size, exc", [(0, ConfigError), (-1, ConfigError), ("64", TypeError), (1.5, TypeError),
+                                       (1e6, TypeError), (True, TypeError)])
+def test_bad_max_response_size(size, exc):
+    for cls in (HTTPClient, LookupdClient, NsqdHTTPClient):
+        with pytest.raises(exc) as info:
+            cls("h:1", max_response_size=size)
+        if exc is ConfigError:
+            assert info.value.param == "max_response_size"
+        else:
+            assert "max_response_size" in str(info.value)
+
+
+def test_max_response_size_default_and_none():
+    assert HTTPClient("h:1").max_response_size == 64 * 1024 * 1024
+    assert LookupdClient("h:1", 2.0, None, None, 1000).max_response_size == 1000
+    assert NsqdHTTPClient("h:1", max_response_size=None).max_response_size is None
+    assert LookupdClient.from_url("http://h:1/lookup", max_response_size=1).max_response_size == 1
+
+
 def test_ssl_context_rules():
     ctx = ssl.create_default_context()
     assert HTTPClient("https://h:1", ssl_context=ctx).scheme == "https"
@@ -390,6 +409,35 @@ def test_long_error_text_is_truncated(server):
     assert len(info.value.message) < 600
 
 
+def test_huge_error_message_is_bounded_and_escaped(server):
+    # a 404 with a 20 MB JSON "message" became a 20,971,641-character HTTPError, newlines and all
+    message = "TOPIC_NOT_FOUND\nCRITICAL forged log line\x1b[0m" + "x" * (20 * 1024 * 1024)
+    server.route("GET", "/lookup", json_reply({"message": message}, 404))
+    with pytest.raises(HTTPError) as info:
+        LookupdClient(server.address).producers("t")  # (not the TOPIC_NOT_FOUND that means [])
+    err = info.value
+    assert err.status == 404
+    assert err.message.startswith("TOPIC_NOT_FOUND\\nCRITICAL forged log line\\x1b[0mxxx")
+    assert err.message.endswith(" more characters)")
+    for text in (err.message, str(err)):
+        assert len(text) < 700
+        assert "\n" not in text and "\x1b" not in text
+
+
+def test_legacy_status_txt_and_plain_text_errors_are_escaped(server):
+    server.route("GET", "/a", json_reply({"status_code": 500, "status_txt": "BAD\nCRITICAL x" * 1000, "data": None}, 500, v1=False))
+    server.route("GET", "/b", json_reply({"status_code": 500, "status_txt": "BAD\rCRITICAL x" * 1000, "data": None}, 200, v1=False))
+    server.route("GET", "/c", text_reply("oops\nCRITICAL forged", 502, v1=False))
+    c = HTTPClient(server.address)
+    for path, status, start in (("/a", 500, "BAD\\nCRITICAL x"), ("/b", 500, "BAD\\rCRITICAL x"),
+                                ("/c", 502, "oops\\nCRITICAL forged")):
+        with pytest.raises(HTTPError) as info:
+            c.get_json(path)
+        assert info.value.status == status
+        assert info.value.message.startswith(start)
+        assert "\n" not in str(info.value) and "\r" not in str(info.value) and len(str(info.value)) < 700
+
+
 def test_unknown_route_404(server):
     with pytest.raises(HTTPError) as info:
         HTTPClient(server.address).get_json("/nope")
@@ -511,6 +559,105 @@ def test_an_answer_within_the_timeout_is_read_whole_even_when_slow_and_until_clo
     head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n"
     address = trickle(head, TOPICS_BODY, gap=0.002)
     assert LookupdClient(address, timeout=5).topics() == ["a"]
+
+
+@pytest.fixture
+def flood():
+    """``flood(head, total, chunked=False) -> (address, result)``: a server that answers one
+    request with *head* then up to *total* bytes of body ("x" * 64 KiB at a time, as HTTP chunks
+    when *chunked*), stopping when the client hangs up; ``result["sent"]`` is the body bytes it
+    got out, ``result["done"]`` is set when it stops."""
+    listeners: List[socket.socket] = []
+    threads: List[threading.Thread] = []
+
+    def serve(listener: socket.socket, head: bytes, total: int, chunked: bool, result: Dict[str, Any]) -> None:
+        conn, _ = listener.accept()
+        piece = b"x" * 65536
+        if chunked:
+            piece = b"%x\r\n" % len(piece) + piece + b"\r\n"
+        try:
+            with conn:
+                conn.settimeout(30)
+                if not read_request_head(conn):
+                    return
+                conn.sendall(head)
+                while result["sent"] < total:
+                    conn.sendall(piece)
+                    result["sent"] += 65536
+                if chunked:
+                    conn.sendall(b"0\r\n\r\n")
+        except OSError:
+            pass  # the client hung up
+        finally:
+            result["done"].set()
+
+    def start(head: bytes, total: int, chunked: bool = False) -> Tuple[str, Dict[str, Any]]:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listeners.append(listener)
+        result: Dict[str, Any] = {"sent": 0, "done": threading.Event()}
+        thread = threading.Thread(target=serve, args=(listener, head, total, chunked, result), daemon=True)
+        thread.start()
+        threads.append(thread)
+        return f"127.0.0.1:{listener.getsockname()[1]}", result
+
+    yield start
+    for thread in threads:
+        thread.join(10)
+    for listener in listeners:
+        listener.close()
+
+
+FLOOD = 256 * 1024 * 1024  # what the server would send; the client stops after about 1 MiB
+FLOOD_HEADS = {
+    "Content-Length": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % FLOOD,
+    "until close": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n",
+    "chunked": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
+    "404 until close": b"HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("framing", list(FLOOD_HEADS))
+def test_response_body_over_max_response_size_is_not_read(flood, framing):
+    # a hostile nsqlookupd pushed the client to 1.26 GB within the Reader's 2 s lookupd timeout
+    address, result = flood(FLOOD_HEADS[framing], FLOOD, chunked=framing == "chunked")
+    c = LookupdClient(address, timeout=20, max_response_size=1024 * 1024)
+    started = time.monotonic()
+    with pytest.raises(HTTPError) as info:
+        c.producers("t")
+    assert time.monotonic() - started < 10
+    err = info.value
+    assert err.status == (404 if framing.startswith("404") else 200)
+    assert err.url == f"http://{address}/lookup?topic=t"
+    if framing == "Content-Length":
+        assert err.message == (f"response body of {FLOOD} bytes (Content-Length) is over max_response_size "
+                               f"({1024 * 1024} bytes); not read")
+    else:
+        assert err.message == f"response body is over max_response_size ({1024 * 1024} bytes); stopped reading"
+    assert result["done"].wait(10)  # the client hung up: the server could not send it all
+    assert result["sent"] < FLOOD // 2
+
+
+def test_default_max_response_size_refuses_a_declared_huge_body(flood):
+    # (the server declares 1 GiB but sends only 64 KiB: the client refuses before reading any)
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (1 << 30)
+    address, result = flood(head, 65536)
+    with pytest.raises(HTTPError) as info:
+        NsqdHTTPClient(address, timeout=20).stats()
+    assert info.value.status == 200
+    assert "max_response_size (67108864 bytes)" in info.value.message
+
+
+@pytest.mark.parametrize("content_length", [True, False])
+def test_body_at_max_response_size_is_read_whole(trickle, content_length):
+    head = TOPICS_HEAD if content_length else (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                              b"Connection: close\r\n\r\n")
+    assert LookupdClient(trickle(head + TOPICS_BODY, b"", 0), max_response_size=len(TOPICS_BODY)).topics() == ["a"]
+    assert LookupdClient(trickle(head + TOPICS_BODY, b"", 0), max_response_size=None).topics() == ["a"]
+    with pytest.raises(HTTPError) as info:
+        LookupdClient(trickle(head + TOPICS_BODY, b"", 0), max_response_size=len(TOPICS_BODY) - 1).topics()
+    assert f"max_response_size ({len(TOPICS_BODY) - 1} bytes)" in info.value.message
 
 
 def test_server_closing_without_answer_is_http_error_zero():
