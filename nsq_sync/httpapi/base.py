@@ -25,7 +25,7 @@ import socket
 import ssl
 import time
 from typing import Any, Dict, Mapping, Optional, Tuple, Type, TypeVar, Union
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from ..errors import ConfigError, HTTPError, peer_text
 from ..protocol.identify import MAX_WAIT_SECONDS
@@ -209,6 +209,9 @@ def _check_path(path: object) -> str:
     if not path.startswith("/"):
         # (it is appended to the base URL as is: "ping" would make "http://host:4151ping")
         raise ConfigError("path", path, "must start with '/', e.g. '/ping'")
+    if "#" in path:
+        # (a fragment is never sent to a server: http.client would send it as part of the path)
+        raise ConfigError("path", path, "must not contain '#' (a fragment; percent-encode it as %23 in a value)")
     return path
 
 
@@ -228,6 +231,26 @@ def _encode_params(params: Optional[Params]) -> str:
         return urlencode(pairs)
     except UnicodeEncodeError as exc:  # a lone surrogate: str is not encodable as UTF-8
         raise ConfigError("params", "<not UTF-8>", f"str is not encodable as UTF-8 ({exc.reason}); pass valid text") from None
+
+
+def _path_and_query(path: object, params: Optional[Params]) -> str:
+    """*path* (checked) with *params* added to its query: after a ``?`` in *path* with ``&``.
+
+    A parameter both in *path*'s query and in *params* is a :class:`ConfigError` naming ``params``:
+    sent twice, nsqd would use the first one and silently ignore the other.
+    """
+    path = _check_path(path)
+    query = _encode_params(params)
+    if not query:
+        return path
+    route, _, path_query = path.partition("?")
+    if not path_query.strip("&"):
+        return f"{route}?{query}"
+    in_path = {key for key, _ in parse_qsl(path_query, keep_blank_values=True)}
+    twice = [key for key, _ in parse_qsl(query, keep_blank_values=True) if key in in_path]
+    if twice:
+        raise ConfigError("params", sorted(set(twice)), f"also in the query of path {path!r}; give each parameter once")
+    return f"{path}&{query}"
 
 
 def _decode_text(body: bytes) -> str:
@@ -501,13 +524,12 @@ class HTTPClient:
     # -- requests ---------------------------------------------------------
 
     def url_for(self, path: str, params: Optional[Params] = None) -> str:
-        """The full URL a request for *path* with query *params* goes to.
+        """The full URL a request for *path* with query *params* goes to (*params* are added to a
+        query already in *path* with ``&``).
 
         Raises TypeError or :class:`ConfigError` for a bad *path* or *params*, as :meth:`request` does.
         """
-        path = _check_path(path)
-        query = _encode_params(params)
-        return f"{self._base_url}{path}" + (f"?{query}" if query else "")
+        return f"{self._base_url}{_path_and_query(path, params)}"
 
     def _connection(self, deadline: float) -> _Connection:
         context = None
@@ -531,21 +553,22 @@ class HTTPClient:
         and ``HTTPError(0, reason)`` raised from the underlying
         exception when no (whole) answer arrived (refused, not done within the client's
         *timeout*, DNS, TLS, reset, closed without answering).
+        *path* may carry a query (``"/stats?format=json"``): *params* are added to it with ``&``.
         Before connecting, a bad *method*, *path*, *params*, *body* or *content_type*
         raises TypeError or :class:`ConfigError` naming it (e.g. a method with CR/LF,
-        a non-ASCII path or one not starting with "/", params that are not a mapping, a str body).
+        a non-ASCII path, one not starting with "/" or holding a ``#``, params that are not a
+        mapping or that repeat a parameter of *path*'s query, a str body).
         """
         method = _check_method(method)
-        path = _check_path(path)
-        query = _encode_params(params)
+        path_query = _path_and_query(path, params)
         if body is not None and not isinstance(body, (bytes, bytearray, memoryview)):
             raise TypeError(f"body must be bytes, bytearray or memoryview, not {type(body).__name__}")
         if content_type is not None:
             if not isinstance(content_type, str):
                 raise TypeError(f"content_type must be str, not {type(content_type).__name__}")
             _check_header_value("content_type", content_type, content_type)
-        target = f"{self._prefix}{path}" + (f"?{query}" if query else "")
-        url = f"{self._base_url}{path}" + (f"?{query}" if query else "")
+        target = f"{self._prefix}{path_query}"
+        url = f"{self._base_url}{path_query}"
         headers = {"Accept": ACCEPT_V1, "User-Agent": _USER_AGENT}
         if body is not None:
             headers["Content-Type"] = content_type or "application/octet-stream"

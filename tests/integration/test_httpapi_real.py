@@ -108,6 +108,22 @@ def test_pub_mpub_and_depth(nsqd):
     assert channel["clients"] == []
 
 
+def test_params_are_added_to_a_query_in_the_path(nsqd):
+    client = NsqdHTTPClient(nsqd.http_address)
+    client.create_topic("ht1")
+    client.create_channel("ht1", "c")
+    # was sent as "/pub?topic=ht1?defer=60000": 400 INVALID_TOPIC
+    assert client.post("/pub?topic=ht1", {"defer": 60_000}, b"x") == "OK"
+    wait_until(lambda: client.channel_stats("ht1", "c")["deferred_count"] == 1, timeout=5, message="deferred message")
+    # was "/stats?format=json?topic=ht1": nsqd answered its text format ("not valid JSON")
+    stats = client.get_json("/stats?format=json", {"topic": "ht1", "include_mem": False})
+    assert [t["topic_name"] for t in stats["topics"]] == ["ht1"]
+    assert "memory" not in stats
+    with pytest.raises(ConfigError) as info:
+        client.get_json("/stats?format=json", {"format": "text"})
+    assert info.value.param == "params"
+
+
 def test_pub_deferred(nsqd):
     client = NsqdHTTPClient(nsqd.http_address)
     client.create_topic("deferred")

@@ -790,6 +790,58 @@ def test_lookup_answer_of_the_wrong_shape_is_http_error(server, payload, problem
         assert info.value.url == f"http://{server.address}/lookup?topic=t"
 
 
+# ---------------------------------------------------------------- a query in the path
+
+
+def test_params_are_added_to_a_query_in_the_path(server):
+    server.route("POST", "/pub", text_reply("OK"))
+    server.route("GET", "/stats", json_reply({"topics": []}))
+    c = NsqdHTTPClient(server.address)
+    # was sent as "/pub?topic=ht1?defer=1000": nsqd answered 400 INVALID_TOPIC
+    assert c.post("/pub?topic=ht1", {"defer": 1000}, b"x") == "OK"
+    # was "/stats?format=json?topic=ht1": nsqd answered its text format, "not valid JSON"
+    assert c.get_json("/stats?format=json", {"topic": "ht1", "channel": None}) == {"topics": []}
+    assert c.get_json("/stats?", {"topic": "ht1"}) == {"topics": []}
+    assert c.get_json("/stats?format=json", {}) == {"topics": []}
+    first, second, third, fourth = server.requests
+    assert (first.path, first.query) == ("/pub", {"topic": ["ht1"], "defer": ["1000"]})
+    assert (second.path, second.query) == ("/stats", {"format": ["json"], "topic": ["ht1"]})
+    assert (third.path, third.query) == ("/stats", {"topic": ["ht1"]})
+    assert (fourth.path, fourth.query) == ("/stats", {"format": ["json"]})
+    assert c.url_for("/stats?format=json", {"topic": "t#x"}) == f"http://{server.address}/stats?format=json&topic=t%23x"
+    with pytest.raises(HTTPError) as info:
+        c.get_json("/nope?a=1", {"b": True})
+    assert info.value.url == f"http://{server.address}/nope?a=1&b=true"
+
+
+@pytest.mark.parametrize("path, params, twice", [
+    ("/stats?format=json", {"format": "text"}, ["format"]),
+    ("/stats?for%6Dat=json", {"format": "json"}, ["format"]),  # the same parameter, percent-encoded
+    ("/pub?topic=a&defer=1", {"defer": 5, "topic": "b"}, ["defer", "topic"]),
+    ("/pub?flag", {"flag": True}, ["flag"]),
+])
+def test_a_param_also_in_the_path_query_is_a_config_error(server, path, params, twice):
+    c = HTTPClient(server.address)
+    for call in (lambda: c.get_json(path, params), lambda: c.post(path, params, b"x"), lambda: c.url_for(path, params)):
+        with pytest.raises(ConfigError) as info:
+            call()  # was sent with the parameter twice: nsqd uses the first, silently
+        assert (info.value.param, info.value.value) == ("params", twice)
+        assert path in str(info.value)
+    assert server.requests == []
+
+
+@pytest.mark.parametrize("path", ["/ping#frag", "/stats?format=json#x", "/#"])
+def test_a_fragment_in_the_path_is_a_config_error(server, path):
+    server.route("GET", "/ping", text_reply("OK", v1=False))
+    server.route("GET", "/stats", json_reply({}))
+    c = HTTPClient(server.address)
+    for call in (lambda: c.request("GET", path), lambda: c.get_json(path), lambda: c.url_for(path)):
+        with pytest.raises(ConfigError) as info:
+            call()  # was sent as is
+        assert info.value.param == "path"
+    assert server.requests == []
+
+
 def test_lookup_null_lists_are_empty(server):
     server.route("GET", "/lookup", json_reply({"channels": None, "producers": None}))
     c = LookupdClient(server.address)
