@@ -24,13 +24,13 @@ import re
 import socket
 import ssl
 import time
-from typing import Any, Dict, Mapping, Optional, Tuple, Type, TypeVar, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Type, TypeVar, Union
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from ..errors import ConfigError, HTTPError, peer_text
 from ..protocol.identify import MAX_WAIT_SECONDS
 
-__all__ = ["HTTPClient", "HTTPResponse", "ACCEPT_V1"]
+__all__ = ["HTTPClient", "HTTPResponse", "ACCEPT_V1", "AnswerShape"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,11 @@ _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+").fullmatch
 #: the default max_response_size: nsqd's /stats with many clients can be several MB
 DEFAULT_MAX_RESPONSE_SIZE = 64 * 1024 * 1024
 _READ_CHUNK = 64 * 1024
+#: the most characters of an answer quoted in an HTTPError about its shape
+_QUOTE_LIMIT = 200
+#: what an admin action (the last part of its route) does, for "may or may not have been ..."
+_ACTION_DONE = {"create": "created", "delete": "deleted", "empty": "emptied", "pause": "paused",
+                "unpause": "unpaused", "tombstone": "tombstoned"}
 
 ParamValue = Union[str, int, bool, None]
 Params = Mapping[str, ParamValue]
@@ -261,6 +266,35 @@ def _is_legacy_envelope(payload: object) -> bool:
     return isinstance(payload, dict) and set(payload) == _LEGACY_KEYS
 
 
+def json_kind(value: object) -> str:
+    """The JSON name of the type of *value* (parsed JSON): ``object``, ``array``, ``string``, ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {dict: "object", list: "array", str: "string"}.get(type(value), type(value).__name__)
+
+
+def quote_json(value: object) -> str:
+    """*value* (parsed from an answer) as JSON for an error message: bounded and escaped with
+    :func:`~nsq_sync.errors.peer_text`."""
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (ValueError, TypeError, RecursionError):
+        return f"<a JSON {json_kind(value)}>"
+    return peer_text(text, _QUOTE_LIMIT)
+
+
+def quote_body(body: bytes) -> str:
+    """An answer's *body* for an error message: quoted, bounded and escaped with
+    :func:`~nsq_sync.errors.peer_text` (``an empty body`` when there is none)."""
+    if not body:
+        return "an empty body"
+    return f"'{peer_text(_decode_text(body), _QUOTE_LIMIT)}'"
+
+
 def _error_message(body: bytes, reason: str) -> str:
     """The server's explanation of a failed request: JSON ``message``, legacy ``status_txt`` or the text,
     bounded and escaped with :func:`~nsq_sync.errors.peer_text` (it goes into exceptions and logs)."""
@@ -410,8 +444,9 @@ class HTTPResponse:
         """
         try:
             payload = json.loads(self.body.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise HTTPError(self.status, f"response is not valid JSON ({exc})", self.url) from exc
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            raise HTTPError(self.status, f"response is not valid JSON ({why}): {quote_body(self.body)}", self.url) from exc
         if not self.is_v1 and _is_legacy_envelope(payload):
             code = payload.get("status_code")
             if isinstance(code, int) and not 200 <= code < 300:
@@ -421,6 +456,116 @@ class HTTPResponse:
 
     def __repr__(self) -> str:
         return f"<HTTPResponse {self.status} {self.url} ({len(self.body)} bytes)>"
+
+
+class AnswerShape:
+    """Checks of one 2xx answer against the shape a method documents (``what`` names the server
+    and route, ``"nsqd /stats"``).
+
+    Each failed check raises :class:`HTTPError` with the answer's status and URL and a message
+    ``not an {what} answer: {problem}: {quote}``, where *problem* names the field (``'topics[0].depth'``)
+    and *quote* is the offending value or body, bounded and escaped (:func:`quote_json`,
+    :func:`quote_body`).  The field *path* arguments name fields in messages: ``"topics[0]"``.
+    """
+
+    __slots__ = ("resp", "what")
+
+    def __init__(self, resp: HTTPResponse, what: str) -> None:
+        self.resp = resp
+        self.what = what
+
+    def error(self, problem: str, quoted: str) -> HTTPError:
+        return HTTPError(self.resp.status, f"not an {self.what} answer: {problem}: {quoted}", self.resp.url)
+
+    def _wrong(self, path: str, value: object, expected: str) -> HTTPError:
+        problem = f"a JSON {json_kind(value)}, not {expected}"
+        # (no path: the whole answer, "a JSON array, not an object")
+        return self.error(f"'{path}' is {problem}" if path else problem, quote_json(value))
+
+    def obj(self, value: object, path: str = "") -> Dict[str, Any]:
+        """*value* when it is a JSON object."""
+        if not isinstance(value, dict):
+            raise self._wrong(path, value, "an object")
+        return value
+
+    def list_field(self, obj: Dict[str, Any], key: str, prefix: str = "") -> List[Any]:
+        """``obj[key]`` when it is a list; ``null`` becomes (and is stored as) ``[]``."""
+        value = self.optional_list_field(obj, key, prefix)
+        if value is None:
+            raise self.error(f"no '{self._path(prefix, key)}' list", quote_json(obj))
+        return value
+
+    def optional_list_field(self, obj: Dict[str, Any], key: str, prefix: str = "") -> Optional[List[Any]]:
+        """As :meth:`list_field`, but None (and *obj* left as it is) when *key* is missing."""
+        if key not in obj:
+            return None
+        value = obj[key]
+        if value is None:
+            obj[key] = value = []  # (Go encodes an empty slice as null)
+        elif not isinstance(value, list):
+            raise self._wrong(self._path(prefix, key), value, "a list")
+        return value
+
+    @staticmethod
+    def _path(prefix: str, key: str) -> str:
+        return f"{prefix}.{key}" if prefix else key
+
+    def items(self, values: List[Any], prefix: str, kind: type) -> None:
+        """Every item of the list *values* (the field *prefix*) is a *kind* (dict or str)."""
+        expected = "an object" if kind is dict else "a string"
+        for i, value in enumerate(values):
+            if not isinstance(value, kind):
+                raise self._wrong(f"{prefix}[{i}]", value, expected)
+
+    def str_field(self, obj: Dict[str, Any], key: str, prefix: str = "") -> str:
+        """``obj[key]`` when it is a string."""
+        path = self._path(prefix, key)
+        if key not in obj:
+            raise self.error(f"no '{path}' string", quote_json(obj))
+        value = obj[key]
+        if not isinstance(value, str):
+            raise self._wrong(path, value, "a string")
+        return value
+
+    def count_field(self, obj: Dict[str, Any], key: str, prefix: str = "") -> int:
+        """``obj[key]`` when it is an int >= 0 (a JSON number without a fraction or exponent)."""
+        path = self._path(prefix, key)
+        if key not in obj:
+            raise self.error(f"no '{path}' number", quote_json(obj))
+        value = obj[key]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self._wrong(path, value, "an integer")
+        if value < 0:
+            raise self.error(f"'{path}' is negative", quote_json(value))
+        return value
+
+    def text_is(self, expected: bytes, consequence: str = "") -> None:
+        """The body is *expected* (surrounding whitespace aside).  *consequence* says what the
+        caller cannot know then (``"the message may or may not have been published"``)."""
+        if self.resp.body.strip() != expected:
+            raise self._unexpected_text(f"'{expected.decode()}'", consequence)
+
+    def empty(self, consequence: str) -> None:
+        """The body is empty (whitespace aside), as nsqd and nsqlookupd answer their admin actions;
+        a pre-1.0 ``{"status_code", "status_txt", "data"}`` envelope with a 2xx status is taken too
+        (a non-2xx one raises :class:`HTTPError` with its status and text)."""
+        body = self.resp.body.strip()
+        if not body:
+            return
+        if not self.resp.is_v1 and body.startswith(b"{"):
+            try:
+                payload = json.loads(body.decode("utf-8"))
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                payload = None
+            if _is_legacy_envelope(payload):
+                self.resp.json()  # (raises for a non-2xx status_code)
+                return
+        raise self._unexpected_text("an empty body", consequence)
+
+    def _unexpected_text(self, expected: str, consequence: str) -> HTTPError:
+        so = f", so {consequence}" if consequence else ""
+        return HTTPError(self.resp.status, f"not an {self.what} answer{so}: expected {expected}, got "
+                                           f"{quote_body(self.resp.body)}", self.resp.url)
 
 
 class HTTPClient:
@@ -446,6 +591,9 @@ class HTTPClient:
     :class:`ConfigError` naming ``headers``; a *max_response_size* below 1 raises
     :class:`ConfigError` naming it (TypeError when it is not an int or None).
     """
+
+    #: the server's name in messages about an answer of the wrong shape
+    _server = "NSQ"
 
     def __init__(
         self,
@@ -631,14 +779,32 @@ class HTTPClient:
         resp = self.request("POST", path, params, body, content_type)
         return resp.text()
 
-    def ping(self) -> bool:
-        """GET ``/ping``; True when the server answers 2xx.
+    def _admin_action(self, route: str, params: Dict[str, str], target: str) -> None:
+        """POST an admin action (``/topic/create``, ...) that nsqd and nsqlookupd answer with an
+        empty body; anything else is an :class:`HTTPError` saying the *target* (``"topic"``)
+        may or may not have been changed."""
+        resp = self.request("POST", route, params)
+        done = _ACTION_DONE.get(route.rsplit("/", 1)[-1], "changed")
+        AnswerShape(resp, f"{self._server} {route}").empty(f"the {target} may or may not have been {done}")
 
-        Raises :class:`HTTPError` otherwise (nsqd answers 500 with its health text when unhealthy).
+    def ping(self) -> bool:
+        """GET ``/ping``; True when the server answers 2xx with ``OK`` (what nsqd, nsqlookupd and
+        nsqadmin answer).
+
+        Raises :class:`HTTPError` otherwise: nsqd answers 500 with its health text when unhealthy,
+        and any other answer (a proxy's login page, say) is one with the answer's status.
         """
-        self.request("GET", "/ping")
+        resp = self.request("GET", "/ping")
+        AnswerShape(resp, f"{self._server} /ping").text_is(b"OK")
         return True
 
     def info(self) -> Dict[str, Any]:
-        """GET ``/info``: the server's version and (for nsqd) ports and limits. Raises :class:`HTTPError`."""
-        return self.get_json("/info")
+        """GET ``/info``: the server's version and (for nsqd) ports and limits.
+
+        Raises :class:`HTTPError`, also when the answer is not a JSON object with a ``version`` string.
+        """
+        resp = self.request("GET", "/info")
+        shape = AnswerShape(resp, f"{self._server} /info")
+        data = shape.obj(resp.json())
+        shape.str_field(data, "version")
+        return data

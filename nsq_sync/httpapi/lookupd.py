@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from ..addresses import check_host
 from ..errors import ConfigError, HTTPError
 from ..protocol.names import check_channel, check_topic
-from .base import HTTPClient
+from .base import AnswerShape, HTTPClient
 
 __all__ = ["LookupdClient"]
 
@@ -52,16 +52,6 @@ def _check_node(node: object) -> str:
     return f"{host}:{port}"
 
 
-def _json_kind(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    return {dict: "object", list: "array", str: "string"}.get(type(value), type(value).__name__)
-
-
 def _producer_address(entry: object) -> Optional[Tuple[str, int]]:
     """``(broadcast_address, tcp_port)`` of one /lookup producer entry; None when it has no usable pair."""
     if not isinstance(entry, dict):
@@ -74,13 +64,6 @@ def _producer_address(entry: object) -> Optional[Tuple[str, int]]:
     except ConfigError:
         return None
     return host, port
-
-
-def _list_field(data: Any, key: str) -> List[Any]:
-    if isinstance(data, dict):
-        value = data.get(key)
-        return list(value) if value else []
-    return []
 
 
 def strip_lookup_path(address: object) -> object:
@@ -101,8 +84,11 @@ class LookupdClient(HTTPClient):
     for *timeout*, *ssl_context*, *headers* and *max_response_size*. An address ending in ``/lookup`` (pynsq's
     form) stands for the base address. Every method raises
     :class:`~nsq_sync.errors.HTTPError` when nsqlookupd answers non-2xx or cannot be
-    reached (``.status == 0``).
+    reached (``.status == 0``), and when a 2xx answer is not what nsqlookupd answers
+    (``.status`` is the answer's, and ``.message`` starts ``not an nsqlookupd /<route> answer``).
     """
+
+    _server = "nsqlookupd"
 
     def __init__(self, address: str, *args: Any, **kwargs: Any) -> None:
         super().__init__(strip_lookup_path(address), *args, **kwargs)  # type: ignore[arg-type]
@@ -116,26 +102,19 @@ class LookupdClient(HTTPClient):
         Tombstoned and inactive producers are left out by nsqlookupd.  Raises
         ConfigError/TypeError for a bad name; HTTPError, in particular status 404 with
         message ``TOPIC_NOT_FOUND`` when no nsqd has registered the topic (see :meth:`producers`),
-        and with the answer's status when it is not a /lookup answer (not a JSON object, or
-        ``producers`` missing or not a list; ``null`` lists are returned as ``[]``).  The
-        producer entries are returned as nsqlookupd sent them.
+        and with the answer's status when it is not a /lookup answer (not a JSON object,
+        ``producers`` missing or not a list, or ``channels`` not a list of strings; ``null`` lists
+        are returned as ``[]``).  The producer entries are returned as nsqlookupd sent them.
         """
         resp = self.request("GET", "/lookup", {"topic": check_topic(topic)})
-        data = resp.json()
-
-        def malformed(problem: str) -> HTTPError:
-            return HTTPError(resp.status, f"not an nsqlookupd /lookup answer: {problem}", resp.url)
-
-        if not isinstance(data, dict):
-            raise malformed(f"a JSON {_json_kind(data)}, not an object")
-        if "producers" not in data:
-            raise malformed("no 'producers' list")
-        for key in ("producers", "channels"):
-            value = data.get(key)
-            if value is None:
-                data[key] = []  # (Go's empty slice may be encoded as null)
-            elif not isinstance(value, list):
-                raise malformed(f"'{key}' is a JSON {_json_kind(value)}, not a list")
+        shape = AnswerShape(resp, "nsqlookupd /lookup")
+        data = shape.obj(resp.json())
+        shape.list_field(data, "producers")  # (its entries are returned as sent: see producers())
+        channels = shape.optional_list_field(data, "channels")
+        if channels is None:
+            data["channels"] = []
+        else:
+            shape.items(channels, "channels", str)
         return data
 
     def producers(self, topic: str) -> List[Tuple[str, int]]:
@@ -167,27 +146,45 @@ class LookupdClient(HTTPClient):
             )
         return found
 
+    def _names(self, route: str, key: str, params: Optional[Dict[str, str]] = None) -> List[str]:
+        """The list of strings *key* of the answer to ``GET route`` (``null`` is ``[]``)."""
+        resp = self.request("GET", route, params)
+        shape = AnswerShape(resp, f"nsqlookupd {route}")
+        names = shape.list_field(shape.obj(resp.json()), key)
+        shape.items(names, key, str)
+        return names
+
     def topics(self) -> List[str]:
-        """``GET /topics``: every topic registered. Raises HTTPError."""
-        return _list_field(self.get_json("/topics"), "topics")
+        """``GET /topics``: every topic registered.
+
+        Raises HTTPError, also when the answer is not a JSON object with a ``topics`` list of strings.
+        """
+        return self._names("/topics", "topics")
 
     def channels(self, topic: str) -> List[str]:
         """``GET /channels``: the channels registered for *topic* (``[]`` for an unknown topic).
 
-        Raises ConfigError/TypeError for a bad name, HTTPError.
+        Raises ConfigError/TypeError for a bad name, HTTPError, also when the answer is not a JSON
+        object with a ``channels`` list of strings.
         """
-        return _list_field(self.get_json("/channels", {"topic": check_topic(topic)}), "channels")
+        return self._names("/channels", "channels", {"topic": check_topic(topic)})
 
     def nodes(self) -> List[Dict[str, Any]]:
         """``GET /nodes``: every active nsqd, as dicts with ``broadcast_address``, ``tcp_port``,
         ``http_port``, ``hostname``, ``remote_address``, ``version``, ``topics`` and
-        ``tombstones`` (one bool per topic; tombstoned nodes are included). Raises HTTPError.
+        ``tombstones`` (one bool per topic; tombstoned nodes are included), as nsqlookupd sent them.
+
+        Raises HTTPError, also when the answer is not a JSON object with a ``producers`` list of objects.
         """
-        return _list_field(self.get_json("/nodes"), "producers")
+        resp = self.request("GET", "/nodes")
+        shape = AnswerShape(resp, "nsqlookupd /nodes")
+        nodes = shape.list_field(shape.obj(resp.json()), "producers")
+        shape.items(nodes, "producers", dict)
+        return nodes
 
     def create_topic(self, topic: str) -> None:
         """``POST /topic/create``: register *topic* without a producer. Raises ConfigError/TypeError, HTTPError."""
-        self.post("/topic/create", {"topic": check_topic(topic)})
+        self._admin_action("/topic/create", {"topic": check_topic(topic)}, "topic")
 
     def delete_topic(self, topic: str) -> None:
         """``POST /topic/delete``: forget *topic* and its channels (succeeds for unknown topics).
@@ -195,15 +192,15 @@ class LookupdClient(HTTPClient):
         nsqds that still have the topic register it again on their next heartbeat/change.
         Raises ConfigError/TypeError, HTTPError.
         """
-        self.post("/topic/delete", {"topic": check_topic(topic)})
+        self._admin_action("/topic/delete", {"topic": check_topic(topic)}, "topic")
 
     def create_channel(self, topic: str, channel: str) -> None:
         """``POST /channel/create``: register *channel* (and *topic*). Raises ConfigError/TypeError, HTTPError."""
-        self.post("/channel/create", {"topic": check_topic(topic), "channel": check_channel(channel)})
+        self._admin_action("/channel/create", {"topic": check_topic(topic), "channel": check_channel(channel)}, "channel")
 
     def delete_channel(self, topic: str, channel: str) -> None:
         """``POST /channel/delete``. Raises ConfigError/TypeError, HTTPError (404 ``CHANNEL_NOT_FOUND``)."""
-        self.post("/channel/delete", {"topic": check_topic(topic), "channel": check_channel(channel)})
+        self._admin_action("/channel/delete", {"topic": check_topic(topic), "channel": check_channel(channel)}, "channel")
 
     def tombstone_topic(self, topic: str, node: str) -> None:
         """``POST /topic/tombstone``: hide the producer *node* (``"broadcast_address:http_port"``)
@@ -214,4 +211,4 @@ class LookupdClient(HTTPClient):
         A node that does not match any producer is silently ignored by nsqlookupd.
         Raises ConfigError/TypeError for a bad topic or node, HTTPError.
         """
-        self.post("/topic/tombstone", {"topic": check_topic(topic), "node": _check_node(node)})
+        self._admin_action("/topic/tombstone", {"topic": check_topic(topic), "node": _check_node(node)}, "producer")

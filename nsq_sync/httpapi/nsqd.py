@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import logging
 import struct
-from typing import Any, Dict, Iterable, List, Optional, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 from ..errors import ConfigError
 from ..protocol.names import check_channel, check_topic
-from .base import HTTPClient
+from .base import AnswerShape, HTTPClient
 
 __all__ = ["NsqdHTTPClient", "encode_mpub_binary"]
 
@@ -81,11 +81,31 @@ def _check_defer(defer_ms: object) -> Optional[int]:
     return defer_ms
 
 
-def _lists(obj: Dict[str, Any], *keys: str) -> None:
-    # nsqd marshals empty Go slices as null; callers iterate, so give them lists
-    for key in keys:
-        if obj.get(key) is None and key in obj:
-            obj[key] = []
+def _check_stats(shape: AnswerShape, data: object) -> Dict[str, Any]:
+    """nsqd's /stats answer when it has the documented shape: an object whose ``topics`` (and
+    ``producers``, when there) are lists of objects, each topic with a ``topic_name`` string and a
+    ``channels`` list of objects, each channel with a ``channel_name`` string and (when there) a
+    ``clients`` list of objects.  nsqd marshals empty Go slices as null: those become ``[]``.
+    Raises :class:`HTTPError` (via *shape*) for anything else."""
+    stats = shape.obj(data)
+    topics = shape.list_field(stats, "topics")
+    shape.items(topics, "topics", dict)
+    producers = shape.optional_list_field(stats, "producers")  # (nsqd >= 1.1)
+    if producers is not None:
+        shape.items(producers, "producers", dict)
+    for i, topic in enumerate(topics):
+        where = f"topics[{i}]"
+        shape.str_field(topic, "topic_name", where)
+        channels = shape.list_field(topic, "channels", where)
+        shape.items(channels, f"{where}.channels", dict)
+        for j, channel in enumerate(channels):
+            at = f"{where}.channels[{j}]"
+            shape.str_field(channel, "channel_name", at)
+            clients = shape.optional_list_field(channel, "clients", at)
+            if clients is not None:
+                shape.items(clients, f"{at}.clients", dict)
+    return stats
+
 
 
 class NsqdHTTPClient(HTTPClient):
@@ -95,8 +115,11 @@ class NsqdHTTPClient(HTTPClient):
     for *timeout*, *ssl_context*, *headers* and *max_response_size*.  Every method raises
     :class:`~nsq_sync.errors.HTTPError` when nsqd answers non-2xx (``.status`` and
     nsqd's ``.message`` such as ``"TOPIC_NOT_FOUND"``) or cannot be reached
-    (``.status == 0``).
+    (``.status == 0``), and when a 2xx answer is not what nsqd answers (``.status`` is the
+    answer's, and ``.message`` starts ``not an nsqd /<route> answer``).
     """
+
+    _server = "nsqd"
 
     # ping() and info() come from HTTPClient: nsqd answers /ping with the text "OK"
     # (500 and its health text such as "NOK - ..." when unhealthy).
@@ -115,8 +138,16 @@ class NsqdHTTPClient(HTTPClient):
         ``producers`` and each ``channels``/``clients`` list are lists, never None.
         An unknown topic gives ``topics == []``, not an error.
 
-        Raises ConfigError/TypeError for a bad topic/channel name, HTTPError on failure.
+        Raises ConfigError/TypeError for a bad topic/channel name, HTTPError on failure, also when
+        the answer is not nsqd's shape: not a JSON object, ``topics`` missing or not a list of
+        objects each with a ``topic_name`` string and a ``channels`` list of objects each with a
+        ``channel_name`` string, or ``producers``/``clients`` there but not lists of objects.
         """
+        return self._stats(topic, channel, include_clients, include_mem)[1]
+
+    def _stats(
+        self, topic: Optional[str], channel: Optional[str], include_clients: bool, include_mem: bool,
+    ) -> Tuple[AnswerShape, Dict[str, Any]]:
         params: Dict[str, Any] = {"format": "json"}
         if topic is not None:
             params["topic"] = check_topic(topic)
@@ -124,64 +155,66 @@ class NsqdHTTPClient(HTTPClient):
             params["channel"] = check_channel(channel)
         params["include_clients"] = bool(include_clients)
         params["include_mem"] = bool(include_mem)
-        data = self.get_json("/stats", params)
-        if isinstance(data, dict):
-            _lists(data, "topics", "producers")
-            for t in data.get("topics") or []:
-                if isinstance(t, dict):
-                    _lists(t, "channels")
-                    for c in t.get("channels") or []:
-                        if isinstance(c, dict):
-                            _lists(c, "clients")
-        return data
+        resp = self.request("GET", "/stats", params)
+        shape = AnswerShape(resp, "nsqd /stats")
+        return shape, _check_stats(shape, resp.json())
+
+    def _topic_entry(self, topic: str) -> Tuple[AnswerShape, str, Optional[Dict[str, Any]]]:
+        """(the answer's checks, the entry's field name such as ``"topics[0]"``, the entry or None)."""
+        topic = check_topic(topic)
+        shape, data = self._stats(topic, None, False, False)
+        for i, entry in enumerate(data["topics"]):
+            if entry["topic_name"] == topic:
+                return shape, f"topics[{i}]", entry
+        return shape, "", None
+
+    def _channel_entry(self, topic: str, channel: str) -> Tuple[AnswerShape, str, Optional[Dict[str, Any]]]:
+        topic = check_topic(topic)
+        channel = check_channel(channel)
+        shape, data = self._stats(topic, channel, True, False)
+        for i, entry in enumerate(data["topics"]):
+            if entry["topic_name"] != topic:
+                continue
+            for j, found in enumerate(entry["channels"]):
+                if found["channel_name"] == channel:
+                    return shape, f"topics[{i}].channels[{j}]", found
+        return shape, "", None
 
     def topic_stats(self, topic: str) -> Optional[Dict[str, Any]]:
         """The stats dict of *topic* (``depth``, ``backend_depth``, ``message_count``, ``paused``,
         ``channels``, ...) or None when nsqd does not have the topic.
 
-        Raises ConfigError/TypeError for a bad name, HTTPError on failure.
+        Raises ConfigError/TypeError for a bad name, HTTPError on failure (as :meth:`stats`).
         """
-        topic = check_topic(topic)
-        data = self.stats(topic=topic, include_clients=False, include_mem=False)
-        for t in data.get("topics", []):
-            if t.get("topic_name") == topic:
-                return t
-        return None
+        return self._topic_entry(topic)[2]
 
     def topic_depth(self, topic: str) -> int:
         """Messages waiting in *topic* itself (memory + disk; nsqd's ``depth`` already includes
         ``backend_depth``); 0 when the topic does not exist.
 
         Once a topic has channels nsqd moves its messages into them, so this drops to 0;
-        use :meth:`channel_depth` then.  Raises ConfigError/TypeError, HTTPError.
+        use :meth:`channel_depth` then.  Raises ConfigError/TypeError, HTTPError (as :meth:`stats`,
+        and when the topic's ``depth`` is not an integer >= 0).
         """
-        stats = self.topic_stats(topic)
-        return int(stats.get("depth", 0)) if stats else 0
+        shape, where, entry = self._topic_entry(topic)
+        return shape.count_field(entry, "depth", where) if entry is not None else 0
 
     def channel_stats(self, topic: str, channel: str) -> Optional[Dict[str, Any]]:
         """The stats dict of *channel* in *topic* (``depth``, ``backend_depth``, ``in_flight_count``,
         ``deferred_count``, ``requeue_count``, ``timeout_count``, ``message_count``,
         ``client_count``, ``clients``, ``paused``, ...) or None when either does not exist.
 
-        Raises ConfigError/TypeError for bad names, HTTPError on failure.
+        Raises ConfigError/TypeError for bad names, HTTPError on failure (as :meth:`stats`).
         """
-        topic = check_topic(topic)
-        channel = check_channel(channel)
-        data = self.stats(topic=topic, channel=channel, include_clients=True, include_mem=False)
-        for t in data.get("topics", []):
-            if t.get("topic_name") != topic:
-                continue
-            for c in t.get("channels", []):
-                if c.get("channel_name") == channel:
-                    return c
-        return None
+        return self._channel_entry(topic, channel)[2]
 
     def channel_depth(self, topic: str, channel: str) -> int:
         """Messages waiting in *channel* (memory + disk, not counting in-flight or deferred);
-        0 when the topic or channel does not exist.  Raises ConfigError/TypeError, HTTPError.
+        0 when the topic or channel does not exist.  Raises ConfigError/TypeError, HTTPError
+        (as :meth:`stats`, and when the channel's ``depth`` is not an integer >= 0).
         """
-        stats = self.channel_stats(topic, channel)
-        return int(stats.get("depth", 0)) if stats else 0
+        shape, where, entry = self._channel_entry(topic, channel)
+        return shape.count_field(entry, "depth", where) if entry is not None else 0
 
     # -- publishing ---------------------------------------------------------
 
@@ -191,7 +224,9 @@ class NsqdHTTPClient(HTTPClient):
         Returns nsqd's answer, ``"OK"``.  Raises before sending: ConfigError for a bad
         topic, an empty body or a negative *defer_ms*; TypeError for a body that is not
         bytes/str.  Raises HTTPError from nsqd, e.g. 413 ``MSG_TOO_BIG`` (body over
-        ``--max-msg-size``) or 400 ``INVALID_DEFER`` (over ``--max-req-timeout``).
+        ``--max-msg-size``) or 400 ``INVALID_DEFER`` (over ``--max-req-timeout``), and
+        HTTPError with the answer's status when a 2xx answer is anything but nsqd's ``OK``
+        (a proxy's login page, say): the message may or may not have been published.
         """
         topic = check_topic(topic)
         data = _body_bytes(body, "body")
@@ -199,7 +234,9 @@ class NsqdHTTPClient(HTTPClient):
         params: Dict[str, Any] = {"topic": topic}
         if defer is not None:
             params["defer"] = defer
-        return self.post("/pub", params, data)
+        resp = self.request("POST", "/pub", params, data)
+        AnswerShape(resp, "nsqd /pub").text_is(b"OK", "the message may or may not have been published")
+        return "OK"
 
     def mpub(self, topic: str, bodies: Iterable[MessageBody], binary: bool = True) -> str:
         """``POST /mpub``: publish several messages at once; returns ``"OK"``.
@@ -209,7 +246,9 @@ class NsqdHTTPClient(HTTPClient):
         sending: ConfigError for a bad topic, no bodies, an empty body, or (text mode)
         a body containing a newline; TypeError for a body that is not bytes/str.
         Raises HTTPError from nsqd, e.g. 413 ``BAD_MESSAGE`` (binary, a message over
-        ``--max-msg-size``), 413 ``MSG_TOO_BIG`` (text mode) or 413 ``BODY_TOO_BIG``.
+        ``--max-msg-size``), 413 ``MSG_TOO_BIG`` (text mode) or 413 ``BODY_TOO_BIG``, and
+        HTTPError with the answer's status when a 2xx answer is anything but nsqd's ``OK``:
+        the messages may or may not have been published.
         """
         topic = check_topic(topic)
         items = _bodies_list(bodies)
@@ -222,12 +261,14 @@ class NsqdHTTPClient(HTTPClient):
                     raise ConfigError(f"bodies[{i}]", f"<{len(item)} bytes>", "contains a newline; use binary=True")
             payload = b"\n".join(items)
             params = {"topic": topic}
-        return self.post("/mpub", params, payload)
+        resp = self.request("POST", "/mpub", params, payload)
+        AnswerShape(resp, "nsqd /mpub").text_is(b"OK", "the messages may or may not have been published")
+        return "OK"
 
     # -- topics -------------------------------------------------------------
 
     def _topic_action(self, action: str, topic: str) -> None:
-        self.post(f"/topic/{action}", {"topic": check_topic(topic)})
+        self._admin_action(f"/topic/{action}", {"topic": check_topic(topic)}, "topic")
 
     def create_topic(self, topic: str) -> None:
         """``POST /topic/create`` (idempotent). Raises ConfigError/TypeError for a bad name, HTTPError."""
@@ -262,7 +303,7 @@ class NsqdHTTPClient(HTTPClient):
 
     def _channel_action(self, action: str, topic: str, channel: str) -> None:
         params = {"topic": check_topic(topic), "channel": check_channel(channel)}
-        self.post(f"/channel/{action}", params)
+        self._admin_action(f"/channel/{action}", params, "channel")
 
     def create_channel(self, topic: str, channel: str) -> None:
         """``POST /channel/create`` (idempotent); the topic must exist.

@@ -108,6 +108,52 @@ def test_pub_mpub_and_depth(nsqd):
     assert channel["clients"] == []
 
 
+@pytest.mark.parametrize("accept", [None, "*/*"], ids=["v1-accept", "any-accept"])
+def test_nsqd_answers_exactly_what_the_client_checks_for(nsqd, nsqlookupd, accept):
+    # pub()/mpub() take nothing but "OK" and the admin actions nothing but an empty body (anything
+    # else: HTTPError, "may or may not have been ..."): nsqd 1.3.0 answers just that, whether or
+    # not the client asks for the v1 format (it does by default; headers= can override Accept)
+    headers = {"Accept": accept} if accept else None
+    client = NsqdHTTPClient(nsqd.http_address, headers=headers)
+    assert client.request("POST", "/pub", {"topic": "ans"}, b"x").body == b"OK"
+    assert client.request("POST", "/pub", {"topic": "ans", "defer": 1000}, b"x").body == b"OK"
+    assert client.request("POST", "/mpub", {"topic": "ans", "binary": "true"}, b"\0\0\0\1\0\0\0\1x").body == b"OK"
+    assert client.request("POST", "/mpub", {"topic": "ans"}, b"a\nb").body == b"OK"
+    assert client.request("GET", "/ping").body == b"OK"
+    # and the methods return as documented
+    assert client.pub("ans", b"one") == "OK"
+    assert client.pub("ans", "two", defer_ms=1000) == "OK"
+    assert client.mpub("ans", [b"3", b"4\n"]) == "OK"
+    assert client.mpub("ans", [b"5", b"6"], binary=False) == "OK"
+    assert client.ping() is True
+    assert client.info()["version"] == "1.3.0"
+    for route, params in (("/topic/create", {"topic": "adm"}), ("/topic/pause", {"topic": "adm"}),
+                          ("/topic/unpause", {"topic": "adm"}), ("/topic/empty", {"topic": "adm"}),
+                          ("/channel/create", {"topic": "adm", "channel": "c"}),
+                          ("/channel/pause", {"topic": "adm", "channel": "c"}),
+                          ("/channel/unpause", {"topic": "adm", "channel": "c"}),
+                          ("/channel/empty", {"topic": "adm", "channel": "c"}),
+                          ("/channel/delete", {"topic": "adm", "channel": "c"}), ("/topic/delete", {"topic": "adm"})):
+        assert client.request("POST", route, params).body == b"", route
+    for method, args in (("create_topic", ("adm",)), ("pause_topic", ("adm",)), ("unpause_topic", ("adm",)),
+                         ("empty_topic", ("adm",)), ("create_channel", ("adm", "c")), ("pause_channel", ("adm", "c")),
+                         ("unpause_channel", ("adm", "c")), ("empty_channel", ("adm", "c")),
+                         ("delete_channel", ("adm", "c")), ("delete_topic", ("adm",))):
+        assert getattr(client, method)(*args) is None, method
+    assert client.topic_depth("ans") == 11  # 5 sent by request(), 6 by pub()/mpub()
+
+    lookupd = LookupdClient(nsqlookupd.http_address, headers=headers)
+    assert lookupd.request("GET", "/ping").body == b"OK"
+    for route, params in (("/topic/create", {"topic": "lk"}), ("/channel/create", {"topic": "lk", "channel": "c"}),
+                          ("/topic/tombstone", {"topic": "lk", "node": "127.0.0.1:1"}),
+                          ("/channel/delete", {"topic": "lk", "channel": "c"}), ("/topic/delete", {"topic": "lk"})):
+        assert lookupd.request("POST", route, params).body == b"", route
+    for method, args in (("create_topic", ("lk",)), ("create_channel", ("lk", "c")), ("tombstone_topic", ("lk", "127.0.0.1:1")),
+                         ("delete_channel", ("lk", "c")), ("delete_topic", ("lk",))):
+        assert getattr(lookupd, method)(*args) is None, method
+    assert lookupd.ping() is True and lookupd.info() == {"version": "1.3.0"}
+
+
 def test_params_are_added_to_a_query_in_the_path(nsqd):
     client = NsqdHTTPClient(nsqd.http_address)
     client.create_topic("ht1")

@@ -223,7 +223,8 @@ def test_frame_helpers_take_any_bytes_like() -> None:
 
 # =========================================================================== 5 and 6. HTTP clients
 class CountingServer(ThreadingHTTPServer):
-    """http.server on 127.0.0.1:0 answering 200 "OK" to everything; counts connections and requests."""
+    """http.server on 127.0.0.1:0 answering 200 as nsqd would (``OK`` to /pub and /mpub, an empty
+    body to other POSTs, ``{}`` to GETs); counts connections and requests."""
 
     daemon_threads = True
 
@@ -241,11 +242,15 @@ class CountingServer(ThreadingHTTPServer):
             def _handle(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 outer.requests.append((self.command, self.path, self.rfile.read(length) if length else b""))
+                if self.command == "GET":
+                    body = b"{}"
+                else:
+                    body = b"OK" if self.path.split("?")[0] in ("/pub", "/mpub") else b""
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", "2")
+                self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(b"{}")
+                self.wfile.write(body)
 
             do_GET = do_POST = _handle
 
@@ -341,7 +346,7 @@ def test_http_calls_refuse_bad_input_before_connecting(http_server: CountingServ
     assert not failures, failures
     assert http_server.connections == 0 and http_server.requests == [], (http_server.connections, http_server.requests)
     # nothing lost: the same clients still work
-    assert nsqd.pub("t", "\u00e9") == "{}"
+    assert nsqd.pub("t", "\u00e9") == "OK"
     lookupd.tombstone_topic("t", "h:4151")
     assert base.get_json("/stats", params={}) == {}
     assert [r[:2] for r in http_server.requests] == [("POST", "/pub?topic=t"), ("POST", "/topic/tombstone?topic=t&node=h%3A4151"), ("GET", "/stats")]

@@ -351,7 +351,7 @@ def test_envelope_shape_is_kept_when_v1_header_present(server):
     # with X-NSQ-Content-Type the body is the payload, even if it looks like an envelope
     payload = {"status_code": 200, "status_txt": "OK", "data": 1}
     server.route("GET", "/info", json_reply(payload, v1=True))
-    assert NsqdHTTPClient(server.address).info() == payload
+    assert NsqdHTTPClient(server.address).get_json("/info") == payload
 
 
 def test_partial_envelope_shape_is_not_unwrapped(server):
@@ -769,25 +769,284 @@ def test_stats_without_filters_sends_no_topic(server):
 
 
 @pytest.mark.parametrize(
-    "payload, problem",
+    "payload, problem, quoted",
     [
-        ([1, 2], "a JSON array, not an object"),  # was read as "no producers"
-        ("proxy login", "a JSON string, not an object"),
-        (None, "a JSON null, not an object"),
-        ({"channels": []}, "no 'producers' list"),  # was read as "no producers"
-        ({"channels": [], "producers": {"a": 1}}, "'producers' is a JSON object, not a list"),  # was TypeError
-        ({"channels": [], "producers": "127.0.0.1:4150"}, "'producers' is a JSON string, not a list"),
-        ({"channels": "c1", "producers": []}, "'channels' is a JSON string, not a list"),
+        ([1, 2], "a JSON array, not an object", "[1, 2]"),  # was read as "no producers"
+        ("proxy login", "a JSON string, not an object", '"proxy login"'),
+        (None, "a JSON null, not an object", "null"),
+        ({"channels": []}, "no 'producers' list", '{"channels": []}'),  # was read as "no producers"
+        ({"channels": [], "producers": {"a": 1}}, "'producers' is a JSON object, not a list", '{"a": 1}'),  # was TypeError
+        ({"channels": [], "producers": "127.0.0.1:4150"}, "'producers' is a JSON string, not a list", '"127.0.0.1:4150"'),
+        ({"channels": "c1", "producers": []}, "'channels' is a JSON string, not a list", '"c1"'),
+        ({"channels": ["c1", 5], "producers": []}, "'channels[1]' is a JSON number, not a string", "5"),
     ],
 )
-def test_lookup_answer_of_the_wrong_shape_is_http_error(server, payload, problem):
+def test_lookup_answer_of_the_wrong_shape_is_http_error(server, payload, problem, quoted):
     server.route("GET", "/lookup", json_reply(payload))
     c = LookupdClient(server.address)
     for call in (c.lookup, c.producers):
         with pytest.raises(HTTPError) as info:
             call("t")
-        assert (info.value.status, info.value.message) == (200, f"not an nsqlookupd /lookup answer: {problem}")
+        assert (info.value.status, info.value.message) == (200, f"not an nsqlookupd /lookup answer: {problem}: {quoted}")
         assert info.value.url == f"http://{server.address}/lookup?topic=t"
+
+
+# ---------------------------------------------------------------- answers of the wrong shape
+
+STATS_METHODS = [
+    ("stats", ()),
+    ("topic_stats", ("t",)),
+    ("topic_depth", ("t",)),
+    ("channel_stats", ("t", "c")),
+    ("channel_depth", ("t", "c")),
+]
+
+
+@pytest.mark.parametrize(
+    "payload, problem, quoted",
+    [
+        ([1, 2, 3], "a JSON array, not an object", "[1, 2, 3]"),  # was AttributeError ('list' object has no attribute 'get')
+        ("proxy login", "a JSON string, not an object", '"proxy login"'),
+        ({"version": "1.3.0"}, "no 'topics' list", '{"version": "1.3.0"}'),  # was "no such topic"
+        ({"topics": "abc"}, "'topics' is a JSON string, not a list", '"abc"'),
+        ({"topics": [5, "x"]}, "'topics[0]' is a JSON number, not an object", "5"),  # was AttributeError
+        ({"topics": [{"channels": []}]}, "no 'topics[0].topic_name' string", '{"channels": []}'),
+        ({"topics": [{"topic_name": 7, "channels": []}]}, "'topics[0].topic_name' is a JSON number, not a string", "7"),
+        ({"topics": [{"topic_name": "t"}]}, "no 'topics[0].channels' list", '{"topic_name": "t"}'),
+        ({"topics": [{"topic_name": "t", "channels": {"c": {}}}]},
+         "'topics[0].channels' is a JSON object, not a list", '{"c": {}}'),
+        ({"topics": [{"topic_name": "t", "channels": [None]}]}, "'topics[0].channels[0]' is a JSON null, not an object", "null"),
+        ({"topics": [{"topic_name": "t", "channels": [{"depth": 1}]}]},
+         "no 'topics[0].channels[0].channel_name' string", '{"depth": 1}'),
+        ({"topics": [{"topic_name": "t", "channels": [{"channel_name": "c", "depth": 1, "clients": "x"}]}]},
+         "'topics[0].channels[0].clients' is a JSON string, not a list", '"x"'),
+        ({"topics": [{"topic_name": "t", "channels": [{"channel_name": "c", "depth": 1, "clients": [1]}]}]},
+         "'topics[0].channels[0].clients[0]' is a JSON number, not an object", "1"),
+        ({"topics": [], "producers": 5}, "'producers' is a JSON number, not a list", "5"),
+        ({"topics": [], "producers": ["h:4150"]}, "'producers[0]' is a JSON string, not an object", '"h:4150"'),
+    ],
+)
+def test_nsqd_stats_answer_of_the_wrong_shape_is_http_error(server, payload, problem, quoted):
+    server.route("GET", "/stats", json_reply(payload))
+    c = NsqdHTTPClient(server.address)
+    for method, args in STATS_METHODS:
+        with pytest.raises(HTTPError) as info:
+            getattr(c, method)(*args)
+        assert (info.value.status, info.value.message) == (200, f"not an nsqd /stats answer: {problem}: {quoted}"), method
+        assert info.value.url.startswith(f"http://{server.address}/stats?format=json")
+
+
+@pytest.mark.parametrize(
+    "depth, problem, quoted",
+    [
+        ("lots", "is a JSON string, not an integer", '"lots"'),  # was ValueError from int()
+        (None, "is a JSON null, not an integer", "null"),  # was TypeError from int()
+        (1.5, "is a JSON number, not an integer", "1.5"),  # was 1
+        (True, "is a JSON boolean, not an integer", "true"),  # was 1
+        (-1, "is negative", "-1"),
+        ([3], "is a JSON array, not an integer", "[3]"),
+    ],
+)
+def test_depth_that_is_not_a_count_is_http_error(server, depth, problem, quoted):
+    channel = {"channel_name": "c", "depth": depth, "clients": []}
+    topic = {"topic_name": "t", "depth": depth, "channels": [{"channel_name": "other", "depth": 0}, channel]}
+    server.route("GET", "/stats", json_reply({"topics": [topic]}))
+    c = NsqdHTTPClient(server.address)
+    for call, field in ((lambda: c.topic_depth("t"), "topics[0].depth"),
+                        (lambda: c.channel_depth("t", "c"), "topics[0].channels[1].depth")):
+        with pytest.raises(HTTPError) as info:
+            call()
+        assert (info.value.status, info.value.message) == (200, f"not an nsqd /stats answer: '{field}' {problem}: {quoted}")
+    # the stats dicts themselves are returned as nsqd sent them
+    assert c.topic_stats("t")["depth"] == depth
+    assert c.channel_stats("t", "c")["depth"] == depth
+
+
+def test_missing_depth_is_http_error_not_zero(server):
+    server.route("GET", "/stats", json_reply({"topics": [{"topic_name": "t", "channels": [{"channel_name": "c"}]}]}))
+    c = NsqdHTTPClient(server.address)
+    with pytest.raises(HTTPError) as info:
+        c.topic_depth("t")  # was 0
+    assert info.value.message == """not an nsqd /stats answer: no 'topics[0].depth' number: {"topic_name": "t", "channels": [{"channel_name": "c"}]}"""
+    with pytest.raises(HTTPError) as info:
+        c.channel_depth("t", "c")  # was 0
+    assert info.value.message == """not an nsqd /stats answer: no 'topics[0].channels[0].depth' number: {"channel_name": "c"}"""
+
+
+def test_stats_shape_errors_quote_a_bounded_escaped_piece_of_the_answer(server):
+    server.route("GET", "/stats", json_reply({"topics": "x\nCRITICAL forged\x1b[0m" + "y" * 100_000}))
+    with pytest.raises(HTTPError) as info:
+        NsqdHTTPClient(server.address).topic_depth("t")
+    message = info.value.message
+    assert message.startswith("""not an nsqd /stats answer: 'topics' is a JSON string, not a list: "x\\nCRITICAL forged\\u001b[0myyy""")
+    assert message.endswith(" more characters)")
+    assert len(str(info.value)) < 400 and "\n" not in str(info.value) and "\x1b" not in str(info.value)
+
+
+def test_an_answer_that_is_not_json_is_quoted(server):
+    server.route("GET", "/stats", text_reply("<html>login page</html>\n" + "z" * 10_000))
+    with pytest.raises(HTTPError) as info:
+        NsqdHTTPClient(server.address).channel_depth("t", "c")
+    assert info.value.status == 200
+    assert info.value.message.startswith("response is not valid JSON (Expecting value: line 1 column 1 (char 0)): "
+                                         "'<html>login page</html>\\nzzz")
+    assert info.value.message.endswith(" more characters)'") and len(info.value.message) < 400
+
+
+def test_json_nested_too_deeply_is_http_error(server):
+    server.route("GET", "/info", text_reply("[" * 100_000))  # was RecursionError
+    server.route("GET", "/stats", text_reply('{"topics": ' + "[" * 100_000))
+    c = NsqdHTTPClient(server.address)
+    for call in (c.info, lambda: c.get_json("/info"), c.stats, lambda: c.topic_depth("t")):
+        with pytest.raises(HTTPError) as info:
+            call()
+        assert info.value.status == 200
+        assert info.value.message.startswith("response is not valid JSON (nested too deeply): ")
+        assert len(info.value.message) < 400
+
+
+@pytest.mark.parametrize("cls, server_name", [(NsqdHTTPClient, "nsqd"), (LookupdClient, "nsqlookupd"), (HTTPClient, "NSQ")])
+def test_ping_and_info_answers_of_the_wrong_shape_are_http_errors(server, cls, server_name):
+    server.route("GET", "/ping", text_reply("<html>login page</html>", v1=False))
+    server.route("GET", "/info", json_reply([1, 2]))
+    c = cls(server.address)
+    with pytest.raises(HTTPError) as info:
+        c.ping()  # was True
+    assert (info.value.status, info.value.message) == (
+        200, f"not an {server_name} /ping answer: expected 'OK', got '<html>login page</html>'")
+    with pytest.raises(HTTPError) as info:
+        c.info()  # was [1, 2]
+    assert (info.value.status, info.value.message) == (200, f"not an {server_name} /info answer: a JSON array, not an object: [1, 2]")
+    server.route("GET", "/info", json_reply({"error": "log in first"}))
+    with pytest.raises(HTTPError) as info:
+        c.info()
+    assert info.value.message == f"""not an {server_name} /info answer: no 'version' string: {{"error": "log in first"}}"""
+    server.route("GET", "/ping", text_reply("OK\n", v1=False))
+    assert c.ping() is True
+
+
+@pytest.mark.parametrize(
+    "route, key, payload, problem, quoted",
+    [
+        ("/topics", "topics", {"topics": "abc"}, "'topics' is a JSON string, not a list", '"abc"'),  # was ['a', 'b', 'c']
+        ("/topics", "topics", {"topics": [5, "x"]}, "'topics[0]' is a JSON number, not a string", "5"),
+        ("/topics", "topics", {"topic": ["a"]}, "no 'topics' list", '{"topic": ["a"]}'),  # was []
+        ("/topics", "topics", ["a"], "a JSON array, not an object", '["a"]'),  # was []
+        ("/channels", "channels", {"channels": "c1"}, "'channels' is a JSON string, not a list", '"c1"'),  # was ['c', '1']
+        ("/channels", "channels", {"channels": [{"name": "c"}]}, "'channels[0]' is a JSON object, not a string", '{"name": "c"}'),
+        ("/channels", "channels", "login", "a JSON string, not an object", '"login"'),  # was []
+        ("/nodes", "nodes", {"producers": 5}, "'producers' is a JSON number, not a list", "5"),  # was TypeError
+        ("/nodes", "nodes", {"producers": ["h1:4150"]}, "'producers[0]' is a JSON string, not an object", '"h1:4150"'),
+        ("/nodes", "nodes", {}, "no 'producers' list", "{}"),  # was []
+    ],
+)
+def test_lookupd_list_answers_of_the_wrong_shape_are_http_errors(server, route, key, payload, problem, quoted):
+    server.route("GET", route, json_reply(payload))
+    c = LookupdClient(server.address)
+    call = {"topics": c.topics, "channels": lambda: c.channels("t"), "nodes": c.nodes}[key]
+    with pytest.raises(HTTPError) as info:
+        call()
+    assert (info.value.status, info.value.message) == (200, f"not an nsqlookupd {route} answer: {problem}: {quoted}")
+
+
+def test_lookupd_null_lists_are_empty_lists(server):
+    server.route("GET", "/topics", json_reply({"topics": None}))
+    server.route("GET", "/nodes", json_reply({"producers": None}))
+    c = LookupdClient(server.address)
+    assert c.topics() == [] and c.nodes() == []
+
+
+PUB_CALLS = [
+    ("/pub", "message", lambda c: c.pub("t", b"x")),
+    ("/pub", "message", lambda c: c.pub("t", "x", defer_ms=10)),
+    ("/mpub", "messages", lambda c: c.mpub("t", [b"x", b"y"])),
+    ("/mpub", "messages", lambda c: c.mpub("t", [b"x", b"y"], binary=False)),
+]
+
+
+@pytest.mark.parametrize("route, what, call", PUB_CALLS)
+@pytest.mark.parametrize(
+    "status, body, quoted",
+    [
+        (200, b"<html>login page</html>", "'<html>login page</html>'"),  # was returned as the result
+        (200, b"", "an empty body"),
+        (204, b"", "an empty body"),
+        (200, b"{}", "'{}'"),
+        (200, b"ok", "'ok'"),
+        (202, b"OK, queued for review", "'OK, queued for review'"),
+        (200, b"NOK\r\nX: y", "'NOK\\r\\nX: y'"),
+    ],
+)
+def test_pub_and_mpub_answers_other_than_ok_are_http_errors(server, route, what, call, status, body, quoted):
+    server.route("POST", route, lambda rec: (status, {}, body))
+    with pytest.raises(HTTPError) as info:
+        call(NsqdHTTPClient(server.address))
+    assert (info.value.status, info.value.message) == (
+        status, f"not an nsqd {route} answer, so the {what} may or may not have been published: expected 'OK', got {quoted}")
+    assert info.value.url.startswith(f"http://{server.address}{route}?topic=t")
+    assert len(server.requests) == 1  # (sent once, not retried)
+
+
+@pytest.mark.parametrize("route, what, call", PUB_CALLS)
+def test_pub_and_mpub_accept_ok_with_or_without_the_v1_header(server, route, what, call):
+    for reply in (text_reply("OK"), text_reply("OK", v1=False), text_reply("OK\n")):
+        server.route("POST", route, reply)
+        assert call(NsqdHTTPClient(server.address)) == "OK"
+
+
+def test_pub_quotes_a_bounded_piece_of_an_unexpected_answer(server):
+    server.route("POST", "/pub", text_reply("<html>\n" + "x" * 1_000_000))
+    with pytest.raises(HTTPError) as info:
+        NsqdHTTPClient(server.address).pub("t", b"m")
+    text = str(info.value)
+    assert "may or may not have been published" in text
+    assert info.value.message.endswith(" more characters)'")
+    assert len(text) < 500 and "\n" not in text
+
+
+ADMIN_CALLS = [
+    (NsqdHTTPClient, "create_topic", ("t",), "nsqd /topic/create", "topic may or may not have been created"),
+    (NsqdHTTPClient, "delete_topic", ("t",), "nsqd /topic/delete", "topic may or may not have been deleted"),
+    (NsqdHTTPClient, "empty_topic", ("t",), "nsqd /topic/empty", "topic may or may not have been emptied"),
+    (NsqdHTTPClient, "pause_topic", ("t",), "nsqd /topic/pause", "topic may or may not have been paused"),
+    (NsqdHTTPClient, "unpause_topic", ("t",), "nsqd /topic/unpause", "topic may or may not have been unpaused"),
+    (NsqdHTTPClient, "create_channel", ("t", "c"), "nsqd /channel/create", "channel may or may not have been created"),
+    (NsqdHTTPClient, "delete_channel", ("t", "c"), "nsqd /channel/delete", "channel may or may not have been deleted"),
+    (NsqdHTTPClient, "empty_channel", ("t", "c"), "nsqd /channel/empty", "channel may or may not have been emptied"),
+    (NsqdHTTPClient, "pause_channel", ("t", "c"), "nsqd /channel/pause", "channel may or may not have been paused"),
+    (NsqdHTTPClient, "unpause_channel", ("t", "c"), "nsqd /channel/unpause", "channel may or may not have been unpaused"),
+    (LookupdClient, "create_topic", ("t",), "nsqlookupd /topic/create", "topic may or may not have been created"),
+    (LookupdClient, "delete_topic", ("t",), "nsqlookupd /topic/delete", "topic may or may not have been deleted"),
+    (LookupdClient, "create_channel", ("t", "c"), "nsqlookupd /channel/create", "channel may or may not have been created"),
+    (LookupdClient, "delete_channel", ("t", "c"), "nsqlookupd /channel/delete", "channel may or may not have been deleted"),
+    (LookupdClient, "tombstone_topic", ("t", "h:4151"), "nsqlookupd /topic/tombstone", "producer may or may not have been tombstoned"),
+]
+
+
+@pytest.mark.parametrize("cls, method, args, what, consequence", ADMIN_CALLS)
+def test_admin_answers_other_than_an_empty_body_are_http_errors(server, cls, method, args, what, consequence):
+    route = what.split(" ", 1)[1]
+    server.route("POST", route, text_reply("<html>login page</html>"))
+    c = cls(server.address)
+    with pytest.raises(HTTPError) as info:
+        getattr(c, method)(*args)  # was None
+    assert (info.value.status, info.value.message) == (
+        200, f"not an {what} answer, so the {consequence}: expected an empty body, got '<html>login page</html>'")
+    # what nsqd and nsqlookupd answer: an empty body (or whitespace; or an old server's envelope)
+    for reply in ((200, dict(V1_HEADERS), b""), (200, {}, b"\n"),
+                  json_reply({"status_code": 200, "status_txt": "OK", "data": None}, v1=False)):
+        server.route("POST", route, lambda rec, r=reply: r)
+        assert getattr(c, method)(*args) is None
+    # an old server's envelope with an error status is that error
+    server.route("POST", route, json_reply({"status_code": 404, "status_txt": "TOPIC_NOT_FOUND", "data": None}, v1=False))
+    with pytest.raises(HTTPError) as info:
+        getattr(c, method)(*args)
+    assert (info.value.status, info.value.message) == (404, "TOPIC_NOT_FOUND")
+    # with the v1 header a body is not an envelope
+    server.route("POST", route, json_reply({"status_code": 200, "status_txt": "OK", "data": None}))
+    with pytest.raises(HTTPError) as info:
+        getattr(c, method)(*args)
+    assert info.value.status == 200 and info.value.message.startswith(f"not an {what} answer")
 
 
 # ---------------------------------------------------------------- a query in the path
