@@ -531,6 +531,12 @@ def cmd_pub(args: argparse.Namespace) -> int:
 
     # The exact bytes given: argv as the OS passed it (os.fsencode undoes Python's decoding,
     # surrogate escapes included), stdin read as bytes; nothing is decoded or re-encoded.
+    if "-" in args.messages and len(args.messages) > 1:
+        # (it would be published as a message "-", and stdin ignored)
+        raise UsageError(
+            f"'-' (read the messages from stdin) must be the only message argument, not one of {len(args.messages)}: "
+            "give the messages as arguments or one per line on stdin, not both (a message '-' goes on a line of stdin)"
+        )
     if args.messages == ["-"] or not args.messages:
         what = "line"
         if sys.stdin is None:  # (started with stdin closed: `<&-`)
@@ -741,6 +747,8 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ parsing
 def build_parser() -> argparse.ArgumentParser:
+    from .__about__ import __version__
+
     parser = argparse.ArgumentParser(
         prog="nsq-sync",
         description="The synchronous NSQ client's command line.",
@@ -756,6 +764,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO (rates once a second for worker)")
+    parser.add_argument("--version", action="version", version=f"nsq-sync {__version__}")
     # -v is accepted after the command too (nsq-sync worker -v ...); SUPPRESS keeps a -v given
     # before the command from being reset by the subcommand's default.
     common = argparse.ArgumentParser(add_help=False)

@@ -766,6 +766,14 @@ def test_broker_that_does_not_start_exit_3(tmp_path: Path, env: Dict[str, str]) 
 COMMANDS = ("demo", "worker", "pub", "tail", "cluster")
 
 
+def test_version(env: Dict[str, str]) -> None:
+    from nsq_sync.__about__ import __version__
+
+    proc = run_cli("--version", env=env)
+    assert proc.returncode == EXIT_OK, describe(proc)
+    assert proc.stdout == f"nsq-sync {__version__}\n" and proc.stderr == "", describe(proc)
+
+
 def test_help_shows_an_example_for_each_command(env: Dict[str, str]) -> None:
     proc = run_cli("--help", env=env)
     assert proc.returncode == EXIT_OK, describe(proc)

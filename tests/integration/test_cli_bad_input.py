@@ -105,6 +105,17 @@ def test_pub_refuses_an_empty_argument_before_publishing_anything(nsqd: NsqdProc
     assert nsqd.topic_stats("cli_empty_arg") is None
 
 
+@pytest.mark.parametrize("args", [["-", "foo"], ["foo", "-"], ["-", "-"]], ids=["dash-first", "dash-last", "two-dashes"])
+def test_pub_refuses_a_dash_among_other_arguments(args: List[str], nsqd: NsqdProcess, env: Dict[str, str], backend: str) -> None:
+    """'-' reads stdin only as the sole message argument: with others it is exit 2, nothing
+    published. Before, `pub - foo` published the messages "-" and "foo" and ignored stdin."""
+    proc = run_bytes("pub", "--topic", "cli_dash", "--nsqd-tcp-address", nsqd.tcp_address, "--backend", backend, *args, input=b"from stdin\n", env=env)
+    err = proc.stderr.decode()
+    assert proc.returncode == EXIT_USAGE, describe(proc)
+    assert err.startswith("nsq-sync: error: '-' (read the messages from stdin) must be the only message argument") and err.count("\n") == 1, describe(proc)
+    assert nsqd.topic_stats("cli_dash") is None  # (nothing published, not even connected)
+
+
 # ---------------------------------------------------------------- worker: a handler that would never run
 HANDLERS = {
     "async-def": ("async def handle(message):\n    open('ran', 'w').close()\n", "coroutine function"),
