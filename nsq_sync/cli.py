@@ -553,37 +553,57 @@ def cmd_pub(args: argparse.Namespace) -> int:
     addresses = _addresses(args, default_nsqd="127.0.0.1:4150")
     if not addresses["nsqd_tcp_addresses"]:
         raise UsageError("pub needs --nsqd-tcp-address")
-    writer = nsq_sync.Writer(addresses["nsqd_tcp_addresses"], backend=args.backend, publish_timeout=args.timeout)
+    writer: Any = None
     published = 0
     number = 0  # of the line or argument being published (1-based)
 
     def done() -> str:
         return f"published {published} message(s) to {args.topic}"
 
+    def unavailable(exc: BaseException) -> Unavailable:
+        return Unavailable(f"{what} {number}: {exc}; {done()} before {what} {number}")
+
     try:
         with _Interrupt(defer=False) as interrupt:
+            sent = False  # the message may be with nsqd: stopped now, its answer is unknown
             try:
+                # (made with the handlers in place: a signal once it connects ends pub with exit 130)
+                writer = nsq_sync.Writer(addresses["nsqd_tcp_addresses"], backend=args.backend, publish_timeout=args.timeout)
                 for number, body in enumerate(bodies, 1):
                     if not body:
                         continue
-                    # A signal now waits for nsqd's answer (a second one does not), so the count is exact.
+                    deadline = time.monotonic() + args.timeout
+                    # Waiting for a connection sends nothing: a signal stops it at once (within
+                    # 50 ms: the flag is polled, as under gevent a handler that raised would run
+                    # in the hub, which reports it as an error before passing it on).
                     interrupt.defer = True
+                    while not writer.wait_connected(max(0.0, min(0.05, deadline - time.monotonic()))):
+                        interrupt.check()
+                        if time.monotonic() >= deadline:
+                            raise unavailable(writer._unsent_error())
+                    interrupt.check()
+                    # A signal now waits for nsqd's answer (a second one does not), so the count is exact.
+                    sent = True
                     try:
-                        writer.pub(args.topic, body)
+                        writer.pub(args.topic, body, timeout=max(0.001, deadline - time.monotonic()))
                     except nsq_sync.NoConnectionsError as exc:
-                        raise Unavailable(f"{what} {number}: {exc}; {done()} before {what} {number}") from exc
+                        # (the connection went before the message was sent: nothing was)
+                        sent = False
+                        interrupt.check()  # (a signal that came while the publish waited for a new one)
+                        raise unavailable(exc) from exc
                     except nsq_sync.Error as exc:
                         # (a ConfigError here is this message's, a body over max_msg_size: the job
                         # failed part-way, not its arguments)
                         raise Failed(f"{what} {number}: {type(exc).__name__}: {exc}; {done()} before {what} {number}") from exc
                     published += 1
-                    interrupt.defer = False
+                    interrupt.defer = sent = False
                     interrupt.check()
             except KeyboardInterrupt:
-                unknown = f"; nsqd's answer to {what} {number} is unknown" if interrupt.defer else ""
+                unknown = f"; nsqd's answer to {what} {number} is unknown" if sent else ""
                 raise KeyboardInterrupt(f"{done()}{unknown}") from None
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
     if not args.quiet:
         print(done(), file=sys.stderr)
     return EXIT_OK

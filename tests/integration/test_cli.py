@@ -603,6 +603,92 @@ def test_tail_n_gives_the_rest_back_at_once_without_backoff(nsqd: NsqdProcess, e
     assert stats["deferred_count"] == 0 and stats["depth"] == 7, stats
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_pub_signal_while_waiting_for_a_connection_exits_130_at_once(signum: int, env: Dict[str, str], backend: str) -> None:
+    """No nsqd reachable: a signal while pub waits for a connection (nothing sent) ends it at
+    once with exit 130 and an exact count. Before, the signal waited for the whole --timeout
+    and pub exited 3, "unavailable"."""
+    address = f"127.0.0.1:{free_port()}"
+    with CliProcess.nsq_sync("pub", "--topic", "cli_pub_wait", "--nsqd-tcp-address", address, "--timeout", "30",
+                             "--backend", backend, "x", env=env) as pub:
+        pub.wait_for_line(lambda l: f"cannot connect to {address}" in l, stream="stderr", timeout=20)
+        signalled = time.monotonic()
+        pub.signal(signum)
+        code = pub.wait(25)
+        elapsed = time.monotonic() - signalled
+        assert code == EXIT_INTERRUPTED, pub.output()
+        assert elapsed < 5, f"{elapsed:.1f}s after the signal\n{pub.output()}"
+        assert pub.stderr()[-1] == "nsq-sync: interrupted: published 0 message(s) to cli_pub_wait", pub.output()
+        assert not any("unknown" in l or "unavailable" in l or "Traceback" in l for l in pub.stderr()), pub.output()
+
+
+def test_pub_signal_while_a_frozen_nsqd_does_not_answer_the_handshake_exits_130_at_once(nsqd: NsqdProcess, env: Dict[str, str], backend: str) -> None:
+    """A real nsqd frozen (SIGSTOP: its kernel still accepts connections, nothing answers): pub is
+    stuck in the handshake, nothing sent, and a signal ends it at once (exit 130, nothing said
+    unknown); nsqd, thawed, never got the message. Before, the signal waited out --timeout."""
+    topic = "cli_pub_frozen"
+    nsqd.pause()
+    try:
+        with CliProcess.nsq_sync("pub", "--topic", topic, "--nsqd-tcp-address", nsqd.tcp_address, "--timeout", "30",
+                                 "--backend", backend, "x", env=env) as pub:
+            pub.wait_for_line(lambda l: f"cannot connect to {nsqd.tcp_address}" in l and "handshake" in l, stream="stderr", timeout=20)
+            signalled = time.monotonic()
+            pub.signal(signal.SIGINT)
+            code = pub.wait(25)
+            elapsed = time.monotonic() - signalled
+            assert code == EXIT_INTERRUPTED, pub.output()
+            assert elapsed < 5, f"{elapsed:.1f}s after the signal\n{pub.output()}"
+            assert pub.stderr()[-1] == f"nsq-sync: interrupted: published 0 message(s) to {topic}", pub.output()
+            assert not any("unknown" in l or "Traceback" in l for l in pub.stderr()), pub.output()
+    finally:
+        nsqd.resume()
+    assert nsqd.topic_stats(topic) is None  # (never published: nsqd does not even have the topic)
+
+
+def test_pub_signal_during_a_handshake_nsqd_does_not_answer_exits_130_at_once(env: Dict[str, str], backend: str) -> None:
+    """A listener that accepts and never answers (an nsqd hung in the handshake): pub is still
+    connecting, nothing was sent, so a signal ends it at once and nothing is said unknown.
+    Before, the first signal waited out --timeout, and a second one said "nsqd's answer to
+    argument 1 is unknown"."""
+    received: List[bytes] = []
+    accepted = threading.Event()
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        address = "127.0.0.1:%d" % server.getsockname()[1]
+        peers: List[socket.socket] = []
+
+        def accept() -> None:
+            try:
+                peer, _ = server.accept()
+            except OSError:
+                return
+            peers.append(peer)
+            peer.settimeout(20)
+            try:
+                received.append(peer.recv(4))  # the protocol magic, "  V2"
+            except OSError:
+                pass
+            accepted.set()
+
+        threading.Thread(target=accept, daemon=True).start()
+        try:
+            with CliProcess.nsq_sync("pub", "--topic", "cli_pub_handshake", "--nsqd-tcp-address", address, "--timeout", "30",
+                                     "--backend", backend, "x", env=env) as pub:
+                assert accepted.wait(20) and received == [b"  V2"], (received, pub.output())
+                signalled = time.monotonic()
+                pub.signal(signal.SIGTERM)
+                code = pub.wait(25)
+                elapsed = time.monotonic() - signalled
+                assert code == EXIT_INTERRUPTED, pub.output()
+                assert elapsed < 5, f"{elapsed:.1f}s after the signal\n{pub.output()}"
+                assert pub.stderr()[-1] == "nsq-sync: interrupted: published 0 message(s) to cli_pub_handshake", pub.output()
+                assert not any("unknown" in l or "Traceback" in l for l in pub.stderr()), pub.output()
+        finally:
+            for peer in peers:
+                peer.close()
+
+
 def test_a_list_in_one_address_string_is_a_usage_error_naming_it(env: Dict[str, str]) -> None:
     # A library caller that joins addresses with ";" (or passes a comma list to Reader/Writer)
     # gets a ConfigError; the CLI splits commas but refuses ";" with exit 2.
