@@ -49,7 +49,8 @@ def describe(proc: "subprocess.CompletedProcess[bytes]") -> str:
 
 
 def tail_bodies(nsqd: NsqdProcess, topic: str, count: int, backend: str, env: Dict[str, str]) -> List[bytes]:
-    proc = run_bytes("tail", "--topic", topic, "--nsqd-tcp-address", nsqd.tcp_address, "-n", str(count), "--backend", backend, env=env)
+    # (the topic's backlog, into tail's channel, its first: --take-backlog)
+    proc = run_bytes("tail", "--topic", topic, "--nsqd-tcp-address", nsqd.tcp_address, "-n", str(count), "--take-backlog", "--backend", backend, env=env)
     assert proc.returncode == EXIT_OK, describe(proc)
     return proc.stdout.split(b"\n")[:-1]
 
