@@ -1,7 +1,8 @@
 """The ``nsq-sync`` command: demo, worker, pub, tail, cluster.
 
 Exit codes: 0 success; 1 the job ran but failed (messages lost, a publish
-failed); 2 bad arguments (a bad topic name, a handler that does not import);
+failed); 2 bad arguments (a bad topic name, a handler that does not import; ``tail``'s
+default channel refused on a topic whose backlog it would take and delete);
 3 a broker could not be reached or started; 130 interrupted (Ctrl-C, or SIGTERM/SIGHUP during
 ``demo``, which stops its brokers first, or ``pub``, which closes its Writer first). ``worker``,
 ``tail`` and ``cluster`` treat SIGINT and SIGTERM as the normal way to stop and exit 0.
@@ -133,6 +134,10 @@ MAX_TRIES = 65535  # the Reader's range
 #: nothing else would stop them)
 _STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 _MPUB_BODY_LIMIT = 5 * 1024 * 1024  # nsqd's default --max-body-size, what the demo's brokers use
+#: tail's backlog check (before its ephemeral channel subscribes): every HTTP request of it
+#: within this many seconds, each within BACKLOG_CHECK_REQUEST_TIMEOUT
+BACKLOG_CHECK_TIMEOUT = 3.0
+BACKLOG_CHECK_REQUEST_TIMEOUT = 1.0
 
 
 #: a demo body's sequence number and send time: "%010d|<19-digit time_ns>|"
@@ -531,6 +536,12 @@ def cmd_pub(args: argparse.Namespace) -> int:
 
     # The exact bytes given: argv as the OS passed it (os.fsencode undoes Python's decoding,
     # surrogate escapes included), stdin read as bytes; nothing is decoded or re-encoded.
+    if "-" in args.messages and len(args.messages) > 1:
+        # (it would be published as a message "-", and stdin ignored)
+        raise UsageError(
+            f"'-' (read the messages from stdin) must be the only message argument, not one of {len(args.messages)}: "
+            "give the messages as arguments or one per line on stdin, not both (a message '-' goes on a line of stdin)"
+        )
     if args.messages == ["-"] or not args.messages:
         what = "line"
         if sys.stdin is None:  # (started with stdin closed: `<&-`)
@@ -547,40 +558,150 @@ def cmd_pub(args: argparse.Namespace) -> int:
     addresses = _addresses(args, default_nsqd="127.0.0.1:4150")
     if not addresses["nsqd_tcp_addresses"]:
         raise UsageError("pub needs --nsqd-tcp-address")
-    writer = nsq_sync.Writer(addresses["nsqd_tcp_addresses"], backend=args.backend, publish_timeout=args.timeout)
+    writer: Any = None
     published = 0
     number = 0  # of the line or argument being published (1-based)
 
     def done() -> str:
         return f"published {published} message(s) to {args.topic}"
 
+    def unavailable(exc: BaseException) -> Unavailable:
+        return Unavailable(f"{what} {number}: {exc}; {done()} before {what} {number}")
+
     try:
         with _Interrupt(defer=False) as interrupt:
+            sent = False  # the message may be with nsqd: stopped now, its answer is unknown
             try:
+                # (made with the handlers in place: a signal once it connects ends pub with exit 130)
+                writer = nsq_sync.Writer(addresses["nsqd_tcp_addresses"], backend=args.backend, publish_timeout=args.timeout)
                 for number, body in enumerate(bodies, 1):
                     if not body:
                         continue
-                    # A signal now waits for nsqd's answer (a second one does not), so the count is exact.
+                    deadline = time.monotonic() + args.timeout
+                    # Waiting for a connection sends nothing: a signal stops it at once (within
+                    # 50 ms: the flag is polled, as under gevent a handler that raised would run
+                    # in the hub, which reports it as an error before passing it on).
                     interrupt.defer = True
+                    while not writer.wait_connected(max(0.0, min(0.05, deadline - time.monotonic()))):
+                        interrupt.check()
+                        if time.monotonic() >= deadline:
+                            raise unavailable(writer._unsent_error())
+                    interrupt.check()
+                    # A signal now waits for nsqd's answer (a second one does not), so the count is exact.
+                    sent = True
                     try:
-                        writer.pub(args.topic, body)
+                        writer.pub(args.topic, body, timeout=max(0.001, deadline - time.monotonic()))
                     except nsq_sync.NoConnectionsError as exc:
-                        raise Unavailable(f"{what} {number}: {exc}; {done()} before {what} {number}") from exc
+                        # (the connection went before the message was sent: nothing was)
+                        sent = False
+                        interrupt.check()  # (a signal that came while the publish waited for a new one)
+                        raise unavailable(exc) from exc
                     except nsq_sync.Error as exc:
                         # (a ConfigError here is this message's, a body over max_msg_size: the job
                         # failed part-way, not its arguments)
                         raise Failed(f"{what} {number}: {type(exc).__name__}: {exc}; {done()} before {what} {number}") from exc
                     published += 1
-                    interrupt.defer = False
+                    interrupt.defer = sent = False
                     interrupt.check()
             except KeyboardInterrupt:
-                unknown = f"; nsqd's answer to {what} {number} is unknown" if interrupt.defer else ""
+                unknown = f"; nsqd's answer to {what} {number} is unknown" if sent else ""
                 raise KeyboardInterrupt(f"{done()}{unknown}") from None
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
     if not args.quiet:
         print(done(), file=sys.stderr)
     return EXIT_OK
+
+
+def _nsqd_http_targets(args: argparse.Namespace, addresses: Dict[str, Any], deadline: float, unchecked: List[str]) -> List[str]:
+    """The nsqd HTTP addresses tail's backlog check asks: --nsqd-http-address, else each
+    --nsqd-tcp-address's port + 1 (nsqd's convention), and every nsqd nsqlookupd lists for
+    the topic. What cannot be asked goes to *unchecked*, with the reason."""
+    from .errors import Error, HTTPError
+    from .httpapi import LookupdClient
+
+    targets: List[str] = []
+
+    def add(address: str) -> None:
+        if address not in targets:
+            targets.append(address)
+
+    given = [address for value in getattr(args, "nsqd_http_address", None) or [] for address in value]
+    for address in given:
+        add(address)
+    if not given:
+        for address in addresses["nsqd_tcp_addresses"] or []:
+            host, _, port = address.rpartition(":")
+            if int(port) < 65535:
+                add(f"{host}:{int(port) + 1}")
+            else:
+                unchecked.append(f"nsqd {address}: no conventional HTTP port (TCP port + 1); give --nsqd-http-address")
+    for address in addresses["lookupd_http_addresses"] or []:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            unchecked.append(f"nsqlookupd {address}: not asked, the check's {BACKLOG_CHECK_TIMEOUT:g}s were over")
+            continue
+        try:
+            answer = LookupdClient(address, timeout=min(BACKLOG_CHECK_REQUEST_TIMEOUT, remaining)).lookup(args.topic)
+        except HTTPError as exc:
+            if exc.status != 404 or exc.message != "TOPIC_NOT_FOUND":
+                unchecked.append(f"nsqlookupd {address}: {exc}")
+            continue  # (TOPIC_NOT_FOUND: no nsqd has registered the topic, so none holds a backlog of it)
+        except Error as exc:
+            unchecked.append(f"nsqlookupd {address}: {exc}")
+            continue
+        for producer in answer["producers"]:
+            host = producer.get("broadcast_address") if isinstance(producer, dict) else None
+            port = producer.get("http_port") if isinstance(producer, dict) else None
+            if isinstance(host, str) and host and isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536:
+                add(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+            else:
+                unchecked.append(f"nsqlookupd {address}: a producer without a usable broadcast_address and http_port")
+    return targets
+
+
+def _check_backlog(args: argparse.Namespace, addresses: Dict[str, Any]) -> None:
+    """Refuse (exit 2) to subscribe tail's ephemeral channel where the topic has no channel
+    but holds messages: as the topic's first channel it would take that backlog, and nsqd
+    deletes an ephemeral channel, with every message in it, when its last client leaves.
+    A check that cannot be made (an HTTP API not reachable) is a warning. At most
+    BACKLOG_CHECK_TIMEOUT seconds in all."""
+    from .errors import Error
+    from .httpapi import NsqdHTTPClient
+
+    deadline = time.monotonic() + BACKLOG_CHECK_TIMEOUT
+    unchecked: List[str] = []
+    backlog: List[str] = []
+    for address in _nsqd_http_targets(args, addresses, deadline, unchecked):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            unchecked.append(f"nsqd {address}: not asked, the check's {BACKLOG_CHECK_TIMEOUT:g}s were over")
+            continue
+        try:
+            stats = NsqdHTTPClient(address, timeout=min(BACKLOG_CHECK_REQUEST_TIMEOUT, remaining)).topic_stats(args.topic)
+            depth = int(stats.get("depth") or 0) if stats else 0
+            channels = len(stats.get("channels") or []) if stats else 0
+        except (Error, TypeError, ValueError, AttributeError) as exc:  # (an answer that is not nsqd's /stats too)
+            unchecked.append(f"nsqd HTTP {address}: {exc}")
+            continue
+        logger.info("backlog check: topic %s on nsqd HTTP %s: %s", args.topic, address,
+                    f"{channels} channel(s), depth {depth}" if stats else "not there yet")
+        if stats and not channels and depth > 0:
+            backlog.append(f"{depth} on nsqd HTTP {address}")
+    if backlog:
+        raise UsageError(
+            f"topic {args.topic!r} has no channel yet and holds messages ({', '.join(backlog)}): tail's own "
+            "channel (ephemeral) would be its first channel and take them all, and nsqd deletes it, with every "
+            "message tail does not print, when tail exits. Give --channel NAME to read through a channel that "
+            "stays, or --take-backlog to go ahead anyway"
+        )
+    if unchecked:
+        logger.warning(
+            "could not check whether topic %s holds messages that no channel has taken yet (%s); going on. If it "
+            "does, tail's ephemeral channel takes them and nsqd deletes them when tail exits (--channel NAME "
+            "avoids that; --nsqd-http-address says where nsqd's HTTP API is)", args.topic, "; ".join(unchecked),
+        )
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
@@ -593,20 +714,36 @@ def cmd_tail(args: argparse.Namespace) -> int:
     # channel would each print half of the messages.
     channel = args.channel or f"tail-{secrets.token_hex(6)}#ephemeral"
     remaining = [args.n] if args.n else None
+    # Never more in flight than tail still has to print: what it does not print goes back
+    # with one more attempt (nsqd counts every delivery).
+    max_in_flight = [args.max_in_flight if args.n is None else min(args.max_in_flight, args.n)]
     done = threading.Event()
     out = sys.stdout.buffer
     lock = threading.Lock()
     write_errors: List[OSError] = []
 
+    def hold(value: int) -> None:
+        """Lower the Reader's max_in_flight to *value* (0: RDY 0 on every connection); under *lock*."""
+        if value >= max_in_flight[0]:
+            return
+        max_in_flight[0] = value
+        try:
+            reader.set_max_in_flight(value)
+        except nsq_sync.Error:
+            pass  # (closing: it takes nothing more anyway)
+
     def give_back(message: Any) -> None:
         # Not shown: back to nsqd at once, for the channel's other consumers (a handler's
         # False would defer it by requeue_delay x attempts, 90 s and more, and back off).
+        # RDY 0 first: given back while tail still has RDY, it would come straight back to
+        # tail, again and again, one more attempt each time, until a Reader gave it up.
+        hold(0)
         message.requeue(delay=0, backoff=False)
 
     def handler(message: Any) -> None:
         with lock:
             if done.is_set():
-                return give_back(message)  # (the output is gone, or -n was reached)
+                return give_back(message)  # (the output is gone, -n was reached, or a signal came)
             if remaining is not None:
                 if remaining[0] <= 0:
                     return give_back(message)
@@ -624,14 +761,30 @@ def cmd_tail(args: argparse.Namespace) -> int:
                     remaining[0] += 1
                 done.set()
                 return give_back(message)
-            if remaining is not None and remaining[0] == 0:
-                done.set()
+            if remaining is not None:
+                hold(remaining[0])  # (RDY 0 once the N-th is printed, before anything is given back)
+                if remaining[0] == 0:
+                    done.set()
         return None
 
+    addresses = _addresses(args, default_nsqd="127.0.0.1:4150")
     reader = nsq_sync.Reader(
-        args.topic, channel, message_handler=handler, max_in_flight=args.max_in_flight, backend=args.backend,
-        lookupd_poll_interval=args.lookupd_poll_interval, **_addresses(args, default_nsqd="127.0.0.1:4150"),
+        args.topic, channel, message_handler=handler, max_in_flight=max_in_flight[0], backend=args.backend,
+        lookupd_poll_interval=args.lookupd_poll_interval,
+        # never gives a message up (FIN: gone for every consumer of a named channel); tail
+        # only gives back, and the consumers that get them next decide
+        max_tries=0,
+        # with more nsqd than -n allows in flight, RDY moves on from an idle nsqd within a
+        # second or two, not the Reader's 10 s: tail waits for the first message there is
+        low_rdy_idle_timeout=1.0, rdy_redistribute_interval=1.0,
+        **addresses,
     )
+    if args.channel is None and not args.take_backlog:
+        try:
+            _check_backlog(args, addresses)
+        except BaseException:
+            reader.close()
+            raise
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for signum in _STOP_SIGNALS:
@@ -741,6 +894,8 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ parsing
 def build_parser() -> argparse.ArgumentParser:
+    from .__about__ import __version__
+
     parser = argparse.ArgumentParser(
         prog="nsq-sync",
         description="The synchronous NSQ client's command line.",
@@ -756,6 +911,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO (rates once a second for worker)")
+    parser.add_argument("--version", action="version", version=f"nsq-sync {__version__}")
     # -v is accepted after the command too (nsq-sync worker -v ...); SUPPRESS keeps a -v given
     # before the command from being reset by the subcommand's default.
     common = argparse.ArgumentParser(add_help=False)
@@ -816,6 +972,11 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("-n", type=_positive_int, default=None, help="exit after N messages")
     tail.add_argument("--max-in-flight", type=_int_range(1, MAX_IN_FLIGHT), default=200)
     tail.add_argument("--lookupd-poll-interval", type=_seconds(0.001, MAX_TIMEOUT), default=5.0)
+    tail.add_argument("--take-backlog", action="store_true",
+                      help="with the default channel, subscribe even to a topic that has no channel and holds messages "
+                           "(its first channel takes them, and nsqd deletes tail's ephemeral one, with them, when tail exits)")
+    tail.add_argument("--nsqd-http-address", action="append", type=_check_address, metavar="HOST:PORT",
+                      help="nsqd HTTP address(es) for the backlog check (default: each --nsqd-tcp-address's port + 1)")
     backend_arg(tail)
     tail.set_defaults(func=cmd_tail)
 

@@ -401,7 +401,8 @@ def test_pub_then_tail_round_trip(nsqd: NsqdProcess, env: Dict[str, str], backen
     assert "published 3 message(s) to cli_pub" in pub.stderr
     assert nsqd.topic_depth("cli_pub") == 3
 
-    tail = run_cli("tail", "--topic", "cli_pub", "--nsqd-tcp-address", nsqd.tcp_address, "-n", "3", "--backend", backend, env=env)
+    # (the topic's backlog, into tail's channel: --take-backlog, as it has no other channel)
+    tail = run_cli("tail", "--topic", "cli_pub", "--nsqd-tcp-address", nsqd.tcp_address, "-n", "3", "--take-backlog", "--backend", backend, env=env)
     assert tail.returncode == EXIT_OK, describe(tail)
     assert sorted(tail.stdout.splitlines()) == ["one", "three", "two"], describe(tail)
 
@@ -413,7 +414,8 @@ def test_pub_stdin_lines_then_tail(dash: bool, nsqd: NsqdProcess, env: Dict[str,
     assert pub.returncode == EXIT_OK, describe(pub)
     assert "published 3 message(s)" in pub.stderr  # the empty line is skipped
 
-    tail = run_cli("tail", "--topic", "cli_stdin", "--nsqd-tcp-address", nsqd.tcp_address, "-n", "3", "--backend", backend, env=env)
+    # (the topic's backlog, into tail's channel: --take-backlog, as it has no other channel)
+    tail = run_cli("tail", "--topic", "cli_stdin", "--nsqd-tcp-address", nsqd.tcp_address, "-n", "3", "--take-backlog", "--backend", backend, env=env)
     assert tail.returncode == EXIT_OK, describe(tail)
     assert sorted(tail.stdout.splitlines()) == ["alpha", "beta", "gamma delta"], describe(tail)
 
@@ -546,6 +548,9 @@ def test_tail_write_error_other_than_a_closed_pipe_exits_1_and_gives_the_message
     assert done.stderr == "nsq-sync: failed: write error: No space left on device\n", done.stderr
     stats = wait_until(lambda: (lambda c: c if c and c.get("in_flight_count") == 0 else None)(nsqd.channel_stats("cli_full", "kept")), 10, message="nothing in flight")
     assert stats["depth"] == 5 and stats["deferred_count"] == 0, stats  # (none was finished)
+    # Each of the (at most -n) messages tail held went back once, after its RDY 0: not straight
+    # back to tail to be given back again and again (one more attempt each time).
+    assert stats["requeue_count"] <= 3, stats
 
 
 PID_1_TAIL = """\
@@ -601,6 +606,219 @@ def test_tail_n_gives_the_rest_back_at_once_without_backoff(nsqd: NsqdProcess, e
     assert "backing off" not in tail.stderr, describe(tail)
     stats = wait_until(lambda: (lambda c: c if c and c.get("in_flight_count") == 0 else None)(nsqd.channel_stats("cli_tail_n", "shared")), 10, message="nothing in flight")
     assert stats["deferred_count"] == 0 and stats["depth"] == 7, stats
+
+
+def settled_channel(nsqd: NsqdProcess, topic: str, channel: str) -> Dict[str, int]:
+    """The channel's stats once nothing is in flight or deferred and no client is subscribed."""
+    def settled() -> Optional[Dict[str, int]]:
+        stats = nsqd.channel_stats(topic, channel)
+        return stats if stats and stats["in_flight_count"] == stats["deferred_count"] == stats["client_count"] == 0 else None
+
+    return wait_until(settled, timeout=10, message=f"{topic}/{channel} settled")
+
+
+def test_tail_n_on_a_named_channel_burns_no_attempts_and_gives_nothing_up(nsqd: NsqdProcess, env: Dict[str, str], backend: str) -> None:
+    """tail -n 1, four times, on a channel other consumers share: each run takes one message
+    and prints it; nothing else is delivered to it, requeued or given up, and the rest reaches
+    the next consumer at its first attempt. Before, tail held RDY 200: the messages it gave back
+    came straight back to it, again and again (requeue_count 34 for 8 messages after three
+    runs), and its Reader (max_tries 5) gave them up, FIN: lost for every consumer."""
+    import nsq_sync
+
+    topic, channel, total, runs = "cli_tail_attempts", "work", 8, 4
+    bodies = [b"m%d" % i for i in range(total)]
+    nsqd.create_channel(topic, channel)
+    nsqd.mpublish(topic, bodies)
+    printed: List[bytes] = []
+    for _ in range(runs):
+        tail = run_cli("tail", "--topic", topic, "--channel", channel, "--nsqd-tcp-address", nsqd.tcp_address, "-n", "1",
+                       "--backend", backend, env=env)
+        assert tail.returncode == EXIT_OK, describe(tail)
+        assert "giving up" not in tail.stderr and "Traceback" not in tail.stderr, describe(tail)
+        printed += [line.encode() for line in tail.stdout.splitlines()]
+        settled_channel(nsqd, topic, channel)
+    assert len(printed) == len(set(printed)) == runs and set(printed) <= set(bodies), printed
+    stats = settled_channel(nsqd, topic, channel)
+    assert stats["depth"] == total - runs, stats  # (none finished unprinted)
+    assert stats["requeue_count"] == 0 and stats["timeout_count"] == 0, stats  # (none delivered to tail unprinted)
+
+    attempts: Dict[bytes, int] = {}
+    lock = threading.Lock()
+    got_all = threading.Event()
+
+    def handle(message: nsq_sync.Message) -> None:
+        with lock:
+            attempts[message.body] = message.attempts
+            if len(attempts) == total - runs:
+                got_all.set()
+
+    reader = nsq_sync.Reader(topic, channel, message_handler=handle, nsqd_tcp_addresses=nsqd.tcp_address, max_in_flight=total, backend=backend)
+    reader.start()
+    try:
+        assert got_all.wait(20), attempts
+    finally:
+        reader.close()
+    assert set(attempts) == set(bodies) - set(printed), attempts
+    assert set(attempts.values()) == {1}, attempts  # (never delivered before: tail took none of them)
+
+
+def conventional_nsqd() -> NsqdProcess:
+    """An nsqd (not started) whose HTTP port is its TCP port + 1, as nsqd's defaults (4150, 4151) are."""
+    for _ in range(50):
+        port = free_port()
+        if port < 65535 and port_closed(f"127.0.0.1:{port + 1}"):
+            return NsqdProcess(extra_args=[f"--tcp-address=127.0.0.1:{port}", f"--http-address=127.0.0.1:{port + 1}"])
+    pytest.fail("no two free ports in a row")
+
+
+def test_tail_refuses_to_take_a_topics_backlog_into_its_ephemeral_channel(env: Dict[str, str], backend: str) -> None:
+    """A topic with no channel yet holds 5 messages: tail with its own (ephemeral) channel would
+    be its first channel, take all 5 and, when it exits, nsqd would delete the channel with the 4
+    it gave back. tail refuses (exit 2, before subscribing: the topic keeps its messages) and
+    names the ways on: --channel NAME, --take-backlog. nsqd's HTTP API is found at the TCP port
+    + 1. Before, `tail -n 1` printed m0 and the other 4 were gone."""
+    from nsq_sync.pytest_plugin import started
+
+    topic = "cli_backlog"
+    with started(conventional_nsqd()) as nsqd:
+        nsqd.mpublish(topic, [b"m%d" % i for i in range(5)])
+        tail = run_cli("tail", "--topic", topic, "--nsqd-tcp-address", nsqd.tcp_address, "-n", "1", "--backend", backend, env=env)
+        assert tail.returncode == EXIT_USAGE, describe(tail)
+        assert tail.stdout == "", describe(tail)
+        assert tail.stderr.startswith(f"nsq-sync: error: topic '{topic}' has no channel yet and holds messages (5 on nsqd HTTP {nsqd.http_address})"), describe(tail)
+        assert "--channel NAME" in tail.stderr and "--take-backlog" in tail.stderr and tail.stderr.count("\n") == 1, describe(tail)
+        stats = nsqd.topic_stats(topic)
+        assert stats is not None and stats["depth"] == 5 and stats["channels"] == [], stats  # never subscribed
+
+        # A named channel keeps what tail does not print.
+        tail = run_cli("tail", "--topic", topic, "--channel", "kept", "--nsqd-tcp-address", nsqd.tcp_address, "-n", "1", "--backend", backend, env=env)
+        assert tail.returncode == EXIT_OK and tail.stdout == "m0\n", describe(tail)
+        assert settled_channel(nsqd, topic, "kept")["depth"] == 4
+
+
+def test_tail_backlog_check_through_lookupd_and_nsqd_http_address(nsq_cluster, env: Dict[str, str], backend: str) -> None:
+    """The same refusal when the nsqd are found through nsqlookupd (each producer's HTTP port is
+    asked), or given with --nsqd-http-address; --take-backlog goes ahead."""
+    nsqd = nsq_cluster.nsqds[0]
+    topic = "cli_backlog_lookupd"
+    nsqd.mpublish(topic, [b"a", b"b", b"c"])
+    nsq_cluster.wait_for_producers(topic, count=1)
+    lookupd = ["--lookupd-http-address", nsq_cluster.lookupd_http_addresses[0]]
+    direct = ["--nsqd-tcp-address", nsqd.tcp_address, "--nsqd-http-address", nsqd.http_address]
+    for where in (lookupd, direct):
+        tail = run_cli("tail", "--topic", topic, *where, "-n", "1", "--backend", backend, env=env)
+        assert tail.returncode == EXIT_USAGE, describe(tail)
+        assert f"holds messages (3 on nsqd HTTP {nsqd.http_address})" in tail.stderr and "--take-backlog" in tail.stderr, describe(tail)
+        assert nsqd.topic_depth(topic) == 3 and nsqd.topic_stats(topic)["channels"] == []  # type: ignore[index]
+    tail = run_cli("tail", "--topic", topic, *lookupd, "-n", "3", "--take-backlog", "--backend", backend, env=env)
+    assert tail.returncode == EXIT_OK, describe(tail)
+    assert sorted(tail.stdout.splitlines()) == ["a", "b", "c"], describe(tail)
+
+
+def test_tail_goes_on_with_a_warning_when_the_backlog_check_cannot_be_made(nsqd: NsqdProcess, env: Dict[str, str], backend: str) -> None:
+    """nsqd's HTTP API not reachable where tail looks: a warning naming the way round, then tail
+    runs as before."""
+    topic = "cli_backlog_unchecked"
+    nowhere = f"127.0.0.1:{free_port()}"
+    with CliProcess.nsq_sync("tail", "--topic", topic, "--nsqd-tcp-address", nsqd.tcp_address, "--nsqd-http-address", nowhere,
+                             "-n", "1", "--backend", backend, env=env) as tail:
+        line = tail.wait_for_line(lambda l: "could not check whether topic" in l, stream="stderr", timeout=20)
+        assert nowhere in line and "--nsqd-http-address" in line and "--channel NAME" in line, line
+
+        def subscribed() -> bool:
+            channels = (nsqd.topic_stats(topic) or {}).get("channels") or []
+            return any(int(c["client_count"]) == 1 for c in channels) or tail.proc.poll() is not None
+
+        wait_until(subscribed, timeout=20, message="tail subscribed")
+        nsqd.publish(topic, b"after")
+        assert tail.wait(30) == EXIT_OK, tail.output()
+        assert tail.stdout() == ["after"], tail.output()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_pub_signal_while_waiting_for_a_connection_exits_130_at_once(signum: int, env: Dict[str, str], backend: str) -> None:
+    """No nsqd reachable: a signal while pub waits for a connection (nothing sent) ends it at
+    once with exit 130 and an exact count. Before, the signal waited for the whole --timeout
+    and pub exited 3, "unavailable"."""
+    address = f"127.0.0.1:{free_port()}"
+    with CliProcess.nsq_sync("pub", "--topic", "cli_pub_wait", "--nsqd-tcp-address", address, "--timeout", "30",
+                             "--backend", backend, "x", env=env) as pub:
+        pub.wait_for_line(lambda l: f"cannot connect to {address}" in l, stream="stderr", timeout=20)
+        signalled = time.monotonic()
+        pub.signal(signum)
+        code = pub.wait(25)
+        elapsed = time.monotonic() - signalled
+        assert code == EXIT_INTERRUPTED, pub.output()
+        assert elapsed < 5, f"{elapsed:.1f}s after the signal\n{pub.output()}"
+        assert pub.stderr()[-1] == "nsq-sync: interrupted: published 0 message(s) to cli_pub_wait", pub.output()
+        assert not any("unknown" in l or "unavailable" in l or "Traceback" in l for l in pub.stderr()), pub.output()
+
+
+def test_pub_signal_while_a_frozen_nsqd_does_not_answer_the_handshake_exits_130_at_once(nsqd: NsqdProcess, env: Dict[str, str], backend: str) -> None:
+    """A real nsqd frozen (SIGSTOP: its kernel still accepts connections, nothing answers): pub is
+    stuck in the handshake, nothing sent, and a signal ends it at once (exit 130, nothing said
+    unknown); nsqd, thawed, never got the message. Before, the signal waited out --timeout."""
+    topic = "cli_pub_frozen"
+    nsqd.pause()
+    try:
+        with CliProcess.nsq_sync("pub", "--topic", topic, "--nsqd-tcp-address", nsqd.tcp_address, "--timeout", "30",
+                                 "--backend", backend, "x", env=env) as pub:
+            pub.wait_for_line(lambda l: f"cannot connect to {nsqd.tcp_address}" in l and "handshake" in l, stream="stderr", timeout=20)
+            signalled = time.monotonic()
+            pub.signal(signal.SIGINT)
+            code = pub.wait(25)
+            elapsed = time.monotonic() - signalled
+            assert code == EXIT_INTERRUPTED, pub.output()
+            assert elapsed < 5, f"{elapsed:.1f}s after the signal\n{pub.output()}"
+            assert pub.stderr()[-1] == f"nsq-sync: interrupted: published 0 message(s) to {topic}", pub.output()
+            assert not any("unknown" in l or "Traceback" in l for l in pub.stderr()), pub.output()
+    finally:
+        nsqd.resume()
+    assert nsqd.topic_stats(topic) is None  # (never published: nsqd does not even have the topic)
+
+
+def test_pub_signal_during_a_handshake_nsqd_does_not_answer_exits_130_at_once(env: Dict[str, str], backend: str) -> None:
+    """A listener that accepts and never answers (an nsqd hung in the handshake): pub is still
+    connecting, nothing was sent, so a signal ends it at once and nothing is said unknown.
+    Before, the first signal waited out --timeout, and a second one said "nsqd's answer to
+    argument 1 is unknown"."""
+    received: List[bytes] = []
+    accepted = threading.Event()
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        address = "127.0.0.1:%d" % server.getsockname()[1]
+        peers: List[socket.socket] = []
+
+        def accept() -> None:
+            try:
+                peer, _ = server.accept()
+            except OSError:
+                return
+            peers.append(peer)
+            peer.settimeout(20)
+            try:
+                received.append(peer.recv(4))  # the protocol magic, "  V2"
+            except OSError:
+                pass
+            accepted.set()
+
+        threading.Thread(target=accept, daemon=True).start()
+        try:
+            with CliProcess.nsq_sync("pub", "--topic", "cli_pub_handshake", "--nsqd-tcp-address", address, "--timeout", "30",
+                                     "--backend", backend, "x", env=env) as pub:
+                assert accepted.wait(20) and received == [b"  V2"], (received, pub.output())
+                signalled = time.monotonic()
+                pub.signal(signal.SIGTERM)
+                code = pub.wait(25)
+                elapsed = time.monotonic() - signalled
+                assert code == EXIT_INTERRUPTED, pub.output()
+                assert elapsed < 5, f"{elapsed:.1f}s after the signal\n{pub.output()}"
+                assert pub.stderr()[-1] == "nsq-sync: interrupted: published 0 message(s) to cli_pub_handshake", pub.output()
+                assert not any("unknown" in l or "Traceback" in l for l in pub.stderr()), pub.output()
+        finally:
+            for peer in peers:
+                peer.close()
 
 
 def test_a_list_in_one_address_string_is_a_usage_error_naming_it(env: Dict[str, str]) -> None:
@@ -764,6 +982,14 @@ def test_broker_that_does_not_start_exit_3(tmp_path: Path, env: Dict[str, str]) 
 
 # -------------------------------------------------------------------- help
 COMMANDS = ("demo", "worker", "pub", "tail", "cluster")
+
+
+def test_version(env: Dict[str, str]) -> None:
+    from nsq_sync.__about__ import __version__
+
+    proc = run_cli("--version", env=env)
+    assert proc.returncode == EXIT_OK, describe(proc)
+    assert proc.stdout == f"nsq-sync {__version__}\n" and proc.stderr == "", describe(proc)
 
 
 def test_help_shows_an_example_for_each_command(env: Dict[str, str]) -> None:

@@ -49,7 +49,8 @@ def describe(proc: "subprocess.CompletedProcess[bytes]") -> str:
 
 
 def tail_bodies(nsqd: NsqdProcess, topic: str, count: int, backend: str, env: Dict[str, str]) -> List[bytes]:
-    proc = run_bytes("tail", "--topic", topic, "--nsqd-tcp-address", nsqd.tcp_address, "-n", str(count), "--backend", backend, env=env)
+    # (the topic's backlog, into tail's channel, its first: --take-backlog)
+    proc = run_bytes("tail", "--topic", topic, "--nsqd-tcp-address", nsqd.tcp_address, "-n", str(count), "--take-backlog", "--backend", backend, env=env)
     assert proc.returncode == EXIT_OK, describe(proc)
     return proc.stdout.split(b"\n")[:-1]
 
@@ -103,6 +104,17 @@ def test_pub_refuses_an_empty_argument_before_publishing_anything(nsqd: NsqdProc
     assert proc.returncode == EXIT_USAGE, describe(proc)
     assert err == "nsq-sync: error: argument 2 is empty: nsqd refuses empty messages (empty lines of stdin are skipped)\n", describe(proc)
     assert nsqd.topic_stats("cli_empty_arg") is None
+
+
+@pytest.mark.parametrize("args", [["-", "foo"], ["foo", "-"], ["-", "-"]], ids=["dash-first", "dash-last", "two-dashes"])
+def test_pub_refuses_a_dash_among_other_arguments(args: List[str], nsqd: NsqdProcess, env: Dict[str, str], backend: str) -> None:
+    """'-' reads stdin only as the sole message argument: with others it is exit 2, nothing
+    published. Before, `pub - foo` published the messages "-" and "foo" and ignored stdin."""
+    proc = run_bytes("pub", "--topic", "cli_dash", "--nsqd-tcp-address", nsqd.tcp_address, "--backend", backend, *args, input=b"from stdin\n", env=env)
+    err = proc.stderr.decode()
+    assert proc.returncode == EXIT_USAGE, describe(proc)
+    assert err.startswith("nsq-sync: error: '-' (read the messages from stdin) must be the only message argument") and err.count("\n") == 1, describe(proc)
+    assert nsqd.topic_stats("cli_dash") is None  # (nothing published, not even connected)
 
 
 # ---------------------------------------------------------------- worker: a handler that would never run

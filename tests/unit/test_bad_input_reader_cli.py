@@ -308,6 +308,27 @@ def test_cli_demo_refuses_mpub_bodies_nsqd_would_refuse(no_brokers: None, capsys
     assert "max-body-size" in err and "Traceback" not in err, err
 
 
+@pytest.mark.parametrize("messages", [["-", "foo"], ["foo", "-"], ["-", "-"]], ids=["dash-first", "dash-last", "two-dashes"])
+def test_cli_pub_dash_among_other_arguments_is_a_usage_error(
+    messages: List[str], no_brokers: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """'-' reads stdin only as the sole message argument; `pub - foo` published "-" and "foo"."""
+    monkeypatch.setattr(nsq_sync, "Writer", mock.Mock(side_effect=AssertionError("made a Writer despite a bad argument")))
+    code, err = run_main(["pub", "--topic", "t", "--nsqd-tcp-address", ADDRESS, *messages], capsys)
+    assert code == cli.EXIT_USAGE, err
+    assert err.startswith("nsq-sync: error: '-' (read the messages from stdin) must be the only message argument"), err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_cli_version(capsys: pytest.CaptureFixture) -> None:
+    from nsq_sync.__about__ import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"nsq-sync {__version__}\n"
+
+
 @pytest.mark.parametrize(
     "argv",
     [["demo", "-n", "100000000", "--body-size", "1048512", "--batch", "1", "--timeout", "0.001"],
