@@ -98,6 +98,9 @@ _CONN_PARAMS = frozenset(
     name for name, p in inspect.signature(AsyncConn.__init__).parameters.items() if name != "self" and p.kind is not p.VAR_KEYWORD
 )
 _MAX_LEVEL = 10_000
+#: producers of one nsqlookupd answer the Reader uses (the first ones; the rest are ignored
+#: with a warning): what an answer may list is not the client's to trust
+MAX_LOOKUPD_PRODUCERS = 10_000
 #: the highest max_connect_attempts a Reader takes
 MAX_CONNECT_ATTEMPTS = 10_000
 #: the most handler workers a Reader takes, and the cap of the default (max_in_flight)
@@ -932,6 +935,12 @@ class Reader:
             self._lookupd_outcome(address, producers=len(producers))
             if self._closing:
                 return []  # (an answer that came in after close(): nothing to connect to)
+            if len(producers) > MAX_LOOKUPD_PRODUCERS:
+                logger.warning(
+                    "%s: lookupd %s lists %d producers; using the first %d (MAX_LOOKUPD_PRODUCERS)",
+                    self.name, address, len(producers), MAX_LOOKUPD_PRODUCERS,
+                )  # fmt: skip
+                producers = producers[:MAX_LOOKUPD_PRODUCERS]
             logger.debug("%s: lookupd %s lists %s", self.name, address, producers)
             self._connect_many([(_address_key(host, port), host, port) for host, port in producers], answer=True)
             return producers

@@ -1458,6 +1458,32 @@ def test_a_connect_task_that_cannot_start_leaves_no_address_stuck_connecting(
     assert reader.join(10) and live_tasks() == []
 
 
+def test_a_lookupd_answer_is_used_up_to_max_lookupd_producers(backend: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import nsq_sync.reader
+
+    monkeypatch.setattr(nsq_sync.reader, "MAX_LOOKUPD_PRODUCERS", 3, raising=False)
+    tarpit = _Tarpit(5)
+    lookupd = _Lookupd(tarpit.producers)
+    reader = Reader(
+        TOPIC, CHANNEL, lambda m: True, lookupd_http_addresses=lookupd.address, lookupd_poll_interval=60,
+        backend=backend, timeout=30,
+    )  # fmt: skip
+    try:
+        with caplog.at_level(logging.WARNING, logger="nsq_sync.reader"):
+            reader.start()
+            used = reader.query_lookupd()
+        assert used == [("127.0.0.1", p["tcp_port"]) for p in tarpit.producers[:3]]
+        with reader._lock:
+            assert sorted(reader._connecting) == sorted(f"127.0.0.1:{p['tcp_port']}" for p in tarpit.producers[:3])
+        assert reader.stats()["lookupd"][0]["producers"] == 5  # (what it listed)
+        assert any("lists 5 producers; using the first 3" in r.getMessage() for r in caplog.records)
+    finally:
+        tarpit.close()  # (first: attempts stuck in it would hold up close())
+        reader.close(5)
+        lookupd.stop()
+    assert reader.join(10) and live_tasks() == []
+
+
 @pytest.mark.parametrize("payload", [[1, 2], {"channels": []}], ids=["a list", "no producers key"])
 def test_lookupd_answer_of_the_wrong_shape_is_that_lookupd_failing(backend: str, caplog: pytest.LogCaptureFixture, payload: Any) -> None:
     # it used to be read as "no producers" without a word (the next lookupd was not asked)
