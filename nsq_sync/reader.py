@@ -1,7 +1,10 @@
 """Reader: a consumer of one topic/channel across many nsqd, with pynsq's API and rules.
 
 Where things run
-    * connection attempts: short-lived background tasks (never the caller of start());
+    * connection attempts: short-lived background tasks (never the caller of start()), at
+      most ``max_connect_attempts`` (default 32) at once per Reader; more wait in a FIFO
+      queue (an nsqlookupd answer listing thousands of nsqd that never answer took a thread
+      and a socket each);
     * each connection's reader task only reads and hands messages to the Reader's ONE
       :class:`~nsq_sync.dispatch.WorkerPool` (``concurrency`` workers, shared by every
       connection), so a slow handler never starves heartbeats;
@@ -30,7 +33,8 @@ skipped when the value is unchanged)
       under the old value are still on the wire (pynsq #177 / PR #254);
     * connection attempts started together (the direct addresses at start(), the producers
       of one lookupd answer) have their shares held back for them until each attempt ends,
-      so the first to subscribe does not get all of max_in_flight, to give it back later.
+      so the first to subscribe does not get all of max_in_flight, to give it back later;
+      an attempt still queued (max_connect_attempts already running) counts as under way.
 
 Backoff (global, like pynsq and go-nsq): a failure outside a backoff window raises the
 level and opens a window (RDY 0 everywhere) of ``strategy.calculate(level)`` seconds;
@@ -94,6 +98,11 @@ _CONN_PARAMS = frozenset(
     name for name, p in inspect.signature(AsyncConn.__init__).parameters.items() if name != "self" and p.kind is not p.VAR_KEYWORD
 )
 _MAX_LEVEL = 10_000
+#: producers of one nsqlookupd answer the Reader uses (the first ones; the rest are ignored
+#: with a warning): what an answer may list is not the client's to trust
+MAX_LOOKUPD_PRODUCERS = 10_000
+#: the highest max_connect_attempts a Reader takes
+MAX_CONNECT_ATTEMPTS = 10_000
 #: the most handler workers a Reader takes, and the cap of the default (max_in_flight)
 MAX_CONCURRENCY = 100_000
 #: the hooks a subclass may override; each is called and its result used at once
@@ -373,6 +382,8 @@ class Reader:
     :param low_rdy_timeout: seconds after which a connection holding RDY 1 gives it up
         to a waiting one even if it is busy (go-nsq's option; only when connections
         outnumber max_in_flight)
+    :param max_connect_attempts: connection attempts in progress at once, 1 to 10,000 (one
+        task each); more wait in a FIFO queue and start as attempts end (default 32)
     :param conn_kwargs: passed to every :class:`~nsq_sync.conn.AsyncConn` (timeout,
         heartbeat_interval, tls_v1, snappy, auth_secret, msg_timeout, ...)
 
@@ -415,6 +426,7 @@ class Reader:
         backoff_strategy: Any = None,
         rdy_redistribute_interval: float = 5,
         low_rdy_timeout: float = 30,
+        max_connect_attempts: int = 32,
         **conn_kwargs: Any,
     ) -> None:
         self.topic = check_topic(topic)
@@ -470,6 +482,7 @@ class Reader:
         check_number("low_rdy_timeout", low_rdy_timeout, 0.001, 3600)
         check_number("close_timeout", close_timeout, 0, 3600)
         check_number("rdy_redistribute_interval", rdy_redistribute_interval, 0.001, 3600)
+        check_number("max_connect_attempts", max_connect_attempts, 1, MAX_CONNECT_ATTEMPTS, integer=True)
         if concurrency is None:
             concurrency = min(max(1, max_in_flight), MAX_CONCURRENCY)
         check_number("concurrency", concurrency, 1, MAX_CONCURRENCY, integer=True)
@@ -505,6 +518,7 @@ class Reader:
         self.rdy_redistribute_interval = float(rdy_redistribute_interval)
         self.close_timeout = float(close_timeout)
         self.concurrency = concurrency
+        self.max_connect_attempts = max_connect_attempts
         self.backoff_strategy = backoff_strategy
         self.nsqd_tcp_addresses = [_address_key(h, p) for h, p in direct.values()]
         self.lookupd_http_addresses = [a for a, _ in lookupds]
@@ -515,7 +529,12 @@ class Reader:
         self._backend_choice = backend  # None: chosen again at start() (see _primitives)
         self._primitives(self._backend)
         self._conns: Dict[str, _ConnState] = {}
-        self._connecting: Dict[str, Optional[AsyncConn]] = {}
+        self._connecting: Dict[str, Optional[AsyncConn]] = {}  # attempts in progress (at most max_connect_attempts)
+        # Attempts waiting for one of those slots, oldest first (insertion order): address ->
+        # (host, port, first), *first* when the address had never been tried as it was queued
+        # (its share is held back for it, see _first_attempts_locked). _queued_first counts those.
+        self._queued: Dict[str, Tuple[str, int, bool]] = {}
+        self._queued_first = 0
         self._direct = direct
         self._direct_failures: Dict[str, int] = {}
         self._reconnect_timers: Dict[str, _Timer] = {}
@@ -916,8 +935,14 @@ class Reader:
             self._lookupd_outcome(address, producers=len(producers))
             if self._closing:
                 return []  # (an answer that came in after close(): nothing to connect to)
+            if len(producers) > MAX_LOOKUPD_PRODUCERS:
+                logger.warning(
+                    "%s: lookupd %s lists %d producers; using the first %d (MAX_LOOKUPD_PRODUCERS)",
+                    self.name, address, len(producers), MAX_LOOKUPD_PRODUCERS,
+                )  # fmt: skip
+                producers = producers[:MAX_LOOKUPD_PRODUCERS]
             logger.debug("%s: lookupd %s lists %s", self.name, address, producers)
-            self._connect_many([(_address_key(host, port), host, port) for host, port in producers])
+            self._connect_many([(_address_key(host, port), host, port) for host, port in producers], answer=True)
             return producers
         return []
 
@@ -1246,11 +1271,13 @@ class Reader:
         """Connection attempts under way to addresses never tried before (found together: the
         nsqd_tcp_addresses at start(), the producers of one lookupd answer). Their shares are
         held back for them, rather than all of max_in_flight going to the first to connect and
-        being taken back, a settle delay at a time, as the others come."""
+        being taken back, a settle delay at a time, as the others come. Attempts still
+        queued (max_connect_attempts running) count: they belong to the same group, and
+        starting one then changes no share."""
         if not self._connecting:
-            return 0
+            return self._queued_first
         tried = self._tried
-        return sum(1 for address in self._connecting if address not in tried)
+        return self._queued_first + sum(1 for address in self._connecting if address not in tried)
 
     def _apply_rdy_locked(self, revoke: bool = False) -> None:
         """Bring every connection's RDY to what the current mode wants (call under _lock).
@@ -1427,21 +1454,89 @@ class Reader:
         """Start a background connection attempt unless connected, connecting or closing."""
         self._connect_many([(address, host, port)])
 
-    def _connect_many(self, targets: Iterable[Tuple[str, str, int]]) -> None:
+    def _connect_many(self, targets: Iterable[Tuple[str, str, int]], answer: bool = False) -> None:
         """_connect for each of *targets*, all of them under one hold of the lock: each is
-        counted as connecting before any can register (see _first_attempts_locked)."""
+        counted as connecting before any can register (see _first_attempts_locked).
+
+        Each goes to the back of the queue of attempts (unless connected, connecting or
+        queued already), which starts them while fewer than max_connect_attempts run.
+        *answer*: *targets* are a lookupd answer; queued attempts to discovered nsqd it no
+        longer lists are dropped (the nsqd is gone; it is queued again if listed again)."""
         with self._lock:
+            if self._closing or not self._started:
+                return
+            dropped = False
+            if answer and self._queued:
+                targets = list(targets)
+                listed = {address for address, _, _ in targets}
+                for address in [a for a in self._queued if a not in listed and a not in self._direct]:
+                    self._unqueue_locked(address)
+                    dropped = True
             for address, host, port in targets:
-                if self._closing or not self._started or address in self._conns or address in self._connecting:
+                if address in self._conns or address in self._connecting or address in self._queued:
                     continue
                 timer = self._reconnect_timers.pop(address, None)
                 if timer is not None:
                     timer.cancel()
-                self._connecting[address] = None
-                task_id = next(self._task_ids)
+                first = address not in self._tried
+                self._queued[address] = (host, port, first)
+                self._queued_first += first
+            self._start_queued_locked()
+            if dropped:
+                self._apply_rdy_locked()  # (shares held back for them go to the connections there are)
+
+    def _unqueue_locked(self, address: str) -> Tuple[str, int]:
+        host, port, first = self._queued.pop(address)
+        self._queued_first -= first
+        return host, port
+
+    def _start_queued_locked(self) -> None:
+        """Start queued attempts, oldest first, while fewer than max_connect_attempts run.
+
+        A task that cannot be started (RuntimeError "can't start new thread") is that attempt
+        failing: the address leaves the queue (a direct one gets a reconnect, a discovered one
+        comes back with the next lookupd answer listing it)."""
+        limit = self.max_connect_attempts
+        failed: List[Tuple[str, BaseException]] = []
+        while self._queued and len(self._tasks) < limit and not self._closing:
+            address = next(iter(self._queued))
+            host, port = self._unqueue_locked(address)
+            if address in self._conns or address in self._connecting:
+                continue  # (not queued while so; kept for safety)
+            self._connecting[address] = None
+            task_id = next(self._task_ids)
+            try:
                 self._tasks[task_id] = self._backend.spawn(
                     self._connect_task, task_id, address, host, port, name=f"nsq_sync-{self.name}-connect-{address}"
                 )
+            except Exception as exc:
+                self._connecting.pop(address, None)
+                failed.append((address, exc))
+                self._connect_failed_locked(address)
+                self._attempt_ended_locked(address)
+        if failed:
+            address, exc = failed[0]
+            logger.warning(
+                "%s: could not start %d connection attempt(s), to %s%s: %s: %s; tried again on the next "
+                "lookupd answer listing them (nsqd_tcp_addresses: after a reconnect delay)",
+                self.name, len(failed), address, f" and {len(failed) - 1} more" if len(failed) > 1 else "",
+                type(exc).__name__, exc,
+            )  # fmt: skip
+
+    def _attempt_ended_locked(self, address: str) -> None:
+        """An attempt to *address* ended (or could not start): if it was the first, the share
+        held back for it (_first_attempts_locked) goes to the connections there are."""
+        if address in self._tried:
+            return
+        self._tried.add(address)
+        if len(self._tried) > 2 * (len(self._conns) + len(self._direct)) + 64:
+            # Under churn (new addresses on every deploy) it would only grow: keep
+            # the addresses still in use. One forgotten and seen again has its next
+            # attempt counted as a first, a share held back for one connect time.
+            # (Looked up one by one: the queue may hold thousands of addresses.)
+            in_use = (self._conns, self._connecting, self._direct, self._reconnect_timers, self._queued)
+            self._tried = {a for a in self._tried if any(a in where for where in in_use)}
+        self._apply_rdy_locked()
 
     def _connect_task(self, task_id: int, address: str, host: str, port: int) -> None:
         conn: Optional[AsyncConn] = None
@@ -1490,16 +1585,8 @@ class Reader:
             with self._lock:
                 self._connecting.pop(address, None)
                 self._tasks.pop(task_id, None)
-                if address not in self._tried:
-                    # A first attempt ended: the share held back for it (_first_attempts_locked)
-                    # goes to the connections there are, if it failed.
-                    self._tried.add(address)
-                    if len(self._tried) > 2 * (len(self._conns) + len(self._direct)) + 64:
-                        # Under churn (new addresses on every deploy) it would only grow: keep
-                        # the addresses still in use. One forgotten and seen again has its next
-                        # attempt counted as a first, a share held back for one connect time.
-                        self._tried &= set(self._conns) | set(self._connecting) | set(self._direct) | set(self._reconnect_timers)
-                    self._apply_rdy_locked()
+                self._start_queued_locked()  # (this slot is free: the next queued attempt)
+                self._attempt_ended_locked(address)
 
     def _register_locked(self, address: str, conn: AsyncConn, rtt: float = 0.0) -> None:
         self._conns[address] = _ConnState(conn, address, rtt)
@@ -1521,11 +1608,14 @@ class Reader:
 
     def _connect_failed(self, address: str) -> None:
         with self._lock:
-            if self._closing or address not in self._direct:
-                return  # lookupd-discovered: it comes back when lookupd lists it again
-            attempt = self._direct_failures.get(address, 0) + 1
-            self._direct_failures[address] = attempt
-            self._schedule_reconnect_locked(address, attempt)
+            self._connect_failed_locked(address)
+
+    def _connect_failed_locked(self, address: str) -> None:
+        if self._closing or address not in self._direct:
+            return  # lookupd-discovered: it comes back when lookupd lists it again
+        attempt = self._direct_failures.get(address, 0) + 1
+        self._direct_failures[address] = attempt
+        self._schedule_reconnect_locked(address, attempt)
 
     def _schedule_reconnect_locked(self, address: str, attempt: int) -> None:
         delay = exponential_delay(attempt, self.reconnect_base, self.reconnect_cap, rand=self._random.random)
@@ -1592,6 +1682,9 @@ class Reader:
             if timer is not None:
                 timer.cancel()
         self._reconnect_timers.clear()
+        # Queued attempts never start now (close() waits only for those in progress).
+        self._queued.clear()
+        self._queued_first = 0
 
     def _in_own_task(self) -> bool:
         if self._pool.in_worker():

@@ -12,6 +12,7 @@ import json
 import logging
 import select
 import socket
+import struct
 import threading
 import time
 import warnings
@@ -1221,6 +1222,263 @@ def test_addresses_tried_once_are_not_remembered_for_ever(backend: str) -> None:
             wait_until(lambda: not reader._connecting, WAIT, message="the attempts to end")
         assert len(reader._tried) <= 64 + 10, len(reader._tried)  # (150 addresses tried)
     finally:
+        reader.close(5)
+        lookupd.stop()
+    assert reader.join(10) and live_tasks() == []
+
+
+class _SpawnSpy:
+    """The backend under test, recording the Reader's connection attempt tasks: how many were
+    spawned, how many run at once (and the most that did). ``refuse`` (part of a task name)
+    makes the next spawn of a connect task with that name raise RuntimeError, as
+    ``threading.Thread.start()`` does once no thread can be created."""
+
+    def __init__(self, backend: str, refuse: Optional[str] = None) -> None:
+        from nsq_sync.backends import get_backend
+
+        self._inner = get_backend(backend)
+        self.name = self._inner.name
+        self.refuse = refuse
+        self.refused = threading.Event()
+        self.spawned = 0
+        self.running = 0
+        self.peak = 0
+        self._count = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def spawn(self, fn: Any, *args: Any, name: str = "") -> Any:
+        if "-connect-" not in name:
+            return self._inner.spawn(fn, *args, name=name)
+        with self._count:
+            if self.refuse is not None and self.refuse in name:
+                self.refuse = None
+                self.refused.set()
+                raise RuntimeError("can't start new thread")
+            self.spawned += 1
+
+        def attempt(*args: Any) -> Any:
+            with self._count:
+                self.running += 1
+                self.peak = max(self.peak, self.running)
+            try:
+                return fn(*args)
+            finally:
+                with self._count:
+                    self.running -= 1
+
+        return self._inner.spawn(attempt, *args, name=name)
+
+
+class _Tarpit:
+    """Listening sockets that never accept and never answer: the kernel completes each TCP
+    handshake (the backlog holds it) and the client's IDENTIFY waits there unread, like an
+    nsqd that is stuck or hostile. After release() every connection, waiting or new, is reset
+    at once. (The ports stay taken until close(): a connection to a freed ephemeral port may
+    be given that very port and meet itself, a TCP self-connect, which then waits too.)"""
+
+    def __init__(self, ports: int) -> None:
+        self.listeners: List[socket.socket] = []
+        for _ in range(ports):
+            listener = socket.socket()
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(16)
+            self.listeners.append(listener)
+        self.producers = [{"broadcast_address": "127.0.0.1", "tcp_port": s.getsockname()[1], "http_port": 1} for s in self.listeners]
+        self._released = False
+        self._closed = False
+        self._resetter: Optional[threading.Thread] = None
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        for listener in self.listeners:
+            listener.setblocking(False)
+        self._resetter = threading.Thread(target=self._reset_all, name="tarpit-reset", daemon=True)
+        self._resetter.start()
+
+    def _reset_all(self) -> None:
+        while not self._closed:
+            for listener in self.listeners:
+                while True:
+                    try:
+                        conn, _ = listener.accept()
+                    except OSError:  # (BlockingIOError: none waiting)
+                        break
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    conn.close()  # RST
+            time.sleep(0.005)
+
+    def close(self) -> None:
+        self.release()
+        self._closed = True
+        if self._resetter is not None:
+            self._resetter.join(WAIT)
+        for listener in self.listeners:
+            listener.close()
+
+
+def _connect_tasks() -> int:
+    return sum(1 for name in live_tasks() if "-connect-" in name)
+
+
+def test_a_lookupd_answer_of_many_nsqd_that_never_answer_starts_at_most_max_connect_attempts(backend: str) -> None:
+    # A hostile (or just huge) answer decided how many threads and sockets the Reader opened:
+    # one task per producer listed, all at once (2,000 tarpit nsqd: 865 threads blocked).
+    tarpit = _Tarpit(200)
+    lookupd = _Lookupd(tarpit.producers)
+    spy = _SpawnSpy(backend)
+    reader = Reader(
+        TOPIC, CHANNEL, lambda m: True, lookupd_http_addresses=lookupd.address, lookupd_poll_interval=60,
+        backend=spy, timeout=30,  # (the handshake waits 30 s for an answer: stuck for the whole test)
+    )  # fmt: skip
+    bound = 32  # the default max_connect_attempts
+    try:
+        reader.start()  # (its first poll at once, the next one in 60 s or more)
+
+        def filled() -> bool:
+            running = _connect_tasks()
+            assert running <= bound, f"{running} connect tasks at once"
+            return running == bound and spy.running == bound  # (greenlets: spawned, and running)
+
+        wait_until(filled, WAIT, message=f"{bound} connect tasks")
+        # All stuck in their handshake: nothing ends, so nothing more may start (the 200
+        # producers were queued under one hold of the lock, before the first attempt started).
+        assert (spy.spawned, spy.peak) == (bound, bound)
+        assert reader.stats()["connections"] == [] and reader.conns == {} and lookupd.requests == 1
+        # The nsqd go away: each attempt fails, and the next queued one starts in its slot
+        # (the task that ends starts it as its last act: for a moment one more task is alive).
+        tarpit.release()
+
+        def drained() -> bool:
+            assert _connect_tasks() <= bound + 1
+            return spy.spawned == 200 and _connect_tasks() == 0
+
+        wait_until(drained, WAIT, message="all 200 attempts to end")
+        assert spy.peak <= bound + 1, spy.peak
+        with reader._lock:
+            assert not reader._connecting and not reader._queued
+        began = time.monotonic()
+        reader.close(5)
+        assert time.monotonic() - began < 2.0
+    finally:
+        tarpit.close()  # (first: attempts stuck in it would hold up close())
+        reader.close(5)
+        lookupd.stop()
+    assert reader.join(10) and live_tasks() == []
+
+
+def test_close_does_not_start_or_wait_for_queued_connect_attempts(backend: str) -> None:
+    tarpit = _Tarpit(60)
+    lookupd = _Lookupd(tarpit.producers)
+    spy = _SpawnSpy(backend)
+    reader = Reader(
+        TOPIC, CHANNEL, lambda m: True, lookupd_http_addresses=lookupd.address, lookupd_poll_interval=60,
+        backend=spy, timeout=2,
+    )  # fmt: skip
+    try:
+        reader.start()
+        wait_until(lambda: spy.running == 32, WAIT, message="32 attempts running")
+        assert spy.spawned == 32  # (28 queued)
+        began = time.monotonic()
+        reader.close(5)  # waits for the 32 handshakes (they see the Reader closing when they end)
+        took = time.monotonic() - began
+        assert took < 2 + 1.5, f"close() took {took:.1f} s"  # not 28 more attempts after those
+        assert spy.spawned == 32 and _connect_tasks() == 0
+        assert reader.query_lookupd() == [] and spy.spawned == 32
+    finally:
+        tarpit.close()  # (first: attempts stuck in it would hold up close())
+        reader.close(5)
+        lookupd.stop()
+    assert reader.join(10) and live_tasks() == []
+
+
+def test_a_newer_lookupd_answer_drops_queued_attempts_to_nsqd_it_no_longer_lists(fake_nsqd: FakeNsqd, backend: str) -> None:
+    tarpit = _Tarpit(6)
+    lookupd = _Lookupd(tarpit.producers)
+    spy = _SpawnSpy(backend)
+    reader = Reader(
+        TOPIC, CHANNEL, lambda m: True, lookupd_http_addresses=lookupd.address, lookupd_poll_interval=60,
+        backend=spy, timeout=30, max_connect_attempts=2,
+    )  # fmt: skip
+    try:
+        reader.start()
+        wait_until(lambda: spy.running == 2, WAIT, message="2 attempts running")  # (the first poll's)
+        # The nsqd listed before are gone; only fake_nsqd is listed now. It waits for a slot
+        # (the 2 attempts in progress are stuck), and the 4 queued before it are dropped.
+        lookupd.producers = [{"broadcast_address": fake_nsqd.host, "tcp_port": fake_nsqd.port, "http_port": 1}]
+        reader.query_lookupd()
+        with reader._lock:
+            assert list(reader._queued) == [address(fake_nsqd)]
+        tarpit.release()
+        fake_nsqd.wait_for_command("RDY 1", timeout=WAIT)
+        wait_until(lambda: _connect_tasks() == 0, WAIT, message="the attempts to end")
+        assert spy.spawned == 3 and list(reader.conns) == [address(fake_nsqd)]
+    finally:
+        tarpit.close()  # (first: attempts stuck in it would hold up close())
+        reader.close(5)
+        lookupd.stop()
+    assert reader.join(10) and live_tasks() == []
+
+
+@pytest.mark.parametrize("found", ["lookupd", "nsqd_tcp_addresses"])
+def test_a_connect_task_that_cannot_start_leaves_no_address_stuck_connecting(
+    fake_nsqd: FakeNsqd, backend: str, found: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The address was marked connecting before the spawn, and a spawn that raised ("can't
+    # start new thread") left it so: never tried again. The exception also ended the poll
+    # (or start()) before the producers after it were tried.
+    target = address(fake_nsqd)
+    spy = _SpawnSpy(backend, refuse=f"-connect-{target}")
+    lookupd = _Lookupd([{"broadcast_address": fake_nsqd.host, "tcp_port": fake_nsqd.port, "http_port": 1}])
+    if found == "lookupd":
+        reader = Reader(TOPIC, CHANNEL, lambda m: True, lookupd_http_addresses=lookupd.address, lookupd_poll_interval=60, backend=spy)
+    else:
+        reader = Reader(TOPIC, CHANNEL, lambda m: True, nsqd_tcp_addresses=target, backend=spy)
+        reader.reconnect_base = 0.02
+    try:
+        with caplog.at_level(logging.WARNING, logger="nsq_sync.reader"):
+            reader.start()
+            assert spy.refused.wait(WAIT)
+            with reader._lock:  # (taken once the refused spawn's section is over)
+                assert target not in reader._connecting and target not in reader._queued
+            if found == "lookupd":
+                assert reader.conns == {} and spy.spawned == 0
+                reader.query_lookupd()  # the next poll tries it again
+            # (nsqd_tcp_addresses: tried again after a reconnect delay)
+            fake_nsqd.wait_for_command("RDY 1", timeout=WAIT)
+        assert list(reader.conns) == [target]
+        warned = [r.getMessage() for r in caplog.records if "could not start" in r.getMessage()]
+        assert len(warned) == 1 and f"could not start 1 connection attempt(s), to {target}: RuntimeError" in warned[0], warned
+    finally:
+        reader.close(5)
+        lookupd.stop()
+    assert reader.join(10) and live_tasks() == []
+
+
+def test_a_lookupd_answer_is_used_up_to_max_lookupd_producers(backend: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import nsq_sync.reader
+
+    monkeypatch.setattr(nsq_sync.reader, "MAX_LOOKUPD_PRODUCERS", 3, raising=False)
+    tarpit = _Tarpit(5)
+    lookupd = _Lookupd(tarpit.producers)
+    reader = Reader(
+        TOPIC, CHANNEL, lambda m: True, lookupd_http_addresses=lookupd.address, lookupd_poll_interval=60,
+        backend=backend, timeout=30,
+    )  # fmt: skip
+    try:
+        with caplog.at_level(logging.WARNING, logger="nsq_sync.reader"):
+            reader.start()
+            used = reader.query_lookupd()
+        assert used == [("127.0.0.1", p["tcp_port"]) for p in tarpit.producers[:3]]
+        with reader._lock:
+            assert sorted(reader._connecting) == sorted(f"127.0.0.1:{p['tcp_port']}" for p in tarpit.producers[:3])
+        assert reader.stats()["lookupd"][0]["producers"] == 5  # (what it listed)
+        assert any("lists 5 producers; using the first 3" in r.getMessage() for r in caplog.records)
+    finally:
+        tarpit.close()  # (first: attempts stuck in it would hold up close())
         reader.close(5)
         lookupd.stop()
     assert reader.join(10) and live_tasks() == []
