@@ -101,6 +101,8 @@ _MAX_LEVEL = 10_000
 #: producers of one nsqlookupd answer the Reader uses (the first ones; the rest are ignored
 #: with a warning): what an answer may list is not the client's to trust
 MAX_LOOKUPD_PRODUCERS = 10_000
+#: bytes of one nsqlookupd answer the Reader reads (MAX_LOOKUPD_PRODUCERS take about 2.5 MB)
+LOOKUPD_ANSWER_MAX = 16 * 1024 * 1024
 #: the highest max_connect_attempts a Reader takes
 MAX_CONNECT_ATTEMPTS = 10_000
 #: the most handler workers a Reader takes, and the cap of the default (max_in_flight)
@@ -462,7 +464,8 @@ class Reader:
             try:
                 from .httpapi import LookupdClient
 
-                client = LookupdClient(address, timeout=lookupd_timeout)  # (it drops pynsq's "/lookup")
+                # (it drops pynsq's "/lookup"; an answer over LOOKUPD_ANSWER_MAX is a failed query)
+                client = LookupdClient(address, timeout=lookupd_timeout, max_response_size=LOOKUPD_ANSWER_MAX)
             except ConfigError as exc:
                 # exc.value is already redacted (no credentials from the URL)
                 raise ConfigError("lookupd_http_addresses", exc.value, exc.reason) from None

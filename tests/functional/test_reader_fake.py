@@ -1105,6 +1105,24 @@ class _Lookupd:
         self.thread.join(WAIT)
 
 
+def test_a_lookupd_answer_over_16_mib_is_a_failed_query(fake_nsqd: FakeNsqd, backend: str) -> None:
+    # What an answer may hold is not the client's to trust: the Reader reads at most
+    # LOOKUPD_ANSWER_MAX of it (HTTPClient's own default is 64 MiB) and asks again later.
+    from nsq_sync.reader import LOOKUPD_ANSWER_MAX
+
+    producer = {"broadcast_address": fake_nsqd.host, "tcp_port": fake_nsqd.port, "http_port": 1}
+    lookupd = _Lookupd([], payload={"channels": [], "producers": [producer], "padding": "x" * LOOKUPD_ANSWER_MAX})
+    reader = Reader(TOPIC, CHANNEL, lambda m: True, lookupd_http_addresses=[lookupd.address], lookupd_poll_interval=60, backend=backend)
+    try:
+        reader.start()
+        wait_until(lambda: reader.stats()["lookupd"][0]["failed_queries"] == 1, WAIT, message="the query to fail")
+        assert "max_response_size" in reader.stats()["lookupd"][0]["last_error"]
+        assert reader.conns == {} and fake_nsqd.sessions == []
+    finally:
+        reader.close(WAIT)
+        lookupd.stop()
+
+
 def test_lookupd_discovery_tries_the_next_lookupd_on_failure(fake_nsqd: FakeNsqd, backend: str) -> None:
     lookupd = _Lookupd([{"broadcast_address": fake_nsqd.host, "tcp_port": fake_nsqd.port, "http_port": 1}])
     dead = socket.socket()
