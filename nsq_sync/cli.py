@@ -614,6 +614,16 @@ def cmd_pub(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _backlog_request_timeout(deadline: float, what: str, unchecked: List[str]) -> Optional[float]:
+    """The timeout of the backlog check's next request to *what*, or None (noted in
+    *unchecked*) when the check's BACKLOG_CHECK_TIMEOUT is over."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        unchecked.append(f"{what}: not asked, the check's {BACKLOG_CHECK_TIMEOUT:g}s were over")
+        return None
+    return min(BACKLOG_CHECK_REQUEST_TIMEOUT, remaining)
+
+
 def _nsqd_http_targets(args: argparse.Namespace, addresses: Dict[str, Any], deadline: float, unchecked: List[str]) -> List[str]:
     """The nsqd HTTP addresses tail's backlog check asks: --nsqd-http-address, else each
     --nsqd-tcp-address's port + 1 (nsqd's convention), and every nsqd nsqlookupd lists for
@@ -638,12 +648,11 @@ def _nsqd_http_targets(args: argparse.Namespace, addresses: Dict[str, Any], dead
             else:
                 unchecked.append(f"nsqd {address}: no conventional HTTP port (TCP port + 1); give --nsqd-http-address")
     for address in addresses["lookupd_http_addresses"] or []:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            unchecked.append(f"nsqlookupd {address}: not asked, the check's {BACKLOG_CHECK_TIMEOUT:g}s were over")
+        timeout = _backlog_request_timeout(deadline, f"nsqlookupd {address}", unchecked)
+        if timeout is None:
             continue
         try:
-            answer = LookupdClient(address, timeout=min(BACKLOG_CHECK_REQUEST_TIMEOUT, remaining)).lookup(args.topic)
+            answer = LookupdClient(address, timeout=timeout).lookup(args.topic)
         except HTTPError as exc:
             if exc.status != 404 or exc.message != "TOPIC_NOT_FOUND":
                 unchecked.append(f"nsqlookupd {address}: {exc}")
@@ -674,12 +683,11 @@ def _check_backlog(args: argparse.Namespace, addresses: Dict[str, Any]) -> None:
     unchecked: List[str] = []
     backlog: List[str] = []
     for address in _nsqd_http_targets(args, addresses, deadline, unchecked):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            unchecked.append(f"nsqd {address}: not asked, the check's {BACKLOG_CHECK_TIMEOUT:g}s were over")
+        timeout = _backlog_request_timeout(deadline, f"nsqd {address}", unchecked)
+        if timeout is None:
             continue
         try:
-            stats = NsqdHTTPClient(address, timeout=min(BACKLOG_CHECK_REQUEST_TIMEOUT, remaining)).topic_stats(args.topic)
+            stats = NsqdHTTPClient(address, timeout=timeout).topic_stats(args.topic)
             depth = int(stats.get("depth") or 0) if stats else 0
             channels = len(stats.get("channels") or []) if stats else 0
         except (Error, TypeError, ValueError, AttributeError) as exc:  # (an answer that is not nsqd's /stats too)

@@ -912,6 +912,15 @@ def test_more_messages_than_rdy_end_the_connection(server: FakeNsqd, sub_conn, b
     assert [kw["message"].body for kw in events.of("message")] == [b"m0", b"m1"]  # the third never ran
 
 
+def finish_all_and_stay_connected(server: FakeNsqd, conn: AsyncConn, events: "Recorder", count: int) -> None:
+    """*count* messages arrived and were finished, and the connection took none of it for a fault."""
+    events.wait("message", count=count)
+    for kw in events.of("message"):
+        kw["message"].finish()
+    server.wait_for_command("FIN", count=count)
+    assert conn.connected() and events.of("error") == []
+
+
 def test_lowering_rdy_keeps_the_messages_already_in_flight(server: FakeNsqd, sub_conn) -> None:
     # RDY 5, five messages, then RDY 1: nsqd may have sent all five before it saw the RDY 1,
     # and a RDY written with send() (pynsq code sends nsq.ready(n) itself) counts as well.
@@ -922,11 +931,7 @@ def test_lowering_rdy_keeps_the_messages_already_in_flight(server: FakeNsqd, sub
     server.wait_for_command("RDY 1")
     for i in range(5):
         server.send_message(b"m%d" % i)
-    events.wait("message", count=5)
-    for kw in events.of("message"):
-        kw["message"].finish()
-    server.wait_for_command("FIN", count=5)
-    assert conn.connected() and events.of("error") == []
+    finish_all_and_stay_connected(server, conn, events, 5)
 
 
 def test_messages_nsqd_may_have_timed_out_are_not_counted(server: FakeNsqd, sub_conn) -> None:
@@ -937,11 +942,7 @@ def test_messages_nsqd_may_have_timed_out_are_not_counted(server: FakeNsqd, sub_
     conn, events = sub_conn(rdy=1, msg_timeout=1)
     for i in range(3):
         server.send_message(b"m%d" % i)
-    events.wait("message", count=3)
-    for kw in events.of("message"):
-        kw["message"].finish()
-    server.wait_for_command("FIN", count=3)
-    assert conn.connected() and events.of("error") == []
+    finish_all_and_stay_connected(server, conn, events, 3)
 
 
 def test_a_message_on_a_connection_that_never_sent_rdy_ends_it(server: FakeNsqd, make_conn, backend, tasks_before) -> None:
