@@ -145,7 +145,8 @@ def _never_runs(fn: object) -> Optional[str]:
 def check_message_handler(message_handler: object) -> None:
     """Raise TypeError naming message_handler unless it is a plain callable: not a coroutine,
     async generator or generator function (nor an object whose ``__call__`` is one), whose
-    messages would be finished without their body ever running."""
+    messages would be finished without their body ever running, and one that can be called
+    with one positional argument (the message) where its signature says so."""
     if not callable(message_handler):
         raise TypeError(f"message_handler must be callable, not {type(message_handler).__name__}")
     kind = _never_runs(message_handler)
@@ -155,6 +156,15 @@ def check_message_handler(message_handler: object) -> None:
             "threads/greenlets and never awaits or iterates what they return, so every message would be "
             "finished unprocessed; use a plain def function (run async code inside it if needed)"
         )
+    try:
+        signature = inspect.signature(message_handler)
+    except (TypeError, ValueError):
+        return  # (no signature to check: some builtins and C callables)
+    try:
+        signature.bind(None)
+    except TypeError as exc:
+        # Every message would fail with this TypeError, be requeued and come back, until given up.
+        raise TypeError(f"message_handler must take one positional argument, the message; {message_handler!r} cannot ({exc})") from None
 
 
 class _Counter:

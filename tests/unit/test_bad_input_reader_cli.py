@@ -98,16 +98,26 @@ def plain(message: Any) -> None:
     pass
 
 
-#: callables that run when called: all still accepted (a class with an async __call__ makes an
-#: instance when called, synchronously; that is what the Reader would do with it)
+#: callables that run when called with the message: all still accepted
 RUNS: List[Tuple[str, Any]] = [
     ("function", plain),
     ("lambda", lambda m: True),
     ("partial", functools.partial(plain)),
     ("object with __call__", PlainCallable()),
     ("builtin", print),
-    ("class with async __call__", AsyncCallable),
     ("Mock", mock.Mock()),
+    ("*args", lambda *args: True),
+    ("extra argument with a default", lambda m, retries=3: True),
+    ("bound method", PlainCallable().__call__),
+]
+
+#: callables that cannot take the message: every call would raise TypeError, every message be
+#: requeued and come back until given up
+WRONG_SIGNATURE: List[Tuple[str, Any]] = [
+    ("no argument", lambda: True),
+    ("two arguments", lambda conn, message: True),
+    ("keyword-only", lambda *, message: True),
+    ("class whose instances take no argument", AsyncCallable),  # (AsyncCallable(message): TypeError)
 ]
 
 
@@ -148,6 +158,19 @@ def test_handlers_that_run_are_still_accepted(handler: Any) -> None:
         reader.set_message_handler(plain)
         reader.set_message_handler(handler)
         assert reader.message_handler is handler
+    finally:
+        reader.close()
+
+
+@pytest.mark.parametrize("handler", [c[1] for c in WRONG_SIGNATURE], ids=[c[0] for c in WRONG_SIGNATURE])
+def test_a_handler_that_cannot_take_the_message_is_refused(handler: Any) -> None:
+    with pytest.raises(TypeError, match="message_handler must take one positional argument, the message"):
+        Reader("t", "c", handler, nsqd_tcp_addresses=ADDRESS).close()
+    reader = Reader("t", "c", plain, nsqd_tcp_addresses=ADDRESS)
+    try:
+        with pytest.raises(TypeError, match="must take one positional argument"):
+            reader.set_message_handler(handler)
+        assert reader.message_handler is plain
     finally:
         reader.close()
 
@@ -385,6 +408,17 @@ def test_cli_worker_refuses_a_handler_that_would_never_run(
     code, err = run_main(["worker", f"{name}:{attr}", "--topic", "t", "--channel", "c", "--nsqd-tcp-address", ADDRESS], capsys)
     assert code == cli.EXIT_USAGE, err
     assert err.startswith(f"nsq-sync: error: handler '{name}:{attr}': message_handler must be a plain function, not {kind}"), err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+
+
+def test_cli_worker_refuses_a_handler_that_cannot_take_the_message(
+    handler_module: Callable[[str], str], no_brokers: None, capsys: pytest.CaptureFixture
+) -> None:
+    # It started, and every message failed with a TypeError until given up.
+    name = handler_module("def handle(conn, message):\n    pass\n")
+    code, err = run_main(["worker", f"{name}:handle", "--topic", "t", "--channel", "c", "--nsqd-tcp-address", ADDRESS], capsys)
+    assert code == cli.EXIT_USAGE, err
+    assert err.startswith(f"nsq-sync: error: handler '{name}:handle': message_handler must take one positional argument, the message"), err
     assert "Traceback" not in err and err.count("\n") == 1, err
 
 
