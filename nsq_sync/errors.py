@@ -244,19 +244,17 @@ def peer_text(text: str, limit: int = MAX_PEER_TEXT) -> str:
     """
     if len(text) <= limit and text.isprintable():
         return text
-    kept = []
+    kept = []  # (one piece per character of *text* kept)
     size = 0
-    used = 0
     for char in text[:limit]:
         piece = char if char.isprintable() else repr(char)[1:-1]
         if size + len(piece) > limit:
             break
         kept.append(piece)
         size += len(piece)
-        used += 1
     safe = "".join(kept)
-    if used < len(text):
-        safe += f"... ({len(text) - used} more characters)"
+    if len(kept) < len(text):
+        safe += f"... ({len(text) - len(kept)} more characters)"
     return safe
 
 

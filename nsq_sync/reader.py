@@ -1287,8 +1287,6 @@ class Reader:
         being taken back, a settle delay at a time, as the others come. Attempts still
         queued (max_connect_attempts running) count: they belong to the same group, and
         starting one then changes no share."""
-        if not self._connecting:
-            return self._queued_first
         tried = self._tried
         return self._queued_first + sum(1 for address in self._connecting if address not in tried)
 
@@ -1513,9 +1511,7 @@ class Reader:
         failed: List[Tuple[str, BaseException]] = []
         while self._queued and len(self._tasks) < limit and not self._closing:
             address = next(iter(self._queued))
-            host, port = self._unqueue_locked(address)
-            if address in self._conns or address in self._connecting:
-                continue  # (not queued while so; kept for safety)
+            host, port = self._unqueue_locked(address)  # (never queued while connected or connecting)
             self._connecting[address] = None
             task_id = next(self._task_ids)
             try:
