@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import signal
+import contextlib
 import socket
 import subprocess
 import sys
@@ -24,11 +25,11 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import pytest
 
-from nsq_sync.testing import NsqdProcess, find_binary, wait_until
+from nsq_sync.testing import BrokerStartError, NsqdProcess, find_binary, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT = 45.0  # one CLI run; each test stays below 60 s
@@ -662,13 +663,29 @@ def test_tail_n_on_a_named_channel_burns_no_attempts_and_gives_nothing_up(nsqd: 
     assert set(attempts.values()) == {1}, attempts  # (never delivered before: tail took none of them)
 
 
-def conventional_nsqd() -> NsqdProcess:
-    """An nsqd (not started) whose HTTP port is its TCP port + 1, as nsqd's defaults (4150, 4151) are."""
+@contextlib.contextmanager
+def conventional_nsqd() -> Iterator[NsqdProcess]:
+    """A started nsqd whose HTTP port is its TCP port + 1, as nsqd's defaults (4150, 4151) are.
+    Two free ports in a row are only free until nsqd binds them (another process may take one
+    meanwhile): a start that fails is tried again on other ports."""
     for _ in range(50):
         port = free_port()
-        if port < 65535 and port_closed(f"127.0.0.1:{port + 1}"):
-            return NsqdProcess(extra_args=[f"--tcp-address=127.0.0.1:{port}", f"--http-address=127.0.0.1:{port + 1}"])
-    pytest.fail("no two free ports in a row")
+        if port >= 65535 or not port_closed(f"127.0.0.1:{port + 1}"):
+            continue
+        nsqd = NsqdProcess(extra_args=[f"--tcp-address=127.0.0.1:{port}", f"--http-address=127.0.0.1:{port + 1}"])
+        try:
+            nsqd.start()
+        except BrokerStartError as exc:
+            nsqd.close()
+            if "address already in use" not in str(exc):
+                raise
+            continue
+        try:
+            yield nsqd
+        finally:
+            nsqd.close()
+        return
+    pytest.fail("no two free ports in a row that nsqd could bind")
 
 
 def test_tail_refuses_to_take_a_topics_backlog_into_its_ephemeral_channel(env: Dict[str, str], backend: str) -> None:
@@ -677,10 +694,8 @@ def test_tail_refuses_to_take_a_topics_backlog_into_its_ephemeral_channel(env: D
     it gave back. tail refuses (exit 2, before subscribing: the topic keeps its messages) and
     names the ways on: --channel NAME, --take-backlog. nsqd's HTTP API is found at the TCP port
     + 1. Before, `tail -n 1` printed m0 and the other 4 were gone."""
-    from nsq_sync.pytest_plugin import started
-
     topic = "cli_backlog"
-    with started(conventional_nsqd()) as nsqd:
+    with conventional_nsqd() as nsqd:
         nsqd.mpublish(topic, [b"m%d" % i for i in range(5)])
         tail = run_cli("tail", "--topic", topic, "--nsqd-tcp-address", nsqd.tcp_address, "-n", "1", "--backend", backend, env=env)
         assert tail.returncode == EXIT_USAGE, describe(tail)
