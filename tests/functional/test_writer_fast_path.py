@@ -1,0 +1,230 @@
+"""Writer.pub's fast path: a blocking publish on a free lane, against the fake nsqd.
+
+Once lanes are open (extra connections of a Writer, thread backend: see
+test_writer_lanes.py), pub() takes a free one in a straight line of code and gives it
+back after nsqd's OK. These tests check that the straight line keeps what the general
+path does: where the publish goes, what each failure raises or retries, close() waiting
+for a publish under way, a lane closed while free, and the count of publishes under way.
+Under gevent there are no lanes: the tests check that the fast path is off and the
+publish still lands.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Iterator, List
+
+import pytest
+from fake_nsqd import FakeNsqd, close, error
+
+from nsq_sync.protocol import commands
+from nsq_sync.errors import ClosedError, ConnectionClosedError, PubFailedError, TimeoutError
+from nsq_sync.testing import wait_until
+from nsq_sync.writer import Writer
+
+pytestmark = pytest.mark.timeout(60)
+
+WAIT = 10.0
+
+
+@pytest.fixture
+def writers(fake: FakeNsqd, backend: str) -> Iterator[Any]:
+    made: List[Writer] = []
+
+    def make(**kwargs: Any) -> Writer:
+        kwargs.setdefault("backend", backend)
+        kwargs.setdefault("publish_timeout", WAIT)
+        writer = Writer(f"{fake.host}:{fake.port}", **kwargs)
+        made.append(writer)
+        assert writer.wait_connected(WAIT)
+        return writer
+
+    yield make
+    for writer in made:
+        writer.close(WAIT)
+
+
+def with_one_lane(writer: Writer, fake: FakeNsqd, *topics: str) -> Any:
+    """Open one lane (as a publish finding the first connection busy does) and return it, or
+    None under gevent (no lanes: the fast path is off). The fast path takes topics already
+    checked once (their command line is cached): *topics* are, here, without a publish."""
+    for topic in topics:
+        commands.pub(topic, b"checked")
+    if writer._max_lanes == 0:
+        assert writer._fast_free is None
+        return None
+    node = writer._nodes[0]
+    writer._calls.append(None)  # as if a publish were under way: one lane wanted
+    try:
+        assert writer._lane(node) is None  # none yet: this opens one
+        wait_until(lambda: node.free, timeout=WAIT, message="a lane to open")
+    finally:
+        writer._calls.pop()
+    assert writer._fast_free is node.free
+    fake.wait_connected(count=2)
+    return node.free[0]
+
+
+def lane_session(fake: FakeNsqd) -> Any:
+    return fake.sessions[1]
+
+
+def pubs(session: Any) -> List[bytes]:
+    """The bodies *session* was sent PUBs with (the fake records a command after answering
+    it: callers wait for the count they expect first, see recorded)."""
+    return [command.body for command in session.received if command.name == "PUB"]
+
+
+def recorded(fake: FakeNsqd, count: int) -> None:
+    """Wait until the fake has recorded *count* PUBs in all (each was answered before)."""
+    fake.wait_until(lambda: sum(len(pubs(session)) for session in fake.sessions) >= count, WAIT, f"{count} PUBs")
+
+
+def test_a_blocking_pub_goes_on_the_free_lane_and_gives_it_back(fake: FakeNsqd, writers) -> None:
+    writer = writers()
+    lane = with_one_lane(writer, fake, "fast")
+    for i in range(5):
+        assert writer.pub("fast", b"m%d" % i) == b"OK"
+    recorded(fake, 5)
+    if lane is None:
+        assert pubs(fake.sessions[0]) == [b"m0", b"m1", b"m2", b"m3", b"m4"]
+        return
+    assert pubs(lane_session(fake)) == [b"m0", b"m1", b"m2", b"m3", b"m4"]
+    assert pubs(fake.sessions[0]) == []  # the first connection carried none of them
+    assert writer._nodes[0].free == [lane] and writer._calls == []
+
+
+def test_what_the_fast_path_does_not_take_goes_the_general_way(fake: FakeNsqd, writers) -> None:
+    writer = writers()
+    lane = with_one_lane(writer, fake, "general")
+    assert writer.pub("general", b"timeout", timeout=WAIT) == b"OK"  # an explicit timeout
+    assert writer.pub("general", bytearray(b"bytearray")) == b"OK"  # not bytes
+    done = threading.Event()
+    assert writer.pub("general", b"callback", callback=lambda conn, data: done.set()) is None
+    assert done.wait(WAIT)
+    recorded(fake, 3)
+    first = pubs(fake.sessions[0])
+    assert first == [b"timeout", b"bytearray", b"callback"]
+    if lane is not None:
+        assert pubs(lane_session(fake)) == [] and writer._nodes[0].free == [lane]
+
+
+def test_a_server_error_on_the_lane_is_raised_as_its_type_and_the_lane_dropped(fake: FakeNsqd, writers) -> None:
+    writer = writers(retries=1)  # never a retry for what nsqd refused
+    lane = with_one_lane(writer, fake, "refused")
+    fake.set_answer("PUB", error("E_PUB_FAILED topic is exiting"), times=1)  # fatal, as nsqd sends it
+    with pytest.raises(PubFailedError):
+        writer.pub("refused", b"one")
+    assert writer.pub("refused", b"two") == b"OK"
+    recorded(fake, 2)
+    assert writer._calls == []
+    if lane is not None:
+        assert pubs(lane_session(fake)) == [b"one"] and pubs(fake.sessions[0]) == [b"two"]
+        assert lane.closed() and lane not in writer._nodes[0].lanes and lane not in writer._nodes[0].free
+
+
+@pytest.mark.parametrize("retries", [0, 1])
+def test_a_lane_closed_at_the_pub_fails_or_is_retried_as_retries_says(fake: FakeNsqd, writers, retries: int) -> None:
+    writer = writers(retries=retries)
+    lane = with_one_lane(writer, fake, "closing")
+    fake.set_answer("PUB", lambda session, command: close() if session is not fake.sessions[0] else b"OK")
+    if lane is None:
+        return  # (no lane under gevent: the first connection's close is test_writer_outcomes')
+    if retries:
+        assert writer.pub("closing", b"again") == b"OK"
+        recorded(fake, 2)
+        assert pubs(fake.sessions[0]) == [b"again"]  # re-sent on the first connection
+    else:
+        with pytest.raises(ConnectionClosedError):
+            writer.pub("closing", b"once")
+        recorded(fake, 1)
+        assert pubs(fake.sessions[0]) == []
+    assert pubs(lane_session(fake)) == [b"again" if retries else b"once"]
+    node = writer._nodes[0]
+    wait_until(lambda: lane not in node.lanes, timeout=WAIT, message="the closed lane to be dropped")
+    assert lane not in node.free and writer._calls == []
+
+
+def test_a_lane_closed_while_free_is_dropped_and_the_publish_lands_unsent_elsewhere(fake: FakeNsqd, writers) -> None:
+    writer = writers()  # retries=0: only a publish that never left may go elsewhere
+    lane = with_one_lane(writer, fake, "dropped")
+    if lane is None:
+        return
+    lane.close(WAIT)
+    assert writer.pub("dropped", b"elsewhere") == b"OK"
+    recorded(fake, 1)
+    assert pubs(fake.sessions[0]) == [b"elsewhere"] and pubs(lane_session(fake)) == []
+    assert lane not in writer._nodes[0].lanes and lane not in writer._nodes[0].free
+
+
+def test_no_answer_on_the_lane_is_a_timeout_that_marks_the_first_connection(fake: FakeNsqd, writers) -> None:
+    writer = writers(publish_timeout=0.5)
+    lane = with_one_lane(writer, fake, "hung")
+    if lane is None:
+        return
+    fake.set_answer("PUB", None, times=1)  # nothing: a hung nsqd
+    first = writer._connected[0]
+    with pytest.raises(TimeoutError) as info:
+        writer.pub("hung", b"lost?")
+    assert first.id in str(info.value) and "may or may not have landed" in str(info.value)
+    assert first._timed_out_at > 0
+    assert writer._calls == []
+
+
+def test_close_waits_for_a_publish_under_way_on_a_lane_then_refuses_more(fake: FakeNsqd, writers) -> None:
+    writer = writers()
+    lane = with_one_lane(writer, fake, "closing")
+    arrived, release = threading.Event(), threading.Event()
+
+    def held(session: Any, command: Any) -> Any:
+        arrived.set()
+        return b"OK" if release.wait(WAIT) else None
+
+    fake.set_answer("PUB", held, times=1)
+    outcome: List[Any] = []
+    publisher = threading.Thread(target=lambda: outcome.append(writer.pub("closing", b"under way")))
+    publisher.start()
+    assert arrived.wait(WAIT)
+    assert writer._calls == [None]  # counted, so close() waits for it
+    closer = threading.Thread(target=writer.close, args=(WAIT,))
+    closer.start()
+    wait_until(lambda: writer._closed, timeout=WAIT, message="close() to begin")
+    assert closer.is_alive()  # waiting for the publish
+    release.set()
+    publisher.join(WAIT)
+    closer.join(WAIT)
+    assert outcome == [b"OK"] and not closer.is_alive()
+    with pytest.raises(ClosedError):
+        writer.pub("closing", b"after")
+    assert [body for session in fake.sessions for body in pubs(session)] == [b"under way"]
+    if lane is not None:
+        assert pubs(lane_session(fake)) == [b"under way"] and lane.closed()
+
+
+def test_many_threads_on_the_fast_path_lose_and_duplicate_nothing(fake: FakeNsqd, writers, backend: str) -> None:
+    writer = writers()
+    with_one_lane(writer, fake, "many")
+    threads, per_thread = 6, 200
+    start = threading.Barrier(threads)
+    failures: List[Any] = []
+
+    def run(index: int) -> None:
+        start.wait()
+        for i in range(per_thread):
+            answer = writer.pub("many", b"%d-%d" % (index, i))
+            if answer != b"OK":
+                failures.append(answer)
+
+    workers = [threading.Thread(target=run, args=(n,)) for n in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(WAIT * 3)
+    assert failures == []
+    recorded(fake, threads * per_thread)
+    landed = sorted(body for session in fake.sessions for body in pubs(session))
+    assert landed == sorted(b"%d-%d" % (n, i) for n in range(threads) for i in range(per_thread))
+    assert writer._calls == []
+    node = writer._nodes[0]
+    if backend == "thread":
+        assert len(node.lanes) >= 2 and sorted(map(id, node.free)) == sorted(map(id, node.lanes))
