@@ -723,11 +723,13 @@ class Writer:
                         # the outcome is unknown, not one that says the message never left.
                         raise unknown from None
                 lane = None
-                if failed is None and self._max_lanes and conn._parked and conn._read_token.locked():
+                if failed is None and self._max_lanes and (conn._parked and conn._read_token.locked() or conn._writer_node.lanes):  # type: ignore[attr-defined]
                     # Another publishing thread reads this connection (its reader task is
                     # parked): publish on a lane of our own rather than wait for that thread
                     # to hand our answer over. (A reader task that holds the token itself
                     # parks after one hand-off: that is no reason to open a connection.)
+                    # Or lanes are open, and pub() found none free: threads hold them all,
+                    # and this one would be the one left on the first connection.
                     lane = self._lane(conn._writer_node)  # type: ignore[attr-defined]
                 try:
                     if failed is not None:

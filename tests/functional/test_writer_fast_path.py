@@ -18,7 +18,7 @@ import pytest
 from fake_nsqd import FakeNsqd, close, error
 
 from nsq_sync.protocol import commands
-from nsq_sync.errors import ClosedError, ConnectionClosedError, PubFailedError, TimeoutError
+from nsq_sync.errors import ClosedError, ConfigError, ConnectionClosedError, PubFailedError, TimeoutError
 from nsq_sync.testing import wait_until
 from nsq_sync.writer import Writer
 
@@ -97,16 +97,28 @@ def test_a_blocking_pub_goes_on_the_free_lane_and_gives_it_back(fake: FakeNsqd, 
 def test_what_the_fast_path_does_not_take_goes_the_general_way(fake: FakeNsqd, writers) -> None:
     writer = writers()
     lane = with_one_lane(writer, fake, "general")
+    fast_path = writer._publish_blocking
+    taken: List[bytes] = []
+
+    def general(data: bytes, timeout: Any, failed: Any = None) -> bytes:
+        taken.append(data.rsplit(b"\n", 1)[1][4:])
+        return fast_path(data, timeout, failed)
+
+    writer._publish_blocking = general  # type: ignore[method-assign]
     assert writer.pub("general", b"timeout", timeout=WAIT) == b"OK"  # an explicit timeout
     assert writer.pub("general", bytearray(b"bytearray")) == b"OK"  # not bytes
+    with pytest.raises(ConfigError):
+        writer.pub("general", b"")  # an empty body: refused the general way, before anything is sent
     done = threading.Event()
     assert writer.pub("general", b"callback", callback=lambda conn, data: done.set()) is None
     assert done.wait(WAIT)
-    recorded(fake, 3)
-    first = pubs(fake.sessions[0])
-    assert first == [b"timeout", b"bytearray", b"callback"]
+    assert writer.pub("general", b"fast") == b"OK"
+    recorded(fake, 4)
+    assert taken == [b"timeout", b"bytearray"] + ([] if lane is not None else [b"fast"])  # (gevent: no fast path)
     if lane is not None:
-        assert pubs(lane_session(fake)) == [] and writer._nodes[0].free == [lane]
+        # blocking publishes take a free lane the general way too; a callback never does
+        assert pubs(lane_session(fake)) == [b"timeout", b"bytearray", b"fast"]
+        assert pubs(fake.sessions[0]) == [b"callback"] and writer._nodes[0].free == [lane]
 
 
 def test_a_server_error_on_the_lane_is_raised_as_its_type_and_the_lane_dropped(fake: FakeNsqd, writers) -> None:
@@ -228,3 +240,24 @@ def test_many_threads_on_the_fast_path_lose_and_duplicate_nothing(fake: FakeNsqd
     node = writer._nodes[0]
     if backend == "thread":
         assert len(node.lanes) >= 2 and sorted(map(id, node.free)) == sorted(map(id, node.lanes))
+
+
+def test_a_publish_finding_every_lane_held_opens_another(fake: FakeNsqd, writers) -> None:
+    # Each thread that publishes at once gets a lane: the thread left on the first connection
+    # would otherwise stay there (nobody else reads that connection, so it never looks contended).
+    writer = writers()
+    lane = with_one_lane(writer, fake, "held")
+    if lane is None:
+        return
+    node = writer._nodes[0]
+    held = node.free.pop()  # as a publish under way on it holds it
+    writer._calls.append(None)
+    try:
+        assert writer.pub("held", b"first connection") == b"OK"
+        wait_until(lambda: len(node.lanes) == 2, timeout=WAIT, message="a second lane to open")
+    finally:
+        writer._calls.pop()
+        node.free.append(held)
+    recorded(fake, 1)
+    assert pubs(fake.sessions[0]) == [b"first connection"]
+    assert len(node.free) == 2
