@@ -132,14 +132,14 @@ class Writer:
     :param concurrency: workers that run publish callbacks
     :param max_connections_per_nsqd: connections a Writer may open to one nsqd (1..64). The first
         carries every publish as long as the calling thread finds it free; when another thread's
-        blocking publish is using it, an extra connection (a *lane*) opens, so a blocking publish
+        blocking publish is using it, extra connections (*lanes*) open, so a blocking publish
         reads its own answer instead of waiting for another thread to hand it over (the cost that
         bounds many threads on one connection). Lanes open while threads contend (no more than
-        the other threads publishing at that moment), and close after half a heartbeat interval
-        unused (at most a minute). Async publishes stay on the first connection (one order on
-        the wire). Set it to at least the number of threads that publish at the same time:
-        those beyond it wait for hand-offs again (with 8 threads, 4 connections were no faster
-        than 1). 1 turns lanes off. Thread backend, plain or compressed TCP only: greenlets
+        the threads publishing at that moment), blocking publishes take a free one first, and
+        they close after half a heartbeat interval unused (at most a minute). Async publishes
+        stay on the first connection (one order on the wire). Set it to at least the number of
+        threads that publish at the same time: those beyond it wait for hand-offs again (with 8
+        threads, 4 connections were no faster than 1). 1 turns lanes off. Thread backend, plain or compressed TCP only: greenlets
         hand answers over cheaply, and TLS has no kernel-timed reads.
     :param backend: "thread", "gevent" or None (auto)
     :param conn_kwargs: passed to every :class:`AsyncConn` (timeout, tls_v1, snappy, auth_secret, ...)
