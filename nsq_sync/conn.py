@@ -537,6 +537,14 @@ class AsyncConn(EventedMixin):
             if response.get("auth_required"):
                 if not self._auth_secret:
                     raise AuthRequiredError(f"{self.id} requires AUTH but no auth_secret was given")
+                if self._tls is None:
+                    # nsqd may ask for AUTH without offering TLS (or without tls_v1 asked
+                    # for): nsqd's protocol has no other way, so the secret goes as it is.
+                    _warn_once(
+                        "auth_in_clear",
+                        f"{self.id} requires AUTH on a connection without TLS: the auth secret is sent in clear text "
+                        "(configure TLS on nsqd and pass tls_v1=True to encrypt it)",
+                    )
                 self._fire("auth", conn=self, data=self._auth_secret)
                 self._stream.sendall(commands.auth(self._auth_secret))
                 self.auth_response = parse_json_object(self._read_response("AUTH"), "AUTH")

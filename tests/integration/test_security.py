@@ -392,8 +392,18 @@ def tls_auth_nsqd(tls_files: TLSFiles, auth_server: AuthServer) -> Iterator[Nsqd
 
 @pytest.mark.parametrize("tls", [True, False], ids=["tls", "plain-control"])
 def test_secret_and_bodies_on_the_wire_only_under_tls(
-    tls: bool, tls_files: TLSFiles, auth_server: AuthServer, tls_auth_nsqd: NsqdProcess, clients: Clients
+    tls: bool,
+    tls_files: TLSFiles,
+    auth_server: AuthServer,
+    tls_auth_nsqd: NsqdProcess,
+    clients: Clients,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    import nsq_sync.conn as conn_module
+
+    monkeypatch.setattr(conn_module, "_warned", set())
+    caplog.set_level(logging.WARNING, logger="nsq_sync.conn")
     secret = "WireSecret-3e5f0a7c"
     body = b"WIRE-BODY-7d1c9e"
     auth_server.set_secret(secret)
@@ -408,12 +418,16 @@ def test_secret_and_bodies_on_the_wire_only_under_tls(
         wire = b"".join(link.sent_up + link.sent_down for link in proxy.links)
     assert len(proxy.links) == 2
     checks = [r.get("tls") for r in auth_server.request_params if r.get("secret") == secret]
+    warned = [r.getMessage() for r in caplog.records if "sent in clear text" in r.getMessage()]
     if tls:
         assert secret.encode() not in wire and body not in wire
         assert checks and set(checks) == {"true"}
-    else:  # the control: the capture does see clear text
+        assert warned == []
+    else:  # the control: the capture does see clear text, and the application was told (once)
         assert secret.encode() in wire and body in wire
         assert checks and set(checks) == {"false"}
+        assert len(warned) == 1 and "requires AUTH on a connection without TLS" in warned[0]
+        assert secret not in warned[0]
     report(f"wire capture ({'TLS' if tls else 'plain'})", bytes=len(wire), secret_visible=secret.encode() in wire, body_visible=body in wire)
 
 
