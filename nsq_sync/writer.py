@@ -523,8 +523,7 @@ class Writer:
                         try:
                             answer = lane._lane_request(data, timeout)
                         except Exception as exc:
-                            self._lane_back(lane)
-                            return self._publish_blocking(data, None, (deadline, exc, lane))
+                            return self._publish_blocking(data, None, (deadline, exc, lane))  # (gives the lane back)
                         except BaseException:
                             self._lane_back(lane)
                             self._end()
@@ -700,7 +699,8 @@ class Writer:
     ) -> bytes:
         """Publish *data* and wait for the answer (see pub). *failed*: pub's fast path already
         began this publish (counted, see _begin) and its attempt on a lane raised: (deadline,
-        the exception, the lane). It is handled as any attempt's failure: retried or raised."""
+        the exception, the lane, still held). It is handled as any attempt's failure: retried
+        or raised, and the lane given back."""
         deadline = self._begin(timeout) if failed is None else failed[0]
         try:
             retries = self.retries
@@ -722,7 +722,7 @@ class Writer:
                         # A retry that found no connection: the sent attempt's error, which says
                         # the outcome is unknown, not one that says the message never left.
                         raise unknown from None
-                lane = None
+                lane = failed[2] if failed is not None else None
                 if failed is None and self._max_lanes and (conn._parked and conn._read_token.locked() or conn._writer_node.lanes):  # type: ignore[attr-defined]
                     # Another publishing thread reads this connection (its reader task is
                     # parked): publish on a lane of our own rather than wait for that thread
@@ -734,8 +734,10 @@ class Writer:
                 try:
                     if failed is not None:
                         exc, failed = failed[1], None
+                        sent_at = time.time() - (time.monotonic() - (deadline - self.publish_timeout))  # (when the fast path sent it)
                         raise exc  # (handled below as this attempt's failure)
                     if lane is not None:
+                        sent_at = time.time()
                         return lane._lane_request(data, max(0.0, deadline - time.monotonic()))
                     # The calling thread reads the answer itself when it can (no hand-off).
                     return conn.request_wait(data, max(0.0, deadline - time.monotonic()))
@@ -743,6 +745,8 @@ class Writer:
                     # Passed over by _pick while it stays silent (a hung or blackholed nsqd),
                     # not only after the staleness limit (two heartbeat intervals) closes it.
                     conn._timed_out_at = time.time()
+                    if lane is not None:
+                        self._lane_timed_out(lane, sent_at)
                     raise TimeoutError(f"no answer from {conn.id} within the timeout; the publish may or may not have landed") from None
                 except _RETRYABLE as exc:
                     if getattr(exc, "unprocessed", False):
@@ -791,6 +795,26 @@ class Writer:
                     self.backend.spawn(self._lane_loop, node, name=f"nsq_sync-writer-lane-{node.address}")
                 ]
         return None
+
+    def _lane_timed_out(self, lane: AsyncConn, sent_at: float) -> None:
+        """A publish sent on *lane* at *sent_at* (time.time()) went unanswered for its timeout:
+        close the lane, and the free lanes to the same nsqd that have read nothing since. A lane
+        has no reader task, so nobody else notices a hung nsqd or a stalled path on it: every
+        publish taking one would wait out its whole timeout, for good (the first connection's
+        reader task finds it stale and reconnects; lanes reopen on demand)."""
+        node: _Node = lane._writer_node  # type: ignore[attr-defined]
+        suspects = [lane]
+        for other in list(node.free):
+            if other.last_recv_timestamp < sent_at:
+                try:
+                    node.free.remove(other)
+                except ValueError:
+                    continue  # taken meanwhile: that publish finds out for itself
+                suspects.append(other)
+        for suspect in suspects:
+            self._drop_lane(node, suspect)
+            self._close_lane(suspect, 0.1)
+        logger.info("%s: a publish timed out on a lane to %s; closed %d lane(s) that heard nothing since", self.name, node.address, len(suspects))
 
     def _lane_back(self, lane: AsyncConn) -> None:
         node: _Node = lane._writer_node  # type: ignore[attr-defined]

@@ -53,16 +53,28 @@ def with_one_lane(writer: Writer, fake: FakeNsqd, *topics: str) -> Any:
     if writer._max_lanes == 0:
         assert writer._fast_free is None
         return None
-    node = writer._nodes[0]
-    writer._calls.append(None)  # as if a publish were under way: one lane wanted
-    try:
-        assert writer._lane(node) is None  # none yet: this opens one
-        wait_until(lambda: node.free, timeout=WAIT, message="a lane to open")
-    finally:
-        writer._calls.pop()
-    assert writer._fast_free is node.free
+    open_lanes(writer, 1)
+    assert writer._fast_free is writer._nodes[0].free
     fake.wait_connected(count=2)
-    return node.free[0]
+    return writer._nodes[0].free[0]
+
+
+def open_lanes(writer: Writer, count: int) -> None:
+    """Have *count* lanes open and free, as *count* publishes under way that find the first
+    connection busy get them (thread backend)."""
+    node = writer._nodes[0]
+    held: List[Any] = []
+    writer._calls.extend([None] * count)  # publishes under way: one lane wanted each
+    try:
+        while len(node.lanes) + node.growing < count:
+            lane = writer._lane(node)  # a free one (held here), or None: one more opens
+            if lane is not None:
+                held.append(lane)
+        wait_until(lambda: len(node.lanes) == count, timeout=WAIT, message=f"{count} lanes to open")
+    finally:
+        del writer._calls[:count]
+        node.free.extend(held)
+    wait_until(lambda: len(node.free) == count, timeout=WAIT, message=f"{count} lanes free")
 
 
 def lane_session(fake: FakeNsqd) -> Any:
@@ -261,3 +273,44 @@ def test_a_publish_finding_every_lane_held_opens_another(fake: FakeNsqd, writers
     recorded(fake, 1)
     assert pubs(fake.sessions[0]) == [b"first connection"]
     assert len(node.free) == 2
+
+
+def test_a_publish_timing_out_on_a_lane_closes_the_lanes_that_heard_nothing_since(fake: FakeNsqd, writers) -> None:
+    # A lane has no reader task: nothing but its publishes would notice a hung nsqd or a stalled
+    # path, and each publish taking it would wait out its whole timeout, for good.
+    writer = writers(publish_timeout=1.0)
+    if with_one_lane(writer, fake, "stall") is None:
+        return
+    node = writer._nodes[0]
+    open_lanes(writer, 3)
+    hung = threading.Event()
+
+    def answer(session: Any, command: Any) -> Any:
+        if command.body == b"hang":
+            hung.set()
+            return None  # never answered
+        return b"OK"
+
+    fake.set_answer("PUB", answer)
+    hanging_on = node.free[-1]  # (the stack's top: the next publish takes it)
+    outcome: List[Any] = []
+
+    def hang() -> None:
+        try:
+            writer.pub("stall", b"hang")
+        except TimeoutError as exc:
+            outcome.append(exc)
+
+    publisher = threading.Thread(target=hang)
+    publisher.start()
+    assert hung.wait(WAIT)
+    answered_on = node.free[-1]
+    assert writer.pub("stall", b"heard since") == b"OK"  # on another lane, after the hung one was sent
+    silent = [lane for lane in node.free if lane is not answered_on]
+    publisher.join(WAIT)
+    assert len(outcome) == 1 and "may or may not have landed" in str(outcome[0])
+    assert hanging_on.closed() and hanging_on not in node.lanes
+    assert len(silent) == 1 and silent[0].closed() and silent[0] not in node.lanes  # heard nothing since
+    assert answered_on.connected() and node.free == [answered_on] == node.lanes
+    assert writer.pub("stall", b"after") == b"OK"
+    recorded(fake, 3)
