@@ -2051,6 +2051,7 @@ class AsyncConn(EventedMixin):
         self._wake_reader.set()  # a parked reader task must see the close
 
     def _teardown_socket(self) -> None:
+        self._lane_clean = False  # (a Writer's free lane: its next publish checks the state, unsent)
         self._wake_reader.set()
         stream = self._stream
         if stream is not None:
@@ -2069,6 +2070,7 @@ class AsyncConn(EventedMixin):
             error = self.error
         with self._lock:
             self.state = DISCONNECTED
+        self._lane_clean = False
         if self._stream is not None:
             self._stream.shutdown()  # wakes a writer blocked on a peer that stopped reading
             self._stream.close()

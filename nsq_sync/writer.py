@@ -25,7 +25,7 @@ from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequenc
 from .addresses import address_key, parse_addresses
 from .backends import Backend, gevent_patched, get_backend
 from .backoff import exponential_delay
-from .conn import CONNECTED, AsyncConn
+from .conn import AsyncConn
 from .dispatch import WorkerPool
 from .errors import (
     ClosedError,
@@ -496,7 +496,7 @@ class Writer:
         if free and callback is None and timeout is None and msg.__class__ is bytes and topic.__class__ is str:
             # The fast path: a blocking publish on a free lane, in one straight line. Threads
             # publishing at once contend for the GIL, and each microsecond of Python here cost
-            # about 20,000 publishes a second with 8 threads (docs/benchmarks.md). The same
+            # 11,000-20,000 publishes a second with 8 threads (docs/architecture.md). The same
             # steps as _pub_command, _begin, _lane, _lane_back and _end, without the calls; any
             # failure goes on in _publish_blocking as that of a first attempt.
             head = _pub_heads.get(topic)
@@ -508,32 +508,32 @@ class Writer:
                 except IndexError:
                     lane = None
                 if lane is not None:
-                    if lane.state != CONNECTED:
-                        self._drop_lane(lane._writer_node, lane)  # type: ignore[attr-defined]
-                    else:
-                        calls = self._calls
-                        calls.append(None)  # (counted before the check: see _begin)
-                        if self._closed:
-                            free.append(lane)
-                            self._end()
-                            raise ClosedError(f"{self.name} is closed")
-                        data = head + _pack_size(size) + msg
-                        timeout = self.publish_timeout
-                        deadline = time.monotonic() + timeout
-                        try:
-                            answer = lane._lane_request(data, timeout)
-                        except Exception as exc:
-                            return self._publish_blocking(data, None, (deadline, exc, lane))  # (gives the lane back)
-                        except BaseException:
-                            self._lane_back(lane)
-                            self._end()
-                            raise
-                        # Back without _lane_back's checks: a lane that closes meanwhile is dropped when next taken.
+                    # (No state check: a lane that closed while free has _lane_clean unset, so
+                    # its _lane_request checks and fails the publish unsent, re-sent elsewhere.)
+                    calls = self._calls
+                    calls.append(None)  # (counted before the check: see _begin)
+                    if self._closed:
                         free.append(lane)
-                        calls.pop()
-                        if not calls and self._draining:
-                            self._idle.set()
-                        return answer
+                        self._end()
+                        raise ClosedError(f"{self.name} is closed")
+                    data = head + _pack_size(size) + msg
+                    timeout = self.publish_timeout
+                    deadline = time.monotonic() + timeout
+                    try:
+                        answer = lane._lane_request(data, timeout)
+                    except Exception as exc:
+                        return self._publish_blocking(data, None, (deadline, exc, lane))  # (gives the lane back)
+                    except BaseException:
+                        self._lane_back(lane)
+                        self._end()
+                        raise
+                    # Back without _lane_back's checks: a lane that closes meanwhile fails its next
+                    # publish unsent (see above), and is dropped when that one gives it back.
+                    free.append(lane)
+                    calls.pop()
+                    if not calls and self._draining:
+                        self._idle.set()
+                    return answer
         data = self._pub_command(topic, msg)
         if callback is None:
             return self._publish_blocking(data, timeout)
