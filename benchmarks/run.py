@@ -643,6 +643,19 @@ def write_markdown(path: str, meta: Dict[str, Any], scenarios: List[Scenario], i
                      "client's default here), and that compression, not the client, bounds the rate. "
                      "[Tuning](tuning.md#other-settings) has the figures for `deflate_level=1`.")
             L.append("")
+    if any(t["met"] is None and t["target"].startswith("consume mif200 deflate: thread >= 10x pynsq") for t in targets):
+        ours = agg.get(("consume_mif200_deflate", "nsq_sync"), {}).get("rate")
+        ceiling = agg.get(("consume_mif200_deflate", "minimal"), {}).get("rate")
+        plain = agg.get(("consume_mif200", "pynsq"), {}).get("rate")
+        if ours and ceiling and plain:
+            L.append("pynsq could not consume with deflate in any run: on Tornado 6 its compressed connections "
+                     "close under load (see the failures below; pynsq issue #258, open since 2021). So that target "
+                     "has no measurement. The nearest figures: pynsq's plain rate, which deflate could only lower, "
+                     f"was {_fmt_rate(plain)} msg/s; nsq_sync with deflate reached {ours / plain:.2f}x that, and the "
+                     f"minimal loop with deflate {ceiling / plain:.2f}x. With deflate, nsqd compresses every "
+                     "connection's stream at the level the client asks for (6 here), and that bounds the rate "
+                     "whatever the client ([Tuning](tuning.md#other-settings) has `deflate_level=1`).")
+            L.append("")
     if any(t["met"] is False and t["target"].startswith("publish one at a time") for t in targets):
         L.append("Publishing one at a time with compression is bound by wake-ups: on a virtual machine whose idle "
                  "vCPUs halt, a client that stays busy until nsqd's answer arrives gains, and the minimal loop's "
