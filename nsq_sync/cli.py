@@ -6,6 +6,12 @@ default channel refused on a topic whose backlog it would take and delete);
 3 a broker could not be reached or started; 130 interrupted (Ctrl-C, or SIGTERM/SIGHUP during
 ``demo``, which stops its brokers first, or ``pub``, which closes its Writer first). ``worker``,
 ``tail`` and ``cluster`` treat SIGINT and SIGTERM as the normal way to stop and exit 0.
+
+When the reader of stdout or stderr leaves (EPIPE: ``| head -1``), a command stops, cleans up
+and exits without a word: 0 for ``tail`` and ``cluster``, which run until stopped and for which
+that is one more way to stop; 141 (128 + SIGPIPE, what a shell reports for a program SIGPIPE
+killed) for ``demo`` and ``pub``, whose report did not get through, unless they failed: a
+failure (1, 2, 3, 130) keeps its own exit code, which says more.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: the status a shell shows for a program SIGPIPE killed
 
 _REEXEC_MARK = "NSQ_SYNC_CLI_GEVENT"
 
@@ -46,6 +53,21 @@ class Unavailable(Exception):
 
 class Failed(Exception):
     """The job ran but failed part-way (exit code 1); the message says where and what was done."""
+
+
+class OutputGone(Exception):
+    """The reader of *stream* (stdout or stderr) left: a write failed with EPIPE, or the pipe
+    was seen without a reader. The command stops and cleans up on the way out; main() then
+    ends quietly (the exit codes in the module docstring)."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(getattr(stream, "name", "output"))
+        self.stream = stream
+
+
+#: the commands for which their output's reader leaving is a normal stop (exit 0): they run
+#: until stopped, and `| head -1` is how a script takes the first of what they print
+_STOPPED_BY_OUTPUT_END = ("tail", "cluster")
 
 
 # ------------------------------------------------------------------ helpers
@@ -160,6 +182,26 @@ def _percentile(sorted_values: List[float], fraction: float) -> float:
     return sorted_values[index]
 
 
+def _print(text: str, stream: Any, end: str = "\n") -> None:
+    """print(*text*) to *stream* and flush, a reader that left raised as OutputGone; nothing
+    for a stream the command was started without (``>&-``: None)."""
+    if stream is None:
+        return
+    try:
+        print(text, file=stream, end=end, flush=True)
+    except BrokenPipeError:
+        raise OutputGone(stream) from None
+
+
+def _say(text: str) -> None:
+    """A line on stderr, for main()'s last word: a stderr whose reader left is made quiet and
+    the line dropped, so the exit code (the failure's own) still gets through."""
+    try:
+        _print(text, sys.stderr)
+    except OutputGone:
+        _quiet_broken(sys.stderr)
+
+
 class _Progress:
     """A one-line progress bar on stderr (only on a terminal)."""
 
@@ -178,13 +220,11 @@ class _Progress:
         bar = "#" * done + "-" * (width - done)
         rate_in = received / elapsed if elapsed > 0 else 0.0
         rate_out = sent / elapsed if elapsed > 0 else 0.0
-        sys.stderr.write(f"\r[{bar}] sent {sent:>8,} ({rate_out:>9,.0f}/s)  received {received:>8,} ({rate_in:>9,.0f}/s)")
-        sys.stderr.flush()
+        _print(f"\r[{bar}] sent {sent:>8,} ({rate_out:>9,.0f}/s)  received {received:>8,} ({rate_in:>9,.0f}/s)", sys.stderr, end="")
 
     def finish(self) -> None:
         if self.enabled:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+            _print("", sys.stderr)
 
 
 def _start_cluster(nsqd_count: int) -> Any:
@@ -205,12 +245,18 @@ class _Interrupt:
     """SIGINT/SIGTERM handling for a command that cleans up itself: the first signal sets a
     flag the command polls (then it raises KeyboardInterrupt: exit 130 after cleaning up);
     a second one raises KeyboardInterrupt at once. While *defer* is False the first signal
-    raises at once too (pub between messages: its read of stdin may wait for ever)."""
+    raises at once too (pub between messages: its read of stdin may wait for ever).
 
-    def __init__(self, defer: bool = True) -> None:
+    *output*, a stream the command prints its result on at the end, is polled too: when it is
+    a pipe that lost its reader, check() raises OutputGone (the demo stops then, not after a
+    run nobody will read the result of)."""
+
+    def __init__(self, defer: bool = True, output: Any = None) -> None:
         self.event = threading.Event()
         self.defer = defer
         self._previous: Dict[int, Any] = {}
+        self._output = output
+        self._output_gone = _pipe_reader_gone(output) if output is not None else None
 
     def __enter__(self) -> "_Interrupt":
         if threading.current_thread() is threading.main_thread():
@@ -226,6 +272,8 @@ class _Interrupt:
     def check(self) -> None:
         if self.event.is_set():
             raise KeyboardInterrupt
+        if self._output_gone is not None and self._output_gone():
+            raise OutputGone(self._output)
 
     def __exit__(self, *exc_info: Any) -> None:
         for signum, handler in self._previous.items():
@@ -287,8 +335,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     nsqd_count = 2
     progress = _Progress(count, enabled=sys.stderr.isatty() and not args.quiet)
     if not args.json and not args.quiet:
-        print(f"nsq-sync demo: {count:,} messages of {args.body_size} bytes, {args.threads} publishing threads, "
-              f"max_in_flight {args.max_in_flight}, backend {args.backend}", file=sys.stderr)
+        _print(f"nsq-sync demo: {count:,} messages of {args.body_size} bytes, {args.threads} publishing threads, "
+               f"max_in_flight {args.max_in_flight}, backend {args.backend}", sys.stderr)
     seen = bytearray(count)
     latencies: List[float] = []
     state: Dict[str, Any] = {"sent": 0, "received": 0, "duplicates": 0, "acknowledged": 0, "publish_errors": 0, "published_at": 0.0}
@@ -312,14 +360,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     all_received.set()
         return True
 
-    with _Interrupt() as interrupt:
+    with _Interrupt(output=sys.stdout) as interrupt:
         cluster = _start_cluster(nsqd_count)
         writer = reader = None
         threads: List[threading.Thread] = []
         try:
             interrupt.check()
             if not args.json and not args.quiet:
-                print(f"cluster: nsqlookupd http {cluster.lookupd_http_addresses[0]}, nsqd tcp {', '.join(cluster.nsqd_tcp_addresses)}", file=sys.stderr)
+                _print(f"cluster: nsqlookupd http {cluster.lookupd_http_addresses[0]}, nsqd tcp {', '.join(cluster.nsqd_tcp_addresses)}", sys.stderr)
             setup_timeout = min(args.timeout, 30.0)
             _prepare_demo_topic(cluster, topic, channel, setup_timeout, interrupt)
             writer = nsq_sync.Writer(cluster.nsqd_tcp_addresses, backend=args.backend, publish_timeout=30)
@@ -425,21 +473,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "elapsed_s": round(total_elapsed, 3),
         "latency_ms": {name: round(_percentile(latencies, q) * 1000, 2) for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0))},
     }
-    if args.json:
-        print(json.dumps(summary), flush=True)
-    else:
-        lat = summary["latency_ms"]
-        print(
-            f"sent {summary['sent']:,}  acknowledged {summary['acknowledged']:,}  received {summary['received']:,}  "
-            f"duplicates {summary['duplicates']:,}  "
-            + (f"unreceived {unreceived:,} (timed out)" if timed_out else f"lost {lost:,}")
-            + f"  publish errors {summary['publish_errors']:,}\n"
-            f"publish {summary['publish_rate']:,.0f} msg/s  consume {summary['consume_rate']:,.0f} msg/s  "
-            f"in {summary['elapsed_s']:.2f}s\n"
-            f"latency publish->receive ms: p50 {lat['p50']}  p90 {lat['p90']}  p99 {lat['p99']}  max {lat['max']}",
-            flush=True,
-        )
     ok = not timed_out and lost == 0 and counts["publish_errors"] == 0 and counts["acknowledged"] == count and counts["received"] == count
+    try:
+        if args.json:
+            _print(json.dumps(summary), sys.stdout)
+        else:
+            lat = summary["latency_ms"]
+            _print(
+                f"sent {summary['sent']:,}  acknowledged {summary['acknowledged']:,}  received {summary['received']:,}  "
+                f"duplicates {summary['duplicates']:,}  "
+                + (f"unreceived {unreceived:,} (timed out)" if timed_out else f"lost {lost:,}")
+                + f"  publish errors {summary['publish_errors']:,}\n"
+                f"publish {summary['publish_rate']:,.0f} msg/s  consume {summary['consume_rate']:,.0f} msg/s  "
+                f"in {summary['elapsed_s']:.2f}s\n"
+                f"latency publish->receive ms: p50 {lat['p50']}  p90 {lat['p90']}  p99 {lat['p99']}  max {lat['max']}",
+                sys.stdout,
+            )
+    except OutputGone as exc:
+        if ok:
+            raise
+        _quiet_broken(exc.stream)  # (a failed run says so by its exit code, 1, all the same)
     return EXIT_OK if ok else EXIT_FAILED
 
 
@@ -610,7 +663,7 @@ def cmd_pub(args: argparse.Namespace) -> int:
         if writer is not None:
             writer.close()
     if not args.quiet:
-        print(done(), file=sys.stderr)
+        _print(done(), sys.stderr)
     return EXIT_OK
 
 
@@ -810,7 +863,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
         reader.close()
     error = write_errors[0] if write_errors else _flush_error(out)
     if error is not None:
-        _quiet_broken_stdout()
+        _quiet_broken(sys.stdout)
         if not isinstance(error, BrokenPipeError):
             raise Failed(f"write error: {error.strerror or error}")
     return EXIT_OK
@@ -855,18 +908,23 @@ def _flush_error(out: Any) -> Optional[OSError]:
     return None
 
 
-def _quiet_broken_stdout() -> None:
-    # Python would report the failed write again (and exit 120) when it flushes stdout at exit.
+def _quiet_broken(stream: Any) -> None:
+    """Point *stream*'s file descriptor at /dev/null, as the Python docs advise after EPIPE:
+    Python would report the failed write again ("Exception ignored ...", exit 120) when it
+    flushes the stream at exit, and a log line would fail the same way."""
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (OSError, ValueError):
+        try:
+            os.dup2(devnull, stream.fileno())
+        finally:
+            os.close(devnull)
+    except (AttributeError, OSError, ValueError):  # (no stream, or one without a descriptor)
         pass
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
-    """Run nsqlookupd + N nsqd in the foreground until Ctrl-C or SIGTERM (exit 0 either way)."""
+    """Run nsqlookupd + N nsqd in the foreground until Ctrl-C, SIGTERM, SIGHUP or the reader
+    of its output leaving (exit 0 each time); the brokers stop with it."""
     stop = threading.Event()
     # Installed before the brokers start: a signal while they start stops them cleanly too
     # (they run in their own sessions, so nothing else would).
@@ -885,14 +943,21 @@ def cmd_cluster(args: argparse.Namespace) -> int:
             "nsqd_http_addresses": cluster.nsqd_http_addresses,
         }
         if args.json:
-            print(json.dumps(info), flush=True)
+            _print(json.dumps(info), sys.stdout)
         else:
-            print(f"nsqlookupd http: {' '.join(info['lookupd_http_addresses'])}  tcp: {' '.join(info['lookupd_tcp_addresses'])}")
-            print(f"nsqd tcp:  {' '.join(info['nsqd_tcp_addresses'])}")
-            print(f"nsqd http: {' '.join(info['nsqd_http_addresses'])}")
-            print("Ctrl-C stops the cluster.", flush=True)
-        while not stop.wait(0.5):
-            pass
+            _print(
+                f"nsqlookupd http: {' '.join(info['lookupd_http_addresses'])}  tcp: {' '.join(info['lookupd_tcp_addresses'])}\n"
+                f"nsqd tcp:  {' '.join(info['nsqd_tcp_addresses'])}\n"
+                f"nsqd http: {' '.join(info['nsqd_http_addresses'])}\n"
+                "Ctrl-C stops the cluster.",
+                sys.stdout,
+            )
+        # `nsq-sync cluster | head -1`: head has its line and left, and as nothing more is
+        # written no EPIPE would ever tell; the pipe is watched instead.
+        output_gone = _pipe_reader_gone(sys.stdout) if sys.stdout is not None else (lambda: False)
+        while not stop.wait(0.2):
+            if output_gone():
+                break
     finally:
         cluster.close()
         for signum, handler in previous.items():
@@ -1005,9 +1070,7 @@ def _maybe_reexec_gevent(args: argparse.Namespace, argv: Sequence[str]) -> None:
     if importlib.util.find_spec("gevent") is None:
         raise UsageError("--backend gevent needs gevent: pip install 'nsq_sync[gevent]'")
     env = dict(os.environ, **{_REEXEC_MARK: "1"})
-    for stream in (sys.stdout, sys.stderr):
-        if stream is not None:  # (None: started with it closed; the command itself says so)
-            stream.flush()
+    _flush_standard_streams()  # (None: started with it closed; the command itself says so)
     os.execve(sys.executable, [sys.executable, "-m", "gevent.monkey", "--module", "nsq_sync", *argv], env)
 
 
@@ -1020,7 +1083,7 @@ def _patched() -> bool:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # (argparse itself ignores a reader of --help that left)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -1028,31 +1091,44 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         _maybe_reexec_gevent(args, argv)
         return int(args.func(args) or 0)
+    except OutputGone as exc:
+        _quiet_broken(exc.stream)
+        return EXIT_OK if args.command in _STOPPED_BY_OUTPUT_END else EXIT_BROKEN_PIPE
     except UsageError as exc:
-        print(f"nsq-sync: error: {exc}", file=sys.stderr)
+        _say(f"nsq-sync: error: {exc}")
         return EXIT_USAGE
     except Unavailable as exc:
-        print(f"nsq-sync: unavailable: {exc}", file=sys.stderr)
+        _say(f"nsq-sync: unavailable: {exc}")
         return EXIT_UNAVAILABLE
     except Failed as exc:
-        print(f"nsq-sync: failed: {exc}", file=sys.stderr)
+        _say(f"nsq-sync: failed: {exc}")
         return EXIT_FAILED
     except KeyboardInterrupt as exc:
-        print(f"nsq-sync: interrupted: {exc}" if str(exc) else "nsq-sync: interrupted", file=sys.stderr)
+        _say(f"nsq-sync: interrupted: {exc}" if str(exc) else "nsq-sync: interrupted")
         return EXIT_INTERRUPTED
     except Exception as exc:
         from .errors import ConfigError, Error, NoConnectionsError
 
         if isinstance(exc, ConfigError):
-            print(f"nsq-sync: error: {exc}", file=sys.stderr)
+            _say(f"nsq-sync: error: {exc}")
             return EXIT_USAGE
         if isinstance(exc, NoConnectionsError):
-            print(f"nsq-sync: unavailable: {exc}", file=sys.stderr)
+            _say(f"nsq-sync: unavailable: {exc}")
             return EXIT_UNAVAILABLE
         if isinstance(exc, Error):
-            print(f"nsq-sync: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            _say(f"nsq-sync: failed: {type(exc).__name__}: {exc}")
             return EXIT_FAILED
         raise
+
+
+def _flush_standard_streams() -> None:
+    """Flush stdout and stderr; one whose reader left is made quiet."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except BrokenPipeError:
+            _quiet_broken(stream)
 
 
 if __name__ == "__main__":  # pragma: no cover

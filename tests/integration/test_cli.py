@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import contextlib
@@ -889,6 +890,135 @@ def test_cluster_text_output(env: Dict[str, str]) -> None:
         assert http_ok(lines[2].split()[-1])
         cluster.signal(signal.SIGTERM)
         assert cluster.wait(30) == EXIT_OK, cluster.output()
+
+
+# ---------------------------------------------- a reader of the output that leaves
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
+
+
+def run_pipeline(command: str, env: Dict[str, str], timeout: float = RUN_TIMEOUT) -> "subprocess.CompletedProcess[bytes]":
+    """Run a shell pipeline with pipefail (its status: the last command that failed) in a
+    session of its own; on timeout the whole session is killed, the CLI and its brokers too."""
+    proc = subprocess.Popen(["bash", "-o", "pipefail", "-c", command], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{command!r} did not end within {timeout:g}s\n--- stdout\n{out!r}\n--- stderr\n{err!r}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def close_now(fd: int) -> None:
+    """Close *fd* at once. (gevent's patched os.close defers closing a pipe until its hub runs
+    a check callback: the reader of a pipe would leave some unknown time later.)"""
+    open(fd, "rb", buffering=0).close()
+
+
+@contextlib.contextmanager
+def reader_gone_pipe() -> Iterator[int]:
+    """The write end of a pipe whose read end is closed already: every write to it fails with
+    EPIPE, and poll() reports it as a pipe without a reader."""
+    read_end, write_end = os.pipe()
+    close_now(read_end)
+    try:
+        yield write_end
+    finally:
+        os.close(write_end)
+
+
+@contextlib.contextmanager
+def reader_gone_socket() -> Iterator[int]:
+    """A socket whose peer is closed: writes fail with EPIPE, but it is no pipe, so a command
+    learns that its reader left only when it writes."""
+    ours, peer = socket.socketpair()
+    peer.close()
+    try:
+        yield ours.fileno()
+    finally:
+        ours.close()
+
+
+@pytest.mark.parametrize("json_output", [True, False], ids=["json", "text"])
+def test_cluster_stops_when_the_reader_of_its_output_leaves(json_output: bool, env: Dict[str, str]) -> None:
+    """`nsq-sync cluster | head -1`: once head has its line and leaves, the cluster stops its
+    brokers and exits 0 without a word. Before, it ran on (nothing more was written, so no
+    EPIPE ever told it), and the pipeline never ended."""
+    command = shlex.join(cli_command("cluster", "--nsqd", "1", *(["--json"] if json_output else [])))
+    done = run_pipeline(f"{command} | head -{1 if json_output else 2}", env, timeout=40)
+    assert done.returncode == EXIT_OK, describe(done)
+    assert done.stderr == b"", describe(done)  # (no traceback, no "Exception ignored")
+    lines = done.stdout.decode().splitlines()
+    if json_output:
+        info = json.loads(lines[0])
+        addresses = info["nsqd_tcp_addresses"] + info["lookupd_tcp_addresses"] + info["lookupd_http_addresses"]
+    else:
+        addresses = [lines[0].split()[2], lines[0].split()[4], lines[1].split()[2]]  # lookupd http, tcp; nsqd tcp
+    assert len(addresses) == 3 and all(address.startswith("127.0.0.1:") for address in addresses), lines
+    for address in addresses:
+        assert port_closed(address), f"{address} still open after the cluster exited"
+
+
+def test_demo_stops_when_the_reader_of_its_output_leaves(env: Dict[str, str], backend: str) -> None:
+    """The reader of the demo's stdout leaves while it runs: the demo stops (its brokers too)
+    and exits 141 quietly, within a moment, instead of running 50 million messages (or
+    --timeout) for a summary nobody will read and ending with a BrokenPipeError traceback."""
+    argv = cli_command("demo", "-n", "50000000", "--batch", "1", "--timeout", "50", "--backend", backend)
+    read_end, write_end = os.pipe()
+    try:
+        proc = subprocess.Popen(argv, env=env, stdout=write_end, stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write_end)
+    try:
+        assert proc.stderr is not None
+        lines = [proc.stderr.readline(), proc.stderr.readline()]  # (a run that cannot start ends them: "")
+        assert lines[0].startswith("nsq-sync demo: ") and lines[1].startswith("cluster: nsqlookupd http"), lines
+        close_now(read_end)
+        read_end = -1
+        left = time.monotonic()
+        rest = proc.communicate(timeout=30)[1]
+        assert proc.returncode == EXIT_BROKEN_PIPE, f"exit {proc.returncode}\n{rest}"
+        assert rest == "", rest  # (no traceback, no "Exception ignored")
+        assert time.monotonic() - left < 10
+    finally:
+        if read_end != -1:
+            os.close(read_end)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    for address in lines[1].split("nsqd tcp ", 1)[1].strip().split(", ") + [lines[1].split("nsqlookupd http ", 1)[1].split(",")[0]]:
+        assert port_closed(address), f"{address} still open after the demo exited"
+
+
+@pytest.mark.parametrize("failed", [False, True], ids=["ok", "timed-out"])
+def test_demo_summary_to_a_reader_that_left_exits_quietly(failed: bool, env: Dict[str, str], backend: str) -> None:
+    """The summary cannot be written (stdout a socket whose peer closed, where only the write
+    tells): exit 141 without a traceback, or 1 for a run that failed, whose exit code says more
+    than the pipe's. Before: a BrokenPipeError traceback and exit 1 either way."""
+    args = ["demo", "-n", "200", "--json", "-q", "--backend", backend]
+    if failed:
+        args = ["demo", "-n", "20000", "--threads", "1", "--batch", "1", "--timeout", "0.05", "--json", "-q", "--backend", backend]
+    with reader_gone_socket() as stdout:
+        done = subprocess.run(cli_command(*args), env=env, stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=RUN_TIMEOUT)
+    assert done.returncode == (EXIT_FAILED if failed else EXIT_BROKEN_PIPE), f"exit {done.returncode}\n{done.stderr}"
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
+    assert ("timed out after" in done.stderr) if failed else (done.stderr == ""), done.stderr
+
+
+def test_pub_count_to_a_reader_that_left_exits_141_and_a_failure_keeps_its_code(nsqd: NsqdProcess, env: Dict[str, str], backend: str) -> None:
+    """pub's stderr (its count, its failures) is a pipe whose reader left: the messages are
+    published and pub exits 141, its report lost; a failure still exits with its own code (3:
+    no nsqd). Before, both ended with exit 1 (an uncaught BrokenPipeError)."""
+    with reader_gone_pipe() as stderr:
+        done = subprocess.run(cli_command("pub", "--topic", "cli_pub_epipe", "--nsqd-tcp-address", nsqd.tcp_address, "--backend", backend, "one", "two"),
+                              env=env, stdout=subprocess.PIPE, stderr=stderr, timeout=RUN_TIMEOUT)
+        assert done.returncode == EXIT_BROKEN_PIPE and done.stdout == b"", f"exit {done.returncode}"
+        assert nsqd.topic_depth("cli_pub_epipe") == 2
+        unreachable = f"127.0.0.1:{free_port()}"
+        done = subprocess.run(cli_command("pub", "--topic", "cli_pub_epipe", "--nsqd-tcp-address", unreachable, "--timeout", "0.5", "--backend", backend, "x"),
+                              env=env, stdout=subprocess.PIPE, stderr=stderr, timeout=RUN_TIMEOUT)
+        assert done.returncode == EXIT_UNAVAILABLE and done.stdout == b"", f"exit {done.returncode}"
 
 
 # ----------------------------------------------------------- bad arguments
