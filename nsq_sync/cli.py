@@ -160,6 +160,12 @@ _MPUB_BODY_LIMIT = 5 * 1024 * 1024  # nsqd's default --max-body-size, what the d
 #: within this many seconds, each within BACKLOG_CHECK_REQUEST_TIMEOUT
 BACKLOG_CHECK_TIMEOUT = 3.0
 BACKLOG_CHECK_REQUEST_TIMEOUT = 1.0
+#: tail's stop: how long the line being written may take to get out (a slow output, not a
+#: stalled one) before tail gives its message back all the same, and then how long its
+#: Reader's close may take (every message is answered by then: only a handler still stuck in
+#: its write is waited for, in vain). The Reader's default, 30 s, is what tail used to wait.
+TAIL_WRITE_GRACE = 1.0
+TAIL_CLOSE_TIMEOUT = 1.0
 
 
 #: a demo body's sequence number and send time: "%010d|<19-digit time_ns>|"
@@ -779,8 +785,12 @@ def cmd_tail(args: argparse.Namespace) -> int:
     # with one more attempt (nsqd counts every delivery).
     max_in_flight = [args.max_in_flight if args.n is None else min(args.max_in_flight, args.n)]
     done = threading.Event()
-    out = sys.stdout.buffer
+    output = _LineWriter(sys.stdout, off_hub=args.backend == "gevent")
     lock = threading.Lock()
+    #: one handler writes at a time (whole lines, in order); the others wait for their turn
+    #: here, not inside a write, so that the stop can tell them to give their messages back
+    turn = threading.Condition(lock)
+    writing: List[Any] = []  # the message whose line is being written (at most one); under lock
     write_errors: List[OSError] = []
 
     def hold(value: int) -> None:
@@ -794,39 +804,67 @@ def cmd_tail(args: argparse.Namespace) -> int:
             pass  # (closing: it takes nothing more anyway)
 
     def give_back(message: Any) -> None:
+        """Requeue *message* now, unless it was answered already; under *lock*."""
         # Not shown: back to nsqd at once, for the channel's other consumers (a handler's
         # False would defer it by requeue_delay x attempts, 90 s and more, and back off).
         # RDY 0 first: given back while tail still has RDY, it would come straight back to
         # tail, again and again, one more attempt each time, until a Reader gave it up.
         hold(0)
-        message.requeue(delay=0, backoff=False)
+        if not message.has_responded():
+            message.requeue(delay=0, backoff=False)
 
     def handler(message: Any) -> None:
-        with lock:
-            if done.is_set():
-                return give_back(message)  # (the output is gone, -n was reached, or a signal came)
-            if remaining is not None:
-                if remaining[0] <= 0:
+        # tail answers every message itself, under *lock*: the stop may give back a message
+        # whose write is stuck, and the Reader must not finish it afterwards.
+        message.enable_async()
+        with turn:
+            while True:
+                # (the output is gone, -n was reached or is being reached, or a signal came)
+                if done.is_set() or (remaining is not None and remaining[0] <= 0):
                     return give_back(message)
+                if not writing:
+                    break
+                turn.wait()
+            if remaining is not None:
                 remaining[0] -= 1
-            try:
-                out.write(message.body + b"\n")
-                out.flush()
-            except OSError as exc:
+            writing.append(message)
+        error = output.write(message.body + b"\n")  # (outside the lock: it may block for good)
+        with turn:
+            writing.clear()
+            turn.notify()
+            if message.has_responded():
+                return None  # given back by the stop, which did not wait for this write to end
+            if error is not None:
                 # The reading end of the pipe closed (`| head -1`): stop quietly, as cat does; any
                 # other error (a full disk) stops with exit 1. The message goes back to nsqd (it
                 # was not shown) instead of failing again and again.
-                if not isinstance(exc, BrokenPipeError):
-                    write_errors.append(exc)
+                if not isinstance(error, BrokenPipeError):
+                    write_errors.append(error)
                 if remaining is not None:
                     remaining[0] += 1
                 done.set()
+                turn.notify_all()
                 return give_back(message)
             if remaining is not None:
                 hold(remaining[0])  # (RDY 0 once the N-th is printed, before anything is given back)
                 if remaining[0] == 0:
                     done.set()
+                    turn.notify_all()
+            message.finish()
         return None
+
+    def give_back_held() -> None:
+        """The stop: every message tail holds goes back now, the one whose line is being
+        written too if its write does not end within TAIL_WRITE_GRACE (the output is stalled:
+        a pipe nobody reads). Otherwise the Reader's close would wait for that write as for any
+        handler, close_timeout (30 s), while nsqd kept every message tail held in flight."""
+        with turn:
+            done.set()
+            hold(0)
+            turn.notify_all()  # (the handlers waiting for their turn give theirs back)
+            turn.wait_for(lambda: not writing, TAIL_WRITE_GRACE)
+            for message in writing:
+                give_back(message)
 
     addresses = _addresses(args, default_nsqd="127.0.0.1:4150")
     reader = nsq_sync.Reader(
@@ -851,7 +889,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
         for signum in _STOP_SIGNALS:
             previous[signum] = signal.signal(signum, lambda *_: done.set())
     reader.start()
-    output_gone = _pipe_reader_gone(out)
+    output_gone = _pipe_reader_gone(sys.stdout)
     try:
         while not done.wait(0.2):
             if output_gone():
@@ -860,12 +898,15 @@ def cmd_tail(args: argparse.Namespace) -> int:
         # The usual handlers first: a second Ctrl-C interrupts a drain that waits on a hung nsqd.
         for signum, handler_ in previous.items():
             signal.signal(signum, handler_)
-        reader.close()
-    error = write_errors[0] if write_errors else _flush_error(out)
-    if error is not None:
+        try:
+            give_back_held()
+        finally:
+            reader.close(TAIL_CLOSE_TIMEOUT)
+    if write_errors or output.broken:
         _quiet_broken(sys.stdout)
-        if not isinstance(error, BrokenPipeError):
-            raise Failed(f"write error: {error.strerror or error}")
+    if write_errors:
+        error = write_errors[0]
+        raise Failed(f"write error: {error.strerror or error}")
     return EXIT_OK
 
 
@@ -899,13 +940,42 @@ def _pipe_reader_gone(out: Any) -> Callable[[], bool]:
     return gone
 
 
-def _flush_error(out: Any) -> Optional[OSError]:
-    """The error flushing *out* raises (BrokenPipeError: the reader of our output left), or None."""
-    try:
-        out.flush()
-    except OSError as exc:
-        return exc
-    return None
+class _LineWriter:
+    """Writes tail's lines straight to the file descriptor of *stream*, not through Python's
+    buffered stdout: a write that blocks for good (a pipe nobody reads) then holds no lock
+    the interpreter needs at exit (stdout's, which it takes to flush it: a fatal error with
+    the writing thread still blocked), and nothing is left in a buffer to fail at exit.
+    *off_hub* (gevent): each write runs in gevent's threadpool, so that a blocked write blocks
+    a native thread and not the hub, which must go on running the signal's stop."""
+
+    def __init__(self, stream: Any, off_hub: bool = False) -> None:
+        stream.flush()  # (nothing should be there; whatever is goes first)
+        self.broken = False  # a write failed with EPIPE
+        self._stream: Any = None
+        try:
+            self.fd = stream.fileno()
+        except (AttributeError, OSError, ValueError):  # (io.UnsupportedOperation is the last two)
+            # A stdout replaced in-process (an embedding program, a test's capture): through it.
+            self._stream = getattr(stream, "buffer", stream)
+        self._write: Callable[[int, bytes], int] = os.write
+        if off_hub:
+            from .backends.gevent import write_off_hub
+
+            self._write = write_off_hub
+
+    def write(self, data: bytes) -> Optional[OSError]:
+        """Write all of *data*; the error that stopped it, or None."""
+        try:
+            if self._stream is not None:
+                self._stream.write(data)
+                self._stream.flush()
+            else:
+                while data:
+                    data = data[self._write(self.fd, data):]
+        except OSError as exc:
+            self.broken = self.broken or isinstance(exc, BrokenPipeError)
+            return exc
+        return None
 
 
 def _quiet_broken(stream: Any) -> None:

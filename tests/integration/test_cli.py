@@ -555,6 +555,77 @@ def test_tail_write_error_other_than_a_closed_pipe_exits_1_and_gives_the_message
     assert stats["requeue_count"] <= 3, stats
 
 
+def pipe_bytes(fd: int) -> int:
+    """How many bytes wait in the pipe *fd* reads from (Linux: FIONREAD)."""
+    import fcntl
+    import termios
+
+    buf = bytearray(4)
+    fcntl.ioctl(fd, termios.FIONREAD, buf)
+    return int.from_bytes(buf, sys.byteorder)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_tail_with_its_output_stalled_gives_everything_back_at_once_on_a_signal(signum: int, nsqd: NsqdProcess, env: Dict[str, str], backend: str) -> None:
+    """stdout a pipe nobody reads: tail fills it, one handler blocks in its write and the
+    others wait behind it, holding --max-in-flight messages. A signal ends tail within a few
+    seconds, and every message it did not print is back in the channel at once (requeued, not
+    finished, nothing left in flight). Before, the Reader's close waited its close_timeout,
+    30 s, for the blocked handler, and left 2/3 of what tail held in flight at nsqd (until its
+    60 s msg-timeout)."""
+    import fcntl
+
+    topic, total, max_in_flight = "cli_tail_stalled", 100, 50
+    line = 2048  # (2 lines fill a 4 KiB page exactly, and a line is written whole: <= PIPE_BUF)
+    bodies = [b"%04d" % i + b"." * (line - 5) for i in range(total)]
+    nsqd.create_channel(topic, "kept")
+    nsqd.mpublish(topic, bodies)
+    read_end, write_end = os.pipe()
+    capacity = fcntl.fcntl(read_end, getattr(fcntl, "F_GETPIPE_SZ", 1032))  # (Linux; the name since Python 3.10)
+    argv = cli_command("tail", "--topic", topic, "--channel", "kept", "--nsqd-tcp-address", nsqd.tcp_address,
+                       "--max-in-flight", str(max_in_flight), "--backend", backend)
+    try:
+        proc = subprocess.Popen(argv, env=env, stdout=write_end, stderr=subprocess.PIPE, text=True)
+    finally:
+        close_now(write_end)
+    try:
+        assert capacity // line < max_in_flight
+
+        fits = capacity // line
+
+        def stalled() -> bool:
+            # The pipe is full, nsqd has the FIN of every line in it, and has sent tail as
+            # many more messages: tail holds --max-in-flight messages it cannot print.
+            stats = nsqd.channel_stats(topic, "kept") or {}
+            return proc.poll() is not None or (
+                pipe_bytes(read_end) == capacity and stats.get("in_flight_count") == max_in_flight and stats.get("depth") == total - fits - max_in_flight
+            )
+
+        wait_until(stalled, timeout=20, message="the pipe full and tail holding --max-in-flight messages")
+        assert proc.poll() is None
+        signalled = time.monotonic()
+        proc.send_signal(signum)
+        try:
+            err = proc.communicate(timeout=20)[1]
+        except subprocess.TimeoutExpired:
+            pytest.fail("tail did not exit within 20 s of the signal")
+        elapsed = time.monotonic() - signalled
+        assert proc.returncode == EXIT_OK, f"exit {proc.returncode}\n{err}"
+        assert elapsed < 5, f"{elapsed:.1f}s after the signal\n{err}"
+        assert "Traceback" not in err and "still in flight" not in err, err
+        with open(read_end, "rb", closefd=False) as pipe:
+            printed = pipe.read().splitlines()
+    finally:
+        close_now(read_end)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert len(printed) == fits and len(set(printed)) == fits and set(printed) <= set(bodies), len(printed)
+    stats = settled_channel(nsqd, topic, "kept")  # (nothing in flight: without the give-back, not for 60 s)
+    assert stats["depth"] == total - fits, stats  # every message not printed is back, none finished
+    assert stats["requeue_count"] == max_in_flight, stats  # (what tail held, given back once each)
+
+
 PID_1_TAIL = """\
 import os
 import sys
