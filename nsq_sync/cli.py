@@ -17,6 +17,7 @@ failure (1, 2, 3, 130) keeps its own exit code, which says more.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import importlib.util
 import json
@@ -100,9 +101,17 @@ def _check_address(value: str) -> List[str]:
     return parts
 
 
+def _number_text(value: float) -> str:
+    """*value* for --help, exactly: 2,147,483,647; 86,400; 0.001."""
+    if isinstance(value, float) and not value.is_integer():
+        return repr(value)
+    return f"{int(value):,}"
+
+
 def _int_range(low: int, high: Optional[int] = None, param: Optional[str] = None) -> Callable[[str], int]:
     """An argparse type: a whole number from *low* to *high* (no upper bound for None);
-    *param* names the library parameter it becomes, in the error message."""
+    *param* names the library parameter it becomes, in the error message. Its ``allowed``
+    (the range, for --help: see _HelpFormatter) is made from the same bounds as the check."""
     note = f" (the Reader's {param})" if param else ""
 
     def parse(value: str) -> int:
@@ -117,11 +126,14 @@ def _int_range(low: int, high: Optional[int] = None, param: Optional[str] = None
         return number
 
     parse.__name__ = "whole number"
+    parse.allowed = f"{_number_text(low)}..{_number_text(high)}" if high is not None else f"{_number_text(low)} or more"  # type: ignore[attr-defined]
+    parse.metavar = "N"  # type: ignore[attr-defined]
     return parse
 
 
 def _seconds(low: float, high: float) -> Callable[[str], float]:
-    """An argparse type: seconds, a finite number from *low* to *high*."""
+    """An argparse type: seconds, a finite number from *low* to *high* (``allowed``, for
+    --help, made from the same bounds)."""
 
     def parse(value: str) -> float:
         try:
@@ -133,7 +145,28 @@ def _seconds(low: float, high: float) -> Callable[[str], float]:
         return number
 
     parse.__name__ = "seconds"
+    parse.allowed = f"{_number_text(low)}..{_number_text(high)}"  # type: ignore[attr-defined]
+    parse.metavar = "SECONDS"  # type: ignore[attr-defined]
     return parse
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """--help of a command: each number option shows its range and default, taken from the
+    check argparse runs (``allowed`` of _int_range/_seconds) and from the option's default,
+    so that the help and the check cannot disagree: ``--max-in-flight N  ... (1..2,147,483,647,
+    default 200)``. Its metavar is N or SECONDS unless the option names one."""
+
+    def _get_help_string(self, action: argparse.Action) -> Optional[str]:
+        text = action.help or ""
+        allowed = getattr(action.type, "allowed", None)
+        if allowed is None:
+            return text
+        if action.default is not None and action.default is not argparse.SUPPRESS:
+            allowed = f"{allowed}, default {_number_text(action.default)}"
+        return f"{text} ({allowed})" if text else f"({allowed})"
+
+    def _get_default_metavar_for_optional(self, action: argparse.Action) -> str:
+        return getattr(action.type, "metavar", None) or super()._get_default_metavar_for_optional(action)
 
 
 _positive_int = _int_range(1)
@@ -1060,7 +1093,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="log at INFO on stderr; worker also logs a line of rates every second")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=functools.partial(argparse.ArgumentParser, formatter_class=_HelpFormatter))
     sub.required = True
 
     def backend_arg(p: argparse.ArgumentParser) -> None:
@@ -1072,12 +1105,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--lookupd-http-address", action="append", type=_check_address, metavar="HOST:PORT", help="nsqlookupd HTTP address (repeatable, or comma-separated)")
 
     demo = sub.add_parser("demo", parents=[common], help="publish and consume through a local cluster and report", epilog="example: nsq-sync demo -n 100000 --json")
-    demo.add_argument("-n", "--count", type=_int_range(1, MAX_DEMO_COUNT), default=100_000, help=f"messages to send (default 100,000; at most {MAX_DEMO_COUNT:,})")
-    demo.add_argument("--threads", type=_int_range(1, MAX_DEMO_THREADS), default=4, help="publishing threads (default 4)")
-    demo.add_argument("--batch", type=_int_range(1, MAX_DEMO_BATCH), default=50, help="messages per MPUB (1 = PUB each; default 50)")
-    demo.add_argument("--body-size", type=_int_range(1, MAX_DEMO_BODY_SIZE), default=100, help=f"bytes per message (default 100; at most {MAX_DEMO_BODY_SIZE:,})")
-    demo.add_argument("--max-in-flight", type=_int_range(1, MAX_IN_FLIGHT), default=200)
-    demo.add_argument("--concurrency", type=_int_range(1, MAX_CONCURRENCY), default=8, help="handler workers (default 8)")
+    demo.add_argument("-n", "--count", type=_int_range(1, MAX_DEMO_COUNT), default=100_000, help="messages to send")
+    demo.add_argument("--threads", type=_int_range(1, MAX_DEMO_THREADS), default=4, help="publishing threads")
+    demo.add_argument("--batch", type=_int_range(1, MAX_DEMO_BATCH), default=50, help="messages per MPUB; 1 publishes each with PUB")
+    demo.add_argument("--body-size", type=_int_range(1, MAX_DEMO_BODY_SIZE), default=100, help="bytes per message")
+    demo.add_argument("--max-in-flight", type=_int_range(1, MAX_IN_FLIGHT), default=200, help="the Reader's max_in_flight")
+    demo.add_argument("--concurrency", type=_int_range(1, MAX_CONCURRENCY), default=8, help="handler workers")
     demo.add_argument("--timeout", type=_seconds(0.001, MAX_TIMEOUT), default=300.0, help="give up after this many seconds")
     demo.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -1090,19 +1123,19 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--topic", required=True, type=_check_topic)
     worker.add_argument("--channel", required=True, type=_check_channel)
     address_args(worker)
-    worker.add_argument("--max-in-flight", type=_int_range(1, MAX_IN_FLIGHT), default=1)
+    worker.add_argument("--max-in-flight", type=_int_range(1, MAX_IN_FLIGHT), default=1, help="the Reader's max_in_flight")
     worker.add_argument("--concurrency", type=_int_range(1, MAX_CONCURRENCY), default=None,
-                        help=f"handler workers (default: --max-in-flight, at most {MAX_CONCURRENCY:,})")
-    worker.add_argument("--max-tries", type=_int_range(0, MAX_TRIES, "max_tries"), default=5, help="attempts before giving up (0: unlimited)")
-    worker.add_argument("--close-timeout", type=_seconds(0, 3600), default=WORKER_CLOSE_TIMEOUT, metavar="SECONDS",
-                        help=f"on SIGTERM/SIGINT, how long running handlers may take to finish (default {WORKER_CLOSE_TIMEOUT:g}: below a 30 s kill timeout, as Kubernetes' default)"),
+                        help="handler workers; by default as many as --max-in-flight, up to the most allowed")
+    worker.add_argument("--max-tries", type=_int_range(0, MAX_TRIES, "max_tries"), default=5, help="attempts before giving up; 0: unlimited")
+    worker.add_argument("--close-timeout", type=_seconds(0, 3600), default=WORKER_CLOSE_TIMEOUT,
+                        help="on SIGTERM/SIGINT, how long running handlers may take to finish; the default stays below a 30 s kill timeout, as Kubernetes' default")
     backend_arg(worker)
     worker.set_defaults(func=cmd_worker)
 
     pub = sub.add_parser("pub", parents=[common], help="publish messages (arguments, or stdin lines with -)", epilog="example: printf 'a\\nb\\n' | nsq-sync pub --topic events -")
     pub.add_argument("--topic", required=True, type=_check_topic)
     address_args(pub, lookupd=False)
-    pub.add_argument("--timeout", type=_seconds(0.001, MAX_TIMEOUT), default=10.0, help="seconds to wait for nsqd per message")
+    pub.add_argument("--timeout", type=_seconds(0.001, MAX_TIMEOUT), default=10.0, help="how long to wait for nsqd, per message")
     pub.add_argument("-q", "--quiet", action="store_true")
     pub.add_argument("messages", nargs="*", help="message bodies; '-' or none reads stdin lines")
     backend_arg(pub)
@@ -1112,9 +1145,9 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--topic", required=True, type=_check_topic)
     tail.add_argument("--channel", type=_check_channel, default=None, help="default: an ephemeral channel of its own")
     address_args(tail)
-    tail.add_argument("-n", type=_positive_int, default=None, help="exit after N messages")
-    tail.add_argument("--max-in-flight", type=_int_range(1, MAX_IN_FLIGHT), default=200)
-    tail.add_argument("--lookupd-poll-interval", type=_seconds(0.001, MAX_TIMEOUT), default=5.0)
+    tail.add_argument("-n", type=_positive_int, default=None, help="exit after N messages; by default, run until stopped")
+    tail.add_argument("--max-in-flight", type=_int_range(1, MAX_IN_FLIGHT), default=200, help="messages nsqd may send before tail answers")
+    tail.add_argument("--lookupd-poll-interval", type=_seconds(0.001, MAX_TIMEOUT), default=5.0, help="how often to ask nsqlookupd for the topic's nsqd")
     tail.add_argument("--take-backlog", action="store_true",
                       help="with the default channel, subscribe even to a topic that has no channel and holds messages "
                            "(its first channel takes them, and nsqd deletes tail's ephemeral one, with them, when tail exits)")
@@ -1124,7 +1157,7 @@ def build_parser() -> argparse.ArgumentParser:
     tail.set_defaults(func=cmd_tail)
 
     cluster = sub.add_parser("cluster", parents=[common], help="run a local nsqlookupd + nsqd cluster in the foreground", epilog="example: nsq-sync cluster --nsqd 3")
-    cluster.add_argument("--nsqd", type=_int_range(1, MAX_CLUSTER_NSQD), default=2, help=f"how many nsqd (default 2; at most {MAX_CLUSTER_NSQD})")
+    cluster.add_argument("--nsqd", type=_int_range(1, MAX_CLUSTER_NSQD), default=2, help="how many nsqd")
     cluster.add_argument("--json", action="store_true", help="print the addresses as JSON")
     cluster.set_defaults(func=cmd_cluster)
     return parser

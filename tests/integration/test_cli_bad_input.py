@@ -10,19 +10,23 @@ versions are in tests/unit/test_bad_input_reader_cli.py):
 * out-of-range numbers exit 2 with argparse's usage message before any broker starts;
 * ``pub`` with stdin closed and ``tail`` with stdout closed exit 2 with one line (a TypeError or
   AttributeError traceback and exit 1 before); an empty ``pub`` argument exits 2 before anything
-  is published (it was skipped silently: ``pub ""`` printed "published 0 message(s)").
+  is published (it was skipped silently: ``pub ""`` printed "published 0 message(s)");
+* each command's ``--help`` shows every number option's range and default, and they are the
+  ones the command accepts (most showed none, or only some of it, in words).
 
 Commands that take ``--backend`` get the suite's backend, as in test_cli.py.
 """
 
 from __future__ import annotations
 
+import argparse
+import re
 import shlex
 import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import pytest
 
@@ -191,3 +195,79 @@ def test_numbers_out_of_range_exit_2_before_anything_starts(case: str, env: Dict
     assert message in err and "Traceback" not in err, describe(proc)
     assert "\ncluster: " not in err and proc.stdout == b"", describe(proc)  # the demo prints "cluster: ..." once its brokers run
     assert time.monotonic() - started < 20
+
+
+# ---------------------------------------------------------------- --help: the ranges the checks apply
+#: every number option of each command, and what the command needs besides to parse
+NUMBER_OPTIONS = {
+    "demo": (["-n", "--threads", "--batch", "--body-size", "--max-in-flight", "--concurrency", "--timeout"], []),
+    "worker": (["--max-in-flight", "--concurrency", "--max-tries", "--close-timeout"], ["m:f", "--topic", "t", "--channel", "c"]),
+    "pub": (["--timeout"], ["--topic", "t"]),
+    "tail": (["-n", "--max-in-flight", "--lookupd-poll-interval"], ["--topic", "t"]),
+    "cluster": (["--nsqd"], []),
+}
+#: "(1..2,147,483,647, default 200)", "(0.001..86,400, default 10)", "(1 or more)"
+RANGE = re.compile(r"\((?P<low>[\d,.]+)(?:\.\.(?P<high>[\d,.]+)| or more)(?:, default (?P<default>[\d,.]+))?\)$")
+
+
+def help_entries(text: str) -> Dict[str, Tuple[str, str]]:
+    """Each option of a --help (printed unwrapped: COLUMNS=1000), by option string: its metavar
+    and its help text (an entry's lines joined)."""
+    entries: Dict[str, Tuple[str, str]] = {}
+    names: List[str] = []
+    for line in text.splitlines():
+        if line.startswith("  -"):
+            invocation, _, help_text = line.strip().partition("  ")
+            words = invocation.replace(",", "").split()
+            names = [word for word in words if word.startswith("-")]
+            for name in names:
+                following = words[words.index(name) + 1:]
+                entries[name] = (following[0] if following and not following[0].startswith("-") else "", help_text.strip())
+        elif names and line.startswith("    ") and line.strip():
+            for name in names:
+                entries[name] = (entries[name][0], f"{entries[name][1]} {line.strip()}".strip())
+        else:
+            names = []
+    return entries
+
+
+@pytest.mark.parametrize("command", sorted(NUMBER_OPTIONS))
+def test_help_shows_each_number_options_range_and_default_as_the_command_applies_them(command: str, env: Dict[str, str]) -> None:
+    """Every number option's --help ends with its range and default, "(1..2,147,483,647, default
+    200)", and they are what the command does: both bounds accepted, one step beyond each
+    refused (exit 2), the default the one it runs with. Before, most options showed neither,
+    and the others said some of it in words."""
+    from nsq_sync import cli
+
+    options, needed = NUMBER_OPTIONS[command]
+    proc = run_bytes(command, "--help", env={**env, "COLUMNS": "1000"})
+    assert proc.returncode == EXIT_OK, describe(proc)
+    entries = help_entries(proc.stdout.decode())
+    parser = cli.build_parser()
+    sub = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction)).choices[command]
+
+    def parsed(*extra: str) -> object:
+        """The option's value when the command line is parsed with *extra*, or the exit code."""
+        try:
+            return getattr(parser.parse_args([command, *needed, *extra]), dest)
+        except SystemExit as exc:
+            return exc.code
+
+    numbers = {sub._option_string_actions[name].dest for name, (metavar, _) in entries.items() if metavar in ("N", "SECONDS")}
+    assert numbers == {sub._option_string_actions[option].dest for option in options}, "NUMBER_OPTIONS is to list every one"
+    for option in options:
+        metavar, text = entries.get(option, ("", ""))
+        match = RANGE.search(text)
+        assert match, f"{command} {option}: no range in --help: {text!r}"
+        kind = {"N": int, "SECONDS": float}[metavar]
+        low = kind(match["low"].replace(",", ""))
+        high = kind(match["high"].replace(",", "")) if match["high"] else None
+        step = 1 if kind is int else max(abs(low), 1.0) * 1e-6
+        dest = sub._option_string_actions[option].dest
+        assert parsed(option, repr(low)) == low and parsed(option, repr(low - step)) == EXIT_USAGE, (command, option, low)
+        if high is not None:
+            assert parsed(option, repr(high)) == high and parsed(option, repr(high + high * 1e-6 if kind is float else high + 1)) == EXIT_USAGE, (command, option, high)
+        else:
+            assert parsed(option, repr(kind(10**12))) == 10**12, (command, option)
+        default = kind(match["default"].replace(",", "")) if match["default"] else None
+        assert parsed() == default, (command, option, default)
