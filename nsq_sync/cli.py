@@ -184,6 +184,8 @@ WORKER_CLOSE_TIMEOUT = 25.0
 MAX_IN_FLIGHT = 2**31 - 1  # the Reader's range
 MAX_CONCURRENCY = 100_000  # the Reader's range (nsq_sync.reader.MAX_CONCURRENCY; not imported: --help stays light)
 MAX_TRIES = 65535  # the Reader's range
+MAX_MSG_SIZE = 2**31 - 1  # the Writer's range for max_msg_size
+DEFAULT_MAX_MSG_SIZE = 1024 * 1024  # the Writer's default: nsqd's default --max-msg-size
 #: what stops the commands that run until stopped (and the brokers they started): Ctrl-C,
 #: SIGTERM, and SIGHUP (the terminal closed; the brokers run in sessions of their own, so
 #: nothing else would stop them)
@@ -665,7 +667,8 @@ def cmd_pub(args: argparse.Namespace) -> int:
             sent = False  # the message may be with nsqd: stopped now, its answer is unknown
             try:
                 # (made with the handlers in place: a signal once it connects ends pub with exit 130)
-                writer = nsq_sync.Writer(addresses["nsqd_tcp_addresses"], backend=args.backend, publish_timeout=args.timeout)
+                writer = nsq_sync.Writer(addresses["nsqd_tcp_addresses"], backend=args.backend, publish_timeout=args.timeout,
+                                         max_msg_size=args.max_msg_size)
                 for number, body in enumerate(bodies, 1):
                     if not body:
                         continue
@@ -1136,6 +1139,8 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--topic", required=True, type=_check_topic)
     address_args(pub, lookupd=False)
     pub.add_argument("--timeout", type=_seconds(0.001, MAX_TIMEOUT), default=10.0, help="how long to wait for nsqd, per message")
+    pub.add_argument("--max-msg-size", type=_int_range(1, MAX_MSG_SIZE), default=DEFAULT_MAX_MSG_SIZE,
+                     help="bytes; a bigger message is refused before it is sent (exit 1): set it to your nsqd's --max-msg-size")
     pub.add_argument("-q", "--quiet", action="store_true")
     pub.add_argument("messages", nargs="*", help="message bodies; '-' or none reads stdin lines")
     backend_arg(pub)

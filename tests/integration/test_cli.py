@@ -457,6 +457,26 @@ def test_pub_line_over_max_msg_size_fails_the_job_not_its_arguments(nsqd: NsqdPr
     assert nsqd.topic_depth("cli_big_line") == 1
 
 
+def test_pub_max_msg_size_follows_the_nsqd_it_publishes_to(env: Dict[str, str], backend: str) -> None:
+    """--max-msg-size: to an nsqd started with --max-msg-size 2 MiB, a 1.5 MiB line is published
+    with --max-msg-size 2097152; set to 5, a line over it is refused before it is sent (exit 1,
+    naming the line, after the line before it). Before, pub had no such option (exit 2), and
+    refused every message over 1 MiB, whatever its nsqd took."""
+    from nsq_sync.pytest_plugin import started
+
+    limit = 2 * 1024 * 1024
+    with started(NsqdProcess(extra_args=["--max-msg-size", str(limit)])) as nsqd:
+        args = ["pub", "--topic", "cli_max_msg", "--nsqd-tcp-address", nsqd.tcp_address, "--backend", backend]
+        pub = run_cli(*args, "--max-msg-size", str(limit), "-", input="x" * (1536 * 1024) + "\n", env=env)
+        assert pub.returncode == EXIT_OK, describe(pub)
+        assert nsqd.topic_depth("cli_max_msg") == 1
+        pub = run_cli(*args, "--max-msg-size", "5", "-", input="abc\ntoolong\nxyz\n", env=env)
+        assert pub.returncode == EXIT_FAILED, describe(pub)
+        assert "nsq-sync: failed: line 2: ConfigError" in pub.stderr and "exceeds max_msg_size (5 bytes" in pub.stderr, describe(pub)
+        assert "published 1 message(s) to cli_max_msg before line 2" in pub.stderr, describe(pub)
+        assert nsqd.topic_depth("cli_max_msg") == 2
+
+
 def test_pub_nsqd_gone_part_way_exits_3_naming_the_line(nsqd: NsqdProcess, env: Dict[str, str], backend: str) -> None:
     topic = "cli_pub_gone"
     with CliProcess.nsq_sync("pub", "--topic", topic, "--nsqd-tcp-address", nsqd.tcp_address, "--timeout", "1", "--backend", backend, "-",
