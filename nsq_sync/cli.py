@@ -108,6 +108,20 @@ def _number_text(value: float) -> str:
     return f"{int(value):,}"
 
 
+def _readable_file(value: str) -> str:
+    """An argparse type: a file that exists and can be read (a TLS certificate or key),
+    checked before anything starts; what is in it is checked by _connection_settings."""
+    if not value:
+        raise argparse.ArgumentTypeError("an empty file name")
+    if not os.path.exists(value):
+        raise argparse.ArgumentTypeError(f"no such file: {value!r}")
+    if not os.path.isfile(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a file")
+    if not os.access(value, os.R_OK):
+        raise argparse.ArgumentTypeError(f"{value!r} cannot be read (permission denied)")
+    return value
+
+
 def _int_range(low: int, high: Optional[int] = None, param: Optional[str] = None) -> Callable[[str], int]:
     """An argparse type: a whole number from *low* to *high* (no upper bound for None);
     *param* names the library parameter it becomes, in the error message. Its ``allowed``
@@ -186,6 +200,9 @@ MAX_CONCURRENCY = 100_000  # the Reader's range (nsq_sync.reader.MAX_CONCURRENCY
 MAX_TRIES = 65535  # the Reader's range
 MAX_MSG_SIZE = 2**31 - 1  # the Writer's range for max_msg_size
 DEFAULT_MAX_MSG_SIZE = 1024 * 1024  # the Writer's default: nsqd's default --max-msg-size
+#: where the AUTH secret may come from instead of --auth-secret, which every user of the
+#: machine can read in `ps` (the environment is readable only by the same user and root)
+AUTH_SECRET_ENV = "NSQ_SYNC_AUTH_SECRET"
 #: what stops the commands that run until stopped (and the brokers they started): Ctrl-C,
 #: SIGTERM, and SIGHUP (the terminal closed; the brokers run in sessions of their own, so
 #: nothing else would stop them)
@@ -577,11 +594,53 @@ def _addresses(args: argparse.Namespace, default_nsqd: Optional[str] = None) -> 
     return {"nsqd_tcp_addresses": nsqd or None, "lookupd_http_addresses": lookupd or None}
 
 
+def _connection_settings(args: argparse.Namespace) -> Dict[str, Any]:
+    """The Reader's or Writer's TLS and AUTH parameters from --tls* and --auth-secret (or
+    $NSQ_SYNC_AUTH_SECRET), checked before anything connects or a handler is imported: a TLS
+    option without --tls, a key without its certificate, a certificate file OpenSSL refuses,
+    or an empty secret is a UsageError."""
+    settings: Dict[str, Any] = {}
+    files = {"ca_certs": ("--tls-ca-file", args.tls_ca_file), "certfile": ("--tls-cert-file", args.tls_cert_file),
+             "keyfile": ("--tls-key-file", args.tls_key_file)}
+    given = [option for option, value in files.values() if value] + (["--tls-insecure-skip-verify"] if args.tls_insecure_skip_verify else [])
+    if given and not args.tls:
+        # (the library would only warn: the options of a TLS that is not used)
+        raise UsageError(f"{given[0]} needs --tls: without it the connection is not encrypted")
+    if args.tls_key_file and not args.tls_cert_file:
+        raise UsageError("--tls-key-file needs --tls-cert-file, the certificate it is the key of")
+    if args.tls_insecure_skip_verify and args.tls_ca_file:
+        raise UsageError("--tls-insecure-skip-verify verifies nothing, so --tls-ca-file would not be used: give one of them")
+    if args.tls:
+        import ssl
+
+        from .errors import ConfigError
+        from .transport.tls import make_ssl_context
+
+        options: Dict[str, Any] = {key: value for key, (_, value) in files.items() if value}
+        if args.tls_insecure_skip_verify:
+            options["cert_reqs"] = ssl.CERT_NONE
+        try:
+            make_ssl_context(options)  # (the connections build it again: here, the files are read up front)
+        except ConfigError as exc:
+            raise UsageError(f"cannot use {', '.join(given) or 'the TLS settings'}: {exc.reason}") from None
+        settings.update(tls_v1=True, tls_options=options)
+    secret, source = args.auth_secret, "--auth-secret"
+    if secret is None:
+        secret, source = os.environ.get(AUTH_SECRET_ENV), AUTH_SECRET_ENV
+    if secret is not None:
+        if not secret:
+            raise UsageError(f"{source} is empty: give the secret, or {'leave the option out' if source.startswith('-') else 'unset it'}")
+        settings["auth_secret"] = os.fsencode(secret)  # (the bytes given, whatever the locale)
+    return settings
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     """Run a user's handler function as a long-lived consumer; SIGTERM drains."""
     import nsq_sync
 
-    addresses = _addresses(args)  # checked before the user's module is imported (and runs its code)
+    # (checked before the user's module is imported, and runs its code)
+    addresses = _addresses(args)
+    connection = _connection_settings(args)
     handler = _load_handler(args.handler)
     reader = nsq_sync.Reader(
         args.topic,
@@ -593,6 +652,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         close_timeout=args.close_timeout,
         backend=args.backend,
         **addresses,
+        **connection,
     )
     stop = threading.Event()
     if args.verbose:
@@ -652,6 +712,7 @@ def cmd_pub(args: argparse.Namespace) -> int:
     addresses = _addresses(args, default_nsqd="127.0.0.1:4150")
     if not addresses["nsqd_tcp_addresses"]:
         raise UsageError("pub needs --nsqd-tcp-address")
+    connection = _connection_settings(args)
     writer: Any = None
     published = 0
     number = 0  # of the line or argument being published (1-based)
@@ -668,7 +729,7 @@ def cmd_pub(args: argparse.Namespace) -> int:
             try:
                 # (made with the handlers in place: a signal once it connects ends pub with exit 130)
                 writer = nsq_sync.Writer(addresses["nsqd_tcp_addresses"], backend=args.backend, publish_timeout=args.timeout,
-                                         max_msg_size=args.max_msg_size)
+                                         max_msg_size=args.max_msg_size, **connection)
                 for number, body in enumerate(bodies, 1):
                     if not body:
                         continue
@@ -903,6 +964,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
                 give_back(message)
 
     addresses = _addresses(args, default_nsqd="127.0.0.1:4150")
+    connection = _connection_settings(args)
     reader = nsq_sync.Reader(
         args.topic, channel, message_handler=handler, max_in_flight=max_in_flight[0], backend=args.backend,
         lookupd_poll_interval=args.lookupd_poll_interval,
@@ -913,6 +975,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
         # second or two, not the Reader's 10 s: tail waits for the first message there is
         low_rdy_idle_timeout=1.0, rdy_redistribute_interval=1.0,
         **addresses,
+        **connection,
     )
     if args.channel is None and not args.take_backlog:
         try:
@@ -1102,6 +1165,18 @@ def build_parser() -> argparse.ArgumentParser:
     def backend_arg(p: argparse.ArgumentParser) -> None:
         p.add_argument("--backend", choices=("thread", "gevent"), default="thread", help="concurrency backend (default: thread)")
 
+    def connection_args(p: argparse.ArgumentParser) -> None:
+        tls = p.add_argument_group("TLS and AUTH (see docs/tls-and-auth.md)")
+        tls.add_argument("--tls", action="store_true", help="connect to nsqd with TLS (tls_v1), verifying its certificate and name")
+        tls.add_argument("--tls-ca-file", type=_readable_file, metavar="FILE", help="CA certificates (PEM) to verify nsqd with, instead of the system's")
+        tls.add_argument("--tls-cert-file", type=_readable_file, metavar="FILE", help="client certificate (PEM), for an nsqd that asks for one; may hold its key too")
+        tls.add_argument("--tls-key-file", type=_readable_file, metavar="FILE", help="the client certificate's key (PEM), unless --tls-cert-file holds it")
+        tls.add_argument("--tls-insecure-skip-verify", action="store_true",
+                         help="do not verify nsqd's certificate or name: anyone in between can read and change the traffic")
+        tls.add_argument("--auth-secret", metavar="SECRET",
+                         help=f"the secret AUTH sends, for an nsqd with --auth-http-address; every user of the machine can read it in ps: "
+                              f"prefer ${AUTH_SECRET_ENV}, read when this option is not given")
+
     def address_args(p: argparse.ArgumentParser, lookupd: bool = True) -> None:
         p.add_argument("--nsqd-tcp-address", action="append", type=_check_address, metavar="HOST:PORT", help="nsqd TCP address (repeatable, or comma-separated)")
         if lookupd:
@@ -1133,6 +1208,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--close-timeout", type=_seconds(0, 3600), default=WORKER_CLOSE_TIMEOUT,
                         help="on SIGTERM/SIGINT, how long running handlers may take to finish; the default stays below a 30 s kill timeout, as Kubernetes' default")
     backend_arg(worker)
+    connection_args(worker)
     worker.set_defaults(func=cmd_worker)
 
     pub = sub.add_parser("pub", parents=[common], help="publish messages (arguments, or stdin lines with -)", epilog="example: printf 'a\\nb\\n' | nsq-sync pub --topic events -")
@@ -1144,6 +1220,7 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("-q", "--quiet", action="store_true")
     pub.add_argument("messages", nargs="*", help="message bodies; '-' or none reads stdin lines")
     backend_arg(pub)
+    connection_args(pub)
     pub.set_defaults(func=cmd_pub)
 
     tail = sub.add_parser("tail", parents=[common], help="print messages as they arrive", epilog="example: nsq-sync tail --topic events --lookupd-http-address 127.0.0.1:4161 -n 10")
@@ -1159,6 +1236,7 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--nsqd-http-address", action="append", type=_check_address, metavar="HOST:PORT",
                       help="nsqd HTTP address(es) for the backlog check (default: each --nsqd-tcp-address's port + 1)")
     backend_arg(tail)
+    connection_args(tail)
     tail.set_defaults(func=cmd_tail)
 
     cluster = sub.add_parser("cluster", parents=[common], help="run a local nsqlookupd + nsqd cluster in the foreground", epilog="example: nsq-sync cluster --nsqd 3")

@@ -30,7 +30,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import pytest
 
-from nsq_sync.testing import BrokerStartError, NsqdProcess, find_binary, wait_until
+from nsq_sync.testing import AuthServer, BrokerStartError, NsqdProcess, TLSFiles, find_binary, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT = 45.0  # one CLI run; each test stays below 60 s
@@ -947,6 +947,108 @@ def test_tail_through_lookupd_stops_on_sigterm(nsq_cluster, env: Dict[str, str],
         tail.wait_for_line(lambda l: l == "first", timeout=20)
         tail.signal(signal.SIGTERM)
         assert tail.wait(30) == EXIT_OK, tail.output()
+
+
+# ---------------------------------------------------------------- TLS and AUTH
+def tls_args(tls_files: TLSFiles, *extra: str) -> List[str]:
+    return ["--tls", "--tls-ca-file", tls_files.ca_cert, *extra]
+
+
+def test_pub_tail_and_worker_over_tls(tls_files: TLSFiles, tmp_path: Path, backend: str) -> None:
+    """--tls --tls-ca-file against an nsqd that refuses every command sent in clear
+    (--tls-required): pub publishes, tail prints, worker consumes. Before, none of them had a
+    way to ask for TLS (exit 2), and nothing could be sent to such an nsqd."""
+    from nsq_sync.pytest_plugin import started
+
+    topic = "cli_tls"
+    nsqd = NsqdProcess(tls_cert=tls_files.server_cert, tls_key=tls_files.server_key, extra_args=["--tls-required=tcp-https"])
+    with started(nsqd):
+        nsqd.create_channel(topic, "tail")
+        nsqd.create_channel(topic, "work")
+        address = ["--nsqd-tcp-address", nsqd.tcp_address, "--backend", backend]
+        plain = run_cli("pub", "--topic", topic, *address, "--timeout", "2", "clear", env=cli_env())
+        assert plain.returncode != EXIT_OK, describe(plain)  # (the nsqd does refuse what is not encrypted)
+        pub = run_cli("pub", "--topic", topic, *address, *tls_args(tls_files), "one", "two", env=cli_env())
+        assert pub.returncode == EXIT_OK, describe(pub)
+        assert channel_stats(nsqd, topic, "tail")["depth"] == 2
+
+        tail = run_cli("tail", "--topic", topic, "--channel", "tail", *address, "-n", "2", *tls_args(tls_files), env=cli_env())
+        assert tail.returncode == EXIT_OK, describe(tail)
+        assert sorted(tail.stdout.splitlines()) == ["one", "two"], describe(tail)
+
+        (tmp_path / "slow_handler.py").write_text(HANDLER_MODULE)
+        out = tmp_path / "processed.txt"
+        with CliProcess.nsq_sync("worker", "slow_handler:handle", "--topic", topic, "--channel", "work", *address, *tls_args(tls_files),
+                                 env=cli_env({"OUT": str(out)}), cwd=tmp_path) as worker:
+            wait_until(lambda: len(processed_bodies(out)) == 2 or worker.proc.poll() is not None, timeout=20, message="2 messages processed")
+            worker.signal(signal.SIGTERM)
+            assert worker.wait(30) == EXIT_OK, worker.output()
+        assert sorted(processed_bodies(out)) == [b"one", b"two"]
+
+
+def test_tls_verifies_nsqd_unless_told_not_to(tls_nsqd: NsqdProcess, tls_files: TLSFiles, backend: str) -> None:
+    """--tls alone trusts the system's CAs, which did not sign the test nsqd's certificate: pub
+    cannot connect (exit 3, OpenSSL's reason said). --tls-insecure-skip-verify connects anyway."""
+    args = ["pub", "--topic", "cli_tls_verify", "--nsqd-tcp-address", tls_nsqd.tcp_address, "--timeout", "2", "--backend", backend, "--tls"]
+    refused = run_cli(*args, "x", env=cli_env())
+    assert refused.returncode == EXIT_UNAVAILABLE, describe(refused)
+    assert "TLS certificate of" in refused.stderr and "was not accepted" in refused.stderr and "Traceback" not in refused.stderr, describe(refused)
+    assert tls_nsqd.topic_stats("cli_tls_verify") is None
+    insecure = run_cli(*args, "--tls-insecure-skip-verify", "x", env=cli_env())
+    assert insecure.returncode == EXIT_OK, describe(insecure)
+    assert tls_nsqd.topic_depth("cli_tls_verify") == 1
+
+
+def test_mutual_tls_with_a_client_certificate(tls_files: TLSFiles, tmp_path: Path, backend: str) -> None:
+    """An nsqd that asks for a client certificate (--tls-client-auth-policy require-verify):
+    pub without one cannot connect (exit 3); with --tls-cert-file and --tls-key-file it
+    publishes, and tail with a single file holding both certificate and key prints it."""
+    from nsq_sync.pytest_plugin import started
+
+    nsqd = NsqdProcess(tls_cert=tls_files.server_cert, tls_key=tls_files.server_key, tls_root_ca=tls_files.ca_cert,
+                       extra_args=["--tls-client-auth-policy=require-verify"])
+    both = tmp_path / "client-with-key.pem"
+    both.write_text(Path(tls_files.client_cert).read_text() + Path(tls_files.client_key).read_text())
+    with started(nsqd):
+        args = ["--topic", "cli_mtls", "--nsqd-tcp-address", nsqd.tcp_address, "--backend", backend, *tls_args(tls_files)]
+        refused = run_cli("pub", *args, "--timeout", "2", "x", env=cli_env())
+        assert refused.returncode == EXIT_UNAVAILABLE, describe(refused)
+        pub = run_cli("pub", *args, "--tls-cert-file", tls_files.client_cert, "--tls-key-file", tls_files.client_key, "signed", env=cli_env())
+        assert pub.returncode == EXIT_OK, describe(pub)
+        tail = run_cli("tail", *args, "--tls-cert-file", str(both), "-n", "1", "--take-backlog", env=cli_env())
+        assert tail.returncode == EXIT_OK, describe(tail)
+        assert tail.stdout == "signed\n", describe(tail)
+
+
+def test_auth_secret_from_the_option_or_the_environment(auth_server: AuthServer, auth_nsqd: NsqdProcess, backend: str) -> None:
+    """An nsqd that requires AUTH: pub sends the secret of --auth-secret, or of
+    $NSQ_SYNC_AUTH_SECRET when the option is not given (the option wins over it); tail reads
+    with the secret from the environment. Without a secret, or with one the auth server refuses,
+    pub finds no nsqd it can use (exit 3, saying why), and no secret is ever printed. Before,
+    neither could be given (exit 2)."""
+    secret, topic = "cli-s3cret", "cli_auth"
+    auth_server.set_secret(secret)
+    auth_nsqd.create_channel(topic, "c")
+    args = ["pub", "--topic", topic, "--nsqd-tcp-address", auth_nsqd.tcp_address, "--timeout", "2", "--backend", backend]
+    pub = run_cli(*args, "--auth-secret", secret, "one", env=cli_env())
+    assert pub.returncode == EXIT_OK, describe(pub)
+    pub = run_cli(*args, "two", env=cli_env({"NSQ_SYNC_AUTH_SECRET": secret}))
+    assert pub.returncode == EXIT_OK, describe(pub)
+    assert channel_stats(auth_nsqd, topic, "c")["depth"] == 2
+    assert auth_server.requests.count(secret) >= 2, auth_server.requests
+
+    wrong = run_cli(*args, "--auth-secret", "wrong-secret", "three", env=cli_env({"NSQ_SYNC_AUTH_SECRET": secret}))
+    assert wrong.returncode == EXIT_UNAVAILABLE and "AuthFailedError: E_AUTH_FAILED" in wrong.stderr, describe(wrong)
+    assert "wrong-secret" in auth_server.requests and "wrong-secret" not in wrong.stderr + wrong.stdout, describe(wrong)
+    missing = run_cli(*args, "four", env=cli_env())
+    assert missing.returncode == EXIT_UNAVAILABLE and "requires AUTH but no auth_secret was given" in missing.stderr, describe(missing)
+    assert channel_stats(auth_nsqd, topic, "c")["depth"] == 2
+
+    tail = run_cli("tail", "--topic", topic, "--channel", "c", "--nsqd-tcp-address", auth_nsqd.tcp_address, "-n", "2", "--backend", backend,
+                   env=cli_env({"NSQ_SYNC_AUTH_SECRET": secret}))
+    assert tail.returncode == EXIT_OK, describe(tail)
+    assert sorted(tail.stdout.splitlines()) == ["one", "two"], describe(tail)
+    assert secret not in tail.stderr + pub.stderr
 
 
 # ----------------------------------------------------------------- cluster

@@ -12,7 +12,10 @@ versions are in tests/unit/test_bad_input_reader_cli.py):
   AttributeError traceback and exit 1 before); an empty ``pub`` argument exits 2 before anything
   is published (it was skipped silently: ``pub ""`` printed "published 0 message(s)");
 * each command's ``--help`` shows every number option's range and default, and they are the
-  ones the command accepts (most showed none, or only some of it, in words).
+  ones the command accepts (most showed none, or only some of it, in words);
+* a bad TLS or AUTH setting (a missing or unreadable certificate file, one OpenSSL refuses, a TLS
+  option without --tls, an empty secret) exits 2 with one line before anything connects and
+  before worker imports the handler.
 
 Commands that take ``--backend`` get the suite's backend, as in test_cli.py.
 """
@@ -30,7 +33,7 @@ from typing import Dict, List, Optional, Tuple
 
 import pytest
 
-from nsq_sync.testing import NsqdProcess
+from nsq_sync.testing import NsqdProcess, TLSFiles
 
 
 from loading import load_module as _load  # noqa: E402  (tests/support)
@@ -196,6 +199,47 @@ def test_numbers_out_of_range_exit_2_before_anything_starts(case: str, env: Dict
     assert message in err and "Traceback" not in err, describe(proc)
     assert "\ncluster: " not in err and proc.stdout == b"", describe(proc)  # the demo prints "cluster: ..." once its brokers run
     assert time.monotonic() - started < 20
+
+
+# ---------------------------------------------------------------- TLS and AUTH settings
+#: (arguments, environment, message); "{ca}", "{key}", "{dir}", "{junk}" are files made by the test
+BAD_CONNECTION = {
+    "ca-file-missing": (["--tls", "--tls-ca-file", "{dir}/no-such-ca.pem"], {}, "argument --tls-ca-file: no such file: '{dir}/no-such-ca.pem'"),
+    "ca-file-a-directory": (["--tls", "--tls-ca-file", "{dir}"], {}, "argument --tls-ca-file: '{dir}' is not a file"),
+    "ca-file-not-a-certificate": (["--tls", "--tls-ca-file", "{junk}"], {}, "error: cannot use --tls-ca-file: cannot build a TLS context"),
+    "cert-file-not-a-certificate": (["--tls", "--tls-cert-file", "{junk}"], {}, "error: cannot use --tls-cert-file: cannot build a TLS context"),
+    "tls-option-without-tls": (["--tls-ca-file", "{ca}"], {}, "error: --tls-ca-file needs --tls"),
+    "skip-verify-without-tls": (["--tls-insecure-skip-verify"], {}, "error: --tls-insecure-skip-verify needs --tls"),
+    "key-without-cert": (["--tls", "--tls-key-file", "{key}"], {}, "error: --tls-key-file needs --tls-cert-file"),
+    "skip-verify-and-ca": (["--tls", "--tls-insecure-skip-verify", "--tls-ca-file", "{ca}"], {}, "error: --tls-insecure-skip-verify verifies nothing"),
+    "auth-secret-empty": (["--auth-secret", ""], {}, "error: --auth-secret is empty"),
+    "auth-secret-env-empty": ([], {"NSQ_SYNC_AUTH_SECRET": ""}, "error: NSQ_SYNC_AUTH_SECRET is empty"),
+}
+IMPORTED_MARK = "imported.txt"
+
+
+@pytest.mark.parametrize("command", ["pub", "tail", "worker"])
+@pytest.mark.parametrize("case", sorted(BAD_CONNECTION))
+def test_a_bad_tls_or_auth_setting_exits_2_before_anything_connects(
+    case: str, command: str, nsqd: NsqdProcess, tls_files: TLSFiles, tmp_path: Path, env: Dict[str, str], backend: str
+) -> None:
+    args, extra_env, message = BAD_CONNECTION[case]
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    # (a handler that says so when imported: the settings are checked before)
+    (tmp_path / "marking_mod.py").write_text(f"open({IMPORTED_MARK!r}, 'w').close()\n\ndef handle(message):\n    pass\n")
+    files = {"ca": tls_files.ca_cert, "key": tls_files.client_key, "dir": str(tmp_path), "junk": str(junk)}
+    args = [arg.format(**files) for arg in args]
+    message = message.format(**files)
+    topic = "cli_bad_connection"
+    argv = {"pub": ["pub", "--topic", topic, "x"], "tail": ["tail", "--topic", topic, "-n", "1"],
+            "worker": ["worker", "marking_mod:handle", "--topic", topic, "--channel", "c"]}[command]
+    proc = run_bytes(*argv, "--nsqd-tcp-address", nsqd.tcp_address, "--backend", backend, *args, env={**env, **extra_env}, cwd=tmp_path)
+    err = proc.stderr.decode()
+    assert proc.returncode == EXIT_USAGE, describe(proc)
+    # one line: the error (after argparse's usage, for what argparse checks)
+    assert message in err.splitlines()[-1] and (err.count("\n") == 1 or err.startswith("usage: ")) and "Traceback" not in err, describe(proc)
+    assert nsqd.topic_stats(topic) is None and not (tmp_path / IMPORTED_MARK).exists(), describe(proc)
 
 
 # ---------------------------------------------------------------- --help: the ranges the checks apply
