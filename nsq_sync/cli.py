@@ -6,11 +6,18 @@ default channel refused on a topic whose backlog it would take and delete);
 3 a broker could not be reached or started; 130 interrupted (Ctrl-C, or SIGTERM/SIGHUP during
 ``demo``, which stops its brokers first, or ``pub``, which closes its Writer first). ``worker``,
 ``tail`` and ``cluster`` treat SIGINT and SIGTERM as the normal way to stop and exit 0.
+
+When the reader of stdout or stderr leaves (EPIPE: ``| head -1``), a command stops, cleans up
+and exits without a word: 0 for ``tail`` and ``cluster``, which run until stopped and for which
+that is one more way to stop; 141 (128 + SIGPIPE, what a shell reports for a program SIGPIPE
+killed) for ``demo`` and ``pub``, whose report did not get through, unless they failed: a
+failure (1, 2, 3, 130) keeps its own exit code, which says more.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import importlib.util
 import json
@@ -30,6 +37,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: the status a shell shows for a program SIGPIPE killed
 
 _REEXEC_MARK = "NSQ_SYNC_CLI_GEVENT"
 
@@ -46,6 +54,21 @@ class Unavailable(Exception):
 
 class Failed(Exception):
     """The job ran but failed part-way (exit code 1); the message says where and what was done."""
+
+
+class OutputGone(Exception):
+    """The reader of *stream* (stdout or stderr) left: a write failed with EPIPE, or the pipe
+    was seen without a reader. The command stops and cleans up on the way out; main() then
+    ends quietly (the exit codes in the module docstring)."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(getattr(stream, "name", "output"))
+        self.stream = stream
+
+
+#: the commands for which their output's reader leaving is a normal stop (exit 0): they run
+#: until stopped, and `| head -1` is how a script takes the first of what they print
+_STOPPED_BY_OUTPUT_END = ("tail", "cluster")
 
 
 # ------------------------------------------------------------------ helpers
@@ -78,9 +101,31 @@ def _check_address(value: str) -> List[str]:
     return parts
 
 
+def _number_text(value: float) -> str:
+    """*value* for --help, exactly: 2,147,483,647; 86,400; 0.001."""
+    if isinstance(value, float) and not value.is_integer():
+        return repr(value)
+    return f"{int(value):,}"
+
+
+def _readable_file(value: str) -> str:
+    """An argparse type: a file that exists and can be read (a TLS certificate or key),
+    checked before anything starts; what is in it is checked by _connection_settings."""
+    if not value:
+        raise argparse.ArgumentTypeError("an empty file name")
+    if not os.path.exists(value):
+        raise argparse.ArgumentTypeError(f"no such file: {value!r}")
+    if not os.path.isfile(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a file")
+    if not os.access(value, os.R_OK):
+        raise argparse.ArgumentTypeError(f"{value!r} cannot be read (permission denied)")
+    return value
+
+
 def _int_range(low: int, high: Optional[int] = None, param: Optional[str] = None) -> Callable[[str], int]:
     """An argparse type: a whole number from *low* to *high* (no upper bound for None);
-    *param* names the library parameter it becomes, in the error message."""
+    *param* names the library parameter it becomes, in the error message. Its ``allowed``
+    (the range, for --help: see _HelpFormatter) is made from the same bounds as the check."""
     note = f" (the Reader's {param})" if param else ""
 
     def parse(value: str) -> int:
@@ -95,11 +140,14 @@ def _int_range(low: int, high: Optional[int] = None, param: Optional[str] = None
         return number
 
     parse.__name__ = "whole number"
+    parse.allowed = f"{_number_text(low)}..{_number_text(high)}" if high is not None else f"{_number_text(low)} or more"  # type: ignore[attr-defined]
+    parse.metavar = "N"  # type: ignore[attr-defined]
     return parse
 
 
 def _seconds(low: float, high: float) -> Callable[[str], float]:
-    """An argparse type: seconds, a finite number from *low* to *high*."""
+    """An argparse type: seconds, a finite number from *low* to *high* (``allowed``, for
+    --help, made from the same bounds)."""
 
     def parse(value: str) -> float:
         try:
@@ -111,7 +159,28 @@ def _seconds(low: float, high: float) -> Callable[[str], float]:
         return number
 
     parse.__name__ = "seconds"
+    parse.allowed = f"{_number_text(low)}..{_number_text(high)}"  # type: ignore[attr-defined]
+    parse.metavar = "SECONDS"  # type: ignore[attr-defined]
     return parse
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """--help of a command: each number option shows its range and default, taken from the
+    check argparse runs (``allowed`` of _int_range/_seconds) and from the option's default,
+    so that the help and the check cannot disagree: ``--max-in-flight N  ... (1..2,147,483,647,
+    default 200)``. Its metavar is N or SECONDS unless the option names one."""
+
+    def _get_help_string(self, action: argparse.Action) -> Optional[str]:
+        text = action.help or ""
+        allowed = getattr(action.type, "allowed", None)
+        if allowed is None:
+            return text
+        if action.default is not None and action.default is not argparse.SUPPRESS:
+            allowed = f"{allowed}, default {_number_text(action.default)}"
+        return f"{text} ({allowed})" if text else f"({allowed})"
+
+    def _get_default_metavar_for_optional(self, action: argparse.Action) -> str:
+        return getattr(action.type, "metavar", None) or super()._get_default_metavar_for_optional(action)
 
 
 _positive_int = _int_range(1)
@@ -129,6 +198,11 @@ WORKER_CLOSE_TIMEOUT = 25.0
 MAX_IN_FLIGHT = 2**31 - 1  # the Reader's range
 MAX_CONCURRENCY = 100_000  # the Reader's range (nsq_sync.reader.MAX_CONCURRENCY; not imported: --help stays light)
 MAX_TRIES = 65535  # the Reader's range
+MAX_MSG_SIZE = 2**31 - 1  # the Writer's range for max_msg_size
+DEFAULT_MAX_MSG_SIZE = 1024 * 1024  # the Writer's default: nsqd's default --max-msg-size
+#: where the AUTH secret may come from instead of --auth-secret, which every user of the
+#: machine can read in `ps` (the environment is readable only by the same user and root)
+AUTH_SECRET_ENV = "NSQ_SYNC_AUTH_SECRET"
 #: what stops the commands that run until stopped (and the brokers they started): Ctrl-C,
 #: SIGTERM, and SIGHUP (the terminal closed; the brokers run in sessions of their own, so
 #: nothing else would stop them)
@@ -138,6 +212,12 @@ _MPUB_BODY_LIMIT = 5 * 1024 * 1024  # nsqd's default --max-body-size, what the d
 #: within this many seconds, each within BACKLOG_CHECK_REQUEST_TIMEOUT
 BACKLOG_CHECK_TIMEOUT = 3.0
 BACKLOG_CHECK_REQUEST_TIMEOUT = 1.0
+#: tail's stop: how long the line being written may take to get out (a slow output, not a
+#: stalled one) before tail gives its message back all the same, and then how long its
+#: Reader's close may take (every message is answered by then: only a handler still stuck in
+#: its write is waited for, in vain). The Reader's default, 30 s, is what tail used to wait.
+TAIL_WRITE_GRACE = 1.0
+TAIL_CLOSE_TIMEOUT = 1.0
 
 
 #: a demo body's sequence number and send time: "%010d|<19-digit time_ns>|"
@@ -160,6 +240,26 @@ def _percentile(sorted_values: List[float], fraction: float) -> float:
     return sorted_values[index]
 
 
+def _print(text: str, stream: Any, end: str = "\n") -> None:
+    """print(*text*) to *stream* and flush, a reader that left raised as OutputGone; nothing
+    for a stream the command was started without (``>&-``: None)."""
+    if stream is None:
+        return
+    try:
+        print(text, file=stream, end=end, flush=True)
+    except BrokenPipeError:
+        raise OutputGone(stream) from None
+
+
+def _say(text: str) -> None:
+    """A line on stderr, for main()'s last word: a stderr whose reader left is made quiet and
+    the line dropped, so the exit code (the failure's own) still gets through."""
+    try:
+        _print(text, sys.stderr)
+    except OutputGone:
+        _quiet_broken(sys.stderr)
+
+
 class _Progress:
     """A one-line progress bar on stderr (only on a terminal)."""
 
@@ -178,13 +278,11 @@ class _Progress:
         bar = "#" * done + "-" * (width - done)
         rate_in = received / elapsed if elapsed > 0 else 0.0
         rate_out = sent / elapsed if elapsed > 0 else 0.0
-        sys.stderr.write(f"\r[{bar}] sent {sent:>8,} ({rate_out:>9,.0f}/s)  received {received:>8,} ({rate_in:>9,.0f}/s)")
-        sys.stderr.flush()
+        _print(f"\r[{bar}] sent {sent:>8,} ({rate_out:>9,.0f}/s)  received {received:>8,} ({rate_in:>9,.0f}/s)", sys.stderr, end="")
 
     def finish(self) -> None:
         if self.enabled:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+            _print("", sys.stderr)
 
 
 def _start_cluster(nsqd_count: int) -> Any:
@@ -205,12 +303,18 @@ class _Interrupt:
     """SIGINT/SIGTERM handling for a command that cleans up itself: the first signal sets a
     flag the command polls (then it raises KeyboardInterrupt: exit 130 after cleaning up);
     a second one raises KeyboardInterrupt at once. While *defer* is False the first signal
-    raises at once too (pub between messages: its read of stdin may wait for ever)."""
+    raises at once too (pub between messages: its read of stdin may wait for ever).
 
-    def __init__(self, defer: bool = True) -> None:
+    *output*, a stream the command prints its result on at the end, is polled too: when it is
+    a pipe that lost its reader, check() raises OutputGone (the demo stops then, not after a
+    run nobody will read the result of)."""
+
+    def __init__(self, defer: bool = True, output: Any = None) -> None:
         self.event = threading.Event()
         self.defer = defer
         self._previous: Dict[int, Any] = {}
+        self._output = output
+        self._output_gone = _pipe_reader_gone(output) if output is not None else None
 
     def __enter__(self) -> "_Interrupt":
         if threading.current_thread() is threading.main_thread():
@@ -226,6 +330,8 @@ class _Interrupt:
     def check(self) -> None:
         if self.event.is_set():
             raise KeyboardInterrupt
+        if self._output_gone is not None and self._output_gone():
+            raise OutputGone(self._output)
 
     def __exit__(self, *exc_info: Any) -> None:
         for signum, handler in self._previous.items():
@@ -287,8 +393,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     nsqd_count = 2
     progress = _Progress(count, enabled=sys.stderr.isatty() and not args.quiet)
     if not args.json and not args.quiet:
-        print(f"nsq-sync demo: {count:,} messages of {args.body_size} bytes, {args.threads} publishing threads, "
-              f"max_in_flight {args.max_in_flight}, backend {args.backend}", file=sys.stderr)
+        _print(f"nsq-sync demo: {count:,} messages of {args.body_size} bytes, {args.threads} publishing threads, "
+               f"max_in_flight {args.max_in_flight}, backend {args.backend}", sys.stderr)
     seen = bytearray(count)
     latencies: List[float] = []
     state: Dict[str, Any] = {"sent": 0, "received": 0, "duplicates": 0, "acknowledged": 0, "publish_errors": 0, "published_at": 0.0}
@@ -312,14 +418,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     all_received.set()
         return True
 
-    with _Interrupt() as interrupt:
+    with _Interrupt(output=sys.stdout) as interrupt:
         cluster = _start_cluster(nsqd_count)
         writer = reader = None
         threads: List[threading.Thread] = []
         try:
             interrupt.check()
             if not args.json and not args.quiet:
-                print(f"cluster: nsqlookupd http {cluster.lookupd_http_addresses[0]}, nsqd tcp {', '.join(cluster.nsqd_tcp_addresses)}", file=sys.stderr)
+                _print(f"cluster: nsqlookupd http {cluster.lookupd_http_addresses[0]}, nsqd tcp {', '.join(cluster.nsqd_tcp_addresses)}", sys.stderr)
             setup_timeout = min(args.timeout, 30.0)
             _prepare_demo_topic(cluster, topic, channel, setup_timeout, interrupt)
             writer = nsq_sync.Writer(cluster.nsqd_tcp_addresses, backend=args.backend, publish_timeout=30)
@@ -425,21 +531,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "elapsed_s": round(total_elapsed, 3),
         "latency_ms": {name: round(_percentile(latencies, q) * 1000, 2) for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0))},
     }
-    if args.json:
-        print(json.dumps(summary), flush=True)
-    else:
-        lat = summary["latency_ms"]
-        print(
-            f"sent {summary['sent']:,}  acknowledged {summary['acknowledged']:,}  received {summary['received']:,}  "
-            f"duplicates {summary['duplicates']:,}  "
-            + (f"unreceived {unreceived:,} (timed out)" if timed_out else f"lost {lost:,}")
-            + f"  publish errors {summary['publish_errors']:,}\n"
-            f"publish {summary['publish_rate']:,.0f} msg/s  consume {summary['consume_rate']:,.0f} msg/s  "
-            f"in {summary['elapsed_s']:.2f}s\n"
-            f"latency publish->receive ms: p50 {lat['p50']}  p90 {lat['p90']}  p99 {lat['p99']}  max {lat['max']}",
-            flush=True,
-        )
     ok = not timed_out and lost == 0 and counts["publish_errors"] == 0 and counts["acknowledged"] == count and counts["received"] == count
+    try:
+        if args.json:
+            _print(json.dumps(summary), sys.stdout)
+        else:
+            lat = summary["latency_ms"]
+            _print(
+                f"sent {summary['sent']:,}  acknowledged {summary['acknowledged']:,}  received {summary['received']:,}  "
+                f"duplicates {summary['duplicates']:,}  "
+                + (f"unreceived {unreceived:,} (timed out)" if timed_out else f"lost {lost:,}")
+                + f"  publish errors {summary['publish_errors']:,}\n"
+                f"publish {summary['publish_rate']:,.0f} msg/s  consume {summary['consume_rate']:,.0f} msg/s  "
+                f"in {summary['elapsed_s']:.2f}s\n"
+                f"latency publish->receive ms: p50 {lat['p50']}  p90 {lat['p90']}  p99 {lat['p99']}  max {lat['max']}",
+                sys.stdout,
+            )
+    except OutputGone as exc:
+        if ok:
+            raise
+        _quiet_broken(exc.stream)  # (a failed run says so by its exit code, 1, all the same)
     return EXIT_OK if ok else EXIT_FAILED
 
 
@@ -483,11 +594,53 @@ def _addresses(args: argparse.Namespace, default_nsqd: Optional[str] = None) -> 
     return {"nsqd_tcp_addresses": nsqd or None, "lookupd_http_addresses": lookupd or None}
 
 
+def _connection_settings(args: argparse.Namespace) -> Dict[str, Any]:
+    """The Reader's or Writer's TLS and AUTH parameters from --tls* and --auth-secret (or
+    $NSQ_SYNC_AUTH_SECRET), checked before anything connects or a handler is imported: a TLS
+    option without --tls, a key without its certificate, a certificate file OpenSSL refuses,
+    or an empty secret is a UsageError."""
+    settings: Dict[str, Any] = {}
+    files = {"ca_certs": ("--tls-ca-file", args.tls_ca_file), "certfile": ("--tls-cert-file", args.tls_cert_file),
+             "keyfile": ("--tls-key-file", args.tls_key_file)}
+    given = [option for option, value in files.values() if value] + (["--tls-insecure-skip-verify"] if args.tls_insecure_skip_verify else [])
+    if given and not args.tls:
+        # (the library would only warn: the options of a TLS that is not used)
+        raise UsageError(f"{given[0]} needs --tls: without it the connection is not encrypted")
+    if args.tls_key_file and not args.tls_cert_file:
+        raise UsageError("--tls-key-file needs --tls-cert-file, the certificate it is the key of")
+    if args.tls_insecure_skip_verify and args.tls_ca_file:
+        raise UsageError("--tls-insecure-skip-verify verifies nothing, so --tls-ca-file would not be used: give one of them")
+    if args.tls:
+        import ssl
+
+        from .errors import ConfigError
+        from .transport.tls import make_ssl_context
+
+        options: Dict[str, Any] = {key: value for key, (_, value) in files.items() if value}
+        if args.tls_insecure_skip_verify:
+            options["cert_reqs"] = ssl.CERT_NONE
+        try:
+            make_ssl_context(options)  # (the connections build it again: here, the files are read up front)
+        except ConfigError as exc:
+            raise UsageError(f"cannot use {', '.join(given) or 'the TLS settings'}: {exc.reason}") from None
+        settings.update(tls_v1=True, tls_options=options)
+    secret, source = args.auth_secret, "--auth-secret"
+    if secret is None:
+        secret, source = os.environ.get(AUTH_SECRET_ENV), AUTH_SECRET_ENV
+    if secret is not None:
+        if not secret:
+            raise UsageError(f"{source} is empty: give the secret, or {'leave the option out' if source.startswith('-') else 'unset it'}")
+        settings["auth_secret"] = os.fsencode(secret)  # (the bytes given, whatever the locale)
+    return settings
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     """Run a user's handler function as a long-lived consumer; SIGTERM drains."""
     import nsq_sync
 
-    addresses = _addresses(args)  # checked before the user's module is imported (and runs its code)
+    # (checked before the user's module is imported, and runs its code)
+    addresses = _addresses(args)
+    connection = _connection_settings(args)
     handler = _load_handler(args.handler)
     reader = nsq_sync.Reader(
         args.topic,
@@ -499,6 +652,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         close_timeout=args.close_timeout,
         backend=args.backend,
         **addresses,
+        **connection,
     )
     stop = threading.Event()
     if args.verbose:
@@ -558,6 +712,7 @@ def cmd_pub(args: argparse.Namespace) -> int:
     addresses = _addresses(args, default_nsqd="127.0.0.1:4150")
     if not addresses["nsqd_tcp_addresses"]:
         raise UsageError("pub needs --nsqd-tcp-address")
+    connection = _connection_settings(args)
     writer: Any = None
     published = 0
     number = 0  # of the line or argument being published (1-based)
@@ -573,7 +728,8 @@ def cmd_pub(args: argparse.Namespace) -> int:
             sent = False  # the message may be with nsqd: stopped now, its answer is unknown
             try:
                 # (made with the handlers in place: a signal once it connects ends pub with exit 130)
-                writer = nsq_sync.Writer(addresses["nsqd_tcp_addresses"], backend=args.backend, publish_timeout=args.timeout)
+                writer = nsq_sync.Writer(addresses["nsqd_tcp_addresses"], backend=args.backend, publish_timeout=args.timeout,
+                                         max_msg_size=args.max_msg_size, **connection)
                 for number, body in enumerate(bodies, 1):
                     if not body:
                         continue
@@ -610,7 +766,7 @@ def cmd_pub(args: argparse.Namespace) -> int:
         if writer is not None:
             writer.close()
     if not args.quiet:
-        print(done(), file=sys.stderr)
+        _print(done(), sys.stderr)
     return EXIT_OK
 
 
@@ -726,8 +882,12 @@ def cmd_tail(args: argparse.Namespace) -> int:
     # with one more attempt (nsqd counts every delivery).
     max_in_flight = [args.max_in_flight if args.n is None else min(args.max_in_flight, args.n)]
     done = threading.Event()
-    out = sys.stdout.buffer
+    output = _LineWriter(sys.stdout, off_hub=args.backend == "gevent")
     lock = threading.Lock()
+    #: one handler writes at a time (whole lines, in order); the others wait for their turn
+    #: here, not inside a write, so that the stop can tell them to give their messages back
+    turn = threading.Condition(lock)
+    writing: List[Any] = []  # the message whose line is being written (at most one); under lock
     write_errors: List[OSError] = []
 
     def hold(value: int) -> None:
@@ -741,41 +901,70 @@ def cmd_tail(args: argparse.Namespace) -> int:
             pass  # (closing: it takes nothing more anyway)
 
     def give_back(message: Any) -> None:
+        """Requeue *message* now, unless it was answered already; under *lock*."""
         # Not shown: back to nsqd at once, for the channel's other consumers (a handler's
         # False would defer it by requeue_delay x attempts, 90 s and more, and back off).
         # RDY 0 first: given back while tail still has RDY, it would come straight back to
         # tail, again and again, one more attempt each time, until a Reader gave it up.
         hold(0)
-        message.requeue(delay=0, backoff=False)
+        if not message.has_responded():
+            message.requeue(delay=0, backoff=False)
 
     def handler(message: Any) -> None:
-        with lock:
-            if done.is_set():
-                return give_back(message)  # (the output is gone, -n was reached, or a signal came)
-            if remaining is not None:
-                if remaining[0] <= 0:
+        # tail answers every message itself, under *lock*: the stop may give back a message
+        # whose write is stuck, and the Reader must not finish it afterwards.
+        message.enable_async()
+        with turn:
+            while True:
+                # (the output is gone, -n was reached or is being reached, or a signal came)
+                if done.is_set() or (remaining is not None and remaining[0] <= 0):
                     return give_back(message)
+                if not writing:
+                    break
+                turn.wait()
+            if remaining is not None:
                 remaining[0] -= 1
-            try:
-                out.write(message.body + b"\n")
-                out.flush()
-            except OSError as exc:
+            writing.append(message)
+        error = output.write(message.body + b"\n")  # (outside the lock: it may block for good)
+        with turn:
+            writing.clear()
+            turn.notify()
+            if message.has_responded():
+                return None  # given back by the stop, which did not wait for this write to end
+            if error is not None:
                 # The reading end of the pipe closed (`| head -1`): stop quietly, as cat does; any
                 # other error (a full disk) stops with exit 1. The message goes back to nsqd (it
                 # was not shown) instead of failing again and again.
-                if not isinstance(exc, BrokenPipeError):
-                    write_errors.append(exc)
+                if not isinstance(error, BrokenPipeError):
+                    write_errors.append(error)
                 if remaining is not None:
                     remaining[0] += 1
                 done.set()
+                turn.notify_all()
                 return give_back(message)
             if remaining is not None:
                 hold(remaining[0])  # (RDY 0 once the N-th is printed, before anything is given back)
                 if remaining[0] == 0:
                     done.set()
+                    turn.notify_all()
+            message.finish()
         return None
 
+    def give_back_held() -> None:
+        """The stop: every message tail holds goes back now, the one whose line is being
+        written too if its write does not end within TAIL_WRITE_GRACE (the output is stalled:
+        a pipe nobody reads). Otherwise the Reader's close would wait for that write as for any
+        handler, close_timeout (30 s), while nsqd kept every message tail held in flight."""
+        with turn:
+            done.set()
+            hold(0)
+            turn.notify_all()  # (the handlers waiting for their turn give theirs back)
+            turn.wait_for(lambda: not writing, TAIL_WRITE_GRACE)
+            for message in writing:
+                give_back(message)
+
     addresses = _addresses(args, default_nsqd="127.0.0.1:4150")
+    connection = _connection_settings(args)
     reader = nsq_sync.Reader(
         args.topic, channel, message_handler=handler, max_in_flight=max_in_flight[0], backend=args.backend,
         lookupd_poll_interval=args.lookupd_poll_interval,
@@ -786,6 +975,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
         # second or two, not the Reader's 10 s: tail waits for the first message there is
         low_rdy_idle_timeout=1.0, rdy_redistribute_interval=1.0,
         **addresses,
+        **connection,
     )
     if args.channel is None and not args.take_backlog:
         try:
@@ -798,7 +988,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
         for signum in _STOP_SIGNALS:
             previous[signum] = signal.signal(signum, lambda *_: done.set())
     reader.start()
-    output_gone = _pipe_reader_gone(out)
+    output_gone = _pipe_reader_gone(sys.stdout)
     try:
         while not done.wait(0.2):
             if output_gone():
@@ -807,12 +997,15 @@ def cmd_tail(args: argparse.Namespace) -> int:
         # The usual handlers first: a second Ctrl-C interrupts a drain that waits on a hung nsqd.
         for signum, handler_ in previous.items():
             signal.signal(signum, handler_)
-        reader.close()
-    error = write_errors[0] if write_errors else _flush_error(out)
-    if error is not None:
-        _quiet_broken_stdout()
-        if not isinstance(error, BrokenPipeError):
-            raise Failed(f"write error: {error.strerror or error}")
+        try:
+            give_back_held()
+        finally:
+            reader.close(TAIL_CLOSE_TIMEOUT)
+    if write_errors or output.broken:
+        _quiet_broken(sys.stdout)
+    if write_errors:
+        error = write_errors[0]
+        raise Failed(f"write error: {error.strerror or error}")
     return EXIT_OK
 
 
@@ -846,27 +1039,61 @@ def _pipe_reader_gone(out: Any) -> Callable[[], bool]:
     return gone
 
 
-def _flush_error(out: Any) -> Optional[OSError]:
-    """The error flushing *out* raises (BrokenPipeError: the reader of our output left), or None."""
-    try:
-        out.flush()
-    except OSError as exc:
-        return exc
-    return None
+class _LineWriter:
+    """Writes tail's lines straight to the file descriptor of *stream*, not through Python's
+    buffered stdout: a write that blocks for good (a pipe nobody reads) then holds no lock
+    the interpreter needs at exit (stdout's, which it takes to flush it: a fatal error with
+    the writing thread still blocked), and nothing is left in a buffer to fail at exit.
+    *off_hub* (gevent): each write runs in gevent's threadpool, so that a blocked write blocks
+    a native thread and not the hub, which must go on running the signal's stop."""
+
+    def __init__(self, stream: Any, off_hub: bool = False) -> None:
+        stream.flush()  # (nothing should be there; whatever is goes first)
+        self.broken = False  # a write failed with EPIPE
+        self._stream: Any = None
+        try:
+            self.fd = stream.fileno()
+        except (AttributeError, OSError, ValueError):  # (io.UnsupportedOperation is the last two)
+            # A stdout replaced in-process (an embedding program, a test's capture): through it.
+            self._stream = getattr(stream, "buffer", stream)
+        self._write: Callable[[int, bytes], int] = os.write
+        if off_hub:
+            from .backends.gevent import write_off_hub
+
+            self._write = write_off_hub
+
+    def write(self, data: bytes) -> Optional[OSError]:
+        """Write all of *data*; the error that stopped it, or None."""
+        try:
+            if self._stream is not None:
+                self._stream.write(data)
+                self._stream.flush()
+            else:
+                while data:
+                    data = data[self._write(self.fd, data):]
+        except OSError as exc:
+            self.broken = self.broken or isinstance(exc, BrokenPipeError)
+            return exc
+        return None
 
 
-def _quiet_broken_stdout() -> None:
-    # Python would report the failed write again (and exit 120) when it flushes stdout at exit.
+def _quiet_broken(stream: Any) -> None:
+    """Point *stream*'s file descriptor at /dev/null, as the Python docs advise after EPIPE:
+    Python would report the failed write again ("Exception ignored ...", exit 120) when it
+    flushes the stream at exit, and a log line would fail the same way."""
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (OSError, ValueError):
+        try:
+            os.dup2(devnull, stream.fileno())
+        finally:
+            os.close(devnull)
+    except (AttributeError, OSError, ValueError):  # (no stream, or one without a descriptor)
         pass
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
-    """Run nsqlookupd + N nsqd in the foreground until Ctrl-C or SIGTERM (exit 0 either way)."""
+    """Run nsqlookupd + N nsqd in the foreground until Ctrl-C, SIGTERM, SIGHUP or the reader
+    of its output leaving (exit 0 each time); the brokers stop with it."""
     stop = threading.Event()
     # Installed before the brokers start: a signal while they start stops them cleanly too
     # (they run in their own sessions, so nothing else would).
@@ -885,14 +1112,21 @@ def cmd_cluster(args: argparse.Namespace) -> int:
             "nsqd_http_addresses": cluster.nsqd_http_addresses,
         }
         if args.json:
-            print(json.dumps(info), flush=True)
+            _print(json.dumps(info), sys.stdout)
         else:
-            print(f"nsqlookupd http: {' '.join(info['lookupd_http_addresses'])}  tcp: {' '.join(info['lookupd_tcp_addresses'])}")
-            print(f"nsqd tcp:  {' '.join(info['nsqd_tcp_addresses'])}")
-            print(f"nsqd http: {' '.join(info['nsqd_http_addresses'])}")
-            print("Ctrl-C stops the cluster.", flush=True)
-        while not stop.wait(0.5):
-            pass
+            _print(
+                f"nsqlookupd http: {' '.join(info['lookupd_http_addresses'])}  tcp: {' '.join(info['lookupd_tcp_addresses'])}\n"
+                f"nsqd tcp:  {' '.join(info['nsqd_tcp_addresses'])}\n"
+                f"nsqd http: {' '.join(info['nsqd_http_addresses'])}\n"
+                "Ctrl-C stops the cluster.",
+                sys.stdout,
+            )
+        # `nsq-sync cluster | head -1`: head has its line and left, and as nothing more is
+        # written no EPIPE would ever tell; the pipe is watched instead.
+        output_gone = _pipe_reader_gone(sys.stdout) if sys.stdout is not None else (lambda: False)
+        while not stop.wait(0.2):
+            if output_gone():
+                break
     finally:
         cluster.close()
         for signum, handler in previous.items():
@@ -925,11 +1159,23 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="log at INFO on stderr; worker also logs a line of rates every second")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=functools.partial(argparse.ArgumentParser, formatter_class=_HelpFormatter))
     sub.required = True
 
     def backend_arg(p: argparse.ArgumentParser) -> None:
         p.add_argument("--backend", choices=("thread", "gevent"), default="thread", help="concurrency backend (default: thread)")
+
+    def connection_args(p: argparse.ArgumentParser) -> None:
+        tls = p.add_argument_group("TLS and AUTH (see docs/tls-and-auth.md)")
+        tls.add_argument("--tls", action="store_true", help="connect to nsqd with TLS (tls_v1), verifying its certificate and name")
+        tls.add_argument("--tls-ca-file", type=_readable_file, metavar="FILE", help="CA certificates (PEM) to verify nsqd with, instead of the system's")
+        tls.add_argument("--tls-cert-file", type=_readable_file, metavar="FILE", help="client certificate (PEM), for an nsqd that asks for one; may hold its key too")
+        tls.add_argument("--tls-key-file", type=_readable_file, metavar="FILE", help="the client certificate's key (PEM), unless --tls-cert-file holds it")
+        tls.add_argument("--tls-insecure-skip-verify", action="store_true",
+                         help="do not verify nsqd's certificate or name: anyone in between can read and change the traffic")
+        tls.add_argument("--auth-secret", metavar="SECRET",
+                         help=f"the secret AUTH sends, for an nsqd with --auth-http-address; every user of the machine can read it in ps: "
+                              f"prefer ${AUTH_SECRET_ENV}, read when this option is not given")
 
     def address_args(p: argparse.ArgumentParser, lookupd: bool = True) -> None:
         p.add_argument("--nsqd-tcp-address", action="append", type=_check_address, metavar="HOST:PORT", help="nsqd TCP address (repeatable, or comma-separated)")
@@ -937,12 +1183,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--lookupd-http-address", action="append", type=_check_address, metavar="HOST:PORT", help="nsqlookupd HTTP address (repeatable, or comma-separated)")
 
     demo = sub.add_parser("demo", parents=[common], help="publish and consume through a local cluster and report", epilog="example: nsq-sync demo -n 100000 --json")
-    demo.add_argument("-n", "--count", type=_int_range(1, MAX_DEMO_COUNT), default=100_000, help=f"messages to send (default 100,000; at most {MAX_DEMO_COUNT:,})")
-    demo.add_argument("--threads", type=_int_range(1, MAX_DEMO_THREADS), default=4, help="publishing threads (default 4)")
-    demo.add_argument("--batch", type=_int_range(1, MAX_DEMO_BATCH), default=50, help="messages per MPUB (1 = PUB each; default 50)")
-    demo.add_argument("--body-size", type=_int_range(1, MAX_DEMO_BODY_SIZE), default=100, help=f"bytes per message (default 100; at most {MAX_DEMO_BODY_SIZE:,})")
-    demo.add_argument("--max-in-flight", type=_int_range(1, MAX_IN_FLIGHT), default=200)
-    demo.add_argument("--concurrency", type=_int_range(1, MAX_CONCURRENCY), default=8, help="handler workers (default 8)")
+    demo.add_argument("-n", "--count", type=_int_range(1, MAX_DEMO_COUNT), default=100_000, help="messages to send")
+    demo.add_argument("--threads", type=_int_range(1, MAX_DEMO_THREADS), default=4, help="publishing threads")
+    demo.add_argument("--batch", type=_int_range(1, MAX_DEMO_BATCH), default=50, help="messages per MPUB; 1 publishes each with PUB")
+    demo.add_argument("--body-size", type=_int_range(1, MAX_DEMO_BODY_SIZE), default=100, help="bytes per message")
+    demo.add_argument("--max-in-flight", type=_int_range(1, MAX_IN_FLIGHT), default=200, help="the Reader's max_in_flight")
+    demo.add_argument("--concurrency", type=_int_range(1, MAX_CONCURRENCY), default=8, help="handler workers")
     demo.add_argument("--timeout", type=_seconds(0.001, MAX_TIMEOUT), default=300.0, help="give up after this many seconds")
     demo.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -955,41 +1201,46 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--topic", required=True, type=_check_topic)
     worker.add_argument("--channel", required=True, type=_check_channel)
     address_args(worker)
-    worker.add_argument("--max-in-flight", type=_int_range(1, MAX_IN_FLIGHT), default=1)
+    worker.add_argument("--max-in-flight", type=_int_range(1, MAX_IN_FLIGHT), default=1, help="the Reader's max_in_flight")
     worker.add_argument("--concurrency", type=_int_range(1, MAX_CONCURRENCY), default=None,
-                        help=f"handler workers (default: --max-in-flight, at most {MAX_CONCURRENCY:,})")
-    worker.add_argument("--max-tries", type=_int_range(0, MAX_TRIES, "max_tries"), default=5, help="attempts before giving up (0: unlimited)")
-    worker.add_argument("--close-timeout", type=_seconds(0, 3600), default=WORKER_CLOSE_TIMEOUT, metavar="SECONDS",
-                        help=f"on SIGTERM/SIGINT, how long running handlers may take to finish (default {WORKER_CLOSE_TIMEOUT:g}: below a 30 s kill timeout, as Kubernetes' default)"),
+                        help="handler workers; by default as many as --max-in-flight, up to the most allowed")
+    worker.add_argument("--max-tries", type=_int_range(0, MAX_TRIES, "max_tries"), default=5, help="attempts before giving up; 0: unlimited")
+    worker.add_argument("--close-timeout", type=_seconds(0, 3600), default=WORKER_CLOSE_TIMEOUT,
+                        help="on SIGTERM/SIGINT, how long running handlers may take to finish; the default stays below a 30 s kill timeout, as Kubernetes' default")
     backend_arg(worker)
+    connection_args(worker)
     worker.set_defaults(func=cmd_worker)
 
     pub = sub.add_parser("pub", parents=[common], help="publish messages (arguments, or stdin lines with -)", epilog="example: printf 'a\\nb\\n' | nsq-sync pub --topic events -")
     pub.add_argument("--topic", required=True, type=_check_topic)
     address_args(pub, lookupd=False)
-    pub.add_argument("--timeout", type=_seconds(0.001, MAX_TIMEOUT), default=10.0, help="seconds to wait for nsqd per message")
+    pub.add_argument("--timeout", type=_seconds(0.001, MAX_TIMEOUT), default=10.0, help="how long to wait for nsqd, per message")
+    pub.add_argument("--max-msg-size", type=_int_range(1, MAX_MSG_SIZE), default=DEFAULT_MAX_MSG_SIZE,
+                     help="bytes; a bigger message is refused before it is sent (exit 1): set it to your nsqd's --max-msg-size")
     pub.add_argument("-q", "--quiet", action="store_true")
     pub.add_argument("messages", nargs="*", help="message bodies; '-' or none reads stdin lines")
     backend_arg(pub)
+    connection_args(pub)
     pub.set_defaults(func=cmd_pub)
 
     tail = sub.add_parser("tail", parents=[common], help="print messages as they arrive", epilog="example: nsq-sync tail --topic events --lookupd-http-address 127.0.0.1:4161 -n 10")
     tail.add_argument("--topic", required=True, type=_check_topic)
     tail.add_argument("--channel", type=_check_channel, default=None, help="default: an ephemeral channel of its own")
     address_args(tail)
-    tail.add_argument("-n", type=_positive_int, default=None, help="exit after N messages")
-    tail.add_argument("--max-in-flight", type=_int_range(1, MAX_IN_FLIGHT), default=200)
-    tail.add_argument("--lookupd-poll-interval", type=_seconds(0.001, MAX_TIMEOUT), default=5.0)
+    tail.add_argument("-n", type=_positive_int, default=None, help="exit after N messages; by default, run until stopped")
+    tail.add_argument("--max-in-flight", type=_int_range(1, MAX_IN_FLIGHT), default=200, help="messages nsqd may send before tail answers")
+    tail.add_argument("--lookupd-poll-interval", type=_seconds(0.001, MAX_TIMEOUT), default=5.0, help="how often to ask nsqlookupd for the topic's nsqd")
     tail.add_argument("--take-backlog", action="store_true",
                       help="with the default channel, subscribe even to a topic that has no channel and holds messages "
                            "(its first channel takes them, and nsqd deletes tail's ephemeral one, with them, when tail exits)")
     tail.add_argument("--nsqd-http-address", action="append", type=_check_address, metavar="HOST:PORT",
                       help="nsqd HTTP address(es) for the backlog check (default: each --nsqd-tcp-address's port + 1)")
     backend_arg(tail)
+    connection_args(tail)
     tail.set_defaults(func=cmd_tail)
 
     cluster = sub.add_parser("cluster", parents=[common], help="run a local nsqlookupd + nsqd cluster in the foreground", epilog="example: nsq-sync cluster --nsqd 3")
-    cluster.add_argument("--nsqd", type=_int_range(1, MAX_CLUSTER_NSQD), default=2, help=f"how many nsqd (default 2; at most {MAX_CLUSTER_NSQD})")
+    cluster.add_argument("--nsqd", type=_int_range(1, MAX_CLUSTER_NSQD), default=2, help="how many nsqd")
     cluster.add_argument("--json", action="store_true", help="print the addresses as JSON")
     cluster.set_defaults(func=cmd_cluster)
     return parser
@@ -1005,9 +1256,7 @@ def _maybe_reexec_gevent(args: argparse.Namespace, argv: Sequence[str]) -> None:
     if importlib.util.find_spec("gevent") is None:
         raise UsageError("--backend gevent needs gevent: pip install 'nsq_sync[gevent]'")
     env = dict(os.environ, **{_REEXEC_MARK: "1"})
-    for stream in (sys.stdout, sys.stderr):
-        if stream is not None:  # (None: started with it closed; the command itself says so)
-            stream.flush()
+    _flush_standard_streams()  # (None: started with it closed; the command itself says so)
     os.execve(sys.executable, [sys.executable, "-m", "gevent.monkey", "--module", "nsq_sync", *argv], env)
 
 
@@ -1020,7 +1269,7 @@ def _patched() -> bool:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # (argparse itself ignores a reader of --help that left)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -1028,31 +1277,44 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         _maybe_reexec_gevent(args, argv)
         return int(args.func(args) or 0)
+    except OutputGone as exc:
+        _quiet_broken(exc.stream)
+        return EXIT_OK if args.command in _STOPPED_BY_OUTPUT_END else EXIT_BROKEN_PIPE
     except UsageError as exc:
-        print(f"nsq-sync: error: {exc}", file=sys.stderr)
+        _say(f"nsq-sync: error: {exc}")
         return EXIT_USAGE
     except Unavailable as exc:
-        print(f"nsq-sync: unavailable: {exc}", file=sys.stderr)
+        _say(f"nsq-sync: unavailable: {exc}")
         return EXIT_UNAVAILABLE
     except Failed as exc:
-        print(f"nsq-sync: failed: {exc}", file=sys.stderr)
+        _say(f"nsq-sync: failed: {exc}")
         return EXIT_FAILED
     except KeyboardInterrupt as exc:
-        print(f"nsq-sync: interrupted: {exc}" if str(exc) else "nsq-sync: interrupted", file=sys.stderr)
+        _say(f"nsq-sync: interrupted: {exc}" if str(exc) else "nsq-sync: interrupted")
         return EXIT_INTERRUPTED
     except Exception as exc:
         from .errors import ConfigError, Error, NoConnectionsError
 
         if isinstance(exc, ConfigError):
-            print(f"nsq-sync: error: {exc}", file=sys.stderr)
+            _say(f"nsq-sync: error: {exc}")
             return EXIT_USAGE
         if isinstance(exc, NoConnectionsError):
-            print(f"nsq-sync: unavailable: {exc}", file=sys.stderr)
+            _say(f"nsq-sync: unavailable: {exc}")
             return EXIT_UNAVAILABLE
         if isinstance(exc, Error):
-            print(f"nsq-sync: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            _say(f"nsq-sync: failed: {type(exc).__name__}: {exc}")
             return EXIT_FAILED
         raise
+
+
+def _flush_standard_streams() -> None:
+    """Flush stdout and stderr; one whose reader left is made quiet."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except BrokenPipeError:
+            _quiet_broken(stream)
 
 
 if __name__ == "__main__":  # pragma: no cover

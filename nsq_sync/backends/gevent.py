@@ -24,6 +24,25 @@ try:
     native_poll: Any = get_original("select", "poll")
 except AttributeError:  # pragma: no cover - Windows
     native_poll = None
+_native_write = get_original("os", "write")
+
+
+def _write_or_error(fd: int, data: bytes) -> Any:
+    try:
+        return _native_write(fd, data)
+    except OSError as exc:  # (returned: the threadpool would report it as an error of its own)
+        return exc
+
+
+def write_off_hub(fd: int, data: bytes) -> int:
+    """os.write(*fd*, *data*) in gevent's threadpool: a write that blocks (a pipe nobody
+    reads) blocks one native thread, while the hub and every other greenlet run on."""
+    result = gevent.get_hub().threadpool.apply(_write_or_error, (fd, data))
+    if isinstance(result, OSError):
+        raise result
+    return int(result)
+
+
 _READY = object()  # what a watcher or a release switches a waiting greenlet with
 _EXPIRED = object()  # what the timer switches it with
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import contextlib
@@ -29,7 +30,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import pytest
 
-from nsq_sync.testing import BrokerStartError, NsqdProcess, find_binary, wait_until
+from nsq_sync.testing import AuthServer, BrokerStartError, NsqdProcess, TLSFiles, find_binary, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT = 45.0  # one CLI run; each test stays below 60 s
@@ -456,6 +457,26 @@ def test_pub_line_over_max_msg_size_fails_the_job_not_its_arguments(nsqd: NsqdPr
     assert nsqd.topic_depth("cli_big_line") == 1
 
 
+def test_pub_max_msg_size_follows_the_nsqd_it_publishes_to(env: Dict[str, str], backend: str) -> None:
+    """--max-msg-size: to an nsqd started with --max-msg-size 2 MiB, a 1.5 MiB line is published
+    with --max-msg-size 2097152; set to 5, a line over it is refused before it is sent (exit 1,
+    naming the line, after the line before it). Before, pub had no such option (exit 2), and
+    refused every message over 1 MiB, whatever its nsqd took."""
+    from nsq_sync.pytest_plugin import started
+
+    limit = 2 * 1024 * 1024
+    with started(NsqdProcess(extra_args=["--max-msg-size", str(limit)])) as nsqd:
+        args = ["pub", "--topic", "cli_max_msg", "--nsqd-tcp-address", nsqd.tcp_address, "--backend", backend]
+        pub = run_cli(*args, "--max-msg-size", str(limit), "-", input="x" * (1536 * 1024) + "\n", env=env)
+        assert pub.returncode == EXIT_OK, describe(pub)
+        assert nsqd.topic_depth("cli_max_msg") == 1
+        pub = run_cli(*args, "--max-msg-size", "5", "-", input="abc\ntoolong\nxyz\n", env=env)
+        assert pub.returncode == EXIT_FAILED, describe(pub)
+        assert "nsq-sync: failed: line 2: ConfigError" in pub.stderr and "exceeds max_msg_size (5 bytes" in pub.stderr, describe(pub)
+        assert "published 1 message(s) to cli_max_msg before line 2" in pub.stderr, describe(pub)
+        assert nsqd.topic_depth("cli_max_msg") == 2
+
+
 def test_pub_nsqd_gone_part_way_exits_3_naming_the_line(nsqd: NsqdProcess, env: Dict[str, str], backend: str) -> None:
     topic = "cli_pub_gone"
     with CliProcess.nsq_sync("pub", "--topic", topic, "--nsqd-tcp-address", nsqd.tcp_address, "--timeout", "1", "--backend", backend, "-",
@@ -552,6 +573,77 @@ def test_tail_write_error_other_than_a_closed_pipe_exits_1_and_gives_the_message
     # Each of the (at most -n) messages tail held went back once, after its RDY 0: not straight
     # back to tail to be given back again and again (one more attempt each time).
     assert stats["requeue_count"] <= 3, stats
+
+
+def pipe_bytes(fd: int) -> int:
+    """How many bytes wait in the pipe *fd* reads from (Linux: FIONREAD)."""
+    import fcntl
+    import termios
+
+    buf = bytearray(4)
+    fcntl.ioctl(fd, termios.FIONREAD, buf)
+    return int.from_bytes(buf, sys.byteorder)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_tail_with_its_output_stalled_gives_everything_back_at_once_on_a_signal(signum: int, nsqd: NsqdProcess, env: Dict[str, str], backend: str) -> None:
+    """stdout a pipe nobody reads: tail fills it, one handler blocks in its write and the
+    others wait behind it, holding --max-in-flight messages. A signal ends tail within a few
+    seconds, and every message it did not print is back in the channel at once (requeued, not
+    finished, nothing left in flight). Before, the Reader's close waited its close_timeout,
+    30 s, for the blocked handler, and left 2/3 of what tail held in flight at nsqd (until its
+    60 s msg-timeout)."""
+    import fcntl
+
+    topic, total, max_in_flight = "cli_tail_stalled", 100, 50
+    line = 2048  # (2 lines fill a 4 KiB page exactly, and a line is written whole: <= PIPE_BUF)
+    bodies = [b"%04d" % i + b"." * (line - 5) for i in range(total)]
+    nsqd.create_channel(topic, "kept")
+    nsqd.mpublish(topic, bodies)
+    read_end, write_end = os.pipe()
+    capacity = fcntl.fcntl(read_end, getattr(fcntl, "F_GETPIPE_SZ", 1032))  # (Linux; the name since Python 3.10)
+    argv = cli_command("tail", "--topic", topic, "--channel", "kept", "--nsqd-tcp-address", nsqd.tcp_address,
+                       "--max-in-flight", str(max_in_flight), "--backend", backend)
+    try:
+        proc = subprocess.Popen(argv, env=env, stdout=write_end, stderr=subprocess.PIPE, text=True)
+    finally:
+        close_now(write_end)
+    try:
+        assert capacity // line < max_in_flight
+
+        fits = capacity // line
+
+        def stalled() -> bool:
+            # The pipe is full, nsqd has the FIN of every line in it, and has sent tail as
+            # many more messages: tail holds --max-in-flight messages it cannot print.
+            stats = nsqd.channel_stats(topic, "kept") or {}
+            return proc.poll() is not None or (
+                pipe_bytes(read_end) == capacity and stats.get("in_flight_count") == max_in_flight and stats.get("depth") == total - fits - max_in_flight
+            )
+
+        wait_until(stalled, timeout=20, message="the pipe full and tail holding --max-in-flight messages")
+        assert proc.poll() is None
+        signalled = time.monotonic()
+        proc.send_signal(signum)
+        try:
+            err = proc.communicate(timeout=20)[1]
+        except subprocess.TimeoutExpired:
+            pytest.fail("tail did not exit within 20 s of the signal")
+        elapsed = time.monotonic() - signalled
+        assert proc.returncode == EXIT_OK, f"exit {proc.returncode}\n{err}"
+        assert elapsed < 5, f"{elapsed:.1f}s after the signal\n{err}"
+        assert "Traceback" not in err and "still in flight" not in err, err
+        with open(read_end, "rb", closefd=False) as pipe:
+            printed = pipe.read().splitlines()
+    finally:
+        close_now(read_end)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert len(printed) == fits and len(set(printed)) == fits and set(printed) <= set(bodies), len(printed)
+    stats = settled_channel(nsqd, topic, "kept")  # (nothing in flight: without the give-back, not for 60 s)
+    assert stats["depth"] == total - fits, stats  # every message not printed is back, none finished
+    assert stats["requeue_count"] == max_in_flight, stats  # (what tail held, given back once each)
 
 
 PID_1_TAIL = """\
@@ -857,6 +949,108 @@ def test_tail_through_lookupd_stops_on_sigterm(nsq_cluster, env: Dict[str, str],
         assert tail.wait(30) == EXIT_OK, tail.output()
 
 
+# ---------------------------------------------------------------- TLS and AUTH
+def tls_args(tls_files: TLSFiles, *extra: str) -> List[str]:
+    return ["--tls", "--tls-ca-file", tls_files.ca_cert, *extra]
+
+
+def test_pub_tail_and_worker_over_tls(tls_files: TLSFiles, tmp_path: Path, backend: str) -> None:
+    """--tls --tls-ca-file against an nsqd that refuses every command sent in clear
+    (--tls-required): pub publishes, tail prints, worker consumes. Before, none of them had a
+    way to ask for TLS (exit 2), and nothing could be sent to such an nsqd."""
+    from nsq_sync.pytest_plugin import started
+
+    topic = "cli_tls"
+    nsqd = NsqdProcess(tls_cert=tls_files.server_cert, tls_key=tls_files.server_key, extra_args=["--tls-required=tcp-https"])
+    with started(nsqd):
+        nsqd.create_channel(topic, "tail")
+        nsqd.create_channel(topic, "work")
+        address = ["--nsqd-tcp-address", nsqd.tcp_address, "--backend", backend]
+        plain = run_cli("pub", "--topic", topic, *address, "--timeout", "2", "clear", env=cli_env())
+        assert plain.returncode != EXIT_OK, describe(plain)  # (the nsqd does refuse what is not encrypted)
+        pub = run_cli("pub", "--topic", topic, *address, *tls_args(tls_files), "one", "two", env=cli_env())
+        assert pub.returncode == EXIT_OK, describe(pub)
+        assert channel_stats(nsqd, topic, "tail")["depth"] == 2
+
+        tail = run_cli("tail", "--topic", topic, "--channel", "tail", *address, "-n", "2", *tls_args(tls_files), env=cli_env())
+        assert tail.returncode == EXIT_OK, describe(tail)
+        assert sorted(tail.stdout.splitlines()) == ["one", "two"], describe(tail)
+
+        (tmp_path / "slow_handler.py").write_text(HANDLER_MODULE)
+        out = tmp_path / "processed.txt"
+        with CliProcess.nsq_sync("worker", "slow_handler:handle", "--topic", topic, "--channel", "work", *address, *tls_args(tls_files),
+                                 env=cli_env({"OUT": str(out)}), cwd=tmp_path) as worker:
+            wait_until(lambda: len(processed_bodies(out)) == 2 or worker.proc.poll() is not None, timeout=20, message="2 messages processed")
+            worker.signal(signal.SIGTERM)
+            assert worker.wait(30) == EXIT_OK, worker.output()
+        assert sorted(processed_bodies(out)) == [b"one", b"two"]
+
+
+def test_tls_verifies_nsqd_unless_told_not_to(tls_nsqd: NsqdProcess, tls_files: TLSFiles, backend: str) -> None:
+    """--tls alone trusts the system's CAs, which did not sign the test nsqd's certificate: pub
+    cannot connect (exit 3, OpenSSL's reason said). --tls-insecure-skip-verify connects anyway."""
+    args = ["pub", "--topic", "cli_tls_verify", "--nsqd-tcp-address", tls_nsqd.tcp_address, "--timeout", "2", "--backend", backend, "--tls"]
+    refused = run_cli(*args, "x", env=cli_env())
+    assert refused.returncode == EXIT_UNAVAILABLE, describe(refused)
+    assert "TLS certificate of" in refused.stderr and "was not accepted" in refused.stderr and "Traceback" not in refused.stderr, describe(refused)
+    assert tls_nsqd.topic_stats("cli_tls_verify") is None
+    insecure = run_cli(*args, "--tls-insecure-skip-verify", "x", env=cli_env())
+    assert insecure.returncode == EXIT_OK, describe(insecure)
+    assert tls_nsqd.topic_depth("cli_tls_verify") == 1
+
+
+def test_mutual_tls_with_a_client_certificate(tls_files: TLSFiles, tmp_path: Path, backend: str) -> None:
+    """An nsqd that asks for a client certificate (--tls-client-auth-policy require-verify):
+    pub without one cannot connect (exit 3); with --tls-cert-file and --tls-key-file it
+    publishes, and tail with a single file holding both certificate and key prints it."""
+    from nsq_sync.pytest_plugin import started
+
+    nsqd = NsqdProcess(tls_cert=tls_files.server_cert, tls_key=tls_files.server_key, tls_root_ca=tls_files.ca_cert,
+                       extra_args=["--tls-client-auth-policy=require-verify"])
+    both = tmp_path / "client-with-key.pem"
+    both.write_text(Path(tls_files.client_cert).read_text() + Path(tls_files.client_key).read_text())
+    with started(nsqd):
+        args = ["--topic", "cli_mtls", "--nsqd-tcp-address", nsqd.tcp_address, "--backend", backend, *tls_args(tls_files)]
+        refused = run_cli("pub", *args, "--timeout", "2", "x", env=cli_env())
+        assert refused.returncode == EXIT_UNAVAILABLE, describe(refused)
+        pub = run_cli("pub", *args, "--tls-cert-file", tls_files.client_cert, "--tls-key-file", tls_files.client_key, "signed", env=cli_env())
+        assert pub.returncode == EXIT_OK, describe(pub)
+        tail = run_cli("tail", *args, "--tls-cert-file", str(both), "-n", "1", "--take-backlog", env=cli_env())
+        assert tail.returncode == EXIT_OK, describe(tail)
+        assert tail.stdout == "signed\n", describe(tail)
+
+
+def test_auth_secret_from_the_option_or_the_environment(auth_server: AuthServer, auth_nsqd: NsqdProcess, backend: str) -> None:
+    """An nsqd that requires AUTH: pub sends the secret of --auth-secret, or of
+    $NSQ_SYNC_AUTH_SECRET when the option is not given (the option wins over it); tail reads
+    with the secret from the environment. Without a secret, or with one the auth server refuses,
+    pub finds no nsqd it can use (exit 3, saying why), and no secret is ever printed. Before,
+    neither could be given (exit 2)."""
+    secret, topic = "cli-s3cret", "cli_auth"
+    auth_server.set_secret(secret)
+    auth_nsqd.create_channel(topic, "c")
+    args = ["pub", "--topic", topic, "--nsqd-tcp-address", auth_nsqd.tcp_address, "--timeout", "2", "--backend", backend]
+    pub = run_cli(*args, "--auth-secret", secret, "one", env=cli_env())
+    assert pub.returncode == EXIT_OK, describe(pub)
+    pub = run_cli(*args, "two", env=cli_env({"NSQ_SYNC_AUTH_SECRET": secret}))
+    assert pub.returncode == EXIT_OK, describe(pub)
+    assert channel_stats(auth_nsqd, topic, "c")["depth"] == 2
+    assert auth_server.requests.count(secret) >= 2, auth_server.requests
+
+    wrong = run_cli(*args, "--auth-secret", "wrong-secret", "three", env=cli_env({"NSQ_SYNC_AUTH_SECRET": secret}))
+    assert wrong.returncode == EXIT_UNAVAILABLE and "AuthFailedError: E_AUTH_FAILED" in wrong.stderr, describe(wrong)
+    assert "wrong-secret" in auth_server.requests and "wrong-secret" not in wrong.stderr + wrong.stdout, describe(wrong)
+    missing = run_cli(*args, "four", env=cli_env())
+    assert missing.returncode == EXIT_UNAVAILABLE and "requires AUTH but no auth_secret was given" in missing.stderr, describe(missing)
+    assert channel_stats(auth_nsqd, topic, "c")["depth"] == 2
+
+    tail = run_cli("tail", "--topic", topic, "--channel", "c", "--nsqd-tcp-address", auth_nsqd.tcp_address, "-n", "2", "--backend", backend,
+                   env=cli_env({"NSQ_SYNC_AUTH_SECRET": secret}))
+    assert tail.returncode == EXIT_OK, describe(tail)
+    assert sorted(tail.stdout.splitlines()) == ["one", "two"], describe(tail)
+    assert secret not in tail.stderr + pub.stderr
+
+
 # ----------------------------------------------------------------- cluster
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["SIGTERM", "SIGINT", "SIGHUP"])
 def test_cluster_json_prints_addresses_and_stops_cleanly(signum: int, env: Dict[str, str]) -> None:
@@ -889,6 +1083,135 @@ def test_cluster_text_output(env: Dict[str, str]) -> None:
         assert http_ok(lines[2].split()[-1])
         cluster.signal(signal.SIGTERM)
         assert cluster.wait(30) == EXIT_OK, cluster.output()
+
+
+# ---------------------------------------------- a reader of the output that leaves
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
+
+
+def run_pipeline(command: str, env: Dict[str, str], timeout: float = RUN_TIMEOUT) -> "subprocess.CompletedProcess[bytes]":
+    """Run a shell pipeline with pipefail (its status: the last command that failed) in a
+    session of its own; on timeout the whole session is killed, the CLI and its brokers too."""
+    proc = subprocess.Popen(["bash", "-o", "pipefail", "-c", command], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{command!r} did not end within {timeout:g}s\n--- stdout\n{out!r}\n--- stderr\n{err!r}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def close_now(fd: int) -> None:
+    """Close *fd* at once. (gevent's patched os.close defers closing a pipe until its hub runs
+    a check callback: the reader of a pipe would leave some unknown time later.)"""
+    open(fd, "rb", buffering=0).close()
+
+
+@contextlib.contextmanager
+def reader_gone_pipe() -> Iterator[int]:
+    """The write end of a pipe whose read end is closed already: every write to it fails with
+    EPIPE, and poll() reports it as a pipe without a reader."""
+    read_end, write_end = os.pipe()
+    close_now(read_end)
+    try:
+        yield write_end
+    finally:
+        os.close(write_end)
+
+
+@contextlib.contextmanager
+def reader_gone_socket() -> Iterator[int]:
+    """A socket whose peer is closed: writes fail with EPIPE, but it is no pipe, so a command
+    learns that its reader left only when it writes."""
+    ours, peer = socket.socketpair()
+    peer.close()
+    try:
+        yield ours.fileno()
+    finally:
+        ours.close()
+
+
+@pytest.mark.parametrize("json_output", [True, False], ids=["json", "text"])
+def test_cluster_stops_when_the_reader_of_its_output_leaves(json_output: bool, env: Dict[str, str]) -> None:
+    """`nsq-sync cluster | head -1`: once head has its line and leaves, the cluster stops its
+    brokers and exits 0 without a word. Before, it ran on (nothing more was written, so no
+    EPIPE ever told it), and the pipeline never ended."""
+    command = shlex.join(cli_command("cluster", "--nsqd", "1", *(["--json"] if json_output else [])))
+    done = run_pipeline(f"{command} | head -{1 if json_output else 2}", env, timeout=40)
+    assert done.returncode == EXIT_OK, describe(done)
+    assert done.stderr == b"", describe(done)  # (no traceback, no "Exception ignored")
+    lines = done.stdout.decode().splitlines()
+    if json_output:
+        info = json.loads(lines[0])
+        addresses = info["nsqd_tcp_addresses"] + info["lookupd_tcp_addresses"] + info["lookupd_http_addresses"]
+    else:
+        addresses = [lines[0].split()[2], lines[0].split()[4], lines[1].split()[2]]  # lookupd http, tcp; nsqd tcp
+    assert len(addresses) == 3 and all(address.startswith("127.0.0.1:") for address in addresses), lines
+    for address in addresses:
+        assert port_closed(address), f"{address} still open after the cluster exited"
+
+
+def test_demo_stops_when_the_reader_of_its_output_leaves(env: Dict[str, str], backend: str) -> None:
+    """The reader of the demo's stdout leaves while it runs: the demo stops (its brokers too)
+    and exits 141 quietly, within a moment, instead of running 50 million messages (or
+    --timeout) for a summary nobody will read and ending with a BrokenPipeError traceback."""
+    argv = cli_command("demo", "-n", "50000000", "--batch", "1", "--timeout", "50", "--backend", backend)
+    read_end, write_end = os.pipe()
+    try:
+        proc = subprocess.Popen(argv, env=env, stdout=write_end, stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write_end)
+    try:
+        assert proc.stderr is not None
+        lines = [proc.stderr.readline(), proc.stderr.readline()]  # (a run that cannot start ends them: "")
+        assert lines[0].startswith("nsq-sync demo: ") and lines[1].startswith("cluster: nsqlookupd http"), lines
+        close_now(read_end)
+        read_end = -1
+        left = time.monotonic()
+        rest = proc.communicate(timeout=30)[1]
+        assert proc.returncode == EXIT_BROKEN_PIPE, f"exit {proc.returncode}\n{rest}"
+        assert rest == "", rest  # (no traceback, no "Exception ignored")
+        assert time.monotonic() - left < 10
+    finally:
+        if read_end != -1:
+            os.close(read_end)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    for address in lines[1].split("nsqd tcp ", 1)[1].strip().split(", ") + [lines[1].split("nsqlookupd http ", 1)[1].split(",")[0]]:
+        assert port_closed(address), f"{address} still open after the demo exited"
+
+
+@pytest.mark.parametrize("failed", [False, True], ids=["ok", "timed-out"])
+def test_demo_summary_to_a_reader_that_left_exits_quietly(failed: bool, env: Dict[str, str], backend: str) -> None:
+    """The summary cannot be written (stdout a socket whose peer closed, where only the write
+    tells): exit 141 without a traceback, or 1 for a run that failed, whose exit code says more
+    than the pipe's. Before: a BrokenPipeError traceback and exit 1 either way."""
+    args = ["demo", "-n", "200", "--json", "-q", "--backend", backend]
+    if failed:
+        args = ["demo", "-n", "20000", "--threads", "1", "--batch", "1", "--timeout", "0.05", "--json", "-q", "--backend", backend]
+    with reader_gone_socket() as stdout:
+        done = subprocess.run(cli_command(*args), env=env, stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=RUN_TIMEOUT)
+    assert done.returncode == (EXIT_FAILED if failed else EXIT_BROKEN_PIPE), f"exit {done.returncode}\n{done.stderr}"
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
+    assert ("timed out after" in done.stderr) if failed else (done.stderr == ""), done.stderr
+
+
+def test_pub_count_to_a_reader_that_left_exits_141_and_a_failure_keeps_its_code(nsqd: NsqdProcess, env: Dict[str, str], backend: str) -> None:
+    """pub's stderr (its count, its failures) is a pipe whose reader left: the messages are
+    published and pub exits 141, its report lost; a failure still exits with its own code (3:
+    no nsqd). Before, both ended with exit 1 (an uncaught BrokenPipeError)."""
+    with reader_gone_pipe() as stderr:
+        done = subprocess.run(cli_command("pub", "--topic", "cli_pub_epipe", "--nsqd-tcp-address", nsqd.tcp_address, "--backend", backend, "one", "two"),
+                              env=env, stdout=subprocess.PIPE, stderr=stderr, timeout=RUN_TIMEOUT)
+        assert done.returncode == EXIT_BROKEN_PIPE and done.stdout == b"", f"exit {done.returncode}"
+        assert nsqd.topic_depth("cli_pub_epipe") == 2
+        unreachable = f"127.0.0.1:{free_port()}"
+        done = subprocess.run(cli_command("pub", "--topic", "cli_pub_epipe", "--nsqd-tcp-address", unreachable, "--timeout", "0.5", "--backend", backend, "x"),
+                              env=env, stdout=subprocess.PIPE, stderr=stderr, timeout=RUN_TIMEOUT)
+        assert done.returncode == EXIT_UNAVAILABLE and done.stdout == b"", f"exit {done.returncode}"
 
 
 # ----------------------------------------------------------- bad arguments

@@ -10,23 +10,30 @@ versions are in tests/unit/test_bad_input_reader_cli.py):
 * out-of-range numbers exit 2 with argparse's usage message before any broker starts;
 * ``pub`` with stdin closed and ``tail`` with stdout closed exit 2 with one line (a TypeError or
   AttributeError traceback and exit 1 before); an empty ``pub`` argument exits 2 before anything
-  is published (it was skipped silently: ``pub ""`` printed "published 0 message(s)").
+  is published (it was skipped silently: ``pub ""`` printed "published 0 message(s)");
+* each command's ``--help`` shows every number option's range and default, and they are the
+  ones the command accepts (most showed none, or only some of it, in words);
+* a bad TLS or AUTH setting (a missing or unreadable certificate file, one OpenSSL refuses, a TLS
+  option without --tls, an empty secret) exits 2 with one line before anything connects and
+  before worker imports the handler.
 
 Commands that take ``--backend`` get the suite's backend, as in test_cli.py.
 """
 
 from __future__ import annotations
 
+import argparse
+import re
 import shlex
 import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import pytest
 
-from nsq_sync.testing import NsqdProcess
+from nsq_sync.testing import NsqdProcess, TLSFiles
 
 
 from loading import load_module as _load  # noqa: E402  (tests/support)
@@ -175,6 +182,7 @@ BAD_NUMBERS = {
     "demo-timeout-negative": (["demo", "--timeout", "-5"], "must be a number of seconds"),
     "demo-mpub-too-big": (["demo", "--batch", "100", "--body-size", "100000"], "over nsqd's default --max-body-size"),
     "pub-timeout-nan": (["pub", "--topic", "t", "--timeout", "nan", "x"], "must be a number of seconds"),
+    "pub-max-msg-size-0": (["pub", "--topic", "t", "--max-msg-size", "0", "x"], "argument --max-msg-size: '0' must be at least 1"),
     "tail-max-in-flight": (["tail", "--topic", "t", "--max-in-flight", "2147483648"], "must be at most 2147483647"),
     "worker-max-tries": (["worker", "m:f", "--topic", "t", "--channel", "c", "--nsqd-tcp-address", "127.0.0.1:4150", "--max-tries", "65536"], "must be at most 65535"),
 }  # (cluster --nsqd is checked in-process only: without the check it would start that many nsqd)
@@ -191,3 +199,120 @@ def test_numbers_out_of_range_exit_2_before_anything_starts(case: str, env: Dict
     assert message in err and "Traceback" not in err, describe(proc)
     assert "\ncluster: " not in err and proc.stdout == b"", describe(proc)  # the demo prints "cluster: ..." once its brokers run
     assert time.monotonic() - started < 20
+
+
+# ---------------------------------------------------------------- TLS and AUTH settings
+#: (arguments, environment, message); "{ca}", "{key}", "{dir}", "{junk}" are files made by the test
+BAD_CONNECTION = {
+    "ca-file-missing": (["--tls", "--tls-ca-file", "{dir}/no-such-ca.pem"], {}, "argument --tls-ca-file: no such file: '{dir}/no-such-ca.pem'"),
+    "ca-file-a-directory": (["--tls", "--tls-ca-file", "{dir}"], {}, "argument --tls-ca-file: '{dir}' is not a file"),
+    "ca-file-not-a-certificate": (["--tls", "--tls-ca-file", "{junk}"], {}, "error: cannot use --tls-ca-file: cannot build a TLS context"),
+    "cert-file-not-a-certificate": (["--tls", "--tls-cert-file", "{junk}"], {}, "error: cannot use --tls-cert-file: cannot build a TLS context"),
+    "tls-option-without-tls": (["--tls-ca-file", "{ca}"], {}, "error: --tls-ca-file needs --tls"),
+    "skip-verify-without-tls": (["--tls-insecure-skip-verify"], {}, "error: --tls-insecure-skip-verify needs --tls"),
+    "key-without-cert": (["--tls", "--tls-key-file", "{key}"], {}, "error: --tls-key-file needs --tls-cert-file"),
+    "skip-verify-and-ca": (["--tls", "--tls-insecure-skip-verify", "--tls-ca-file", "{ca}"], {}, "error: --tls-insecure-skip-verify verifies nothing"),
+    "auth-secret-empty": (["--auth-secret", ""], {}, "error: --auth-secret is empty"),
+    "auth-secret-env-empty": ([], {"NSQ_SYNC_AUTH_SECRET": ""}, "error: NSQ_SYNC_AUTH_SECRET is empty"),
+}
+IMPORTED_MARK = "imported.txt"
+
+
+@pytest.mark.parametrize("command", ["pub", "tail", "worker"])
+@pytest.mark.parametrize("case", sorted(BAD_CONNECTION))
+def test_a_bad_tls_or_auth_setting_exits_2_before_anything_connects(
+    case: str, command: str, nsqd: NsqdProcess, tls_files: TLSFiles, tmp_path: Path, env: Dict[str, str], backend: str
+) -> None:
+    args, extra_env, message = BAD_CONNECTION[case]
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    # (a handler that says so when imported: the settings are checked before)
+    (tmp_path / "marking_mod.py").write_text(f"open({IMPORTED_MARK!r}, 'w').close()\n\ndef handle(message):\n    pass\n")
+    files = {"ca": tls_files.ca_cert, "key": tls_files.client_key, "dir": str(tmp_path), "junk": str(junk)}
+    args = [arg.format(**files) for arg in args]
+    message = message.format(**files)
+    topic = "cli_bad_connection"
+    argv = {"pub": ["pub", "--topic", topic, "x"], "tail": ["tail", "--topic", topic, "-n", "1"],
+            "worker": ["worker", "marking_mod:handle", "--topic", topic, "--channel", "c"]}[command]
+    proc = run_bytes(*argv, "--nsqd-tcp-address", nsqd.tcp_address, "--backend", backend, *args, env={**env, **extra_env}, cwd=tmp_path)
+    err = proc.stderr.decode()
+    assert proc.returncode == EXIT_USAGE, describe(proc)
+    # one line: the error (after argparse's usage, for what argparse checks)
+    assert message in err.splitlines()[-1] and (err.count("\n") == 1 or err.startswith("usage: ")) and "Traceback" not in err, describe(proc)
+    assert nsqd.topic_stats(topic) is None and not (tmp_path / IMPORTED_MARK).exists(), describe(proc)
+
+
+# ---------------------------------------------------------------- --help: the ranges the checks apply
+#: every number option of each command, and what the command needs besides to parse
+NUMBER_OPTIONS = {
+    "demo": (["-n", "--threads", "--batch", "--body-size", "--max-in-flight", "--concurrency", "--timeout"], []),
+    "worker": (["--max-in-flight", "--concurrency", "--max-tries", "--close-timeout"], ["m:f", "--topic", "t", "--channel", "c"]),
+    "pub": (["--timeout", "--max-msg-size"], ["--topic", "t"]),
+    "tail": (["-n", "--max-in-flight", "--lookupd-poll-interval"], ["--topic", "t"]),
+    "cluster": (["--nsqd"], []),
+}
+#: "(1..2,147,483,647, default 200)", "(0.001..86,400, default 10)", "(1 or more)"
+RANGE = re.compile(r"\((?P<low>[\d,.]+)(?:\.\.(?P<high>[\d,.]+)| or more)(?:, default (?P<default>[\d,.]+))?\)$")
+
+
+def help_entries(text: str) -> Dict[str, Tuple[str, str]]:
+    """Each option of a --help (printed unwrapped: COLUMNS=1000), by option string: its metavar
+    and its help text (an entry's lines joined)."""
+    entries: Dict[str, Tuple[str, str]] = {}
+    names: List[str] = []
+    for line in text.splitlines():
+        if line.startswith("  -"):
+            invocation, _, help_text = line.strip().partition("  ")
+            words = invocation.replace(",", "").split()
+            names = [word for word in words if word.startswith("-")]
+            for name in names:
+                following = words[words.index(name) + 1:]
+                entries[name] = (following[0] if following and not following[0].startswith("-") else "", help_text.strip())
+        elif names and line.startswith("    ") and line.strip():
+            for name in names:
+                entries[name] = (entries[name][0], f"{entries[name][1]} {line.strip()}".strip())
+        else:
+            names = []
+    return entries
+
+
+@pytest.mark.parametrize("command", sorted(NUMBER_OPTIONS))
+def test_help_shows_each_number_options_range_and_default_as_the_command_applies_them(command: str, env: Dict[str, str]) -> None:
+    """Every number option's --help ends with its range and default, "(1..2,147,483,647, default
+    200)", and they are what the command does: both bounds accepted, one step beyond each
+    refused (exit 2), the default the one it runs with. Before, most options showed neither,
+    and the others said some of it in words."""
+    from nsq_sync import cli
+
+    options, needed = NUMBER_OPTIONS[command]
+    proc = run_bytes(command, "--help", env={**env, "COLUMNS": "1000"})
+    assert proc.returncode == EXIT_OK, describe(proc)
+    entries = help_entries(proc.stdout.decode())
+    parser = cli.build_parser()
+    sub = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction)).choices[command]
+
+    def parsed(*extra: str) -> object:
+        """The option's value when the command line is parsed with *extra*, or the exit code."""
+        try:
+            return getattr(parser.parse_args([command, *needed, *extra]), dest)
+        except SystemExit as exc:
+            return exc.code
+
+    numbers = {sub._option_string_actions[name].dest for name, (metavar, _) in entries.items() if metavar in ("N", "SECONDS")}
+    assert numbers == {sub._option_string_actions[option].dest for option in options}, "NUMBER_OPTIONS is to list every one"
+    for option in options:
+        metavar, text = entries.get(option, ("", ""))
+        match = RANGE.search(text)
+        assert match, f"{command} {option}: no range in --help: {text!r}"
+        kind = {"N": int, "SECONDS": float}[metavar]
+        low = kind(match["low"].replace(",", ""))
+        high = kind(match["high"].replace(",", "")) if match["high"] else None
+        step = 1 if kind is int else max(abs(low), 1.0) * 1e-6
+        dest = sub._option_string_actions[option].dest
+        assert parsed(option, repr(low)) == low and parsed(option, repr(low - step)) == EXIT_USAGE, (command, option, low)
+        if high is not None:
+            assert parsed(option, repr(high)) == high and parsed(option, repr(high + high * 1e-6 if kind is float else high + 1)) == EXIT_USAGE, (command, option, high)
+        else:
+            assert parsed(option, repr(kind(10**12))) == 10**12, (command, option)
+        default = kind(match["default"].replace(",", "")) if match["default"] else None
+        assert parsed() == default, (command, option, default)
