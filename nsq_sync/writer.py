@@ -707,30 +707,32 @@ class Writer:
             avoid: Optional[AsyncConn] = None
             unknown: Optional[BaseException] = None  # a sent attempt's failure, outcome unknown
             while True:
-                connected = self._connected
+                lane: Optional[AsyncConn] = None
                 if failed is not None:
-                    # The fast path's lane: its first connection, as if the attempt had gone through it.
-                    conn = failed[2]._writer_node.conn or failed[2]  # type: ignore[attr-defined]
-                elif len(connected) == 1 and avoid is None and connected[0].state == "CONNECTED":
-                    conn = connected[0]  # (_pick's one-connection case, inline: the path of many threads)
+                    # The fast path's lane, and its first connection, as if the attempt had gone through it.
+                    lane = failed[2]
+                    conn = lane._writer_node.conn or lane  # type: ignore[attr-defined]
                 else:
-                    try:
-                        conn = self._wait_for_conn(deadline, avoid)
-                    except (NoConnectionsError, ClosedError):
-                        if unknown is None:
-                            raise
-                        # A retry that found no connection: the sent attempt's error, which says
-                        # the outcome is unknown, not one that says the message never left.
-                        raise unknown from None
-                lane = failed[2] if failed is not None else None
-                if failed is None and self._max_lanes and (conn._parked and conn._read_token.locked() or conn._writer_node.lanes):  # type: ignore[attr-defined]
-                    # Another publishing thread reads this connection (its reader task is
-                    # parked): publish on a lane of our own rather than wait for that thread
-                    # to hand our answer over. (A reader task that holds the token itself
-                    # parks after one hand-off: that is no reason to open a connection.)
-                    # Or lanes are open, and pub() found none free: threads hold them all,
-                    # and this one would be the one left on the first connection.
-                    lane = self._lane(conn._writer_node)  # type: ignore[attr-defined]
+                    connected = self._connected
+                    if len(connected) == 1 and avoid is None and connected[0].state == "CONNECTED":
+                        conn = connected[0]  # (_pick's one-connection case, inline: the path of many threads)
+                    else:
+                        try:
+                            conn = self._wait_for_conn(deadline, avoid)
+                        except (NoConnectionsError, ClosedError):
+                            if unknown is None:
+                                raise
+                            # A retry that found no connection: the sent attempt's error, which says
+                            # the outcome is unknown, not one that says the message never left.
+                            raise unknown from None
+                    if self._max_lanes and (conn._parked and conn._read_token.locked() or conn._writer_node.lanes):  # type: ignore[attr-defined]
+                        # Another publishing thread reads this connection (its reader task is
+                        # parked): publish on a lane of our own rather than wait for that thread
+                        # to hand our answer over. (A reader task that holds the token itself
+                        # parks after one hand-off: that is no reason to open a connection.)
+                        # Or lanes are open, and pub() found none free: threads hold them all,
+                        # and this one would be the one left on the first connection.
+                        lane = self._lane(conn._writer_node)  # type: ignore[attr-defined]
                 try:
                     if failed is not None:
                         exc, failed = failed[1], None

@@ -11,6 +11,7 @@ import http.server
 import json
 import logging
 import select
+import selectors
 import socket
 import struct
 import threading
@@ -1318,16 +1319,18 @@ class _Tarpit:
         self._resetter.start()
 
     def _reset_all(self) -> None:
-        while not self._closed:
+        with selectors.DefaultSelector() as waiting:
             for listener in self.listeners:
-                while True:
-                    try:
-                        conn, _ = listener.accept()
-                    except OSError:  # (BlockingIOError: none waiting)
-                        break
-                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                    conn.close()  # RST
-            time.sleep(0.005)
+                waiting.register(listener, selectors.EVENT_READ)
+            while not self._closed:
+                for key, _ in waiting.select(0.05):  # (the timeout only to see close())
+                    while True:
+                        try:
+                            conn, _ = key.fileobj.accept()  # type: ignore[union-attr]
+                        except OSError:  # (BlockingIOError: none waiting)
+                            break
+                        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        conn.close()  # RST
 
     def close(self) -> None:
         self.release()
