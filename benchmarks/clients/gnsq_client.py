@@ -121,13 +121,17 @@ def main():
     elif scenario == "pub_concurrent":
         concurrency = spec["concurrency"]
 
-        def worker(index):
-            for body in bodies[index::concurrency]:
-                producer.publish(topic, body)
+        def publish_all(chunk):
+            def worker(index):
+                for body in chunk[index::concurrency]:
+                    producer.publish(topic, body)
 
+            greenlets = [gevent.spawn(worker, i) for i in range(concurrency)]
+            gevent.joinall(greenlets, raise_error=True)
+
+        publish_all(make_bodies(spec.get("warmup", 0), size))  # untimed (see run.py)
         meter.begin()
-        greenlets = [gevent.spawn(worker, i) for i in range(concurrency)]
-        gevent.joinall(greenlets, raise_error=True)
+        publish_all(bodies)
         meter.end(n)
     elif scenario == "mpub":
         batch = spec["batch"]

@@ -312,22 +312,29 @@ def main() -> None:
         # the ceiling for `concurrency` blocking publishers on one connection:
         # a sliding window of that many outstanding PUBs
         window = spec["concurrency"]
+
+        def publish_all(chunk):
+            count = len(chunk)
+            if not count:
+                return
+            first = min(window, count)
+            conn.send(b"".join(pub_cmd(topic, b) for b in chunk[:first]))
+            sent = first
+            acked = 0
+            while acked < count:
+                # read whatever OKs are there (at least one), refill the window
+                got = conn.read_oks(1)
+                got += _drain_oks(conn)
+                acked += got
+                refill = min(got, count - sent)
+                if refill:
+                    conn.send(b"".join(pub_cmd(topic, b) for b in chunk[sent : sent + refill]))
+                    sent += refill
+
         bodies = make_bodies(n, size)
-        sent = 0
-        acked = 0
+        publish_all(make_bodies(spec.get("warmup", 0), size))  # untimed (see run.py)
         meter.begin()
-        first = min(window, n)
-        conn.send(b"".join(pub_cmd(topic, b) for b in bodies[:first]))
-        sent = first
-        while acked < n:
-            # read whatever OKs are there (at least one), refill the window
-            got = conn.read_oks(1)
-            got += _drain_oks(conn)
-            acked += got
-            refill = min(got, n - sent)
-            if refill:
-                conn.send(b"".join(pub_cmd(topic, b) for b in bodies[sent : sent + refill]))
-                sent += refill
+        publish_all(bodies)
         meter.end(n)
     elif scenario == "mpub":
         batch = spec["batch"]

@@ -213,24 +213,29 @@ def main():
     elif scenario == "pub_concurrent":
         concurrency = spec["concurrency"]
         bodies = make_bodies(n, size)
-        errors = []
 
-        def worker(index):
-            pub = writer.pub
-            try:
-                for body in bodies[index::concurrency]:
-                    pub(topic, body)
-            except BaseException as exc:
-                errors.append(exc)
+        def publish_all(chunk):
+            errors = []
 
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+            def worker(index):
+                pub = writer.pub
+                try:
+                    for body in chunk[index::concurrency]:
+                        pub(topic, body)
+                except BaseException as exc:
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            if errors:
+                raise errors[0]
+
+        publish_all(make_bodies(spec.get("warmup", 0), size))  # untimed (see run.py)
         meter.begin()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        if errors:
-            raise errors[0]
+        publish_all(bodies)
         meter.end(n)
     elif scenario == "mpub":
         batch = spec["batch"]
