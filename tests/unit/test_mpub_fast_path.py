@@ -196,8 +196,11 @@ def test_writer_pub_fast_path_refuses_what_the_general_path_refuses(fake: FakeNs
     try:
         assert writer.wait_connected(5)
         topic = "pub_fast_path_refused"
+        start = len(pubs(fake))
         assert writer.pub(topic, b"ok") == b"OK"  # the topic's line is cached from here on
-        before = len(pubs(fake))
+        # (the fake records a command after answering it: wait for this one before counting)
+        fake.wait_until(lambda: len(pubs(fake)) == start + 1, what="the first PUB")
+        before = start + 1
         with pytest.raises(ConfigError, match="max_msg_size") as info:
             writer.pub(topic, b"x" * 11)
         assert info.value.param == "msg"
