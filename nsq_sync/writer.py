@@ -580,7 +580,8 @@ class Writer:
         Without *callback*: block until nsqd answers and return its answer (b"OK"). Raises the
         E_* ServerError class nsqd answered with, ConnectionClosedError when the connection
         went before the answer, TimeoutError when *timeout* passed (the outcome is then unknown),
-        NoConnectionsError when no nsqd was reachable in time, ClosedError after close(),
+        NoConnectionsError when no nsqd was reachable in time (its subclass HandshakeRefusedError
+        at once when every nsqd refused the connection's handshake: AUTH, TLS), ClosedError after close(),
         ConfigError/TypeError for a bad topic or body (before anything is sent).
         With *callback*: return at once; ``callback(conn, data)`` runs on the worker pool with
         the answer or the exception as data (pynsq's convention).
