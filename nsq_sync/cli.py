@@ -3,15 +3,18 @@
 Exit codes: 0 success; 1 the job ran but failed (messages lost, a publish
 failed); 2 bad arguments (a bad topic name, a handler that does not import; ``tail``'s
 default channel refused on a topic whose backlog it would take and delete);
-3 a broker could not be reached or started; 130 interrupted (Ctrl-C, or SIGTERM/SIGHUP during
-``demo``, which stops its brokers first, or ``pub``, which closes its Writer first). ``worker``,
+3 a broker could not be reached or started; 4 refused: every nsqd ``pub`` publishes to refused
+its connection's handshake (the AUTH secret, or TLS: an untrusted certificate, TLS required or
+missing), which retrying with the same settings will not fix; 130 interrupted (Ctrl-C, or
+SIGTERM/SIGHUP during ``demo``, which stops its brokers first, or ``pub``, which closes its
+Writer first). ``worker``,
 ``tail`` and ``cluster`` treat SIGINT and SIGTERM as the normal way to stop and exit 0.
 
 When the reader of stdout or stderr leaves (EPIPE: ``| head -1``), a command stops, cleans up
 and exits without a word: 0 for ``tail`` and ``cluster``, which run until stopped and for which
 that is one more way to stop; 141 (128 + SIGPIPE, what a shell reports for a program SIGPIPE
 killed) for ``demo`` and ``pub``, whose report did not get through, unless they failed: a
-failure (1, 2, 3, 130) keeps its own exit code, which says more.
+failure (1, 2, 3, 4, 130) keeps its own exit code, which says more.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
+EXIT_REFUSED = 4
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: the status a shell shows for a program SIGPIPE killed
 
@@ -50,6 +54,10 @@ class UsageError(Exception):
 
 class Unavailable(Exception):
     """A broker could not be reached or started (exit code 3)."""
+
+
+class Refused(Exception):
+    """Every nsqd refused the handshake: credentials or TLS (exit code 4)."""
 
 
 class Failed(Exception):
@@ -720,8 +728,10 @@ def cmd_pub(args: argparse.Namespace) -> int:
     def done() -> str:
         return f"published {published} message(s) to {args.topic}"
 
-    def unavailable(exc: BaseException) -> Unavailable:
-        return Unavailable(f"{what} {number}: {exc}; {done()} before {what} {number}")
+    def unavailable(exc: BaseException) -> Exception:
+        # (every nsqd refused the handshake: exit 4, not 3, as trying again later will not help)
+        cls = Refused if isinstance(exc, nsq_sync.HandshakeRefusedError) else Unavailable
+        return cls(f"{what} {number}: {exc}; {done()} before {what} {number}")
 
     try:
         with _Interrupt(defer=False) as interrupt:
@@ -740,6 +750,9 @@ def cmd_pub(args: argparse.Namespace) -> int:
                     interrupt.defer = True
                     while not writer.wait_connected(max(0.0, min(0.05, deadline - time.monotonic()))):
                         interrupt.check()
+                        refused = writer._refused()  # (every nsqd refused: at once, not at --timeout)
+                        if refused is not None:
+                            raise unavailable(refused)
                         if time.monotonic() >= deadline:
                             raise unavailable(writer._unsent_error())
                     interrupt.check()
@@ -1149,7 +1162,8 @@ def build_parser() -> argparse.ArgumentParser:
             "  nsq-sync pub --topic events hello world      # two messages to 127.0.0.1:4150\n"
             "  nsq-sync tail --topic events -n 2            # print two messages and exit\n"
             "  nsq-sync worker tasks:handle --topic events --channel work --lookupd-http-address 127.0.0.1:4161\n"
-            "\nexit codes: 0 ok, 1 failed (lost messages, publish errors), 2 bad arguments, 3 broker unavailable, 130 interrupted"
+            "\nexit codes: 0 ok, 1 failed (lost messages, publish errors), 2 bad arguments, 3 broker unavailable,\n"
+            "  4 refused by nsqd (credentials or TLS: AUTH secret, certificate), 130 interrupted"
         ),
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO (rates once a second for worker)")
@@ -1214,7 +1228,8 @@ def build_parser() -> argparse.ArgumentParser:
     pub = sub.add_parser("pub", parents=[common], help="publish messages (arguments, or stdin lines with -)", epilog="example: printf 'a\\nb\\n' | nsq-sync pub --topic events -")
     pub.add_argument("--topic", required=True, type=_check_topic)
     address_args(pub, lookupd=False)
-    pub.add_argument("--timeout", type=_seconds(0.001, MAX_TIMEOUT), default=10.0, help="how long to wait for nsqd, per message")
+    pub.add_argument("--timeout", type=_seconds(0.001, MAX_TIMEOUT), default=10.0,
+                     help="how long to wait for nsqd, per message; not when every nsqd refused the AUTH secret or TLS settings (exit 4 at once)")
     pub.add_argument("--max-msg-size", type=_int_range(1, MAX_MSG_SIZE), default=DEFAULT_MAX_MSG_SIZE,
                      help="bytes; a bigger message is refused before it is sent (exit 1): set it to your nsqd's --max-msg-size")
     pub.add_argument("-q", "--quiet", action="store_true")
@@ -1286,6 +1301,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Unavailable as exc:
         _say(f"nsq-sync: unavailable: {exc}")
         return EXIT_UNAVAILABLE
+    except Refused as exc:
+        _say(f"nsq-sync: refused: {exc}")
+        return EXIT_REFUSED
     except Failed as exc:
         _say(f"nsq-sync: failed: {exc}")
         return EXIT_FAILED
@@ -1293,11 +1311,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _say(f"nsq-sync: interrupted: {exc}" if str(exc) else "nsq-sync: interrupted")
         return EXIT_INTERRUPTED
     except Exception as exc:
-        from .errors import ConfigError, Error, NoConnectionsError
+        from .errors import ConfigError, Error, HandshakeRefusedError, NoConnectionsError
 
         if isinstance(exc, ConfigError):
             _say(f"nsq-sync: error: {exc}")
             return EXIT_USAGE
+        if isinstance(exc, HandshakeRefusedError):
+            _say(f"nsq-sync: refused: {exc}")
+            return EXIT_REFUSED
         if isinstance(exc, NoConnectionsError):
             _say(f"nsq-sync: unavailable: {exc}")
             return EXIT_UNAVAILABLE

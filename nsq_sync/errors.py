@@ -17,6 +17,7 @@ The tree::
     ├── AuthRequiredError                  nsqd requires AUTH and no auth_secret was given
     ├── TimeoutError (also builtins.TimeoutError)
     ├── NoConnectionsError                 no nsqd reachable in time
+    │   └── HandshakeRefusedError          every nsqd refused the handshake: failed at once
     ├── ClosedError                        the Reader/Writer/connection was closed by the user
     ├── DuplicateListenerError, InvalidListenerError   on()/off() misuse (pynsq's names)
     ├── AlreadyRespondedError              finish/requeue/touch after the message was answered
@@ -66,6 +67,7 @@ __all__ = [
     "AuthRequiredError",
     "TimeoutError",
     "NoConnectionsError",
+    "HandshakeRefusedError",
     "ClosedError",
     "HTTPError",
     "DuplicateListenerError",
@@ -314,6 +316,17 @@ class TimeoutError(Error, builtins.TimeoutError):  # noqa: A001 - deliberately p
 class NoConnectionsError(SendError):
     """No nsqd connection could be had within the timeout: nothing was sent. A SendError, as
     pynsq's "no open connections" is, so ported ``isinstance(data, SendError)`` checks see it."""
+
+
+class HandshakeRefusedError(NoConnectionsError):
+    """No nsqd connection can be had, and waiting would not help: the latest attempt to connect
+    to every nsqd was refused during the handshake for a reason that looks permanent (nsqd
+    refused the AUTH secret or had none, or refused the client's settings; nsqd's TLS
+    certificate was not trusted, or TLS was asked for and nsqd has none). A publish raises it at
+    once instead of at the end of its timeout; the Writer keeps reconnecting meanwhile, and
+    publishes go through again once a connection succeeds. ``__cause__`` is the first nsqd's
+    refusal (AuthFailedError, TLSError, ...); the message names each nsqd and its error. A
+    NoConnectionsError, so code catching that sees it too."""
 
 
 class ClosedError(Error):

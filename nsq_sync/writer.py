@@ -16,6 +16,7 @@ import heapq
 import itertools
 import logging
 import os
+import sys
 import time
 import weakref
 from concurrent import futures
@@ -28,14 +29,18 @@ from .backoff import exponential_delay
 from .conn import AsyncConn
 from .dispatch import WorkerPool
 from .errors import (
+    AuthFailedError,
+    AuthRequiredError,
     ClosedError,
     Error,
     ConfigError,
     ConnectionClosedError,
+    HandshakeRefusedError,
     NoConnectionsError,
     SendError,
     ServerError,
     TimeoutError,
+    TLSError,
 )
 from .lifecycle import forget_parents_in_child, register, uwsgi_state
 from .protocol import commands
@@ -91,8 +96,42 @@ def _settle(future: "Future[Any]", result: Any = None, error: Optional[BaseExcep
 LANE_IDLE_SECONDS = 60.0
 
 
+def _refusal(error: BaseException, authed_before: bool) -> bool:
+    """Whether a failed connect() is a refusal that waiting will not fix (see Writer._refused).
+
+    - an error frame in the handshake: nsqd refused this client's settings or credentials
+      (E_UNAUTHORIZED: the auth server granted nothing; E_INVALID: nsqd requires TLS before
+      AUTH; E_BAD_BODY: an IDENTIFY setting out of nsqd's range). E_AUTH_FAILED only if
+      nsqd never accepted this Writer's secret: nsqd v1.3.0 answers the same bytes, "E_AUTH_FAILED
+      AUTH failed", for a secret its auth server refused and for an auth server it could not
+      reach or that failed (it logs the reason and keeps it from the client). On first contact
+      a wrong secret is the likely reading; once the secret was accepted, an outage is, and a
+      publish then waits for the auth server to come back, as before;
+    - AuthRequiredError: nsqd requires AUTH and no secret was given;
+    - a TLSError of this client's own making (TLS asked for and nsqd offers none) or from
+      OpenSSL refusing the handshake: nsqd's certificate not trusted or not for this host, an
+      alert (nsqd wants a client certificate). Not one caused by the network (a timeout, a
+      reset, an EOF in the middle of the handshake): those may pass.
+    """
+    if isinstance(error, AuthFailedError):
+        return not authed_before
+    if isinstance(error, (ServerError, AuthRequiredError)):
+        return True
+    if isinstance(error, TLSError):
+        cause = error.__cause__
+        if cause is None:
+            return True
+        ssl = sys.modules.get("ssl")
+        return (
+            ssl is not None
+            and isinstance(cause, ssl.SSLError)
+            and not isinstance(cause, (ssl.SSLEOFError, ssl.SSLSyscallError, ssl.SSLZeroReturnError, ssl.SSLWantReadError, ssl.SSLWantWriteError))
+        )
+    return False
+
+
 class _Node:
-    __slots__ = ("host", "port", "conn", "task", "attempts", "last_error", "lanes", "free", "growing", "grow_after")
+    __slots__ = ("host", "port", "conn", "task", "attempts", "last_error", "refused", "authed", "lanes", "free", "growing", "grow_after")
 
     def __init__(self, host: str, port: int) -> None:
         self.host = host
@@ -101,6 +140,11 @@ class _Node:
         self.task: Any = None
         self.attempts = 0
         self.last_error: Optional[BaseException] = None
+        #: the error of the latest attempt to connect if it was a refusal (see _refusal); None
+        #: before the first attempt ends, once one succeeds, or after a failure that may pass
+        self.refused: Optional[BaseException] = None
+        #: nsqd accepted this Writer's AUTH secret on a connection before
+        self.authed = False
         #: extra connections for blocking publishes that would otherwise wait for another
         #: thread's read (see Writer._lane): all of them (replaced, never changed in place)...
         self.lanes: List[AsyncConn] = []
@@ -210,6 +254,10 @@ class Writer:
         backend = self.backend
         self._lock = backend.lock()
         self._changed = backend.event()  # set whenever a node connects (wakes publishers waiting)
+        # Set, and replaced by a fresh one, whenever a node's attempt to connect ends (connected,
+        # failed or refused): a publish waiting for a connection takes the current one before
+        # it looks at the nodes, and wakes for the outcome of the attempts under way.
+        self._attempted = backend.event()
         self._stopping = backend.event()
         self._idle = backend.event()  # set when close() waits and nothing is outstanding
         self._draining = False
@@ -333,11 +381,16 @@ class Writer:
             except Exception as exc:
                 node.attempts += 1
                 node.last_error = exc
+                node.refused = exc if _refusal(exc, node.authed) else None
                 delay = exponential_delay(node.attempts, self.reconnect_interval, self.max_reconnect_interval)
                 logger.warning("%s: cannot connect to %s (%s); retrying in %.1fs", self.name, node.address, exc, delay)
+                self._attempt_ended()
                 self._stopping.wait(delay)
                 continue
             node.attempts = 0
+            node.refused = None
+            if conn.auth_response is not None:
+                node.authed = True
             # Checked under the lock close() sets _stopping under: either close() sees this
             # connection in node.conn, or this sees _stopping and closes it here.
             with self._lock:
@@ -349,7 +402,7 @@ class Writer:
             if stopping:
                 conn.close()
                 break
-            self._wake.set()
+            self._attempt_ended()
             logger.info("%s: connected to %s", self.name, node.address)
             conn.wait_closed()
             with self._lock:
@@ -370,6 +423,46 @@ class Writer:
                 delay = exponential_delay(node.attempts, self.reconnect_interval, self.max_reconnect_interval)
                 logger.warning("%s: connection to %s closed (%s); reconnecting in %.1fs", self.name, node.address, conn.error, delay)
                 self._stopping.wait(delay)
+
+    def _attempt_ended(self) -> None:
+        """A node's attempt to connect ended (its state is updated): wake the publishes waiting
+        for a connection (see _attempted), and the housekeeping task (parked publishes)."""
+        with self._lock:
+            attempted, self._attempted = self._attempted, self.backend.event()
+        attempted.set()
+        self._wake.set()
+
+    def _refused(self) -> Optional[HandshakeRefusedError]:
+        """The error a publish waiting for a connection fails with at once, or None to wait on.
+
+        Only when the latest attempt to connect to every nsqd ended in a refusal (see _refusal):
+        a Writer still making its first attempts, an nsqd connected, one reconnecting after a
+        success (whose latest attempt succeeded), or one that is merely unreachable or slow
+        (may come up) each keep the publish waiting, up to its timeout, as before. The nodes
+        go on trying in the background with their backoff: a connection that succeeds ends
+        the refusal. Reads the nodes without the lock (each attribute read is atomic).
+        """
+        first = self._refusal_cause()
+        if first is None:
+            return None
+        error = HandshakeRefusedError(
+            f"no connection to any of {[n.address for n in self._nodes]}: every nsqd refused the connection's handshake "
+            f"(credentials or TLS), so this publish does not wait; {self.name} keeps reconnecting in the background" + self._last_errors()
+        )
+        error.__cause__ = first
+        error.__suppress_context__ = True
+        return error
+
+    def _refusal_cause(self) -> Optional[BaseException]:
+        """The first node's refusal when every node's latest attempt was refused, else None."""
+        first: Optional[BaseException] = None
+        for node in self._nodes:
+            refused = node.refused
+            if refused is None:
+                return None
+            if first is None:
+                first = refused
+        return first
 
     @property
     def conns(self) -> Dict[str, AsyncConn]:
@@ -487,7 +580,8 @@ class Writer:
         Without *callback*: block until nsqd answers and return its answer (b"OK"). Raises the
         E_* ServerError class nsqd answered with, ConnectionClosedError when the connection
         went before the answer, TimeoutError when *timeout* passed (the outcome is then unknown),
-        NoConnectionsError when no nsqd was reachable in time, ClosedError after close(),
+        NoConnectionsError when no nsqd was reachable in time (its subclass HandshakeRefusedError
+        at once when every nsqd refused the connection's handshake: AUTH, TLS), ClosedError after close(),
         ConfigError/TypeError for a bad topic or body (before anything is sent).
         With *callback*: return at once; ``callback(conn, data)`` runs on the worker pool with
         the answer or the exception as data (pynsq's convention).
@@ -672,18 +766,25 @@ class Writer:
         return 0 <= since < (getattr(conn, "_stale_after", None) or 60.0)
 
     def _wait_for_conn(self, deadline: float, avoid: Optional[AsyncConn] = None) -> AsyncConn:
+        """A connection to publish on, waiting for one up to *deadline*. Raises ClosedError once
+        the Writer closes, NoConnectionsError at the deadline, HandshakeRefusedError at once
+        when every nsqd refused its latest handshake (see _refused)."""
         while True:
+            attempted = self._attempted  # (before looking: an attempt that ends after this sets it)
             conn = self._pick(avoid)
             if conn is not None:
                 return conn
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self._stopping.is_set():
                 raise self._unsent_error()
+            refused = self._refused()
+            if refused is not None:
+                raise refused
             if self._changed.is_set():
                 # A connection just closed and its node has not noticed yet.
                 self.backend.sleep(min(remaining, 0.005))
             else:
-                self._changed.wait(min(remaining, 0.25))
+                attempted.wait(min(remaining, 0.25))
 
     def _last_errors(self) -> str:
         """Why each node is not connected (its last connect or connection error), for error messages."""
@@ -1040,7 +1141,7 @@ class Writer:
             return unknown  # type: ignore[no-any-return]
         if self._stopping.is_set():
             return ClosedError(f"{self.name} was closed before the publish could be sent")
-        return NoConnectionsError(f"no connection to any of {[n.address for n in self._nodes]} within the timeout" + self._last_errors())
+        return self._refused() or NoConnectionsError(f"no connection to any of {[n.address for n in self._nodes]} within the timeout" + self._last_errors())
 
     def _housekeeping(self) -> None:
         """One task per Writer: fails async publishes at their deadline and sends parked ones when a node connects."""
@@ -1048,6 +1149,7 @@ class Writer:
             now = time.monotonic()
             expired: List[Future] = []
             resend: List[Tuple[Any, ...]] = []
+            refused = self._refusal_cause() is not None  # (parked publishes fail at once, as blocking ones do)
             with self._lock:
                 heap = self._deadlines
                 while heap and (heap[0][0] <= now or heap[0][2].done()):
@@ -1055,7 +1157,7 @@ class Writer:
                 fifo = self._fifo
                 while fifo and (fifo[0][0] <= now or fifo[0][1].done()):
                     expired.append(fifo.popleft()[1])
-                if self._parked and (self._connected or self._stopping.is_set()):
+                if self._parked and (self._connected or self._stopping.is_set() or refused):
                     resend = list(self._parked)
                     self._parked.clear()
                 else:
@@ -1082,8 +1184,13 @@ class Writer:
                     continue
                 if self._stopping.is_set() or time.monotonic() >= deadline:
                     _settle(outer, error=self._unsent_error(outer))
-                else:
-                    self._attempt(data, deadline, retries, outer, avoid)
+                    continue
+                if refused and not self._connected:
+                    refusal = self._refused()
+                    if refusal is not None:
+                        _settle(outer, error=getattr(outer, "unknown", None) or refusal)
+                        continue
+                self._attempt(data, deadline, retries, outer, avoid)
             if self._stopping.is_set() and idle:
                 with self._lock:
                     if not self._parked:

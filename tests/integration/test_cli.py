@@ -34,7 +34,7 @@ from nsq_sync.testing import AuthServer, BrokerStartError, NsqdProcess, TLSFiles
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT = 45.0  # one CLI run; each test stays below 60 s
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
 
 # ------------------------------------------------------------------ helpers
@@ -981,10 +981,10 @@ def test_pub_tail_and_worker_over_tls(tls_files: TLSFiles, tmp_path: Path, backe
 
 def test_tls_verifies_nsqd_unless_told_not_to(tls_nsqd: NsqdProcess, tls_files: TLSFiles, backend: str) -> None:
     """--tls alone trusts the system's CAs, which did not sign the test nsqd's certificate: pub
-    cannot connect (exit 3, OpenSSL's reason said). --tls-insecure-skip-verify connects anyway."""
+    is refused (exit 4, OpenSSL's reason said). --tls-insecure-skip-verify connects anyway."""
     args = ["pub", "--topic", "cli_tls_verify", "--nsqd-tcp-address", tls_nsqd.tcp_address, "--timeout", "2", "--backend", backend, "--tls"]
     refused = run_cli(*args, "x", env=cli_env())
-    assert refused.returncode == EXIT_UNAVAILABLE, describe(refused)
+    assert refused.returncode == EXIT_REFUSED, describe(refused)
     assert "TLS certificate of" in refused.stderr and "was not accepted" in refused.stderr and "Traceback" not in refused.stderr, describe(refused)
     assert tls_nsqd.topic_stats("cli_tls_verify") is None
     insecure = run_cli(*args, "--tls-insecure-skip-verify", "x", env=cli_env())
@@ -994,7 +994,7 @@ def test_tls_verifies_nsqd_unless_told_not_to(tls_nsqd: NsqdProcess, tls_files: 
 
 def test_mutual_tls_with_a_client_certificate(tls_files: TLSFiles, tmp_path: Path, backend: str) -> None:
     """An nsqd that asks for a client certificate (--tls-client-auth-policy require-verify):
-    pub without one cannot connect (exit 3); with --tls-cert-file and --tls-key-file it
+    pub without one is refused (exit 4); with --tls-cert-file and --tls-key-file it
     publishes, and tail with a single file holding both certificate and key prints it."""
     from nsq_sync.pytest_plugin import started
 
@@ -1005,7 +1005,7 @@ def test_mutual_tls_with_a_client_certificate(tls_files: TLSFiles, tmp_path: Pat
     with started(nsqd):
         args = ["--topic", "cli_mtls", "--nsqd-tcp-address", nsqd.tcp_address, "--backend", backend, *tls_args(tls_files)]
         refused = run_cli("pub", *args, "--timeout", "2", "x", env=cli_env())
-        assert refused.returncode == EXIT_UNAVAILABLE, describe(refused)
+        assert refused.returncode == EXIT_REFUSED and "certificate required" in refused.stderr, describe(refused)
         pub = run_cli("pub", *args, "--tls-cert-file", tls_files.client_cert, "--tls-key-file", tls_files.client_key, "signed", env=cli_env())
         assert pub.returncode == EXIT_OK, describe(pub)
         tail = run_cli("tail", *args, "--tls-cert-file", str(both), "-n", "1", "--take-backlog", env=cli_env())
@@ -1017,8 +1017,8 @@ def test_auth_secret_from_the_option_or_the_environment(auth_server: AuthServer,
     """An nsqd that requires AUTH: pub sends the secret of --auth-secret, or of
     $NSQ_SYNC_AUTH_SECRET when the option is not given (the option wins over it); tail reads
     with the secret from the environment. Without a secret, or with one the auth server refuses,
-    pub finds no nsqd it can use (exit 3, saying why), and no secret is ever printed. Before,
-    neither could be given (exit 2)."""
+    pub is refused (exit 4, saying why), and no secret is ever printed. Before, neither could be
+    given (exit 2)."""
     secret, topic = "cli-s3cret", "cli_auth"
     auth_server.set_secret(secret)
     auth_nsqd.create_channel(topic, "c")
@@ -1031,10 +1031,10 @@ def test_auth_secret_from_the_option_or_the_environment(auth_server: AuthServer,
     assert auth_server.requests.count(secret) >= 2, auth_server.requests
 
     wrong = run_cli(*args, "--auth-secret", "wrong-secret", "three", env=cli_env({"NSQ_SYNC_AUTH_SECRET": secret}))
-    assert wrong.returncode == EXIT_UNAVAILABLE and "AuthFailedError: E_AUTH_FAILED" in wrong.stderr, describe(wrong)
+    assert wrong.returncode == EXIT_REFUSED and "AuthFailedError: E_AUTH_FAILED" in wrong.stderr, describe(wrong)
     assert "wrong-secret" in auth_server.requests and "wrong-secret" not in wrong.stderr + wrong.stdout, describe(wrong)
     missing = run_cli(*args, "four", env=cli_env())
-    assert missing.returncode == EXIT_UNAVAILABLE and "requires AUTH but no auth_secret was given" in missing.stderr, describe(missing)
+    assert missing.returncode == EXIT_REFUSED and "requires AUTH but no auth_secret was given" in missing.stderr, describe(missing)
     assert channel_stats(auth_nsqd, topic, "c")["depth"] == 2
 
     tail = run_cli("tail", "--topic", topic, "--channel", "c", "--nsqd-tcp-address", auth_nsqd.tcp_address, "-n", "2", "--backend", backend,
@@ -1042,6 +1042,34 @@ def test_auth_secret_from_the_option_or_the_environment(auth_server: AuthServer,
     assert tail.returncode == EXIT_OK, describe(tail)
     assert sorted(tail.stdout.splitlines()) == ["one", "two"], describe(tail)
     assert secret not in tail.stderr + pub.stderr
+
+
+@pytest.mark.parametrize("case", ["wrong-secret", "no-secret", "untrusted-certificate"])
+def test_pub_refused_by_nsqd_exits_4_at_once(case: str, auth_server: AuthServer, auth_nsqd: NsqdProcess, tls_nsqd: NsqdProcess,
+                                            backend: str) -> None:
+    """pub whose every nsqd refuses its handshake (the AUTH secret, or TLS) exits 4 at once with
+    the reason, not 3 at the end of --timeout: waiting would not help, and a script that retries
+    on 3 (nsqd down) should not retry this. Before, it waited out --timeout and exited 3."""
+    secret = "cli-wrong-5e0c2a"
+    args = ["pub", "--topic", "cli_refused", "--timeout", "30", "--backend", backend]
+    if case == "untrusted-certificate":
+        args += ["--nsqd-tcp-address", tls_nsqd.tcp_address, "--tls"]  # (the system's CAs did not sign it)
+        said = "was not accepted"
+    else:
+        args += ["--nsqd-tcp-address", auth_nsqd.tcp_address]
+        if case == "wrong-secret":
+            args += ["--auth-secret", secret]
+        said = "AuthFailedError: E_AUTH_FAILED" if case == "wrong-secret" else "requires AUTH but no auth_secret was given"
+    began = time.monotonic()
+    proc = run_cli(*args, "one", env=cli_env())
+    elapsed = time.monotonic() - began
+    assert proc.returncode == EXIT_REFUSED, describe(proc)
+    assert elapsed < 20, f"exited after {elapsed:.1f}s of --timeout 30"  # (start-up included; gevent restarts the interpreter)
+    assert "nsq-sync: refused: argument 1: " in proc.stderr and said in proc.stderr, describe(proc)
+    assert "published 0 message(s) to cli_refused before argument 1" in proc.stderr and "Traceback" not in proc.stderr, describe(proc)
+    assert secret not in proc.stderr + proc.stdout, describe(proc)
+    if case == "wrong-secret":
+        assert secret in auth_server.requests
 
 
 # ----------------------------------------------------------------- cluster
@@ -1328,7 +1356,7 @@ def test_help_shows_an_example_for_each_command(env: Dict[str, str]) -> None:
     assert proc.returncode == EXIT_OK, describe(proc)
     for command in COMMANDS:
         assert f"  nsq-sync {command} " in proc.stdout, f"no example for {command}\n{proc.stdout}"
-    assert "exit codes" in proc.stdout and "130" in proc.stdout
+    assert "exit codes" in proc.stdout and "130" in proc.stdout and "4 refused by nsqd" in proc.stdout
 
 
 @pytest.mark.parametrize("command", COMMANDS)

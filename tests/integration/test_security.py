@@ -166,10 +166,12 @@ def test_auth_denied_writer_backs_off_and_fails_typed(auth_server: AuthServer, a
     writer = clients.writer(auth_nsqd.tcp_address, auth_secret="unknown-secret-5b1e", publish_timeout=2)
     began = time.monotonic()
     with pytest.raises(NoConnectionsError) as info:
-        writer.pub(TOPIC, b"x")
+        writer.pub(TOPIC, b"x")  # (at once: every nsqd refused the secret, HandshakeRefusedError)
     elapsed = time.monotonic() - began
-    attempts = auth_calls(auth_server, "unknown-secret-5b1e")
-    # it keeps trying, with backoff (0.1 s doubling to 0.5 s), not in a tight loop
+    before = auth_calls(auth_server, "unknown-secret-5b1e")
+    assert not writer.wait_connected(2)
+    attempts = auth_calls(auth_server, "unknown-secret-5b1e") - before
+    # it keeps trying in the background, with backoff (0.1 s doubling to 0.5 s), not in a tight loop
     assert 2 <= attempts <= 12, attempts
     assert auth_nsqd.topic_stats(TOPIC) is None
     report("AUTH denied (Writer)", error=type(info.value).__name__, auth_attempts_in_2s=attempts, elapsed_s=elapsed)
