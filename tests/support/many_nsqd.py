@@ -14,6 +14,8 @@ What it keeps, as nsqd would see it (commands applied in the order the loop read
     server.producers             # the same as nsqlookupd /lookup lists them
     server.status()              # {"subscribed", "total_rdy", "peak_total_rdy", "sessions", ...}
     server.wait_until(lambda s: s["subscribed"] == 300 and s["total_rdy"] == 300, timeout=30)
+    server.close_ports(server.ports[:100])  # those nsqd go away: connections closed, new ones refused
+    server.rdy_by_port()         # {port: RDY} of the subscribed sessions
     server.stop()
 
 ``peak_total_rdy`` is the highest sum of RDY over every subscribed session the loop ever
@@ -104,6 +106,7 @@ class ManyNsqd:
         self._rdy_commands = 0
         self._bad: List[str] = []
         self._stopping = False
+        self._actions: List[Callable[[selectors.BaseSelector], None]] = []  # run by the loop
         self._waker_r, self._waker_w = socket.socketpair()
         self._thread: Optional[threading.Thread] = None
 
@@ -131,6 +134,32 @@ class ManyNsqd:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+    def close_ports(self, ports: List[int], timeout: float = 10.0) -> None:
+        """Those nsqd go away: their listeners close (a new connection is refused) and so do
+        their sessions (the client reads the end of the stream). Returns once done."""
+        done = threading.Event()
+        gone = set(ports)
+
+        def close(selector: selectors.BaseSelector) -> None:
+            for listener in [s for s in self.listeners if s.getsockname()[1] in gone]:
+                selector.unregister(listener)
+                listener.close()
+                self.listeners.remove(listener)
+            for session in [s for s in self._sessions.values() if s.port in gone]:
+                self._drop(selector, session)
+            done.set()
+
+        with self._cond:
+            self._actions.append(close)
+        self._waker_w.send(b"x")
+        if not done.wait(timeout):
+            raise AssertionError("many_nsqd: close_ports was not applied")
+
+    def rdy_by_port(self) -> Dict[int, int]:
+        """The RDY of every subscribed session, by the port it came to."""
+        with self._cond:
+            return {s.port: s.rdy for s in self._sessions.values() if s.subscribed}
 
     def status(self) -> Dict[str, Any]:
         with self._cond:
@@ -168,6 +197,14 @@ class ManyNsqd:
             while not self._stopping:
                 for key, events in selector.select(max(0.0, next_beat - time.monotonic())):
                     if key.data == "wake":
+                        try:
+                            self._waker_r.recv(4096)
+                        except OSError:
+                            pass
+                        with self._cond:
+                            actions, self._actions = self._actions, []
+                        for action in actions:
+                            action(selector)
                         continue
                     if key.data is None:
                         self._accept(selector, key.fileobj)  # type: ignore[arg-type]
