@@ -23,7 +23,10 @@ all):
 * ``peak_total_rdy``: the highest sum of RDY the fake nsqd ever saw (must stay within
   max_in_flight);
 * steady state: ``--ticks`` passes of the redistribution tick (``_apply_rdy_locked(revoke=True)``
-  under the lock) at N connections, median and max wall.
+  under the lock) at N connections, median and max wall;
+* churn (``--churn``, default 0.5): that fraction of the fake nsqd go away at once (their
+  connections closed, their ports refused); the same counts until the fakes see the
+  remaining connections with their final RDY (a second table).
 
 ``--profile`` adds cProfile's top functions inside the RDY passes. The fake servers run in
 another process, so their CPU is not counted (on a 2-core machine they still compete for the
@@ -35,6 +38,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
+import logging
 import os
 import pstats
 import resource
@@ -42,7 +46,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -121,6 +125,10 @@ class _Servers:
         self.proc.stdin.write("status\n")  # type: ignore[union-attr]
         return json.loads(self.proc.stdout.readline())  # type: ignore[union-attr]
 
+    def close(self, count: int) -> Dict[str, Any]:
+        self.proc.stdin.write(f"close {count}\n")  # type: ignore[union-attr]
+        return json.loads(self.proc.stdout.readline())  # type: ignore[union-attr]
+
     def stop(self) -> None:
         self.proc.stdin.close()  # type: ignore[union-attr]
         self.proc.wait(30)
@@ -133,46 +141,62 @@ def _pct(values: List[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def run_one(n: int, mif: int, via: str, ticks: int, profile: bool, timeout: float) -> Dict[str, Any]:
+def _expected(n: int, mif: int) -> int:
+    return n * min(mif // n, 2500) if n <= mif else mif
+
+
+def _wait_final(servers: _Servers, n: int, expected: int, began: float, timeout: float) -> Tuple[Optional[float], Dict[str, Any], bool]:
+    """Poll the fakes until *n* are subscribed with *expected* RDY in all: (seconds until all
+    were subscribed, the last status, timed out)."""
+    subscribed_at = None
+    while True:
+        status = servers.status()
+        now = time.perf_counter()
+        if subscribed_at is None and status["subscribed"] == n:
+            subscribed_at = now - began
+        if status["subscribed"] == n and status["total_rdy"] == expected:
+            return subscribed_at, status, False
+        if now - began > timeout:
+            return subscribed_at, status, True
+        time.sleep(0.02)  # (a benchmark polling another process, not a test)
+
+
+def _counts(probe: "_Probe", lock: "_TimedLock") -> Dict[str, Any]:
+    return dict(
+        passes=probe.passes,
+        visits=probe.visits,
+        pass_cpu=probe.cpu,
+        pass_max=max(probe.walls, default=0.0),
+        lock_holds=len(lock.holds),
+        lock_cpu=lock.cpu,
+        lock_max=max(lock.holds, default=0.0),
+        lock_p99=_pct(lock.holds, 0.99),
+    )
+
+
+def run_one(n: int, mif: int, via: str, ticks: int, profile: bool, timeout: float, churn: float) -> Dict[str, Any]:
     servers = _Servers(n, lookupd=via == "lookupd")
     kwargs: Dict[str, Any] = {"lookupd_http_addresses": servers.lookupd, "lookupd_poll_interval": 3600} if via == "lookupd" else {"nsqd_tcp_addresses": servers.addresses}
     reader = Reader("rdy_scale", "c", lambda m: True, max_in_flight=mif, backend="thread", **kwargs)
     reader._lock = _TimedLock(reader._lock._lock)
     probe = _Probe(reader, profile)
-    per_conn = min(mif // n, 2500) if n <= mif else 0
-    expected = n * per_conn if n <= mif else mif
+    expected = _expected(n, mif)
     result: Dict[str, Any] = {"n": n, "max_in_flight": mif, "via": via, "expected_total_rdy": expected}
+    lock: _TimedLock = reader._lock  # type: ignore[assignment]
     try:
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
         began = time.perf_counter()
         reader.start()
-        subscribed_at = None
-        while True:
-            status = servers.status()
-            now = time.perf_counter()
-            if subscribed_at is None and status["subscribed"] == n:
-                subscribed_at = now - began
-            if status["subscribed"] == n and status["total_rdy"] == expected:
-                break
-            if now - began > timeout:
-                result["timed_out"] = status
-                break
-            time.sleep(0.02)  # (a benchmark polling another process, not a test)
+        subscribed_at, status, timed_out = _wait_final(servers, n, expected, began, timeout)
+        if timed_out:
+            result["timed_out"] = status
         wall = time.perf_counter() - began
         ru1 = resource.getrusage(resource.RUSAGE_SELF)
-        lock: _TimedLock = reader._lock  # type: ignore[assignment]
         result.update(
             wall_subscribed=subscribed_at,
             wall_final_rdy=wall,
             process_cpu=(ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime),
-            passes=probe.passes,
-            visits=probe.visits,
-            pass_cpu=probe.cpu,
-            pass_max=max(probe.walls, default=0.0),
-            lock_holds=len(lock.holds),
-            lock_cpu=lock.cpu,
-            lock_max=max(lock.holds, default=0.0),
-            lock_p99=_pct(lock.holds, 0.99),
+            **_counts(probe, lock),
             peak_total_rdy=status["peak_total_rdy"],
             server_rdy_commands=status["rdy_commands"],
             server_bad=status["bad"],
@@ -197,11 +221,46 @@ def run_one(n: int, mif: int, via: str, ticks: int, profile: bool, timeout: floa
             tick_max=max(tick_walls, default=0.0),
             tick_cpu_each=probe.cpu / max(1, probe.passes),
         )
+        gone = int(n * churn)
+        if gone and not timed_out:
+            probe.reset()
+            lock.holds, lock.cpu = [], 0.0
+            left = n - gone
+            expected_left = _expected(left, mif)
+            ru0 = resource.getrusage(resource.RUSAGE_SELF)
+            began = time.perf_counter()
+            servers.close(gone)
+            _, status, timed_out = _wait_final(servers, left, expected_left, began, timeout)
+            ru1 = resource.getrusage(resource.RUSAGE_SELF)
+            result["churn"] = dict(
+                gone=gone, left=left, expected_total_rdy=expected_left, timed_out=status if timed_out else None,
+                wall_final_rdy=time.perf_counter() - began,
+                process_cpu=(ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime),
+                **_counts(probe, lock),
+                peak_total_rdy=status["peak_total_rdy"],
+            )
     finally:
         reader.close(30)
         reader.join(60)
         servers.stop()
     return result
+
+
+def _churn_row(r: Dict[str, Any]) -> str:
+    c = r["churn"]
+    ms = lambda s: f"{s * 1000:.1f}"  # noqa: E731
+    return (
+        f"| {r['n']:>5} -> {c['left']:<5} | {r['max_in_flight']:>5} | {c['passes']:>6} | {c['visits']:>9} | {ms(c['pass_cpu']):>8} | {ms(c['pass_max']):>6} "
+        f"| {c['lock_holds']:>6} | {ms(c['lock_cpu']):>8} | {ms(c['lock_max']):>6} | {ms(c['lock_p99']):>5} "
+        f"| {c['wall_final_rdy']:.2f} | {c['process_cpu']:.2f} | {c['peak_total_rdy']:>5} / {c['expected_total_rdy']:<5} |"
+    )
+
+
+CHURN_HEADER = (
+    "| N -> left | mif | passes | visits | pass CPU ms | pass max ms | holds | lock CPU ms | hold max ms | p99 ms "
+    "| final RDY s | proc CPU s | peak (whole run)/expected RDY |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
 
 
 def _row(r: Dict[str, Any]) -> str:
@@ -229,17 +288,26 @@ def main() -> int:
     parser.add_argument("--ticks", type=int, default=30, help="redistribution passes timed at N connections")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per run before giving up")
     parser.add_argument("--profile", action="store_true", help="cProfile the RDY passes during discovery")
+    parser.add_argument("--churn", type=float, default=0.5, help="fraction of the nsqd that go away at once after discovery (0: none)")
     parser.add_argument("--json", help="also write the records to this file")
     args = parser.parse_args()
+    logging.getLogger("nsq_sync").setLevel(logging.ERROR)  # (a warning per connection closed or refused)
     results = []
     print(HEADER, flush=True)
     for n in [int(x) for x in args.n.split(",")]:
         for mif in [int(x) for x in args.mif.split(",")]:
-            record = run_one(n, mif, args.via, args.ticks, args.profile, args.timeout)
+            record = run_one(n, mif, args.via, args.ticks, args.profile, args.timeout, args.churn)
             results.append(record)
             print(_row(record), flush=True)
             if record.get("timed_out") or record["server_bad"] or record["peak_total_rdy"] > mif:
                 print(f"  !! {json.dumps({k: record.get(k) for k in ('timed_out', 'server_bad', 'peak_total_rdy')})}", flush=True)
+    churned = [r for r in results if "churn" in r]
+    if churned:
+        print("\n" + CHURN_HEADER)
+        for record in churned:
+            print(_churn_row(record))
+            if record["churn"]["timed_out"]:
+                print(f"  !! timed out: {record['churn']['timed_out']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -34,7 +34,10 @@ skipped when the value is unchanged)
     * connection attempts started together (the direct addresses at start(), the producers
       of one lookupd answer) have their shares held back for them until each attempt ends,
       so the first to subscribe does not get all of max_in_flight, to give it back later;
-      an attempt still queued (max_connect_attempts already running) counts as under way.
+      an attempt still queued (max_connect_attempts already running) counts as under way;
+    * a connection that registers or goes, or an attempt that ends, costs O(1) while the
+      share stays the same (thousands of nsqd in one lookupd answer); a pass over every
+      connection runs when the share changes, at most one per 10x the last one's duration.
 
 Backoff (global, like pynsq and go-nsq): a failure outside a backoff window raises the
 level and opens a window (RDY 0 everywhere) of ``strategy.calculate(level)`` seconds;

@@ -5,19 +5,19 @@ sum of RDY the servers see never exceeds max_in_flight, with fair shares at the 
 
 Counts, not timings: how many full passes (``Reader._apply_rdy_locked``) ran, and how many
 connections they looked at. No sleeps: the fakes' waits are on a condition their loop
-notifies; the Reader's own set (connections registered without a RDY to send) is polled.
+notifies, the Reader's connection set on one its changes notify.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, List
+import threading
+from typing import Any, Dict, Iterator, List
 
 import pytest
 from many_nsqd import ManyNsqd
 from tasks import live_tasks
 
 from nsq_sync.reader import Reader
-from nsq_sync.testing import wait_until
 
 WAIT = 30.0
 N = 300
@@ -42,6 +42,28 @@ class PassCounter:
         return f"<{self.passes} passes, {self.visits} connections visited>"
 
 
+class ConnSet:
+    """Wakes a waiter on each connection the Reader registers or forgets."""
+
+    def __init__(self, reader: Reader) -> None:
+        self.reader = reader
+        self.changed = threading.Condition()
+        for name in ("_added_locked", "_removed_locked"):
+            setattr(reader, name, self._notifying(getattr(reader, name)))
+
+    def _notifying(self, inner: Any) -> Any:
+        def notify(st: Any) -> None:
+            inner(st)
+            with self.changed:
+                self.changed.notify_all()
+
+        return notify
+
+    def wait_for(self, count: int) -> None:
+        with self.changed:
+            assert self.changed.wait_for(lambda: len(self.reader._conns) == count, WAIT), f"{len(self.reader._conns)} connections, not {count}"
+
+
 @pytest.fixture
 def servers() -> Iterator[ManyNsqd]:
     server = ManyNsqd(N).start()
@@ -61,6 +83,7 @@ def make_reader(servers: ManyNsqd, backend: str, max_in_flight: int) -> Reader:
         low_rdy_idle_timeout=60,
     )  # fmt: skip
     reader.reconnect_base = 30.0  # (an nsqd gone is not tried again during the test)
+    reader.conn_set = ConnSet(reader)  # type: ignore[attr-defined]
     return reader
 
 
@@ -79,7 +102,7 @@ def expected_rdy(connections: int, max_in_flight: int) -> List[int]:
 def settled(servers: ManyNsqd, reader: Reader, connections: int, max_in_flight: int) -> Dict[int, int]:
     """Wait until the Reader has *connections* registered and the fakes see the settled RDY;
     return the fakes' RDY by port."""
-    wait_until(lambda: len(reader.conns) == connections, WAIT, message=f"{connections} connections registered")
+    reader.conn_set.wait_for(connections)  # type: ignore[attr-defined]
     total = sum(expected_rdy(connections, max_in_flight))
     servers.wait_until(lambda s: s["subscribed"] == connections and s["total_rdy"] == total, timeout=WAIT)
     return servers.rdy_by_port()

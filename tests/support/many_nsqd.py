@@ -11,7 +11,7 @@ What it keeps, as nsqd would see it (commands applied in the order the loop read
 
     server = ManyNsqd(300).start()
     server.addresses             # ["127.0.0.1:<port>", ...], one per fake nsqd
-    server.producers             # the same as nsqlookupd /lookup lists them
+    server.producers             # the same as nsqlookupd /lookup lists them (the open ones)
     server.status()              # {"subscribed", "total_rdy", "peak_total_rdy", "sessions", ...}
     server.wait_until(lambda s: s["subscribed"] == 300 and s["total_rdy"] == 300, timeout=30)
     server.close_ports(server.ports[:100])  # those nsqd go away: connections closed, new ones refused
@@ -23,7 +23,8 @@ saw: what a Reader's ``max_in_flight`` must bound on the server side.
 
 Run as a script (``python many_nsqd.py N``), it serves N ports in its own process: it prints
 one JSON line (``{"addresses": [...]}``), then answers each line it reads on stdin
-(``status``) with a JSON line of :meth:`status`, and exits at end of input. With
+(``status``, or ``close K``: :meth:`close_ports` of the first K ports) with a JSON line of
+:meth:`status`, and exits at end of input. With
 ``--lookupd`` it also serves nsqlookupd's ``/lookup`` listing every port (``"lookupd"`` in
 the first line). ``benchmarks/rdy_scale.py`` uses that, to keep the server's CPU out of
 the measured process.
@@ -146,6 +147,8 @@ class ManyNsqd:
                 selector.unregister(listener)
                 listener.close()
                 self.listeners.remove(listener)
+            # (nsqlookupd forgets an nsqd once its connection to it ends)
+            self.producers = [p for p in self.producers if p["tcp_port"] not in gone]
             for session in [s for s in self._sessions.values() if s.port in gone]:
                 self._drop(selector, session)
             done.set()
@@ -356,14 +359,13 @@ class ManyNsqd:
         session.sock.close()
 
 
-def _serve_lookupd(producers: List[Dict[str, Any]]) -> str:
-    """nsqlookupd's /lookup (any path) listing *producers*, in a thread; returns "host:port"."""
+def _serve_lookupd(server: ManyNsqd) -> str:
+    """nsqlookupd's /lookup (any path) listing *server*'s producers, in a thread; returns "host:port"."""
     import http.server
-
-    body = json.dumps({"channels": [], "producers": producers}).encode()
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802
+            body = json.dumps({"channels": [], "producers": server.producers}).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -373,9 +375,9 @@ def _serve_lookupd(producers: List[Dict[str, Any]]) -> str:
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, name="many_nsqd-lookupd", daemon=True).start()
-    return f"127.0.0.1:{server.server_address[1]}"
+    http_server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=http_server.serve_forever, name="many_nsqd-lookupd", daemon=True).start()
+    return f"127.0.0.1:{http_server.server_address[1]}"
 
 
 def main(argv: List[str]) -> int:
@@ -389,10 +391,14 @@ def main(argv: List[str]) -> int:
     server = ManyNsqd(args.ports, max_rdy_count=args.max_rdy_count).start()
     hello: Dict[str, Any] = {"addresses": server.addresses}
     if args.lookupd:
-        hello["lookupd"] = _serve_lookupd(server.producers)
+        hello["lookupd"] = _serve_lookupd(server)
     print(json.dumps(hello), flush=True)
     for line in sys.stdin:
-        if line.strip() == "status":
+        words = line.split()
+        if words == ["status"]:
+            print(json.dumps(server.status()), flush=True)
+        elif len(words) == 2 and words[0] == "close":  # close the first K ports; answers the status
+            server.close_ports(server.ports[: int(words[1])])
             print(json.dumps(server.status()), flush=True)
     server.stop()
     return 0
