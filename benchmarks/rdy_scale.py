@@ -12,7 +12,7 @@ default). No real nsqd, no messages: only the connection set and RDY.
 
 Measured in this process, from start() until the fake nsqd see every connection subscribed
 with the final RDY (N x max_in_flight // N when N <= max_in_flight, else max_in_flight in
-all):
+all) and the Reader has them all registered:
 
 * ``passes``: full RDY passes (``Reader._apply_rdy_locked`` calls), ``visits``: the
   connections they looked at (a pass visits every registered connection), their total CPU
@@ -25,8 +25,9 @@ all):
 * steady state: ``--ticks`` passes of the redistribution tick (``_apply_rdy_locked(revoke=True)``
   under the lock) at N connections, median and max wall;
 * churn (``--churn``, default 0.5): that fraction of the fake nsqd go away at once (their
-  connections closed, their ports refused); the same counts until the fakes see the
-  remaining connections with their final RDY (a second table).
+  connections closed, their ports refused, nsqlookupd no longer listing them); the same
+  counts until the fakes see the remaining connections with their final RDY and the Reader
+  has handled every close (a second table).
 
 ``--profile`` adds cProfile's top functions inside the RDY passes. The fake servers run in
 another process, so their CPU is not counted (on a 2-core machine they still compete for the
@@ -145,16 +146,18 @@ def _expected(n: int, mif: int) -> int:
     return n * min(mif // n, 2500) if n <= mif else mif
 
 
-def _wait_final(servers: _Servers, n: int, expected: int, began: float, timeout: float) -> Tuple[Optional[float], Dict[str, Any], bool]:
-    """Poll the fakes until *n* are subscribed with *expected* RDY in all: (seconds until all
-    were subscribed, the last status, timed out)."""
+def _wait_final(servers: _Servers, reader: Reader, n: int, expected: int, began: float, timeout: float) -> Tuple[Optional[float], Dict[str, Any], bool]:
+    """Poll until the fakes see *n* subscribed with *expected* RDY in all and the Reader has
+    *n* registered (it registers some without a RDY to send, and may reach the final RDY
+    before it has handled every close): (seconds until all were subscribed, the last
+    status, timed out)."""
     subscribed_at = None
     while True:
         status = servers.status()
         now = time.perf_counter()
         if subscribed_at is None and status["subscribed"] == n:
             subscribed_at = now - began
-        if status["subscribed"] == n and status["total_rdy"] == expected:
+        if status["subscribed"] == n and status["total_rdy"] == expected and len(reader._conns) == n:
             return subscribed_at, status, False
         if now - began > timeout:
             return subscribed_at, status, True
@@ -187,7 +190,7 @@ def run_one(n: int, mif: int, via: str, ticks: int, profile: bool, timeout: floa
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
         began = time.perf_counter()
         reader.start()
-        subscribed_at, status, timed_out = _wait_final(servers, n, expected, began, timeout)
+        subscribed_at, status, timed_out = _wait_final(servers, reader, n, expected, began, timeout)
         if timed_out:
             result["timed_out"] = status
         wall = time.perf_counter() - began
@@ -230,7 +233,7 @@ def run_one(n: int, mif: int, via: str, ticks: int, profile: bool, timeout: floa
             ru0 = resource.getrusage(resource.RUSAGE_SELF)
             began = time.perf_counter()
             servers.close(gone)
-            _, status, timed_out = _wait_final(servers, left, expected_left, began, timeout)
+            _, status, timed_out = _wait_final(servers, reader, left, expected_left, began, timeout)
             ru1 = resource.getrusage(resource.RUSAGE_SELF)
             result["churn"] = dict(
                 gone=gone, left=left, expected_total_rdy=expected_left, timed_out=status if timed_out else None,
