@@ -1506,7 +1506,7 @@ class Reader:
     # ------------------------------------------------ the connection set changes
     # A connection registers or goes, an attempt ends: with thousands of nsqd (one lookupd
     # answer) a full pass for each made discovering N of them O(N^2) under the lock (4,000:
-    # 35-40 s of CPU). Instead the last full pass's decision is kept while it holds: the share
+    # 28-41 s of CPU, benchmarks/rdy_scale.py). Instead the last full pass's decision is kept while it holds: the share
     # it computed (max_in_flight // count, or RDY 1 to a subset) is still the one the count
     # gives, and it left no connection short (no deficit). Then no other connection's target
     # changes, and only the one that came or went needs a decision, taken against
