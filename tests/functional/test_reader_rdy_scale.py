@@ -48,12 +48,13 @@ class ConnSet:
     def __init__(self, reader: Reader) -> None:
         self.reader = reader
         self.changed = threading.Condition()
-        for name in ("_added_locked", "_removed_locked"):
+        # (_on_conn_close is taken from the instance when a connection is made: before start())
+        for name in ("_register_locked", "_on_conn_close"):
             setattr(reader, name, self._notifying(getattr(reader, name)))
 
     def _notifying(self, inner: Any) -> Any:
-        def notify(st: Any) -> None:
-            inner(st)
+        def notify(*args: Any, **kwargs: Any) -> None:
+            inner(*args, **kwargs)
             with self.changed:
                 self.changed.notify_all()
 
