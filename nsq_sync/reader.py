@@ -34,7 +34,10 @@ skipped when the value is unchanged)
     * connection attempts started together (the direct addresses at start(), the producers
       of one lookupd answer) have their shares held back for them until each attempt ends,
       so the first to subscribe does not get all of max_in_flight, to give it back later;
-      an attempt still queued (max_connect_attempts already running) counts as under way.
+      an attempt still queued (max_connect_attempts already running) counts as under way;
+    * a connection that registers or goes, or an attempt that ends, costs O(1) while the
+      share stays the same (thousands of nsqd in one lookupd answer); a pass over every
+      connection runs when the share changes, at most one per 10x the last one's duration.
 
 Backoff (global, like pynsq and go-nsq): a failure outside a backoff window raises the
 level and opens a window (RDY 0 everywhere) of ``strategy.calculate(level)`` seconds;
@@ -107,6 +110,10 @@ LOOKUPD_ANSWER_MAX = 16 * 1024 * 1024
 MAX_CONNECT_ATTEMPTS = 10_000
 #: the most handler workers a Reader takes, and the cap of the default (max_in_flight)
 MAX_CONCURRENCY = 100_000
+#: a full RDY pass that a connection coming or going needs runs at most once per this many
+#: times the last pass's duration (see Reader._rdy_soon_locked): at most ~1/_PASS_GAP of the
+#: time in such passes however many connections come and go at once
+_PASS_GAP = 10
 #: the hooks a subclass may override; each is called and its result used at once
 _HOOKS = ("process_message", "preprocess_message", "validate_message", "giving_up", "heartbeat")
 
@@ -298,7 +305,7 @@ def _is_current(backend: Backend, task: Any) -> bool:
 class _ConnState:
     """What the Reader keeps per registered connection (under the Reader's lock)."""
 
-    __slots__ = ("conn", "address", "last_held", "rdy_since", "rtt", "ceiling", "ceiling_until")
+    __slots__ = ("conn", "address", "last_held", "rdy_since", "rtt", "ceiling", "ceiling_until", "plan_gen")
 
     def __init__(self, conn: AsyncConn, address: str, rtt: float = 0.0) -> None:
         now = time.monotonic()
@@ -311,6 +318,7 @@ class _ConnState:
         # under it may still be on the wire), until ceiling_until (time.monotonic()).
         self.ceiling = 0
         self.ceiling_until = 0.0
+        self.plan_gen = -1  # the Reader's _plan_gen when its capacity was counted in the plan
 
     def held(self, now: float) -> int:
         """The most messages nsqd may put in flight here: the RDY sent, or a higher one sent
@@ -586,6 +594,18 @@ class Reader:
         self._tick_timer: Optional[_Timer] = None
         self._warned_max_rdy: set = set()  # max_rdy_count values warned about (_warn_capped_locked)
         self._tried: set = set()  # addresses whose first connection attempt has ended (see _first_attempts_locked)
+        self._connecting_first: set = set()  # the addresses in _connecting that are not in _tried
+        # The decision of the last full RDY pass, while it holds (see _added_locked): with
+        # thousands of nsqd, a pass over every connection per connection registered, closed
+        # or failed to connect made discovering N of them O(N^2) under the lock.
+        self._plan_valid = False
+        self._plan_gen = 0  # bumped by each full pass; a _ConnState.plan_gen equal to it is counted
+        self._plan_share = 0  # max_in_flight // count (every connection's RDY), or 0: RDY 1 to a subset
+        self._plan_budget = 0  # capacity no connection uses: a lower bound (what is counted only shrinks)
+        self._plan_slots = 0  # with a subset: RDY 1s not handed out
+        self._plan_waiting = 0  # with a subset: counted connections left at RDY 0
+        self._pass_at = float("-inf")  # time.monotonic() the last full pass began
+        self._pass_cost = 0.0  # and how long it took
 
         # stats: bumped once per message from many workers, so no lock (see _Counter)
         # The validation hooks run only when a subclass overrides one (a hot path otherwise).
@@ -1235,6 +1255,7 @@ class Reader:
         self._window_gen += 1
         self._test_addr = None
         self._deficit = False
+        self._plan_valid = False
         if self._window_timer is not None:
             self._window_timer.cancel()
         for st in self._conns.values():
@@ -1287,35 +1308,46 @@ class Reader:
         being taken back, a settle delay at a time, as the others come. Attempts still
         queued (max_connect_attempts running) count: they belong to the same group, and
         starting one then changes no share."""
-        tried = self._tried
-        return self._queued_first + sum(1 for address in self._connecting if address not in tried)
+        return self._queued_first + len(self._connecting_first)
 
     def _apply_rdy_locked(self, revoke: bool = False) -> None:
-        """Bring every connection's RDY to what the current mode wants (call under _lock).
+        """Bring every connection's RDY to what the current mode wants (call under _lock):
+        a full pass, over every connection.
 
         *revoke* (the periodic pass) also takes RDY back from idle or long-holding
         connections when connections outnumber max_in_flight (or in a backoff test).
         """
         self._deficit = False
+        self._plan_valid = False
         if self._closing:
             return
+        began = time.monotonic()
+        self._pass_at = began
+        self._decide_rdy_locked(revoke)
+        self._pass_cost = time.monotonic() - began
+
+    def _decide_rdy_locked(self, revoke: bool) -> None:
         states = [st for st in self._conns.values() if st.conn.connected()]
-        if not states:
-            return
         max_in_flight = self._max_in_flight
         if max_in_flight == 0 or self._window:
             for st in states:
                 self._set_rdy(st, 0)
             return
         if self._level > 0:
-            self._apply_test_rdy_locked(states, revoke)
+            if states:
+                self._apply_test_rdy_locked(states, revoke)
             return
 
         count = len(states) + self._first_attempts_locked()
+        if not count:
+            return
+        # (No connection yet, attempts under way: nothing to do, but the plan that the first
+        # to register, and attempts failing before it, are decided by without a pass.)
         if count <= max_in_flight:
             per_conn = max_in_flight // count
             targets = {st.address: per_conn for st in states}
         else:
+            per_conn = 0
             targets = self._subset_targets(states, max_in_flight, revoke)
         for st in states:
             share = targets[st.address]
@@ -1327,9 +1359,11 @@ class Reader:
         # Capacity in use: a lowering frees nothing until nsqd has had time to apply it
         # (_ConnState.held), whichever pass looks.
         now = time.monotonic()
+        gen = self._plan_gen = self._plan_gen + 1
         used = 0
         for st in states:
             used += st.used(now)
+            st.plan_gen = gen
         budget = max_in_flight - used
         deficit = False
         for st in sorted(states, key=lambda s: s.last_held):
@@ -1346,6 +1380,15 @@ class Reader:
         self._deficit = deficit
         if deficit:
             self._settle_later_locked(states, now)
+            return
+        # Every connection has its target: this decision holds for the connections that come
+        # and go until the share changes (_added_locked, _removed_locked: no pass over all).
+        self._plan_valid = True
+        self._plan_share = per_conn
+        self._plan_budget = budget  # (max_in_flight minus the capacity counted now)
+        if not per_conn:
+            self._plan_slots = max_in_flight - sum(targets.values())
+            self._plan_waiting = sum(1 for st in states if st.conn.rdy == 0)
 
     def _subset_targets(self, states: List[_ConnState], max_in_flight: int, revoke: bool) -> Dict[str, int]:
         """More connections than max_in_flight: RDY 1 on at most max_in_flight of them."""
@@ -1460,6 +1503,89 @@ class Reader:
             self._apply_rdy_locked(revoke=True)
             self._tick_timer = self._scheduler.call_later(self.rdy_redistribute_interval, self._redistribute_tick)
 
+    # ------------------------------------------------ the connection set changes
+    # A connection registers or goes, an attempt ends: with thousands of nsqd (one lookupd
+    # answer) a full pass for each made discovering N of them O(N^2) under the lock (4,000:
+    # 28-41 s of CPU, benchmarks/rdy_scale.py). Instead the last full pass's decision is kept while it holds: the share
+    # it computed (max_in_flight // count, or RDY 1 to a subset) is still the one the count
+    # gives, and it left no connection short (no deficit). Then no other connection's target
+    # changes, and only the one that came or went needs a decision, taken against
+    # _plan_budget: a lower bound of the capacity nobody uses, since what a connection is
+    # counted for only shrinks between RDY changes (ceilings lapse; nsqd sends no more than
+    # the RDY it honours), each RDY raised here is taken from it, and a connection that goes
+    # gives back what it used. Anything else (another share, capacity short, a subset's RDY
+    # freed while others wait for one) takes a full pass: at once, or, when one ran less
+    # than _PASS_GAP times its duration ago, then (a burst of such events, one pass).
+
+    def _all_zero_locked(self) -> bool:
+        """RDY 0 on every connection (closing, paused, a backoff window): a connection that
+        comes has it already; the pass that ends this decides."""
+        return self._closing or not self._max_in_flight or self._window
+
+    def _plan_holds_locked(self) -> bool:
+        if not self._plan_valid or self._closing or self._level or self._window:
+            return False
+        count = len(self._conns) + self._first_attempts_locked()
+        max_in_flight = self._max_in_flight
+        return count > 0 and (max_in_flight // count if count <= max_in_flight else 0) == self._plan_share
+
+    def _added_locked(self, st: _ConnState) -> None:
+        """*st* registered: its RDY as the last full pass would give it, if its decision holds."""
+        if self._all_zero_locked():
+            return
+        if self._plan_holds_locked() and st.conn.connected():
+            share = self._plan_share
+            if not share:  # RDY 1 to a subset of the connections
+                if self._plan_slots <= 0:
+                    # None left: it waits, as a full pass would leave it (it waited least).
+                    st.plan_gen = self._plan_gen
+                    self._plan_waiting += 1
+                    return
+                if not self._plan_waiting:
+                    share = 1  # (one waiting longer would come first: a full pass, below)
+            if share:
+                target = min(share, st.conn.max_rdy_count)
+                if share > target:
+                    self._warn_capped_locked(st, share)
+                if 0 < target <= self._plan_budget and self._set_rdy(st, target):
+                    st.plan_gen = self._plan_gen
+                    self._plan_budget -= target
+                    if not self._plan_share:
+                        self._plan_slots -= 1
+                    return
+        self._rdy_soon_locked()
+
+    def _removed_locked(self, st: _ConnState) -> None:
+        """*st* left the connection set: what it used is free; a full pass only if that changes a share."""
+        if self._all_zero_locked():
+            return
+        if self._plan_holds_locked() and st.plan_gen == self._plan_gen:
+            freed = st.used(time.monotonic())
+            if self._plan_share or st.conn.rdy == 0 or not self._plan_waiting:
+                if not self._plan_share:
+                    if st.conn.rdy == 0:
+                        self._plan_waiting -= 1
+                    else:
+                        self._plan_slots += 1  # (nobody waits for it)
+                self._plan_budget += freed
+                return
+        self._rdy_soon_locked()
+
+    def _count_changed_locked(self) -> None:
+        """Attempts held back for were added or ended: a full pass if that changes the share."""
+        if not self._all_zero_locked() and not self._plan_holds_locked():
+            self._rdy_soon_locked()
+
+    def _rdy_soon_locked(self) -> None:
+        """A full pass: now, or once _PASS_GAP times the last one's duration has passed since
+        it began (at most rdy_settle_delay): events in a burst share one."""
+        self._plan_valid = False
+        due = self._pass_at + min(self.rdy_settle_delay, _PASS_GAP * self._pass_cost)
+        if time.monotonic() >= due:
+            self._apply_rdy_locked()
+        else:
+            self._schedule_settle_locked(due)
+
     # ========================================================== connections
     def _connect(self, address: str, host: str, port: int) -> None:
         """Start a background connection attempt unless connected, connecting or closing."""
@@ -1494,7 +1620,7 @@ class Reader:
                 self._queued_first += first
             self._start_queued_locked()
             if dropped:
-                self._apply_rdy_locked()  # (shares held back for them go to the connections there are)
+                self._count_changed_locked()  # (shares held back for them go to the connections there are)
 
     def _unqueue_locked(self, address: str) -> Tuple[str, int]:
         host, port, first = self._queued.pop(address)
@@ -1513,13 +1639,15 @@ class Reader:
             address = next(iter(self._queued))
             host, port = self._unqueue_locked(address)  # (never queued while connected or connecting)
             self._connecting[address] = None
+            if address not in self._tried:
+                self._connecting_first.add(address)
             task_id = next(self._task_ids)
             try:
                 self._tasks[task_id] = self._backend.spawn(
                     self._connect_task, task_id, address, host, port, name=f"nsq_sync-{self.name}-connect-{address}"
                 )
             except Exception as exc:
-                self._connecting.pop(address, None)
+                self._not_connecting_locked(address)
                 failed.append((address, exc))
                 self._connect_failed_locked(address)
                 self._attempt_ended_locked(address)
@@ -1531,6 +1659,10 @@ class Reader:
                 self.name, len(failed), address, f" and {len(failed) - 1} more" if len(failed) > 1 else "",
                 type(exc).__name__, exc,
             )  # fmt: skip
+
+    def _not_connecting_locked(self, address: str) -> None:
+        self._connecting.pop(address, None)
+        self._connecting_first.discard(address)
 
     def _attempt_ended_locked(self, address: str) -> None:
         """An attempt to *address* ended (or could not start): if it was the first, the share
@@ -1545,7 +1677,10 @@ class Reader:
             # (Looked up one by one: the queue may hold thousands of addresses.)
             in_use = (self._conns, self._connecting, self._direct, self._reconnect_timers, self._queued)
             self._tried = {a for a in self._tried if any(a in where for where in in_use)}
-        self._apply_rdy_locked()
+        if address not in self._conns:
+            # (Registered, it was counted as a connection from then on, not as an attempt:
+            # the share did not change. Not registered: one attempt fewer to hold back for.)
+            self._count_changed_locked()
 
     def _connect_task(self, task_id: int, address: str, host: str, port: int) -> None:
         conn: Optional[AsyncConn] = None
@@ -1576,13 +1711,13 @@ class Reader:
                 if conn is not None and conn.connected():
                     conn.close(0)
                 with self._lock:
-                    self._connecting.pop(address, None)
+                    self._not_connecting_locked(address)
                 if not self._closing:
                     logger.warning("%s: cannot consume from %s: %s", self.name, address, exc)
                     self._connect_failed(address)
                 return
             with self._lock:
-                self._connecting.pop(address, None)
+                self._not_connecting_locked(address)
                 registered = not self._closing and conn.connected() and address not in self._conns
                 if registered:
                     self._register_locked(address, conn, rtt)
@@ -1592,16 +1727,16 @@ class Reader:
                     self._connect_failed(address)
         finally:
             with self._lock:
-                self._connecting.pop(address, None)
+                self._not_connecting_locked(address)
                 self._tasks.pop(task_id, None)
                 self._start_queued_locked()  # (this slot is free: the next queued attempt)
                 self._attempt_ended_locked(address)
 
     def _register_locked(self, address: str, conn: AsyncConn, rtt: float = 0.0) -> None:
-        self._conns[address] = _ConnState(conn, address, rtt)
+        st = self._conns[address] = _ConnState(conn, address, rtt)
         self._direct_failures.pop(address, None)
         logger.info("%s: subscribed to %s on %s", self.name, f"{self.topic}/{self.channel}", address)
-        self._apply_rdy_locked()
+        self._added_locked(st)
 
     def _warn_capped_locked(self, st: _ConnState, share: int) -> None:
         """A connection's share of max_in_flight is over its nsqd's max_rdy_count: said once per
@@ -1653,7 +1788,7 @@ class Reader:
                 self._test_addr = None
             if self._closing:
                 return
-            self._apply_rdy_locked()
+            self._removed_locked(st)
             if address in self._direct:
                 attempt = self._direct_failures.get(address, 0) + 1
                 self._direct_failures[address] = attempt
