@@ -1330,7 +1330,8 @@ def test_a_reader_behind_a_backlog_keeps_one_read_offer_per_connection_and_drops
         first = next(iter(reader.conns.values()))
         assert len(lane._lead_jobs) <= 1, f"{len(lane._lead_jobs)} read offers queued for one connection"
         proxy.cut()
-        wait_until(lambda: not first.connected(), timeout=10, message="the cut connection to close")
+        # (wait_closed, not "not connected": the state changes before the close withdraws the offer)
+        assert first.wait_closed(10), "the cut connection did not close"
         assert first not in lane._lead_jobs, "a closed connection is still offered for reading"
         wait_until(lambda: any(conn is not first for conn in reader.conns.values()), timeout=10, message="a new connection")
         assert milestones[400].wait(30)
