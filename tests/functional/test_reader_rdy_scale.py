@@ -10,6 +10,7 @@ notifies, the Reader's connection set on one its changes notify.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any, Dict, Iterator, List
 
@@ -88,9 +89,23 @@ def make_reader(servers: ManyNsqd, backend: str, max_in_flight: int) -> Reader:
     return reader
 
 
-def closed(reader: Reader) -> None:
-    reader.close(WAIT)
-    assert reader.join(WAIT)
+@contextlib.contextmanager
+def running(reader: Reader) -> Iterator[Reader]:
+    """*reader* started; closed and joined when the block ends, leaving no task behind."""
+    try:
+        reader.start()
+        yield reader
+        reader.close(WAIT)
+        assert reader.join(WAIT)
+    finally:
+        reader.close(1)
+    assert live_tasks() == []
+
+
+def assert_never_over(servers: ManyNsqd, max_in_flight: int) -> None:
+    """The fakes never saw more RDY in total than max_in_flight, nor a bad command."""
+    status = servers.status()
+    assert status["peak_total_rdy"] <= max_in_flight and not status["bad"], status
 
 
 def expected_rdy(connections: int, max_in_flight: int) -> List[int]:
@@ -113,42 +128,30 @@ def settled(servers: ManyNsqd, reader: Reader, connections: int, max_in_flight: 
 def test_discovering_hundreds_of_nsqd_takes_one_rdy_pass_not_one_per_connection(servers: ManyNsqd, backend: str, max_in_flight: int) -> None:
     reader = make_reader(servers, backend, max_in_flight)
     counter = PassCounter(reader)
-    try:
-        reader.start()
+    with running(reader):
         rdy = settled(servers, reader, N, max_in_flight)
         # The first connection's pass; every later one is decided alone (it was 2N passes,
         # N*N connections visited: 600 and ~90,000 here).
         assert counter.passes <= 3 and counter.visits <= 3 * N, counter
         assert sorted(rdy.values()) == expected_rdy(N, max_in_flight)
-        status = servers.status()
-        assert status["peak_total_rdy"] <= max_in_flight and not status["bad"], status
+        assert_never_over(servers, max_in_flight)
         assert reader.stats()["total_rdy"] == sum(expected_rdy(N, max_in_flight))
-        closed(reader)
-    finally:
-        reader.close(1)
-    assert live_tasks() == []
 
 
 @pytest.mark.parametrize("max_in_flight", [1000, 100], ids=["shares", "subset"])
 def test_hundreds_of_nsqd_going_away_leave_fair_shares_within_max_in_flight(servers: ManyNsqd, backend: str, max_in_flight: int) -> None:
     reader = make_reader(servers, backend, max_in_flight)
-    try:
-        reader.start()
+    with running(reader):
         settled(servers, reader, N, max_in_flight)
         counter = PassCounter(reader)
         servers.close_ports(servers.ports[: N - 100])  # 200 go at once (the RDY 1s of a subset among them)
         rdy = settled(servers, reader, 100, max_in_flight)
         assert sorted(rdy.values()) == expected_rdy(100, max_in_flight)
-        status = servers.status()
-        assert status["peak_total_rdy"] <= max_in_flight and not status["bad"], status
+        assert_never_over(servers, max_in_flight)
         if max_in_flight == 1000:
             # Shares go 3 -> 10 in 7 steps: a pass at each (at most), none for the closes
             # in between (it was one per close: 200).
             assert counter.passes <= 50, counter
-        closed(reader)
-    finally:
-        reader.close(1)
-    assert live_tasks() == []
 
 
 @pytest.mark.parametrize("max_in_flight", [1000, 100], ids=["shares", "subset"])
@@ -156,17 +159,11 @@ def test_hundreds_of_first_attempts_failing_hand_their_shares_to_the_others(serv
     servers.close_ports(servers.ports[:100])  # those attempts are refused
     reader = make_reader(servers, backend, max_in_flight)
     counter = PassCounter(reader)
-    try:
-        reader.start()
+    with running(reader):
         rdy = settled(servers, reader, N - 100, max_in_flight)
         assert sorted(rdy.values()) == expected_rdy(N - 100, max_in_flight)
-        status = servers.status()
-        assert status["peak_total_rdy"] <= max_in_flight and not status["bad"], status
+        assert_never_over(servers, max_in_flight)
         if max_in_flight == 1000:
             # Held-back shares of 3 become 5 as the refusals come (3 -> 4 -> 5: a pass at
             # each, at most); it was a pass per connection and per attempt ending: 500.
             assert counter.passes <= 50, counter
-        closed(reader)
-    finally:
-        reader.close(1)
-    assert live_tasks() == []

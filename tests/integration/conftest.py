@@ -31,3 +31,22 @@ def make_conn(backend: str) -> Iterator[Callable[..., nsq_sync.AsyncConn]]:
     yield factory
     for conn in made:
         conn.close(timeout=5)
+
+
+@pytest.fixture
+def writer_factory(backend: str) -> Iterator[Callable[..., nsq_sync.Writer]]:
+    """``writer_factory(addresses, **kwargs)``: a Writer on this backend reconnecting quickly
+    (0.1-0.5 s), closed afterwards."""
+    made: List[nsq_sync.Writer] = []
+
+    def make(addresses: Any, **kwargs: Any) -> nsq_sync.Writer:
+        kwargs.setdefault("backend", backend)
+        kwargs.setdefault("reconnect_interval", 0.1)
+        kwargs.setdefault("max_reconnect_interval", 0.5)
+        writer = nsq_sync.Writer(addresses, **kwargs)
+        made.append(writer)
+        return writer
+
+    yield make
+    for writer in made:
+        writer.close(5)

@@ -168,24 +168,6 @@ def no_topics(nsqd: NsqdProcess) -> bool:
 
 
 @pytest.fixture
-def writer_factory(backend: str) -> Iterator[Any]:
-    """Make Writers on the backend under test; every one is closed after the test."""
-    made: List[Writer] = []
-
-    def make(addresses: Any, **kwargs: Any) -> Writer:
-        kwargs.setdefault("backend", backend)
-        kwargs.setdefault("reconnect_interval", 0.1)
-        kwargs.setdefault("max_reconnect_interval", 0.5)
-        writer = Writer(addresses, **kwargs)
-        made.append(writer)
-        return writer
-
-    yield make
-    for writer in made:
-        writer.close(5)
-
-
-@pytest.fixture
 def small_nsqd() -> Iterator[NsqdProcess]:
     """nsqd that refuses messages over 1 KiB and MPUB bodies over 4 KiB."""
     with started(NsqdProcess(extra_args=[f"--max-msg-size={MAX_MSG_SIZE}", f"--max-body-size={MAX_BODY_SIZE}"])) as proc:

@@ -40,21 +40,14 @@ SECRET = "WrongSecret-3b9d07e1"
 
 
 @pytest.fixture
-def writers(backend: str) -> Iterator[Callable[..., Writer]]:
-    made: List[Writer] = []
+def writers(writer_factory: Callable[..., Writer]) -> Callable[..., Writer]:
+    """writer_factory's Writers, with a publish_timeout none of these publishes may wait out."""
 
     def make(addresses: Any, **kwargs: Any) -> Writer:
-        kwargs.setdefault("backend", backend)
         kwargs.setdefault("publish_timeout", LONG)
-        kwargs.setdefault("reconnect_interval", 0.1)
-        kwargs.setdefault("max_reconnect_interval", 0.5)
-        writer = Writer(addresses, **kwargs)
-        made.append(writer)
-        return writer
+        return writer_factory(addresses, **kwargs)
 
-    yield make
-    for writer in made:
-        writer.close(5)
+    return make
 
 
 def refused(call: Callable[[], Any]) -> Tuple[HandshakeRefusedError, float]:
