@@ -731,7 +731,9 @@ class AsyncConn(EventedMixin):
                         return
                     park = self._should_park()
                     if not park:
-                        if self._queued:
+                        # (With RDY under 4 no answer is ever held back: the timed read
+                        # would only cost a timer per message, a gevent consumer's default.)
+                        if self._queued and (self._hold_max > 1 or self._writes):
                             self._read_holding()
                         else:
                             self._read_once(None)

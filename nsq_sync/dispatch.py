@@ -104,8 +104,15 @@ class Lane:
         self._eager = getattr(backend, "name", "") != "thread"
         self._watchdog: Any = None
         self._watch_parked = False
-        self._watch_wake = backend.lock()
-        self._watch_wake.acquire()
+        self._watch_wake = self._wake_handle()
+
+    def _wake_handle(self) -> Any:
+        make = getattr(self._backend, "wake", None)
+        if make is not None:
+            return make()
+        lock = self._backend.lock()  # (a backend of your own without wake())
+        lock.acquire()
+        return lock
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
         """Queue ``fn(*args)``; raises RuntimeError once the lane is closed."""
@@ -202,8 +209,7 @@ class Lane:
         popleft = items.popleft
         lock = self._lock
         self._local_ids.add(id(self._backend.current()))
-        handle = self._backend.lock()
-        handle.acquire()  # held: acquiring it again sleeps until a waker releases it
+        handle = self._wake_handle()  # held: acquiring it again sleeps until a waker releases it
         while True:
             # Free (counted in _free): take an item, or go to sleep.
             try:

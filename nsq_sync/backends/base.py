@@ -47,3 +47,5 @@ class Backend(Protocol):
     # Optional, looked up with getattr (a backend object of your own may leave them out):
     #   readable_waiter(sock) -> wait(timeout) -> bool: wait_readable for one socket, set up once
     #   signal() -> a lock created held: release() once, acquire([blocking, timeout]) by one waiter
+    #   wake() -> a lock created held, acquired again and again by one waiter, each time after
+    #     one release() (a pool worker's sleep)

@@ -106,6 +106,54 @@ class _Signal:
             self._waiter = None
 
 
+class _Wake:
+    """A lock created held that one greenlet acquires again and again, each time waiting for
+    one release: the sleep of an idle pool worker (see ``GeventBackend.wake``).
+
+    The same as a held gevent Semaphore, without the gevent.Timeout its timed acquire builds:
+    a sleep and its wake-up cost 1.9 us instead of 4.4 (the default Reader, max_in_flight 1,
+    puts a worker to sleep after every message). A release is kept until the next acquire
+    takes it, also when it came after the timer ended the wait but before the waiter ran.
+    """
+
+    __slots__ = ("_hub", "_released", "_waiter")
+
+    def __init__(self, hub: Any) -> None:
+        self._hub = hub
+        self._released = False
+        self._waiter: Optional[Waiter] = None
+
+    def release(self) -> None:
+        hub = self._hub
+        if _native_ident() != hub.thread_ident:
+            hub.loop.run_callback_threadsafe(self._release_here)  # (its state is the hub thread's)
+            return
+        self._release_here()
+
+    def _release_here(self) -> None:
+        if self._released:
+            raise RuntimeError("wake handle released twice")
+        self._released = True
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            self._hub.loop.run_callback(waiter.switch, _READY)
+
+    def acquire(self, blocking: bool = True, timeout: Optional[float] = -1) -> bool:
+        if not self._released:
+            if not blocking:
+                return False
+            waiter = self._waiter = Waiter(self._hub)
+            try:
+                _switched(waiter, self._hub.loop, None if timeout is None or timeout < 0 else timeout)
+            finally:
+                self._waiter = None
+            if not self._released:
+                return False
+        self._released = False
+        return True
+
+
 class _GreenletTask:
     __slots__ = ("_greenlet",)
 
@@ -143,6 +191,11 @@ class GeventBackend:
     def signal(self) -> _Signal:
         """A lock created held, for one waiter and one release: an answer's wait."""
         return _Signal(gevent.get_hub())
+
+    def wake(self) -> _Wake:
+        """A lock created held, acquired again and again by one waiter, each time after one
+        release: an idle worker's sleep."""
+        return _Wake(gevent.get_hub())
 
     def queue(self) -> Any:
         return gevent.queue.SimpleQueue()

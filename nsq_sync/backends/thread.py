@@ -51,6 +51,13 @@ class ThreadBackend:
         lock.acquire()
         return lock
 
+    def wake(self) -> Any:
+        """A lock created held, acquired again and again by one waiter, each time after one
+        release: an idle worker's sleep."""
+        lock = threading.Lock()
+        lock.acquire()
+        return lock
+
     def queue(self) -> "queue.SimpleQueue[Any]":
         return queue.SimpleQueue()
 

@@ -1,6 +1,7 @@
-"""The gevent backend's two hot waits: an answer's signal and a socket's readable wait.
+"""The gevent backend's hot waits: an answer's signal, an idle worker's wake handle and a
+socket's readable wait.
 
-Both wait in a gevent Waiter with a bare loop timer instead of a gevent.Timeout. These run
+All wait in a gevent Waiter with a bare loop timer instead of a gevent.Timeout. These run
 without monkey-patching: greenlets in the main thread's hub, gevent's own sockets.
 """
 
@@ -122,6 +123,101 @@ def test_signal_wait_can_be_killed(backend) -> None:
     assert waiting.dead
     signal.release()  # nobody waits any more: nothing to wake, nothing raised
     gevent.sleep(0)
+
+
+@pytest.mark.parametrize("make", [GeventBackend, ThreadBackend])
+def test_wake_is_created_held_and_takes_one_release_per_acquire(make) -> None:
+    wake = make().wake()
+    assert wake.acquire(False) is False
+    for _ in range(3):
+        wake.release()
+        assert wake.acquire(True, 0.0 if make is ThreadBackend else 5.0) is True
+        assert wake.acquire(False) is False  # the release was taken once
+
+
+def test_wake_wakes_the_same_greenlet_again_and_again(backend) -> None:
+    wake = backend.wake()
+    woken = []
+
+    def sleeper() -> None:
+        for _ in range(3):
+            woken.append(wake.acquire(True, 5.0))
+
+    task = gevent.spawn(sleeper)
+    for count in range(1, 4):
+        gevent.sleep(0)  # the sleeper is parked in the hub now
+        assert wake._waiter is not None
+        wake.release()
+        while len(woken) < count:
+            gevent.sleep(0)
+    task.get(timeout=5)
+    assert woken == [True, True, True]
+
+
+def test_wake_times_out_and_keeps_a_later_release(backend) -> None:
+    wake = backend.wake()
+    started = time.monotonic()
+    assert wake.acquire(True, 0.05) is False
+    assert time.monotonic() - started >= 0.04
+    wake.release()
+    assert wake.acquire(False) is True  # kept for the next acquire, not lost
+
+
+def test_wake_release_racing_the_timer_is_not_lost(backend) -> None:
+    # The release comes after the wait's timer is due but before the hub ran either: the
+    # sleeper must come back with the release (True), whichever the hub runs first. A lost
+    # release would leave a pool worker counted free while it sleeps.
+    wake = backend.wake()
+    waiting = gevent.spawn(wake.acquire, True, 0.002)
+    gevent.sleep(0)
+    assert wake._waiter is not None
+    # A timer due before the sleeper's releases it; both are overdue once the hub runs
+    # again, so the hub runs the release, then the sleeper's timer, in the same pass.
+    releaser = gevent.get_hub().loop.timer(0.0005)
+    releaser.start(wake.release)
+    time.sleep(0.01)  # (blocks the hub)
+    assert waiting.get(timeout=5) is True
+    releaser.close()
+    assert wake.acquire(False) is False
+    gevent.sleep(0.01)  # the scheduled switch of the old waiter, if still to come, disturbs nobody
+    assert wake.acquire(True, 0.02) is False
+
+
+def test_wake_released_from_another_os_thread(backend) -> None:
+    wake = backend.wake()
+
+    def release_once_parked() -> None:
+        deadline = time.monotonic() + 5.0
+        while wake._waiter is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+        wake.release()
+
+    releaser = threading.Thread(target=release_once_parked)
+    releaser.start()
+    try:
+        started = time.monotonic()
+        assert wake.acquire(True, 5.0) is True
+        assert time.monotonic() - started < 2.0  # woken by the release, not by the timeout
+    finally:
+        releaser.join()
+
+
+def test_wake_released_twice_is_a_bug(backend) -> None:
+    wake = backend.wake()
+    wake.release()
+    with pytest.raises(RuntimeError):
+        wake.release()
+
+
+def test_wake_wait_can_be_killed(backend) -> None:
+    wake = backend.wake()
+    waiting = gevent.spawn(wake.acquire, True, 5.0)
+    gevent.sleep(0)
+    waiting.kill(block=True, timeout=5)
+    assert waiting.dead
+    assert wake._waiter is None
+    wake.release()  # kept for the next acquire
+    assert wake.acquire(False) is True
 
 
 def test_readable_wait_sees_data(backend, pair) -> None:
