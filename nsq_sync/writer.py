@@ -159,6 +159,12 @@ class _Node:
         return f"{self.host}:{self.port}"
 
 
+def _conn_params() -> frozenset:
+    """AsyncConn's keyword parameters (from its code object: inspect is a costly import)."""
+    code = AsyncConn.__init__.__code__
+    return frozenset(code.co_varnames[3 : code.co_argcount + code.co_kwonlyargcount])  # (after self, host, port)
+
+
 class Writer:
     """A producer over one or more nsqd.
 
@@ -222,6 +228,10 @@ class Writer:
         check_number("max_connections_per_nsqd", max_connections_per_nsqd, 1, 64, integer=True)
         if "worker_pool" in conn_kwargs:
             raise TypeError("Writer() manages its own worker_pool")
+        unknown = sorted(set(conn_kwargs) - _conn_params())
+        if unknown:
+            # (AsyncConn would name itself: the caller wrote Writer(...))
+            raise TypeError(f"Writer() got unexpected keyword argument(s) {', '.join(map(repr, unknown))} (not AsyncConn parameters either)")
         # Validate every connection parameter now (raises TypeError/ConfigError), not in a background task.
         AsyncConn(addresses[0][0], addresses[0][1], backend=backend, **conn_kwargs)
         self.name = name or "nsq_sync.Writer"

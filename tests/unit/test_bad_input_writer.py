@@ -312,3 +312,18 @@ def test_testing_constructors_still_take_good_values(tmp_path: Path) -> None:
     assert LocalCluster().nsqd_count == 2
     server = AuthServer(secrets=["a", "b"])
     assert sorted(server._responses) == ["a", "b"]
+
+
+@pytest.mark.parametrize("kwargs", [{"publish_timout": 3}, {"io_loop": None}, {"max_inflight": 5, "deflate": True}])
+def test_an_unknown_keyword_names_the_writer_not_asyncconn(kwargs: Dict[str, Any]) -> None:
+    # It used to be "AsyncConn.__init__() got an unexpected keyword argument": the caller
+    # never wrote AsyncConn, and a typo of a Writer parameter looked like a bug of ours.
+    with pytest.raises(TypeError) as caught:
+        Writer(["127.0.0.1:1"], **kwargs)
+    message = str(caught.value)
+    assert message.startswith("Writer() got unexpected keyword argument(s)"), message
+    assert "AsyncConn.__init__" not in message
+    for name in kwargs:
+        if name != "deflate":
+            assert repr(name) in message
+    assert "'deflate'" not in message  # a real AsyncConn parameter is not reported
