@@ -10,6 +10,7 @@ from typing import Any, List
 from .__about__ import __version__
 from .conn import AsyncConn
 from .dispatch import WorkerPool
+from . import events as event  # pynsq's nsq.event: nsq_sync.event.MESSAGE, ...
 from .errors import *  # noqa: F401,F403 - the whole error tree is public
 from .errors import __all__ as _errors_all
 from .helpers import (
@@ -40,6 +41,7 @@ from .writer import Writer
 __all__ = [
     "__version__",
     "AsyncConn",
+    "event",
     "Writer",
     "Reader",
     "NsqdHTTPClient",

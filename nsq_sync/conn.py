@@ -50,7 +50,7 @@ from .errors import (
     TimeoutError,
     error_from_frame,
 )
-from .events import EventedMixin
+from .events import EVENTS, EventedMixin
 from .message import Message
 from .protocol import commands
 from .protocol.constants import (
@@ -161,6 +161,8 @@ class AsyncConn(EventedMixin):
 
     Raises ConfigError (a ValueError naming the parameter) for any out-of-range value.
     """
+
+    fired_events = EVENTS  # (on() warns once about any other name: a typo)
 
     def __init__(
         self,

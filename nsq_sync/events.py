@@ -12,7 +12,24 @@ from typing import Any, Callable, Dict, Tuple
 
 from .errors import DuplicateListenerError, InvalidListenerError
 
-__all__ = ["EventedMixin", "EVENTS"]
+__all__ = [
+    "EventedMixin",
+    "EVENTS",
+    "CONNECT",
+    "CLOSE",
+    "ERROR",
+    "IDENTIFY",
+    "IDENTIFY_RESPONSE",
+    "AUTH",
+    "AUTH_RESPONSE",
+    "HEARTBEAT",
+    "READY",
+    "MESSAGE",
+    "RESPONSE",
+    "BACKOFF",
+    "RESUME",
+    "CONTINUE",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +51,47 @@ EVENTS = (
     "continue",
 )
 
+# pynsq's constants for them (``nsq.event.MESSAGE``): ``nsq_sync.event`` is this module.
+CONNECT = "connect"
+CLOSE = "close"
+ERROR = "error"
+IDENTIFY = "identify"
+IDENTIFY_RESPONSE = "identify_response"
+AUTH = "auth"
+AUTH_RESPONSE = "auth_response"
+HEARTBEAT = "heartbeat"
+READY = "ready"
+MESSAGE = "message"
+RESPONSE = "response"
+BACKOFF = "backoff"
+RESUME = "resume"
+CONTINUE = "continue"
+
+#: pynsq names nsq_sync has no event for, and what to use instead
+_NOT_FIRED = {
+    "DATA": "nsq_sync fires no event per frame read; listen to 'message', 'response' or 'heartbeat'",
+    "FINISH": "a Message has no events in nsq_sync; an AsyncConn fires 'resume' after a FIN",
+    "REQUEUE": "a Message has no events in nsq_sync; an AsyncConn fires 'backoff' or 'continue' after a REQ",
+    "TOUCH": "a Message has no events in nsq_sync; touch() returns whether the TOUCH was sent",
+}
+
+
+def __getattr__(name: str) -> Any:
+    hint = _NOT_FIRED.get(name)
+    if hint is not None:
+        raise AttributeError(f"nsq_sync.events has no {name} (pynsq's {name.lower()!r} event): {hint}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 Listener = Callable[..., Any]
 
 
 class EventedMixin:
     """``on(name, callback)``, ``off(name, callback)`` and ``trigger(name, *args, **kwargs)``."""
+
+    #: the events the class fires itself (None: any name, as pynsq's mixin): listening to
+    #: another name logs a warning once per name, most likely a typo ("mesage")
+    fired_events: Any = None
 
     def __init__(self) -> None:
         self._listeners: Dict[str, Tuple[Listener, ...]] = {}
@@ -58,6 +111,9 @@ class EventedMixin:
             if callback in current:
                 raise DuplicateListenerError(f"{callback!r} already listens to {name!r}")
             self._listeners[name] = current + (callback,)
+        fired = self.fired_events
+        if fired is not None and name not in fired:
+            _warn_unfired(type(self).__name__, name, fired)
 
     def off(self, name: str, callback: Listener) -> None:
         """Stop *callback* listening for the named event. Raises InvalidListenerError if it was not listening."""
@@ -89,3 +145,18 @@ class EventedMixin:
 
     def has_listeners(self, name: str) -> bool:
         return bool(self._listeners.get(name))
+
+
+_warned_unfired: set = set()
+
+
+def _warn_unfired(owner: str, name: Any, fired: Any) -> None:
+    key = (owner, name)
+    if key in _warned_unfired:
+        return
+    _warned_unfired.add(key)  # (a race may log it twice: harmless)
+    logger.warning(
+        "%s.on(%r): %s never fires that event itself (it fires %s); the listener runs only on "
+        "trigger(%r). Said once per name",
+        owner, name, owner, ", ".join(fired), name,
+    )  # fmt: skip

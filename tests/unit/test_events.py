@@ -248,3 +248,48 @@ def test_thread_safety():
     assert fired[0] > 0
     # every churned listener is gone; only the counter remains
     assert thing._listeners["e"] == (counter,)
+
+
+def test_pynsq_event_constants_are_the_event_names():
+    import nsq_sync
+    from nsq_sync import event
+
+    assert event is nsq_sync.event
+    names = ["CONNECT", "CLOSE", "ERROR", "IDENTIFY", "IDENTIFY_RESPONSE", "AUTH", "AUTH_RESPONSE", "HEARTBEAT",
+             "READY", "MESSAGE", "RESPONSE", "BACKOFF", "RESUME", "CONTINUE"]  # fmt: skip
+    assert [getattr(event, name) for name in names] == [name.lower() for name in names]
+    assert sorted(getattr(event, name) for name in names) == sorted(EVENTS)
+
+
+@pytest.mark.parametrize("name", ["DATA", "FINISH", "REQUEUE", "TOUCH"])
+def test_pynsq_events_nsq_sync_does_not_fire_say_what_to_use(name):
+    from nsq_sync import event
+
+    with pytest.raises(AttributeError, match=f"pynsq's '{name.lower()}' event"):
+        getattr(event, name)
+
+
+def test_asyncconn_warns_once_about_an_event_it_never_fires(caplog):
+    from nsq_sync import AsyncConn
+
+    conn = AsyncConn("127.0.0.1", 4150)
+    caplog.set_level(logging.WARNING, logger="nsq_sync.events")
+    name = "mesage-%d" % id(conn)  # (warned once per process and name)
+    conn.on(name, lambda **kwargs: None)
+    conn.on(name, lambda **kwargs: None)
+    for known in EVENTS:
+        conn.on(known, lambda **kwargs: None)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "nsq_sync.events"]
+    assert len(warnings) == 1, warnings
+    assert f"AsyncConn.on({name!r})" in warnings[0] and "message" in warnings[0]
+    # The listener still works with trigger(), as in pynsq.
+    calls = []
+    conn.on(name, lambda **kwargs: calls.append(kwargs))
+    conn.trigger(name, x=1)
+    assert calls == [{"x": 1}]
+
+
+def test_a_plain_evented_mixin_takes_any_name_without_a_warning(thing, caplog):
+    caplog.set_level(logging.WARNING, logger="nsq_sync.events")
+    thing.on("anything-at-all", lambda: None)
+    assert not [r for r in caplog.records if r.name == "nsq_sync.events"]
