@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 1 the job ran but failed (messages lost, a publish
 failed); 2 bad arguments (a bad topic name, a handler that does not import; ``tail``'s
-default channel refused on a topic whose backlog it would take and delete);
+default channel refused on a topic whose backlog it would take and delete, or whose backlog it
+could not check);
 3 a broker could not be reached or started; 4 refused: every nsqd ``pub`` publishes to refused
 its connection's handshake (the AUTH secret, or TLS: an untrusted certificate, TLS required or
 missing), which retrying with the same settings will not fix; 130 interrupted (Ctrl-C, or
@@ -33,7 +34,7 @@ import stat
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -793,29 +794,37 @@ def _backlog_request_timeout(deadline: float, what: str, unchecked: List[str]) -
     return min(BACKLOG_CHECK_REQUEST_TIMEOUT, remaining)
 
 
-def _nsqd_http_targets(args: argparse.Namespace, addresses: Dict[str, Any], deadline: float, unchecked: List[str]) -> List[str]:
-    """The nsqd HTTP addresses tail's backlog check asks: --nsqd-http-address, else each
-    --nsqd-tcp-address's port + 1 (nsqd's convention), and every nsqd nsqlookupd lists for
-    the topic. What cannot be asked goes to *unchecked*, with the reason."""
+def _failure_reason(exc: BaseException) -> str:
+    """*exc* in a few words, for the backlog check's message: an HTTPError without its URL
+    (the address is named already)."""
+    from .errors import HTTPError
+
+    if isinstance(exc, HTTPError):
+        return f"HTTP {exc.status}: {exc.message}" if exc.status else exc.message
+    return str(exc) or type(exc).__name__
+
+
+def _nsqd_http_targets(args: argparse.Namespace, addresses: Dict[str, Any], deadline: float,
+                       unchecked: List[str]) -> List[Tuple[str, Optional[str]]]:
+    """The nsqd HTTP addresses tail's backlog check asks, each with the --nsqd-tcp-address it
+    was guessed from (None for an address known: given, or listed by nsqlookupd): every nsqd
+    nsqlookupd lists for the topic (its broadcast address and real HTTP port), and
+    --nsqd-http-address, else each --nsqd-tcp-address's port + 1 (nsqd's convention; not for
+    an nsqd nsqlookupd listed already). What cannot be asked goes to *unchecked*, with the
+    reason."""
     from .errors import Error, HTTPError
     from .httpapi import LookupdClient
 
-    targets: List[str] = []
+    targets: Dict[str, Optional[str]] = {}
+    listed = set()  # the TCP addresses of the nsqd nsqlookupd listed
 
-    def add(address: str) -> None:
-        if address not in targets:
-            targets.append(address)
+    def add(address: str, guessed_from: Optional[str] = None) -> None:
+        if address not in targets or guessed_from is None:  # (known beats guessed)
+            targets[address] = guessed_from
 
-    given = [address for value in getattr(args, "nsqd_http_address", None) or [] for address in value]
-    for address in given:
-        add(address)
-    if not given:
-        for address in addresses["nsqd_tcp_addresses"] or []:
-            host, _, port = address.rpartition(":")
-            if int(port) < 65535:
-                add(f"{host}:{int(port) + 1}")
-            else:
-                unchecked.append(f"nsqd {address}: no conventional HTTP port (TCP port + 1); give --nsqd-http-address")
+    def join(host: str, port: int) -> str:
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
     for address in addresses["lookupd_http_addresses"] or []:
         timeout = _backlog_request_timeout(deadline, f"nsqlookupd {address}", unchecked)
         if timeout is None:
@@ -824,43 +833,83 @@ def _nsqd_http_targets(args: argparse.Namespace, addresses: Dict[str, Any], dead
             answer = LookupdClient(address, timeout=timeout).lookup(args.topic)
         except HTTPError as exc:
             if exc.status != 404 or exc.message != "TOPIC_NOT_FOUND":
-                unchecked.append(f"nsqlookupd {address}: {exc}")
+                unchecked.append(f"nsqlookupd {address}: {_failure_reason(exc)}")
             continue  # (TOPIC_NOT_FOUND: no nsqd has registered the topic, so none holds a backlog of it)
         except Error as exc:
-            unchecked.append(f"nsqlookupd {address}: {exc}")
+            unchecked.append(f"nsqlookupd {address}: {_failure_reason(exc)}")
             continue
         for producer in answer["producers"]:
             host = producer.get("broadcast_address") if isinstance(producer, dict) else None
             port = producer.get("http_port") if isinstance(producer, dict) else None
             if isinstance(host, str) and host and isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536:
-                add(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+                add(join(host, port))
+                tcp_port = producer.get("tcp_port")
+                if isinstance(tcp_port, int) and not isinstance(tcp_port, bool):
+                    listed.add(join(host, tcp_port))
             else:
                 unchecked.append(f"nsqlookupd {address}: a producer without a usable broadcast_address and http_port")
-    return targets
+    given = [address for value in getattr(args, "nsqd_http_address", None) or [] for address in value]
+    for address in given:
+        add(address)
+    if not given:
+        for address in addresses["nsqd_tcp_addresses"] or []:
+            host, _, port = address.rpartition(":")
+            if address in listed:
+                continue
+            if int(port) < 65535:
+                add(f"{host}:{int(port) + 1}", address)
+            else:
+                unchecked.append(f"nsqd {address}: no HTTP port to guess (TCP port + 1)")
+    return list(targets.items())
+
+
+def _guess_is_wrong(client: Any, tcp_address: str) -> Optional[str]:
+    """Why the HTTP API at *client* (TCP port + 1, a guess) is not that of the nsqd at
+    *tcp_address*, or None when it is: its /info must be an nsqd's whose TCP port is that one,
+    or one whose own HTTP port is its TCP port + 1 (the convention holds there too, as behind a
+    port mapping: 14150->4150, 14151->4151). Otherwise port + 1 may be anything, another nsqd's
+    HTTP API too, and its stats would say nothing about this nsqd's topic."""
+    info = client.info()
+    tcp_port, http_port = info.get("tcp_port"), info.get("http_port")
+    if not all(isinstance(port, int) and not isinstance(port, bool) for port in (tcp_port, http_port)):
+        return "it is not an nsqd's HTTP API"
+    if tcp_port != int(tcp_address.rpartition(":")[2]) and http_port != tcp_port + 1:
+        return f"it is the HTTP API of another nsqd (TCP port {tcp_port})"
+    return None
 
 
 def _check_backlog(args: argparse.Namespace, addresses: Dict[str, Any]) -> None:
     """Refuse (exit 2) to subscribe tail's ephemeral channel where the topic has no channel
     but holds messages: as the topic's first channel it would take that backlog, and nsqd
     deletes an ephemeral channel, with every message in it, when its last client leaves.
-    A check that cannot be made (an HTTP API not reachable) is a warning. At most
-    BACKLOG_CHECK_TIMEOUT seconds in all."""
+    A check that cannot be made (an HTTP API not reachable, or not found: nsqd's HTTP port is
+    not its TCP port + 1) is refused too: going on would lose such a backlog all the same.
+    At most BACKLOG_CHECK_TIMEOUT seconds in all."""
     from .errors import Error
     from .httpapi import NsqdHTTPClient
 
     deadline = time.monotonic() + BACKLOG_CHECK_TIMEOUT
     unchecked: List[str] = []
     backlog: List[str] = []
-    for address in _nsqd_http_targets(args, addresses, deadline, unchecked):
-        timeout = _backlog_request_timeout(deadline, f"nsqd {address}", unchecked)
+    for address, guessed_from in _nsqd_http_targets(args, addresses, deadline, unchecked):
+        what = f"nsqd HTTP {address}, guessed as TCP port + 1 of {guessed_from}" if guessed_from else f"nsqd HTTP {address}"
+        timeout = _backlog_request_timeout(deadline, what, unchecked)
         if timeout is None:
             continue
         try:
+            if guessed_from:
+                wrong = _guess_is_wrong(NsqdHTTPClient(address, timeout=timeout), guessed_from)
+                if wrong is not None:
+                    unchecked.append(f"{what}: {wrong}")
+                    continue
+                timeout = _backlog_request_timeout(deadline, what, unchecked)
+                if timeout is None:
+                    continue
             stats = NsqdHTTPClient(address, timeout=timeout).topic_stats(args.topic)  # (its shape checked: HTTPError)
             depth = int(stats.get("depth") or 0) if stats else 0
             channels = len(stats["channels"]) if stats else 0
         except (Error, TypeError, ValueError) as exc:  # (TypeError, ValueError: a depth that is no number)
-            unchecked.append(f"nsqd HTTP {address}: {exc}")
+            unchecked.append(f"{what}: {_failure_reason(exc)}")
             continue
         logger.info("backlog check: topic %s on nsqd HTTP %s: %s", args.topic, address,
                     f"{channels} channel(s), depth {depth}" if stats else "not there yet")
@@ -874,10 +923,12 @@ def _check_backlog(args: argparse.Namespace, addresses: Dict[str, Any]) -> None:
             "stays, or --take-backlog to go ahead anyway"
         )
     if unchecked:
-        logger.warning(
-            "could not check whether topic %s holds messages that no channel has taken yet (%s); going on. If it "
-            "does, tail's ephemeral channel takes them and nsqd deletes them when tail exits (--channel NAME "
-            "avoids that; --nsqd-http-address says where nsqd's HTTP API is)", args.topic, "; ".join(unchecked),
+        shown = "; ".join(unchecked[:3]) + (f"; and {len(unchecked) - 3} more" if len(unchecked) > 3 else "")
+        raise UsageError(
+            f"could not check whether topic {args.topic!r} holds messages that no channel has taken yet ({shown}); "
+            "tail's own channel (ephemeral) would take them and lose them when tail exits. Give --nsqd-http-address "
+            "HOST:PORT (nsqd's HTTP API) or --lookupd-http-address HOST:PORT so that tail can check, --channel NAME "
+            "to read through a channel that stays, or --take-backlog to go ahead anyway"
         )
 
 
@@ -1249,7 +1300,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with the default channel, subscribe even to a topic that has no channel and holds messages "
                            "(its first channel takes them, and nsqd deletes tail's ephemeral one, with them, when tail exits)")
     tail.add_argument("--nsqd-http-address", action="append", type=_check_address, metavar="HOST:PORT",
-                      help="nsqd HTTP address(es) for the backlog check (default: each --nsqd-tcp-address's port + 1)")
+                      help="nsqd HTTP address(es) for the backlog check (default: each --nsqd-tcp-address's port + 1, "
+                           "if an nsqd with that TCP port answers there; with --lookupd-http-address, the ports it lists)")
     backend_arg(tail)
     connection_args(tail)
     tail.set_defaults(func=cmd_tail)
