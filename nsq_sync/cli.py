@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 1 the job ran but failed (messages lost, a publish
 failed); 2 bad arguments (a bad topic name, a handler that does not import; ``tail``'s
-default channel refused on a topic whose backlog it would take and delete);
+default channel refused on a topic whose backlog it would take and delete, or whose backlog it
+could not check);
 3 a broker could not be reached or started; 4 refused: every nsqd ``pub`` publishes to refused
 its connection's handshake (the AUTH secret, or TLS: an untrusted certificate, TLS required or
 missing), which retrying with the same settings will not fix; 130 interrupted (Ctrl-C, or
@@ -33,7 +34,7 @@ import stat
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -75,7 +76,8 @@ class OutputGone(Exception):
 
 
 #: the commands for which their output's reader leaving is a normal stop (exit 0): they run
-#: until stopped, and `| head -1` is how a script takes the first of what they print
+#: until stopped, and `| head -1` is how a script takes the first of what they print (not of
+#: `tail --channel NAME`: lines in the pipe that head did not read are finished; -n N is the way)
 _STOPPED_BY_OUTPUT_END = ("tail", "cluster")
 
 
@@ -199,6 +201,8 @@ MAX_DEMO_THREADS = 1000
 MAX_DEMO_BATCH = 100_000
 MAX_DEMO_BODY_SIZE = 1024 * 1024 - 64  # under nsqd's default --max-msg-size (1 MiB)
 MAX_CLUSTER_NSQD = 100
+#: where pub and tail connect when given no address: nsqd's default TCP address
+DEFAULT_NSQD_TCP_ADDRESS = "127.0.0.1:4150"
 MAX_TIMEOUT = 86400.0
 #: worker --close-timeout: the drain must end before the process manager's SIGKILL (Kubernetes
 #: sends it 30 s after SIGTERM by default; the Reader's own default, 30 s, ends just after that)
@@ -717,7 +721,7 @@ def cmd_pub(args: argparse.Namespace) -> int:
         empty = next((number for number, body in enumerate(bodies, 1) if not body), None)
         if empty is not None:  # (nsqd refuses an empty body; "$UNSET" would publish nothing, silently)
             raise UsageError(f"argument {empty} is empty: nsqd refuses empty messages (empty lines of stdin are skipped)")
-    addresses = _addresses(args, default_nsqd="127.0.0.1:4150")
+    addresses = _addresses(args, default_nsqd=DEFAULT_NSQD_TCP_ADDRESS)
     if not addresses["nsqd_tcp_addresses"]:
         raise UsageError("pub needs --nsqd-tcp-address")
     connection = _connection_settings(args)
@@ -793,29 +797,37 @@ def _backlog_request_timeout(deadline: float, what: str, unchecked: List[str]) -
     return min(BACKLOG_CHECK_REQUEST_TIMEOUT, remaining)
 
 
-def _nsqd_http_targets(args: argparse.Namespace, addresses: Dict[str, Any], deadline: float, unchecked: List[str]) -> List[str]:
-    """The nsqd HTTP addresses tail's backlog check asks: --nsqd-http-address, else each
-    --nsqd-tcp-address's port + 1 (nsqd's convention), and every nsqd nsqlookupd lists for
-    the topic. What cannot be asked goes to *unchecked*, with the reason."""
+def _failure_reason(exc: BaseException) -> str:
+    """*exc* in a few words, for the backlog check's message: an HTTPError without its URL
+    (the address is named already)."""
+    from .errors import HTTPError
+
+    if isinstance(exc, HTTPError):
+        return f"HTTP {exc.status}: {exc.message}" if exc.status else exc.message
+    return str(exc) or type(exc).__name__
+
+
+def _nsqd_http_targets(args: argparse.Namespace, addresses: Dict[str, Any], deadline: float,
+                       unchecked: List[str]) -> List[Tuple[str, Optional[str]]]:
+    """The nsqd HTTP addresses tail's backlog check asks, each with the --nsqd-tcp-address it
+    was guessed from (None for an address known: given, or listed by nsqlookupd): every nsqd
+    nsqlookupd lists for the topic (its broadcast address and real HTTP port), and
+    --nsqd-http-address, else each --nsqd-tcp-address's port + 1 (nsqd's convention; not for
+    an nsqd nsqlookupd listed already). What cannot be asked goes to *unchecked*, with the
+    reason."""
     from .errors import Error, HTTPError
     from .httpapi import LookupdClient
 
-    targets: List[str] = []
+    targets: Dict[str, Optional[str]] = {}
+    listed = set()  # the TCP addresses of the nsqd nsqlookupd listed
 
-    def add(address: str) -> None:
-        if address not in targets:
-            targets.append(address)
+    def add(address: str, guessed_from: Optional[str] = None) -> None:
+        if address not in targets or guessed_from is None:  # (known beats guessed)
+            targets[address] = guessed_from
 
-    given = [address for value in getattr(args, "nsqd_http_address", None) or [] for address in value]
-    for address in given:
-        add(address)
-    if not given:
-        for address in addresses["nsqd_tcp_addresses"] or []:
-            host, _, port = address.rpartition(":")
-            if int(port) < 65535:
-                add(f"{host}:{int(port) + 1}")
-            else:
-                unchecked.append(f"nsqd {address}: no conventional HTTP port (TCP port + 1); give --nsqd-http-address")
+    def join(host: str, port: int) -> str:
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
     for address in addresses["lookupd_http_addresses"] or []:
         timeout = _backlog_request_timeout(deadline, f"nsqlookupd {address}", unchecked)
         if timeout is None:
@@ -824,43 +836,83 @@ def _nsqd_http_targets(args: argparse.Namespace, addresses: Dict[str, Any], dead
             answer = LookupdClient(address, timeout=timeout).lookup(args.topic)
         except HTTPError as exc:
             if exc.status != 404 or exc.message != "TOPIC_NOT_FOUND":
-                unchecked.append(f"nsqlookupd {address}: {exc}")
+                unchecked.append(f"nsqlookupd {address}: {_failure_reason(exc)}")
             continue  # (TOPIC_NOT_FOUND: no nsqd has registered the topic, so none holds a backlog of it)
         except Error as exc:
-            unchecked.append(f"nsqlookupd {address}: {exc}")
+            unchecked.append(f"nsqlookupd {address}: {_failure_reason(exc)}")
             continue
         for producer in answer["producers"]:
             host = producer.get("broadcast_address") if isinstance(producer, dict) else None
             port = producer.get("http_port") if isinstance(producer, dict) else None
             if isinstance(host, str) and host and isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536:
-                add(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+                add(join(host, port))
+                tcp_port = producer.get("tcp_port")
+                if isinstance(tcp_port, int) and not isinstance(tcp_port, bool):
+                    listed.add(join(host, tcp_port))
             else:
                 unchecked.append(f"nsqlookupd {address}: a producer without a usable broadcast_address and http_port")
-    return targets
+    given = [address for value in getattr(args, "nsqd_http_address", None) or [] for address in value]
+    for address in given:
+        add(address)
+    if not given:
+        for address in addresses["nsqd_tcp_addresses"] or []:
+            host, _, port = address.rpartition(":")
+            if address in listed:
+                continue
+            if int(port) < 65535:
+                add(f"{host}:{int(port) + 1}", address)
+            else:
+                unchecked.append(f"nsqd {address}: no HTTP port to guess (TCP port + 1)")
+    return list(targets.items())
+
+
+def _guess_is_wrong(client: Any, tcp_address: str) -> Optional[str]:
+    """Why the HTTP API at *client* (TCP port + 1, a guess) is not that of the nsqd at
+    *tcp_address*, or None when it is: its /info must be an nsqd's whose TCP port is that one,
+    or one whose own HTTP port is its TCP port + 1 (the convention holds there too, as behind a
+    port mapping: 14150->4150, 14151->4151). Otherwise port + 1 may be anything, another nsqd's
+    HTTP API too, and its stats would say nothing about this nsqd's topic."""
+    info = client.info()
+    tcp_port, http_port = info.get("tcp_port"), info.get("http_port")
+    if not all(isinstance(port, int) and not isinstance(port, bool) for port in (tcp_port, http_port)):
+        return "it is not an nsqd's HTTP API"
+    if tcp_port != int(tcp_address.rpartition(":")[2]) and http_port != tcp_port + 1:
+        return f"it is the HTTP API of another nsqd (TCP port {tcp_port})"
+    return None
 
 
 def _check_backlog(args: argparse.Namespace, addresses: Dict[str, Any]) -> None:
     """Refuse (exit 2) to subscribe tail's ephemeral channel where the topic has no channel
     but holds messages: as the topic's first channel it would take that backlog, and nsqd
     deletes an ephemeral channel, with every message in it, when its last client leaves.
-    A check that cannot be made (an HTTP API not reachable) is a warning. At most
-    BACKLOG_CHECK_TIMEOUT seconds in all."""
+    A check that cannot be made (an HTTP API not reachable, or not found: nsqd's HTTP port is
+    not its TCP port + 1) is refused too: going on would lose such a backlog all the same.
+    At most BACKLOG_CHECK_TIMEOUT seconds in all."""
     from .errors import Error
     from .httpapi import NsqdHTTPClient
 
     deadline = time.monotonic() + BACKLOG_CHECK_TIMEOUT
     unchecked: List[str] = []
     backlog: List[str] = []
-    for address in _nsqd_http_targets(args, addresses, deadline, unchecked):
-        timeout = _backlog_request_timeout(deadline, f"nsqd {address}", unchecked)
+    for address, guessed_from in _nsqd_http_targets(args, addresses, deadline, unchecked):
+        what = f"nsqd HTTP {address}, guessed as TCP port + 1 of {guessed_from}" if guessed_from else f"nsqd HTTP {address}"
+        timeout = _backlog_request_timeout(deadline, what, unchecked)
         if timeout is None:
             continue
         try:
+            if guessed_from:
+                wrong = _guess_is_wrong(NsqdHTTPClient(address, timeout=timeout), guessed_from)
+                if wrong is not None:
+                    unchecked.append(f"{what}: {wrong}")
+                    continue
+                timeout = _backlog_request_timeout(deadline, what, unchecked)
+                if timeout is None:
+                    continue
             stats = NsqdHTTPClient(address, timeout=timeout).topic_stats(args.topic)  # (its shape checked: HTTPError)
             depth = int(stats.get("depth") or 0) if stats else 0
             channels = len(stats["channels"]) if stats else 0
         except (Error, TypeError, ValueError) as exc:  # (TypeError, ValueError: a depth that is no number)
-            unchecked.append(f"nsqd HTTP {address}: {exc}")
+            unchecked.append(f"{what}: {_failure_reason(exc)}")
             continue
         logger.info("backlog check: topic %s on nsqd HTTP %s: %s", args.topic, address,
                     f"{channels} channel(s), depth {depth}" if stats else "not there yet")
@@ -874,10 +926,12 @@ def _check_backlog(args: argparse.Namespace, addresses: Dict[str, Any]) -> None:
             "stays, or --take-backlog to go ahead anyway"
         )
     if unchecked:
-        logger.warning(
-            "could not check whether topic %s holds messages that no channel has taken yet (%s); going on. If it "
-            "does, tail's ephemeral channel takes them and nsqd deletes them when tail exits (--channel NAME "
-            "avoids that; --nsqd-http-address says where nsqd's HTTP API is)", args.topic, "; ".join(unchecked),
+        shown = "; ".join(unchecked[:3]) + (f"; and {len(unchecked) - 3} more" if len(unchecked) > 3 else "")
+        raise UsageError(
+            f"could not check whether topic {args.topic!r} holds messages that no channel has taken yet ({shown}); "
+            "tail's own channel (ephemeral) would take them and lose them when tail exits. Give --nsqd-http-address "
+            "HOST:PORT (nsqd's HTTP API) or --lookupd-http-address HOST:PORT so that tail can check, --channel NAME "
+            "to read through a channel that stays, or --take-backlog to go ahead anyway"
         )
 
 
@@ -976,7 +1030,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
             for message in writing:
                 give_back(message)
 
-    addresses = _addresses(args, default_nsqd="127.0.0.1:4150")
+    addresses = _addresses(args, default_nsqd=DEFAULT_NSQD_TCP_ADDRESS)
     connection = _connection_settings(args)
     reader = nsq_sync.Reader(
         args.topic, channel, message_handler=handler, max_in_flight=max_in_flight[0], backend=args.backend,
@@ -1159,7 +1213,7 @@ def build_parser() -> argparse.ArgumentParser:
             "examples:\n"
             "  nsq-sync demo -n 10000                       # local cluster, publish + consume, summary\n"
             "  nsq-sync cluster                             # nsqlookupd + 2 nsqd until Ctrl-C\n"
-            "  nsq-sync pub --topic events hello world      # two messages to 127.0.0.1:4150\n"
+            f"  nsq-sync pub --topic events hello world      # two messages to {DEFAULT_NSQD_TCP_ADDRESS}\n"
             "  nsq-sync tail --topic events -n 2            # print two messages and exit\n"
             "  nsq-sync worker tasks:handle --topic events --channel work --lookupd-http-address 127.0.0.1:4161\n"
             "\nexit codes: 0 ok, 1 failed (lost messages, publish errors), 2 bad arguments, 3 broker unavailable,\n"
@@ -1169,10 +1223,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO (rates once a second for worker)")
     parser.add_argument("--version", action="version", version=f"nsq-sync {__version__}")
     # -v is accepted after the command too (nsq-sync worker -v ...); SUPPRESS keeps a -v given
-    # before the command from being reset by the subcommand's default.
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                        help="log at INFO on stderr; worker also logs a line of rates every second")
+    # before the command from being reset by the subcommand's default. Each command's help
+    # says what it logs.
+    def verbose_parent(also: str = "") -> argparse.ArgumentParser:
+        common = argparse.ArgumentParser(add_help=False)
+        common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                            help=f"log at INFO on stderr instead of WARNING{also}")
+        return common
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=functools.partial(argparse.ArgumentParser, formatter_class=_HelpFormatter))
     sub.required = True
 
@@ -1191,12 +1248,15 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"the secret AUTH sends, for an nsqd with --auth-http-address; every user of the machine can read it in ps: "
                               f"prefer ${AUTH_SECRET_ENV}, read when this option is not given")
 
-    def address_args(p: argparse.ArgumentParser, lookupd: bool = True) -> None:
-        p.add_argument("--nsqd-tcp-address", action="append", type=_check_address, metavar="HOST:PORT", help="nsqd TCP address (repeatable, or comma-separated)")
+    def address_args(p: argparse.ArgumentParser, default: str, lookupd: bool = True) -> None:
+        """*default*: what the help says is used when no address is given."""
+        p.add_argument("--nsqd-tcp-address", action="append", type=_check_address, metavar="HOST:PORT",
+                       help=f"nsqd TCP address (repeatable, or comma-separated); {default}")
         if lookupd:
-            p.add_argument("--lookupd-http-address", action="append", type=_check_address, metavar="HOST:PORT", help="nsqlookupd HTTP address (repeatable, or comma-separated)")
+            p.add_argument("--lookupd-http-address", action="append", type=_check_address, metavar="HOST:PORT",
+                           help="nsqlookupd HTTP address (repeatable, or comma-separated), to find the nsqd that have the topic")
 
-    demo = sub.add_parser("demo", parents=[common], help="publish and consume through a local cluster and report", epilog="example: nsq-sync demo -n 100000 --json")
+    demo = sub.add_parser("demo", parents=[verbose_parent()], help="publish and consume through a local cluster and report", epilog="example: nsq-sync demo -n 100000 --json")
     demo.add_argument("-n", "--count", type=_int_range(1, MAX_DEMO_COUNT), default=100_000, help="messages to send")
     demo.add_argument("--threads", type=_int_range(1, MAX_DEMO_THREADS), default=4, help="publishing threads")
     demo.add_argument("--batch", type=_int_range(1, MAX_DEMO_BATCH), default=50, help="messages per MPUB; 1 publishes each with PUB")
@@ -1209,12 +1269,12 @@ def build_parser() -> argparse.ArgumentParser:
     backend_arg(demo)
     demo.set_defaults(func=cmd_demo)
 
-    worker = sub.add_parser("worker", parents=[common], help="run module:function as a consumer (SIGTERM drains)",
+    worker = sub.add_parser("worker", parents=[verbose_parent(", and a line of rates every second (received, finished, requeued)")], help="run module:function as a consumer (SIGTERM drains)",
                             epilog="example: nsq-sync worker tasks:handle --topic events --channel work --lookupd-http-address 127.0.0.1:4161")
     worker.add_argument("handler", help="module:function taking a Message; return True/None to finish, False to requeue")
-    worker.add_argument("--topic", required=True, type=_check_topic)
-    worker.add_argument("--channel", required=True, type=_check_channel)
-    address_args(worker)
+    worker.add_argument("--topic", required=True, type=_check_topic, help="the topic to consume")
+    worker.add_argument("--channel", required=True, type=_check_channel, help="the channel to consume it through (workers sharing one share its messages)")
+    address_args(worker, "at least one of it or --lookupd-http-address")
     worker.add_argument("--max-in-flight", type=_int_range(1, MAX_IN_FLIGHT), default=1, help="the Reader's max_in_flight")
     worker.add_argument("--concurrency", type=_int_range(1, MAX_CONCURRENCY), default=None,
                         help="handler workers; by default as many as --max-in-flight, up to the most allowed")
@@ -1225,36 +1285,41 @@ def build_parser() -> argparse.ArgumentParser:
     connection_args(worker)
     worker.set_defaults(func=cmd_worker)
 
-    pub = sub.add_parser("pub", parents=[common], help="publish messages (arguments, or stdin lines with -)", epilog="example: printf 'a\\nb\\n' | nsq-sync pub --topic events -")
-    pub.add_argument("--topic", required=True, type=_check_topic)
-    address_args(pub, lookupd=False)
+    pub = sub.add_parser("pub", parents=[verbose_parent()], help="publish messages (arguments, or stdin lines with -)", epilog="example: printf 'a\\nb\\n' | nsq-sync pub --topic events -")
+    pub.add_argument("--topic", required=True, type=_check_topic, help="the topic to publish to")
+    address_args(pub, f"default {DEFAULT_NSQD_TCP_ADDRESS}", lookupd=False)
     pub.add_argument("--timeout", type=_seconds(0.001, MAX_TIMEOUT), default=10.0,
                      help="how long to wait for nsqd, per message; not when every nsqd refused the AUTH secret or TLS settings (exit 4 at once)")
     pub.add_argument("--max-msg-size", type=_int_range(1, MAX_MSG_SIZE), default=DEFAULT_MAX_MSG_SIZE,
                      help="bytes; a bigger message is refused before it is sent (exit 1): set it to your nsqd's --max-msg-size")
-    pub.add_argument("-q", "--quiet", action="store_true")
+    pub.add_argument("-q", "--quiet", action="store_true",
+                     help="no count on stderr after a success (a failure or a stop still says how many were published)")
     pub.add_argument("messages", nargs="*", help="message bodies; '-' or none reads stdin lines")
     backend_arg(pub)
     connection_args(pub)
     pub.set_defaults(func=cmd_pub)
 
-    tail = sub.add_parser("tail", parents=[common], help="print messages as they arrive", epilog="example: nsq-sync tail --topic events --lookupd-http-address 127.0.0.1:4161 -n 10")
-    tail.add_argument("--topic", required=True, type=_check_topic)
+    tail = sub.add_parser("tail", parents=[verbose_parent()], help="print messages as they arrive", epilog="example: nsq-sync tail --topic events --lookupd-http-address 127.0.0.1:4161 -n 10")
+    tail.add_argument("--topic", required=True, type=_check_topic, help="the topic to print")
     tail.add_argument("--channel", type=_check_channel, default=None, help="default: an ephemeral channel of its own")
-    address_args(tail)
-    tail.add_argument("-n", type=_positive_int, default=None, help="exit after N messages; by default, run until stopped")
+    address_args(tail, f"default {DEFAULT_NSQD_TCP_ADDRESS} when no --lookupd-http-address is given")
+    tail.add_argument("-n", type=_positive_int, default=None,
+                      help="exit after N messages (by default, run until stopped); on a channel that stays, the way to take "
+                           "the first N: | head -N loses the lines it leaves in the pipe")
     tail.add_argument("--max-in-flight", type=_int_range(1, MAX_IN_FLIGHT), default=200, help="messages nsqd may send before tail answers")
     tail.add_argument("--lookupd-poll-interval", type=_seconds(0.001, MAX_TIMEOUT), default=5.0, help="how often to ask nsqlookupd for the topic's nsqd")
     tail.add_argument("--take-backlog", action="store_true",
-                      help="with the default channel, subscribe even to a topic that has no channel and holds messages "
-                           "(its first channel takes them, and nsqd deletes tail's ephemeral one, with them, when tail exits)")
+                      help="with the default channel, skip the backlog check: subscribe even to a topic that has no channel and "
+                           "holds messages, or where the check cannot be made (its first channel takes them, and nsqd deletes "
+                           "tail's ephemeral one, with them, when tail exits)")
     tail.add_argument("--nsqd-http-address", action="append", type=_check_address, metavar="HOST:PORT",
-                      help="nsqd HTTP address(es) for the backlog check (default: each --nsqd-tcp-address's port + 1)")
+                      help="nsqd HTTP address(es) for the backlog check (default: each --nsqd-tcp-address's port + 1, if that "
+                           "nsqd answers there; not needed with --lookupd-http-address, which gives each nsqd's)")
     backend_arg(tail)
     connection_args(tail)
     tail.set_defaults(func=cmd_tail)
 
-    cluster = sub.add_parser("cluster", parents=[common], help="run a local nsqlookupd + nsqd cluster in the foreground", epilog="example: nsq-sync cluster --nsqd 3")
+    cluster = sub.add_parser("cluster", parents=[verbose_parent()], help="run a local nsqlookupd + nsqd cluster in the foreground", epilog="example: nsq-sync cluster --nsqd 3")
     cluster.add_argument("--nsqd", type=_int_range(1, MAX_CLUSTER_NSQD), default=2, help="how many nsqd")
     cluster.add_argument("--json", action="store_true", help="print the addresses as JSON")
     cluster.set_defaults(func=cmd_cluster)

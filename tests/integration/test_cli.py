@@ -668,7 +668,8 @@ def test_two_tails_get_channels_of_their_own_even_with_the_same_pid(nsqd: NsqdPr
     # (on gevent the script runs under gevent's runner itself: the CLI's re-exec would drop its getpid)
     runner = [sys.executable, "-m", "gevent.monkey"] if backend == "gevent" else [sys.executable]
     env = cli_env({"NSQ_SYNC_CLI_GEVENT": "1"} if backend == "gevent" else None)
-    argv = [*runner, str(script), "tail", "--topic", topic, "--nsqd-tcp-address", nsqd.tcp_address, "-n", str(total), "--backend", backend]
+    argv = [*runner, str(script), "tail", "--topic", topic, "--nsqd-tcp-address", nsqd.tcp_address, "--nsqd-http-address", nsqd.http_address,
+            "-n", str(total), "--backend", backend]
     nsqd.create_topic(topic)
 
     def channels() -> List[Dict[str, object]]:
@@ -822,24 +823,114 @@ def test_tail_backlog_check_through_lookupd_and_nsqd_http_address(nsq_cluster, e
     assert sorted(tail.stdout.splitlines()) == ["a", "b", "c"], describe(tail)
 
 
-def test_tail_goes_on_with_a_warning_when_the_backlog_check_cannot_be_made(nsqd: NsqdProcess, env: Dict[str, str], backend: str) -> None:
-    """nsqd's HTTP API not reachable where tail looks: a warning naming the way round, then tail
-    runs as before."""
-    topic = "cli_backlog_unchecked"
-    nowhere = f"127.0.0.1:{free_port()}"
-    with CliProcess.nsq_sync("tail", "--topic", topic, "--nsqd-tcp-address", nsqd.tcp_address, "--nsqd-http-address", nowhere,
-                             "-n", "1", "--backend", backend, env=env) as tail:
-        line = tail.wait_for_line(lambda l: "could not check whether topic" in l, stream="stderr", timeout=20)
-        assert nowhere in line and "--nsqd-http-address" in line and "--channel NAME" in line, line
-
+def test_tail_asks_an_nsqd_nsqlookupd_lists_at_its_real_http_port_not_a_guess(nsq_cluster, env: Dict[str, str], backend: str) -> None:
+    """--lookupd-http-address and --nsqd-tcp-address of an nsqd nsqlookupd lists (whose HTTP
+    port is not its TCP port + 1): the check asks it at the HTTP port nsqlookupd gives, and does
+    not refuse over a guess that finds nothing; the topic has a channel, so tail runs."""
+    nsqd = nsq_cluster.nsqds[0]
+    topic = "cli_backlog_listed"
+    assert nsqd.http_port != nsqd.tcp_port + 1, "the test needs an nsqd whose HTTP port is not its TCP port + 1"
+    nsqd.create_channel(topic, "other")
+    nsq_cluster.wait_for_producers(topic, count=1)
+    with CliProcess.nsq_sync("tail", "--topic", topic, "--lookupd-http-address", nsq_cluster.lookupd_http_addresses[0],
+                             "--nsqd-tcp-address", nsqd.tcp_address, "-n", "1", "--backend", backend, env=env) as tail:
         def subscribed() -> bool:
             channels = (nsqd.topic_stats(topic) or {}).get("channels") or []
-            return any(int(c["client_count"]) == 1 for c in channels) or tail.proc.poll() is not None
+            return any(str(c["channel_name"]).startswith("tail-") and int(c["client_count"]) >= 1 for c in channels) or tail.proc.poll() is not None
 
         wait_until(subscribed, timeout=20, message="tail subscribed")
         nsqd.publish(topic, b"after")
         assert tail.wait(30) == EXIT_OK, tail.output()
         assert tail.stdout() == ["after"], tail.output()
+
+
+def assert_refused_unchecked(tail: "subprocess.CompletedProcess[str]", topic: str, *named: str) -> None:
+    """tail refused because its backlog check could not be made: exit 2, nothing printed, one
+    line saying so, naming *named* (what could not be asked) and every way on."""
+    assert tail.returncode == EXIT_USAGE, describe(tail)
+    assert tail.stdout == "" and tail.stderr.count("\n") == 1, describe(tail)
+    assert tail.stderr.startswith(f"nsq-sync: error: could not check whether topic '{topic}' holds messages that no channel has taken yet ("), describe(tail)
+    for text in (*named, "--nsqd-http-address HOST:PORT", "--lookupd-http-address HOST:PORT", "--channel NAME", "--take-backlog"):
+        assert text in tail.stderr, f"{text!r} not said\n{describe(tail)}"
+
+
+def assert_backlog_kept(nsqd: NsqdProcess, topic: str, depth: int) -> None:
+    """The topic still holds its *depth* messages and has no channel: nothing subscribed."""
+    stats = nsqd.topic_stats(topic)
+    assert stats is not None and stats["depth"] == depth and stats["channels"] == [], stats
+
+
+def test_tail_refuses_when_the_backlog_check_cannot_be_made(nsqd: NsqdProcess, env: Dict[str, str], backend: str) -> None:
+    """An nsqd whose HTTP port is not its TCP port + 1 (`nsq-sync cluster`'s, this fixture's),
+    named by --nsqd-tcp-address alone: tail's guess finds no HTTP API. Before, tail warned, went
+    on, and its ephemeral channel took the topic's backlog: `tail -n 1` printed m0, exit 0, and
+    m1..m4 were gone with the channel. Now it refuses (exit 2, one line naming the ways on) and
+    the backlog stays; so it does when the --nsqd-http-address or --lookupd-http-address given
+    does not answer. With nsqd's real HTTP address the check is made (and refuses for the
+    backlog), and --take-backlog still goes ahead."""
+    topic = "cli_backlog_unchecked"
+    assert nsqd.http_port != nsqd.tcp_port + 1, "the test needs an nsqd whose HTTP port is not its TCP port + 1"  # type: ignore[operator]
+    nsqd.mpublish(topic, [b"m%d" % i for i in range(5)])
+    guessed = f"127.0.0.1:{nsqd.tcp_port + 1}"  # type: ignore[operator]
+    nowhere = f"127.0.0.1:{free_port()}"
+    for where, named in (
+        (["--nsqd-tcp-address", nsqd.tcp_address], f"nsqd HTTP {guessed}, guessed as TCP port + 1 of {nsqd.tcp_address}"),
+        (["--nsqd-tcp-address", nsqd.tcp_address, "--nsqd-http-address", nowhere], f"nsqd HTTP {nowhere}: connection refused"),
+        (["--lookupd-http-address", nowhere], f"nsqlookupd {nowhere}: connection refused"),
+    ):
+        tail = run_cli("tail", "--topic", topic, *where, "-n", "1", "--backend", backend, env=env)
+        assert_refused_unchecked(tail, topic, named)
+        assert_backlog_kept(nsqd, topic, 5)
+
+    tail = run_cli("tail", "--topic", topic, "--nsqd-tcp-address", nsqd.tcp_address, "--nsqd-http-address", nsqd.http_address,
+                   "-n", "1", "--backend", backend, env=env)
+    assert tail.returncode == EXIT_USAGE and f"holds messages (5 on nsqd HTTP {nsqd.http_address})" in tail.stderr, describe(tail)
+    assert_backlog_kept(nsqd, topic, 5)
+
+    tail = run_cli("tail", "--topic", topic, "--nsqd-tcp-address", nsqd.tcp_address, "-n", "1", "--take-backlog", "--backend", backend, env=env)
+    assert tail.returncode == EXIT_OK and tail.stdout == "m0\n", describe(tail)
+
+
+@contextlib.contextmanager
+def nsqd_with_another_at_tcp_port_plus_1() -> Iterator[Tuple[NsqdProcess, NsqdProcess]]:
+    """Two started nsqd, the second's HTTP API on the first's TCP port + 1 (as can happen on
+    ports the kernel picks: `nsq-sync cluster`). The port is only free until the second binds
+    it: a start that fails is tried again with another pair."""
+    for _ in range(50):
+        first = NsqdProcess()
+        try:
+            first.start()
+            second = NsqdProcess(extra_args=[f"--http-address=127.0.0.1:{first.tcp_port + 1}"])  # type: ignore[operator]
+            try:
+                second.start()
+            except BrokerStartError as exc:
+                second.close()
+                if "address already in use" not in str(exc):
+                    raise
+                continue
+            try:
+                yield first, second
+            finally:
+                second.close()
+            return
+        finally:
+            first.close()
+    pytest.fail("no nsqd whose TCP port + 1 another nsqd could bind")
+
+
+def test_tail_does_not_check_the_backlog_at_another_nsqds_http_api(env: Dict[str, str], backend: str) -> None:
+    """The guess, TCP port + 1, answers, but it is another nsqd's HTTP API (its /info names
+    another TCP port), whose stats say nothing about this nsqd's topic. Before, tail took that
+    nsqd's "no such topic" for this one's, went on and took the backlog (exit 0, m0 printed, the
+    rest gone). Now it refuses as for a check it could not make."""
+    topic = "cli_backlog_foreign"
+    with nsqd_with_another_at_tcp_port_plus_1() as (nsqd, other):
+        nsqd.mpublish(topic, [b"a", b"b", b"c"])
+        tail = run_cli("tail", "--topic", topic, "--nsqd-tcp-address", nsqd.tcp_address, "-n", "1", "--backend", backend, env=env)
+        assert_refused_unchecked(tail, topic, f"nsqd HTTP {other.http_address}, guessed as TCP port + 1 of {nsqd.tcp_address}: "
+                                              f"it is the HTTP API of another nsqd (TCP port {other.tcp_port})")
+        assert_backlog_kept(nsqd, topic, 3)
+        assert other.topic_stats(topic) is None
 
 
 def assert_interrupted_at_once(pub: Any, signum: int, topic: str, also_absent: Tuple[str, ...] = ()) -> None:

@@ -12,7 +12,9 @@ versions are in tests/unit/test_bad_input_reader_cli.py):
   AttributeError traceback and exit 1 before); an empty ``pub`` argument exits 2 before anything
   is published (it was skipped silently: ``pub ""`` printed "published 0 message(s)");
 * each command's ``--help`` shows every number option's range and default, and they are the
-  ones the command accepts (most showed none, or only some of it, in words);
+  ones the command accepts (most showed none, or only some of it, in words); every option has a
+  text, and it is the command's own (``-v`` spoke of worker's rates in every command; ``pub`` and
+  ``tail`` did not say they connect to 127.0.0.1:4150 by default);
 * a bad TLS or AUTH setting (a missing or unreadable certificate file, one OpenSSL refuses, a TLS
   option without --tls, an empty secret) exits 2 with one line before anything connects and
   before worker imports the handler.
@@ -316,3 +318,35 @@ def test_help_shows_each_number_options_range_and_default_as_the_command_applies
             assert parsed(option, repr(kind(10**12))) == 10**12, (command, option)
         default = kind(match["default"].replace(",", "")) if match["default"] else None
         assert parsed() == default, (command, option, default)
+
+
+def command_parser(command: str) -> argparse.ArgumentParser:
+    from nsq_sync import cli
+
+    parser = cli.build_parser()
+    return next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction)).choices[command]
+
+
+@pytest.mark.parametrize("command", sorted(NUMBER_OPTIONS))
+def test_help_gives_every_option_a_text_that_holds_for_the_command(command: str, env: Dict[str, str]) -> None:
+    """Each command's --help has a text for every option and argument, and each text is the
+    command's own: -v speaks of a line of rates only for worker (every command said "worker also
+    logs a line of rates every second"), and pub and tail show where they connect when given no
+    address, 127.0.0.1:4150. Before, pub -q and every --topic had no text, and neither pub nor
+    tail showed the default address."""
+    proc = run_bytes(command, "--help", env={**env, "COLUMNS": "1000"})
+    assert proc.returncode == EXIT_OK, describe(proc)
+    text = proc.stdout.decode()
+    entries = help_entries(text)
+    for action in command_parser(command)._actions:
+        for option in action.option_strings:
+            assert entries.get(option, ("", ""))[1], f"{command} {option}: no help text in\n{text}"
+        if not action.option_strings:  # (a positional argument: its line is "  NAME  text")
+            assert any(line.split(None, 1)[:1] == [action.dest] and len(line.split()) > 1 for line in text.splitlines()), \
+                f"{command} {action.dest}: no help text in\n{text}"
+    verbose = entries["-v"][1]
+    assert verbose.startswith("log at INFO on stderr") and "worker" not in verbose, verbose
+    assert ("rates" in verbose) == (command == "worker"), verbose
+    if command in ("pub", "tail"):
+        assert "default 127.0.0.1:4150" in entries["--nsqd-tcp-address"][1], entries["--nsqd-tcp-address"]
+
