@@ -37,6 +37,7 @@ from .errors import (
     ConnectionClosedError,
     HandshakeRefusedError,
     NoConnectionsError,
+    ProtocolError,
     SendError,
     ServerError,
     TimeoutError,
@@ -111,11 +112,17 @@ def _refusal(error: BaseException, authed_before: bool) -> bool:
     - a TLSError of this client's own making (TLS asked for and nsqd offers none) or from
       OpenSSL refusing the handshake: nsqd's certificate not trusted or not for this host, an
       alert (nsqd wants a client certificate). Not one caused by the network (a timeout, a
-      reset, an EOF in the middle of the handshake): those may pass.
+      reset, an EOF in the middle of the handshake): those may pass;
+    - a ProtocolError: the peer answered the handshake with bytes that are not NSQ's protocol
+      (an HTTP response from nsqd's HTTP port, nsqlookupd's unframed E_BAD_PROTOCOL, another
+      service's banner, a frame type or size nsqd never sends, an IDENTIFY or AUTH answer that
+      is not the JSON nsqd sends): the address is not nsqd's TCP port, or what listens there
+      is not nsqd. The network does not make these: what it breaks ends the handshake with a
+      timeout (ConnectError) or a close (ConnectionClosedError), which may pass.
     """
     if isinstance(error, AuthFailedError):
         return not authed_before
-    if isinstance(error, (ServerError, AuthRequiredError)):
+    if isinstance(error, (ServerError, AuthRequiredError, ProtocolError)):
         return True
     if isinstance(error, TLSError):
         cause = error.__cause__
@@ -445,9 +452,16 @@ class Writer:
         first = self._refusal_cause()
         if first is None:
             return None
+        not_nsq = [isinstance(node.refused, ProtocolError) for node in self._nodes]
+        if all(not_nsq):
+            why = "every address answered the connection's handshake with something other than NSQ's protocol (is each one an nsqd TCP port?)"
+        elif any(not_nsq):
+            why = "every nsqd refused the connection's handshake (credentials or TLS) or answered it with something other than NSQ's protocol"
+        else:
+            why = "every nsqd refused the connection's handshake (credentials or TLS)"
         error = HandshakeRefusedError(
-            f"no connection to any of {[n.address for n in self._nodes]}: every nsqd refused the connection's handshake "
-            f"(credentials or TLS), so this publish does not wait; {self.name} keeps reconnecting in the background" + self._last_errors()
+            f"no connection to any of {[n.address for n in self._nodes]}: {why}, so this publish does not wait; "
+            f"{self.name} keeps reconnecting in the background" + self._last_errors()
         )
         error.__cause__ = first
         error.__suppress_context__ = True
@@ -581,7 +595,8 @@ class Writer:
         E_* ServerError class nsqd answered with, ConnectionClosedError when the connection
         went before the answer, TimeoutError when *timeout* passed (the outcome is then unknown),
         NoConnectionsError when no nsqd was reachable in time (its subclass HandshakeRefusedError
-        at once when every nsqd refused the connection's handshake: AUTH, TLS), ClosedError after close(),
+        at once when every nsqd refused the connection's handshake, AUTH or TLS, or answered it with
+        something other than NSQ's protocol: not nsqd's TCP port), ClosedError after close(),
         ConfigError/TypeError for a bad topic or body (before anything is sent).
         With *callback*: return at once; ``callback(conn, data)`` runs on the worker pool with
         the answer or the exception as data (pynsq's convention).
