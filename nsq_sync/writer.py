@@ -501,6 +501,10 @@ class Writer:
         self._check_pid()  # (a forked child's or a deferred Writer's connections start now)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            # (taken before looking: an attempt that ends after this sets it. Not _changed,
+            # which stays set while any node is connected: with fewer than *count*, a wait on
+            # it returned at once, and this loop spun on a CPU until the timeout.)
+            attempted = self._attempted
             if self._stopping.is_set():
                 raise ClosedError(f"{self.name} is closed")  # (it would never connect again)
             with self._lock:
@@ -509,7 +513,8 @@ class Writer:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return False
-            self._changed.wait(0.05 if remaining is None else min(remaining, 0.05))
+            # (at most 50 ms: a close() does not set it)
+            attempted.wait(0.05 if remaining is None else min(remaining, 0.05))
 
     def close(self, timeout: Optional[float] = None) -> None:
         """Wait for pending publishes (up to *timeout*, default publish_timeout), then close every connection.
