@@ -138,7 +138,9 @@ def _refusal(error: BaseException, authed_before: bool) -> bool:
 
 
 class _Node:
-    __slots__ = ("host", "port", "conn", "task", "attempts", "last_error", "refused", "authed", "lanes", "free", "growing", "grow_after")
+    __slots__ = (
+        "host", "port", "conn", "task", "attempts", "last_error", "refused", "authed", "started", "ended", "lanes", "free", "growing", "grow_after"
+    )
 
     def __init__(self, host: str, port: int) -> None:
         self.host = host
@@ -152,6 +154,10 @@ class _Node:
         self.refused: Optional[BaseException] = None
         #: nsqd accepted this Writer's AUTH secret on a connection before
         self.authed = False
+        #: attempts to connect begun, and ended (whatever the outcome; counted after refused
+        #: is set): which attempts a wait_connected() may end early on (see there)
+        self.started = 0
+        self.ended = 0
         #: extra connections for blocking publishes that would otherwise wait for another
         #: thread's read (see Writer._lane): all of them (replaced, never changed in place)...
         self.lanes: List[AsyncConn] = []
@@ -383,12 +389,14 @@ class Writer:
     def _node_loop(self, node: _Node) -> None:
         while not self._stopping.is_set():
             conn = self._new_conn(node)
+            node.started += 1
             try:
                 conn.connect()
             except Exception as exc:
                 node.attempts += 1
                 node.last_error = exc
                 node.refused = exc if _refusal(exc, node.authed) else None
+                node.ended += 1
                 delay = exponential_delay(node.attempts, self.reconnect_interval, self.max_reconnect_interval)
                 logger.warning("%s: cannot connect to %s (%s); retrying in %.1fs", self.name, node.address, exc, delay)
                 self._attempt_ended()
@@ -396,6 +404,7 @@ class Writer:
                 continue
             node.attempts = 0
             node.refused = None
+            node.ended += 1
             if conn.auth_response is not None:
                 node.authed = True
             # Checked under the lock close() sets _stopping under: either close() sees this
@@ -487,6 +496,12 @@ class Writer:
     def wait_connected(self, timeout: Optional[float] = None, count: int = 1) -> bool:
         """Block until at least *count* nodes are connected; False on timeout.
 
+        With a *timeout*, False before it too, as soon as every nsqd refused an attempt to
+        connect made during the wait (see _refused: credentials, TLS, not NSQ's protocol), as
+        a publish raises HandshakeRefusedError: waiting would not help. An nsqd already
+        refused when the wait begins is given its next attempt, so after fixing the cause a
+        wait_connected() waits for that attempt. Without a timeout it waits until connected.
+
         *timeout*: seconds (0..86400) or None (no limit). *count*: int from 1 to the number of
         nsqd addresses. Raises ConfigError/TypeError naming the parameter for anything else,
         ClosedError once the Writer is closed (before or during the wait).
@@ -500,6 +515,15 @@ class Writer:
             raise ConfigError("count", count, f"must be from 1 to {nodes} (the number of nsqd addresses this Writer has)") from None
         self._check_pid()  # (a forked child's or a deferred Writer's connections start now)
         deadline = None if timeout is None else time.monotonic() + timeout
+        # Per node, the attempt whose refusal counts (its number in node.ended): the one under
+        # way or next, or, for a node refused already, the first to begin after this point (one
+        # under way may have been refused before the cause was fixed). Read in this order: a
+        # failed attempt sets refused before it counts itself ended.
+        watched = self._nodes
+        counted: List[int] = []
+        for node in watched:
+            ended = node.ended
+            counted.append(node.started + 1 if node.refused is not None else ended + 1)
         while True:
             # (taken before looking: an attempt that ends after this sets it. Not _changed,
             # which stays set while any node is connected: with fewer than *count*, a wait on
@@ -513,6 +537,8 @@ class Writer:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return False
+            if deadline is not None and all(node.ended >= first and node.refused is not None for node, first in zip(watched, counted)):
+                return False  # every nsqd refused an attempt made during the wait
             # (at most 50 ms: a close() does not set it)
             attempted.wait(0.05 if remaining is None else min(remaining, 0.05))
 

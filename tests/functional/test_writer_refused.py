@@ -377,3 +377,76 @@ def test_not_nsqd_and_another_refusing_the_secret_fails_at_once(backend: str) ->
     finally:
         http.stop()
         refusing.stop()
+
+
+# ============================================================== wait_connected
+@pytest.mark.parametrize("refusal", ["not-nsqd", "auth"])
+def test_wait_connected_returns_false_at_once_when_every_nsqd_refused(backend: str, refusal: str) -> None:
+    # Before, it returned False only at the end of its timeout.
+    if refusal == "auth":
+        fake = refusing_fake()
+    else:
+        fake = FakeNsqd().start()
+        fake.set_answer("IDENTIFY", [raw(HTTP_400), close()])
+    try:
+        with writer_to(address(fake), backend) as writer:
+            began = time.monotonic()
+            assert writer.wait_connected(LONG) is False
+            elapsed = time.monotonic() - began
+            assert elapsed < PROMPT, f"returned after {elapsed:.2f}s of a {LONG:g}s timeout"
+            assert writer._nodes[0].refused is not None
+    finally:
+        fake.stop()
+
+
+def test_wait_connected_after_a_fix_waits_for_an_attempt_begun_after_it(backend: str) -> None:
+    # An nsqd already refused when the wait begins is given its next attempt: the one under way
+    # may have been refused before the cause was fixed, and does not end the wait.
+    fake = refusing_fake()
+    gate = Gate(REFUSE_AUTH)  # (an attempt under way when the secret is fixed: refused all the same)
+    try:
+        with writer_to(address(fake), backend, timeout=WAIT) as writer:
+            exc, _ = timed(lambda: writer.pub("t", b"refused"))
+            assert isinstance(exc, HandshakeRefusedError)
+            fake.set_answer("AUTH", gate)
+            assert gate.arrived.wait(WAIT), "no attempt reached AUTH"
+            fake.set_answer("AUTH", DEFAULT)  # fixed, for the attempts from now on
+            # (released while the wait below runs: if it ran first, the outcome is the same)
+            threading.Timer(0.2, gate.release.set).start()
+            began = time.monotonic()
+            assert writer.wait_connected(WAIT) is True, f"False after {time.monotonic() - began:.2f}s"
+            assert gate.release.is_set()
+            assert writer.pub("t", b"accepted") == b"OK"
+    finally:
+        gate.release.set()
+        fake.stop()
+
+
+def test_wait_connected_without_a_timeout_waits_until_connected(backend: str) -> None:
+    # No timeout: it has no False to return, refused or not (as before).
+    fake = refusing_fake()
+    try:
+        with writer_to(address(fake), backend) as writer:
+            result: List[Any] = []
+            waiter = threading.Thread(target=lambda: result.append(writer.wait_connected()), daemon=True)
+            waiter.start()
+            fake.wait_for_command("AUTH", count=3)  # (refused three times while it waits)
+            assert waiter.is_alive() and result == [], result
+            fake.reset_answers()
+            waiter.join(WAIT)
+            assert result == [True]
+    finally:
+        fake.stop()
+
+
+def test_wait_connected_with_one_nsqd_refused_and_another_unreachable_waits_for_its_timeout(backend: str) -> None:
+    fake = FakeNsqd().start()
+    fake.set_answer("IDENTIFY", [raw(HTTP_400), close()])
+    try:
+        with writer_to([address(fake), f"127.0.0.1:{free_port()}"], backend) as writer:
+            began = time.monotonic()
+            assert writer.wait_connected(1.0) is False
+            assert time.monotonic() - began >= 0.95
+            assert writer._nodes[0].refused is not None and writer._nodes[1].refused is None
+    finally:
+        fake.stop()

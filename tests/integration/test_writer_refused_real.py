@@ -167,6 +167,11 @@ def test_a_port_that_is_not_nsqds_tcp_port_fails_at_once(port: str, nsqd: NsqdPr
         "nsqd-http": (nsqd.http_address, "is this nsqd's HTTP port instead of its TCP port?"),
         "nsqlookupd-tcp": (nsqlookupd.tcp_address, "is this nsqlookupd's TCP port instead of nsqd's?"),
     }[port]
+    # wait_connected() says so at once too (False), not at the end of its timeout
+    began = time.monotonic()
+    assert writers(address).wait_connected(LONG) is False
+    waited = time.monotonic() - began
+    assert waited < PROMPT, f"wait_connected returned after {waited:.2f}s of {LONG:g}s"
     writer = writers(address)
     exc, elapsed = refused(lambda: writer.pub(TOPIC, b"x"))
     assert isinstance(exc.__cause__, ProtocolError), repr(exc.__cause__)
