@@ -6,7 +6,8 @@ default channel refused on a topic whose backlog it would take and delete, or wh
 could not check);
 3 a broker could not be reached or started; 4 refused: every nsqd ``pub`` publishes to refused
 its connection's handshake (the AUTH secret, or TLS: an untrusted certificate, TLS required or
-missing), which retrying with the same settings will not fix; 130 interrupted (Ctrl-C, or
+missing) or answered it with something other than NSQ's protocol (an address that is not nsqd's
+TCP port, such as its HTTP port), which retrying with the same settings will not fix; 130 interrupted (Ctrl-C, or
 SIGTERM/SIGHUP during ``demo``, which stops its brokers first, or ``pub``, which closes its
 Writer first). ``worker``,
 ``tail`` and ``cluster`` treat SIGINT and SIGTERM as the normal way to stop and exit 0.
@@ -58,7 +59,7 @@ class Unavailable(Exception):
 
 
 class Refused(Exception):
-    """Every nsqd refused the handshake: credentials or TLS (exit code 4)."""
+    """Every nsqd refused the handshake (credentials or TLS), or is not nsqd's TCP port (exit code 4)."""
 
 
 class Failed(Exception):
@@ -733,7 +734,7 @@ def cmd_pub(args: argparse.Namespace) -> int:
         return f"published {published} message(s) to {args.topic}"
 
     def unavailable(exc: BaseException) -> Exception:
-        # (every nsqd refused the handshake: exit 4, not 3, as trying again later will not help)
+        # (every nsqd refused the handshake, or is not nsqd: exit 4, not 3, as trying again later will not help)
         cls = Refused if isinstance(exc, nsq_sync.HandshakeRefusedError) else Unavailable
         return cls(f"{what} {number}: {exc}; {done()} before {what} {number}")
 
@@ -1217,7 +1218,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  nsq-sync tail --topic events -n 2            # print two messages and exit\n"
             "  nsq-sync worker tasks:handle --topic events --channel work --lookupd-http-address 127.0.0.1:4161\n"
             "\nexit codes: 0 ok, 1 failed (lost messages, publish errors), 2 bad arguments, 3 broker unavailable,\n"
-            "  4 refused by nsqd (credentials or TLS: AUTH secret, certificate), 130 interrupted"
+            "  4 refused by nsqd (credentials or TLS: AUTH secret, certificate; or not nsqd's TCP port), 130 interrupted"
         ),
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO (rates once a second for worker)")
@@ -1289,7 +1290,8 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--topic", required=True, type=_check_topic, help="the topic to publish to")
     address_args(pub, f"default {DEFAULT_NSQD_TCP_ADDRESS}", lookupd=False)
     pub.add_argument("--timeout", type=_seconds(0.001, MAX_TIMEOUT), default=10.0,
-                     help="how long to wait for nsqd, per message; not when every nsqd refused the AUTH secret or TLS settings (exit 4 at once)")
+                     help="how long to wait for nsqd, per message; not when every nsqd refused the AUTH secret or TLS settings, "
+                          "or answered as something other than nsqd (its HTTP port): exit 4 at once")
     pub.add_argument("--max-msg-size", type=_int_range(1, MAX_MSG_SIZE), default=DEFAULT_MAX_MSG_SIZE,
                      help="bytes; a bigger message is refused before it is sent (exit 1): set it to your nsqd's --max-msg-size")
     pub.add_argument("-q", "--quiet", action="store_true",

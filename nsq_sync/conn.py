@@ -103,6 +103,8 @@ RECV_SLICE_SECONDS = 1.0
 #: bytes a handshake step's answer (IDENTIFY, AUTH, an upgrade's OK) may take: nsqd's are under
 #: a kilobyte; a peer sending megabytes (kept in identify_response) is refused
 HANDSHAKE_ANSWER_MAX = 64 * 1024
+#: how many of the first bytes of a handshake answer that is not NSQ's protocol its ProtocolError shows
+HANDSHAKE_SHOWN = 48
 #: plain TCP: one send waits at most this long for room in the socket (thread backend: the
 #: kernel's SO_SNDTIMEO; gevent: a wait for writability in _send_rest). Only a write the socket cannot take at
 #: once gets there: it then goes on in slices, so a caller with a deadline stops at its
@@ -673,8 +675,12 @@ class AsyncConn(EventedMixin):
         decoder = self._decoder
         deadline = time.monotonic() + self.timeout
         received = 0
+        head = b""  # the answer's first bytes, shown when they are not NSQ's protocol
         while True:
-            frames = decoder.feed(b"", 1) if decoder.buffered else []
+            try:
+                frames = decoder.feed(b"", 1) if decoder.buffered else []
+            except ProtocolError as exc:
+                raise self._not_nsq(what, head, exc) from None
             if not frames:
                 if time.monotonic() >= deadline:
                     raise ConnectError(f"timed out after {self.timeout}s waiting for the answer to {what} from {self.id} (it came in part)")
@@ -684,13 +690,32 @@ class AsyncConn(EventedMixin):
                 received += len(data)
                 if received > HANDSHAKE_ANSWER_MAX:
                     raise ProtocolError(f"{self.id} sent more than {HANDSHAKE_ANSWER_MAX} bytes in answer to {what}; nsqd's are far smaller")
-                frames = decoder.feed(data, 1)
+                if len(head) <= HANDSHAKE_SHOWN:
+                    head += bytes(data[: HANDSHAKE_SHOWN + 1 - len(head)])
+                try:
+                    frames = decoder.feed(data, 1)
+                except ProtocolError as exc:
+                    raise self._not_nsq(what, head, exc) from None
             for frame_type, payload in frames:
                 if frame_type == FRAME_TYPE_RESPONSE and payload == HEARTBEAT:
                     self._stream.sendall(commands.nop())
                     continue
                 # nsqd answers each handshake step before anything else can arrive.
                 return frame_type, payload
+
+    def _not_nsq(self, what: str, head: bytes, exc: ProtocolError) -> ProtocolError:
+        """The frame decoder's *exc* for an answer to a handshake step that is not NSQ's
+        protocol, saying who sent it and its first bytes (*head*): the commonest cause is an
+        address that is not nsqd's TCP port, and those bytes say what answered instead."""
+        shown = ""
+        if head:
+            shown = " with " + repr(head[:HANDSHAKE_SHOWN]) + ("..." if len(head) > HANDSHAKE_SHOWN else "")
+        hint = ""
+        if head[4:6] == b"E_" and len(head) >= 8:
+            # nsqlookupd's TCP port answers a magic it does not speak with a bare size and
+            # "E_BAD_PROTOCOL", no frame type (nsqd frames its errors)
+            hint = ": an error without a frame type, as nsqlookupd sends; is this nsqlookupd's TCP port instead of nsqd's?"
+        return type(exc)(f"{self.id} answered {what}{shown}, not NSQ's protocol: {exc}{hint}")
 
     def _read_response(self, what: str) -> bytes:
         frame_type, payload = self._read_frame(what)

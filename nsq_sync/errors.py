@@ -322,10 +322,11 @@ class HandshakeRefusedError(NoConnectionsError):
     """No nsqd connection can be had, and waiting would not help: the latest attempt to connect
     to every nsqd was refused during the handshake for a reason that looks permanent (nsqd
     refused the AUTH secret or had none, or refused the client's settings; nsqd's TLS
-    certificate was not trusted, or TLS was asked for and nsqd has none). A publish raises it at
+    certificate was not trusted, or TLS was asked for and nsqd has none; or what answered does
+    not speak NSQ's protocol, as nsqd's HTTP port does not: a ProtocolError). A publish raises it at
     once instead of at the end of its timeout; the Writer keeps reconnecting meanwhile, and
     publishes go through again once a connection succeeds. ``__cause__`` is the first nsqd's
-    refusal (AuthFailedError, TLSError, ...); the message names each nsqd and its error. A
+    refusal (AuthFailedError, TLSError, ProtocolError, ...); the message names each nsqd and its error. A
     NoConnectionsError, so code catching that sees it too."""
 
 

@@ -37,6 +37,7 @@ from .errors import (
     ConnectionClosedError,
     HandshakeRefusedError,
     NoConnectionsError,
+    ProtocolError,
     SendError,
     ServerError,
     TimeoutError,
@@ -111,11 +112,17 @@ def _refusal(error: BaseException, authed_before: bool) -> bool:
     - a TLSError of this client's own making (TLS asked for and nsqd offers none) or from
       OpenSSL refusing the handshake: nsqd's certificate not trusted or not for this host, an
       alert (nsqd wants a client certificate). Not one caused by the network (a timeout, a
-      reset, an EOF in the middle of the handshake): those may pass.
+      reset, an EOF in the middle of the handshake): those may pass;
+    - a ProtocolError: the peer answered the handshake with bytes that are not NSQ's protocol
+      (an HTTP response from nsqd's HTTP port, nsqlookupd's unframed E_BAD_PROTOCOL, another
+      service's banner, a frame type or size nsqd never sends, an IDENTIFY or AUTH answer that
+      is not the JSON nsqd sends): the address is not nsqd's TCP port, or what listens there
+      is not nsqd. The network does not make these: what it breaks ends the handshake with a
+      timeout (ConnectError) or a close (ConnectionClosedError), which may pass.
     """
     if isinstance(error, AuthFailedError):
         return not authed_before
-    if isinstance(error, (ServerError, AuthRequiredError)):
+    if isinstance(error, (ServerError, AuthRequiredError, ProtocolError)):
         return True
     if isinstance(error, TLSError):
         cause = error.__cause__
@@ -131,7 +138,9 @@ def _refusal(error: BaseException, authed_before: bool) -> bool:
 
 
 class _Node:
-    __slots__ = ("host", "port", "conn", "task", "attempts", "last_error", "refused", "authed", "lanes", "free", "growing", "grow_after")
+    __slots__ = (
+        "host", "port", "conn", "task", "attempts", "last_error", "refused", "authed", "started", "ended", "lanes", "free", "growing", "grow_after"
+    )
 
     def __init__(self, host: str, port: int) -> None:
         self.host = host
@@ -145,6 +154,10 @@ class _Node:
         self.refused: Optional[BaseException] = None
         #: nsqd accepted this Writer's AUTH secret on a connection before
         self.authed = False
+        #: attempts to connect begun, and ended (whatever the outcome; counted after refused
+        #: is set): which attempts a wait_connected() may end early on (see there)
+        self.started = 0
+        self.ended = 0
         #: extra connections for blocking publishes that would otherwise wait for another
         #: thread's read (see Writer._lane): all of them (replaced, never changed in place)...
         self.lanes: List[AsyncConn] = []
@@ -386,12 +399,14 @@ class Writer:
     def _node_loop(self, node: _Node) -> None:
         while not self._stopping.is_set():
             conn = self._new_conn(node)
+            node.started += 1
             try:
                 conn.connect()
             except Exception as exc:
                 node.attempts += 1
                 node.last_error = exc
                 node.refused = exc if _refusal(exc, node.authed) else None
+                node.ended += 1
                 delay = exponential_delay(node.attempts, self.reconnect_interval, self.max_reconnect_interval)
                 logger.warning("%s: cannot connect to %s (%s); retrying in %.1fs", self.name, node.address, exc, delay)
                 self._attempt_ended()
@@ -399,6 +414,7 @@ class Writer:
                 continue
             node.attempts = 0
             node.refused = None
+            node.ended += 1
             if conn.auth_response is not None:
                 node.authed = True
             # Checked under the lock close() sets _stopping under: either close() sees this
@@ -455,9 +471,16 @@ class Writer:
         first = self._refusal_cause()
         if first is None:
             return None
+        not_nsq = [isinstance(node.refused, ProtocolError) for node in self._nodes]
+        if all(not_nsq):
+            why = "every address answered the connection's handshake with something other than NSQ's protocol (is each one an nsqd TCP port?)"
+        elif any(not_nsq):
+            why = "every nsqd refused the connection's handshake (credentials or TLS) or answered it with something other than NSQ's protocol"
+        else:
+            why = "every nsqd refused the connection's handshake (credentials or TLS)"
         error = HandshakeRefusedError(
-            f"no connection to any of {[n.address for n in self._nodes]}: every nsqd refused the connection's handshake "
-            f"(credentials or TLS), so this publish does not wait; {self.name} keeps reconnecting in the background" + self._last_errors()
+            f"no connection to any of {[n.address for n in self._nodes]}: {why}, so this publish does not wait; "
+            f"{self.name} keeps reconnecting in the background" + self._last_errors()
         )
         error.__cause__ = first
         error.__suppress_context__ = True
@@ -483,6 +506,12 @@ class Writer:
     def wait_connected(self, timeout: Optional[float] = None, count: int = 1) -> bool:
         """Block until at least *count* nodes are connected; False on timeout.
 
+        With a *timeout*, False before it too, as soon as every nsqd refused an attempt to
+        connect made during the wait (see _refused: credentials, TLS, not NSQ's protocol), as
+        a publish raises HandshakeRefusedError: waiting would not help. An nsqd already
+        refused when the wait begins is given its next attempt, so after fixing the cause a
+        wait_connected() waits for that attempt. Without a timeout it waits until connected.
+
         *timeout*: seconds (0..86400) or None (no limit). *count*: int from 1 to the number of
         nsqd addresses. Raises ConfigError/TypeError naming the parameter for anything else,
         ClosedError once the Writer is closed (before or during the wait).
@@ -496,7 +525,20 @@ class Writer:
             raise ConfigError("count", count, f"must be from 1 to {nodes} (the number of nsqd addresses this Writer has)") from None
         self._check_pid()  # (a forked child's or a deferred Writer's connections start now)
         deadline = None if timeout is None else time.monotonic() + timeout
+        # Per node, the attempt whose refusal counts (its number in node.ended): the one under
+        # way or next, or, for a node refused already, the first to begin after this point (one
+        # under way may have been refused before the cause was fixed). Read in this order: a
+        # failed attempt sets refused before it counts itself ended.
+        watched = self._nodes
+        counted: List[int] = []
+        for node in watched:
+            ended = node.ended
+            counted.append(node.started + 1 if node.refused is not None else ended + 1)
         while True:
+            # (taken before looking: an attempt that ends after this sets it. Not _changed,
+            # which stays set while any node is connected: with fewer than *count*, a wait on
+            # it returned at once, and this loop spun on a CPU until the timeout.)
+            attempted = self._attempted
             if self._stopping.is_set():
                 raise ClosedError(f"{self.name} is closed")  # (it would never connect again)
             with self._lock:
@@ -505,7 +547,10 @@ class Writer:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return False
-            self._changed.wait(0.05 if remaining is None else min(remaining, 0.05))
+            if deadline is not None and all(node.ended >= first and node.refused is not None for node, first in zip(watched, counted)):
+                return False  # every nsqd refused an attempt made during the wait
+            # (at most 50 ms: a close() does not set it)
+            attempted.wait(0.05 if remaining is None else min(remaining, 0.05))
 
     def close(self, timeout: Optional[float] = None) -> None:
         """Wait for pending publishes (up to *timeout*, default publish_timeout), then close every connection.
@@ -591,7 +636,8 @@ class Writer:
         E_* ServerError class nsqd answered with, ConnectionClosedError when the connection
         went before the answer, TimeoutError when *timeout* passed (the outcome is then unknown),
         NoConnectionsError when no nsqd was reachable in time (its subclass HandshakeRefusedError
-        at once when every nsqd refused the connection's handshake: AUTH, TLS), ClosedError after close(),
+        at once when every nsqd refused the connection's handshake, AUTH or TLS, or answered it with
+        something other than NSQ's protocol: not nsqd's TCP port), ClosedError after close(),
         ConfigError/TypeError for a bad topic or body (before anything is sent).
         With *callback*: return at once; ``callback(conn, data)`` runs on the worker pool with
         the answer or the exception as data (pynsq's convention).

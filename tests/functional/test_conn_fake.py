@@ -547,6 +547,28 @@ def test_http_response_detected_whatever_max_frame_size(server: FakeNsqd, make_c
         conn.connect()
 
 
+@pytest.mark.parametrize(
+    "answer, shown, said",
+    [
+        (HTTP_400, repr(HTTP_400[:48]) + "...", "is this nsqd's HTTP port instead of its TCP port?"),
+        (b"SSH-2.0-OpenSSH_9.6\r\n", repr(b"SSH-2.0-OpenSSH_9.6\r\n"), "exceeds the limit"),
+        # nsqlookupd's TCP port: a bare size and error, no frame type (nsqd frames its own)
+        (struct.pack(">l", 14) + b"E_BAD_PROTOCOL", repr(struct.pack(">l", 14) + b"E_BAD_PROTOCOL"), "is this nsqlookupd's TCP port instead of nsqd's?"),
+    ],
+    ids=["http", "ssh-banner", "nsqlookupd-tcp"],
+)
+def test_a_handshake_answer_that_is_not_nsq_says_who_sent_what(server: FakeNsqd, make_conn, answer: bytes, shown: str, said: str) -> None:
+    # The decoder's error alone ("frame size 1397966893 exceeds the limit ...") does not say
+    # what answered: the address, the step and the first bytes received do.
+    server.set_answer("IDENTIFY", [raw(answer), close()])
+    conn = make_conn()
+    with pytest.raises(ProtocolError) as info:
+        conn.connect()
+    message = str(info.value)
+    assert message.startswith(f"{server.host}:{server.port} answered IDENTIFY with {shown}, not NSQ's protocol: "), message
+    assert said in message, message
+
+
 def test_http_response_after_ready(server: FakeNsqd, make_conn, backend, tasks_before) -> None:
     conn, events = ready_conn(make_conn, server)
     server.send_raw(HTTP_400)

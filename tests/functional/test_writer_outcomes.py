@@ -116,6 +116,23 @@ def test_close_ends_publishes_waiting_for_a_connection_with_closed_error(backend
         publisher.join(WAIT)
 
 
+def test_wait_connected_for_more_nodes_than_are_connected_does_not_spin(backend: str) -> None:
+    # With one nsqd connected and count=2, it waited on an event that stays set while any node
+    # is connected: it returned at once, and the loop took a whole CPU until the timeout.
+    fake = FakeNsqd().start()
+    writer = Writer([f"127.0.0.1:{fake.port}", refused_address()], backend=backend)
+    try:
+        assert writer.wait_connected(WAIT)
+        cpu, began = time.process_time(), time.monotonic()
+        assert writer.wait_connected(1.0, count=2) is False
+        cpu, elapsed = time.process_time() - cpu, time.monotonic() - began
+        assert elapsed >= 0.95, elapsed
+        assert cpu < 0.5 * elapsed, f"{cpu:.2f}s of CPU in a {elapsed:.2f}s wait"
+    finally:
+        writer.close(1)
+        fake.stop()
+
+
 def test_wait_connected_after_close_raises_closed_error(backend: str) -> None:
     # It waited for ever (a closed Writer never connects again); with a timeout, the whole timeout.
     writer = Writer(refused_address(), backend=backend)

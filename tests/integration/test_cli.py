@@ -1163,6 +1163,23 @@ def test_pub_refused_by_nsqd_exits_4_at_once(case: str, auth_server: AuthServer,
         assert secret in auth_server.requests
 
 
+def test_pub_to_nsqds_http_port_exits_4_at_once(nsqd: NsqdProcess, backend: str) -> None:
+    """pub given nsqd's HTTP port as --nsqd-tcp-address (the commonest mistake) exits 4 at once,
+    saying what answered and what the port probably is. Before, it waited out --timeout and
+    exited 3 ("unavailable"), as for an nsqd that is down, which retrying does not fix."""
+    began = time.monotonic()
+    proc = run_cli("pub", "--topic", "cli_not_nsqd", "--nsqd-tcp-address", nsqd.http_address, "--timeout", "30", "--backend", backend,
+                   "one", env=cli_env())
+    elapsed = time.monotonic() - began
+    assert proc.returncode == EXIT_REFUSED, describe(proc)
+    assert elapsed < 20, f"exited after {elapsed:.1f}s of --timeout 30"  # (start-up included; gevent restarts the interpreter)
+    assert "nsq-sync: refused: argument 1: " in proc.stderr and "something other than NSQ's protocol" in proc.stderr, describe(proc)
+    assert f"{nsqd.http_address} answered IDENTIFY with b'HTTP/1.1 400" in proc.stderr, describe(proc)
+    assert "is this nsqd's HTTP port instead of its TCP port?" in proc.stderr, describe(proc)
+    assert "published 0 message(s) to cli_not_nsqd before argument 1" in proc.stderr and "Traceback" not in proc.stderr, describe(proc)
+    assert nsqd.topic_stats("cli_not_nsqd") is None
+
+
 # ----------------------------------------------------------------- cluster
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["SIGTERM", "SIGINT", "SIGHUP"])
 def test_cluster_json_prints_addresses_and_stops_cleanly(signum: int, env: Dict[str, str]) -> None:
@@ -1447,7 +1464,7 @@ def test_help_shows_an_example_for_each_command(env: Dict[str, str]) -> None:
     assert proc.returncode == EXIT_OK, describe(proc)
     for command in COMMANDS:
         assert f"  nsq-sync {command} " in proc.stdout, f"no example for {command}\n{proc.stdout}"
-    assert "exit codes" in proc.stdout and "130" in proc.stdout and "4 refused by nsqd" in proc.stdout
+    assert "exit codes" in proc.stdout and "130" in proc.stdout and "4 refused by nsqd" in proc.stdout and "not nsqd's TCP port" in proc.stdout
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -1,4 +1,5 @@
-"""A Writer refused by a real nsqd v1.3.0 (AUTH, TLS) fails its publishes at once.
+"""A Writer refused by a real nsqd v1.3.0 (AUTH, TLS), or pointed at a port that is not nsqd's
+TCP port (nsqd's HTTP port, nsqlookupd's TCP port), fails its publishes at once.
 
 Before, a wrong AUTH secret, a missing one, an untrusted certificate or an nsqd that requires
 TLS made every blocking publish wait out its whole publish_timeout and then raise
@@ -23,10 +24,11 @@ from nsq_sync.errors import (
     HandshakeRefusedError,
     InvalidError,
     NoConnectionsError,
+    ProtocolError,
     TLSError,
 )
 from nsq_sync.pytest_plugin import started
-from nsq_sync.testing import AuthServer, NsqdProcess, TLSFiles, wait_until
+from nsq_sync.testing import AuthServer, NsqdProcess, NsqlookupdProcess, TLSFiles, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -152,3 +154,31 @@ def test_an_unreachable_nsqd_still_waits_for_the_timeout(nsqd: NsqdProcess, writ
     with pytest.raises(NoConnectionsError) as info:
         writer.pub(TOPIC, b"x")
     assert type(info.value) is NoConnectionsError and time.monotonic() - began >= 0.9, repr(info.value)
+
+
+# =========================================================================== not nsqd's TCP port
+@pytest.mark.parametrize("port", ["nsqd-http", "nsqlookupd-tcp"])
+def test_a_port_that_is_not_nsqds_tcp_port_fails_at_once(port: str, nsqd: NsqdProcess, nsqlookupd: NsqlookupdProcess,
+                                                          writers: Callable[..., Writer]) -> None:
+    # The commonest misconfiguration: nsqd's HTTP port (4151) or nsqlookupd's TCP port (4160)
+    # given as nsqd's TCP port. Before, every publish waited out its publish_timeout (30 s
+    # here) and raised a NoConnectionsError; the ProtocolError saying why was in its message.
+    address, said = {
+        "nsqd-http": (nsqd.http_address, "is this nsqd's HTTP port instead of its TCP port?"),
+        "nsqlookupd-tcp": (nsqlookupd.tcp_address, "is this nsqlookupd's TCP port instead of nsqd's?"),
+    }[port]
+    # wait_connected() says so at once too (False), not at the end of its timeout
+    began = time.monotonic()
+    assert writers(address).wait_connected(LONG) is False
+    waited = time.monotonic() - began
+    assert waited < PROMPT, f"wait_connected returned after {waited:.2f}s of {LONG:g}s"
+    writer = writers(address)
+    exc, elapsed = refused(lambda: writer.pub(TOPIC, b"x"))
+    assert isinstance(exc.__cause__, ProtocolError), repr(exc.__cause__)
+    message = str(exc)
+    assert f"{address} answered IDENTIFY with b'" in message and said in message, message
+    assert "something other than NSQ's protocol" in message, message
+    report(f"{port} port", elapsed, exc)
+    future = writer.pub_async(TOPIC, b"async")
+    assert isinstance(future.exception(PROMPT), HandshakeRefusedError)
+    assert nsqd.topic_stats(TOPIC) is None
