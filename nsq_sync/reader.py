@@ -11,6 +11,8 @@ Where things run
     * timers (backoff windows, RDY redistribution, reconnect delays, RDY settling): one
       scheduler task per Reader that sleeps until the next due time;
     * nsqlookupd polling: one discovery task (HTTP requests block, so not on the scheduler);
+      after a poll in which no nsqlookupd answered it asks again sooner (from
+      ``lookupd_retry_base``, doubling, never later than ``lookupd_poll_interval``);
     * ``backoff``/``resume``/``continue`` events fire synchronously in the thread that
       answers a message (a handler worker, or your thread for ``enable_async()``).
 
@@ -384,7 +386,9 @@ class Reader:
     :param max_tries: attempts after which :meth:`giving_up` gets the message and it is
         FINed (0: unlimited)
     :param max_backoff_duration: seconds; cap of a backoff window (0 disables backoff)
-    :param lookupd_poll_interval: seconds between lookupd polls (first poll at once)
+    :param lookupd_poll_interval: seconds between lookupd polls (first poll at once); after a
+        poll in which every lookupd failed, the next comes sooner: ``lookupd_retry_base``
+        (1 s), doubled per such poll in a row, at most this interval (jitter added too)
     :param lookupd_poll_jitter: each poll waits ``interval * (1 + jitter * random())``
     :param low_rdy_idle_timeout: seconds without a message after which a connection's
         RDY may be handed to another (when connections outnumber max_in_flight)
@@ -415,6 +419,9 @@ class Reader:
     reconnect_base: float = 1.0
     #: longest reconnect delay (seconds)
     reconnect_cap: float = 60.0
+    #: seconds before polling nsqlookupd again after a poll in which none answered; doubles
+    #: per such poll in a row, never more than ``lookupd_poll_interval`` (jitter added to either)
+    lookupd_retry_base: float = 1.0
     #: seconds a lowered RDY is given to reach nsqd, and the messages nsqd sent under the
     #: higher value to arrive, before the capacity it frees is handed out: this plus
     #: ``rdy_settle_rtts`` times the connection's round trip (measured at SUB)
@@ -566,6 +573,8 @@ class Reader:
         self._lookupds = lookupds_shuffled
         self._lookupd_index = 0
         self._lookupd_task: Any = None
+        #: answers from any lookupd so far (a poll in which it did not grow got no answer)
+        self._lookupd_answers = 0
         #: per lookupd address, how its queries went (stats()["lookupd"]); changed under _lock
         self._lookupd_health: Dict[str, Dict[str, Any]] = {
             address: {"address": address, "queries": 0, "failed_queries": 0, "last_success": None, "last_error": None, "producers": None}
@@ -985,6 +994,7 @@ class Reader:
             health = self._lookupd_health[address]
             health["queries"] += 1
             if error is None:
+                self._lookupd_answers += 1
                 health["failed_queries"] = 0
                 health["last_success"] = time.time()
                 health["producers"] = producers
@@ -1805,20 +1815,39 @@ class Reader:
     def _lookupd_loop(self) -> None:
         min_gap = min(1.0, self.lookupd_poll_interval)
         last = float("-inf")
+        woken = False  # the last wait ended early (a connection closed), not by its delay
+        failed = 0  # polls in a row in which no lookupd answered
         while not self._closing:
             gap = time.monotonic() - last
-            if gap < min_gap and self._stop_event.wait(min_gap - gap):
+            if woken and gap < min_gap and self._stop_event.wait(min_gap - gap):
                 break  # an early re-query right after a poll waits a little; close() wakes us
             self._lookupd_wake.clear()
             last = time.monotonic()
+            with self._lock:
+                answers = self._lookupd_answers
             try:
                 self.query_lookupd()
             except Exception:
                 logger.exception("%s: lookupd query crashed", self.name)
             if self._closing:
                 break
-            delay = self.lookupd_poll_interval * (1.0 + self.lookupd_poll_jitter * self._random.random())
-            self._lookupd_wake.wait(delay)
+            with self._lock:
+                answered = self._lookupd_answers != answers
+            failed = 0 if answered else failed + 1
+            delay = self._lookupd_delay(failed)
+            if failed:
+                logger.debug("%s: no lookupd answered (%d polls in a row); asking again in %.1f s", self.name, failed, delay)
+            woken = self._lookupd_wake.wait(delay)
+
+    def _lookupd_delay(self, failed: int) -> float:
+        """Seconds until the next poll after *failed* polls in a row in which no lookupd answered
+        (0: the last one got an answer, even one listing no producer)."""
+        interval = self.lookupd_poll_interval
+        if failed:
+            # 1, 2, 4, ... s: a lookupd that was down (starting after its consumers) is found
+            # again within about as long as it was down, not a whole interval later.
+            interval = min(interval, self.lookupd_retry_base * 2.0 ** min(failed - 1, 40))
+        return interval * (1.0 + self.lookupd_poll_jitter * self._random.random())
 
     # ============================================================= shutdown
     def _cancel_timers_locked(self) -> None:
