@@ -12,7 +12,8 @@ Where things run
       scheduler task per Reader that sleeps until the next due time;
     * nsqlookupd polling: one discovery task (HTTP requests block, so not on the scheduler);
       after a poll in which no nsqlookupd answered it asks again sooner (from
-      ``lookupd_retry_base``, doubling, never later than ``lookupd_poll_interval``);
+      ``lookupd_retry_base``, doubling, never later than ``lookupd_poll_interval``), until
+      an answer lists some nsqd (one back from an outage lists none until they register);
     * ``backoff``/``resume``/``continue`` events fire synchronously in the thread that
       answers a message (a handler worker, or your thread for ``enable_async()``).
 
@@ -388,7 +389,8 @@ class Reader:
     :param max_backoff_duration: seconds; cap of a backoff window (0 disables backoff)
     :param lookupd_poll_interval: seconds between lookupd polls (first poll at once); after a
         poll in which every lookupd failed, the next comes sooner: ``lookupd_retry_base``
-        (1 s), doubled per such poll in a row, at most this interval (jitter added too)
+        (1 s), doubled per poll in a row that failed or, after a failure, found no nsqd, at
+        most this interval (jitter added too)
     :param lookupd_poll_jitter: each poll waits ``interval * (1 + jitter * random())``
     :param low_rdy_idle_timeout: seconds without a message after which a connection's
         RDY may be handed to another (when connections outnumber max_in_flight)
@@ -420,7 +422,8 @@ class Reader:
     #: longest reconnect delay (seconds)
     reconnect_cap: float = 60.0
     #: seconds before polling nsqlookupd again after a poll in which none answered; doubles
-    #: per such poll in a row, never more than ``lookupd_poll_interval`` (jitter added to either)
+    #: per poll in a row that failed or, after a failure, found no nsqd; never more than
+    #: ``lookupd_poll_interval`` (jitter added to either)
     lookupd_retry_base: float = 1.0
     #: seconds a lowered RDY is given to reach nsqd, and the messages nsqd sent under the
     #: higher value to arrive, before the capacity it frees is handed out: this plus
@@ -573,8 +576,9 @@ class Reader:
         self._lookupds = lookupds_shuffled
         self._lookupd_index = 0
         self._lookupd_task: Any = None
-        #: answers from any lookupd so far (a poll in which it did not grow got no answer)
+        #: answers from any lookupd so far, and those listing some nsqd (how a poll went)
         self._lookupd_answers = 0
+        self._lookupd_found = 0
         #: per lookupd address, how its queries went (stats()["lookupd"]); changed under _lock
         self._lookupd_health: Dict[str, Dict[str, Any]] = {
             address: {"address": address, "queries": 0, "failed_queries": 0, "last_success": None, "last_error": None, "producers": None}
@@ -995,6 +999,7 @@ class Reader:
             health["queries"] += 1
             if error is None:
                 self._lookupd_answers += 1
+                self._lookupd_found += 1 if producers else 0
                 health["failed_queries"] = 0
                 health["last_success"] = time.time()
                 health["producers"] = producers
@@ -1816,7 +1821,7 @@ class Reader:
         min_gap = min(1.0, self.lookupd_poll_interval)
         last = float("-inf")
         woken = False  # the last wait ended early (a connection closed), not by its delay
-        failed = 0  # polls in a row in which no lookupd answered
+        failed = 0  # polls in a row in which no lookupd answered (or, after those, none listed an nsqd)
         while not self._closing:
             gap = time.monotonic() - last
             if woken and gap < min_gap and self._stop_event.wait(min_gap - gap):
@@ -1824,7 +1829,7 @@ class Reader:
             self._lookupd_wake.clear()
             last = time.monotonic()
             with self._lock:
-                answers = self._lookupd_answers
+                answers, found = self._lookupd_answers, self._lookupd_found
             try:
                 self.query_lookupd()
             except Exception:
@@ -1832,16 +1837,19 @@ class Reader:
             if self._closing:
                 break
             with self._lock:
-                answered = self._lookupd_answers != answers
-            failed = 0 if answered else failed + 1
+                answered, listed = self._lookupd_answers != answers, self._lookupd_found != found
+            # An nsqlookupd back from an outage knows no nsqd until they register again (at
+            # their next ping, up to 15 s later): its first answers list none, so after failed
+            # polls, an answer listing no nsqd does not end the quicker schedule.
+            failed = 0 if listed or (answered and not failed) else failed + 1
             delay = self._lookupd_delay(failed)
             if failed:
-                logger.debug("%s: no lookupd answered (%d polls in a row); asking again in %.1f s", self.name, failed, delay)
+                logger.debug("%s: no lookupd answered or listed an nsqd (%d polls in a row since a failure); asking again in %.1f s", self.name, failed, delay)
             woken = self._lookupd_wake.wait(delay)
 
     def _lookupd_delay(self, failed: int) -> float:
         """Seconds until the next poll after *failed* polls in a row in which no lookupd answered
-        (0: the last one got an answer, even one listing no producer)."""
+        (or, after such polls, none listed an nsqd); 0: the whole interval."""
         interval = self.lookupd_poll_interval
         if failed:
             # 1, 2, 4, ... s: a lookupd that was down (starting after its consumers) is found

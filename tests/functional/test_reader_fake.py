@@ -1602,6 +1602,37 @@ def test_failed_lookupd_polls_are_retried_sooner_each_time_longer_until_one_answ
     assert reader.join(10) and live_tasks() == []
 
 
+def test_after_a_failed_lookupd_poll_answers_listing_no_nsqd_keep_the_quicker_schedule(fake_nsqd: FakeNsqd, backend: str) -> None:
+    # nsqlookupd keeps its registrations in memory: one back from an outage lists no nsqd until
+    # they register again, at their next ping (15 s). Its first answer (TOPIC_NOT_FOUND, or an
+    # empty list) ended the retries, and the nsqd were found a whole poll interval later.
+    failures = [
+        (500, b'{"message":"INTERNAL_ERROR"}'),
+        (404, b'{"message":"TOPIC_NOT_FOUND"}'),
+        (200, b'{"channels":[],"producers":[]}'),
+    ]
+    lookupd = _Lookupd([_producer(fake_nsqd)], failures=failures)
+    reader = Reader(
+        TOPIC, CHANNEL, lambda m: True, lookupd_http_addresses=lookupd.address,
+        lookupd_poll_interval=1.0, lookupd_poll_jitter=0, backend=backend,
+    )  # fmt: skip
+    reader.lookupd_retry_base = 0.1
+    try:
+        reader.start()
+        fake_nsqd.wait_for_command("RDY 1", timeout=WAIT)
+        (health,) = reader.stats()["lookupd"]
+        assert (health["queries"], health["failed_queries"], health["producers"]) == (4, 0, 1)
+        assert "INTERNAL_ERROR" in health["last_error"]  # (the empty answers were answers)
+        wait_until(lambda: lookupd.requests >= 5, WAIT, message="a poll after the answer")
+        gaps = _gaps(lookupd.times[:5])
+        for gap, want in zip(gaps, [0.1, 0.2, 0.4, 1.0]):
+            assert want * 0.9 <= gap < want + 0.4, gaps
+    finally:
+        reader.close(5)
+        lookupd.stop()
+    assert reader.join(10) and live_tasks() == []
+
+
 @pytest.mark.parametrize("dead", [False, True], ids=["one lookupd listing no nsqd", "a dead lookupd and one that answers"])
 def test_a_poll_that_gets_an_answer_waits_the_whole_poll_interval(fake_nsqd: FakeNsqd, backend: str, dead: bool) -> None:
     # Only a poll in which no nsqlookupd answered is retried sooner: an answer listing no nsqd
