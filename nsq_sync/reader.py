@@ -11,6 +11,9 @@ Where things run
     * timers (backoff windows, RDY redistribution, reconnect delays, RDY settling): one
       scheduler task per Reader that sleeps until the next due time;
     * nsqlookupd polling: one discovery task (HTTP requests block, so not on the scheduler);
+      after a poll in which no nsqlookupd answered it asks again sooner (from
+      ``lookupd_retry_base``, doubling, never later than ``lookupd_poll_interval``), until
+      an answer lists some nsqd (one back from an outage lists none until they register);
     * ``backoff``/``resume``/``continue`` events fire synchronously in the thread that
       answers a message (a handler worker, or your thread for ``enable_async()``).
 
@@ -384,7 +387,10 @@ class Reader:
     :param max_tries: attempts after which :meth:`giving_up` gets the message and it is
         FINed (0: unlimited)
     :param max_backoff_duration: seconds; cap of a backoff window (0 disables backoff)
-    :param lookupd_poll_interval: seconds between lookupd polls (first poll at once)
+    :param lookupd_poll_interval: seconds between lookupd polls (first poll at once); after a
+        poll in which every lookupd failed, the next comes sooner: ``lookupd_retry_base``
+        (1 s), doubled per poll in a row that failed or, after a failure, found no nsqd, at
+        most this interval (jitter added too)
     :param lookupd_poll_jitter: each poll waits ``interval * (1 + jitter * random())``
     :param low_rdy_idle_timeout: seconds without a message after which a connection's
         RDY may be handed to another (when connections outnumber max_in_flight)
@@ -415,6 +421,10 @@ class Reader:
     reconnect_base: float = 1.0
     #: longest reconnect delay (seconds)
     reconnect_cap: float = 60.0
+    #: seconds before polling nsqlookupd again after a poll in which none answered; doubles
+    #: per poll in a row that failed or, after a failure, found no nsqd; never more than
+    #: ``lookupd_poll_interval`` (jitter added to either)
+    lookupd_retry_base: float = 1.0
     #: seconds a lowered RDY is given to reach nsqd, and the messages nsqd sent under the
     #: higher value to arrive, before the capacity it frees is handed out: this plus
     #: ``rdy_settle_rtts`` times the connection's round trip (measured at SUB)
@@ -566,6 +576,9 @@ class Reader:
         self._lookupds = lookupds_shuffled
         self._lookupd_index = 0
         self._lookupd_task: Any = None
+        #: answers from any lookupd so far, and those listing some nsqd (how a poll went)
+        self._lookupd_answers = 0
+        self._lookupd_found = 0
         #: per lookupd address, how its queries went (stats()["lookupd"]); changed under _lock
         self._lookupd_health: Dict[str, Dict[str, Any]] = {
             address: {"address": address, "queries": 0, "failed_queries": 0, "last_success": None, "last_error": None, "producers": None}
@@ -985,6 +998,8 @@ class Reader:
             health = self._lookupd_health[address]
             health["queries"] += 1
             if error is None:
+                self._lookupd_answers += 1
+                self._lookupd_found += 1 if producers else 0
                 health["failed_queries"] = 0
                 health["last_success"] = time.time()
                 health["producers"] = producers
@@ -1805,20 +1820,42 @@ class Reader:
     def _lookupd_loop(self) -> None:
         min_gap = min(1.0, self.lookupd_poll_interval)
         last = float("-inf")
+        woken = False  # the last wait ended early (a connection closed), not by its delay
+        failed = 0  # polls in a row in which no lookupd answered (or, after those, none listed an nsqd)
         while not self._closing:
             gap = time.monotonic() - last
-            if gap < min_gap and self._stop_event.wait(min_gap - gap):
+            if woken and gap < min_gap and self._stop_event.wait(min_gap - gap):
                 break  # an early re-query right after a poll waits a little; close() wakes us
             self._lookupd_wake.clear()
             last = time.monotonic()
+            with self._lock:
+                answers, found = self._lookupd_answers, self._lookupd_found
             try:
                 self.query_lookupd()
             except Exception:
                 logger.exception("%s: lookupd query crashed", self.name)
             if self._closing:
                 break
-            delay = self.lookupd_poll_interval * (1.0 + self.lookupd_poll_jitter * self._random.random())
-            self._lookupd_wake.wait(delay)
+            with self._lock:
+                answered, listed = self._lookupd_answers != answers, self._lookupd_found != found
+            # An nsqlookupd back from an outage knows no nsqd until they register again (at
+            # their next ping, up to 15 s later): its first answers list none, so after failed
+            # polls, an answer listing no nsqd does not end the quicker schedule.
+            failed = 0 if listed or (answered and not failed) else failed + 1
+            delay = self._lookupd_delay(failed)
+            if failed:
+                logger.debug("%s: no lookupd answered or listed an nsqd (%d polls in a row since a failure); asking again in %.1f s", self.name, failed, delay)
+            woken = self._lookupd_wake.wait(delay)
+
+    def _lookupd_delay(self, failed: int) -> float:
+        """Seconds until the next poll after *failed* polls in a row in which no lookupd answered
+        (or, after such polls, none listed an nsqd); 0: the whole interval."""
+        interval = self.lookupd_poll_interval
+        if failed:
+            # 1, 2, 4, ... s: a lookupd that was down (starting after its consumers) is found
+            # again within about as long as it was down, not a whole interval later.
+            interval = min(interval, self.lookupd_retry_base * 2.0 ** min(failed - 1, 40))
+        return interval * (1.0 + self.lookupd_poll_jitter * self._random.random())
 
     # ============================================================= shutdown
     def _cancel_timers_locked(self) -> None:

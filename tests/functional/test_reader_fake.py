@@ -18,7 +18,7 @@ import threading
 import time
 import warnings
 from concurrent import futures
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pytest
 from fake_nsqd import FakeNsqd, fake_nsqd  # noqa: F401 - fixture
@@ -1074,19 +1074,32 @@ def test_heartbeat_hook_is_called(fake_nsqd: FakeNsqd, make_reader: Callable[...
 
 # ---------------------------------------------------- lookupd discovery
 class _Lookupd:
-    """A minimal nsqlookupd /lookup endpoint serving a fixed producer list."""
+    """A minimal nsqlookupd /lookup endpoint serving a fixed producer list.
 
-    def __init__(self, producers: List[Dict[str, Any]], payload: Any = None) -> None:
+    *failures*: ``(status, body)`` answers for the first requests, in order, before the real
+    one. ``listening=False``: the port is bound but refuses connections (an nsqlookupd not
+    started yet) until :meth:`listen`. ``times``: when each request came (monotonic).
+    """
+
+    def __init__(
+        self, producers: List[Dict[str, Any]], payload: Any = None, failures: Sequence[Tuple[int, bytes]] = (), listening: bool = True
+    ) -> None:
         self.producers = producers
         self.requests = 0
+        self.times: List[float] = []
+        failing = list(failures)
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802
+                outer.times.append(time.monotonic())
                 outer.requests += 1
-                answer = {"channels": [], "producers": outer.producers} if payload is None else payload
-                body = json.dumps(answer).encode()
-                self.send_response(200)
+                if failing:
+                    status, body = failing.pop(0)
+                else:
+                    answer = {"channels": [], "producers": outer.producers} if payload is None else payload
+                    status, body = 200, json.dumps(answer).encode()
+                self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -1095,15 +1108,23 @@ class _Lookupd:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler, bind_and_activate=False)
+        self.server.server_bind()  # (bound, not listening: a connection is refused)
         self.address = f"127.0.0.1:{self.server.server_address[1]}"
+        self.thread: Optional[threading.Thread] = None
+        if listening:
+            self.listen()
+
+    def listen(self) -> None:
+        self.server.server_activate()
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-lookupd")
         self.thread.start()
 
     def stop(self) -> None:
-        self.server.shutdown()
+        if self.thread is not None:
+            self.server.shutdown()
+            self.thread.join(WAIT)
         self.server.server_close()
-        self.thread.join(WAIT)
 
 
 def test_a_lookupd_answer_over_16_mib_is_a_failed_query(fake_nsqd: FakeNsqd, backend: str) -> None:
@@ -1518,6 +1539,146 @@ def test_lookupd_answer_of_the_wrong_shape_is_that_lookupd_failing(backend: str,
         assert lookupd.requests == 1
     finally:
         reader.close(5)
+        lookupd.stop()
+
+
+# ------------------------------------------- lookupd: asking again after a failed poll
+def _producer(server: FakeNsqd) -> Dict[str, Any]:
+    return {"broadcast_address": server.host, "tcp_port": server.port, "http_port": 1}
+
+
+def _gaps(times: List[float]) -> List[float]:
+    return [round(later - earlier, 3) for earlier, later in zip(times, times[1:])]
+
+
+def test_a_lookupd_down_when_the_reader_starts_is_asked_again_within_seconds(fake_nsqd: FakeNsqd, backend: str) -> None:
+    # docker-compose start-up order: nsqlookupd came up 1 s after the Reader, whose first poll
+    # had failed, and the next poll came a whole lookupd_poll_interval later (60-78 s): nothing
+    # was consumed for over a minute.
+    lookupd = _Lookupd([_producer(fake_nsqd)], listening=False)
+    reader = Reader(TOPIC, CHANNEL, lambda m: True, lookupd_http_addresses=lookupd.address, lookupd_poll_interval=60, backend=backend)
+    try:
+        reader.start()
+        wait_until(lambda: reader.stats()["lookupd"][0]["failed_queries"] == 1, WAIT, message="the first query to fail")
+        failed = time.monotonic()
+        lookupd.listen()
+        fake_nsqd.wait_for_command("RDY 1", timeout=WAIT)
+        took = time.monotonic() - failed
+        assert took < 1.3 + 1.5, took  # the retry: lookupd_retry_base (1 s) x (1 + 0.3 jitter) after the failure
+        (health,) = reader.stats()["lookupd"]
+        assert lookupd.requests == 1
+        assert (health["queries"], health["failed_queries"], health["producers"]) == (2, 0, 1)
+        assert health["last_success"] is not None and "connection refused" in health["last_error"]
+    finally:
+        reader.close(5)
+        lookupd.stop()
+    assert reader.join(10) and live_tasks() == []
+
+
+def test_failed_lookupd_polls_are_retried_sooner_each_time_longer_until_one_answers(fake_nsqd: FakeNsqd, backend: str) -> None:
+    # An HTTP error, a body that is not JSON and one that is no /lookup answer are failed
+    # queries alike. The retries wait lookupd_retry_base (lowered here), then twice as long
+    # each time; after an answer the polls are lookupd_poll_interval apart again.
+    failures = [(500, b'{"message":"INTERNAL_ERROR"}'), (200, b"<html>starting</html>"), (200, b"[1, 2]")]
+    lookupd = _Lookupd([_producer(fake_nsqd)], failures=failures)
+    reader = Reader(
+        TOPIC, CHANNEL, lambda m: True, lookupd_http_addresses=lookupd.address,
+        lookupd_poll_interval=1.0, lookupd_poll_jitter=0, backend=backend,
+    )  # fmt: skip
+    reader.lookupd_retry_base = 0.1
+    try:
+        reader.start()
+        fake_nsqd.wait_for_command("RDY 1", timeout=WAIT)  # found by the fourth query
+        (health,) = reader.stats()["lookupd"]
+        assert (health["queries"], health["failed_queries"], health["producers"]) == (4, 0, 1)
+        assert "not an nsqlookupd /lookup answer" in health["last_error"]
+        wait_until(lambda: lookupd.requests >= 6, WAIT, message="two polls after the answer")
+        gaps = _gaps(lookupd.times[:6])
+        for gap, want in zip(gaps, [0.1, 0.2, 0.4, 1.0, 1.0]):
+            assert want * 0.9 <= gap < want + 0.4, gaps
+    finally:
+        reader.close(5)
+        lookupd.stop()
+    assert reader.join(10) and live_tasks() == []
+
+
+def test_after_a_failed_lookupd_poll_answers_listing_no_nsqd_keep_the_quicker_schedule(fake_nsqd: FakeNsqd, backend: str) -> None:
+    # nsqlookupd keeps its registrations in memory: one back from an outage lists no nsqd until
+    # they register again, at their next ping (15 s). Its first answer (TOPIC_NOT_FOUND, or an
+    # empty list) ended the retries, and the nsqd were found a whole poll interval later.
+    failures = [
+        (500, b'{"message":"INTERNAL_ERROR"}'),
+        (404, b'{"message":"TOPIC_NOT_FOUND"}'),
+        (200, b'{"channels":[],"producers":[]}'),
+    ]
+    lookupd = _Lookupd([_producer(fake_nsqd)], failures=failures)
+    reader = Reader(
+        TOPIC, CHANNEL, lambda m: True, lookupd_http_addresses=lookupd.address,
+        lookupd_poll_interval=1.0, lookupd_poll_jitter=0, backend=backend,
+    )  # fmt: skip
+    reader.lookupd_retry_base = 0.1
+    try:
+        reader.start()
+        fake_nsqd.wait_for_command("RDY 1", timeout=WAIT)
+        (health,) = reader.stats()["lookupd"]
+        assert (health["queries"], health["failed_queries"], health["producers"]) == (4, 0, 1)
+        assert "INTERNAL_ERROR" in health["last_error"]  # (the empty answers were answers)
+        wait_until(lambda: lookupd.requests >= 5, WAIT, message="a poll after the answer")
+        gaps = _gaps(lookupd.times[:5])
+        for gap, want in zip(gaps, [0.1, 0.2, 0.4, 1.0]):
+            assert want * 0.9 <= gap < want + 0.4, gaps
+    finally:
+        reader.close(5)
+        lookupd.stop()
+    assert reader.join(10) and live_tasks() == []
+
+
+@pytest.mark.parametrize("dead", [False, True], ids=["one lookupd listing no nsqd", "a dead lookupd and one that answers"])
+def test_a_poll_that_gets_an_answer_waits_the_whole_poll_interval(fake_nsqd: FakeNsqd, backend: str, dead: bool) -> None:
+    # Only a poll in which no nsqlookupd answered is retried sooner: an answer listing no nsqd
+    # is an answer, and a dead lookupd whose turn comes is followed, in the same poll, by one
+    # that answers (the dead one is asked at most once a poll, as before).
+    healthy = _Lookupd([_producer(fake_nsqd)] if dead else [])
+    lookupds = [healthy] + ([_Lookupd([], listening=False)] if dead else [])
+    reader = Reader(
+        TOPIC, CHANNEL, lambda m: True, lookupd_http_addresses=[lookupd.address for lookupd in lookupds],
+        lookupd_poll_interval=0.5, lookupd_poll_jitter=0, backend=backend,
+    )  # fmt: skip
+    reader.lookupd_retry_base = 0.02  # (a poll taken for a failed one would come 0.02 s later)
+    try:
+        reader.start()
+        wait_until(lambda: healthy.requests >= 5, WAIT, message="five polls")
+        stats = {health["address"]: health for health in reader.stats()["lookupd"]}
+        polls = healthy.requests
+        assert min(_gaps(healthy.times)) >= 0.45, _gaps(healthy.times)
+        assert stats[healthy.address]["failed_queries"] == 0
+        if dead:
+            assert fake_nsqd.sessions and reader.conns
+            refused = stats[lookupds[1].address]
+            assert 1 <= refused["queries"] <= polls + 1 and refused["failed_queries"] == refused["queries"], (refused, polls)
+    finally:
+        reader.close(5)
+        for lookupd in lookupds:
+            lookupd.stop()
+    assert reader.join(10) and live_tasks() == []
+
+
+def test_close_ends_the_wait_before_a_lookupd_retry(backend: str) -> None:
+    lookupd = _Lookupd([], listening=False)
+    reader = Reader(TOPIC, CHANNEL, lambda m: True, lookupd_http_addresses=lookupd.address, lookupd_poll_interval=60, backend=backend)
+    reader.lookupd_retry_base = 30.0
+    try:
+        reader.start()
+        wait_until(lambda: reader.stats()["lookupd"][0]["failed_queries"] == 1, WAIT, message="the first query to fail")
+        began = time.monotonic()
+        reader.close(5)
+        assert reader.join(5)
+        took = time.monotonic() - began
+        assert took < 2, took  # (the retry was 30 s away)
+        assert live_tasks() == []  # the lookupd task too
+        assert reader.stats()["lookupd"][0]["queries"] == 1
+    finally:
+        reader.close(1)
         lookupd.stop()
 
 

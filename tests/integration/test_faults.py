@@ -790,6 +790,41 @@ def test_lookupd_down_at_start_reader_retries_discovery(clients: Clients, caplog
             )
 
 
+def test_lookupd_starting_after_the_reader_is_asked_again_within_seconds_not_a_poll_interval(clients: Clients, caplog: pytest.LogCaptureFixture) -> None:
+    # docker-compose start-up order, default lookupd_poll_interval (60 s): the Reader's first
+    # poll failed and the next came a whole interval (plus jitter) later, so nothing was
+    # consumed for over a minute although nsqlookupd was up a moment after the Reader.
+    caplog.set_level(logging.WARNING, logger="nsq_sync")
+    with started(NsqlookupdProcess()) as lookupd:
+        lookupd.stop()  # the ports stay reserved for this object's next start()
+        with started(NsqdProcess(lookupd_tcp_addresses=[lookupd.tcp_address])) as nsqd:
+            bodies = [b"late-lookupd-%d" % i for i in range(20)]
+            prepare(nsqd, bodies)
+            seen = Seen()
+            reader = clients.reader(seen.handler, lookupd_http_addresses=[lookupd.http_address], max_in_flight=10)
+            assert reader.lookupd_poll_interval == 60
+            reader.start()
+            wait_until(lambda: reader.stats()["lookupd"][0]["failed_queries"] == 1, timeout=10, message="the first poll to fail")
+            lookupd.start()
+            up = time.monotonic()
+            registered, found = _await_discovery([nsqd], lookupd, 1, lambda: nsqd.tcp_address in reader.conns)
+            seen.wait_bodies(set(bodies))
+            first = min(seen.times.values())
+            (health,) = reader.stats()["lookupd"]
+            report(
+                "nsqlookupd up after the Reader (poll interval 60 s)",
+                queries=health["queries"],
+                lookupd_up_to_nsqd_registered_s=registered - up,
+                lookupd_up_to_reader_connected_s=found - up,
+                lookupd_up_to_first_message_s=first - up,
+            )
+            # retries 1 s and 2 s (x 1.3 at most) after the failure; the second covers a first
+            # answer that came before nsqd had registered
+            assert found - up < 6, found - up
+            assert health["failed_queries"] == 0 and health["producers"] == 1 and "connection refused" in health["last_error"]
+            assert 2 <= health["queries"] <= 3
+
+
 def test_lookupd_down_during_run_keeps_connections_and_finds_new_nodes(clients: Clients, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="nsq_sync")
     with started(LocalCluster(nsqd_count=1)) as cluster:
