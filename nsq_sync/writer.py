@@ -475,9 +475,10 @@ class Writer:
         if all(not_nsq):
             why = "every address answered the connection's handshake with something other than NSQ's protocol (is each one an nsqd TCP port?)"
         elif any(not_nsq):
-            why = "every nsqd refused the connection's handshake (credentials or TLS) or answered it with something other than NSQ's protocol"
+            why = ("the handshake with every nsqd was refused (credentials or TLS, by nsqd or by this client: an untrusted "
+                   "certificate) or answered with something other than NSQ's protocol")
         else:
-            why = "every nsqd refused the connection's handshake (credentials or TLS)"
+            why = "the handshake with every nsqd was refused (credentials or TLS, by nsqd or by this client: an untrusted certificate)"
         error = HandshakeRefusedError(
             f"no connection to any of {[n.address for n in self._nodes]}: {why}, so this publish does not wait; "
             f"{self.name} keeps reconnecting in the background" + self._last_errors()

@@ -372,7 +372,7 @@ def test_not_nsqd_and_another_refusing_the_secret_fails_at_once(backend: str) ->
             exc, elapsed = timed(lambda: writer.pub("t", b"x"))
             assert isinstance(exc, HandshakeRefusedError) and elapsed < PROMPT, (repr(exc), elapsed)
             message = str(exc)
-            assert "refused the connection's handshake (credentials or TLS) or answered it with something other than NSQ's protocol" in message
+            assert "was refused (credentials or TLS, by nsqd or by this client: an untrusted certificate) or answered with something other than NSQ's protocol" in message
             assert "HTTP port" in message and "E_AUTH_FAILED" in message, message
     finally:
         http.stop()

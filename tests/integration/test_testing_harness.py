@@ -202,9 +202,23 @@ def test_pause_and_resume(nsqd: NsqdProcess) -> None:
     assert http(nsqd.http_url("/ping")) == (200, b"OK")
 
 
-def test_stop_while_paused_is_graceful(nsqd: NsqdProcess) -> None:
-    nsqd.pause()
-    assert nsqd.stop(timeout=5) == 0
+def test_stop_while_paused_is_graceful() -> None:
+    # nsqd (go-svc) asks for SIGTERM only after starting its servers, so a SIGTERM right after
+    # start() may meet the signal's default action (-15): that says nothing about pausing, and
+    # on a loaded machine it happened about once in 15 runs. Such a run is repeated with a fresh
+    # nsqd; a paused nsqd past that gap must shut down cleanly every time (a stop that left it
+    # stopped, or killed it, fails all three).
+    statuses = []
+    for _ in range(3):
+        proc = NsqdProcess().start()
+        try:
+            proc.pause()
+            statuses.append(proc.stop(timeout=5))
+        finally:
+            proc.close()
+        if statuses[-1] != -signal.SIGTERM:
+            break
+    assert statuses[-1] == 0, statuses
 
 
 def test_stop_is_idempotent_and_leaves_no_process() -> None:
