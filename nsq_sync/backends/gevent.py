@@ -106,7 +106,7 @@ class _Signal:
             self._waiter = None
 
 
-class _Wake:
+class _Wake(_Signal):
     """A lock created held that one greenlet acquires again and again, each time waiting for
     one release: the sleep of an idle pool worker (see ``GeventBackend.wake``).
 
@@ -116,12 +116,7 @@ class _Wake:
     takes it, also when it came after the timer ended the wait but before the waiter ran.
     """
 
-    __slots__ = ("_hub", "_released", "_waiter")
-
-    def __init__(self, hub: Any) -> None:
-        self._hub = hub
-        self._released = False
-        self._waiter: Optional[Waiter] = None
+    __slots__ = ()  # (_Signal's state: the hub, a release not taken yet, the waiter)
 
     def release(self) -> None:
         hub = self._hub

@@ -213,7 +213,7 @@ def mpub_parts(topic: str, bodies: Iterable[object]) -> Tuple[bytes, int, List[i
     sizes = list(map(len, datas)) if _count_of(map(type, datas), bytes) == len(datas) else [0]
     if 0 in sizes:
         # Anything else goes through to_body, which converts, or raises the first bad body's error.
-        datas = [body if type(body) is bytes and body else to_body(body) for body in datas]
+        datas = [body if type(body) is bytes and body else to_body(body, f"msgs[{index}]") for index, body in enumerate(datas)]
         sizes = list(map(len, datas))
     count = len(sizes)
     if count == 0:

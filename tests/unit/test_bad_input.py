@@ -305,8 +305,8 @@ PUBLISH_BAD: List[Tuple[str, Callable[[Writer], Any], type, str]] = [
     ("mpub empty list", lambda w: w.mpub("t", []), ConfigError, "msgs"),
     ("mpub empty generator", lambda w: w.mpub("t", iter([])), ConfigError, "msgs"),
     ("mpub single str", lambda w: w.mpub("t", "abc"), TypeError, "mpub"),
-    ("mpub one empty body", lambda w: w.mpub("t", [b"a", b""]), ConfigError, "body"),
-    ("mpub one None body", lambda w: w.mpub("t", [b"a", None]), TypeError, "body"),
+    ("mpub one empty body", lambda w: w.mpub("t", [b"a", b""]), ConfigError, "msgs[1]"),  # (which one)
+    ("mpub one None body", lambda w: w.mpub("t", [b"a", None]), TypeError, "msgs[1]"),
     ("mpub bad topic", lambda w: w.mpub("bad topic", [b"a"]), ConfigError, "topic"),
     # dpub
     ("dpub delay -1", lambda w: w.dpub("t", -1, b"x"), ConfigError, "delay_ms"),

@@ -56,14 +56,14 @@ def collect(cases: List[Tuple[str, Callable[[], Any], type, str]]) -> List[str]:
 # =========================================================================== 1. str bodies not encodable as UTF-8
 ENCODER_SURROGATES: List[Tuple[str, Callable[[], Any], type, str]] = [
     ("commands.pub", lambda: commands.pub("t", SURROGATE), ConfigError, "body"),
-    ("commands.mpub", lambda: commands.mpub("t", [b"a", SURROGATE]), ConfigError, "body"),
-    ("commands.mpub generator", lambda: commands.mpub("t", iter(["a", SURROGATE])), ConfigError, "body"),
-    ("commands.mpub_parts", lambda: commands.mpub_parts("t", [SURROGATE]), ConfigError, "body"),
+    ("commands.mpub", lambda: commands.mpub("t", [b"a", SURROGATE]), ConfigError, "msgs[1]"),
+    ("commands.mpub generator", lambda: commands.mpub("t", iter(["a", SURROGATE])), ConfigError, "msgs[1]"),
+    ("commands.mpub_parts", lambda: commands.mpub_parts("t", [SURROGATE]), ConfigError, "msgs[0]"),
     ("commands.dpub", lambda: commands.dpub("t", 5, SURROGATE), ConfigError, "body"),
     ("commands.auth", lambda: commands.auth("\udcff"), ConfigError, "auth_secret"),
     ("commands.to_body", lambda: commands.to_body("\udcff", "whatever"), ConfigError, "whatever"),
     ("nsq_sync.pub", lambda: nsq_sync.pub("t", "\ud800"), ConfigError, "body"),
-    ("nsq_sync.mpub", lambda: nsq_sync.mpub("t", ["\ud800"]), ConfigError, "body"),
+    ("nsq_sync.mpub", lambda: nsq_sync.mpub("t", ["\ud800"]), ConfigError, "msgs[0]"),
     ("nsq_sync.dpub", lambda: nsq_sync.dpub("t", 0, "\ud800"), ConfigError, "body"),
     ("nsq_sync.auth", lambda: nsq_sync.auth("\ud800"), ConfigError, "auth_secret"),
 ]
@@ -98,20 +98,20 @@ def writer(fake: FakeNsqd) -> Iterator[Writer]:
     yield from connected_writer(fake)
 
 
-WRITER_SURROGATES: List[Tuple[str, Callable[[Writer], Any]]] = [
-    ("pub", lambda w: w.pub("t", SURROGATE)),
-    ("mpub", lambda w: w.mpub("t", [b"a", SURROGATE])),
-    ("dpub", lambda w: w.dpub("t", 10, SURROGATE)),
-    ("pub_async", lambda w: w.pub_async("t", SURROGATE)),
-    ("mpub_async", lambda w: w.mpub_async("t", [SURROGATE])),
-    ("dpub_async", lambda w: w.dpub_async("t", 10, SURROGATE)),
+WRITER_SURROGATES: List[Tuple[str, Callable[[Writer], Any], str]] = [
+    ("pub", lambda w: w.pub("t", SURROGATE), "body"),
+    ("mpub", lambda w: w.mpub("t", [b"a", SURROGATE]), "msgs[1]"),
+    ("dpub", lambda w: w.dpub("t", 10, SURROGATE), "body"),
+    ("pub_async", lambda w: w.pub_async("t", SURROGATE), "body"),
+    ("mpub_async", lambda w: w.mpub_async("t", [SURROGATE]), "msgs[0]"),
+    ("dpub_async", lambda w: w.dpub_async("t", 10, SURROGATE), "body"),
 ]
 
 
-@pytest.mark.parametrize("call", [c[1] for c in WRITER_SURROGATES], ids=[c[0] for c in WRITER_SURROGATES])
-def test_writer_refuses_str_not_encodable_before_sending(fake: FakeNsqd, writer: Writer, call: Callable[[Writer], Any]) -> None:
+@pytest.mark.parametrize("call,param", [c[1:] for c in WRITER_SURROGATES], ids=[c[0] for c in WRITER_SURROGATES])
+def test_writer_refuses_str_not_encodable_before_sending(fake: FakeNsqd, writer: Writer, call: Callable[[Writer], Any], param: str) -> None:
     before = published(fake)
-    raises_named(lambda: call(writer), ConfigError, "body")
+    raises_named(lambda: call(writer), ConfigError, param)
     assert published(fake) == before, "something was published for a bad call"
     conn = list(writer.conns.values())[0]
     assert conn.connected() and conn.pending_requests == 0

@@ -272,13 +272,15 @@ def test_non_bytes_body_type_error(body):
 
 @pytest.mark.parametrize("body", [b"", "", bytearray(), memoryview(b"")], ids=lambda b: type(b).__name__)
 def test_empty_body_config_error(body):
-    for build in (lambda: commands.pub("t", body), lambda: commands.dpub("t", 0, body), lambda: commands.mpub("t", [b"x", body])):
+    builds = ((lambda: commands.pub("t", body), "body"), (lambda: commands.dpub("t", 0, body), "body"),
+              (lambda: commands.mpub("t", [b"x", body]), "msgs[1]"))  # fmt: skip
+    for build, param in builds:
         with pytest.raises(ConfigError) as info:
             build()
         assert isinstance(info.value, ValueError)
         assert isinstance(info.value, nsq_sync.Error)
         assert isinstance(info.value, Error)
-        assert info.value.param == "body"
+        assert info.value.param == param
 
 
 def test_mpub_empty_list():

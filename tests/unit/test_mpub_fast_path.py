@@ -66,12 +66,12 @@ def test_mpub_parts_does_not_change_the_callers_list() -> None:
 @pytest.mark.parametrize(
     "bodies,error,param",
     [
-        ([b"a", b"", 5], ConfigError, "body"),
-        ([b"a", 5, b""], TypeError, "body"),
-        ([b"", b"a"], ConfigError, "body"),
-        ([b"a", None], TypeError, "body"),
-        ([b"a", bytearray()], ConfigError, "body"),
-        ((b for b in [b"a", b""]), ConfigError, "body"),
+        ([b"a", b"", 5], ConfigError, "msgs[1]"),  # (the param names which message)
+        ([b"a", 5, b""], TypeError, "msgs[1]"),
+        ([b"", b"a"], ConfigError, "msgs[0]"),
+        ([b"a", None], TypeError, "msgs[1]"),
+        ([b"a", bytearray()], ConfigError, "msgs[1]"),
+        ((b for b in [b"a", b""]), ConfigError, "msgs[1]"),
         ([], ConfigError, "msgs"),
     ],
 )
