@@ -313,6 +313,9 @@ def _error_message(body: bytes, reason: str) -> str:
     return peer_text(reason) if reason else "no response body"
 
 
+_NOT_HTTP_HINT = " (is this an HTTP port? nsqd's and nsqlookupd's TCP ports, 4150 and 4160 by default, close HTTP requests unanswered)"
+
+
 def _transport_reason(exc: BaseException, timeout: float) -> str:
     if isinstance(exc, socket.timeout) or isinstance(exc, TimeoutError):
         return f"timed out after {timeout:g}s"
@@ -324,10 +327,12 @@ def _transport_reason(exc: BaseException, timeout: float) -> str:
         return f"TLS error ({exc})"
     if isinstance(exc, ssl.CertificateError):
         return f"TLS certificate error ({exc})"
+    # nsqd's and nsqlookupd's TCP ports take an HTTP request's first bytes for a bad protocol
+    # magic and close, or reset: the commonest cause is that port given for the HTTP one.
     if isinstance(exc, http.client.RemoteDisconnected):  # (before its base class ConnectionResetError)
-        return "server closed the connection without answering"
+        return "server closed the connection without answering" + _NOT_HTTP_HINT
     if isinstance(exc, ConnectionResetError):
-        return "connection reset by peer"
+        return "connection reset by peer" + _NOT_HTTP_HINT
     if isinstance(exc, http.client.HTTPException):
         # (a bad status line or header is quoted in the exception: the peer's text)
         return f"bad HTTP response ({type(exc).__name__}: {peer_text(str(exc))})"

@@ -421,3 +421,15 @@ def test_connection_refused_after_stop(nsqd, nsqlookupd):
         assert info.value.status == 0
         assert "refused" in info.value.message
         assert isinstance(info.value.__cause__, ConnectionRefusedError)
+
+
+@pytest.mark.parametrize("which", ["nsqd", "nsqlookupd"])
+def test_an_http_client_given_a_tcp_port_says_it_may_not_be_an_http_port(which, nsqd, nsqlookupd):
+    # The TCP ports close an HTTP request unanswered (its first bytes are a bad protocol
+    # magic to them): "connection reset by peer" alone did not say the address was wrong.
+    address = (nsqd if which == "nsqd" else nsqlookupd).tcp_address
+    for client in (LookupdClient(address, timeout=5), NsqdHTTPClient(address, timeout=5)):
+        with pytest.raises(HTTPError) as info:
+            client.ping()
+        assert info.value.status == 0
+        assert "is this an HTTP port?" in info.value.message, info.value.message
