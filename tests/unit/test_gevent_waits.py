@@ -78,29 +78,31 @@ def test_signal_times_out_and_a_late_release_disturbs_nobody(backend) -> None:
     sleeper.join()
 
 
-def test_signal_released_twice_is_a_bug(backend) -> None:
-    signal = backend.signal()
-    signal.release()
+@pytest.mark.parametrize("kind", ["signal", "wake"])
+def test_released_twice_is_a_bug(backend, kind) -> None:
+    lock = getattr(backend, kind)()
+    lock.release()
     with pytest.raises(RuntimeError):
-        signal.release()
+        lock.release()
 
 
-def test_signal_released_from_another_os_thread(backend) -> None:
-    signal = backend.signal()
+@pytest.mark.parametrize("kind", ["signal", "wake"])
+def test_released_from_another_os_thread(backend, kind) -> None:
+    lock = getattr(backend, kind)()
 
     def release_once_parked() -> None:
         # Released only once the hub's greenlet waits in acquire() (a release before it is
         # the already-released path, not the cross-thread wake-up under test).
         deadline = time.monotonic() + 5.0
-        while signal._waiter is None and time.monotonic() < deadline:
+        while lock._waiter is None and time.monotonic() < deadline:
             time.sleep(0.001)
-        signal.release()
+        lock.release()
 
     releaser = threading.Thread(target=release_once_parked)
     releaser.start()
     try:
         started = time.monotonic()
-        assert signal.acquire(True, 5.0) is True
+        assert lock.acquire(True, 5.0) is True
         assert time.monotonic() - started < 2.0  # woken by the release, not by the timeout
     finally:
         releaser.join()
@@ -181,32 +183,6 @@ def test_wake_release_racing_the_timer_is_not_lost(backend) -> None:
     assert wake.acquire(False) is False
     gevent.sleep(0.01)  # the scheduled switch of the old waiter, if still to come, disturbs nobody
     assert wake.acquire(True, 0.02) is False
-
-
-def test_wake_released_from_another_os_thread(backend) -> None:
-    wake = backend.wake()
-
-    def release_once_parked() -> None:
-        deadline = time.monotonic() + 5.0
-        while wake._waiter is None and time.monotonic() < deadline:
-            time.sleep(0.001)
-        wake.release()
-
-    releaser = threading.Thread(target=release_once_parked)
-    releaser.start()
-    try:
-        started = time.monotonic()
-        assert wake.acquire(True, 5.0) is True
-        assert time.monotonic() - started < 2.0  # woken by the release, not by the timeout
-    finally:
-        releaser.join()
-
-
-def test_wake_released_twice_is_a_bug(backend) -> None:
-    wake = backend.wake()
-    wake.release()
-    with pytest.raises(RuntimeError):
-        wake.release()
 
 
 def test_wake_wait_can_be_killed(backend) -> None:
