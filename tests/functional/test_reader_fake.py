@@ -1575,17 +1575,23 @@ def test_a_lookupd_down_when_the_reader_starts_is_asked_again_within_seconds(fak
     assert reader.join(10) and live_tasks() == []
 
 
+def _quick_retry_reader(lookupd: "_Lookupd", backend: str) -> Reader:
+    """A Reader polling *lookupd* every 1 s without jitter, retrying failed polls from 0.1 s."""
+    reader = Reader(
+        TOPIC, CHANNEL, lambda m: True, lookupd_http_addresses=lookupd.address,
+        lookupd_poll_interval=1.0, lookupd_poll_jitter=0, backend=backend,
+    )  # fmt: skip
+    reader.lookupd_retry_base = 0.1
+    return reader
+
+
 def test_failed_lookupd_polls_are_retried_sooner_each_time_longer_until_one_answers(fake_nsqd: FakeNsqd, backend: str) -> None:
     # An HTTP error, a body that is not JSON and one that is no /lookup answer are failed
     # queries alike. The retries wait lookupd_retry_base (lowered here), then twice as long
     # each time; after an answer the polls are lookupd_poll_interval apart again.
     failures = [(500, b'{"message":"INTERNAL_ERROR"}'), (200, b"<html>starting</html>"), (200, b"[1, 2]")]
     lookupd = _Lookupd([_producer(fake_nsqd)], failures=failures)
-    reader = Reader(
-        TOPIC, CHANNEL, lambda m: True, lookupd_http_addresses=lookupd.address,
-        lookupd_poll_interval=1.0, lookupd_poll_jitter=0, backend=backend,
-    )  # fmt: skip
-    reader.lookupd_retry_base = 0.1
+    reader = _quick_retry_reader(lookupd, backend)
     try:
         reader.start()
         fake_nsqd.wait_for_command("RDY 1", timeout=WAIT)  # found by the fourth query
@@ -1612,11 +1618,7 @@ def test_after_a_failed_lookupd_poll_answers_listing_no_nsqd_keep_the_quicker_sc
         (200, b'{"channels":[],"producers":[]}'),
     ]
     lookupd = _Lookupd([_producer(fake_nsqd)], failures=failures)
-    reader = Reader(
-        TOPIC, CHANNEL, lambda m: True, lookupd_http_addresses=lookupd.address,
-        lookupd_poll_interval=1.0, lookupd_poll_jitter=0, backend=backend,
-    )  # fmt: skip
-    reader.lookupd_retry_base = 0.1
+    reader = _quick_retry_reader(lookupd, backend)
     try:
         reader.start()
         fake_nsqd.wait_for_command("RDY 1", timeout=WAIT)
