@@ -744,7 +744,7 @@ def cmd_pub(args: argparse.Namespace) -> int:
             try:
                 # (made with the handlers in place: a signal once it connects ends pub with exit 130)
                 writer = nsq_sync.Writer(addresses["nsqd_tcp_addresses"], backend=args.backend, publish_timeout=args.timeout,
-                                         max_msg_size=args.max_msg_size, **connection)
+                                         max_msg_size=args.max_msg_size or None, **connection)
                 for number, body in enumerate(bodies, 1):
                     if not body:
                         continue
@@ -1292,8 +1292,9 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--timeout", type=_seconds(0.001, MAX_TIMEOUT), default=10.0,
                      help="how long to wait for nsqd, per message; not when every nsqd refused the AUTH secret or TLS settings, "
                           "or answered as something other than nsqd (its HTTP port): exit 4 at once")
-    pub.add_argument("--max-msg-size", type=_int_range(1, MAX_MSG_SIZE), default=DEFAULT_MAX_MSG_SIZE,
-                     help="bytes; a bigger message is refused before it is sent (exit 1): set it to your nsqd's --max-msg-size")
+    pub.add_argument("--max-msg-size", type=_int_range(0, MAX_MSG_SIZE), default=DEFAULT_MAX_MSG_SIZE,
+                     help="bytes; a bigger message is refused before it is sent (exit 1): set it to your nsqd's --max-msg-size; "
+                          "0 leaves the check to nsqd")
     pub.add_argument("-q", "--quiet", action="store_true",
                      help="no count on stderr after a success (a failure or a stop still says how many were published)")
     pub.add_argument("messages", nargs="*", help="message bodies; '-' or none reads stdin lines")

@@ -475,6 +475,10 @@ def test_pub_max_msg_size_follows_the_nsqd_it_publishes_to(env: Dict[str, str], 
         assert "nsq-sync: failed: line 2: ConfigError" in pub.stderr and "exceeds max_msg_size (5 bytes" in pub.stderr, describe(pub)
         assert "published 1 message(s) to cli_max_msg before line 2" in pub.stderr, describe(pub)
         assert nsqd.topic_depth("cli_max_msg") == 2
+        # 0: no check of pub's own; nsqd's is the one that counts (was exit 2: "must be at least 1").
+        pub = run_cli(*args, "--max-msg-size", "0", "-", input="x" * (1536 * 1024) + "\n", env=env)
+        assert pub.returncode == EXIT_OK, describe(pub)
+        assert nsqd.topic_depth("cli_max_msg") == 3
 
 
 def test_pub_nsqd_gone_part_way_exits_3_naming_the_line(nsqd: NsqdProcess, env: Dict[str, str], backend: str) -> None:

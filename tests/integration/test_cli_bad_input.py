@@ -184,7 +184,7 @@ BAD_NUMBERS = {
     "demo-timeout-negative": (["demo", "--timeout", "-5"], "must be a number of seconds"),
     "demo-mpub-too-big": (["demo", "--batch", "100", "--body-size", "100000"], "over nsqd's default --max-body-size"),
     "pub-timeout-nan": (["pub", "--topic", "t", "--timeout", "nan", "x"], "must be a number of seconds"),
-    "pub-max-msg-size-0": (["pub", "--topic", "t", "--max-msg-size", "0", "x"], "argument --max-msg-size: '0' must be at least 1"),
+    "pub-max-msg-size-negative": (["pub", "--topic", "t", "--max-msg-size", "-1", "x"], "argument --max-msg-size: '-1' must be at least 0"),
     "tail-max-in-flight": (["tail", "--topic", "t", "--max-in-flight", "2147483648"], "must be at most 2147483647"),
     "worker-max-tries": (["worker", "m:f", "--topic", "t", "--channel", "c", "--nsqd-tcp-address", "127.0.0.1:4150", "--max-tries", "65536"], "must be at most 65535"),
 }  # (cluster --nsqd is checked in-process only: without the check it would start that many nsqd)
