@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import queue
 import select
+import signal
 import socket
 import threading
 import time
 from typing import Any, Callable, Optional, Tuple
+
+#: what nsq_sync's threads block: every signal but those a fault raises in the thread that
+#: caused it (a SIGSEGV blocked there kills the process without faulthandler's traceback)
+_ASYNC_SIGNALS = (
+    frozenset(signal.valid_signals())
+    - {getattr(signal, name) for name in ("SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGABRT", "SIGTRAP", "SIGSYS") if hasattr(signal, name)}
+    if hasattr(signal, "pthread_sigmask")
+    else frozenset()
+)
 
 
 _HAS_POLL = hasattr(select, "poll")
@@ -33,7 +43,19 @@ class ThreadBackend:
 
     def spawn(self, fn: Callable[..., Any], *args: Any, name: str = "") -> threading.Thread:
         thread = threading.Thread(target=fn, args=args, name=name or None, daemon=True)
-        thread.start()
+        if _ASYNC_SIGNALS:
+            # Started with the process's asynchronous signals blocked (a thread inherits its
+            # creator's mask), so the OS hands SIGTERM & co. to the application's threads.
+            # Python runs its handlers in the main thread anyway; a C-level handler does not:
+            # uWSGI's, run in one of our threads, finalized Python there, and the worker hung
+            # until uWSGI killed it 60 s later (SIGTERM sent to the whole process group).
+            previous = signal.pthread_sigmask(signal.SIG_BLOCK, _ASYNC_SIGNALS)
+            try:
+                thread.start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        else:  # pragma: no cover - Windows
+            thread.start()
         return thread
 
     def event(self) -> threading.Event:
