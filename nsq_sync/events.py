@@ -33,25 +33,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: The events AsyncConn fires (``continue`` is pynsq's undocumented requeue-without-backoff event).
-EVENTS = (
-    "connect",
-    "close",
-    "error",
-    "identify",
-    "identify_response",
-    "auth",
-    "auth_response",
-    "heartbeat",
-    "ready",
-    "message",
-    "response",
-    "backoff",
-    "resume",
-    "continue",
-)
-
-# pynsq's constants for them (``nsq.event.MESSAGE``): ``nsq_sync.event`` is this module.
+# pynsq's constants for the events (``nsq.event.MESSAGE``): ``nsq_sync.event`` is this module.
 CONNECT = "connect"
 CLOSE = "close"
 ERROR = "error"
@@ -66,6 +48,9 @@ RESPONSE = "response"
 BACKOFF = "backoff"
 RESUME = "resume"
 CONTINUE = "continue"
+
+#: The events AsyncConn fires (``continue`` is pynsq's undocumented requeue-without-backoff event).
+EVENTS = (CONNECT, CLOSE, ERROR, IDENTIFY, IDENTIFY_RESPONSE, AUTH, AUTH_RESPONSE, HEARTBEAT, READY, MESSAGE, RESPONSE, BACKOFF, RESUME, CONTINUE)
 
 #: pynsq names nsq_sync has no event for, and what to use instead
 _NOT_FIRED = {

@@ -15,6 +15,7 @@ greenlets in a monkey-patched process.
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import struct
@@ -766,28 +767,36 @@ def test_publishes_to_a_frozen_nsqd_honour_their_timeouts(nsqd: NsqdProcess, cli
     assert stalled_after < 1 + 2 + 1.5, (stalled_after, took)
 
 
+@contextlib.contextmanager
+def _lookupd_down_and_its_nsqd() -> Iterator[Tuple[NsqlookupdProcess, NsqdProcess]]:
+    """An nsqlookupd started once, then stopped (its ports kept for its next start()), and an
+    nsqd running that registers with it once it is up."""
+    with started(NsqlookupdProcess()) as lookupd:
+        lookupd.stop()
+        with started(NsqdProcess(lookupd_tcp_addresses=[lookupd.tcp_address])) as nsqd:
+            yield lookupd, nsqd
+
+
 def test_lookupd_down_at_start_reader_retries_discovery(clients: Clients, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="nsq_sync")
-    with started(NsqlookupdProcess()) as lookupd:
-        lookupd.stop()  # the ports stay reserved for this object's next start()
-        with started(NsqdProcess(lookupd_tcp_addresses=[lookupd.tcp_address])) as nsqd:
-            bodies = [b"at-start-%d" % i for i in range(100)]
-            prepare(nsqd, bodies)
-            seen = Seen()
-            reader = clients.reader(seen.handler, lookupd_http_addresses=[lookupd.http_address], lookupd_poll_interval=0.3, max_in_flight=10)
-            reader.start()
-            wait_until(lambda: _lookupd_failures(caplog) >= 3, timeout=10, message="three failed lookupd polls")
-            assert reader.conns == {} and not reader.closed
-            lookupd.start()
-            up = time.monotonic()
-            registered, found = _await_discovery([nsqd], lookupd, 1, lambda: nsqd.tcp_address in reader.conns)
-            seen.wait_bodies(set(bodies))
-            report(
-                "nsqlookupd down at start",
-                failed_polls_before=_lookupd_failures(caplog),
-                lookupd_up_to_nsqd_registered_s=registered - up,
-                lookupd_up_to_reader_connected_s=found - up,
-            )
+    with _lookupd_down_and_its_nsqd() as (lookupd, nsqd):
+        bodies = [b"at-start-%d" % i for i in range(100)]
+        prepare(nsqd, bodies)
+        seen = Seen()
+        reader = clients.reader(seen.handler, lookupd_http_addresses=[lookupd.http_address], lookupd_poll_interval=0.3, max_in_flight=10)
+        reader.start()
+        wait_until(lambda: _lookupd_failures(caplog) >= 3, timeout=10, message="three failed lookupd polls")
+        assert reader.conns == {} and not reader.closed
+        lookupd.start()
+        up = time.monotonic()
+        registered, found = _await_discovery([nsqd], lookupd, 1, lambda: nsqd.tcp_address in reader.conns)
+        seen.wait_bodies(set(bodies))
+        report(
+            "nsqlookupd down at start",
+            failed_polls_before=_lookupd_failures(caplog),
+            lookupd_up_to_nsqd_registered_s=registered - up,
+            lookupd_up_to_reader_connected_s=found - up,
+        )
 
 
 def test_lookupd_starting_after_the_reader_is_asked_again_within_seconds_not_a_poll_interval(clients: Clients, caplog: pytest.LogCaptureFixture) -> None:
@@ -795,34 +804,32 @@ def test_lookupd_starting_after_the_reader_is_asked_again_within_seconds_not_a_p
     # poll failed and the next came a whole interval (plus jitter) later, so nothing was
     # consumed for over a minute although nsqlookupd was up a moment after the Reader.
     caplog.set_level(logging.WARNING, logger="nsq_sync")
-    with started(NsqlookupdProcess()) as lookupd:
-        lookupd.stop()  # the ports stay reserved for this object's next start()
-        with started(NsqdProcess(lookupd_tcp_addresses=[lookupd.tcp_address])) as nsqd:
-            bodies = [b"late-lookupd-%d" % i for i in range(20)]
-            prepare(nsqd, bodies)
-            seen = Seen()
-            reader = clients.reader(seen.handler, lookupd_http_addresses=[lookupd.http_address], max_in_flight=10)
-            assert reader.lookupd_poll_interval == 60
-            reader.start()
-            wait_until(lambda: reader.stats()["lookupd"][0]["failed_queries"] == 1, timeout=10, message="the first poll to fail")
-            lookupd.start()
-            up = time.monotonic()
-            registered, found = _await_discovery([nsqd], lookupd, 1, lambda: nsqd.tcp_address in reader.conns)
-            seen.wait_bodies(set(bodies))
-            first = min(seen.times.values())
-            (health,) = reader.stats()["lookupd"]
-            report(
-                "nsqlookupd up after the Reader (poll interval 60 s)",
-                queries=health["queries"],
-                lookupd_up_to_nsqd_registered_s=registered - up,
-                lookupd_up_to_reader_connected_s=found - up,
-                lookupd_up_to_first_message_s=first - up,
-            )
-            # retries 1 s and 2 s (x 1.3 at most) after the failure; the second covers a first
-            # answer that came before nsqd had registered
-            assert found - up < 6, found - up
-            assert health["failed_queries"] == 0 and health["producers"] == 1 and "connection refused" in health["last_error"]
-            assert 2 <= health["queries"] <= 3
+    with _lookupd_down_and_its_nsqd() as (lookupd, nsqd):
+        bodies = [b"late-lookupd-%d" % i for i in range(20)]
+        prepare(nsqd, bodies)
+        seen = Seen()
+        reader = clients.reader(seen.handler, lookupd_http_addresses=[lookupd.http_address], max_in_flight=10)
+        assert reader.lookupd_poll_interval == 60
+        reader.start()
+        wait_until(lambda: reader.stats()["lookupd"][0]["failed_queries"] == 1, timeout=10, message="the first poll to fail")
+        lookupd.start()
+        up = time.monotonic()
+        registered, found = _await_discovery([nsqd], lookupd, 1, lambda: nsqd.tcp_address in reader.conns)
+        seen.wait_bodies(set(bodies))
+        first = min(seen.times.values())
+        (health,) = reader.stats()["lookupd"]
+        report(
+            "nsqlookupd up after the Reader (poll interval 60 s)",
+            queries=health["queries"],
+            lookupd_up_to_nsqd_registered_s=registered - up,
+            lookupd_up_to_reader_connected_s=found - up,
+            lookupd_up_to_first_message_s=first - up,
+        )
+        # retries 1 s and 2 s (x 1.3 at most) after the failure; the second covers a first
+        # answer that came before nsqd had registered
+        assert found - up < 6, found - up
+        assert health["failed_queries"] == 0 and health["producers"] == 1 and "connection refused" in health["last_error"]
+        assert 2 <= health["queries"] <= 3
 
 
 def test_lookupd_down_during_run_keeps_connections_and_finds_new_nodes(clients: Clients, caplog: pytest.LogCaptureFixture) -> None:
