@@ -268,6 +268,10 @@ class Writer:
         # nothing (no thread of ours there at the fork) until its first use, in the worker.
         self._uwsgi, defer = uwsgi_state()
         self._start_locks: Dict[int, Any] = {}  # per process id (see _check_pid)
+        #: a blocking publish checks whether gevent patched the process after this Writer
+        #: chose threads, and warns once (see _warn_patched_late); False once warned, or when
+        #: the backend was not chosen automatically as threads
+        self._check_late_patch = backend is None and self.backend.name == "thread"
         self._start(defer)
         register(self)
         _live_writers.add(self)
@@ -859,6 +863,8 @@ class Writer:
         began this publish (counted, see _begin) and its attempt on a lane raised: (deadline,
         the exception, the lane, still held). It is handled as any attempt's failure: retried
         or raised, and the lane given back."""
+        if self._check_late_patch and "gevent.monkey" in sys.modules:
+            self._warn_patched_late()
         deadline = self._begin(timeout) if failed is None else failed[0]
         try:
             retries = self.retries
@@ -1045,6 +1051,31 @@ class Writer:
         if not lane.closed():
             lane._on_disconnect(None)
 
+    def _patched_late(self) -> bool:
+        """gevent monkey-patched this process after this Writer chose OS threads (in this
+        process: a forked child chooses again at its first use, see _after_fork)."""
+        return self._backend_choice is None and self.backend.name == "thread" and gevent_patched() and self._pid == os.getpid()
+
+    def _warn_patched_late(self) -> None:
+        """A blocking publish on a Writer that gevent patched the process under: it still
+        works (its answer comes from the Writer's OS threads or the calling greenlet's own
+        read), but while it waits for nsqd the caller may read the OS-level socket itself,
+        which holds up every greenlet of the hub until the answer (up to the timeout). Said
+        once: a refusal would break programs that work today, at the cost of those stalls."""
+        if self._backend_choice is not None or self.backend.name != "thread":
+            self._check_late_patch = False  # (chosen again after a fork: gevent)
+            return
+        if not self._patched_late():
+            return
+        self._check_late_patch = False
+        logger.warning(
+            "%s was created before gevent monkey-patched this process, so it runs on OS threads: a blocking publish "
+            "from a greenlet can stop every other greenlet until nsqd answers (up to its timeout, %gs by default), and "
+            "pub_async() and callback= raise ConfigError. Create Writers after gevent.monkey.patch_all(), "
+            "or start the program with python -m gevent.monkey",
+            self.name, self.publish_timeout,
+        )
+
     def _submit(self, data: bytes, timeout: Optional[float]) -> "Future[bytes]":
         if self._backend_choice is None and self.backend.name == "thread" and gevent_patched():
             # Made before gevent patched the process (in this process: a fork chooses again):
@@ -1054,7 +1085,7 @@ class Writer:
                 "backend", None,
                 f"{self.name} was created before gevent monkey-patched this process, so it runs on OS threads, "
                 "whose answers cannot wake a greenlet waiting on a Future (and callbacks would run outside the hub): create Writers after "
-                "gevent.monkey.patch_all()",
+                "gevent.monkey.patch_all(), or start the program with python -m gevent.monkey",
             )
         deadline = self._begin(timeout)
         try:
