@@ -248,6 +248,9 @@ class Writer:
         # Validate every connection parameter now (raises TypeError/ConfigError), not in a background task.
         AsyncConn(addresses[0][0], addresses[0][1], backend=backend, **conn_kwargs)
         self.name = name or "nsq_sync.Writer"
+        #: what log lines start with: the name given, else nothing (the logger's name,
+        #: nsq_sync.writer, says it already, and each line names the nsqd it is about)
+        self._log_prefix = f"{name}: " if name else ""
         self.publish_timeout = float(publish_timeout)
         self.retries = retries
         self.max_msg_size = max_msg_size
@@ -322,7 +325,7 @@ class Writer:
         #: when the housekeeping task looks next anyway: an earlier deadline has to wake it
         self._housekeeper_due = float("inf")
         if defer:
-            logger.info("%s: made in uWSGI's master process; connecting on first use, in the worker", self.name)
+            logger.info("%sWriter made in uWSGI's master process; connecting on first use, in the worker", self._log_prefix)
         else:
             for node in self._nodes:
                 node.task = backend.spawn(self._node_loop, node, name=f"nsq_sync-writer-{node.address}")
@@ -376,9 +379,9 @@ class Writer:
             # (gunicorn -k gevent --preload), and thread primitives would block its hub.
             self.backend = get_backend(None)
         if self._pid:
-            logger.info("%s: forked (pid %d); opening fresh connections", self.name, os.getpid())
+            logger.info("%sforked (pid %d); opening fresh connections", self._log_prefix, os.getpid())
         else:
-            logger.info("%s: first use (pid %d); connecting", self.name, os.getpid())
+            logger.info("%sfirst use (pid %d); connecting", self._log_prefix, os.getpid())
         self._forget_parent()
         self._start()
 
@@ -412,7 +415,7 @@ class Writer:
                 node.refused = exc if _refusal(exc, node.authed) else None
                 node.ended += 1
                 delay = exponential_delay(node.attempts, self.reconnect_interval, self.max_reconnect_interval)
-                logger.warning("%s: cannot connect to %s (%s); retrying in %.1fs", self.name, node.address, exc, delay)
+                logger.warning("%scannot connect to %s (%s); retrying in %.1fs", self._log_prefix, node.address, exc, delay)
                 self._attempt_ended()
                 self._stopping.wait(delay)
                 continue
@@ -433,7 +436,7 @@ class Writer:
                 conn.close()
                 break
             self._attempt_ended()
-            logger.info("%s: connected to %s", self.name, node.address)
+            logger.info("%sconnected to %s", self._log_prefix, node.address)
             conn.wait_closed()
             with self._lock:
                 node.conn = None
@@ -447,11 +450,11 @@ class Writer:
                     # a body over its --max-msg-size, ...): it is up and answering, so reconnect
                     # now; waiting out a backoff failed every other thread's publishes meanwhile.
                     # (No loop: such a close takes a command of the caller's each time.)
-                    logger.warning("%s: connection to %s closed (%s); reconnecting", self.name, node.address, conn.error)
+                    logger.warning("%sconnection to %s closed (%s); reconnecting", self._log_prefix, node.address, conn.error)
                     continue
                 node.attempts += 1
                 delay = exponential_delay(node.attempts, self.reconnect_interval, self.max_reconnect_interval)
-                logger.warning("%s: connection to %s closed (%s); reconnecting in %.1fs", self.name, node.address, conn.error, delay)
+                logger.warning("%sconnection to %s closed (%s); reconnecting in %.1fs", self._log_prefix, node.address, conn.error, delay)
                 self._stopping.wait(delay)
 
     def _attempt_ended(self) -> None:
@@ -927,7 +930,7 @@ class Writer:
                     retries -= 1
                     avoid = conn
                     unknown = exc
-                    logger.info("%s: publish failed on %s; re-sending on another node", self.name, conn.id)
+                    logger.info("%spublish failed on %s; re-sending on another node", self._log_prefix, conn.id)
                 finally:
                     if lane is not None:
                         self._lane_back(lane)
@@ -980,7 +983,7 @@ class Writer:
         for suspect in suspects:
             self._drop_lane(node, suspect)
             self._close_lane(suspect, 0.1)
-        logger.info("%s: a publish timed out on a lane to %s; closed %d lane(s) that heard nothing since", self.name, node.address, len(suspects))
+        logger.info("%sa publish timed out on a lane to %s; closed %d lane(s) that heard nothing since", self._log_prefix, node.address, len(suspects))
 
     def _lane_back(self, lane: AsyncConn) -> None:
         node: _Node = lane._writer_node  # type: ignore[attr-defined]
@@ -1001,7 +1004,7 @@ class Writer:
         try:
             lane.connect()
         except Exception as exc:
-            logger.info("%s: cannot open another connection to %s (%s)", self.name, node.address, exc)
+            logger.info("%scannot open another connection to %s (%s)", self._log_prefix, node.address, exc)
             with self._lock:
                 node.grow_after = time.monotonic() + self.reconnect_interval
                 node.growing -= 1
@@ -1023,7 +1026,7 @@ class Writer:
             self._close_lane(lane)  # (not under the lock: a close waits for nsqd)
             return
         node.free.append(lane)
-        logger.debug("%s: opened lane %d to %s", self.name, len(node.lanes), node.address)
+        logger.debug("%sopened lane %d to %s", self._log_prefix, len(node.lanes), node.address)
         # Without a reader task nobody answers nsqd's heartbeats while the lane sits unused,
         # and nsqd closes a connection silent for two heartbeat intervals: a lane unused
         # for a whole period closes first (unused for one to two periods).
@@ -1069,11 +1072,11 @@ class Writer:
             return
         self._check_late_patch = False
         logger.warning(
-            "%s was created before gevent monkey-patched this process, so it runs on OS threads: a blocking publish "
+            "%sthe Writer to %s was created before gevent monkey-patched this process, so it runs on OS threads: a blocking publish "
             "from a greenlet can stop every other greenlet until nsqd answers (up to its timeout, %gs by default), and "
             "pub_async() and callback= raise ConfigError. Create Writers after gevent.monkey.patch_all(), "
             "or start the program with python -m gevent.monkey",
-            self.name, self.publish_timeout,
+            self._log_prefix, ", ".join(self.nsqd_tcp_addresses), self.publish_timeout,
         )
 
     def _submit(self, data: bytes, timeout: Optional[float]) -> "Future[bytes]":
@@ -1297,4 +1300,4 @@ class Writer:
         try:
             self.pool.control.submit(callback, conn, payload)
         except RuntimeError:
-            logger.warning("%s: closed; publish callback %r not run", self.name, callback)
+            logger.warning("%sWriter closed; publish callback %r not run", self._log_prefix, callback)

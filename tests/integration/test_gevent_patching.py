@@ -126,7 +126,7 @@ def test_blocking_publishes_on_a_writer_made_before_patching_land_and_warn_once(
     # every greenlet until nsqd answers: it used to do so silently.
     answers, warning = run_script(WRITER_BEFORE_PATCH_BLOCKING, nsqd.tcp_address).strip().split("\n")
     assert answers == "[b'OK', b'OK', b'OK'] 1"
-    assert "nsq_sync.Writer was created before gevent monkey-patched this process" in warning
+    assert f"the Writer to {nsqd.tcp_address} was created before gevent monkey-patched this process" in warning
     assert "stop every other greenlet until nsqd answers" in warning
     assert "python -m gevent.monkey" in warning
     assert nsqd.topic_depth("late") == 6  # nothing lost
