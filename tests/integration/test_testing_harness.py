@@ -500,6 +500,39 @@ def test_missing_binary_error_explains_how_to_get_it(
         NsqdProcess().start()
 
 
+def test_missing_binary_error_says_what_is_wrong_with_nsq_sync_bin_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It said "(no executable 'nsqd' there)" whatever the reason, even for a directory that
+    # does not exist, and not what to point the variable at.
+    monkeypatch.setattr(testing, "_REPO_BIN_DIR", tmp_path / "no-cache")
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing-here"))
+    monkeypatch.chdir(tmp_path)
+    not_a_dir = tmp_path / "a-file"
+    not_a_dir.write_text("")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "nsqlookupd").write_text("")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "nsqd").write_text("#!/bin/sh\n")
+    (plain / "nsqd").chmod(0o644)
+    for env_dir, problem in [
+        (str(tmp_path / "missing"), "the directory does not exist"),
+        ("relative/bin", f"the directory does not exist (relative to the current directory: {tmp_path / 'relative/bin'})"),
+        (str(not_a_dir), "not a directory"),
+        (str(other), "no 'nsqd' in it (it holds: nsqlookupd)"),
+        (str(plain), f"{str(plain / 'nsqd')!r} is not executable (chmod +x it)"),
+    ]:
+        monkeypatch.setenv("NSQ_SYNC_BIN_DIR", env_dir)
+        with pytest.raises(BrokerNotFoundError) as excinfo:
+            find_binary("nsqd")
+        message = str(excinfo.value)
+        assert f"  - $NSQ_SYNC_BIN_DIR = {env_dir}: {problem}\n" in message
+        assert "$NSQ_SYNC_BIN_DIR is set but does not lead to 'nsqd'" in message
+        assert "docs/testing.md" in message and "bash .ci/build-brokers" in message
+
+
 def test_a_forked_child_leaves_its_parents_broker_and_data_alone() -> None:
     """A child of os.fork() that closes the harness objects it inherited (a fixture's
     teardown, a `with` block) and runs the exit cleanup must not stop the parent's nsqd nor
