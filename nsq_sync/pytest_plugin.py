@@ -24,22 +24,37 @@ available in any project that has nsq_sync installed:
 
 Example::
 
-    def test_handler_sees_message(nsqd):
-        nsqd.publish("events", b"payload")
-        consume_one(nsqd.tcp_address, "events", "ch")
-        assert nsqd.channel_depth("events", "ch") == 0
+    import nsq_sync
+
+    def test_a_publish_lands(nsqd):
+        with nsq_sync.Writer(nsqd.tcp_address) as writer:
+            writer.pub("events", b"payload")
+        assert nsqd.topic_depth("events") == 1
 
 The broker executables are located with :func:`nsq_sync.testing.find_binary`
 (``$NSQ_SYNC_BIN_DIR``, a checkout's ``.cache/nsq-1.3.0/bin``, then ``PATH``).
 If they are missing, pytest reports the test as an ERROR at setup (never a
 skip), with instructions on how to get them.
 
-For other configurations build your own fixture, e.g.::
+For other configurations build your own fixture around :func:`started`, which
+turns a missing executable into the same setup ERROR, e.g.::
+
+    import pytest
+
+    from nsq_sync.pytest_plugin import started
+    from nsq_sync.testing import NsqdProcess
 
     @pytest.fixture
     def disk_only_nsqd():
-        with NsqdProcess(extra_args=["--mem-queue-size=0"]) as nsqd:
+        with started(NsqdProcess(extra_args=["--mem-queue-size=0"])) as nsqd:
             yield nsqd
+
+    def test_messages_go_to_disk(disk_only_nsqd):
+        disk_only_nsqd.publish("events", b"payload")
+        assert disk_only_nsqd.topic_stats("events")["backend_depth"] == 1
+
+(``with NsqdProcess(...) as nsqd:`` starts and closes it too, but a missing
+executable is then a ``BrokerNotFoundError`` traceback.)
 """
 
 from __future__ import annotations

@@ -167,7 +167,7 @@ def find_binary(name: str) -> str:
         for candidate in (Path(env_dir) / n for n in names):
             if _is_executable(candidate):
                 return str(candidate)
-        searched.append(f"${BIN_DIR_ENV} = {env_dir} (no executable {' or '.join(map(repr, names))} there)")
+        searched.append(f"${BIN_DIR_ENV} = {env_dir}: {_bin_dir_problem(Path(env_dir), names)}")
     else:
         searched.append(f"${BIN_DIR_ENV} (not set)")
     for candidate in (_REPO_BIN_DIR / n for n in names):
@@ -194,7 +194,35 @@ def find_binary(name: str) -> str:
         "    has a replace directive), or download a release from\n"
         "    https://github.com/nsqio/nsq/releases/tag/v" + NSQ_VERSION + ";\n"
         f"  * then put them on PATH, or set {BIN_DIR_ENV}=DIR."
+        + (
+            f"\n${BIN_DIR_ENV} is set but does not lead to {' or '.join(map(repr, names))}: point it at the directory that holds\n"
+            f"nsqd and nsqlookupd (in a checkout, the .cache/nsq-{NSQ_VERSION}/bin that bash .ci/build-brokers\n"
+            "prints last), or unset it. See docs/testing.md, 'How the broker executables are found'."
+            if env_dir
+            else ""
+        )
     )
+
+
+def _bin_dir_problem(directory: Path, names: Sequence[str]) -> str:
+    """Why *directory* ($NSQ_SYNC_BIN_DIR) gave none of *names*, for BrokerNotFoundError."""
+    where = "" if directory.is_absolute() else f" (relative to the current directory: {Path.cwd() / directory})"
+    wanted = " or ".join(map(repr, names))
+    if not directory.exists():
+        return f"the directory does not exist{where}"
+    if not directory.is_dir():
+        return f"not a directory{where}"
+    for candidate in (directory / n for n in names):
+        if candidate.is_dir():
+            return f"{str(candidate)!r} is a directory, not the executable{where}"
+        if candidate.exists():
+            return f"{str(candidate)!r} is not executable (chmod +x it){where}"
+    try:
+        entries = sorted(entry.name for entry in directory.iterdir())
+    except OSError as exc:
+        return f"cannot list it ({exc}){where}"
+    shown = ", ".join(entries[:8]) + (", ..." if len(entries) > 8 else "") if entries else "nothing"
+    return f"no {wanted} in it (it holds: {shown}){where}"
 
 
 def _is_executable(path: Path) -> bool:

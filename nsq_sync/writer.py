@@ -248,6 +248,9 @@ class Writer:
         # Validate every connection parameter now (raises TypeError/ConfigError), not in a background task.
         AsyncConn(addresses[0][0], addresses[0][1], backend=backend, **conn_kwargs)
         self.name = name or "nsq_sync.Writer"
+        #: what log lines start with: the name given, else nothing (the logger's name,
+        #: nsq_sync.writer, says it already, and each line names the nsqd it is about)
+        self._log_prefix = f"{name}: " if name else ""
         self.publish_timeout = float(publish_timeout)
         self.retries = retries
         self.max_msg_size = max_msg_size
@@ -268,6 +271,10 @@ class Writer:
         # nothing (no thread of ours there at the fork) until its first use, in the worker.
         self._uwsgi, defer = uwsgi_state()
         self._start_locks: Dict[int, Any] = {}  # per process id (see _check_pid)
+        #: a blocking publish checks whether gevent patched the process after this Writer
+        #: chose threads, and warns once (see _warn_patched_late); False once warned, or when
+        #: the backend was not chosen automatically as threads
+        self._check_late_patch = backend is None and self.backend.name == "thread"
         self._start(defer)
         register(self)
         _live_writers.add(self)
@@ -318,7 +325,7 @@ class Writer:
         #: when the housekeeping task looks next anyway: an earlier deadline has to wake it
         self._housekeeper_due = float("inf")
         if defer:
-            logger.info("%s: made in uWSGI's master process; connecting on first use, in the worker", self.name)
+            logger.info("%sWriter made in uWSGI's master process; connecting on first use, in the worker", self._log_prefix)
         else:
             for node in self._nodes:
                 node.task = backend.spawn(self._node_loop, node, name=f"nsq_sync-writer-{node.address}")
@@ -372,9 +379,9 @@ class Writer:
             # (gunicorn -k gevent --preload), and thread primitives would block its hub.
             self.backend = get_backend(None)
         if self._pid:
-            logger.info("%s: forked (pid %d); opening fresh connections", self.name, os.getpid())
+            logger.info("%sforked (pid %d); opening fresh connections", self._log_prefix, os.getpid())
         else:
-            logger.info("%s: first use (pid %d); connecting", self.name, os.getpid())
+            logger.info("%sfirst use (pid %d); connecting", self._log_prefix, os.getpid())
         self._forget_parent()
         self._start()
 
@@ -408,7 +415,7 @@ class Writer:
                 node.refused = exc if _refusal(exc, node.authed) else None
                 node.ended += 1
                 delay = exponential_delay(node.attempts, self.reconnect_interval, self.max_reconnect_interval)
-                logger.warning("%s: cannot connect to %s (%s); retrying in %.1fs", self.name, node.address, exc, delay)
+                logger.warning("%scannot connect to %s (%s); retrying in %.1fs", self._log_prefix, node.address, exc, delay)
                 self._attempt_ended()
                 self._stopping.wait(delay)
                 continue
@@ -429,7 +436,7 @@ class Writer:
                 conn.close()
                 break
             self._attempt_ended()
-            logger.info("%s: connected to %s", self.name, node.address)
+            logger.info("%sconnected to %s", self._log_prefix, node.address)
             conn.wait_closed()
             with self._lock:
                 node.conn = None
@@ -443,11 +450,11 @@ class Writer:
                     # a body over its --max-msg-size, ...): it is up and answering, so reconnect
                     # now; waiting out a backoff failed every other thread's publishes meanwhile.
                     # (No loop: such a close takes a command of the caller's each time.)
-                    logger.warning("%s: connection to %s closed (%s); reconnecting", self.name, node.address, conn.error)
+                    logger.warning("%sconnection to %s closed (%s); reconnecting", self._log_prefix, node.address, conn.error)
                     continue
                 node.attempts += 1
                 delay = exponential_delay(node.attempts, self.reconnect_interval, self.max_reconnect_interval)
-                logger.warning("%s: connection to %s closed (%s); reconnecting in %.1fs", self.name, node.address, conn.error, delay)
+                logger.warning("%sconnection to %s closed (%s); reconnecting in %.1fs", self._log_prefix, node.address, conn.error, delay)
                 self._stopping.wait(delay)
 
     def _attempt_ended(self) -> None:
@@ -859,6 +866,8 @@ class Writer:
         began this publish (counted, see _begin) and its attempt on a lane raised: (deadline,
         the exception, the lane, still held). It is handled as any attempt's failure: retried
         or raised, and the lane given back."""
+        if self._check_late_patch and "gevent.monkey" in sys.modules:
+            self._warn_patched_late()
         deadline = self._begin(timeout) if failed is None else failed[0]
         try:
             retries = self.retries
@@ -921,7 +930,7 @@ class Writer:
                     retries -= 1
                     avoid = conn
                     unknown = exc
-                    logger.info("%s: publish failed on %s; re-sending on another node", self.name, conn.id)
+                    logger.info("%spublish failed on %s; re-sending on another node", self._log_prefix, conn.id)
                 finally:
                     if lane is not None:
                         self._lane_back(lane)
@@ -974,7 +983,7 @@ class Writer:
         for suspect in suspects:
             self._drop_lane(node, suspect)
             self._close_lane(suspect, 0.1)
-        logger.info("%s: a publish timed out on a lane to %s; closed %d lane(s) that heard nothing since", self.name, node.address, len(suspects))
+        logger.info("%sa publish timed out on a lane to %s; closed %d lane(s) that heard nothing since", self._log_prefix, node.address, len(suspects))
 
     def _lane_back(self, lane: AsyncConn) -> None:
         node: _Node = lane._writer_node  # type: ignore[attr-defined]
@@ -995,7 +1004,7 @@ class Writer:
         try:
             lane.connect()
         except Exception as exc:
-            logger.info("%s: cannot open another connection to %s (%s)", self.name, node.address, exc)
+            logger.info("%scannot open another connection to %s (%s)", self._log_prefix, node.address, exc)
             with self._lock:
                 node.grow_after = time.monotonic() + self.reconnect_interval
                 node.growing -= 1
@@ -1017,7 +1026,7 @@ class Writer:
             self._close_lane(lane)  # (not under the lock: a close waits for nsqd)
             return
         node.free.append(lane)
-        logger.debug("%s: opened lane %d to %s", self.name, len(node.lanes), node.address)
+        logger.debug("%sopened lane %d to %s", self._log_prefix, len(node.lanes), node.address)
         # Without a reader task nobody answers nsqd's heartbeats while the lane sits unused,
         # and nsqd closes a connection silent for two heartbeat intervals: a lane unused
         # for a whole period closes first (unused for one to two periods).
@@ -1045,6 +1054,31 @@ class Writer:
         if not lane.closed():
             lane._on_disconnect(None)
 
+    def _patched_late(self) -> bool:
+        """gevent monkey-patched this process after this Writer chose OS threads (in this
+        process: a forked child chooses again at its first use, see _after_fork)."""
+        return self._backend_choice is None and self.backend.name == "thread" and gevent_patched() and self._pid == os.getpid()
+
+    def _warn_patched_late(self) -> None:
+        """A blocking publish on a Writer that gevent patched the process under: it still
+        works (its answer comes from the Writer's OS threads or the calling greenlet's own
+        read), but while it waits for nsqd the caller may read the OS-level socket itself,
+        which holds up every greenlet of the hub until the answer (up to the timeout). Said
+        once: a refusal would break programs that work today, at the cost of those stalls."""
+        if self._backend_choice is not None or self.backend.name != "thread":
+            self._check_late_patch = False  # (chosen again after a fork: gevent)
+            return
+        if not self._patched_late():
+            return
+        self._check_late_patch = False
+        logger.warning(
+            "%sthe Writer to %s was created before gevent monkey-patched this process, so it runs on OS threads: a blocking publish "
+            "from a greenlet can stop every other greenlet until nsqd answers (up to its timeout, %gs by default), and "
+            "pub_async() and callback= raise ConfigError. Create Writers after gevent.monkey.patch_all(), "
+            "or start the program with python -m gevent.monkey",
+            self._log_prefix, ", ".join(self.nsqd_tcp_addresses), self.publish_timeout,
+        )
+
     def _submit(self, data: bytes, timeout: Optional[float]) -> "Future[bytes]":
         if self._backend_choice is None and self.backend.name == "thread" and gevent_patched():
             # Made before gevent patched the process (in this process: a fork chooses again):
@@ -1054,7 +1088,7 @@ class Writer:
                 "backend", None,
                 f"{self.name} was created before gevent monkey-patched this process, so it runs on OS threads, "
                 "whose answers cannot wake a greenlet waiting on a Future (and callbacks would run outside the hub): create Writers after "
-                "gevent.monkey.patch_all()",
+                "gevent.monkey.patch_all(), or start the program with python -m gevent.monkey",
             )
         deadline = self._begin(timeout)
         try:
@@ -1266,4 +1300,4 @@ class Writer:
         try:
             self.pool.control.submit(callback, conn, payload)
         except RuntimeError:
-            logger.warning("%s: closed; publish callback %r not run", self.name, callback)
+            logger.warning("%sWriter closed; publish callback %r not run", self._log_prefix, callback)

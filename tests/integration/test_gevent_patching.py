@@ -100,6 +100,38 @@ def test_pub_async_on_a_writer_made_before_patching_is_a_config_error(nsqd: Nsqd
     assert nsqd.topic_depth("late") == 0  # refused before anything was sent
 
 
+WRITER_BEFORE_PATCH_BLOCKING = r"""
+import logging
+import nsq_sync
+records = []
+handler = logging.Handler()
+handler.emit = records.append
+logging.getLogger("nsq_sync.writer").addHandler(handler)
+writer = nsq_sync.Writer(sys.argv[1])
+writer.pub("late", b"before")  # a Writer that works before patching says nothing
+from gevent import monkey
+monkey.patch_all()
+import gevent
+answers = [greenlet.get() for greenlet in [gevent.spawn(writer.pub, "late", b"after %d" % i) for i in range(3)]]
+writer.mpub("late", [b"m1", b"m2"])
+writer.close()
+warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+print(answers, len(warnings))
+print(warnings[0] if warnings else "no warning")
+"""
+
+
+def test_blocking_publishes_on_a_writer_made_before_patching_land_and_warn_once(nsqd: NsqdProcess) -> None:
+    # A greenlet's blocking publish may read the Writer's OS-level socket itself and hold up
+    # every greenlet until nsqd answers: it used to do so silently.
+    answers, warning = run_script(WRITER_BEFORE_PATCH_BLOCKING, nsqd.tcp_address).strip().split("\n")
+    assert answers == "[b'OK', b'OK', b'OK'] 1"
+    assert f"the Writer to {nsqd.tcp_address} was created before gevent monkey-patched this process" in warning
+    assert "stop every other greenlet until nsqd answers" in warning
+    assert "python -m gevent.monkey" in warning
+    assert nsqd.topic_depth("late") == 6  # nothing lost
+
+
 GEVENT_POOL_FUTURE = r"""
 from gevent import monkey
 monkey.patch_all()

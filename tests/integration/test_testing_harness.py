@@ -14,14 +14,18 @@ import socket
 import ssl
 import stat
 import struct
+import subprocess
+import sys
+import textwrap
 import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import pytest
 
+import nsq_sync
 from nsq_sync import testing
 from nsq_sync.testing import (
     AuthServer,
@@ -498,6 +502,72 @@ def test_missing_binary_error_explains_how_to_get_it(
         assert hint in message
     with pytest.raises(BrokerNotFoundError):
         NsqdProcess().start()
+
+
+def test_missing_binary_error_says_what_is_wrong_with_nsq_sync_bin_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It said "(no executable 'nsqd' there)" whatever the reason, even for a directory that
+    # does not exist, and not what to point the variable at.
+    monkeypatch.setattr(testing, "_REPO_BIN_DIR", tmp_path / "no-cache")
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing-here"))
+    monkeypatch.chdir(tmp_path)
+    not_a_dir = tmp_path / "a-file"
+    not_a_dir.write_text("")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "nsqlookupd").write_text("")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "nsqd").write_text("#!/bin/sh\n")
+    (plain / "nsqd").chmod(0o644)
+    for env_dir, problem in [
+        (str(tmp_path / "missing"), "the directory does not exist"),
+        ("relative/bin", f"the directory does not exist (relative to the current directory: {tmp_path / 'relative/bin'})"),
+        (str(not_a_dir), "not a directory"),
+        (str(other), "no 'nsqd' in it (it holds: nsqlookupd)"),
+        (str(plain), f"{str(plain / 'nsqd')!r} is not executable (chmod +x it)"),
+    ]:
+        monkeypatch.setenv("NSQ_SYNC_BIN_DIR", env_dir)
+        with pytest.raises(BrokerNotFoundError) as excinfo:
+            find_binary("nsqd")
+        message = str(excinfo.value)
+        assert f"  - $NSQ_SYNC_BIN_DIR = {env_dir}: {problem}\n" in message
+        assert "$NSQ_SYNC_BIN_DIR is set but does not lead to 'nsqd'" in message
+        assert "docs/testing.md" in message and "bash .ci/build-brokers" in message
+
+
+def _docstring_examples(doc: str) -> str:
+    """The literal blocks (the indented lines after a line ending in "::") of *doc*, dedented."""
+    blocks: List[str] = []
+    lines = doc.splitlines()
+    for index, line in enumerate(lines):
+        if not line.rstrip().endswith("::"):
+            continue
+        block = []
+        for following in lines[index + 1 :]:
+            if following.strip() and not following.startswith("    "):
+                break
+            block.append(following)
+        blocks.append(textwrap.dedent("\n".join(block)))
+    return "\n\n".join(blocks)
+
+
+def test_the_pytest_plugins_examples_run(tmp_path: Path) -> None:
+    # The first used an undefined consume_one(); the second, a fixture, did not import
+    # pytest or NsqdProcess.
+    import nsq_sync.pytest_plugin
+
+    source = _docstring_examples(nsq_sync.pytest_plugin.__doc__ or "")
+    assert "def test_" in source
+    (tmp_path / "test_plugin_examples.py").write_text(source)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(nsq_sync.__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_plugin_examples.py"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    ran = source.count("def test_")
+    assert f"{ran} passed" in done.stdout and "failed" not in done.stdout and "error" not in done.stdout, done.stdout + done.stderr
 
 
 def test_a_forked_child_leaves_its_parents_broker_and_data_alone() -> None:
