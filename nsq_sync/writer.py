@@ -1080,8 +1080,9 @@ class Writer:
         )
 
     def _submit(self, data: bytes, timeout: Optional[float]) -> "Future[bytes]":
-        if self._backend_choice is None and self.backend.name == "thread" and gevent_patched():
-            # Made before gevent patched the process (in this process: a fork chooses again):
+        if self._patched_late():
+            # Made before gevent patched the process (in this process: a forked child, as a
+            # gunicorn -k gevent --preload worker, chooses again in _begin and goes on):
             # its Future, made now with gevent's locks, would be completed by one of the
             # Writer's OS threads, which cannot wake the hub waiting in result(): a hang.
             raise ConfigError(

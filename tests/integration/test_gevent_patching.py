@@ -132,6 +132,36 @@ def test_blocking_publishes_on_a_writer_made_before_patching_land_and_warn_once(
     assert nsqd.topic_depth("late") == 6  # nothing lost
 
 
+FORKED_THEN_PATCHED = r"""
+import os
+import nsq_sync
+writer = nsq_sync.Writer(sys.argv[1])
+writer.pub("forked", b"parent")  # the parent's connections and threads are up
+pid = os.fork()
+if pid == 0:  # the child: patched after the fork, as a gunicorn -k gevent --preload worker
+    from gevent import monkey
+    monkey.patch_all()
+    try:
+        answer = writer.pub_async("forked", b"child").result(10)
+        print("child", answer, writer.backend.name, flush=True)
+        writer.close()
+    finally:
+        os._exit(0)
+_, status = os.waitpid(pid, 0)
+writer.close()
+print("parent", status)
+"""
+
+
+def test_pub_async_first_in_a_child_patched_after_the_fork_uses_greenlets(nsqd: NsqdProcess) -> None:
+    # The refusal above came before the fork was noticed: in a gunicorn -k gevent --preload
+    # worker whose first publish was pub_async(), the Writer made in the master raised
+    # ConfigError where pub() would have chosen greenlets.
+    out = run_script(FORKED_THEN_PATCHED, nsqd.tcp_address)
+    assert out.split("\n")[:2] == ["child b'OK' gevent", "parent 0"], out
+    assert nsqd.topic_depth("forked") == 2
+
+
 GEVENT_POOL_FUTURE = r"""
 from gevent import monkey
 monkey.patch_all()
