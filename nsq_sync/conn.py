@@ -295,9 +295,10 @@ class AsyncConn(EventedMixin):
         self._inflight: Dict[bytes, Message] = {}
         self._queued = 0  # messages handed to the worker pool and not yet started
         self._received_total = 0  # messages nsqd delivered here, counted on arrival (Reader.stats)
-        #: answers nsqd refused (E_FIN_FAILED...) and copies it replaced, warned about at most
-        #: every LATE_WARNING_SECONDS
+        #: answers nsqd refused (E_FIN_FAILED...), and copies it replaced by delivering them
+        #: again, each warned about at most every LATE_WARNING_SECONDS with its own count
         self._late = WarningTally(LATE_WARNING_SECONDS)
+        self._redelivered = WarningTally(LATE_WARNING_SECONDS)
         #: answers to messages whose connection had ended (_answer_lost): the owner's report
         #: (a Reader sets it), else counted here and warned about at most every 10 s
         self._lost_answers: Optional[Callable[[Message, Error], None]] = None
@@ -1392,7 +1393,7 @@ class AsyncConn(EventedMixin):
                 raise beyond  # (ends the connection; nsqd gives its messages in flight to others)
             self.last_msg_timestamp = self.last_recv_timestamp
             if superseded:
-                due = self._late.add(superseded)
+                due = self._redelivered.add(superseded)
                 if due:
                     logger.warning(
                         "%s: nsqd timed out messages still in flight here and delivered them again (%d since the last "
