@@ -765,6 +765,44 @@ def test_refused_answers_and_redeliveries_are_warned_about_with_counts_of_their_
     assert len(refused) == 1 and "(1 such since the last warning)" in refused[0], refused
 
 
+def test_messages_that_waited_for_a_worker_past_msg_timeout_are_dropped_unrun(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader], caplog: Any) -> None:
+    # With every worker busy longer than msg_timeout, nsqd times out the messages waiting
+    # here and sends others (or the same again): those copies ran later anyway (work done
+    # twice, FIN refused), and piled up without bound while a handler hung (95 held after
+    # 20 s with max_in_flight 5 and msg_timeout 1 s, in a user review against real nsqd).
+    fake_nsqd.identify_response["msg_timeout"] = 50  # ms
+    release = threading.Event()
+    handled: List[bytes] = []
+
+    def handler(message: Any) -> bool:
+        handled.append(message.body)
+        if message.body == b"hung":
+            release.wait(WAIT)
+        return True
+
+    reader = make_reader(fake_nsqd, handler, max_in_flight=3, concurrency=1)
+    with caplog.at_level(logging.WARNING):
+        reader.start()
+        try:
+            fake_nsqd.wait_for_command("RDY 3")
+            fake_nsqd.send_message(b"hung")
+            wait_until(lambda: handled == [b"hung"], WAIT, message="the hung handler runs")
+            fake_nsqd.send_message(b"waiting 1")
+            fake_nsqd.send_message(b"waiting 2")
+            wait_until(lambda: reader.stats()["messages_received"] == 3, WAIT, message="both waiting")
+            time.sleep(0.06)  # (their msg_timeout passes: nsqd would now time them out and send more)
+            fake_nsqd.send_message(b"after the timeout")  # a 4th in flight with RDY 3: nsqd timed some out
+            wait_until(lambda: reader.stats()["messages_expired"] == 2, WAIT, message="the two stale ones dropped")
+            assert reader.stats()["in_flight"] == 2  # the hung one and the newest
+            assert any("2 messages waited for a worker longer than msg_timeout" in r.getMessage() for r in caplog.records)
+        finally:
+            release.set()
+        fake_nsqd.wait_for_command("FIN", count=2)
+    wait_until(lambda: reader.stats()["in_flight"] == 0, WAIT, message="nothing in flight")
+    assert handled == [b"hung", b"after the timeout"]
+    assert len([c for c in lines(fake_nsqd) if c.startswith((b"FIN", b"REQ"))]) == 2
+
+
 # ------------------------------------------------- (k) graceful close
 def test_close_sends_cls_and_waits_for_the_running_handler(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> None:
     started = threading.Event()
