@@ -295,9 +295,13 @@ class AsyncConn(EventedMixin):
         self._inflight: Dict[bytes, Message] = {}
         self._queued = 0  # messages handed to the worker pool and not yet started
         self._received_total = 0  # messages nsqd delivered here, counted on arrival (Reader.stats)
-        #: answers nsqd refused (E_FIN_FAILED...) and copies it replaced, warned about at most
-        #: every LATE_WARNING_SECONDS
+        self._expired_total = 0  # messages taken back unrun: they waited past msg_timeout (_drop_stale)
+        #: answers nsqd refused (E_FIN_FAILED...), and copies it replaced by delivering them
+        #: again, and messages that waited for a worker past msg_timeout, each warned about at
+        #: most every LATE_WARNING_SECONDS with its own count
         self._late = WarningTally(LATE_WARNING_SECONDS)
+        self._redelivered = WarningTally(LATE_WARNING_SECONDS)
+        self._expired = WarningTally(LATE_WARNING_SECONDS)
         #: answers to messages whose connection had ended (_answer_lost): the owner's report
         #: (a Reader sets it), else counted here and warned about at most every 10 s
         self._lost_answers: Optional[Callable[[Message, Error], None]] = None
@@ -1385,20 +1389,26 @@ class AsyncConn(EventedMixin):
                     message._arrived = arrived
                 self.in_flight = len(inflight)
                 self._received_total += len(messages)
-                beyond = self._beyond_rdy_locked(arrived) if len(inflight) > self._rdy_peak else None
+                stale = len(inflight) > self._rdy_peak
+                beyond = self._beyond_rdy_locked(arrived) if stale else None
                 if listeners and beyond is None:
-                    self._queued += len(messages)
+                    queued = self._queued
+                    self._queued = queued + len(messages)
             if beyond is not None:
                 raise beyond  # (ends the connection; nsqd gives its messages in flight to others)
             self.last_msg_timestamp = self.last_recv_timestamp
             if superseded:
-                due = self._late.add(superseded)
+                due = self._redelivered.add(superseded)
                 if due:
                     logger.warning(
                         "%s: nsqd timed out messages still in flight here and delivered them again (%d since the last "
                         "warning); copies not started yet are skipped; touch() long jobs or raise msg_timeout",
                         self.id, due,
                     )
+            if listeners and (stale or superseded) and queued:
+                # nsqd timed out messages here (more in flight than RDY allows, or a copy sent
+                # again): those still waiting for a worker go.
+                self._drop_stale(arrived)
             if listeners:
                 # One work item per message, never a batch per worker: a handler that never
                 # returns must not hold up the messages read with it.
@@ -1413,6 +1423,50 @@ class AsyncConn(EventedMixin):
             # nsqd sends nothing after CLOSE_WAIT: a graceful close now waits for exactly
             # the messages counted above (they came before it, maybe in this same read).
             self._close_wait.set()
+
+    def _drop_stale(self, now: float) -> None:
+        """Take back from the worker pool this connection's messages that still wait for a
+        worker but that nsqd timed out (read at least msg_timeout before *now*) or replaced
+        with a copy sent again. nsqd delivers them again by itself (maybe already did), so
+        running them would do the work twice, with answers nsqd refuses. Without this, while
+        every worker is busy for longer than msg_timeout (a hung handler, or prefetch deeper
+        than the workers get through in msg_timeout), nsqd sends RDY messages every
+        msg_timeout and their copies pile up here without bound.
+
+        Called only after nsqd showed that it timed messages out here, and safe in any case:
+        the clock starts when a message was read, after nsqd started its own, so a message
+        is never taken back before nsqd's deadline for it passed.
+        """
+        timeouts = self.message_timeouts or (float(self.msg_timeout or 60.0),) * 2
+        horizon = now - min(timeouts)
+        deliver = self._deliver
+        taken = self.worker_pool.messages.take(lambda fn, message: fn == deliver and (message._responded or message._arrived <= horizon))
+        if not taken:
+            return
+        expired = 0
+        with self._lock:
+            self._queued -= len(taken)
+            inflight = self._inflight
+            for message in taken:
+                if message._responded:
+                    continue  # replaced: its newer copy is in flight (and counted) instead
+                expired += 1
+                message._responded = message._superseded = True
+                if inflight.get(message.id) is message:
+                    del inflight[message.id]
+            self.in_flight = len(inflight)
+            self._expired_total += expired
+            flush = not self._queued and self._writes
+        if flush:
+            self._flush_quietly()
+        due = self._expired.add(expired) if expired else 0
+        if due:
+            logger.warning(
+                "%s: %d messages waited for a worker longer than msg_timeout (since the last warning) and were "
+                "dropped unrun: nsqd has timed them out and delivers them again. Every worker stayed busy for "
+                "longer than msg_timeout: raise concurrency, lower max_in_flight, or look for a hung handler",
+                self.id, due,
+            )
 
     def _beyond_rdy_locked(self, now: float) -> Optional[ProtocolError]:
         """More messages in flight here than the highest RDY this connection ever sent: the

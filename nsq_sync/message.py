@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Optional, Protocol, Tuple
 
-from .errors import ConfigError, ConnectionClosedError, SendError
+from .errors import AlreadyRespondedError, ConfigError, ConnectionClosedError, SendError
 
 #: what finish()/requeue()/touch() report instead of raising: no connection left to answer on
 _LOST = (ConnectionClosedError, SendError)
 
 __all__ = ["Message", "Responder"]
+
+logger = logging.getLogger(__name__)
 
 _MAX_MS = 2**31 - 1  # REQ's timeout must fit nsqd's int32 parse
 _clock = time.monotonic  # (a test may move it)
@@ -76,14 +79,18 @@ class Message:
         False when the connection it came on is gone (or its write failed, which closes it):
         nsqd delivers the message again by itself. As in pynsq this is not an exception (a
         thread answering batches later would die of it); it is logged, or counted by the
-        Reader that owns the connection. Raises AlreadyRespondedError if the message was
-        already finished or requeued.
+        Reader that owns the connection. Also False, sending nothing, for a copy that nsqd
+        timed out (msg_timeout passed) and delivered again on the same connection: the newer
+        copy is the one to answer. Raises AlreadyRespondedError if the message was already
+        finished or requeued.
         """
         responder = self._need_responder()
         try:
             responder._finish_message(self)
         except _LOST as exc:
             return self._lost(responder, exc, answered=True)
+        except AlreadyRespondedError as exc:
+            return self._replaced(exc)
         return True
 
     def requeue(self, delay: Optional[float] = None, backoff: bool = True, time_ms: Optional[int] = None) -> bool:
@@ -92,7 +99,7 @@ class Message:
         With no delay (None or pynsq's -1) the delay is ``requeue_delay * attempts``, capped by
         ``max_requeue_delay``. ``time_ms`` is pynsq's spelling in milliseconds. ``backoff=False``
         requeues without making a Reader back off. True once the REQ is on its way, False when
-        the connection is gone (see :meth:`finish`). Raises AlreadyRespondedError, ConfigError
+        the connection is gone or nsqd delivered the message again (see :meth:`finish`). Raises AlreadyRespondedError, ConfigError
         for a negative delay.
         """
         responder = self._need_responder()
@@ -110,11 +117,13 @@ class Message:
             responder._requeue_message(self, ms, bool(backoff))
         except _LOST as exc:
             return self._lost(responder, exc, answered=True)
+        except AlreadyRespondedError as exc:
+            return self._replaced(exc)
         return True
 
     def touch(self) -> bool:
         """Send TOUCH: reset nsqd's timeout for this message. True once it is on its way, False
-        when the connection is gone (see :meth:`finish`). Raises AlreadyRespondedError after
+        when the connection is gone or nsqd delivered the message again (see :meth:`finish`). Raises AlreadyRespondedError after
         finish/requeue."""
         now = _clock()
         responder = self._need_responder()
@@ -122,6 +131,8 @@ class Message:
             responder._touch_message(self)
         except _LOST as exc:
             return self._lost(responder, exc, answered=False)
+        except AlreadyRespondedError as exc:
+            return self._replaced(exc)
         self._touched = now
         return True
 
@@ -134,6 +145,17 @@ class Message:
         report = getattr(responder, "_answer_lost", None)
         if report is not None:
             report(self, error)
+        return False
+
+    def _replaced(self, error: AlreadyRespondedError) -> bool:
+        """An answer (or touch) for a copy that nsqd timed out and delivered again on the
+        same connection: nothing is sent, and it is no exception, for the same reason as a
+        lost one (a batcher answering late would die of it). The newer copy is the one to
+        answer; the connection already warned that nsqd delivered messages again. Any other
+        AlreadyRespondedError (answered twice) is raised."""
+        if not getattr(self, "_superseded", False):
+            raise error
+        logger.debug("%s", error)
         return False
 
     def time_left(self) -> Optional[float]:

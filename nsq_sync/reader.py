@@ -628,6 +628,7 @@ class Reader:
         # so set_message_handler() and assigning message_handler still take effect).
         self._plain = not self._hooked and cls.process_message is Reader.process_message
         self._received_gone = 0  # messages that arrived on connections since closed (under _lock)
+        self._expired_gone = 0  # the same for messages dropped unrun past msg_timeout
         self._warned_falsy = False  # a handler returned 0, "" or the like (_answer_later)
         self._unanswered = WarningTally(10.0)  # answers lost with their connection (_not_answered)
         self._finished = _Counter()
@@ -877,7 +878,9 @@ class Reader:
         """Counters and per-connection state, for monitoring.
 
         Keys: ``messages_received``, ``messages_finished``, ``messages_requeued``,
-        ``messages_given_up`` (also FINed, so counted in finished), ``in_flight``,
+        ``messages_given_up`` (also FINed, so counted in finished), ``messages_expired``
+        (dropped unrun: they waited for a worker longer than msg_timeout, so nsqd had timed
+        them out and delivers them again), ``in_flight``,
         ``max_in_flight``, ``total_rdy``, ``backoff_level``, ``backing_off``, ``closed`` and
         ``connections``: a list of dicts with ``address``, ``rdy``, ``in_flight``,
         ``connected``, ``max_rdy_count``, ``last_msg_timestamp``, ``failed_attempts``; a
@@ -895,6 +898,7 @@ class Reader:
             level, window = self._level, self._window
             # Counted on arrival, by each connection: a message still waiting for a worker counts.
             received = self._received_gone + sum(st.conn._received_total for st in states)
+            expired = self._expired_gone + sum(st.conn._expired_total for st in states)
             # A direct nsqd that is down (or not connected yet) is listed too, so that an alert
             # on "connected": False can fire (its max_rdy_count and last_msg_timestamp: None).
             down = [] if self._closing else [(address, self._direct_failures.get(address, 0)) for address in self._direct if address not in self._conns]
@@ -923,6 +927,7 @@ class Reader:
             "messages_finished": finished,
             "messages_requeued": requeued,
             "messages_given_up": given_up,
+            "messages_expired": expired,
             "in_flight": sum(c["in_flight"] for c in connections),
             "max_in_flight": self._max_in_flight,
             "total_rdy": sum(c["rdy"] for c in connections),
@@ -1799,6 +1804,7 @@ class Reader:
                 return  # never registered: the connect task handled it
             del self._conns[address]
             self._received_gone += conn._received_total
+            self._expired_gone += conn._expired_total
             if self._test_addr == address:
                 self._test_addr = None
             if self._closing:
