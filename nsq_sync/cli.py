@@ -211,6 +211,14 @@ WORKER_CLOSE_TIMEOUT = 25.0
 MAX_IN_FLIGHT = 2**31 - 1  # the Reader's range
 MAX_CONCURRENCY = 100_000  # the Reader's range (nsq_sync.reader.MAX_CONCURRENCY; not imported: --help stays light)
 MAX_TRIES = 65535  # the Reader's range
+#: worker --msg-timeout: nsqd refuses an IDENTIFY msg_timeout under 1 s or above its
+#: --max-msg-timeout, 900 s by default (the library's check, nsq_sync.protocol.limits)
+MIN_MSG_TIMEOUT = 1.0
+MAX_MSG_TIMEOUT = 900.0
+#: worker --requeue-delay: nsqd cuts a REQ delay to its --max-req-timeout, 3600 s by default
+#: (the library's range for requeue_delay)
+MAX_REQUEUE_DELAY = 3600.0
+MAX_BACKOFF_DURATION = 3600.0  # the Reader's range
 MAX_MSG_SIZE = 2**31 - 1  # the Writer's range for max_msg_size
 DEFAULT_MAX_MSG_SIZE = 1024 * 1024  # the Writer's default: nsqd's default --max-msg-size
 #: where the AUTH secret may come from instead of --auth-secret, which every user of the
@@ -662,10 +670,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
         max_in_flight=args.max_in_flight,
         concurrency=args.concurrency,
         max_tries=args.max_tries,
+        max_backoff_duration=args.max_backoff_duration,
         close_timeout=args.close_timeout,
+        requeue_delay=args.requeue_delay,
         backend=args.backend,
         **addresses,
         **connection,
+        **({"msg_timeout": args.msg_timeout} if args.msg_timeout is not None else {}),
     )
     stop = threading.Event()
     if args.verbose:
@@ -1282,6 +1293,13 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--max-tries", type=_int_range(0, MAX_TRIES, "max_tries"), default=5, help="attempts before giving up; 0: unlimited")
     worker.add_argument("--close-timeout", type=_seconds(0, 3600), default=WORKER_CLOSE_TIMEOUT,
                         help="on SIGTERM/SIGINT, how long running handlers may take to finish; the default stays below a 30 s kill timeout, as Kubernetes' default")
+    worker.add_argument("--msg-timeout", type=_seconds(MIN_MSG_TIMEOUT, MAX_MSG_TIMEOUT), default=None,
+                        help="how long nsqd waits for a message's answer before it delivers the message again; "
+                             "by default nsqd's --msg-timeout (60 s); at most nsqd's default --max-msg-timeout")
+    worker.add_argument("--requeue-delay", type=_seconds(0, MAX_REQUEUE_DELAY), default=90.0,
+                        help="a failed message comes back after this times its attempts, at most 900 s")
+    worker.add_argument("--max-backoff-duration", type=_seconds(0, MAX_BACKOFF_DURATION), default=128.0,
+                        help="the longest pause after failures (1, 2, 4 ... s); 0: no backoff")
     backend_arg(worker)
     connection_args(worker)
     worker.set_defaults(func=cmd_worker)

@@ -4,6 +4,7 @@ The tree::
 
     Error
     ├── ConfigError (also ValueError)      a parameter out of range, named with its value
+    │   └── ConfigTypeError (also TypeError)   a parameter of the wrong type
     ├── ProtocolError                      bytes from the peer that do not parse
     │   └── IntegrityError                 (pynsq's name for a frame that cannot be decoded)
     ├── ServerError                        an E_* error frame; .code, .text, .fatal
@@ -36,6 +37,7 @@ from typing import Dict, Optional, Type
 __all__ = [
     "Error",
     "ConfigError",
+    "ConfigTypeError",
     "ProtocolError",
     "IntegrityError",
     "ServerError",
@@ -97,6 +99,13 @@ class ConfigError(Error, ValueError):
 
     def __reduce__(self):  # keep pickling working with the 3-argument constructor
         return (type(self), (self.param, self.value, self.reason))
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """A parameter of the wrong type (a string where a number goes, ``True``, a float where an
+    int goes) where the check used to raise ConfigError: both, so that code catching either
+    ``ConfigError``/``ValueError`` or ``TypeError`` sees it. ``param``, ``value`` and ``reason``
+    as in :class:`ConfigError`."""
 
 
 class ProtocolError(Error):

@@ -6,7 +6,7 @@ import logging
 import time
 from typing import Optional, Protocol, Tuple
 
-from .errors import AlreadyRespondedError, ConfigError, ConnectionClosedError, SendError
+from .errors import AlreadyRespondedError, ConfigError, ConfigTypeError, ConnectionClosedError, SendError
 
 #: what finish()/requeue()/touch() report instead of raising: no connection left to answer on
 _LOST = (ConnectionClosedError, SendError)
@@ -99,18 +99,24 @@ class Message:
         With no delay (None or pynsq's -1) the delay is ``requeue_delay * attempts``, capped by
         ``max_requeue_delay``. ``time_ms`` is pynsq's spelling in milliseconds. ``backoff=False``
         requeues without making a Reader back off. True once the REQ is on its way, False when
-        the connection is gone or nsqd delivered the message again (see :meth:`finish`). Raises AlreadyRespondedError, ConfigError
-        for a negative delay.
+        the connection is gone or nsqd delivered the message again (see :meth:`finish`). Raises
+        AlreadyRespondedError, ConfigError for a delay out of range (negative, not finite, too
+        long), ConfigTypeError (a ConfigError and a TypeError) for one of the wrong type (a
+        string, a bool; a float for time_ms).
         """
         responder = self._need_responder()
         if time_ms is not None and time_ms != -1:
-            if isinstance(time_ms, bool) or not isinstance(time_ms, int) or not 0 <= time_ms <= _MAX_MS:
+            if isinstance(time_ms, bool) or not isinstance(time_ms, int):
+                raise ConfigTypeError("time_ms", time_ms, f"must be an int, not {type(time_ms).__name__} (milliseconds from 0 to {_MAX_MS}, or -1 for automatic)")
+            if not 0 <= time_ms <= _MAX_MS:
                 raise ConfigError("time_ms", time_ms, f"must be an int from 0 to {_MAX_MS} (or -1 for automatic)")
             ms = time_ms
         elif delay is None or delay == -1:
             ms = -1
         else:
-            if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not 0 <= delay <= _MAX_MS / 1000:
+            if isinstance(delay, bool) or not isinstance(delay, (int, float)):
+                raise ConfigTypeError("delay", delay, f"must be a number of seconds, not {type(delay).__name__} (from 0 to {_MAX_MS // 1000}, or None for automatic)")
+            if not 0 <= delay <= _MAX_MS / 1000:
                 raise ConfigError("delay", delay, f"must be a number of seconds from 0 to {_MAX_MS // 1000} (or None for automatic)")
             ms = int(round(delay * 1000))
         try:

@@ -380,6 +380,78 @@ def test_worker_refuses_a_bad_close_timeout(env: Dict[str, str]) -> None:
     assert done.returncode == 2 and "--close-timeout" in done.stderr, describe(done)
 
 
+#: a handler that fails a message's first attempt (a requeue) and finishes the next
+FAIL_ONCE_MODULE = '''\
+def handle(message):
+    print("attempt", message.attempts, message.body.decode(), flush=True)
+    return message.attempts >= 2
+'''
+
+
+def test_worker_msg_timeout_is_the_connections(nsqd: NsqdProcess, tmp_path: Path, backend: str) -> None:
+    """--msg-timeout reaches nsqd (the IDENTIFY msg_timeout, in seconds): a handler that outlives
+    it has its message timed out by nsqd after about that long, not after nsqd's 60 s."""
+    (tmp_path / "slow_handler.py").write_text(HANDLER_MODULE)
+    topic = "cli_msg_timeout"
+    nsqd.create_channel(topic, "work")
+    nsqd.publish(topic, b"long")
+    env = cli_env({"OUT": str(tmp_path / "out.txt"), "DELAY": "60"})
+    with CliProcess.nsq_sync(
+        "worker", "slow_handler:handle", "--topic", topic, "--channel", "work", "--nsqd-tcp-address", nsqd.tcp_address,
+        "--msg-timeout", "1", "--close-timeout", "0.5", "--backend", backend, env=env, cwd=tmp_path,
+    ) as worker:
+        wait_until(lambda: worker.proc.poll() is not None or channel_stats(nsqd, topic, "work")["timeout_count"] >= 1,
+                   timeout=20, message="nsqd timing the message out")
+        assert worker.proc.poll() is None, worker.output()
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(15) == EXIT_OK, worker.output()
+
+
+@pytest.mark.parametrize("max_backoff_duration", ["0", None], ids=["no-backoff", "default-backoff"])
+def test_worker_requeue_delay_and_max_backoff_duration(max_backoff_duration: Optional[str], nsqd: NsqdProcess, tmp_path: Path, backend: str) -> None:
+    """--requeue-delay 0 gives a failed message back at once (the default, 90 s x attempts,
+    would hold it for 90 s); --max-backoff-duration 0 turns the Reader's backoff off, where by
+    default a failure pauses it (1 s at the first level, logged at INFO)."""
+    (tmp_path / "fail_once.py").write_text(FAIL_ONCE_MODULE)
+    topic = "cli_requeue_delay"
+    nsqd.create_channel(topic, "work")
+    nsqd.publish(topic, b"job")
+    args = ["-v", "worker", "fail_once:handle", "--topic", topic, "--channel", "work", "--nsqd-tcp-address", nsqd.tcp_address,
+            "--requeue-delay", "0", "--backend", backend]
+    if max_backoff_duration is not None:
+        args += ["--max-backoff-duration", max_backoff_duration]
+    with CliProcess.nsq_sync(*args, env=cli_env(), cwd=tmp_path) as worker:
+        worker.wait_for_line(lambda line: line == "attempt 1 job", timeout=20)
+        worker.wait_for_line(lambda line: line == "attempt 2 job", timeout=15)
+        wait_until(lambda: channel_stats(nsqd, topic, "work")["in_flight_count"] == 0, timeout=5, message="the second attempt finished")
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(30) == EXIT_OK, worker.output()
+    stats = channel_stats(nsqd, topic, "work")
+    assert stats["requeue_count"] == 1 and stats["depth"] == 0 and stats["deferred_count"] == 0, stats
+    backoff_lines = [line for line in worker.stderr() if "backoff" in line]
+    assert bool(backoff_lines) == (max_backoff_duration is None), worker.output()
+
+
+def test_worker_requeue_delay_defers_the_failed_message(nsqd: NsqdProcess, tmp_path: Path, backend: str) -> None:
+    """--requeue-delay 5: the failed message waits at nsqd (deferred) and comes back about 5 s
+    later (the default would be 90 s)."""
+    (tmp_path / "fail_once.py").write_text(FAIL_ONCE_MODULE)
+    topic = "cli_requeue_delay_5"
+    nsqd.create_channel(topic, "work")
+    nsqd.publish(topic, b"job")
+    with CliProcess.nsq_sync(
+        "worker", "fail_once:handle", "--topic", topic, "--channel", "work", "--nsqd-tcp-address", nsqd.tcp_address,
+        "--requeue-delay", "5", "--max-backoff-duration", "0", "--backend", backend, env=cli_env(), cwd=tmp_path,
+    ) as worker:
+        worker.wait_for_line(lambda line: line == "attempt 1 job", timeout=20)
+        requeued = time.monotonic()
+        wait_until(lambda: channel_stats(nsqd, topic, "work")["deferred_count"] == 1, timeout=4, message="the message deferred at nsqd")
+        worker.wait_for_line(lambda line: line == "attempt 2 job", timeout=20)
+        assert time.monotonic() - requeued > 4, worker.output()
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(30) == EXIT_OK, worker.output()
+
+
 @pytest.mark.parametrize("where", ["after", "before"])
 def test_worker_verbose_logs_rates(where: str, nsqd: NsqdProcess, tmp_path: Path, backend: str) -> None:
     (tmp_path / "slow_handler.py").write_text(HANDLER_MODULE)

@@ -187,6 +187,11 @@ BAD_NUMBERS = {
     "pub-max-msg-size-negative": (["pub", "--topic", "t", "--max-msg-size", "-1", "x"], "argument --max-msg-size: '-1' must be at least 0"),
     "tail-max-in-flight": (["tail", "--topic", "t", "--max-in-flight", "2147483648"], "must be at most 2147483647"),
     "worker-max-tries": (["worker", "m:f", "--topic", "t", "--channel", "c", "--nsqd-tcp-address", "127.0.0.1:4150", "--max-tries", "65536"], "must be at most 65535"),
+    "worker-msg-timeout-below-1": (["worker", "m:f", "--topic", "t", "--channel", "c", "--nsqd-tcp-address", "127.0.0.1:4150", "--msg-timeout", "0.5"], "argument --msg-timeout: '0.5' must be a number of seconds from 1 to 900"),
+    "worker-msg-timeout-over-nsqd-max": (["worker", "m:f", "--topic", "t", "--channel", "c", "--nsqd-tcp-address", "127.0.0.1:4150", "--msg-timeout", "901"], "argument --msg-timeout: '901' must be a number of seconds from 1 to 900"),
+    "worker-msg-timeout-not-a-number": (["worker", "m:f", "--topic", "t", "--channel", "c", "--nsqd-tcp-address", "127.0.0.1:4150", "--msg-timeout", "1m"], "argument --msg-timeout: '1m' is not a number of seconds"),
+    "worker-requeue-delay-negative": (["worker", "m:f", "--topic", "t", "--channel", "c", "--nsqd-tcp-address", "127.0.0.1:4150", "--requeue-delay", "-1"], "argument --requeue-delay: '-1' must be a number of seconds from 0 to 3600"),
+    "worker-max-backoff-duration-nan": (["worker", "m:f", "--topic", "t", "--channel", "c", "--nsqd-tcp-address", "127.0.0.1:4150", "--max-backoff-duration", "nan"], "argument --max-backoff-duration: 'nan' must be a number of seconds from 0 to 3600"),
 }  # (cluster --nsqd is checked in-process only: without the check it would start that many nsqd)
 
 
@@ -248,7 +253,8 @@ def test_a_bad_tls_or_auth_setting_exits_2_before_anything_connects(
 #: every number option of each command, and what the command needs besides to parse
 NUMBER_OPTIONS = {
     "demo": (["-n", "--threads", "--batch", "--body-size", "--max-in-flight", "--concurrency", "--timeout"], []),
-    "worker": (["--max-in-flight", "--concurrency", "--max-tries", "--close-timeout"], ["m:f", "--topic", "t", "--channel", "c"]),
+    "worker": (["--max-in-flight", "--concurrency", "--max-tries", "--close-timeout", "--msg-timeout", "--requeue-delay", "--max-backoff-duration"],
+               ["m:f", "--topic", "t", "--channel", "c"]),
     "pub": (["--timeout", "--max-msg-size"], ["--topic", "t"]),
     "tail": (["-n", "--max-in-flight", "--lookupd-poll-interval"], ["--topic", "t"]),
     "cluster": (["--nsqd"], []),

@@ -26,7 +26,7 @@ import pytest
 
 import nsq_sync
 from nsq_sync import AsyncConn, LookupdClient, Message, NsqdHTTPClient, Reader, WorkerPool, Writer
-from nsq_sync.errors import AlreadyRespondedError, ClosedError, ConfigError, IntegrityError
+from nsq_sync.errors import AlreadyRespondedError, ClosedError, ConfigError, ConfigTypeError, IntegrityError
 from nsq_sync.protocol import commands
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "functional"))
@@ -452,13 +452,13 @@ class Responder:
     "kwargs,error,param",
     [
         ({"delay": -2}, ConfigError, "delay"),
-        ({"delay": "1"}, ConfigError, "delay"),
-        ({"delay": True}, ConfigError, "delay"),
-        ({"delay": [1]}, ConfigError, "delay"),
+        ({"delay": "1"}, ConfigTypeError, "delay"),
+        ({"delay": True}, ConfigTypeError, "delay"),
+        ({"delay": [1]}, ConfigTypeError, "delay"),
         ({"time_ms": -3}, ConfigError, "time_ms"),
-        ({"time_ms": 1.5}, ConfigError, "time_ms"),
-        ({"time_ms": "5"}, ConfigError, "time_ms"),
-        ({"time_ms": True}, ConfigError, "time_ms"),
+        ({"time_ms": 1.5}, ConfigTypeError, "time_ms"),
+        ({"time_ms": "5"}, ConfigTypeError, "time_ms"),
+        ({"time_ms": True}, ConfigTypeError, "time_ms"),
     ],
     ids=lambda v: repr(v) if not isinstance(v, type) else v.__name__,
 )
@@ -467,6 +467,37 @@ def test_message_requeue_refuses_bad_delays_before_sending(kwargs: Dict[str, Any
     message = Message(MSG_ID, b"body", 0, 1, responder)
     raises_named(lambda: message.requeue(**kwargs), error, param)
     assert responder.calls == [] and not message.has_responded()
+
+
+#: requeue() arguments of the wrong type, and of the right type out of range
+REQUEUE_WRONG_TYPE = [{"delay": "5"}, {"delay": True}, {"delay": [1]}, {"delay": None, "time_ms": "5000"},
+                      {"time_ms": 1.5}, {"time_ms": True}, {"time_ms": b"5"}]
+REQUEUE_OUT_OF_RANGE = [{"delay": -2}, {"delay": NAN}, {"delay": 1e300}, {"time_ms": -3}, {"time_ms": 2**31}]
+
+
+@pytest.mark.parametrize("kwargs", REQUEUE_WRONG_TYPE, ids=repr)
+def test_message_requeue_wrong_type_is_caught_as_config_error_and_as_type_error(kwargs: Dict[str, Any]) -> None:
+    """requeue(delay="5") raised a ConfigError only, where docs/errors.md says a value that is
+    not a number is a TypeError (as the Reader's constructor raises): now it is both, so code
+    written for either keeps working, and nothing is sent."""
+    for caught in (ConfigError, TypeError, ValueError):
+        responder = Responder()
+        message = Message(MSG_ID, b"body", 0, 1, responder)
+        try:
+            message.requeue(**kwargs)
+        except caught as exc:
+            check_named(exc, next(k for k, v in kwargs.items() if v is not None))
+        else:
+            pytest.fail(f"requeue(**{kwargs!r}) raised nothing")
+        assert responder.calls == [] and not message.has_responded()
+
+
+@pytest.mark.parametrize("kwargs", REQUEUE_OUT_OF_RANGE, ids=repr)
+def test_message_requeue_out_of_range_stays_a_config_error_only(kwargs: Dict[str, Any]) -> None:
+    message = Message(MSG_ID, b"body", 0, 1, Responder())
+    with pytest.raises(ConfigError) as info:
+        message.requeue(**kwargs)
+    assert not isinstance(info.value, TypeError), repr(info.value)
 
 
 def test_message_requeue_refuses_non_finite_and_huge_delays() -> None:

@@ -149,6 +149,13 @@ def test_config_error():
         raise err
 
 
+def test_config_type_error_is_a_config_error_and_a_type_error():
+    err = errors.ConfigTypeError("delay", "5", "must be a number of seconds, not str")
+    assert isinstance(err, ConfigError) and isinstance(err, ValueError) and isinstance(err, TypeError) and isinstance(err, Error)
+    assert (err.param, err.value, str(err)) == ("delay", "5", "delay='5': must be a number of seconds, not str")
+    assert nsq_sync.ConfigTypeError is errors.ConfigTypeError
+
+
 def test_timeout_error():
     err = errors.TimeoutError("took too long")
     assert isinstance(err, builtins.TimeoutError)
@@ -170,7 +177,7 @@ def test_http_error():
 
 
 def _sample(cls):
-    if cls is ConfigError:
+    if issubclass(cls, ConfigError):
         return cls("param", [1, "v"], "reason")
     if cls is HTTPError:
         return cls(503, "busy", "http://h:1/x")
