@@ -302,6 +302,7 @@ class AsyncConn(EventedMixin):
         self._late = WarningTally(LATE_WARNING_SECONDS)
         self._redelivered = WarningTally(LATE_WARNING_SECONDS)
         self._expired = WarningTally(LATE_WARNING_SECONDS)
+        self._forgotten = WarningTally(LATE_WARNING_SECONDS)  # (nsqd went past RDY: _forget_oldest_locked)
         #: answers to messages whose connection had ended (_answer_lost): the owner's report
         #: (a Reader sets it), else counted here and warned about at most every 10 s
         self._lost_answers: Optional[Callable[[Message, Error], None]] = None
@@ -1357,7 +1358,7 @@ class AsyncConn(EventedMixin):
                     if due:
                         logger.warning(
                             "%s: %s (%d such since the last warning): nsqd timed the message out before its answer came, "
-                            "and delivers it again; touch() long jobs or raise msg_timeout",
+                            "and delivers it again (touch() long jobs or raise msg_timeout), or the channel was emptied",
                             self.id, error, due,
                         )
                     else:
@@ -1385,18 +1386,33 @@ class AsyncConn(EventedMixin):
                         # be answered, and must not run (again) if it still waits for a worker.
                         old._responded = old._superseded = True
                         superseded += 1
+                        del inflight[message.id]  # (the new copy goes last: in flight by arrival, see _forget_oldest_locked)
                     inflight[message.id] = message
                     message._arrived = arrived
                 self.in_flight = len(inflight)
                 self._received_total += len(messages)
                 stale = len(inflight) > self._rdy_peak
                 beyond = self._beyond_rdy_locked(arrived) if stale else None
-                if listeners and beyond is None:
+                forgotten = self._forget_oldest_locked(beyond, arrived) if beyond is not None and self._rdy_peak else 0
+                if forgotten:
+                    messages = [message for message in messages if not message._responded]  # (a flood in one read)
+                if listeners and (beyond is None or forgotten):
                     queued = self._queued
                     self._queued = queued + len(messages)
-            if beyond is not None:
-                raise beyond  # (ends the connection; nsqd gives its messages in flight to others)
+            if beyond is not None and not forgotten:
+                # Never sent RDY (a Writer's connection): no message is ever due here.
+                raise ProtocolError(f"{self.id} sent {beyond} messages, and it was never sent RDY; nsqd never does: closing the connection")
             self.last_msg_timestamp = self.last_recv_timestamp
+            if forgotten:
+                due = self._forgotten.add(forgotten)
+                if due:
+                    logger.warning(
+                        "%s: nsqd sent more messages than RDY (%d) allows, so it no longer counts %d earlier ones in flight "
+                        "here (since the last warning): the channel was emptied (nsqd then forgets every message in flight), "
+                        "or a peer that is not nsqd ignores RDY. Those not started yet are dropped, and the others' answers "
+                        "are not sent (nsqd would refuse them)",
+                        self.id, self._rdy_peak, due,
+                    )
             if superseded:
                 due = self._redelivered.add(superseded)
                 if due:
@@ -1406,8 +1422,8 @@ class AsyncConn(EventedMixin):
                         self.id, due,
                     )
             if listeners and (stale or superseded) and queued:
-                # nsqd timed out messages here (more in flight than RDY allows, or a copy sent
-                # again): those still waiting for a worker go.
+                # nsqd timed out or forgot messages here (more in flight than RDY allows, or a
+                # copy sent again): those still waiting for a worker go.
                 self._drop_stale(arrived)
             if listeners:
                 # One work item per message, never a batch per worker: a handler that never
@@ -1468,32 +1484,53 @@ class AsyncConn(EventedMixin):
                 self.id, due,
             )
 
-    def _beyond_rdy_locked(self, now: float) -> Optional[ProtocolError]:
-        """More messages in flight here than the highest RDY this connection ever sent: the
-        error that ends the connection, or None when nsqd may have timed some of them out
-        (then it counts them no more and sends others: a handler slower than msg_timeout).
+    def _forget_oldest_locked(self, excess: int, now: float) -> int:
+        """nsqd sent *excess* more messages than RDY allows with every earlier one still in
+        flight: it no longer counts the oldest *excess* of them. nsqd does that when the
+        channel is emptied (/channel/empty, nsqadmin's "Empty Channel": it forgets every
+        message in flight, then sends RDY new ones); a peer that ignores RDY looks the same.
+        Those oldest leave the in-flight count and are marked answered: the ones still
+        waiting for a worker are dropped (_drop_stale: an emptied channel's messages were
+        meant to go, and a peer flooding past RDY must not fill memory), the running ones'
+        answers are not sent (nsqd would refuse them). Returns how many were forgotten."""
+        inflight = self._inflight
+        oldest = []
+        for message in inflight.values():  # (by arrival: a copy sent again goes last)
+            if len(oldest) >= excess:
+                break
+            if self._is_live(message, now):
+                oldest.append(message)
+        for message in oldest:
+            message._responded = message._superseded = True
+            del inflight[message.id]
+        self.in_flight = len(inflight)
+        return len(oldest)
 
-        An honest nsqd never exceeds RDY; a peer that does (a broken or hostile server, or a
-        Writer's connection, which sends no RDY) would otherwise fill memory without bound.
-        Only messages surely still in flight at nsqd are counted: touched or read less than
-        msg_timeout ago by a margin for network and timer delays.
+    def _is_live(self, message: Message, now: float) -> bool:
+        """Surely still in flight at nsqd at *now*: touched or read less than msg_timeout
+        ago, by a margin for network and timer delays."""
+        msg_timeout, max_msg_timeout = self.message_timeouts or (float(self.msg_timeout or 60.0),) * 2
+        arrived = message._arrived
+        start = getattr(message, "_touched", arrived)
+        return min(start + msg_timeout, arrived + max_msg_timeout) - now > 2.0
+
+    def _beyond_rdy_locked(self, now: float) -> Optional[int]:
+        """How many more messages are in flight here than the highest RDY this connection
+        ever sent, or None when there are no more than that once those that nsqd may have
+        timed out are left aside (it counts them no more and sends others: a handler slower
+        than msg_timeout).
+
+        An honest nsqd exceeds RDY only after a channel empty (see _forget_oldest_locked); a
+        peer that does otherwise (a broken or hostile server, or a Writer's connection,
+        which sends no RDY) would fill memory without bound. Only messages surely still in
+        flight at nsqd are counted: touched or read less than msg_timeout ago by a margin
+        for network and timer delays.
         """
-        timeouts = self.message_timeouts or (float(self.msg_timeout or 60.0),) * 2
-        msg_timeout, max_msg_timeout = timeouts
-        margin = 2.0
-        live = 0
-        for message in self._inflight.values():
-            arrived = message._arrived
-            start = getattr(message, "_touched", arrived)
-            if min(start + msg_timeout, arrived + max_msg_timeout) - now > margin:
-                live += 1
+        is_live = self._is_live
+        live = sum(1 for message in self._inflight.values() if is_live(message, now))
         if live <= self._rdy_peak:
             return None
-        if self._rdy_peak:
-            reason = f"{live} messages in flight, more than the highest RDY it was sent ({self._rdy_peak})"
-        else:
-            reason = f"{live} messages, and it was never sent RDY"
-        return ProtocolError(f"{self.id} sent {reason}; nsqd never does: closing the connection")
+        return live - self._rdy_peak if self._rdy_peak else live
 
     def _deliver(self, message: Message) -> None:
         lock = self._lock  # acquire/release, not `with`: see _finish_message

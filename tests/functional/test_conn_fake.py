@@ -922,16 +922,39 @@ def sub_conn(make_conn, server: FakeNsqd):
     return make
 
 
-def test_more_messages_than_rdy_end_the_connection(server: FakeNsqd, sub_conn, backend, tasks_before) -> None:
-    # nsqd never has more messages in flight on a connection than its RDY: a peer that sends
-    # more (broken or hostile) would fill the client's memory without bound.
+def test_more_messages_than_rdy_make_nsqd_forget_the_oldest_and_the_connection_goes_on(server: FakeNsqd, sub_conn, caplog: Any) -> None:
+    # nsqd goes past RDY only after a channel empty, where it forgets every message in flight
+    # and sends RDY new ones: the oldest beyond RDY are no longer counted, their answers are
+    # not sent (nsqd would refuse them), and the connection goes on. It ended with a
+    # ProtocolError ("nsqd never does"), and what it had read came again after a reconnect.
     conn, events = sub_conn(rdy=2)
     for i in range(2):
         server.send_message(b"m%d" % i)
     events.wait("message", count=2)
-    server.send_message(b"one too many")
-    assert_fault(conn, events, backend, tasks_before, ProtocolError, match="3 messages in flight, more than the highest RDY it was sent (2)")
-    assert [kw["message"].body for kw in events.of("message")] == [b"m0", b"m1"]  # the third never ran
+    with caplog.at_level(logging.WARNING, logger="nsq_sync.conn"):
+        server.send_message(b"after the empty")
+        events.wait("message", count=3)
+    m0, m1, m2 = [kw["message"] for kw in events.of("message")]
+    assert conn.in_flight == 2
+    assert [m0.finish(), m1.finish(), m2.finish()] == [False, True, True]
+    server.wait_for_command("FIN", count=2)
+    assert [c for c in server.commands if c.startswith(b"FIN")] == [b"FIN " + m1.id, b"FIN " + m2.id]
+    assert conn.connected() and conn.in_flight == 0 and events.of("error") == []
+    assert any("no longer counts 1 earlier ones" in r.getMessage() for r in caplog.records)
+
+
+def test_a_peer_flooding_past_rdy_is_held_to_rdy_messages_in_flight(server: FakeNsqd, sub_conn) -> None:
+    # A peer that ignores RDY: the oldest are forgotten as the new ones come, so what this
+    # connection holds stays at RDY (it filled memory without bound before the RDY check).
+    conn, events = sub_conn(rdy=2)
+    for i in range(200):
+        server.send_message(b"m%d" % i)
+    events.wait("message", count=2)
+    server.send_heartbeat()  # (answered after the flood is read: one read after another)
+    server.wait_for_command("NOP")
+    assert conn.in_flight == 2 and conn.connected()
+    newest = {kw["message"].body for kw in events.of("message") if not kw["message"].has_responded()}
+    assert newest <= {b"m198", b"m199"}
 
 
 def finish_all_and_stay_connected(server: FakeNsqd, conn: AsyncConn, events: "Recorder", count: int) -> None:

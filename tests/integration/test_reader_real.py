@@ -365,6 +365,44 @@ def test_late_answers_across_an_nsqd_restart_are_reported_and_the_consumer_goes_
     wait_until(lambda: drained(nsqd), TIMEOUT, message="channel drained")
 
 
+def test_emptying_the_channel_while_handlers_hold_messages_keeps_the_connection(nsqd: NsqdProcess, make_reader: Callable[..., Reader]) -> None:
+    """/channel/empty (nsqadmin's "Empty Channel") while five messages are held: nsqd forgets
+    every message in flight and sends RDY new ones at once. The connection took that for a
+    peer ignoring RDY and closed ("nsqd never does"); the new messages it had read came
+    again after the reconnect (a user review: 5 drops in 5 empties with 0.5 s handlers)."""
+    import queue
+
+    from nsq_sync import NsqdHTTPClient
+
+    old = [b"old-%d" % n for n in range(5)]
+    new = [b"new-%d" % n for n in range(5)]
+    prepare(nsqd, old)
+    held: "queue.Queue[Any]" = queue.Queue()
+    seen = Recorder(len(new))
+
+    def handler(message: Any) -> Any:
+        if message.body.startswith(b"old"):
+            message.enable_async()
+            held.put(message)
+            return None
+        seen.add(message.body)
+        return True
+
+    reader = make_reader(handler, nsqd_tcp_addresses=nsqd.tcp_address, max_in_flight=5)
+    reader.start()
+    kept = [held.get(timeout=TIMEOUT) for _ in old]
+    NsqdHTTPClient(nsqd.http_address).empty_channel(TOPIC, CHANNEL)
+    nsqd.mpublish(TOPIC, new)
+    assert seen.done.wait(TIMEOUT), seen.bodies
+    wait_until(lambda: drained(nsqd), TIMEOUT, message="channel drained")
+    assert [m.finish() for m in kept] == [False] * 5  # nsqd forgot them: nothing is sent
+    assert seen.bodies == Counter({body: 1 for body in new})
+    stats = reader.stats()
+    assert stats["messages_received"] == 10 and stats["in_flight"] == 0  # nothing came twice
+    clients = channel(nsqd)["clients"]
+    assert len(clients) == 1 and clients[0]["finish_count"] == 5  # the same connection throughout
+
+
 # ------------------------------------------------ (4) a new nsqd mid-run
 @pytest.mark.slow
 def test_nsqd_added_mid_run_is_discovered_and_consumed(nsq_cluster: LocalCluster, make_reader: Callable[..., Reader]) -> None:
