@@ -110,8 +110,13 @@ HANDSHAKE_SHOWN = 48
 #: once gets there: it then goes on in slices, so a caller with a deadline stops at its
 #: deadline and a write's stall is counted from its last progress (see _send_rest)
 SEND_SLICE_SECONDS = 0.05
-#: at most one warning this often about answers nsqd refused because it had timed the message
-#: out (E_FIN_FAILED, E_REQ_FAILED, E_TOUCH_FAILED) or copies it delivered again; counted between
+#: a graceful close waits this long for CLOSE_WAIT once nothing is left to answer (nsqd hung),
+#: looking every CLS_POLL_SECONDS (see _wait_close_wait)
+CLS_GRACE_SECONDS = 1.0
+CLS_POLL_SECONDS = 0.05
+#: at most one warning this often about each of: answers nsqd refused because it had timed the
+#: message out (E_FIN_FAILED, E_REQ_FAILED, E_TOUCH_FAILED), copies it delivered again, messages
+#: dropped unrun past msg_timeout, and messages it no longer counts; each counted between warnings
 LATE_WARNING_SECONDS = 10.0
 _NOTHING = object()  # _read_before: the deadline passed with no data
 _OK_FRAME = b"\x00\x00\x00\x06\x00\x00\x00\x00OK"  # size 6, FRAME_TYPE_RESPONSE, OK
@@ -2067,8 +2072,11 @@ class AsyncConn(EventedMixin):
         if self.state == CONNECTED and self._subscribed:
             try:
                 self._write(commands.cls(), max(0.0, deadline - time.monotonic()))  # (no room: a flush task writes it)
-                if not self._close_wait.wait(max(0.0, deadline - time.monotonic())):
-                    logger.warning("%s: nsqd did not confirm CLS within the close timeout (%gs); closing anyway (nsqd will redeliver what is in flight)", self.id, timeout)
+                if not self._wait_close_wait(deadline):
+                    logger.warning(
+                        "%s: nsqd did not confirm CLS within the close timeout (%gs), or %gs after the last answer; closing "
+                        "anyway (nsqd will redeliver what is in flight)", self.id, timeout, CLS_GRACE_SECONDS,
+                    )
                 if self._hand_back is not None and self._queued:
                     self._hand_back(self._take_queued())
                 with self._lock:
@@ -2081,6 +2089,28 @@ class AsyncConn(EventedMixin):
         self._flush_all(deadline)
         self._teardown_socket()
         self._join(max(0.1, deadline - time.monotonic()))
+
+    def _wait_close_wait(self, deadline: float) -> bool:
+        """Wait for nsqd's CLOSE_WAIT, until *deadline*, or CLS_GRACE_SECONDS after nothing
+        is left to answer here (nothing in flight, queued or unwritten). An nsqd that answers
+        does so within a round trip; one that does not (stopped, hung) held close() up for its
+        whole timeout after the last handler had finished. Closing then loses nothing: nsqd
+        reads the answers already written, and requeues at once what it sent after them.
+        False when CLOSE_WAIT did not come."""
+        wait = self._close_wait.wait
+        idle_since = None
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                return self._close_wait.is_set()
+            if self.in_flight > 0 or self._queued or self._writes:
+                idle_since = None
+            elif idle_since is None:
+                idle_since = now
+            elif now - idle_since >= CLS_GRACE_SECONDS:
+                return self._close_wait.is_set()
+            if wait(min(deadline - now, CLS_POLL_SECONDS)):
+                return True
 
     def _flush_all(self, deadline: float) -> None:
         """Write everything queued, after any writer in progress (used before closing).

@@ -1355,6 +1355,34 @@ def test_an_answer_held_back_is_not_held_up_by_a_slow_handler(server: FakeNsqd, 
         pool.close(wait=False)
 
 
+def test_graceful_close_with_nsqd_silent_after_cls_ends_soon_after_the_last_answer(server: FakeNsqd, sub_conn) -> None:
+    # A stopped or hung nsqd never confirms CLS: close() waited its whole timeout (30 s with
+    # a review's SIGSTOPped nsqd) although every handler had answered after 0.5 s. Now it
+    # waits CLS_GRACE_SECONDS once nothing is left to answer; the FIN is written first.
+    conn, events = sub_conn(rdy=1)
+    release = threading.Event()
+
+    def handler(conn: AsyncConn, message: Message) -> None:
+        assert release.wait(WAIT)
+        message.finish()
+
+    conn.on("message", handler)
+    sent = server.send_message(b"in flight")
+    server.set_answer("CLS", None)  # never confirmed
+    closer = threading.Thread(target=conn.close, kwargs={"timeout": 120}, name="test-closer")
+    closer.start()
+    try:
+        server.wait_for_command("CLS")
+        assert closer.is_alive()  # the message in flight holds it
+    finally:
+        release.set()
+    assert server.wait_for_command("FIN").line == b"FIN " + sent.id
+    closer.join(WAIT)  # (well within its timeout)
+    assert not closer.is_alive()
+    server.wait_disconnected()
+    assert server.commands[-2:] == [b"CLS", b"FIN " + sent.id]
+
+
 def test_close_wait_between_finish_and_its_write_loses_no_fin(server: FakeNsqd, sub_conn) -> None:
     conn, events = sub_conn()
     entered = threading.Event()
