@@ -13,7 +13,9 @@ Where things run
     * nsqlookupd polling: one discovery task (HTTP requests block, so not on the scheduler);
       after a poll in which no nsqlookupd answered it asks again sooner (from
       ``lookupd_retry_base``, doubling, never later than ``lookupd_poll_interval``), until
-      an answer lists some nsqd (one back from an outage lists none until they register);
+      an answer lists some nsqd (one back from an outage lists none until they register),
+      and on the same schedule after a discovered nsqd's connection closed, until that nsqd
+      is connected again (one schedule per Reader, restarted by a new loss);
     * ``backoff``/``resume``/``continue`` events fire synchronously in the thread that
       answers a message (a handler worker, or your thread for ``enable_async()``).
 
@@ -67,7 +69,7 @@ import threading
 import time
 import weakref
 from concurrent import futures
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 from . import lifecycle
 from .lifecycle import forget_parents_in_child, uwsgi_state
@@ -390,7 +392,9 @@ class Reader:
     :param lookupd_poll_interval: seconds between lookupd polls (first poll at once); after a
         poll in which every lookupd failed, the next comes sooner: ``lookupd_retry_base``
         (1 s), doubled per poll in a row that failed or, after a failure, found no nsqd, at
-        most this interval (jitter added too)
+        most this interval (jitter added too); likewise after the connection to an nsqd
+        found through lookupd closed, until it is connected again or the delay has
+        doubled up to this interval
     :param lookupd_poll_jitter: each poll waits ``interval * (1 + jitter * random())``
     :param low_rdy_idle_timeout: seconds without a message after which a connection's
         RDY may be handed to another (when connections outnumber max_in_flight)
@@ -423,7 +427,8 @@ class Reader:
     reconnect_cap: float = 60.0
     #: seconds before polling nsqlookupd again after a poll in which none answered; doubles
     #: per poll in a row that failed or, after a failure, found no nsqd; never more than
-    #: ``lookupd_poll_interval`` (jitter added to either)
+    #: ``lookupd_poll_interval`` (jitter added to either). The same schedule runs after the
+    #: connection to an nsqd found through nsqlookupd closed, until it is connected again
     lookupd_retry_base: float = 1.0
     #: seconds a lowered RDY is given to reach nsqd, and the messages nsqd sent under the
     #: higher value to arrive, before the capacity it frees is handed out: this plus
@@ -579,6 +584,11 @@ class Reader:
         #: answers from any lookupd so far, and those listing some nsqd (how a poll went)
         self._lookupd_answers = 0
         self._lookupd_found = 0
+        #: nsqd found through lookupd whose connection closed (not by close()) and that are not
+        #: connected again yet: while there are some, lookupd is asked again sooner; and
+        #: whether one was lost since the discovery task last looked (restarts that schedule)
+        self._lookupd_lost: Set[str] = set()
+        self._lookupd_lost_new = False
         #: per lookupd address, how its queries went (stats()["lookupd"]); changed under _lock
         self._lookupd_health: Dict[str, Dict[str, Any]] = {
             address: {"address": address, "queries": 0, "failed_queries": 0, "last_success": None, "last_error": None, "producers": None}
@@ -1754,6 +1764,7 @@ class Reader:
 
     def _register_locked(self, address: str, conn: AsyncConn, rtt: float = 0.0) -> None:
         st = self._conns[address] = _ConnState(conn, address, rtt)
+        self._lookupd_lost.discard(address)
         self._direct_failures.pop(address, None)
         logger.info("%s: subscribed to %s on %s", self.name, f"{self.topic}/{self.channel}", address)
         self._added_locked(st)
@@ -1814,6 +1825,12 @@ class Reader:
                 attempt = self._direct_failures.get(address, 0) + 1
                 self._direct_failures[address] = attempt
                 self._schedule_reconnect_locked(address, attempt)
+            elif self._lookupds:
+                # discovered: it comes back only through a lookupd answer listing it, and
+                # right after the close it is usually not listed yet (nsqd restarting, or
+                # a deleted topic not re-created): see _lookupd_loop
+                self._lookupd_lost.add(address)
+                self._lookupd_lost_new = True
         reason = f": {conn.error}" if conn.error is not None else ""
         logger.warning("%s: connection to %s closed%s", self.name, address, reason)
         if self._lookupds:
@@ -1828,6 +1845,7 @@ class Reader:
         last = float("-inf")
         woken = False  # the last wait ended early (a connection closed), not by its delay
         failed = 0  # polls in a row in which no lookupd answered (or, after those, none listed an nsqd)
+        lost = 0  # polls since a discovered nsqd's connection closed, while one is not back
         while not self._closing:
             gap = time.monotonic() - last
             if woken and gap < min_gap and self._stop_event.wait(min_gap - gap):
@@ -1836,6 +1854,7 @@ class Reader:
             last = time.monotonic()
             with self._lock:
                 answers, found = self._lookupd_answers, self._lookupd_found
+                new_loss, self._lookupd_lost_new = self._lookupd_lost_new, False
             try:
                 self.query_lookupd()
             except Exception:
@@ -1844,18 +1863,41 @@ class Reader:
                 break
             with self._lock:
                 answered, listed = self._lookupd_answers != answers, self._lookupd_found != found
+                lost = self._lookupd_lost_step(lost, new_loss)
             # An nsqlookupd back from an outage knows no nsqd until they register again (at
             # their next ping, up to 15 s later): its first answers list none, so after failed
             # polls, an answer listing no nsqd does not end the quicker schedule.
             failed = 0 if listed or (answered and not failed) else failed + 1
-            delay = self._lookupd_delay(failed)
+            delay = self._lookupd_delay(min(step for step in (failed, lost) if step) if failed or lost else 0)
             if failed:
                 logger.debug("%s: no lookupd answered or listed an nsqd (%d polls in a row since a failure); asking again in %.1f s", self.name, failed, delay)
+            elif lost:
+                logger.debug("%s: a lost nsqd is not connected again (%d polls since); asking lookupd again in %.1f s", self.name, lost, delay)
             woken = self._lookupd_wake.wait(delay)
+
+    def _lookupd_lost_step(self, lost: int, new_loss: bool) -> int:
+        """The lost-nsqd schedule's step after a poll (0: none), under _lock.
+
+        A discovered nsqd whose connection closed comes back only through a lookupd answer
+        listing it, and the poll a close triggers comes too early: a restarting nsqd is
+        down or not registered yet (it registers as it starts), a deleted topic is listed
+        again only once something re-creates it. So while one is not connected again,
+        lookupd is asked again after 1, 2, 4 ... s like after a failed poll; one schedule
+        for every loss (a loss since the last poll restarts it), given up when the delay
+        would reach the poll interval (an nsqd gone for good costs a few more queries)."""
+        if not self._lookupd_lost:
+            return 0
+        lost = 1 if new_loss else lost + 1
+        if self.lookupd_retry_base * 2.0 ** min(lost - 1, 40) >= self.lookupd_poll_interval:
+            logger.debug("%s: lookupd has not listed %s again; back to polling every %.1f s", self.name, sorted(self._lookupd_lost), self.lookupd_poll_interval)
+            self._lookupd_lost.clear()
+            return 0
+        return lost
 
     def _lookupd_delay(self, failed: int) -> float:
         """Seconds until the next poll after *failed* polls in a row in which no lookupd answered
-        (or, after such polls, none listed an nsqd); 0: the whole interval."""
+        (or, after such polls, none listed an nsqd), or *failed* polls since a lost nsqd
+        (_lookupd_lost_step); 0: the whole interval."""
         interval = self.lookupd_poll_interval
         if failed:
             # 1, 2, 4, ... s: a lookupd that was down (starting after its consumers) is found

@@ -1753,6 +1753,71 @@ def test_close_ends_the_wait_before_a_lookupd_retry(backend: str) -> None:
         lookupd.stop()
 
 
+# ------------------------------- lookupd: asking again after a discovered nsqd was lost
+def _times_after(lookupd: "_Lookupd", began: float) -> List[float]:
+    return [at for at in list(lookupd.times) if at > began]
+
+
+def test_after_discovered_nsqd_are_lost_lookupd_is_asked_again_sooner_on_one_schedule(fake_nsqd: FakeNsqd, backend: str) -> None:
+    # User review (real nsqd): the close triggered one query, which came while nsqd was still
+    # down (not listed), and the next came a whole poll interval later. Now the failed-poll
+    # schedule runs (lookupd_retry_base, doubling) until the interval is reached; two nsqd
+    # lost at once share it (no more queries than for one).
+    second = FakeNsqd().start()
+    lookupd = _Lookupd([_producer(fake_nsqd), _producer(second)])
+    reader = _quick_retry_reader(lookupd, backend)
+    try:
+        reader.start()
+        wait_until(lambda: len(reader.conns) == 2, WAIT, message="both nsqd connected")
+        polled = lookupd.requests
+        wait_until(lambda: lookupd.requests > polled, WAIT, message="a poll")  # (the next is a whole interval away)
+        lookupd.producers = []  # restarting: nsqlookupd no longer lists them
+        lost = time.monotonic()
+        fake_nsqd.close_client()
+        second.close_client()
+        wait_until(lambda: not reader.conns, WAIT, message="both connections gone")
+        wait_until(lambda: len(_times_after(lookupd, lost)) >= 7, WAIT, message="seven polls after the close")
+        gaps = _gaps(_times_after(lookupd, lost)[:7])
+        # after the query the closes triggered: 0.1, 0.2, 0.4, 0.8 s, then (1.6 s would pass
+        # the interval) every lookupd_poll_interval again
+        for gap, want in zip(gaps, [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]):
+            assert want * 0.9 <= gap < want + 0.4, gaps
+    finally:
+        reader.close(5)
+        lookupd.stop()
+        second.stop()
+    assert reader.join(10) and live_tasks() == []
+
+
+def test_once_the_lost_nsqd_is_connected_again_lookupd_is_polled_every_interval_again(fake_nsqd: FakeNsqd, backend: str) -> None:
+    lookupd = _Lookupd([_producer(fake_nsqd)])
+    reader = Reader(
+        TOPIC, CHANNEL, lambda m: True, lookupd_http_addresses=lookupd.address,
+        lookupd_poll_interval=2.0, lookupd_poll_jitter=0, backend=backend,
+    )  # fmt: skip
+    reader.lookupd_retry_base = 0.1
+    try:
+        reader.start()
+        wait_until(lambda: len(reader.conns) == 1, WAIT, message="connected")
+        lookupd.producers = []
+        lost = time.monotonic()
+        fake_nsqd.close_client()
+        wait_until(lambda: len(_times_after(lookupd, lost)) >= 2, WAIT, message="the query the close triggered and a retry")
+        lookupd.producers = [_producer(fake_nsqd)]  # back (registered again)
+        listed = time.monotonic()
+        wait_until(lambda: len(reader.conns) == 1, WAIT, message="connected again")
+        back = time.monotonic()
+        assert back - listed < 0.2 + 0.4 + 0.5, back - listed  # the next retry (0.2 s) found it, not the next poll (2 s)
+        wait_until(lambda: len(_times_after(lookupd, back)) >= 2, WAIT, message="two polls after the reconnection")
+        later = _times_after(lookupd, back)
+        assert later[1] - later[0] >= 1.8, _gaps(_times_after(lookupd, lost))  # (at most one retry was on its way)
+        assert len(_times_after(lookupd, lost)) <= 2 + 2 + 2, _gaps(_times_after(lookupd, lost))
+    finally:
+        reader.close(5)
+        lookupd.stop()
+    assert reader.join(10) and live_tasks() == []
+
+
 # ------------------------------------------------------------- validation
 @pytest.mark.parametrize(
     "kwargs, param",

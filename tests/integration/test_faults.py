@@ -871,6 +871,80 @@ def test_lookupd_down_during_run_keeps_connections_and_finds_new_nodes(clients: 
             )
 
 
+def _lookupd_queries(reader: Reader) -> int:
+    (health,) = reader.stats()["lookupd"]
+    return int(health["queries"])
+
+
+@contextlib.contextmanager
+def _discovered_and_consuming(clients: Clients, seen: Seen) -> Iterator[Tuple[NsqlookupdProcess, NsqdProcess, Reader]]:
+    """One nsqlookupd, one nsqd registered with it, and a Reader polling it every 30 s (plus
+    jitter) that has consumed a first batch from that nsqd."""
+    with started(NsqlookupdProcess()) as lookupd, started(NsqdProcess(lookupd_tcp_addresses=[lookupd.tcp_address], extra_args=DURABLE_ARGS)) as nsqd:
+        first = [b"before-%d" % i for i in range(20)]
+        prepare(nsqd, first)
+        wait_until(lambda: lookupd.lookup(TOPIC), timeout=10, message="nsqd registered with nsqlookupd")
+        reader = clients.reader(seen.handler, lookupd_http_addresses=[lookupd.http_address], lookupd_poll_interval=30, max_in_flight=10)
+        reader.start()
+        seen.wait_bodies(set(first))
+        yield lookupd, nsqd, reader
+
+
+def _lose(reader: Reader, nsqd: NsqdProcess, cause: Callable[[], Any]) -> int:
+    """Run *cause*, which ends the Reader's connection to *nsqd*, and wait for the early query
+    that close triggers; returns the number of queries so far."""
+    old = reader.conns[nsqd.tcp_address]
+    queries = _lookupd_queries(reader)
+    cause()
+    wait_until(old.closed, timeout=10, message="the connection to close")
+    wait_until(lambda: _lookupd_queries(reader) > queries, timeout=10, message="the early query after the close")
+    return _lookupd_queries(reader)
+
+
+@pytest.mark.parametrize("how", ["stop", "kill"])
+def test_a_discovered_nsqd_back_from_a_restart_is_found_again_within_seconds_not_a_poll_interval(clients: Clients, how: str) -> None:
+    # User review, nsqd down ~2 s: the close triggered one query while nsqd was still down
+    # (nsqlookupd no longer listed it), the next came a whole poll interval later: consuming
+    # resumed 61-70 s after nsqd was back (lookupd_poll_interval 60 s). Here 30 s.
+    seen = Seen()
+    with _discovered_and_consuming(clients, seen) as (lookupd, nsqd, reader):
+        queries = _lose(reader, nsqd, getattr(nsqd, how))
+        assert nsqd.tcp_address not in reader.conns  # (that query found it down)
+        nsqd.start()  # same ports and data directory; it registers with nsqlookupd as it starts
+        up = time.monotonic()
+        after = [b"after-%d" % i for i in range(20)]
+        nsqd.mpublish(TOPIC, after)
+        wait_until(lambda: nsqd.tcp_address in reader.conns, timeout=15, message="the Reader to find the restarted nsqd")
+        found = time.monotonic()
+        seen.wait_bodies(set(after))
+        report(f"discovered nsqd back ({how}, poll interval 30 s)", up_to_connected_s=found - up, up_to_first_after_s=min(seen.times[b] for b in after) - up, queries_since_the_early_one=_lookupd_queries(reader) - queries)
+        # retries 1, 2, 4 s (x 1.3 at most) after the early query
+        assert found - up < 6, found - up
+        assert _lookupd_queries(reader) - queries <= 3
+
+
+def test_after_a_topic_delete_new_messages_are_consumed_within_seconds_not_a_poll_interval(clients: Clients) -> None:
+    # User review: deleting the topic makes nsqd close its consumers and unregister the topic
+    # from nsqlookupd; new messages re-create it, but the Reader asked once right after the
+    # close and then waited the poll interval: new messages waited 62 s (interval 60 s).
+    seen = Seen()
+    with _discovered_and_consuming(clients, seen) as (lookupd, nsqd, reader):
+        def delete() -> None:
+            status, body = nsqd.http_request("POST", f"/topic/delete?topic={TOPIC}")
+            assert status == 200, body
+
+        queries = _lose(reader, nsqd, delete)
+        assert not lookupd.lookup(TOPIC)
+        fresh = [b"fresh-%d" % i for i in range(20)]
+        nsqd.mpublish(TOPIC, fresh)  # re-creates the topic; nsqd registers it again
+        published = time.monotonic()
+        seen.wait_bodies(set(fresh), timeout=15)
+        took = min(seen.times[b] for b in fresh) - published
+        report("topic deleted (poll interval 30 s)", published_to_first_consumed_s=took, queries_since_the_early_one=_lookupd_queries(reader) - queries)
+        assert took < 6, took
+        assert _lookupd_queries(reader) - queries <= 3
+
+
 # =========================================================================== 5. TCP path faults (proxy)
 @pytest.mark.parametrize("abort", [True, False], ids=["rst", "fin"])
 def test_path_cut_mid_frame_reader_recovers_without_loss_or_double_answer(nsqd: NsqdProcess, clients: Clients, abort: bool) -> None:
