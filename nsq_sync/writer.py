@@ -36,8 +36,11 @@ from .errors import (
     ConfigError,
     ConnectionClosedError,
     HandshakeRefusedError,
+    DPubFailedError,
+    MPubFailedError,
     NoConnectionsError,
     ProtocolError,
+    PubFailedError,
     SendError,
     ServerError,
     TimeoutError,
@@ -54,6 +57,18 @@ logger = logging.getLogger(__name__)
 
 Callback = Callable[[Optional[AsyncConn], Any], Any]
 _RETRYABLE = (ConnectionClosedError, SendError)
+#: nsqd's answers to a publish it did not store (nsqd v1.3.0, protocol_v2.go: Topic.PutMessage
+#: or PutMessages failed, because the topic is exiting, deleted or nsqd shutting down, or its
+#: backend write failed, a full disk). Fatal: nsqd closes the connection. The message is safe
+#: to send to another nsqd (an MPUB whose disk write failed part way may have stored the
+#: messages before that one: at-least-once, as for any retry). Not E_BAD_TOPIC, E_BAD_MESSAGE
+#: or E_BAD_BODY: the publish itself is wrong, and another nsqd would refuse it too.
+_NOT_STORED = (PubFailedError, MPubFailedError, DPubFailedError)
+#: seconds an nsqd that answered one of _NOT_STORED is passed over while another is connected
+PASS_OVER_SECONDS = 1.0
+#: a node's reconnect after a fatal error frame is logged as a warning at most this often
+#: (the others at debug, counted in the next warning): a full disk closes one connection per publish
+FATAL_CLOSE_WARN_SECONDS = 30.0
 #: entries in a deadline queue (FIFO or heap) before the answered ones anywhere in it are swept
 #: out (one unanswered publish at the head holds the rest); the next sweep waits for twice as many
 _SWEEP_AT = 4096
@@ -139,7 +154,8 @@ def _refusal(error: BaseException, authed_before: bool) -> bool:
 
 class _Node:
     __slots__ = (
-        "host", "port", "conn", "task", "attempts", "last_error", "refused", "authed", "started", "ended", "lanes", "free", "growing", "grow_after"
+        "host", "port", "conn", "task", "attempts", "last_error", "refused", "authed", "started", "ended", "lanes", "free", "growing", "grow_after",
+        "pass_until", "warned_at", "quiet_closes",
     )
 
     def __init__(self, host: str, port: int) -> None:
@@ -166,6 +182,13 @@ class _Node:
         #: lanes being opened
         self.growing = 0
         self.grow_after = 0.0
+        #: time.monotonic() until which _pick passes this node over (it answered a publish
+        #: with one of _NOT_STORED), 0.0 if never
+        self.pass_until = 0.0
+        #: when a close after a fatal error frame was last logged as a warning, and how many
+        #: were logged at debug since (see FATAL_CLOSE_WARN_SECONDS)
+        self.warned_at: Optional[float] = None
+        self.quiet_closes = 0
 
     @property
     def address(self) -> str:
@@ -450,12 +473,37 @@ class Writer:
                     # a body over its --max-msg-size, ...): it is up and answering, so reconnect
                     # now; waiting out a backoff failed every other thread's publishes meanwhile.
                     # (No loop: such a close takes a command of the caller's each time.)
-                    logger.warning("%sconnection to %s closed (%s); reconnecting", self._log_prefix, node.address, conn.error)
+                    if isinstance(conn.error, _NOT_STORED):
+                        self._pass_over(node)  # (the publishes that were queued behind it are re-sent elsewhere)
+                    self._log_fatal_close(node, conn.error)
                     continue
                 node.attempts += 1
                 delay = exponential_delay(node.attempts, self.reconnect_interval, self.max_reconnect_interval)
                 logger.warning("%sconnection to %s closed (%s); reconnecting in %.1fs", self._log_prefix, node.address, conn.error, delay)
                 self._stopping.wait(delay)
+
+    def _log_fatal_close(self, node: _Node, error: BaseException) -> None:
+        """Log a close after a fatal error frame: a warning at most every FATAL_CLOSE_WARN_SECONDS
+        per node, the others at debug (an nsqd with a full disk closes the connection on every
+        publish, and each is reconnected at once)."""
+        now = time.monotonic()
+        if node.warned_at is not None and now - node.warned_at < FATAL_CLOSE_WARN_SECONDS:
+            node.quiet_closes += 1
+            logger.debug("%sconnection to %s closed (%s); reconnecting", self._log_prefix, node.address, error)
+            return
+        more = f" ({node.quiet_closes} more such closes since the last warning)" if node.quiet_closes else ""
+        node.warned_at = now
+        node.quiet_closes = 0
+        logger.warning("%sconnection to %s closed (%s); reconnecting%s", self._log_prefix, node.address, error, more)
+
+    @staticmethod
+    def _pass_over(node: _Node) -> None:
+        """*node* answered a publish with one of _NOT_STORED: _pick passes it over for a while,
+        as long as another nsqd is connected."""
+        node.pass_until = time.monotonic() + PASS_OVER_SECONDS
+
+    def _other_node_connected(self, node: _Node) -> bool:
+        return any(conn._writer_node is not node and conn.state == "CONNECTED" for conn in self._connected)  # type: ignore[attr-defined]
 
     def _attempt_ended(self) -> None:
         """A node's attempt to connect ended (its state is updated): wake the publishes waiting
@@ -795,8 +843,9 @@ class Writer:
             self._idle.set()
 
     def _pick(self, avoid: Optional[AsyncConn] = None) -> Optional[AsyncConn]:
-        """Round-robin over open connections, preferring one other than *avoid* and than one
-        that has sent nothing since a publish timed out on it (its nsqd looks hung).
+        """Round-robin over open connections, preferring one other than *avoid*, than one
+        that has sent nothing since a publish timed out on it (its nsqd looks hung), and than
+        one to an nsqd that did not store a publish in the last PASS_OVER_SECONDS.
 
         No lock: _connected is a list that is replaced, never changed in place, so this
         reads a consistent one; two threads racing on the counter only skew the rotation.
@@ -814,7 +863,12 @@ class Writer:
             conn = connected[(start + step) % count]
             if conn.state != "CONNECTED":
                 continue
-            if conn is avoid or (conn._timed_out_at > conn.last_recv_timestamp and self._still_silent(conn)):
+            until = conn._writer_node.pass_until
+            if (
+                conn is avoid
+                or (until and until > time.monotonic())  # (it did not store a publish just now)
+                or (conn._timed_out_at > conn.last_recv_timestamp and self._still_silent(conn))
+            ):
                 if fallback is None or fallback is avoid:
                     fallback = conn
                 continue
@@ -873,6 +927,7 @@ class Writer:
             retries = self.retries
             avoid: Optional[AsyncConn] = None
             unknown: Optional[BaseException] = None  # a sent attempt's failure, outcome unknown
+            not_stored: Optional[BaseException] = None  # an nsqd's answer that it did not store it
             while True:
                 lane: Optional[AsyncConn] = None
                 if failed is not None:
@@ -887,11 +942,12 @@ class Writer:
                         try:
                             conn = self._wait_for_conn(deadline, avoid)
                         except (NoConnectionsError, ClosedError):
-                            if unknown is None:
+                            if unknown is None and not_stored is None:
                                 raise
                             # A retry that found no connection: the sent attempt's error, which says
-                            # the outcome is unknown, not one that says the message never left.
-                            raise unknown from None
+                            # the outcome is unknown, not one that says the message never left (or
+                            # else nsqd's own answer that it did not store it).
+                            raise (unknown or not_stored) from None
                     if self._max_lanes and (conn._parked and conn._read_token.locked() or conn._writer_node.lanes):  # type: ignore[attr-defined]
                         # Another publishing thread reads this connection (its reader task is
                         # parked): publish on a lane of our own rather than wait for that thread
@@ -917,6 +973,19 @@ class Writer:
                     if lane is not None:
                         self._lane_timed_out(lane, sent_at)
                     raise TimeoutError(f"no answer from {conn.id} within the timeout; the publish may or may not have landed") from None
+                except _NOT_STORED as exc:
+                    # nsqd did not store it (the topic is being deleted, its disk is full):
+                    # safe to send to another nsqd, which retries allow. That nsqd is passed
+                    # over for a while by every publish (its connection closes and reconnects
+                    # at once; a full disk would fail every publish sent there).
+                    node = conn._writer_node  # type: ignore[attr-defined]
+                    self._pass_over(node)
+                    if retries <= 0 or time.monotonic() >= deadline or not self._other_node_connected(node):
+                        raise
+                    retries -= 1
+                    avoid = conn
+                    not_stored = exc
+                    logger.info("%s%s did not store a publish (%s); re-sending on another node", self._log_prefix, conn.id, exc)
                 except _RETRYABLE as exc:
                     if getattr(exc, "unprocessed", False):
                         # nsqd never ran it (nothing was sent, or it came after a fatal error):
@@ -1166,6 +1235,17 @@ class Writer:
             exc = f.exception()
             if exc is None:
                 _settle(outer, f.result())
+            elif isinstance(exc, _NOT_STORED):
+                node = conn._writer_node  # type: ignore[attr-defined]
+                self._pass_over(node)
+                if retries > 0 and time.monotonic() < deadline and self._other_node_connected(node):
+                    # (not unknown: nsqd said it did not store it; see _publish_blocking)
+                    try:
+                        self.pool.control.submit(self._attempt, data, deadline, retries - 1, outer, conn)
+                    except RuntimeError:
+                        _settle(outer, error=exc)
+                else:
+                    _settle(outer, error=exc)
             elif isinstance(exc, _RETRYABLE) and (retries > 0 or getattr(exc, "unprocessed", False)) and time.monotonic() < deadline:
                 # Runs on the connection's reader: re-send from a worker instead.
                 left = retries if getattr(exc, "unprocessed", False) else retries - 1
