@@ -69,6 +69,9 @@ PASS_OVER_SECONDS = 1.0
 #: a node's reconnect after a fatal error frame is logged as a warning at most this often
 #: (the others at debug, counted in the next warning): a full disk closes one connection per publish
 FATAL_CLOSE_WARN_SECONDS = 30.0
+#: a node waiting out its reconnect delay tries again when a publish waits for a connection
+#: (see Writer._hurry), but no sooner than this after its previous attempt began
+HURRY_GAP_SECONDS = 0.5
 #: entries in a deadline queue (FIFO or heap) before the answered ones anywhere in it are swept
 #: out (one unanswered publish at the head holds the rest); the next sweep waits for twice as many
 _SWEEP_AT = 4096
@@ -155,7 +158,7 @@ def _refusal(error: BaseException, authed_before: bool) -> bool:
 class _Node:
     __slots__ = (
         "host", "port", "conn", "task", "attempts", "last_error", "refused", "authed", "started", "ended", "lanes", "free", "growing", "grow_after",
-        "pass_until", "warned_at", "quiet_closes",
+        "pass_until", "warned_at", "quiet_closes", "wake", "tried_at",
     )
 
     def __init__(self, host: str, port: int) -> None:
@@ -189,6 +192,11 @@ class _Node:
         #: were logged at debug since (see FATAL_CLOSE_WARN_SECONDS)
         self.warned_at: Optional[float] = None
         self.quiet_closes = 0
+        #: set to end the node task's reconnect delay early, or the next one (Writer._hurry,
+        #: close()); made by Writer._start with the backend's event
+        self.wake: Any = None
+        #: when the node task's latest attempt to connect began
+        self.tried_at = 0.0
 
     @property
     def address(self) -> str:
@@ -325,6 +333,8 @@ class Writer:
         self._max_lanes = self.max_connections_per_nsqd - 1 if getattr(backend, "name", "") == "thread" else 0
         self._lane_tasks: List[Any] = []
         self._nodes = [_Node(host, port) for host, port in self._addresses]
+        for node in self._nodes:
+            node.wake = backend.event()
         # The free lanes pub() takes one from on its fast path: one nsqd only (several are
         # taken round-robin, by _publish_blocking), and not in uWSGI (whose forks leave _pid
         # stale: see _begin). None: no fast path.
@@ -384,6 +394,8 @@ class Writer:
         self._stopping.set()
         self._wake.set()
         for node in self._nodes:
+            if node.wake is not None:
+                node.wake.set()  # (ends its reconnect delay: it sees _stopping)
             for conn in [node.conn] + node.lanes:
                 if conn is not None and conn._stream is not None:
                     conn._stream.close()  # our copy of the fd only; no shutdown, the parent keeps its socket
@@ -427,9 +439,11 @@ class Writer:
         override it in a subclass, as with pynsq's Writer, to watch connections."""
 
     def _node_loop(self, node: _Node) -> None:
+        hurried = False
         while not self._stopping.is_set():
             conn = self._new_conn(node)
             node.started += 1
+            node.tried_at = time.monotonic()
             try:
                 conn.connect()
             except Exception as exc:
@@ -438,13 +452,17 @@ class Writer:
                 node.refused = exc if _refusal(exc, node.authed) else None
                 node.ended += 1
                 delay = exponential_delay(node.attempts, self.reconnect_interval, self.max_reconnect_interval)
-                logger.warning("%scannot connect to %s (%s); retrying in %.1fs", self._log_prefix, node.address, exc, delay)
+                # (an attempt a waiting publish hurried is one of many, every HURRY_GAP_SECONDS)
+                log = logger.debug if hurried else logger.warning
+                log("%scannot connect to %s (%s); retrying in %.1fs", self._log_prefix, node.address, exc, delay)
                 self._attempt_ended()
-                self._stopping.wait(delay)
+                hurried = self._backoff(node, delay)
                 continue
             node.attempts = 0
             node.refused = None
             node.ended += 1
+            hurried = False
+            node.wake.clear()  # (a hurry for the attempt that just succeeded)
             if conn.auth_response is not None:
                 node.authed = True
             # Checked under the lock close() sets _stopping under: either close() sees this
@@ -480,7 +498,31 @@ class Writer:
                 node.attempts += 1
                 delay = exponential_delay(node.attempts, self.reconnect_interval, self.max_reconnect_interval)
                 logger.warning("%sconnection to %s closed (%s); reconnecting in %.1fs", self._log_prefix, node.address, conn.error, delay)
-                self._stopping.wait(delay)
+                hurried = self._backoff(node, delay)
+
+    def _backoff(self, node: _Node, delay: float) -> bool:
+        """Wait out *node*'s reconnect delay, or less when a publish waiting for a connection
+        hurries it (see _hurry): then the next attempt begins HURRY_GAP_SECONDS after the
+        previous one did, or at once. Returns whether it was hurried. close() ends the wait."""
+        wake = node.wake
+        hurried = wake.wait(delay) and not self._stopping.is_set()
+        if hurried:
+            gap = node.tried_at + HURRY_GAP_SECONDS - time.monotonic()
+            if gap > 0:
+                self._stopping.wait(gap)
+        wake.clear()  # (a hurry from here on is for the next delay)
+        return bool(hurried)
+
+    def _hurry(self) -> None:
+        """A publish (or wait_connected()) waits for a connection: each node waiting out its
+        reconnect delay tries again soon (at most every HURRY_GAP_SECONDS), rather than after
+        a delay that has grown, doubling, while nsqd was down. Not a node whose handshake was
+        refused (credentials, TLS: waiting for someone to fix that, it keeps its backoff)."""
+        for node in self._nodes:
+            # (a node not connected: in its delay, or about to begin it; set before it does,
+            # the delay ends at once. A node connecting clears it when the attempt succeeds.)
+            if node.conn is None and node.refused is None:
+                node.wake.set()
 
     def _log_fatal_close(self, node: _Node, error: BaseException) -> None:
         """Log a close after a fatal error frame: a warning at most every FATAL_CLOSE_WARN_SECONDS
@@ -605,6 +647,7 @@ class Writer:
                 return False
             if deadline is not None and all(node.ended >= first and node.refused is not None for node, first in zip(watched, counted)):
                 return False  # every nsqd refused an attempt made during the wait
+            self._hurry()
             # (at most 50 ms: a close() does not set it)
             attempted.wait(0.05 if remaining is None else min(remaining, 0.05))
 
@@ -651,6 +694,8 @@ class Writer:
         with self._lock:  # (see _node_loop)
             self._stopping.set()
         self._wake.set()
+        for node in self._nodes:
+            node.wake.set()  # (ends a reconnect delay: the node task sees _stopping)
         for node in self._nodes:
             if node.conn is not None:
                 node.conn.close(max(0.1, deadline - time.monotonic()))
@@ -898,6 +943,7 @@ class Writer:
             refused = self._refused()
             if refused is not None:
                 raise refused
+            self._hurry()
             if self._changed.is_set():
                 # A connection just closed and its node has not noticed yet.
                 self.backend.sleep(min(remaining, 0.005))
@@ -1363,6 +1409,8 @@ class Writer:
                         _settle(outer, error=getattr(outer, "unknown", None) or refusal)
                         continue
                 self._attempt(data, deadline, retries, outer, avoid)
+            if self._parked and not self._connected and not self._stopping.is_set():
+                self._hurry()  # (parked publishes wait for a connection)
             if self._stopping.is_set() and idle:
                 with self._lock:
                     if not self._parked:

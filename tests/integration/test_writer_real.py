@@ -999,3 +999,19 @@ def test_publishes_racing_topic_deletes_go_to_the_other_nsqd_with_retries(writer
         assert not errors
         assert refused, "no publish raced a deletion"
 
+
+def test_a_publish_waiting_for_a_restarted_nsqd_does_not_wait_out_the_reconnect_delay(writer_factory):
+    # The node task waited its whole reconnect delay (1 s doubling to max_reconnect_interval)
+    # after nsqd was back: the first publish took 1.1/7.5/12.0 s after 2/6/15 s down. A publish
+    # waiting for a connection now makes the node try again at once.
+    with started(NsqdProcess()) as proc:
+        writer = writer_factory(proc.tcp_address, reconnect_interval=5, max_reconnect_interval=5, publish_timeout=4)
+        assert writer.pub("back", b"before") == b"OK"
+        proc.stop()
+        wait_until(lambda: not writer.conns, 10, message="the Writer to see the connection close")  # (its 3.5-5 s delay runs)
+        proc.start()
+        began = time.monotonic()
+        assert writer.pub("back", b"after") == b"OK"
+        took = time.monotonic() - began
+        print(f"\nfirst publish after nsqd came back: {took:.3f}s")
+        assert took < 2.0
