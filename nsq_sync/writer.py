@@ -36,8 +36,11 @@ from .errors import (
     ConfigError,
     ConnectionClosedError,
     HandshakeRefusedError,
+    DPubFailedError,
+    MPubFailedError,
     NoConnectionsError,
     ProtocolError,
+    PubFailedError,
     SendError,
     ServerError,
     TimeoutError,
@@ -54,6 +57,21 @@ logger = logging.getLogger(__name__)
 
 Callback = Callable[[Optional[AsyncConn], Any], Any]
 _RETRYABLE = (ConnectionClosedError, SendError)
+#: nsqd's answers to a publish it did not store (nsqd v1.3.0, protocol_v2.go: Topic.PutMessage
+#: or PutMessages failed, because the topic is exiting, deleted or nsqd shutting down, or its
+#: backend write failed, a full disk). Fatal: nsqd closes the connection. The message is safe
+#: to send to another nsqd (an MPUB whose disk write failed part way may have stored the
+#: messages before that one: at-least-once, as for any retry). Not E_BAD_TOPIC, E_BAD_MESSAGE
+#: or E_BAD_BODY: the publish itself is wrong, and another nsqd would refuse it too.
+_NOT_STORED = (PubFailedError, MPubFailedError, DPubFailedError)
+#: seconds an nsqd that answered one of _NOT_STORED is passed over while another is connected
+PASS_OVER_SECONDS = 1.0
+#: a node's reconnect after a fatal error frame is logged as a warning at most this often
+#: (the others at debug, counted in the next warning): a full disk closes one connection per publish
+FATAL_CLOSE_WARN_SECONDS = 30.0
+#: a node waiting out its reconnect delay tries again when a publish waits for a connection
+#: (see Writer._hurry), but no sooner than this after its previous attempt began
+HURRY_GAP_SECONDS = 0.5
 #: entries in a deadline queue (FIFO or heap) before the answered ones anywhere in it are swept
 #: out (one unanswered publish at the head holds the rest); the next sweep waits for twice as many
 _SWEEP_AT = 4096
@@ -139,7 +157,8 @@ def _refusal(error: BaseException, authed_before: bool) -> bool:
 
 class _Node:
     __slots__ = (
-        "host", "port", "conn", "task", "attempts", "last_error", "refused", "authed", "started", "ended", "lanes", "free", "growing", "grow_after"
+        "host", "port", "conn", "task", "attempts", "last_error", "refused", "authed", "started", "ended", "lanes", "free", "growing", "grow_after",
+        "pass_until", "warned_at", "quiet_closes", "wake", "tried_at",
     )
 
     def __init__(self, host: str, port: int) -> None:
@@ -166,6 +185,18 @@ class _Node:
         #: lanes being opened
         self.growing = 0
         self.grow_after = 0.0
+        #: time.monotonic() until which _pick passes this node over (it answered a publish
+        #: with one of _NOT_STORED), 0.0 if never
+        self.pass_until = 0.0
+        #: when a close after a fatal error frame was last logged as a warning, and how many
+        #: were logged at debug since (see FATAL_CLOSE_WARN_SECONDS)
+        self.warned_at: Optional[float] = None
+        self.quiet_closes = 0
+        #: set to end the node task's reconnect delay early, or the next one (Writer._hurry,
+        #: close()); made by Writer._start with the backend's event
+        self.wake: Any = None
+        #: when the node task's latest attempt to connect began
+        self.tried_at = 0.0
 
     @property
     def address(self) -> str:
@@ -302,6 +333,8 @@ class Writer:
         self._max_lanes = self.max_connections_per_nsqd - 1 if getattr(backend, "name", "") == "thread" else 0
         self._lane_tasks: List[Any] = []
         self._nodes = [_Node(host, port) for host, port in self._addresses]
+        for node in self._nodes:
+            node.wake = backend.event()
         # The free lanes pub() takes one from on its fast path: one nsqd only (several are
         # taken round-robin, by _publish_blocking), and not in uWSGI (whose forks leave _pid
         # stale: see _begin). None: no fast path.
@@ -361,6 +394,8 @@ class Writer:
         self._stopping.set()
         self._wake.set()
         for node in self._nodes:
+            if node.wake is not None:
+                node.wake.set()  # (ends its reconnect delay: it sees _stopping)
             for conn in [node.conn] + node.lanes:
                 if conn is not None and conn._stream is not None:
                     conn._stream.close()  # our copy of the fd only; no shutdown, the parent keeps its socket
@@ -404,9 +439,11 @@ class Writer:
         override it in a subclass, as with pynsq's Writer, to watch connections."""
 
     def _node_loop(self, node: _Node) -> None:
+        hurried = False
         while not self._stopping.is_set():
             conn = self._new_conn(node)
             node.started += 1
+            node.tried_at = time.monotonic()
             try:
                 conn.connect()
             except Exception as exc:
@@ -415,13 +452,17 @@ class Writer:
                 node.refused = exc if _refusal(exc, node.authed) else None
                 node.ended += 1
                 delay = exponential_delay(node.attempts, self.reconnect_interval, self.max_reconnect_interval)
-                logger.warning("%scannot connect to %s (%s); retrying in %.1fs", self._log_prefix, node.address, exc, delay)
+                # (an attempt a waiting publish hurried is one of many, every HURRY_GAP_SECONDS)
+                log = logger.debug if hurried else logger.warning
+                log("%scannot connect to %s (%s); retrying in %.1fs", self._log_prefix, node.address, exc, delay)
                 self._attempt_ended()
-                self._stopping.wait(delay)
+                hurried = self._backoff(node, delay)
                 continue
             node.attempts = 0
             node.refused = None
             node.ended += 1
+            hurried = False
+            node.wake.clear()  # (a hurry for the attempt that just succeeded)
             if conn.auth_response is not None:
                 node.authed = True
             # Checked under the lock close() sets _stopping under: either close() sees this
@@ -450,12 +491,61 @@ class Writer:
                     # a body over its --max-msg-size, ...): it is up and answering, so reconnect
                     # now; waiting out a backoff failed every other thread's publishes meanwhile.
                     # (No loop: such a close takes a command of the caller's each time.)
-                    logger.warning("%sconnection to %s closed (%s); reconnecting", self._log_prefix, node.address, conn.error)
+                    if isinstance(conn.error, _NOT_STORED):
+                        self._pass_over(node)  # (the publishes that were queued behind it are re-sent elsewhere)
+                    self._log_fatal_close(node, conn.error)
                     continue
                 node.attempts += 1
                 delay = exponential_delay(node.attempts, self.reconnect_interval, self.max_reconnect_interval)
                 logger.warning("%sconnection to %s closed (%s); reconnecting in %.1fs", self._log_prefix, node.address, conn.error, delay)
-                self._stopping.wait(delay)
+                hurried = self._backoff(node, delay)
+
+    def _backoff(self, node: _Node, delay: float) -> bool:
+        """Wait out *node*'s reconnect delay, or less when a publish waiting for a connection
+        hurries it (see _hurry): then the next attempt begins HURRY_GAP_SECONDS after the
+        previous one did, or at once. Returns whether it was hurried. close() ends the wait."""
+        wake = node.wake
+        hurried = wake.wait(delay) and not self._stopping.is_set()
+        if hurried:
+            gap = node.tried_at + HURRY_GAP_SECONDS - time.monotonic()
+            if gap > 0:
+                self._stopping.wait(gap)
+        wake.clear()  # (a hurry from here on is for the next delay)
+        return bool(hurried)
+
+    def _hurry(self) -> None:
+        """A publish (or wait_connected()) waits for a connection: each node waiting out its
+        reconnect delay tries again soon (at most every HURRY_GAP_SECONDS), rather than after
+        a delay that has grown, doubling, while nsqd was down. Not a node whose handshake was
+        refused (credentials, TLS: waiting for someone to fix that, it keeps its backoff)."""
+        for node in self._nodes:
+            # (a node not connected: in its delay, or about to begin it; set before it does,
+            # the delay ends at once. A node connecting clears it when the attempt succeeds.)
+            if node.conn is None and node.refused is None:
+                node.wake.set()
+
+    def _log_fatal_close(self, node: _Node, error: BaseException) -> None:
+        """Log a close after a fatal error frame: a warning at most every FATAL_CLOSE_WARN_SECONDS
+        per node, the others at debug (an nsqd with a full disk closes the connection on every
+        publish, and each is reconnected at once)."""
+        now = time.monotonic()
+        if node.warned_at is not None and now - node.warned_at < FATAL_CLOSE_WARN_SECONDS:
+            node.quiet_closes += 1
+            logger.debug("%sconnection to %s closed (%s); reconnecting", self._log_prefix, node.address, error)
+            return
+        more = f" ({node.quiet_closes} more such closes since the last warning)" if node.quiet_closes else ""
+        node.warned_at = now
+        node.quiet_closes = 0
+        logger.warning("%sconnection to %s closed (%s); reconnecting%s", self._log_prefix, node.address, error, more)
+
+    @staticmethod
+    def _pass_over(node: _Node) -> None:
+        """*node* answered a publish with one of _NOT_STORED: _pick passes it over for a while,
+        as long as another nsqd is connected."""
+        node.pass_until = time.monotonic() + PASS_OVER_SECONDS
+
+    def _other_node_connected(self, node: _Node) -> bool:
+        return any(conn._writer_node is not node and conn.state == "CONNECTED" for conn in self._connected)  # type: ignore[attr-defined]
 
     def _attempt_ended(self) -> None:
         """A node's attempt to connect ended (its state is updated): wake the publishes waiting
@@ -557,6 +647,7 @@ class Writer:
                 return False
             if deadline is not None and all(node.ended >= first and node.refused is not None for node, first in zip(watched, counted)):
                 return False  # every nsqd refused an attempt made during the wait
+            self._hurry()
             # (at most 50 ms: a close() does not set it)
             attempted.wait(0.05 if remaining is None else min(remaining, 0.05))
 
@@ -603,6 +694,8 @@ class Writer:
         with self._lock:  # (see _node_loop)
             self._stopping.set()
         self._wake.set()
+        for node in self._nodes:
+            node.wake.set()  # (ends a reconnect delay: the node task sees _stopping)
         for node in self._nodes:
             if node.conn is not None:
                 node.conn.close(max(0.1, deadline - time.monotonic()))
@@ -795,8 +888,9 @@ class Writer:
             self._idle.set()
 
     def _pick(self, avoid: Optional[AsyncConn] = None) -> Optional[AsyncConn]:
-        """Round-robin over open connections, preferring one other than *avoid* and than one
-        that has sent nothing since a publish timed out on it (its nsqd looks hung).
+        """Round-robin over open connections, preferring one other than *avoid*, than one
+        that has sent nothing since a publish timed out on it (its nsqd looks hung), and than
+        one to an nsqd that did not store a publish in the last PASS_OVER_SECONDS.
 
         No lock: _connected is a list that is replaced, never changed in place, so this
         reads a consistent one; two threads racing on the counter only skew the rotation.
@@ -814,7 +908,12 @@ class Writer:
             conn = connected[(start + step) % count]
             if conn.state != "CONNECTED":
                 continue
-            if conn is avoid or (conn._timed_out_at > conn.last_recv_timestamp and self._still_silent(conn)):
+            until = conn._writer_node.pass_until
+            if (
+                conn is avoid
+                or (until and until > time.monotonic())  # (it did not store a publish just now)
+                or (conn._timed_out_at > conn.last_recv_timestamp and self._still_silent(conn))
+            ):
                 if fallback is None or fallback is avoid:
                     fallback = conn
                 continue
@@ -844,6 +943,7 @@ class Writer:
             refused = self._refused()
             if refused is not None:
                 raise refused
+            self._hurry()
             if self._changed.is_set():
                 # A connection just closed and its node has not noticed yet.
                 self.backend.sleep(min(remaining, 0.005))
@@ -873,6 +973,7 @@ class Writer:
             retries = self.retries
             avoid: Optional[AsyncConn] = None
             unknown: Optional[BaseException] = None  # a sent attempt's failure, outcome unknown
+            not_stored: Optional[BaseException] = None  # an nsqd's answer that it did not store it
             while True:
                 lane: Optional[AsyncConn] = None
                 if failed is not None:
@@ -887,11 +988,12 @@ class Writer:
                         try:
                             conn = self._wait_for_conn(deadline, avoid)
                         except (NoConnectionsError, ClosedError):
-                            if unknown is None:
+                            if unknown is None and not_stored is None:
                                 raise
                             # A retry that found no connection: the sent attempt's error, which says
-                            # the outcome is unknown, not one that says the message never left.
-                            raise unknown from None
+                            # the outcome is unknown, not one that says the message never left (or
+                            # else nsqd's own answer that it did not store it).
+                            raise (unknown or not_stored) from None
                     if self._max_lanes and (conn._parked and conn._read_token.locked() or conn._writer_node.lanes):  # type: ignore[attr-defined]
                         # Another publishing thread reads this connection (its reader task is
                         # parked): publish on a lane of our own rather than wait for that thread
@@ -917,6 +1019,19 @@ class Writer:
                     if lane is not None:
                         self._lane_timed_out(lane, sent_at)
                     raise TimeoutError(f"no answer from {conn.id} within the timeout; the publish may or may not have landed") from None
+                except _NOT_STORED as exc:
+                    # nsqd did not store it (the topic is being deleted, its disk is full):
+                    # safe to send to another nsqd, which retries allow. That nsqd is passed
+                    # over for a while by every publish (its connection closes and reconnects
+                    # at once; a full disk would fail every publish sent there).
+                    node = conn._writer_node  # type: ignore[attr-defined]
+                    self._pass_over(node)
+                    if retries <= 0 or time.monotonic() >= deadline or not self._other_node_connected(node):
+                        raise
+                    retries -= 1
+                    avoid = conn
+                    not_stored = exc
+                    logger.info("%s%s did not store a publish (%s); re-sending on another node", self._log_prefix, conn.id, exc)
                 except _RETRYABLE as exc:
                     if getattr(exc, "unprocessed", False):
                         # nsqd never ran it (nothing was sent, or it came after a fatal error):
@@ -1166,6 +1281,17 @@ class Writer:
             exc = f.exception()
             if exc is None:
                 _settle(outer, f.result())
+            elif isinstance(exc, _NOT_STORED):
+                node = conn._writer_node  # type: ignore[attr-defined]
+                self._pass_over(node)
+                if retries > 0 and time.monotonic() < deadline and self._other_node_connected(node):
+                    # (not unknown: nsqd said it did not store it; see _publish_blocking)
+                    try:
+                        self.pool.control.submit(self._attempt, data, deadline, retries - 1, outer, conn)
+                    except RuntimeError:
+                        _settle(outer, error=exc)
+                else:
+                    _settle(outer, error=exc)
             elif isinstance(exc, _RETRYABLE) and (retries > 0 or getattr(exc, "unprocessed", False)) and time.monotonic() < deadline:
                 # Runs on the connection's reader: re-send from a worker instead.
                 left = retries if getattr(exc, "unprocessed", False) else retries - 1
@@ -1283,6 +1409,8 @@ class Writer:
                         _settle(outer, error=getattr(outer, "unknown", None) or refusal)
                         continue
                 self._attempt(data, deadline, retries, outer, avoid)
+            if self._parked and not self._connected and not self._stopping.is_set():
+                self._hurry()  # (parked publishes wait for a connection)
             if self._stopping.is_set() and idle:
                 with self._lock:
                     if not self._parked:

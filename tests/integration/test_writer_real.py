@@ -14,6 +14,7 @@ import collections
 import concurrent.futures
 import contextlib
 import gc
+import logging
 import os
 import socket
 import threading
@@ -952,3 +953,65 @@ def test_kill_during_async_burst_completes_every_future(nsqd, writer_factory):
     assert set(outcomes) <= {"OK", "ConnectionClosedError", "SendError", "NoConnectionsError"}, outcomes
     print(f"\nkill during 1000 pub_async: {dict(outcomes)}; all settled after {settled:.3f}s; "
           f"slowest pub_async call {slowest_call * 1000:.1f} ms")
+
+
+# --------------------------------------------------------------------------- not stored; nsqd back
+
+
+def test_publishes_racing_topic_deletes_go_to_the_other_nsqd_with_retries(writer_factory, backend, caplog):
+    # nsqd answers E_PUB_FAILED ("PUB failed exiting") to a publish that races the deletion of
+    # its topic, and closes the connection: it did not store it. With retries=2 and a healthy
+    # second nsqd, those publishes failed all the same (86 PubFailedError in 40 deletes).
+    from nsq_sync.httpapi import NsqdHTTPClient
+
+    with started(NsqdProcess()) as first, started(NsqdProcess()) as second:
+        writer = writer_factory([first.tcp_address, second.tcp_address], retries=2, publish_timeout=5)
+        assert writer.wait_connected(10, count=2)
+        http = NsqdHTTPClient(first.http_address)
+        stop = threading.Event()
+        errors: List[BaseException] = []
+        published = [0]
+
+        def publish() -> None:
+            while not stop.is_set():
+                try:
+                    writer.pub("churn", b"x")
+                    published[0] += 1
+                except Exception as exc:
+                    errors.append(exc)
+
+        threads = [threading.Thread(target=publish) for _ in range(4)]
+        with caplog.at_level(logging.INFO, logger="nsq_sync.writer"):
+            for thread in threads:
+                thread.start()
+            try:
+                for _ in range(15):
+                    # (an nsqd that did not store a publish is passed over for a second: the
+                    # topic comes back on it once publishes go there again)
+                    wait_until(lambda: first.topic_stats("churn") is not None, 10, message="the topic on the first nsqd")
+                    http.delete_topic("churn")
+            finally:
+                stop.set()
+                for thread in threads:
+                    thread.join(10)
+        refused = [r for r in caplog.records if "did not store a publish" in r.getMessage()]
+        print(f"\n15 topic deletes: {published[0]} published, {len(refused)} re-sent after E_PUB_FAILED, errors: {errors[:3]}")
+        assert not errors
+        assert refused, "no publish raced a deletion"
+
+
+def test_a_publish_waiting_for_a_restarted_nsqd_does_not_wait_out_the_reconnect_delay(writer_factory):
+    # The node task waited its whole reconnect delay (1 s doubling to max_reconnect_interval)
+    # after nsqd was back: the first publish took 1.1/7.5/12.0 s after 2/6/15 s down. A publish
+    # waiting for a connection now makes the node try again at once.
+    with started(NsqdProcess()) as proc:
+        writer = writer_factory(proc.tcp_address, reconnect_interval=5, max_reconnect_interval=5, publish_timeout=4)
+        assert writer.pub("back", b"before") == b"OK"
+        proc.stop()
+        wait_until(lambda: not writer.conns, 10, message="the Writer to see the connection close")  # (its 3.5-5 s delay runs)
+        proc.start()
+        began = time.monotonic()
+        assert writer.pub("back", b"after") == b"OK"
+        took = time.monotonic() - began
+        print(f"\nfirst publish after nsqd came back: {took:.3f}s")
+        assert took < 2.0
