@@ -52,7 +52,7 @@ class _Call:
 SPARE_AFTER_SECONDS = 0.005
 #: the watchdog thread parks after this long with nothing to watch
 WATCHDOG_PARK_SECONDS = 0.1
-#: a callback that ran this long wakes a spare at once when work waits (threads)
+#: two callbacks in a row that ran this long wake a spare at once when work waits (threads)
 SLOW_CALLBACK_SECONDS = 0.001
 #: a worker asleep this long with nothing to do ends (down to one per lane): a burst's workers
 #: (up to concurrency, max_in_flight by default) do not hold their threads for good
@@ -73,8 +73,8 @@ class Lane:
 
     Waking is one at a time: a submit wakes (or starts) a worker only when none is free.
     A spare joins when work waits and no worker is free: under gevent at once (a
-    greenlet switch is cheap); on threads at once after a callback that ran at least
-    SLOW_CALLBACK_SECONDS, otherwise only once no callback has started for
+    greenlet switch is cheap); on threads at once after two callbacks in a row that ran at
+    least SLOW_CALLBACK_SECONDS, otherwise only once no callback has started for
     SPARE_AFTER_SECONDS, checked by a watchdog thread that runs while the lane is busy.
     A burst of quick callbacks is run by one worker instead of waking threads that fight
     for the GIL (on CPython each wake-up costs more than a quick callback), while slow
@@ -257,6 +257,7 @@ class Lane:
             # Busy: run items back to back without touching the free count. One clock read
             # per callback: its end is the next one's start.
             began = _monotonic()
+            slow_run = 0  # consecutive callbacks that ran SLOW_CALLBACK_SECONDS
             while True:
                 if item is _STOP:
                     with lock:
@@ -278,7 +279,11 @@ class Lane:
                 except IndexError:
                     break
                 ended = _monotonic()
-                slow = ended - began >= SLOW_CALLBACK_SECONDS
+                # Two in a row: one quick callback that the OS or the GIL held up past 1 ms
+                # (often, with nsqd on the same cores) is not a sign of slow handlers, and a
+                # spare started for it contends for the GIL with this worker from then on.
+                slow_run = slow_run + 1 if ended - began >= SLOW_CALLBACK_SECONDS else 0
+                slow = slow_run >= 2
                 began = ended
                 if items and not self._free and (self._sleepers or self._can_grow):
                     # After a slow callback (I/O-bound handlers) a spare joins at once, so a
