@@ -1355,7 +1355,9 @@ class AsyncConn(EventedMixin):
                         waiter.set_exception(error)
                     for future in resend:
                         handler(self, future)  # type: ignore[misc]
-                    logger.warning("%s: %s", self.id, error)
+                    # (a Reader's or Writer's: its close warning gives the error; a Writer
+                    # against a full disk got one such close per publish, 954 lines in 5 s)
+                    (logger.debug if self._owned else logger.warning)("%s: %s", self.id, error)
                 else:
                     # E_FIN_FAILED & co.: almost always a message nsqd had timed out (its handler
                     # outlived msg_timeout), so it was or will be processed twice.

@@ -171,6 +171,9 @@ def test_reconnects_after_each_not_stored_publish_log_one_warning(backend: str) 
     level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)
+    conn_records = Records()  # the connection's own line for each error frame: DEBUG, the Writer says it
+    conn_logger = logging.getLogger("nsq_sync.conn")
+    conn_logger.addHandler(conn_records)
     fake = FakeNsqd().start()
     fake.set_answer("PUB", [error(NOT_STORED["PUB"][0]), close()])
     writer = Writer(f"127.0.0.1:{fake.port}", backend=backend)
@@ -184,8 +187,10 @@ def test_reconnects_after_each_not_stored_publish_log_one_warning(backend: str) 
                 assert handler.changed.wait_for(lambda: len(handler.closes()) > i, WAIT), [r.getMessage() for r in handler.records]
         closes = handler.closes()
         assert [r.levelno for r in closes] == [logging.WARNING] + [logging.DEBUG] * 4
+        assert [r.getMessage() for r in conn_records.records if r.levelno >= logging.WARNING and "E_PUB_FAILED" in r.getMessage()] == []
     finally:
         writer.close(1)
         fake.stop()
         logger.removeHandler(handler)
         logger.setLevel(level)
+        conn_logger.removeHandler(conn_records)
