@@ -2097,7 +2097,8 @@ class AsyncConn(EventedMixin):
         is left to answer here (nothing in flight, queued or unwritten). An nsqd that answers
         does so within a round trip; one that does not (stopped, hung) held close() up for its
         whole timeout after the last handler had finished. Closing then loses nothing: nsqd
-        reads the answers already written, and requeues at once what it sent after them.
+        reads the answers already written, and a message it sent that was never read comes
+        back after its msg_timeout (nsqd takes nothing back at a close), as after any close.
         False when CLOSE_WAIT did not come."""
         wait = self._close_wait.wait
         idle_since = None

@@ -13,12 +13,12 @@ The tree::
     │   ├── ConnectError                   TCP connect failed or timed out
     │   ├── TLSError                       the TLS handshake failed
     │   ├── SendError                      a write failed (pynsq's name)
+    │   │   └── NoConnectionsError         no nsqd reachable in time
+    │   │       └── HandshakeRefusedError  every nsqd refused the handshake: failed at once
     │   └── ConnectionClosedError          closed before the answer came
     │       └── StaleConnectionError       no data for two heartbeat intervals
     ├── AuthRequiredError                  nsqd requires AUTH and no auth_secret was given
     ├── TimeoutError (also builtins.TimeoutError)
-    ├── NoConnectionsError                 no nsqd reachable in time
-    │   └── HandshakeRefusedError          every nsqd refused the handshake: failed at once
     ├── ClosedError                        the Reader/Writer/connection was closed by the user
     ├── DuplicateListenerError, InvalidListenerError   on()/off() misuse (pynsq's names)
     ├── AlreadyRespondedError              finish/requeue/touch after the message was answered

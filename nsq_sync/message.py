@@ -65,7 +65,9 @@ class Message:
         return self._async
 
     def has_responded(self) -> bool:
-        """True once finish() or requeue() was called and accepted (also one lost with its connection)."""
+        """True once finish() or requeue() was called and accepted (also one lost with its
+        connection), and for a copy nsqd no longer holds (delivered again, dropped unrun past
+        msg_timeout, or forgotten after a channel empty): it must not be answered."""
         return self._responded
 
     def _need_responder(self) -> Responder:
@@ -79,9 +81,10 @@ class Message:
         False when the connection it came on is gone (or its write failed, which closes it):
         nsqd delivers the message again by itself. As in pynsq this is not an exception (a
         thread answering batches later would die of it); it is logged, or counted by the
-        Reader that owns the connection. Also False, sending nothing, for a copy that nsqd
-        timed out (msg_timeout passed) and delivered again on the same connection: the newer
-        copy is the one to answer. Raises AlreadyRespondedError if the message was already
+        Reader that owns the connection. Also False, sending nothing, for a copy nsqd no
+        longer counts as in flight: one it timed out (msg_timeout passed) and delivered again
+        on the same connection (the newer copy is the one to answer), or one in flight when
+        the channel was emptied. Raises AlreadyRespondedError if the message was already
         finished or requeued.
         """
         responder = self._need_responder()

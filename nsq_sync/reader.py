@@ -890,7 +890,8 @@ class Reader:
         Keys: ``messages_received``, ``messages_finished``, ``messages_requeued``,
         ``messages_given_up`` (also FINed, so counted in finished), ``messages_expired``
         (dropped unrun: they waited for a worker longer than msg_timeout, so nsqd had timed
-        them out and delivers them again), ``in_flight``,
+        them out and delivers them again; old copies nsqd sent again and messages dropped
+        after a channel empty count in messages_received only), ``in_flight``,
         ``max_in_flight``, ``total_rdy``, ``backoff_level``, ``backing_off``, ``closed`` and
         ``connections``: a list of dicts with ``address``, ``rdy``, ``in_flight``,
         ``connected``, ``max_rdy_count``, ``last_msg_timestamp``, ``failed_attempts``; a

@@ -215,9 +215,10 @@ class Writer:
     :param nsqd_tcp_addresses: "host:port", a (host, port) pair (int port), or a list or tuple of
         them; a tuple of strings is several addresses
     :param publish_timeout: default seconds a blocking publish waits (for a connection and the answer)
-    :param retries: how many times a publish that failed for connection reasons is re-sent on
-        another node (never one nsqd rejected). A re-sent message may be published twice if the
-        first connection died after nsqd took it: at-least-once.
+    :param retries: how many times a publish is re-sent on another node when its connection
+        broke, or when nsqd answered that it did not store it (E_PUB_FAILED, E_MPUB_FAILED,
+        E_DPUB_FAILED; never one nsqd refused as wrong, E_BAD_*). A re-sent message may be
+        published twice if the first connection died after nsqd took it: at-least-once.
     :param max_msg_size: bytes; a bigger message is refused locally with ConfigError (nsqd's
         --max-msg-size, default 1 MiB; None skips the check). nsqd's own refusal is fatal and
         takes every publish pipelined behind it on the connection down with it.
