@@ -110,6 +110,9 @@ HANDSHAKE_SHOWN = 48
 #: once gets there: it then goes on in slices, so a caller with a deadline stops at its
 #: deadline and a write's stall is counted from its last progress (see _send_rest)
 SEND_SLICE_SECONDS = 0.05
+#: queued commands are joined into one send up to this many bytes (a bigger one goes alone):
+#: a join copies, and a backlog of large publishes was copied whole
+JOIN_MAX_BYTES = 256 * 1024
 #: a graceful close waits this long for CLOSE_WAIT once nothing is left to answer (nsqd hung),
 #: looking every CLS_POLL_SECONDS (see _wait_close_wait)
 CLS_GRACE_SECONDS = 1.0
@@ -1703,7 +1706,12 @@ class AsyncConn(EventedMixin):
         send = self._send_some
         while writes:
             batch = [writes.popleft() for _ in range(len(writes))]
-            data = batch[0] if len(batch) == 1 else b"".join(batch)
+            if len(batch) == 1:
+                data = batch[0]
+            else:
+                if sum(map(len, batch)) > JOIN_MAX_BYTES:
+                    batch = self._cut_batch(batch)
+                data = batch[0] if len(batch) == 1 else b"".join(batch)
             try:
                 try:
                     sent = send(data)
@@ -1721,6 +1729,21 @@ class AsyncConn(EventedMixin):
                 self._write_interrupted(exc)
                 raise
         return False
+
+    def _cut_batch(self, batch: List[Any]) -> List[Any]:
+        """The first commands of *batch* up to JOIN_MAX_BYTES (at least one); the rest go back
+        to the front of the queue, for the next send. One join of a whole backlog of large
+        publishes copied all of it at once (300 pub_async of 1 MB: 300 MB more at the peak)."""
+        size = 0
+        for index, command in enumerate(batch):
+            size += len(command)
+            if size > JOIN_MAX_BYTES:
+                cut = max(index, 1)
+                break
+        else:  # pragma: no cover - only called when the whole batch is over the limit
+            return batch
+        self._writes.extendleft(reversed(batch[cut:]))
+        return batch[:cut]
 
     def _send_whole(self, data: Any) -> int:
         """_send_some of a stream written whole (TLS, compression, a socket without send slices).
