@@ -108,6 +108,28 @@ def test_pub_mpub_and_depth(nsqd):
     assert channel["clients"] == []
 
 
+def test_topic_stats_lists_the_channels_consumers(nsqd):
+    # topic_stats() gave "clients": [] for a channel with a consumer (it asked for no clients)
+    import nsq_sync
+
+    client = NsqdHTTPClient(nsqd.http_address)
+    client.create_topic("cl")
+    client.create_channel("cl", "c")
+    reader = nsq_sync.Reader(topic="cl", channel="c", nsqd_tcp_addresses=[nsqd.tcp_address],
+                             message_handler=lambda message: None)
+    reader.start()
+    try:
+        wait_until(lambda: client.channel_stats("cl", "c")["client_count"] == 1, timeout=10, message="consumer connected")
+        (channel,) = client.topic_stats("cl")["channels"]
+        assert channel["client_count"] == 1
+        assert len(channel["clients"]) == 1
+        assert len(client.channel_stats("cl", "c")["clients"]) == 1
+        (unlisted,) = client.stats(topic="cl", include_clients=False)["topics"][0]["channels"]
+        assert unlisted["client_count"] == 1 and "clients" not in unlisted
+    finally:
+        reader.close()
+
+
 @pytest.mark.parametrize("accept", [None, "*/*"], ids=["v1-accept", "any-accept"])
 def test_nsqd_answers_exactly_what_the_client_checks_for(nsqd, nsqlookupd, accept):
     # pub()/mpub() take nothing but "OK" and the admin actions nothing but an empty body (anything

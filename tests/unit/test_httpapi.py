@@ -744,7 +744,8 @@ def test_stats_params_and_null_lists(server):
     c = NsqdHTTPClient(server.address)
     stats = c.stats(topic="t", channel="c", include_clients=False)
     assert stats["producers"] == []
-    assert stats["topics"][0]["channels"][0]["clients"] == []
+    # not asked for: nsqd's null means "not listed", not "no clients", so no "clients" key
+    assert "clients" not in stats["topics"][0]["channels"][0]
     rec = server.requests[0]
     assert rec.param("format") == "json"
     assert rec.param("topic") == "t"
@@ -758,6 +759,27 @@ def test_stats_params_and_null_lists(server):
     assert c.topic_stats("other") is None
     assert c.topic_depth("other") == 0
     assert server.requests[1].param("include_clients") == "false"
+
+
+def test_topic_stats_asks_for_the_clients_it_returns(server):
+    # topic_stats() asked nsqd for no clients and turned the null it got into "clients": []
+    def answer(rec):
+        listed = rec.param("include_clients") == "true"
+        channel = {"channel_name": "c", "depth": 0, "client_count": 1,
+                   "clients": [{"client_id": "x"}] if listed else None}
+        return json_reply({"topics": [{"topic_name": "t", "depth": 0, "channels": [channel]}]})
+
+    server.route("GET", "/stats", answer)
+    c = NsqdHTTPClient(server.address)
+    assert c.topic_stats("t")["channels"][0]["clients"] == [{"client_id": "x"}]
+    assert server.requests[-1].param("include_clients") == "true"
+    assert c.channel_stats("t", "c")["clients"] == [{"client_id": "x"}]
+    assert "clients" not in c.stats(include_clients=False)["topics"][0]["channels"][0]
+    assert c.stats()["topics"][0]["channels"][0]["clients"] == [{"client_id": "x"}]
+    # a client listed although not asked for is kept
+    server.route("GET", "/stats", json_reply({"topics": [{"topic_name": "t", "channels": [
+        {"channel_name": "c", "clients": [{"client_id": "y"}]}]}]}))
+    assert c.stats(include_clients=False)["topics"][0]["channels"][0]["clients"] == [{"client_id": "y"}]
 
 
 def test_stats_without_filters_sends_no_topic(server):
