@@ -24,7 +24,7 @@ import re
 import socket
 import ssl
 import time
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Type, TypeVar, Union
+from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple, Type, TypeVar, Union
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from ..errors import ConfigError, HTTPError, peer_text
@@ -599,6 +599,10 @@ class HTTPClient:
 
     #: the server's name in messages about an answer of the wrong shape
     _server = "NSQ"
+    #: routes only this client's server serves: a 404 ``NOT_FOUND`` for one of them means the
+    #: address is another server's, most likely the other daemon's (``_wrong_server_hint``)
+    _own_routes: FrozenSet[str] = frozenset()
+    _wrong_server_hint = ""
 
     def __init__(
         self,
@@ -756,7 +760,10 @@ class HTTPClient:
 
         logger.debug("%s %s -> %d (%.1f ms, %d bytes)", method, url, status, (time.monotonic() - started) * 1000, len(data))
         if not 200 <= status < 300:
-            raise HTTPError(status, _error_message(data, reason), url)
+            message = _error_message(data, reason)
+            if status == 404 and message == "NOT_FOUND" and path_query.partition("?")[0] in self._own_routes:
+                message += self._wrong_server_hint.format(route=path_query.partition("?")[0])
+            raise HTTPError(status, message, url)
         return HTTPResponse(status, reason, resp_headers, data, url)
 
     def get_json(self, path: str, params: Optional[Params] = None) -> Any:

@@ -89,6 +89,10 @@ class LookupdClient(HTTPClient):
     """
 
     _server = "nsqlookupd"
+    # (nsqd answers these 404 NOT_FOUND: the routes nsqd v1.3.0 lacks)
+    _own_routes = frozenset(("/lookup", "/topics", "/channels", "/nodes", "/topic/tombstone"))
+    _wrong_server_hint = (" (is this nsqd's HTTP port? every nsqlookupd serves {route}; nsqlookupd's HTTP port "
+                          "is 4161 by default, nsqd's 4151)")
 
     def __init__(self, address: str, *args: Any, **kwargs: Any) -> None:
         super().__init__(strip_lookup_path(address), *args, **kwargs)  # type: ignore[arg-type]

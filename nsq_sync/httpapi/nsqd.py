@@ -124,6 +124,13 @@ class NsqdHTTPClient(HTTPClient):
     """
 
     _server = "nsqd"
+    # (nsqlookupd answers these 404 NOT_FOUND: the routes nsqlookupd v1.3.0 lacks)
+    _own_routes = frozenset((
+        "/stats", "/pub", "/mpub", "/topic/empty", "/topic/pause", "/topic/unpause",
+        "/channel/empty", "/channel/pause", "/channel/unpause",
+    ))
+    _wrong_server_hint = (" (is this nsqlookupd's HTTP port? every nsqd serves {route}; nsqd's HTTP port is 4151 "
+                          "by default, nsqlookupd's 4161)")
 
     # ping() and info() come from HTTPClient: nsqd answers /ping with the text "OK"
     # (500 and its health text such as "NOK - ..." when unhealthy).

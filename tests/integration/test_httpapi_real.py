@@ -455,3 +455,19 @@ def test_an_http_client_given_a_tcp_port_says_it_may_not_be_an_http_port(which, 
             client.ping()
         assert info.value.status == 0
         assert "is this an HTTP port?" in info.value.message, info.value.message
+
+
+def test_a_client_given_the_other_daemons_http_port_says_so(nsqd, nsqlookupd):
+    # LookupdClient at nsqd's HTTP port (or NsqdHTTPClient at nsqlookupd's) said only "HTTP 404: NOT_FOUND"
+    lookupd_at_nsqd = LookupdClient(nsqd.http_address)
+    nsqd_at_lookupd = NsqdHTTPClient(nsqlookupd.http_address)
+    for call in (lookupd_at_nsqd.topics, lambda: lookupd_at_nsqd.producers("t"), lookupd_at_nsqd.nodes):
+        with pytest.raises(HTTPError) as info:
+            call()
+        assert info.value.status == 404
+        assert info.value.message.startswith("NOT_FOUND (is this nsqd's HTTP port?"), info.value.message
+    for call in (nsqd_at_lookupd.stats, lambda: nsqd_at_lookupd.topic_stats("t"), lambda: nsqd_at_lookupd.pub("t", b"x")):
+        with pytest.raises(HTTPError) as info:
+            call()
+        assert info.value.status == 404
+        assert info.value.message.startswith("NOT_FOUND (is this nsqlookupd's HTTP port?"), info.value.message

@@ -444,6 +444,32 @@ def test_unknown_route_404(server):
     assert (info.value.status, info.value.message) == (404, "NOT_FOUND")
 
 
+def test_a_404_not_found_for_a_route_the_other_daemon_serves_hints_at_the_wrong_port(server):
+    # a bare "HTTP 404: NOT_FOUND" did not say that the address was the other daemon's
+    nsqd, lookupd = NsqdHTTPClient(server.address), LookupdClient(server.address)
+    for call, route in ((lookupd.topics, "/topics"), (lambda: lookupd.lookup("t"), "/lookup"),
+                        (lambda: lookupd.producers("t"), "/lookup"), (lookupd.nodes, "/nodes")):
+        with pytest.raises(HTTPError) as info:
+            call()
+        assert info.value.status == 404
+        assert info.value.message == (f"NOT_FOUND (is this nsqd's HTTP port? every nsqlookupd serves {route}; "
+                                      f"nsqlookupd's HTTP port is 4161 by default, nsqd's 4151)")
+    for call, route in ((nsqd.stats, "/stats"), (lambda: nsqd.pub("t", b"x"), "/pub"),
+                        (lambda: nsqd.get_json("/stats?format=json"), "/stats"), (lambda: nsqd.empty_channel("t", "c"), "/channel/empty")):
+        with pytest.raises(HTTPError) as info:
+            call()
+        assert info.value.message == (f"NOT_FOUND (is this nsqlookupd's HTTP port? every nsqd serves {route}; "
+                                      f"nsqd's HTTP port is 4151 by default, nsqlookupd's 4161)")
+    # not certain, so no hint: a route both serve, another message, the generic client
+    server.route("GET", "/lookup", json_reply({"message": "TOPIC_NOT_FOUND"}, 404))
+    server.route("GET", "/topics", json_reply({"message": "NOT_FOUND"}, 500))
+    for call, message in ((lambda: nsqd.create_topic("t"), "NOT_FOUND"), (lambda: lookupd.lookup("t"), "TOPIC_NOT_FOUND"),
+                          (lookupd.topics, "NOT_FOUND"), (lambda: HTTPClient(server.address).get_json("/stats"), "NOT_FOUND")):
+        with pytest.raises(HTTPError) as info:
+            call()
+        assert info.value.message == message
+
+
 def test_invalid_json_on_success(server):
     server.route("GET", "/info", text_reply("<html>", 200))
     with pytest.raises(HTTPError) as info:
