@@ -709,7 +709,9 @@ class HTTPClient:
         non-2xx answer, with the answer's status when its body is over *max_response_size*,
         and ``HTTPError(0, reason)`` raised from the underlying
         exception when no (whole) answer arrived (refused, not done within the client's
-        *timeout*, DNS, TLS, reset, closed without answering).
+        *timeout*, DNS, TLS, reset, closed without answering); its ``timed_out`` is True
+        for the timeout, and its ``__cause__`` is the underlying exception
+        (``ConnectionRefusedError``, ``socket.gaierror``, ``ssl.SSLError``, ...).
         *path* may carry a query (``"/stats?format=json"``): *params* are added to it with ``&``.
         Before connecting, a bad *method*, *path*, *params*, *body* or *content_type*
         raises TypeError or :class:`ConfigError` naming it (e.g. a method with CR/LF,
@@ -754,7 +756,7 @@ class HTTPClient:
             # (UnicodeError: a name the IDNA codec refuses, from getaddrinfo)
             reason_text = _transport_reason(exc, self._timeout)
             logger.debug("%s %s failed after %.1f ms: %s", method, url, (time.monotonic() - started) * 1000, reason_text)
-            raise HTTPError(0, reason_text, url) from exc
+            raise HTTPError(0, reason_text, url, timed_out=isinstance(exc, (socket.timeout, TimeoutError))) from exc
         finally:
             conn.discard()
 

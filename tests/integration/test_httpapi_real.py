@@ -443,6 +443,29 @@ def test_connection_refused_after_stop(nsqd, nsqlookupd):
         assert info.value.status == 0
         assert "refused" in info.value.message
         assert isinstance(info.value.__cause__, ConnectionRefusedError)
+        assert info.value.timed_out is False
+
+
+def test_a_hung_nsqd_is_told_from_a_down_one(nsqd):
+    # both were HTTPError status 0; only the message text differed
+    import os
+    import signal
+
+    client = NsqdHTTPClient(nsqd.http_address, timeout=0.5)
+    assert client.ping()
+    os.kill(nsqd.pid, signal.SIGSTOP)  # hung: the kernel accepts the connection, nothing answers
+    try:
+        with pytest.raises(HTTPError) as info:
+            client.stats()
+    finally:
+        os.kill(nsqd.pid, signal.SIGCONT)
+    assert (info.value.status, info.value.timed_out) == (0, True)
+    assert client.ping()
+    nsqd.stop()  # down
+    with pytest.raises(HTTPError) as info:
+        client.stats()
+    assert (info.value.status, info.value.timed_out) == (0, False)
+    assert isinstance(info.value.__cause__, ConnectionRefusedError)
 
 
 @pytest.mark.parametrize("which", ["nsqd", "nsqlookupd"])

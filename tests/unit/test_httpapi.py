@@ -497,6 +497,7 @@ def test_connection_refused_is_http_error_zero():
     assert "refused" in err.message
     assert err.url == f"http://127.0.0.1:{port}/ping"
     assert isinstance(err.__cause__, ConnectionRefusedError)
+    assert err.timed_out is False
 
 
 def test_timeout_is_http_error_zero():
@@ -513,8 +514,21 @@ def test_timeout_is_http_error_zero():
         assert info.value.status == 0
         assert "timed out" in info.value.message
         assert isinstance(info.value.__cause__, (socket.timeout, TimeoutError))
+        # a hung server is told from a down one without parsing the message
+        assert info.value.timed_out is True
     finally:
         silent.close()
+
+
+def test_http_error_timed_out_attribute_defaults_and_pickles():
+    import pickle
+
+    assert HTTPError(404, "TOPIC_NOT_FOUND", "http://h:1/x").timed_out is False
+    assert HTTPError(0, "connection refused").timed_out is False  # (the old 2- and 3-argument forms)
+    err = HTTPError(0, "timed out after 1s", "http://h:1/ping", timed_out=True)
+    assert str(err) == "timed out after 1s (http://h:1/ping)"
+    copy = pickle.loads(pickle.dumps(err))
+    assert (copy.status, copy.message, copy.url, copy.timed_out) == (0, "timed out after 1s", "http://h:1/ping", True)
 
 
 @pytest.fixture
