@@ -27,7 +27,7 @@ import time
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple, Type, TypeVar, Union
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from ..errors import ConfigError, HTTPError, peer_text
+from ..errors import ConfigError, ConfigTypeError, HTTPError, peer_text
 from ..protocol.identify import MAX_WAIT_SECONDS
 
 __all__ = ["HTTPClient", "HTTPResponse", "ACCEPT_V1", "AnswerShape"]
@@ -227,10 +227,16 @@ def _encode_params(params: Optional[Params]) -> str:
         raise TypeError(f"params must be a mapping of str to str/int/bool/None, not {type(params).__name__}")
     pairs = []
     for key, value in params.items():
+        if not isinstance(key, str):
+            raise ConfigTypeError("params", key, f"a parameter name must be str, not {type(key).__name__}")
         if value is None:
             continue
         if isinstance(value, bool):
             value = "true" if value else "false"
+        elif not isinstance(value, (str, int)):
+            # (str() of a list, float or bytes would be sent as the value: "['a', 'b']", "b'x'")
+            raise ConfigTypeError(f"params[{key!r}]", value,
+                                  f"must be str, int, bool or None (left out), not {type(value).__name__}")
         pairs.append((key, str(value)))
     try:
         return urlencode(pairs)
@@ -716,7 +722,9 @@ class HTTPClient:
         Before connecting, a bad *method*, *path*, *params*, *body* or *content_type*
         raises TypeError or :class:`ConfigError` naming it (e.g. a method with CR/LF,
         a non-ASCII path, one not starting with "/" or holding a ``#``, params that are not a
-        mapping or that repeat a parameter of *path*'s query, a str body).
+        mapping or that repeat a parameter of *path*'s query, a str body); a *params* name that is
+        not a str, or a value that is not a str, int, bool or None, is a
+        :class:`~nsq_sync.errors.ConfigTypeError` (a ConfigError and a TypeError).
         """
         method = _check_method(method)
         path_query = _path_and_query(path, params)

@@ -1135,6 +1135,34 @@ def test_params_are_added_to_a_query_in_the_path(server):
     assert info.value.url == f"http://{server.address}/nope?a=1&b=true"
 
 
+@pytest.mark.parametrize("params, param, value", [
+    ({"topic": ["a", "b"]}, "params['topic']", ["a", "b"]),  # was sent as topic=%5B%27a%27...: its repr
+    ({"defer": 1.5}, "params['defer']", 1.5),
+    ({"topic": b"t"}, "params['topic']", b"t"),  # was topic=b%27t%27
+    ({"topic": ("a",)}, "params['topic']", ("a",)),
+    ({1: "a"}, "params", 1),  # a name that is not str was sent as "1"
+    ({b"topic": "a"}, "params", b"topic"),
+])
+def test_a_param_of_the_wrong_type_is_refused_before_sending(server, params, param, value):
+    from nsq_sync.errors import ConfigTypeError
+
+    c = HTTPClient(server.address)
+    for call in (lambda: c.url_for("/stats", params), lambda: c.get_json("/stats", params),
+                 lambda: c.post("/pub", params, b"x"), lambda: c.request("GET", "/stats", params)):
+        with pytest.raises(ConfigTypeError) as info:
+            call()
+        assert isinstance(info.value, TypeError) and isinstance(info.value, ConfigError)
+        assert (info.value.param, info.value.value) == (param, value)
+    assert server.requests == []
+    # what the type allows: str, int (not a float), bool, None (left out); an IntEnum is an int
+    import enum
+
+    class Level(enum.IntEnum):
+        HIGH = 3
+
+    assert c.url_for("/x", {"a": "s", "b": 7, "c": False, "d": None, "e": Level.HIGH}) == f"http://{server.address}/x?a=s&b=7&c=false&e=3"
+
+
 @pytest.mark.parametrize("path, params, twice", [
     ("/stats?format=json", {"format": "text"}, ["format"]),
     ("/stats?for%6Dat=json", {"format": "json"}, ["format"]),  # the same parameter, percent-encoded
