@@ -7,7 +7,7 @@ import ssl
 import pytest
 
 from nsq_sync.errors import ConfigError, HTTPError
-from nsq_sync.httpapi import LookupdClient, NsqdHTTPClient
+from nsq_sync.httpapi import LookupdClient, NsqdHTTPClient, nsqd_http_address
 from nsq_sync.pytest_plugin import started
 from nsq_sync.testing import NsqdProcess, wait_until
 
@@ -397,6 +397,12 @@ def test_lookupd_tombstones_an_nsqd_with_an_ipv6_broadcast_address(nsqlookupd, s
         nodes = {n["tcp_port"]: n for n in lookupd.nodes()}
         assert (nodes[v6.tcp_port]["broadcast_address"], nodes[v6.tcp_port]["tombstones"]) == ("::1", [True])
         assert nodes[v4.tcp_port]["tombstones"] == [False]
+        # each node's nsqd HTTP address, as NsqdHTTPClient and tombstone_topic take it
+        assert nsqd_http_address(nodes[v6.tcp_port]) == f"[::1]:{v6.http_port}"
+        assert NsqdHTTPClient(nsqd_http_address(nodes[v6.tcp_port])).address == f"[::1]:{v6.http_port}"
+        assert NsqdHTTPClient(nsqd_http_address(nodes[v4.tcp_port])).ping()
+        lookupd.tombstone_topic("v6", nsqd_http_address(nodes[v4.tcp_port]))
+        assert lookupd.producers("v6") == []
 
 
 def test_lookupd_admin_without_producers(nsqlookupd):

@@ -470,6 +470,31 @@ def test_a_404_not_found_for_a_route_the_other_daemon_serves_hints_at_the_wrong_
         assert info.value.message == message
 
 
+def test_nsqd_http_address_of_a_nodes_entry_brackets_ipv6(server):
+    # f"{broadcast_address}:{http_port}" gave "::1:4151" for an IPv6 nsqd, which NsqdHTTPClient refuses
+    from nsq_sync.httpapi import nsqd_http_address
+
+    entries = [{"broadcast_address": "::1", "http_port": 4151, "tcp_port": 4150},
+               {"broadcast_address": "nsqd-2.example", "http_port": 4251},
+               {"broadcast_address": "10.0.0.3", "http_port": 4151},
+               {"broadcast_address": "[fe80::1]", "http_port": 1}]
+    server.route("GET", "/nodes", json_reply({"producers": entries}))
+    addresses = [nsqd_http_address(node) for node in LookupdClient(server.address).nodes()]
+    assert addresses == ["[::1]:4151", "nsqd-2.example:4251", "10.0.0.3:4151", "[fe80::1]:1"]
+    assert [NsqdHTTPClient(a).host for a in addresses] == ["::1", "nsqd-2.example", "10.0.0.3", "fe80::1"]
+    with pytest.raises(ConfigError):
+        NsqdHTTPClient(f"{entries[0]['broadcast_address']}:{entries[0]['http_port']}")
+    for bad in ({}, {"broadcast_address": "::1"}, {"broadcast_address": "h", "http_port": "4151"},
+                {"broadcast_address": "h", "http_port": True}, {"broadcast_address": "h", "http_port": 0},
+                {"broadcast_address": "", "http_port": 1}, {"broadcast_address": "a b", "http_port": 1},
+                {"broadcast_address": "1:2:x", "http_port": 1}):
+        with pytest.raises(ConfigError) as info:
+            nsqd_http_address(bad)
+        assert info.value.param == "producer"
+    with pytest.raises(TypeError):
+        nsqd_http_address("::1:4151")
+
+
 def test_invalid_json_on_success(server):
     server.route("GET", "/info", text_reply("<html>", 200))
     with pytest.raises(HTTPError) as info:
