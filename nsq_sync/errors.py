@@ -348,18 +348,23 @@ class HTTPError(Error):
 
     ``status`` is the HTTP status (0 when no response arrived: refused, timed out,
     bad URL) and ``message`` is the server's ``{"message": ...}`` text or the
-    transport failure.
+    transport failure.  ``timed_out`` is True when no (whole) answer arrived within the
+    client's timeout (a hung or overloaded server, or a network that drops packets), False
+    otherwise; for status 0 the clients raise it from the underlying exception, so
+    ``__cause__`` tells the other failures apart (``ConnectionRefusedError``: nothing listens,
+    ``socket.gaierror``: DNS, ``ssl.SSLError``: TLS, ``ConnectionResetError``, ...).
     """
 
-    def __init__(self, status: int, message: str, url: str = "") -> None:
+    def __init__(self, status: int, message: str, url: str = "", timed_out: bool = False) -> None:
         self.status = status
         self.message = message
         self.url = url
+        self.timed_out = bool(timed_out)
         where = f" ({url})" if url else ""
         super().__init__(f"HTTP {status}: {message}{where}" if status else f"{message}{where}")
 
     def __reduce__(self):
-        return (type(self), (self.status, self.message, self.url))
+        return (type(self), (self.status, self.message, self.url, self.timed_out))
 
 
 class DuplicateListenerError(Error):

@@ -5,7 +5,7 @@ under gevent monkey-patching and can be shared between threads.
 """
 
 from .base import ACCEPT_V1, HTTPClient, HTTPResponse
-from .lookupd import LookupdClient
+from .lookupd import LookupdClient, nsqd_http_address
 from .nsqd import NSQDHTTPClient, NsqdHTTPClient
 
 __all__ = [
@@ -15,4 +15,5 @@ __all__ = [
     "NsqdHTTPClient",
     "NSQDHTTPClient",
     "LookupdClient",
+    "nsqd_http_address",
 ]

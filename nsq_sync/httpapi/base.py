@@ -24,10 +24,10 @@ import re
 import socket
 import ssl
 import time
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Type, TypeVar, Union
+from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple, Type, TypeVar, Union
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from ..errors import ConfigError, HTTPError, peer_text
+from ..errors import ConfigError, ConfigTypeError, HTTPError, peer_text
 from ..protocol.identify import MAX_WAIT_SECONDS
 
 __all__ = ["HTTPClient", "HTTPResponse", "ACCEPT_V1", "AnswerShape"]
@@ -227,10 +227,16 @@ def _encode_params(params: Optional[Params]) -> str:
         raise TypeError(f"params must be a mapping of str to str/int/bool/None, not {type(params).__name__}")
     pairs = []
     for key, value in params.items():
+        if not isinstance(key, str):
+            raise ConfigTypeError("params", key, f"a parameter name must be str, not {type(key).__name__}")
         if value is None:
             continue
         if isinstance(value, bool):
             value = "true" if value else "false"
+        elif not isinstance(value, (str, int)):
+            # (str() of a list, float or bytes would be sent as the value: "['a', 'b']", "b'x'")
+            raise ConfigTypeError(f"params[{key!r}]", value,
+                                  f"must be str, int, bool or None (left out), not {type(value).__name__}")
         pairs.append((key, str(value)))
     try:
         return urlencode(pairs)
@@ -599,6 +605,10 @@ class HTTPClient:
 
     #: the server's name in messages about an answer of the wrong shape
     _server = "NSQ"
+    #: routes only this client's server serves: a 404 ``NOT_FOUND`` for one of them means the
+    #: address is another server's, most likely the other daemon's (``_wrong_server_hint``)
+    _own_routes: FrozenSet[str] = frozenset()
+    _wrong_server_hint = ""
 
     def __init__(
         self,
@@ -705,12 +715,16 @@ class HTTPClient:
         non-2xx answer, with the answer's status when its body is over *max_response_size*,
         and ``HTTPError(0, reason)`` raised from the underlying
         exception when no (whole) answer arrived (refused, not done within the client's
-        *timeout*, DNS, TLS, reset, closed without answering).
+        *timeout*, DNS, TLS, reset, closed without answering); its ``timed_out`` is True
+        for the timeout, and its ``__cause__`` is the underlying exception
+        (``ConnectionRefusedError``, ``socket.gaierror``, ``ssl.SSLError``, ...).
         *path* may carry a query (``"/stats?format=json"``): *params* are added to it with ``&``.
         Before connecting, a bad *method*, *path*, *params*, *body* or *content_type*
         raises TypeError or :class:`ConfigError` naming it (e.g. a method with CR/LF,
         a non-ASCII path, one not starting with "/" or holding a ``#``, params that are not a
-        mapping or that repeat a parameter of *path*'s query, a str body).
+        mapping or that repeat a parameter of *path*'s query, a str body); a *params* name that is
+        not a str, or a value that is not a str, int, bool or None, is a
+        :class:`~nsq_sync.errors.ConfigTypeError` (a ConfigError and a TypeError).
         """
         method = _check_method(method)
         path_query = _path_and_query(path, params)
@@ -750,13 +764,16 @@ class HTTPClient:
             # (UnicodeError: a name the IDNA codec refuses, from getaddrinfo)
             reason_text = _transport_reason(exc, self._timeout)
             logger.debug("%s %s failed after %.1f ms: %s", method, url, (time.monotonic() - started) * 1000, reason_text)
-            raise HTTPError(0, reason_text, url) from exc
+            raise HTTPError(0, reason_text, url, timed_out=isinstance(exc, (socket.timeout, TimeoutError))) from exc
         finally:
             conn.discard()
 
         logger.debug("%s %s -> %d (%.1f ms, %d bytes)", method, url, status, (time.monotonic() - started) * 1000, len(data))
         if not 200 <= status < 300:
-            raise HTTPError(status, _error_message(data, reason), url)
+            message = _error_message(data, reason)
+            if status == 404 and message == "NOT_FOUND" and path_query.partition("?")[0] in self._own_routes:
+                message += self._wrong_server_hint.format(route=path_query.partition("?")[0])
+            raise HTTPError(status, message, url)
         return HTTPResponse(status, reason, resp_headers, data, url)
 
     def get_json(self, path: str, params: Optional[Params] = None) -> Any:

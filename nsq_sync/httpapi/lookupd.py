@@ -11,14 +11,14 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from ..addresses import check_host
 from ..errors import ConfigError, HTTPError
 from ..protocol.names import check_channel, check_topic
 from .base import AnswerShape, HTTPClient
 
-__all__ = ["LookupdClient"]
+__all__ = ["LookupdClient", "nsqd_http_address"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,34 @@ def _producer_address(entry: object) -> Optional[Tuple[str, int]]:
     return host, port
 
 
+def nsqd_http_address(producer: Mapping[str, Any]) -> str:
+    """``"host:port"`` of the HTTP API of the nsqd of one :meth:`LookupdClient.nodes` or
+    :meth:`LookupdClient.lookup` producer entry: its ``broadcast_address`` and ``http_port``, an
+    IPv6 address in brackets (``"[::1]:4151"``; ``f"{broadcast_address}:{http_port}"`` gives
+    ``"::1:4151"``, which no HTTP client takes).  Ready for :class:`NsqdHTTPClient` and for
+    :meth:`LookupdClient.tombstone_topic`'s *node*.
+
+    Raises TypeError when *producer* is not a mapping, ConfigError naming ``producer`` when it has
+    no usable ``broadcast_address`` (a host name or IP address) and ``http_port`` (an int from 1
+    to 65535).
+    """
+    if not isinstance(producer, Mapping):
+        raise TypeError(f"producer must be a nodes()/lookup() producer entry (a dict), not {type(producer).__name__}")
+    host, port = producer.get("broadcast_address"), producer.get("http_port")
+    if isinstance(host, str) and host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    usable = isinstance(host, str) and bool(host) and not isinstance(port, bool) and isinstance(port, int) and 1 <= port <= 65535
+    if usable:
+        try:
+            check_host("producer", producer, host)  # type: ignore[arg-type]
+        except ConfigError:
+            usable = False
+    if not usable:
+        shown = {key: producer.get(key) for key in ("broadcast_address", "http_port")}
+        raise ConfigError("producer", shown, "needs a broadcast_address (a host name or IP address) and an http_port (an int from 1 to 65535)")
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # type: ignore[operator]
+
+
 def strip_lookup_path(address: object) -> object:
     """pynsq took nsqlookupd addresses as "http://host:4161/lookup": drop that "/lookup" (the
     client adds the route itself), so the same setting works here and in a Reader."""
@@ -89,6 +117,10 @@ class LookupdClient(HTTPClient):
     """
 
     _server = "nsqlookupd"
+    # (nsqd answers these 404 NOT_FOUND: the routes nsqd v1.3.0 lacks)
+    _own_routes = frozenset(("/lookup", "/topics", "/channels", "/nodes", "/topic/tombstone"))
+    _wrong_server_hint = (" (is this nsqd's HTTP port? every nsqlookupd serves {route}; nsqlookupd's HTTP port "
+                          "is 4161 by default, nsqd's 4151)")
 
     def __init__(self, address: str, *args: Any, **kwargs: Any) -> None:
         super().__init__(strip_lookup_path(address), *args, **kwargs)  # type: ignore[arg-type]
@@ -104,7 +136,8 @@ class LookupdClient(HTTPClient):
         message ``TOPIC_NOT_FOUND`` when no nsqd has registered the topic (see :meth:`producers`),
         and with the answer's status when it is not a /lookup answer (not a JSON object,
         ``producers`` missing or not a list, or ``channels`` not a list of strings; ``null`` lists
-        are returned as ``[]``).  The producer entries are returned as nsqlookupd sent them.
+        are returned as ``[]``).  The producer entries are returned as nsqlookupd sent them
+        (:func:`nsqd_http_address` gives one's nsqd HTTP address).
         """
         resp = self.request("GET", "/lookup", {"topic": check_topic(topic)})
         shape = AnswerShape(resp, "nsqlookupd /lookup")
@@ -173,6 +206,7 @@ class LookupdClient(HTTPClient):
         """``GET /nodes``: every active nsqd, as dicts with ``broadcast_address``, ``tcp_port``,
         ``http_port``, ``hostname``, ``remote_address``, ``version``, ``topics`` and
         ``tombstones`` (one bool per topic; tombstoned nodes are included), as nsqlookupd sent them.
+        :func:`nsqd_http_address` gives a node's HTTP address (IPv6 in brackets).
 
         Raises HTTPError, also when the answer is not a JSON object with a ``producers`` list of objects.
         """

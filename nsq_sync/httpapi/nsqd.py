@@ -81,11 +81,13 @@ def _check_defer(defer_ms: object) -> Optional[int]:
     return defer_ms
 
 
-def _check_stats(shape: AnswerShape, data: object) -> Dict[str, Any]:
+def _check_stats(shape: AnswerShape, data: object, include_clients: bool = True) -> Dict[str, Any]:
     """nsqd's /stats answer when it has the documented shape: an object whose ``topics`` (and
     ``producers``, when there) are lists of objects, each topic with a ``topic_name`` string and a
     ``channels`` list of objects, each channel with a ``channel_name`` string and (when there) a
-    ``clients`` list of objects.  nsqd marshals empty Go slices as null: those become ``[]``.
+    ``clients`` list of objects.  nsqd marshals empty Go slices as null: those become ``[]``,
+    except a channel's ``clients`` when they were not asked for (*include_clients* false): nsqd
+    sends null then whoever is connected, so the key is left out rather than made ``[]``.
     Raises :class:`HTTPError` (via *shape*) for anything else."""
     stats = shape.obj(data)
     topics = shape.list_field(stats, "topics")
@@ -101,6 +103,8 @@ def _check_stats(shape: AnswerShape, data: object) -> Dict[str, Any]:
         for j, channel in enumerate(channels):
             at = f"{where}.channels[{j}]"
             shape.str_field(channel, "channel_name", at)
+            if not include_clients and "clients" in channel and channel["clients"] is None:
+                del channel["clients"]  # (not asked for: unknown, not "no clients"; client_count stays)
             clients = shape.optional_list_field(channel, "clients", at)
             if clients is not None:
                 shape.items(clients, f"{at}.clients", dict)
@@ -120,6 +124,13 @@ class NsqdHTTPClient(HTTPClient):
     """
 
     _server = "nsqd"
+    # (nsqlookupd answers these 404 NOT_FOUND: the routes nsqlookupd v1.3.0 lacks)
+    _own_routes = frozenset((
+        "/stats", "/pub", "/mpub", "/topic/empty", "/topic/pause", "/topic/unpause",
+        "/channel/empty", "/channel/pause", "/channel/unpause",
+    ))
+    _wrong_server_hint = (" (is this nsqlookupd's HTTP port? every nsqd serves {route}; nsqd's HTTP port is 4151 "
+                          "by default, nsqlookupd's 4161)")
 
     # ping() and info() come from HTTPClient: nsqd answers /ping with the text "OK"
     # (500 and its health text such as "NOK - ..." when unhealthy).
@@ -136,6 +147,8 @@ class NsqdHTTPClient(HTTPClient):
         Returns nsqd's dict (``version``, ``health``, ``start_time``, ``topics``,
         ``producers`` and ``memory`` unless *include_mem* is false); ``topics``,
         ``producers`` and each ``channels``/``clients`` list are lists, never None.
+        With *include_clients* false nsqd does not list the clients, so the channels have no
+        ``clients`` key (``client_count`` is still there).
         An unknown topic gives ``topics == []``, not an error.
 
         Raises ConfigError/TypeError for a bad topic/channel name, HTTPError on failure, also when
@@ -157,12 +170,12 @@ class NsqdHTTPClient(HTTPClient):
         params["include_mem"] = bool(include_mem)
         resp = self.request("GET", "/stats", params)
         shape = AnswerShape(resp, "nsqd /stats")
-        return shape, _check_stats(shape, resp.json())
+        return shape, _check_stats(shape, resp.json(), bool(include_clients))
 
-    def _topic_entry(self, topic: str) -> Tuple[AnswerShape, str, Optional[Dict[str, Any]]]:
+    def _topic_entry(self, topic: str, include_clients: bool) -> Tuple[AnswerShape, str, Optional[Dict[str, Any]]]:
         """(the answer's checks, the entry's field name such as ``"topics[0]"``, the entry or None)."""
         topic = check_topic(topic)
-        shape, data = self._stats(topic, None, False, False)
+        shape, data = self._stats(topic, None, include_clients, False)
         for i, entry in enumerate(data["topics"]):
             if entry["topic_name"] == topic:
                 return shape, f"topics[{i}]", entry
@@ -182,11 +195,12 @@ class NsqdHTTPClient(HTTPClient):
 
     def topic_stats(self, topic: str) -> Optional[Dict[str, Any]]:
         """The stats dict of *topic* (``depth``, ``backend_depth``, ``message_count``, ``paused``,
-        ``channels``, ...) or None when nsqd does not have the topic.
+        ``channels``, ...) or None when nsqd does not have the topic.  Each channel's dict is as
+        :meth:`channel_stats` gives it, with its ``clients`` list.
 
         Raises ConfigError/TypeError for a bad name, HTTPError on failure (as :meth:`stats`).
         """
-        return self._topic_entry(topic)[2]
+        return self._topic_entry(topic, True)[2]
 
     def topic_depth(self, topic: str) -> int:
         """Messages waiting in *topic* itself (memory + disk; nsqd's ``depth`` already includes
@@ -196,7 +210,7 @@ class NsqdHTTPClient(HTTPClient):
         use :meth:`channel_depth` then.  Raises ConfigError/TypeError, HTTPError (as :meth:`stats`,
         and when the topic's ``depth`` is not an integer >= 0).
         """
-        shape, where, entry = self._topic_entry(topic)
+        shape, where, entry = self._topic_entry(topic, False)
         return shape.count_field(entry, "depth", where) if entry is not None else 0
 
     def channel_stats(self, topic: str, channel: str) -> Optional[Dict[str, Any]]:

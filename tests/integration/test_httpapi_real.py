@@ -7,7 +7,7 @@ import ssl
 import pytest
 
 from nsq_sync.errors import ConfigError, HTTPError
-from nsq_sync.httpapi import LookupdClient, NsqdHTTPClient
+from nsq_sync.httpapi import LookupdClient, NsqdHTTPClient, nsqd_http_address
 from nsq_sync.pytest_plugin import started
 from nsq_sync.testing import NsqdProcess, wait_until
 
@@ -106,6 +106,28 @@ def test_pub_mpub_and_depth(nsqd):
     for key in ("depth", "in_flight_count", "deferred_count", "requeue_count", "timeout_count", "client_count"):
         assert key in channel
     assert channel["clients"] == []
+
+
+def test_topic_stats_lists_the_channels_consumers(nsqd):
+    # topic_stats() gave "clients": [] for a channel with a consumer (it asked for no clients)
+    import nsq_sync
+
+    client = NsqdHTTPClient(nsqd.http_address)
+    client.create_topic("cl")
+    client.create_channel("cl", "c")
+    reader = nsq_sync.Reader(topic="cl", channel="c", nsqd_tcp_addresses=[nsqd.tcp_address],
+                             message_handler=lambda message: None)
+    reader.start()
+    try:
+        wait_until(lambda: client.channel_stats("cl", "c")["client_count"] == 1, timeout=10, message="consumer connected")
+        (channel,) = client.topic_stats("cl")["channels"]
+        assert channel["client_count"] == 1
+        assert len(channel["clients"]) == 1
+        assert len(client.channel_stats("cl", "c")["clients"]) == 1
+        (unlisted,) = client.stats(topic="cl", include_clients=False)["topics"][0]["channels"]
+        assert unlisted["client_count"] == 1 and "clients" not in unlisted
+    finally:
+        reader.close()
 
 
 @pytest.mark.parametrize("accept", [None, "*/*"], ids=["v1-accept", "any-accept"])
@@ -375,6 +397,12 @@ def test_lookupd_tombstones_an_nsqd_with_an_ipv6_broadcast_address(nsqlookupd, s
         nodes = {n["tcp_port"]: n for n in lookupd.nodes()}
         assert (nodes[v6.tcp_port]["broadcast_address"], nodes[v6.tcp_port]["tombstones"]) == ("::1", [True])
         assert nodes[v4.tcp_port]["tombstones"] == [False]
+        # each node's nsqd HTTP address, as NsqdHTTPClient and tombstone_topic take it
+        assert nsqd_http_address(nodes[v6.tcp_port]) == f"[::1]:{v6.http_port}"
+        assert NsqdHTTPClient(nsqd_http_address(nodes[v6.tcp_port])).address == f"[::1]:{v6.http_port}"
+        assert NsqdHTTPClient(nsqd_http_address(nodes[v4.tcp_port])).ping()
+        lookupd.tombstone_topic("v6", nsqd_http_address(nodes[v4.tcp_port]))
+        assert lookupd.producers("v6") == []
 
 
 def test_lookupd_admin_without_producers(nsqlookupd):
@@ -421,6 +449,29 @@ def test_connection_refused_after_stop(nsqd, nsqlookupd):
         assert info.value.status == 0
         assert "refused" in info.value.message
         assert isinstance(info.value.__cause__, ConnectionRefusedError)
+        assert info.value.timed_out is False
+
+
+def test_a_hung_nsqd_is_told_from_a_down_one(nsqd):
+    # both were HTTPError status 0; only the message text differed
+    import os
+    import signal
+
+    client = NsqdHTTPClient(nsqd.http_address, timeout=0.5)
+    assert client.ping()
+    os.kill(nsqd.pid, signal.SIGSTOP)  # hung: the kernel accepts the connection, nothing answers
+    try:
+        with pytest.raises(HTTPError) as info:
+            client.stats()
+    finally:
+        os.kill(nsqd.pid, signal.SIGCONT)
+    assert (info.value.status, info.value.timed_out) == (0, True)
+    assert client.ping()
+    nsqd.stop()  # down
+    with pytest.raises(HTTPError) as info:
+        client.stats()
+    assert (info.value.status, info.value.timed_out) == (0, False)
+    assert isinstance(info.value.__cause__, ConnectionRefusedError)
 
 
 @pytest.mark.parametrize("which", ["nsqd", "nsqlookupd"])
@@ -433,3 +484,19 @@ def test_an_http_client_given_a_tcp_port_says_it_may_not_be_an_http_port(which, 
             client.ping()
         assert info.value.status == 0
         assert "is this an HTTP port?" in info.value.message, info.value.message
+
+
+def test_a_client_given_the_other_daemons_http_port_says_so(nsqd, nsqlookupd):
+    # LookupdClient at nsqd's HTTP port (or NsqdHTTPClient at nsqlookupd's) said only "HTTP 404: NOT_FOUND"
+    lookupd_at_nsqd = LookupdClient(nsqd.http_address)
+    nsqd_at_lookupd = NsqdHTTPClient(nsqlookupd.http_address)
+    for call in (lookupd_at_nsqd.topics, lambda: lookupd_at_nsqd.producers("t"), lookupd_at_nsqd.nodes):
+        with pytest.raises(HTTPError) as info:
+            call()
+        assert info.value.status == 404
+        assert info.value.message.startswith("NOT_FOUND (is this nsqd's HTTP port?"), info.value.message
+    for call in (nsqd_at_lookupd.stats, lambda: nsqd_at_lookupd.topic_stats("t"), lambda: nsqd_at_lookupd.pub("t", b"x")):
+        with pytest.raises(HTTPError) as info:
+            call()
+        assert info.value.status == 404
+        assert info.value.message.startswith("NOT_FOUND (is this nsqlookupd's HTTP port?"), info.value.message

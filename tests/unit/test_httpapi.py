@@ -444,6 +444,57 @@ def test_unknown_route_404(server):
     assert (info.value.status, info.value.message) == (404, "NOT_FOUND")
 
 
+def test_a_404_not_found_for_a_route_the_other_daemon_serves_hints_at_the_wrong_port(server):
+    # a bare "HTTP 404: NOT_FOUND" did not say that the address was the other daemon's
+    nsqd, lookupd = NsqdHTTPClient(server.address), LookupdClient(server.address)
+    for call, route in ((lookupd.topics, "/topics"), (lambda: lookupd.lookup("t"), "/lookup"),
+                        (lambda: lookupd.producers("t"), "/lookup"), (lookupd.nodes, "/nodes")):
+        with pytest.raises(HTTPError) as info:
+            call()
+        assert info.value.status == 404
+        assert info.value.message == (f"NOT_FOUND (is this nsqd's HTTP port? every nsqlookupd serves {route}; "
+                                      f"nsqlookupd's HTTP port is 4161 by default, nsqd's 4151)")
+    for call, route in ((nsqd.stats, "/stats"), (lambda: nsqd.pub("t", b"x"), "/pub"),
+                        (lambda: nsqd.get_json("/stats?format=json"), "/stats"), (lambda: nsqd.empty_channel("t", "c"), "/channel/empty")):
+        with pytest.raises(HTTPError) as info:
+            call()
+        assert info.value.message == (f"NOT_FOUND (is this nsqlookupd's HTTP port? every nsqd serves {route}; "
+                                      f"nsqd's HTTP port is 4151 by default, nsqlookupd's 4161)")
+    # not certain, so no hint: a route both serve, another message, the generic client
+    server.route("GET", "/lookup", json_reply({"message": "TOPIC_NOT_FOUND"}, 404))
+    server.route("GET", "/topics", json_reply({"message": "NOT_FOUND"}, 500))
+    for call, message in ((lambda: nsqd.create_topic("t"), "NOT_FOUND"), (lambda: lookupd.lookup("t"), "TOPIC_NOT_FOUND"),
+                          (lookupd.topics, "NOT_FOUND"), (lambda: HTTPClient(server.address).get_json("/stats"), "NOT_FOUND")):
+        with pytest.raises(HTTPError) as info:
+            call()
+        assert info.value.message == message
+
+
+def test_nsqd_http_address_of_a_nodes_entry_brackets_ipv6(server):
+    # f"{broadcast_address}:{http_port}" gave "::1:4151" for an IPv6 nsqd, which NsqdHTTPClient refuses
+    from nsq_sync.httpapi import nsqd_http_address
+
+    entries = [{"broadcast_address": "::1", "http_port": 4151, "tcp_port": 4150},
+               {"broadcast_address": "nsqd-2.example", "http_port": 4251},
+               {"broadcast_address": "10.0.0.3", "http_port": 4151},
+               {"broadcast_address": "[fe80::1]", "http_port": 1}]
+    server.route("GET", "/nodes", json_reply({"producers": entries}))
+    addresses = [nsqd_http_address(node) for node in LookupdClient(server.address).nodes()]
+    assert addresses == ["[::1]:4151", "nsqd-2.example:4251", "10.0.0.3:4151", "[fe80::1]:1"]
+    assert [NsqdHTTPClient(a).host for a in addresses] == ["::1", "nsqd-2.example", "10.0.0.3", "fe80::1"]
+    with pytest.raises(ConfigError):
+        NsqdHTTPClient(f"{entries[0]['broadcast_address']}:{entries[0]['http_port']}")
+    for bad in ({}, {"broadcast_address": "::1"}, {"broadcast_address": "h", "http_port": "4151"},
+                {"broadcast_address": "h", "http_port": True}, {"broadcast_address": "h", "http_port": 0},
+                {"broadcast_address": "", "http_port": 1}, {"broadcast_address": "a b", "http_port": 1},
+                {"broadcast_address": "1:2:x", "http_port": 1}):
+        with pytest.raises(ConfigError) as info:
+            nsqd_http_address(bad)
+        assert info.value.param == "producer"
+    with pytest.raises(TypeError):
+        nsqd_http_address("::1:4151")
+
+
 def test_invalid_json_on_success(server):
     server.route("GET", "/info", text_reply("<html>", 200))
     with pytest.raises(HTTPError) as info:
@@ -471,6 +522,7 @@ def test_connection_refused_is_http_error_zero():
     assert "refused" in err.message
     assert err.url == f"http://127.0.0.1:{port}/ping"
     assert isinstance(err.__cause__, ConnectionRefusedError)
+    assert err.timed_out is False
 
 
 def test_timeout_is_http_error_zero():
@@ -487,8 +539,21 @@ def test_timeout_is_http_error_zero():
         assert info.value.status == 0
         assert "timed out" in info.value.message
         assert isinstance(info.value.__cause__, (socket.timeout, TimeoutError))
+        # a hung server is told from a down one without parsing the message
+        assert info.value.timed_out is True
     finally:
         silent.close()
+
+
+def test_http_error_timed_out_attribute_defaults_and_pickles():
+    import pickle
+
+    assert HTTPError(404, "TOPIC_NOT_FOUND", "http://h:1/x").timed_out is False
+    assert HTTPError(0, "connection refused").timed_out is False  # (the old 2- and 3-argument forms)
+    err = HTTPError(0, "timed out after 1s", "http://h:1/ping", timed_out=True)
+    assert str(err) == "timed out after 1s (http://h:1/ping)"
+    copy = pickle.loads(pickle.dumps(err))
+    assert (copy.status, copy.message, copy.url, copy.timed_out) == (0, "timed out after 1s", "http://h:1/ping", True)
 
 
 @pytest.fixture
@@ -744,7 +809,8 @@ def test_stats_params_and_null_lists(server):
     c = NsqdHTTPClient(server.address)
     stats = c.stats(topic="t", channel="c", include_clients=False)
     assert stats["producers"] == []
-    assert stats["topics"][0]["channels"][0]["clients"] == []
+    # not asked for: nsqd's null means "not listed", not "no clients", so no "clients" key
+    assert "clients" not in stats["topics"][0]["channels"][0]
     rec = server.requests[0]
     assert rec.param("format") == "json"
     assert rec.param("topic") == "t"
@@ -758,6 +824,27 @@ def test_stats_params_and_null_lists(server):
     assert c.topic_stats("other") is None
     assert c.topic_depth("other") == 0
     assert server.requests[1].param("include_clients") == "false"
+
+
+def test_topic_stats_asks_for_the_clients_it_returns(server):
+    # topic_stats() asked nsqd for no clients and turned the null it got into "clients": []
+    def answer(rec):
+        listed = rec.param("include_clients") == "true"
+        channel = {"channel_name": "c", "depth": 0, "client_count": 1,
+                   "clients": [{"client_id": "x"}] if listed else None}
+        return json_reply({"topics": [{"topic_name": "t", "depth": 0, "channels": [channel]}]})
+
+    server.route("GET", "/stats", answer)
+    c = NsqdHTTPClient(server.address)
+    assert c.topic_stats("t")["channels"][0]["clients"] == [{"client_id": "x"}]
+    assert server.requests[-1].param("include_clients") == "true"
+    assert c.channel_stats("t", "c")["clients"] == [{"client_id": "x"}]
+    assert "clients" not in c.stats(include_clients=False)["topics"][0]["channels"][0]
+    assert c.stats()["topics"][0]["channels"][0]["clients"] == [{"client_id": "x"}]
+    # a client listed although not asked for is kept
+    server.route("GET", "/stats", json_reply({"topics": [{"topic_name": "t", "channels": [
+        {"channel_name": "c", "clients": [{"client_id": "y"}]}]}]}))
+    assert c.stats(include_clients=False)["topics"][0]["channels"][0]["clients"] == [{"client_id": "y"}]
 
 
 def test_stats_without_filters_sends_no_topic(server):
@@ -1071,6 +1158,34 @@ def test_params_are_added_to_a_query_in_the_path(server):
     with pytest.raises(HTTPError) as info:
         c.get_json("/nope?a=1", {"b": True})
     assert info.value.url == f"http://{server.address}/nope?a=1&b=true"
+
+
+@pytest.mark.parametrize("params, param, value", [
+    ({"topic": ["a", "b"]}, "params['topic']", ["a", "b"]),  # was sent as topic=%5B%27a%27...: its repr
+    ({"defer": 1.5}, "params['defer']", 1.5),
+    ({"topic": b"t"}, "params['topic']", b"t"),  # was topic=b%27t%27
+    ({"topic": ("a",)}, "params['topic']", ("a",)),
+    ({1: "a"}, "params", 1),  # a name that is not str was sent as "1"
+    ({b"topic": "a"}, "params", b"topic"),
+])
+def test_a_param_of_the_wrong_type_is_refused_before_sending(server, params, param, value):
+    from nsq_sync.errors import ConfigTypeError
+
+    c = HTTPClient(server.address)
+    for call in (lambda: c.url_for("/stats", params), lambda: c.get_json("/stats", params),
+                 lambda: c.post("/pub", params, b"x"), lambda: c.request("GET", "/stats", params)):
+        with pytest.raises(ConfigTypeError) as info:
+            call()
+        assert isinstance(info.value, TypeError) and isinstance(info.value, ConfigError)
+        assert (info.value.param, info.value.value) == (param, value)
+    assert server.requests == []
+    # what the type allows: str, int (not a float), bool, None (left out); an IntEnum is an int
+    import enum
+
+    class Level(enum.IntEnum):
+        HIGH = 3
+
+    assert c.url_for("/x", {"a": "s", "b": 7, "c": False, "d": None, "e": Level.HIGH}) == f"http://{server.address}/x?a=s&b=7&c=false&e=3"
 
 
 @pytest.mark.parametrize("path, params, twice", [
