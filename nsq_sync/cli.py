@@ -9,8 +9,11 @@ its connection's handshake (the AUTH secret, or TLS: an untrusted certificate, T
 missing) or answered it with something other than NSQ's protocol (an address that is not nsqd's
 TCP port, such as its HTTP port), which retrying with the same settings will not fix; 130 interrupted (Ctrl-C, or
 SIGTERM/SIGHUP during ``demo``, which stops its brokers first, or ``pub``, which closes its
-Writer first). ``worker``,
-``tail`` and ``cluster`` treat SIGINT and SIGTERM as the normal way to stop and exit 0.
+Writer first, or ``tail -n N`` before N messages were printed). ``worker``,
+``tail`` (without ``-n``, or once N were printed) and ``cluster`` treat SIGINT and SIGTERM as the
+normal way to stop and exit 0. ``tail --timeout``: fewer than N messages in time is 1 (3 when not
+subscribed to any nsqd by then); without ``-n``, a stop (0). tail's backlog check that cannot be
+made because a broker is down or hung is 3, for a reason the command line must fix 2.
 
 When the reader of stdout or stderr leaves (EPIPE: ``| head -1``), a command stops, cleans up
 and exits without a word: 0 for ``tail`` and ``cluster``, which run until stopped and for which
@@ -799,12 +802,18 @@ def cmd_pub(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _backlog_request_timeout(deadline: float, what: str, unchecked: List[str]) -> Optional[float]:
+#: what tail's backlog check could not ask: (what and why, whether it is down or hung, whether
+#: the address was guessed)
+_Unchecked = List[Tuple[str, bool, bool]]
+
+
+def _backlog_request_timeout(deadline: float, what: str, unchecked: _Unchecked, guess: bool = False) -> Optional[float]:
     """The timeout of the backlog check's next request to *what*, or None (noted in
-    *unchecked*) when the check's BACKLOG_CHECK_TIMEOUT is over."""
+    *unchecked*: brokers that do not answer used the time up) when the check's
+    BACKLOG_CHECK_TIMEOUT is over."""
     remaining = deadline - time.monotonic()
     if remaining <= 0:
-        unchecked.append(f"{what}: not asked, the check's {BACKLOG_CHECK_TIMEOUT:g}s were over")
+        unchecked.append((f"{what}: not asked, the check's {BACKLOG_CHECK_TIMEOUT:g}s were over", True, guess))
         return None
     return min(BACKLOG_CHECK_REQUEST_TIMEOUT, remaining)
 
@@ -819,8 +828,25 @@ def _failure_reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+#: the starts of an HTTPError's message (status 0: no answer) for a server that is down, hung or
+#: not found by name: nothing the command line can fix, try again later (exit 3). The other
+#: failures without an answer (TLS, a port that closes HTTP requests unanswered: a TCP port
+#: given for the HTTP one) are the address's or the settings' (exit 4).
+_UNREACHABLE = ("timed out", "connection refused", "could not resolve host")
+
+
+def _http_failure_kind(exc: BaseException) -> str:
+    """"unavailable" (exit 3), "refused" (exit 4) or "failed" (exit 1) for an HTTP request
+    that raised *exc*."""
+    from .errors import HTTPError
+
+    if isinstance(exc, HTTPError) and exc.status == 0:
+        return "unavailable" if exc.message.startswith(_UNREACHABLE) else "refused"
+    return "failed"
+
+
 def _nsqd_http_targets(args: argparse.Namespace, addresses: Dict[str, Any], deadline: float,
-                       unchecked: List[str]) -> List[Tuple[str, Optional[str]]]:
+                       unchecked: _Unchecked) -> List[Tuple[str, Optional[str]]]:
     """The nsqd HTTP addresses tail's backlog check asks, each with the --nsqd-tcp-address it
     was guessed from (None for an address known: given, or listed by nsqlookupd): every nsqd
     nsqlookupd lists for the topic (its broadcast address and real HTTP port), and
@@ -848,10 +874,10 @@ def _nsqd_http_targets(args: argparse.Namespace, addresses: Dict[str, Any], dead
             answer = LookupdClient(address, timeout=timeout).lookup(args.topic)
         except HTTPError as exc:
             if exc.status != 404 or exc.message != "TOPIC_NOT_FOUND":
-                unchecked.append(f"nsqlookupd {address}: {_failure_reason(exc)}")
+                unchecked.append((f"nsqlookupd {address}: {_failure_reason(exc)}", _http_failure_kind(exc) == "unavailable", False))
             continue  # (TOPIC_NOT_FOUND: no nsqd has registered the topic, so none holds a backlog of it)
         except Error as exc:
-            unchecked.append(f"nsqlookupd {address}: {_failure_reason(exc)}")
+            unchecked.append((f"nsqlookupd {address}: {_failure_reason(exc)}", False, False))
             continue
         for producer in answer["producers"]:
             host = producer.get("broadcast_address") if isinstance(producer, dict) else None
@@ -862,7 +888,7 @@ def _nsqd_http_targets(args: argparse.Namespace, addresses: Dict[str, Any], dead
                 if isinstance(tcp_port, int) and not isinstance(tcp_port, bool):
                     listed.add(join(host, tcp_port))
             else:
-                unchecked.append(f"nsqlookupd {address}: a producer without a usable broadcast_address and http_port")
+                unchecked.append((f"nsqlookupd {address}: a producer without a usable broadcast_address and http_port", False, False))
     given = [address for value in getattr(args, "nsqd_http_address", None) or [] for address in value]
     for address in given:
         add(address)
@@ -874,7 +900,7 @@ def _nsqd_http_targets(args: argparse.Namespace, addresses: Dict[str, Any], dead
             if int(port) < 65535:
                 add(f"{host}:{int(port) + 1}", address)
             else:
-                unchecked.append(f"nsqd {address}: no HTTP port to guess (TCP port + 1)")
+                unchecked.append((f"nsqd {address}: no HTTP port to guess (TCP port + 1)", False, True))
     return list(targets.items())
 
 
@@ -897,34 +923,40 @@ def _check_backlog(args: argparse.Namespace, addresses: Dict[str, Any]) -> None:
     """Refuse (exit 2) to subscribe tail's ephemeral channel where the topic has no channel
     but holds messages: as the topic's first channel it would take that backlog, and nsqd
     deletes an ephemeral channel, with every message in it, when its last client leaves.
-    A check that cannot be made (an HTTP API not reachable, or not found: nsqd's HTTP port is
-    not its TCP port + 1) is refused too: going on would lose such a backlog all the same.
+    A check that cannot be made is refused too, as going on would lose such a backlog all the
+    same: exit 3 (Unavailable) when every HTTP API it could not ask is down or hung, exit 2
+    when the command line has to change (no HTTP API at a guessed port, or one that is not
+    nsqd's or nsqlookupd's).
     At most BACKLOG_CHECK_TIMEOUT seconds in all."""
     from .errors import Error
     from .httpapi import NsqdHTTPClient
 
     deadline = time.monotonic() + BACKLOG_CHECK_TIMEOUT
-    unchecked: List[str] = []
+    unchecked: _Unchecked = []
     backlog: List[str] = []
     for address, guessed_from in _nsqd_http_targets(args, addresses, deadline, unchecked):
         what = f"nsqd HTTP {address}, guessed as TCP port + 1 of {guessed_from}" if guessed_from else f"nsqd HTTP {address}"
-        timeout = _backlog_request_timeout(deadline, what, unchecked)
+        guess = guessed_from is not None
+        timeout = _backlog_request_timeout(deadline, what, unchecked, guess)
         if timeout is None:
             continue
         try:
             if guessed_from:
                 wrong = _guess_is_wrong(NsqdHTTPClient(address, timeout=timeout), guessed_from)
                 if wrong is not None:
-                    unchecked.append(f"{what}: {wrong}")
+                    unchecked.append((f"{what}: {wrong}", False, True))
                     continue
-                timeout = _backlog_request_timeout(deadline, what, unchecked)
+                timeout = _backlog_request_timeout(deadline, what, unchecked, guess)
                 if timeout is None:
                     continue
             stats = NsqdHTTPClient(address, timeout=timeout).topic_stats(args.topic)  # (its shape checked: HTTPError)
             depth = int(stats.get("depth") or 0) if stats else 0
             channels = len(stats["channels"]) if stats else 0
         except (Error, TypeError, ValueError) as exc:  # (TypeError, ValueError: a depth that is no number)
-            unchecked.append(f"{what}: {_failure_reason(exc)}")
+            # Down or hung (exit 3, try again later), but nothing listening at a guessed port is
+            # the guess's fault: the command line has to name nsqd's HTTP API (exit 2).
+            down = _http_failure_kind(exc) == "unavailable" and not (guess and "connection refused" in str(exc))
+            unchecked.append((f"{what}: {_failure_reason(exc)}", down, guess))
             continue
         logger.info("backlog check: topic %s on nsqd HTTP %s: %s", args.topic, address,
                     f"{channels} channel(s), depth {depth}" if stats else "not there yet")
@@ -938,13 +970,21 @@ def _check_backlog(args: argparse.Namespace, addresses: Dict[str, Any]) -> None:
             "stays, or --take-backlog to go ahead anyway"
         )
     if unchecked:
-        shown = "; ".join(unchecked[:3]) + (f"; and {len(unchecked) - 3} more" if len(unchecked) > 3 else "")
-        raise UsageError(
-            f"could not check whether topic {args.topic!r} holds messages that no channel has taken yet ({shown}); "
-            "tail's own channel (ephemeral) would take them and lose them when tail exits. Give --nsqd-http-address "
-            "HOST:PORT (nsqd's HTTP API) or --lookupd-http-address HOST:PORT so that tail can check, --channel NAME "
-            "to read through a channel that stays, or --take-backlog to go ahead anyway"
-        )
+        texts = [text for text, _, _ in unchecked]
+        shown = "; ".join(texts[:3]) + (f"; and {len(texts) - 3} more" if len(texts) > 3 else "")
+        what = f"could not check whether topic {args.topic!r} holds messages that no channel has taken yet ({shown})"
+        risk = "tail's own channel (ephemeral) would take them and lose them when tail exits"
+        ways_on = "--channel NAME to read through a channel that stays, or --take-backlog to go ahead anyway"
+        if all(down for _, down, _ in unchecked):
+            # Down or hung brokers, not the command line: exit 3, as pub's for the same nsqd;
+            # nothing was subscribed, so trying again later loses nothing.
+            raise Unavailable(f"{what}; nothing was consumed: {risk}. Try again once it answers, or give {ways_on}")
+        if any(guess for _, down, guess in unchecked if not down):
+            fix = ("Give --nsqd-http-address HOST:PORT (nsqd's HTTP API) or --lookupd-http-address HOST:PORT so that "
+                   "tail can check")
+        else:
+            fix = "Check that --nsqd-http-address and --lookupd-http-address name nsqd's and nsqlookupd's HTTP APIs"
+        raise UsageError(f"{what}; {risk}. {fix}, {ways_on}")
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
@@ -956,6 +996,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
     # Random, not the pid: in containers every tail may be PID 1, and two tails sharing a
     # channel would each print half of the messages.
     channel = args.channel or f"tail-{secrets.token_hex(6)}#ephemeral"
+    deadline = time.monotonic() + args.timeout if args.timeout is not None else None  # (the backlog check's time included)
     remaining = [args.n] if args.n else None
     # Never more in flight than tail still has to print: what it does not print goes back
     # with one more attempt (nsqd counts every delivery).
@@ -968,6 +1009,8 @@ def cmd_tail(args: argparse.Namespace) -> int:
     turn = threading.Condition(lock)
     writing: List[Any] = []  # the message whose line is being written (at most one); under lock
     write_errors: List[OSError] = []
+    printed = [0]  # lines written whole
+    stopped_by: List[str] = []  # "signal" or "timeout", when one of them ended the wait
 
     def hold(value: int) -> None:
         """Lower the Reader's max_in_flight to *value* (0: RDY 0 on every connection); under *lock*."""
@@ -1010,6 +1053,8 @@ def cmd_tail(args: argparse.Namespace) -> int:
             turn.notify()
             if message.has_responded():
                 return None  # given back by the stop, which did not wait for this write to end
+            if error is None:
+                printed[0] += 1
             if error is not None:
                 # The reading end of the pipe closed (`| head -1`): stop quietly, as cat does; any
                 # other error (a full disk) stops with exit 1. The message goes back to nsqd (it
@@ -1065,13 +1110,18 @@ def cmd_tail(args: argparse.Namespace) -> int:
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for signum in _STOP_SIGNALS:
-            previous[signum] = signal.signal(signum, lambda *_: done.set())
+            previous[signum] = signal.signal(signum, lambda *_: (stopped_by.append("signal"), done.set()))
     reader.start()
     output_gone = _pipe_reader_gone(sys.stdout)
+    connected = False  # subscribed to some nsqd when the wait ended
     try:
-        while not done.wait(0.2):
+        while not done.wait(0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic()))):
             if output_gone():
                 break  # (`| head -1`: head left while no message came to notice it)
+            if deadline is not None and time.monotonic() >= deadline:
+                stopped_by.append("timeout")
+                break
+        connected = bool(reader.conns)
     finally:
         # The usual handlers first: a second Ctrl-C interrupts a drain that waits on a hung nsqd.
         for signum, handler_ in previous.items():
@@ -1085,6 +1135,16 @@ def cmd_tail(args: argparse.Namespace) -> int:
     if write_errors:
         error = write_errors[0]
         raise Failed(f"write error: {error.strerror or error}")
+    if args.n is not None and printed[0] < args.n and not output.broken and stopped_by:
+        # -n N promised N lines: a stop before them is not a success (a CI smoke test
+        # "pub, then tail -n 1" must not pass with nothing printed)
+        count = f"printed {printed[0]} of {args.n} message(s) of {args.topic}"
+        if stopped_by[0] == "signal":
+            raise KeyboardInterrupt(count)
+        if not connected:
+            raise Unavailable(f"not subscribed to any nsqd after {args.timeout:g}s (--timeout): none reachable, "
+                              f"or none has the topic for nsqlookupd; {count}")
+        raise Failed(f"timed out after {args.timeout:g}s (--timeout): {count}")
     return EXIT_OK
 
 
@@ -1327,6 +1387,9 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("-n", type=_positive_int, default=None,
                       help="exit after N messages (by default, run until stopped); on a channel that stays, the way to take "
                            "the first N: | head -N loses the lines it leaves in the pipe")
+    tail.add_argument("--timeout", type=_seconds(0.001, MAX_TIMEOUT), default=None,
+                      help="stop after this many seconds; with -n N, fewer than N messages by then is exit 1 (exit 3 if not "
+                           "subscribed to any nsqd), without -n a stop (exit 0); by default, no limit")
     tail.add_argument("--max-in-flight", type=_int_range(1, MAX_IN_FLIGHT), default=200, help="messages nsqd may send before tail answers")
     tail.add_argument("--lookupd-poll-interval", type=_seconds(0.001, MAX_TIMEOUT), default=5.0, help="how often to ask nsqlookupd for the topic's nsqd")
     tail.add_argument("--take-backlog", action="store_true",

@@ -762,6 +762,73 @@ def test_two_tails_get_channels_of_their_own_even_with_the_same_pid(nsqd: NsqdPr
             assert sorted(tail.stdout()) == sorted("m%d" % i for i in range(total)), tail.output()
 
 
+def wait_subscribed(nsqd: NsqdProcess, topic: str, channel: str, tail: "CliProcess") -> None:
+    def subscribed() -> bool:
+        stats = nsqd.channel_stats(topic, channel)
+        return bool(stats and stats["client_count"] >= 1) or tail.proc.poll() is not None
+
+    wait_until(subscribed, timeout=20, message=f"tail subscribed to {topic}/{channel}")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_tail_n_stopped_before_n_messages_exits_130(signum: int, nsqd: NsqdProcess, env: Dict[str, str], backend: str) -> None:
+    """tail -n 3 gets one message, then a signal (a CI job's timeout, Ctrl-C): it did not print
+    what -n promised, so it exits 130 (interrupted, as pub does) saying how many it printed.
+    Before, it exited 0: "pub, then tail -n 1" smoke tests passed with nothing received.
+    Without -n a signal is still the normal stop: exit 0."""
+    topic, channel = "cli_tail_n_stopped", "ci"
+    nsqd.create_channel(topic, channel)
+    with CliProcess.nsq_sync("tail", "--topic", topic, "--channel", channel, "--nsqd-tcp-address", nsqd.tcp_address,
+                             "-n", "3", "--backend", backend, env=env) as tail:
+        wait_subscribed(nsqd, topic, channel, tail)
+        nsqd.publish(topic, b"only")
+        tail.wait_for_line(lambda line: line == "only")
+        tail.signal(signum)
+        assert tail.wait(30) == EXIT_INTERRUPTED, tail.output()
+        assert tail.stdout() == ["only"], tail.output()
+        assert tail.stderr() == [f"nsq-sync: interrupted: printed 1 of 3 message(s) of {topic}"], tail.output()
+    with CliProcess.nsq_sync("tail", "--topic", topic, "--channel", channel, "--nsqd-tcp-address", nsqd.tcp_address,
+                             "--backend", backend, env=env) as tail:
+        wait_subscribed(nsqd, topic, channel, tail)
+        tail.signal(signum)
+        assert tail.wait(30) == EXIT_OK, tail.output()
+
+
+def test_tail_timeout(nsqd: NsqdProcess, env: Dict[str, str], backend: str) -> None:
+    """--timeout: -n 2 with one message there is exit 1 once the time is over, saying how many
+    were printed; not subscribed to any nsqd by then (nothing listens) is exit 3; -n reached in
+    time is exit 0 at once; without -n, the timeout is a stop (exit 0). Before, there was no
+    --timeout (exit 2), and a smoke test could only wait for ever."""
+    topic, channel = "cli_tail_timeout", "ci"
+    nsqd.create_channel(topic, channel)
+    nsqd.publish(topic, b"one")
+    tail = run_cli("tail", "--topic", topic, "--channel", channel, "--nsqd-tcp-address", nsqd.tcp_address,
+                   "-n", "2", "--timeout", "2", "--backend", backend, env=env)
+    assert tail.returncode == EXIT_FAILED, describe(tail)
+    assert tail.stdout == "one\n", describe(tail)
+    assert tail.stderr == f"nsq-sync: failed: timed out after 2s (--timeout): printed 1 of 2 message(s) of {topic}\n", describe(tail)
+    stats = settled_channel(nsqd, topic, channel)
+    assert stats["depth"] == 0, stats  # (the one printed was finished)
+
+    nowhere = f"127.0.0.1:{free_port()}"
+    tail = run_cli("tail", "--topic", topic, "--channel", channel, "--nsqd-tcp-address", nowhere,
+                   "-n", "1", "--timeout", "1", "--backend", backend, env=env)
+    assert tail.returncode == EXIT_UNAVAILABLE, describe(tail)
+    assert tail.stderr.splitlines()[-1] == (f"nsq-sync: unavailable: not subscribed to any nsqd after 1s (--timeout): none reachable, "
+                                            f"or none has the topic for nsqlookupd; printed 0 of 1 message(s) of {topic}"), describe(tail)
+
+    nsqd.publish(topic, b"two")
+    started = time.monotonic()
+    tail = run_cli("tail", "--topic", topic, "--channel", channel, "--nsqd-tcp-address", nsqd.tcp_address,
+                   "-n", "1", "--timeout", "60", "--backend", backend, env=env)
+    assert tail.returncode == EXIT_OK and tail.stdout == "two\n", describe(tail)
+    assert time.monotonic() - started < 30
+
+    tail = run_cli("tail", "--topic", topic, "--channel", channel, "--nsqd-tcp-address", nsqd.tcp_address,
+                   "--timeout", "1", "--backend", backend, env=env)
+    assert tail.returncode == EXIT_OK and tail.stdout == "" and tail.stderr == "", describe(tail)
+
+
 def test_tail_n_gives_the_rest_back_at_once_without_backoff(nsqd: NsqdProcess, env: Dict[str, str], backend: str) -> None:
     """-n 1 on a named channel: what tail does not print goes back for the channel's other
     consumers now, not deferred by requeue_delay x attempts (90 s), and tail never backs off.
@@ -949,13 +1016,17 @@ def test_tail_refuses_when_the_backlog_check_cannot_be_made(nsqd: NsqdProcess, e
     nsqd.mpublish(topic, [b"m%d" % i for i in range(5)])
     guessed = f"127.0.0.1:{nsqd.tcp_port + 1}"  # type: ignore[operator]
     nowhere = f"127.0.0.1:{free_port()}"
+    tail = run_cli("tail", "--topic", topic, "--nsqd-tcp-address", nsqd.tcp_address, "-n", "1", "--backend", backend, env=env)
+    assert_refused_unchecked(tail, topic, f"nsqd HTTP {guessed}, guessed as TCP port + 1 of {nsqd.tcp_address}")
+    assert_backlog_kept(nsqd, topic, 5)
+    # A --nsqd-http-address or --lookupd-http-address given that does not answer is a broker
+    # down: exit 3 (see the next test), still without subscribing.
     for where, named in (
-        (["--nsqd-tcp-address", nsqd.tcp_address], f"nsqd HTTP {guessed}, guessed as TCP port + 1 of {nsqd.tcp_address}"),
         (["--nsqd-tcp-address", nsqd.tcp_address, "--nsqd-http-address", nowhere], f"nsqd HTTP {nowhere}: connection refused"),
         (["--lookupd-http-address", nowhere], f"nsqlookupd {nowhere}: connection refused"),
     ):
         tail = run_cli("tail", "--topic", topic, *where, "-n", "1", "--backend", backend, env=env)
-        assert_refused_unchecked(tail, topic, named)
+        assert_unavailable_unchecked(tail, topic, named)
         assert_backlog_kept(nsqd, topic, 5)
 
     tail = run_cli("tail", "--topic", topic, "--nsqd-tcp-address", nsqd.tcp_address, "--nsqd-http-address", nsqd.http_address,
@@ -965,6 +1036,46 @@ def test_tail_refuses_when_the_backlog_check_cannot_be_made(nsqd: NsqdProcess, e
 
     tail = run_cli("tail", "--topic", topic, "--nsqd-tcp-address", nsqd.tcp_address, "-n", "1", "--take-backlog", "--backend", backend, env=env)
     assert tail.returncode == EXIT_OK and tail.stdout == "m0\n", describe(tail)
+
+
+def assert_unavailable_unchecked(tail: "subprocess.CompletedProcess[str]", topic: str, named: str) -> None:
+    """tail could not make its backlog check because a broker is down or hung: exit 3 (as pub's
+    for the same broker), nothing printed, one line naming *named* and no option the user gave
+    already."""
+    assert tail.returncode == EXIT_UNAVAILABLE, describe(tail)
+    assert tail.stdout == "" and tail.stderr.count("\n") == 1, describe(tail)
+    assert tail.stderr.startswith(f"nsq-sync: unavailable: could not check whether topic '{topic}' holds messages that no channel has taken yet ("), describe(tail)
+    assert named in tail.stderr and "nothing was consumed" in tail.stderr and "Try again once it answers" in tail.stderr, describe(tail)
+    assert "--channel NAME" in tail.stderr and "--take-backlog" in tail.stderr, describe(tail)
+    assert "Give --nsqd-http-address" not in tail.stderr, describe(tail)
+
+
+def test_tail_backlog_check_of_a_hung_or_down_broker_exits_3_and_takes_nothing(nsq_cluster, env: Dict[str, str], backend: str) -> None:
+    """An nsqd or nsqlookupd that is frozen (SIGSTOP: connections accepted, nothing answered) or
+    gone: the backlog check cannot be made, and that is the broker's state, not the command
+    line's. Before, tail exited 2 ("bad arguments") telling the user to give the very
+    --nsqd-http-address or --lookupd-http-address they had given, while pub exits 3 for the same
+    broker. Now exit 3, within the check's 3 s, and the topic keeps its backlog (tail never
+    subscribed)."""
+    nsqd, lookupd = nsq_cluster.nsqds[0], nsq_cluster.lookupd
+    topic = "cli_backlog_hung"
+    nsqd.mpublish(topic, [b"a", b"b"])
+    nsq_cluster.wait_for_producers(topic, count=1)
+    direct = ["--nsqd-tcp-address", nsqd.tcp_address, "--nsqd-http-address", nsqd.http_address]
+    via_lookupd = ["--lookupd-http-address", lookupd.http_address]
+    for frozen, where, named in ((nsqd, direct, f"nsqd HTTP {nsqd.http_address}: timed out after 1s"),
+                                 (lookupd, via_lookupd, f"nsqlookupd {lookupd.http_address}: timed out after 1s"),
+                                 (nsqd, via_lookupd, f"nsqd HTTP {nsqd.http_address}: timed out after 1s")):
+        frozen.pause()
+        try:
+            started = time.monotonic()
+            tail = run_cli("tail", "--topic", topic, *where, "-n", "1", "--backend", backend, env=env)
+            took = time.monotonic() - started
+        finally:
+            frozen.resume()
+        assert_unavailable_unchecked(tail, topic, named)
+        assert took < 20, took
+        assert_backlog_kept(nsqd, topic, 2)
 
 
 @contextlib.contextmanager

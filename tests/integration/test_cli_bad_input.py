@@ -256,7 +256,7 @@ NUMBER_OPTIONS = {
     "worker": (["--max-in-flight", "--concurrency", "--max-tries", "--close-timeout", "--msg-timeout", "--requeue-delay", "--max-backoff-duration"],
                ["m:f", "--topic", "t", "--channel", "c"]),
     "pub": (["--timeout", "--max-msg-size"], ["--topic", "t"]),
-    "tail": (["-n", "--max-in-flight", "--lookupd-poll-interval"], ["--topic", "t"]),
+    "tail": (["-n", "--max-in-flight", "--lookupd-poll-interval", "--timeout"], ["--topic", "t"]),
     "cluster": (["--nsqd"], []),
 }
 #: "(1..2,147,483,647, default 200)", "(0.001..86,400, default 10)", "(1 or more)"
