@@ -1148,6 +1148,191 @@ def cmd_tail(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ------------------------------------------------------- stats, topic, channel
+#: where stats, topic and channel ask when given no address: nsqd's default HTTP address
+DEFAULT_NSQD_HTTP_ADDRESS = "127.0.0.1:4151"
+DEFAULT_HTTP_TIMEOUT = 5.0
+#: what ``topic ACTION`` and ``channel ACTION`` do, in the past tense, and what goes with it
+_ADMIN_ACTIONS: Dict[str, Tuple[str, Dict[str, str]]] = {
+    "create": ("created", {"topic": "", "channel": ""}),
+    "delete": ("deleted", {"topic": ", with its channels and every message in them", "channel": ", with every message in it"}),
+    "empty": ("emptied", {"topic": ": its own queue (not its channels')",
+                          "channel": ": every message in it, in flight and deferred ones too"}),
+    "pause": ("paused", {"topic": ": no message moves on to its channels until unpaused",
+                         "channel": ": no message goes to its consumers until unpaused"}),
+    "unpause": ("unpaused", {"topic": "", "channel": ""}),
+}
+_ADMIN_HELP = {
+    "topic": "create: on each nsqd (idempotent); delete: the topic, its channels and their messages; empty: the topic's own "
+             "queue, not its channels'; pause/unpause: stop/resume moving messages on to its channels",
+    "channel": "create: on each nsqd that has the topic (idempotent); delete: the channel and its messages; empty: every "
+               "message in it, in flight and deferred too; pause/unpause: stop/resume delivering to its consumers",
+}
+
+
+class _Problems:
+    """What an HTTP command could not do, each with the exit code it calls for; raise() ends
+    the command with the worst: 1 (an answer that is an error), then 4 (not an HTTP API that
+    answers: a TCP port, TLS), then 3 (down, hung, not found by name: a retry may do)."""
+
+    def __init__(self) -> None:
+        self.items: List[Tuple[str, str]] = []  # (kind, text)
+
+    def add(self, what: str, exc: BaseException) -> None:
+        self.items.append((_http_failure_kind(exc), f"{what}: {_failure_reason(exc)}"))
+
+    def raise_(self, done: str = "") -> None:
+        if not self.items:
+            return
+        kinds = {kind for kind, _ in self.items}
+        text = "; ".join(text for _, text in self.items) + (f" ({done})" if done else "")
+        if "failed" in kinds:
+            raise Failed(text)
+        if "refused" in kinds:
+            raise Refused(text)
+        raise Unavailable(text)
+
+
+def _join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def _nsqd_http_addresses(args: argparse.Namespace, problems: _Problems) -> List[str]:
+    """The nsqd HTTP APIs to ask: every --nsqd-http-address, and every nsqd each
+    --lookupd-http-address lists (its broadcast address and HTTP port); 127.0.0.1:4151 when
+    neither option is given. A nsqlookupd that cannot be asked goes to *problems*; when no nsqd
+    is left to ask, the command ends (exit 3, or the problem's own code)."""
+    from .errors import Error
+    from .httpapi import LookupdClient
+
+    given = [address for value in args.nsqd_http_address or [] for address in value]
+    lookupds = [address for value in args.lookupd_http_address or [] for address in value]
+    if not given and not lookupds:
+        given = [DEFAULT_NSQD_HTTP_ADDRESS]
+    targets: Dict[str, None] = dict.fromkeys(given)
+    for address in lookupds:
+        try:
+            nodes = LookupdClient(address, timeout=args.timeout).nodes()
+        except Error as exc:
+            problems.add(f"nsqlookupd {address}", exc)
+            continue
+        for node in nodes:
+            host, port = node.get("broadcast_address"), node.get("http_port")
+            if isinstance(host, str) and host and isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536:
+                targets.setdefault(_join_host_port(host, port))
+            else:
+                problems.items.append(("failed", f"nsqlookupd {address}: an nsqd without a usable broadcast_address and http_port"))
+    if not targets:
+        problems.raise_()
+        raise Unavailable(f"no nsqd to ask: nsqlookupd {', '.join(lookupds)} lists none")
+    return list(targets)
+
+
+def _nsqd_client(address: str, args: argparse.Namespace) -> Any:
+    from .httpapi import NsqdHTTPClient
+
+    return NsqdHTTPClient(address, timeout=args.timeout)
+
+
+def _count(stats: Dict[str, Any], key: str) -> Optional[int]:
+    value = stats.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+#: stats's columns: (JSON key and nsqd's field, heading)
+_STATS_COLUMNS = (("depth", "DEPTH"), ("in_flight_count", "IN-FLIGHT"), ("deferred_count", "DEFERRED"),
+                  ("client_count", "CLIENTS"), ("message_count", "MESSAGES"))
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    """Depth, in flight, deferred and clients of each topic and channel on each nsqd (its
+    /stats), as a table or JSON; what could not be asked ends it with 3 (or 1, 4) after the
+    rest is printed."""
+    from .errors import Error
+
+    problems = _Problems()
+    rows: List[Dict[str, Any]] = []
+    for address in _nsqd_http_addresses(args, problems):
+        try:
+            stats = _nsqd_client(address, args).stats(topic=args.topic, include_clients=False, include_mem=False)
+        except Error as exc:
+            problems.add(f"nsqd HTTP {address}", exc)
+            continue
+        for topic in stats["topics"]:
+            if args.topic is not None and topic["topic_name"] != args.topic:
+                continue
+            if args.channel is None:
+                rows.append({"nsqd": address, "topic": topic["topic_name"], "channel": None,
+                             "depth": _count(topic, "depth"), "in_flight_count": None, "deferred_count": None,
+                             "client_count": None, "message_count": _count(topic, "message_count"),
+                             "paused": bool(topic.get("paused"))})
+            for channel in topic["channels"]:
+                if args.channel is not None and channel["channel_name"] != args.channel:
+                    continue
+                rows.append({"nsqd": address, "topic": topic["topic_name"], "channel": channel["channel_name"],
+                             **{key: _count(channel, key) for key, _ in _STATS_COLUMNS}, "paused": bool(channel.get("paused"))})
+    rows.sort(key=lambda row: (row["topic"], row["channel"] is not None, row["channel"] or "", row["nsqd"]))
+    if args.json:
+        _print(json.dumps(rows), sys.stdout)
+    elif rows:
+        def cell(value: Any) -> str:
+            return "-" if value is None else f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+
+        headings = ["TOPIC", "CHANNEL", *(heading for _, heading in _STATS_COLUMNS), "PAUSED", "NSQD"]
+        table = [[row["topic"], row["channel"] or "-", *(cell(row[key]) for key, _ in _STATS_COLUMNS),
+                  "yes" if row["paused"] else "no", row["nsqd"]] for row in rows]
+        widths = [max(len(line[i]) for line in [headings, *table]) for i in range(len(headings))]
+        numeric = range(2, 2 + len(_STATS_COLUMNS))
+        for line in [headings, *table]:
+            _print("  ".join(text.rjust(width) if i in numeric else text.ljust(width)
+                             for i, (text, width) in enumerate(zip(line, widths))).rstrip(), sys.stdout)
+    elif not problems.items:
+        what = f"topic {args.topic!r}" if args.topic is not None else "topic"
+        if args.channel is not None:
+            what = f"channel {args.channel!r}" + (f" of topic {args.topic!r}" if args.topic is not None else "")
+        _print(f"no {what} on the nsqd asked", sys.stderr)
+    problems.raise_()
+    return EXIT_OK
+
+
+def cmd_admin(args: argparse.Namespace) -> int:
+    """topic/channel create, delete, empty, pause, unpause on each nsqd; one line on stdout per
+    nsqd saying what was done there. A topic or channel an nsqd does not have is skipped there
+    (said on stdout), and is exit 1 when no nsqd has it."""
+    from .errors import Error, HTTPError
+
+    kind = args.command
+    verb, consequence = _ADMIN_ACTIONS[args.action]
+    names = [args.topic] if kind == "topic" else [args.topic, args.channel]
+    target = f"topic {args.topic!r}" if kind == "topic" else f"channel {args.channel!r} of topic {args.topic!r}"
+    problems = _Problems()
+    addresses = _nsqd_http_addresses(args, problems)
+    done: List[str] = []
+    missing: List[str] = []
+    for address in addresses:
+        try:
+            getattr(_nsqd_client(address, args), f"{args.action}_{kind}")(*names)
+        except HTTPError as exc:
+            if exc.status == 404 and exc.message in ("TOPIC_NOT_FOUND", "CHANNEL_NOT_FOUND"):
+                absent = f"topic {args.topic!r}" if exc.message == "TOPIC_NOT_FOUND" else target
+                missing.append(absent)
+                _print(f"{absent} is not on nsqd HTTP {address}: nothing {verb} there", sys.stdout)
+                continue
+            problems.add(f"nsqd HTTP {address}", exc)
+            continue
+        except Error as exc:
+            problems.add(f"nsqd HTTP {address}", exc)
+            continue
+        done.append(address)
+        _print(f"{verb} {target} on nsqd HTTP {address}{consequence[kind]}", sys.stdout)
+    summary = f"{verb} on {len(done)} of {len(addresses)} nsqd"
+    problems.raise_(summary)
+    if not done:
+        hint = "; create it first: nsq-sync topic create" if kind == "channel" and args.action == "create" else ""
+        raise Failed(f"{missing[0] if len(set(missing)) == 1 else target} is not on any nsqd asked ({len(addresses)}): nothing {verb}{hint}")
+    return EXIT_OK
+
+
 _POLLERR = getattr(select, "POLLERR", 8)  # (Linux's values, where gevent's select lacks them)
 _POLLHUP = getattr(select, "POLLHUP", 16)
 
@@ -1288,6 +1473,9 @@ def build_parser() -> argparse.ArgumentParser:
             f"  nsq-sync pub --topic events hello world      # two messages to {DEFAULT_NSQD_TCP_ADDRESS}\n"
             "  nsq-sync tail --topic events -n 2            # print two messages and exit\n"
             "  nsq-sync worker tasks:handle --topic events --channel work --lookupd-http-address 127.0.0.1:4161\n"
+            "  nsq-sync stats --lookupd-http-address 127.0.0.1:4161   # depth, in flight, clients on every nsqd\n"
+            "  nsq-sync topic delete events --nsqd-http-address 127.0.0.1:4151\n"
+            "  nsq-sync channel empty events archive --lookupd-http-address 127.0.0.1:4161\n"
             "\nexit codes: 0 ok, 1 failed (lost messages, publish errors), 2 bad arguments, 3 broker unavailable,\n"
             "  4 refused by nsqd (credentials or TLS: AUTH secret, certificate; or not nsqd's TCP port), 130 interrupted"
         ),
@@ -1402,6 +1590,35 @@ def build_parser() -> argparse.ArgumentParser:
     backend_arg(tail)
     connection_args(tail)
     tail.set_defaults(func=cmd_tail)
+
+    def http_address_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--nsqd-http-address", action="append", type=_check_address, metavar="HOST:PORT",
+                       help=f"nsqd HTTP address (repeatable, or comma-separated); default {DEFAULT_NSQD_HTTP_ADDRESS} when no "
+                            "--lookupd-http-address is given")
+        p.add_argument("--lookupd-http-address", action="append", type=_check_address, metavar="HOST:PORT",
+                       help="nsqlookupd HTTP address (repeatable, or comma-separated): every nsqd it lists, at the HTTP port it registered")
+        p.add_argument("--timeout", type=_seconds(0.001, MAX_TIMEOUT), default=DEFAULT_HTTP_TIMEOUT,
+                       help="how long each HTTP request may take (no answer: exit 3)")
+
+    stats = sub.add_parser("stats", parents=[verbose_parent()], help="depth, in flight, deferred and clients of topics and channels",
+                           epilog="example: nsq-sync stats --lookupd-http-address 127.0.0.1:4161 --topic events")
+    stats.add_argument("--topic", type=_check_topic, default=None, help="only this topic (by default, every topic)")
+    stats.add_argument("--channel", type=_check_channel, default=None,
+                       help="only the channels of this name (of --topic, or of every topic), without the topics' own rows")
+    http_address_args(stats)
+    stats.add_argument("--json", action="store_true", help="print one JSON list of rows instead of a table")
+    stats.set_defaults(func=cmd_stats)
+
+    for kind, names in (("topic", "TOPIC"), ("channel", "TOPIC CHANNEL")):
+        admin = sub.add_parser(kind, parents=[verbose_parent()], help=f"create, delete, empty, pause or unpause a {kind} on each nsqd",
+                               epilog=f"example: nsq-sync {kind} create events{' archive' if kind == 'channel' else ''} "
+                                      "--lookupd-http-address 127.0.0.1:4161")
+        admin.add_argument("action", choices=tuple(_ADMIN_ACTIONS), metavar="ACTION", help=f"{'|'.join(_ADMIN_ACTIONS)}: {_ADMIN_HELP[kind]}")
+        admin.add_argument("topic", type=_check_topic, metavar="TOPIC", help="the topic" + (" of the channel" if kind == "channel" else ""))
+        if kind == "channel":
+            admin.add_argument("channel", type=_check_channel, metavar="CHANNEL", help="the channel")
+        http_address_args(admin)
+        admin.set_defaults(func=cmd_admin)
 
     cluster = sub.add_parser("cluster", parents=[verbose_parent()], help="run a local nsqlookupd + nsqd cluster in the foreground", epilog="example: nsq-sync cluster --nsqd 3")
     cluster.add_argument("--nsqd", type=_int_range(1, MAX_CLUSTER_NSQD), default=2, help="how many nsqd")

@@ -1220,6 +1220,131 @@ def test_tail_through_lookupd_stops_on_sigterm(nsq_cluster, env: Dict[str, str],
         assert tail.wait(30) == EXIT_OK, tail.output()
 
 
+# ------------------------------------------------------- stats, topic, channel
+def stats_rows(*args: str, env: Dict[str, str]) -> List[Dict[str, Any]]:
+    done = run_cli("stats", "--json", *args, env=env)
+    assert done.returncode == EXIT_OK and done.stderr == "", describe(done)
+    return json.loads(done.stdout)
+
+
+def test_stats_of_every_nsqd_nsqlookupd_lists_as_a_table_or_json(nsq_cluster, env: Dict[str, str], backend: str) -> None:
+    """stats asks every nsqd nsqlookupd lists (at the HTTP port it registered) and shows each
+    topic's own depth and each channel's depth, in flight, deferred and clients; --topic and
+    --channel filter; an nsqd that does not answer is named and is exit 3, after the rest is
+    printed. Before, there was no stats command (exit 2): operators needed curl."""
+    import nsq_sync
+
+    first, second = nsq_cluster.nsqds
+    lookupd = ["--lookupd-http-address", nsq_cluster.lookupd_http_addresses[0]]
+    first.create_channel("cli_stats", "work")
+    first.mpublish("cli_stats", [b"a", b"b", b"c"])
+    second.mpublish("cli_stats_other", [b"x", b"y"])  # (no channel: the topic keeps them)
+    nsq_cluster.wait_for_producers("cli_stats", count=1)
+    nsq_cluster.wait_for_producers("cli_stats_other", count=1)
+    held: List[Any] = []
+    reader = nsq_sync.Reader("cli_stats", "work", message_handler=lambda m: (m.enable_async(), held.append(m)) and None,
+                             nsqd_tcp_addresses=first.tcp_address, max_in_flight=1, backend=backend)
+    reader.start()
+    try:
+        wait_until(lambda: (first.channel_stats("cli_stats", "work") or {}).get("in_flight_count") == 1, 20, message="one in flight")
+        rows = stats_rows(*lookupd, env=env)
+        by_key = {(row["topic"], row["channel"]): row for row in rows}
+        assert by_key[("cli_stats", "work")] == {"nsqd": first.http_address, "topic": "cli_stats", "channel": "work", "depth": 2,
+                                                "in_flight_count": 1, "deferred_count": 0, "client_count": 1, "message_count": 3,
+                                                "paused": False}, rows
+        assert by_key[("cli_stats", None)]["depth"] == 0 and by_key[("cli_stats", None)]["nsqd"] == first.http_address, rows
+        assert by_key[("cli_stats_other", None)]["depth"] == 2 and by_key[("cli_stats_other", None)]["nsqd"] == second.http_address, rows
+
+        assert [(r["topic"], r["channel"]) for r in stats_rows(*lookupd, "--topic", "cli_stats", env=env)] == [("cli_stats", None), ("cli_stats", "work")]
+        assert [(r["topic"], r["channel"]) for r in stats_rows(*lookupd, "--channel", "work", env=env)] == [("cli_stats", "work")]
+
+        table = run_cli("stats", "--nsqd-http-address", first.http_address, "--topic", "cli_stats", env=env)
+        assert table.returncode == EXIT_OK, describe(table)
+        assert [line.split() for line in table.stdout.splitlines()] == [
+            ["TOPIC", "CHANNEL", "DEPTH", "IN-FLIGHT", "DEFERRED", "CLIENTS", "MESSAGES", "PAUSED", "NSQD"],
+            ["cli_stats", "-", "0", "-", "-", "-", "3", "no", first.http_address],
+            ["cli_stats", "work", "2", "1", "0", "1", "3", "no", first.http_address],
+        ], describe(table)
+    finally:
+        reader.close()
+
+    nowhere = f"127.0.0.1:{free_port()}"
+    partial = run_cli("stats", "--json", "--nsqd-http-address", f"{first.http_address},{nowhere}", "--topic", "cli_stats", env=env)
+    assert partial.returncode == EXIT_UNAVAILABLE, describe(partial)
+    assert {row["nsqd"] for row in json.loads(partial.stdout)} == {first.http_address}, describe(partial)
+    assert partial.stderr == f"nsq-sync: unavailable: nsqd HTTP {nowhere}: connection refused\n", describe(partial)
+    none = run_cli("stats", "--nsqd-http-address", first.http_address, "--topic", "cli_stats_nothing", env=env)
+    assert none.returncode == EXIT_OK and none.stdout == "" and none.stderr == "no topic 'cli_stats_nothing' on the nsqd asked\n", describe(none)
+
+
+def test_topic_and_channel_actions_on_every_nsqd_say_what_they_did(nsq_cluster, env: Dict[str, str]) -> None:
+    """topic/channel create, pause, unpause, empty, delete on every nsqd nsqlookupd lists, one
+    line per nsqd saying what was done; a topic an nsqd does not have is skipped there (exit 0
+    while some nsqd had it, 1 when none did). Before, there were no such commands (exit 2)."""
+    first, second = nsq_cluster.nsqds
+    lookupd = ["--lookupd-http-address", nsq_cluster.lookupd_http_addresses[0]]
+    topic = "cli_admin"
+
+    def run_ok(*args: str) -> List[str]:
+        done = run_cli(*args, *lookupd, env=env)
+        assert done.returncode == EXIT_OK and done.stderr == "", describe(done)
+        return sorted(done.stdout.splitlines())
+
+    assert run_ok("topic", "create", topic) == sorted(f"created topic '{topic}' on nsqd HTTP {n.http_address}" for n in (first, second))
+    assert run_ok("channel", "create", topic, "work") == sorted(
+        f"created channel 'work' of topic '{topic}' on nsqd HTTP {n.http_address}" for n in (first, second))
+    first.mpublish(topic, [b"a", b"b"])
+    assert run_ok("channel", "pause", topic, "work")[0].startswith(f"paused channel 'work' of topic '{topic}' on nsqd HTTP ")
+    assert channel_stats(first, topic, "work")["paused"] and channel_stats(second, topic, "work")["paused"]
+    run_ok("channel", "unpause", topic, "work")
+    assert not channel_stats(first, topic, "work")["paused"]
+    run_ok("topic", "pause", topic)
+    assert first.topic_stats(topic)["paused"]  # type: ignore[index]
+    run_ok("topic", "unpause", topic)
+    assert channel_stats(first, topic, "work")["depth"] == 2
+    assert f"emptied channel 'work' of topic '{topic}' on nsqd HTTP {first.http_address}: every message in it, in flight and deferred ones too" \
+        in run_ok("channel", "empty", topic, "work")
+    assert channel_stats(first, topic, "work")["depth"] == 0
+    assert run_ok("channel", "delete", topic, "work") == sorted(
+        f"deleted channel 'work' of topic '{topic}' on nsqd HTTP {n.http_address}, with every message in it" for n in (first, second))
+    assert first.channel_stats(topic, "work") is None
+
+    only_first = "cli_admin_one"
+    first.create_topic(only_first)
+    assert run_ok("topic", "delete", only_first) == sorted([
+        f"deleted topic '{only_first}' on nsqd HTTP {first.http_address}, with its channels and every message in them",
+        f"topic '{only_first}' is not on nsqd HTTP {second.http_address}: nothing deleted there"])
+    assert first.topic_stats(only_first) is None
+    again = run_cli("topic", "delete", only_first, *lookupd, env=env)
+    assert again.returncode == EXIT_FAILED, describe(again)
+    assert again.stderr == f"nsq-sync: failed: topic '{only_first}' is not on any nsqd asked (2): nothing deleted\n", describe(again)
+    no_topic = run_cli("channel", "create", "cli_admin_none", "c", "--nsqd-http-address", first.http_address, env=env)
+    assert no_topic.returncode == EXIT_FAILED and "create it first: nsq-sync topic create" in no_topic.stderr, describe(no_topic)
+
+
+def test_topic_and_channel_actions_on_a_down_or_hung_nsqd_exit_3(nsqd: NsqdProcess, env: Dict[str, str]) -> None:
+    """An nsqd or nsqlookupd that does not answer (nothing listening; frozen, within --timeout)
+    is exit 3 naming it and saying how far the action got; a TCP port given for the HTTP one
+    (it closes HTTP requests unanswered) is exit 4, which a retry will not fix."""
+    nowhere = f"127.0.0.1:{free_port()}"
+    down = run_cli("topic", "create", "cli_admin_down", "--nsqd-http-address", f"{nsqd.http_address},{nowhere}", env=env)
+    assert down.returncode == EXIT_UNAVAILABLE, describe(down)
+    assert down.stdout == f"created topic 'cli_admin_down' on nsqd HTTP {nsqd.http_address}\n", describe(down)
+    assert down.stderr == f"nsq-sync: unavailable: nsqd HTTP {nowhere}: connection refused (created on 1 of 2 nsqd)\n", describe(down)
+    lookupd_down = run_cli("channel", "delete", "t", "c", "--lookupd-http-address", nowhere, env=env)
+    assert lookupd_down.returncode == EXIT_UNAVAILABLE and lookupd_down.stderr == f"nsq-sync: unavailable: nsqlookupd {nowhere}: connection refused\n", describe(lookupd_down)
+    not_http = run_cli("stats", "--nsqd-http-address", nsqd.tcp_address, env=env)
+    assert not_http.returncode == EXIT_REFUSED and "is this an HTTP port?" in not_http.stderr, describe(not_http)
+    nsqd.pause()
+    try:
+        hung = run_cli("topic", "delete", "cli_admin_down", "--nsqd-http-address", nsqd.http_address, "--timeout", "1", env=env)
+    finally:
+        nsqd.resume()
+    assert hung.returncode == EXIT_UNAVAILABLE, describe(hung)
+    assert hung.stderr == f"nsq-sync: unavailable: nsqd HTTP {nsqd.http_address}: timed out after 1s (deleted on 0 of 1 nsqd)\n", describe(hung)
+    assert nsqd.topic_stats("cli_admin_down") is not None
+
+
 # ---------------------------------------------------------------- TLS and AUTH
 def tls_args(tls_files: TLSFiles, *extra: str) -> List[str]:
     return ["--tls", "--tls-ca-file", tls_files.ca_cert, *extra]
@@ -1635,7 +1760,7 @@ def test_broker_that_does_not_start_exit_3(tmp_path: Path, env: Dict[str, str]) 
 
 
 # -------------------------------------------------------------------- help
-COMMANDS = ("demo", "worker", "pub", "tail", "cluster")
+COMMANDS = ("demo", "worker", "pub", "tail", "stats", "topic", "channel", "cluster")
 
 
 def test_version(env: Dict[str, str]) -> None:
