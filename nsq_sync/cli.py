@@ -1309,6 +1309,7 @@ def cmd_admin(args: argparse.Namespace) -> int:
     addresses = _nsqd_http_addresses(args, problems)
     done: List[str] = []
     missing: List[str] = []
+    unknown: List[str] = []
     for address in addresses:
         try:
             getattr(_nsqd_client(address, args), f"{args.action}_{kind}")(*names)
@@ -1319,6 +1320,8 @@ def cmd_admin(args: argparse.Namespace) -> int:
                 _print(f"{absent} is not on nsqd HTTP {address}: nothing {verb} there", sys.stdout)
                 continue
             problems.add(f"nsqd HTTP {address}", exc)
+            if exc.status == 0 and exc.message.startswith("timed out"):
+                unknown.append(address)  # (sent, perhaps: a hung nsqd may still carry it out)
             continue
         except Error as exc:
             problems.add(f"nsqd HTTP {address}", exc)
@@ -1326,6 +1329,8 @@ def cmd_admin(args: argparse.Namespace) -> int:
         done.append(address)
         _print(f"{verb} {target} on nsqd HTTP {address}{consequence[kind]}", sys.stdout)
     summary = f"{verb} on {len(done)} of {len(addresses)} nsqd"
+    if unknown:
+        summary += f"; perhaps on {len(unknown)} more, which did not answer in time but may still carry it out"
     problems.raise_(summary)
     if not done:
         hint = "; create it first: nsq-sync topic create" if kind == "channel" and args.action == "create" else ""

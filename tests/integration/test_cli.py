@@ -1341,8 +1341,9 @@ def test_topic_and_channel_actions_on_a_down_or_hung_nsqd_exit_3(nsqd: NsqdProce
     finally:
         nsqd.resume()
     assert hung.returncode == EXIT_UNAVAILABLE, describe(hung)
-    assert hung.stderr == f"nsq-sync: unavailable: nsqd HTTP {nsqd.http_address}: timed out after 1s (deleted on 0 of 1 nsqd)\n", describe(hung)
-    assert nsqd.topic_stats("cli_admin_down") is not None
+    # (the request is in nsqd's socket: once resumed, nsqd may carry it out, and the line says so)
+    assert hung.stderr == (f"nsq-sync: unavailable: nsqd HTTP {nsqd.http_address}: timed out after 1s (deleted on 0 of 1 nsqd; "
+                           "perhaps on 1 more, which did not answer in time but may still carry it out)\n"), describe(hung)
 
 
 # ---------------------------------------------------------------- TLS and AUTH
