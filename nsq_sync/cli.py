@@ -1,4 +1,4 @@
-"""The ``nsq-sync`` command: demo, worker, pub, tail, cluster.
+"""The ``nsq-sync`` command: demo, worker, pub, tail, stats, topic, channel, cluster.
 
 Exit codes: 0 success; 1 the job ran but failed (messages lost, a publish
 failed); 2 bad arguments (a bad topic name, a handler that does not import; ``tail``'s
@@ -7,7 +7,9 @@ could not check);
 3 a broker could not be reached or started; 4 refused: every nsqd ``pub`` publishes to refused
 its connection's handshake (the AUTH secret, or TLS: an untrusted certificate, TLS required or
 missing) or answered it with something other than NSQ's protocol (an address that is not nsqd's
-TCP port, such as its HTTP port), which retrying with the same settings will not fix; 130 interrupted (Ctrl-C, or
+TCP port, such as its HTTP port), which retrying with the same settings will not fix, and for
+``stats``, ``topic`` and ``channel`` an address that is not an HTTP API (a TCP port) or TLS
+failing; 130 interrupted (Ctrl-C, or
 SIGTERM/SIGHUP during ``demo``, which stops its brokers first, or ``pub``, which closes its
 Writer first, or ``tail -n N`` before N messages were printed). ``worker``,
 ``tail`` (without ``-n``, or once N were printed) and ``cluster`` treat SIGINT and SIGTERM as the
@@ -18,7 +20,7 @@ made because a broker is down or hung is 3, for a reason the command line must f
 When the reader of stdout or stderr leaves (EPIPE: ``| head -1``), a command stops, cleans up
 and exits without a word: 0 for ``tail`` and ``cluster``, which run until stopped and for which
 that is one more way to stop; 141 (128 + SIGPIPE, what a shell reports for a program SIGPIPE
-killed) for ``demo`` and ``pub``, whose report did not get through, unless they failed: a
+killed) for ``demo``, ``pub``, ``stats``, ``topic`` and ``channel``, whose report did not get through, unless they failed: a
 failure (1, 2, 3, 4, 130) keeps its own exit code, which says more.
 """
 
