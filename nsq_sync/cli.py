@@ -1,4 +1,4 @@
-"""The ``nsq-sync`` command: demo, worker, pub, tail, cluster.
+"""The ``nsq-sync`` command: demo, worker, pub, tail, stats, topic, channel, cluster.
 
 Exit codes: 0 success; 1 the job ran but failed (messages lost, a publish
 failed); 2 bad arguments (a bad topic name, a handler that does not import; ``tail``'s
@@ -7,15 +7,20 @@ could not check);
 3 a broker could not be reached or started; 4 refused: every nsqd ``pub`` publishes to refused
 its connection's handshake (the AUTH secret, or TLS: an untrusted certificate, TLS required or
 missing) or answered it with something other than NSQ's protocol (an address that is not nsqd's
-TCP port, such as its HTTP port), which retrying with the same settings will not fix; 130 interrupted (Ctrl-C, or
+TCP port, such as its HTTP port), which retrying with the same settings will not fix, and for
+``stats``, ``topic`` and ``channel`` an address that is not an HTTP API (a TCP port) or TLS
+failing; 130 interrupted (Ctrl-C, or
 SIGTERM/SIGHUP during ``demo``, which stops its brokers first, or ``pub``, which closes its
-Writer first). ``worker``,
-``tail`` and ``cluster`` treat SIGINT and SIGTERM as the normal way to stop and exit 0.
+Writer first, or ``tail -n N`` before N messages were printed). ``worker``,
+``tail`` (without ``-n``, or once N were printed) and ``cluster`` treat SIGINT and SIGTERM as the
+normal way to stop and exit 0. ``tail --timeout``: fewer than N messages in time is 1 (3 when not
+subscribed to any nsqd by then); without ``-n``, a stop (0). tail's backlog check that cannot be
+made because a broker is down or hung is 3, for a reason the command line must fix 2.
 
 When the reader of stdout or stderr leaves (EPIPE: ``| head -1``), a command stops, cleans up
 and exits without a word: 0 for ``tail`` and ``cluster``, which run until stopped and for which
 that is one more way to stop; 141 (128 + SIGPIPE, what a shell reports for a program SIGPIPE
-killed) for ``demo`` and ``pub``, whose report did not get through, unless they failed: a
+killed) for ``demo``, ``pub``, ``stats``, ``topic`` and ``channel``, whose report did not get through, unless they failed: a
 failure (1, 2, 3, 4, 130) keeps its own exit code, which says more.
 """
 
@@ -799,12 +804,18 @@ def cmd_pub(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _backlog_request_timeout(deadline: float, what: str, unchecked: List[str]) -> Optional[float]:
+#: what tail's backlog check could not ask: (what and why, whether it is down or hung, whether
+#: the address was guessed)
+_Unchecked = List[Tuple[str, bool, bool]]
+
+
+def _backlog_request_timeout(deadline: float, what: str, unchecked: _Unchecked, guess: bool = False) -> Optional[float]:
     """The timeout of the backlog check's next request to *what*, or None (noted in
-    *unchecked*) when the check's BACKLOG_CHECK_TIMEOUT is over."""
+    *unchecked*: brokers that do not answer used the time up) when the check's
+    BACKLOG_CHECK_TIMEOUT is over."""
     remaining = deadline - time.monotonic()
     if remaining <= 0:
-        unchecked.append(f"{what}: not asked, the check's {BACKLOG_CHECK_TIMEOUT:g}s were over")
+        unchecked.append((f"{what}: not asked, the check's {BACKLOG_CHECK_TIMEOUT:g}s were over", True, guess))
         return None
     return min(BACKLOG_CHECK_REQUEST_TIMEOUT, remaining)
 
@@ -819,8 +830,25 @@ def _failure_reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+#: the starts of an HTTPError's message (status 0: no answer) for a server that is down, hung or
+#: not found by name: nothing the command line can fix, try again later (exit 3). The other
+#: failures without an answer (TLS, a port that closes HTTP requests unanswered: a TCP port
+#: given for the HTTP one) are the address's or the settings' (exit 4).
+_UNREACHABLE = ("timed out", "connection refused", "could not resolve host")
+
+
+def _http_failure_kind(exc: BaseException) -> str:
+    """"unavailable" (exit 3), "refused" (exit 4) or "failed" (exit 1) for an HTTP request
+    that raised *exc*."""
+    from .errors import HTTPError
+
+    if isinstance(exc, HTTPError) and exc.status == 0:
+        return "unavailable" if exc.message.startswith(_UNREACHABLE) else "refused"
+    return "failed"
+
+
 def _nsqd_http_targets(args: argparse.Namespace, addresses: Dict[str, Any], deadline: float,
-                       unchecked: List[str]) -> List[Tuple[str, Optional[str]]]:
+                       unchecked: _Unchecked) -> List[Tuple[str, Optional[str]]]:
     """The nsqd HTTP addresses tail's backlog check asks, each with the --nsqd-tcp-address it
     was guessed from (None for an address known: given, or listed by nsqlookupd): every nsqd
     nsqlookupd lists for the topic (its broadcast address and real HTTP port), and
@@ -848,10 +876,10 @@ def _nsqd_http_targets(args: argparse.Namespace, addresses: Dict[str, Any], dead
             answer = LookupdClient(address, timeout=timeout).lookup(args.topic)
         except HTTPError as exc:
             if exc.status != 404 or exc.message != "TOPIC_NOT_FOUND":
-                unchecked.append(f"nsqlookupd {address}: {_failure_reason(exc)}")
+                unchecked.append((f"nsqlookupd {address}: {_failure_reason(exc)}", _http_failure_kind(exc) == "unavailable", False))
             continue  # (TOPIC_NOT_FOUND: no nsqd has registered the topic, so none holds a backlog of it)
         except Error as exc:
-            unchecked.append(f"nsqlookupd {address}: {_failure_reason(exc)}")
+            unchecked.append((f"nsqlookupd {address}: {_failure_reason(exc)}", False, False))
             continue
         for producer in answer["producers"]:
             host = producer.get("broadcast_address") if isinstance(producer, dict) else None
@@ -862,7 +890,7 @@ def _nsqd_http_targets(args: argparse.Namespace, addresses: Dict[str, Any], dead
                 if isinstance(tcp_port, int) and not isinstance(tcp_port, bool):
                     listed.add(join(host, tcp_port))
             else:
-                unchecked.append(f"nsqlookupd {address}: a producer without a usable broadcast_address and http_port")
+                unchecked.append((f"nsqlookupd {address}: a producer without a usable broadcast_address and http_port", False, False))
     given = [address for value in getattr(args, "nsqd_http_address", None) or [] for address in value]
     for address in given:
         add(address)
@@ -874,7 +902,7 @@ def _nsqd_http_targets(args: argparse.Namespace, addresses: Dict[str, Any], dead
             if int(port) < 65535:
                 add(f"{host}:{int(port) + 1}", address)
             else:
-                unchecked.append(f"nsqd {address}: no HTTP port to guess (TCP port + 1)")
+                unchecked.append((f"nsqd {address}: no HTTP port to guess (TCP port + 1)", False, True))
     return list(targets.items())
 
 
@@ -897,34 +925,40 @@ def _check_backlog(args: argparse.Namespace, addresses: Dict[str, Any]) -> None:
     """Refuse (exit 2) to subscribe tail's ephemeral channel where the topic has no channel
     but holds messages: as the topic's first channel it would take that backlog, and nsqd
     deletes an ephemeral channel, with every message in it, when its last client leaves.
-    A check that cannot be made (an HTTP API not reachable, or not found: nsqd's HTTP port is
-    not its TCP port + 1) is refused too: going on would lose such a backlog all the same.
+    A check that cannot be made is refused too, as going on would lose such a backlog all the
+    same: exit 3 (Unavailable) when every HTTP API it could not ask is down or hung, exit 2
+    when the command line has to change (no HTTP API at a guessed port, or one that is not
+    nsqd's or nsqlookupd's).
     At most BACKLOG_CHECK_TIMEOUT seconds in all."""
     from .errors import Error
     from .httpapi import NsqdHTTPClient
 
     deadline = time.monotonic() + BACKLOG_CHECK_TIMEOUT
-    unchecked: List[str] = []
+    unchecked: _Unchecked = []
     backlog: List[str] = []
     for address, guessed_from in _nsqd_http_targets(args, addresses, deadline, unchecked):
         what = f"nsqd HTTP {address}, guessed as TCP port + 1 of {guessed_from}" if guessed_from else f"nsqd HTTP {address}"
-        timeout = _backlog_request_timeout(deadline, what, unchecked)
+        guess = guessed_from is not None
+        timeout = _backlog_request_timeout(deadline, what, unchecked, guess)
         if timeout is None:
             continue
         try:
             if guessed_from:
                 wrong = _guess_is_wrong(NsqdHTTPClient(address, timeout=timeout), guessed_from)
                 if wrong is not None:
-                    unchecked.append(f"{what}: {wrong}")
+                    unchecked.append((f"{what}: {wrong}", False, True))
                     continue
-                timeout = _backlog_request_timeout(deadline, what, unchecked)
+                timeout = _backlog_request_timeout(deadline, what, unchecked, guess)
                 if timeout is None:
                     continue
             stats = NsqdHTTPClient(address, timeout=timeout).topic_stats(args.topic)  # (its shape checked: HTTPError)
             depth = int(stats.get("depth") or 0) if stats else 0
             channels = len(stats["channels"]) if stats else 0
         except (Error, TypeError, ValueError) as exc:  # (TypeError, ValueError: a depth that is no number)
-            unchecked.append(f"{what}: {_failure_reason(exc)}")
+            # Down or hung (exit 3, try again later), but nothing listening at a guessed port is
+            # the guess's fault: the command line has to name nsqd's HTTP API (exit 2).
+            down = _http_failure_kind(exc) == "unavailable" and not (guess and "connection refused" in str(exc))
+            unchecked.append((f"{what}: {_failure_reason(exc)}", down, guess))
             continue
         logger.info("backlog check: topic %s on nsqd HTTP %s: %s", args.topic, address,
                     f"{channels} channel(s), depth {depth}" if stats else "not there yet")
@@ -938,13 +972,21 @@ def _check_backlog(args: argparse.Namespace, addresses: Dict[str, Any]) -> None:
             "stays, or --take-backlog to go ahead anyway"
         )
     if unchecked:
-        shown = "; ".join(unchecked[:3]) + (f"; and {len(unchecked) - 3} more" if len(unchecked) > 3 else "")
-        raise UsageError(
-            f"could not check whether topic {args.topic!r} holds messages that no channel has taken yet ({shown}); "
-            "tail's own channel (ephemeral) would take them and lose them when tail exits. Give --nsqd-http-address "
-            "HOST:PORT (nsqd's HTTP API) or --lookupd-http-address HOST:PORT so that tail can check, --channel NAME "
-            "to read through a channel that stays, or --take-backlog to go ahead anyway"
-        )
+        texts = [text for text, _, _ in unchecked]
+        shown = "; ".join(texts[:3]) + (f"; and {len(texts) - 3} more" if len(texts) > 3 else "")
+        what = f"could not check whether topic {args.topic!r} holds messages that no channel has taken yet ({shown})"
+        risk = "tail's own channel (ephemeral) would take them and lose them when tail exits"
+        ways_on = "--channel NAME to read through a channel that stays, or --take-backlog to go ahead anyway"
+        if all(down for _, down, _ in unchecked):
+            # Down or hung brokers, not the command line: exit 3, as pub's for the same nsqd;
+            # nothing was subscribed, so trying again later loses nothing.
+            raise Unavailable(f"{what}; nothing was consumed: {risk}. Try again once it answers, or give {ways_on}")
+        if any(guess for _, down, guess in unchecked if not down):
+            fix = ("Give --nsqd-http-address HOST:PORT (nsqd's HTTP API) or --lookupd-http-address HOST:PORT so that "
+                   "tail can check")
+        else:
+            fix = "Check that --nsqd-http-address and --lookupd-http-address name nsqd's and nsqlookupd's HTTP APIs"
+        raise UsageError(f"{what}; {risk}. {fix}, {ways_on}")
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
@@ -956,6 +998,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
     # Random, not the pid: in containers every tail may be PID 1, and two tails sharing a
     # channel would each print half of the messages.
     channel = args.channel or f"tail-{secrets.token_hex(6)}#ephemeral"
+    deadline = time.monotonic() + args.timeout if args.timeout is not None else None  # (the backlog check's time included)
     remaining = [args.n] if args.n else None
     # Never more in flight than tail still has to print: what it does not print goes back
     # with one more attempt (nsqd counts every delivery).
@@ -968,6 +1011,8 @@ def cmd_tail(args: argparse.Namespace) -> int:
     turn = threading.Condition(lock)
     writing: List[Any] = []  # the message whose line is being written (at most one); under lock
     write_errors: List[OSError] = []
+    printed = [0]  # lines written whole
+    stopped_by: List[str] = []  # "signal" or "timeout", when one of them ended the wait
 
     def hold(value: int) -> None:
         """Lower the Reader's max_in_flight to *value* (0: RDY 0 on every connection); under *lock*."""
@@ -1010,6 +1055,8 @@ def cmd_tail(args: argparse.Namespace) -> int:
             turn.notify()
             if message.has_responded():
                 return None  # given back by the stop, which did not wait for this write to end
+            if error is None:
+                printed[0] += 1
             if error is not None:
                 # The reading end of the pipe closed (`| head -1`): stop quietly, as cat does; any
                 # other error (a full disk) stops with exit 1. The message goes back to nsqd (it
@@ -1065,13 +1112,18 @@ def cmd_tail(args: argparse.Namespace) -> int:
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for signum in _STOP_SIGNALS:
-            previous[signum] = signal.signal(signum, lambda *_: done.set())
+            previous[signum] = signal.signal(signum, lambda *_: (stopped_by.append("signal"), done.set()))
     reader.start()
     output_gone = _pipe_reader_gone(sys.stdout)
+    connected = False  # subscribed to some nsqd when the wait ended
     try:
-        while not done.wait(0.2):
+        while not done.wait(0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic()))):
             if output_gone():
                 break  # (`| head -1`: head left while no message came to notice it)
+            if deadline is not None and time.monotonic() >= deadline:
+                stopped_by.append("timeout")
+                break
+        connected = bool(reader.conns)
     finally:
         # The usual handlers first: a second Ctrl-C interrupts a drain that waits on a hung nsqd.
         for signum, handler_ in previous.items():
@@ -1085,6 +1137,206 @@ def cmd_tail(args: argparse.Namespace) -> int:
     if write_errors:
         error = write_errors[0]
         raise Failed(f"write error: {error.strerror or error}")
+    if args.n is not None and printed[0] < args.n and not output.broken and stopped_by:
+        # -n N promised N lines: a stop before them is not a success (a CI smoke test
+        # "pub, then tail -n 1" must not pass with nothing printed)
+        count = f"printed {printed[0]} of {args.n} message(s) of {args.topic}"
+        if stopped_by[0] == "signal":
+            raise KeyboardInterrupt(count)
+        if not connected:
+            raise Unavailable(f"not subscribed to any nsqd after {args.timeout:g}s (--timeout): none reachable, "
+                              f"or none has the topic for nsqlookupd; {count}")
+        raise Failed(f"timed out after {args.timeout:g}s (--timeout): {count}")
+    return EXIT_OK
+
+
+# ------------------------------------------------------- stats, topic, channel
+#: where stats, topic and channel ask when given no address: nsqd's default HTTP address
+DEFAULT_NSQD_HTTP_ADDRESS = "127.0.0.1:4151"
+DEFAULT_HTTP_TIMEOUT = 5.0
+#: what ``topic ACTION`` and ``channel ACTION`` do, in the past tense, and what goes with it
+_ADMIN_ACTIONS: Dict[str, Tuple[str, Dict[str, str]]] = {
+    "create": ("created", {"topic": "", "channel": ""}),
+    "delete": ("deleted", {"topic": ", with its channels and every message in them", "channel": ", with every message in it"}),
+    "empty": ("emptied", {"topic": ": its own queue (not its channels')",
+                          "channel": ": every message in it, in flight and deferred ones too"}),
+    "pause": ("paused", {"topic": ": no message moves on to its channels until unpaused",
+                         "channel": ": no message goes to its consumers until unpaused"}),
+    "unpause": ("unpaused", {"topic": "", "channel": ""}),
+}
+_ADMIN_HELP = {
+    "topic": "create: on each nsqd (idempotent); delete: the topic, its channels and their messages; empty: the topic's own "
+             "queue, not its channels'; pause/unpause: stop/resume moving messages on to its channels",
+    "channel": "create: on each nsqd that has the topic (idempotent); delete: the channel and its messages; empty: every "
+               "message in it, in flight and deferred too; pause/unpause: stop/resume delivering to its consumers",
+}
+
+
+class _Problems:
+    """What an HTTP command could not do, each with the exit code it calls for; raise() ends
+    the command with the worst: 1 (an answer that is an error), then 4 (not an HTTP API that
+    answers: a TCP port, TLS), then 3 (down, hung, not found by name: a retry may do)."""
+
+    def __init__(self) -> None:
+        self.items: List[Tuple[str, str]] = []  # (kind, text)
+
+    def add(self, what: str, exc: BaseException) -> None:
+        self.items.append((_http_failure_kind(exc), f"{what}: {_failure_reason(exc)}"))
+
+    def raise_(self, done: str = "") -> None:
+        if not self.items:
+            return
+        kinds = {kind for kind, _ in self.items}
+        text = "; ".join(text for _, text in self.items) + (f" ({done})" if done else "")
+        if "failed" in kinds:
+            raise Failed(text)
+        if "refused" in kinds:
+            raise Refused(text)
+        raise Unavailable(text)
+
+
+def _join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def _nsqd_http_addresses(args: argparse.Namespace, problems: _Problems) -> List[str]:
+    """The nsqd HTTP APIs to ask: every --nsqd-http-address, and every nsqd each
+    --lookupd-http-address lists (its broadcast address and HTTP port); 127.0.0.1:4151 when
+    neither option is given. A nsqlookupd that cannot be asked goes to *problems*; when no nsqd
+    is left to ask, the command ends (exit 3, or the problem's own code)."""
+    from .errors import Error
+    from .httpapi import LookupdClient
+
+    given = [address for value in args.nsqd_http_address or [] for address in value]
+    lookupds = [address for value in args.lookupd_http_address or [] for address in value]
+    if not given and not lookupds:
+        given = [DEFAULT_NSQD_HTTP_ADDRESS]
+    targets: Dict[str, None] = dict.fromkeys(given)
+    for address in lookupds:
+        try:
+            nodes = LookupdClient(address, timeout=args.timeout).nodes()
+        except Error as exc:
+            problems.add(f"nsqlookupd {address}", exc)
+            continue
+        for node in nodes:
+            host, port = node.get("broadcast_address"), node.get("http_port")
+            if isinstance(host, str) and host and isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536:
+                targets.setdefault(_join_host_port(host, port))
+            else:
+                problems.items.append(("failed", f"nsqlookupd {address}: an nsqd without a usable broadcast_address and http_port"))
+    if not targets:
+        problems.raise_()
+        raise Unavailable(f"no nsqd to ask: nsqlookupd {', '.join(lookupds)} lists none")
+    return list(targets)
+
+
+def _nsqd_client(address: str, args: argparse.Namespace) -> Any:
+    from .httpapi import NsqdHTTPClient
+
+    return NsqdHTTPClient(address, timeout=args.timeout)
+
+
+def _count(stats: Dict[str, Any], key: str) -> Optional[int]:
+    value = stats.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+#: stats's columns: (JSON key and nsqd's field, heading)
+_STATS_COLUMNS = (("depth", "DEPTH"), ("in_flight_count", "IN-FLIGHT"), ("deferred_count", "DEFERRED"),
+                  ("client_count", "CLIENTS"), ("message_count", "MESSAGES"))
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    """Depth, in flight, deferred and clients of each topic and channel on each nsqd (its
+    /stats), as a table or JSON; what could not be asked ends it with 3 (or 1, 4) after the
+    rest is printed."""
+    from .errors import Error
+
+    problems = _Problems()
+    rows: List[Dict[str, Any]] = []
+    for address in _nsqd_http_addresses(args, problems):
+        try:
+            stats = _nsqd_client(address, args).stats(topic=args.topic, include_clients=False, include_mem=False)
+        except Error as exc:
+            problems.add(f"nsqd HTTP {address}", exc)
+            continue
+        for topic in stats["topics"]:
+            if args.topic is not None and topic["topic_name"] != args.topic:
+                continue
+            if args.channel is None:
+                rows.append({"nsqd": address, "topic": topic["topic_name"], "channel": None,
+                             "depth": _count(topic, "depth"), "in_flight_count": None, "deferred_count": None,
+                             "client_count": None, "message_count": _count(topic, "message_count"),
+                             "paused": bool(topic.get("paused"))})
+            for channel in topic["channels"]:
+                if args.channel is not None and channel["channel_name"] != args.channel:
+                    continue
+                rows.append({"nsqd": address, "topic": topic["topic_name"], "channel": channel["channel_name"],
+                             **{key: _count(channel, key) for key, _ in _STATS_COLUMNS}, "paused": bool(channel.get("paused"))})
+    rows.sort(key=lambda row: (row["topic"], row["channel"] is not None, row["channel"] or "", row["nsqd"]))
+    if args.json:
+        _print(json.dumps(rows), sys.stdout)
+    elif rows:
+        def cell(value: Any) -> str:
+            return "-" if value is None else f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+
+        headings = ["TOPIC", "CHANNEL", *(heading for _, heading in _STATS_COLUMNS), "PAUSED", "NSQD"]
+        table = [[row["topic"], row["channel"] or "-", *(cell(row[key]) for key, _ in _STATS_COLUMNS),
+                  "yes" if row["paused"] else "no", row["nsqd"]] for row in rows]
+        widths = [max(len(line[i]) for line in [headings, *table]) for i in range(len(headings))]
+        numeric = range(2, 2 + len(_STATS_COLUMNS))
+        for line in [headings, *table]:
+            _print("  ".join(text.rjust(width) if i in numeric else text.ljust(width)
+                             for i, (text, width) in enumerate(zip(line, widths))).rstrip(), sys.stdout)
+    elif not problems.items:
+        what = f"topic {args.topic!r}" if args.topic is not None else "topic"
+        if args.channel is not None:
+            what = f"channel {args.channel!r}" + (f" of topic {args.topic!r}" if args.topic is not None else "")
+        _print(f"no {what} on the nsqd asked", sys.stderr)
+    problems.raise_()
+    return EXIT_OK
+
+
+def cmd_admin(args: argparse.Namespace) -> int:
+    """topic/channel create, delete, empty, pause, unpause on each nsqd; one line on stdout per
+    nsqd saying what was done there. A topic or channel an nsqd does not have is skipped there
+    (said on stdout), and is exit 1 when no nsqd has it."""
+    from .errors import Error, HTTPError
+
+    kind = args.command
+    verb, consequence = _ADMIN_ACTIONS[args.action]
+    names = [args.topic] if kind == "topic" else [args.topic, args.channel]
+    target = f"topic {args.topic!r}" if kind == "topic" else f"channel {args.channel!r} of topic {args.topic!r}"
+    problems = _Problems()
+    addresses = _nsqd_http_addresses(args, problems)
+    done: List[str] = []
+    missing: List[str] = []
+    unknown: List[str] = []
+    for address in addresses:
+        try:
+            getattr(_nsqd_client(address, args), f"{args.action}_{kind}")(*names)
+        except HTTPError as exc:
+            if exc.status == 404 and exc.message in ("TOPIC_NOT_FOUND", "CHANNEL_NOT_FOUND"):
+                absent = f"topic {args.topic!r}" if exc.message == "TOPIC_NOT_FOUND" else target
+                missing.append(absent)
+                _print(f"{absent} is not on nsqd HTTP {address}: nothing {verb} there", sys.stdout)
+                continue
+            problems.add(f"nsqd HTTP {address}", exc)
+            if exc.status == 0 and exc.message.startswith("timed out"):
+                unknown.append(address)  # (sent, perhaps: a hung nsqd may still carry it out)
+            continue
+        except Error as exc:
+            problems.add(f"nsqd HTTP {address}", exc)
+            continue
+        done.append(address)
+        _print(f"{verb} {target} on nsqd HTTP {address}{consequence[kind]}", sys.stdout)
+    summary = f"{verb} on {len(done)} of {len(addresses)} nsqd"
+    if unknown:
+        summary += f"; perhaps on {len(unknown)} more, which did not answer in time but may still carry it out"
+    problems.raise_(summary)
+    if not done:
+        hint = "; create it first: nsq-sync topic create" if kind == "channel" and args.action == "create" else ""
+        raise Failed(f"{missing[0] if len(set(missing)) == 1 else target} is not on any nsqd asked ({len(addresses)}): nothing {verb}{hint}")
     return EXIT_OK
 
 
@@ -1228,6 +1480,9 @@ def build_parser() -> argparse.ArgumentParser:
             f"  nsq-sync pub --topic events hello world      # two messages to {DEFAULT_NSQD_TCP_ADDRESS}\n"
             "  nsq-sync tail --topic events -n 2            # print two messages and exit\n"
             "  nsq-sync worker tasks:handle --topic events --channel work --lookupd-http-address 127.0.0.1:4161\n"
+            "  nsq-sync stats --lookupd-http-address 127.0.0.1:4161   # depth, in flight, clients on every nsqd\n"
+            "  nsq-sync topic delete events --nsqd-http-address 127.0.0.1:4151\n"
+            "  nsq-sync channel empty events archive --lookupd-http-address 127.0.0.1:4161\n"
             "\nexit codes: 0 ok, 1 failed (lost messages, publish errors), 2 bad arguments, 3 broker unavailable,\n"
             "  4 refused by nsqd (credentials or TLS: AUTH secret, certificate; or not nsqd's TCP port), 130 interrupted"
         ),
@@ -1327,6 +1582,9 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("-n", type=_positive_int, default=None,
                       help="exit after N messages (by default, run until stopped); on a channel that stays, the way to take "
                            "the first N: | head -N loses the lines it leaves in the pipe")
+    tail.add_argument("--timeout", type=_seconds(0.001, MAX_TIMEOUT), default=None,
+                      help="stop after this many seconds; with -n N, fewer than N messages by then is exit 1 (exit 3 if not "
+                           "subscribed to any nsqd), without -n a stop (exit 0); by default, no limit")
     tail.add_argument("--max-in-flight", type=_int_range(1, MAX_IN_FLIGHT), default=200, help="messages nsqd may send before tail answers")
     tail.add_argument("--lookupd-poll-interval", type=_seconds(0.001, MAX_TIMEOUT), default=5.0, help="how often to ask nsqlookupd for the topic's nsqd")
     tail.add_argument("--take-backlog", action="store_true",
@@ -1339,6 +1597,35 @@ def build_parser() -> argparse.ArgumentParser:
     backend_arg(tail)
     connection_args(tail)
     tail.set_defaults(func=cmd_tail)
+
+    def http_address_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--nsqd-http-address", action="append", type=_check_address, metavar="HOST:PORT",
+                       help=f"nsqd HTTP address (repeatable, or comma-separated); default {DEFAULT_NSQD_HTTP_ADDRESS} when no "
+                            "--lookupd-http-address is given")
+        p.add_argument("--lookupd-http-address", action="append", type=_check_address, metavar="HOST:PORT",
+                       help="nsqlookupd HTTP address (repeatable, or comma-separated): every nsqd it lists, at the HTTP port it registered")
+        p.add_argument("--timeout", type=_seconds(0.001, MAX_TIMEOUT), default=DEFAULT_HTTP_TIMEOUT,
+                       help="how long each HTTP request may take (no answer: exit 3)")
+
+    stats = sub.add_parser("stats", parents=[verbose_parent()], help="depth, in flight, deferred and clients of topics and channels",
+                           epilog="example: nsq-sync stats --lookupd-http-address 127.0.0.1:4161 --topic events")
+    stats.add_argument("--topic", type=_check_topic, default=None, help="only this topic (by default, every topic)")
+    stats.add_argument("--channel", type=_check_channel, default=None,
+                       help="only the channels of this name (of --topic, or of every topic), without the topics' own rows")
+    http_address_args(stats)
+    stats.add_argument("--json", action="store_true", help="print one JSON list of rows instead of a table")
+    stats.set_defaults(func=cmd_stats)
+
+    for kind, names in (("topic", "TOPIC"), ("channel", "TOPIC CHANNEL")):
+        admin = sub.add_parser(kind, parents=[verbose_parent()], help=f"create, delete, empty, pause or unpause a {kind} on each nsqd",
+                               epilog=f"example: nsq-sync {kind} create events{' archive' if kind == 'channel' else ''} "
+                                      "--lookupd-http-address 127.0.0.1:4161")
+        admin.add_argument("action", choices=tuple(_ADMIN_ACTIONS), metavar="ACTION", help=f"{'|'.join(_ADMIN_ACTIONS)}: {_ADMIN_HELP[kind]}")
+        admin.add_argument("topic", type=_check_topic, metavar="TOPIC", help="the topic" + (" of the channel" if kind == "channel" else ""))
+        if kind == "channel":
+            admin.add_argument("channel", type=_check_channel, metavar="CHANNEL", help="the channel")
+        http_address_args(admin)
+        admin.set_defaults(func=cmd_admin)
 
     cluster = sub.add_parser("cluster", parents=[verbose_parent()], help="run a local nsqlookupd + nsqd cluster in the foreground", epilog="example: nsq-sync cluster --nsqd 3")
     cluster.add_argument("--nsqd", type=_int_range(1, MAX_CLUSTER_NSQD), default=2, help="how many nsqd")

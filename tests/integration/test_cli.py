@@ -762,6 +762,73 @@ def test_two_tails_get_channels_of_their_own_even_with_the_same_pid(nsqd: NsqdPr
             assert sorted(tail.stdout()) == sorted("m%d" % i for i in range(total)), tail.output()
 
 
+def wait_subscribed(nsqd: NsqdProcess, topic: str, channel: str, tail: "CliProcess") -> None:
+    def subscribed() -> bool:
+        stats = nsqd.channel_stats(topic, channel)
+        return bool(stats and stats["client_count"] >= 1) or tail.proc.poll() is not None
+
+    wait_until(subscribed, timeout=20, message=f"tail subscribed to {topic}/{channel}")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_tail_n_stopped_before_n_messages_exits_130(signum: int, nsqd: NsqdProcess, env: Dict[str, str], backend: str) -> None:
+    """tail -n 3 gets one message, then a signal (a CI job's timeout, Ctrl-C): it did not print
+    what -n promised, so it exits 130 (interrupted, as pub does) saying how many it printed.
+    Before, it exited 0: "pub, then tail -n 1" smoke tests passed with nothing received.
+    Without -n a signal is still the normal stop: exit 0."""
+    topic, channel = "cli_tail_n_stopped", "ci"
+    nsqd.create_channel(topic, channel)
+    with CliProcess.nsq_sync("tail", "--topic", topic, "--channel", channel, "--nsqd-tcp-address", nsqd.tcp_address,
+                             "-n", "3", "--backend", backend, env=env) as tail:
+        wait_subscribed(nsqd, topic, channel, tail)
+        nsqd.publish(topic, b"only")
+        tail.wait_for_line(lambda line: line == "only")
+        tail.signal(signum)
+        assert tail.wait(30) == EXIT_INTERRUPTED, tail.output()
+        assert tail.stdout() == ["only"], tail.output()
+        assert tail.stderr() == [f"nsq-sync: interrupted: printed 1 of 3 message(s) of {topic}"], tail.output()
+    with CliProcess.nsq_sync("tail", "--topic", topic, "--channel", channel, "--nsqd-tcp-address", nsqd.tcp_address,
+                             "--backend", backend, env=env) as tail:
+        wait_subscribed(nsqd, topic, channel, tail)
+        tail.signal(signum)
+        assert tail.wait(30) == EXIT_OK, tail.output()
+
+
+def test_tail_timeout(nsqd: NsqdProcess, env: Dict[str, str], backend: str) -> None:
+    """--timeout: -n 2 with one message there is exit 1 once the time is over, saying how many
+    were printed; not subscribed to any nsqd by then (nothing listens) is exit 3; -n reached in
+    time is exit 0 at once; without -n, the timeout is a stop (exit 0). Before, there was no
+    --timeout (exit 2), and a smoke test could only wait for ever."""
+    topic, channel = "cli_tail_timeout", "ci"
+    nsqd.create_channel(topic, channel)
+    nsqd.publish(topic, b"one")
+    tail = run_cli("tail", "--topic", topic, "--channel", channel, "--nsqd-tcp-address", nsqd.tcp_address,
+                   "-n", "2", "--timeout", "2", "--backend", backend, env=env)
+    assert tail.returncode == EXIT_FAILED, describe(tail)
+    assert tail.stdout == "one\n", describe(tail)
+    assert tail.stderr == f"nsq-sync: failed: timed out after 2s (--timeout): printed 1 of 2 message(s) of {topic}\n", describe(tail)
+    stats = settled_channel(nsqd, topic, channel)
+    assert stats["depth"] == 0, stats  # (the one printed was finished)
+
+    nowhere = f"127.0.0.1:{free_port()}"
+    tail = run_cli("tail", "--topic", topic, "--channel", channel, "--nsqd-tcp-address", nowhere,
+                   "-n", "1", "--timeout", "1", "--backend", backend, env=env)
+    assert tail.returncode == EXIT_UNAVAILABLE, describe(tail)
+    assert tail.stderr.splitlines()[-1] == (f"nsq-sync: unavailable: not subscribed to any nsqd after 1s (--timeout): none reachable, "
+                                            f"or none has the topic for nsqlookupd; printed 0 of 1 message(s) of {topic}"), describe(tail)
+
+    nsqd.publish(topic, b"two")
+    started = time.monotonic()
+    tail = run_cli("tail", "--topic", topic, "--channel", channel, "--nsqd-tcp-address", nsqd.tcp_address,
+                   "-n", "1", "--timeout", "60", "--backend", backend, env=env)
+    assert tail.returncode == EXIT_OK and tail.stdout == "two\n", describe(tail)
+    assert time.monotonic() - started < 30
+
+    tail = run_cli("tail", "--topic", topic, "--channel", channel, "--nsqd-tcp-address", nsqd.tcp_address,
+                   "--timeout", "1", "--backend", backend, env=env)
+    assert tail.returncode == EXIT_OK and tail.stdout == "" and tail.stderr == "", describe(tail)
+
+
 def test_tail_n_gives_the_rest_back_at_once_without_backoff(nsqd: NsqdProcess, env: Dict[str, str], backend: str) -> None:
     """-n 1 on a named channel: what tail does not print goes back for the channel's other
     consumers now, not deferred by requeue_delay x attempts (90 s), and tail never backs off.
@@ -949,13 +1016,17 @@ def test_tail_refuses_when_the_backlog_check_cannot_be_made(nsqd: NsqdProcess, e
     nsqd.mpublish(topic, [b"m%d" % i for i in range(5)])
     guessed = f"127.0.0.1:{nsqd.tcp_port + 1}"  # type: ignore[operator]
     nowhere = f"127.0.0.1:{free_port()}"
+    tail = run_cli("tail", "--topic", topic, "--nsqd-tcp-address", nsqd.tcp_address, "-n", "1", "--backend", backend, env=env)
+    assert_refused_unchecked(tail, topic, f"nsqd HTTP {guessed}, guessed as TCP port + 1 of {nsqd.tcp_address}")
+    assert_backlog_kept(nsqd, topic, 5)
+    # A --nsqd-http-address or --lookupd-http-address given that does not answer is a broker
+    # down: exit 3 (see the next test), still without subscribing.
     for where, named in (
-        (["--nsqd-tcp-address", nsqd.tcp_address], f"nsqd HTTP {guessed}, guessed as TCP port + 1 of {nsqd.tcp_address}"),
         (["--nsqd-tcp-address", nsqd.tcp_address, "--nsqd-http-address", nowhere], f"nsqd HTTP {nowhere}: connection refused"),
         (["--lookupd-http-address", nowhere], f"nsqlookupd {nowhere}: connection refused"),
     ):
         tail = run_cli("tail", "--topic", topic, *where, "-n", "1", "--backend", backend, env=env)
-        assert_refused_unchecked(tail, topic, named)
+        assert_unavailable_unchecked(tail, topic, named)
         assert_backlog_kept(nsqd, topic, 5)
 
     tail = run_cli("tail", "--topic", topic, "--nsqd-tcp-address", nsqd.tcp_address, "--nsqd-http-address", nsqd.http_address,
@@ -965,6 +1036,46 @@ def test_tail_refuses_when_the_backlog_check_cannot_be_made(nsqd: NsqdProcess, e
 
     tail = run_cli("tail", "--topic", topic, "--nsqd-tcp-address", nsqd.tcp_address, "-n", "1", "--take-backlog", "--backend", backend, env=env)
     assert tail.returncode == EXIT_OK and tail.stdout == "m0\n", describe(tail)
+
+
+def assert_unavailable_unchecked(tail: "subprocess.CompletedProcess[str]", topic: str, named: str) -> None:
+    """tail could not make its backlog check because a broker is down or hung: exit 3 (as pub's
+    for the same broker), nothing printed, one line naming *named* and no option the user gave
+    already."""
+    assert tail.returncode == EXIT_UNAVAILABLE, describe(tail)
+    assert tail.stdout == "" and tail.stderr.count("\n") == 1, describe(tail)
+    assert tail.stderr.startswith(f"nsq-sync: unavailable: could not check whether topic '{topic}' holds messages that no channel has taken yet ("), describe(tail)
+    assert named in tail.stderr and "nothing was consumed" in tail.stderr and "Try again once it answers" in tail.stderr, describe(tail)
+    assert "--channel NAME" in tail.stderr and "--take-backlog" in tail.stderr, describe(tail)
+    assert "Give --nsqd-http-address" not in tail.stderr, describe(tail)
+
+
+def test_tail_backlog_check_of_a_hung_or_down_broker_exits_3_and_takes_nothing(nsq_cluster, env: Dict[str, str], backend: str) -> None:
+    """An nsqd or nsqlookupd that is frozen (SIGSTOP: connections accepted, nothing answered) or
+    gone: the backlog check cannot be made, and that is the broker's state, not the command
+    line's. Before, tail exited 2 ("bad arguments") telling the user to give the very
+    --nsqd-http-address or --lookupd-http-address they had given, while pub exits 3 for the same
+    broker. Now exit 3, within the check's 3 s, and the topic keeps its backlog (tail never
+    subscribed)."""
+    nsqd, lookupd = nsq_cluster.nsqds[0], nsq_cluster.lookupd
+    topic = "cli_backlog_hung"
+    nsqd.mpublish(topic, [b"a", b"b"])
+    nsq_cluster.wait_for_producers(topic, count=1)
+    direct = ["--nsqd-tcp-address", nsqd.tcp_address, "--nsqd-http-address", nsqd.http_address]
+    via_lookupd = ["--lookupd-http-address", lookupd.http_address]
+    for frozen, where, named in ((nsqd, direct, f"nsqd HTTP {nsqd.http_address}: timed out after 1s"),
+                                 (lookupd, via_lookupd, f"nsqlookupd {lookupd.http_address}: timed out after 1s"),
+                                 (nsqd, via_lookupd, f"nsqd HTTP {nsqd.http_address}: timed out after 1s")):
+        frozen.pause()
+        try:
+            started = time.monotonic()
+            tail = run_cli("tail", "--topic", topic, *where, "-n", "1", "--backend", backend, env=env)
+            took = time.monotonic() - started
+        finally:
+            frozen.resume()
+        assert_unavailable_unchecked(tail, topic, named)
+        assert took < 20, took
+        assert_backlog_kept(nsqd, topic, 2)
 
 
 @contextlib.contextmanager
@@ -1107,6 +1218,132 @@ def test_tail_through_lookupd_stops_on_sigterm(nsq_cluster, env: Dict[str, str],
         tail.wait_for_line(lambda l: l == "first", timeout=20)
         tail.signal(signal.SIGTERM)
         assert tail.wait(30) == EXIT_OK, tail.output()
+
+
+# ------------------------------------------------------- stats, topic, channel
+def stats_rows(*args: str, env: Dict[str, str]) -> List[Dict[str, Any]]:
+    done = run_cli("stats", "--json", *args, env=env)
+    assert done.returncode == EXIT_OK and done.stderr == "", describe(done)
+    return json.loads(done.stdout)
+
+
+def test_stats_of_every_nsqd_nsqlookupd_lists_as_a_table_or_json(nsq_cluster, env: Dict[str, str], backend: str) -> None:
+    """stats asks every nsqd nsqlookupd lists (at the HTTP port it registered) and shows each
+    topic's own depth and each channel's depth, in flight, deferred and clients; --topic and
+    --channel filter; an nsqd that does not answer is named and is exit 3, after the rest is
+    printed. Before, there was no stats command (exit 2): operators needed curl."""
+    import nsq_sync
+
+    first, second = nsq_cluster.nsqds
+    lookupd = ["--lookupd-http-address", nsq_cluster.lookupd_http_addresses[0]]
+    first.create_channel("cli_stats", "work")
+    first.mpublish("cli_stats", [b"a", b"b", b"c"])
+    second.mpublish("cli_stats_other", [b"x", b"y"])  # (no channel: the topic keeps them)
+    nsq_cluster.wait_for_producers("cli_stats", count=1)
+    nsq_cluster.wait_for_producers("cli_stats_other", count=1)
+    held: List[Any] = []
+    reader = nsq_sync.Reader("cli_stats", "work", message_handler=lambda m: (m.enable_async(), held.append(m)) and None,
+                             nsqd_tcp_addresses=first.tcp_address, max_in_flight=1, backend=backend)
+    reader.start()
+    try:
+        wait_until(lambda: (first.channel_stats("cli_stats", "work") or {}).get("in_flight_count") == 1, 20, message="one in flight")
+        rows = stats_rows(*lookupd, env=env)
+        by_key = {(row["topic"], row["channel"]): row for row in rows}
+        assert by_key[("cli_stats", "work")] == {"nsqd": first.http_address, "topic": "cli_stats", "channel": "work", "depth": 2,
+                                                "in_flight_count": 1, "deferred_count": 0, "client_count": 1, "message_count": 3,
+                                                "paused": False}, rows
+        assert by_key[("cli_stats", None)]["depth"] == 0 and by_key[("cli_stats", None)]["nsqd"] == first.http_address, rows
+        assert by_key[("cli_stats_other", None)]["depth"] == 2 and by_key[("cli_stats_other", None)]["nsqd"] == second.http_address, rows
+
+        assert [(r["topic"], r["channel"]) for r in stats_rows(*lookupd, "--topic", "cli_stats", env=env)] == [("cli_stats", None), ("cli_stats", "work")]
+        assert [(r["topic"], r["channel"]) for r in stats_rows(*lookupd, "--channel", "work", env=env)] == [("cli_stats", "work")]
+
+        table = run_cli("stats", "--nsqd-http-address", first.http_address, "--topic", "cli_stats", env=env)
+        assert table.returncode == EXIT_OK, describe(table)
+        assert [line.split() for line in table.stdout.splitlines()] == [
+            ["TOPIC", "CHANNEL", "DEPTH", "IN-FLIGHT", "DEFERRED", "CLIENTS", "MESSAGES", "PAUSED", "NSQD"],
+            ["cli_stats", "-", "0", "-", "-", "-", "3", "no", first.http_address],
+            ["cli_stats", "work", "2", "1", "0", "1", "3", "no", first.http_address],
+        ], describe(table)
+    finally:
+        reader.close()
+
+    nowhere = f"127.0.0.1:{free_port()}"
+    partial = run_cli("stats", "--json", "--nsqd-http-address", f"{first.http_address},{nowhere}", "--topic", "cli_stats", env=env)
+    assert partial.returncode == EXIT_UNAVAILABLE, describe(partial)
+    assert {row["nsqd"] for row in json.loads(partial.stdout)} == {first.http_address}, describe(partial)
+    assert partial.stderr == f"nsq-sync: unavailable: nsqd HTTP {nowhere}: connection refused\n", describe(partial)
+    none = run_cli("stats", "--nsqd-http-address", first.http_address, "--topic", "cli_stats_nothing", env=env)
+    assert none.returncode == EXIT_OK and none.stdout == "" and none.stderr == "no topic 'cli_stats_nothing' on the nsqd asked\n", describe(none)
+
+
+def test_topic_and_channel_actions_on_every_nsqd_say_what_they_did(nsq_cluster, env: Dict[str, str]) -> None:
+    """topic/channel create, pause, unpause, empty, delete on every nsqd nsqlookupd lists, one
+    line per nsqd saying what was done; a topic an nsqd does not have is skipped there (exit 0
+    while some nsqd had it, 1 when none did). Before, there were no such commands (exit 2)."""
+    first, second = nsq_cluster.nsqds
+    lookupd = ["--lookupd-http-address", nsq_cluster.lookupd_http_addresses[0]]
+    topic = "cli_admin"
+
+    def run_ok(*args: str) -> List[str]:
+        done = run_cli(*args, *lookupd, env=env)
+        assert done.returncode == EXIT_OK and done.stderr == "", describe(done)
+        return sorted(done.stdout.splitlines())
+
+    assert run_ok("topic", "create", topic) == sorted(f"created topic '{topic}' on nsqd HTTP {n.http_address}" for n in (first, second))
+    assert run_ok("channel", "create", topic, "work") == sorted(
+        f"created channel 'work' of topic '{topic}' on nsqd HTTP {n.http_address}" for n in (first, second))
+    first.mpublish(topic, [b"a", b"b"])
+    assert run_ok("channel", "pause", topic, "work")[0].startswith(f"paused channel 'work' of topic '{topic}' on nsqd HTTP ")
+    assert channel_stats(first, topic, "work")["paused"] and channel_stats(second, topic, "work")["paused"]
+    run_ok("channel", "unpause", topic, "work")
+    assert not channel_stats(first, topic, "work")["paused"]
+    run_ok("topic", "pause", topic)
+    assert first.topic_stats(topic)["paused"]  # type: ignore[index]
+    run_ok("topic", "unpause", topic)
+    assert channel_stats(first, topic, "work")["depth"] == 2
+    assert f"emptied channel 'work' of topic '{topic}' on nsqd HTTP {first.http_address}: every message in it, in flight and deferred ones too" \
+        in run_ok("channel", "empty", topic, "work")
+    assert channel_stats(first, topic, "work")["depth"] == 0
+    assert run_ok("channel", "delete", topic, "work") == sorted(
+        f"deleted channel 'work' of topic '{topic}' on nsqd HTTP {n.http_address}, with every message in it" for n in (first, second))
+    assert first.channel_stats(topic, "work") is None
+
+    only_first = "cli_admin_one"
+    first.create_topic(only_first)
+    assert run_ok("topic", "delete", only_first) == sorted([
+        f"deleted topic '{only_first}' on nsqd HTTP {first.http_address}, with its channels and every message in them",
+        f"topic '{only_first}' is not on nsqd HTTP {second.http_address}: nothing deleted there"])
+    assert first.topic_stats(only_first) is None
+    again = run_cli("topic", "delete", only_first, *lookupd, env=env)
+    assert again.returncode == EXIT_FAILED, describe(again)
+    assert again.stderr == f"nsq-sync: failed: topic '{only_first}' is not on any nsqd asked (2): nothing deleted\n", describe(again)
+    no_topic = run_cli("channel", "create", "cli_admin_none", "c", "--nsqd-http-address", first.http_address, env=env)
+    assert no_topic.returncode == EXIT_FAILED and "create it first: nsq-sync topic create" in no_topic.stderr, describe(no_topic)
+
+
+def test_topic_and_channel_actions_on_a_down_or_hung_nsqd_exit_3(nsqd: NsqdProcess, env: Dict[str, str]) -> None:
+    """An nsqd or nsqlookupd that does not answer (nothing listening; frozen, within --timeout)
+    is exit 3 naming it and saying how far the action got; a TCP port given for the HTTP one
+    (it closes HTTP requests unanswered) is exit 4, which a retry will not fix."""
+    nowhere = f"127.0.0.1:{free_port()}"
+    down = run_cli("topic", "create", "cli_admin_down", "--nsqd-http-address", f"{nsqd.http_address},{nowhere}", env=env)
+    assert down.returncode == EXIT_UNAVAILABLE, describe(down)
+    assert down.stdout == f"created topic 'cli_admin_down' on nsqd HTTP {nsqd.http_address}\n", describe(down)
+    assert down.stderr == f"nsq-sync: unavailable: nsqd HTTP {nowhere}: connection refused (created on 1 of 2 nsqd)\n", describe(down)
+    lookupd_down = run_cli("channel", "delete", "t", "c", "--lookupd-http-address", nowhere, env=env)
+    assert lookupd_down.returncode == EXIT_UNAVAILABLE and lookupd_down.stderr == f"nsq-sync: unavailable: nsqlookupd {nowhere}: connection refused\n", describe(lookupd_down)
+    not_http = run_cli("stats", "--nsqd-http-address", nsqd.tcp_address, env=env)
+    assert not_http.returncode == EXIT_REFUSED and "is this an HTTP port?" in not_http.stderr, describe(not_http)
+    nsqd.pause()
+    try:
+        hung = run_cli("topic", "delete", "cli_admin_down", "--nsqd-http-address", nsqd.http_address, "--timeout", "1", env=env)
+    finally:
+        nsqd.resume()
+    assert hung.returncode == EXIT_UNAVAILABLE, describe(hung)
+    # (the request is in nsqd's socket: once resumed, nsqd may carry it out, and the line says so)
+    assert hung.stderr == (f"nsq-sync: unavailable: nsqd HTTP {nsqd.http_address}: timed out after 1s (deleted on 0 of 1 nsqd; "
+                           "perhaps on 1 more, which did not answer in time but may still carry it out)\n"), describe(hung)
 
 
 # ---------------------------------------------------------------- TLS and AUTH
@@ -1524,7 +1761,7 @@ def test_broker_that_does_not_start_exit_3(tmp_path: Path, env: Dict[str, str]) 
 
 
 # -------------------------------------------------------------------- help
-COMMANDS = ("demo", "worker", "pub", "tail", "cluster")
+COMMANDS = ("demo", "worker", "pub", "tail", "stats", "topic", "channel", "cluster")
 
 
 def test_version(env: Dict[str, str]) -> None:

@@ -256,8 +256,11 @@ NUMBER_OPTIONS = {
     "worker": (["--max-in-flight", "--concurrency", "--max-tries", "--close-timeout", "--msg-timeout", "--requeue-delay", "--max-backoff-duration"],
                ["m:f", "--topic", "t", "--channel", "c"]),
     "pub": (["--timeout", "--max-msg-size"], ["--topic", "t"]),
-    "tail": (["-n", "--max-in-flight", "--lookupd-poll-interval"], ["--topic", "t"]),
+    "tail": (["-n", "--max-in-flight", "--lookupd-poll-interval", "--timeout"], ["--topic", "t"]),
     "cluster": (["--nsqd"], []),
+    "stats": (["--timeout"], []),
+    "topic": (["--timeout"], ["create", "t"]),
+    "channel": (["--timeout"], ["create", "t", "c"]),
 }
 #: "(1..2,147,483,647, default 200)", "(0.001..86,400, default 10)", "(1 or more)"
 RANGE = re.compile(r"\((?P<low>[\d,.]+)(?:\.\.(?P<high>[\d,.]+)| or more)(?:, default (?P<default>[\d,.]+))?\)$")
@@ -348,7 +351,7 @@ def test_help_gives_every_option_a_text_that_holds_for_the_command(command: str,
         for option in action.option_strings:
             assert entries.get(option, ("", ""))[1], f"{command} {option}: no help text in\n{text}"
         if not action.option_strings:  # (a positional argument: its line is "  NAME  text")
-            assert any(line.split(None, 1)[:1] == [action.dest] and len(line.split()) > 1 for line in text.splitlines()), \
+            assert any(line.split(None, 1)[:1] == [action.metavar or action.dest] and len(line.split()) > 1 for line in text.splitlines()), \
                 f"{command} {action.dest}: no help text in\n{text}"
     verbose = entries["-v"][1]
     assert verbose.startswith("log at INFO on stderr") and "worker" not in verbose, verbose
