@@ -673,20 +673,27 @@ def test_messages_read_before_the_connection_died_still_run_and_are_warned_about
     assert len(failed) == 1 and "5 answers could not be sent" not in failed[0], failed  # (one summary, not one per message)
 
 
-def test_a_copy_nsqd_timed_out_and_sent_again_runs_once(
-    fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader], caplog: pytest.LogCaptureFixture
-) -> None:
-    # A handler slower than msg_timeout: nsqd delivers the waiting message again (same id)
-    # while the first copy still waits for a worker. Only the newer copy runs, and it is said.
+def holding_handler(held: bytes) -> Tuple[Callable[[Any], bool], List[bytes], threading.Event]:
+    """A handler that records every body it sees and holds the one equal to *held* until the
+    returned event is set; (handler, the bodies seen, the event)."""
     release = threading.Event()
     handled: List[bytes] = []
 
     def handler(message: Any) -> bool:
         handled.append(message.body)
-        if message.body == b"slow":
+        if message.body == held:
             release.wait(WAIT)
         return True
 
+    return handler, handled, release
+
+
+def test_a_copy_nsqd_timed_out_and_sent_again_runs_once(
+    fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader], caplog: pytest.LogCaptureFixture
+) -> None:
+    # A handler slower than msg_timeout: nsqd delivers the waiting message again (same id)
+    # while the first copy still waits for a worker. Only the newer copy runs, and it is said.
+    handler, handled, release = holding_handler(b"slow")
     reader = make_reader(fake_nsqd, handler, max_in_flight=5, concurrency=1)
     with caplog.at_level(logging.WARNING):
         reader.start()
@@ -771,15 +778,7 @@ def test_messages_that_waited_for_a_worker_past_msg_timeout_are_dropped_unrun(fa
     # twice, FIN refused), and piled up without bound while a handler hung (95 held after
     # 20 s with max_in_flight 5 and msg_timeout 1 s, in a user review against real nsqd).
     fake_nsqd.identify_response["msg_timeout"] = 50  # ms
-    release = threading.Event()
-    handled: List[bytes] = []
-
-    def handler(message: Any) -> bool:
-        handled.append(message.body)
-        if message.body == b"hung":
-            release.wait(WAIT)
-        return True
-
+    handler, handled, release = holding_handler(b"hung")
     reader = make_reader(fake_nsqd, handler, max_in_flight=3, concurrency=1)
     with caplog.at_level(logging.WARNING):
         reader.start()
