@@ -830,20 +830,19 @@ def _failure_reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-#: the starts of an HTTPError's message (status 0: no answer) for a server that is down, hung or
-#: not found by name: nothing the command line can fix, try again later (exit 3). The other
-#: failures without an answer (TLS, a port that closes HTTP requests unanswered: a TCP port
-#: given for the HTTP one) are the address's or the settings' (exit 4).
-_UNREACHABLE = ("timed out", "connection refused", "could not resolve host")
-
-
 def _http_failure_kind(exc: BaseException) -> str:
     """"unavailable" (exit 3), "refused" (exit 4) or "failed" (exit 1) for an HTTP request
-    that raised *exc*."""
+    that raised *exc*. No answer (status 0) from a server that is down, hung or not found by
+    name is nothing the command line can fix: try again later (exit 3). The other failures
+    without an answer (TLS, a port that closes HTTP requests unanswered: a TCP port given for
+    the HTTP one) are the address's or the settings' (exit 4)."""
+    import socket
+
     from .errors import HTTPError
 
     if isinstance(exc, HTTPError) and exc.status == 0:
-        return "unavailable" if exc.message.startswith(_UNREACHABLE) else "refused"
+        unreachable = exc.timed_out or isinstance(exc.__cause__, (ConnectionRefusedError, socket.gaierror))
+        return "unavailable" if unreachable else "refused"
     return "failed"
 
 
@@ -855,6 +854,7 @@ def _nsqd_http_targets(args: argparse.Namespace, addresses: Dict[str, Any], dead
     --nsqd-http-address, else each --nsqd-tcp-address's port + 1 (nsqd's convention; not for
     an nsqd nsqlookupd listed already). What cannot be asked goes to *unchecked*, with the
     reason."""
+    from .addresses import address_key
     from .errors import Error, HTTPError
     from .httpapi import LookupdClient
 
@@ -864,9 +864,6 @@ def _nsqd_http_targets(args: argparse.Namespace, addresses: Dict[str, Any], dead
     def add(address: str, guessed_from: Optional[str] = None) -> None:
         if address not in targets or guessed_from is None:  # (known beats guessed)
             targets[address] = guessed_from
-
-    def join(host: str, port: int) -> str:
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     for address in addresses["lookupd_http_addresses"] or []:
         timeout = _backlog_request_timeout(deadline, f"nsqlookupd {address}", unchecked)
@@ -885,10 +882,10 @@ def _nsqd_http_targets(args: argparse.Namespace, addresses: Dict[str, Any], dead
             host = producer.get("broadcast_address") if isinstance(producer, dict) else None
             port = producer.get("http_port") if isinstance(producer, dict) else None
             if isinstance(host, str) and host and isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536:
-                add(join(host, port))
+                add(address_key(host, port))
                 tcp_port = producer.get("tcp_port")
                 if isinstance(tcp_port, int) and not isinstance(tcp_port, bool):
-                    listed.add(join(host, tcp_port))
+                    listed.add(address_key(host, tcp_port))
             else:
                 unchecked.append((f"nsqlookupd {address}: a producer without a usable broadcast_address and http_port", False, False))
     given = [address for value in getattr(args, "nsqd_http_address", None) or [] for address in value]
@@ -1195,17 +1192,13 @@ class _Problems:
         raise Unavailable(text)
 
 
-def _join_host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
-
-
 def _nsqd_http_addresses(args: argparse.Namespace, problems: _Problems) -> List[str]:
     """The nsqd HTTP APIs to ask: every --nsqd-http-address, and every nsqd each
     --lookupd-http-address lists (its broadcast address and HTTP port); 127.0.0.1:4151 when
     neither option is given. A nsqlookupd that cannot be asked goes to *problems*; when no nsqd
     is left to ask, the command ends (exit 3, or the problem's own code)."""
-    from .errors import Error
-    from .httpapi import LookupdClient
+    from .errors import ConfigError, Error
+    from .httpapi import LookupdClient, nsqd_http_address
 
     given = [address for value in args.nsqd_http_address or [] for address in value]
     lookupds = [address for value in args.lookupd_http_address or [] for address in value]
@@ -1219,10 +1212,9 @@ def _nsqd_http_addresses(args: argparse.Namespace, problems: _Problems) -> List[
             problems.add(f"nsqlookupd {address}", exc)
             continue
         for node in nodes:
-            host, port = node.get("broadcast_address"), node.get("http_port")
-            if isinstance(host, str) and host and isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536:
-                targets.setdefault(_join_host_port(host, port))
-            else:
+            try:
+                targets.setdefault(nsqd_http_address(node))
+            except ConfigError:
                 problems.items.append(("failed", f"nsqlookupd {address}: an nsqd without a usable broadcast_address and http_port"))
     if not targets:
         problems.raise_()

@@ -1463,8 +1463,7 @@ class AsyncConn(EventedMixin):
         the clock starts when a message was read, after nsqd started its own, so a message
         is never taken back before nsqd's deadline for it passed.
         """
-        timeouts = self.message_timeouts or (float(self.msg_timeout or 60.0),) * 2
-        horizon = now - min(timeouts)
+        horizon = now - min(self._timeouts())
         deliver = self._deliver
         taken = self.worker_pool.messages.take(lambda fn, message: fn == deliver and (message._responded or message._arrived <= horizon))
         if not taken:
@@ -1504,11 +1503,12 @@ class AsyncConn(EventedMixin):
         meant to go, and a peer flooding past RDY must not fill memory), the running ones'
         answers are not sent (nsqd would refuse them). Returns how many were forgotten."""
         inflight = self._inflight
+        timeouts = self._timeouts()
         oldest = []
         for message in inflight.values():  # (by arrival: a copy sent again goes last)
             if len(oldest) >= excess:
                 break
-            if self._is_live(message, now):
+            if self._is_live(message, now, timeouts):
                 oldest.append(message)
         for message in oldest:
             message._responded = message._superseded = True
@@ -1516,10 +1516,15 @@ class AsyncConn(EventedMixin):
         self.in_flight = len(inflight)
         return len(oldest)
 
-    def _is_live(self, message: Message, now: float) -> bool:
+    def _timeouts(self) -> Tuple[float, float]:
+        """(msg_timeout, max_msg_timeout) in seconds: as nsqd negotiated them, else as asked."""
+        return self.message_timeouts or (float(self.msg_timeout or 60.0),) * 2
+
+    @staticmethod
+    def _is_live(message: Message, now: float, timeouts: Tuple[float, float]) -> bool:
         """Surely still in flight at nsqd at *now*: touched or read less than msg_timeout
-        ago, by a margin for network and timer delays."""
-        msg_timeout, max_msg_timeout = self.message_timeouts or (float(self.msg_timeout or 60.0),) * 2
+        ago (*timeouts*: _timeouts()), by a margin for network and timer delays."""
+        msg_timeout, max_msg_timeout = timeouts
         arrived = message._arrived
         start = getattr(message, "_touched", arrived)
         return min(start + msg_timeout, arrived + max_msg_timeout) - now > 2.0
@@ -1536,8 +1541,8 @@ class AsyncConn(EventedMixin):
         flight at nsqd are counted: touched or read less than msg_timeout ago by a margin
         for network and timer delays.
         """
-        is_live = self._is_live
-        live = sum(1 for message in self._inflight.values() if is_live(message, now))
+        is_live, timeouts = self._is_live, self._timeouts()
+        live = sum(1 for message in self._inflight.values() if is_live(message, now, timeouts))
         if live <= self._rdy_peak:
             return None
         return live - self._rdy_peak if self._rdy_peak else live

@@ -132,8 +132,8 @@ class Message:
 
     def touch(self) -> bool:
         """Send TOUCH: reset nsqd's timeout for this message. True once it is on its way, False
-        when the connection is gone or nsqd delivered the message again (see :meth:`finish`). Raises AlreadyRespondedError after
-        finish/requeue."""
+        when the connection is gone or nsqd delivered the message again (see :meth:`finish`).
+        Raises AlreadyRespondedError after finish/requeue."""
         now = _clock()
         responder = self._need_responder()
         try:

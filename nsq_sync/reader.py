@@ -1869,7 +1869,7 @@ class Reader:
             # their next ping, up to 15 s later): its first answers list none, so after failed
             # polls, an answer listing no nsqd does not end the quicker schedule.
             failed = 0 if listed or (answered and not failed) else failed + 1
-            delay = self._lookupd_delay(min(step for step in (failed, lost) if step) if failed or lost else 0)
+            delay = self._lookupd_delay(min(failed, lost) if failed and lost else failed or lost)
             if failed:
                 logger.debug("%s: no lookupd answered or listed an nsqd (%d polls in a row since a failure); asking again in %.1f s", self.name, failed, delay)
             elif lost:

@@ -545,8 +545,15 @@ class Writer:
         as long as another nsqd is connected."""
         node.pass_until = time.monotonic() + PASS_OVER_SECONDS
 
-    def _other_node_connected(self, node: _Node) -> bool:
-        return any(conn._writer_node is not node and conn.state == "CONNECTED" for conn in self._connected)  # type: ignore[attr-defined]
+    def _not_stored_retry(self, conn: AsyncConn, retries: int, deadline: float) -> bool:
+        """A publish on *conn* was answered with one of _NOT_STORED: its nsqd is passed over,
+        and whether the publish goes to another nsqd (retries left, time left, and another
+        nsqd connected)."""
+        node = conn._writer_node  # type: ignore[attr-defined]
+        self._pass_over(node)
+        return retries > 0 and time.monotonic() < deadline and any(
+            other._writer_node is not node and other.state == "CONNECTED" for other in self._connected  # type: ignore[attr-defined]
+        )
 
     def _attempt_ended(self) -> None:
         """A node's attempt to connect ended (its state is updated): wake the publishes waiting
@@ -1025,9 +1032,7 @@ class Writer:
                     # safe to send to another nsqd, which retries allow. That nsqd is passed
                     # over for a while by every publish (its connection closes and reconnects
                     # at once; a full disk would fail every publish sent there).
-                    node = conn._writer_node  # type: ignore[attr-defined]
-                    self._pass_over(node)
-                    if retries <= 0 or time.monotonic() >= deadline or not self._other_node_connected(node):
+                    if not self._not_stored_retry(conn, retries, deadline):
                         raise
                     retries -= 1
                     avoid = conn
@@ -1283,9 +1288,7 @@ class Writer:
             if exc is None:
                 _settle(outer, f.result())
             elif isinstance(exc, _NOT_STORED):
-                node = conn._writer_node  # type: ignore[attr-defined]
-                self._pass_over(node)
-                if retries > 0 and time.monotonic() < deadline and self._other_node_connected(node):
+                if self._not_stored_retry(conn, retries, deadline):
                     # (not unknown: nsqd said it did not store it; see _publish_blocking)
                     try:
                         self.pool.control.submit(self._attempt, data, deadline, retries - 1, outer, conn)

@@ -13,7 +13,7 @@ import logging
 import re
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from ..addresses import check_host
+from ..addresses import address_key, check_host
 from ..errors import ConfigError, HTTPError
 from ..protocol.names import check_channel, check_topic
 from .base import AnswerShape, HTTPClient
@@ -91,7 +91,7 @@ def nsqd_http_address(producer: Mapping[str, Any]) -> str:
     if not usable:
         shown = {key: producer.get(key) for key in ("broadcast_address", "http_port")}
         raise ConfigError("producer", shown, "needs a broadcast_address (a host name or IP address) and an http_port (an int from 1 to 65535)")
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # type: ignore[operator]
+    return address_key(host, port)  # type: ignore[arg-type]
 
 
 def strip_lookup_path(address: object) -> object:

@@ -748,12 +748,7 @@ def test_refused_answers_and_redeliveries_are_warned_about_with_counts_of_their_
     # Both warnings shared one rate limit and one count: after a redelivery was warned about,
     # an E_FIN_FAILED within LATE_WARNING_SECONDS was only logged at debug level, and later
     # counts mixed the two ("26 such" E_FIN_FAILED with 21 messages finished).
-    release = threading.Event()
-
-    def handler(message: Any) -> bool:
-        release.wait(WAIT)
-        return True
-
+    handler, _, release = holding_handler(b"slow")
     reader = make_reader(fake_nsqd, handler, max_in_flight=5, concurrency=1)
     with caplog.at_level(logging.WARNING):
         reader.start()
