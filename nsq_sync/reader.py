@@ -497,8 +497,9 @@ class Reader:
             try:
                 from .httpapi import LookupdClient
 
-                # (it drops pynsq's "/lookup"; an answer over LOOKUPD_ANSWER_MAX is a failed query)
-                client = LookupdClient(address, timeout=lookupd_timeout, max_response_size=LOOKUPD_ANSWER_MAX)
+                # (it drops pynsq's "/lookup"; an answer over LOOKUPD_ANSWER_MAX is a failed query;
+                # queries a poll interval apart gain nothing from a kept connection)
+                client = LookupdClient(address, timeout=lookupd_timeout, max_response_size=LOOKUPD_ANSWER_MAX, keep_alive=False)
             except ConfigError as exc:
                 # exc.value is already redacted (no credentials from the URL)
                 raise ConfigError("lookupd_http_addresses", exc.value, exc.reason) from None

@@ -1,7 +1,7 @@
 """HTTP clients for nsqd and nsqlookupd, built only on the standard library.
 
-They use :mod:`http.client` (one connection per request), so they work unchanged
-under gevent monkey-patching and can be shared between threads.
+They use :mod:`http.client`, so they work unchanged under gevent monkey-patching, keep
+connections open between requests (HTTP keep-alive) and can be shared between threads.
 """
 
 from .base import ACCEPT_V1, HTTPClient, HTTPResponse

@@ -2,8 +2,9 @@
 
 Built only on :mod:`http.client` from the standard library, so it works
 unchanged under gevent monkey-patching (the socket module it uses is the
-patched one).  Every request opens its own connection and closes it, so one
-client object can be shared freely between threads and greenlets.
+patched one).  A client keeps the connections of requests that went well open
+(HTTP keep-alive, at most MAX_IDLE_CONNECTIONS) for the next ones, and any number of
+threads and greenlets can share one client: each request takes a connection of its own.
 
 nsqd/nsqlookupd 1.x answer plain JSON (with the header
 ``X-NSQ-Content-Type: nsq; version=1.0``); servers older than 1.0 wrap the
@@ -20,10 +21,14 @@ import ipaddress
 import json
 import logging
 import math
+import os
 import re
+import select
 import socket
 import ssl
+import threading
 import time
+import weakref
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple, Type, TypeVar, Union
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -46,6 +51,16 @@ _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+").fullmatch
 #: the default max_response_size: nsqd's /stats with many clients can be several MB
 DEFAULT_MAX_RESPONSE_SIZE = 64 * 1024 * 1024
 _READ_CHUNK = 64 * 1024
+#: connections a client keeps open for its next requests (HTTP keep-alive); more requests at
+#: once each open one of their own, closed when done
+MAX_IDLE_CONNECTIONS = 4
+#: a kept connection unused for longer is closed instead of used: firewalls and load balancers
+#: drop idle connections after a minute or more without telling either end, and a request sent
+#: on one would wait out its whole timeout
+KEEP_IDLE_SECONDS = 30.0
+#: methods a request on a kept connection is sent again for, on a fresh connection, when the
+#: server had closed the kept one (no answer at all): they change nothing on the server
+_REPLAYABLE = frozenset(("GET", "HEAD"))
 #: the most characters of an answer quoted in an HTTPError about its shape
 _QUOTE_LIMIT = 200
 #: what an admin action (the last part of its route) does, for "may or may not have been ..."
@@ -383,6 +398,10 @@ class _DeadlineSocket:
         self._sock = sock
         self._deadline = deadline
 
+    def set_deadline(self, deadline: float) -> None:
+        """The next request's deadline, for a kept connection (keep-alive)."""
+        self._deadline = deadline
+
     def sendall(self, data: Body) -> None:
         view = memoryview(data).cast("B")
         while view:
@@ -405,6 +424,7 @@ class _Connection(http.client.HTTPConnection):
         self._deadline = deadline
         self._tls_context = context
         self._raw: Optional[socket.socket] = None
+        self.idle_since = 0.0  # when it was last kept for the next request (HTTPClient._give_back)
         if context is not None:
             self.default_port = 443  # (the Host header leaves out the default port, as HTTPSConnection does)
 
@@ -424,6 +444,60 @@ class _Connection(http.client.HTTPConnection):
         raw, self._raw = self._raw, None
         if raw is not None:
             raw.close()
+
+    def reuse(self, deadline: float) -> bool:
+        """Ready this kept connection for a request due by *deadline*; False (and closed) when
+        the server has closed it, or sent something nobody asked for, meanwhile, or it has been
+        idle for more than KEEP_IDLE_SECONDS.
+
+        Readable while no request is out means either; a connection that is still open shows
+        nothing to read. (A server that closes it just as the request goes out is
+        :meth:`HTTPClient.request`'s to handle.)
+        """
+        raw, sock = self._raw, self.sock
+        if raw is None or not isinstance(sock, _DeadlineSocket) or time.monotonic() - self.idle_since > KEEP_IDLE_SECONDS:
+            self.discard()
+            return False
+        try:
+            if (isinstance(raw, ssl.SSLSocket) and raw.pending()) or _readable(raw):
+                self.discard()
+                return False
+        except (OSError, ValueError):
+            self.discard()
+            return False
+        self._deadline = deadline
+        sock.set_deadline(deadline)
+        return True
+
+    @property
+    def kept_open(self) -> bool:
+        """The last answer left the connection open (no ``Connection: close``, body read whole)."""
+        return self._raw is not None and self.sock is not None
+
+
+def _readable(sock: socket.socket) -> bool:
+    """Whether *sock* has bytes or an end of stream waiting, without waiting.
+
+    ``select.poll`` where the (unpatched) platform has it: ``select.select`` cannot watch a
+    descriptor over 1023. gevent's patched ``select`` module has only ``select``, which it
+    serves from its own loop, without that limit.
+    """
+    poll = getattr(select, "poll", None)
+    if poll is not None:
+        poller = poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
+    return bool(select.select([sock], [], [], 0)[0])
+
+
+def _close_idle(idle: List[_Connection]) -> None:
+    """Close kept connections (a client's close(), or its finalizer when it is collected)."""
+    while idle:
+        try:
+            conn = idle.pop()
+        except IndexError:
+            return
+        conn.discard()
 
 
 class HTTPResponse:
@@ -592,7 +666,11 @@ class HTTPClient:
     request (they are never logged).  *max_response_size* (bytes, default 64 MiB; None for
     no limit) bounds the body read from any answer: a bigger one fails with
     ``HTTPError(status, "... over max_response_size (N bytes) ...")``, before reading when its
-    Content-Length says so, else as soon as the limit is passed.
+    Content-Length says so, else as soon as the limit is passed.  *keep_alive* (default True)
+    keeps the connection of a request that went well open for the next one (at most
+    MAX_IDLE_CONNECTIONS are kept); False opens and closes one per request.  :meth:`close`
+    (or leaving a ``with`` block) closes the kept connections; the client still works after it,
+    one connection per request.
 
     The address is checked here: a malformed one (including one with characters
     other than printable ASCII) raises :class:`ConfigError` naming ``address``
@@ -617,8 +695,11 @@ class HTTPClient:
         ssl_context: Optional[ssl.SSLContext] = None,
         headers: Optional[Mapping[str, str]] = None,
         max_response_size: Optional[int] = DEFAULT_MAX_RESPONSE_SIZE,
+        keep_alive: bool = True,
     ) -> None:
         scheme, host, port, prefix = _parse_address(address)
+        if not isinstance(keep_alive, bool):
+            raise ConfigTypeError("keep_alive", keep_alive, "must be True or False")
         self._timeout = _check_timeout(timeout)
         self._max_response_size = _check_max_response_size(max_response_size)
         if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
@@ -634,6 +715,13 @@ class HTTPClient:
         host_part = f"[{host}]" if ":" in host else host
         self._address = f"{host_part}:{port}"
         self._base_url = f"{scheme}://{host_part}:{port}{prefix}"
+        self._keep_alive = keep_alive
+        # Kept connections, most recently used last. Taken and given back under the lock; a
+        # forked child finds its parent's (pid) and closes its copies without using them.
+        self._idle: List[_Connection] = []
+        self._idle_lock = threading.Lock()
+        self._idle_pid = os.getpid()
+        self._finalizer = weakref.finalize(self, _close_idle, self._idle)
 
     @classmethod
     def from_url(cls: Type[_C], url: str, **kwargs: Any) -> _C:
@@ -681,8 +769,28 @@ class HTTPClient:
         """The most bytes of body read from an answer (None: no limit)."""
         return self._max_response_size
 
+    @property
+    def keep_alive(self) -> bool:
+        """Whether connections are kept open for the next requests (False after :meth:`close`)."""
+        return self._keep_alive
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._base_url!r})"
+
+    def close(self) -> None:
+        """Close the connections kept open for the next requests. The client still works: from
+        now on each request opens its own connection and closes it."""
+        self._keep_alive = False
+        with self._idle_lock:
+            idle = self._idle[:]
+            del self._idle[:]
+        _close_idle(idle)
+
+    def __enter__(self: _C) -> _C:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
 
     # -- requests ---------------------------------------------------------
 
@@ -699,6 +807,56 @@ class HTTPClient:
         if self._scheme == "https":
             context = self._ssl_context or ssl.create_default_context()
         return _Connection(self._host, self._port, self._timeout, deadline, context)
+
+    def _kept(self, deadline: float) -> Optional[_Connection]:
+        """A kept connection still open, readied for a request due by *deadline*; None when there is none."""
+        if not self._idle:
+            return None
+        inherited: List[_Connection] = []
+        conn: Optional[_Connection] = None
+        with self._idle_lock:
+            if self._idle_pid != os.getpid():
+                # A forked child: these connections are the parent's too, and an answer read
+                # here would be missing there. Close the child's copies (the parent's stay open).
+                inherited, self._idle[:] = self._idle[:], []
+                self._idle_pid = os.getpid()
+            elif self._idle:
+                conn = self._idle.pop()
+        _close_idle(inherited)
+        while conn is not None:
+            if conn.reuse(deadline):
+                return conn
+            with self._idle_lock:
+                conn = self._idle.pop() if self._idle else None
+        return None
+
+    def _give_back(self, conn: _Connection) -> None:
+        """Keep *conn* for the next request when its answer left it open; else close it."""
+        if self._keep_alive and conn.kept_open:
+            with self._idle_lock:
+                if self._keep_alive and self._idle_pid == os.getpid() and len(self._idle) < MAX_IDLE_CONNECTIONS:
+                    conn.idle_since = time.monotonic()
+                    self._idle.append(conn)
+                    return
+        conn.discard()
+
+    def _exchange(self, conn: _Connection, method: str, target: str, body: Optional[bytes],
+                  headers: Dict[str, str], url: str) -> Tuple[int, str, http.client.HTTPMessage, bytes]:
+        """Send the request on *conn* and read the whole answer (raises what http.client and the socket raise)."""
+        try:
+            conn.request(method, target, body=body, headers=headers)
+        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError) as send_exc:
+            # nsqd answers 413 for a too-big body without reading it and then closes the
+            # connection, so the rest of a large body hits a closed socket.  The answer
+            # is usually already in our receive buffer: read it, or report the send failure.
+            try:
+                resp = conn.getresponse()
+            except (OSError, http.client.HTTPException):
+                raise send_exc from None
+        else:
+            resp = conn.getresponse()
+        data = _read_body(resp, self._max_response_size, url)
+        return resp.status, resp.reason, resp.headers, data
 
     def request(
         self,
@@ -743,30 +901,38 @@ class HTTPClient:
             body = b""
         headers.update(self._extra_headers)
 
+        payload = bytes(body) if body is not None else None
         started = time.monotonic()
-        conn = self._connection(started + self._timeout)  # one deadline for the whole request
+        deadline = started + self._timeout  # one deadline for the whole request
+        conn = self._kept(deadline) if self._keep_alive else None
         try:
-            try:
-                conn.request(method, target, body=bytes(body) if body is not None else None, headers=headers)
-            except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError) as send_exc:
-                # nsqd answers 413 for a too-big body without reading it and then closes the
-                # connection, so the rest of a large body hits a closed socket.  The answer
-                # is usually already in our receive buffer: read it, or report the send failure.
+            if conn is not None:
                 try:
-                    resp = conn.getresponse()
-                except (OSError, http.client.HTTPException):
-                    raise send_exc from None
-            else:
-                resp = conn.getresponse()
-            data = _read_body(resp, self._max_response_size, url)
-            status, reason, resp_headers = resp.status, resp.reason, resp.headers
+                    status, reason, resp_headers, data = self._exchange(conn, method, target, payload, headers, url)
+                except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
+                    # The server closed the kept connection as the request went out, and sent
+                    # no answer. Only a request that changes nothing goes again: a POST may
+                    # have been done before the connection closed (a caller may retry it).
+                    if method not in _REPLAYABLE:
+                        raise
+                    conn.discard()
+                    logger.debug("%s %s: kept connection closed by the server; once more on a new one", method, url)
+                    conn = None
+            if conn is None:
+                conn = self._connection(deadline)
+                status, reason, resp_headers, data = self._exchange(conn, method, target, payload, headers, url)
         except (OSError, http.client.HTTPException, ssl.CertificateError, UnicodeError) as exc:
             # (UnicodeError: a name the IDNA codec refuses, from getaddrinfo)
+            if conn is not None:
+                conn.discard()
             reason_text = _transport_reason(exc, self._timeout)
             logger.debug("%s %s failed after %.1f ms: %s", method, url, (time.monotonic() - started) * 1000, reason_text)
             raise HTTPError(0, reason_text, url, timed_out=isinstance(exc, (socket.timeout, TimeoutError))) from exc
-        finally:
-            conn.discard()
+        except BaseException:
+            if conn is not None:
+                conn.discard()
+            raise
+        self._give_back(conn)
 
         logger.debug("%s %s -> %d (%.1f ms, %d bytes)", method, url, status, (time.monotonic() - started) * 1000, len(data))
         if not 200 <= status < 300:

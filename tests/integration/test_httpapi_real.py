@@ -58,6 +58,21 @@ def test_nsqd_over_https(tls_nsqd, tls_files):
     assert isinstance(info.value.__cause__, ssl.SSLError)
 
 
+def test_kept_connection_across_an_nsqd_restart(nsqd):
+    """Publishes share one kept connection; nsqd's restart closes it, and the next publish
+    (a POST, never sent twice) goes out on a new connection instead of failing."""
+    with NsqdHTTPClient(nsqd.http_address) as client:
+        for n in range(20):
+            assert client.pub("kept", b"%d" % n) == "OK"
+        assert len(client._idle) == 1
+        kept = client._idle[0]
+        nsqd.restart()
+        assert client.pub("kept", b"after restart") == "OK"
+        assert client._idle and client._idle[0] is not kept
+        assert client.topic_depth("kept") == 21  # (nsqd's graceful stop keeps them on disk)
+    assert client._idle == []
+
+
 def test_max_response_size_against_real_servers(nsqd, nsqlookupd):
     assert NsqdHTTPClient(nsqd.http_address, max_response_size=2).ping() is True  # "OK": exactly the limit
     small = NsqdHTTPClient(nsqd.http_address, max_response_size=100)
