@@ -1238,6 +1238,26 @@ _STATS_COLUMNS = (("depth", "DEPTH"), ("in_flight_count", "IN-FLIGHT"), ("deferr
                   ("client_count", "CLIENTS"), ("message_count", "MESSAGES"))
 
 
+def _stats_totals(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One row per topic or channel, its numbers added up over the nsqd that have it:
+    ``nsqd_count`` of them, ``paused_count`` paused there (``paused``: on every one)."""
+    totals: Dict[Tuple[str, Optional[str]], Dict[str, Any]] = {}
+    for row in rows:
+        total = totals.get((row["topic"], row["channel"]))
+        if total is None:
+            totals[(row["topic"], row["channel"])] = total = {
+                "topic": row["topic"], "channel": row["channel"], **{key: row[key] for key, _ in _STATS_COLUMNS},
+                "paused": row["paused"], "nsqd_count": 1, "paused_count": int(row["paused"])}
+            continue
+        for key, _ in _STATS_COLUMNS:
+            if row[key] is not None:
+                total[key] = row[key] + (total[key] or 0)
+        total["nsqd_count"] += 1
+        total["paused_count"] += int(row["paused"])
+        total["paused"] = total["paused_count"] == total["nsqd_count"]
+    return [{"nsqd": None, **total} for total in totals.values()]
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     """Depth, in flight, deferred and clients of each topic and channel on each nsqd (its
     /stats), as a table or JSON; what could not be asked ends it with 3 (or 1, 4) after the
@@ -1265,6 +1285,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
                     continue
                 rows.append({"nsqd": address, "topic": topic["topic_name"], "channel": channel["channel_name"],
                              **{key: _count(channel, key) for key, _ in _STATS_COLUMNS}, "paused": bool(channel.get("paused"))})
+    if args.total:
+        rows = _stats_totals(rows)
     rows.sort(key=lambda row: (row["topic"], row["channel"] is not None, row["channel"] or "", row["nsqd"]))
     if args.json:
         _print(json.dumps(rows), sys.stdout)
@@ -1272,9 +1294,15 @@ def cmd_stats(args: argparse.Namespace) -> int:
         def cell(value: Any) -> str:
             return "-" if value is None else f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
 
-        headings = ["TOPIC", "CHANNEL", *(heading for _, heading in _STATS_COLUMNS), "PAUSED", "NSQD"]
-        table = [[row["topic"], row["channel"] or "-", *(cell(row[key]) for key, _ in _STATS_COLUMNS),
-                  "yes" if row["paused"] else "no", row["nsqd"]] for row in rows]
+        def paused(row: Dict[str, Any]) -> str:
+            if args.total and 0 < row["paused_count"] < row["nsqd_count"]:
+                return f"{row['paused_count']} of {row['nsqd_count']}"
+            return "yes" if row["paused"] else "no"
+
+        headings = ["TOPIC", "CHANNEL", *(heading for _, heading in _STATS_COLUMNS), "PAUSED",
+                    "NSQD" if not args.total else "ON"]
+        table = [[row["topic"], row["channel"] or "-", *(cell(row[key]) for key, _ in _STATS_COLUMNS), paused(row),
+                  row["nsqd"] if not args.total else f"{row['nsqd_count']} nsqd"] for row in rows]
         widths = [max(len(line[i]) for line in [headings, *table]) for i in range(len(headings))]
         numeric = range(2, 2 + len(_STATS_COLUMNS))
         for line in [headings, *table]:
@@ -1605,6 +1633,8 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--channel", type=_check_channel, default=None,
                        help="only the channels of this name (of --topic, or of every topic), without the topics' own rows")
     http_address_args(stats)
+    stats.add_argument("--total", action="store_true",
+                       help="one row per topic and channel, added up over the nsqd that have it, instead of one per nsqd")
     stats.add_argument("--json", action="store_true", help="print one JSON list of rows instead of a table")
     stats.set_defaults(func=cmd_stats)
 

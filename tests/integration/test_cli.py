@@ -1227,6 +1227,42 @@ def stats_rows(*args: str, env: Dict[str, str]) -> List[Dict[str, Any]]:
     return json.loads(done.stdout)
 
 
+def test_stats_total_adds_up_each_topic_and_channel_over_the_nsqd(nsq_cluster, env: Dict[str, str]) -> None:
+    """--total gives one row per topic and channel, its numbers added up over the nsqd that
+    have it, and says on how many (and on how many it is paused). Before, an operator summed
+    the per-nsqd rows with jq."""
+    from nsq_sync.httpapi import NsqdHTTPClient
+
+    first, second = nsq_cluster.nsqds
+    lookupd = ["--lookupd-http-address", nsq_cluster.lookupd_http_addresses[0]]
+    for nsqd, bodies in ((first, [b"a", b"b", b"c"]), (second, [b"d", b"e"])):
+        nsqd.create_channel("cli_total", "work")
+        nsqd.mpublish("cli_total", bodies)
+    first.create_channel("cli_total", "audit")  # on one nsqd only
+    first.mpublish("cli_total", [b"f"])
+    NsqdHTTPClient(second.http_address).pause_channel("cli_total", "work")
+    nsq_cluster.wait_for_producers("cli_total", count=2)
+
+    rows = stats_rows(*lookupd, "--topic", "cli_total", "--total", env=env)
+    assert rows == [
+        {"nsqd": None, "topic": "cli_total", "channel": None, "depth": 0, "in_flight_count": None, "deferred_count": None,
+         "client_count": None, "message_count": 6, "paused": False, "nsqd_count": 2, "paused_count": 0},
+        {"nsqd": None, "topic": "cli_total", "channel": "audit", "depth": 1, "in_flight_count": 0, "deferred_count": 0,
+         "client_count": 0, "message_count": 1, "paused": False, "nsqd_count": 1, "paused_count": 0},
+        {"nsqd": None, "topic": "cli_total", "channel": "work", "depth": 6, "in_flight_count": 0, "deferred_count": 0,
+         "client_count": 0, "message_count": 6, "paused": False, "nsqd_count": 2, "paused_count": 1},
+    ], rows
+
+    table = run_cli("stats", *lookupd, "--topic", "cli_total", "--total", env=env)
+    assert table.returncode == EXIT_OK, describe(table)
+    assert [line.split() for line in table.stdout.splitlines()] == [
+        ["TOPIC", "CHANNEL", "DEPTH", "IN-FLIGHT", "DEFERRED", "CLIENTS", "MESSAGES", "PAUSED", "ON"],
+        ["cli_total", "-", "0", "-", "-", "-", "6", "no", "2", "nsqd"],
+        ["cli_total", "audit", "1", "0", "0", "0", "1", "no", "1", "nsqd"],
+        ["cli_total", "work", "6", "0", "0", "0", "6", "1", "of", "2", "2", "nsqd"],
+    ], describe(table)
+
+
 def test_stats_of_every_nsqd_nsqlookupd_lists_as_a_table_or_json(nsq_cluster, env: Dict[str, str], backend: str) -> None:
     """stats asks every nsqd nsqlookupd lists (at the HTTP port it registered) and shows each
     topic's own depth and each channel's depth, in flight, deferred and clients; --topic and
