@@ -16,7 +16,7 @@ import logging
 import struct
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
-from ..errors import ConfigError
+from ..errors import ConfigError, HTTPError
 from ..protocol.names import check_channel, check_topic
 from .base import AnswerShape, HTTPClient
 
@@ -131,6 +131,8 @@ class NsqdHTTPClient(HTTPClient):
     ))
     _wrong_server_hint = (" (is this nsqlookupd's HTTP port? every nsqd serves {route}; nsqd's HTTP port is 4151 "
                           "by default, nsqlookupd's 4161)")
+    #: this client's /info showed nsqd (or could not tell): see _check_nsqd
+    _known_nsqd = False
 
     # ping() and info() come from HTTPClient: nsqd answers /ping with the text "OK"
     # (500 and its health text such as "NOK - ..." when unhealthy).
@@ -280,6 +282,41 @@ class NsqdHTTPClient(HTTPClient):
         return "OK"
 
     # -- topics -------------------------------------------------------------
+
+    #: the admin routes nsqlookupd serves too (it keeps a registry of topics and channels)
+    _shared_routes = frozenset(("/topic/create", "/topic/delete", "/channel/create", "/channel/delete"))
+
+    def _admin_action(self, route: str, params: Dict[str, str], target: str) -> None:
+        if route in self._shared_routes and not self._known_nsqd:
+            self._check_nsqd(target, route)
+        super()._admin_action(route, params, target)
+
+    def _check_nsqd(self, target: str, route: str) -> None:
+        """Before the first action nsqlookupd serves too: make sure this is nsqd, by its ``/info``.
+
+        nsqlookupd answers ``/topic/create`` and the like just as nsqd does, so given its HTTP
+        port the action changed its registry and no nsqd, without a word. Its ``/info`` has only
+        a ``version``; nsqd's has its ``tcp_port``. An ``/info`` that is not answered 2xx (a proxy
+        that serves only some routes) tells nothing: the action goes ahead. Raises HTTPError
+        (status 0 when /info got no answer).
+        """
+        try:
+            resp = self.request("GET", "/info")
+        except HTTPError as exc:
+            if exc.status == 0:
+                raise
+            self._known_nsqd = True  # (asked once: the answer will not change)
+            return
+        try:
+            info = resp.json()
+        except HTTPError:
+            info = None
+        if isinstance(info, dict) and "version" in info and "tcp_port" not in info:
+            done = route.rsplit("/", 1)[-1]
+            raise HTTPError(resp.status, f"not nsqd: its /info has no tcp_port, as nsqlookupd's, so the {target} "
+                                         f"was not {'created' if done == 'create' else 'deleted'} (is this nsqlookupd's HTTP "
+                                         f"port? nsqd's HTTP port is 4151 by default, nsqlookupd's 4161)", resp.url)
+        self._known_nsqd = True
 
     def _topic_action(self, action: str, topic: str) -> None:
         self._admin_action(f"/topic/{action}", {"topic": check_topic(topic)}, "topic")

@@ -515,3 +515,23 @@ def test_a_client_given_the_other_daemons_http_port_says_so(nsqd, nsqlookupd):
             call()
         assert info.value.status == 404
         assert info.value.message.startswith("NOT_FOUND (is this nsqlookupd's HTTP port?"), info.value.message
+
+
+def test_nsqd_client_at_nsqlookupds_port_creates_and_deletes_nothing(nsqd, nsqlookupd):
+    """Both daemons serve /topic/create, /topic/delete, /channel/create and /channel/delete.
+    An NsqdHTTPClient given nsqlookupd's port created the topic in nsqlookupd's registry (where
+    Readers then look it up and find no nsqd) and said nothing; now it asks /info first."""
+    nsqd_at_lookupd = NsqdHTTPClient(nsqlookupd.http_address)
+    lookupd = LookupdClient(nsqlookupd.http_address)
+    for call in (lambda: nsqd_at_lookupd.create_topic("t"), lambda: nsqd_at_lookupd.create_channel("t", "c"),
+                 lambda: nsqd_at_lookupd.delete_topic("t"), lambda: nsqd_at_lookupd.delete_channel("t", "c")):
+        with pytest.raises(HTTPError) as info:
+            call()
+        assert info.value.status == 200
+        assert "(is this nsqlookupd's HTTP port?" in info.value.message, info.value.message
+    assert lookupd.topics() == []
+    # the real nsqd passes the check, once
+    client = NsqdHTTPClient(nsqd.http_address)
+    client.create_topic("t")
+    client.create_channel("t", "c")
+    assert client.topic_stats("t")["channels"][0]["channel_name"] == "c"

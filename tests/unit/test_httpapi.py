@@ -1265,11 +1265,43 @@ def test_producer_entries_without_a_usable_address_are_skipped_with_one_warning(
 )
 def test_nsqd_admin_routes(server, method, args, path, params):
     server.route("POST", path, lambda rec: (200, dict(V1_HEADERS), b""))
-    assert getattr(NsqdHTTPClient(server.address), method)(*args) is None
-    (rec,) = server.requests
-    assert rec.method == "POST" and rec.path == path
+    server.route("GET", "/info", json_reply({"version": "1.3.0", "tcp_port": 4150, "http_port": 4151}))
+    client = NsqdHTTPClient(server.address)
+    assert getattr(client, method)(*args) is None
+    assert getattr(client, method)(*args) is None
+    shared = path in ("/topic/create", "/topic/delete", "/channel/create", "/channel/delete")
+    # the actions nsqlookupd serves too ask /info first, once per client (_check_nsqd)
+    assert [(r.method, r.path) for r in server.requests] == [("GET", "/info")] * shared + [("POST", path)] * 2
+    rec = server.requests[-1]
     assert {k: v[0] for k, v in rec.query.items()} == params
     assert rec.body == b""
+
+
+@pytest.mark.parametrize("method, args, what", [
+    ("create_topic", ("t",), "topic was not created"),
+    ("delete_topic", ("t",), "topic was not deleted"),
+    ("create_channel", ("t", "c"), "channel was not created"),
+    ("delete_channel", ("t", "c"), "channel was not deleted"),
+])
+def test_nsqd_admin_action_given_nsqlookupds_port_is_refused_before_sending(server, method, args, what):
+    """nsqlookupd serves /topic/create and the like too (its registry): an NsqdHTTPClient given
+    its port changed nsqlookupd's registry and no nsqd, without a word. Its /info (a version and
+    nothing else) tells it from nsqd's, and the action is not sent."""
+    server.route("GET", "/info", json_reply({"version": "1.3.0"}))
+    with pytest.raises(HTTPError) as info:
+        getattr(NsqdHTTPClient(server.address), method)(*args)
+    assert info.value.status == 200
+    assert f"not nsqd: its /info has no tcp_port, as nsqlookupd's, so the {what} (is this nsqlookupd's HTTP port?" in info.value.message
+    assert [(r.method, r.path) for r in server.requests] == [("GET", "/info")]
+
+
+def test_nsqd_admin_action_goes_ahead_when_info_tells_nothing(server):
+    """A proxy in front of nsqd that does not serve /info (404) does not stop the action."""
+    server.route("POST", "/topic/create", lambda rec: (200, dict(V1_HEADERS), b""))
+    client = NsqdHTTPClient(server.address)
+    client.create_topic("t")
+    client.create_topic("u")
+    assert [(r.method, r.path) for r in server.requests] == [("GET", "/info"), ("POST", "/topic/create"), ("POST", "/topic/create")]
 
 
 # ---------------------------------------------------------------- lookupd client requests
