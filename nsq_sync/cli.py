@@ -1317,6 +1317,33 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _forget_in_lookupds(lookupds: List[str], kind: str, names: List[str], target: str, timeout: float,
+                        problems: _Problems) -> List[str]:
+    """After a delete on every nsqd: take the topic (channel) out of each nsqlookupd's registry,
+    as nsqadmin does. nsqd unregisters only itself as a producer, and nsqlookupd went on listing
+    the topic and its channels (to nsqadmin, ``/topics``, ``/channels``). Only when every nsqd
+    was asked: one that still has it registers it again anyway. Returns the nsqlookupd where it
+    was (and is no longer)."""
+    from .errors import Error
+    from .httpapi import LookupdClient
+
+    forgotten: List[str] = []
+    for address in lookupds:
+        client = LookupdClient(address, timeout=timeout)
+        try:
+            listed = client.channels(names[0]) if kind == "channel" else client.topics()
+            if names[-1] not in listed:
+                _print(f"{target} is not in nsqlookupd HTTP {address}'s registry", sys.stdout)
+                continue
+            getattr(client, f"delete_{kind}")(*names)
+        except Error as exc:
+            problems.add(f"nsqlookupd HTTP {address}", exc)
+            continue
+        forgotten.append(address)
+        _print(f"removed {target} from nsqlookupd HTTP {address}'s registry", sys.stdout)
+    return forgotten
+
+
 def cmd_admin(args: argparse.Namespace) -> int:
     """topic/channel create, delete, empty, pause, unpause on each nsqd; one line on stdout per
     nsqd saying what was done there. A topic or channel an nsqd does not have is skipped there
@@ -1353,6 +1380,9 @@ def cmd_admin(args: argparse.Namespace) -> int:
     summary = f"{verb} on {len(done)} of {len(addresses)} nsqd"
     if unknown:
         summary += f"; perhaps on {len(unknown)} more, which did not answer in time but may still carry it out"
+    lookupds = [address for value in args.lookupd_http_address or [] for address in value]
+    if args.action == "delete" and lookupds and not problems.items:
+        done += _forget_in_lookupds(lookupds, kind, names, target, args.timeout, problems)
     problems.raise_(summary)
     if not done:
         hint = "; create it first: nsq-sync topic create" if kind == "channel" and args.action == "create" else ""

@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import pytest
 
 from nsq_sync.testing import AuthServer, BrokerStartError, NsqdProcess, TLSFiles, find_binary, wait_until
+from nsq_sync.httpapi import LookupdClient
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT = 45.0  # one CLI run; each test stays below 60 s
@@ -1341,19 +1342,28 @@ def test_topic_and_channel_actions_on_every_nsqd_say_what_they_did(nsq_cluster, 
     assert f"emptied channel 'work' of topic '{topic}' on nsqd HTTP {first.http_address}: every message in it, in flight and deferred ones too" \
         in run_ok("channel", "empty", topic, "work")
     assert channel_stats(first, topic, "work")["depth"] == 0
-    assert run_ok("channel", "delete", topic, "work") == sorted(
-        f"deleted channel 'work' of topic '{topic}' on nsqd HTTP {n.http_address}, with every message in it" for n in (first, second))
+    lookupd_http = nsq_cluster.lookupd_http_addresses[0]
+    assert run_ok("channel", "delete", topic, "work") == sorted([
+        *(f"deleted channel 'work' of topic '{topic}' on nsqd HTTP {n.http_address}, with every message in it" for n in (first, second)),
+        f"removed channel 'work' of topic '{topic}' from nsqlookupd HTTP {lookupd_http}'s registry"])
     assert first.channel_stats(topic, "work") is None
+    # nsqd unregisters itself as the channel's producer; nsqlookupd forgot the channel only
+    # because the command told it to, as nsqadmin does (before, /channels still listed it)
+    assert LookupdClient(lookupd_http).channels(topic) == []
 
     only_first = "cli_admin_one"
     first.create_topic(only_first)
+    nsq_cluster.wait_for_producers(only_first, count=1)
     assert run_ok("topic", "delete", only_first) == sorted([
         f"deleted topic '{only_first}' on nsqd HTTP {first.http_address}, with its channels and every message in them",
-        f"topic '{only_first}' is not on nsqd HTTP {second.http_address}: nothing deleted there"])
+        f"topic '{only_first}' is not on nsqd HTTP {second.http_address}: nothing deleted there",
+        f"removed topic '{only_first}' from nsqlookupd HTTP {lookupd_http}'s registry"])
     assert first.topic_stats(only_first) is None
+    assert only_first not in LookupdClient(lookupd_http).topics()
     again = run_cli("topic", "delete", only_first, *lookupd, env=env)
     assert again.returncode == EXIT_FAILED, describe(again)
     assert again.stderr == f"nsq-sync: failed: topic '{only_first}' is not on any nsqd asked (2): nothing deleted\n", describe(again)
+    assert again.stdout.splitlines()[-1] == f"topic '{only_first}' is not in nsqlookupd HTTP {lookupd_http}'s registry", describe(again)
     no_topic = run_cli("channel", "create", "cli_admin_none", "c", "--nsqd-http-address", first.http_address, env=env)
     assert no_topic.returncode == EXIT_FAILED and "create it first: nsq-sync topic create" in no_topic.stderr, describe(no_topic)
 
