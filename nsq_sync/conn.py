@@ -697,8 +697,15 @@ class AsyncConn(EventedMixin):
             if not frames:
                 if time.monotonic() >= deadline:
                     raise ConnectError(f"timed out after {self.timeout}s waiting for the answer to {what} from {self.id} (it came in part)")
-                data = self._stream.recv(READ_SIZE)
+                try:
+                    data = self._stream.recv(READ_SIZE)
+                except ConnectionResetError:
+                    if not received and self._tls_port(what):
+                        raise self._not_nsq_tls(what) from None
+                    raise
                 if not data:
+                    if not received and self._tls_port(what):
+                        raise self._not_nsq_tls(what)
                     raise ConnectionClosedError(f"{self.id} closed the connection during {what}")
                 received += len(data)
                 if received > HANDSHAKE_ANSWER_MAX:
@@ -729,6 +736,35 @@ class AsyncConn(EventedMixin):
             # "E_BAD_PROTOCOL", no frame type (nsqd frames its errors)
             hint = ": an error without a frame type, as nsqlookupd sends; is this nsqlookupd's TCP port instead of nsqd's?"
         return type(exc)(f"{self.id} answered {what}{shown}, not NSQ's protocol: {exc}{hint}")
+
+    def _tls_port(self, what: str) -> bool:
+        """Whether the peer that closed the connection on *what* without a byte of answer is a
+        TLS server (one more connection to it, with a ClientHello, within the timeout).
+
+        A TLS server, nsqd's HTTPS port above all (nsqd --https-address), reads NSQ's magic
+        and IDENTIFY as a TLS record header that makes no sense and closes without a word:
+        before, that was a ConnectionClosedError, which may pass, so a Writer's publish waited
+        out its whole publish_timeout. Only on the first step (IDENTIFY, before any TLS of our
+        own): a close there by anything else (a proxy with no backend, an nsqd shutting down)
+        stays a ConnectionClosedError.
+        """
+        if what != "IDENTIFY" or self._tls is not None or self._closing:
+            return False
+        try:
+            from .transport.tls import answers_tls
+        except ImportError:  # pragma: no cover - a Python without ssl
+            return False
+        try:
+            sock = self.backend.create_connection((self.host, self.port), self.timeout)
+        except OSError:
+            return False
+        return answers_tls(sock, self.timeout)
+
+    def _not_nsq_tls(self, what: str) -> ProtocolError:
+        return ProtocolError(
+            f"{self.id} closed the connection on {what} without answering, and answers a TLS handshake: it speaks TLS, "
+            "not NSQ's protocol; is this nsqd's HTTPS port instead of its TCP port?"
+        )
 
     def _read_response(self, what: str) -> bytes:
         frame_type, payload = self._read_frame(what)
