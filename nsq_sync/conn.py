@@ -304,6 +304,10 @@ class AsyncConn(EventedMixin):
         self._queued = 0  # messages handed to the worker pool and not yet started
         self._received_total = 0  # messages nsqd delivered here, counted on arrival (Reader.stats)
         self._expired_total = 0  # messages taken back unrun: they waited past msg_timeout (_drop_stale)
+        #: FINs and REQs nsqd refused (E_FIN_FAILED, E_REQ_FAILED: it had timed the message out, so
+        #: the answer did nothing), counted as they arrive (Reader.stats)
+        self._fin_failed_total = 0
+        self._req_failed_total = 0
         #: answers nsqd refused (E_FIN_FAILED...), and copies it replaced by delivering them
         #: again, and messages that waited for a worker past msg_timeout, each warned about at
         #: most every LATE_WARNING_SECONDS with its own count
@@ -1400,6 +1404,10 @@ class AsyncConn(EventedMixin):
                 else:
                     # E_FIN_FAILED & co.: almost always a message nsqd had timed out (its handler
                     # outlived msg_timeout), so it was or will be processed twice.
+                    if error.code == "E_FIN_FAILED":
+                        self._fin_failed_total += 1  # (one reader at a time: the read token's holder)
+                    elif error.code == "E_REQ_FAILED":
+                        self._req_failed_total += 1
                     due = self._late.add(1)
                     if due:
                         logger.warning(
