@@ -304,6 +304,10 @@ class AsyncConn(EventedMixin):
         self._queued = 0  # messages handed to the worker pool and not yet started
         self._received_total = 0  # messages nsqd delivered here, counted on arrival (Reader.stats)
         self._expired_total = 0  # messages taken back unrun: they waited past msg_timeout (_drop_stale)
+        #: FINs and REQs nsqd refused (E_FIN_FAILED, E_REQ_FAILED: it had timed the message out, so
+        #: the answer did nothing), counted as they arrive (Reader.stats)
+        self._fin_failed_total = 0
+        self._req_failed_total = 0
         #: answers nsqd refused (E_FIN_FAILED...), and copies it replaced by delivering them
         #: again, and messages that waited for a worker past msg_timeout, each warned about at
         #: most every LATE_WARNING_SECONDS with its own count
@@ -697,8 +701,15 @@ class AsyncConn(EventedMixin):
             if not frames:
                 if time.monotonic() >= deadline:
                     raise ConnectError(f"timed out after {self.timeout}s waiting for the answer to {what} from {self.id} (it came in part)")
-                data = self._stream.recv(READ_SIZE)
+                try:
+                    data = self._stream.recv(READ_SIZE)
+                except ConnectionResetError:
+                    if not received and self._tls_port(what):
+                        raise self._not_nsq_tls(what) from None
+                    raise
                 if not data:
+                    if not received and self._tls_port(what):
+                        raise self._not_nsq_tls(what)
                     raise ConnectionClosedError(f"{self.id} closed the connection during {what}")
                 received += len(data)
                 if received > HANDSHAKE_ANSWER_MAX:
@@ -729,6 +740,35 @@ class AsyncConn(EventedMixin):
             # "E_BAD_PROTOCOL", no frame type (nsqd frames its errors)
             hint = ": an error without a frame type, as nsqlookupd sends; is this nsqlookupd's TCP port instead of nsqd's?"
         return type(exc)(f"{self.id} answered {what}{shown}, not NSQ's protocol: {exc}{hint}")
+
+    def _tls_port(self, what: str) -> bool:
+        """Whether the peer that closed the connection on *what* without a byte of answer is a
+        TLS server (one more connection to it, with a ClientHello, within the timeout).
+
+        A TLS server, nsqd's HTTPS port above all (nsqd --https-address), reads NSQ's magic
+        and IDENTIFY as a TLS record header that makes no sense and closes without a word:
+        before, that was a ConnectionClosedError, which may pass, so a Writer's publish waited
+        out its whole publish_timeout. Only on the first step (IDENTIFY, before any TLS of our
+        own): a close there by anything else (a proxy with no backend, an nsqd shutting down)
+        stays a ConnectionClosedError.
+        """
+        if what != "IDENTIFY" or self._tls is not None or self._closing:
+            return False
+        try:
+            from .transport.tls import answers_tls
+        except ImportError:  # pragma: no cover - a Python without ssl
+            return False
+        try:
+            sock = self.backend.create_connection((self.host, self.port), self.timeout)
+        except OSError:
+            return False
+        return answers_tls(sock, self.timeout)
+
+    def _not_nsq_tls(self, what: str) -> ProtocolError:
+        return ProtocolError(
+            f"{self.id} closed the connection on {what} without answering, and answers a TLS handshake: it speaks TLS, "
+            "not NSQ's protocol; is this nsqd's HTTPS port instead of its TCP port?"
+        )
 
     def _read_response(self, what: str) -> bytes:
         frame_type, payload = self._read_frame(what)
@@ -1364,6 +1404,10 @@ class AsyncConn(EventedMixin):
                 else:
                     # E_FIN_FAILED & co.: almost always a message nsqd had timed out (its handler
                     # outlived msg_timeout), so it was or will be processed twice.
+                    if error.code == "E_FIN_FAILED":
+                        self._fin_failed_total += 1  # (one reader at a time: the read token's holder)
+                    elif error.code == "E_REQ_FAILED":
+                        self._req_failed_total += 1
                     due = self._late.add(1)
                     if due:
                         logger.warning(

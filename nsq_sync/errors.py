@@ -332,7 +332,7 @@ class HandshakeRefusedError(NoConnectionsError):
     to every nsqd was refused during the handshake for a reason that looks permanent (nsqd
     refused the AUTH secret or had none, or refused the client's settings; nsqd's TLS
     certificate was not trusted, or TLS was asked for and nsqd has none; or what answered does
-    not speak NSQ's protocol, as nsqd's HTTP port does not: a ProtocolError). A publish raises it at
+    not speak NSQ's protocol, as nsqd's HTTP and HTTPS ports do not: a ProtocolError). A publish raises it at
     once instead of at the end of its timeout; the Writer keeps reconnecting meanwhile, and
     publishes go through again once a connection succeeds. ``__cause__`` is the first nsqd's
     refusal (AuthFailedError, TLSError, ProtocolError, ...); the message names each nsqd and its error. A

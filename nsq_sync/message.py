@@ -105,9 +105,13 @@ class Message:
         the connection is gone or nsqd delivered the message again (see :meth:`finish`). Raises
         AlreadyRespondedError, ConfigError for a delay out of range (negative, not finite, too
         long), ConfigTypeError (a ConfigError and a TypeError) for one of the wrong type (a
-        string, a bool; a float for time_ms).
+        string, a bool; a float for time_ms) and for a *backoff* that is not True or False.
+        Nothing is sent when it raises: the message is still unanswered.
         """
         responder = self._need_responder()
+        if backoff is not True and backoff is not False:
+            # (bool() of it used to decide: backoff="no" backed off, and was taken for an answer)
+            raise ConfigTypeError("backoff", backoff, f"must be True or False, not {type(backoff).__name__}")
         if time_ms is not None and time_ms != -1:
             if isinstance(time_ms, bool) or not isinstance(time_ms, int):
                 raise ConfigTypeError("time_ms", time_ms, f"must be an int, not {type(time_ms).__name__} (milliseconds from 0 to {_MAX_MS}, or -1 for automatic)")
@@ -123,7 +127,7 @@ class Message:
                 raise ConfigError("delay", delay, f"must be a number of seconds from 0 to {_MAX_MS // 1000} (or None for automatic)")
             ms = int(round(delay * 1000))
         try:
-            responder._requeue_message(self, ms, bool(backoff))
+            responder._requeue_message(self, ms, backoff)
         except _LOST as exc:
             return self._lost(responder, exc, answered=True)
         except AlreadyRespondedError as exc:

@@ -640,6 +640,8 @@ class Reader:
         self._plain = not self._hooked and cls.process_message is Reader.process_message
         self._received_gone = 0  # messages that arrived on connections since closed (under _lock)
         self._expired_gone = 0  # the same for messages dropped unrun past msg_timeout
+        self._fin_failed_gone = 0  # the same for FINs nsqd refused (E_FIN_FAILED)
+        self._req_failed_gone = 0  # and REQs (E_REQ_FAILED)
         self._warned_falsy = False  # a handler returned 0, "" or the like (_answer_later)
         self._unanswered = WarningTally(10.0)  # answers lost with their connection (_not_answered)
         self._finished = _Counter()
@@ -888,11 +890,16 @@ class Reader:
     def stats(self) -> Dict[str, Any]:
         """Counters and per-connection state, for monitoring.
 
-        Keys: ``messages_received``, ``messages_finished``, ``messages_requeued``,
+        Keys: ``messages_received``, ``messages_finished`` (FINs sent, less those nsqd
+        refused: nsqd answers a FIN only when it fails, so one sent a moment ago counts until
+        its refusal arrives), ``messages_requeued`` (REQs sent, less those refused),
         ``messages_given_up`` (also FINed, so counted in finished), ``messages_expired``
         (dropped unrun: they waited for a worker longer than msg_timeout, so nsqd had timed
         them out and delivers them again; old copies nsqd sent again and messages dropped
-        after a channel empty count in messages_received only), ``in_flight``,
+        after a channel empty count in messages_received only), ``messages_fin_failed`` and
+        ``messages_req_failed`` (FINs and REQs nsqd refused with E_FIN_FAILED, E_REQ_FAILED:
+        it had timed the message out, or the channel was emptied, and delivers it again or
+        dropped it; not in finished or requeued), ``in_flight``,
         ``max_in_flight``, ``total_rdy``, ``backoff_level``, ``backing_off``, ``closed`` and
         ``connections``: a list of dicts with ``address``, ``rdy``, ``in_flight``,
         ``connected``, ``max_rdy_count``, ``last_msg_timestamp``, ``failed_attempts``; a
@@ -911,6 +918,10 @@ class Reader:
             # Counted on arrival, by each connection: a message still waiting for a worker counts.
             received = self._received_gone + sum(st.conn._received_total for st in states)
             expired = self._expired_gone + sum(st.conn._expired_total for st in states)
+            # FINs and REQs nsqd refused: counted when sent (nsqd answers only a failure), taken
+            # back when the refusal comes
+            fin_failed = self._fin_failed_gone + sum(st.conn._fin_failed_total for st in states)
+            req_failed = self._req_failed_gone + sum(st.conn._req_failed_total for st in states)
             # A direct nsqd that is down (or not connected yet) is listed too, so that an alert
             # on "connected": False can fire (its max_rdy_count and last_msg_timestamp: None).
             down = [] if self._closing else [(address, self._direct_failures.get(address, 0)) for address in self._direct if address not in self._conns]
@@ -936,10 +947,12 @@ class Reader:
             "channel": self.channel,
             "name": self.name,
             "messages_received": received,
-            "messages_finished": finished,
-            "messages_requeued": requeued,
+            "messages_finished": finished - fin_failed,
+            "messages_requeued": requeued - req_failed,
             "messages_given_up": given_up,
             "messages_expired": expired,
+            "messages_fin_failed": fin_failed,
+            "messages_req_failed": req_failed,
             "in_flight": sum(c["in_flight"] for c in connections),
             "max_in_flight": self._max_in_flight,
             "total_rdy": sum(c["rdy"] for c in connections),
@@ -1818,6 +1831,8 @@ class Reader:
             del self._conns[address]
             self._received_gone += conn._received_total
             self._expired_gone += conn._expired_total
+            self._fin_failed_gone += conn._fin_failed_total
+            self._req_failed_gone += conn._req_failed_total
             if self._test_addr == address:
                 self._test_addr = None
             if self._closing:

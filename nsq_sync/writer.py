@@ -134,9 +134,10 @@ def _refusal(error: BaseException, authed_before: bool) -> bool:
     - a ProtocolError: the peer answered the handshake with bytes that are not NSQ's protocol
       (an HTTP response from nsqd's HTTP port, nsqlookupd's unframed E_BAD_PROTOCOL, another
       service's banner, a frame type or size nsqd never sends, an IDENTIFY or AUTH answer that
-      is not the JSON nsqd sends): the address is not nsqd's TCP port, or what listens there
-      is not nsqd. The network does not make these: what it breaks ends the handshake with a
-      timeout (ConnectError) or a close (ConnectionClosedError), which may pass.
+      is not the JSON nsqd sends; a close on IDENTIFY by a peer that answers TLS, as nsqd's
+      HTTPS port closes: see AsyncConn._tls_port): the address is not nsqd's TCP port, or what
+      listens there is not nsqd. The network does not make these: what it breaks ends the
+      handshake with a timeout (ConnectError) or a close (ConnectionClosedError), which may pass.
     """
     if isinstance(error, AuthFailedError):
         return not authed_before

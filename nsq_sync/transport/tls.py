@@ -21,6 +21,45 @@ _WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 _TLS_OPTION_KEYS = {"ca_certs", "certfile", "keyfile", "cert_reqs", "check_hostname", "ciphers", "password", "minimum_version"}
 
 
+def client_hello() -> bytes:
+    """The bytes of a TLS ClientHello (no certificate checks: only for :func:`answers_tls`)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    outgoing = ssl.MemoryBIO()
+    tls = context.wrap_bio(ssl.MemoryBIO(), outgoing)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
+
+
+def answers_tls(sock: socket.socket, timeout: float) -> bool:
+    """Whether the peer of *sock*, a fresh connection, answers a TLS ClientHello with a TLS
+    record (a ServerHello, or an alert): whether it is a TLS server. The socket is closed.
+
+    Only the first bytes of the answer are read, each read within *timeout*; nothing is
+    verified or decrypted. Used to name what a connection reached when it closed on NSQ's
+    handshake without a word (an HTTPS port does: see conn.AsyncConn._read_frame).
+    """
+    head = b""
+    try:
+        sock.settimeout(timeout)
+        sock.sendall(client_hello())
+        while len(head) < 3:
+            data = sock.recv(3 - len(head))
+            if not data:
+                break
+            head += data
+    except (OSError, ssl.SSLError):
+        return False
+    finally:
+        sock.close()
+    # a record header: content type handshake (22) or alert (21), then version 3.x
+    return len(head) == 3 and head[0] in (21, 22) and head[1] == 3
+
+
 def make_ssl_context(tls_options: Union[None, ssl.SSLContext, Mapping[str, Any]]) -> ssl.SSLContext:
     """Build the client SSLContext from pynsq-style ``tls_options``.
 

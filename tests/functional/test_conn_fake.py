@@ -540,6 +540,20 @@ def test_http_response_during_handshake(server: FakeNsqd, make_conn, backend, ta
     assert_no_leak(backend, tasks_before)
 
 
+@pytest.mark.parametrize("abort", [False, True], ids=["fin", "rst"])
+def test_a_close_on_identify_by_a_peer_that_is_no_tls_server_stays_a_close(server: FakeNsqd, make_conn, abort: bool) -> None:
+    # A close without a word on IDENTIFY is asked whether it came from a TLS server (nsqd's
+    # HTTPS port does that: test_tls_real.py). Another peer's (a proxy with no backend, an
+    # nsqd stopping) stays a close, which may pass: a Writer waits for it as before.
+    server.set_answer("IDENTIFY", close(abort=abort))
+    conn = make_conn()
+    with pytest.raises((ConnectionClosedError, ConnectError)) as info:
+        conn.connect()
+    assert not isinstance(info.value, ProtocolError) and "HTTPS" not in str(info.value), repr(info.value)
+    # the question went to the same address, as a TLS ClientHello (the fake answers E_BAD_PROTOCOL)
+    server.wait_until(lambda: any(s.magic and s.magic[:1] == b"\x16" for s in server.sessions), WAIT, "the TLS question")
+
+
 def test_http_response_detected_whatever_max_frame_size(server: FakeNsqd, make_conn) -> None:
     server.set_answer("IDENTIFY", raw(HTTP_400))  # an HTTP server that keeps the connection open
     conn = make_conn(max_frame_size=2**31 - 1, timeout=1.0)

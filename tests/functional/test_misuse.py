@@ -8,7 +8,7 @@ from typing import Any, List
 import pytest
 from fake_nsqd import FakeNsqd
 
-from nsq_sync import AsyncConn, ClosedError, ConfigError
+from nsq_sync import AsyncConn, ClosedError, ConfigError, ConfigTypeError
 from nsq_sync.protocol import commands
 from nsq_sync.reader import Reader
 
@@ -84,3 +84,35 @@ def test_set_max_in_flight_after_close(server: FakeNsqd, backend: str) -> None:
     with pytest.raises(ClosedError):
         reader.set_max_in_flight(7)
     assert reader.max_in_flight == 1
+
+
+@pytest.mark.parametrize("bad", ["no", "False", 0, 1, None, 0.0], ids=repr)
+def test_requeue_with_a_backoff_that_is_not_a_bool_is_refused_and_the_message_stays_answerable(server: FakeNsqd, backend: str, bad: Any) -> None:
+    # requeue(backoff="no") took bool("no"): a REQ with backoff went out (the Reader backed off)
+    # and the message counted as answered, so the corrected call after it was refused.
+    outcomes: List[Any] = []
+
+    def handler(message: Any) -> None:
+        try:
+            message.requeue(delay=0, backoff=bad)
+        except Exception as exc:
+            outcomes.append(exc)
+        outcomes.append(message.has_responded())
+        outcomes.append(message.requeue(delay=0, backoff=False))  # the corrected call: still possible
+
+    server.enqueue(b"once")
+    reader = Reader("t", "c", handler, nsqd_tcp_addresses=f"{server.host}:{server.port}", backend=backend, max_in_flight=1)
+    try:
+        reader.start()
+        req = server.wait_for_command("REQ", timeout=WAIT)
+        server.wait_until(lambda: len(outcomes) == 3, timeout=WAIT, what="the handler's calls")
+        error, responded, corrected = outcomes
+        assert isinstance(error, ConfigTypeError) and isinstance(error, TypeError), repr(error)
+        assert error.param == "backoff" and error.value == bad and "True or False" in str(error), str(error)
+        assert responded is False and corrected is True
+        assert req.line.endswith(b" 0")
+        assert [c for c in server.commands if c.startswith((b"REQ", b"FIN"))] == [req.line]  # one answer, the corrected one
+        assert reader.backoff_level == 0  # backoff=False was what went out
+        assert reader.stats()["messages_requeued"] == 1
+    finally:
+        reader.close(2)

@@ -21,7 +21,7 @@ from concurrent import futures
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pytest
-from fake_nsqd import FakeNsqd, fake_nsqd  # noqa: F401 - fixture
+from fake_nsqd import FakeNsqd, error, fake_nsqd  # noqa: F401 - fixture
 from tcp_proxy import TcpProxy
 
 from nsq_sync.backoff import ExponentialBackoff
@@ -204,6 +204,31 @@ def test_requeue_without_backoff_never_sends_rdy_0(fake_nsqd: FakeNsqd, make_rea
     fake_nsqd.wait_until(lambda: reader.stats()["messages_finished"] == 1, WAIT, "the finish counted")  # (counted after the FIN is queued)
     stats = reader.stats()
     assert stats["backing_off"] is False and stats["messages_requeued"] == 1 and stats["messages_finished"] == 1
+
+
+def test_fins_and_reqs_nsqd_refuses_are_taken_out_of_finished_and_requeued(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> None:
+    # messages_finished counted every FIN sent, also one nsqd refused (E_FIN_FAILED: it had
+    # timed the message out and delivers it again, where it is finished, and counted, twice).
+    def handler(message: Any) -> None:
+        if message.body == b"req":
+            message.requeue(delay=0, backoff=False)
+
+    def counts() -> Tuple[Any, ...]:
+        stats = reader.stats()
+        return tuple(stats.get(key) for key in ("messages_received", "messages_finished", "messages_fin_failed", "messages_requeued", "messages_req_failed"))
+
+    fake_nsqd.set_answer("FIN", error("E_FIN_FAILED FIN failed ID not in flight"), times=1)
+    fake_nsqd.set_answer("REQ", error("E_REQ_FAILED REQ failed ID not in flight"), times=1)
+    reader = make_reader(fake_nsqd, handler, max_in_flight=1)
+    reader.start()
+    fake_nsqd.wait_for_command("RDY 1")
+    for body in (b"fin", b"req", b"fin", b"req"):  # the first FIN and the first REQ are refused
+        fake_nsqd.enqueue(body)
+    fake_nsqd.wait_for_command("FIN", count=2)
+    fake_nsqd.wait_for_command("REQ", count=2)
+    wait_until(lambda: counts() == (4, 1, 1, 1, 1), WAIT, message="the refusals counted apart")
+    reader.close(WAIT)
+    assert counts() == (4, 1, 1, 1, 1)  # (kept once the connection is gone)
 
 
 # ------------------------------------ (d) disconnect while backing off, reconnect

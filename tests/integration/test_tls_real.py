@@ -221,6 +221,39 @@ def test_tls_asked_of_a_server_without_tls(nsqd: NsqdProcess, make_conn: Callabl
     assert events.names() == ["error", "close"]
 
 
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls_v1"])
+def test_nsqds_https_port_is_a_protocol_error_naming_it(tls_nsqd: NsqdProcess, tls_files: TLSFiles, make_conn: Callable[..., nsq_sync.AsyncConn],
+                                                        tls: bool) -> None:
+    # nsqd's HTTPS port (--https-address) closes without a word on NSQ's magic and IDENTIFY
+    # (a TLS record header that makes no sense to it): a ConnectionClosedError, which said
+    # nothing of the cause and, being a close that may pass, kept a Writer waiting out its
+    # publish_timeout (test_writer_refused_real.py). The port is now asked whether it speaks TLS.
+    kwargs = tls_kwargs(tls_files) if tls else {}
+    conn = make_conn(tls_nsqd.https_address, connect=False, **kwargs)
+    events = Events(conn, "ready", "error", "close")
+    with pytest.raises(nsq_sync.ProtocolError) as info:
+        conn.connect()
+    message = str(info.value)
+    assert tls_nsqd.https_address in message and "is this nsqd's HTTPS port instead of its TCP port?" in message, message
+    assert events.names() == ["error", "close"] and conn.closed()
+    # Control: its TCP port, with the same settings, is nsqd's protocol.
+    round_trip(make_conn, tls_nsqd, "https_control", b"x", **kwargs)
+
+
+def test_a_reader_on_nsqds_https_port_says_so(tls_nsqd: NsqdProcess, backend: str, caplog: pytest.LogCaptureFixture) -> None:
+    reader = nsq_sync.Reader("https_topic", "c", lambda message: True, nsqd_tcp_addresses=[tls_nsqd.https_address], backend=backend)
+    try:
+        with caplog.at_level("WARNING", logger="nsq_sync.reader"):
+            reader.start()
+            wait_until(lambda: any("HTTPS port" in r.getMessage() for r in caplog.records), timeout=TIMEOUT, message="the Reader's warning")
+        warning = next(r.getMessage() for r in caplog.records if "HTTPS port" in r.getMessage())
+        assert f"cannot consume from {tls_nsqd.https_address}" in warning, warning
+        assert "is this nsqd's HTTPS port instead of its TCP port?" in warning, warning
+        assert reader.stats()["connections"][0]["connected"] is False
+    finally:
+        reader.close(2)
+
+
 # --------------------------------------------------------------------------
 # certificate verification
 

@@ -1,5 +1,5 @@
 """A Writer refused by a real nsqd v1.3.0 (AUTH, TLS), or pointed at a port that is not nsqd's
-TCP port (nsqd's HTTP port, nsqlookupd's TCP port), fails its publishes at once.
+TCP port (nsqd's HTTP or HTTPS port, nsqlookupd's TCP port), fails its publishes at once.
 
 Before, a wrong AUTH secret, a missing one, an untrusted certificate or an nsqd that requires
 TLS made every blocking publish wait out its whole publish_timeout and then raise
@@ -182,3 +182,28 @@ def test_a_port_that_is_not_nsqds_tcp_port_fails_at_once(port: str, nsqd: NsqdPr
     future = writer.pub_async(TOPIC, b"async")
     assert isinstance(future.exception(PROMPT), HandshakeRefusedError)
     assert nsqd.topic_stats(TOPIC) is None
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls_v1"])
+def test_nsqds_https_port_fails_at_once(tls: bool, tls_nsqd: NsqdProcess, tls_files: TLSFiles, writers: Callable[..., Writer]) -> None:
+    # nsqd's HTTPS port closes without a word on NSQ's handshake. Before, that was a
+    # ConnectionClosedError ("closed the connection during IDENTIFY"), a close that may pass:
+    # every publish waited out its publish_timeout (30.0 s measured with 30 s here) and raised
+    # a NoConnectionsError. Now the port is found to speak TLS: a ProtocolError, a refusal.
+    kwargs = {"tls_v1": True, "tls_options": {"ca_certs": tls_files.ca_cert}} if tls else {}
+    address = tls_nsqd.https_address
+    began = time.monotonic()
+    assert writers(address, **kwargs).wait_connected(LONG) is False
+    waited = time.monotonic() - began
+    assert waited < PROMPT, f"wait_connected returned after {waited:.2f}s of {LONG:g}s"
+    writer = writers(address, **kwargs)
+    exc, elapsed = refused(lambda: writer.pub(TOPIC, b"x"))
+    assert isinstance(exc.__cause__, ProtocolError), repr(exc.__cause__)
+    message = str(exc)
+    assert address in message and "is this nsqd's HTTPS port instead of its TCP port?" in message, message
+    report("nsqd-https port" + (" (tls_v1)" if tls else ""), elapsed, exc)
+    future = writer.pub_async(TOPIC, b"async")
+    assert isinstance(future.exception(PROMPT), HandshakeRefusedError)
+    assert tls_nsqd.topic_stats(TOPIC) is None
+    # Control: its TCP port with the same settings takes the publish.
+    assert writers(tls_nsqd.tcp_address, **kwargs).pub(TOPIC, b"tcp") == b"OK"

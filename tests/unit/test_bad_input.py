@@ -471,7 +471,8 @@ def test_message_requeue_refuses_bad_delays_before_sending(kwargs: Dict[str, Any
 
 #: requeue() arguments of the wrong type, and of the right type out of range
 REQUEUE_WRONG_TYPE = [{"delay": "5"}, {"delay": True}, {"delay": [1]}, {"delay": None, "time_ms": "5000"},
-                      {"time_ms": 1.5}, {"time_ms": True}, {"time_ms": b"5"}]
+                      {"time_ms": 1.5}, {"time_ms": True}, {"time_ms": b"5"},
+                      {"backoff": "no"}, {"backoff": 0}, {"backoff": 1}, {"backoff": "False", "delay": 5}]
 REQUEUE_OUT_OF_RANGE = [{"delay": -2}, {"delay": NAN}, {"delay": 1e300}, {"time_ms": -3}, {"time_ms": 2**31}]
 
 

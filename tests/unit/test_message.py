@@ -81,7 +81,7 @@ def test_touch_delegates(responder):
         ({"time_ms": 0}, 0, True),
         ({"time_ms": -1}, -1, True),
         ({"time_ms": 300, "delay": 9}, 300, True),
-        ({"backoff": 0}, -1, False),
+        ({"backoff": False}, -1, False),
     ],
     ids=repr,
 )
