@@ -2111,9 +2111,12 @@ class AsyncConn(EventedMixin):
         A subscribed connection closes gracefully: CLS, wait for CLOSE_WAIT and for every
         in-flight message to be answered (up to *timeout*, default ``close_timeout``), then
         close the socket. Safe to call more than once and from any thread or callback.
+        Raises ConfigError (TypeError for a non-number) naming ``timeout`` for a bad one,
+        before closing anything.
         """
         if timeout is None:
             timeout = self.close_timeout
+        check_timeout(timeout)
         if self.state == INIT:
             self.state = DISCONNECTED
             self._fire_close_sync()
@@ -2378,8 +2381,11 @@ class AsyncConn(EventedMixin):
 
         Raises RuntimeError when called from a listener of an event other than ``message``
         before that (those run one at a time, and the ``close`` listeners would wait for it),
-        or from a ``close`` listener itself.
+        or from a ``close`` listener itself; ConfigError (TypeError for a non-number) naming
+        ``timeout`` for a bad one.
         """
+        if timeout is not None:
+            check_timeout(timeout)
         if not self._closed_event.is_set() and (
             (self._pool is not None and self._pool.control.in_worker()) or (self._close_firer is not None and self._close_firer is self.backend.current())
         ):

@@ -855,7 +855,12 @@ class Reader:
         self._shutdown(float(timeout))
 
     def join(self, timeout: Optional[float] = None) -> bool:
-        """Block until close() has finished; True if it did within *timeout*."""
+        """Block until close() has finished; True if it did within *timeout*.
+
+        Raises ConfigError (TypeError for a non-number) naming ``timeout`` for a bad one.
+        """
+        if timeout is not None:
+            check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         if not self._closed_event.wait(timeout):
             return False

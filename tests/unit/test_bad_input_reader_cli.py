@@ -516,3 +516,26 @@ def test_worker_handler_directory_cannot_shadow_a_module_the_library_imports(tmp
         assert str(tmp_path) not in importlib.import_module("json").__file__
     finally:
         sys.modules.pop("nsq_sync_test_tasks", None)
+
+
+@pytest.mark.parametrize("timeout,error", [("5", TypeError), (True, TypeError), (-1, ConfigError), (float("nan"), ConfigError)], ids=repr)
+def test_reader_join_and_asyncconn_close_wait_closed_refuse_a_bad_timeout(timeout: Any, error: type) -> None:
+    """Reader.join("5") and AsyncConn.wait_closed("5") failed with a TypeError from inside the
+    arithmetic, and AsyncConn.close("5") on a connection never connected was taken; each now
+    names ``timeout``, as Writer.join/close do, and a good call afterwards still works."""
+    from nsq_sync import AsyncConn, Reader
+
+    reader = Reader("t", "c", message_handler=plain, nsqd_tcp_addresses=["127.0.0.1:1"])
+    reader.close()
+    with pytest.raises(error, match="timeout"):
+        reader.join(timeout)
+    assert reader.join(0) is True
+
+    conn = AsyncConn("127.0.0.1", 1)
+    with pytest.raises(error, match="timeout"):
+        conn.close(timeout)
+    assert conn.state == "INIT"  # (refused before closing anything)
+    with pytest.raises(error, match="timeout"):
+        conn.wait_closed(timeout)
+    conn.close(0)
+    assert conn.wait_closed(0) is True
