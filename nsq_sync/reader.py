@@ -147,11 +147,26 @@ def _never_runs(fn: object) -> Optional[str]:
     for target in targets:
         if inspect.iscoroutinefunction(target) or (asyncio is not None and asyncio.iscoroutinefunction(target)):
             return "a coroutine function (async def)"
+        if _is_tornado_coroutine(target):
+            # (its wrapper makes a Future first, which needs an event loop: the body never runs)
+            return "a Tornado coroutine (@tornado.gen.coroutine)"
         if inspect.isasyncgenfunction(target):
             return "an async generator function"
         if inspect.isgeneratorfunction(target):
             return "a generator function"
     return None
+
+
+def _is_tornado_coroutine(fn: object) -> bool:
+    """Whether *fn* (or the function a functools.partial wraps) is marked by
+    ``@tornado.gen.coroutine``, as ``tornado.gen.is_coroutine_function`` tells (without
+    importing tornado). Bound methods pass attribute reads on to their function."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    try:
+        return getattr(fn, "__tornado_coroutine__", False) is True
+    except Exception:  # (an object whose __getattr__ raises something else)
+        return False
 
 
 def check_message_handler(message_handler: object) -> None:
