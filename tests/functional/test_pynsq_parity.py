@@ -1,6 +1,7 @@
 """What ported pynsq code reads or overrides on a Reader or Writer, against the fake nsqd:
 ``Writer.heartbeat(conn)`` (a hook pynsq's Writer calls on every heartbeat),
-``Writer.nsqd_tcp_addresses`` and ``Reader.total_rdy``.
+``Writer.nsqd_tcp_addresses`` and ``Reader.total_rdy``; ``conn.connect()`` then
+``conn.on("ready", ...)`` (pynsq's connect() returns before the handshake).
 
 No sleeps: each wait is on what the fake received or on an Event the hook sets.
 """
@@ -13,7 +14,8 @@ from typing import Any, List
 import pytest
 from fake_nsqd import FakeNsqd
 
-from nsq_sync import AsyncConn, Reader, Writer
+from nsq_sync import AsyncConn, Reader, Writer, subscribe
+from nsq_sync import conn as conn_module
 from nsq_sync.testing import wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -67,3 +69,75 @@ def test_reader_total_rdy_adds_up_every_connection(backend: str) -> None:
         reader.close(WAIT)
         for server in servers:
             server.stop()
+
+
+# ------------------------------------------------- on("ready") after connect() (pynsq's order)
+def test_a_ready_listener_added_after_connect_runs_once_and_can_subscribe(fake: FakeNsqd, backend: str, caplog: pytest.LogCaptureFixture) -> None:
+    """pynsq's connect() only starts the handshake, so ``conn.connect(); conn.on("ready", f)``
+    works there. Here the handshake is over when connect() returns: the late listener is called
+    once, on the control lane, with the same keyword (before, it never ran and nothing was ever
+    subscribed: the program hung)."""
+    conn = AsyncConn(fake.host, fake.port, backend=backend)
+    early: List[Any] = []
+    conn.on("ready", lambda conn: early.append(conn))
+    calls: List[Any] = []
+    subscribed = threading.Event()
+
+    def on_ready(**kwargs: Any) -> None:
+        calls.append((kwargs, conn.worker_pool.control.in_worker()))
+        kwargs["conn"].send(subscribe("topic", "channel"))
+        kwargs["conn"].send_rdy(1)
+        subscribed.set()
+
+    try:
+        conn.connect()
+        assert early == [conn]  # (added in time: called by connect(), once)
+        conn.on("ready", on_ready)
+        fake.wait_for_command("SUB topic channel", timeout=WAIT)
+        fake.wait_for_command("RDY 1", timeout=WAIT)
+        assert subscribed.wait(WAIT)
+        assert calls == [({"conn": conn}, True)]  # (run by a control-lane worker)
+        assert early == [conn]
+        assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    finally:
+        conn.close(timeout=WAIT)
+
+
+def test_a_late_ready_listener_on_a_closed_connection_and_other_late_handshake_listeners_warn_once(
+    fake: FakeNsqd, backend: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(conn_module, "_warned", set())
+    conn = AsyncConn(fake.host, fake.port, backend=backend)
+    calls: List[str] = []
+    try:
+        conn.connect()
+        conn.on("identify_response", lambda conn, data: calls.append("identify_response"))
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 1, warnings
+        assert "AsyncConn.on('identify_response')" in warnings[0] and "after connect() returned" in warnings[0]
+        assert "add listeners before connect()" in warnings[0] and "move the on() calls above conn.connect()" in warnings[0]
+        conn.on("connect", lambda conn: calls.append("connect"))
+        assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 1  # (once per process)
+    finally:
+        conn.close(timeout=WAIT)
+    monkeypatch.setattr(conn_module, "_warned", set())
+    caplog.clear()
+    conn.on("ready", lambda conn: calls.append("ready"))  # closed: it will not run, and says so
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "AsyncConn.on('ready')" in warnings[0], warnings
+    conn.worker_pool.close()  # (runs anything queued on its lanes: nothing was)
+    assert calls == []
+
+
+def test_ready_listeners_added_before_connect_warn_nothing(fake: FakeNsqd, backend: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(conn_module, "_warned", set())
+    conn = AsyncConn(fake.host, fake.port, backend=backend)
+    seen: List[str] = []
+    for name in ("connect", "identify", "identify_response", "ready"):
+        conn.on(name, lambda name=name, **kwargs: seen.append(name))
+    try:
+        conn.connect()
+        assert seen == ["connect", "identify", "identify_response", "ready"]
+        assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    finally:
+        conn.close(timeout=WAIT)
