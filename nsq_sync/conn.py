@@ -436,8 +436,14 @@ class AsyncConn(EventedMixin):
         return self.state in (INIT, DISCONNECTED)
 
     def is_starved(self) -> bool:
-        """The guide's rule: messages in flight reached 85% of the last RDY."""
-        return self.in_flight > 0 and self.in_flight >= (self.last_rdy * 0.85)
+        """The guide's rule: messages in flight reached 85% of the last RDY.
+
+        Counted as in pynsq, where a handler runs as soon as its message is read: messages
+        handed to listeners and not answered, not those still queued for a worker (with a
+        batching handler and concurrency=1 the first of a read would see them all)."""
+        with self._lock:  # (the reader task counts a read's messages in both at once)
+            handed = self.in_flight - self._queued
+        return handed > 0 and handed >= (self.last_rdy * 0.85)
 
     @property
     def worker_pool(self) -> WorkerPool:

@@ -895,10 +895,12 @@ class Reader:
     def is_starved(self) -> bool:
         """True when some connection has messages in flight >= 85% of its last RDY (the guide's rule).
 
-        Use it to flush batches: while starved, nsqd sends nothing more.
+        Use it to flush batches: while starved, nsqd sends nothing more. As in pynsq, messages
+        count once their handler was called (not while they wait for a worker) until answered.
         """
         with self._lock:
-            return any(st.conn.is_starved() for st in self._conns.values())
+            conns = [st.conn for st in self._conns.values()]
+        return any(conn.is_starved() for conn in conns)  # (each takes its connection's lock: not under ours)
 
     def stats(self) -> Dict[str, Any]:
         """Counters and per-connection state, for monitoring.
