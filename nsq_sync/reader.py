@@ -78,7 +78,7 @@ from .addresses import address_key as _address_key
 from .addresses import parse_addresses
 from .backoff import ExponentialBackoff, exponential_delay
 from .conn import NO_HEARTBEAT_SUB, AsyncConn, WarningTally
-from .dispatch import WorkerPool
+from .dispatch import WorkerPool, call_refusal
 from .errors import AlreadyRespondedError, ClosedError, ConfigError, ConnectionClosedError, Error, HTTPError, SendError
 from .message import Message
 from .protocol.identify import check_number, check_timeout
@@ -183,15 +183,10 @@ def check_message_handler(message_handler: object) -> None:
             "threads/greenlets and never awaits or iterates what they return, so every message would be "
             "finished unprocessed; use a plain def function (run async code inside it if needed)"
         )
-    try:
-        signature = inspect.signature(message_handler)
-    except (TypeError, ValueError):
-        return  # (no signature to check: some builtins and C callables)
-    try:
-        signature.bind(None)
-    except TypeError as exc:
+    refusal = call_refusal(message_handler, 1)  # (None also when it has no signature to check: some C callables)
+    if refusal is not None:
         # Every message would fail with this TypeError, be requeued and come back, until given up.
-        raise TypeError(f"message_handler must take one positional argument, the message; {message_handler!r} cannot ({exc})") from None
+        raise TypeError(f"message_handler must take one positional argument, the message; {message_handler!r} cannot ({refusal})")
 
 
 class _Counter:

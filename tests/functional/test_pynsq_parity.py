@@ -1,13 +1,15 @@
 """What ported pynsq code reads or overrides on a Reader or Writer, against the fake nsqd:
 ``Writer.heartbeat(conn)`` (a hook pynsq's Writer calls on every heartbeat),
 ``Writer.nsqd_tcp_addresses`` and ``Reader.total_rdy``; ``conn.connect()`` then
-``conn.on("ready", ...)`` (pynsq's connect() returns before the handshake).
+``conn.on("ready", ...)`` (pynsq's connect() returns before the handshake); publish callbacks that cannot
+take ``(conn, data)``.
 
 No sleeps: each wait is on what the fake received or on an Event the hook sets.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Any, List
 
@@ -141,3 +143,65 @@ def test_ready_listeners_added_before_connect_warn_nothing(fake: FakeNsqd, backe
         assert not [r for r in caplog.records if r.levelname == "WARNING"]
     finally:
         conn.close(timeout=WAIT)
+
+
+# ------------------------------------------------- publish callbacks that cannot take (conn, data)
+class _Callbacks:
+    def good(self, conn: Any, data: Any) -> None:
+        pass
+
+    def one(self, data: Any) -> None:
+        pass
+
+    def __call__(self, conn: Any, data: Any) -> None:
+        pass
+
+
+def _good(conn: Any, data: Any, extra: int = 1) -> None:
+    pass
+
+
+WRONG_CALLBACKS = [
+    ("Tornado-style one argument", lambda data: None),
+    ("no argument", lambda: None),
+    ("three arguments", lambda conn, data, more: None),
+    ("keyword-only data", lambda conn, *, data: None),
+    ("bound method taking data only", _Callbacks().one),
+    ("partial that takes one more", functools.partial(lambda conn, data, more: None)),
+]
+RIGHT_CALLBACKS = [
+    ("function", lambda conn, data: None),
+    ("*args", lambda *args: None),
+    ("extra argument with a default", _good),
+    ("bound method", _Callbacks().good),
+    ("object with __call__", _Callbacks()),
+    ("partial", functools.partial(lambda tag, conn, data: None, "tag")),
+]
+
+
+@pytest.mark.parametrize("callback", [c[1] for c in WRONG_CALLBACKS], ids=[c[0] for c in WRONG_CALLBACKS])
+def test_a_publish_callback_that_cannot_take_conn_and_data_is_refused_before_sending(fake: FakeNsqd, writer: Writer, callback: Any) -> None:
+    """``pub(topic, msg, callback)`` calls ``callback(conn, data)`` on the worker pool. One that
+    cannot take them (a Tornado-style ``callback(data)``) used to be accepted: the message was
+    published and the callback failed later on the pool with a logged TypeError. Now refused at
+    the call, nothing sent."""
+    for publish in (
+        lambda: writer.pub("t", b"x", callback),
+        lambda: writer.mpub("t", [b"x", b"y"], callback),
+        lambda: writer.dpub("t", 1000, b"x", callback),
+    ):
+        with pytest.raises(TypeError, match=r"callback must take two positional arguments, as the Writer calls callback\(conn, data\)") as info:
+            publish()
+        assert "nothing was published" in str(info.value)
+    done = threading.Event()
+    assert writer.pub("t", b"good", lambda conn, data: done.set()) is None
+    assert done.wait(WAIT)
+    assert [body for _, body, _ in fake.published] == [b"good"]
+
+
+@pytest.mark.parametrize("callback", [c[1] for c in RIGHT_CALLBACKS], ids=[c[0] for c in RIGHT_CALLBACKS])
+def test_publish_callbacks_that_take_conn_and_data_are_accepted(fake: FakeNsqd, writer: Writer, callback: Any) -> None:
+    assert writer.pub("t", b"a", callback) is None
+    assert writer.mpub("t", [b"b"], callback) is None
+    assert writer.dpub("t", 0, b"c", callback) is None
+    wait_until(lambda: len(fake.published) == 3, WAIT, message="three publishes")
