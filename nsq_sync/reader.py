@@ -664,6 +664,11 @@ class Reader:
     def max_in_flight(self) -> int:
         return self._max_in_flight
 
+    @max_in_flight.setter
+    def max_in_flight(self, max_in_flight: int) -> None:
+        """``reader.max_in_flight = n`` (pynsq code assigns it) is :meth:`set_max_in_flight`."""
+        self.set_max_in_flight(max_in_flight)
+
     @property
     def total_rdy(self) -> int:
         """The RDY counts of every connection added up (pynsq's attribute; also in :meth:`stats`)."""

@@ -2,7 +2,7 @@
 ``Writer.heartbeat(conn)`` (a hook pynsq's Writer calls on every heartbeat),
 ``Writer.nsqd_tcp_addresses`` and ``Reader.total_rdy``; ``conn.connect()`` then
 ``conn.on("ready", ...)`` (pynsq's connect() returns before the handshake); publish callbacks that cannot
-take ``(conn, data)``.
+take ``(conn, data)``; ``reader.max_in_flight = n``.
 
 No sleeps: each wait is on what the fake received or on an Event the hook sets.
 """
@@ -18,6 +18,7 @@ from fake_nsqd import FakeNsqd
 
 from nsq_sync import AsyncConn, Reader, Writer, subscribe
 from nsq_sync import conn as conn_module
+from nsq_sync.errors import ClosedError, ConfigError
 from nsq_sync.testing import wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -205,3 +206,24 @@ def test_publish_callbacks_that_take_conn_and_data_are_accepted(fake: FakeNsqd, 
     assert writer.mpub("t", [b"b"], callback) is None
     assert writer.dpub("t", 0, b"c", callback) is None
     wait_until(lambda: len(fake.published) == 3, WAIT, message="three publishes")
+
+
+# ------------------------------------------------- reader.max_in_flight = n (pynsq assigns it)
+def test_assigning_max_in_flight_sets_it_as_set_max_in_flight_does(fake: FakeNsqd, backend: str) -> None:
+    """pynsq code writes ``reader.max_in_flight = 10``; it raised "property has no setter"."""
+    reader = Reader("topic", "channel", lambda message: True, nsqd_tcp_addresses=f"{fake.host}:{fake.port}", max_in_flight=4, backend=backend)
+    try:
+        reader.start()
+        fake.wait_for_command("RDY 4", timeout=WAIT)
+        reader.max_in_flight = 0
+        fake.wait_for_command("RDY 0", timeout=WAIT)
+        reader.max_in_flight = 7
+        fake.wait_for_command("RDY 7", timeout=WAIT)
+        assert reader.max_in_flight == 7 and reader.stats()["max_in_flight"] == 7
+        with pytest.raises(ConfigError):
+            reader.max_in_flight = -1
+        assert reader.max_in_flight == 7
+    finally:
+        reader.close(WAIT)
+    with pytest.raises(ClosedError):
+        reader.max_in_flight = 3
