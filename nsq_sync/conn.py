@@ -138,6 +138,20 @@ def _warn_once(key: str, text: str) -> None:
         logger.warning("%s", text)
 
 
+#: the events connect() fires, in order, before it returns
+HANDSHAKE_EVENTS = ("connect", "identify", "identify_response", "auth", "auth_response", "ready")
+
+
+def _warn_handshake_over(name: str, conn_id: str) -> None:
+    _warn_once(
+        "late handshake listener",
+        f"AsyncConn.on({name!r}) on {conn_id} after connect() returned: the handshake events "
+        f"({', '.join(HANDSHAKE_EVENTS)}) fire during connect(), so this listener will not run (a late "
+        "'ready' listener runs once only while the connection is open); add listeners before "
+        "connect() (pynsq code: move the on() calls above conn.connect()). Said once",
+    )
+
+
 class AsyncConn(EventedMixin):
     """A connection to one nsqd, with pynsq's parameters, events and on/off/trigger.
 
@@ -426,8 +440,14 @@ class AsyncConn(EventedMixin):
         return self.state in (INIT, DISCONNECTED)
 
     def is_starved(self) -> bool:
-        """The guide's rule: messages in flight reached 85% of the last RDY."""
-        return self.in_flight > 0 and self.in_flight >= (self.last_rdy * 0.85)
+        """The guide's rule: messages in flight reached 85% of the last RDY.
+
+        Counted as in pynsq, where a handler runs as soon as its message is read: messages
+        handed to listeners and not answered, not those still queued for a worker (with a
+        batching handler and concurrency=1 the first of a read would see them all)."""
+        with self._lock:  # (the reader task counts a read's messages in both at once)
+            handed = self.in_flight - self._queued
+        return handed > 0 and handed >= (self.last_rdy * 0.85)
 
     @property
     def worker_pool(self) -> WorkerPool:
@@ -627,7 +647,32 @@ class AsyncConn(EventedMixin):
                 self._wait_data = make_waiter(self._raw_sock)
             except (TypeError, ValueError, OSError):
                 pass  # not a real socket (tests): the generic wait does
-        self._fire("ready", conn=self)
+        # (taken with the mark: a ready listener added from now on is _late_listener's, never both)
+        for callback in self._mark_fired(*HANDSHAKE_EVENTS)["ready"]:
+            self._call_listener("ready", callback)
+
+    def _call_listener(self, name: str, callback: Callable[..., Any]) -> None:
+        try:
+            callback(conn=self)
+        except Exception:
+            logger.exception("listener %r for %r raised", callback, name)
+
+    def _late_listener(self, name: str, callback: Callable[..., Any]) -> None:
+        """on() for a handshake event after connect() returned. In pynsq connect() only starts
+        the handshake, so listeners added right after it still see every handshake event; here
+        they have all fired. A late ``ready`` listener (pynsq code subscribes in it) is called
+        once on the control lane, as if it had been added in time; any other is warned about."""
+        if name == "ready" and self.state == CONNECTED:
+            try:
+                self.worker_pool.control.submit(self._fire_late_ready, callback)
+                return
+            except RuntimeError:
+                pass  # (the pool is closed: so is the connection)
+        _warn_handshake_over(name, self.id)
+
+    def _fire_late_ready(self, callback: Callable[..., Any]) -> None:
+        if self.state == CONNECTED and callback in self._listeners.get("ready", ()):  # (not off() meanwhile)
+            self._call_listener("ready", callback)
 
     def _warn_not_offered(self, response: Dict[str, Any]) -> None:
         """Compression asked for and not offered: the connection goes on uncompressed (as

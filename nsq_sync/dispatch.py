@@ -15,10 +15,12 @@ more than RDY messages in flight per connection, so RDY bounds them.
 from __future__ import annotations
 
 import collections
+import inspect
 import itertools
 import logging
 from time import monotonic as _monotonic
-from typing import Any, Callable, Deque, List, Optional, Tuple, Union
+from types import FunctionType, MethodType
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
 
 from .backends import Backend, get_backend
 from .errors import ConfigError
@@ -29,6 +31,51 @@ logger = logging.getLogger(__name__)
 
 _STOP = object()
 _NO_ARG = object()  # the second half of a queued _Call
+
+
+#: call_refusal's answers, by function code (or callable object) and argument count
+_refusals: Dict[Any, Optional[str]] = {}
+_REFUSALS_MAX = 4096
+
+
+def call_refusal(fn: Callable[..., Any], nargs: int) -> Optional[str]:
+    """Why *fn* cannot be called with *nargs* positional arguments (the TypeError that
+    ``inspect.signature(fn).bind`` raises, as text), or None when it can or its signature is
+    unknown (some builtins and C callables).
+
+    Cached, so that checking a callback on every call costs a dict lookup: a plain function
+    (or a method of one) by its code object, defaults and argument count, so lambdas made
+    anew for each call share one entry; any other callable by itself when hashable."""
+    extra = 0
+    target: Any = fn
+    if fn.__class__ is MethodType:
+        target, extra = fn.__func__, 1  # type: ignore[attr-defined]
+    if target.__class__ is FunctionType and "__wrapped__" not in target.__dict__ and "__signature__" not in target.__dict__:
+        kwdefaults = target.__kwdefaults__
+        key: Any = (target.__code__, len(target.__defaults__ or ()), tuple(kwdefaults) if kwdefaults else None, nargs + extra)
+    else:
+        key = (fn, nargs)
+    try:
+        return _refusals[key]
+    except KeyError:
+        pass
+    except TypeError:  # (an unhashable callable: checked each time)
+        key = None
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):
+        refusal = None
+    else:
+        try:
+            signature.bind(*([None] * (nargs + extra)))
+            refusal = None
+        except TypeError as exc:
+            refusal = str(exc)
+    if key is not None:
+        if len(_refusals) >= _REFUSALS_MAX:
+            _refusals.clear()
+        _refusals[key] = refusal
+    return refusal
 
 
 class _Call:

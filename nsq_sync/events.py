@@ -96,9 +96,26 @@ class EventedMixin:
             if callback in current:
                 raise DuplicateListenerError(f"{callback!r} already listens to {name!r}")
             self._listeners[name] = current + (callback,)
+            late = name in self._fired_once
         fired = self.fired_events
         if fired is not None and name not in fired:
             _warn_unfired(type(self).__name__, name, fired)
+        if late:
+            self._late_listener(name, callback)
+
+    #: names of events that fire once and have fired (see _mark_fired); class-level empty
+    #: default, replaced per instance by the first _mark_fired
+    _fired_once: Any = frozenset()
+
+    def _mark_fired(self, *names: str) -> Dict[str, Tuple[Listener, ...]]:
+        """Record that the named once-only events have fired and return their listeners, taken
+        in the same step: a listener added from then on goes to _late_listener instead (never both)."""
+        with self._listeners_lock:
+            self._fired_once = self._fired_once | frozenset(names)
+            return {name: self._listeners.get(name, ()) for name in names}
+
+    def _late_listener(self, name: str, callback: Listener) -> None:
+        """Called by on() for a listener added after its once-only event fired (see _mark_fired)."""
 
     def off(self, name: str, callback: Listener) -> None:
         """Stop *callback* listening for the named event. Raises InvalidListenerError if it was not listening."""

@@ -44,7 +44,7 @@ class Message:
     """
 
     # (_superseded is set only on a copy nsqd replaced by delivering it again: read with getattr)
-    __slots__ = ("id", "body", "timestamp", "attempts", "_responder", "_async", "_responded", "_arrived", "_touched", "_superseded", "__weakref__")
+    __slots__ = ("id", "body", "timestamp", "attempts", "_responder", "_async", "_responded", "_arrived", "_touched", "_superseded", "__weakref__", "__dict__")
 
     def __init__(self, id: bytes, body: bytes, timestamp: int, attempts: int, responder: Optional[Responder] = None) -> None:
         self.id = id

@@ -78,7 +78,7 @@ from .addresses import address_key as _address_key
 from .addresses import parse_addresses
 from .backoff import ExponentialBackoff, exponential_delay
 from .conn import NO_HEARTBEAT_SUB, AsyncConn, WarningTally
-from .dispatch import WorkerPool
+from .dispatch import WorkerPool, call_refusal
 from .errors import AlreadyRespondedError, ClosedError, ConfigError, ConnectionClosedError, Error, HTTPError, SendError
 from .message import Message
 from .protocol.identify import check_number, check_timeout
@@ -147,11 +147,26 @@ def _never_runs(fn: object) -> Optional[str]:
     for target in targets:
         if inspect.iscoroutinefunction(target) or (asyncio is not None and asyncio.iscoroutinefunction(target)):
             return "a coroutine function (async def)"
+        if _is_tornado_coroutine(target):
+            # (its wrapper makes a Future first, which needs an event loop: the body never runs)
+            return "a Tornado coroutine (@tornado.gen.coroutine)"
         if inspect.isasyncgenfunction(target):
             return "an async generator function"
         if inspect.isgeneratorfunction(target):
             return "a generator function"
     return None
+
+
+def _is_tornado_coroutine(fn: object) -> bool:
+    """Whether *fn* (or the function a functools.partial wraps) is marked by
+    ``@tornado.gen.coroutine``, as ``tornado.gen.is_coroutine_function`` tells (without
+    importing tornado). Bound methods pass attribute reads on to their function."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    try:
+        return getattr(fn, "__tornado_coroutine__", False) is True
+    except Exception:  # (an object whose __getattr__ raises something else)
+        return False
 
 
 def check_message_handler(message_handler: object) -> None:
@@ -168,15 +183,10 @@ def check_message_handler(message_handler: object) -> None:
             "threads/greenlets and never awaits or iterates what they return, so every message would be "
             "finished unprocessed; use a plain def function (run async code inside it if needed)"
         )
-    try:
-        signature = inspect.signature(message_handler)
-    except (TypeError, ValueError):
-        return  # (no signature to check: some builtins and C callables)
-    try:
-        signature.bind(None)
-    except TypeError as exc:
+    refusal = call_refusal(message_handler, 1)  # (None also when it has no signature to check: some C callables)
+    if refusal is not None:
         # Every message would fail with this TypeError, be requeued and come back, until given up.
-        raise TypeError(f"message_handler must take one positional argument, the message; {message_handler!r} cannot ({exc})") from None
+        raise TypeError(f"message_handler must take one positional argument, the message; {message_handler!r} cannot ({refusal})")
 
 
 class _Counter:
@@ -656,6 +666,11 @@ class Reader:
     def max_in_flight(self) -> int:
         return self._max_in_flight
 
+    @max_in_flight.setter
+    def max_in_flight(self, max_in_flight: int) -> None:
+        """``reader.max_in_flight = n`` (pynsq code assigns it) is :meth:`set_max_in_flight`."""
+        self.set_max_in_flight(max_in_flight)
+
     @property
     def total_rdy(self) -> int:
         """The RDY counts of every connection added up (pynsq's attribute; also in :meth:`stats`)."""
@@ -887,10 +902,12 @@ class Reader:
     def is_starved(self) -> bool:
         """True when some connection has messages in flight >= 85% of its last RDY (the guide's rule).
 
-        Use it to flush batches: while starved, nsqd sends nothing more.
+        Use it to flush batches: while starved, nsqd sends nothing more. As in pynsq, messages
+        count once their handler was called (not while they wait for a worker) until answered.
         """
         with self._lock:
-            return any(st.conn.is_starved() for st in self._conns.values())
+            conns = [st.conn for st in self._conns.values()]
+        return any(conn.is_starved() for conn in conns)  # (each takes its connection's lock: not under ours)
 
     def stats(self) -> Dict[str, Any]:
         """Counters and per-connection state, for monitoring.

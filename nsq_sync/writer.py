@@ -27,7 +27,7 @@ from .addresses import address_key, parse_addresses
 from .backends import Backend, gevent_patched, get_backend
 from .backoff import exponential_delay
 from .conn import AsyncConn
-from .dispatch import WorkerPool
+from .dispatch import WorkerPool, call_refusal
 from .errors import (
     AuthFailedError,
     AuthRequiredError,
@@ -870,6 +870,13 @@ class Writer:
         if callback is not None:
             if not callable(callback):
                 raise TypeError(f"callback must be callable, not {type(callback).__name__}")
+            refusal = call_refusal(callback, 2)  # (cached: a dict lookup per publish)
+            if refusal is not None:
+                # (it would fail on the worker pool, after the publish: a one-argument Tornado-style callback)
+                raise TypeError(
+                    f"callback must take two positional arguments, as the Writer calls callback(conn, data) "
+                    f"(pynsq's convention); {callback!r} cannot ({refusal}); nothing was published"
+                )
             future = self._submit(data, timeout)
             future.add_done_callback(lambda f: self._run_callback(callback, f))
             return None

@@ -578,3 +578,43 @@ def test_after_close_no_task_is_left_and_nothing_reconnects(nsqd: NsqdProcess, m
         assert channel(nsqd)["clients"] == []
         time.sleep(0.1)
     assert live_tasks() == []
+
+
+def test_batching_until_is_starved_makes_batches_as_large_as_pynsqs(nsqd: NsqdProcess, make_reader: Callable[..., Reader]) -> None:
+    """pynsq's batching pattern (keep each message with enable_async(), answer them all once
+    is_starved()) with RDY 10 and one worker: batches of 9 (85% of 10, rounded up), as pynsq
+    makes. is_starved() counts messages handed to the handler and not answered; before, the
+    ones still queued for the worker counted too, so the first handler of each read found
+    the connection starved and batches were of 1 or 2 messages."""
+    total = 90
+    prepare(nsqd, [b"%d" % n for n in range(total)])
+    lock = threading.Lock()  # (one worker here; the lock is for the test's own draining below)
+    batch: List[Any] = []
+    sizes: List[int] = []
+    draining = threading.Event()
+
+    def handler(message: Any) -> None:
+        message.enable_async()
+        with lock:
+            batch.append(message)
+            if reader.is_starved() or draining.is_set():
+                sizes.append(len(batch))
+                for held in batch:
+                    held.finish()
+                del batch[:]
+
+    reader = make_reader(handler, nsqd_tcp_addresses=nsqd.tcp_address, max_in_flight=10, concurrency=1)
+    reader.start()
+    try:
+        wait_until(lambda: sum(sizes) >= total - 10, TIMEOUT, message="most messages answered in batches")
+        with lock:
+            seen = list(sizes)
+        assert all(size <= 10 for size in seen), seen
+        assert sum(1 for size in seen if size >= 8) >= 0.8 * len(seen), seen
+    finally:
+        with lock:
+            draining.set()
+            for held in batch:
+                held.finish()
+            del batch[:]
+    wait_until(lambda: drained(nsqd), TIMEOUT, message="channel drained")

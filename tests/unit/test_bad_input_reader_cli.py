@@ -1,7 +1,8 @@
 """Bad input to the Reader and the ``nsq-sync`` command: refused with a typed error naming the
 parameter (or exit 2 with a usage message) before anything is sent or started, and nothing lost.
 
-* a coroutine, async generator or generator function as the message handler (or an object whose
+* a coroutine, async generator or generator function, or a Tornado coroutine
+  (``@tornado.gen.coroutine``), as the message handler (or an object whose
   ``__call__`` is one, or a subclass hook that is one): its body would never run and every message
   would be FINed unprocessed. Refused by Reader(), set_message_handler() (the old handler stays and
   keeps processing) and ``nsq-sync worker``;
@@ -74,7 +75,40 @@ class AsyncMethods:
         pass
 
 
+def tornado_coroutine(fn: Any) -> Any:
+    """What ``@tornado.gen.coroutine`` makes of *fn* (tornado 6's wrapper, without tornado): a
+    plain function marked ``__tornado_coroutine__`` whose first step creates a Future, which in
+    a worker thread raises "There is no current event loop": the body never runs."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("There is no current event loop in thread 'worker'")
+
+    wrapper.__tornado_coroutine__ = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+@tornado_coroutine
+def tornado_handler(message: Any) -> bool:
+    raise AssertionError("never run")
+
+
+class TornadoMethods:
+    @tornado_coroutine
+    def handle(self, message: Any) -> bool:
+        return True
+
+    @tornado_coroutine
+    def __call__(self, message: Any) -> bool:
+        return True
+
+
 NEVER_RUN: List[Tuple[str, Callable[[], Any], str]] = [
+    ("tornado coroutine", lambda: tornado_handler, "Tornado coroutine (@tornado.gen.coroutine)"),
+    ("partial of tornado coroutine", lambda: functools.partial(tornado_handler), "Tornado coroutine"),
+    ("bound tornado coroutine method", lambda: TornadoMethods().handle, "Tornado coroutine"),
+    ("object with tornado coroutine __call__", lambda: TornadoMethods(), "Tornado coroutine"),
+
     ("async def", lambda: async_handler, "coroutine function"),
     ("partial of async def", lambda: functools.partial(async_handler), "coroutine function"),
     ("async generator", lambda: async_gen_handler, "async generator function"),
@@ -176,7 +210,7 @@ def test_a_handler_that_cannot_take_the_message_is_refused(handler: Any) -> None
 
 
 @pytest.mark.parametrize("hook", ["process_message", "preprocess_message", "validate_message", "giving_up", "heartbeat"])
-@pytest.mark.parametrize("flavour", ["async", "generator"])
+@pytest.mark.parametrize("flavour", ["async", "generator", "tornado"])
 def test_reader_subclass_with_a_hook_that_would_never_run_is_refused(hook: str, flavour: str) -> None:
     async def async_hook(self: Any, arg: Any) -> Any:
         return True
@@ -184,7 +218,11 @@ def test_reader_subclass_with_a_hook_that_would_never_run_is_refused(hook: str, 
     def gen_hook(self: Any, arg: Any) -> Any:
         yield True
 
-    sub = type("MyReader", (Reader,), {hook: async_hook if flavour == "async" else gen_hook})
+    @tornado_coroutine
+    def tornado_hook(self: Any, arg: Any) -> Any:
+        return True
+
+    sub = type("MyReader", (Reader,), {hook: {"async": async_hook, "generator": gen_hook, "tornado": tornado_hook}[flavour]})
     with pytest.raises(TypeError) as info:
         sub("t", "c", plain, nsqd_tcp_addresses=ADDRESS).close()
     assert f"MyReader.{hook} must be a plain method" in str(info.value)
@@ -396,6 +434,8 @@ WORKER_HANDLERS = {
     "generator": ("def handle(message):\n    yield message\n", "handle", "a generator function"),
     "object with async __call__": ("class H:\n    async def __call__(self, message):\n        pass\n\nhandle = H()\n", "handle", "a coroutine function"),
     "async method": ("class H:\n    async def run(self, message):\n        pass\n\nh = H()\n", "h.run", "a coroutine function"),
+    # (what @tornado.gen.coroutine marks its wrapper with; the module need not import tornado)
+    "tornado coroutine": ("def handle(message):\n    pass\n\nhandle.__tornado_coroutine__ = True\n", "handle", "a Tornado coroutine"),
 }
 
 

@@ -7,6 +7,7 @@ import logging
 import sys
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -659,3 +660,29 @@ def test_slow_callbacks_in_a_row_start_a_spare_at_once(make_pool, monkeypatch):
     pool = make_pool(concurrency=8)
     _burst_with_slow_callbacks(pool, monkeypatch, {50, 51})
     assert pool.messages.size == 2
+
+
+# ------------------------------------------------------------ call_refusal
+def test_call_refusal_says_why_and_caches_by_code() -> None:
+    assert dispatch.call_refusal(lambda conn, data: None, 2) is None
+    assert "missing a required argument" in (dispatch.call_refusal(lambda conn, data: None, 1) or "")
+    assert "too many positional arguments" in (dispatch.call_refusal(lambda data: None, 2) or "")
+    assert dispatch.call_refusal(print, 2) is None  # (a builtin: accepted)
+
+    def make() -> Any:
+        return lambda data: None  # (a new function each time, one code object)
+
+    dispatch._refusals.clear()
+    for _ in range(100):
+        assert dispatch.call_refusal(make(), 2) is not None
+    assert len(dispatch._refusals) == 1
+
+    class Handler:
+        def handle(self, conn: Any, data: Any) -> None:
+            pass
+
+    assert dispatch.call_refusal(Handler().handle, 2) is None  # (self is bound)
+    assert dispatch.call_refusal(Handler().handle, 3) is not None
+    assert len(dispatch._refusals) == 3  # (bound methods of one function share its entries too)
+    dispatch.call_refusal(Handler().handle, 2)
+    assert len(dispatch._refusals) == 3
