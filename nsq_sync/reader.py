@@ -639,6 +639,7 @@ class Reader:
         self._plain = not self._hooked and cls.process_message is Reader.process_message
         self._received_gone = 0  # messages that arrived on connections since closed (under _lock)
         self._expired_gone = 0  # the same for messages dropped unrun past msg_timeout
+        self._touched_gone = 0  # the same for TOUCHes sent for messages waiting for a worker
         self._warned_falsy = False  # a handler returned 0, "" or the like (_answer_later)
         self._unanswered = WarningTally(10.0)  # answers lost with their connection (_not_answered)
         self._finished = _Counter()
@@ -891,7 +892,9 @@ class Reader:
         ``messages_given_up`` (also FINed, so counted in finished), ``messages_expired``
         (dropped unrun: they waited for a worker longer than msg_timeout, so nsqd had timed
         them out and delivers them again; old copies nsqd sent again and messages dropped
-        after a channel empty count in messages_received only), ``in_flight``,
+        after a channel empty count in messages_received only), ``messages_touched_queued``
+        (TOUCHes the Reader sent for messages still waiting for a worker, so that nsqd did not
+        time them out; see docs/tuning.md), ``in_flight``,
         ``max_in_flight``, ``total_rdy``, ``backoff_level``, ``backing_off``, ``closed`` and
         ``connections``: a list of dicts with ``address``, ``rdy``, ``in_flight``,
         ``connected``, ``max_rdy_count``, ``last_msg_timestamp``, ``failed_attempts``; a
@@ -910,6 +913,7 @@ class Reader:
             # Counted on arrival, by each connection: a message still waiting for a worker counts.
             received = self._received_gone + sum(st.conn._received_total for st in states)
             expired = self._expired_gone + sum(st.conn._expired_total for st in states)
+            touched = self._touched_gone + sum(st.conn._touched_total for st in states)
             # A direct nsqd that is down (or not connected yet) is listed too, so that an alert
             # on "connected": False can fire (its max_rdy_count and last_msg_timestamp: None).
             down = [] if self._closing else [(address, self._direct_failures.get(address, 0)) for address in self._direct if address not in self._conns]
@@ -939,6 +943,7 @@ class Reader:
             "messages_requeued": requeued,
             "messages_given_up": given_up,
             "messages_expired": expired,
+            "messages_touched_queued": touched,
             "in_flight": sum(c["in_flight"] for c in connections),
             "max_in_flight": self._max_in_flight,
             "total_rdy": sum(c["rdy"] for c in connections),
@@ -1817,6 +1822,7 @@ class Reader:
             del self._conns[address]
             self._received_gone += conn._received_total
             self._expired_gone += conn._expired_total
+            self._touched_gone += conn._touched_total
             if self._test_addr == address:
                 self._test_addr = None
             if self._closing:
