@@ -1537,13 +1537,15 @@ class AsyncConn(EventedMixin):
         worker but that nsqd timed out (read at least msg_timeout before *now*) or replaced
         with a copy sent again. nsqd delivers them again by itself (maybe already did), so
         running them would do the work twice, with answers nsqd refuses. Without this, while
-        every worker is busy for longer than msg_timeout (a hung handler, or prefetch deeper
-        than the workers get through in msg_timeout), nsqd sends RDY messages every
-        msg_timeout and their copies pile up here without bound.
+        every worker is busy for longer than msg_timeout (a hung handler: waiting messages are
+        touched only while the workers make progress, see _touch_waiting), nsqd sends RDY
+        messages every msg_timeout and their copies pile up here without bound.
 
         Called only after nsqd showed that it timed messages out here, and safe in any case:
         the clock starts when a message was read, after nsqd started its own, so a message
-        is never taken back before nsqd's deadline for it passed.
+        is never taken back before nsqd's deadline for it passed. (After a touch, the clock
+        restarts when the TOUCH is queued, a little before nsqd gets it: a message taken back
+        in between is not run here, and nsqd delivers it once more, a moment later.)
         """
         msg_timeout, max_msg_timeout = self._timeouts()
         deliver = self._deliver
@@ -1554,9 +1556,7 @@ class AsyncConn(EventedMixin):
             if message._responded:
                 return True
             arrived = message._arrived
-            # (Touched while it waited, _touch_waiting: nsqd's clock restarted a little
-            # after ours, when the TOUCH reached it. Taken back that much early, it is not
-            # run here and nsqd delivers it again: once in all, only later.)
+            # (touched while it waited: from the last touch, see the docstring)
             return min(getattr(message, "_touched", arrived) + msg_timeout, arrived + max_msg_timeout) <= now
 
         taken = self.worker_pool.messages.take(stale)
@@ -1582,8 +1582,8 @@ class AsyncConn(EventedMixin):
         if due:
             logger.warning(
                 "%s: %d messages waited for a worker longer than msg_timeout (since the last warning) and were "
-                "dropped unrun: nsqd has timed them out and delivers them again. Every worker stayed busy for "
-                "longer than msg_timeout: raise concurrency, lower max_in_flight, or look for a hung handler",
+                "dropped unrun: nsqd has timed them out and delivers them again. No worker started a message for "
+                "msg_timeout (so waiting messages were not touched): look for a hung handler, or raise concurrency",
                 self.id, due,
             )
 
