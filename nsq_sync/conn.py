@@ -869,7 +869,7 @@ class AsyncConn(EventedMixin):
         touched at once) and every msg_timeout/4 while the workers are stuck.
         """
         msg_timeout, max_msg_timeout = self._timeouts()
-        quarter = msg_timeout / 4
+        quarter = max(msg_timeout / 4, ANSWER_HOLD_SECONDS)  # (a peer's msg_timeout of 0 must not spin the reader)
         lane = self.worker_pool.messages
         if now - lane.last_began >= msg_timeout or self.state != CONNECTED:
             self._touch_due = now + quarter  # stuck (or closed): look again later
@@ -880,7 +880,7 @@ class AsyncConn(EventedMixin):
         touches = []
         with self._lock:
             if self.state != CONNECTED:
-                return
+                waiting = []  # (closed meanwhile: nothing to send)
             for message in waiting:
                 if message._responded:
                     continue  # replaced by a newer copy, or forgotten (channel emptied)

@@ -850,6 +850,26 @@ def test_a_waiting_message_is_not_touched_past_max_msg_timeout(fake_nsqd: FakeNs
     assert reader.stats()["messages_touched_queued"] == 1
 
 
+def test_a_silent_nsqd_is_found_stale_while_a_message_waits_for_a_worker(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader], caplog: Any) -> None:
+    # With RDY under 4 and a message waiting for the worker, the reader task reads with the
+    # deadline of the next touch (msg_timeout 60 s here): it must still close a connection
+    # that has been silent for two heartbeat intervals.
+    handler, handled, release = holding_handler(b"hung")
+    reader = make_reader(fake_nsqd, handler, max_in_flight=2, concurrency=1, heartbeat_interval=1)
+    with caplog.at_level(logging.WARNING):
+        reader.start()
+        try:
+            fake_nsqd.wait_for_command("RDY 2")
+            session = fake_nsqd.session
+            fake_nsqd.send_message(b"hung")
+            wait_until(lambda: handled == [b"hung"], WAIT, message="the hung handler runs")
+            fake_nsqd.send_message(b"waiting")
+            fake_nsqd.wait_disconnected(session, timeout=WAIT)
+            wait_until(lambda: any("stale" in r.getMessage() for r in caplog.records), WAIT, message="the stale connection's warning")
+        finally:
+            release.set()
+
+
 # ------------------------------------------------- (k) graceful close
 def test_close_sends_cls_and_waits_for_the_running_handler(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> None:
     started = threading.Event()
