@@ -322,6 +322,9 @@ class AsyncConn(EventedMixin):
         #: the answer did nothing), counted as they arrive (Reader.stats)
         self._fin_failed_total = 0
         self._req_failed_total = 0
+        self._touched_total = 0  # TOUCHes sent for messages still waiting for a worker (_touch_waiting)
+        #: no message waiting for a worker is due a TOUCH before this (monotonic; see _touch_waiting)
+        self._touch_due = 0.0
         #: answers nsqd refused (E_FIN_FAILED...), and copies it replaced by delivering them
         #: again, and messages that waited for a worker past msg_timeout, each warned about at
         #: most every LATE_WARNING_SECONDS with its own count
@@ -856,12 +859,14 @@ class AsyncConn(EventedMixin):
                         return
                     park = self._should_park()
                     if not park:
-                        # (With RDY under 4 no answer is ever held back: the timed read
-                        # would only cost a timer per message, a gevent consumer's default.)
-                        if self._queued and (self._hold_max > 1 or self._writes):
+                        if not self._queued:
+                            self._read_once(None)
+                        elif self._hold_max > 1 or self._writes:
                             self._read_holding()
                         else:
-                            self._read_once(None)
+                            # (With RDY under 4 no answer is ever held back: a read with a
+                            # 5 ms deadline would only cost a timer per message.)
+                            self._read_waiting()
                 finally:
                     token.release()
                 if park:
@@ -880,6 +885,8 @@ class AsyncConn(EventedMixin):
         its last look: no finished message's FIN waits for another message's handler (nor,
         with handlers slower than msg_timeout, for nsqd to deliver it again)."""
         now = time.monotonic()
+        if now >= self._touch_due:
+            self._touch_waiting(now)
         try:
             head = self._writes[0]
         except IndexError:
@@ -905,6 +912,81 @@ class AsyncConn(EventedMixin):
         if stale is not None and not self._closing and time.monotonic() - quiet >= stale:
             self._end_reading(self._stale_error())
             raise _ReadEnded()
+
+    def _read_waiting(self) -> None:
+        """The reader task's read while messages wait for a worker and no answer is held back
+        for them: it wakes by the time the oldest of them is due a TOUCH (_touch_waiting), or
+        when the connection went silent for the staleness limit."""
+        now = time.monotonic()
+        if now >= self._touch_due:
+            self._touch_waiting(now)
+        deadline = self._touch_due
+        quiet = self._quiet_since
+        stale = self._stale_after
+        if stale is not None and not self._closing:
+            deadline = min(deadline, (now if quiet is None else quiet) + stale)
+        if self._read_once(deadline):
+            return
+        if quiet is None:
+            self._quiet_since = quiet = now  # (nothing came since this read began)
+        if stale is not None and not self._closing and time.monotonic() - quiet >= stale:
+            self._end_reading(self._stale_error())
+            raise _ReadEnded()
+
+    def _touch_waiting(self, now: float) -> None:
+        """TOUCH this connection's messages that have waited for a worker for a quarter of
+        msg_timeout or more since they arrived or were last touched, so that nsqd does not time
+        them out while the workers get through the messages before them (prefetch deeper than
+        the workers clear within msg_timeout); called by the holder of the read token once
+        _touch_due passed, which this sets again.
+
+        Only while the workers make progress: a callback started on the lane within the last
+        msg_timeout, as it does at least that often when handlers finish within msg_timeout.
+        When every worker is stuck (a hung handler), nothing is touched, so nsqd times the
+        waiting messages out and _drop_stale takes them back as before: touching them would
+        hold them here for good. Nor is a message touched past nsqd's max_msg_timeout (a
+        TOUCH cannot extend it), or once its time is up by our clock (nsqd has timed it out,
+        and delivers it again). The TOUCHes are queued under the lock that FIN and REQ take,
+        so none follows an answer to its message (nsqd would refuse it: E_TOUCH_FAILED).
+
+        Costs nothing per message: a scan of the queued work when the earliest due time
+        passed, at most every msg_timeout/4 while touching (everything older than that is
+        touched at once) and every msg_timeout/4 while the workers are stuck.
+        """
+        msg_timeout, max_msg_timeout = self._timeouts()
+        quarter = max(msg_timeout / 4, ANSWER_HOLD_SECONDS)  # (a peer's msg_timeout of 0 must not spin the reader)
+        lane = self.worker_pool.messages
+        if now - lane.last_began >= msg_timeout or self.state != CONNECTED:
+            self._touch_due = now + quarter  # stuck (or closed): look again later
+            return
+        deliver = self._deliver
+        waiting = lane.peek(lambda fn, message: fn == deliver)
+        due = now + 2 * quarter  # (messages arriving later are due later)
+        touches = []
+        with self._lock:
+            if self.state != CONNECTED:
+                waiting = []  # (closed meanwhile: nothing to send)
+            for message in waiting:
+                if message._responded:
+                    continue  # replaced by a newer copy, or forgotten (channel emptied)
+                arrived = message._arrived
+                start = getattr(message, "_touched", arrived)
+                if start + msg_timeout >= arrived + max_msg_timeout or start + msg_timeout <= now:
+                    continue  # nothing to gain (max_msg_timeout), or too late (nsqd timed it out)
+                if now - start >= quarter:
+                    message._touched = now
+                    touches.append(b"TOUCH %s\n" % message.id)
+                elif start + 2 * quarter < due:
+                    due = start + 2 * quarter
+            if touches:
+                self._writes.append(b"".join(touches))
+                self._touched_total += len(touches)
+        self._touch_due = due
+        if touches:
+            try:
+                self._flush(0.0)  # (no room: a flush task writes them; the reader goes on reading)
+            except Error:
+                pass  # the write side failed; the next read meets the close
 
     def _read_once(self, deadline: Optional[float]) -> bool:
         """One recv and its frames, by the holder of the read token.
@@ -1544,17 +1626,29 @@ class AsyncConn(EventedMixin):
         worker but that nsqd timed out (read at least msg_timeout before *now*) or replaced
         with a copy sent again. nsqd delivers them again by itself (maybe already did), so
         running them would do the work twice, with answers nsqd refuses. Without this, while
-        every worker is busy for longer than msg_timeout (a hung handler, or prefetch deeper
-        than the workers get through in msg_timeout), nsqd sends RDY messages every
-        msg_timeout and their copies pile up here without bound.
+        every worker is busy for longer than msg_timeout (a hung handler: waiting messages are
+        touched only while the workers make progress, see _touch_waiting), nsqd sends RDY
+        messages every msg_timeout and their copies pile up here without bound.
 
         Called only after nsqd showed that it timed messages out here, and safe in any case:
         the clock starts when a message was read, after nsqd started its own, so a message
-        is never taken back before nsqd's deadline for it passed.
+        is never taken back before nsqd's deadline for it passed. (After a touch, the clock
+        restarts when the TOUCH is queued, a little before nsqd gets it: a message taken back
+        in between is not run here, and nsqd delivers it once more, a moment later.)
         """
-        horizon = now - min(self._timeouts())
+        msg_timeout, max_msg_timeout = self._timeouts()
         deliver = self._deliver
-        taken = self.worker_pool.messages.take(lambda fn, message: fn == deliver and (message._responded or message._arrived <= horizon))
+
+        def stale(fn: Any, message: Message) -> bool:
+            if fn != deliver:
+                return False
+            if message._responded:
+                return True
+            arrived = message._arrived
+            # (touched while it waited: from the last touch, see the docstring)
+            return min(getattr(message, "_touched", arrived) + msg_timeout, arrived + max_msg_timeout) <= now
+
+        taken = self.worker_pool.messages.take(stale)
         if not taken:
             return
         expired = 0
@@ -1577,8 +1671,8 @@ class AsyncConn(EventedMixin):
         if due:
             logger.warning(
                 "%s: %d messages waited for a worker longer than msg_timeout (since the last warning) and were "
-                "dropped unrun: nsqd has timed them out and delivers them again. Every worker stayed busy for "
-                "longer than msg_timeout: raise concurrency, lower max_in_flight, or look for a hung handler",
+                "dropped unrun: nsqd has timed them out and delivers them again. No worker started a message for "
+                "msg_timeout (so waiting messages were not touched): look for a hung handler, or raise concurrency",
                 self.id, due,
             )
 

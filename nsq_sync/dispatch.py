@@ -148,6 +148,10 @@ class Lane:
         self._lead_jobs: Deque[Any] = collections.deque()
         self._lead_offered: set = set()
         self._started = 0  # callbacks started (the watchdog's sign of progress)
+        #: monotonic time the latest callback started (set by whichever worker started it):
+        #: while work waits, how a connection tells workers getting through it from hung ones
+        #: (AsyncConn._touch_waiting)
+        self.last_began = _monotonic()
         self._eager = getattr(backend, "name", "") != "thread"
         self._watchdog: Any = None
         self._watch_parked = False
@@ -204,6 +208,12 @@ class Lane:
                     kept.append(entry)
             items.extendleft(reversed(kept))
         return taken
+
+    def peek(self, match: Callable[[Any, Any], bool]) -> List[Any]:
+        """The items of the queued ``fn(item)`` pairs (submit_many) for which ``match(fn, item)``
+        is true, in queue order, left queued (a worker may start any of them meanwhile)."""
+        with self._lock:
+            return [entry[1] for entry in self._items if entry is not _STOP and entry[1] is not _NO_ARG and match(entry[0], entry[1])]
 
     def offer_lead(self, conn: Any) -> None:
         """Let the next worker that runs out of work call ``conn._lead_read()`` before it sleeps.
@@ -312,6 +322,7 @@ class Lane:
                     return
                 fn, arg = item
                 self._started += 1  # (a lost increment under a race still shows progress)
+                self.last_began = began
                 try:
                     if arg is _NO_ARG:
                         fn()

@@ -652,6 +652,7 @@ class Reader:
         self._expired_gone = 0  # the same for messages dropped unrun past msg_timeout
         self._fin_failed_gone = 0  # the same for FINs nsqd refused (E_FIN_FAILED)
         self._req_failed_gone = 0  # and REQs (E_REQ_FAILED)
+        self._touched_gone = 0  # the same for TOUCHes sent for messages waiting for a worker
         self._warned_falsy = False  # a handler returned 0, "" or the like (_answer_later)
         self._unanswered = WarningTally(10.0)  # answers lost with their connection (_not_answered)
         self._finished = _Counter()
@@ -921,7 +922,9 @@ class Reader:
         after a channel empty count in messages_received only), ``messages_fin_failed`` and
         ``messages_req_failed`` (FINs and REQs nsqd refused with E_FIN_FAILED, E_REQ_FAILED:
         it had timed the message out, or the channel was emptied, and delivers it again or
-        dropped it; not in finished or requeued), ``in_flight``,
+        dropped it; not in finished or requeued), ``messages_touched_queued``
+        (TOUCHes the Reader sent for messages still waiting for a worker, so that nsqd did not
+        time them out; see docs/tuning.md), ``in_flight``,
         ``max_in_flight``, ``total_rdy``, ``backoff_level``, ``backing_off``, ``closed`` and
         ``connections``: a list of dicts with ``address``, ``rdy``, ``in_flight``,
         ``connected``, ``max_rdy_count``, ``last_msg_timestamp``, ``failed_attempts``; a
@@ -944,6 +947,7 @@ class Reader:
             # back when the refusal comes
             fin_failed = self._fin_failed_gone + sum(st.conn._fin_failed_total for st in states)
             req_failed = self._req_failed_gone + sum(st.conn._req_failed_total for st in states)
+            touched = self._touched_gone + sum(st.conn._touched_total for st in states)
             # A direct nsqd that is down (or not connected yet) is listed too, so that an alert
             # on "connected": False can fire (its max_rdy_count and last_msg_timestamp: None).
             down = [] if self._closing else [(address, self._direct_failures.get(address, 0)) for address in self._direct if address not in self._conns]
@@ -975,6 +979,7 @@ class Reader:
             "messages_expired": expired,
             "messages_fin_failed": fin_failed,
             "messages_req_failed": req_failed,
+            "messages_touched_queued": touched,
             "in_flight": sum(c["in_flight"] for c in connections),
             "max_in_flight": self._max_in_flight,
             "total_rdy": sum(c["rdy"] for c in connections),
@@ -1855,6 +1860,7 @@ class Reader:
             self._expired_gone += conn._expired_total
             self._fin_failed_gone += conn._fin_failed_total
             self._req_failed_gone += conn._req_failed_total
+            self._touched_gone += conn._touched_total
             if self._test_addr == address:
                 self._test_addr = None
             if self._closing:

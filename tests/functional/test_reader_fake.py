@@ -809,7 +809,11 @@ def test_messages_that_waited_for_a_worker_past_msg_timeout_are_dropped_unrun(fa
             fake_nsqd.send_message(b"waiting 1")
             fake_nsqd.send_message(b"waiting 2")
             wait_until(lambda: reader.stats()["messages_received"] == 3, WAIT, message="both waiting")
-            time.sleep(0.06)  # (their msg_timeout passes: nsqd would now time them out and send more)
+            # Their msg_timeout passes: nsqd would now time them out and send more. (Waiting
+            # messages are touched while a handler started within msg_timeout, as the hung
+            # one did when they came: once that is msg_timeout ago no touch goes out, and the
+            # last one's time is up a msg_timeout later. So twice msg_timeout, and a margin.)
+            time.sleep(0.12)
             fake_nsqd.send_message(b"after the timeout")  # a 4th in flight with RDY 3: nsqd timed some out
             wait_until(lambda: reader.stats()["messages_expired"] == 2, WAIT, message="the two stale ones dropped")
             assert reader.stats()["in_flight"] == 2  # the hung one and the newest
@@ -820,6 +824,75 @@ def test_messages_that_waited_for_a_worker_past_msg_timeout_are_dropped_unrun(fa
     wait_until(lambda: reader.stats()["in_flight"] == 0, WAIT, message="nothing in flight")
     assert handled == [b"hung", b"after the timeout"]
     assert len([c for c in lines(fake_nsqd) if c.startswith((b"FIN", b"REQ"))]) == 2
+
+
+def test_a_message_waiting_for_a_busy_worker_is_touched_before_its_answer(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader], caplog: Any) -> None:
+    # Prefetch deeper than the workers get through within msg_timeout: a message that waited
+    # for the worker half its msg_timeout (while the handler before it started less than
+    # msg_timeout ago) is touched, so nsqd does not time it out and deliver it again. The
+    # running message is not the Reader's to touch, and the TOUCH leaves before the FIN.
+    fake_nsqd.identify_response["msg_timeout"] = 1000  # ms
+    handler, handled, release = holding_handler(b"slow")
+    reader = make_reader(fake_nsqd, handler, max_in_flight=3, concurrency=1)
+    with caplog.at_level(logging.WARNING):
+        reader.start()
+        try:
+            fake_nsqd.wait_for_command("RDY 3")
+            slow = fake_nsqd.send_message(b"slow")
+            wait_until(lambda: handled == [b"slow"], WAIT, message="the slow one runs")
+            waiting = fake_nsqd.send_message(b"waiting")
+            assert fake_nsqd.wait_for_command("TOUCH").line == b"TOUCH " + waiting.id
+        finally:
+            release.set()
+        fake_nsqd.wait_for_command("FIN", count=2)
+    sent = [c for c in lines(fake_nsqd) if c.startswith((b"FIN", b"TOUCH"))]
+    assert sent[-2:] == [b"FIN " + slow.id, b"FIN " + waiting.id]
+    assert set(sent[:-2]) == {b"TOUCH " + waiting.id}  # (once, or twice if the release was slow)
+    assert handled == [b"slow", b"waiting"]
+    assert reader.stats()["messages_touched_queued"] == len(sent) - 2
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
+
+
+def test_a_waiting_message_is_not_touched_past_max_msg_timeout(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> None:
+    # nsqd never extends a message past max_msg_timeout from its delivery: a TOUCH that
+    # cannot gain anything is not sent. msg_timeout 1 s, max_msg_timeout 1.2 s: the touch at
+    # half a second reaches that cap, and the one due another half second later is not sent.
+    fake_nsqd.identify_response.update(msg_timeout=1000, max_msg_timeout=1200)
+    handler, handled, release = holding_handler(b"slow")
+    reader = make_reader(fake_nsqd, handler, max_in_flight=3, concurrency=1)
+    reader.start()
+    try:
+        fake_nsqd.wait_for_command("RDY 3")
+        fake_nsqd.send_message(b"slow")
+        wait_until(lambda: handled == [b"slow"], WAIT, message="the slow one runs")
+        waiting = fake_nsqd.send_message(b"waiting")
+        assert fake_nsqd.wait_for_command("TOUCH").line == b"TOUCH " + waiting.id
+        time.sleep(0.8)  # (past the next touch's time: nothing to wait for, it must not come)
+    finally:
+        release.set()
+    fake_nsqd.wait_for_command("FIN", count=2)
+    assert [c for c in lines(fake_nsqd) if c.startswith(b"TOUCH")] == [b"TOUCH " + waiting.id]
+    assert reader.stats()["messages_touched_queued"] == 1
+
+
+def test_a_silent_nsqd_is_found_stale_while_a_message_waits_for_a_worker(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader], caplog: Any) -> None:
+    # With RDY under 4 and a message waiting for the worker, the reader task reads with the
+    # deadline of the next touch (msg_timeout 60 s here): it must still close a connection
+    # that has been silent for two heartbeat intervals.
+    handler, handled, release = holding_handler(b"hung")
+    reader = make_reader(fake_nsqd, handler, max_in_flight=2, concurrency=1, heartbeat_interval=1)
+    with caplog.at_level(logging.WARNING):
+        reader.start()
+        try:
+            fake_nsqd.wait_for_command("RDY 2")
+            session = fake_nsqd.session
+            fake_nsqd.send_message(b"hung")
+            wait_until(lambda: handled == [b"hung"], WAIT, message="the hung handler runs")
+            fake_nsqd.send_message(b"waiting")
+            fake_nsqd.wait_disconnected(session, timeout=WAIT)
+            wait_until(lambda: any("stale" in r.getMessage() for r in caplog.records), WAIT, message="the stale connection's warning")
+        finally:
+            release.set()
 
 
 # ------------------------------------------------- (k) graceful close

@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, Iterator, List
 import pytest
 
 from nsq_sync.backoff import ExponentialBackoff
+from nsq_sync.pytest_plugin import started
 from nsq_sync.reader import Reader
 from nsq_sync.testing import LocalCluster, NsqdProcess, wait_until
 
@@ -60,8 +61,8 @@ def channel(nsqd: NsqdProcess, topic: str = TOPIC, name: str = CHANNEL) -> Dict[
     return stats
 
 
-def drained(nsqd: NsqdProcess) -> bool:
-    stats = channel(nsqd)
+def drained(nsqd: NsqdProcess, topic: str = TOPIC) -> bool:
+    stats = channel(nsqd, topic)
     return stats["depth"] == 0 and stats["in_flight_count"] == 0 and stats["deferred_count"] == 0
 
 
@@ -82,6 +83,15 @@ class Recorder:
 
     def wait(self, timeout: float = TIMEOUT) -> None:
         assert self.done.wait(timeout), f"got {len(self.bodies)} of {self.expected} distinct messages"
+
+
+def _on(topic: str) -> Callable[..., Reader]:
+    """make_reader's *cls* for a Reader of *topic* instead of TOPIC."""
+
+    def make(_topic: str, channel: str, *args: Any, **kwargs: Any) -> Reader:
+        return Reader(topic, channel, *args, **kwargs)
+
+    return make
 
 
 @pytest.fixture
@@ -333,6 +343,106 @@ def test_a_finished_message_is_not_redelivered_while_a_slow_handler_runs(nsqd: N
     assert seen.bodies == Counter({b"quick": 1, b"slow": 1, b"last": 1})
     stats = channel(nsqd)
     assert stats["timeout_count"] == 0 and stats["requeue_count"] == 0 and finished() == 3
+
+
+#: topics of the tests that need nsqd to time messages out (scanning_nsqd)
+BUSY_TOPIC = "reader_busy_topic"
+HUNG_TOPIC = "reader_hung_topic"
+
+
+@pytest.fixture(scope="module")
+def scanning_nsqd(backend: str) -> Iterator[NsqdProcess]:
+    """An nsqd that times messages out in BUSY_TOPIC's and HUNG_TOPIC's channels.
+
+    nsqd looks for timed-out messages only in the channels it listed at its last refresh of
+    the list, every 5 s (QueueScanRefreshInterval, not a flag): a fresh nsqd times nothing
+    out for 5 s. So the channels are made first, then a probe message is left unanswered
+    in a channel made after them, until nsqd delivers it again: from then on nsqd scans them
+    all. (One nsqd for the module: that wait is paid once.)"""
+    with started(NsqdProcess()) as nsqd:
+        for topic in (BUSY_TOPIC, HUNG_TOPIC):
+            nsqd.create_channel(topic, CHANNEL)
+        prepare(nsqd, [b"probe"], topic="reader_scan_probe")
+        attempts: List[int] = []
+
+        def probe(message: Any) -> bool:
+            attempts.append(message.attempts)
+            if message.attempts == 1:
+                message.enable_async()  # (left to time out)
+            return True
+
+        reader = Reader("reader_scan_probe", CHANNEL, probe, nsqd_tcp_addresses=nsqd.tcp_address, msg_timeout=1, backend=backend)
+        reader.start()
+        try:
+            wait_until(lambda: reader.stats()["messages_finished"] == 1, TIMEOUT, message="nsqd timed the probe out")
+        finally:
+            reader.close(10)
+        assert reader.join(15) and attempts == [1, 2]
+        yield nsqd
+
+
+def test_messages_waiting_for_a_busy_worker_are_touched_and_run_once(scanning_nsqd: NsqdProcess, make_reader: Callable[..., Reader]) -> None:
+    """Prefetch deeper than one worker gets through within msg_timeout (a review's repro,
+    scaled down): 6 in flight, 1 worker, 0.3 s handlers, msg_timeout 1 s. The fifth and
+    sixth waited 1.2 and 1.5 s for the worker: nsqd timed them out and delivered them
+    again, and messages ran twice. Messages waiting for a worker are touched while the
+    worker gets through the others, so nsqd times nothing out and every message runs once."""
+    nsqd = scanning_nsqd
+    bodies = [b"job-%d" % n for n in range(8)]
+    prepare(nsqd, bodies, topic=BUSY_TOPIC)
+    seen = Recorder(len(bodies))
+
+    def handler(message: Any) -> bool:
+        time.sleep(0.3)  # (the handler's work)
+        seen.add(message.body)
+        return True
+
+    reader = make_reader(handler, nsqd_tcp_addresses=nsqd.tcp_address, max_in_flight=6, concurrency=1, msg_timeout=1, cls=_on(BUSY_TOPIC))
+    reader.start()
+    seen.wait()
+    wait_until(lambda: drained(nsqd, BUSY_TOPIC), TIMEOUT, message="channel drained")
+    stats = reader.stats()
+    assert (seen.bodies, channel(nsqd, BUSY_TOPIC)["timeout_count"], stats["messages_expired"]) == (Counter({body: 1 for body in bodies}), 0, 0)
+    assert stats["messages_received"] == stats["messages_finished"] == len(bodies)
+    assert stats["messages_touched_queued"] >= 3
+
+
+def test_messages_waiting_behind_a_hung_worker_are_not_touched_for_good(scanning_nsqd: NsqdProcess, make_reader: Callable[..., Reader]) -> None:
+    """The only worker hangs: the messages waiting for it are not kept touched (they would
+    be held here for as long as the handler hangs). nsqd times them out again and again
+    (here it sends them back to this Reader, which skips the old copies), and once the
+    worker is freed every message runs."""
+    nsqd = scanning_nsqd
+    bodies = [b"job-%d" % n for n in range(4)]
+    prepare(nsqd, bodies, topic=HUNG_TOPIC)
+    release = threading.Event()
+    hung: List[bytes] = []
+    seen = Recorder(len(bodies))
+
+    def handler(message: Any) -> bool:
+        if not hung:
+            hung.append(message.body)
+            assert release.wait(TIMEOUT)
+        seen.add(message.body)
+        return True
+
+    reader = make_reader(handler, nsqd_tcp_addresses=nsqd.tcp_address, max_in_flight=4, concurrency=1, msg_timeout=1, cls=_on(HUNG_TOPIC))
+    reader.start()
+    try:
+        # Two rounds of nsqd's timeouts: by then touching has stopped (no handler started
+        # for msg_timeout), and it stays stopped while the next round comes.
+        wait_until(lambda: reader.stats()["messages_received"] >= 2 * len(bodies), TIMEOUT, message="nsqd's timeouts, twice")
+        touched = reader.stats()["messages_touched_queued"]
+        received = reader.stats()["messages_received"]
+        wait_until(lambda: reader.stats()["messages_received"] >= received + len(bodies), TIMEOUT, message="another round")
+        assert reader.stats()["messages_touched_queued"] == touched
+        assert touched <= 2 * (len(bodies) - 1)  # (at most twice each, before the hang showed)
+        assert channel(nsqd, HUNG_TOPIC)["timeout_count"] >= 2 * len(bodies)
+    finally:
+        release.set()
+    seen.wait()
+    wait_until(lambda: drained(nsqd, HUNG_TOPIC), TIMEOUT, message="channel drained")
+    assert set(seen.bodies) == set(bodies)
 
 
 def test_late_answers_across_an_nsqd_restart_are_reported_and_the_consumer_goes_on(nsqd: NsqdProcess, make_reader: Callable[..., Reader]) -> None:

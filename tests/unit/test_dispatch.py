@@ -497,6 +497,29 @@ def test_take_removes_only_matching_items_and_keeps_the_order_of_the_rest(make_p
     assert ran == [1, 2, 4, 5, 7, 8, "call"]
 
 
+def test_peek_lists_matching_items_and_leaves_them_queued_and_last_began_follows_starts(make_pool):
+    # (AsyncConn._touch_waiting: which messages wait, and whether the workers get through work)
+    pool = make_pool(concurrency=1)
+    running, release = threading.Event(), threading.Event()
+    ran = []
+
+    def first(_):
+        running.set()
+        release.wait(WAIT)
+
+    pool.messages.submit_many(first, [None])
+    assert running.wait(WAIT)
+    began = pool.messages.last_began
+    pool.messages.submit_many(ran.append, list(range(6)))
+    pool.messages.submit(ran.append, "call")  # (a submit() item is never listed)
+    assert pool.messages.peek(lambda fn, item: item % 2 == 0) == [0, 2, 4]
+    assert pool.messages.last_began == began  # (nothing started meanwhile)
+    release.set()
+    pool.close(wait=True, timeout=WAIT)
+    assert ran == [0, 1, 2, 3, 4, 5, "call"]
+    assert pool.messages.last_began > began
+
+
 def test_take_after_close_takes_nothing(make_pool):
     # Workers may be taking their stop marks: items set aside by take() then put back could be
     # left to no worker. Closed, take() leaves the queue alone (it all runs before the stops).
