@@ -477,10 +477,10 @@ def test_close_joins_every_worker_within_one_timeout(make_pool):
         release.set()
 
 
-def test_take_removes_only_matching_items_and_keeps_the_order_of_the_rest(make_pool):
-    pool = make_pool(concurrency=1)
+def hold_the_only_worker(pool) -> threading.Event:
+    """Start a callback on the pool's one message worker that runs until the returned event is
+    set, so that what is submitted next stays queued."""
     running, release = threading.Event(), threading.Event()
-    ran = []
 
     def first(_):
         running.set()
@@ -488,6 +488,13 @@ def test_take_removes_only_matching_items_and_keeps_the_order_of_the_rest(make_p
 
     pool.messages.submit_many(first, [None])
     assert running.wait(WAIT)
+    return release
+
+
+def test_take_removes_only_matching_items_and_keeps_the_order_of_the_rest(make_pool):
+    pool = make_pool(concurrency=1)
+    ran = []
+    release = hold_the_only_worker(pool)
     pool.messages.submit_many(ran.append, list(range(10)))
     pool.messages.submit(ran.append, "call")  # (a submit() item is never taken)
     taken = pool.messages.take(lambda fn, item: item % 3 == 0)
@@ -500,15 +507,8 @@ def test_take_removes_only_matching_items_and_keeps_the_order_of_the_rest(make_p
 def test_peek_lists_matching_items_and_leaves_them_queued_and_last_began_follows_starts(make_pool):
     # (AsyncConn._touch_waiting: which messages wait, and whether the workers get through work)
     pool = make_pool(concurrency=1)
-    running, release = threading.Event(), threading.Event()
     ran = []
-
-    def first(_):
-        running.set()
-        release.wait(WAIT)
-
-    pool.messages.submit_many(first, [None])
-    assert running.wait(WAIT)
+    release = hold_the_only_worker(pool)
     began = pool.messages.last_began
     pool.messages.submit_many(ran.append, list(range(6)))
     pool.messages.submit(ran.append, "call")  # (a submit() item is never listed)
