@@ -15,7 +15,6 @@ more than RDY messages in flight per connection, so RDY bounds them.
 from __future__ import annotations
 
 import collections
-import inspect
 import itertools
 import logging
 from time import monotonic as _monotonic
@@ -61,6 +60,8 @@ def call_refusal(fn: Callable[..., Any], nargs: int) -> Optional[str]:
         pass
     except TypeError:  # (an unhashable callable: checked each time)
         key = None
+    import inspect  # (here: importing it costs 1.4 MB of RSS, and most programs never get this far)
+
     try:
         signature = inspect.signature(target)
     except (TypeError, ValueError):
