@@ -71,6 +71,25 @@ def ensure_venv() -> None:
     os.execv(python, [python, os.path.abspath(__file__)] + sys.argv[1:])
 
 
+# ----------------------------------------------------------------------------- bytecode
+
+#: The clients' environment. Every implementation runs from bytecode, as a pip-installed
+#: package does (pip byte-compiles what it installs): pynsq, gnsq, tornado and the standard
+#: library have their .pyc files, but nsq_sync is installed editable, and with
+#: PYTHONDONTWRITEBYTECODE set (as on some CI machines and sandboxes) it was compiled from source
+#: in every client process. That compiling costs CPU at start and about 5 MB of peak RSS, which
+#: the RSS scenario then charged to nsq_sync alone.
+CLIENT_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+
+def compile_nsq_sync() -> None:
+    """Byte-compile nsq_sync in place (its __pycache__, ignored by git), as pip would."""
+    import nsq_sync
+
+    package = os.path.dirname(os.path.abspath(nsq_sync.__file__))
+    subprocess.check_call([sys.executable, "-m", "compileall", "-q", package], env=CLIENT_ENV)
+
+
 # ----------------------------------------------------------------------------- scenarios
 
 IMPL_LABELS = {
@@ -346,7 +365,7 @@ def run_one(broker: Broker, scenario: Scenario, impl: str, rep: int, seq: int, q
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(
             [sys.executable, os.path.join(CLIENTS, client_file), json.dumps(spec)],
-            stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, cwd=CLIENTS,
+            stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, cwd=CLIENTS, env=CLIENT_ENV,
             preexec_fn=(lambda: os.sched_setaffinity(0, CLIENT_CPUS)) if CLIENT_CPUS else None,
         )
         reader = threading.Thread(target=_reader, args=(proc.stdout, lines), daemon=True)
@@ -592,7 +611,8 @@ def write_markdown(path: str, meta: Dict[str, Any], scenarios: List[Scenario], i
              f"{meta['body_size']}-byte bodies. Versions: {meta['versions']}.")
     L.append("")
     L.append("Every figure is the median of the repetitions, with min-max. Each implementation runs in its own "
-             "process per scenario, so CPU and RSS are per client. Absolute numbers are noisy (a shared 2-core "
+             "process per scenario, so CPU and RSS are per client, and runs from bytecode, as a pip-installed "
+             "package does (nsq_sync, installed editable, is byte-compiled before the run). Absolute numbers are noisy (a shared 2-core "
              "machine: nsqd and the client compete for the cores); compare ratios from the same run.")
     L.append("")
     if chart:
@@ -988,6 +1008,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             allowed = {w.strip() for w in args.impls.split(",")}
             impls = [i for i in impls if i in allowed]
         impls_by_scenario[sc.sid] = impls
+    compile_nsq_sync()
     max_n = max(sc.n(args.quick) for sc in scenarios)
     mem_queue_size = max_n + 10000
     broker = Broker(mem_queue_size)
