@@ -150,3 +150,18 @@ def test_detector_catches_violations(tmp_path):
     )
     names = {n for n, _ in imports(fake, package_dir)}
     assert {"socket", "nsq_sync.conn", "nsq_sync.conn.AsyncConn", "nsq_sync.reader", "gevent.monkey", "nsq_sync.protocol.frames"} <= names
+
+
+def test_import_nsq_sync_leaves_heavy_modules_unimported():
+    """``import nsq_sync`` (a Writer's whole footprint) must not pull in modules only some calls
+    need: ``inspect`` (with ast and dis, 1.4 MB of RSS) only when a callback's signature is first
+    checked, ``ssl`` only for TLS, ``nsq_sync.httpapi`` and ``nsq_sync.reader`` only when used.
+    The RSS target (import + one connection, 20 MB) is measured in benchmarks/."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; import nsq_sync; "
+             "print(' '.join(m for m in ('inspect', 'ast', 'ssl', 'nsq_sync.httpapi', 'nsq_sync.reader') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == []
