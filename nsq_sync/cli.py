@@ -1192,6 +1192,11 @@ class _Problems:
         raise Unavailable(text)
 
 
+def _flat(values: Optional[List[List[str]]]) -> List[str]:
+    """The addresses of a repeatable option that takes several at a time (None: not given)."""
+    return [address for value in values or [] for address in value]
+
+
 def _nsqd_http_addresses(args: argparse.Namespace, problems: _Problems) -> List[str]:
     """The nsqd HTTP APIs to ask: every --nsqd-http-address, and every nsqd each
     --lookupd-http-address lists (its broadcast address and HTTP port); 127.0.0.1:4151 when
@@ -1200,8 +1205,8 @@ def _nsqd_http_addresses(args: argparse.Namespace, problems: _Problems) -> List[
     from .errors import ConfigError, Error
     from .httpapi import LookupdClient, nsqd_http_address
 
-    given = [address for value in args.nsqd_http_address or [] for address in value]
-    lookupds = [address for value in args.lookupd_http_address or [] for address in value]
+    given = _flat(args.nsqd_http_address)
+    lookupds = _flat(args.lookupd_http_address)
     if not given and not lookupds:
         given = [DEFAULT_NSQD_HTTP_ADDRESS]
     targets: Dict[str, None] = dict.fromkeys(given)
@@ -1380,7 +1385,7 @@ def cmd_admin(args: argparse.Namespace) -> int:
     summary = f"{verb} on {len(done)} of {len(addresses)} nsqd"
     if unknown:
         summary += f"; perhaps on {len(unknown)} more, which did not answer in time but may still carry it out"
-    lookupds = [address for value in args.lookupd_http_address or [] for address in value]
+    lookupds = _flat(args.lookupd_http_address)
     if args.action == "delete" and lookupds and not problems.items:
         done += _forget_in_lookupds(lookupds, kind, names, target, args.timeout, problems)
     problems.raise_(summary)

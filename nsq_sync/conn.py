@@ -908,6 +908,11 @@ class AsyncConn(EventedMixin):
         if quiet is None:
             self._quiet_since = now
             return
+        self._end_if_stale(quiet)
+
+    def _end_if_stale(self, quiet: float) -> None:
+        """After a read that got nothing: end reading (StaleConnectionError) when the
+        connection has been silent since *quiet* for the staleness limit."""
         stale = self._stale_after
         if stale is not None and not self._closing and time.monotonic() - quiet >= stale:
             self._end_reading(self._stale_error())
@@ -929,9 +934,7 @@ class AsyncConn(EventedMixin):
             return
         if quiet is None:
             self._quiet_since = quiet = now  # (nothing came since this read began)
-        if stale is not None and not self._closing and time.monotonic() - quiet >= stale:
-            self._end_reading(self._stale_error())
-            raise _ReadEnded()
+        self._end_if_stale(quiet)
 
     def _touch_waiting(self, now: float) -> None:
         """TOUCH this connection's messages that have waited for a worker for a quarter of
@@ -953,7 +956,8 @@ class AsyncConn(EventedMixin):
         passed, at most every msg_timeout/4 while touching (everything older than that is
         touched at once) and every msg_timeout/4 while the workers are stuck.
         """
-        msg_timeout, max_msg_timeout = self._timeouts()
+        timeouts = self._timeouts()
+        msg_timeout, max_msg_timeout = timeouts
         quarter = max(msg_timeout / 4, ANSWER_HOLD_SECONDS)  # (a peer's msg_timeout of 0 must not spin the reader)
         lane = self.worker_pool.messages
         if now - lane.last_began >= msg_timeout or self.state != CONNECTED:
@@ -969,10 +973,10 @@ class AsyncConn(EventedMixin):
             for message in waiting:
                 if message._responded:
                     continue  # replaced by a newer copy, or forgotten (channel emptied)
-                arrived = message._arrived
-                start = getattr(message, "_touched", arrived)
-                if start + msg_timeout >= arrived + max_msg_timeout or start + msg_timeout <= now:
-                    continue  # nothing to gain (max_msg_timeout), or too late (nsqd timed it out)
+                expiry = self._expiry(message, timeouts)
+                if expiry <= now or expiry >= message._arrived + max_msg_timeout:
+                    continue  # too late (nsqd timed it out), or nothing to gain (max_msg_timeout)
+                start = getattr(message, "_touched", message._arrived)
                 if now - start >= quarter:
                     message._touched = now
                     touches.append(b"TOUCH %s\n" % message.id)
@@ -1636,17 +1640,12 @@ class AsyncConn(EventedMixin):
         restarts when the TOUCH is queued, a little before nsqd gets it: a message taken back
         in between is not run here, and nsqd delivers it once more, a moment later.)
         """
-        msg_timeout, max_msg_timeout = self._timeouts()
-        deliver = self._deliver
+        timeouts = self._timeouts()
+        deliver, expiry = self._deliver, self._expiry
 
         def stale(fn: Any, message: Message) -> bool:
-            if fn != deliver:
-                return False
-            if message._responded:
-                return True
-            arrived = message._arrived
             # (touched while it waited: from the last touch, see the docstring)
-            return min(getattr(message, "_touched", arrived) + msg_timeout, arrived + max_msg_timeout) <= now
+            return fn == deliver and (message._responded or expiry(message, timeouts) <= now)
 
         taken = self.worker_pool.messages.take(stale)
         if not taken:
@@ -1704,13 +1703,18 @@ class AsyncConn(EventedMixin):
         return self.message_timeouts or (float(self.msg_timeout or 60.0),) * 2
 
     @staticmethod
-    def _is_live(message: Message, now: float, timeouts: Tuple[float, float]) -> bool:
-        """Surely still in flight at nsqd at *now*: touched or read less than msg_timeout
-        ago (*timeouts*: _timeouts()), by a margin for network and timer delays."""
+    def _expiry(message: Message, timeouts: Tuple[float, float]) -> float:
+        """When nsqd times *message* out, by our clock (*timeouts*: _timeouts()): msg_timeout
+        after it was read or last touched, and at most max_msg_timeout after it was read."""
         msg_timeout, max_msg_timeout = timeouts
         arrived = message._arrived
-        start = getattr(message, "_touched", arrived)
-        return min(start + msg_timeout, arrived + max_msg_timeout) - now > 2.0
+        return min(getattr(message, "_touched", arrived) + msg_timeout, arrived + max_msg_timeout)
+
+    @staticmethod
+    def _is_live(message: Message, now: float, timeouts: Tuple[float, float]) -> bool:
+        """Surely still in flight at nsqd at *now*: its _expiry() is more than a margin for
+        network and timer delays away."""
+        return AsyncConn._expiry(message, timeouts) - now > 2.0
 
     def _beyond_rdy_locked(self, now: float) -> Optional[int]:
         """How many more messages are in flight here than the highest RDY this connection

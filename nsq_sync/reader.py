@@ -157,6 +157,12 @@ def _never_runs(fn: object) -> Optional[str]:
     return None
 
 
+#: AsyncConn's counters that Reader.stats() adds up over its connections, closed ones included:
+#: messages received, dropped unrun past msg_timeout (expired), TOUCHed while waiting for a
+#: worker, and FINs and REQs nsqd refused
+_CONN_TOTALS = ("_received_total", "_expired_total", "_touched_total", "_fin_failed_total", "_req_failed_total")
+
+
 def _is_tornado_coroutine(fn: object) -> bool:
     """Whether *fn* (or the function a functools.partial wraps) is marked by
     ``@tornado.gen.coroutine``, as ``tornado.gen.is_coroutine_function`` tells (without
@@ -648,11 +654,8 @@ class Reader:
         # No hook overridden: a message goes straight to message_handler (read at each call,
         # so set_message_handler() and assigning message_handler still take effect).
         self._plain = not self._hooked and cls.process_message is Reader.process_message
-        self._received_gone = 0  # messages that arrived on connections since closed (under _lock)
-        self._expired_gone = 0  # the same for messages dropped unrun past msg_timeout
-        self._fin_failed_gone = 0  # the same for FINs nsqd refused (E_FIN_FAILED)
-        self._req_failed_gone = 0  # and REQs (E_REQ_FAILED)
-        self._touched_gone = 0  # the same for TOUCHes sent for messages waiting for a worker
+        #: each _CONN_TOTALS counter, added up over connections since closed (under _lock)
+        self._gone = dict.fromkeys(_CONN_TOTALS, 0)
         self._warned_falsy = False  # a handler returned 0, "" or the like (_answer_later)
         self._unanswered = WarningTally(10.0)  # answers lost with their connection (_not_answered)
         self._finished = _Counter()
@@ -940,14 +943,12 @@ class Reader:
         with self._lock:
             states = list(self._conns.values())
             level, window = self._level, self._window
-            # Counted on arrival, by each connection: a message still waiting for a worker counts.
-            received = self._received_gone + sum(st.conn._received_total for st in states)
-            expired = self._expired_gone + sum(st.conn._expired_total for st in states)
-            # FINs and REQs nsqd refused: counted when sent (nsqd answers only a failure), taken
-            # back when the refusal comes
-            fin_failed = self._fin_failed_gone + sum(st.conn._fin_failed_total for st in states)
-            req_failed = self._req_failed_gone + sum(st.conn._req_failed_total for st in states)
-            touched = self._touched_gone + sum(st.conn._touched_total for st in states)
+            # Counted by each connection: received on arrival (a message still waiting for a
+            # worker counts); FINs and REQs nsqd refused as the refusal comes (they were counted
+            # as finished or requeued when sent: nsqd answers only a failure)
+            totals = {name: gone + sum(getattr(st.conn, name) for st in states) for name, gone in self._gone.items()}
+            received, expired, touched = totals["_received_total"], totals["_expired_total"], totals["_touched_total"]
+            fin_failed, req_failed = totals["_fin_failed_total"], totals["_req_failed_total"]
             # A direct nsqd that is down (or not connected yet) is listed too, so that an alert
             # on "connected": False can fire (its max_rdy_count and last_msg_timestamp: None).
             down = [] if self._closing else [(address, self._direct_failures.get(address, 0)) for address in self._direct if address not in self._conns]
@@ -1856,11 +1857,8 @@ class Reader:
             if st is None or st.conn is not conn:
                 return  # never registered: the connect task handled it
             del self._conns[address]
-            self._received_gone += conn._received_total
-            self._expired_gone += conn._expired_total
-            self._fin_failed_gone += conn._fin_failed_total
-            self._req_failed_gone += conn._req_failed_total
-            self._touched_gone += conn._touched_total
+            for name in _CONN_TOTALS:
+                self._gone[name] += getattr(conn, name)
             if self._test_addr == address:
                 self._test_addr = None
             if self._closing:

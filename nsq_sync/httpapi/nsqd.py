@@ -18,7 +18,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 from ..errors import ConfigError, HTTPError
 from ..protocol.names import check_channel, check_topic
-from .base import AnswerShape, HTTPClient
+from .base import _ACTION_DONE, AnswerShape, HTTPClient
 
 __all__ = ["NsqdHTTPClient", "encode_mpub_binary"]
 
@@ -312,9 +312,9 @@ class NsqdHTTPClient(HTTPClient):
         except HTTPError:
             info = None
         if isinstance(info, dict) and "version" in info and "tcp_port" not in info:
-            done = route.rsplit("/", 1)[-1]
+            done = _ACTION_DONE[route.rsplit("/", 1)[-1]]
             raise HTTPError(resp.status, f"not nsqd: its /info has no tcp_port, as nsqlookupd's, so the {target} "
-                                         f"was not {'created' if done == 'create' else 'deleted'} (is this nsqlookupd's HTTP "
+                                         f"was not {done} (is this nsqlookupd's HTTP "
                                          f"port? nsqd's HTTP port is 4151 by default, nsqlookupd's 4161)", resp.url)
         self._known_nsqd = True
 
