@@ -1212,7 +1212,7 @@ def _nsqd_http_addresses(args: argparse.Namespace, problems: _Problems) -> List[
     targets: Dict[str, None] = dict.fromkeys(given)
     for address in lookupds:
         try:
-            nodes = LookupdClient(address, timeout=args.timeout).nodes()
+            nodes = LookupdClient(address, timeout=args.timeout, ssl_context=_tls_for(address, args)).nodes()
         except Error as exc:
             problems.add(f"nsqlookupd {address}", exc)
             continue
@@ -1227,10 +1227,51 @@ def _nsqd_http_addresses(args: argparse.Namespace, problems: _Problems) -> List[
     return list(targets)
 
 
+def _https_context(args: argparse.Namespace) -> Any:
+    """The SSLContext for the https:// addresses of an HTTP command (stats, topic, channel), from
+    its --tls-* options; None without them (the system's CAs). Checked before anything is asked:
+    a key without its certificate, a CA file with --tls-insecure-skip-verify, a file OpenSSL
+    refuses, or options with no https:// address to use them on is a UsageError."""
+    files = {"ca_certs": ("--tls-ca-file", args.tls_ca_file), "certfile": ("--tls-cert-file", args.tls_cert_file),
+             "keyfile": ("--tls-key-file", args.tls_key_file)}
+    given = [option for option, value in files.values() if value] + (["--tls-insecure-skip-verify"] if args.tls_insecure_skip_verify else [])
+    if not given:
+        return None
+    if not any(_is_https(address) for address in _flat(args.nsqd_http_address) + _flat(args.lookupd_http_address)):
+        # (nsqlookupd lists each nsqd's plain HTTP port: an option would go unused, and the
+        # traffic unencrypted, without a word)
+        raise UsageError(f"{given[0]} is for https:// addresses, and none is given: use --nsqd-http-address https://HOST:PORT (nsqd's --https-address)")
+    if args.tls_key_file and not args.tls_cert_file:
+        raise UsageError("--tls-key-file needs --tls-cert-file, the certificate it is the key of")
+    if args.tls_insecure_skip_verify and args.tls_ca_file:
+        raise UsageError("--tls-insecure-skip-verify verifies nothing, so --tls-ca-file would not be used: give one of them")
+    import ssl
+
+    from .errors import ConfigError
+    from .transport.tls import make_ssl_context
+
+    options: Dict[str, Any] = {key: value for key, (_, value) in files.items() if value}
+    if args.tls_insecure_skip_verify:
+        options["cert_reqs"] = ssl.CERT_NONE
+    try:
+        return make_ssl_context(options)
+    except ConfigError as exc:
+        raise UsageError(f"cannot use {', '.join(given)}: {exc.reason}") from None
+
+
+def _is_https(address: str) -> bool:
+    return address[:8].lower() == "https://"
+
+
+def _tls_for(address: str, args: argparse.Namespace) -> Any:
+    """The ssl_context argument of an HTTP client of *address* (only an https:// one takes one)."""
+    return getattr(args, "https_context", None) if _is_https(address) else None
+
+
 def _nsqd_client(address: str, args: argparse.Namespace) -> Any:
     from .httpapi import NsqdHTTPClient
 
-    return NsqdHTTPClient(address, timeout=args.timeout)
+    return NsqdHTTPClient(address, timeout=args.timeout, ssl_context=_tls_for(address, args))
 
 
 def _count(stats: Dict[str, Any], key: str) -> Optional[int]:
@@ -1269,6 +1310,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     rest is printed."""
     from .errors import Error
 
+    args.https_context = _https_context(args)
     problems = _Problems()
     rows: List[Dict[str, Any]] = []
     for address in _nsqd_http_addresses(args, problems):
@@ -1322,7 +1364,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _forget_in_lookupds(lookupds: List[str], kind: str, names: List[str], target: str, timeout: float,
+def _forget_in_lookupds(lookupds: List[str], kind: str, names: List[str], target: str, args: argparse.Namespace,
                         problems: _Problems) -> List[str]:
     """After a delete on every nsqd: take the topic (channel) out of each nsqlookupd's registry,
     as nsqadmin does. nsqd unregisters only itself as a producer, and nsqlookupd went on listing
@@ -1334,7 +1376,7 @@ def _forget_in_lookupds(lookupds: List[str], kind: str, names: List[str], target
 
     forgotten: List[str] = []
     for address in lookupds:
-        client = LookupdClient(address, timeout=timeout)
+        client = LookupdClient(address, timeout=args.timeout, ssl_context=_tls_for(address, args))
         try:
             listed = client.channels(names[0]) if kind == "channel" else client.topics()
             if names[-1] not in listed:
@@ -1359,6 +1401,7 @@ def cmd_admin(args: argparse.Namespace) -> int:
     verb, consequence = _ADMIN_ACTIONS[args.action]
     names = [args.topic] if kind == "topic" else [args.topic, args.channel]
     target = f"topic {args.topic!r}" if kind == "topic" else f"channel {args.channel!r} of topic {args.topic!r}"
+    args.https_context = _https_context(args)
     problems = _Problems()
     addresses = _nsqd_http_addresses(args, problems)
     done: List[str] = []
@@ -1387,7 +1430,7 @@ def cmd_admin(args: argparse.Namespace) -> int:
         summary += f"; perhaps on {len(unknown)} more, which did not answer in time but may still carry it out"
     lookupds = _flat(args.lookupd_http_address)
     if args.action == "delete" and lookupds and not problems.items:
-        done += _forget_in_lookupds(lookupds, kind, names, target, args.timeout, problems)
+        done += _forget_in_lookupds(lookupds, kind, names, target, args, problems)
     problems.raise_(summary)
     if not done:
         hint = "; create it first: nsq-sync topic create" if kind == "channel" and args.action == "create" else ""
@@ -1655,12 +1698,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     def http_address_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--nsqd-http-address", action="append", type=_check_address, metavar="HOST:PORT",
-                       help=f"nsqd HTTP address (repeatable, or comma-separated); default {DEFAULT_NSQD_HTTP_ADDRESS} when no "
-                            "--lookupd-http-address is given")
+                       help=f"nsqd HTTP address (repeatable, or comma-separated; https://HOST:PORT for nsqd's --https-address); "
+                            f"default {DEFAULT_NSQD_HTTP_ADDRESS} when no --lookupd-http-address is given")
         p.add_argument("--lookupd-http-address", action="append", type=_check_address, metavar="HOST:PORT",
                        help="nsqlookupd HTTP address (repeatable, or comma-separated): every nsqd it lists, at the HTTP port it registered")
         p.add_argument("--timeout", type=_seconds(0.001, MAX_TIMEOUT), default=DEFAULT_HTTP_TIMEOUT,
                        help="how long each HTTP request may take (no answer: exit 3)")
+        https = p.add_argument_group("HTTPS, for https:// addresses (see docs/tls-and-auth.md)")
+        https.add_argument("--tls-ca-file", type=_readable_file, metavar="FILE", help="CA certificates (PEM) to verify the server with, instead of the system's")
+        https.add_argument("--tls-cert-file", type=_readable_file, metavar="FILE",
+                           help="client certificate (PEM), for an nsqd whose --tls-client-auth-policy asks for one; may hold its key too")
+        https.add_argument("--tls-key-file", type=_readable_file, metavar="FILE", help="the client certificate's key (PEM), unless --tls-cert-file holds it")
+        https.add_argument("--tls-insecure-skip-verify", action="store_true",
+                           help="do not verify the server's certificate or name: anyone in between can read and change the traffic")
 
     stats = sub.add_parser("stats", parents=[verbose_parent()], help="depth, in flight, deferred and clients of topics and channels",
                            epilog="example: nsq-sync stats --lookupd-http-address 127.0.0.1:4161 --topic events")

@@ -1463,6 +1463,38 @@ def test_mutual_tls_with_a_client_certificate(tls_files: TLSFiles, tmp_path: Pat
         assert tail.stdout == "signed\n", describe(tail)
 
 
+def test_http_commands_over_https_with_a_ca_file_and_client_certificate(tls_files: TLSFiles, tmp_path: Path) -> None:
+    """stats, topic and channel at nsqd's https:// address: --tls-ca-file verifies it with the
+    test CA, and --tls-cert-file/--tls-key-file answer an nsqd that asks for a client certificate.
+    Without them, OpenSSL's reason is said (exit 4) and nothing is done. Before, none of these
+    options existed for the HTTP commands (exit 2), so only the system's CAs could be used."""
+    from nsq_sync.pytest_plugin import started
+
+    # (--tls-required=tcp-https: the test's own checks go to the plain HTTP port)
+    nsqd = NsqdProcess(tls_cert=tls_files.server_cert, tls_key=tls_files.server_key, tls_root_ca=tls_files.ca_cert,
+                       extra_args=["--tls-client-auth-policy=require-verify", "--tls-required=tcp-https"])
+    both = tmp_path / "client-with-key.pem"
+    both.write_text(Path(tls_files.client_cert).read_text() + Path(tls_files.client_key).read_text())
+    with started(nsqd):
+        address = ["--nsqd-http-address", f"https://{nsqd.https_address}", "--timeout", "5"]
+        untrusted = run_cli("topic", "create", "cli_https", *address, env=cli_env())
+        assert untrusted.returncode == EXIT_REFUSED and "CERTIFICATE_VERIFY_FAILED" in untrusted.stderr, describe(untrusted)
+        no_certificate = run_cli("topic", "create", "cli_https", *address, "--tls-ca-file", tls_files.ca_cert, env=cli_env())
+        assert no_certificate.returncode == EXIT_REFUSED and "CERTIFICATE_REQUIRED" in no_certificate.stderr, describe(no_certificate)
+        assert nsqd.topic_stats("cli_https") is None
+
+        mutual = ["--tls-ca-file", tls_files.ca_cert, "--tls-cert-file", tls_files.client_cert, "--tls-key-file", tls_files.client_key]
+        created = run_cli("topic", "create", "cli_https", *address, *mutual, env=cli_env())
+        assert created.returncode == EXIT_OK and "created topic 'cli_https'" in created.stdout, describe(created)
+        channel = run_cli("channel", "create", "cli_https", "archive", *address, "--tls-insecure-skip-verify", "--tls-cert-file", str(both), env=cli_env())
+        assert channel.returncode == EXIT_OK, describe(channel)
+        nsqd.publish("cli_https", b"x")
+        stats = run_cli("stats", *address, *mutual, "--json", env=cli_env())
+        assert stats.returncode == EXIT_OK, describe(stats)
+        rows = {(row["topic"], row["channel"]): row for row in json.loads(stats.stdout)}
+        assert rows[("cli_https", "archive")]["depth"] == 1 and rows[("cli_https", None)]["nsqd"] == f"https://{nsqd.https_address}", rows
+
+
 def test_auth_secret_from_the_option_or_the_environment(auth_server: AuthServer, auth_nsqd: NsqdProcess, backend: str) -> None:
     """An nsqd that requires AUTH: pub sends the secret of --auth-secret, or of
     $NSQ_SYNC_AUTH_SECRET when the option is not given (the option wins over it); tail reads

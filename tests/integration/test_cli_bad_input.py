@@ -249,6 +249,39 @@ def test_a_bad_tls_or_auth_setting_exits_2_before_anything_connects(
     assert nsqd.topic_stats(topic) is None and not (tmp_path / IMPORTED_MARK).exists(), describe(proc)
 
 
+#: (arguments, message) for the HTTP commands' HTTPS options; "{ca}", "{key}", "{junk}" as above
+BAD_HTTPS = {
+    "no-https-address": (["--tls-ca-file", "{ca}"], "error: --tls-ca-file is for https:// addresses, and none is given"),
+    "skip-verify-no-https-address": (["--tls-insecure-skip-verify"], "error: --tls-insecure-skip-verify is for https:// addresses"),
+    "key-without-cert": (["--https", "--tls-key-file", "{key}"], "error: --tls-key-file needs --tls-cert-file"),
+    "skip-verify-and-ca": (["--https", "--tls-insecure-skip-verify", "--tls-ca-file", "{ca}"], "error: --tls-insecure-skip-verify verifies nothing"),
+    "ca-file-not-a-certificate": (["--https", "--tls-ca-file", "{junk}"], "error: cannot use --tls-ca-file: cannot build a TLS context"),
+}
+
+
+@pytest.mark.parametrize("command", ["stats", "topic", "channel"])
+@pytest.mark.parametrize("case", sorted(BAD_HTTPS))
+def test_a_bad_https_setting_exits_2_before_anything_is_asked(
+    case: str, command: str, nsqd: NsqdProcess, tls_files: TLSFiles, tmp_path: Path, env: Dict[str, str]
+) -> None:
+    """The --tls-* options of stats, topic and channel are checked before any request: with no
+    https:// address they would go unused (nsqlookupd lists nsqd's plain HTTP port)."""
+    args, message = BAD_HTTPS[case]
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    files = {"ca": tls_files.ca_cert, "key": tls_files.client_key, "junk": str(junk)}
+    # "--https": one https:// address besides the plain one (nothing listens there: never asked)
+    https = ["--nsqd-http-address", "https://127.0.0.1:9"] if "--https" in args else []
+    args = [arg.format(**files) for arg in args if arg != "--https"]
+    topic = "cli_bad_https"
+    argv = {"stats": ["stats"], "topic": ["topic", "create", topic], "channel": ["channel", "create", topic, "c"]}[command]
+    proc = run_bytes(*argv, "--nsqd-http-address", nsqd.http_address, *https, *args, env=env)
+    err = proc.stderr.decode()
+    assert proc.returncode == EXIT_USAGE, describe(proc)
+    assert message in err.splitlines()[-1] and err.count("\n") == 1 and "Traceback" not in err, describe(proc)
+    assert nsqd.topic_stats(topic) is None and proc.stdout == b"", describe(proc)
+
+
 # ---------------------------------------------------------------- --help: the ranges the checks apply
 #: every number option of each command, and what the command needs besides to parse
 NUMBER_OPTIONS = {
