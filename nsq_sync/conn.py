@@ -1539,6 +1539,8 @@ class AsyncConn(EventedMixin):
                         self._fin_failed_total += 1  # (one reader at a time: the read token's holder)
                     elif error.code == "E_REQ_FAILED":
                         self._req_failed_total += 1
+                    elif error.code == "E_TOUCH_FAILED":
+                        self._forget_untouched(error.text)
                     due = self._late.add(1)
                     if due:
                         logger.warning(
@@ -1697,6 +1699,27 @@ class AsyncConn(EventedMixin):
             del inflight[message.id]
         self.in_flight = len(inflight)
         return len(oldest)
+
+    def _forget_untouched(self, text: str) -> None:
+        """nsqd refused a TOUCH (``TOUCH <id> failed ...``): it no longer counts that message in
+        flight here. It timed it out (and delivers it again, here or to another consumer), or
+        the channel was emptied. The message leaves the in-flight count and is marked answered,
+        as a copy delivered again is: still waiting for a worker, it does not run (it ran
+        twice, or ran though emptied); running, its answers are not sent (nsqd refuses them).
+
+        The error names the message nsqd has now, never a later copy: one sent again on this
+        connection is in flight again, and its TOUCH would pass; so the copy after a refusal
+        comes after it on the stream, and _handle_frames takes errors before messages."""
+        words = text.split(None, 2)
+        if len(words) < 2 or words[0] != "TOUCH":
+            return
+        message_id = words[1].encode("ascii", "replace")
+        with self._lock:
+            message = self._inflight.pop(message_id, None)
+            if message is None:
+                return
+            message._responded = message._superseded = True
+            self.in_flight = len(self._inflight)
 
     def _timeouts(self) -> Tuple[float, float]:
         """(msg_timeout, max_msg_timeout) in seconds: as nsqd negotiated them, else as asked."""

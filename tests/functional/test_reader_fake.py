@@ -853,6 +853,61 @@ def test_a_message_waiting_for_a_busy_worker_is_touched_before_its_answer(fake_n
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
 
 
+def test_a_waiting_message_whose_touch_nsqd_refuses_does_not_run(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader], caplog: Any) -> None:
+    # E_TOUCH_FAILED: nsqd no longer has the waiting message in flight here (it timed it out, or
+    # the channel was emptied). Run later, it ran twice (or ran though emptied) and its FIN was
+    # refused; now it leaves the in-flight count at once and does not run.
+    fake_nsqd.identify_response["msg_timeout"] = 1000  # ms
+    handler, handled, release = holding_handler(b"slow")
+    reader = make_reader(fake_nsqd, handler, max_in_flight=3, concurrency=1)
+    with caplog.at_level(logging.WARNING):
+        reader.start()
+        try:
+            fake_nsqd.wait_for_command("RDY 3")
+            slow = fake_nsqd.send_message(b"slow")
+            wait_until(lambda: handled == [b"slow"], WAIT, message="the slow one runs")
+            refused = fake_nsqd.send_message(b"refused")
+            kept = fake_nsqd.send_message(b"kept")
+            assert fake_nsqd.wait_for_command("TOUCH").line == b"TOUCH " + refused.id
+            fake_nsqd.send_error(b"E_TOUCH_FAILED TOUCH %s failed ID not in flight" % refused.id)
+            wait_until(lambda: reader.stats()["in_flight"] == 2, WAIT, message="the refused one out of the in-flight count")
+        finally:
+            release.set()
+        fake_nsqd.wait_for_command("FIN", count=2)
+    wait_until(lambda: reader.stats()["in_flight"] == 0, WAIT, message="nothing in flight")
+    assert handled == [b"slow", b"kept"]
+    answers = [c for c in lines(fake_nsqd) if c.startswith((b"FIN", b"REQ"))]
+    assert answers == [b"FIN " + slow.id, b"FIN " + kept.id], answers
+    assert any("E_TOUCH_FAILED" in r.getMessage() for r in caplog.records)
+
+
+def test_a_running_message_whose_touch_nsqd_refuses_is_not_answered(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> None:
+    # The handler's own touch() refused: nsqd would refuse its FIN too. finish() returns False
+    # and sends nothing, as for a copy nsqd delivered again.
+    release = threading.Event()
+    finished: List[Any] = []
+
+    def handler(message: Any) -> None:
+        assert message.touch() is True
+        release.wait(2 * WAIT)  # (longer than the test waits for the in-flight count)
+        finished.append(message.finish())
+
+    reader = make_reader(fake_nsqd, handler, max_in_flight=1)
+    reader.start()
+    try:
+        fake_nsqd.wait_for_command("RDY 1")
+        message = fake_nsqd.send_message(b"long job")
+        assert fake_nsqd.wait_for_command("TOUCH").line == b"TOUCH " + message.id
+        fake_nsqd.send_error(b"E_TOUCH_FAILED TOUCH %s failed ID not in flight" % message.id)
+        wait_until(lambda: reader.stats()["in_flight"] == 0, WAIT, message="the refused one out of the in-flight count")
+    finally:
+        release.set()
+    wait_until(lambda: finished, WAIT, message="the handler's finish()")
+    assert finished == [False]
+    fake_nsqd.send_message(b"next")  # (its FIN is the first answer: none was sent before it)
+    assert fake_nsqd.wait_for_command("FIN").line.startswith(b"FIN ") and not [c for c in lines(fake_nsqd) if c == b"FIN " + message.id]
+
+
 def test_a_waiting_message_is_not_touched_past_max_msg_timeout(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> None:
     # nsqd never extends a message past max_msg_timeout from its delivery: a TOUCH that
     # cannot gain anything is not sent. msg_timeout 1 s, max_msg_timeout 1.2 s: the touch at
