@@ -248,11 +248,15 @@ def _encode_params(params: Optional[Params]) -> str:
             continue
         if isinstance(value, bool):
             value = "true" if value else "false"
-        elif not isinstance(value, (str, int)):
+        elif isinstance(value, int):
+            value = int.__repr__(value)  # (str() of an IntEnum is its name before Python 3.11)
+        elif isinstance(value, str):
+            value = str.__str__(value)  # (and of a str Enum, "Kind.A", up to 3.10)
+        else:
             # (str() of a list, float or bytes would be sent as the value: "['a', 'b']", "b'x'")
             raise ConfigTypeError(f"params[{key!r}]", value,
                                   f"must be str, int, bool or None (left out), not {type(value).__name__}")
-        pairs.append((key, str(value)))
+        pairs.append((key, value))
     try:
         return urlencode(pairs)
     except UnicodeEncodeError as exc:  # a lone surrogate: str is not encodable as UTF-8

@@ -309,9 +309,10 @@ def help_entries(text: str) -> Dict[str, Tuple[str, str]]:
             invocation, _, help_text = line.strip().partition("  ")
             words = invocation.replace(",", "").split()
             names = [word for word in words if word.startswith("-")]
+            # "-n N, --count N" up to Python 3.12, "-n, --count N" from 3.13
+            metavar = next((word for word in words if not word.startswith("-")), "")
             for name in names:
-                following = words[words.index(name) + 1:]
-                entries[name] = (following[0] if following and not following[0].startswith("-") else "", help_text.strip())
+                entries[name] = (metavar, help_text.strip())
         elif names and line.startswith("    ") and line.strip():
             for name in names:
                 entries[name] = (entries[name][0], f"{entries[name][1]} {line.strip()}".strip())
