@@ -992,12 +992,13 @@ class AsyncConn(EventedMixin):
             except Error:
                 pass  # the write side failed; the next read meets the close
 
-    def _read_once(self, deadline: Optional[float]) -> bool:
+    def _read_once(self, deadline: Optional[float], own: bool = False) -> bool:
         """One recv and its frames, by the holder of the read token.
 
         With a *deadline* (a caller reading its own answer), wait for data until then and
         return False if none came. Without one (the reader task), the stream's timeout is
         the staleness limit. Raises _ReadEnded once the connection is over (reported here).
+        *own*: a publisher reads for its own answer (see the except below).
         """
         try:
             pending = self._stream.pending()
@@ -1019,6 +1020,13 @@ class AsyncConn(EventedMixin):
             if data is None:
                 raise _Closed()
         except BaseException as exc:
+            if own and isinstance(exc, getattr(self.backend, "thrown_at_waits", ())):
+                # A gevent.Timeout around one request's pub(), or its greenlet killed (a web
+                # server's request timeout): thrown in where it waited for data, so nothing was
+                # read and the connection is whole. Only this caller stops waiting; its answer,
+                # and the other callers', are read by the next reader (request_wait hands over).
+                # Ending the connection here failed every publish pipelined on it.
+                raise
             self._end_reading(exc)
             if not isinstance(exc, Exception):
                 raise  # KeyboardInterrupt, SystemExit, GreenletExit: the connection is ended, the caller gets it
@@ -1450,10 +1458,10 @@ class AsyncConn(EventedMixin):
         Raises _ReadEnded once the connection is over (reported, and the answer failed)."""
         while not answer.done():
             if deadline is None:
-                self._read_once(None)  # waits with the staleness limit, as the reader task does
+                self._read_once(None, True)  # waits with the staleness limit, as the reader task does
                 continue
             until = deadline if self._stale_after is None else min(deadline, time.monotonic() + self._stale_after)
-            if self._read_once(until):
+            if self._read_once(until, True):
                 continue
             if time.monotonic() < deadline:
                 self._end_reading(self._stale_error())  # silent for the staleness limit
@@ -1927,6 +1935,7 @@ class AsyncConn(EventedMixin):
                 if sum(map(len, batch)) > JOIN_MAX_BYTES:
                     batch = self._cut_batch(batch)
                 data = batch[0] if len(batch) == 1 else b"".join(batch)
+            sent = -1
             try:
                 try:
                     sent = send(data)
@@ -1940,6 +1949,11 @@ class AsyncConn(EventedMixin):
                         self._requeue(batch, rest)
                         return True
             except BaseException as exc:
+                if sent < 0 and isinstance(exc, OSError) and send != self._send_whole:
+                    # The socket refused the send (EPIPE, ECONNRESET: nsqd had closed): no
+                    # byte of it went out (a send that took some returns their count), and
+                    # nothing after it. (A stream written whole may have sent part.)
+                    self._mark_unsent(batch + list(writes))
                 writes.clear()
                 self._write_interrupted(exc)
                 raise
@@ -2481,6 +2495,12 @@ class AsyncConn(EventedMixin):
             )
         self._close_wait.set()
         self._drained.set()
+        lock = self._write_lock
+        if lock.acquire(False):  # (not while a writer is in the middle of a send: what it took may be on the wire)
+            try:
+                self._mark_unsent(list(self._writes))
+            finally:
+                lock.release()
         self._fail_pending(error)
         if error is not None:
             self.error = error
@@ -2488,6 +2508,22 @@ class AsyncConn(EventedMixin):
                 (logger.debug if self._owned else logger.warning)("%s: %s", self.id, error)
                 self._emit("error", conn=self, error=error)
         self._emit_close()
+
+    def _mark_unsent(self, queued: List[Any]) -> None:
+        """*queued*, commands never written (the caller holds the write lock): the requests
+        among them are the last of the pending ones (each is queued with its bytes, in order),
+        and fail as ``unprocessed`` when the connection goes, so the Writer sends them again at
+        once, and may: nsqd never saw them. Not as "may or may not have run". They are the
+        requests queued behind an answer (Nagle's rule, see _request), waiting for room in the
+        socket, or in a send the socket refused."""
+        if queued and queued[0] is self._partial:
+            queued = queued[1:]  # (the rest of a command begun: its request is not unsent)
+        count = sum(1 for data in queued if bytes(data[:4]) in _REQUESTS)
+        if count:
+            with self._lock:
+                pending = list(self._pending)
+            for future in pending[max(0, len(pending) - count):]:
+                future.unprocessed = True
 
     def _fail_pending(self, error: Optional[BaseException]) -> None:
         with self._lock:
