@@ -992,12 +992,13 @@ class AsyncConn(EventedMixin):
             except Error:
                 pass  # the write side failed; the next read meets the close
 
-    def _read_once(self, deadline: Optional[float]) -> bool:
+    def _read_once(self, deadline: Optional[float], own: bool = False) -> bool:
         """One recv and its frames, by the holder of the read token.
 
         With a *deadline* (a caller reading its own answer), wait for data until then and
         return False if none came. Without one (the reader task), the stream's timeout is
         the staleness limit. Raises _ReadEnded once the connection is over (reported here).
+        *own*: a publisher reads for its own answer (see the except below).
         """
         try:
             pending = self._stream.pending()
@@ -1019,6 +1020,13 @@ class AsyncConn(EventedMixin):
             if data is None:
                 raise _Closed()
         except BaseException as exc:
+            if own and isinstance(exc, getattr(self.backend, "thrown_at_waits", ())):
+                # A gevent.Timeout around one request's pub(), or its greenlet killed (a web
+                # server's request timeout): thrown in where it waited for data, so nothing was
+                # read and the connection is whole. Only this caller stops waiting; its answer,
+                # and the other callers', are read by the next reader (request_wait hands over).
+                # Ending the connection here failed every publish pipelined on it.
+                raise
             self._end_reading(exc)
             if not isinstance(exc, Exception):
                 raise  # KeyboardInterrupt, SystemExit, GreenletExit: the connection is ended, the caller gets it
@@ -1190,6 +1198,9 @@ class AsyncConn(EventedMixin):
             waiter = _WaitedAnswer(self._signal())
             self._request(data, waiter, lead=True)  # (no room to write: a flush task writes it)
             if not waiter.wait(timeout):
+                waiter.abandoned = True
+                if self._writes:
+                    self._withdraw_abandoned()
                 raise TimeoutError(f"no answer from {self.id} within {timeout}s; the command may or may not have run")
             if waiter.error is not None:
                 raise waiter.error
@@ -1450,10 +1461,10 @@ class AsyncConn(EventedMixin):
         Raises _ReadEnded once the connection is over (reported, and the answer failed)."""
         while not answer.done():
             if deadline is None:
-                self._read_once(None)  # waits with the staleness limit, as the reader task does
+                self._read_once(None, True)  # waits with the staleness limit, as the reader task does
                 continue
             until = deadline if self._stale_after is None else min(deadline, time.monotonic() + self._stale_after)
-            if self._read_once(until):
+            if self._read_once(until, True):
                 continue
             if time.monotonic() < deadline:
                 self._end_reading(self._stale_error())  # silent for the staleness limit
@@ -1927,6 +1938,7 @@ class AsyncConn(EventedMixin):
                 if sum(map(len, batch)) > JOIN_MAX_BYTES:
                     batch = self._cut_batch(batch)
                 data = batch[0] if len(batch) == 1 else b"".join(batch)
+            sent = -1
             try:
                 try:
                     sent = send(data)
@@ -1940,6 +1952,11 @@ class AsyncConn(EventedMixin):
                         self._requeue(batch, rest)
                         return True
             except BaseException as exc:
+                if sent < 0 and isinstance(exc, OSError) and send != self._send_whole:
+                    # The socket refused the send (EPIPE, ECONNRESET: nsqd had closed): no
+                    # byte of it went out (a send that took some returns their count), and
+                    # nothing after it. (A stream written whole may have sent part.)
+                    self._mark_unsent(batch + list(writes))
                 writes.clear()
                 self._write_interrupted(exc)
                 raise
@@ -2481,6 +2498,12 @@ class AsyncConn(EventedMixin):
             )
         self._close_wait.set()
         self._drained.set()
+        lock = self._write_lock
+        if lock.acquire(False):  # (not while a writer is in the middle of a send: what it took may be on the wire)
+            try:
+                self._mark_unsent(list(self._writes))
+            finally:
+                lock.release()
         self._fail_pending(error)
         if error is not None:
             self.error = error
@@ -2488,6 +2511,60 @@ class AsyncConn(EventedMixin):
                 (logger.debug if self._owned else logger.warning)("%s: %s", self.id, error)
                 self._emit("error", conn=self, error=error)
         self._emit_close()
+
+    def _withdraw_abandoned(self) -> int:
+        """Take the requests nobody waits for any more out of the queue, while their bytes are
+        still unwritten: a blocking caller's whose timeout passed (``abandoned``), or a Future
+        already settled (a Writer's publish timeout). Returns how many. nsqd never gets them.
+
+        Kept, they went out once nsqd answered again: behind a stalled nsqd (SIGSTOP, a long GC
+        or fsync), every publish queued behind the first unanswered one timed out, stayed queued
+        (37,239 of them, 144 MB, in a review) and was stored when nsqd resumed, so a caller that
+        retried on TimeoutError stored it twice. Not while a writer is in the middle of a send
+        (the write lock is held): what it took may be on the wire; the next timeout looks again.
+        """
+        lock = self._write_lock
+        if not lock.acquire(False):
+            return 0
+        try:
+            with self._lock:
+                writes, pending = self._writes, self._pending
+                first = 1 if writes and writes[0] is self._partial else 0
+                requests = [index for index in range(first, len(writes)) if bytes(writes[index][:4]) in _REQUESTS]
+                count = min(len(requests), len(pending))  # (the unsent requests: the last pending, in order)
+                waiters = list(pending)
+                dropped = [
+                    (index, waiter) for index, waiter in zip(requests[len(requests) - count:], waiters[len(waiters) - count:])
+                    if waiter.done() or getattr(waiter, "abandoned", False)
+                ]
+                if not dropped:
+                    return 0
+                indices = {index for index, _ in dropped}
+                gone = {id(waiter) for _, waiter in dropped}
+                kept = [data for index, data in enumerate(writes) if index not in indices]
+                writes.clear()
+                writes.extend(kept)
+                pending.clear()
+                pending.extend(waiter for waiter in waiters if id(waiter) not in gone)
+                return len(dropped)
+        finally:
+            lock.release()
+
+    def _mark_unsent(self, queued: List[Any]) -> None:
+        """*queued*, commands never written (the caller holds the write lock): the requests
+        among them are the last of the pending ones (each is queued with its bytes, in order),
+        and fail as ``unprocessed`` when the connection goes, so the Writer sends them again at
+        once, and may: nsqd never saw them. Not as "may or may not have run". They are the
+        requests queued behind an answer (Nagle's rule, see _request), waiting for room in the
+        socket, or in a send the socket refused."""
+        if queued and queued[0] is self._partial:
+            queued = queued[1:]  # (the rest of a command begun: its request is not unsent)
+        count = sum(1 for data in queued if bytes(data[:4]) in _REQUESTS)
+        if count:
+            with self._lock:
+                pending = list(self._pending)
+            for future in pending[max(0, len(pending) - count):]:
+                future.unprocessed = True
 
     def _fail_pending(self, error: Optional[BaseException]) -> None:
         with self._lock:
@@ -2605,7 +2682,7 @@ class _Answer:
     reading thread ever sets it, and that is the thread that waits for it.
     """
 
-    __slots__ = ("value", "error", "unprocessed", "command")
+    __slots__ = ("value", "error", "unprocessed", "command", "abandoned")
     #: never handed to unprocessed_handler: the caller re-sends it itself
     led = True
 
@@ -2613,6 +2690,8 @@ class _Answer:
         self.value: Optional[bytes] = None
         self.error: Optional[BaseException] = None
         self.unprocessed = False
+        #: its caller's timeout passed (see AsyncConn._withdraw_abandoned)
+        self.abandoned = False
 
     def done(self) -> bool:
         return self.value is not None or self.error is not None

@@ -308,6 +308,11 @@ def _is_future_like(result: Any) -> bool:
     return callable(getattr(result, "add_done_callback", None)) and callable(getattr(result, "result", None))
 
 
+def _is_gevent_result(result: Any) -> bool:
+    """A gevent Greenlet or AsyncResult (or another object with rawlink, ready and get)."""
+    return callable(getattr(result, "rawlink", None)) and callable(getattr(result, "ready", None)) and callable(getattr(result, "get", None))
+
+
 def _is_exit(exc: BaseException) -> bool:
     """SystemExit, KeyboardInterrupt or a greenlet's kill (GreenletExit): the process or the
     task is ending. Any other BaseException out of a handler is the handler failing."""
@@ -1173,6 +1178,14 @@ class Reader:
             else:
                 result.add_done_callback(done)
             return True
+        if _is_gevent_result(result):
+            # A Greenlet or an AsyncResult (gnsq-style code spawns the work and returns it): the
+            # same, when it is ready. It was finished at once, and work that failed later lost
+            # its message. rawlink callbacks run in the hub: the answer goes from a greenlet.
+            message.enable_async()
+            spawn = self._backend.spawn
+            result.rawlink(lambda ready: spawn(self._gevent_done, message, ready))
+            return True
         if inspect.isawaitable(result):
             if inspect.iscoroutine(result):
                 result.close()  # (no "never awaited" warning on top of our error)
@@ -1191,8 +1204,8 @@ class Reader:
     def _is_falsy(result: Any) -> bool:
         """A result pynsq would have taken for a failure: 0, "", an empty container. Never
         raises (a numpy array's or a DataFrame's truth value does: that is not falsy here)."""
-        if isinstance(result, futures.Future) or inspect.isawaitable(result) or _is_future_like(result):
-            return False
+        if isinstance(result, futures.Future) or inspect.isawaitable(result) or _is_future_like(result) or _is_gevent_result(result):
+            return False  # (a dead Greenlet is falsy)
         try:
             return not result
         except Exception:
@@ -1207,6 +1220,21 @@ class Reader:
             logger.error("%s: the handler's future failed for %r; requeueing it", self.name, message, exc_info=exc)
             ok = False
         self._answer(message, ok)
+
+    def _gevent_done(self, message: Message, ready: Any) -> None:
+        """_future_done for a Greenlet or AsyncResult: FIN, or REQ if it raised, was killed or
+        gave False."""
+        if message._responded:
+            return
+        try:
+            value = ready.get(block=False)
+        except BaseException as exc:
+            logger.error("%s: the handler's %s failed for %r; requeueing it", self.name, type(ready).__name__, message, exc_info=exc)
+            value = False
+        if isinstance(value, BaseException):  # (a killed Greenlet's value is its GreenletExit)
+            logger.error("%s: the handler's %s was killed (%r) before it ended for %r; requeueing it", self.name, type(ready).__name__, value, message)
+            value = False
+        self._answer(message, value is not False)
 
     def _hand_back(self, messages: List[Message]) -> None:
         """A connection closing gracefully took back its messages still waiting for a worker:

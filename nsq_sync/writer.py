@@ -1399,6 +1399,7 @@ class Writer:
                 next_due = min([now + 1.0] + [queue[0][0] for queue in (heap, fifo) if queue])
                 self._housekeeper_due = next_due
                 idle = not heap and not fifo and not self._parked
+            timed_out = set()
             for future in expired:
                 if future.done():
                     continue
@@ -1406,9 +1407,15 @@ class Writer:
                     conn = getattr(future, "conn", None)
                     if conn is not None:
                         conn._timed_out_at = time.time()  # (passed over while silent: see _pick)
+                        timed_out.add(conn)
                     _settle(future, error=TimeoutError("no answer from nsqd within the timeout; the publish may or may not have landed"))
                 else:
                     _settle(future, error=self._unsent_error(future))
+            for conn in timed_out:
+                # Those still queued behind an unanswered publish (a stalled nsqd) leave the
+                # queue: sent once nsqd answers again, they landed after their TimeoutError.
+                if conn._writes:
+                    conn._withdraw_abandoned()
             for data, deadline, retries, outer, avoid in resend:
                 if outer.done():
                     continue

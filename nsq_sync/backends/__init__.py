@@ -71,6 +71,10 @@ def get_backend(backend: Union[str, Backend, None] = None) -> Backend:
         if not hasattr(backend, "spawn"):
             raise ConfigError("backend", backend, "must be 'thread', 'gevent', None or a backend object")
         return backend
+    if backend == "thread" and gevent_patched():
+        # (threads there are greenlets on gevent sockets: with threading unpatched, nsq_sync's
+        # waits blocked the hub, pub() timed out on publishes nsqd stored, a Reader never subscribed)
+        _check_threading_patched(backend)
     cached = _cache.get(backend)
     if cached is not None:
         return cached

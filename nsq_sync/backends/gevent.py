@@ -167,6 +167,10 @@ class GeventBackend:
 
     name = "gevent"
     Empty = gevent.queue.Empty
+    #: exceptions that reach a greenlet only where it waits (thrown in by the hub: a
+    #: gevent.Timeout's expiry, Greenlet.kill), never between two statements as a signal's
+    #: KeyboardInterrupt can: one that stops a wait for data leaves nothing half read
+    thrown_at_waits: Tuple[type, ...] = (gevent.Timeout, gevent.GreenletExit)
 
     def spawn(self, fn: Callable[..., Any], *args: Any, name: str = "") -> _GreenletTask:
         greenlet = gevent.spawn(fn, *args)

@@ -40,6 +40,8 @@ class ThreadBackend:
 
     name = "thread"
     Empty = queue.Empty
+    #: (see GeventBackend: a thread is never interrupted only where it waits)
+    thrown_at_waits: Tuple[type, ...] = ()
 
     def spawn(self, fn: Callable[..., Any], *args: Any, name: str = "") -> threading.Thread:
         thread = threading.Thread(target=fn, args=args, name=name or None, daemon=True)

@@ -30,7 +30,7 @@ import pytest
 
 import nsq_sync.conn
 from nsq_sync import AsyncConn
-from nsq_sync.errors import BadTopicError, ConnectionClosedError, TimeoutError
+from nsq_sync.errors import BadTopicError, ConnectionClosedError, SendError, TimeoutError
 from nsq_sync.protocol import commands
 from nsq_sync.testing import wait_until
 from nsq_sync.transport.compression import DeflateStream
@@ -460,6 +460,45 @@ def test_close_seen_by_the_pre_send_check(server: FakeNsqd, make_conn, monkeypat
     server.wait_disconnected()
     assert published(server) == [b"park-%d" % n for n in range(1, parks + 1)]
     assert b"never" not in bytes(server.session.raw)
+
+
+def test_requests_queued_behind_an_answer_fail_as_unprocessed_when_the_connection_ends(server: FakeNsqd, make_conn) -> None:
+    # While one request waits for its answer, later ones are only queued (Nagle's rule, see
+    # AsyncConn._request). When the connection ends first, those never left: they fail with
+    # unprocessed=True, which the Writer re-sends elsewhere for free. They failed as "may or may
+    # not have run" (9 of 10 publishes of a gevent web worker, after its hub was blocked past two
+    # heartbeat intervals, in a user review). The one sent may have run.
+    conn = connect(make_conn, server)
+    server.set_answer("PUB", NOTHING, times=1)
+    first = conn.request(commands.pub("t", b"sent"))
+    server.wait_for_command("PUB")
+    queued = [conn.request(commands.pub("t", b"queued %d" % n)) for n in range(3)]
+    server.close_client()
+    assert conn.wait_closed(WAIT)
+    assert isinstance(first.exception(WAIT), ConnectionClosedError) and first.exception().unprocessed is False
+    for future in queued:
+        assert isinstance(future.exception(WAIT), ConnectionClosedError) and future.exception().unprocessed is True
+    assert b"queued" not in bytes(server.session.raw)
+
+
+def test_requests_in_a_send_the_socket_refuses_fail_as_unprocessed(server: FakeNsqd, make_conn) -> None:
+    # A send that fails (EPIPE, ECONNRESET: nsqd had closed) took no byte: the requests in it,
+    # and those queued after it, fail with unprocessed=True.
+    conn = connect(make_conn, server)
+    server.set_answer("PUB", NOTHING, times=1)
+    first = conn.request(commands.pub("t", b"sent"))
+    server.wait_for_command("PUB")
+    queued = [conn.request(commands.pub("t", b"queued %d" % n)) for n in range(2)]
+
+    def refused(data: Any) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    conn._send_some = refused
+    with pytest.raises(SendError):
+        conn.send(commands.nop())  # (a NOP, as the reader task sends for a heartbeat: the whole queue goes with it)
+    assert conn.wait_closed(WAIT)
+    assert first.exception(WAIT).unprocessed is False
+    assert [future.exception(WAIT).unprocessed for future in queued] == [True, True]
 
 
 # --------------------------------------------- 5. close while a caller leads

@@ -38,7 +38,7 @@ from gevent import monkey
 monkey.patch_all(thread=False)  # socket patched, threading not
 import nsq_sync
 from nsq_sync.errors import ConfigError
-for backend in (None, "gevent"):
+for backend in (None, "gevent", "thread"):
     try:
         nsq_sync.Writer("127.0.0.1:4150", backend=backend)
     except ConfigError as exc:
@@ -51,7 +51,9 @@ for backend in (None, "gevent"):
 def test_a_process_patched_in_part_is_refused_with_a_config_error() -> None:
     # Auto-detection used to choose greenlets there, which then blocked the hub in every
     # wait on a threading primitive: pub_async(...).result() hung, nsq_sync.run() consumed nothing.
-    assert run_script(PARTIAL).split("\n")[:2] == ["None backend True", "gevent backend True"]
+    # And "thread", asked for by name: accepted, a Writer's pub() timed out on publishes nsqd had
+    # stored, and a Reader never subscribed, without a word.
+    assert run_script(PARTIAL).split("\n")[:3] == ["None backend True", "gevent backend True", "thread backend True"]
 
 
 READER_BEFORE_PATCH = r"""

@@ -631,8 +631,12 @@ def test_pub_async_timeout_applies_to_the_answer(nsqd, writer_factory):
     finally:
         nsqd.resume()
     assert slow.result(5) == b"OK"
-    # all were written; nsqd took them once it ran again
-    wait_until(lambda: depth(nsqd, "frozen_async") == 4, timeout=5, message="depth 4")
+    # nsqd took those written, once it ran again: "during" (written, then timed out: stored after
+    # its TimeoutError) and "long timeout"; "short timeout" timed out while queued behind
+    # "during"'s answer, and left the queue unsent
+    wait_until(lambda: depth(nsqd, "frozen_async") == 3, timeout=5, message="depth 3")
+    assert writer.pub("frozen_async", b"after") == b"OK"
+    assert depth(nsqd, "frozen_async") == 4
 
 
 def test_pub_async_timeouts_in_any_order_each_fail_at_their_own_deadline(nsqd, writer_factory):
