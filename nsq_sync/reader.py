@@ -14,8 +14,9 @@ Where things run
       after a poll in which no nsqlookupd answered it asks again sooner (from
       ``lookupd_retry_base``, doubling, never later than ``lookupd_poll_interval``), until
       an answer lists some nsqd (one back from an outage lists none until they register),
-      and on the same schedule after a discovered nsqd's connection closed, until that nsqd
-      is connected again (one schedule per Reader, restarted by a new loss);
+      and on the same schedule after a discovered nsqd's connection closed or an attempt
+      to one failed, until that nsqd is connected again (one schedule per Reader, restarted
+      by a new loss; failed attempts start it once per nsqd until it is connected);
     * ``backoff``/``resume``/``continue`` events fire synchronously in the thread that
       answers a message (a handler worker, or your thread for ``enable_async()``).
 
@@ -414,8 +415,8 @@ class Reader:
         poll in which every lookupd failed, the next comes sooner: ``lookupd_retry_base``
         (1 s), doubled per poll in a row that failed or, after a failure, found no nsqd, at
         most this interval (jitter added too); likewise after the connection to an nsqd
-        found through lookupd closed, until it is connected again or the delay has
-        doubled up to this interval
+        found through lookupd closed, or an attempt to one failed, until it is connected
+        again or the delay has doubled up to this interval
     :param lookupd_poll_jitter: each poll waits ``interval * (1 + jitter * random())``
     :param low_rdy_idle_timeout: seconds without a message after which a connection's
         RDY may be handed to another (when connections outnumber max_in_flight)
@@ -449,7 +450,8 @@ class Reader:
     #: seconds before polling nsqlookupd again after a poll in which none answered; doubles
     #: per poll in a row that failed or, after a failure, found no nsqd; never more than
     #: ``lookupd_poll_interval`` (jitter added to either). The same schedule runs after the
-    #: connection to an nsqd found through nsqlookupd closed, until it is connected again
+    #: connection to an nsqd found through nsqlookupd closed, or an attempt to one failed,
+    #: until it is connected again
     lookupd_retry_base: float = 1.0
     #: seconds a lowered RDY is given to reach nsqd, and the messages nsqd sent under the
     #: higher value to arrive, before the capacity it frees is handed out: this plus
@@ -611,6 +613,11 @@ class Reader:
         #: whether one was lost since the discovery task last looked (restarts that schedule)
         self._lookupd_lost: Set[str] = set()
         self._lookupd_lost_new = False
+        #: discovered nsqd that have started that schedule (a lost connection, or a failed
+        #: connection attempt) since they were last connected: a failed attempt starts it only
+        #: for an address not in here, so an nsqd lookupd keeps listing that cannot be reached
+        #: costs one schedule, not one per poll (an ordered set, oldest first, bounded)
+        self._lookupd_hurried: Dict[str, None] = {}
         #: per lookupd address, how its queries went (stats()["lookupd"]); changed under _lock
         self._lookupd_health: Dict[str, Dict[str, Any]] = {
             address: {"address": address, "queries": 0, "failed_queries": 0, "last_success": None, "last_error": None, "producers": None}
@@ -1733,7 +1740,7 @@ class Reader:
 
         A task that cannot be started (RuntimeError "can't start new thread") is that attempt
         failing: the address leaves the queue (a direct one gets a reconnect, a discovered one
-        comes back with the next lookupd answer listing it)."""
+        comes back with the next lookupd answer listing it, asked sooner: _connect_failed_locked)."""
         limit = self.max_connect_attempts
         failed: List[Tuple[str, BaseException]] = []
         while self._queued and len(self._tasks) < limit and not self._closing:
@@ -1836,6 +1843,7 @@ class Reader:
     def _register_locked(self, address: str, conn: AsyncConn, rtt: float = 0.0) -> None:
         st = self._conns[address] = _ConnState(conn, address, rtt)
         self._lookupd_lost.discard(address)
+        self._lookupd_hurried.pop(address, None)
         self._direct_failures.pop(address, None)
         logger.info("%s: subscribed to %s on %s", self.name, f"{self.topic}/{self.channel}", address)
         self._added_locked(st)
@@ -1857,8 +1865,17 @@ class Reader:
             self._connect_failed_locked(address)
 
     def _connect_failed_locked(self, address: str) -> None:
-        if self._closing or address not in self._direct:
-            return  # lookupd-discovered: it comes back when lookupd lists it again
+        if self._closing:
+            return
+        if address not in self._direct:
+            # lookupd-discovered: it is tried again when lookupd lists it again, asked sooner
+            # than the poll interval as after a lost connection (nsqd restarting, or frozen
+            # through the handshake, when the Reader first found it): see _lookupd_loop
+            if self._lookupds and address not in self._lookupd_lost and self._lookupd_hurry_locked(address):
+                self._lookupd_lost.add(address)
+                self._lookupd_lost_new = True
+                self._lookupd_wake.set()
+            return
         attempt = self._direct_failures.get(address, 0) + 1
         self._direct_failures[address] = attempt
         self._schedule_reconnect_locked(address, attempt)
@@ -1902,10 +1919,23 @@ class Reader:
                 # a deleted topic not re-created): see _lookupd_loop
                 self._lookupd_lost.add(address)
                 self._lookupd_lost_new = True
+                self._lookupd_hurry_locked(address)
         reason = f": {conn.error}" if conn.error is not None else ""
         logger.warning("%s: connection to %s closed%s", self.name, address, reason)
         if self._lookupds:
             self._lookupd_wake.set()  # re-query early: it may be back, or gone for good
+
+    def _lookupd_hurry_locked(self, address: str) -> bool:
+        """Mark *address* (discovered) as having started the lost-nsqd schedule since it was
+        last connected; False if it had already: a failed attempt to it then starts nothing
+        (an nsqd listed but unreachable, or refusing, is not a reason to poll every second).
+        Bounded: past MAX_LOOKUPD_PRODUCERS addresses the oldest is forgotten."""
+        if address in self._lookupd_hurried:
+            return False
+        self._lookupd_hurried[address] = None
+        if len(self._lookupd_hurried) > MAX_LOOKUPD_PRODUCERS:
+            del self._lookupd_hurried[next(iter(self._lookupd_hurried))]
+        return True
 
     def _on_heartbeat(self, conn: AsyncConn) -> None:
         self.heartbeat(conn)

@@ -1608,6 +1608,9 @@ def test_a_lookupd_answer_of_many_nsqd_that_never_answer_starts_at_most_max_conn
         assert reader.stats()["connections"] == [] and reader.conns == {} and lookupd.requests == 1
         # The nsqd go away: each attempt fails, and the next queued one starts in its slot
         # (the task that ends starts it as its last act: for a moment one more task is alive).
+        # nsqlookupd goes first: the failed attempts start the lost-nsqd schedule, whose early
+        # queries would list the 200 again and queue them anew (counted here as more spawns).
+        lookupd.stop()
         tarpit.release()
 
         def drained() -> bool:
@@ -1962,6 +1965,42 @@ def test_once_the_lost_nsqd_is_connected_again_lookupd_is_polled_every_interval_
     finally:
         reader.close(5)
         lookupd.stop()
+    assert reader.join(10) and live_tasks() == []
+
+
+def test_a_failed_first_attempt_to_a_discovered_nsqd_starts_the_quicker_schedule_once(backend: str, caplog: pytest.LogCaptureFixture) -> None:
+    # User review (real nsqd 1.3.0): an nsqd the Reader found through lookupd but whose first
+    # connection attempt failed (restarting, or frozen through the handshake, at that moment)
+    # was tried again only at the next poll, 60-78 s later. The failure now starts the
+    # lost-nsqd schedule like a lost connection; an nsqd lookupd keeps listing that refuses
+    # every attempt starts it once (not at every failure: no poll every second for it).
+    refusing = socket.socket()
+    refusing.bind(("127.0.0.1", 0))  # (bound, not listening: a connection is refused)
+    port = refusing.getsockname()[1]
+    lookupd = _Lookupd([{"broadcast_address": "127.0.0.1", "tcp_port": port, "http_port": 1}])
+    reader = Reader(
+        TOPIC, CHANNEL, lambda m: True, lookupd_http_addresses=lookupd.address,
+        lookupd_poll_interval=2.0, lookupd_poll_jitter=0, backend=backend,
+    )  # fmt: skip
+    reader.lookupd_retry_base = 0.1
+    caplog.set_level(logging.WARNING, logger="nsq_sync.reader")
+    try:
+        reader.start()
+        wait_until(lambda: lookupd.requests >= 9, WAIT + 5, message="nine polls")
+        gaps = _gaps(lookupd.times[:9])
+        # the failure right after the first poll asks again 1 s after it (an early query waits
+        # that long after the last one), then 0.1 ... 1.6 s, every answer listing the nsqd and
+        # every attempt refused, none restarting the schedule; then (3.2 s would pass the
+        # interval) every lookupd_poll_interval. Before: every 2 s from the first poll on.
+        for gap, want in zip(gaps, [1.0, 0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0]):
+            assert want * 0.9 <= gap < want + 0.4, gaps
+        refused = [r for r in caplog.records if r.getMessage().startswith(f"{reader.name}: cannot consume from 127.0.0.1:{port}")]
+        assert lookupd.requests - 1 <= len(refused) <= lookupd.requests, (len(refused), lookupd.requests)  # one attempt per answer
+        assert reader.conns == {}
+    finally:
+        reader.close(5)
+        lookupd.stop()
+        refusing.close()
     assert reader.join(10) and live_tasks() == []
 
 

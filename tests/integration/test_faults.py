@@ -923,6 +923,34 @@ def test_a_discovered_nsqd_back_from_a_restart_is_found_again_within_seconds_not
         assert _lookupd_queries(reader) - queries <= 3
 
 
+def test_a_discovered_nsqd_whose_first_connect_failed_is_tried_again_within_seconds_not_a_poll_interval(clients: Clients, caplog: pytest.LogCaptureFixture) -> None:
+    # User review: a Reader's first attempt to an nsqd it found through nsqlookupd failed (nsqd
+    # frozen 2 s as the Reader started: the handshake timed out; or restarting at that moment),
+    # and the nsqd was tried again only at the next poll: consuming began 60-78 s later (poll
+    # interval 60 s). (A refused attempt: test_reader_fake.py, a schedule started once.)
+    caplog.set_level(logging.WARNING, logger="nsq_sync.reader")
+    seen = Seen()
+    with started(NsqlookupdProcess()) as lookupd, started(NsqdProcess(lookupd_tcp_addresses=[lookupd.tcp_address], extra_args=DURABLE_ARGS)) as nsqd:
+        bodies = [b"first-connect-%d" % i for i in range(20)]
+        prepare(nsqd, bodies)
+        wait_until(lambda: lookupd.lookup(TOPIC), timeout=10, message="nsqd registered with nsqlookupd")
+        reader = clients.reader(seen.handler, lookupd_http_addresses=[lookupd.http_address], max_in_flight=10)
+        assert reader.lookupd_poll_interval == 60
+        nsqd.pause()  # nsqlookupd still lists it; its kernel accepts connections, nothing answers
+        reader.start()
+        failure = f"{reader.name}: cannot consume from {nsqd.tcp_address}"
+        wait_until(lambda: any(r.getMessage().startswith(failure) for r in caplog.records), timeout=10, message="the first attempt to time out")
+        nsqd.resume()
+        up = time.monotonic()
+        wait_until(lambda: nsqd.tcp_address in reader.conns, timeout=15, message="the Reader to connect to the nsqd")
+        found = time.monotonic()
+        seen.wait_bodies(set(bodies))
+        report("discovered nsqd frozen at the first connect (poll interval 60 s)", up_to_connected_s=found - up, queries=_lookupd_queries(reader))
+        # the early query right after the failure, then retries 1, 2 s (x 1.3 at most)
+        assert found - up < 6, found - up
+        assert _lookupd_queries(reader) <= 4
+
+
 def test_after_a_topic_delete_new_messages_are_consumed_within_seconds_not_a_poll_interval(clients: Clients) -> None:
     # User review: deleting the topic makes nsqd close its consumers and unregister the topic
     # from nsqlookupd; new messages re-create it, but the Reader asked once right after the
