@@ -462,17 +462,23 @@ def test_close_seen_by_the_pre_send_check(server: FakeNsqd, make_conn, monkeypat
     assert b"never" not in bytes(server.session.raw)
 
 
+def queued_behind_an_unanswered_pub(make_conn: Callable[..., AsyncConn], server: FakeNsqd, count: int) -> Tuple[AsyncConn, Future, List[Future]]:
+    """A connection with one PUB sent that nsqd does not answer, and *count* requests queued
+    behind it (Nagle's rule): (the connection, the sent one's Future, the queued ones')."""
+    conn = connect(make_conn, server)
+    server.set_answer("PUB", NOTHING, times=1)
+    first = conn.request(commands.pub("t", b"sent"))
+    server.wait_for_command("PUB")
+    return conn, first, [conn.request(commands.pub("t", b"queued %d" % n)) for n in range(count)]
+
+
 def test_requests_queued_behind_an_answer_fail_as_unprocessed_when_the_connection_ends(server: FakeNsqd, make_conn) -> None:
     # While one request waits for its answer, later ones are only queued (Nagle's rule, see
     # AsyncConn._request). When the connection ends first, those never left: they fail with
     # unprocessed=True, which the Writer re-sends elsewhere for free. They failed as "may or may
     # not have run" (9 of 10 publishes of a gevent web worker, after its hub was blocked past two
     # heartbeat intervals, in a user review). The one sent may have run.
-    conn = connect(make_conn, server)
-    server.set_answer("PUB", NOTHING, times=1)
-    first = conn.request(commands.pub("t", b"sent"))
-    server.wait_for_command("PUB")
-    queued = [conn.request(commands.pub("t", b"queued %d" % n)) for n in range(3)]
+    conn, first, queued = queued_behind_an_unanswered_pub(make_conn, server, 3)
     server.close_client()
     assert conn.wait_closed(WAIT)
     assert isinstance(first.exception(WAIT), ConnectionClosedError) and first.exception().unprocessed is False
@@ -484,11 +490,7 @@ def test_requests_queued_behind_an_answer_fail_as_unprocessed_when_the_connectio
 def test_requests_in_a_send_the_socket_refuses_fail_as_unprocessed(server: FakeNsqd, make_conn) -> None:
     # A send that fails (EPIPE, ECONNRESET: nsqd had closed) took no byte: the requests in it,
     # and those queued after it, fail with unprocessed=True.
-    conn = connect(make_conn, server)
-    server.set_answer("PUB", NOTHING, times=1)
-    first = conn.request(commands.pub("t", b"sent"))
-    server.wait_for_command("PUB")
-    queued = [conn.request(commands.pub("t", b"queued %d" % n)) for n in range(2)]
+    conn, first, queued = queued_behind_an_unanswered_pub(make_conn, server, 2)
 
     def refused(data: Any) -> int:
         raise BrokenPipeError(32, "Broken pipe")

@@ -826,25 +826,33 @@ def test_messages_that_waited_for_a_worker_past_msg_timeout_are_dropped_unrun(fa
     assert len([c for c in lines(fake_nsqd) if c.startswith((b"FIN", b"REQ"))]) == 2
 
 
+def behind_a_slow_handler(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> Tuple[Reader, Any, List[bytes], threading.Event]:
+    """A started Reader (max_in_flight 3, one worker, msg_timeout 1 s) whose worker holds the
+    message b"slow": (the Reader, that message, the bodies handled, the event that releases it).
+    Messages sent next wait for the worker."""
+    fake_nsqd.identify_response["msg_timeout"] = 1000  # ms
+    handler, handled, release = holding_handler(b"slow")
+    reader = make_reader(fake_nsqd, handler, max_in_flight=3, concurrency=1)
+    reader.start()
+    fake_nsqd.wait_for_command("RDY 3")
+    slow = fake_nsqd.send_message(b"slow")
+    wait_until(lambda: handled == [b"slow"], WAIT, message="the slow one runs")
+    return reader, slow, handled, release
+
+
 def test_a_message_waiting_for_a_busy_worker_is_touched_before_its_answer(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader], caplog: Any) -> None:
     # Prefetch deeper than the workers get through within msg_timeout: a message that waited
     # for the worker half its msg_timeout (while the handler before it started less than
     # msg_timeout ago) is touched, so nsqd does not time it out and deliver it again. The
     # running message is not the Reader's to touch, and the TOUCH leaves before the FIN.
-    fake_nsqd.identify_response["msg_timeout"] = 1000  # ms
-    handler, handled, release = holding_handler(b"slow")
-    reader = make_reader(fake_nsqd, handler, max_in_flight=3, concurrency=1)
-    with caplog.at_level(logging.WARNING):
-        reader.start()
-        try:
-            fake_nsqd.wait_for_command("RDY 3")
-            slow = fake_nsqd.send_message(b"slow")
-            wait_until(lambda: handled == [b"slow"], WAIT, message="the slow one runs")
-            waiting = fake_nsqd.send_message(b"waiting")
-            assert fake_nsqd.wait_for_command("TOUCH").line == b"TOUCH " + waiting.id
-        finally:
-            release.set()
-        fake_nsqd.wait_for_command("FIN", count=2)
+    caplog.set_level(logging.WARNING)
+    reader, slow, handled, release = behind_a_slow_handler(fake_nsqd, make_reader)
+    try:
+        waiting = fake_nsqd.send_message(b"waiting")
+        assert fake_nsqd.wait_for_command("TOUCH").line == b"TOUCH " + waiting.id
+    finally:
+        release.set()
+    fake_nsqd.wait_for_command("FIN", count=2)
     sent = [c for c in lines(fake_nsqd) if c.startswith((b"FIN", b"TOUCH"))]
     assert sent[-2:] == [b"FIN " + slow.id, b"FIN " + waiting.id]
     assert set(sent[:-2]) == {b"TOUCH " + waiting.id}  # (once, or twice if the release was slow)
@@ -853,27 +861,26 @@ def test_a_message_waiting_for_a_busy_worker_is_touched_before_its_answer(fake_n
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
 
 
+def refuse_the_touch(fake_nsqd: FakeNsqd, message: Any) -> None:
+    """Wait for *message*'s TOUCH and answer it as nsqd does for a message it no longer has in flight."""
+    assert fake_nsqd.wait_for_command("TOUCH").line == b"TOUCH " + message.id
+    fake_nsqd.send_error(b"E_TOUCH_FAILED TOUCH %s failed ID not in flight" % message.id)
+
+
 def test_a_waiting_message_whose_touch_nsqd_refuses_does_not_run(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader], caplog: Any) -> None:
     # E_TOUCH_FAILED: nsqd no longer has the waiting message in flight here (it timed it out, or
     # the channel was emptied). Run later, it ran twice (or ran though emptied) and its FIN was
     # refused; now it leaves the in-flight count at once and does not run.
-    fake_nsqd.identify_response["msg_timeout"] = 1000  # ms
-    handler, handled, release = holding_handler(b"slow")
-    reader = make_reader(fake_nsqd, handler, max_in_flight=3, concurrency=1)
-    with caplog.at_level(logging.WARNING):
-        reader.start()
-        try:
-            fake_nsqd.wait_for_command("RDY 3")
-            slow = fake_nsqd.send_message(b"slow")
-            wait_until(lambda: handled == [b"slow"], WAIT, message="the slow one runs")
-            refused = fake_nsqd.send_message(b"refused")
-            kept = fake_nsqd.send_message(b"kept")
-            assert fake_nsqd.wait_for_command("TOUCH").line == b"TOUCH " + refused.id
-            fake_nsqd.send_error(b"E_TOUCH_FAILED TOUCH %s failed ID not in flight" % refused.id)
-            wait_until(lambda: reader.stats()["in_flight"] == 2, WAIT, message="the refused one out of the in-flight count")
-        finally:
-            release.set()
-        fake_nsqd.wait_for_command("FIN", count=2)
+    caplog.set_level(logging.WARNING)
+    reader, slow, handled, release = behind_a_slow_handler(fake_nsqd, make_reader)
+    try:
+        refused = fake_nsqd.send_message(b"refused")
+        kept = fake_nsqd.send_message(b"kept")
+        refuse_the_touch(fake_nsqd, refused)
+        wait_until(lambda: reader.stats()["in_flight"] == 2, WAIT, message="the refused one out of the in-flight count")
+    finally:
+        release.set()
+    fake_nsqd.wait_for_command("FIN", count=2)
     wait_until(lambda: reader.stats()["in_flight"] == 0, WAIT, message="nothing in flight")
     assert handled == [b"slow", b"kept"]
     answers = [c for c in lines(fake_nsqd) if c.startswith((b"FIN", b"REQ"))]
@@ -897,8 +904,7 @@ def test_a_running_message_whose_touch_nsqd_refuses_is_not_answered(fake_nsqd: F
     try:
         fake_nsqd.wait_for_command("RDY 1")
         message = fake_nsqd.send_message(b"long job")
-        assert fake_nsqd.wait_for_command("TOUCH").line == b"TOUCH " + message.id
-        fake_nsqd.send_error(b"E_TOUCH_FAILED TOUCH %s failed ID not in flight" % message.id)
+        refuse_the_touch(fake_nsqd, message)
         wait_until(lambda: reader.stats()["in_flight"] == 0, WAIT, message="the refused one out of the in-flight count")
     finally:
         release.set()
