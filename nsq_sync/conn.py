@@ -125,6 +125,9 @@ _NOTHING = object()  # _read_before: the deadline passed with no data
 _OK_FRAME = b"\x00\x00\x00\x06\x00\x00\x00\x00OK"  # size 6, FRAME_TYPE_RESPONSE, OK
 #: how the commands nsqd answers through the pending queue begin (see _fail_unsent)
 _REQUESTS = frozenset((b"PUB ", b"MPUB", b"DPUB", b"SUB "))
+#: how long a caller whose timeout passed waits for the write lock to take its request out of
+#: the queue (AsyncConn._withdraw_abandoned): another such caller's look, not a stalled write
+WITHDRAW_WAIT_SECONDS = 0.01
 
 
 #: what _warn_once said already, process-wide
@@ -2521,10 +2524,12 @@ class AsyncConn(EventedMixin):
         or fsync), every publish queued behind the first unanswered one timed out, stayed queued
         (37,239 of them, 144 MB, in a review) and was stored when nsqd resumed, so a caller that
         retried on TimeoutError stored it twice. Not while a writer is in the middle of a send
-        (the write lock is held): what it took may be on the wire; the next timeout looks again.
+        (the write lock is held past WITHDRAW_WAIT_SECONDS): what it took may be on the wire;
+        the next timeout looks again. (Callers timing out together wait for each other that
+        long at most: each one's look takes microseconds.)
         """
         lock = self._write_lock
-        if not lock.acquire(False):
+        if not lock.acquire(True, WITHDRAW_WAIT_SECONDS):
             return 0
         try:
             with self._lock:

@@ -1290,6 +1290,7 @@ class Writer:
             self._wake_housekeeper()
             return
         outer.sent = True  # type: ignore[attr-defined]
+        outer.inner = inner  # type: ignore[attr-defined]  # (abandoned with it at its timeout: see _housekeep)
 
         def done(f: "Future[bytes]") -> None:
             exc = f.exception()
@@ -1408,6 +1409,9 @@ class Writer:
                     if conn is not None:
                         conn._timed_out_at = time.time()  # (passed over while silent: see _pick)
                         timed_out.add(conn)
+                    inner = getattr(future, "inner", None)
+                    if inner is not None:
+                        inner.abandoned = True  # (with retries, the connection's Future is another)
                     _settle(future, error=TimeoutError("no answer from nsqd within the timeout; the publish may or may not have landed"))
                 else:
                     _settle(future, error=self._unsent_error(future))

@@ -503,6 +503,41 @@ def test_requests_in_a_send_the_socket_refuses_fail_as_unprocessed(server: FakeN
     assert [future.exception(WAIT).unprocessed for future in queued] == [True, True]
 
 
+def test_blocking_requests_that_time_out_while_queued_are_never_sent(server: FakeNsqd, make_conn, monkeypatch) -> None:
+    # Callers waiting for an answer another task reads (here the test holds the read token, as
+    # a reader stuck on a stalled nsqd would): the first request went out, the later ones queue
+    # behind its answer. When their timeouts pass they leave the queue: never sent later.
+    monkeypatch.setattr(nsq_sync.conn, "PARK_SECONDS", LONG_PARK)
+    conn = connect(make_conn, server)
+    parks = park_reader(conn, server)
+    server.set_answer("PUB", NOTHING, times=1)
+    conn._read_token.acquire()
+    outcomes: List[Any] = []
+
+    def call(body: bytes) -> None:
+        try:
+            outcomes.append(conn.request_wait(commands.pub("t", body), timeout=0.3))
+        except TimeoutError as exc:
+            outcomes.append(exc)
+
+    try:
+        first = threading.Thread(target=call, args=(b"sent",))
+        first.start()
+        server.wait_for_command("PUB", count=parks + 1)
+        queued = [threading.Thread(target=call, args=(b"queued %d" % n,)) for n in range(3)]
+        for thread in queued:
+            thread.start()
+        for thread in [first, *queued]:
+            thread.join(WAIT)
+        assert [type(outcome) for outcome in outcomes] == [TimeoutError] * 4
+        assert conn.pending_requests == 1 and not conn._writes  # (only the sent one's answer is awaited)
+    finally:
+        conn._read_token.release()
+    server.send_response(b"OK")  # the stalled answer, at last
+    assert conn.request_wait(commands.pub("t", b"after"), timeout=WAIT) == b"OK"
+    assert published(server)[parks:] == [b"sent", b"after"]
+
+
 # --------------------------------------------- 5. close while a caller leads
 def test_close_while_caller_leads(server: FakeNsqd, make_conn, monkeypatch) -> None:
     monkeypatch.setattr(nsq_sync.conn, "PARK_SECONDS", LONG_PARK)

@@ -152,41 +152,26 @@ def test_wait_connected_after_close_raises_closed_error(backend: str) -> None:
     assert isinstance(result[0], ClosedError), repr(result[0])
 
 
-@pytest.mark.parametrize("api", ["callback", "threads"])
-def test_publishes_that_time_out_before_they_are_written_are_never_sent(api: str, backend: str) -> None:
+@pytest.mark.parametrize("retries", [0, 1])
+def test_publishes_that_time_out_before_they_are_written_are_never_sent(retries: int, backend: str) -> None:
     # nsqd stalls (a SIGSTOP, a long GC or fsync) on the first publish: the ones after it queue
     # behind its answer (Nagle's rule) and time out. They stayed queued, without bound (37,239
     # of 1 KB, 144 MB, in a review), and were all sent once nsqd answered again: stored after
     # their TimeoutError, twice for a caller that retried it. Now they leave the queue unsent.
+    # (Blocking callers: tests/functional/test_caller_reads.py.)
     from fake_nsqd import NOTHING
 
     fake = FakeNsqd().start()
-    writer = Writer(f"127.0.0.1:{fake.port}", publish_timeout=0.3, max_connections_per_nsqd=1, backend=backend)
+    writer = Writer(f"127.0.0.1:{fake.port}", publish_timeout=0.3, max_connections_per_nsqd=1, retries=retries, backend=backend)
     try:
         assert writer.wait_connected(WAIT)
         fake.set_answer("PUB", NOTHING, times=1)
         outcomes: List[Any] = []
-        if api == "callback":
-            writer.pub("t", b"stalled", callback=lambda conn, data: outcomes.append(data))
-            fake.wait_for_command("PUB")
-            for n in range(5):
-                writer.pub("t", b"queued %d" % n, callback=lambda conn, data: outcomes.append(data))
-            wait_until(lambda: len(outcomes) == 6, WAIT, message="every callback")
-        else:
-            def publish(body: bytes) -> None:
-                try:
-                    outcomes.append(writer.pub("t", body))
-                except Exception as exc:  # noqa: BLE001 - the outcome is the test's subject
-                    outcomes.append(exc)
-
-            threads = [threading.Thread(target=publish, args=(b"stalled",))]
-            threads[0].start()
-            fake.wait_for_command("PUB")
-            threads += [threading.Thread(target=publish, args=(b"queued %d" % n,)) for n in range(5)]
-            for thread in threads[1:]:
-                thread.start()
-            for thread in threads:
-                thread.join(WAIT)
+        writer.pub("t", b"stalled", callback=lambda conn, data: outcomes.append(data))
+        fake.wait_for_command("PUB")
+        for n in range(5):
+            writer.pub("t", b"queued %d" % n, callback=lambda conn, data: outcomes.append(data))
+        wait_until(lambda: len(outcomes) == 6, WAIT, message="every callback")
         assert [type(outcome).__name__ for outcome in outcomes] == ["TimeoutError"] * 6
         fake.send_response(b"OK")  # nsqd resumes: the stalled publish's answer comes at last
         assert writer.pub("t", b"after") == b"OK"
