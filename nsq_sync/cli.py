@@ -609,15 +609,53 @@ def _load_handler(path: str) -> Callable[[Any], Any]:
     return target
 
 
+def _flat(values: Optional[List[List[str]]]) -> List[str]:
+    """The addresses of a repeatable option that takes several at a time (None: not given)."""
+    return [address for value in values or [] for address in value]
+
+
 def _addresses(args: argparse.Namespace, default_nsqd: Optional[str] = None) -> Dict[str, Any]:
     # (each option's value is a list: _check_address splits host:port,host:port)
-    nsqd = [address for value in args.nsqd_tcp_address or [] for address in value]
-    lookupd = [address for value in getattr(args, "lookupd_http_address", None) or [] for address in value]
+    nsqd = _flat(args.nsqd_tcp_address)
+    lookupd = _flat(getattr(args, "lookupd_http_address", None))
     if not nsqd and not lookupd:
         if default_nsqd is None:
             raise UsageError("give at least one --nsqd-tcp-address or --lookupd-http-address")
         nsqd = [default_nsqd]
     return {"nsqd_tcp_addresses": nsqd or None, "lookupd_http_addresses": lookupd or None}
+
+
+#: the --tls-* options that set up TLS (besides --tls itself), and their argparse names
+_TLS_OPTIONS = (("--tls-ca-file", "tls_ca_file"), ("--tls-cert-file", "tls_cert_file"), ("--tls-key-file", "tls_key_file"),
+                ("--tls-insecure-skip-verify", "tls_insecure_skip_verify"))
+
+
+def _tls_given(args: argparse.Namespace) -> List[str]:
+    """The --tls-* options given, by name (for messages)."""
+    return [option for option, dest in _TLS_OPTIONS if getattr(args, dest)]
+
+
+def _tls_context(args: argparse.Namespace, given: List[str]) -> Tuple[Dict[str, Any], Any]:
+    """tls_options from the --tls-* options, and the SSLContext they make, built now so that a
+    file OpenSSL refuses is a UsageError before anything connects; so are a key without its
+    certificate and --tls-insecure-skip-verify with --tls-ca-file. (TCP and HTTPS alike.)"""
+    if args.tls_key_file and not args.tls_cert_file:
+        raise UsageError("--tls-key-file needs --tls-cert-file, the certificate it is the key of")
+    if args.tls_insecure_skip_verify and args.tls_ca_file:
+        raise UsageError("--tls-insecure-skip-verify verifies nothing, so --tls-ca-file would not be used: give one of them")
+    import ssl
+
+    from .errors import ConfigError
+    from .transport.tls import make_ssl_context
+
+    files = (("ca_certs", args.tls_ca_file), ("certfile", args.tls_cert_file), ("keyfile", args.tls_key_file))
+    options: Dict[str, Any] = {key: value for key, value in files if value}
+    if args.tls_insecure_skip_verify:
+        options["cert_reqs"] = ssl.CERT_NONE
+    try:
+        return options, make_ssl_context(options)
+    except ConfigError as exc:
+        raise UsageError(f"cannot use {', '.join(given) or 'the TLS settings'}: {exc.reason}") from None
 
 
 def _connection_settings(args: argparse.Namespace) -> Dict[str, Any]:
@@ -626,29 +664,12 @@ def _connection_settings(args: argparse.Namespace) -> Dict[str, Any]:
     option without --tls, a key without its certificate, a certificate file OpenSSL refuses,
     or an empty secret is a UsageError."""
     settings: Dict[str, Any] = {}
-    files = {"ca_certs": ("--tls-ca-file", args.tls_ca_file), "certfile": ("--tls-cert-file", args.tls_cert_file),
-             "keyfile": ("--tls-key-file", args.tls_key_file)}
-    given = [option for option, value in files.values() if value] + (["--tls-insecure-skip-verify"] if args.tls_insecure_skip_verify else [])
+    given = _tls_given(args)
     if given and not args.tls:
         # (the library would only warn: the options of a TLS that is not used)
         raise UsageError(f"{given[0]} needs --tls: without it the connection is not encrypted")
-    if args.tls_key_file and not args.tls_cert_file:
-        raise UsageError("--tls-key-file needs --tls-cert-file, the certificate it is the key of")
-    if args.tls_insecure_skip_verify and args.tls_ca_file:
-        raise UsageError("--tls-insecure-skip-verify verifies nothing, so --tls-ca-file would not be used: give one of them")
     if args.tls:
-        import ssl
-
-        from .errors import ConfigError
-        from .transport.tls import make_ssl_context
-
-        options: Dict[str, Any] = {key: value for key, (_, value) in files.items() if value}
-        if args.tls_insecure_skip_verify:
-            options["cert_reqs"] = ssl.CERT_NONE
-        try:
-            make_ssl_context(options)  # (the connections build it again: here, the files are read up front)
-        except ConfigError as exc:
-            raise UsageError(f"cannot use {', '.join(given) or 'the TLS settings'}: {exc.reason}") from None
+        options, _ = _tls_context(args, given)  # (the connections build it again: here, the files are read up front)
         settings.update(tls_v1=True, tls_options=options)
     secret, source = args.auth_secret, "--auth-secret"
     if secret is None:
@@ -1192,11 +1213,6 @@ class _Problems:
         raise Unavailable(text)
 
 
-def _flat(values: Optional[List[List[str]]]) -> List[str]:
-    """The addresses of a repeatable option that takes several at a time (None: not given)."""
-    return [address for value in values or [] for address in value]
-
-
 def _nsqd_http_addresses(args: argparse.Namespace, problems: _Problems) -> List[str]:
     """The nsqd HTTP APIs to ask: every --nsqd-http-address, and every nsqd each
     --lookupd-http-address lists (its broadcast address and HTTP port); 127.0.0.1:4151 when
@@ -1232,31 +1248,14 @@ def _https_context(args: argparse.Namespace) -> Any:
     its --tls-* options; None without them (the system's CAs). Checked before anything is asked:
     a key without its certificate, a CA file with --tls-insecure-skip-verify, a file OpenSSL
     refuses, or options with no https:// address to use them on is a UsageError."""
-    files = {"ca_certs": ("--tls-ca-file", args.tls_ca_file), "certfile": ("--tls-cert-file", args.tls_cert_file),
-             "keyfile": ("--tls-key-file", args.tls_key_file)}
-    given = [option for option, value in files.values() if value] + (["--tls-insecure-skip-verify"] if args.tls_insecure_skip_verify else [])
+    given = _tls_given(args)
     if not given:
         return None
     if not any(_is_https(address) for address in _flat(args.nsqd_http_address) + _flat(args.lookupd_http_address)):
         # (nsqlookupd lists each nsqd's plain HTTP port: an option would go unused, and the
         # traffic unencrypted, without a word)
         raise UsageError(f"{given[0]} is for https:// addresses, and none is given: use --nsqd-http-address https://HOST:PORT (nsqd's --https-address)")
-    if args.tls_key_file and not args.tls_cert_file:
-        raise UsageError("--tls-key-file needs --tls-cert-file, the certificate it is the key of")
-    if args.tls_insecure_skip_verify and args.tls_ca_file:
-        raise UsageError("--tls-insecure-skip-verify verifies nothing, so --tls-ca-file would not be used: give one of them")
-    import ssl
-
-    from .errors import ConfigError
-    from .transport.tls import make_ssl_context
-
-    options: Dict[str, Any] = {key: value for key, (_, value) in files.items() if value}
-    if args.tls_insecure_skip_verify:
-        options["cert_reqs"] = ssl.CERT_NONE
-    try:
-        return make_ssl_context(options)
-    except ConfigError as exc:
-        raise UsageError(f"cannot use {', '.join(given)}: {exc.reason}") from None
+    return _tls_context(args, given)[1]
 
 
 def _is_https(address: str) -> bool:

@@ -2053,11 +2053,8 @@ class AsyncConn(EventedMixin):
         that never started fail with ClosedError (not sent: nothing landed); the one cut short,
         and those sent, fail with ConnectionClosedError (unknown) when the connection goes."""
         writes = self._writes
-        queued = list(writes)
+        count = len(self._requests_in(list(writes)))
         writes.clear()
-        if queued and queued[0] is self._partial:
-            del queued[0]
-        count = sum(1 for data in queued if bytes(data[:4]) in _REQUESTS)
         with self._lock:
             unsent = [self._pending.pop() for _ in range(min(count, len(self._pending)))]
         for waiter in unsent:
@@ -2534,8 +2531,7 @@ class AsyncConn(EventedMixin):
         try:
             with self._lock:
                 writes, pending = self._writes, self._pending
-                first = 1 if writes and writes[0] is self._partial else 0
-                requests = [index for index in range(first, len(writes)) if bytes(writes[index][:4]) in _REQUESTS]
+                requests = self._requests_in(list(writes))
                 count = min(len(requests), len(pending))  # (the unsent requests: the last pending, in order)
                 waiters = list(pending)
                 dropped = [
@@ -2555,6 +2551,13 @@ class AsyncConn(EventedMixin):
         finally:
             lock.release()
 
+    def _requests_in(self, queued: List[Any]) -> List[int]:
+        """Where in *queued* (commands never written, in order) the requests are: their waiters
+        are the last that many pending ones, in the same order (each request is queued with its
+        bytes). The rest of a command begun (_partial, first) is none: its request went out."""
+        first = 1 if queued and queued[0] is self._partial else 0
+        return [index for index in range(first, len(queued)) if bytes(queued[index][:4]) in _REQUESTS]
+
     def _mark_unsent(self, queued: List[Any]) -> None:
         """*queued*, commands never written (the caller holds the write lock): the requests
         among them are the last of the pending ones (each is queued with its bytes, in order),
@@ -2562,9 +2565,7 @@ class AsyncConn(EventedMixin):
         once, and may: nsqd never saw them. Not as "may or may not have run". They are the
         requests queued behind an answer (Nagle's rule, see _request), waiting for room in the
         socket, or in a send the socket refused."""
-        if queued and queued[0] is self._partial:
-            queued = queued[1:]  # (the rest of a command begun: its request is not unsent)
-        count = sum(1 for data in queued if bytes(data[:4]) in _REQUESTS)
+        count = len(self._requests_in(queued))
         if count:
             with self._lock:
                 pending = list(self._pending)

@@ -314,6 +314,22 @@ def _is_gevent_result(result: Any) -> bool:
     return callable(getattr(result, "rawlink", None)) and callable(getattr(result, "ready", None)) and callable(getattr(result, "get", None))
 
 
+class _GeventOutcome:
+    """A ready Greenlet or AsyncResult as a future's ``result()``: its value, or its exception
+    raised, as is a killed Greenlet's GreenletExit (its value)."""
+
+    __slots__ = ("_ready",)
+
+    def __init__(self, ready: Any) -> None:
+        self._ready = ready
+
+    def result(self) -> Any:
+        value = self._ready.get(block=False)
+        if isinstance(value, BaseException):
+            raise value
+        return value
+
+
 def _is_exit(exc: BaseException) -> bool:
     """SystemExit, KeyboardInterrupt or a greenlet's kill (GreenletExit): the process or the
     task is ending. Any other BaseException out of a handler is the handler failing."""
@@ -1218,30 +1234,21 @@ class Reader:
         except Exception:
             return False
 
-    def _future_done(self, message: Message, future: "futures.Future[Any]") -> None:
+    def _future_done(self, message: Message, future: "futures.Future[Any]", what: str = "future") -> None:
+        """The handler's future (or what has its ``result()``) ended: FIN, or REQ if it raised,
+        was cancelled or gave False."""
         if message._responded:
             return
         try:
             ok = future.result() is not False
         except BaseException as exc:  # (CancelledError included)
-            logger.error("%s: the handler's future failed for %r; requeueing it", self.name, message, exc_info=exc)
+            logger.error("%s: the handler's %s failed for %r; requeueing it", self.name, what, message, exc_info=exc)
             ok = False
         self._answer(message, ok)
 
     def _gevent_done(self, message: Message, ready: Any) -> None:
-        """_future_done for a Greenlet or AsyncResult: FIN, or REQ if it raised, was killed or
-        gave False."""
-        if message._responded:
-            return
-        try:
-            value = ready.get(block=False)
-        except BaseException as exc:
-            logger.error("%s: the handler's %s failed for %r; requeueing it", self.name, type(ready).__name__, message, exc_info=exc)
-            value = False
-        if isinstance(value, BaseException):  # (a killed Greenlet's value is its GreenletExit)
-            logger.error("%s: the handler's %s was killed (%r) before it ended for %r; requeueing it", self.name, type(ready).__name__, value, message)
-            value = False
-        self._answer(message, value is not False)
+        """_future_done for a Greenlet or AsyncResult; a killed Greenlet failed too."""
+        self._future_done(message, _GeventOutcome(ready), type(ready).__name__)  # type: ignore[arg-type]
 
     def _hand_back(self, messages: List[Message]) -> None:
         """A connection closing gracefully took back its messages still waiting for a worker:

@@ -1290,7 +1290,7 @@ class Writer:
             self._wake_housekeeper()
             return
         outer.sent = True  # type: ignore[attr-defined]
-        outer.inner = inner  # type: ignore[attr-defined]  # (abandoned with it at its timeout: see _housekeep)
+        outer.inner = inner  # type: ignore[attr-defined]  # (abandoned with it at its timeout: see _housekeeping)
 
         def done(f: "Future[bytes]") -> None:
             exc = f.exception()
