@@ -2282,10 +2282,12 @@ class AsyncConn(EventedMixin):
             time_ms = int(min(self.requeue_delay * message.attempts, self.max_requeue_delay) * 1000)
         self._respond(message, b"REQ %s %d\n" % (message.id, time_ms), "backoff" if backoff else "continue")
 
-    def _touch_message(self, message: Message) -> None:
-        if message._responded:
-            raise _already_answered(message)
-        self._write(b"TOUCH %s\n" % message.id)
+    def _touch_message(self, message: Message, budget: Optional[float] = None) -> None:
+        with self._lock:  # (the lock FIN and REQ take: a TOUCH from another thread never follows the answer)
+            if message._responded:
+                raise _already_answered(message)
+            self._queue(b"TOUCH %s\n" % message.id)
+        self._flush(budget)
 
     # ---------------------------------------------------------------- closing
     def close(self, timeout: Optional[float] = None) -> None:

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import logging
+import math
+import os
 import time
-from typing import Optional, Protocol, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Protocol, Tuple
+
+if TYPE_CHECKING:
+    from .timers import _Scheduler, _Timer
 
 from .errors import AlreadyRespondedError, ConfigError, ConfigTypeError, ConnectionClosedError, SendError
 
@@ -26,7 +31,7 @@ class Responder(Protocol):
 
     def _requeue_message(self, message: "Message", time_ms: int, backoff: bool) -> None: ...
 
-    def _touch_message(self, message: "Message") -> None: ...
+    def _touch_message(self, message: "Message", budget: Optional[float] = None) -> None: ...
 
     # Optional: ``_answer_lost(message, error)`` reports an answer whose connection is gone
     # (the three methods above raise ConnectionClosedError for it).
@@ -138,16 +143,60 @@ class Message:
         """Send TOUCH: reset nsqd's timeout for this message. True once it is on its way, False
         when the connection is gone or nsqd delivered the message again (see :meth:`finish`).
         Raises AlreadyRespondedError after finish/requeue."""
+        return self._touch(None)
+
+    def _touch(self, budget: Optional[float]) -> bool:
+        """touch(); *budget*: seconds the write may wait for room in the socket (None: until
+        done), past which a flush task of the connection's writes the rest."""
         now = _clock()
         responder = self._need_responder()
         try:
-            responder._touch_message(self)
+            if budget is None:
+                responder._touch_message(self)
+            else:
+                responder._touch_message(self, budget)
         except _LOST as exc:
             return self._lost(responder, exc, answered=False)
         except AlreadyRespondedError as exc:
             return self._replaced(exc)
         self._touched = now
         return True
+
+    def auto_touch(self, interval: Optional[float] = None) -> "_AutoTouch":
+        """Keep the message in flight while a block of code runs, however long it takes::
+
+            with message.auto_touch():
+                run_the_long_job(message.body)   # one call, longer than msg_timeout
+
+        Every *interval* seconds (default: half the connection's ``msg_timeout``) the message is
+        touched, from one task shared by the process, not from the block's thread. Touching
+        stops when the block ends, when the message is answered, when its connection ends, and
+        once nsqd's ``max_msg_timeout`` (its ``--max-msg-timeout``, 15 minutes by default) since
+        delivery is reached: no TOUCH extends a message past that, so a warning says when nsqd
+        will time it out. A hung block therefore holds the message for at most
+        ``max_msg_timeout``. The first TOUCH goes when *interval* has passed since the message
+        arrived or was last touched, at once if that is already the case.
+
+        Raises ConfigError for an interval that is not above 0.1 s and below ``msg_timeout``
+        (ConfigTypeError for one that is not a number) and for a message that no connection
+        delivered, before anything is touched.
+        """
+        responder = self._need_responder()
+        msg_timeout = self._msg_timeout(responder)
+        if interval is None:
+            interval = msg_timeout / 2
+        elif isinstance(interval, bool) or not isinstance(interval, (int, float)):
+            raise ConfigTypeError("interval", interval, f"must be a number of seconds, not {type(interval).__name__}")
+        elif not (math.isfinite(interval) and 0.1 <= interval < msg_timeout):
+            raise ConfigError("interval", interval, f"must be a number of seconds from 0.1 to below msg_timeout ({msg_timeout:g} s), or None for half of it")
+        return _AutoTouch(self, responder, float(interval))
+
+    @staticmethod
+    def _msg_timeout(responder: Responder) -> float:
+        timeouts = getattr(responder, "message_timeouts", None)
+        if timeouts is not None:
+            return float(timeouts[0])
+        return float(getattr(responder, "msg_timeout", None) or 60.0)  # (nsqd's default)
 
     def _lost(self, responder: Responder, error: Exception, answered: bool) -> bool:
         """An answer (or touch) with no connection left to carry it: reported, not raised.
@@ -191,3 +240,78 @@ class Message:
 
     def __repr__(self) -> str:
         return f"<Message id={self.id!r} attempts={self.attempts} size={len(self.body)}>"
+
+
+#: the schedulers of auto_touch(), one per backend and process (a forked child starts its own)
+_touchers: Dict[Tuple[str, int], "_Scheduler"] = {}
+TOUCHER_IDLE_SECONDS = 10.0  # the shared task ends after this long with no message to touch
+
+
+class _AutoTouch:
+    """The context manager of :meth:`Message.auto_touch`."""
+
+    __slots__ = ("message", "_responder", "interval", "_timer", "_active", "touches")
+
+    def __init__(self, message: Message, responder: Responder, interval: float) -> None:
+        self.message = message
+        self._responder = responder
+        self.interval = interval
+        self._timer: Optional["_Timer"] = None
+        self._active = False
+        self.touches = 0  # TOUCHes sent by this keep-alive
+
+    def __enter__(self) -> Message:
+        self._active = True
+        message = self.message
+        start = getattr(message, "_touched", getattr(message, "_arrived", None))
+        delay = self.interval if start is None else start + self.interval - _clock()
+        self._timer = self._scheduler().call_later(delay, self._tick)
+        return message
+
+    def __exit__(self, *exc: Any) -> None:
+        self._active = False
+        timer = self._timer
+        if timer is not None:
+            timer.cancel()
+
+    def _scheduler(self) -> "_Scheduler":
+        from .backends import get_backend
+        from .timers import _Scheduler
+
+        backend = getattr(self._responder, "backend", None) or get_backend(None)
+        key = (backend.name, os.getpid())
+        scheduler = _touchers.get(key)
+        if scheduler is None:
+            scheduler = _touchers.setdefault(key, _Scheduler(backend, "nsq_sync-auto-touch", idle_exit=TOUCHER_IDLE_SECONDS))
+        return scheduler
+
+    def _tick(self) -> None:
+        # In the shared task: touch, unless there is nothing (more) to gain; then come back.
+        message = self.message
+        if not self._active or message._responded:
+            return
+        timeouts = getattr(self._responder, "message_timeouts", None)
+        arrived = getattr(message, "_arrived", None)
+        if timeouts is not None and arrived is not None:
+            msg_timeout, max_msg_timeout = timeouts
+            now = _clock()
+            if getattr(message, "_touched", arrived) + msg_timeout >= arrived + max_msg_timeout:
+                logger.warning(
+                    "%r has been in flight for most of nsqd's max_msg_timeout (%g s, its --max-msg-timeout), which no "
+                    "TOUCH extends: auto_touch() stops, and nsqd times the message out in %.1f s and delivers it again",
+                    message,
+                    max_msg_timeout,
+                    arrived + max_msg_timeout - now,
+                )
+                return
+        try:
+            # (budget 0: a connection whose socket has no room must not hold up the others' touches)
+            touched = message._touch(0.0)
+        except Exception as exc:  # answered meanwhile (AlreadyRespondedError), or the connection failed
+            logger.debug("auto_touch() of %r stops: %s", message, exc)
+            return
+        if not touched:
+            return  # the connection is gone, or nsqd delivered the message again
+        self.touches += 1
+        if self._active:
+            self._timer = self._scheduler().call_later(self.interval, self._tick)

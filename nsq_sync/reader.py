@@ -57,7 +57,6 @@ inside a window do not.
 from __future__ import annotations
 
 import functools
-import heapq
 import inspect
 import itertools
 import logging
@@ -82,6 +81,7 @@ from .conn import NO_HEARTBEAT_SUB, AsyncConn, WarningTally
 from .dispatch import WorkerPool, call_refusal
 from .errors import AlreadyRespondedError, ClosedError, ConfigError, ConnectionClosedError, Error, HTTPError, SendError
 from .message import Message
+from .timers import _Scheduler, _Timer, _is_current
 from .protocol.identify import check_number, check_timeout
 from .protocol.names import check_channel, check_topic
 
@@ -214,96 +214,6 @@ class _Counter:
         return int(repr(self._count)[6:-1])
 
 
-class _Timer:
-    __slots__ = ("when", "seq", "fn", "args", "cancelled")
-
-    def __init__(self, when: float, seq: int, fn: Callable[..., Any], args: Tuple[Any, ...]) -> None:
-        self.when = when
-        self.seq = seq
-        self.fn = fn
-        self.args = args
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-    def __lt__(self, other: "_Timer") -> bool:
-        return (self.when, self.seq) < (other.when, other.seq)
-
-
-class _Scheduler:
-    """One task that runs callbacks at their due time; call_later from any thread.
-
-    Callbacks run in the scheduler task, one at a time, and must not block for long.
-    """
-
-    def __init__(self, backend: Backend, name: str) -> None:
-        self._backend = backend
-        self._name = name
-        self._lock = backend.lock()
-        self._wake = backend.event()
-        self._heap: List[_Timer] = []
-        self._seq = itertools.count()
-        self._stopped = False
-        self.task: Any = None
-
-    def start(self) -> None:
-        with self._lock:
-            if self.task is not None or self._stopped:
-                return
-            self.task = self._backend.spawn(self._run, name=self._name)
-
-    def call_later(self, delay: float, fn: Callable[..., Any], *args: Any) -> _Timer:
-        timer = _Timer(time.monotonic() + max(0.0, delay), next(self._seq), fn, args)
-        with self._lock:
-            if self._stopped:
-                timer.cancelled = True
-                return timer
-            heapq.heappush(self._heap, timer)
-            earliest = self._heap[0] is timer
-        if earliest:
-            self._wake.set()
-        return timer
-
-    def stop(self) -> None:
-        with self._lock:
-            self._stopped = True
-            for timer in self._heap:
-                timer.cancelled = True
-            self._heap.clear()
-        self._wake.set()
-
-    def join(self, timeout: Optional[float]) -> None:
-        task = self.task
-        if task is not None and not _is_current(self._backend, task):
-            task.join(timeout)
-
-    def _run(self) -> None:
-        while True:
-            due: List[_Timer] = []
-            with self._lock:
-                if self._stopped:
-                    return
-                # Cleared under the lock: a call_later after this point sets it again.
-                self._wake.clear()
-                now = time.monotonic()
-                while self._heap and self._heap[0].when <= now:
-                    timer = heapq.heappop(self._heap)
-                    if not timer.cancelled:
-                        due.append(timer)
-                timeout = (self._heap[0].when - now) if self._heap else None
-            if not due:
-                self._wake.wait(timeout)
-                continue
-            for timer in due:
-                if timer.cancelled or self._stopped:
-                    continue
-                try:
-                    timer.fn(*timer.args)
-                except Exception:
-                    logger.exception("%s: timer callback %r raised", self._name, timer.fn)
-
-
 def _is_future_like(result: Any) -> bool:
     """A future of another kind than concurrent.futures.Future: add_done_callback and result."""
     return callable(getattr(result, "add_done_callback", None)) and callable(getattr(result, "result", None))
@@ -338,11 +248,6 @@ def _is_exit(exc: BaseException) -> bool:
     greenlet = sys.modules.get("greenlet")
     exit_class = getattr(greenlet, "GreenletExit", None)
     return exit_class is not None and isinstance(exc, exit_class)
-
-
-def _is_current(backend: Backend, task: Any) -> bool:
-    current = backend.current()
-    return task is current or getattr(task, "_greenlet", None) is current
 
 
 class _ConnState:

@@ -22,7 +22,7 @@ if os.environ.get("NSQ_SYNC_BACKEND") == "gevent":
 
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Iterator, List  # noqa: E402
+from typing import Callable, Iterator, List  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 # them available whether or not the installed entry point already loaded the
 # plugin (conftest fixtures simply take precedence), without pytest_plugins.
 from nsq_sync.pytest_plugin import nsq_cluster, nsqd, nsqlookupd, started  # noqa: E402,F401
-from nsq_sync.testing import AuthServer, NsqdProcess, TLSFiles, make_tls_files  # noqa: E402
+from nsq_sync.testing import AuthServer, NsqdProcess, TLSFiles, make_tls_files, wait_until  # noqa: E402
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -131,3 +131,20 @@ def auth_nsqd(auth_server: AuthServer) -> Iterator[NsqdProcess]:
     proc = NsqdProcess(extra_args=[f"--auth-http-address={auth_server.address}"])
     with started(proc):
         yield proc
+
+
+@pytest.fixture
+def quick_auto_touch(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], None]]:
+    """Message.auto_touch()'s shared task ends 0.2 s after its last timer (10 s in use).
+    Yields a wait for that end, after which nothing more is touched; the teardown waits
+    for it too, so a test's check that no nsq_sync task is left holds."""
+    from nsq_sync import message as message_module
+
+    monkeypatch.setattr(message_module, "TOUCHER_IDLE_SECONDS", 0.2)
+    monkeypatch.setattr(message_module, "_touchers", {})
+
+    def wait_idle() -> None:
+        wait_until(lambda: all(s.task is None for s in message_module._touchers.values()), 10.0, message="the auto_touch task ended")
+
+    yield wait_idle
+    wait_idle()

@@ -2091,3 +2091,118 @@ def test_bad_names_and_unknown_kwargs() -> None:
         reader.start()  # neither a handler nor process_message()
     assert info.value.param == "message_handler"
     reader.close()
+
+
+# ------------------------------------------------------------ Message.auto_touch()
+def touching_handler(interval: float, inside: Callable[[Any], None]) -> Tuple[Callable[[Any], bool], List[Any], threading.Event]:
+    """A handler that runs ``inside(message)`` within ``message.auto_touch(interval)`` and then
+    waits for the returned event: (the handler, the keep-alives it used, the event)."""
+    keepers: List[Any] = []
+    release = threading.Event()
+
+    def handler(message: Any) -> bool:
+        keeper = message.auto_touch(interval)
+        keepers.append(keeper)
+        with keeper:
+            inside(message)
+            assert release.wait(2 * WAIT)
+        return True
+
+    return handler, keepers, release
+
+
+def test_auto_touch_touches_while_the_block_runs_and_never_after_the_answer(
+    fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader], quick_auto_touch: Callable[[], None]
+) -> None:
+    # A block longer than msg_timeout: TOUCH every interval while it runs, none once it ended
+    # (the FIN is the last word on the message).
+    fake_nsqd.identify_response["msg_timeout"] = 1000  # ms
+    handler, keepers, release = touching_handler(0.2, lambda message: None)
+    reader = make_reader(fake_nsqd, handler, max_in_flight=1)
+    reader.start()
+    fake_nsqd.wait_for_command("RDY 1")
+    message = fake_nsqd.send_message(b"long job")
+    try:
+        fake_nsqd.wait_for_command("TOUCH", count=3)
+    finally:
+        release.set()
+    fake_nsqd.wait_for_command("FIN")
+    quick_auto_touch()
+    sent = [c for c in lines(fake_nsqd) if c.startswith((b"FIN", b"TOUCH"))]
+    assert sent[-1] == b"FIN " + message.id
+    assert set(sent[:-1]) == {b"TOUCH " + message.id} and len(sent) - 1 == keepers[0].touches >= 3
+
+
+def test_auto_touch_stops_with_a_warning_at_max_msg_timeout(
+    fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader], quick_auto_touch: Callable[[], None], caplog: Any
+) -> None:
+    # nsqd keeps a message in flight at most max_msg_timeout from delivery, touched or not:
+    # with msg_timeout 1 s and max_msg_timeout 1.5 s, the touches at 0.3 and 0.6 s gain
+    # time; one at 0.9 s would gain nothing (1.6 s is past the cap), so touching stops there
+    # and a warning says when nsqd times the message out.
+    caplog.set_level(logging.WARNING)
+    fake_nsqd.identify_response.update(msg_timeout=1000, max_msg_timeout=1500)  # ms
+    handler, keepers, release = touching_handler(0.3, lambda message: None)
+    reader = make_reader(fake_nsqd, handler, max_in_flight=1)
+    reader.start()
+    fake_nsqd.wait_for_command("RDY 1")
+    message = fake_nsqd.send_message(b"too long a job")
+    try:
+        wait_until(lambda: any("max_msg_timeout" in r.getMessage() for r in caplog.records), WAIT, message="the warning")
+        quick_auto_touch()
+        touches = [c for c in lines(fake_nsqd) if c.startswith(b"TOUCH")]
+    finally:
+        release.set()
+    fake_nsqd.wait_for_command("FIN")
+    assert touches == [b"TOUCH " + message.id] * 2 and keepers[0].touches == 2
+    warning = next(r.getMessage() for r in caplog.records if "max_msg_timeout" in r.getMessage())
+    assert "auto_touch() stops" in warning and "1.5 s" in warning, warning
+
+
+def test_auto_touch_stops_once_the_message_is_answered_inside_the_block(
+    fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader], quick_auto_touch: Callable[[], None]
+) -> None:
+    fake_nsqd.identify_response["msg_timeout"] = 1000  # ms
+
+    def inside(message: Any) -> None:
+        fake_nsqd.wait_for_command("TOUCH")
+        assert message.finish() is True
+
+    handler, keepers, release = touching_handler(0.2, inside)
+    reader = make_reader(fake_nsqd, handler, max_in_flight=1)
+    reader.start()
+    fake_nsqd.wait_for_command("RDY 1")
+    message = fake_nsqd.send_message(b"answered early")
+    try:
+        fake_nsqd.wait_for_command("FIN")
+        quick_auto_touch()  # (while the block still runs)
+    finally:
+        release.set()
+    wait_until(lambda: reader.stats()["messages_finished"] == 1, WAIT, message="the finish counted")
+    assert [c for c in lines(fake_nsqd) if c.startswith((b"FIN", b"TOUCH"))] == [b"TOUCH " + message.id, b"FIN " + message.id]
+    assert keepers[0].touches == 1
+
+
+def test_auto_touch_stops_quietly_when_the_connection_ends(
+    fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader], quick_auto_touch: Callable[[], None], caplog: Any
+) -> None:
+    caplog.set_level(logging.WARNING, logger="nsq_sync.message")
+    fake_nsqd.identify_response["msg_timeout"] = 1000  # ms
+
+    def inside(message: Any) -> None:
+        fake_nsqd.wait_for_command("TOUCH")
+        fake_nsqd.close_client()
+        wait_until(lambda: message._responder.state != "CONNECTED", WAIT, message="the connection ended")
+
+    handler, keepers, release = touching_handler(0.2, inside)
+    reader = make_reader(fake_nsqd, handler, max_in_flight=1)
+    reader.start()
+    fake_nsqd.wait_for_command("RDY 1")
+    fake_nsqd.send_message(b"connection lost")
+    try:
+        wait_until(lambda: keepers, WAIT, message="the block entered")
+        quick_auto_touch()
+    finally:
+        release.set()
+    assert keepers[0].touches == 1
+    assert not [r for r in caplog.records if r.name == "nsq_sync.message"], caplog.records  # (the Reader says the connection ended)

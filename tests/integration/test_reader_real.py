@@ -348,11 +348,12 @@ def test_a_finished_message_is_not_redelivered_while_a_slow_handler_runs(nsqd: N
 #: topics of the tests that need nsqd to time messages out (scanning_nsqd)
 BUSY_TOPIC = "reader_busy_topic"
 HUNG_TOPIC = "reader_hung_topic"
+KEPT_TOPIC = "reader_kept_topic"
 
 
 @pytest.fixture(scope="module")
 def scanning_nsqd(backend: str) -> Iterator[NsqdProcess]:
-    """An nsqd that times messages out in BUSY_TOPIC's and HUNG_TOPIC's channels.
+    """An nsqd that times messages out in the channels of BUSY_TOPIC, HUNG_TOPIC and KEPT_TOPIC.
 
     nsqd looks for timed-out messages only in the channels it listed at its last refresh of
     the list, every 5 s (QueueScanRefreshInterval, not a flag): a fresh nsqd times nothing
@@ -360,7 +361,7 @@ def scanning_nsqd(backend: str) -> Iterator[NsqdProcess]:
     in a channel made after them, until nsqd delivers it again: from then on nsqd scans them
     all. (One nsqd for the module: that wait is paid once.)"""
     with started(NsqdProcess()) as nsqd:
-        for topic in (BUSY_TOPIC, HUNG_TOPIC):
+        for topic in (BUSY_TOPIC, HUNG_TOPIC, KEPT_TOPIC):
             nsqd.create_channel(topic, CHANNEL)
         prepare(nsqd, [b"probe"], topic="reader_scan_probe")
         attempts: List[int] = []
@@ -405,6 +406,35 @@ def test_messages_waiting_for_a_busy_worker_are_touched_and_run_once(scanning_ns
     assert (seen.bodies, channel(nsqd, BUSY_TOPIC)["timeout_count"], stats["messages_expired"]) == (Counter({body: 1 for body in bodies}), 0, 0)
     assert stats["messages_received"] == stats["messages_finished"] == len(bodies)
     assert stats["messages_touched_queued"] >= 3
+
+
+def test_auto_touch_keeps_a_message_in_flight_through_a_job_longer_than_msg_timeout(
+    scanning_nsqd: NsqdProcess, make_reader: Callable[..., Reader], quick_auto_touch: Callable[[], None]
+) -> None:
+    """One call that outlasts msg_timeout (1 s) two and a half times, inside
+    ``message.auto_touch()``: nsqd times nothing out, the message runs once and its FIN is
+    accepted. (Without it nsqd delivers the message again after 1 s: the fixture's probe.)"""
+    nsqd = scanning_nsqd
+    prepare(nsqd, [b"long job"], topic=KEPT_TOPIC)
+    seen = Recorder(1)
+    keepers: List[Any] = []
+
+    def handler(message: Any) -> bool:
+        keeper = message.auto_touch()  # (every 0.5 s: half of msg_timeout)
+        keepers.append(keeper)
+        with keeper:
+            time.sleep(2.5)  # (the long job: one blocking call)
+        seen.add(message.body)
+        return True
+
+    reader = make_reader(handler, nsqd_tcp_addresses=nsqd.tcp_address, max_in_flight=1, msg_timeout=1, cls=_on(KEPT_TOPIC))
+    reader.start()
+    seen.wait()
+    wait_until(lambda: drained(nsqd, KEPT_TOPIC), TIMEOUT, message="channel drained")
+    stats = reader.stats()
+    assert (seen.bodies, channel(nsqd, KEPT_TOPIC)["timeout_count"], len(keepers)) == (Counter({b"long job": 1}), 0, 1)
+    assert stats["messages_received"] == stats["messages_finished"] == 1 and stats["messages_fin_failed"] == 0
+    assert keepers[0].touches >= 4
 
 
 def test_messages_waiting_behind_a_hung_worker_are_not_touched_for_good(scanning_nsqd: NsqdProcess, make_reader: Callable[..., Reader]) -> None:

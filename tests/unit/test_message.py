@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from nsq_sync import Message
-from nsq_sync.errors import AlreadyRespondedError, ConfigError
+from nsq_sync import message as message_module
+from nsq_sync.errors import AlreadyRespondedError, ConfigError, ConfigTypeError
 
 MSG_ID = b"0123456789abcdef"
 
@@ -24,7 +25,7 @@ class FakeResponder:
         self.calls.append(("requeue", message, time_ms, backoff))
         message._responded = True
 
-    def _touch_message(self, message):
+    def _touch_message(self, message, budget=None):
         self.calls.append(("touch", message))
 
 
@@ -174,3 +175,35 @@ def test_requeue_delay_rounds_to_nearest_ms(responder, delay, ms):
     msg = make(responder)
     msg.requeue(delay=delay)
     assert responder.calls == [("requeue", msg, ms, True)]
+
+
+# ------------------------------------------------------------------ auto_touch()
+@pytest.mark.parametrize(
+    "interval, error",
+    [("1", ConfigTypeError), (True, ConfigTypeError), ([1], ConfigTypeError), (0, ConfigError), (-1, ConfigError),
+     (0.05, ConfigError), (float("nan"), ConfigError), (float("inf"), ConfigError), (30, ConfigError), (45.5, ConfigError)],
+)
+def test_auto_touch_refuses_a_bad_interval_before_touching(responder, monkeypatch, interval, error):
+    monkeypatch.setattr(message_module, "_touchers", {})
+    responder.message_timeouts = (30.0, 900.0)  # (msg_timeout 30 s: the interval must be below it)
+    msg = make(responder)
+    with pytest.raises(error) as info:
+        msg.auto_touch(interval)
+    assert info.value.param == "interval"
+    assert ("msg_timeout (30 s)" if error is ConfigError else "must be a number of seconds") in str(info.value)
+    assert responder.calls == [] and message_module._touchers == {}  # (no task started either)
+
+
+def test_auto_touch_of_a_message_no_connection_delivered_is_refused():
+    with pytest.raises(ConfigError, match="not delivered by a connection"):
+        make(None).auto_touch()
+
+
+def test_auto_touch_defaults_to_half_of_msg_timeout(responder):
+    responder.message_timeouts = (30.0, 900.0)
+    assert make(responder).auto_touch().interval == 15.0
+    del responder.message_timeouts
+    responder.msg_timeout = 8
+    assert make(responder).auto_touch().interval == 4.0  # (nsqd negotiated nothing: the asked one)
+    responder.msg_timeout = None
+    assert make(responder).auto_touch().interval == 30.0  # (nsqd's default, 60 s)
