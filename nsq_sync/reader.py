@@ -366,8 +366,9 @@ class Reader:
 
     #: first reconnect delay (seconds) for a direct nsqd address; doubles per failure
     reconnect_base: float = 1.0
-    #: longest reconnect delay (seconds)
-    reconnect_cap: float = 60.0
+    #: longest reconnect delay (seconds): pynsq and go-nsq retry a direct nsqd every 15 s, and
+    #: a longer cap left an nsqd back after a minute's outage unused for up to as long again
+    reconnect_cap: float = 15.0
     #: seconds before polling nsqlookupd again after a poll in which none answered; doubles
     #: per poll in a row that failed or, after a failure, found no nsqd; never more than
     #: ``lookupd_poll_interval`` (jitter added to either). The same schedule runs after the

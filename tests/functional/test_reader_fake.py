@@ -1185,6 +1185,28 @@ def test_unreachable_direct_address_is_retried_with_backoff(make_reader: Callabl
     assert reader.join(0) and len(delays()) == count
 
 
+def test_a_direct_nsqd_is_retried_at_least_every_15_seconds(make_reader: Callable[..., Reader], caplog: pytest.LogCaptureFixture) -> None:
+    # SRE review (real nsqd 1.3.0): with the cap at 60 s, after a 60 s outage the next attempt
+    # came 47 s after nsqd was back (393 messages waiting). pynsq and go-nsq retry a direct
+    # nsqd every 15 s: the delay, however many attempts failed, is now at most that.
+    caplog.set_level(logging.INFO, logger="nsq_sync.reader")
+    assert Reader.reconnect_cap == 15.0
+    refusing = socket.socket()
+    refusing.bind(("127.0.0.1", 0))  # (bound, not listening: a connection is refused)
+    server = FakeNsqd()
+    server.host, server.port = refusing.getsockname()
+    try:
+        reader = make_reader(server, lambda m: True)
+        reader.reconnect_base = 100.0  # (the doubling is past the cap from the first failure)
+        reader.start()
+        wait_until(lambda: any("reconnecting to" in r.getMessage() for r in caplog.records), WAIT, message="a reconnect scheduled")
+        (line,) = [r.getMessage() for r in caplog.records if "reconnecting to" in r.getMessage()]
+        delay = float(line.split(" in ", 1)[1].split("s ", 1)[0])
+        assert 15.0 * 0.7 <= delay <= 15.0, line  # (jitter shortens it by up to 30%)
+    finally:
+        refusing.close()
+
+
 def test_new_connection_gets_its_share_without_exceeding_the_total(make_reader: Callable[..., Reader]) -> None:
     first, second = FakeNsqd().start(), FakeNsqd().start()
     try:
