@@ -1821,6 +1821,8 @@ class Reader:
                 self._test_addr = None
             if self._closing:
                 return
+            # (Said before the reconnect it schedules is: under the lock, as that line is.)
+            logger.warning("%s: connection to %s closed%s", self.name, address, f": {conn.error}" if conn.error is not None else "")
             self._removed_locked(st)
             if address in self._direct:
                 attempt = self._direct_failures.get(address, 0) + 1
@@ -1833,8 +1835,6 @@ class Reader:
                 self._lookupd_lost.add(address)
                 self._lookupd_lost_new = True
                 self._lookupd_hurry_locked(address)
-        reason = f": {conn.error}" if conn.error is not None else ""
-        logger.warning("%s: connection to %s closed%s", self.name, address, reason)
         if self._lookupds:
             self._lookupd_wake.set()  # re-query early: it may be back, or gone for good
 

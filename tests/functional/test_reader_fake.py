@@ -1159,6 +1159,21 @@ def test_direct_address_reconnects_after_the_server_closes(fake_nsqd: FakeNsqd, 
     fake_nsqd.wait_for_command("FIN " + msg.id.decode(), timeout=WAIT)
 
 
+def test_a_closed_connection_is_logged_before_the_reconnect_it_schedules(
+    fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader], caplog: pytest.LogCaptureFixture
+) -> None:
+    # SRE review: "reconnecting to X in 0.77s (attempt 1)" came before "connection to X closed".
+    caplog.set_level(logging.INFO, logger="nsq_sync.reader")
+    reader = make_reader(fake_nsqd, lambda m: True)
+    reader.reconnect_base = 30.0  # (one reconnect line only)
+    reader.start()
+    fake_nsqd.wait_for_command("RDY 1")
+    fake_nsqd.close_client()
+    wait_until(lambda: any("reconnecting to" in r.getMessage() for r in caplog.records), WAIT, message="a reconnect scheduled")
+    said = [r.getMessage() for r in caplog.records if r.name == "nsq_sync.reader" and ("closed" in r.getMessage() or "reconnecting" in r.getMessage())]
+    assert [m.split(address(fake_nsqd))[0] for m in said] == [f"{reader.name}: connection to ", f"{reader.name}: reconnecting to "], said
+
+
 def test_unreachable_direct_address_is_retried_with_backoff(make_reader: Callable[..., Reader], caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="nsq_sync.reader")
     listener = socket.socket()
