@@ -1242,7 +1242,7 @@ class Reader:
                     self._test_last_idle = None
                     self._apply_rdy_locked()
                 else:
-                    self._start_window_locked()
+                    self._start_window_locked(failed=False)
             else:
                 if self._level == 0:
                     self._level = 1
@@ -1258,14 +1258,17 @@ class Reader:
                         grows = False
                     if grows:
                         self._level += 1
-                self._start_window_locked()
+                self._start_window_locked(failed=True)
 
     def _nominal(self, level: int) -> float:
         strategy = self.backoff_strategy
         nominal = getattr(strategy, "nominal", None)
         return float(nominal(level) if callable(nominal) else strategy.calculate(level))
 
-    def _start_window_locked(self) -> None:
+    def _start_window_locked(self, failed: bool) -> None:
+        """Open a backoff window at the current level: after a failure (*failed*: entering
+        backoff or going up a level, a WARNING), or as a step of the recovery (a success
+        lowered the level, still above 0: an INFO, nothing is failing)."""
         try:
             interval = float(self.backoff_strategy.calculate(self._level))
         except Exception:
@@ -1281,7 +1284,16 @@ class Reader:
             self._window_timer.cancel()
         for st in self._conns.values():
             self._set_rdy(st, 0)
-        logger.warning("%s: backing off for %.3fs (level %d): RDY 0 on every connection", self.name, interval, self._level)
+        if failed:
+            logger.warning(
+                "%s: backing off for %.3fs (level %d) after a failed message (requeued with backoff): RDY 0 on every connection",
+                self.name, interval, self._level,
+            )  # fmt: skip
+        else:
+            logger.info(
+                "%s: recovering from backoff: a message succeeded, level down to %d; pausing %.3fs before the next test (RDY 0 on every connection)",
+                self.name, self._level, interval,
+            )  # fmt: skip
         self._window_timer = self._scheduler.call_later(interval, self._end_window, self._window_gen)
 
     def _end_window(self, generation: int) -> None:

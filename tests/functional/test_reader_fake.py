@@ -187,6 +187,32 @@ def test_failures_during_a_window_count_once_and_level_steps_down(fake_nsqd: Fak
     assert rdy_values(after_first_failure) == [0, 1, 0, 1, 0, 1, 3]
 
 
+def test_backoff_windows_say_whether_a_failure_or_the_recovery_opened_them(
+    fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader], caplog: pytest.LogCaptureFixture
+) -> None:
+    # SRE review: while recovering after a success the Reader logged WARNING "backing off for
+    # 2.000s (level 2)", the line a failure writes. A failure (entering backoff, or a level
+    # up) stays a WARNING; a step down is an INFO that says so.
+    caplog.set_level(logging.INFO, logger="nsq_sync.reader")
+    answers = iter([False, False, True, True])
+    reader = make_reader(fake_nsqd, lambda m: next(answers), backoff_strategy=ExponentialBackoff(multiplier=0.05))
+    reader.start()
+    for number in range(4):
+        # (each after the RDY 1 of the window before: one sent sooner could come inside it)
+        fake_nsqd.wait_for_command("RDY 1", count=number + 1, timeout=WAIT)
+        fake_nsqd.enqueue(b"m%d" % number)
+    fake_nsqd.wait_for_command("FIN", count=2, timeout=WAIT)
+    wait_until(lambda: reader.backoff_level == 0, WAIT, message="backoff over")
+    name = reader.name
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if "backing off" in r.getMessage() or "recovering" in r.getMessage()]
+    assert said == [
+        ("WARNING", f"{name}: backing off for 0.050s (level 1) after a failed message (requeued with backoff): RDY 0 on every connection"),
+        ("WARNING", f"{name}: backing off for 0.100s (level 2) after a failed message (requeued with backoff): RDY 0 on every connection"),
+        ("INFO", f"{name}: recovering from backoff: a message succeeded, level down to 1; pausing 0.050s before the next test (RDY 0 on every connection)"),
+    ], said
+    assert any(r.getMessage() == f"{name}: backoff complete; resuming full RDY" for r in caplog.records)
+
+
 # ---------------------------------------------- (c) requeue without backoff
 def test_requeue_without_backoff_never_sends_rdy_0(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> None:
     def handler(message: Any) -> None:
