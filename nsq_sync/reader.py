@@ -1018,15 +1018,14 @@ class Reader:
     def giving_up(self, message: Message) -> None:
         """Hook called when ``0 < max_tries < message.attempts``; the message is FINed afterwards.
 
-        The default logs a warning (id and attempts; never the body).
+        The default logs a warning (the message as the Reader's other lines name it, its
+        topic/channel and nsqd; never the body).
         """
+        conn = getattr(message, "_responder", None)
         logger.warning(
-            "%s: giving up on message %s after %d attempts (max_tries %d)",
-            self.name,
-            message.id.decode("ascii", "replace"),
-            message.attempts,
-            self.max_tries,
-        )
+            "%s: giving up on %r from %s (%s/%s): delivered more than max_tries (%d) times; finishing it",
+            self.name, message, getattr(conn, "id", "an unknown nsqd"), self.topic, self.channel, self.max_tries,
+        )  # fmt: skip
 
     def heartbeat(self, conn: AsyncConn) -> None:
         """Hook called after each heartbeat nsqd sends on *conn* (already answered with NOP)."""
