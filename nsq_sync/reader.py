@@ -284,6 +284,22 @@ class _ConnState:
         return held if held > in_flight else in_flight
 
 
+class _Down:
+    """An nsqd the Reader is not connected to since a failure it warned about: its connection
+    closed, or an attempt to connect to it failed (kept under the Reader's lock until it is
+    connected again, for the line that says so and for stats()["unreachable"])."""
+
+    __slots__ = ("since", "wall_since", "attempts", "last_error", "was_connected", "listed")
+
+    def __init__(self, was_connected: bool) -> None:
+        self.since = time.monotonic()
+        self.wall_since = time.time()
+        self.attempts = 0  # connection attempts that failed since
+        self.last_error: Optional[str] = None
+        self.was_connected = was_connected  # its connection closed (else: never connected since first tried)
+        self.listed = True  # (found through nsqlookupd) the latest answer lists it
+
+
 class _RdyLock:
     """The Reader's lock (used as ``with``). RDY commands decided under it are only queued on
     their connections (_set_rdy), and written once it is released: a write can block (an
@@ -540,6 +556,12 @@ class Reader:
         #: for an address not in here, so an nsqd lookupd keeps listing that cannot be reached
         #: costs one schedule, not one per poll (an ordered set, oldest first, bounded)
         self._lookupd_hurried: Dict[str, None] = {}
+        #: nsqd not connected since a failure warned about (a closed connection, failed
+        #: attempts), oldest first, at most MAX_LOOKUPD_PRODUCERS: see _Down
+        self._down: Dict[str, _Down] = {}
+        #: lookupd address -> time.monotonic() of the first failure of the current run of
+        #: failed queries (for the line that says when it answers again)
+        self._lookupd_failing: Dict[str, float] = {}
         #: per lookupd address, how its queries went (stats()["lookupd"]); changed under _lock
         self._lookupd_health: Dict[str, Dict[str, Any]] = {
             address: {"address": address, "queries": 0, "failed_queries": 0, "last_success": None, "last_error": None, "producers": None}
@@ -986,10 +1008,14 @@ class Reader:
 
     def _lookupd_outcome(self, address: str, producers: Optional[int] = None, error: Optional[str] = None) -> None:
         """Record one query of *address* for stats(): *producers* listed, or the *error* it failed with."""
+        back = None
         with self._lock:
             health = self._lookupd_health[address]
             health["queries"] += 1
             if error is None:
+                failing = self._lookupd_failing.pop(address, None)
+                if failing is not None:
+                    back = (time.monotonic() - failing, health["failed_queries"])
                 self._lookupd_answers += 1
                 self._lookupd_found += 1 if producers else 0
                 health["failed_queries"] = 0
@@ -998,6 +1024,11 @@ class Reader:
             else:
                 health["failed_queries"] += 1
                 health["last_error"] = error
+                if not self._closing:  # (its failures were warned about)
+                    self._lookupd_failing.setdefault(address, time.monotonic())
+        if back is not None and not self._closing:
+            # At the level of the failures it ends: a log kept from WARNING up does not end on them.
+            logger.warning("%s: lookupd %s answered again after %.1f s failing (%d failed queries)", self.name, address, *back)
 
     # --------------------------------------------------------- user hooks
     def process_message(self, message: Message) -> Any:
@@ -1680,6 +1711,7 @@ class Reader:
                 )
             except Exception as exc:
                 self._not_connecting_locked(address)
+                self._attempt_failed_locked(address, exc)
                 failed.append((address, exc))
                 self._connect_failed_locked(address)
                 self._attempt_ended_locked(address)
@@ -1744,6 +1776,8 @@ class Reader:
                     conn.close(0)
                 with self._lock:
                     self._not_connecting_locked(address)
+                    if not self._closing:
+                        self._attempt_failed_locked(address, exc)
                 if not self._closing:
                     logger.warning("%s: cannot consume from %s: %s", self.name, address, exc)
                     self._connect_failed(address)
@@ -1769,7 +1803,19 @@ class Reader:
         self._lookupd_lost.discard(address)
         self._lookupd_hurried.pop(address, None)
         self._direct_failures.pop(address, None)
-        logger.info("%s: subscribed to %s on %s", self.name, f"{self.topic}/{self.channel}", address)
+        down = self._down.pop(address, None)
+        if down is None:
+            logger.info("%s: subscribed to %s on %s", self.name, f"{self.topic}/{self.channel}", address)
+        else:
+            # After a failure said at WARNING (its connection closed, attempts failed): the end
+            # is said at that level too, so that a log kept from WARNING up does not end on it.
+            took, attempts = time.monotonic() - down.since, down.attempts + 1
+            logger.warning(
+                "%s: %s %s after %.1f s %s (%d attempt%s); subscribed to %s/%s",
+                self.name, "reconnected to" if down.was_connected else "connected to", address, took,
+                "down" if down.was_connected else "of failed attempts", attempts, "" if attempts == 1 else "s",
+                self.topic, self.channel,
+            )  # fmt: skip
         self._added_locked(st)
 
     def _warn_capped_locked(self, st: _ConnState, share: int) -> None:
@@ -1804,6 +1850,29 @@ class Reader:
         self._direct_failures[address] = attempt
         self._schedule_reconnect_locked(address, attempt)
 
+    def _went_down_locked(self, address: str, error: Optional[str]) -> None:
+        """The connection to *address* closed (warned about): down from now until connected again."""
+        self._down.pop(address, None)
+        down = self._down[address] = _Down(was_connected=True)
+        down.last_error = error
+        self._forget_oldest_down_locked()
+
+    def _attempt_failed_locked(self, address: str, exc: BaseException) -> _Down:
+        """An attempt to connect to *address* failed (warned about): counted in its _Down."""
+        down = self._down.get(address)
+        if down is None:
+            down = self._down[address] = _Down(was_connected=False)
+            self._forget_oldest_down_locked()
+        down.attempts += 1
+        down.last_error = str(exc) or type(exc).__name__
+        down.listed = True  # (a discovered nsqd is tried when an answer lists it)
+        return down
+
+    def _forget_oldest_down_locked(self) -> None:
+        """Bounded like the answers it comes from: past MAX_LOOKUPD_PRODUCERS, the oldest goes."""
+        if len(self._down) > MAX_LOOKUPD_PRODUCERS:
+            del self._down[next(iter(self._down))]
+
     def _schedule_reconnect_locked(self, address: str, attempt: int) -> None:
         delay = exponential_delay(attempt, self.reconnect_base, self.reconnect_cap, rand=self._random.random)
         old = self._reconnect_timers.get(address)
@@ -1834,6 +1903,7 @@ class Reader:
                 return
             # (Said before the reconnect it schedules is: under the lock, as that line is.)
             logger.warning("%s: connection to %s closed%s", self.name, address, f": {conn.error}" if conn.error is not None else "")
+            self._went_down_locked(address, None if conn.error is None else str(conn.error))
             self._removed_locked(st)
             if address in self._direct:
                 attempt = self._direct_failures.get(address, 0) + 1

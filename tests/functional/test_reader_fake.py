@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import pytest
 from fake_nsqd import FakeNsqd, error, fake_nsqd  # noqa: F401 - fixture
+from fake_nsqd import close as closing
 from tcp_proxy import TcpProxy
 
 from nsq_sync.backoff import ExponentialBackoff
@@ -1204,6 +1205,74 @@ def test_a_closed_connection_is_logged_before_the_reconnect_it_schedules(
     wait_until(lambda: any("reconnecting to" in r.getMessage() for r in caplog.records), WAIT, message="a reconnect scheduled")
     said = [r.getMessage() for r in caplog.records if r.name == "nsq_sync.reader" and ("closed" in r.getMessage() or "reconnecting" in r.getMessage())]
     assert [m.split(address(fake_nsqd))[0] for m in said] == [f"{reader.name}: connection to ", f"{reader.name}: reconnecting to "], said
+
+
+def _recovered(caplog: pytest.LogCaptureFixture, what: str) -> List[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and what in r.getMessage()]
+
+
+def test_a_connection_back_after_warned_failures_is_said_at_warning_level(
+    fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader], caplog: pytest.LogCaptureFixture
+) -> None:
+    # SRE review: failures are WARNINGs, recoveries were INFO, so a log kept from WARNING up
+    # always ended on the failure. The connection coming back after a warned failure is a
+    # WARNING too, with how long it was down and the attempts it took; a first connect is not.
+    caplog.set_level(logging.INFO, logger="nsq_sync.reader")
+    reader = make_reader(fake_nsqd, lambda m: True)
+    reader.start()
+    fake_nsqd.wait_for_command("RDY 1")
+    assert _recovered(caplog, "connected to") == []  # (the first connect: INFO "subscribed to")
+    fake_nsqd.set_answer("IDENTIFY", [error("E_INVALID not now"), closing()], times=2)  # two attempts refused
+    went = time.monotonic()
+    fake_nsqd.close_client()
+    fake_nsqd.wait_connected(count=4, timeout=WAIT)
+    fake_nsqd.wait_for_command("RDY 1", session=fake_nsqd.sessions[3], timeout=WAIT)
+    took = time.monotonic() - went
+    (line,) = _recovered(caplog, "connected to")
+    name, where = reader.name, address(fake_nsqd)
+    assert line.startswith(f"{name}: reconnected to {where} after ") and line.endswith(f" s down (3 attempts); subscribed to {TOPIC}/{CHANNEL}"), line
+    assert 0 < float(line.split(" after ")[1].split(" s ")[0]) <= took + 0.1, (line, took)
+    # Said once: the next close and reconnect (at once) is one more, with 1 attempt.
+    fake_nsqd.close_client()
+    fake_nsqd.wait_for_command("RDY 1", session=fake_nsqd.wait_connected(count=5, timeout=WAIT), timeout=WAIT)
+    wait_until(lambda: len(_recovered(caplog, "connected to")) == 2, WAIT, message="the second reconnection said")
+    assert _recovered(caplog, "connected to")[1].endswith(" s down (1 attempt); subscribed to topic/channel")
+
+
+def test_an_nsqd_that_failed_its_first_attempts_says_when_it_is_connected(
+    fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="nsq_sync.reader")
+    fake_nsqd.set_answer("IDENTIFY", [error("E_INVALID not now"), closing()], times=1)
+    reader = make_reader(fake_nsqd, lambda m: True)
+    reader.start()
+    fake_nsqd.wait_for_command("RDY 1", session=fake_nsqd.wait_connected(count=2, timeout=WAIT), timeout=WAIT)
+    wait_until(lambda: _recovered(caplog, "connected to"), WAIT, message="the connection said")
+    (line,) = _recovered(caplog, "connected to")
+    assert line.startswith(f"{reader.name}: connected to {address(fake_nsqd)} after ") and " s of failed attempts (2 attempts); " in line, line
+
+
+def test_a_lookupd_answering_again_after_warned_failures_is_said_at_warning_level(
+    fake_nsqd: FakeNsqd, backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="nsq_sync.reader")
+    failures = [(500, b'{"message":"INTERNAL_ERROR"}'), (500, b'{"message":"INTERNAL_ERROR"}')]
+    lookupd = _Lookupd([_producer(fake_nsqd)], failures=failures)
+    reader = _quick_retry_reader(lookupd, backend)
+    try:
+        reader.start()
+        fake_nsqd.wait_for_command("RDY 1", timeout=WAIT)
+        failed = [r for r in caplog.records if r.levelno == logging.WARNING and "query failed" in r.getMessage()]
+        assert len(failed) == 2, failed
+        wait_until(lambda: _recovered(caplog, "answered again"), WAIT, message="the answer said")
+        (line,) = _recovered(caplog, "answered again")
+        assert line.startswith(f"{reader.name}: lookupd {lookupd.address} answered again after ") and line.endswith(" s failing (2 failed queries)"), line
+        wait_until(lambda: lookupd.requests >= 5, WAIT, message="more polls")
+        assert len(_recovered(caplog, "answered again")) == 1  # (once per run of failures)
+    finally:
+        reader.close(5)
+        lookupd.stop()
+    assert reader.join(10) and live_tasks() == []
 
 
 def test_unreachable_direct_address_is_retried_with_backoff(make_reader: Callable[..., Reader], caplog: pytest.LogCaptureFixture) -> None:
