@@ -79,7 +79,7 @@ from .addresses import parse_addresses
 from .backoff import ExponentialBackoff, exponential_delay
 from .conn import NO_HEARTBEAT_SUB, AsyncConn, WarningTally
 from .dispatch import WorkerPool, call_refusal
-from .errors import AlreadyRespondedError, ClosedError, ConfigError, ConnectionClosedError, Error, HTTPError, SendError
+from .errors import AlreadyRespondedError, ClosedError, ConfigError, ConnectError, ConnectionClosedError, Error, HTTPError, SendError
 from .message import Message
 from .timers import _Scheduler, _Timer, _is_current
 from .protocol.identify import check_number, check_timeout
@@ -162,6 +162,17 @@ def _never_runs(fn: object) -> Optional[str]:
 #: messages received, dropped unrun past msg_timeout (expired), TOUCHed while waiting for a
 #: worker, and FINs and REQs nsqd refused
 _CONN_TOTALS = ("_received_total", "_expired_total", "_touched_total", "_fin_failed_total", "_req_failed_total")
+
+
+def _announced(lookupd: str, exc: BaseException) -> str:
+    """What to add to the warning about a failed attempt to an nsqd *lookupd* listed: where
+    the address came from, and, when it could not be reached at all, where to look (an nsqd
+    announces its --broadcast-address, by default its hostname: a name only its own network
+    resolves, a Kubernetes pod's, or an address not routable from the consumer)."""
+    said = f"nsqlookupd {lookupd} announced this address as that nsqd's broadcast address"
+    if isinstance(exc, ConnectError):
+        said += " and TCP port: check that nsqd's --broadcast-address (default: its hostname), which must be one this host can resolve and reach"
+    return said
 
 
 def _is_tornado_coroutine(fn: object) -> bool:
@@ -559,6 +570,10 @@ class Reader:
         #: nsqd not connected since a failure warned about (a closed connection, failed
         #: attempts), oldest first, at most MAX_LOOKUPD_PRODUCERS: see _Down
         self._down: Dict[str, _Down] = {}
+        #: nsqd found through lookupd -> the lookupd whose answer listed it last: those of the
+        #: latest answer, and earlier ones with an attempt still under way (for the lines
+        #: about an nsqd that cannot be reached, and stats()["unreachable"])
+        self._listed_by: Dict[str, str] = {}
         #: lookupd address -> time.monotonic() of the first failure of the current run of
         #: failed queries (for the line that says when it answers again)
         self._lookupd_failing: Dict[str, float] = {}
@@ -893,7 +908,12 @@ class Reader:
         ``queries`` (so far), ``failed_queries`` (in a row: 0 after a success),
         ``last_success`` (time.time() of its last answer, or None), ``last_error`` (the
         latest failure, kept after a success; None if it never failed) and ``producers``
-        (how many nsqd its last answer listed, or None).
+        (how many nsqd its last answer listed, or None). ``unreachable``: the nsqd found
+        through lookupd that it still lists but the Reader cannot connect to (a wrong
+        ``--broadcast-address``, say), one dict each with ``address``, ``lookupd`` (the one
+        that listed it), ``since`` (time.time() it was last connected, or first tried),
+        ``failed_attempts`` (since then) and ``last_error``; an entry goes once connected,
+        or once lookupd no longer lists it.
         """
         finished, requeued, given_up = self._finished.value, self._requeued.value, self._given_up.value
         with self._lock:
@@ -909,6 +929,16 @@ class Reader:
             # on "connected": False can fire (its max_rdy_count and last_msg_timestamp: None).
             down = [] if self._closing else [(address, self._direct_failures.get(address, 0)) for address in self._direct if address not in self._conns]
             lookupds = [dict(health) for health in self._lookupd_health.values()]
+            # Found through lookupd, listed still, never connected since its attempts failed:
+            # missing from "connections", where a healthy one showed while messages sat there.
+            unreachable = [] if self._closing else [
+                {
+                    "address": address, "lookupd": self._listed_by.get(address), "since": down.wall_since,
+                    "failed_attempts": down.attempts, "last_error": down.last_error,
+                }
+                for address, down in self._down.items()
+                if down.attempts and down.listed and address not in self._direct
+            ]  # fmt: skip
         connections = [
             {
                 "address": st.address,
@@ -945,6 +975,7 @@ class Reader:
             "closed": self._closing,
             "connections": connections,
             "lookupd": lookupds,
+            "unreachable": unreachable,
         }
 
     def connect_to_nsqd(self, host: str, port: int) -> None:
@@ -1002,9 +1033,35 @@ class Reader:
                 )  # fmt: skip
                 producers = producers[:MAX_LOOKUPD_PRODUCERS]
             logger.debug("%s: lookupd %s lists %s", self.name, address, producers)
-            self._connect_many([(_address_key(host, port), host, port) for host, port in producers], answer=True)
+            listed = [(_address_key(host, port), host, port) for host, port in producers]
+            self._lookupd_listed(address, [key for key, _, _ in listed])
+            self._connect_many(listed, answer=True)
             return producers
         return []
+
+    def _lookupd_listed(self, lookupd: str, addresses: List[str]) -> None:
+        """Bookkeeping for an answer of *lookupd* listing *addresses* ("host:port"), before they
+        are connected to: which lookupd announced each nsqd, and the nsqd that cannot be
+        reached that it no longer lists (out of stats()["unreachable"]; one never connected is
+        forgotten). O(listed) once per poll, never per message."""
+        with self._lock:
+            if self._closing:
+                return
+            listed = set(addresses)
+            by = self._listed_by
+            for address in [a for a in by if a not in listed and a not in self._connecting and a not in self._queued]:
+                del by[address]
+            for address in addresses:
+                by[address] = lookupd
+            for address, down in list(self._down.items()):
+                if address in self._direct:
+                    continue
+                if address in listed:
+                    down.listed = True
+                elif down.was_connected:
+                    down.listed = False  # (kept: its reconnection is said when it comes back)
+                else:
+                    del self._down[address]
 
     def _lookupd_outcome(self, address: str, producers: Optional[int] = None, error: Optional[str] = None) -> None:
         """Record one query of *address* for stats(): *producers* listed, or the *error* it failed with."""
@@ -1774,12 +1831,18 @@ class Reader:
             except Exception as exc:
                 if conn is not None and conn.connected():
                     conn.close(0)
+                announced = None
                 with self._lock:
                     self._not_connecting_locked(address)
                     if not self._closing:
                         self._attempt_failed_locked(address, exc)
+                        if address not in self._direct:
+                            announced = self._listed_by.get(address)
                 if not self._closing:
-                    logger.warning("%s: cannot consume from %s: %s", self.name, address, exc)
+                    if announced is None:
+                        logger.warning("%s: cannot consume from %s: %s", self.name, address, exc)
+                    else:
+                        logger.warning("%s: cannot consume from %s: %s; %s", self.name, address, exc, _announced(announced, exc))
                     self._connect_failed(address)
                 return
             with self._lock:

@@ -2148,6 +2148,69 @@ def test_a_failed_first_attempt_to_a_discovered_nsqd_starts_the_quicker_schedule
     assert reader.join(10) and live_tasks() == []
 
 
+# -------------------------------- lookupd: nsqd it lists that the Reader cannot reach
+UNRESOLVABLE = "nsqd-0.nsqd.default.svc.cluster.local.invalid"  # (.invalid: never resolves, RFC 2606)
+
+
+def test_a_listed_nsqd_that_cannot_be_reached_is_in_stats_and_its_warning_says_where_it_came_from(
+    fake_nsqd: FakeNsqd, backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # SRE review (real nsqd 1.3.0, --broadcast-address a Kubernetes name the consumer cannot
+    # resolve): stats() showed one healthy connection while 50 messages sat on the other nsqd
+    # for 90 s, and the warning did not say where the address came from.
+    bad = f"{UNRESOLVABLE}:4150"
+    lookupd = _Lookupd([_producer(fake_nsqd), {"broadcast_address": UNRESOLVABLE, "tcp_port": 4150, "http_port": 4151}])
+    reader = Reader(
+        TOPIC, CHANNEL, lambda m: True, lookupd_http_addresses=lookupd.address,
+        lookupd_poll_interval=0.5, lookupd_poll_jitter=0, backend=backend,
+    )  # fmt: skip
+    caplog.set_level(logging.WARNING, logger="nsq_sync.reader")
+    began = time.time()
+    try:
+        reader.start()
+        wait_until(lambda: reader.stats()["unreachable"] and reader.conns, WAIT, message="the unreachable nsqd in stats()")
+        stats = reader.stats()
+        assert [c["address"] for c in stats["connections"]] == [address(fake_nsqd)]
+        (entry,) = stats["unreachable"]
+        assert (entry["address"], entry["lookupd"]) == (bad, lookupd.address) and entry["failed_attempts"] >= 1, entry
+        assert began <= entry["since"] <= time.time() and f"cannot connect to {bad}" in entry["last_error"], entry
+        warning = next(r.getMessage() for r in caplog.records if r.getMessage().startswith(f"{reader.name}: cannot consume from {bad}: "))
+        assert warning.endswith(
+            f"; nsqlookupd {lookupd.address} announced this address as that nsqd's broadcast address and TCP port: check "
+            "that nsqd's --broadcast-address (default: its hostname), which must be one this host can resolve and reach"
+        ), warning
+        # Each answer listing it is one more attempt; it goes once lookupd no longer lists it.
+        wait_until(lambda: reader.stats()["unreachable"][0]["failed_attempts"] >= 2, WAIT, message="a second failed attempt")
+        lookupd.producers = [_producer(fake_nsqd)]
+        wait_until(lambda: reader.stats()["unreachable"] == [], WAIT, message="the nsqd no longer listed to leave stats()")
+    finally:
+        reader.close(5)
+        lookupd.stop()
+    assert reader.join(10) and live_tasks() == [] and reader.stats()["unreachable"] == []
+
+
+def test_a_listed_nsqd_leaves_the_unreachable_ones_once_connected(fake_nsqd: FakeNsqd, backend: str, caplog: pytest.LogCaptureFixture) -> None:
+    fake_nsqd.set_answer("IDENTIFY", [error("E_INVALID not now"), closing()], times=2)
+    lookupd = _Lookupd([_producer(fake_nsqd)])
+    reader = _quick_retry_reader(lookupd, backend)
+    caplog.set_level(logging.WARNING, logger="nsq_sync.reader")
+    try:
+        reader.start()
+        wait_until(lambda: reader.stats()["unreachable"], WAIT, message="the refused nsqd in stats()")
+        (entry,) = reader.stats()["unreachable"]
+        assert entry["address"] == address(fake_nsqd) and "E_INVALID" in entry["last_error"], entry
+        fake_nsqd.wait_for_command("RDY 1", session=fake_nsqd.wait_connected(count=3, timeout=WAIT), timeout=WAIT)
+        wait_until(lambda: reader.conns, WAIT, message="connected")
+        assert reader.stats()["unreachable"] == []
+        # It answered, so it was reachable: where the address came from, but no DNS/routing hint.
+        warning = next(r.getMessage() for r in caplog.records if "cannot consume from" in r.getMessage())
+        assert warning.endswith(f"; nsqlookupd {lookupd.address} announced this address as that nsqd's broadcast address"), warning
+    finally:
+        reader.close(5)
+        lookupd.stop()
+    assert reader.join(10) and live_tasks() == []
+
+
 # ------------------------------------------------------------- validation
 @pytest.mark.parametrize(
     "kwargs, param",
