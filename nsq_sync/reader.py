@@ -311,6 +311,19 @@ class _Down:
         self.listed = True  # (found through nsqlookupd) the latest answer lists it
 
 
+class _NoProducers:
+    """A Reader using nsqlookupd with nothing to consume from: no connection, and the answers
+    list no nsqd for the topic (under the Reader's lock, until either changes)."""
+
+    __slots__ = ("since", "wall_since", "asked", "warned_at")
+
+    def __init__(self) -> None:
+        self.since = time.monotonic()
+        self.wall_since = time.time()
+        self.asked: Dict[str, None] = {}  # the lookupd that answered so, in order
+        self.warned_at: Optional[float] = None  # time.monotonic() of the last warning
+
+
 class _RdyLock:
     """The Reader's lock (used as ``with``). RDY commands decided under it are only queued on
     their connections (_set_rdy), and written once it is released: a write can block (an
@@ -402,6 +415,12 @@ class Reader:
     #: connection to an nsqd found through nsqlookupd closed, or an attempt to one failed,
     #: until it is connected again
     lookupd_retry_base: float = 1.0
+    #: seconds a Reader using nsqlookupd may have nothing to consume from (no connection, and
+    #: the answers list no nsqd for the topic) before a WARNING says so, and at least two
+    #: ``lookupd_poll_interval``: a consumer started before any producer is normal a while
+    no_producers_warn_after: float = 60.0
+    #: seconds between repeats of that WARNING while it lasts
+    no_producers_warn_every: float = 600.0
     #: seconds a lowered RDY is given to reach nsqd, and the messages nsqd sent under the
     #: higher value to arrive, before the capacity it frees is handed out: this plus
     #: ``rdy_settle_rtts`` times the connection's round trip (measured at SUB)
@@ -574,6 +593,8 @@ class Reader:
         #: latest answer, and earlier ones with an attempt still under way (for the lines
         #: about an nsqd that cannot be reached, and stats()["unreachable"])
         self._listed_by: Dict[str, str] = {}
+        #: set while there is nothing to consume from (see _NoProducers; stats()["no_producers_since"])
+        self._no_producers: Optional[_NoProducers] = None
         #: lookupd address -> time.monotonic() of the first failure of the current run of
         #: failed queries (for the line that says when it answers again)
         self._lookupd_failing: Dict[str, float] = {}
@@ -913,7 +934,9 @@ class Reader:
         ``--broadcast-address``, say), one dict each with ``address``, ``lookupd`` (the one
         that listed it), ``since`` (time.time() it was last connected, or first tried),
         ``failed_attempts`` (since then) and ``last_error``; an entry goes once connected,
-        or once lookupd no longer lists it.
+        or once lookupd no longer lists it. ``no_producers_since``: time.time() since when
+        the Reader has had no connection while the nsqlookupd answers listed no nsqd for the
+        topic (a misspelled topic, no producer yet, or every nsqd that had it down), else None.
         """
         finished, requeued, given_up = self._finished.value, self._requeued.value, self._given_up.value
         with self._lock:
@@ -939,6 +962,8 @@ class Reader:
                 for address, down in self._down.items()
                 if down.attempts and down.listed and address not in self._direct
             ]  # fmt: skip
+            nothing = self._no_producers
+            no_producers_since = None if nothing is None or self._closing else nothing.wall_since
         connections = [
             {
                 "address": st.address,
@@ -976,6 +1001,7 @@ class Reader:
             "connections": connections,
             "lookupd": lookupds,
             "unreachable": unreachable,
+            "no_producers_since": no_producers_since,
         }
 
     def connect_to_nsqd(self, host: str, port: int) -> None:
@@ -1043,10 +1069,16 @@ class Reader:
         """Bookkeeping for an answer of *lookupd* listing *addresses* ("host:port"), before they
         are connected to: which lookupd announced each nsqd, and the nsqd that cannot be
         reached that it no longer lists (out of stats()["unreachable"]; one never connected is
-        forgotten). O(listed) once per poll, never per message."""
+        forgotten), and whether the Reader has nothing to consume from (a WARNING once it has
+        lasted no_producers_warn_after). O(listed) once per poll, never per message."""
         with self._lock:
             if self._closing:
                 return
+            said = None
+            if addresses:
+                said = self._no_producers_end_locked(f"nsqlookupd {lookupd} lists {len(addresses)} nsqd for it again")
+            elif not self._conns:  # (connected: to an nsqd_tcp_addresses entry)
+                said = self._no_producers_step_locked(lookupd)
             listed = set(addresses)
             by = self._listed_by
             for address in [a for a in by if a not in listed and a not in self._connecting and a not in self._queued]:
@@ -1062,6 +1094,42 @@ class Reader:
                     down.listed = False  # (kept: its reconnection is said when it comes back)
                 else:
                     del self._down[address]
+        if said is not None:
+            logger.warning(*said)
+
+    def _no_producers_step_locked(self, lookupd: str) -> Optional[Tuple[Any, ...]]:
+        """An answer of *lookupd* listed no nsqd and the Reader has no connection: the warning
+        (logger.warning arguments) once that has lasted long enough, and every
+        no_producers_warn_every while it lasts; else None."""
+        now = time.monotonic()
+        state = self._no_producers
+        if state is None:
+            state = self._no_producers = _NoProducers()
+        state.asked[lookupd] = None
+        lasted = now - state.since
+        if lasted < max(self.no_producers_warn_after, 2.0 * self.lookupd_poll_interval):
+            return None
+        if state.warned_at is not None and now - state.warned_at < self.no_producers_warn_every:
+            return None
+        state.warned_at = now
+        return (
+            "%s: nothing to consume from for %.0f s: no connection, and nsqlookupd %s list no nsqd for topic %r. No nsqd "
+            "has topic %r registered: a misspelled topic, or no producer has published to it yet (or the nsqd that had "
+            "it are down); said again every %.0f s while it lasts",
+            self.name, lasted, ", ".join(state.asked), self.topic, self.topic, self.no_producers_warn_every,
+        )  # fmt: skip
+
+    def _no_producers_end_locked(self, how: str) -> Optional[Tuple[Any, ...]]:
+        """Something to consume from again (*how*): the line that says so if the warning was
+        given (at its level, so a log kept from WARNING up does not end on it), else None."""
+        state = self._no_producers
+        if state is None:
+            return None
+        self._no_producers = None
+        if state.warned_at is None:
+            return None
+        took = time.monotonic() - state.since
+        return "%s: %s, after %.0f s with nothing to consume from (topic %r)", self.name, how, took, self.topic
 
     def _lookupd_outcome(self, address: str, producers: Optional[int] = None, error: Optional[str] = None) -> None:
         """Record one query of *address* for stats(): *producers* listed, or the *error* it failed with."""
@@ -1866,6 +1934,9 @@ class Reader:
         self._lookupd_lost.discard(address)
         self._lookupd_hurried.pop(address, None)
         self._direct_failures.pop(address, None)
+        ended = self._no_producers_end_locked(f"connected to {address}")
+        if ended is not None:
+            logger.warning(*ended)
         down = self._down.pop(address, None)
         if down is None:
             logger.info("%s: subscribed to %s on %s", self.name, f"{self.topic}/{self.channel}", address)

@@ -2148,6 +2148,106 @@ def test_a_failed_first_attempt_to_a_discovered_nsqd_starts_the_quicker_schedule
     assert reader.join(10) and live_tasks() == []
 
 
+# ------------------------------------- lookupd: a Reader with nothing to consume from
+def _nothing_warnings(caplog: pytest.LogCaptureFixture) -> List[logging.LogRecord]:
+    return [r for r in caplog.records if r.levelno == logging.WARNING and "nothing to consume from for" in r.getMessage()]
+
+
+def _ended(caplog: pytest.LogCaptureFixture) -> List[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "with nothing to consume from" in r.getMessage()]
+
+
+def test_a_reader_whose_lookupd_lists_no_nsqd_says_so_after_a_while_and_when_it_ends(
+    fake_nsqd: FakeNsqd, backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # SRE review (real nsqlookupd, a misspelled topic): 45 s with only the INFO "starting"
+    # line, every "lookupd ... lists []" a DEBUG, stats() with no connection and no failed
+    # query. A WARNING now says so once it has lasted no_producers_warn_after (at least two
+    # polls: a consumer started before any producer is normal a while), then at most every
+    # no_producers_warn_every; a WARNING says when it ends.
+    lookupd = _Lookupd([])
+    reader = Reader(
+        TOPIC, CHANNEL, lambda m: True, lookupd_http_addresses=lookupd.address,
+        lookupd_poll_interval=0.1, lookupd_poll_jitter=0, backend=backend,
+    )  # fmt: skip
+    reader.no_producers_warn_after = 0.5
+    reader.no_producers_warn_every = 1.0
+    caplog.set_level(logging.WARNING, logger="nsq_sync.reader")
+    try:
+        began = time.time()
+        reader.start()
+        wait_until(lambda: reader.stats()["no_producers_since"] is not None, WAIT, message="the first answer")
+        assert began <= reader.stats()["no_producers_since"] <= time.time()
+        wait_until(lambda: len(_nothing_warnings(caplog)) >= 2, WAIT, message="the warning, twice")
+        first, second = _nothing_warnings(caplog)[:2]
+        assert first.created - began >= 0.5 and second.created - first.created >= 1.0, (first.created - began, second.created - first.created)
+        assert first.getMessage().startswith(f"{reader.name}: nothing to consume from for ")
+        assert first.getMessage().endswith(
+            f" s: no connection, and nsqlookupd {lookupd.address} list no nsqd for topic {TOPIC!r}. No nsqd has topic "
+            f"{TOPIC!r} registered: a misspelled topic, or no producer has published to it yet (or the nsqd that had it "
+            "are down); said again every 1 s while it lasts"
+        ), first.getMessage()
+        assert reader.stats()["connections"] == [] and reader.stats()["lookupd"][0]["failed_queries"] == 0
+        lookupd.producers = [_producer(fake_nsqd)]  # a producer published: nsqd registered the topic
+        fake_nsqd.wait_for_command("RDY 1", timeout=WAIT)
+        wait_until(lambda: _ended(caplog), WAIT, message="the end said")
+        (line,) = _ended(caplog)
+        assert line.startswith(f"{reader.name}: nsqlookupd {lookupd.address} lists 1 nsqd for it again, after "), line
+        assert line.endswith(f" s with nothing to consume from (topic {TOPIC!r})"), line
+        assert reader.stats()["no_producers_since"] is None
+    finally:
+        reader.close(5)
+        lookupd.stop()
+    assert reader.join(10) and live_tasks() == [] and reader.stats()["no_producers_since"] is None
+
+
+def test_a_reader_whose_only_nsqd_is_gone_from_lookupd_says_so_and_when_it_is_back(
+    fake_nsqd: FakeNsqd, backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # SRE review: its only nsqd killed for 60 s: one WARNING "connection closed", then silence.
+    lookupd = _Lookupd([_producer(fake_nsqd)])
+    reader = _quick_retry_reader(lookupd, backend)
+    reader.lookupd_poll_interval = 0.2
+    reader.no_producers_warn_after = 0.5
+    caplog.set_level(logging.WARNING, logger="nsq_sync.reader")
+    try:
+        reader.start()
+        wait_until(lambda: reader.conns, WAIT, message="connected")
+        assert reader.stats()["no_producers_since"] is None
+        lookupd.producers = []  # killed: nsqlookupd dropped its registrations with its connection
+        fake_nsqd.close_client()
+        wait_until(lambda: _nothing_warnings(caplog), WAIT, message="the warning")
+        assert reader.stats()["no_producers_since"] is not None and _ended(caplog) == []
+        lookupd.producers = [_producer(fake_nsqd)]
+        wait_until(lambda: reader.conns and _ended(caplog), WAIT, message="connected again")
+        reconnected = [r.getMessage() for r in caplog.records if "reconnected to" in r.getMessage()]
+        assert len(reconnected) == 1 and reconnected[0].endswith(" s down (1 attempt); subscribed to topic/channel"), reconnected
+        assert reader.stats()["no_producers_since"] is None
+    finally:
+        reader.close(5)
+        lookupd.stop()
+    assert reader.join(10) and live_tasks() == []
+
+
+def test_nothing_to_consume_from_is_not_warned_about_while_connected_to_a_direct_nsqd(fake_nsqd: FakeNsqd, backend: str, caplog: pytest.LogCaptureFixture) -> None:
+    lookupd = _Lookupd([])
+    reader = Reader(
+        TOPIC, CHANNEL, lambda m: True, lookupd_http_addresses=lookupd.address, nsqd_tcp_addresses=address(fake_nsqd),
+        lookupd_poll_interval=0.05, lookupd_poll_jitter=0, backend=backend,
+    )  # fmt: skip
+    reader.no_producers_warn_after = 0.3  # (the first answers may come before the connection)
+    caplog.set_level(logging.WARNING, logger="nsq_sync.reader")
+    try:
+        reader.start()
+        fake_nsqd.wait_for_command("RDY 1", timeout=WAIT)
+        wait_until(lambda: lookupd.requests >= 12, WAIT, message="polls past the warning's delay")
+        assert _nothing_warnings(caplog) == [] and reader.stats()["no_producers_since"] is None
+    finally:
+        reader.close(5)
+        lookupd.stop()
+    assert reader.join(10) and live_tasks() == []
+
+
 # -------------------------------- lookupd: nsqd it lists that the Reader cannot reach
 UNRESOLVABLE = "nsqd-0.nsqd.default.svc.cluster.local.invalid"  # (.invalid: never resolves, RFC 2606)
 

@@ -204,6 +204,37 @@ def test_an_nsqd_announcing_an_address_this_host_cannot_resolve_is_in_stats_and_
     assert channel(bad)["depth"] == 5  # (what the entry is about: messages nobody consumes)
 
 
+def test_a_misspelled_topic_is_warned_about_and_the_end_of_it_said(
+    nsq_cluster: LocalCluster, make_reader: Callable[..., Reader], caplog: pytest.LogCaptureFixture
+) -> None:
+    # SRE review: a Reader of "order" (the topic is "orders") logged only its INFO "starting"
+    # line in 45 s; stats() showed no connection and no failed lookupd query.
+    nsqd = nsq_cluster.nsqds[0]
+    nsqd.publish(TOPIC, b"for the real topic")
+    nsq_cluster.wait_for_producers(TOPIC, 1)
+    typo = TOPIC[:-1]
+    (lookupd,) = nsq_cluster.lookupd_http_addresses
+    got = threading.Event()
+    caplog.set_level(logging.WARNING, logger="nsq_sync.reader")
+    reader = make_reader(lambda m: got.set(), cls=_on(typo), lookupd_http_addresses=[lookupd], lookupd_poll_interval=0.2)
+    reader.no_producers_warn_after = 0.5
+    reader.start()
+
+    def said(what: str) -> List[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and what in r.getMessage()]
+
+    wait_until(lambda: said("nothing to consume from for"), TIMEOUT, message="the warning")
+    (warning,) = said("nothing to consume from for")
+    assert f"nsqlookupd {lookupd} list no nsqd for topic {typo!r}. No nsqd has topic {typo!r} registered: a misspelled topic" in warning, warning
+    stats = reader.stats()
+    assert stats["connections"] == [] and stats["lookupd"][0]["failed_queries"] == 0 and stats["no_producers_since"] is not None
+    nsqd.publish(typo, b"published after all")  # (nsqd registers the topic with nsqlookupd)
+    assert got.wait(TIMEOUT)
+    wait_until(lambda: said("with nothing to consume from"), TIMEOUT, message="the end said")
+    assert said("with nothing to consume from")[0].startswith(f"{reader.name}: nsqlookupd {lookupd} lists 1 nsqd for it again, after ")
+    assert reader.stats()["no_producers_since"] is None
+
+
 # ----------------------------------------- (2) failures, retries, giving up
 def test_failing_messages_come_back_with_more_attempts_then_are_given_up(nsqd: NsqdProcess, make_reader: Callable[..., Reader]) -> None:
     good = [b"good-%d" % i for i in range(15)]
