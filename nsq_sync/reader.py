@@ -2093,6 +2093,7 @@ class Reader:
             with self._lock:
                 answered, listed = self._lookupd_answers != answers, self._lookupd_found != found
                 lost = self._lookupd_lost_step(lost, new_loss)
+                waiting = self._describe_lost_locked() if lost and logger.isEnabledFor(logging.DEBUG) else ""
             # An nsqlookupd back from an outage knows no nsqd until they register again (at
             # their next ping, up to 15 s later): its first answers list none, so after failed
             # polls, an answer listing no nsqd does not end the quicker schedule.
@@ -2101,7 +2102,7 @@ class Reader:
             if failed:
                 logger.debug("%s: no lookupd answered or listed an nsqd (%d polls in a row since a failure); asking again in %.1f s", self.name, failed, delay)
             elif lost:
-                logger.debug("%s: a lost nsqd is not connected again (%d polls since); asking lookupd again in %.1f s", self.name, lost, delay)
+                logger.debug("%s: still not connected: %s (%d polls since); asking lookupd again in %.1f s", self.name, waiting, lost, delay)
             woken = self._lookupd_wake.wait(delay)
 
     def _lookupd_lost_step(self, lost: int, new_loss: bool) -> int:
@@ -2118,10 +2119,34 @@ class Reader:
             return 0
         lost = 1 if new_loss else lost + 1
         if self.lookupd_retry_base * 2.0 ** min(lost - 1, 40) >= self.lookupd_poll_interval:
-            logger.debug("%s: lookupd has not listed %s again; back to polling every %.1f s", self.name, sorted(self._lookupd_lost), self.lookupd_poll_interval)
+            if logger.isEnabledFor(logging.DEBUG):
+                # (An nsqd this poll's answer lists is being connected to as this is said: the
+                # line says so, rather than that lookupd has not listed it again.)
+                logger.debug(
+                    "%s: back to polling lookupd every %.1f s (%d polls since the loss or failure); still not connected: %s",
+                    self.name, self.lookupd_poll_interval, lost, self._describe_lost_locked(),
+                )  # fmt: skip
             self._lookupd_lost.clear()
             return 0
         return lost
+
+    def _describe_lost_locked(self, most: int = 5) -> str:
+        """The nsqd of the lost-nsqd schedule, for its DEBUG lines: each one's connection lost,
+        or never made since it was first tried, and whether the latest answer lists it (an
+        attempt under way, or failing) or not. The first *most* of them."""
+        parts = []
+        for address in sorted(self._lookupd_lost)[:most]:
+            down = self._down.get(address)
+            what = "" if down is None else "connection lost; " if down.was_connected else "not connected yet; "
+            if address in self._connecting or address in self._queued:
+                where = "listed, connecting"
+            elif address in self._listed_by:
+                where = "listed, its attempts failing"
+            else:
+                where = "not listed"
+            parts.append(f"{address} ({what}{where})")
+        more = len(self._lookupd_lost) - most
+        return ", ".join(parts) + (f" and {more} more" if more > 0 else "")
 
     def _lookupd_delay(self, failed: int) -> float:
         """Seconds until the next poll after *failed* polls in a row in which no lookupd answered

@@ -1439,10 +1439,11 @@ class _Lookupd:
     *failures*: ``(status, body)`` answers for the first requests, in order, before the real
     one. ``listening=False``: the port is bound but refuses connections (an nsqlookupd not
     started yet) until :meth:`listen`. ``times``: when each request came (monotonic).
+    ``producers`` may be a function of the request's number (1 for the first) instead.
     """
 
     def __init__(
-        self, producers: List[Dict[str, Any]], payload: Any = None, failures: Sequence[Tuple[int, bytes]] = (), listening: bool = True
+        self, producers: Any, payload: Any = None, failures: Sequence[Tuple[int, bytes]] = (), listening: bool = True
     ) -> None:
         self.producers = producers
         self.requests = 0
@@ -1457,7 +1458,8 @@ class _Lookupd:
                 if failing:
                     status, body = failing.pop(0)
                 else:
-                    answer = {"channels": [], "producers": outer.producers} if payload is None else payload
+                    producers = outer.producers(outer.requests) if callable(outer.producers) else outer.producers
+                    answer = {"channels": [], "producers": producers} if payload is None else payload
                     status, body = 200, json.dumps(answer).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -2145,6 +2147,73 @@ def test_a_failed_first_attempt_to_a_discovered_nsqd_starts_the_quicker_schedule
         reader.close(5)
         lookupd.stop()
         refusing.close()
+    assert reader.join(10) and live_tasks() == []
+
+
+def _schedule_lines(caplog: pytest.LogCaptureFixture) -> List[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG and ("still not connected" in r.getMessage() or "has not listed" in r.getMessage() or "lost nsqd" in r.getMessage())]
+
+
+def test_the_quicker_polls_for_an_nsqd_never_connected_do_not_call_it_lost_or_unlisted(backend: str, caplog: pytest.LogCaptureFixture) -> None:
+    # SRE review: "a lost nsqd is not connected again" was said of one never connected, and
+    # "lookupd has not listed ['...'] again; back to polling" of one every answer listed.
+    refusing = socket.socket()
+    refusing.bind(("127.0.0.1", 0))  # (bound, not listening: a connection is refused)
+    port = refusing.getsockname()[1]
+    lookupd = _Lookupd([{"broadcast_address": "127.0.0.1", "tcp_port": port, "http_port": 1}])
+    reader = Reader(
+        TOPIC, CHANNEL, lambda m: True, lookupd_http_addresses=lookupd.address,
+        lookupd_poll_interval=0.4, lookupd_poll_jitter=0, backend=backend,
+    )  # fmt: skip
+    reader.lookupd_retry_base = 0.1
+    caplog.set_level(logging.DEBUG, logger="nsq_sync.reader")
+    try:
+        reader.start()
+        wait_until(lambda: any("back to polling" in line for line in _schedule_lines(caplog)), WAIT, message="the end of the quicker polls")
+        lines = _schedule_lines(caplog)
+        assert lines and all(f"127.0.0.1:{port} (not connected yet; listed, " in line for line in lines), lines
+        assert not any("lost" in line or "not listed" in line for line in lines), lines
+    finally:
+        reader.close(5)
+        lookupd.stop()
+        refusing.close()
+    assert reader.join(10) and live_tasks() == []
+
+
+def test_the_quicker_polls_ending_in_the_poll_that_lists_the_lost_nsqd_again_say_so(
+    fake_nsqd: FakeNsqd, backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The schedule's last poll is the one whose answer lists the lost nsqd again: it is being
+    # connected to as the end of the schedule is said, which said lookupd had not listed it.
+    listed_from = [0]  # (set once the connection is lost: the request that lists it again)
+
+    def producers(request: int) -> List[Dict[str, Any]]:
+        return [_producer(fake_nsqd)] if not listed_from[0] or request >= listed_from[0] else []
+
+    lookupd = _Lookupd(producers)
+    reader = Reader(
+        TOPIC, CHANNEL, lambda m: True, lookupd_http_addresses=lookupd.address,
+        lookupd_poll_interval=0.4, lookupd_poll_jitter=0, backend=backend,
+    )  # fmt: skip
+    reader.lookupd_retry_base = 0.1
+    caplog.set_level(logging.DEBUG, logger="nsq_sync.reader")
+    try:
+        reader.start()
+        wait_until(lambda: reader.conns, WAIT, message="connected")
+        polled = lookupd.requests
+        wait_until(lambda: lookupd.requests > polled, WAIT, message="a poll")  # (the next is a whole interval away)
+        # the query the close triggers, then 0.1 and 0.2 s later: the third is the schedule's last
+        listed_from[0] = lookupd.requests + 3
+        fake_nsqd.close_client()
+        wait_until(lambda: lookupd.requests >= listed_from[0] and reader.conns, WAIT, message="connected again")
+        lines = _schedule_lines(caplog)
+        assert not any("has not listed" in line or "not listed" in line and "back to polling" in line for line in lines), lines
+        assert lines and all(f"{address(fake_nsqd)} (connection lost; " in line for line in lines), lines
+        if "back to polling" in lines[-1]:  # (not said if the connection came first: nothing was waited for)
+            assert lines[-1].endswith(f"still not connected: {address(fake_nsqd)} (connection lost; listed, connecting)"), lines
+    finally:
+        reader.close(5)
+        lookupd.stop()
     assert reader.join(10) and live_tasks() == []
 
 
