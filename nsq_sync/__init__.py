@@ -11,8 +11,8 @@ from .__about__ import __version__
 from .conn import AsyncConn
 from .dispatch import WorkerPool
 from . import events as event  # pynsq's nsq.event: nsq_sync.event.MESSAGE, ...
+from . import errors as _errors
 from .errors import *  # noqa: F401,F403 - the whole error tree is public
-from .errors import __all__ as _errors_all
 from .helpers import (
     FRAME_TYPE_ERROR,
     FRAME_TYPE_MESSAGE,
@@ -70,7 +70,9 @@ __all__ = [
     "unpack_response",
     "valid_channel_name",
     "valid_topic_name",
-] + list(_errors_all)
+]
+# (the forms mypy and pyright read: a list of str, and += <module>.__all__; tests/unit/test_exports.py)
+__all__ += _errors.__all__
 
 _LAZY = {
     "Reader": ("reader", "Reader"),
