@@ -154,3 +154,48 @@ def test_static_all_reader_refuses_other_forms(tmp_path):
         path.write_text(source)
         with pytest.raises(AssertionError):
             _static_all(path)
+
+
+def _module_level_blocks():
+    """nsq_sync/__init__.py's ``if TYPE_CHECKING:`` block and its ``else:`` (ast statements)."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse(Path(nsq_sync.__file__).read_text(encoding="utf-8"))
+    blocks = [
+        node for node in tree.body
+        if isinstance(node, ast.If) and isinstance(node.test, (ast.Name, ast.Attribute))
+        and (node.test.id if isinstance(node.test, ast.Name) else node.test.attr) == "TYPE_CHECKING"
+    ]
+    assert len(blocks) == 1
+    return tree, blocks[0].body, blocks[0].orelse
+
+
+def test_lazy_names_are_imported_for_type_checkers():
+    """Reader and the HTTP clients load on first use (a module ``__getattr__``, which type checkers
+    do not see): checkers see them through ``if TYPE_CHECKING:`` imports, which must name exactly
+    the lazily loaded names, from the modules they load from (they were ``Any`` to checkers)."""
+    import ast
+
+    _, checking, _ = _module_level_blocks()
+    imported = {}
+    for node in checking:
+        assert isinstance(node, ast.ImportFrom) and node.level == 1, ast.dump(node)
+        for alias in node.names:
+            imported[alias.asname or alias.name] = (node.module, alias.name)
+    assert imported == nsq_sync._LAZY
+    for name, (module, attr) in imported.items():
+        assert getattr(nsq_sync, name) is getattr(__import__(f"nsq_sync.{module}", fromlist=[attr]), attr)
+
+
+def test_module_getattr_is_hidden_from_type_checkers():
+    """A module ``__getattr__`` a type checker sees makes every attribute of nsq_sync valid to it
+    (a misspelled ``nsq_sync.Rader`` too): it is defined only in the ``else:`` of ``if TYPE_CHECKING``."""
+    import ast
+
+    tree, _, runtime = _module_level_blocks()
+    top_level = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+    assert "__getattr__" not in top_level
+    assert "__getattr__" in {node.name for node in runtime if isinstance(node, ast.FunctionDef)}
+    with pytest.raises(AttributeError, match="Rader"):
+        nsq_sync.Rader  # noqa: B018
