@@ -104,3 +104,6 @@ else:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
+
+
+del annotations  # (bound by the __future__ import: not a name of the package)

@@ -199,3 +199,17 @@ def test_module_getattr_is_hidden_from_type_checkers():
     assert "__getattr__" in {node.name for node in runtime if isinstance(node, ast.FunctionDef)}
     with pytest.raises(AttributeError, match="Rader"):
         nsq_sync.Rader  # noqa: B018
+
+
+def test_no_stray_public_names():
+    """Every public name of nsq_sync is in __all__ or is one of its submodules: names bound only
+    by its own imports (typing's Any and List, __future__'s ``annotations``) do not leak."""
+    import types
+
+    stray = [
+        name for name, value in vars(nsq_sync).items()
+        if not name.startswith("_") and name.isidentifier()  # (pytest's assertion rewriting adds "@pytest_ar")
+        and name not in nsq_sync.__all__
+        and not (isinstance(value, types.ModuleType) and value.__name__ == f"nsq_sync.{name}")
+    ]
+    assert stray == []
