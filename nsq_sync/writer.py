@@ -48,7 +48,7 @@ from .errors import (
 )
 from .lifecycle import forget_parents_in_child, register, uwsgi_state
 from .protocol import commands
-from .protocol.commands import MAX_BODY_SIZE as _MAX_BODY_SIZE, _PUB_HEADS as _pub_heads, _pack_size
+from .protocol.commands import MAX_BODY_SIZE as _MAX_BODY_SIZE, MessageBody, _PUB_HEADS as _pub_heads, _pack_size
 from .protocol.identify import check_number, check_timeout
 
 __all__ = ["Writer"]
@@ -56,6 +56,9 @@ __all__ = ["Writer"]
 logger = logging.getLogger(__name__)
 
 Callback = Callable[[Optional[AsyncConn], Any], Any]
+#: what mpub() takes: an iterable of bodies, or one bytes-like body (a list of one, as pynsq's
+#: Writer.mpub; a str is refused at run time, which no annotation can say: it is an Iterable[str])
+MessageBodies = Union[Iterable[MessageBody], bytes, bytearray, memoryview]
 _RETRYABLE = (ConnectionClosedError, SendError)
 #: nsqd's answers to a publish it did not store (nsqd v1.3.0, protocol_v2.go: Topic.PutMessage
 #: or PutMessages failed, because the topic is exiting, deleted or nsqd shutting down, or its
@@ -739,7 +742,7 @@ class Writer:
         return f"<Writer {[n.address for n in self._nodes]} connected={len(self._connected)}>"
 
     # ------------------------------------------------------------ publishing
-    def pub(self, topic: str, msg: Any, callback: Optional[Callback] = None, timeout: Optional[float] = None) -> Any:
+    def pub(self, topic: str, msg: MessageBody, callback: Optional[Callback] = None, timeout: Optional[float] = None) -> Any:
         """Publish one message.
 
         Without *callback*: block until nsqd answers and return its answer (b"OK"). Raises the
@@ -811,7 +814,7 @@ class Writer:
                 return head + _pack_size(size) + msg
         return self._checked(commands.pub(topic, msg), topic)
 
-    def mpub(self, topic: str, msgs: Iterable[Any], callback: Optional[Callback] = None, timeout: Optional[float] = None) -> Any:
+    def mpub(self, topic: str, msgs: MessageBodies, callback: Optional[Callback] = None, timeout: Optional[float] = None) -> Any:
         """Publish several messages atomically (MPUB); same contract as :meth:`pub`. Zero messages
         is a ConfigError. One bytes-like body is taken as a list of one, as pynsq does (a str is
         refused: iterating it would publish each character)."""
@@ -820,25 +823,25 @@ class Writer:
             return self._publish_blocking(data, timeout)
         return self._publish(data, callback, timeout)
 
-    def dpub(self, topic: str, delay_ms: int, msg: Any, callback: Optional[Callback] = None, timeout: Optional[float] = None) -> Any:
+    def dpub(self, topic: str, delay_ms: int, msg: MessageBody, callback: Optional[Callback] = None, timeout: Optional[float] = None) -> Any:
         """Publish one message delivered after *delay_ms* (0..3,600,000); same contract as :meth:`pub`."""
         return self._publish(self._checked(commands.dpub(topic, delay_ms, msg), topic), callback, timeout)
 
-    def pub_async(self, topic: str, msg: Any, timeout: Optional[float] = None) -> "Future[bytes]":
+    def pub_async(self, topic: str, msg: MessageBody, timeout: Optional[float] = None) -> "Future[bytes]":
         """Publish without blocking; the Future resolves to b"OK" or fails with the error :meth:`pub` would raise."""
         return self._submit(self._pub_command(topic, msg), timeout)
 
-    def mpub_async(self, topic: str, msgs: Iterable[Any], timeout: Optional[float] = None) -> "Future[bytes]":
+    def mpub_async(self, topic: str, msgs: MessageBodies, timeout: Optional[float] = None) -> "Future[bytes]":
         """:meth:`mpub` returning a Future."""
         return self._submit(self._mpub_command(topic, msgs), timeout)
 
-    def _mpub_command(self, topic: str, msgs: Iterable[Any]) -> bytes:
+    def _mpub_command(self, topic: str, msgs: MessageBodies) -> bytes:
         """MPUB's bytes, checked; one bytes-like body is a list of one (pynsq's Writer.mpub)."""
         if isinstance(msgs, (bytes, bytearray, memoryview)):
             msgs = [msgs]
         return self._checked_multi(*commands.mpub_parts(topic, msgs))
 
-    def dpub_async(self, topic: str, delay_ms: int, msg: Any, timeout: Optional[float] = None) -> "Future[bytes]":
+    def dpub_async(self, topic: str, delay_ms: int, msg: MessageBody, timeout: Optional[float] = None) -> "Future[bytes]":
         """:meth:`dpub` returning a Future."""
         return self._submit(self._checked(commands.dpub(topic, delay_ms, msg), topic), timeout)
 
