@@ -21,7 +21,7 @@ import time
 import weakref
 from concurrent import futures
 from concurrent.futures import Future
-from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple, Union, overload
 
 from .addresses import address_key, parse_addresses
 from .backends import Backend, gevent_patched, get_backend
@@ -742,7 +742,13 @@ class Writer:
         return f"<Writer {[n.address for n in self._nodes]} connected={len(self._connected)}>"
 
     # ------------------------------------------------------------ publishing
-    def pub(self, topic: str, msg: MessageBody, callback: Optional[Callback] = None, timeout: Optional[float] = None) -> Any:
+    # (The overloads say what pub/mpub/dpub return, b"OK" or None with a callback; they are
+    # declarations for type checkers only, and the definition after them is the method.)
+    @overload
+    def pub(self, topic: str, msg: MessageBody, callback: None = None, timeout: Optional[float] = None) -> bytes: ...
+    @overload
+    def pub(self, topic: str, msg: MessageBody, callback: Callback, timeout: Optional[float] = None) -> None: ...
+    def pub(self, topic: str, msg: MessageBody, callback: Optional[Callback] = None, timeout: Optional[float] = None) -> Optional[bytes]:
         """Publish one message.
 
         Without *callback*: block until nsqd answers and return its answer (b"OK"). Raises the
@@ -814,7 +820,11 @@ class Writer:
                 return head + _pack_size(size) + msg
         return self._checked(commands.pub(topic, msg), topic)
 
-    def mpub(self, topic: str, msgs: MessageBodies, callback: Optional[Callback] = None, timeout: Optional[float] = None) -> Any:
+    @overload
+    def mpub(self, topic: str, msgs: MessageBodies, callback: None = None, timeout: Optional[float] = None) -> bytes: ...
+    @overload
+    def mpub(self, topic: str, msgs: MessageBodies, callback: Callback, timeout: Optional[float] = None) -> None: ...
+    def mpub(self, topic: str, msgs: MessageBodies, callback: Optional[Callback] = None, timeout: Optional[float] = None) -> Optional[bytes]:
         """Publish several messages atomically (MPUB); same contract as :meth:`pub`. Zero messages
         is a ConfigError. One bytes-like body is taken as a list of one, as pynsq does (a str is
         refused: iterating it would publish each character)."""
@@ -823,7 +833,13 @@ class Writer:
             return self._publish_blocking(data, timeout)
         return self._publish(data, callback, timeout)
 
-    def dpub(self, topic: str, delay_ms: int, msg: MessageBody, callback: Optional[Callback] = None, timeout: Optional[float] = None) -> Any:
+    @overload
+    def dpub(self, topic: str, delay_ms: int, msg: MessageBody, callback: None = None, timeout: Optional[float] = None) -> bytes: ...
+    @overload
+    def dpub(self, topic: str, delay_ms: int, msg: MessageBody, callback: Callback, timeout: Optional[float] = None) -> None: ...
+    def dpub(
+        self, topic: str, delay_ms: int, msg: MessageBody, callback: Optional[Callback] = None, timeout: Optional[float] = None
+    ) -> Optional[bytes]:
         """Publish one message delivered after *delay_ms* (0..3,600,000); same contract as :meth:`pub`."""
         return self._publish(self._checked(commands.dpub(topic, delay_ms, msg), topic), callback, timeout)
 
@@ -869,7 +885,7 @@ class Writer:
                 raise ConfigError("msgs", f"<a message of {largest} bytes>", f"exceeds max_msg_size ({limit} bytes, nsqd's --max-msg-size)")
         return data
 
-    def _publish(self, data: bytes, callback: Optional[Callback], timeout: Optional[float]) -> Any:
+    def _publish(self, data: bytes, callback: Optional[Callback], timeout: Optional[float]) -> Optional[bytes]:
         if callback is not None:
             if not callable(callback):
                 raise TypeError(f"callback must be callable, not {type(callback).__name__}")
