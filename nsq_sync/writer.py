@@ -21,9 +21,9 @@ import time
 import weakref
 from concurrent import futures
 from concurrent.futures import Future
-from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple, Union, overload
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple, Union, overload
 
-from .addresses import address_key, parse_addresses
+from .addresses import Addresses, address_key, parse_addresses
 from .backends import Backend, gevent_patched, get_backend
 from .backoff import exponential_delay
 from .conn import AsyncConn
@@ -248,7 +248,7 @@ class Writer:
 
     def __init__(
         self,
-        nsqd_tcp_addresses: Union[str, Sequence[str]],
+        nsqd_tcp_addresses: Addresses,
         *,
         publish_timeout: float = 10.0,
         retries: int = 0,
