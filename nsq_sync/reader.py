@@ -503,6 +503,14 @@ class Reader:
         max_connect_attempts: int = 32,
         **conn_kwargs: Any,
     ) -> None:
+        # Keywords first, as Python itself reports an unknown one before the call runs: a
+        # misspelled nsqd_tcp_addresse= is named as such, not taken for no address at all.
+        unknown = sorted(set(conn_kwargs) - _CONN_PARAMS)
+        if unknown:
+            raise TypeError(f"Reader() got unexpected keyword argument(s) {', '.join(map(repr, unknown))} (not AsyncConn parameters either)")
+        reserved = sorted(set(conn_kwargs) & _RESERVED_CONN_KWARGS)
+        if reserved:
+            raise ConfigError(reserved[0], conn_kwargs[reserved[0]], "is set by the Reader for each connection")
         self.topic = check_topic(topic)
         self.channel = check_channel(channel)
         if message_handler is not None:
@@ -569,12 +577,6 @@ class Reader:
         elif not callable(getattr(backoff_strategy, "calculate", None)):
             raise TypeError("backoff_strategy must have a calculate(level) -> seconds method")
 
-        unknown = sorted(set(conn_kwargs) - _CONN_PARAMS)
-        if unknown:
-            raise TypeError(f"Reader() got unexpected keyword argument(s) {', '.join(map(repr, unknown))} (not AsyncConn parameters either)")
-        reserved = sorted(set(conn_kwargs) & _RESERVED_CONN_KWARGS)
-        if reserved:
-            raise ConfigError(reserved[0], conn_kwargs[reserved[0]], "is set by the Reader for each connection")
         self._backend = get_backend(backend)
         # Eager validation: AsyncConn checks every value in its constructor (no I/O, no task).
         AsyncConn("127.0.0.1", 4150, backend=self._backend, **conn_kwargs)

@@ -262,6 +262,14 @@ class Writer:
         backend: Union[None, str, Backend] = None,
         **conn_kwargs: Any,
     ) -> None:
+        # Keywords first, as Python itself reports an unknown one before the call runs (a
+        # misspelled keyword is named as such, whatever else is wrong).
+        if "worker_pool" in conn_kwargs:
+            raise TypeError("Writer() manages its own worker_pool")
+        unknown = sorted(set(conn_kwargs) - _conn_params())
+        if unknown:
+            # (AsyncConn would name itself: the caller wrote Writer(...))
+            raise TypeError(f"Writer() got unexpected keyword argument(s) {', '.join(map(repr, unknown))} (not AsyncConn parameters either)")
         if name is not None and (not isinstance(name, str) or not name):
             raise ConfigError("name", name, "must be a non-empty string")
         addresses = parse_addresses(nsqd_tcp_addresses)
@@ -275,12 +283,6 @@ class Writer:
         check_number("reconnect_interval", reconnect_interval, 0.001, 3600)
         check_number("max_reconnect_interval", max_reconnect_interval, 0.001, 3600)
         check_number("max_connections_per_nsqd", max_connections_per_nsqd, 1, 64, integer=True)
-        if "worker_pool" in conn_kwargs:
-            raise TypeError("Writer() manages its own worker_pool")
-        unknown = sorted(set(conn_kwargs) - _conn_params())
-        if unknown:
-            # (AsyncConn would name itself: the caller wrote Writer(...))
-            raise TypeError(f"Writer() got unexpected keyword argument(s) {', '.join(map(repr, unknown))} (not AsyncConn parameters either)")
         # Validate every connection parameter now (raises TypeError/ConfigError), not in a background task.
         AsyncConn(addresses[0][0], addresses[0][1], backend=backend, **conn_kwargs)
         self.name = name or "nsq_sync.Writer"
