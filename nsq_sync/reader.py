@@ -69,13 +69,13 @@ import threading
 import time
 import weakref
 from concurrent import futures
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Union
 
 from . import lifecycle
 from .lifecycle import forget_parents_in_child, uwsgi_state
 from .backends import Backend, get_backend
 from .addresses import address_key as _address_key
-from .addresses import parse_addresses
+from .addresses import Addresses, parse_addresses
 from .backoff import ExponentialBackoff, exponential_delay
 from .conn import NO_HEARTBEAT_SUB, AsyncConn, WarningTally
 from .dispatch import WorkerPool, call_refusal
@@ -324,8 +324,8 @@ class Reader:
         backoff, an exception -> REQ with backoff (traceback logged); after
         ``message.enable_async()`` your code answers later, from any thread. A plain
         callable: a coroutine (``async def``) or generator function is refused (TypeError)
-    :param nsqd_tcp_addresses: ``"host:port"`` or a list of them; reconnected with
-        exponential backoff and jitter until close()
+    :param nsqd_tcp_addresses: ``"host:port"``, a (host, port) pair (int port), or a list or
+        tuple of them; reconnected with exponential backoff and jitter until close()
     :param lookupd_http_addresses: ``"host:port"``/``"http://host:port"`` or a list;
         polled one per tick, round-robin, trying the next on failure
     :param max_in_flight: messages in flight over all connections (0 starts paused)
@@ -388,8 +388,8 @@ class Reader:
         channel: str,
         message_handler: Optional[MessageHandler] = None,
         *,
-        nsqd_tcp_addresses: Union[None, str, Sequence[str]] = None,
-        lookupd_http_addresses: Union[None, str, Sequence[str]] = None,
+        nsqd_tcp_addresses: Optional[Addresses] = None,
+        lookupd_http_addresses: Union[None, str, Iterable[str]] = None,
         max_in_flight: int = 1,
         max_tries: int = 5,
         max_backoff_duration: float = 128,
@@ -408,6 +408,14 @@ class Reader:
         max_connect_attempts: int = 32,
         **conn_kwargs: Any,
     ) -> None:
+        # Keywords first, as Python itself reports an unknown one before the call runs: a
+        # misspelled nsqd_tcp_addresse= is named as such, not taken for no address at all.
+        unknown = sorted(set(conn_kwargs) - _CONN_PARAMS)
+        if unknown:
+            raise TypeError(f"Reader() got unexpected keyword argument(s) {', '.join(map(repr, unknown))} (not AsyncConn parameters either)")
+        reserved = sorted(set(conn_kwargs) & _RESERVED_CONN_KWARGS)
+        if reserved:
+            raise ConfigError(reserved[0], conn_kwargs[reserved[0]], "is set by the Reader for each connection")
         self.topic = check_topic(topic)
         self.channel = check_channel(channel)
         if message_handler is not None:
@@ -474,12 +482,6 @@ class Reader:
         elif not callable(getattr(backoff_strategy, "calculate", None)):
             raise TypeError("backoff_strategy must have a calculate(level) -> seconds method")
 
-        unknown = sorted(set(conn_kwargs) - _CONN_PARAMS)
-        if unknown:
-            raise TypeError(f"Reader() got unexpected keyword argument(s) {', '.join(map(repr, unknown))} (not AsyncConn parameters either)")
-        reserved = sorted(set(conn_kwargs) & _RESERVED_CONN_KWARGS)
-        if reserved:
-            raise ConfigError(reserved[0], conn_kwargs[reserved[0]], "is set by the Reader for each connection")
         self._backend = get_backend(backend)
         # Eager validation: AsyncConn checks every value in its constructor (no I/O, no task).
         AsyncConn("127.0.0.1", 4150, backend=self._backend, **conn_kwargs)

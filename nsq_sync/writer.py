@@ -21,9 +21,9 @@ import time
 import weakref
 from concurrent import futures
 from concurrent.futures import Future
-from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple, Union, overload
 
-from .addresses import address_key, parse_addresses
+from .addresses import Addresses, address_key, parse_addresses
 from .backends import Backend, gevent_patched, get_backend
 from .backoff import exponential_delay
 from .conn import AsyncConn
@@ -48,7 +48,7 @@ from .errors import (
 )
 from .lifecycle import forget_parents_in_child, register, uwsgi_state
 from .protocol import commands
-from .protocol.commands import MAX_BODY_SIZE as _MAX_BODY_SIZE, _PUB_HEADS as _pub_heads, _pack_size
+from .protocol.commands import MAX_BODY_SIZE as _MAX_BODY_SIZE, MessageBody, _PUB_HEADS as _pub_heads, _pack_size
 from .protocol.identify import check_number, check_timeout
 
 __all__ = ["Writer"]
@@ -56,6 +56,9 @@ __all__ = ["Writer"]
 logger = logging.getLogger(__name__)
 
 Callback = Callable[[Optional[AsyncConn], Any], Any]
+#: what mpub() takes: an iterable of bodies, or one bytes-like body (a list of one, as pynsq's
+#: Writer.mpub; a str is refused at run time, which no annotation can say: it is an Iterable[str])
+MessageBodies = Union[Iterable[MessageBody], bytes, bytearray, memoryview]
 _RETRYABLE = (ConnectionClosedError, SendError)
 #: nsqd's answers to a publish it did not store (nsqd v1.3.0, protocol_v2.go: Topic.PutMessage
 #: or PutMessages failed, because the topic is exiting, deleted or nsqd shutting down, or its
@@ -245,7 +248,7 @@ class Writer:
 
     def __init__(
         self,
-        nsqd_tcp_addresses: Union[str, Sequence[str]],
+        nsqd_tcp_addresses: Addresses,
         *,
         publish_timeout: float = 10.0,
         retries: int = 0,
@@ -259,6 +262,14 @@ class Writer:
         backend: Union[None, str, Backend] = None,
         **conn_kwargs: Any,
     ) -> None:
+        # Keywords first, as Python itself reports an unknown one before the call runs (a
+        # misspelled keyword is named as such, whatever else is wrong).
+        if "worker_pool" in conn_kwargs:
+            raise TypeError("Writer() manages its own worker_pool")
+        unknown = sorted(set(conn_kwargs) - _conn_params())
+        if unknown:
+            # (AsyncConn would name itself: the caller wrote Writer(...))
+            raise TypeError(f"Writer() got unexpected keyword argument(s) {', '.join(map(repr, unknown))} (not AsyncConn parameters either)")
         if name is not None and (not isinstance(name, str) or not name):
             raise ConfigError("name", name, "must be a non-empty string")
         addresses = parse_addresses(nsqd_tcp_addresses)
@@ -272,12 +283,6 @@ class Writer:
         check_number("reconnect_interval", reconnect_interval, 0.001, 3600)
         check_number("max_reconnect_interval", max_reconnect_interval, 0.001, 3600)
         check_number("max_connections_per_nsqd", max_connections_per_nsqd, 1, 64, integer=True)
-        if "worker_pool" in conn_kwargs:
-            raise TypeError("Writer() manages its own worker_pool")
-        unknown = sorted(set(conn_kwargs) - _conn_params())
-        if unknown:
-            # (AsyncConn would name itself: the caller wrote Writer(...))
-            raise TypeError(f"Writer() got unexpected keyword argument(s) {', '.join(map(repr, unknown))} (not AsyncConn parameters either)")
         # Validate every connection parameter now (raises TypeError/ConfigError), not in a background task.
         AsyncConn(addresses[0][0], addresses[0][1], backend=backend, **conn_kwargs)
         self.name = name or "nsq_sync.Writer"
@@ -739,7 +744,13 @@ class Writer:
         return f"<Writer {[n.address for n in self._nodes]} connected={len(self._connected)}>"
 
     # ------------------------------------------------------------ publishing
-    def pub(self, topic: str, msg: Any, callback: Optional[Callback] = None, timeout: Optional[float] = None) -> Any:
+    # (The overloads say what pub/mpub/dpub return, b"OK" or None with a callback; they are
+    # declarations for type checkers only, and the definition after them is the method.)
+    @overload
+    def pub(self, topic: str, msg: MessageBody, callback: None = None, timeout: Optional[float] = None) -> bytes: ...
+    @overload
+    def pub(self, topic: str, msg: MessageBody, callback: Callback, timeout: Optional[float] = None) -> None: ...
+    def pub(self, topic: str, msg: MessageBody, callback: Optional[Callback] = None, timeout: Optional[float] = None) -> Optional[bytes]:
         """Publish one message.
 
         Without *callback*: block until nsqd answers and return its answer (b"OK"). Raises the
@@ -811,7 +822,11 @@ class Writer:
                 return head + _pack_size(size) + msg
         return self._checked(commands.pub(topic, msg), topic)
 
-    def mpub(self, topic: str, msgs: Iterable[Any], callback: Optional[Callback] = None, timeout: Optional[float] = None) -> Any:
+    @overload
+    def mpub(self, topic: str, msgs: MessageBodies, callback: None = None, timeout: Optional[float] = None) -> bytes: ...
+    @overload
+    def mpub(self, topic: str, msgs: MessageBodies, callback: Callback, timeout: Optional[float] = None) -> None: ...
+    def mpub(self, topic: str, msgs: MessageBodies, callback: Optional[Callback] = None, timeout: Optional[float] = None) -> Optional[bytes]:
         """Publish several messages atomically (MPUB); same contract as :meth:`pub`. Zero messages
         is a ConfigError. One bytes-like body is taken as a list of one, as pynsq does (a str is
         refused: iterating it would publish each character)."""
@@ -820,25 +835,31 @@ class Writer:
             return self._publish_blocking(data, timeout)
         return self._publish(data, callback, timeout)
 
-    def dpub(self, topic: str, delay_ms: int, msg: Any, callback: Optional[Callback] = None, timeout: Optional[float] = None) -> Any:
+    @overload
+    def dpub(self, topic: str, delay_ms: int, msg: MessageBody, callback: None = None, timeout: Optional[float] = None) -> bytes: ...
+    @overload
+    def dpub(self, topic: str, delay_ms: int, msg: MessageBody, callback: Callback, timeout: Optional[float] = None) -> None: ...
+    def dpub(
+        self, topic: str, delay_ms: int, msg: MessageBody, callback: Optional[Callback] = None, timeout: Optional[float] = None
+    ) -> Optional[bytes]:
         """Publish one message delivered after *delay_ms* (0..3,600,000); same contract as :meth:`pub`."""
         return self._publish(self._checked(commands.dpub(topic, delay_ms, msg), topic), callback, timeout)
 
-    def pub_async(self, topic: str, msg: Any, timeout: Optional[float] = None) -> "Future[bytes]":
+    def pub_async(self, topic: str, msg: MessageBody, timeout: Optional[float] = None) -> "Future[bytes]":
         """Publish without blocking; the Future resolves to b"OK" or fails with the error :meth:`pub` would raise."""
         return self._submit(self._pub_command(topic, msg), timeout)
 
-    def mpub_async(self, topic: str, msgs: Iterable[Any], timeout: Optional[float] = None) -> "Future[bytes]":
+    def mpub_async(self, topic: str, msgs: MessageBodies, timeout: Optional[float] = None) -> "Future[bytes]":
         """:meth:`mpub` returning a Future."""
         return self._submit(self._mpub_command(topic, msgs), timeout)
 
-    def _mpub_command(self, topic: str, msgs: Iterable[Any]) -> bytes:
+    def _mpub_command(self, topic: str, msgs: MessageBodies) -> bytes:
         """MPUB's bytes, checked; one bytes-like body is a list of one (pynsq's Writer.mpub)."""
         if isinstance(msgs, (bytes, bytearray, memoryview)):
             msgs = [msgs]
         return self._checked_multi(*commands.mpub_parts(topic, msgs))
 
-    def dpub_async(self, topic: str, delay_ms: int, msg: Any, timeout: Optional[float] = None) -> "Future[bytes]":
+    def dpub_async(self, topic: str, delay_ms: int, msg: MessageBody, timeout: Optional[float] = None) -> "Future[bytes]":
         """:meth:`dpub` returning a Future."""
         return self._submit(self._checked(commands.dpub(topic, delay_ms, msg), topic), timeout)
 
@@ -866,7 +887,7 @@ class Writer:
                 raise ConfigError("msgs", f"<a message of {largest} bytes>", f"exceeds max_msg_size ({limit} bytes, nsqd's --max-msg-size)")
         return data
 
-    def _publish(self, data: bytes, callback: Optional[Callback], timeout: Optional[float]) -> Any:
+    def _publish(self, data: bytes, callback: Optional[Callback], timeout: Optional[float]) -> Optional[bytes]:
         if callback is not None:
             if not callable(callback):
                 raise TypeError(f"callback must be callable, not {type(callback).__name__}")
