@@ -72,6 +72,9 @@ FATAL_CLOSE_WARN_SECONDS = 30.0
 #: a node waiting out its reconnect delay tries again when a publish waits for a connection
 #: (see Writer._hurry), but no sooner than this after its previous attempt began
 HURRY_GAP_SECONDS = 0.5
+#: while an nsqd stays unreachable, a warning says so at most this often (the first failed
+#: attempt of an outage is a warning; the attempts in between are logged at debug)
+STILL_DOWN_WARN_SECONDS = 60.0
 #: entries in a deadline queue (FIFO or heap) before the answered ones anywhere in it are swept
 #: out (one unanswered publish at the head holds the rest); the next sweep waits for twice as many
 _SWEEP_AT = 4096
@@ -159,7 +162,8 @@ def _refusal(error: BaseException, authed_before: bool) -> bool:
 class _Node:
     __slots__ = (
         "host", "port", "conn", "task", "attempts", "last_error", "refused", "authed", "started", "ended", "lanes", "free", "growing", "grow_after",
-        "pass_until", "warned_at", "quiet_closes", "wake", "tried_at",
+        "pass_until", "warned_at", "quiet_closes", "wake", "tried_at", "down_since", "down_at", "failures", "down_warned_at",
+        "ever_connected",
     )
 
     def __init__(self, host: str, port: int) -> None:
@@ -198,6 +202,17 @@ class _Node:
         self.wake: Any = None
         #: when the node task's latest attempt to connect began
         self.tried_at = 0.0
+        #: since when it has had no connection (time.time(), and time.monotonic() for durations):
+        #: its connection closed, or its first attempt to connect failed; None while connected
+        #: (or before the first attempt ends)
+        self.down_since: Optional[float] = None
+        self.down_at = 0.0
+        #: attempts to connect that failed since it was last connected (or since the start)
+        self.failures = 0
+        #: when the latest warning that it cannot be reached was logged (time.monotonic()), None
+        #: when none was in this outage: a connection that comes back after one says so
+        self.down_warned_at: Optional[float] = None
+        self.ever_connected = False
 
     @property
     def address(self) -> str:
@@ -441,7 +456,6 @@ class Writer:
         override it in a subclass, as with pynsq's Writer, to watch connections."""
 
     def _node_loop(self, node: _Node) -> None:
-        hurried = False
         while not self._stopping.is_set():
             conn = self._new_conn(node)
             node.started += 1
@@ -452,18 +466,18 @@ class Writer:
                 node.attempts += 1
                 node.last_error = exc
                 node.refused = exc if _refusal(exc, node.authed) else None
+                node.failures += 1
+                if node.down_since is None:
+                    node.down_since, node.down_at = time.time(), time.monotonic()
                 node.ended += 1
                 delay = exponential_delay(node.attempts, self.reconnect_interval, self.max_reconnect_interval)
-                # (an attempt a waiting publish hurried is one of many, every HURRY_GAP_SECONDS)
-                log = logger.debug if hurried else logger.warning
-                log("%scannot connect to %s (%s); retrying in %.1fs", self._log_prefix, node.address, exc, delay)
+                self._log_failed_attempt(node, exc, delay)
                 self._attempt_ended()
-                hurried = self._backoff(node, delay)
+                self._backoff(node, delay)
                 continue
             node.attempts = 0
             node.refused = None
             node.ended += 1
-            hurried = False
             node.wake.clear()  # (a hurry for the attempt that just succeeded)
             if conn.auth_response is not None:
                 node.authed = True
@@ -479,7 +493,10 @@ class Writer:
                 conn.close()
                 break
             self._attempt_ended()
-            logger.info("%sconnected to %s", self._log_prefix, node.address)
+            self._log_connected(node)
+            node.failures = 0
+            node.down_since = node.down_warned_at = None
+            node.ever_connected = True
             conn.wait_closed()
             with self._lock:
                 node.conn = None
@@ -498,18 +515,57 @@ class Writer:
                     self._log_fatal_close(node, conn.error)
                     continue
                 node.attempts += 1
+                node.down_since, node.down_at = time.time(), time.monotonic()
                 delay = exponential_delay(node.attempts, self.reconnect_interval, self.max_reconnect_interval)
-                logger.warning("%sconnection to %s closed (%s); reconnecting in %.1fs", self._log_prefix, node.address, conn.error, delay)
-                hurried = self._backoff(node, delay)
+                logger.warning("%sconnection to %s closed (%s); reconnecting in %s", self._log_prefix, node.address, conn.error, self._when_next(node, delay))
+                self._backoff(node, delay)
+
+    def _when_next(self, node: _Node, delay: float) -> str:
+        """When *node*'s next attempt to connect begins, for a log line: after *delay*, or
+        sooner while publishes wait for a connection (see _hurry; not for a refused node)."""
+        if node.refused is not None:
+            return f"{delay:.1f}s"
+        return f"{delay:.1f}s, or every {HURRY_GAP_SECONDS:g}s while publishes wait for a connection"
+
+    def _log_failed_attempt(self, node: _Node, error: BaseException, delay: float) -> None:
+        """Log a failed attempt to connect to *node*: a warning for the first of an outage, then
+        one at most every STILL_DOWN_WARN_SECONDS saying how long and how many attempts; the
+        others at debug. The same whether publishes are waiting (attempts every
+        HURRY_GAP_SECONDS) or not (the backoff delay)."""
+        now = time.monotonic()
+        if node.down_warned_at is None:
+            node.down_warned_at = now
+            logger.warning("%scannot connect to %s (%s); retrying in %s", self._log_prefix, node.address, error, self._when_next(node, delay))
+        elif now - node.down_warned_at >= STILL_DOWN_WARN_SECONDS:
+            node.down_warned_at = now
+            logger.warning(
+                "%sstill cannot connect to %s: down %.0fs, %d failed attempt(s), last error: %s; retrying in %s",
+                self._log_prefix, node.address, now - node.down_at, node.failures, error, self._when_next(node, delay),
+            )
+        else:
+            logger.debug("%scannot connect to %s (%s; attempt %d); retrying in %s", self._log_prefix, node.address, error, node.failures, self._when_next(node, delay))
+
+    def _log_connected(self, node: _Node) -> None:
+        """Log a connection to *node*: a warning when it ends an outage, which was warned about
+        (the close, or the first failed attempt: see _log_failed_attempt), else at info."""
+        if node.down_since is None:
+            logger.info("%sconnected to %s", self._log_prefix, node.address)
+            return
+        logger.warning(
+            "%s%s %s after %.1fs (%d failed attempt(s))", self._log_prefix, "reconnected to" if node.ever_connected else "connected to",
+            node.address, time.monotonic() - node.down_at, node.failures,
+        )
 
     def _backoff(self, node: _Node, delay: float) -> bool:
         """Wait out *node*'s reconnect delay, or less when a publish waiting for a connection
         hurries it (see _hurry): then the next attempt begins HURRY_GAP_SECONDS after the
-        previous one did, or at once. Returns whether it was hurried. close() ends the wait."""
+        previous one did (or when the delay ends, if sooner), or at once. Returns whether it was hurried. close() ends the wait."""
         wake = node.wake
+        due = time.monotonic() + delay
         hurried = wake.wait(delay) and not self._stopping.is_set()
         if hurried:
-            gap = node.tried_at + HURRY_GAP_SECONDS - time.monotonic()
+            # (never later than the delay would have ended: a short reconnect_interval)
+            gap = min(node.tried_at + HURRY_GAP_SECONDS, due) - time.monotonic()
             if gap > 0:
                 self._stopping.wait(gap)
         wake.clear()  # (a hurry from here on is for the next delay)
