@@ -326,6 +326,12 @@ class AsyncConn(EventedMixin):
         self._fin_failed_total = 0
         self._req_failed_total = 0
         self._touched_total = 0  # TOUCHes sent for messages still waiting for a worker (_touch_waiting)
+        #: answers to requests (nsqd's OK to a PUB, MPUB, DPUB or SUB), counted by the one reading
+        #: them (Writer.stats)
+        self._answered_total = 0
+        #: set by an owner (a Writer): called with a request's waiter and the error after the
+        #: connection failed it (an error frame, the connection's end, a close before it was sent)
+        self._request_failed: Optional[Callable[[Any, BaseException], None]] = None
         #: no message waiting for a worker is due a TOUCH before this (monotonic; see _touch_waiting)
         self._touch_due = 0.0
         #: answers nsqd refused (E_FIN_FAILED...), and copies it replaced by delivering them
@@ -1374,6 +1380,7 @@ class AsyncConn(EventedMixin):
             return answer
         if chunk == _OK_FRAME and not self._stream.pending():
             self.last_recv_timestamp = time.time()
+            self._answered_total += 1  # (its caller holds the read token, or the lane)
             return b"OK"
         return self._not_ok(chunk)
 
@@ -1443,6 +1450,7 @@ class AsyncConn(EventedMixin):
                     else:
                         if count == 10 and buffer.startswith(_OK_FRAME):  # type: ignore[union-attr]
                             self.last_recv_timestamp = time.time()
+                            self._answered_total += 1  # (the lane's one caller)
                             return b"OK"
                         answer = self._not_ok(memoryview(buffer)[:count] if count else None)  # type: ignore[arg-type]
             self._lane_clean = False
@@ -1515,6 +1523,7 @@ class AsyncConn(EventedMixin):
                     with self._lock:
                         waiter = self._pending.popleft() if self._pending else None
                     if waiter is not None:
+                        self._answered_total += 1  # (one reader at a time: the read token's holder)
                         try:
                             waiter.set_result(payload)
                         except futures.InvalidStateError:
@@ -1541,6 +1550,8 @@ class AsyncConn(EventedMixin):
                             self._pending.extend(led)
                     if waiter is not None and not waiter.done():
                         waiter.set_exception(error)
+                        if self._request_failed is not None:
+                            self._request_failed(waiter, error)
                     for future in resend:
                         handler(self, future)  # type: ignore[misc]
                     # (a Reader's or Writer's: its close warning gives the error; a Writer
@@ -2063,6 +2074,8 @@ class AsyncConn(EventedMixin):
             try:
                 if not waiter.done():
                     waiter.set_exception(error)
+                    if self._request_failed is not None:
+                        self._request_failed(waiter, error)
             except futures.InvalidStateError:
                 pass  # a publish timeout failed it first
 
@@ -2584,6 +2597,8 @@ class AsyncConn(EventedMixin):
                 #: True when nsqd provably never ran the command (it came after a fatal error), so re-sending it is safe
                 failure.unprocessed = getattr(future, "unprocessed", False)  # type: ignore[attr-defined]
                 future.set_exception(failure)
+                if self._request_failed is not None:
+                    self._request_failed(future, failure)
 
     def _emit_close(self) -> None:
         with self._lock:

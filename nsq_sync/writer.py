@@ -102,15 +102,41 @@ def _body_size(data: bytes) -> int:
     return len(data) - data.index(b"\n") - 5
 
 
-def _settle(future: "Future[Any]", result: Any = None, error: Optional[BaseException] = None) -> None:
-    """Resolve *future* unless something (a timeout, an answer) already did."""
+def _settle(future: "Future[Any]", result: Any = None, error: Optional[BaseException] = None) -> bool:
+    """Resolve *future* unless something (a timeout, an answer) already did; whether this did."""
     try:
         if error is not None:
             future.set_exception(error)
         else:
             future.set_result(result)
     except futures.InvalidStateError:
-        pass
+        return False
+    return True
+
+
+class _PublishFuture(Future):
+    """The Future of an async publish (pub_async(), callback=): its failure counts in
+    Writer.stats() once, whoever sets it (the Writer, or the connection for one sent directly).
+    A retry's attempt on a connection is a plain Future (its failure is not the publish's)."""
+
+
+#: Writer.stats()'s kinds of failed publishes
+FAILURE_KINDS = ("timeout", "server_error", "no_connection", "connection_closed", "closed", "other")
+
+
+def _failure_kind(error: BaseException) -> str:
+    """Which of FAILURE_KINDS a publish that failed with *error* counts as."""
+    if isinstance(error, TimeoutError):
+        return "timeout"
+    if isinstance(error, NoConnectionsError):  # (a SendError: first)
+        return "no_connection"
+    if isinstance(error, (ConnectionClosedError, SendError)):
+        return "connection_closed"
+    if isinstance(error, ServerError):
+        return "server_error"
+    if isinstance(error, ClosedError):
+        return "closed"
+    return "other"
 
 
 #: a lane nobody published on for this long (or half a heartbeat interval, if shorter) is
@@ -344,6 +370,11 @@ class Writer:
         # lock, which 8 threads publishing would contend for. close() waits for it to empty.
         self._calls: List[None] = []
         self._rr = 0
+        # Writer.stats(): failed publishes by kind (under _stats_lock: failures are rare), and the
+        # answers read on connections that are gone (the live ones count their own)
+        self._stats_lock = backend.lock()
+        self._failed = dict.fromkeys(FAILURE_KINDS, 0)
+        self._gone_answered = 0
         self.pool = WorkerPool(self.concurrency, backend, name=self.name)
         # Lanes (see _lane) spare OS threads the hand-off of an answer read by another
         # thread; greenlets hand over cheaply, and their hub reads every socket anyway.
@@ -441,6 +472,7 @@ class Writer:
         """A connection to *node*, not connected yet (the first one, or a lane)."""
         conn = AsyncConn(node.host, node.port, backend=self.backend, worker_pool=self.pool, **self._conn_kwargs)
         conn.unprocessed_handler = self._resend_unprocessed
+        conn._request_failed = self._request_failed
         conn._writer_node = node  # type: ignore[attr-defined]
         conn._owned = True  # (_node_loop reports the close)
         # A publish stuck writing to an nsqd that stopped reading fails after about its
@@ -500,6 +532,9 @@ class Writer:
             conn.wait_closed()
             with self._lock:
                 node.conn = None
+                self._gone_answered += conn._answered_total
+                if conn.error is not None and not self._stopping.is_set():
+                    node.last_error = conn.error
                 if conn in self._connected:
                     self._connected = [other for other in self._connected if other is not conn]
                 if not self._connected:
@@ -659,6 +694,55 @@ class Writer:
             if first is None:
                 first = refused
         return first
+
+    def _fail(self, future: "Future[Any]", error: BaseException) -> None:
+        """Fail *future* with *error* unless it is done already; counted when it is a publish's."""
+        if _settle(future, error=error) and future.__class__ is _PublishFuture:
+            self._count_failure(error)
+
+    def _request_failed(self, waiter: Any, error: BaseException) -> None:
+        """A connection failed a request (see AsyncConn._request_failed): counted when it is an
+        async publish sent directly (a blocking one counts where it raises, a retry's attempt
+        where its publish fails)."""
+        if waiter.__class__ is _PublishFuture:
+            self._count_failure(error)
+
+    def _count_failure(self, error: BaseException) -> None:
+        kind = _failure_kind(error)
+        with self._stats_lock:
+            self._failed[kind] += 1
+
+    def stats(self) -> Dict[str, Any]:
+        """Counters and the state of each nsqd, for monitoring (see docs/writer.md).
+
+        ``published``: nsqd's OK answers to this Writer's publishes (one per PUB, MPUB or DPUB,
+        late ones to publishes that had timed out included); ``failed``: the publishes that
+        failed, blocking and async, by kind (``timeout``, ``server_error``, ``no_connection``,
+        ``connection_closed``, ``closed``, ``other``); ``closed``; ``connections``: one dict per
+        nsqd address with ``address``, ``connected``, ``down_since`` (time.time() since when it
+        has had no connection, None while connected), ``failed_attempts`` (attempts to connect
+        that failed since it was last connected), ``last_error`` (the latest connect failure or
+        connection error, as a string, kept after a success; None if none) and ``lanes`` (extra
+        connections open, see max_connections_per_nsqd). Counts start at 0 in each process.
+        """
+        with self._lock:
+            published = self._gone_answered
+            connections = []
+            for node in self._nodes:
+                conn = node.conn
+                published += sum(other._answered_total for other in ([conn] if conn is not None else []) + node.lanes)
+                error = node.last_error
+                connections.append({
+                    "address": node.address,
+                    "connected": conn is not None and conn.connected(),
+                    "down_since": node.down_since,
+                    "failed_attempts": node.failures,
+                    "last_error": None if error is None else f"{type(error).__name__}: {error}",
+                    "lanes": len(node.lanes),
+                })
+        with self._stats_lock:
+            failed = dict(self._failed)
+        return {"name": self.name, "published": published, "failed": failed, "closed": self._closed, "connections": connections}
 
     @property
     def conns(self) -> Dict[str, AsyncConn]:
@@ -1119,6 +1203,9 @@ class Writer:
                 finally:
                     if lane is not None:
                         self._lane_back(lane)
+        except Error as exc:
+            self._count_failure(exc)
+            raise
         finally:
             self._end()
 
@@ -1181,6 +1268,7 @@ class Writer:
         with self._lock:
             if lane in node.lanes:
                 node.lanes = [other for other in node.lanes if other is not lane]
+                self._gone_answered += lane._answered_total  # (dropped once: nobody publishes on it any more)
 
     def _lane_loop(self, node: _Node) -> None:
         """Open one lane to *node*, keep it while it is used, close it after a period unused (see below)."""
@@ -1283,15 +1371,17 @@ class Writer:
                 # Common case: the connection's own Future is the caller's, no second one.
                 conn = self._pick()
                 if conn is not None:
+                    future = _PublishFuture()
+                    future.set_running_or_notify_cancel()
                     try:
-                        future = conn.request(data)
+                        conn.request(data, future)
                     except ConnectionClosedError:
                         future = None
                     else:
                         future.conn = conn  # type: ignore[attr-defined]
                         future.sent = True  # type: ignore[attr-defined]
             if future is None:
-                future = Future()
+                future = _PublishFuture()
                 future.set_running_or_notify_cancel()
                 self._attempt(data, deadline, self.retries, future, None)
         except BaseException:
@@ -1358,9 +1448,9 @@ class Writer:
                     try:
                         self.pool.control.submit(self._attempt, data, deadline, retries - 1, outer, conn)
                     except RuntimeError:
-                        _settle(outer, error=exc)
+                        self._fail(outer, exc)
                 else:
-                    _settle(outer, error=exc)
+                    self._fail(outer, exc)
             elif isinstance(exc, _RETRYABLE) and (retries > 0 or getattr(exc, "unprocessed", False)) and time.monotonic() < deadline:
                 # Runs on the connection's reader: re-send from a worker instead.
                 left = retries if getattr(exc, "unprocessed", False) else retries - 1
@@ -1369,9 +1459,9 @@ class Writer:
                 try:
                     self.pool.control.submit(self._attempt, data, deadline, left, outer, conn)
                 except RuntimeError:
-                    _settle(outer, error=exc)
+                    self._fail(outer, exc)
             else:
-                _settle(outer, error=exc)
+                self._fail(outer, exc)
 
         inner.add_done_callback(done)
 
@@ -1381,7 +1471,7 @@ class Writer:
         try:
             self.pool.control.submit(self._resend, conn, future)
         except RuntimeError:
-            _settle(future, error=ConnectionClosedError(f"connection to {conn.id} closed before nsqd answered"))
+            self._fail(future, ConnectionClosedError(f"connection to {conn.id} closed before nsqd answered"))
 
     def _resend(self, failed: AsyncConn, future: "Future[bytes]") -> None:
         deadline = time.monotonic() + self.publish_timeout
@@ -1395,10 +1485,10 @@ class Writer:
             except ConnectionClosedError:
                 avoid = None
                 if time.monotonic() >= deadline:
-                    _settle(future, error=ConnectionClosedError(f"connection to {failed.id} closed before nsqd answered"))
+                    self._fail(future, ConnectionClosedError(f"connection to {failed.id} closed before nsqd answered"))
                     return
             except Error as exc:
-                _settle(future, error=exc)
+                self._fail(future, exc)
                 return
 
     def _wake_housekeeper(self) -> None:
@@ -1417,7 +1507,7 @@ class Writer:
             self._parked.clear()
         for item in parked:
             # (a retry parked here may follow an attempt nsqd got: then that attempt's error)
-            _settle(item[3], error=self._unsent_error(item[3]))
+            self._fail(item[3], self._unsent_error(item[3]))
 
     def _unsent_error(self, future: "Optional[Future[bytes]]" = None) -> BaseException:
         """Why a publish waiting for a connection fails: the unknown outcome of an earlier
@@ -1468,9 +1558,9 @@ class Writer:
                     inner = getattr(future, "inner", None)
                     if inner is not None:
                         inner.abandoned = True  # (with retries, the connection's Future is another)
-                    _settle(future, error=TimeoutError("no answer from nsqd within the timeout; the publish may or may not have landed"))
+                    self._fail(future, TimeoutError("no answer from nsqd within the timeout; the publish may or may not have landed"))
                 else:
-                    _settle(future, error=self._unsent_error(future))
+                    self._fail(future, self._unsent_error(future))
             for conn in timed_out:
                 # Those still queued behind an unanswered publish (a stalled nsqd) leave the
                 # queue: sent once nsqd answers again, they landed after their TimeoutError.
@@ -1480,12 +1570,12 @@ class Writer:
                 if outer.done():
                     continue
                 if self._stopping.is_set() or time.monotonic() >= deadline:
-                    _settle(outer, error=self._unsent_error(outer))
+                    self._fail(outer, self._unsent_error(outer))
                     continue
                 if refused and not self._connected:
                     refusal = self._refused()
                     if refusal is not None:
-                        _settle(outer, error=getattr(outer, "unknown", None) or refusal)
+                        self._fail(outer, getattr(outer, "unknown", None) or refusal)
                         continue
                 self._attempt(data, deadline, retries, outer, avoid)
             if self._parked and not self._connected and not self._stopping.is_set():
