@@ -1707,6 +1707,7 @@ class Reader:
         try:
             try:
                 conn = AsyncConn(host, port, backend=self._backend, worker_pool=self._pool, **self._conn_kwargs)
+                conn.owner = self.name  # (its log lines say which consumer: several may share an nsqd)
                 conn.on("message", self._on_message)
                 conn._hand_back = self._hand_back
                 conn._lost_answers = self._not_answered  # (late answers from enable_async code)

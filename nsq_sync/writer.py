@@ -473,6 +473,7 @@ class Writer:
         conn = AsyncConn(node.host, node.port, backend=self.backend, worker_pool=self.pool, **self._conn_kwargs)
         conn.unprocessed_handler = self._resend_unprocessed
         conn._request_failed = self._request_failed
+        conn.owner = self.name  # (its log lines say which Writer)
         conn._writer_node = node  # type: ignore[attr-defined]
         conn._owned = True  # (_node_loop reports the close)
         # A publish stuck writing to an nsqd that stopped reading fails after about its
