@@ -1134,14 +1134,23 @@ def cmd_tail(args: argparse.Namespace) -> int:
     reader.start()
     output_gone = _pipe_reader_gone(sys.stdout)
     connected = False  # subscribed to some nsqd when the wait ended
+    subscribed = [False]  # ever, so far
+    refused: Optional[str] = None  # every nsqd refused tail: why
     try:
         while not done.wait(0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic()))):
             if output_gone():
                 break  # (`| head -1`: head left while no message came to notice it)
+            if not addresses.get("lookupd_http_addresses"):
+                # (the nsqd given are all there is: every one refused, waiting will not help, as for pub)
+                refused = _tail_refused(reader, subscribed, list(reader._direct))
+                if refused is not None:
+                    break
             if deadline is not None and time.monotonic() >= deadline:
                 stopped_by.append("timeout")
                 break
         connected = bool(reader.conns)
+        if not connected and refused is None and stopped_by == ["timeout"]:
+            refused = _tail_refused(reader, subscribed)  # (through nsqlookupd: those it listed and tail tried)
     finally:
         # The usual handlers first: a second Ctrl-C interrupts a drain that waits on a hung nsqd.
         for signum, handler_ in previous.items():
@@ -1155,6 +1164,10 @@ def cmd_tail(args: argparse.Namespace) -> int:
     if write_errors:
         error = write_errors[0]
         raise Failed(f"write error: {error.strerror or error}")
+    if refused is not None and not output.broken:
+        # (exit 4, as pub: a script that retries on 3, nsqd down, should not retry this)
+        printed_what = f"printed {printed[0]}" + (f" of {args.n}" if args.n is not None else "") + f" message(s) of {args.topic}"
+        raise Refused(f"not subscribed to any nsqd: {refused}; {printed_what}")
     if args.n is not None and printed[0] < args.n and not output.broken and stopped_by:
         # -n N promised N lines: a stop before them is not a success (a CI smoke test
         # "pub, then tail -n 1" must not pass with nothing printed)
@@ -1166,6 +1179,27 @@ def cmd_tail(args: argparse.Namespace) -> int:
                               f"or none has the topic for nsqlookupd; {count}")
         raise Failed(f"timed out after {args.timeout:g}s (--timeout): {count}")
     return EXIT_OK
+
+
+def _tail_refused(reader: Any, subscribed: List[bool], every: Optional[List[str]] = None) -> Optional[str]:
+    """Why tail cannot subscribe anywhere, when the latest attempt to each nsqd it tried (or to
+    each of *every*) was refused in a way retrying will not fix (see writer._refusal: the AUTH
+    secret, TLS, not nsqd's TCP port, SUB refused), else None. *subscribed*: [whether tail was
+    ever subscribed], updated here (an E_AUTH_FAILED after that may be the auth server down)."""
+    from .writer import _refusal, _why_refused
+
+    if reader.conns:
+        subscribed[0] = True
+        return None
+    errors = dict(reader._connect_errors)
+    addresses = every if every is not None else list(errors)
+    if not addresses or any(address not in errors for address in addresses):
+        return None
+    refusals = [errors[address] for address in addresses]
+    if not all(_refusal(error, subscribed[0]) for error in refusals):
+        return None
+    last = "; ".join(f"{address}: {type(error).__name__}: {error}" for address, error in zip(addresses, refusals))
+    return f"{_why_refused(refusals)} (last errors: {last})"
 
 
 # ------------------------------------------------------- stats, topic, channel

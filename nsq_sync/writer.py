@@ -185,6 +185,17 @@ def _refusal(error: BaseException, authed_before: bool) -> bool:
     return False
 
 
+def _why_refused(refusals: Sequence[Optional[BaseException]]) -> str:
+    """Why every nsqd refused (each of *refusals* one for which _refusal is true), in words."""
+    not_nsq = [isinstance(refused, ProtocolError) for refused in refusals]
+    if all(not_nsq):
+        return "every address answered the connection's handshake with something other than NSQ's protocol (is each one an nsqd TCP port?)"
+    if any(not_nsq):
+        return ("the handshake with every nsqd was refused (credentials or TLS, by nsqd or by this client: an untrusted "
+                "certificate) or answered with something other than NSQ's protocol")
+    return "the handshake with every nsqd was refused (credentials or TLS, by nsqd or by this client: an untrusted certificate)"
+
+
 class _Node:
     __slots__ = (
         "host", "port", "conn", "task", "attempts", "last_error", "refused", "authed", "started", "ended", "lanes", "free", "growing", "grow_after",
@@ -669,14 +680,7 @@ class Writer:
         first = self._refusal_cause()
         if first is None:
             return None
-        not_nsq = [isinstance(node.refused, ProtocolError) for node in self._nodes]
-        if all(not_nsq):
-            why = "every address answered the connection's handshake with something other than NSQ's protocol (is each one an nsqd TCP port?)"
-        elif any(not_nsq):
-            why = ("the handshake with every nsqd was refused (credentials or TLS, by nsqd or by this client: an untrusted "
-                   "certificate) or answered with something other than NSQ's protocol")
-        else:
-            why = "the handshake with every nsqd was refused (credentials or TLS, by nsqd or by this client: an untrusted certificate)"
+        why = _why_refused([node.refused for node in self._nodes])
         error = HandshakeRefusedError(
             f"no connection to any of {[n.address for n in self._nodes]}: {why}, so this publish does not wait; "
             f"{self.name} keeps reconnecting in the background" + self._last_errors()

@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 
 import pytest
 
-from nsq_sync.testing import AuthServer, BrokerStartError, NsqdProcess, TLSFiles, find_binary, wait_until
+from nsq_sync.testing import AuthServer, BrokerStartError, NsqdProcess, NsqlookupdProcess, TLSFiles, find_binary, wait_until
 from nsq_sync.httpapi import LookupdClient
 
 REPO = Path(__file__).resolve().parents[2]
@@ -1552,6 +1552,62 @@ def test_pub_refused_by_nsqd_exits_4_at_once(case: str, auth_server: AuthServer,
     assert secret not in proc.stderr + proc.stdout, describe(proc)
     if case == "wrong-secret":
         assert secret in auth_server.requests
+
+
+@pytest.mark.parametrize("case", ["wrong-secret", "no-secret", "wrong-secret-with-timeout"])
+def test_tail_refused_by_every_nsqd_exits_4_at_once_as_pub_does(case: str, auth_server: AuthServer, auth_nsqd: NsqdProcess,
+                                                                 backend: str) -> None:
+    """tail whose every nsqd refuses its handshake (the AUTH secret) exits 4 at once with the
+    reason, as pub does for the same cause, not 3 ("none reachable, or none has the topic") at
+    the end of --timeout, nor never without one. Before, it exited 3 after -n N --timeout, and ran
+    until stopped without --timeout."""
+    secret = "cli-tail-wrong-41d7"
+    auth_server.set_secret("cli-tail-right")
+    auth_nsqd.create_channel("cli_tail_refused", "c")
+    args = ["tail", "--topic", "cli_tail_refused", "--channel", "c", "--nsqd-tcp-address", auth_nsqd.tcp_address, "--backend", backend]
+    if case != "no-secret":
+        args += ["--auth-secret", secret]
+    if case == "wrong-secret-with-timeout":
+        args += ["-n", "1", "--timeout", "30"]
+    said = "AuthFailedError: E_AUTH_FAILED" if case != "no-secret" else f"AuthRequiredError: {auth_nsqd.tcp_address} requires AUTH but no auth_secret was given"
+    began = time.monotonic()
+    proc = run_cli(*args, env=cli_env())
+    elapsed = time.monotonic() - began
+    assert proc.returncode == EXIT_REFUSED, describe(proc)
+    assert elapsed < 20, f"exited after {elapsed:.1f}s"  # (start-up included; gevent restarts the interpreter)
+    last = proc.stderr.splitlines()[-1]
+    assert last.startswith("nsq-sync: refused: not subscribed to any nsqd: the handshake with every nsqd was refused"), describe(proc)
+    assert f"(last errors: {auth_nsqd.tcp_address}: {said}" in last, describe(proc)
+    printed = "printed 0 of 1 message(s)" if case == "wrong-secret-with-timeout" else "printed 0 message(s)"
+    assert last.endswith(f"; {printed} of cli_tail_refused"), describe(proc)
+    assert secret not in proc.stderr + proc.stdout and "Traceback" not in proc.stderr, describe(proc)
+    if case != "no-secret":
+        assert secret in auth_server.requests
+
+
+def test_tail_through_nsqlookupd_refused_by_every_nsqd_it_lists_exits_4_at_its_timeout(auth_server: AuthServer, backend: str) -> None:
+    """Through nsqlookupd (which may list other nsqd later) tail waits out --timeout, then exits 4
+    when every nsqd it tried refused it, not 3: the same cause as pub's exit 4."""
+    auth_server.set_secret("cli-tail-right")
+    with NsqlookupdProcess() as lookupd, NsqdProcess(lookupd_tcp_addresses=[lookupd.tcp_address],
+                                                     extra_args=[f"--auth-http-address={auth_server.address}"]) as nsqd:
+        nsqd.create_channel("cli_tail_refused_l", "c")
+        wait_until(lambda: lookupd.lookup("cli_tail_refused_l"), timeout=10, message="nsqlookupd lists the nsqd")
+        proc = run_cli("tail", "--topic", "cli_tail_refused_l", "--channel", "c", "--lookupd-http-address", lookupd.http_address,
+                       "--auth-secret", "cli-tail-wrong", "-n", "1", "--timeout", "3", "--backend", backend, env=cli_env())
+    assert proc.returncode == EXIT_REFUSED, describe(proc)
+    last = proc.stderr.splitlines()[-1]
+    assert last.startswith("nsq-sync: refused: not subscribed to any nsqd: the handshake with every nsqd was refused"), describe(proc)
+    assert f"(last errors: {nsqd.tcp_address}: AuthFailedError: E_AUTH_FAILED" in last and last.endswith("; printed 0 of 1 message(s) of cli_tail_refused_l"), describe(proc)
+
+
+def test_tail_waits_for_an_nsqd_that_is_down_and_exits_3_at_its_timeout(backend: str) -> None:
+    """An nsqd that is down is no refusal: tail -n 1 --timeout waits it out and exits 3 (unavailable)."""
+    address = f"127.0.0.1:{free_port()}"
+    proc = run_cli("tail", "--topic", "cli_tail_down", "--channel", "c", "--nsqd-tcp-address", address, "-n", "1", "--timeout", "2",
+                   "--backend", backend, env=cli_env())
+    assert proc.returncode == EXIT_UNAVAILABLE, describe(proc)
+    assert "nsq-sync: unavailable: not subscribed to any nsqd after 2s (--timeout)" in proc.stderr, describe(proc)
 
 
 def test_pub_to_nsqds_http_port_exits_4_at_once(nsqd: NsqdProcess, backend: str) -> None:
