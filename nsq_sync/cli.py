@@ -714,18 +714,32 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+#: worker -v: seconds between lines of rates while nothing changes (one every second otherwise)
+RATES_IDLE_SECONDS = 60.0
+
+
 def _report_rates(reader: Any, stop: threading.Event) -> None:
+    """worker -v: a line of rates every second while something changes (messages received,
+    finished or requeued, in flight, connections), and at most every RATES_IDLE_SECONDS while
+    nothing does (an idle worker said the same line every second: 60 a minute per pod)."""
     last = reader.stats()
     last_time = time.monotonic()
+    logged_at: Optional[float] = None
+    logged = ""
     while not stop.wait(1.0):
         now = reader.stats()
         now_time = time.monotonic()
         span = now_time - last_time
-        rates = {key: (now.get(f"messages_{key}", 0) - last.get(f"messages_{key}", 0)) / span for key in ("received", "finished", "requeued")}
-        logger.info(
-            "received %.0f/s finished %.0f/s requeued %.0f/s in flight %s connections %d",
-            rates["received"], rates["finished"], rates["requeued"], now.get("in_flight", 0), sum(1 for c in now.get("connections", ()) if c["connected"]),
+        counts = {key: now.get(f"messages_{key}", 0) - last.get(f"messages_{key}", 0) for key in ("received", "finished", "requeued")}
+        line = "%s:%s: received %.0f/s finished %.0f/s requeued %.0f/s in flight %s connections %d" % (
+            now.get("topic", reader.topic), now.get("channel", reader.channel),
+            counts["received"] / span, counts["finished"] / span, counts["requeued"] / span,
+            now.get("in_flight", 0), sum(1 for c in now.get("connections", ()) if c["connected"]),
         )
+        # (messages moving, or a line that says something new: the drop to 0/s once, too)
+        if logged_at is None or any(counts.values()) or line != logged or now_time - logged_at >= RATES_IDLE_SECONDS:
+            logger.info("%s", line)
+            logged_at, logged = now_time, line
         last, last_time = now, now_time
 
 
@@ -1667,7 +1681,7 @@ def build_parser() -> argparse.ArgumentParser:
     backend_arg(demo)
     demo.set_defaults(func=cmd_demo)
 
-    worker = sub.add_parser("worker", parents=[verbose_parent(", and a line of rates every second (received, finished, requeued)")], help="run module:function as a consumer (SIGTERM drains)",
+    worker = sub.add_parser("worker", parents=[verbose_parent(", and a line of rates (received, finished, requeued per second): every second while messages move, at most once a minute while it says the same")], help="run module:function as a consumer (SIGTERM drains)",
                             epilog="example: nsq-sync worker tasks:handle --topic events --channel work --lookupd-http-address 127.0.0.1:4161")
     worker.add_argument("handler", help="module:function taking a Message; return True/None to finish, False to requeue")
     worker.add_argument("--topic", required=True, type=_check_topic, help="the topic to consume")

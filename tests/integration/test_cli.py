@@ -462,6 +462,7 @@ def test_worker_verbose_logs_rates(where: str, nsqd: NsqdProcess, tmp_path: Path
     args = args[:1] + ["-v"] + args[1:] if where == "after" else ["-v"] + args
     with CliProcess.nsq_sync(*args, env=cli_env({"OUT": str(tmp_path / "out.txt")}), cwd=tmp_path) as worker:
         line = worker.wait_for_line(lambda l: "nsq_sync.cli" in l and "received" in l, stream="stderr", timeout=20)
+        assert "nsq_sync.cli: cli_rates:c: received " in line, line  # (which topic and channel)
         assert "finished" in line and "requeued" in line and "in flight" in line and "connections 1" in line, line
         worker.signal(signal.SIGINT)
         assert worker.wait(30) == EXIT_OK, worker.output()
