@@ -1328,7 +1328,10 @@ def _count(stats: Dict[str, Any], key: str) -> Optional[int]:
 
 #: stats's columns: (JSON key and nsqd's field, heading)
 _STATS_COLUMNS = (("depth", "DEPTH"), ("in_flight_count", "IN-FLIGHT"), ("deferred_count", "DEFERRED"),
-                  ("client_count", "CLIENTS"), ("message_count", "MESSAGES"))
+                  ("client_count", "CLIENTS"), ("message_count", "MESSAGES"), ("requeue_count", "REQUEUES"),
+                  ("timeout_count", "TIMEOUTS"))
+#: the columns a topic's own row has (the others are its channels': "-", null)
+_TOPIC_COLUMNS = ("depth", "message_count")
 
 
 def _stats_totals(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -1352,8 +1355,8 @@ def _stats_totals(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    """Depth, in flight, deferred and clients of each topic and channel on each nsqd (its
-    /stats), as a table or JSON; what could not be asked ends it with 3 (or 1, 4) after the
+    """Depth, in flight, deferred, clients, messages, requeues and timeouts of each topic and
+    channel on each nsqd (its /stats), as a table or JSON; what could not be asked ends it with 3 (or 1, 4) after the
     rest is printed."""
     from .errors import Error
 
@@ -1371,8 +1374,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
                 continue
             if args.channel is None:
                 rows.append({"nsqd": address, "topic": topic["topic_name"], "channel": None,
-                             "depth": _count(topic, "depth"), "in_flight_count": None, "deferred_count": None,
-                             "client_count": None, "message_count": _count(topic, "message_count"),
+                             **{key: _count(topic, key) if key in _TOPIC_COLUMNS else None for key, _ in _STATS_COLUMNS},
                              "paused": bool(topic.get("paused"))})
             for channel in topic["channels"]:
                 if args.channel is not None and channel["channel_name"] != args.channel:
@@ -1759,7 +1761,7 @@ def build_parser() -> argparse.ArgumentParser:
         https.add_argument("--tls-insecure-skip-verify", action="store_true",
                            help="do not verify the server's certificate or name: anyone in between can read and change the traffic")
 
-    stats = sub.add_parser("stats", parents=[verbose_parent()], help="depth, in flight, deferred and clients of topics and channels",
+    stats = sub.add_parser("stats", parents=[verbose_parent()], help="depth, in flight, deferred, clients, requeues and timeouts of topics and channels",
                            epilog="example: nsq-sync stats --lookupd-http-address 127.0.0.1:4161 --topic events")
     stats.add_argument("--topic", type=_check_topic, default=None, help="only this topic (by default, every topic)")
     stats.add_argument("--channel", type=_check_channel, default=None,

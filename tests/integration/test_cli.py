@@ -1248,20 +1248,21 @@ def test_stats_total_adds_up_each_topic_and_channel_over_the_nsqd(nsq_cluster, e
     rows = stats_rows(*lookupd, "--topic", "cli_total", "--total", env=env)
     assert rows == [
         {"nsqd": None, "topic": "cli_total", "channel": None, "depth": 0, "in_flight_count": None, "deferred_count": None,
-         "client_count": None, "message_count": 6, "paused": False, "nsqd_count": 2, "paused_count": 0},
+         "client_count": None, "message_count": 6, "requeue_count": None, "timeout_count": None, "paused": False, "nsqd_count": 2,
+         "paused_count": 0},
         {"nsqd": None, "topic": "cli_total", "channel": "audit", "depth": 1, "in_flight_count": 0, "deferred_count": 0,
-         "client_count": 0, "message_count": 1, "paused": False, "nsqd_count": 1, "paused_count": 0},
+         "client_count": 0, "message_count": 1, "requeue_count": 0, "timeout_count": 0, "paused": False, "nsqd_count": 1, "paused_count": 0},
         {"nsqd": None, "topic": "cli_total", "channel": "work", "depth": 6, "in_flight_count": 0, "deferred_count": 0,
-         "client_count": 0, "message_count": 6, "paused": False, "nsqd_count": 2, "paused_count": 1},
+         "client_count": 0, "message_count": 6, "requeue_count": 0, "timeout_count": 0, "paused": False, "nsqd_count": 2, "paused_count": 1},
     ], rows
 
     table = run_cli("stats", *lookupd, "--topic", "cli_total", "--total", env=env)
     assert table.returncode == EXIT_OK, describe(table)
     assert [line.split() for line in table.stdout.splitlines()] == [
-        ["TOPIC", "CHANNEL", "DEPTH", "IN-FLIGHT", "DEFERRED", "CLIENTS", "MESSAGES", "PAUSED", "ON"],
-        ["cli_total", "-", "0", "-", "-", "-", "6", "no", "2", "nsqd"],
-        ["cli_total", "audit", "1", "0", "0", "0", "1", "no", "1", "nsqd"],
-        ["cli_total", "work", "6", "0", "0", "0", "6", "1", "of", "2", "2", "nsqd"],
+        ["TOPIC", "CHANNEL", "DEPTH", "IN-FLIGHT", "DEFERRED", "CLIENTS", "MESSAGES", "REQUEUES", "TIMEOUTS", "PAUSED", "ON"],
+        ["cli_total", "-", "0", "-", "-", "-", "6", "-", "-", "no", "2", "nsqd"],
+        ["cli_total", "audit", "1", "0", "0", "0", "1", "0", "0", "no", "1", "nsqd"],
+        ["cli_total", "work", "6", "0", "0", "0", "6", "0", "0", "1", "of", "2", "2", "nsqd"],
     ], describe(table)
 
 
@@ -1289,7 +1290,7 @@ def test_stats_of_every_nsqd_nsqlookupd_lists_as_a_table_or_json(nsq_cluster, en
         by_key = {(row["topic"], row["channel"]): row for row in rows}
         assert by_key[("cli_stats", "work")] == {"nsqd": first.http_address, "topic": "cli_stats", "channel": "work", "depth": 2,
                                                 "in_flight_count": 1, "deferred_count": 0, "client_count": 1, "message_count": 3,
-                                                "paused": False}, rows
+                                                "requeue_count": 0, "timeout_count": 0, "paused": False}, rows
         assert by_key[("cli_stats", None)]["depth"] == 0 and by_key[("cli_stats", None)]["nsqd"] == first.http_address, rows
         assert by_key[("cli_stats_other", None)]["depth"] == 2 and by_key[("cli_stats_other", None)]["nsqd"] == second.http_address, rows
 
@@ -1299,9 +1300,9 @@ def test_stats_of_every_nsqd_nsqlookupd_lists_as_a_table_or_json(nsq_cluster, en
         table = run_cli("stats", "--nsqd-http-address", first.http_address, "--topic", "cli_stats", env=env)
         assert table.returncode == EXIT_OK, describe(table)
         assert [line.split() for line in table.stdout.splitlines()] == [
-            ["TOPIC", "CHANNEL", "DEPTH", "IN-FLIGHT", "DEFERRED", "CLIENTS", "MESSAGES", "PAUSED", "NSQD"],
-            ["cli_stats", "-", "0", "-", "-", "-", "3", "no", first.http_address],
-            ["cli_stats", "work", "2", "1", "0", "1", "3", "no", first.http_address],
+            ["TOPIC", "CHANNEL", "DEPTH", "IN-FLIGHT", "DEFERRED", "CLIENTS", "MESSAGES", "REQUEUES", "TIMEOUTS", "PAUSED", "NSQD"],
+            ["cli_stats", "-", "0", "-", "-", "-", "3", "-", "-", "no", first.http_address],
+            ["cli_stats", "work", "2", "1", "0", "1", "3", "0", "0", "no", first.http_address],
         ], describe(table)
     finally:
         reader.close()
@@ -1313,6 +1314,52 @@ def test_stats_of_every_nsqd_nsqlookupd_lists_as_a_table_or_json(nsq_cluster, en
     assert partial.stderr == f"nsq-sync: unavailable: nsqd HTTP {nowhere}: connection refused\n", describe(partial)
     none = run_cli("stats", "--nsqd-http-address", first.http_address, "--topic", "cli_stats_nothing", env=env)
     assert none.returncode == EXIT_OK and none.stdout == "" and none.stderr == "no topic 'cli_stats_nothing' on the nsqd asked\n", describe(none)
+
+
+def test_stats_show_each_channels_requeues_and_timeouts(nsqd: NsqdProcess, env: Dict[str, str], backend: str) -> None:
+    """stats shows how many messages a channel's consumers requeued and how many nsqd timed out
+    (nsqd's requeue_count and timeout_count), in the table and the JSON, added up by --total.
+    Before, neither was shown: a consumer requeuing or outliving msg_timeout went unseen."""
+    import queue
+
+    import nsq_sync
+
+    topic = "cli_stats_requeues"
+    nsqd.create_channel(topic, "work")
+    nsqd.mpublish(topic, [b"a", b"b"])
+    host, port = nsqd.tcp_address.rsplit(":", 1)
+    inbox: "queue.Queue[Any]" = queue.Queue()
+    conn = nsq_sync.AsyncConn(host, int(port), backend=backend, msg_timeout=1.0)
+    conn.on("message", lambda conn, message: inbox.put(message))
+    conn.connect()
+    try:
+        conn.subscribe(topic, "work")
+        conn.send_rdy(2)
+        first, _second = inbox.get(timeout=10), inbox.get(timeout=10)
+        conn.send_rdy(0)  # (nothing comes back here: the requeued one waits in the channel)
+        first.requeue(delay=0, backoff=False)
+        # the second is never answered: nsqd takes it back after msg_timeout (1 s)
+        wait_until(lambda: channel_stats(nsqd, topic, "work")["timeout_count"] == 1, timeout=20, message="the timeout at nsqd")
+    finally:
+        conn.close(1)
+    address = nsqd.http_address
+    rows = stats_rows("--nsqd-http-address", address, "--topic", topic, env=env)
+    assert [(r["channel"], r["requeue_count"], r["timeout_count"]) for r in rows] == [(None, None, None), ("work", 1, 1)], rows
+    table = run_cli("stats", "--nsqd-http-address", address, "--topic", topic, env=env)
+    assert table.returncode == EXIT_OK, describe(table)
+    lines = table.stdout.splitlines()
+    assert [line.split() for line in lines] == [
+        ["TOPIC", "CHANNEL", "DEPTH", "IN-FLIGHT", "DEFERRED", "CLIENTS", "MESSAGES", "REQUEUES", "TIMEOUTS", "PAUSED", "NSQD"],
+        [topic, "-", "0", "-", "-", "-", "2", "-", "-", "no", address],
+        [topic, "work", "2", "0", "0", "0", "2", "1", "1", "no", address],
+    ], describe(table)
+    # numbers right-aligned under their headings, the rest left-aligned: a tidy table
+    heading = lines[0]
+    for name in ("REQUEUES", "TIMEOUTS"):
+        end = heading.index(name) + len(name)
+        assert all(line[end - 1] != " " and (len(line) == end or line[end] == " ") for line in lines[1:]), table.stdout
+    totals = stats_rows("--nsqd-http-address", address, "--topic", topic, "--total", env=env)
+    assert [(r["channel"], r["requeue_count"], r["timeout_count"]) for r in totals] == [(None, None, None), ("work", 1, 1)], totals
 
 
 def test_topic_and_channel_actions_on_every_nsqd_say_what_they_did(nsq_cluster, env: Dict[str, str]) -> None:
