@@ -247,8 +247,9 @@ class _Node:
         #: attempts to connect that failed since it was last connected (or since the start)
         self.failures = 0
         #: when the latest warning that it cannot be reached was logged (time.monotonic()), None
-        #: when none was in this outage: a connection that comes back after one says so
+        #: when none was in this outage (see Writer._log_failed_attempt)
         self.down_warned_at: Optional[float] = None
+        #: it was connected once: back after an outage, it is "reconnected"
         self.ever_connected = False
 
     @property
