@@ -520,6 +520,9 @@ class Reader:
         self._queued_first = 0
         self._direct = direct
         self._direct_failures: Dict[str, int] = {}
+        #: why the latest attempt to connect to (and subscribe at) each nsqd failed, until one
+        #: succeeds (nsq-sync tail tells a refusal from an outage with it)
+        self._connect_errors: Dict[str, BaseException] = {}
         self._reconnect_timers: Dict[str, _Timer] = {}
         self._tasks: Dict[int, Any] = {}
         self._task_ids = itertools.count()
@@ -1709,6 +1712,7 @@ class Reader:
         try:
             try:
                 conn = AsyncConn(host, port, backend=self._backend, worker_pool=self._pool, **self._conn_kwargs)
+                conn.owner = self.name  # (its log lines say which consumer: several may share an nsqd)
                 conn.on("message", self._on_message)
                 conn._hand_back = self._hand_back
                 conn._lost_answers = self._not_answered  # (late answers from enable_async code)
@@ -1730,6 +1734,7 @@ class Reader:
                     conn.subscribe(self.topic, self.channel)
                     rtt = time.monotonic() - sent  # (how long a lowered RDY is counted: _set_rdy)
             except Exception as exc:
+                self._connect_errors[address] = exc
                 if conn is not None and conn.connected():
                     conn.close(0)
                 with self._lock:
@@ -1759,6 +1764,7 @@ class Reader:
         self._lookupd_lost.discard(address)
         self._lookupd_hurried.pop(address, None)
         self._direct_failures.pop(address, None)
+        self._connect_errors.pop(address, None)
         logger.info("%s: subscribed to %s on %s", self.name, f"{self.topic}/{self.channel}", address)
         self._added_locked(st)
 
