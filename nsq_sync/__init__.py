@@ -5,14 +5,14 @@ Public names come from here; submodules are implementation detail unless documen
 
 from __future__ import annotations
 
-from typing import Any, List
+import typing as _typing
 
 from .__about__ import __version__
 from .conn import AsyncConn
 from .dispatch import WorkerPool
 from . import events as event  # pynsq's nsq.event: nsq_sync.event.MESSAGE, ...
+from . import errors as _errors
 from .errors import *  # noqa: F401,F403 - the whole error tree is public
-from .errors import __all__ as _errors_all
 from .helpers import (
     FRAME_TYPE_ERROR,
     FRAME_TYPE_MESSAGE,
@@ -70,7 +70,9 @@ __all__ = [
     "unpack_response",
     "valid_channel_name",
     "valid_topic_name",
-] + list(_errors_all)
+]
+# (the forms mypy and pyright read: a list of str, and += <module>.__all__; tests/unit/test_exports.py)
+__all__ += _errors.__all__
 
 _LAZY = {
     "Reader": ("reader", "Reader"),
@@ -79,19 +81,29 @@ _LAZY = {
     "LookupdClient": ("httpapi", "LookupdClient"),
 }
 
+if _typing.TYPE_CHECKING:
+    # What type checkers see of the names __getattr__ loads: the classes themselves (never
+    # imported here at run time; tests/unit/test_exports.py keeps this list and _LAZY the same).
+    from .httpapi import LookupdClient, NSQDHTTPClient, NsqdHTTPClient
+    from .reader import Reader
+else:
+    # Defined only at run time: a module __getattr__ that type checkers saw would make every
+    # attribute of nsq_sync valid for them, a misspelled nsq_sync.Rader included.
+    def __getattr__(name: str) -> object:
+        """Reader and the HTTP clients load on first use: a process that only publishes
+        never pays for http.client and email (about 5 MB of RSS)."""
+        target = _LAZY.get(name)
+        if target is None:
+            raise AttributeError(f"module 'nsq_sync' has no attribute {name!r}")
+        import importlib
 
-def __getattr__(name: str) -> Any:
-    """Reader and the HTTP clients load on first use: a process that only publishes
-    never pays for http.client and email (about 5 MB of RSS)."""
-    target = _LAZY.get(name)
-    if target is None:
-        raise AttributeError(f"module 'nsq_sync' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f".{target[0]}", __name__), target[1])
-    globals()[name] = value
-    return value
+        value = getattr(importlib.import_module(f".{target[0]}", __name__), target[1])
+        globals()[name] = value
+        return value
 
 
-def __dir__() -> List[str]:
+def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
+
+
+del annotations  # (bound by the __future__ import: not a name of the package)

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import ipaddress
-from typing import Iterable, List, Tuple
+from typing import Iterable, List, Tuple, Union
 
 from .errors import ConfigError
 
-__all__ = ["parse_address", "parse_addresses", "address_key", "check_host"]
+__all__ = ["Address", "Addresses", "parse_address", "parse_addresses", "address_key", "check_host"]
+
+#: one nsqd TCP address: a "host:port" string (IPv6 as "[::1]:4150") or a (host, port) pair
+#: with an int port
+Address = Union[str, Tuple[str, int]]
+#: what :func:`parse_addresses` takes, and so Writer's and Reader's ``nsqd_tcp_addresses``: one
+#: address, or an iterable (list, tuple, ...) of them
+Addresses = Union[Address, Iterable[Address]]
 
 _ASCII_DIGITS = frozenset("0123456789")
 

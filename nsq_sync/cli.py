@@ -714,18 +714,32 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+#: worker -v: seconds between lines of rates while nothing changes (one every second otherwise)
+RATES_IDLE_SECONDS = 60.0
+
+
 def _report_rates(reader: Any, stop: threading.Event) -> None:
+    """worker -v: a line of rates every second while something changes (messages received,
+    finished or requeued, in flight, connections), and at most every RATES_IDLE_SECONDS while
+    nothing does (an idle worker said the same line every second: 60 a minute per pod)."""
     last = reader.stats()
     last_time = time.monotonic()
+    logged_at: Optional[float] = None
+    logged = ""
     while not stop.wait(1.0):
         now = reader.stats()
         now_time = time.monotonic()
         span = now_time - last_time
-        rates = {key: (now.get(f"messages_{key}", 0) - last.get(f"messages_{key}", 0)) / span for key in ("received", "finished", "requeued")}
-        logger.info(
-            "received %.0f/s finished %.0f/s requeued %.0f/s in flight %s connections %d",
-            rates["received"], rates["finished"], rates["requeued"], now.get("in_flight", 0), sum(1 for c in now.get("connections", ()) if c["connected"]),
+        counts = {key: now.get(f"messages_{key}", 0) - last.get(f"messages_{key}", 0) for key in ("received", "finished", "requeued")}
+        line = "%s:%s: received %.0f/s finished %.0f/s requeued %.0f/s in flight %s connections %d" % (
+            now.get("topic", reader.topic), now.get("channel", reader.channel),
+            counts["received"] / span, counts["finished"] / span, counts["requeued"] / span,
+            now.get("in_flight", 0), sum(1 for c in now.get("connections", ()) if c["connected"]),
         )
+        # (messages moving, or a line that says something new: the drop to 0/s once, too)
+        if logged_at is None or any(counts.values()) or line != logged or now_time - logged_at >= RATES_IDLE_SECONDS:
+            logger.info("%s", line)
+            logged_at, logged = now_time, line
         last, last_time = now, now_time
 
 
@@ -1134,14 +1148,23 @@ def cmd_tail(args: argparse.Namespace) -> int:
     reader.start()
     output_gone = _pipe_reader_gone(sys.stdout)
     connected = False  # subscribed to some nsqd when the wait ended
+    subscribed = [False]  # ever, so far
+    refused: Optional[str] = None  # every nsqd refused tail: why
     try:
         while not done.wait(0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic()))):
             if output_gone():
                 break  # (`| head -1`: head left while no message came to notice it)
+            if not addresses.get("lookupd_http_addresses"):
+                # (the nsqd given are all there is: every one refused, waiting will not help, as for pub)
+                refused = _tail_refused(reader, subscribed, list(reader._direct))
+                if refused is not None:
+                    break
             if deadline is not None and time.monotonic() >= deadline:
                 stopped_by.append("timeout")
                 break
         connected = bool(reader.conns)
+        if not connected and refused is None and stopped_by == ["timeout"]:
+            refused = _tail_refused(reader, subscribed)  # (through nsqlookupd: those it listed and tail tried)
     finally:
         # The usual handlers first: a second Ctrl-C interrupts a drain that waits on a hung nsqd.
         for signum, handler_ in previous.items():
@@ -1155,6 +1178,10 @@ def cmd_tail(args: argparse.Namespace) -> int:
     if write_errors:
         error = write_errors[0]
         raise Failed(f"write error: {error.strerror or error}")
+    if refused is not None and not output.broken:
+        # (exit 4, as pub: a script that retries on 3, nsqd down, should not retry this)
+        printed_what = f"printed {printed[0]}" + (f" of {args.n}" if args.n is not None else "") + f" message(s) of {args.topic}"
+        raise Refused(f"not subscribed to any nsqd: {refused}; {printed_what}")
     if args.n is not None and printed[0] < args.n and not output.broken and stopped_by:
         # -n N promised N lines: a stop before them is not a success (a CI smoke test
         # "pub, then tail -n 1" must not pass with nothing printed)
@@ -1166,6 +1193,27 @@ def cmd_tail(args: argparse.Namespace) -> int:
                               f"or none has the topic for nsqlookupd; {count}")
         raise Failed(f"timed out after {args.timeout:g}s (--timeout): {count}")
     return EXIT_OK
+
+
+def _tail_refused(reader: Any, subscribed: List[bool], every: Optional[List[str]] = None) -> Optional[str]:
+    """Why tail cannot subscribe anywhere, when the latest attempt to each nsqd it tried (or to
+    each of *every*) was refused in a way retrying will not fix (see writer._refusal: the AUTH
+    secret, TLS, not nsqd's TCP port, SUB refused), else None. *subscribed*: [whether tail was
+    ever subscribed], updated here (an E_AUTH_FAILED after that may be the auth server down)."""
+    from .writer import _refusal, _why_refused
+
+    if reader.conns:
+        subscribed[0] = True
+        return None
+    errors = dict(reader._connect_errors)
+    addresses = every if every is not None else list(errors)
+    if not addresses or any(address not in errors for address in addresses):
+        return None
+    refusals = [errors[address] for address in addresses]
+    if not all(_refusal(error, subscribed[0]) for error in refusals):
+        return None
+    last = "; ".join(f"{address}: {type(error).__name__}: {error}" for address, error in zip(addresses, refusals))
+    return f"{_why_refused(refusals)} (last errors: {last})"
 
 
 # ------------------------------------------------------- stats, topic, channel
@@ -1280,7 +1328,10 @@ def _count(stats: Dict[str, Any], key: str) -> Optional[int]:
 
 #: stats's columns: (JSON key and nsqd's field, heading)
 _STATS_COLUMNS = (("depth", "DEPTH"), ("in_flight_count", "IN-FLIGHT"), ("deferred_count", "DEFERRED"),
-                  ("client_count", "CLIENTS"), ("message_count", "MESSAGES"))
+                  ("client_count", "CLIENTS"), ("message_count", "MESSAGES"), ("requeue_count", "REQUEUES"),
+                  ("timeout_count", "TIMEOUTS"))
+#: the columns a topic's own row has (the others are its channels': "-", null)
+_TOPIC_COLUMNS = ("depth", "message_count")
 
 
 def _stats_totals(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -1304,8 +1355,8 @@ def _stats_totals(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    """Depth, in flight, deferred and clients of each topic and channel on each nsqd (its
-    /stats), as a table or JSON; what could not be asked ends it with 3 (or 1, 4) after the
+    """Depth, in flight, deferred, clients, messages, requeues and timeouts of each topic and
+    channel on each nsqd (its /stats), as a table or JSON; what could not be asked ends it with 3 (or 1, 4) after the
     rest is printed."""
     from .errors import Error
 
@@ -1323,8 +1374,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
                 continue
             if args.channel is None:
                 rows.append({"nsqd": address, "topic": topic["topic_name"], "channel": None,
-                             "depth": _count(topic, "depth"), "in_flight_count": None, "deferred_count": None,
-                             "client_count": None, "message_count": _count(topic, "message_count"),
+                             **{key: _count(topic, key) if key in _TOPIC_COLUMNS else None for key, _ in _STATS_COLUMNS},
                              "paused": bool(topic.get("paused"))})
             for channel in topic["channels"]:
                 if args.channel is not None and channel["channel_name"] != args.channel:
@@ -1633,7 +1683,7 @@ def build_parser() -> argparse.ArgumentParser:
     backend_arg(demo)
     demo.set_defaults(func=cmd_demo)
 
-    worker = sub.add_parser("worker", parents=[verbose_parent(", and a line of rates every second (received, finished, requeued)")], help="run module:function as a consumer (SIGTERM drains)",
+    worker = sub.add_parser("worker", parents=[verbose_parent(", and a line of rates (received, finished, requeued per second): every second while messages move, at most once a minute while it says the same")], help="run module:function as a consumer (SIGTERM drains)",
                             epilog="example: nsq-sync worker tasks:handle --topic events --channel work --lookupd-http-address 127.0.0.1:4161")
     worker.add_argument("handler", help="module:function taking a Message; return True/None to finish, False to requeue")
     worker.add_argument("--topic", required=True, type=_check_topic, help="the topic to consume")
@@ -1711,7 +1761,7 @@ def build_parser() -> argparse.ArgumentParser:
         https.add_argument("--tls-insecure-skip-verify", action="store_true",
                            help="do not verify the server's certificate or name: anyone in between can read and change the traffic")
 
-    stats = sub.add_parser("stats", parents=[verbose_parent()], help="depth, in flight, deferred and clients of topics and channels",
+    stats = sub.add_parser("stats", parents=[verbose_parent()], help="depth, in flight, deferred, clients, requeues and timeouts of topics and channels",
                            epilog="example: nsq-sync stats --lookupd-http-address 127.0.0.1:4161 --topic events")
     stats.add_argument("--topic", type=_check_topic, default=None, help="only this topic (by default, every topic)")
     stats.add_argument("--channel", type=_check_channel, default=None,

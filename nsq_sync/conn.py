@@ -326,6 +326,12 @@ class AsyncConn(EventedMixin):
         self._fin_failed_total = 0
         self._req_failed_total = 0
         self._touched_total = 0  # TOUCHes sent for messages still waiting for a worker (_touch_waiting)
+        #: answers to requests (nsqd's OK to a PUB, MPUB, DPUB or SUB), counted by the one reading
+        #: them (Writer.stats)
+        self._answered_total = 0
+        #: set by an owner (a Writer): called with a request's waiter and the error after the
+        #: connection failed it (an error frame, the connection's end, a close before it was sent)
+        self._request_failed: Optional[Callable[[Any, BaseException], None]] = None
         #: no message waiting for a worker is due a TOUCH before this (monotonic; see _touch_waiting)
         self._touch_due = 0.0
         #: answers nsqd refused (E_FIN_FAILED...), and copies it replaced by delivering them
@@ -417,6 +423,10 @@ class AsyncConn(EventedMixin):
         #: a Reader's or Writer's connection: they report its end with their own warning, so
         #: the connection logs it at DEBUG (one line per outage, not two)
         self._owned = False
+        #: a label its log lines start with ("orders:billing: 10.0.0.1:4150: ..."), so that the
+        #: consumers or producers of one process on the same nsqd can be told apart: a Reader sets
+        #: its name, a Writer its name; None: the address alone. Log lines only (not id, errors)
+        self.owner: Optional[str] = None
         #: time.time() of a caller's timeout waiting for an answer here (set by a Writer): while
         #: nothing arrived since (last_recv_timestamp older), the nsqd looks hung
         self._timed_out_at = 0.0
@@ -429,6 +439,16 @@ class AsyncConn(EventedMixin):
     @property
     def id(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def _log_prefix(self) -> str:
+        """What this connection's log lines start with: its owner's label and ": ", or nothing."""
+        return f"{self.owner}: " if self.owner else ""
+
+    @property
+    def _log_id(self) -> str:
+        """The connection in a log line: "host:port", after its owner's label (see owner)."""
+        return f"{self.owner}: {self.id}" if self.owner else self.id
 
     def __str__(self) -> str:
         return self.id
@@ -661,7 +681,7 @@ class AsyncConn(EventedMixin):
         try:
             callback(conn=self)
         except Exception:
-            logger.exception("listener %r for %r raised", callback, name)
+            logger.exception("%slistener %r for %r on %s raised", self._log_prefix, callback, name, self.id)
 
     def _late_listener(self, name: str, callback: Callable[..., Any]) -> None:
         """on() for a handshake event after connect() returned. In pynsq connect() only starts
@@ -685,7 +705,7 @@ class AsyncConn(EventedMixin):
         pynsq's and go-nsq's do), and says so once."""
         for name in ("snappy", "deflate"):
             if getattr(self, name) and not response.get(name):
-                logger.warning("%s was asked for but %s does not offer it; the connection is not compressed", name, self.id)
+                logger.warning("%s%s was asked for but %s does not offer it; the connection is not compressed", self._log_prefix, name, self.id)
 
     def _wake_for_whole_chunks(self) -> None:
         """Snappy over plain TCP: let the kernel wake a reader only once a chunk can be whole.
@@ -1116,7 +1136,7 @@ class AsyncConn(EventedMixin):
         elif not isinstance(exc, Exception):
             error = None if self._closing else self._interrupted(exc, "a read")
         else:
-            logger.error("reader of %s crashed", self.id, exc_info=exc)
+            logger.error("%sreader of %s crashed", self._log_prefix, self.id, exc_info=exc)
             error = ConnectionClosedError(f"reader of {self.id} crashed: {exc!r}")
         self._read_ended = True
         self._wake_reader.set()
@@ -1374,6 +1394,7 @@ class AsyncConn(EventedMixin):
             return answer
         if chunk == _OK_FRAME and not self._stream.pending():
             self.last_recv_timestamp = time.time()
+            self._answered_total += 1  # (its caller holds the read token, or the lane)
             return b"OK"
         return self._not_ok(chunk)
 
@@ -1443,6 +1464,7 @@ class AsyncConn(EventedMixin):
                     else:
                         if count == 10 and buffer.startswith(_OK_FRAME):  # type: ignore[union-attr]
                             self.last_recv_timestamp = time.time()
+                            self._answered_total += 1  # (the lane's one caller)
                             return b"OK"
                         answer = self._not_ok(memoryview(buffer)[:count] if count else None)  # type: ignore[arg-type]
             self._lane_clean = False
@@ -1515,6 +1537,7 @@ class AsyncConn(EventedMixin):
                     with self._lock:
                         waiter = self._pending.popleft() if self._pending else None
                     if waiter is not None:
+                        self._answered_total += 1  # (one reader at a time: the read token's holder)
                         try:
                             waiter.set_result(payload)
                         except futures.InvalidStateError:
@@ -1541,11 +1564,13 @@ class AsyncConn(EventedMixin):
                             self._pending.extend(led)
                     if waiter is not None and not waiter.done():
                         waiter.set_exception(error)
+                        if self._request_failed is not None:
+                            self._request_failed(waiter, error)
                     for future in resend:
                         handler(self, future)  # type: ignore[misc]
                     # (a Reader's or Writer's: its close warning gives the error; a Writer
                     # against a full disk got one such close per publish, 954 lines in 5 s)
-                    (logger.debug if self._owned else logger.warning)("%s: %s", self.id, error)
+                    (logger.debug if self._owned else logger.warning)("%s: %s", self._log_id, error)
                 else:
                     # E_FIN_FAILED & co.: almost always a message nsqd had timed out (its handler
                     # outlived msg_timeout), so it was or will be processed twice.
@@ -1560,10 +1585,10 @@ class AsyncConn(EventedMixin):
                         logger.warning(
                             "%s: %s (%d such since the last warning): nsqd timed the message out before its answer came, "
                             "and delivers it again (touch() long jobs or raise msg_timeout), or the channel was emptied",
-                            self.id, error, due,
+                            self._log_id, error, due,
                         )
                     else:
-                        logger.debug("%s: %s", self.id, error)
+                        logger.debug("%s: %s", self._log_id, error)
                 self._emit("error", conn=self, error=error)
                 if error.fatal:
                     self.error = error
@@ -1612,7 +1637,7 @@ class AsyncConn(EventedMixin):
                         "here (since the last warning): the channel was emptied (nsqd then forgets every message in flight), "
                         "or a peer that is not nsqd ignores RDY. Those not started yet are dropped, and the others' answers "
                         "are not sent (nsqd would refuse them)",
-                        self.id, self._rdy_peak, due,
+                        self._log_id, self._rdy_peak, due,
                     )
             if superseded:
                 due = self._redelivered.add(superseded)
@@ -1620,7 +1645,7 @@ class AsyncConn(EventedMixin):
                     logger.warning(
                         "%s: nsqd timed out messages still in flight here and delivered them again (%d since the last "
                         "warning); copies not started yet are skipped; touch() long jobs or raise msg_timeout",
-                        self.id, due,
+                        self._log_id, due,
                     )
             if listeners and (stale or superseded) and queued:
                 # nsqd timed out or forgot messages here (more in flight than RDY allows, or a
@@ -1635,7 +1660,7 @@ class AsyncConn(EventedMixin):
                     self._lead_offered = True  # the reader task parks (see _should_park)
                     lane.offer_lead(self)
             else:
-                logger.warning("%s: %d messages arrived with no 'message' listener; nsqd redelivers them after msg_timeout", self.id, len(messages))
+                logger.warning("%s: %d messages arrived with no 'message' listener; nsqd redelivers them after msg_timeout", self._log_id, len(messages))
         if close_wait:
             # nsqd sends nothing after CLOSE_WAIT: a graceful close now waits for exactly
             # the messages counted above (they came before it, maybe in this same read).
@@ -1688,7 +1713,7 @@ class AsyncConn(EventedMixin):
                 "%s: %d messages waited for a worker longer than msg_timeout (since the last warning) and were "
                 "dropped unrun: nsqd has timed them out and delivers them again. No worker started a message for "
                 "msg_timeout (so waiting messages were not touched): look for a hung handler, or raise concurrency",
-                self.id, due,
+                self._log_id, due,
             )
 
     def _forget_oldest_locked(self, excess: int, now: float) -> int:
@@ -1791,7 +1816,7 @@ class AsyncConn(EventedMixin):
             try:
                 callback(conn=self, message=message)
             except Exception:
-                logger.exception("message listener %r raised for %r on %s", callback, message, self.id)
+                logger.exception("%smessage listener %r raised for %r on %s", self._log_prefix, callback, message, self.id)
 
     def _take_queued(self) -> List[Message]:
         """Take this connection's messages still queued for a worker back from the pool (their
@@ -1813,7 +1838,7 @@ class AsyncConn(EventedMixin):
             try:
                 self.worker_pool.control.submit(self._fire, name, kwargs)
             except RuntimeError:
-                logger.debug("%s: worker pool closed; %s event dropped", self.id, name)
+                logger.debug("%s: worker pool closed; %s event dropped", self._log_id, name)
 
     def _fire(self, name: str, kwargs: Optional[Dict[str, Any]] = None, **kw: Any) -> None:  # type: ignore[override]
         super()._fire(name, **(kwargs if kwargs is not None else kw))
@@ -2063,6 +2088,8 @@ class AsyncConn(EventedMixin):
             try:
                 if not waiter.done():
                     waiter.set_exception(error)
+                    if self._request_failed is not None:
+                        self._request_failed(waiter, error)
             except futures.InvalidStateError:
                 pass  # a publish timeout failed it first
 
@@ -2216,7 +2243,7 @@ class AsyncConn(EventedMixin):
             try:
                 callback(conn=self)
             except Exception:
-                logger.exception("listener %r for %r on %s raised", callback, "resume", self.id)
+                logger.exception("%slistener %r for %r on %s raised", self._log_prefix, callback, "resume", self.id)
         if not hold:
             self._after_answer(False, drained)
 
@@ -2229,7 +2256,7 @@ class AsyncConn(EventedMixin):
             return
         due = self._lost_tally.add(1)
         if due:
-            logger.warning("%s: %d answer(s) not sent since the last warning (the connection had ended; nsqd delivers those messages again); the last: %s", self.id, due, error)
+            logger.warning("%s: %d answer(s) not sent since the last warning (the connection had ended; nsqd delivers those messages again); the last: %s", self._log_id, due, error)
 
     def _check_answerable_locked(self, message: Message) -> None:
         if message._responded:
@@ -2245,7 +2272,7 @@ class AsyncConn(EventedMixin):
             try:
                 callback(conn=self)
             except Exception:
-                logger.exception("listener %r for %r on %s raised", callback, event, self.id)
+                logger.exception("%slistener %r for %r on %s raised", self._log_prefix, callback, event, self.id)
 
     def _queue_answer_locked(self, message: Message, data: bytes) -> Tuple[bool, bool]:
         """Queue *data*, the answer to *message*; return (hold it back, the last in flight answered while closing).
@@ -2337,7 +2364,7 @@ class AsyncConn(EventedMixin):
                 if not self._wait_close_wait(deadline):
                     logger.warning(
                         "%s: nsqd did not confirm CLS within the close timeout (%gs), or %gs after the last answer; closing "
-                        "anyway (nsqd will redeliver what is in flight)", self.id, timeout, CLS_GRACE_SECONDS,
+                        "anyway (nsqd will redeliver what is in flight)", self._log_id, timeout, CLS_GRACE_SECONDS,
                     )
                 if self._hand_back is not None and self._queued:
                     self._hand_back(self._take_queued())
@@ -2345,7 +2372,7 @@ class AsyncConn(EventedMixin):
                     if self.in_flight <= 0:
                         self._drained.set()
                 if not self._drained.wait(max(0.0, deadline - time.monotonic())):
-                    logger.warning("%s: closing with %d messages still in flight (nsqd will redeliver them)", self.id, self.in_flight)
+                    logger.warning("%s: closing with %d messages still in flight (nsqd will redeliver them)", self._log_id, self.in_flight)
             except Error:
                 pass
         self._flush_all(deadline)
@@ -2393,7 +2420,7 @@ class AsyncConn(EventedMixin):
         self._close_at = max(deadline, time.monotonic() + 0.1)
         lock = self._write_lock
         if not lock.acquire(True, max(0.1, deadline - time.monotonic()) + 2 * SEND_SLICE_SECONDS):
-            logger.warning("%s: a write in progress made no progress within the close timeout (nsqd is not reading); closing under it", self.id)
+            logger.warning("%s: a write in progress made no progress within the close timeout (nsqd is not reading); closing under it", self._log_id)
             return
         done = None
         if self._writes and self._send_some == self._send_whole:
@@ -2407,10 +2434,10 @@ class AsyncConn(EventedMixin):
                 done = None
         try:
             if self._send_queued(max(0.0, self._close_at - time.monotonic())):
-                logger.warning("%s: nsqd took too little of the last writes within the close timeout (it is not reading); closing with them unsent", self.id)
+                logger.warning("%s: nsqd took too little of the last writes within the close timeout (it is not reading); closing with them unsent", self._log_id)
                 self._fail_unsent()
         except (OSError, ValueError, Error) as exc:
-            logger.debug("%s: final write failed: %s", self.id, exc)
+            logger.debug("%s: final write failed: %s", self._log_id, exc)
         finally:
             if done is not None:
                 done.set()
@@ -2422,7 +2449,7 @@ class AsyncConn(EventedMixin):
         ConnectionClosedError, the outcome unknown)."""
         if done.wait(max(0.0, deadline - time.monotonic())):
             return
-        logger.warning("%s: nsqd took too little of the last writes within the close timeout (it is not reading); closing under them", self.id)
+        logger.warning("%s: nsqd took too little of the last writes within the close timeout (it is not reading); closing under them", self._log_id)
         self._teardown_socket()
 
     def _join(self, timeout: float) -> None:
@@ -2496,7 +2523,7 @@ class AsyncConn(EventedMixin):
             # could lose them. Their answers cannot be sent; said once here, not per message.
             logger.warning(
                 "%s: %d messages read before the connection ended still go to handlers; their answers cannot be sent, "
-                "and nsqd, if it still holds them, delivers them again", self.id, queued,
+                "and nsqd, if it still holds them, delivers them again", self._log_id, queued,
             )
         self._close_wait.set()
         self._drained.set()
@@ -2510,7 +2537,7 @@ class AsyncConn(EventedMixin):
         if error is not None:
             self.error = error
             if not reported:
-                (logger.debug if self._owned else logger.warning)("%s: %s", self.id, error)
+                (logger.debug if self._owned else logger.warning)("%s: %s", self._log_id, error)
                 self._emit("error", conn=self, error=error)
         self._emit_close()
 
@@ -2584,6 +2611,8 @@ class AsyncConn(EventedMixin):
                 #: True when nsqd provably never ran the command (it came after a fatal error), so re-sending it is safe
                 failure.unprocessed = getattr(future, "unprocessed", False)  # type: ignore[attr-defined]
                 future.set_exception(failure)
+                if self._request_failed is not None:
+                    self._request_failed(future, failure)
 
     def _emit_close(self) -> None:
         with self._lock:

@@ -6,6 +6,7 @@ from typing import Any, Iterable, Mapping
 
 from .message import Message
 from .protocol import commands
+from .protocol.commands import MessageBody
 from .protocol.constants import FRAME_TYPE_ERROR, FRAME_TYPE_MESSAGE, FRAME_TYPE_RESPONSE
 from .protocol.frames import Frame
 from .protocol.frames import decode_message as _decode_raw
@@ -74,17 +75,17 @@ def nop() -> bytes:
     return commands.nop()
 
 
-def pub(topic: str, data: Any) -> bytes:
+def pub(topic: str, data: MessageBody) -> bytes:
     """PUB topic with one body (bytes, or str encoded as UTF-8)."""
     return commands.pub(topic, data)
 
 
-def mpub(topic: str, data: Iterable[Any]) -> bytes:
+def mpub(topic: str, data: Iterable[MessageBody]) -> bytes:
     """MPUB topic with a list of bodies."""
     return commands.mpub(topic, data)
 
 
-def dpub(topic: str, delay_ms: int, data: Any) -> bytes:
+def dpub(topic: str, delay_ms: int, data: MessageBody) -> bytes:
     """DPUB topic delay_ms with one body."""
     return commands.dpub(topic, delay_ms, data)
 

@@ -51,6 +51,12 @@ class Message:
     # (_superseded is set only on a copy nsqd replaced by delivering it again: read with getattr)
     __slots__ = ("id", "body", "timestamp", "attempts", "_responder", "_async", "_responded", "_arrived", "_touched", "_superseded", "__weakref__", "__dict__")
 
+    # (annotations without values: the slots above hold the attributes)
+    id: bytes
+    body: bytes
+    timestamp: int
+    attempts: int
+
     def __init__(self, id: bytes, body: bytes, timestamp: int, attempts: int, responder: Optional[Responder] = None) -> None:
         self.id = id
         self.body = body

@@ -69,13 +69,13 @@ import threading
 import time
 import weakref
 from concurrent import futures
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Union
 
 from . import lifecycle
 from .lifecycle import forget_parents_in_child, uwsgi_state
 from .backends import Backend, get_backend
 from .addresses import address_key as _address_key
-from .addresses import parse_addresses
+from .addresses import Addresses, parse_addresses
 from .backoff import ExponentialBackoff, exponential_delay
 from .conn import NO_HEARTBEAT_SUB, AsyncConn, WarningTally
 from .dispatch import WorkerPool, call_refusal
@@ -364,8 +364,8 @@ class Reader:
         backoff, an exception -> REQ with backoff (traceback logged); after
         ``message.enable_async()`` your code answers later, from any thread. A plain
         callable: a coroutine (``async def``) or generator function is refused (TypeError)
-    :param nsqd_tcp_addresses: ``"host:port"`` or a list of them; reconnected with
-        exponential backoff and jitter until close()
+    :param nsqd_tcp_addresses: ``"host:port"``, a (host, port) pair (int port), or a list or
+        tuple of them; reconnected with exponential backoff and jitter until close()
     :param lookupd_http_addresses: ``"host:port"``/``"http://host:port"`` or a list;
         polled one per tick, round-robin, trying the next on failure
     :param max_in_flight: messages in flight over all connections (0 starts paused)
@@ -435,8 +435,8 @@ class Reader:
         channel: str,
         message_handler: Optional[MessageHandler] = None,
         *,
-        nsqd_tcp_addresses: Union[None, str, Sequence[str]] = None,
-        lookupd_http_addresses: Union[None, str, Sequence[str]] = None,
+        nsqd_tcp_addresses: Optional[Addresses] = None,
+        lookupd_http_addresses: Union[None, str, Iterable[str]] = None,
         max_in_flight: int = 1,
         max_tries: int = 5,
         max_backoff_duration: float = 128,
@@ -455,6 +455,14 @@ class Reader:
         max_connect_attempts: int = 32,
         **conn_kwargs: Any,
     ) -> None:
+        # Keywords first, as Python itself reports an unknown one before the call runs: a
+        # misspelled nsqd_tcp_addresse= is named as such, not taken for no address at all.
+        unknown = sorted(set(conn_kwargs) - _CONN_PARAMS)
+        if unknown:
+            raise TypeError(f"Reader() got unexpected keyword argument(s) {', '.join(map(repr, unknown))} (not AsyncConn parameters either)")
+        reserved = sorted(set(conn_kwargs) & _RESERVED_CONN_KWARGS)
+        if reserved:
+            raise ConfigError(reserved[0], conn_kwargs[reserved[0]], "is set by the Reader for each connection")
         self.topic = check_topic(topic)
         self.channel = check_channel(channel)
         if message_handler is not None:
@@ -521,12 +529,6 @@ class Reader:
         elif not callable(getattr(backoff_strategy, "calculate", None)):
             raise TypeError("backoff_strategy must have a calculate(level) -> seconds method")
 
-        unknown = sorted(set(conn_kwargs) - _CONN_PARAMS)
-        if unknown:
-            raise TypeError(f"Reader() got unexpected keyword argument(s) {', '.join(map(repr, unknown))} (not AsyncConn parameters either)")
-        reserved = sorted(set(conn_kwargs) & _RESERVED_CONN_KWARGS)
-        if reserved:
-            raise ConfigError(reserved[0], conn_kwargs[reserved[0]], "is set by the Reader for each connection")
         self._backend = get_backend(backend)
         # Eager validation: AsyncConn checks every value in its constructor (no I/O, no task).
         AsyncConn("127.0.0.1", 4150, backend=self._backend, **conn_kwargs)
@@ -565,6 +567,9 @@ class Reader:
         self._queued_first = 0
         self._direct = direct
         self._direct_failures: Dict[str, int] = {}
+        #: why the latest attempt to connect to (and subscribe at) each nsqd failed, until one
+        #: succeeds (nsq-sync tail tells a refusal from an outage with it)
+        self._connect_errors: Dict[str, BaseException] = {}
         self._reconnect_timers: Dict[str, _Timer] = {}
         self._tasks: Dict[int, Any] = {}
         self._task_ids = itertools.count()
@@ -1876,6 +1881,7 @@ class Reader:
         try:
             try:
                 conn = AsyncConn(host, port, backend=self._backend, worker_pool=self._pool, **self._conn_kwargs)
+                conn.owner = self.name  # (its log lines say which consumer: several may share an nsqd)
                 conn.on("message", self._on_message)
                 conn._hand_back = self._hand_back
                 conn._lost_answers = self._not_answered  # (late answers from enable_async code)
@@ -1897,6 +1903,7 @@ class Reader:
                     conn.subscribe(self.topic, self.channel)
                     rtt = time.monotonic() - sent  # (how long a lowered RDY is counted: _set_rdy)
             except Exception as exc:
+                self._connect_errors[address] = exc
                 if conn is not None and conn.connected():
                     conn.close(0)
                 announced = None
@@ -1934,6 +1941,7 @@ class Reader:
         self._lookupd_lost.discard(address)
         self._lookupd_hurried.pop(address, None)
         self._direct_failures.pop(address, None)
+        self._connect_errors.pop(address, None)
         ended = self._no_producers_end_locked(f"connected to {address}")
         if ended is not None:
             logger.warning(*ended)

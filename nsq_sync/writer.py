@@ -21,9 +21,9 @@ import time
 import weakref
 from concurrent import futures
 from concurrent.futures import Future
-from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple, Union, overload
 
-from .addresses import address_key, parse_addresses
+from .addresses import Addresses, address_key, parse_addresses
 from .backends import Backend, gevent_patched, get_backend
 from .backoff import exponential_delay
 from .conn import AsyncConn
@@ -48,7 +48,7 @@ from .errors import (
 )
 from .lifecycle import forget_parents_in_child, register, uwsgi_state
 from .protocol import commands
-from .protocol.commands import MAX_BODY_SIZE as _MAX_BODY_SIZE, _PUB_HEADS as _pub_heads, _pack_size
+from .protocol.commands import MAX_BODY_SIZE as _MAX_BODY_SIZE, MessageBody, _PUB_HEADS as _pub_heads, _pack_size
 from .protocol.identify import check_number, check_timeout
 
 __all__ = ["Writer"]
@@ -56,6 +56,9 @@ __all__ = ["Writer"]
 logger = logging.getLogger(__name__)
 
 Callback = Callable[[Optional[AsyncConn], Any], Any]
+#: what mpub() takes: an iterable of bodies, or one bytes-like body (a list of one, as pynsq's
+#: Writer.mpub; a str is refused at run time, which no annotation can say: it is an Iterable[str])
+MessageBodies = Union[Iterable[MessageBody], bytes, bytearray, memoryview]
 _RETRYABLE = (ConnectionClosedError, SendError)
 #: nsqd's answers to a publish it did not store (nsqd v1.3.0, protocol_v2.go: Topic.PutMessage
 #: or PutMessages failed, because the topic is exiting, deleted or nsqd shutting down, or its
@@ -72,6 +75,9 @@ FATAL_CLOSE_WARN_SECONDS = 30.0
 #: a node waiting out its reconnect delay tries again when a publish waits for a connection
 #: (see Writer._hurry), but no sooner than this after its previous attempt began
 HURRY_GAP_SECONDS = 0.5
+#: while an nsqd stays unreachable, a warning says so at most this often (the first failed
+#: attempt of an outage is a warning; the attempts in between are logged at debug)
+STILL_DOWN_WARN_SECONDS = 60.0
 #: entries in a deadline queue (FIFO or heap) before the answered ones anywhere in it are swept
 #: out (one unanswered publish at the head holds the rest); the next sweep waits for twice as many
 _SWEEP_AT = 4096
@@ -99,15 +105,41 @@ def _body_size(data: bytes) -> int:
     return len(data) - data.index(b"\n") - 5
 
 
-def _settle(future: "Future[Any]", result: Any = None, error: Optional[BaseException] = None) -> None:
-    """Resolve *future* unless something (a timeout, an answer) already did."""
+def _settle(future: "Future[Any]", result: Any = None, error: Optional[BaseException] = None) -> bool:
+    """Resolve *future* unless something (a timeout, an answer) already did; whether this did."""
     try:
         if error is not None:
             future.set_exception(error)
         else:
             future.set_result(result)
     except futures.InvalidStateError:
-        pass
+        return False
+    return True
+
+
+class _PublishFuture(Future):
+    """The Future of an async publish (pub_async(), callback=): its failure counts in
+    Writer.stats() once, whoever sets it (the Writer, or the connection for one sent directly).
+    A retry's attempt on a connection is a plain Future (its failure is not the publish's)."""
+
+
+#: Writer.stats()'s kinds of failed publishes
+FAILURE_KINDS = ("timeout", "server_error", "no_connection", "connection_closed", "closed", "other")
+
+
+def _failure_kind(error: BaseException) -> str:
+    """Which of FAILURE_KINDS a publish that failed with *error* counts as."""
+    if isinstance(error, TimeoutError):
+        return "timeout"
+    if isinstance(error, NoConnectionsError):  # (a SendError: first)
+        return "no_connection"
+    if isinstance(error, (ConnectionClosedError, SendError)):
+        return "connection_closed"
+    if isinstance(error, ServerError):
+        return "server_error"
+    if isinstance(error, ClosedError):
+        return "closed"
+    return "other"
 
 
 #: a lane nobody published on for this long (or half a heartbeat interval, if shorter) is
@@ -156,10 +188,22 @@ def _refusal(error: BaseException, authed_before: bool) -> bool:
     return False
 
 
+def _why_refused(refusals: Sequence[Optional[BaseException]]) -> str:
+    """Why every nsqd refused (each of *refusals* one for which _refusal is true), in words."""
+    not_nsq = [isinstance(refused, ProtocolError) for refused in refusals]
+    if all(not_nsq):
+        return "every address answered the connection's handshake with something other than NSQ's protocol (is each one an nsqd TCP port?)"
+    if any(not_nsq):
+        return ("the handshake with every nsqd was refused (credentials or TLS, by nsqd or by this client: an untrusted "
+                "certificate) or answered with something other than NSQ's protocol")
+    return "the handshake with every nsqd was refused (credentials or TLS, by nsqd or by this client: an untrusted certificate)"
+
+
 class _Node:
     __slots__ = (
         "host", "port", "conn", "task", "attempts", "last_error", "refused", "authed", "started", "ended", "lanes", "free", "growing", "grow_after",
-        "pass_until", "warned_at", "quiet_closes", "wake", "tried_at",
+        "pass_until", "warned_at", "quiet_closes", "wake", "tried_at", "down_since", "down_at", "failures", "down_warned_at",
+        "ever_connected",
     )
 
     def __init__(self, host: str, port: int) -> None:
@@ -198,6 +242,18 @@ class _Node:
         self.wake: Any = None
         #: when the node task's latest attempt to connect began
         self.tried_at = 0.0
+        #: since when it has had no connection (time.time(), and time.monotonic() for durations):
+        #: its connection closed, or its first attempt to connect failed; None while connected
+        #: (or before the first attempt ends)
+        self.down_since: Optional[float] = None
+        self.down_at = 0.0
+        #: attempts to connect that failed since it was last connected (or since the start)
+        self.failures = 0
+        #: when the latest warning that it cannot be reached was logged (time.monotonic()), None
+        #: when none was in this outage (see Writer._log_failed_attempt)
+        self.down_warned_at: Optional[float] = None
+        #: it was connected once: back after an outage, it is "reconnected"
+        self.ever_connected = False
 
     @property
     def address(self) -> str:
@@ -245,7 +301,7 @@ class Writer:
 
     def __init__(
         self,
-        nsqd_tcp_addresses: Union[str, Sequence[str]],
+        nsqd_tcp_addresses: Addresses,
         *,
         publish_timeout: float = 10.0,
         retries: int = 0,
@@ -259,6 +315,14 @@ class Writer:
         backend: Union[None, str, Backend] = None,
         **conn_kwargs: Any,
     ) -> None:
+        # Keywords first, as Python itself reports an unknown one before the call runs (a
+        # misspelled keyword is named as such, whatever else is wrong).
+        if "worker_pool" in conn_kwargs:
+            raise TypeError("Writer() manages its own worker_pool")
+        unknown = sorted(set(conn_kwargs) - _conn_params())
+        if unknown:
+            # (AsyncConn would name itself: the caller wrote Writer(...))
+            raise TypeError(f"Writer() got unexpected keyword argument(s) {', '.join(map(repr, unknown))} (not AsyncConn parameters either)")
         if name is not None and (not isinstance(name, str) or not name):
             raise ConfigError("name", name, "must be a non-empty string")
         addresses = parse_addresses(nsqd_tcp_addresses)
@@ -272,12 +336,6 @@ class Writer:
         check_number("reconnect_interval", reconnect_interval, 0.001, 3600)
         check_number("max_reconnect_interval", max_reconnect_interval, 0.001, 3600)
         check_number("max_connections_per_nsqd", max_connections_per_nsqd, 1, 64, integer=True)
-        if "worker_pool" in conn_kwargs:
-            raise TypeError("Writer() manages its own worker_pool")
-        unknown = sorted(set(conn_kwargs) - _conn_params())
-        if unknown:
-            # (AsyncConn would name itself: the caller wrote Writer(...))
-            raise TypeError(f"Writer() got unexpected keyword argument(s) {', '.join(map(repr, unknown))} (not AsyncConn parameters either)")
         # Validate every connection parameter now (raises TypeError/ConfigError), not in a background task.
         AsyncConn(addresses[0][0], addresses[0][1], backend=backend, **conn_kwargs)
         self.name = name or "nsq_sync.Writer"
@@ -329,6 +387,11 @@ class Writer:
         # lock, which 8 threads publishing would contend for. close() waits for it to empty.
         self._calls: List[None] = []
         self._rr = 0
+        # Writer.stats(): failed publishes by kind (under _stats_lock: failures are rare), and the
+        # answers read on connections that are gone (the live ones count their own)
+        self._stats_lock = backend.lock()
+        self._failed = dict.fromkeys(FAILURE_KINDS, 0)
+        self._gone_answered = 0
         self.pool = WorkerPool(self.concurrency, backend, name=self.name)
         # Lanes (see _lane) spare OS threads the hand-off of an answer read by another
         # thread; greenlets hand over cheaply, and their hub reads every socket anyway.
@@ -426,6 +489,8 @@ class Writer:
         """A connection to *node*, not connected yet (the first one, or a lane)."""
         conn = AsyncConn(node.host, node.port, backend=self.backend, worker_pool=self.pool, **self._conn_kwargs)
         conn.unprocessed_handler = self._resend_unprocessed
+        conn._request_failed = self._request_failed
+        conn.owner = self.name  # (its log lines say which Writer)
         conn._writer_node = node  # type: ignore[attr-defined]
         conn._owned = True  # (_node_loop reports the close)
         # A publish stuck writing to an nsqd that stopped reading fails after about its
@@ -441,7 +506,6 @@ class Writer:
         override it in a subclass, as with pynsq's Writer, to watch connections."""
 
     def _node_loop(self, node: _Node) -> None:
-        hurried = False
         while not self._stopping.is_set():
             conn = self._new_conn(node)
             node.started += 1
@@ -452,18 +516,18 @@ class Writer:
                 node.attempts += 1
                 node.last_error = exc
                 node.refused = exc if _refusal(exc, node.authed) else None
+                node.failures += 1
+                if node.down_since is None:
+                    node.down_since, node.down_at = time.time(), time.monotonic()
                 node.ended += 1
                 delay = exponential_delay(node.attempts, self.reconnect_interval, self.max_reconnect_interval)
-                # (an attempt a waiting publish hurried is one of many, every HURRY_GAP_SECONDS)
-                log = logger.debug if hurried else logger.warning
-                log("%scannot connect to %s (%s); retrying in %.1fs", self._log_prefix, node.address, exc, delay)
+                self._log_failed_attempt(node, exc, delay)
                 self._attempt_ended()
-                hurried = self._backoff(node, delay)
+                self._backoff(node, delay)
                 continue
             node.attempts = 0
             node.refused = None
             node.ended += 1
-            hurried = False
             node.wake.clear()  # (a hurry for the attempt that just succeeded)
             if conn.auth_response is not None:
                 node.authed = True
@@ -479,10 +543,16 @@ class Writer:
                 conn.close()
                 break
             self._attempt_ended()
-            logger.info("%sconnected to %s", self._log_prefix, node.address)
+            self._log_connected(node)
+            node.failures = 0
+            node.down_since = node.down_warned_at = None
+            node.ever_connected = True
             conn.wait_closed()
             with self._lock:
                 node.conn = None
+                self._gone_answered += conn._answered_total
+                if conn.error is not None and not self._stopping.is_set():
+                    node.last_error = conn.error
                 if conn in self._connected:
                     self._connected = [other for other in self._connected if other is not conn]
                 if not self._connected:
@@ -498,18 +568,57 @@ class Writer:
                     self._log_fatal_close(node, conn.error)
                     continue
                 node.attempts += 1
+                node.down_since, node.down_at = time.time(), time.monotonic()
                 delay = exponential_delay(node.attempts, self.reconnect_interval, self.max_reconnect_interval)
-                logger.warning("%sconnection to %s closed (%s); reconnecting in %.1fs", self._log_prefix, node.address, conn.error, delay)
-                hurried = self._backoff(node, delay)
+                logger.warning("%sconnection to %s closed (%s); reconnecting in %s", self._log_prefix, node.address, conn.error, self._when_next(node, delay))
+                self._backoff(node, delay)
+
+    def _when_next(self, node: _Node, delay: float) -> str:
+        """When *node*'s next attempt to connect begins, for a log line: after *delay*, or
+        sooner while publishes wait for a connection (see _hurry; not for a refused node)."""
+        if node.refused is not None:
+            return f"{delay:.1f}s"
+        return f"{delay:.1f}s, or every {HURRY_GAP_SECONDS:g}s while publishes wait for a connection"
+
+    def _log_failed_attempt(self, node: _Node, error: BaseException, delay: float) -> None:
+        """Log a failed attempt to connect to *node*: a warning for the first of an outage, then
+        one at most every STILL_DOWN_WARN_SECONDS saying how long and how many attempts; the
+        others at debug. The same whether publishes are waiting (attempts every
+        HURRY_GAP_SECONDS) or not (the backoff delay)."""
+        now = time.monotonic()
+        if node.down_warned_at is None:
+            node.down_warned_at = now
+            logger.warning("%scannot connect to %s (%s); retrying in %s", self._log_prefix, node.address, error, self._when_next(node, delay))
+        elif now - node.down_warned_at >= STILL_DOWN_WARN_SECONDS:
+            node.down_warned_at = now
+            logger.warning(
+                "%sstill cannot connect to %s: down %.0fs, %d failed attempt(s), last error: %s; retrying in %s",
+                self._log_prefix, node.address, now - node.down_at, node.failures, error, self._when_next(node, delay),
+            )
+        else:
+            logger.debug("%scannot connect to %s (%s; attempt %d); retrying in %s", self._log_prefix, node.address, error, node.failures, self._when_next(node, delay))
+
+    def _log_connected(self, node: _Node) -> None:
+        """Log a connection to *node*: a warning when it ends an outage, which was warned about
+        (the close, or the first failed attempt: see _log_failed_attempt), else at info."""
+        if node.down_since is None:
+            logger.info("%sconnected to %s", self._log_prefix, node.address)
+            return
+        logger.warning(
+            "%s%s %s after %.1fs (%d failed attempt(s))", self._log_prefix, "reconnected to" if node.ever_connected else "connected to",
+            node.address, time.monotonic() - node.down_at, node.failures,
+        )
 
     def _backoff(self, node: _Node, delay: float) -> bool:
         """Wait out *node*'s reconnect delay, or less when a publish waiting for a connection
         hurries it (see _hurry): then the next attempt begins HURRY_GAP_SECONDS after the
-        previous one did, or at once. Returns whether it was hurried. close() ends the wait."""
+        previous one did (or when the delay ends, if sooner), or at once. Returns whether it was hurried. close() ends the wait."""
         wake = node.wake
+        due = time.monotonic() + delay
         hurried = wake.wait(delay) and not self._stopping.is_set()
         if hurried:
-            gap = node.tried_at + HURRY_GAP_SECONDS - time.monotonic()
+            # (never later than the delay would have ended: a short reconnect_interval)
+            gap = min(node.tried_at + HURRY_GAP_SECONDS, due) - time.monotonic()
             if gap > 0:
                 self._stopping.wait(gap)
         wake.clear()  # (a hurry from here on is for the next delay)
@@ -577,14 +686,7 @@ class Writer:
         first = self._refusal_cause()
         if first is None:
             return None
-        not_nsq = [isinstance(node.refused, ProtocolError) for node in self._nodes]
-        if all(not_nsq):
-            why = "every address answered the connection's handshake with something other than NSQ's protocol (is each one an nsqd TCP port?)"
-        elif any(not_nsq):
-            why = ("the handshake with every nsqd was refused (credentials or TLS, by nsqd or by this client: an untrusted "
-                   "certificate) or answered with something other than NSQ's protocol")
-        else:
-            why = "the handshake with every nsqd was refused (credentials or TLS, by nsqd or by this client: an untrusted certificate)"
+        why = _why_refused([node.refused for node in self._nodes])
         error = HandshakeRefusedError(
             f"no connection to any of {[n.address for n in self._nodes]}: {why}, so this publish does not wait; "
             f"{self.name} keeps reconnecting in the background" + self._last_errors()
@@ -603,6 +705,55 @@ class Writer:
             if first is None:
                 first = refused
         return first
+
+    def _fail(self, future: "Future[Any]", error: BaseException) -> None:
+        """Fail *future* with *error* unless it is done already; counted when it is a publish's."""
+        if _settle(future, error=error) and future.__class__ is _PublishFuture:
+            self._count_failure(error)
+
+    def _request_failed(self, waiter: Any, error: BaseException) -> None:
+        """A connection failed a request (see AsyncConn._request_failed): counted when it is an
+        async publish sent directly (a blocking one counts where it raises, a retry's attempt
+        where its publish fails)."""
+        if waiter.__class__ is _PublishFuture:
+            self._count_failure(error)
+
+    def _count_failure(self, error: BaseException) -> None:
+        kind = _failure_kind(error)
+        with self._stats_lock:
+            self._failed[kind] += 1
+
+    def stats(self) -> Dict[str, Any]:
+        """Counters and the state of each nsqd, for monitoring (see docs/writer.md).
+
+        ``published``: nsqd's OK answers to this Writer's publishes (one per PUB, MPUB or DPUB,
+        late ones to publishes that had timed out included); ``failed``: the publishes that
+        failed, blocking and async, by kind (``timeout``, ``server_error``, ``no_connection``,
+        ``connection_closed``, ``closed``, ``other``); ``closed``; ``connections``: one dict per
+        nsqd address with ``address``, ``connected``, ``down_since`` (time.time() since when it
+        has had no connection, None while connected), ``failed_attempts`` (attempts to connect
+        that failed since it was last connected), ``last_error`` (the latest connect failure or
+        connection error, as a string, kept after a success; None if none) and ``lanes`` (extra
+        connections open, see max_connections_per_nsqd). Counts start at 0 in each process.
+        """
+        with self._lock:
+            published = self._gone_answered
+            connections = []
+            for node in self._nodes:
+                conn = node.conn
+                published += sum(other._answered_total for other in ([conn] if conn is not None else []) + node.lanes)
+                error = node.last_error
+                connections.append({
+                    "address": node.address,
+                    "connected": conn is not None and conn.connected(),
+                    "down_since": node.down_since,
+                    "failed_attempts": node.failures,
+                    "last_error": None if error is None else f"{type(error).__name__}: {error}",
+                    "lanes": len(node.lanes),
+                })
+        with self._stats_lock:
+            failed = dict(self._failed)
+        return {"name": self.name, "published": published, "failed": failed, "closed": self._closed, "connections": connections}
 
     @property
     def conns(self) -> Dict[str, AsyncConn]:
@@ -739,7 +890,13 @@ class Writer:
         return f"<Writer {[n.address for n in self._nodes]} connected={len(self._connected)}>"
 
     # ------------------------------------------------------------ publishing
-    def pub(self, topic: str, msg: Any, callback: Optional[Callback] = None, timeout: Optional[float] = None) -> Any:
+    # (The overloads say what pub/mpub/dpub return, b"OK" or None with a callback; they are
+    # declarations for type checkers only, and the definition after them is the method.)
+    @overload
+    def pub(self, topic: str, msg: MessageBody, callback: None = None, timeout: Optional[float] = None) -> bytes: ...
+    @overload
+    def pub(self, topic: str, msg: MessageBody, callback: Callback, timeout: Optional[float] = None) -> None: ...
+    def pub(self, topic: str, msg: MessageBody, callback: Optional[Callback] = None, timeout: Optional[float] = None) -> Optional[bytes]:
         """Publish one message.
 
         Without *callback*: block until nsqd answers and return its answer (b"OK"). Raises the
@@ -811,7 +968,11 @@ class Writer:
                 return head + _pack_size(size) + msg
         return self._checked(commands.pub(topic, msg), topic)
 
-    def mpub(self, topic: str, msgs: Iterable[Any], callback: Optional[Callback] = None, timeout: Optional[float] = None) -> Any:
+    @overload
+    def mpub(self, topic: str, msgs: MessageBodies, callback: None = None, timeout: Optional[float] = None) -> bytes: ...
+    @overload
+    def mpub(self, topic: str, msgs: MessageBodies, callback: Callback, timeout: Optional[float] = None) -> None: ...
+    def mpub(self, topic: str, msgs: MessageBodies, callback: Optional[Callback] = None, timeout: Optional[float] = None) -> Optional[bytes]:
         """Publish several messages atomically (MPUB); same contract as :meth:`pub`. Zero messages
         is a ConfigError. One bytes-like body is taken as a list of one, as pynsq does (a str is
         refused: iterating it would publish each character)."""
@@ -820,25 +981,31 @@ class Writer:
             return self._publish_blocking(data, timeout)
         return self._publish(data, callback, timeout)
 
-    def dpub(self, topic: str, delay_ms: int, msg: Any, callback: Optional[Callback] = None, timeout: Optional[float] = None) -> Any:
+    @overload
+    def dpub(self, topic: str, delay_ms: int, msg: MessageBody, callback: None = None, timeout: Optional[float] = None) -> bytes: ...
+    @overload
+    def dpub(self, topic: str, delay_ms: int, msg: MessageBody, callback: Callback, timeout: Optional[float] = None) -> None: ...
+    def dpub(
+        self, topic: str, delay_ms: int, msg: MessageBody, callback: Optional[Callback] = None, timeout: Optional[float] = None
+    ) -> Optional[bytes]:
         """Publish one message delivered after *delay_ms* (0..3,600,000); same contract as :meth:`pub`."""
         return self._publish(self._checked(commands.dpub(topic, delay_ms, msg), topic), callback, timeout)
 
-    def pub_async(self, topic: str, msg: Any, timeout: Optional[float] = None) -> "Future[bytes]":
+    def pub_async(self, topic: str, msg: MessageBody, timeout: Optional[float] = None) -> "Future[bytes]":
         """Publish without blocking; the Future resolves to b"OK" or fails with the error :meth:`pub` would raise."""
         return self._submit(self._pub_command(topic, msg), timeout)
 
-    def mpub_async(self, topic: str, msgs: Iterable[Any], timeout: Optional[float] = None) -> "Future[bytes]":
+    def mpub_async(self, topic: str, msgs: MessageBodies, timeout: Optional[float] = None) -> "Future[bytes]":
         """:meth:`mpub` returning a Future."""
         return self._submit(self._mpub_command(topic, msgs), timeout)
 
-    def _mpub_command(self, topic: str, msgs: Iterable[Any]) -> bytes:
+    def _mpub_command(self, topic: str, msgs: MessageBodies) -> bytes:
         """MPUB's bytes, checked; one bytes-like body is a list of one (pynsq's Writer.mpub)."""
         if isinstance(msgs, (bytes, bytearray, memoryview)):
             msgs = [msgs]
         return self._checked_multi(*commands.mpub_parts(topic, msgs))
 
-    def dpub_async(self, topic: str, delay_ms: int, msg: Any, timeout: Optional[float] = None) -> "Future[bytes]":
+    def dpub_async(self, topic: str, delay_ms: int, msg: MessageBody, timeout: Optional[float] = None) -> "Future[bytes]":
         """:meth:`dpub` returning a Future."""
         return self._submit(self._checked(commands.dpub(topic, delay_ms, msg), topic), timeout)
 
@@ -866,7 +1033,7 @@ class Writer:
                 raise ConfigError("msgs", f"<a message of {largest} bytes>", f"exceeds max_msg_size ({limit} bytes, nsqd's --max-msg-size)")
         return data
 
-    def _publish(self, data: bytes, callback: Optional[Callback], timeout: Optional[float]) -> Any:
+    def _publish(self, data: bytes, callback: Optional[Callback], timeout: Optional[float]) -> Optional[bytes]:
         if callback is not None:
             if not callable(callback):
                 raise TypeError(f"callback must be callable, not {type(callback).__name__}")
@@ -1063,6 +1230,9 @@ class Writer:
                 finally:
                     if lane is not None:
                         self._lane_back(lane)
+        except Error as exc:
+            self._count_failure(exc)
+            raise
         finally:
             self._end()
 
@@ -1125,6 +1295,7 @@ class Writer:
         with self._lock:
             if lane in node.lanes:
                 node.lanes = [other for other in node.lanes if other is not lane]
+                self._gone_answered += lane._answered_total  # (dropped once: nobody publishes on it any more)
 
     def _lane_loop(self, node: _Node) -> None:
         """Open one lane to *node*, keep it while it is used, close it after a period unused (see below)."""
@@ -1227,15 +1398,17 @@ class Writer:
                 # Common case: the connection's own Future is the caller's, no second one.
                 conn = self._pick()
                 if conn is not None:
+                    future = _PublishFuture()
+                    future.set_running_or_notify_cancel()
                     try:
-                        future = conn.request(data)
+                        conn.request(data, future)
                     except ConnectionClosedError:
                         future = None
                     else:
                         future.conn = conn  # type: ignore[attr-defined]
                         future.sent = True  # type: ignore[attr-defined]
             if future is None:
-                future = Future()
+                future = _PublishFuture()
                 future.set_running_or_notify_cancel()
                 self._attempt(data, deadline, self.retries, future, None)
         except BaseException:
@@ -1302,9 +1475,9 @@ class Writer:
                     try:
                         self.pool.control.submit(self._attempt, data, deadline, retries - 1, outer, conn)
                     except RuntimeError:
-                        _settle(outer, error=exc)
+                        self._fail(outer, exc)
                 else:
-                    _settle(outer, error=exc)
+                    self._fail(outer, exc)
             elif isinstance(exc, _RETRYABLE) and (retries > 0 or getattr(exc, "unprocessed", False)) and time.monotonic() < deadline:
                 # Runs on the connection's reader: re-send from a worker instead.
                 left = retries if getattr(exc, "unprocessed", False) else retries - 1
@@ -1313,9 +1486,9 @@ class Writer:
                 try:
                     self.pool.control.submit(self._attempt, data, deadline, left, outer, conn)
                 except RuntimeError:
-                    _settle(outer, error=exc)
+                    self._fail(outer, exc)
             else:
-                _settle(outer, error=exc)
+                self._fail(outer, exc)
 
         inner.add_done_callback(done)
 
@@ -1325,7 +1498,7 @@ class Writer:
         try:
             self.pool.control.submit(self._resend, conn, future)
         except RuntimeError:
-            _settle(future, error=ConnectionClosedError(f"connection to {conn.id} closed before nsqd answered"))
+            self._fail(future, ConnectionClosedError(f"connection to {conn.id} closed before nsqd answered"))
 
     def _resend(self, failed: AsyncConn, future: "Future[bytes]") -> None:
         deadline = time.monotonic() + self.publish_timeout
@@ -1339,10 +1512,10 @@ class Writer:
             except ConnectionClosedError:
                 avoid = None
                 if time.monotonic() >= deadline:
-                    _settle(future, error=ConnectionClosedError(f"connection to {failed.id} closed before nsqd answered"))
+                    self._fail(future, ConnectionClosedError(f"connection to {failed.id} closed before nsqd answered"))
                     return
             except Error as exc:
-                _settle(future, error=exc)
+                self._fail(future, exc)
                 return
 
     def _wake_housekeeper(self) -> None:
@@ -1361,7 +1534,7 @@ class Writer:
             self._parked.clear()
         for item in parked:
             # (a retry parked here may follow an attempt nsqd got: then that attempt's error)
-            _settle(item[3], error=self._unsent_error(item[3]))
+            self._fail(item[3], self._unsent_error(item[3]))
 
     def _unsent_error(self, future: "Optional[Future[bytes]]" = None) -> BaseException:
         """Why a publish waiting for a connection fails: the unknown outcome of an earlier
@@ -1412,9 +1585,9 @@ class Writer:
                     inner = getattr(future, "inner", None)
                     if inner is not None:
                         inner.abandoned = True  # (with retries, the connection's Future is another)
-                    _settle(future, error=TimeoutError("no answer from nsqd within the timeout; the publish may or may not have landed"))
+                    self._fail(future, TimeoutError("no answer from nsqd within the timeout; the publish may or may not have landed"))
                 else:
-                    _settle(future, error=self._unsent_error(future))
+                    self._fail(future, self._unsent_error(future))
             for conn in timed_out:
                 # Those still queued behind an unanswered publish (a stalled nsqd) leave the
                 # queue: sent once nsqd answers again, they landed after their TimeoutError.
@@ -1424,12 +1597,12 @@ class Writer:
                 if outer.done():
                     continue
                 if self._stopping.is_set() or time.monotonic() >= deadline:
-                    _settle(outer, error=self._unsent_error(outer))
+                    self._fail(outer, self._unsent_error(outer))
                     continue
                 if refused and not self._connected:
                     refusal = self._refused()
                     if refusal is not None:
-                        _settle(outer, error=getattr(outer, "unknown", None) or refusal)
+                        self._fail(outer, getattr(outer, "unknown", None) or refusal)
                         continue
                 self._attempt(data, deadline, retries, outer, avoid)
             if self._parked and not self._connected and not self._stopping.is_set():

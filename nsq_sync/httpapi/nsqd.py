@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import logging
 import struct
-from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from ..errors import ConfigError, HTTPError
+from ..protocol.commands import MessageBody
 from ..protocol.names import check_channel, check_topic
 from .base import _ACTION_DONE, AnswerShape, HTTPClient
 
 __all__ = ["NsqdHTTPClient", "encode_mpub_binary"]
 
 logger = logging.getLogger(__name__)
-
-MessageBody = Union[bytes, bytearray, memoryview, str]
 
 _SIZE = struct.Struct(">i")
 _MAX_INT32 = 2**31 - 1

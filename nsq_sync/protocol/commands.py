@@ -37,7 +37,9 @@ __all__ = [
     "nop",
 ]
 
-Body = Union[bytes, bytearray, memoryview, str]
+#: a message body as the publishing calls take it (Writer.pub, NsqdHTTPClient.pub, ...): bytes,
+#: bytearray or memoryview, or str (sent encoded as UTF-8). Exactly what :func:`to_body` accepts.
+MessageBody = Union[bytes, bytearray, memoryview, str]
 
 _pack_size = struct.Struct(">l").pack
 #: a size field is a signed 32-bit int (nsqd's own --max-msg-size default is far lower: 1 MiB)

@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 
 import pytest
 
-from nsq_sync.testing import AuthServer, BrokerStartError, NsqdProcess, TLSFiles, find_binary, wait_until
+from nsq_sync.testing import AuthServer, BrokerStartError, NsqdProcess, NsqlookupdProcess, TLSFiles, find_binary, wait_until
 from nsq_sync.httpapi import LookupdClient
 
 REPO = Path(__file__).resolve().parents[2]
@@ -462,6 +462,7 @@ def test_worker_verbose_logs_rates(where: str, nsqd: NsqdProcess, tmp_path: Path
     args = args[:1] + ["-v"] + args[1:] if where == "after" else ["-v"] + args
     with CliProcess.nsq_sync(*args, env=cli_env({"OUT": str(tmp_path / "out.txt")}), cwd=tmp_path) as worker:
         line = worker.wait_for_line(lambda l: "nsq_sync.cli" in l and "received" in l, stream="stderr", timeout=20)
+        assert "nsq_sync.cli: cli_rates:c: received " in line, line  # (which topic and channel)
         assert "finished" in line and "requeued" in line and "in flight" in line and "connections 1" in line, line
         worker.signal(signal.SIGINT)
         assert worker.wait(30) == EXIT_OK, worker.output()
@@ -1247,20 +1248,21 @@ def test_stats_total_adds_up_each_topic_and_channel_over_the_nsqd(nsq_cluster, e
     rows = stats_rows(*lookupd, "--topic", "cli_total", "--total", env=env)
     assert rows == [
         {"nsqd": None, "topic": "cli_total", "channel": None, "depth": 0, "in_flight_count": None, "deferred_count": None,
-         "client_count": None, "message_count": 6, "paused": False, "nsqd_count": 2, "paused_count": 0},
+         "client_count": None, "message_count": 6, "requeue_count": None, "timeout_count": None, "paused": False, "nsqd_count": 2,
+         "paused_count": 0},
         {"nsqd": None, "topic": "cli_total", "channel": "audit", "depth": 1, "in_flight_count": 0, "deferred_count": 0,
-         "client_count": 0, "message_count": 1, "paused": False, "nsqd_count": 1, "paused_count": 0},
+         "client_count": 0, "message_count": 1, "requeue_count": 0, "timeout_count": 0, "paused": False, "nsqd_count": 1, "paused_count": 0},
         {"nsqd": None, "topic": "cli_total", "channel": "work", "depth": 6, "in_flight_count": 0, "deferred_count": 0,
-         "client_count": 0, "message_count": 6, "paused": False, "nsqd_count": 2, "paused_count": 1},
+         "client_count": 0, "message_count": 6, "requeue_count": 0, "timeout_count": 0, "paused": False, "nsqd_count": 2, "paused_count": 1},
     ], rows
 
     table = run_cli("stats", *lookupd, "--topic", "cli_total", "--total", env=env)
     assert table.returncode == EXIT_OK, describe(table)
     assert [line.split() for line in table.stdout.splitlines()] == [
-        ["TOPIC", "CHANNEL", "DEPTH", "IN-FLIGHT", "DEFERRED", "CLIENTS", "MESSAGES", "PAUSED", "ON"],
-        ["cli_total", "-", "0", "-", "-", "-", "6", "no", "2", "nsqd"],
-        ["cli_total", "audit", "1", "0", "0", "0", "1", "no", "1", "nsqd"],
-        ["cli_total", "work", "6", "0", "0", "0", "6", "1", "of", "2", "2", "nsqd"],
+        ["TOPIC", "CHANNEL", "DEPTH", "IN-FLIGHT", "DEFERRED", "CLIENTS", "MESSAGES", "REQUEUES", "TIMEOUTS", "PAUSED", "ON"],
+        ["cli_total", "-", "0", "-", "-", "-", "6", "-", "-", "no", "2", "nsqd"],
+        ["cli_total", "audit", "1", "0", "0", "0", "1", "0", "0", "no", "1", "nsqd"],
+        ["cli_total", "work", "6", "0", "0", "0", "6", "0", "0", "1", "of", "2", "2", "nsqd"],
     ], describe(table)
 
 
@@ -1288,7 +1290,7 @@ def test_stats_of_every_nsqd_nsqlookupd_lists_as_a_table_or_json(nsq_cluster, en
         by_key = {(row["topic"], row["channel"]): row for row in rows}
         assert by_key[("cli_stats", "work")] == {"nsqd": first.http_address, "topic": "cli_stats", "channel": "work", "depth": 2,
                                                 "in_flight_count": 1, "deferred_count": 0, "client_count": 1, "message_count": 3,
-                                                "paused": False}, rows
+                                                "requeue_count": 0, "timeout_count": 0, "paused": False}, rows
         assert by_key[("cli_stats", None)]["depth"] == 0 and by_key[("cli_stats", None)]["nsqd"] == first.http_address, rows
         assert by_key[("cli_stats_other", None)]["depth"] == 2 and by_key[("cli_stats_other", None)]["nsqd"] == second.http_address, rows
 
@@ -1298,9 +1300,9 @@ def test_stats_of_every_nsqd_nsqlookupd_lists_as_a_table_or_json(nsq_cluster, en
         table = run_cli("stats", "--nsqd-http-address", first.http_address, "--topic", "cli_stats", env=env)
         assert table.returncode == EXIT_OK, describe(table)
         assert [line.split() for line in table.stdout.splitlines()] == [
-            ["TOPIC", "CHANNEL", "DEPTH", "IN-FLIGHT", "DEFERRED", "CLIENTS", "MESSAGES", "PAUSED", "NSQD"],
-            ["cli_stats", "-", "0", "-", "-", "-", "3", "no", first.http_address],
-            ["cli_stats", "work", "2", "1", "0", "1", "3", "no", first.http_address],
+            ["TOPIC", "CHANNEL", "DEPTH", "IN-FLIGHT", "DEFERRED", "CLIENTS", "MESSAGES", "REQUEUES", "TIMEOUTS", "PAUSED", "NSQD"],
+            ["cli_stats", "-", "0", "-", "-", "-", "3", "-", "-", "no", first.http_address],
+            ["cli_stats", "work", "2", "1", "0", "1", "3", "0", "0", "no", first.http_address],
         ], describe(table)
     finally:
         reader.close()
@@ -1312,6 +1314,52 @@ def test_stats_of_every_nsqd_nsqlookupd_lists_as_a_table_or_json(nsq_cluster, en
     assert partial.stderr == f"nsq-sync: unavailable: nsqd HTTP {nowhere}: connection refused\n", describe(partial)
     none = run_cli("stats", "--nsqd-http-address", first.http_address, "--topic", "cli_stats_nothing", env=env)
     assert none.returncode == EXIT_OK and none.stdout == "" and none.stderr == "no topic 'cli_stats_nothing' on the nsqd asked\n", describe(none)
+
+
+def test_stats_show_each_channels_requeues_and_timeouts(nsqd: NsqdProcess, env: Dict[str, str], backend: str) -> None:
+    """stats shows how many messages a channel's consumers requeued and how many nsqd timed out
+    (nsqd's requeue_count and timeout_count), in the table and the JSON, added up by --total.
+    Before, neither was shown: a consumer requeuing or outliving msg_timeout went unseen."""
+    import queue
+
+    import nsq_sync
+
+    topic = "cli_stats_requeues"
+    nsqd.create_channel(topic, "work")
+    nsqd.mpublish(topic, [b"a", b"b"])
+    host, port = nsqd.tcp_address.rsplit(":", 1)
+    inbox: "queue.Queue[Any]" = queue.Queue()
+    conn = nsq_sync.AsyncConn(host, int(port), backend=backend, msg_timeout=1.0)
+    conn.on("message", lambda conn, message: inbox.put(message))
+    conn.connect()
+    try:
+        conn.subscribe(topic, "work")
+        conn.send_rdy(2)
+        first, _second = inbox.get(timeout=10), inbox.get(timeout=10)
+        conn.send_rdy(0)  # (nothing comes back here: the requeued one waits in the channel)
+        first.requeue(delay=0, backoff=False)
+        # the second is never answered: nsqd takes it back after msg_timeout (1 s)
+        wait_until(lambda: channel_stats(nsqd, topic, "work")["timeout_count"] == 1, timeout=20, message="the timeout at nsqd")
+    finally:
+        conn.close(1)
+    address = nsqd.http_address
+    rows = stats_rows("--nsqd-http-address", address, "--topic", topic, env=env)
+    assert [(r["channel"], r["requeue_count"], r["timeout_count"]) for r in rows] == [(None, None, None), ("work", 1, 1)], rows
+    table = run_cli("stats", "--nsqd-http-address", address, "--topic", topic, env=env)
+    assert table.returncode == EXIT_OK, describe(table)
+    lines = table.stdout.splitlines()
+    assert [line.split() for line in lines] == [
+        ["TOPIC", "CHANNEL", "DEPTH", "IN-FLIGHT", "DEFERRED", "CLIENTS", "MESSAGES", "REQUEUES", "TIMEOUTS", "PAUSED", "NSQD"],
+        [topic, "-", "0", "-", "-", "-", "2", "-", "-", "no", address],
+        [topic, "work", "2", "0", "0", "0", "2", "1", "1", "no", address],
+    ], describe(table)
+    # numbers right-aligned under their headings, the rest left-aligned: a tidy table
+    heading = lines[0]
+    for name in ("REQUEUES", "TIMEOUTS"):
+        end = heading.index(name) + len(name)
+        assert all(line[end - 1] != " " and (len(line) == end or line[end] == " ") for line in lines[1:]), table.stdout
+    totals = stats_rows("--nsqd-http-address", address, "--topic", topic, "--total", env=env)
+    assert [(r["channel"], r["requeue_count"], r["timeout_count"]) for r in totals] == [(None, None, None), ("work", 1, 1)], totals
 
 
 def test_topic_and_channel_actions_on_every_nsqd_say_what_they_did(nsq_cluster, env: Dict[str, str]) -> None:
@@ -1552,6 +1600,62 @@ def test_pub_refused_by_nsqd_exits_4_at_once(case: str, auth_server: AuthServer,
     assert secret not in proc.stderr + proc.stdout, describe(proc)
     if case == "wrong-secret":
         assert secret in auth_server.requests
+
+
+@pytest.mark.parametrize("case", ["wrong-secret", "no-secret", "wrong-secret-with-timeout"])
+def test_tail_refused_by_every_nsqd_exits_4_at_once_as_pub_does(case: str, auth_server: AuthServer, auth_nsqd: NsqdProcess,
+                                                                 backend: str) -> None:
+    """tail whose every nsqd refuses its handshake (the AUTH secret) exits 4 at once with the
+    reason, as pub does for the same cause, not 3 ("none reachable, or none has the topic") at
+    the end of --timeout, nor never without one. Before, it exited 3 after -n N --timeout, and ran
+    until stopped without --timeout."""
+    secret = "cli-tail-wrong-41d7"
+    auth_server.set_secret("cli-tail-right")
+    auth_nsqd.create_channel("cli_tail_refused", "c")
+    args = ["tail", "--topic", "cli_tail_refused", "--channel", "c", "--nsqd-tcp-address", auth_nsqd.tcp_address, "--backend", backend]
+    if case != "no-secret":
+        args += ["--auth-secret", secret]
+    if case == "wrong-secret-with-timeout":
+        args += ["-n", "1", "--timeout", "30"]
+    said = "AuthFailedError: E_AUTH_FAILED" if case != "no-secret" else f"AuthRequiredError: {auth_nsqd.tcp_address} requires AUTH but no auth_secret was given"
+    began = time.monotonic()
+    proc = run_cli(*args, env=cli_env())
+    elapsed = time.monotonic() - began
+    assert proc.returncode == EXIT_REFUSED, describe(proc)
+    assert elapsed < 20, f"exited after {elapsed:.1f}s"  # (start-up included; gevent restarts the interpreter)
+    last = proc.stderr.splitlines()[-1]
+    assert last.startswith("nsq-sync: refused: not subscribed to any nsqd: the handshake with every nsqd was refused"), describe(proc)
+    assert f"(last errors: {auth_nsqd.tcp_address}: {said}" in last, describe(proc)
+    printed = "printed 0 of 1 message(s)" if case == "wrong-secret-with-timeout" else "printed 0 message(s)"
+    assert last.endswith(f"; {printed} of cli_tail_refused"), describe(proc)
+    assert secret not in proc.stderr + proc.stdout and "Traceback" not in proc.stderr, describe(proc)
+    if case != "no-secret":
+        assert secret in auth_server.requests
+
+
+def test_tail_through_nsqlookupd_refused_by_every_nsqd_it_lists_exits_4_at_its_timeout(auth_server: AuthServer, backend: str) -> None:
+    """Through nsqlookupd (which may list other nsqd later) tail waits out --timeout, then exits 4
+    when every nsqd it tried refused it, not 3: the same cause as pub's exit 4."""
+    auth_server.set_secret("cli-tail-right")
+    with NsqlookupdProcess() as lookupd, NsqdProcess(lookupd_tcp_addresses=[lookupd.tcp_address],
+                                                     extra_args=[f"--auth-http-address={auth_server.address}"]) as nsqd:
+        nsqd.create_channel("cli_tail_refused_l", "c")
+        wait_until(lambda: lookupd.lookup("cli_tail_refused_l"), timeout=10, message="nsqlookupd lists the nsqd")
+        proc = run_cli("tail", "--topic", "cli_tail_refused_l", "--channel", "c", "--lookupd-http-address", lookupd.http_address,
+                       "--auth-secret", "cli-tail-wrong", "-n", "1", "--timeout", "3", "--backend", backend, env=cli_env())
+    assert proc.returncode == EXIT_REFUSED, describe(proc)
+    last = proc.stderr.splitlines()[-1]
+    assert last.startswith("nsq-sync: refused: not subscribed to any nsqd: the handshake with every nsqd was refused"), describe(proc)
+    assert f"(last errors: {nsqd.tcp_address}: AuthFailedError: E_AUTH_FAILED" in last and last.endswith("; printed 0 of 1 message(s) of cli_tail_refused_l"), describe(proc)
+
+
+def test_tail_waits_for_an_nsqd_that_is_down_and_exits_3_at_its_timeout(backend: str) -> None:
+    """An nsqd that is down is no refusal: tail -n 1 --timeout waits it out and exits 3 (unavailable)."""
+    address = f"127.0.0.1:{free_port()}"
+    proc = run_cli("tail", "--topic", "cli_tail_down", "--channel", "c", "--nsqd-tcp-address", address, "-n", "1", "--timeout", "2",
+                   "--backend", backend, env=cli_env())
+    assert proc.returncode == EXIT_UNAVAILABLE, describe(proc)
+    assert "nsq-sync: unavailable: not subscribed to any nsqd after 2s (--timeout)" in proc.stderr, describe(proc)
 
 
 def test_pub_to_nsqds_http_port_exits_4_at_once(nsqd: NsqdProcess, backend: str) -> None:

@@ -1,5 +1,5 @@
 """The documentation site builds with ``mkdocs build --strict``: no broken links or anchors,
-no page missing from the nav (mkdocs.yml at the repository root; needs the ``docs`` extra)."""
+no page missing from the nav (mkdocs.yml at the repository root; needs the ``docs`` or ``dev`` extra)."""
 
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ def server_binary(name: str) -> str:
     """The console script *name* next to this interpreter (or on PATH); a test failure when missing."""
     found = shutil.which(name, path=os.path.dirname(sys.executable)) or shutil.which(name)
     if not found:
-        pytest.fail(f"{name} is a test dependency: pip install -e '.[test]'")
+        pytest.fail(f"{name} is a dependency of the integration tests: pip install -e '.[dev]'")
     return found
 
 

@@ -236,6 +236,48 @@ def test_reader_refuses_bad_names_addresses_and_parameters(kwargs: Dict[str, Any
     raises_named(lambda: _reader(**kwargs), error, param)
 
 
+# A misspelled keyword beside values that are wrong, or missing because of the typo itself: the
+# keyword is reported (Python reports its own unknown keywords before the call runs). It used to
+# be "ConfigError: nsqd_tcp_addresses=None: give nsqd_tcp_addresses or lookupd_http_addresses".
+READER_TYPOS: List[Tuple[Tuple[Any, ...], Dict[str, Any], str]] = [
+    (("t", "c", lambda m: True), {"nsqd_tcp_addresse": "127.0.0.1:4150"}, "nsqd_tcp_addresse"),
+    (("t", "c", lambda m: True), {"lookupd_http_adresses": ["127.0.0.1:4161"]}, "lookupd_http_adresses"),
+    (("t", "c", lambda m: True), {"nsqd_tcp_addresses": "no port", "max_in_fligth": 3}, "max_in_fligth"),
+    (("bad topic", "c", 42), {"nsqd_tcp_addresses": "127.0.0.1:4150", "max_in_flight": -1, "io_loop": None}, "io_loop"),
+]
+
+
+@pytest.mark.parametrize("args,kwargs,typo", READER_TYPOS, ids=[t for _, _, t in READER_TYPOS])
+def test_reader_reports_an_unknown_keyword_first(args: Tuple[Any, ...], kwargs: Dict[str, Any], typo: str) -> None:
+    with pytest.raises(TypeError) as info:
+        Reader(*args, **kwargs).close()
+    assert not isinstance(info.value, ConfigError), info.value
+    assert str(info.value).startswith("Reader() got unexpected keyword argument(s)"), info.value
+    assert repr(typo) in str(info.value)
+
+
+def test_reader_reports_a_reserved_keyword_before_the_addresses() -> None:
+    raises_named(lambda: Reader("t", "c", lambda m: True, host="127.0.0.1"), ConfigError, "host")
+
+
+WRITER_TYPOS: List[Tuple[Tuple[Any, ...], Dict[str, Any], str]] = [
+    (("no port",), {"publish_timout": 3}, "publish_timout"),
+    (([],), {"max_inflight": 5}, "max_inflight"),
+    (("127.0.0.1:4150",), {"name": "", "retries": -1, "io_loop": None}, "io_loop"),
+]
+
+
+@pytest.mark.parametrize("args,kwargs,typo", WRITER_TYPOS, ids=[t for _, _, t in WRITER_TYPOS])
+def test_writer_reports_an_unknown_keyword_first(args: Tuple[Any, ...], kwargs: Dict[str, Any], typo: str) -> None:
+    with pytest.raises(TypeError) as info:
+        Writer(*args, **kwargs).close()
+    assert not isinstance(info.value, ConfigError), info.value
+    assert str(info.value).startswith("Writer() got unexpected keyword argument(s)"), info.value
+    assert repr(typo) in str(info.value)
+    with pytest.raises(TypeError, match="worker_pool"):
+        Writer(*args, worker_pool=None).close()
+
+
 def test_reader_methods_refuse_bad_arguments() -> None:
     reader = _reader()
     try:

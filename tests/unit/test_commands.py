@@ -126,6 +126,24 @@ def test_str_body_encoded_as_utf8():
     assert commands.to_body(text) == encoded
 
 
+
+def test_message_body_type_is_what_to_body_takes():
+    """``MessageBody``, the annotation of every publishing call's body (Writer, NsqdHTTPClient,
+    the helpers), names exactly the types the encoders accept: each of its members is encoded,
+    and other candidates a caller might pass are refused."""
+    import array
+    import typing
+
+    members = typing.get_args(commands.MessageBody)
+    assert set(members) == {bytes, bytearray, memoryview, str}
+    samples = {bytes: b"x", bytearray: bytearray(b"x"), memoryview: memoryview(b"x"), str: "x"}
+    for member in members:
+        assert commands.to_body(samples[member]) == b"x"
+    for other in (1, 1.5, None, {"a": 1}, [b"x"], (b"x",), array.array("b", b"x"), object()):
+        with pytest.raises(TypeError):
+            commands.to_body(other)
+
+
 # --------------------------------------------------------------------------- pynsq-named helpers
 
 HELPERS = [
