@@ -245,7 +245,9 @@ class Message:
         return min(start + msg_timeout, arrived + max_msg_timeout) - _clock()
 
     def __repr__(self) -> str:
-        return f"<Message id={self.id!r} attempts={self.attempts} size={len(self.body)}>"
+        # The id as nsqd writes it (16 hex digits, no b''): greppable in nsqd's logs, and the
+        # same in every line that names a message.
+        return f"<Message id={self.id.decode('ascii', 'backslashreplace')} attempts={self.attempts} size={len(self.body)}>"
 
 
 #: the schedulers of auto_touch(), one per backend and process (a forked child starts its own)

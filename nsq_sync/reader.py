@@ -79,7 +79,7 @@ from .addresses import Addresses, parse_addresses
 from .backoff import ExponentialBackoff, exponential_delay
 from .conn import NO_HEARTBEAT_SUB, AsyncConn, WarningTally
 from .dispatch import WorkerPool, call_refusal
-from .errors import AlreadyRespondedError, ClosedError, ConfigError, ConnectionClosedError, Error, HTTPError, SendError
+from .errors import AlreadyRespondedError, ClosedError, ConfigError, ConnectError, ConnectionClosedError, Error, HTTPError, SendError
 from .message import Message
 from .timers import _Scheduler, _Timer, _is_current
 from .protocol.identify import check_number, check_timeout
@@ -162,6 +162,17 @@ def _never_runs(fn: object) -> Optional[str]:
 #: messages received, dropped unrun past msg_timeout (expired), TOUCHed while waiting for a
 #: worker, and FINs and REQs nsqd refused
 _CONN_TOTALS = ("_received_total", "_expired_total", "_touched_total", "_fin_failed_total", "_req_failed_total")
+
+
+def _announced(lookupd: str, exc: BaseException) -> str:
+    """What to add to the warning about a failed attempt to an nsqd *lookupd* listed: where
+    the address came from, and, when it could not be reached at all, where to look (an nsqd
+    announces its --broadcast-address, by default its hostname: a name only its own network
+    resolves, a Kubernetes pod's, or an address not routable from the consumer)."""
+    said = f"nsqlookupd {lookupd} announced this address as that nsqd's broadcast address"
+    if isinstance(exc, ConnectError):
+        said += " and TCP port: check that nsqd's --broadcast-address (default: its hostname), which must be one this host can resolve and reach"
+    return said
 
 
 def _is_tornado_coroutine(fn: object) -> bool:
@@ -284,6 +295,35 @@ class _ConnState:
         return held if held > in_flight else in_flight
 
 
+class _Down:
+    """An nsqd the Reader is not connected to since a failure it warned about: its connection
+    closed, or an attempt to connect to it failed (kept under the Reader's lock until it is
+    connected again, for the line that says so and for stats()["unreachable"])."""
+
+    __slots__ = ("since", "wall_since", "attempts", "last_error", "was_connected", "listed")
+
+    def __init__(self, was_connected: bool) -> None:
+        self.since = time.monotonic()
+        self.wall_since = time.time()
+        self.attempts = 0  # connection attempts that failed since
+        self.last_error: Optional[str] = None
+        self.was_connected = was_connected  # its connection closed (else: never connected since first tried)
+        self.listed = True  # (found through nsqlookupd) the latest answer lists it
+
+
+class _NoProducers:
+    """A Reader using nsqlookupd with nothing to consume from: no connection, and the answers
+    list no nsqd for the topic (under the Reader's lock, until either changes)."""
+
+    __slots__ = ("since", "wall_since", "asked", "warned_at")
+
+    def __init__(self) -> None:
+        self.since = time.monotonic()
+        self.wall_since = time.time()
+        self.asked: Dict[str, None] = {}  # the lookupd that answered so, in order
+        self.warned_at: Optional[float] = None  # time.monotonic() of the last warning
+
+
 class _RdyLock:
     """The Reader's lock (used as ``with``). RDY commands decided under it are only queued on
     their connections (_set_rdy), and written once it is released: a write can block (an
@@ -366,14 +406,21 @@ class Reader:
 
     #: first reconnect delay (seconds) for a direct nsqd address; doubles per failure
     reconnect_base: float = 1.0
-    #: longest reconnect delay (seconds)
-    reconnect_cap: float = 60.0
+    #: longest reconnect delay (seconds): pynsq and go-nsq retry a direct nsqd every 15 s, and
+    #: a longer cap left an nsqd back after a minute's outage unused for up to as long again
+    reconnect_cap: float = 15.0
     #: seconds before polling nsqlookupd again after a poll in which none answered; doubles
     #: per poll in a row that failed or, after a failure, found no nsqd; never more than
     #: ``lookupd_poll_interval`` (jitter added to either). The same schedule runs after the
     #: connection to an nsqd found through nsqlookupd closed, or an attempt to one failed,
     #: until it is connected again
     lookupd_retry_base: float = 1.0
+    #: seconds a Reader using nsqlookupd may have nothing to consume from (no connection, and
+    #: the answers list no nsqd for the topic) before a WARNING says so, and at least two
+    #: ``lookupd_poll_interval``: a consumer started before any producer is normal a while
+    no_producers_warn_after: float = 60.0
+    #: seconds between repeats of that WARNING while it lasts
+    no_producers_warn_every: float = 600.0
     #: seconds a lowered RDY is given to reach nsqd, and the messages nsqd sent under the
     #: higher value to arrive, before the capacity it frees is handed out: this plus
     #: ``rdy_settle_rtts`` times the connection's round trip (measured at SUB)
@@ -544,6 +591,18 @@ class Reader:
         #: for an address not in here, so an nsqd lookupd keeps listing that cannot be reached
         #: costs one schedule, not one per poll (an ordered set, oldest first, bounded)
         self._lookupd_hurried: Dict[str, None] = {}
+        #: nsqd not connected since a failure warned about (a closed connection, failed
+        #: attempts), oldest first, at most MAX_LOOKUPD_PRODUCERS: see _Down
+        self._down: Dict[str, _Down] = {}
+        #: nsqd found through lookupd -> the lookupd whose answer listed it last: those of the
+        #: latest answer, and earlier ones with an attempt still under way (for the lines
+        #: about an nsqd that cannot be reached, and stats()["unreachable"])
+        self._listed_by: Dict[str, str] = {}
+        #: set while there is nothing to consume from (see _NoProducers; stats()["no_producers_since"])
+        self._no_producers: Optional[_NoProducers] = None
+        #: lookupd address -> time.monotonic() of the first failure of the current run of
+        #: failed queries (for the line that says when it answers again)
+        self._lookupd_failing: Dict[str, float] = {}
         #: per lookupd address, how its queries went (stats()["lookupd"]); changed under _lock
         self._lookupd_health: Dict[str, Dict[str, Any]] = {
             address: {"address": address, "queries": 0, "failed_queries": 0, "last_success": None, "last_error": None, "producers": None}
@@ -875,7 +934,14 @@ class Reader:
         ``queries`` (so far), ``failed_queries`` (in a row: 0 after a success),
         ``last_success`` (time.time() of its last answer, or None), ``last_error`` (the
         latest failure, kept after a success; None if it never failed) and ``producers``
-        (how many nsqd its last answer listed, or None).
+        (how many nsqd its last answer listed, or None). ``unreachable``: the nsqd found
+        through lookupd that it still lists but the Reader cannot connect to (a wrong
+        ``--broadcast-address``, say), one dict each with ``address``, ``lookupd`` (the one
+        that listed it), ``since`` (time.time() it was last connected, or first tried),
+        ``failed_attempts`` (since then) and ``last_error``; an entry goes once connected,
+        or once lookupd no longer lists it. ``no_producers_since``: time.time() since when
+        the Reader has had no connection while the nsqlookupd answers listed no nsqd for the
+        topic (a misspelled topic, no producer yet, or every nsqd that had it down), else None.
         """
         finished, requeued, given_up = self._finished.value, self._requeued.value, self._given_up.value
         with self._lock:
@@ -891,6 +957,18 @@ class Reader:
             # on "connected": False can fire (its max_rdy_count and last_msg_timestamp: None).
             down = [] if self._closing else [(address, self._direct_failures.get(address, 0)) for address in self._direct if address not in self._conns]
             lookupds = [dict(health) for health in self._lookupd_health.values()]
+            # Found through lookupd, listed still, never connected since its attempts failed:
+            # missing from "connections", where a healthy one showed while messages sat there.
+            unreachable = [] if self._closing else [
+                {
+                    "address": address, "lookupd": self._listed_by.get(address), "since": down.wall_since,
+                    "failed_attempts": down.attempts, "last_error": down.last_error,
+                }
+                for address, down in self._down.items()
+                if down.attempts and down.listed and address not in self._direct
+            ]  # fmt: skip
+            nothing = self._no_producers
+            no_producers_since = None if nothing is None or self._closing else nothing.wall_since
         connections = [
             {
                 "address": st.address,
@@ -927,6 +1005,8 @@ class Reader:
             "closed": self._closing,
             "connections": connections,
             "lookupd": lookupds,
+            "unreachable": unreachable,
+            "no_producers_since": no_producers_since,
         }
 
     def connect_to_nsqd(self, host: str, port: int) -> None:
@@ -984,16 +1064,88 @@ class Reader:
                 )  # fmt: skip
                 producers = producers[:MAX_LOOKUPD_PRODUCERS]
             logger.debug("%s: lookupd %s lists %s", self.name, address, producers)
-            self._connect_many([(_address_key(host, port), host, port) for host, port in producers], answer=True)
+            listed = [(_address_key(host, port), host, port) for host, port in producers]
+            self._lookupd_listed(address, [key for key, _, _ in listed])
+            self._connect_many(listed, answer=True)
             return producers
         return []
 
+    def _lookupd_listed(self, lookupd: str, addresses: List[str]) -> None:
+        """Bookkeeping for an answer of *lookupd* listing *addresses* ("host:port"), before they
+        are connected to: which lookupd announced each nsqd, and the nsqd that cannot be
+        reached that it no longer lists (out of stats()["unreachable"]; one never connected is
+        forgotten), and whether the Reader has nothing to consume from (a WARNING once it has
+        lasted no_producers_warn_after). O(listed) once per poll, never per message."""
+        with self._lock:
+            if self._closing:
+                return
+            said = None
+            if addresses:
+                said = self._no_producers_end_locked(f"nsqlookupd {lookupd} lists {len(addresses)} nsqd for it again")
+            elif not self._conns:  # (connected: to an nsqd_tcp_addresses entry)
+                said = self._no_producers_step_locked(lookupd)
+            listed = set(addresses)
+            by = self._listed_by
+            for address in [a for a in by if a not in listed and a not in self._connecting and a not in self._queued]:
+                del by[address]
+            for address in addresses:
+                by[address] = lookupd
+            for address, down in list(self._down.items()):
+                if address in self._direct:
+                    continue
+                if address in listed:
+                    down.listed = True
+                elif down.was_connected:
+                    down.listed = False  # (kept: its reconnection is said when it comes back)
+                else:
+                    del self._down[address]
+        if said is not None:
+            logger.warning(*said)
+
+    def _no_producers_step_locked(self, lookupd: str) -> Optional[Tuple[Any, ...]]:
+        """An answer of *lookupd* listed no nsqd and the Reader has no connection: the warning
+        (logger.warning arguments) once that has lasted long enough, and every
+        no_producers_warn_every while it lasts; else None."""
+        now = time.monotonic()
+        state = self._no_producers
+        if state is None:
+            state = self._no_producers = _NoProducers()
+        state.asked[lookupd] = None
+        lasted = now - state.since
+        if lasted < max(self.no_producers_warn_after, 2.0 * self.lookupd_poll_interval):
+            return None
+        if state.warned_at is not None and now - state.warned_at < self.no_producers_warn_every:
+            return None
+        state.warned_at = now
+        return (
+            "%s: nothing to consume from for %.0f s: no connection, and nsqlookupd %s list no nsqd for topic %r. No nsqd "
+            "has topic %r registered: a misspelled topic, or no producer has published to it yet (or the nsqd that had "
+            "it are down); said again every %.0f s while it lasts",
+            self.name, lasted, ", ".join(state.asked), self.topic, self.topic, self.no_producers_warn_every,
+        )  # fmt: skip
+
+    def _no_producers_end_locked(self, how: str) -> Optional[Tuple[Any, ...]]:
+        """Something to consume from again (*how*): the line that says so if the warning was
+        given (at its level, so a log kept from WARNING up does not end on it), else None."""
+        state = self._no_producers
+        if state is None:
+            return None
+        self._no_producers = None
+        if state.warned_at is None:
+            return None
+        took = time.monotonic() - state.since
+        return "%s: %s, after %.0f s with nothing to consume from (topic %r)", self.name, how, took, self.topic
+
     def _lookupd_outcome(self, address: str, producers: Optional[int] = None, error: Optional[str] = None) -> None:
         """Record one query of *address* for stats(): *producers* listed, or the *error* it failed with."""
+        back = None
         with self._lock:
             health = self._lookupd_health[address]
             health["queries"] += 1
             if error is None:
+                failing = self._lookupd_failing.pop(address, None)
+                if failing is not None:
+                    back = (time.monotonic() - failing, health["failed_queries"])
                 self._lookupd_answers += 1
                 self._lookupd_found += 1 if producers else 0
                 health["failed_queries"] = 0
@@ -1002,6 +1154,11 @@ class Reader:
             else:
                 health["failed_queries"] += 1
                 health["last_error"] = error
+                if not self._closing:  # (its failures were warned about)
+                    self._lookupd_failing.setdefault(address, time.monotonic())
+        if back is not None and not self._closing:
+            # At the level of the failures it ends: a log kept from WARNING up does not end on them.
+            logger.warning("%s: lookupd %s answered again after %.1f s failing (%d failed queries)", self.name, address, *back)
 
     # --------------------------------------------------------- user hooks
     def process_message(self, message: Message) -> Any:
@@ -1022,15 +1179,14 @@ class Reader:
     def giving_up(self, message: Message) -> None:
         """Hook called when ``0 < max_tries < message.attempts``; the message is FINed afterwards.
 
-        The default logs a warning (id and attempts; never the body).
+        The default logs a warning (the message as the Reader's other lines name it, its
+        topic/channel and nsqd; never the body).
         """
+        conn = getattr(message, "_responder", None)
         logger.warning(
-            "%s: giving up on message %s after %d attempts (max_tries %d)",
-            self.name,
-            message.id.decode("ascii", "replace"),
-            message.attempts,
-            self.max_tries,
-        )
+            "%s: giving up on %r from %s (%s/%s): delivered more than max_tries (%d) times; finishing it",
+            self.name, message, getattr(conn, "id", "an unknown nsqd"), self.topic, self.channel, self.max_tries,
+        )  # fmt: skip
 
     def heartbeat(self, conn: AsyncConn) -> None:
         """Hook called after each heartbeat nsqd sends on *conn* (already answered with NOP)."""
@@ -1246,7 +1402,7 @@ class Reader:
                     self._test_last_idle = None
                     self._apply_rdy_locked()
                 else:
-                    self._start_window_locked()
+                    self._start_window_locked(failed=False)
             else:
                 if self._level == 0:
                     self._level = 1
@@ -1262,14 +1418,17 @@ class Reader:
                         grows = False
                     if grows:
                         self._level += 1
-                self._start_window_locked()
+                self._start_window_locked(failed=True)
 
     def _nominal(self, level: int) -> float:
         strategy = self.backoff_strategy
         nominal = getattr(strategy, "nominal", None)
         return float(nominal(level) if callable(nominal) else strategy.calculate(level))
 
-    def _start_window_locked(self) -> None:
+    def _start_window_locked(self, failed: bool) -> None:
+        """Open a backoff window at the current level: after a failure (*failed*: entering
+        backoff or going up a level, a WARNING), or as a step of the recovery (a success
+        lowered the level, still above 0: an INFO, nothing is failing)."""
         try:
             interval = float(self.backoff_strategy.calculate(self._level))
         except Exception:
@@ -1285,7 +1444,16 @@ class Reader:
             self._window_timer.cancel()
         for st in self._conns.values():
             self._set_rdy(st, 0)
-        logger.warning("%s: backing off for %.3fs (level %d): RDY 0 on every connection", self.name, interval, self._level)
+        if failed:
+            logger.warning(
+                "%s: backing off for %.3fs (level %d) after a failed message (requeued with backoff): RDY 0 on every connection",
+                self.name, interval, self._level,
+            )  # fmt: skip
+        else:
+            logger.info(
+                "%s: recovering from backoff: a message succeeded, level down to %d; pausing %.3fs before the next test (RDY 0 on every connection)",
+                self.name, self._level, interval,
+            )  # fmt: skip
         self._window_timer = self._scheduler.call_later(interval, self._end_window, self._window_gen)
 
     def _end_window(self, generation: int) -> None:
@@ -1673,6 +1841,7 @@ class Reader:
                 )
             except Exception as exc:
                 self._not_connecting_locked(address)
+                self._attempt_failed_locked(address, exc)
                 failed.append((address, exc))
                 self._connect_failed_locked(address)
                 self._attempt_ended_locked(address)
@@ -1737,10 +1906,18 @@ class Reader:
                 self._connect_errors[address] = exc
                 if conn is not None and conn.connected():
                     conn.close(0)
+                announced = None
                 with self._lock:
                     self._not_connecting_locked(address)
+                    if not self._closing:
+                        self._attempt_failed_locked(address, exc)
+                        if address not in self._direct:
+                            announced = self._listed_by.get(address)
                 if not self._closing:
-                    logger.warning("%s: cannot consume from %s: %s", self.name, address, exc)
+                    if announced is None:
+                        logger.warning("%s: cannot consume from %s: %s", self.name, address, exc)
+                    else:
+                        logger.warning("%s: cannot consume from %s: %s; %s", self.name, address, exc, _announced(announced, exc))
                     self._connect_failed(address)
                 return
             with self._lock:
@@ -1765,7 +1942,22 @@ class Reader:
         self._lookupd_hurried.pop(address, None)
         self._direct_failures.pop(address, None)
         self._connect_errors.pop(address, None)
-        logger.info("%s: subscribed to %s on %s", self.name, f"{self.topic}/{self.channel}", address)
+        ended = self._no_producers_end_locked(f"connected to {address}")
+        if ended is not None:
+            logger.warning(*ended)
+        down = self._down.pop(address, None)
+        if down is None:
+            logger.info("%s: subscribed to %s on %s", self.name, f"{self.topic}/{self.channel}", address)
+        else:
+            # After a failure said at WARNING (its connection closed, attempts failed): the end
+            # is said at that level too, so that a log kept from WARNING up does not end on it.
+            took, attempts = time.monotonic() - down.since, down.attempts + 1
+            logger.warning(
+                "%s: %s %s after %.1f s %s (%d attempt%s); subscribed to %s/%s",
+                self.name, "reconnected to" if down.was_connected else "connected to", address, took,
+                "down" if down.was_connected else "of failed attempts", attempts, "" if attempts == 1 else "s",
+                self.topic, self.channel,
+            )  # fmt: skip
         self._added_locked(st)
 
     def _warn_capped_locked(self, st: _ConnState, share: int) -> None:
@@ -1800,6 +1992,29 @@ class Reader:
         self._direct_failures[address] = attempt
         self._schedule_reconnect_locked(address, attempt)
 
+    def _went_down_locked(self, address: str, error: Optional[str]) -> None:
+        """The connection to *address* closed (warned about): down from now until connected again."""
+        self._down.pop(address, None)
+        down = self._down[address] = _Down(was_connected=True)
+        down.last_error = error
+        self._forget_oldest_down_locked()
+
+    def _attempt_failed_locked(self, address: str, exc: BaseException) -> _Down:
+        """An attempt to connect to *address* failed (warned about): counted in its _Down."""
+        down = self._down.get(address)
+        if down is None:
+            down = self._down[address] = _Down(was_connected=False)
+            self._forget_oldest_down_locked()
+        down.attempts += 1
+        down.last_error = str(exc) or type(exc).__name__
+        down.listed = True  # (a discovered nsqd is tried when an answer lists it)
+        return down
+
+    def _forget_oldest_down_locked(self) -> None:
+        """Bounded like the answers it comes from: past MAX_LOOKUPD_PRODUCERS, the oldest goes."""
+        if len(self._down) > MAX_LOOKUPD_PRODUCERS:
+            del self._down[next(iter(self._down))]
+
     def _schedule_reconnect_locked(self, address: str, attempt: int) -> None:
         delay = exponential_delay(attempt, self.reconnect_base, self.reconnect_cap, rand=self._random.random)
         old = self._reconnect_timers.get(address)
@@ -1828,6 +2043,9 @@ class Reader:
                 self._test_addr = None
             if self._closing:
                 return
+            # (Said before the reconnect it schedules is: under the lock, as that line is.)
+            logger.warning("%s: connection to %s closed%s", self.name, address, f": {conn.error}" if conn.error is not None else "")
+            self._went_down_locked(address, None if conn.error is None else str(conn.error))
             self._removed_locked(st)
             if address in self._direct:
                 attempt = self._direct_failures.get(address, 0) + 1
@@ -1840,8 +2058,6 @@ class Reader:
                 self._lookupd_lost.add(address)
                 self._lookupd_lost_new = True
                 self._lookupd_hurry_locked(address)
-        reason = f": {conn.error}" if conn.error is not None else ""
-        logger.warning("%s: connection to %s closed%s", self.name, address, reason)
         if self._lookupds:
             self._lookupd_wake.set()  # re-query early: it may be back, or gone for good
 
@@ -1885,6 +2101,7 @@ class Reader:
             with self._lock:
                 answered, listed = self._lookupd_answers != answers, self._lookupd_found != found
                 lost = self._lookupd_lost_step(lost, new_loss)
+                waiting = self._describe_lost_locked() if lost and logger.isEnabledFor(logging.DEBUG) else ""
             # An nsqlookupd back from an outage knows no nsqd until they register again (at
             # their next ping, up to 15 s later): its first answers list none, so after failed
             # polls, an answer listing no nsqd does not end the quicker schedule.
@@ -1893,7 +2110,7 @@ class Reader:
             if failed:
                 logger.debug("%s: no lookupd answered or listed an nsqd (%d polls in a row since a failure); asking again in %.1f s", self.name, failed, delay)
             elif lost:
-                logger.debug("%s: a lost nsqd is not connected again (%d polls since); asking lookupd again in %.1f s", self.name, lost, delay)
+                logger.debug("%s: still not connected: %s (%d polls since); asking lookupd again in %.1f s", self.name, waiting, lost, delay)
             woken = self._lookupd_wake.wait(delay)
 
     def _lookupd_lost_step(self, lost: int, new_loss: bool) -> int:
@@ -1910,10 +2127,34 @@ class Reader:
             return 0
         lost = 1 if new_loss else lost + 1
         if self.lookupd_retry_base * 2.0 ** min(lost - 1, 40) >= self.lookupd_poll_interval:
-            logger.debug("%s: lookupd has not listed %s again; back to polling every %.1f s", self.name, sorted(self._lookupd_lost), self.lookupd_poll_interval)
+            if logger.isEnabledFor(logging.DEBUG):
+                # (An nsqd this poll's answer lists is being connected to as this is said: the
+                # line says so, rather than that lookupd has not listed it again.)
+                logger.debug(
+                    "%s: back to polling lookupd every %.1f s (%d polls since the loss or failure); still not connected: %s",
+                    self.name, self.lookupd_poll_interval, lost, self._describe_lost_locked(),
+                )  # fmt: skip
             self._lookupd_lost.clear()
             return 0
         return lost
+
+    def _describe_lost_locked(self, most: int = 5) -> str:
+        """The nsqd of the lost-nsqd schedule, for its DEBUG lines: each one's connection lost,
+        or never made since it was first tried, and whether the latest answer lists it (an
+        attempt under way, or failing) or not. The first *most* of them."""
+        parts = []
+        for address in sorted(self._lookupd_lost)[:most]:
+            down = self._down.get(address)
+            what = "" if down is None else "connection lost; " if down.was_connected else "not connected yet; "
+            if address in self._connecting or address in self._queued:
+                where = "listed, connecting"
+            elif address in self._listed_by:
+                where = "listed, its attempts failing"
+            else:
+                where = "not listed"
+            parts.append(f"{address} ({what}{where})")
+        more = len(self._lookupd_lost) - most
+        return ", ".join(parts) + (f" and {more} more" if more > 0 else "")
 
     def _lookupd_delay(self, failed: int) -> float:
         """Seconds until the next poll after *failed* polls in a row in which no lookupd answered

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import signal
 import socket
@@ -169,6 +170,69 @@ def test_stats_show_each_lookupd_answering_or_failing(nsq_cluster: LocalCluster,
     assert dead in report[dead]["last_error"]
     wait_until(lambda: len(reader.conns) == 2, TIMEOUT, message="both nsqd found through the live lookupd")
     assert make_reader(lambda m: None, nsqd_tcp_addresses=nsq_cluster.nsqd_tcp_addresses).stats()["lookupd"] == []
+
+
+#: a name no resolver knows (RFC 2606): an nsqd announcing it is one a consumer cannot reach,
+#: as with a Kubernetes pod name announced to consumers outside the cluster
+UNRESOLVABLE = "nsqd-0.nsqd.default.svc.cluster.local.invalid"
+
+
+def test_an_nsqd_announcing_an_address_this_host_cannot_resolve_is_in_stats_and_the_warning_says_so(
+    nsq_cluster: LocalCluster, make_reader: Callable[..., Reader], caplog: pytest.LogCaptureFixture
+) -> None:
+    # SRE review: stats() showed one healthy connection while 50 messages sat for 90 s on an
+    # nsqd whose --broadcast-address the consumer could not resolve; the warning did not say
+    # where the address came from.
+    good = nsq_cluster.nsqds[0]
+    bad = nsq_cluster.add_nsqd(extra_args=[f"--broadcast-address={UNRESOLVABLE}"])
+    good.create_topic(TOPIC)
+    prepare(bad, [b"stuck-%d" % i for i in range(5)])
+    nsq_cluster.wait_for_producers(TOPIC, 2)
+    announced = f"{UNRESOLVABLE}:{bad.tcp_address.rsplit(':', 1)[1]}"
+    (lookupd,) = nsq_cluster.lookupd_http_addresses
+    caplog.set_level(logging.WARNING, logger="nsq_sync.reader")
+    reader = make_reader(lambda m: None, lookupd_http_addresses=[lookupd], lookupd_poll_interval=0.5)
+    reader.start()
+    wait_until(lambda: reader.stats()["unreachable"] and reader.conns, TIMEOUT, message="the unreachable nsqd in stats()")
+    stats = reader.stats()
+    assert [c["address"] for c in stats["connections"]] == [good.tcp_address]
+    (entry,) = stats["unreachable"]
+    assert (entry["address"], entry["lookupd"]) == (announced, lookupd) and entry["failed_attempts"] >= 1, entry
+    assert f"cannot connect to {announced}" in entry["last_error"], entry
+    warning = next(r.getMessage() for r in caplog.records if r.getMessage().startswith(f"{reader.name}: cannot consume from {announced}: "))
+    assert f"; nsqlookupd {lookupd} announced this address as that nsqd's broadcast address and TCP port: check that nsqd's --broadcast-address" in warning, warning
+    assert channel(bad)["depth"] == 5  # (what the entry is about: messages nobody consumes)
+
+
+def test_a_misspelled_topic_is_warned_about_and_the_end_of_it_said(
+    nsq_cluster: LocalCluster, make_reader: Callable[..., Reader], caplog: pytest.LogCaptureFixture
+) -> None:
+    # SRE review: a Reader of "order" (the topic is "orders") logged only its INFO "starting"
+    # line in 45 s; stats() showed no connection and no failed lookupd query.
+    nsqd = nsq_cluster.nsqds[0]
+    nsqd.publish(TOPIC, b"for the real topic")
+    nsq_cluster.wait_for_producers(TOPIC, 1)
+    typo = TOPIC[:-1]
+    (lookupd,) = nsq_cluster.lookupd_http_addresses
+    got = threading.Event()
+    caplog.set_level(logging.WARNING, logger="nsq_sync.reader")
+    reader = make_reader(lambda m: got.set(), cls=_on(typo), lookupd_http_addresses=[lookupd], lookupd_poll_interval=0.2)
+    reader.no_producers_warn_after = 0.5
+    reader.start()
+
+    def said(what: str) -> List[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and what in r.getMessage()]
+
+    wait_until(lambda: said("nothing to consume from for"), TIMEOUT, message="the warning")
+    (warning,) = said("nothing to consume from for")
+    assert f"nsqlookupd {lookupd} list no nsqd for topic {typo!r}. No nsqd has topic {typo!r} registered: a misspelled topic" in warning, warning
+    stats = reader.stats()
+    assert stats["connections"] == [] and stats["lookupd"][0]["failed_queries"] == 0 and stats["no_producers_since"] is not None
+    nsqd.publish(typo, b"published after all")  # (nsqd registers the topic with nsqlookupd)
+    assert got.wait(TIMEOUT)
+    wait_until(lambda: said("with nothing to consume from"), TIMEOUT, message="the end said")
+    assert said("with nothing to consume from")[0].startswith(f"{reader.name}: nsqlookupd {lookupd} lists 1 nsqd for it again, after ")
+    assert reader.stats()["no_producers_since"] is None
 
 
 # ----------------------------------------- (2) failures, retries, giving up

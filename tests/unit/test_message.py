@@ -51,6 +51,12 @@ def test_attributes():
     assert "attempts=3" in repr(msg) and "size=4" in repr(msg)
 
 
+def test_repr_names_the_id_as_nsqd_writes_it():
+    # SRE review: handler errors said id=b'18ac...' and giving-up lines 18ac...: one format now.
+    assert repr(make(attempts=2)) == "<Message id=0123456789abcdef attempts=2 size=4>"
+    assert "id=\\xff" in repr(Message(b"\xff" * 16, b"", 0, 1))  # (not an nsqd id: still shown)
+
+
 def test_finish_delegates(responder):
     msg = make(responder)
     assert not msg.has_responded()
