@@ -74,7 +74,12 @@ def test_a_writers_connections_log_lines_carry_its_name(fake: FakeNsqd, backend:
         fake.set_answer("PUB", [error("E_BAD_TOPIC PUB topic name is not valid"), close()], times=1)
         with pytest.raises(BadTopicError):
             writer.pub("t", b"x")
-        logged = [r.getMessage() for r in caplog.records if r.name == "nsq_sync.conn" and "E_BAD_TOPIC" in r.getMessage()]
+        # (the connection logs the error after it failed the publish: the caller may be first)
+        def bad_topic_lines() -> List[str]:
+            return [r.getMessage() for r in caplog.records if r.name == "nsq_sync.conn" and "E_BAD_TOPIC" in r.getMessage()]
+
+        wait_until(bad_topic_lines, WAIT, message="the connection's line")
+        logged = bad_topic_lines()
         assert logged and all(line.startswith(f"orders-writer: {address}: E_BAD_TOPIC") for line in logged), logged
     finally:
         writer.close(WAIT)
