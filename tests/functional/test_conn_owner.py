@@ -6,10 +6,10 @@ last warning)"), the same for every consumer there. AsyncConn.id does not change
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator, List
+from typing import Any, List
 
 import pytest
-from fake_nsqd import FakeNsqd, close, error
+from fake_nsqd import FakeNsqd, close, error  # (the fake fixture: conftest.py)
 
 from nsq_sync.conn import AsyncConn
 from nsq_sync.errors import BadTopicError
@@ -20,15 +20,6 @@ from nsq_sync.writer import Writer
 pytestmark = pytest.mark.timeout(60)
 
 WAIT = 10.0
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeNsqd]:
-    server = FakeNsqd().start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def conn_warnings(caplog: Any) -> List[str]:

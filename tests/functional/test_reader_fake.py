@@ -2114,21 +2114,28 @@ def test_once_the_lost_nsqd_is_connected_again_lookupd_is_polled_every_interval_
     assert reader.join(10) and live_tasks() == []
 
 
-def test_a_failed_first_attempt_to_a_discovered_nsqd_starts_the_quicker_schedule_once(backend: str, caplog: pytest.LogCaptureFixture) -> None:
-    # User review (real nsqd 1.3.0): an nsqd the Reader found through lookupd but whose first
-    # connection attempt failed (restarting, or frozen through the handshake, at that moment)
-    # was tried again only at the next poll, 60-78 s later. The failure now starts the
-    # lost-nsqd schedule like a lost connection; an nsqd lookupd keeps listing that refuses
-    # every attempt starts it once (not at every failure: no poll every second for it).
+def reader_of_a_refusing_discovered_nsqd(backend: str, poll_interval: float) -> Tuple[Reader, Any, socket.socket, int]:
+    """A Reader (not started) whose fake nsqlookupd lists one nsqd that refuses every connection:
+    (the Reader, the lookupd, the bound socket that refuses, its port). Close all three after."""
     refusing = socket.socket()
     refusing.bind(("127.0.0.1", 0))  # (bound, not listening: a connection is refused)
     port = refusing.getsockname()[1]
     lookupd = _Lookupd([{"broadcast_address": "127.0.0.1", "tcp_port": port, "http_port": 1}])
     reader = Reader(
         TOPIC, CHANNEL, lambda m: True, lookupd_http_addresses=lookupd.address,
-        lookupd_poll_interval=2.0, lookupd_poll_jitter=0, backend=backend,
+        lookupd_poll_interval=poll_interval, lookupd_poll_jitter=0, backend=backend,
     )  # fmt: skip
     reader.lookupd_retry_base = 0.1
+    return reader, lookupd, refusing, port
+
+
+def test_a_failed_first_attempt_to_a_discovered_nsqd_starts_the_quicker_schedule_once(backend: str, caplog: pytest.LogCaptureFixture) -> None:
+    # User review (real nsqd 1.3.0): an nsqd the Reader found through lookupd but whose first
+    # connection attempt failed (restarting, or frozen through the handshake, at that moment)
+    # was tried again only at the next poll, 60-78 s later. The failure now starts the
+    # lost-nsqd schedule like a lost connection; an nsqd lookupd keeps listing that refuses
+    # every attempt starts it once (not at every failure: no poll every second for it).
+    reader, lookupd, refusing, port = reader_of_a_refusing_discovered_nsqd(backend, poll_interval=2.0)
     caplog.set_level(logging.WARNING, logger="nsq_sync.reader")
     try:
         reader.start()
@@ -2157,15 +2164,7 @@ def _schedule_lines(caplog: pytest.LogCaptureFixture) -> List[str]:
 def test_the_quicker_polls_for_an_nsqd_never_connected_do_not_call_it_lost_or_unlisted(backend: str, caplog: pytest.LogCaptureFixture) -> None:
     # SRE review: "a lost nsqd is not connected again" was said of one never connected, and
     # "lookupd has not listed ['...'] again; back to polling" of one every answer listed.
-    refusing = socket.socket()
-    refusing.bind(("127.0.0.1", 0))  # (bound, not listening: a connection is refused)
-    port = refusing.getsockname()[1]
-    lookupd = _Lookupd([{"broadcast_address": "127.0.0.1", "tcp_port": port, "http_port": 1}])
-    reader = Reader(
-        TOPIC, CHANNEL, lambda m: True, lookupd_http_addresses=lookupd.address,
-        lookupd_poll_interval=0.4, lookupd_poll_jitter=0, backend=backend,
-    )  # fmt: skip
-    reader.lookupd_retry_base = 0.1
+    reader, lookupd, refusing, port = reader_of_a_refusing_discovered_nsqd(backend, poll_interval=0.4)
     caplog.set_level(logging.DEBUG, logger="nsq_sync.reader")
     try:
         reader.start()
