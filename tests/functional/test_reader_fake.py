@@ -2463,9 +2463,12 @@ def test_bad_names_and_unknown_kwargs() -> None:
 
 
 # ------------------------------------------------------------ Message.auto_touch()
-def touching_handler(interval: float, inside: Callable[[Any], None]) -> Tuple[Callable[[Any], bool], List[Any], threading.Event]:
-    """A handler that runs ``inside(message)`` within ``message.auto_touch(interval)`` and then
-    waits for the returned event: (the handler, the keep-alives it used, the event)."""
+def touching_reader(
+    fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader], interval: float, body: bytes, inside: Callable[[Any], None] = lambda message: None
+) -> Tuple[Reader, Any, List[Any], threading.Event]:
+    """A started Reader (max_in_flight 1) whose handler runs ``inside(message)`` within
+    ``message.auto_touch(interval)`` and then waits for the returned event, and *body* sent
+    to it: (the Reader, that message as the fake sent it, the keep-alives the handler used, the event)."""
     keepers: List[Any] = []
     release = threading.Event()
 
@@ -2477,7 +2480,10 @@ def touching_handler(interval: float, inside: Callable[[Any], None]) -> Tuple[Ca
             assert release.wait(2 * WAIT)
         return True
 
-    return handler, keepers, release
+    reader = make_reader(fake_nsqd, handler, max_in_flight=1)
+    reader.start()
+    fake_nsqd.wait_for_command("RDY 1")
+    return reader, fake_nsqd.send_message(body), keepers, release
 
 
 def test_auto_touch_touches_while_the_block_runs_and_never_after_the_answer(
@@ -2486,11 +2492,7 @@ def test_auto_touch_touches_while_the_block_runs_and_never_after_the_answer(
     # A block longer than msg_timeout: TOUCH every interval while it runs, none once it ended
     # (the FIN is the last word on the message).
     fake_nsqd.identify_response["msg_timeout"] = 1000  # ms
-    handler, keepers, release = touching_handler(0.2, lambda message: None)
-    reader = make_reader(fake_nsqd, handler, max_in_flight=1)
-    reader.start()
-    fake_nsqd.wait_for_command("RDY 1")
-    message = fake_nsqd.send_message(b"long job")
+    _, message, keepers, release = touching_reader(fake_nsqd, make_reader, 0.2, b"long job")
     try:
         fake_nsqd.wait_for_command("TOUCH", count=3)
     finally:
@@ -2511,11 +2513,7 @@ def test_auto_touch_stops_with_a_warning_at_max_msg_timeout(
     # and a warning says when nsqd times the message out.
     caplog.set_level(logging.WARNING)
     fake_nsqd.identify_response.update(msg_timeout=1000, max_msg_timeout=1500)  # ms
-    handler, keepers, release = touching_handler(0.3, lambda message: None)
-    reader = make_reader(fake_nsqd, handler, max_in_flight=1)
-    reader.start()
-    fake_nsqd.wait_for_command("RDY 1")
-    message = fake_nsqd.send_message(b"too long a job")
+    _, message, keepers, release = touching_reader(fake_nsqd, make_reader, 0.3, b"too long a job")
     try:
         wait_until(lambda: any("max_msg_timeout" in r.getMessage() for r in caplog.records), WAIT, message="the warning")
         quick_auto_touch()
@@ -2537,11 +2535,7 @@ def test_auto_touch_stops_once_the_message_is_answered_inside_the_block(
         fake_nsqd.wait_for_command("TOUCH")
         assert message.finish() is True
 
-    handler, keepers, release = touching_handler(0.2, inside)
-    reader = make_reader(fake_nsqd, handler, max_in_flight=1)
-    reader.start()
-    fake_nsqd.wait_for_command("RDY 1")
-    message = fake_nsqd.send_message(b"answered early")
+    reader, message, keepers, release = touching_reader(fake_nsqd, make_reader, 0.2, b"answered early", inside)
     try:
         fake_nsqd.wait_for_command("FIN")
         quick_auto_touch()  # (while the block still runs)
@@ -2563,11 +2557,7 @@ def test_auto_touch_stops_quietly_when_the_connection_ends(
         fake_nsqd.close_client()
         wait_until(lambda: message._responder.state != "CONNECTED", WAIT, message="the connection ended")
 
-    handler, keepers, release = touching_handler(0.2, inside)
-    reader = make_reader(fake_nsqd, handler, max_in_flight=1)
-    reader.start()
-    fake_nsqd.wait_for_command("RDY 1")
-    fake_nsqd.send_message(b"connection lost")
+    _, _, keepers, release = touching_reader(fake_nsqd, make_reader, 0.2, b"connection lost", inside)
     try:
         wait_until(lambda: keepers, WAIT, message="the block entered")
         quick_auto_touch()
