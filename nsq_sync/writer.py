@@ -21,7 +21,7 @@ import time
 import weakref
 from concurrent import futures
 from concurrent.futures import Future
-from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple, Union, overload
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple, Union, overload
 
 from .addresses import Addresses, address_key, parse_addresses
 from .backends import Backend, gevent_patched, get_backend
