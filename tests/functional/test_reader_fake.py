@@ -2565,3 +2565,24 @@ def test_auto_touch_stops_quietly_when_the_connection_ends(
         release.set()
     assert keepers[0].touches == 1
     assert not [r for r in caplog.records if r.name == "nsq_sync.message"], caplog.records  # (the Reader says the connection ended)
+
+
+def test_close_waits_one_second_of_grace_for_all_stuck_attempts_not_one_each(backend: str) -> None:
+    # Chaos review: connection attempts stuck in their handshake (an nsqd that accepts and never
+    # answers) were joined one after another, each with up to 1 s past close()'s timeout:
+    # close(0.5) took 4.5 s with 4 of them. The grace is one second for them all.
+    tarpit = _Tarpit(4)
+    addresses = [f"127.0.0.1:{p['tcp_port']}" for p in tarpit.producers]
+    reader = Reader(TOPIC, CHANNEL, lambda m: True, nsqd_tcp_addresses=addresses, timeout=8, max_in_flight=4, backend=backend)
+    try:
+        reader.start()
+        wait_until(lambda: _connect_tasks() == 4, WAIT, message="four attempts waiting in their handshake")
+        began = time.monotonic()
+        reader.close(0.5)
+        took = time.monotonic() - began
+    finally:
+        tarpit.close()  # (resets them: the attempts end)
+    assert took < 0.5 + 1.0 + 0.5, took  # (4 x 1 s of grace before)
+    assert reader.join(WAIT)
+    # (the attempts still in their handshake end on their own, within the connection timeout)
+    wait_until(lambda: live_tasks() == [], WAIT, message="the stuck attempts ended")
