@@ -157,10 +157,7 @@ class Message:
         now = _clock()
         responder = self._need_responder()
         try:
-            if budget is None:
-                responder._touch_message(self)
-            else:
-                responder._touch_message(self, budget)
+            responder._touch_message(self, budget)
         except _LOST as exc:
             return self._lost(responder, exc, answered=False)
         except AlreadyRespondedError as exc:

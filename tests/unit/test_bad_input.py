@@ -20,7 +20,7 @@ import socket
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -484,7 +484,7 @@ class Responder:
         self.calls.append(("REQ", time_ms))
         message._responded = True
 
-    def _touch_message(self, message: Message) -> None:
+    def _touch_message(self, message: Message, budget: Optional[float] = None) -> None:
         if message._responded:
             raise AlreadyRespondedError("answered")
         self.calls.append(("TOUCH", None))
