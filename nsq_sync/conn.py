@@ -97,6 +97,9 @@ LEAD_PARK_SECONDS = 0.005
 #: an answer held back for messages still waiting for a worker (see _queue_answer_locked)
 #: leaves after at most about twice this long, whatever the handlers in between take
 ANSWER_HOLD_SECONDS = 0.005
+#: a message that waited for a worker longer than this share of msg_timeout since it arrived
+#: (or was last touched) is touched as a worker picks it up (see _touch_picked_up)
+PICKUP_TOUCH_SHARE = 0.1
 #: thread backend, plain TCP: the kernel ends a blocking recv after this long with no data
 #: (SO_RCVTIMEO), so a caller with a deadline reads at once instead of polling first
 RECV_SLICE_SECONDS = 1.0
@@ -325,7 +328,7 @@ class AsyncConn(EventedMixin):
         #: the answer did nothing), counted as they arrive (Reader.stats)
         self._fin_failed_total = 0
         self._req_failed_total = 0
-        self._touched_total = 0  # TOUCHes sent for messages still waiting for a worker (_touch_waiting)
+        self._touched_total = 0  # TOUCHes sent for messages that waited for a worker (_touch_waiting, _touch_picked_up)
         #: answers to requests (nsqd's OK to a PUB, MPUB, DPUB or SUB), counted by the one reading
         #: them (Writer.stats)
         self._answered_total = 0
@@ -334,6 +337,11 @@ class AsyncConn(EventedMixin):
         self._request_failed: Optional[Callable[[Any, BaseException], None]] = None
         #: no message waiting for a worker is due a TOUCH before this (monotonic; see _touch_waiting)
         self._touch_due = 0.0
+        #: the worker pool's message lane, once messages were handed to it (its clock: _deliver)
+        self._lane: Any = None
+        #: a message picked up this long (s) after it arrived or was last touched is touched
+        #: first (_touch_picked_up); set from the msg_timeout nsqd negotiated
+        self._pickup_touch_after = PICKUP_TOUCH_SHARE * float(msg_timeout or 60.0)
         #: answers nsqd refused (E_FIN_FAILED...), and copies it replaced by delivering them
         #: again, and messages that waited for a worker past msg_timeout, each warned about at
         #: most every LATE_WARNING_SECONDS with its own count
@@ -584,6 +592,7 @@ class AsyncConn(EventedMixin):
             if "msg_timeout" in response:
                 timeout = response["msg_timeout"] / 1000.0
                 self.message_timeouts = (timeout, response.get("max_msg_timeout", 0) / 1000.0 or timeout)
+                self._pickup_touch_after = max(PICKUP_TOUCH_SHARE * timeout, ANSWER_HOLD_SECONDS)
             self.max_rdy_count = int(response.get("max_rdy_count", MAX_RDY_COUNT_DEFAULT))
             self._fire("identify_response", conn=self, data=response)
             if self.tls_v1 and response.get("tls_v1"):
@@ -1654,7 +1663,7 @@ class AsyncConn(EventedMixin):
             if listeners:
                 # One work item per message, never a batch per worker: a handler that never
                 # returns must not hold up the messages read with it.
-                lane = self.worker_pool.messages
+                self._lane = lane = self.worker_pool.messages
                 lane.submit_many(self._deliver, messages)
                 if self._workers_lead and self._is_reader_task():
                     self._lead_offered = True  # the reader task parks (see _should_park)
@@ -1812,11 +1821,40 @@ class AsyncConn(EventedMixin):
             # Timed out by nsqd and delivered again while it waited here (_handle_frames):
             # the new copy runs, this one would only run twice.
             return
+        # The lane's clock: when the worker began this call (no clock read of our own).
+        began = self._lane.last_began
+        if began - message._arrived > self._pickup_touch_after:
+            self._touch_picked_up(message, began)
         for callback in self._listeners.get("message", ()):
             try:
                 callback(conn=self, message=message)
             except Exception:
                 logger.exception("%smessage listener %r raised for %r on %s", self._log_prefix, callback, message, self.id)
+
+    def _touch_picked_up(self, message: Message, now: float) -> None:
+        """A worker picks up *message*, which arrived (or was last touched) more than
+        _pickup_touch_after ago: TOUCH it before its handler runs, so the handler has its
+        whole msg_timeout, not what the wait left of it. (_touch_waiting touches waiting
+        messages only every half msg_timeout: a handler could start with half of it gone,
+        and one longer than that ran twice.) Not past nsqd's max_msg_timeout (nothing to
+        gain), nor once its time is up by our clock (nsqd timed it out: its E_TOUCH_FAILED
+        would only come back). Queued under the lock FIN and REQ take, like every TOUCH."""
+        if now - getattr(message, "_touched", message._arrived) <= self._pickup_touch_after:
+            return  # touched lately while it waited
+        timeouts = self._timeouts()
+        with self._lock:
+            if message._responded or self.state != CONNECTED:
+                return
+            expiry = self._expiry(message, timeouts)
+            if expiry <= now or expiry >= message._arrived + timeouts[1]:
+                return
+            message._touched = now
+            self._writes.append(b"TOUCH %s\n" % message.id)
+            self._touched_total += 1
+        try:
+            self._flush(0.0)  # (no room: a flush task writes it; the handler starts at once)
+        except Error:
+            pass  # the connection is closing; the reader reports it
 
     def _take_queued(self) -> List[Message]:
         """Take this connection's messages still queued for a worker back from the pool (their

@@ -887,11 +887,55 @@ def test_a_message_waiting_for_a_busy_worker_is_touched_before_its_answer(fake_n
         release.set()
     fake_nsqd.wait_for_command("FIN", count=2)
     sent = [c for c in lines(fake_nsqd) if c.startswith((b"FIN", b"TOUCH"))]
-    assert sent[-2:] == [b"FIN " + slow.id, b"FIN " + waiting.id]
-    assert set(sent[:-2]) == {b"TOUCH " + waiting.id}  # (once, or twice if the release was slow)
+    assert [c for c in sent if c.startswith(b"FIN")] == [b"FIN " + slow.id, b"FIN " + waiting.id]
+    assert sent[0] == b"TOUCH " + waiting.id and sent[-1] == b"FIN " + waiting.id
+    # (touched again only if the release was slow: at the next half msg_timeout, or as the
+    # worker picked it up a tenth of msg_timeout after the touch)
+    assert set(sent) - {b"FIN " + slow.id, b"FIN " + waiting.id} == {b"TOUCH " + waiting.id}
     assert handled == [b"slow", b"waiting"]
     assert reader.stats()["messages_touched_queued"] == len(sent) - 2
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
+
+
+def test_a_message_that_waited_for_the_worker_is_touched_as_its_handler_starts(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader], caplog: Any) -> None:
+    # msg_timeout 2 s. A message that waited 0.4 s for the worker (more than a tenth of
+    # msg_timeout, less than the half after which waiting messages are touched) is touched as
+    # the worker picks it up, before its handler runs: the handler gets the whole msg_timeout,
+    # not what the wait left of it (a handler could start with half of it gone, and one of
+    # 0.7 x msg_timeout ran twice). The TOUCH follows the FIN it waited behind, once.
+    caplog.set_level(logging.WARNING)
+    fake_nsqd.identify_response["msg_timeout"] = 2000  # ms
+    handler, handled, release = holding_handler(b"slow")
+    reader = make_reader(fake_nsqd, handler, max_in_flight=3, concurrency=1)
+    reader.start()
+    fake_nsqd.wait_for_command("RDY 3")
+    slow = fake_nsqd.send_message(b"slow")
+    wait_until(lambda: handled == [b"slow"], WAIT, message="the slow one runs")
+    waited = fake_nsqd.send_message(b"waited")
+    try:
+        time.sleep(0.4)  # (the wait itself: nothing to await, the message must wait)
+    finally:
+        release.set()
+    fake_nsqd.wait_for_command("FIN", count=2)
+    sent = [c for c in lines(fake_nsqd) if c.startswith((b"FIN", b"TOUCH"))]
+    assert sent == [b"FIN " + slow.id, b"TOUCH " + waited.id, b"FIN " + waited.id]
+    assert handled == [b"slow", b"waited"]
+    assert reader.stats()["messages_touched_queued"] == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
+
+
+def test_a_message_picked_up_at_once_is_not_touched(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> None:
+    # msg_timeout 2 s, one worker, 50 messages of a quick handler: none waits a tenth of
+    # msg_timeout, so no TOUCH is sent (the pick-up touch costs nothing on the usual path).
+    fake_nsqd.identify_response["msg_timeout"] = 2000  # ms
+    reader = make_reader(fake_nsqd, lambda message: True, max_in_flight=50, concurrency=1)
+    reader.start()
+    fake_nsqd.wait_for_command("RDY 50")
+    for n in range(50):
+        fake_nsqd.send_message(b"quick-%d" % n)
+    fake_nsqd.wait_for_command("FIN", count=50)
+    assert not [c for c in lines(fake_nsqd) if c.startswith(b"TOUCH")]
+    assert reader.stats()["messages_touched_queued"] == 0
 
 
 def refuse_the_touch(fake_nsqd: FakeNsqd, message: Any) -> None:

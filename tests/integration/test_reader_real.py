@@ -413,11 +413,12 @@ def test_a_finished_message_is_not_redelivered_while_a_slow_handler_runs(nsqd: N
 BUSY_TOPIC = "reader_busy_topic"
 HUNG_TOPIC = "reader_hung_topic"
 KEPT_TOPIC = "reader_kept_topic"
+PICKED_TOPIC = "reader_picked_topic"
 
 
 @pytest.fixture(scope="module")
 def scanning_nsqd(backend: str) -> Iterator[NsqdProcess]:
-    """An nsqd that times messages out in the channels of BUSY_TOPIC, HUNG_TOPIC and KEPT_TOPIC.
+    """An nsqd that times messages out in the channels of BUSY_TOPIC, HUNG_TOPIC, KEPT_TOPIC and PICKED_TOPIC.
 
     nsqd looks for timed-out messages only in the channels it listed at its last refresh of
     the list, every 5 s (QueueScanRefreshInterval, not a flag): a fresh nsqd times nothing
@@ -425,7 +426,7 @@ def scanning_nsqd(backend: str) -> Iterator[NsqdProcess]:
     in a channel made after them, until nsqd delivers it again: from then on nsqd scans them
     all. (One nsqd for the module: that wait is paid once.)"""
     with started(NsqdProcess()) as nsqd:
-        for topic in (BUSY_TOPIC, HUNG_TOPIC, KEPT_TOPIC):
+        for topic in (BUSY_TOPIC, HUNG_TOPIC, KEPT_TOPIC, PICKED_TOPIC):
             nsqd.create_channel(topic, CHANNEL)
         prepare(nsqd, [b"probe"], topic="reader_scan_probe")
         attempts: List[int] = []
@@ -470,6 +471,31 @@ def test_messages_waiting_for_a_busy_worker_are_touched_and_run_once(scanning_ns
     assert (seen.bodies, channel(nsqd, BUSY_TOPIC)["timeout_count"], stats["messages_expired"]) == (Counter({body: 1 for body in bodies}), 0, 0)
     assert stats["messages_received"] == stats["messages_finished"] == len(bodies)
     assert stats["messages_touched_queued"] >= 3
+
+
+def test_a_message_that_waited_for_the_worker_has_its_whole_msg_timeout_to_run(scanning_nsqd: NsqdProcess, make_reader: Callable[..., Reader]) -> None:
+    """Handlers of 0.7 x msg_timeout (1 s) behind one worker, 4 in flight: the fourth waits
+    2.1 s. Waiting messages are touched every half msg_timeout, so a handler could start with
+    half of it gone, and nsqd timed it out while it ran: messages ran twice (a chaos review:
+    14 of 30). A message that waited is touched as the worker picks it up, so each handler
+    has the whole msg_timeout: every message runs once and nsqd times nothing out."""
+    nsqd = scanning_nsqd
+    bodies = [b"job-%d" % n for n in range(4)]
+    prepare(nsqd, bodies, topic=PICKED_TOPIC)
+    seen = Recorder(len(bodies))
+
+    def handler(message: Any) -> bool:
+        time.sleep(0.7)  # (the handler's work)
+        seen.add(message.body)
+        return True
+
+    reader = make_reader(handler, nsqd_tcp_addresses=nsqd.tcp_address, max_in_flight=4, concurrency=1, msg_timeout=1, cls=_on(PICKED_TOPIC))
+    reader.start()
+    seen.wait()
+    wait_until(lambda: drained(nsqd, PICKED_TOPIC), TIMEOUT, message="channel drained")
+    stats = reader.stats()
+    assert (seen.bodies, channel(nsqd, PICKED_TOPIC)["timeout_count"]) == (Counter({body: 1 for body in bodies}), 0)
+    assert stats["messages_received"] == stats["messages_finished"] == len(bodies) and stats["messages_fin_failed"] == 0
 
 
 def test_auto_touch_keeps_a_message_in_flight_through_a_job_longer_than_msg_timeout(
