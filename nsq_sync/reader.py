@@ -927,9 +927,11 @@ class Reader:
         time them out; see docs/tuning.md), ``in_flight``,
         ``max_in_flight``, ``total_rdy``, ``backoff_level``, ``backing_off``, ``closed`` and
         ``connections``: a list of dicts with ``address``, ``rdy``, ``in_flight``,
-        ``connected``, ``max_rdy_count``, ``last_msg_timestamp``, ``failed_attempts``; a
-        direct nsqd (``nsqd_tcp_addresses``) that is not connected is listed with
-        ``connected`` False and its failed connection attempts in a row. ``lookupd``: a list
+        ``connected``, ``max_rdy_count``, ``last_msg_timestamp``, ``failed_attempts``,
+        ``down_since`` and ``last_error``; a direct nsqd (``nsqd_tcp_addresses``) that is not
+        connected is listed with ``connected`` False, its failed connection attempts in a
+        row, since when it is down (time.time(): its connection closed, or the first attempt
+        failed; None before that) and the last error (None when it closed without one). ``lookupd``: a list
         of dicts, one per nsqlookupd in ``lookupd_http_addresses``, with ``address``,
         ``queries`` (so far), ``failed_queries`` (in a row: 0 after a success),
         ``last_success`` (time.time() of its last answer, or None), ``last_error`` (the
@@ -955,7 +957,11 @@ class Reader:
             fin_failed, req_failed = totals["_fin_failed_total"], totals["_req_failed_total"]
             # A direct nsqd that is down (or not connected yet) is listed too, so that an alert
             # on "connected": False can fire (its max_rdy_count and last_msg_timestamp: None).
-            down = [] if self._closing else [(address, self._direct_failures.get(address, 0)) for address in self._direct if address not in self._conns]
+            # (with since when, and the last error, once an attempt failed or its connection closed)
+            down = [] if self._closing else [
+                (address, self._direct_failures.get(address, 0), self._down.get(address))
+                for address in self._direct if address not in self._conns
+            ]  # fmt: skip
             lookupds = [dict(health) for health in self._lookupd_health.values()]
             # Found through lookupd, listed still, never connected since its attempts failed:
             # missing from "connections", where a healthy one showed while messages sat there.
@@ -978,13 +984,19 @@ class Reader:
                 "max_rdy_count": st.conn.max_rdy_count,
                 "last_msg_timestamp": st.conn.last_msg_timestamp,
                 "failed_attempts": 0,
+                "down_since": None,
+                "last_error": None,
             }
             for st in states
         ]
         connections += [
-            {"address": address, "rdy": 0, "in_flight": 0, "connected": False, "max_rdy_count": None, "last_msg_timestamp": None, "failed_attempts": failed}
-            for address, failed in down
-        ]
+            {
+                "address": address, "rdy": 0, "in_flight": 0, "connected": False, "max_rdy_count": None,
+                "last_msg_timestamp": None, "failed_attempts": failed,
+                "down_since": None if gone is None else gone.wall_since, "last_error": None if gone is None else gone.last_error,
+            }
+            for address, failed, gone in down
+        ]  # fmt: skip
         return {
             "topic": self.topic,
             "channel": self.channel,

@@ -1339,10 +1339,30 @@ def test_unreachable_direct_address_is_retried_with_backoff(make_reader: Callabl
     # Monitoring sees the nsqd that is down (it saw an empty list, so "connected" never alerted).
     (entry,) = reader.stats()["connections"]
     assert entry["address"] == f"127.0.0.1:{port}" and entry["connected"] is False and entry["failed_attempts"] >= 3, entry
+    # ... since when, and why (it had only the count: the reason was in the log alone)
+    assert entry["down_since"] is not None and time.time() - WAIT <= entry["down_since"] <= time.time(), entry
+    assert "refused" in entry["last_error"].lower(), entry
     reader.close()
     assert reader.stats()["connections"] == []
     count = len(delays())
     assert reader.join(0) and len(delays()) == count
+
+
+def test_stats_say_since_when_and_why_a_direct_nsqd_is_down(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> None:
+    # Connected: no down_since, no last_error. Its connection lost and every new handshake
+    # refused: since the loss, and the refusal nsqd sent (the log alone said why).
+    reader = make_reader(fake_nsqd, lambda m: True)
+    reader.start()
+    fake_nsqd.wait_for_command("RDY 1")
+    (entry,) = reader.stats()["connections"]
+    assert (entry["connected"], entry["down_since"], entry["last_error"]) == (True, None, None), entry
+    fake_nsqd.set_answer("IDENTIFY", error("E_BAD_BODY IDENTIFY refused here"))
+    lost = time.time()
+    fake_nsqd.close_client()
+    wait_until(lambda: "E_BAD_BODY" in (reader.stats()["connections"][0]["last_error"] or ""), WAIT, message="a refused reconnect")
+    (entry,) = reader.stats()["connections"]
+    assert entry["connected"] is False and "IDENTIFY refused here" in entry["last_error"], entry
+    assert lost - 1 <= entry["down_since"] <= time.time(), entry  # (since the loss, not the latest attempt)
 
 
 def test_a_direct_nsqd_is_retried_at_least_every_15_seconds(make_reader: Callable[..., Reader], caplog: pytest.LogCaptureFixture) -> None:
