@@ -1843,8 +1843,8 @@ class AsyncConn(EventedMixin):
             return  # touched lately while it waited
         timeouts = self._timeouts()
         with self._lock:
-            if message._responded or self.state != CONNECTED:
-                return
+            if message._responded or self.state != CONNECTED or self._closing:
+                return  # (closing: a Reader hands it back unrun)
             expiry = self._expiry(message, timeouts)
             if expiry <= now or expiry >= message._arrived + timeouts[1]:
                 return
