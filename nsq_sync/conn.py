@@ -1806,6 +1806,10 @@ class AsyncConn(EventedMixin):
         return live - self._rdy_peak if self._rdy_peak else live
 
     def _deliver(self, message: Message) -> None:
+        # Waited for a worker? The lane's clock says when its latest callback began (no
+        # clock read of our own); checked before the flush below, which may wait for room.
+        if self._lane.last_began - message._arrived > self._pickup_touch_after:
+            self._touch_picked_up(message)
         lock = self._lock  # acquire/release, not `with`: see _finish_message
         lock.acquire()
         try:
@@ -1821,30 +1825,31 @@ class AsyncConn(EventedMixin):
             # Timed out by nsqd and delivered again while it waited here (_handle_frames):
             # the new copy runs, this one would only run twice.
             return
-        # The lane's clock: when the worker began this call (no clock read of our own).
-        began = self._lane.last_began
-        if began - message._arrived > self._pickup_touch_after:
-            self._touch_picked_up(message, began)
         for callback in self._listeners.get("message", ()):
             try:
                 callback(conn=self, message=message)
             except Exception:
                 logger.exception("%smessage listener %r raised for %r on %s", self._log_prefix, callback, message, self.id)
 
-    def _touch_picked_up(self, message: Message, now: float) -> None:
-        """A worker picks up *message*, which arrived (or was last touched) more than
-        _pickup_touch_after ago: TOUCH it before its handler runs, so the handler has its
+    def _touch_picked_up(self, message: Message) -> None:
+        """A worker picks up *message*, which arrived more than _pickup_touch_after ago: unless
+        it was touched since then, TOUCH it before its handler runs, so the handler has its
         whole msg_timeout, not what the wait left of it. (_touch_waiting touches waiting
         messages only every half msg_timeout: a handler could start with half of it gone,
         and one longer than that ran twice.) Not past nsqd's max_msg_timeout (nothing to
         gain), nor once its time is up by our clock (nsqd timed it out: its E_TOUCH_FAILED
-        would only come back). Queued under the lock FIN and REQ take, like every TOUCH."""
-        if now - getattr(message, "_touched", message._arrived) <= self._pickup_touch_after:
-            return  # touched lately while it waited
+        would only come back). Queued under the lock FIN and REQ take, like every TOUCH.
+
+        The caller's test used the lane's clock: with several workers, the latest start of
+        any of them, so a wait can look longer (a TOUCH more) or, rarely, shorter by the
+        milliseconds another worker took to record its start. Here the clock is read."""
+        now = time.monotonic()
         timeouts = self._timeouts()
         with self._lock:
-            if message._responded or self.state != CONNECTED or self._closing:
-                return  # (closing: a Reader hands it back unrun)
+            if message._responded or self.state != CONNECTED:
+                return
+            if now - getattr(message, "_touched", message._arrived) <= self._pickup_touch_after:
+                return  # touched lately while it waited (_touch_waiting, under this lock)
             expiry = self._expiry(message, timeouts)
             if expiry <= now or expiry >= message._arrived + timeouts[1]:
                 return

@@ -923,16 +923,17 @@ class Reader:
         ``messages_req_failed`` (FINs and REQs nsqd refused with E_FIN_FAILED, E_REQ_FAILED:
         it had timed the message out, or the channel was emptied, and delivers it again or
         dropped it; not in finished or requeued), ``messages_touched_queued``
-        (TOUCHes the Reader sent for messages still waiting for a worker, so that nsqd did not
-        time them out; see docs/tuning.md), ``in_flight``,
+        (TOUCHes the Reader sent for messages that waited for a worker, so that nsqd did not
+        time them out: while they waited, and as a worker picked up one that waited more than
+        a tenth of msg_timeout; see docs/tuning.md), ``in_flight``,
         ``max_in_flight``, ``total_rdy``, ``backoff_level``, ``backing_off``, ``closed`` and
         ``connections``: a list of dicts with ``address``, ``rdy``, ``in_flight``,
         ``connected``, ``max_rdy_count``, ``last_msg_timestamp``, ``failed_attempts``,
         ``down_since`` and ``last_error``; a direct nsqd (``nsqd_tcp_addresses``) that is not
         connected is listed with ``connected`` False, its failed connection attempts in a
         row, since when it is down (time.time(): its connection closed, or the first attempt
-        failed; None before that) and the last error (None when it closed without one). ``lookupd``: a list
-        of dicts, one per nsqlookupd in ``lookupd_http_addresses``, with ``address``,
+        failed; None before that) and the last error (None when it closed without one).
+        ``lookupd``: a list of dicts, one per nsqlookupd in ``lookupd_http_addresses``, with ``address``,
         ``queries`` (so far), ``failed_queries`` (in a row: 0 after a success),
         ``last_success`` (time.time() of its last answer, or None), ``last_error`` (the
         latest failure, kept after a success; None if it never failed) and ``producers``
@@ -985,7 +986,8 @@ class Reader:
                 "last_msg_timestamp": st.conn.last_msg_timestamp,
                 "failed_attempts": 0,
                 "down_since": None,
-                "last_error": None,
+                # (closed, and not yet taken off the list by its close event: why)
+                "last_error": None if st.conn.error is None or st.conn.connected() else str(st.conn.error),
             }
             for st in states
         ]
@@ -2023,9 +2025,15 @@ class Reader:
         return down
 
     def _forget_oldest_down_locked(self) -> None:
-        """Bounded like the answers it comes from: past MAX_LOOKUPD_PRODUCERS, the oldest goes."""
+        """Bounded like the answers it comes from: past MAX_LOOKUPD_PRODUCERS, the oldest
+        discovered one goes. A direct nsqd's record stays (stats() shows since when and why
+        it is down): there are only as many of those as nsqd_tcp_addresses."""
         if len(self._down) > MAX_LOOKUPD_PRODUCERS:
-            del self._down[next(iter(self._down))]
+            direct = self._direct
+            for address in self._down:
+                if address not in direct:
+                    del self._down[address]
+                    return
 
     def _schedule_reconnect_locked(self, address: str, attempt: int) -> None:
         delay = exponential_delay(attempt, self.reconnect_base, self.reconnect_cap, rand=self._random.random)

@@ -1365,6 +1365,29 @@ def test_stats_say_since_when_and_why_a_direct_nsqd_is_down(fake_nsqd: FakeNsqd,
     assert lost - 1 <= entry["down_since"] <= time.time(), entry  # (since the loss, not the latest attempt)
 
 
+def test_a_direct_nsqds_down_record_outlasts_the_cap_on_discovered_ones(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The records of nsqd the Reader cannot reach are capped (MAX_LOOKUPD_PRODUCERS, like the
+    # answers they come from): churn of discovered nsqd evicted a direct one's too, and its
+    # stats() entry lost since when and why it is down. The oldest discovered one goes instead.
+    import nsq_sync.reader
+
+    monkeypatch.setattr(nsq_sync.reader, "MAX_LOOKUPD_PRODUCERS", 3, raising=False)
+    reader = Reader(
+        TOPIC, CHANNEL, lambda m: True, nsqd_tcp_addresses="127.0.0.1:1", lookupd_http_addresses="127.0.0.1:2", backend=backend,
+    )  # fmt: skip
+    try:
+        with reader._lock:  # (not started: attempts recorded as a failing connect records them)
+            reader._attempt_failed_locked("127.0.0.1:1", ConnectionRefusedError("refused"))
+            for port in range(10, 15):
+                reader._attempt_failed_locked(f"127.0.0.1:{port}", ConnectionRefusedError("refused"))
+            kept = list(reader._down)
+        assert kept == ["127.0.0.1:1", "127.0.0.1:13", "127.0.0.1:14"], kept
+        (entry,) = reader.stats()["connections"]
+        assert entry["address"] == "127.0.0.1:1" and entry["last_error"] == "refused" and entry["down_since"] is not None, entry
+    finally:
+        reader.close(5)
+
+
 def test_a_direct_nsqd_is_retried_at_least_every_15_seconds(make_reader: Callable[..., Reader], caplog: pytest.LogCaptureFixture) -> None:
     # SRE review (real nsqd 1.3.0): with the cap at 60 s, after a 60 s outage the next attempt
     # came 47 s after nsqd was back (393 messages waiting). pynsq and go-nsq retry a direct
