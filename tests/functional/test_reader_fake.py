@@ -859,11 +859,13 @@ def test_messages_that_waited_for_a_worker_past_msg_timeout_are_dropped_unrun(fa
     assert len([c for c in lines(fake_nsqd) if c.startswith((b"FIN", b"REQ"))]) == 2
 
 
-def behind_a_slow_handler(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> Tuple[Reader, Any, List[bytes], threading.Event]:
-    """A started Reader (max_in_flight 3, one worker, msg_timeout 1 s) whose worker holds the
-    message b"slow": (the Reader, that message, the bodies handled, the event that releases it).
-    Messages sent next wait for the worker."""
-    fake_nsqd.identify_response["msg_timeout"] = 1000  # ms
+def behind_a_slow_handler(
+    fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader], msg_timeout_ms: int = 1000
+) -> Tuple[Reader, Any, List[bytes], threading.Event]:
+    """A started Reader (max_in_flight 3, one worker, msg_timeout 1 s unless told) whose worker
+    holds the message b"slow": (the Reader, that message, the bodies handled, the event that
+    releases it). Messages sent next wait for the worker."""
+    fake_nsqd.identify_response["msg_timeout"] = msg_timeout_ms
     handler, handled, release = holding_handler(b"slow")
     reader = make_reader(fake_nsqd, handler, max_in_flight=3, concurrency=1)
     reader.start()
@@ -904,13 +906,7 @@ def test_a_message_that_waited_for_the_worker_is_touched_as_its_handler_starts(f
     # not what the wait left of it (a handler could start with half of it gone, and one of
     # 0.7 x msg_timeout ran twice). The TOUCH follows the FIN it waited behind, once.
     caplog.set_level(logging.WARNING)
-    fake_nsqd.identify_response["msg_timeout"] = 2000  # ms
-    handler, handled, release = holding_handler(b"slow")
-    reader = make_reader(fake_nsqd, handler, max_in_flight=3, concurrency=1)
-    reader.start()
-    fake_nsqd.wait_for_command("RDY 3")
-    slow = fake_nsqd.send_message(b"slow")
-    wait_until(lambda: handled == [b"slow"], WAIT, message="the slow one runs")
+    reader, slow, handled, release = behind_a_slow_handler(fake_nsqd, make_reader, msg_timeout_ms=2000)
     waited = fake_nsqd.send_message(b"waited")
     try:
         time.sleep(0.4)  # (the wait itself: nothing to await, the message must wait)

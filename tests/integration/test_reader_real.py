@@ -447,6 +447,27 @@ def scanning_nsqd(backend: str) -> Iterator[NsqdProcess]:
         yield nsqd
 
 
+def behind_one_worker(
+    nsqd: NsqdProcess, make_reader: Callable[..., Reader], topic: str, bodies: List[bytes], handler_seconds: float, max_in_flight: int
+) -> Dict[str, Any]:
+    """Consume *bodies* from *topic* with one worker, handlers of *handler_seconds* and
+    msg_timeout 1 s; assert that each ran once and nsqd timed none out; the Reader's stats()."""
+    prepare(nsqd, bodies, topic=topic)
+    seen = Recorder(len(bodies))
+
+    def handler(message: Any) -> bool:
+        time.sleep(handler_seconds)  # (the handler's work)
+        seen.add(message.body)
+        return True
+
+    reader = make_reader(handler, nsqd_tcp_addresses=nsqd.tcp_address, max_in_flight=max_in_flight, concurrency=1, msg_timeout=1, cls=_on(topic))
+    reader.start()
+    seen.wait()
+    wait_until(lambda: drained(nsqd, topic), TIMEOUT, message="channel drained")
+    assert (seen.bodies, channel(nsqd, topic)["timeout_count"]) == (Counter({body: 1 for body in bodies}), 0)
+    return reader.stats()
+
+
 def test_messages_waiting_for_a_busy_worker_are_touched_and_run_once(scanning_nsqd: NsqdProcess, make_reader: Callable[..., Reader]) -> None:
     """Prefetch deeper than one worker gets through within msg_timeout (a review's repro,
     scaled down): 6 in flight, 1 worker, 0.3 s handlers, msg_timeout 1 s. The fifth and
@@ -455,21 +476,8 @@ def test_messages_waiting_for_a_busy_worker_are_touched_and_run_once(scanning_ns
     worker gets through the others, so nsqd times nothing out and every message runs once."""
     nsqd = scanning_nsqd
     bodies = [b"job-%d" % n for n in range(8)]
-    prepare(nsqd, bodies, topic=BUSY_TOPIC)
-    seen = Recorder(len(bodies))
-
-    def handler(message: Any) -> bool:
-        time.sleep(0.3)  # (the handler's work)
-        seen.add(message.body)
-        return True
-
-    reader = make_reader(handler, nsqd_tcp_addresses=nsqd.tcp_address, max_in_flight=6, concurrency=1, msg_timeout=1, cls=_on(BUSY_TOPIC))
-    reader.start()
-    seen.wait()
-    wait_until(lambda: drained(nsqd, BUSY_TOPIC), TIMEOUT, message="channel drained")
-    stats = reader.stats()
-    assert (seen.bodies, channel(nsqd, BUSY_TOPIC)["timeout_count"], stats["messages_expired"]) == (Counter({body: 1 for body in bodies}), 0, 0)
-    assert stats["messages_received"] == stats["messages_finished"] == len(bodies)
+    stats = behind_one_worker(nsqd, make_reader, BUSY_TOPIC, bodies, handler_seconds=0.3, max_in_flight=6)
+    assert (stats["messages_expired"], stats["messages_received"], stats["messages_finished"]) == (0, len(bodies), len(bodies))
     assert stats["messages_touched_queued"] >= 3
 
 
@@ -481,20 +489,7 @@ def test_a_message_that_waited_for_the_worker_has_its_whole_msg_timeout_to_run(s
     has the whole msg_timeout: every message runs once and nsqd times nothing out."""
     nsqd = scanning_nsqd
     bodies = [b"job-%d" % n for n in range(4)]
-    prepare(nsqd, bodies, topic=PICKED_TOPIC)
-    seen = Recorder(len(bodies))
-
-    def handler(message: Any) -> bool:
-        time.sleep(0.7)  # (the handler's work)
-        seen.add(message.body)
-        return True
-
-    reader = make_reader(handler, nsqd_tcp_addresses=nsqd.tcp_address, max_in_flight=4, concurrency=1, msg_timeout=1, cls=_on(PICKED_TOPIC))
-    reader.start()
-    seen.wait()
-    wait_until(lambda: drained(nsqd, PICKED_TOPIC), TIMEOUT, message="channel drained")
-    stats = reader.stats()
-    assert (seen.bodies, channel(nsqd, PICKED_TOPIC)["timeout_count"]) == (Counter({body: 1 for body in bodies}), 0)
+    stats = behind_one_worker(nsqd, make_reader, PICKED_TOPIC, bodies, handler_seconds=0.7, max_in_flight=4)
     assert stats["messages_received"] == stats["messages_finished"] == len(bodies) and stats["messages_fin_failed"] == 0
 
 
