@@ -13,7 +13,7 @@ import weakref
 from typing import Any, List
 
 import pytest
-from fake_nsqd import FakeNsqd
+from fake_nsqd import FakeNsqd, FakeNsqdTimeout
 from tasks import live_tasks
 
 import nsq_sync
@@ -84,6 +84,56 @@ def test_run_starts_readers_and_drains_them_before_closing_writers(backend: str,
             client.close(1)
         consumed.stop()
         produced.stop()
+
+
+def test_run_closes_its_readers_together(backend: str) -> None:
+    # A many-consumer review: run() closed one Reader after another, so one draining its
+    # handlers held up the next one's close (which went on taking messages meanwhile), and
+    # 10 Readers of 2 s handlers took 15 s to stop. Each handler here drains only once the
+    # other Reader was told to stop (its CLS): closed in turn, the first one's handler waits
+    # in vain for the CLS of a Reader not closed yet.
+    _close_earlier_clients()
+    fakes = [FakeNsqd().start(), FakeNsqd().start()]
+    handling = [threading.Event(), threading.Event()]
+    saw_other_stop: List[Any] = [None, None]
+
+    def draining(me: int) -> Any:
+        def handler(message: Any) -> bool:
+            handling[me].set()
+            try:
+                fakes[1 - me].wait_for_command("CLS", timeout=WAIT / 2)
+                saw_other_stop[me] = True
+            except FakeNsqdTimeout:
+                saw_other_stop[me] = False
+            return True
+
+        return handler
+
+    runner = None
+    try:
+        readers = [
+            Reader(f"topic{me}", "channel", draining(me), nsqd_tcp_addresses=[f"127.0.0.1:{fakes[me].port}"], backend=backend)
+            for me in (0, 1)
+        ]
+        runner = threading.Thread(target=nsq_sync.run, kwargs={"timeout": WAIT}, name="test-run-together")
+        runner.start()
+        messages = []
+        for me in (0, 1):
+            fakes[me].wait_for_command("RDY 1", timeout=WAIT)
+            messages.append(fakes[me].enqueue(b"slow"))
+            assert handling[me].wait(WAIT)
+        lifecycle.stop()
+        runner.join(2 * WAIT)
+        assert not runner.is_alive(), "run() did not return after stop()"
+        assert saw_other_stop == [True, True]
+        assert [fake.finished for fake in fakes] == [[messages[0].id], [messages[1].id]]
+        assert all(reader.closed for reader in readers) and live_tasks() == []
+    finally:
+        _stop_runner(runner)
+        for client in lifecycle.clients():
+            client.close(1)
+        for fake in fakes:
+            fake.stop()
 
 
 def _close_earlier_clients() -> None:
