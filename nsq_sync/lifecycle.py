@@ -138,21 +138,22 @@ def _close_together(items: List[Any], timeout: Optional[float]) -> None:
     Readers with slow handlers could need up to 30 x close_timeout and outlast a
     container's grace period. Together it takes about as long as the slowest. Where no
     thread can start (CPython 3.12.0-3.12.1 at interpreter exit) they close in turn."""
-    threads = []
+    tasks = []
     for client in items[:-1]:
-        thread = threading.Thread(
-            target=_close_one, args=(client, timeout), name=f"nsq_sync-close-{getattr(client, 'name', 'client')}", daemon=True
-        )
         try:
-            thread.start()
-        except RuntimeError:
+            from .backends import get_backend
+
+            # (the library's own spawn: on threads, started with the asynchronous signals
+            # blocked, as every task of ours, so a SIGTERM is never handled in one of them)
+            task = get_backend(None).spawn(_close_one, client, timeout, name=f"nsq_sync-close-{getattr(client, 'name', 'client')}")
+        except Exception:  # (no new thread at interpreter exit, or a half-patched process)
             _close_one(client, timeout)
             continue
-        threads.append(thread)
+        tasks.append(task)
     if items:
         _close_one(items[-1], timeout)
-    for thread in threads:
-        thread.join()  # (each close() is bounded by its own timeout)
+    for task in tasks:
+        task.join()  # (each close() is bounded by its own timeout)
 
 
 atexit.register(_close_at_exit)
