@@ -1904,7 +1904,10 @@ class Reader:
                 conn.on("backoff", self._on_backoff)
                 conn.on("continue", self._on_continue)
                 conn.on("close", self._on_conn_close)
-                conn.on("heartbeat", self._on_heartbeat)
+                if self._heartbeat_hooked():
+                    # (else a heartbeat would start a control worker per Reader to call a
+                    # hook that does nothing: 40 idle Readers, 40 threads more)
+                    conn.on("heartbeat", self._on_heartbeat)
                 with self._lock:
                     if self._closing:
                         return
@@ -2095,6 +2098,10 @@ class Reader:
 
     def _on_heartbeat(self, conn: AsyncConn) -> None:
         self.heartbeat(conn)
+
+    def _heartbeat_hooked(self) -> bool:
+        """heartbeat() does something: a subclass's, or one set on the instance."""
+        return type(self).heartbeat is not Reader.heartbeat or "heartbeat" in vars(self)
 
     # ============================================================ discovery
     def _lookupd_loop(self) -> None:

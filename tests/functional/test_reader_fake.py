@@ -1515,6 +1515,19 @@ def test_heartbeat_hook_is_called(fake_nsqd: FakeNsqd, make_reader: Callable[...
     assert beats.wait(WAIT)
 
 
+def test_heartbeats_start_no_worker_when_the_hook_is_not_overridden(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> None:
+    # A many-consumer review: the first heartbeat started a control worker per Reader (40
+    # idle Readers, 40 threads more) only to call heartbeat(), which does nothing by default.
+    # (Two heartbeats: the first one's hand-off is made before the second is read.)
+    reader = make_reader(fake_nsqd, lambda m: True)
+    reader.start()
+    fake_nsqd.wait_for_command("RDY 1")
+    for _ in range(2):
+        fake_nsqd.send_heartbeat()
+    fake_nsqd.wait_for_command("NOP", count=2)
+    assert reader._pool.control._live == 0
+
+
 # ---------------------------------------------------- lookupd discovery
 class _Lookupd:
     """A minimal nsqlookupd /lookup endpoint serving a fixed producer list.
