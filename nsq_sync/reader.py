@@ -933,8 +933,8 @@ class Reader:
         connected is listed with ``connected`` False, its failed connection attempts in a
         row, since when it is down (time.time(): its connection closed, or the first attempt
         failed; None before that) and the last error (None when it closed without one).
-        ``lookupd``: a list of dicts, one per nsqlookupd in ``lookupd_http_addresses``, with ``address``,
-        ``queries`` (so far), ``failed_queries`` (in a row: 0 after a success),
+        ``lookupd``: a list of dicts, one per nsqlookupd in ``lookupd_http_addresses``, with
+        ``address``, ``queries`` (so far), ``failed_queries`` (in a row: 0 after a success),
         ``last_success`` (time.time() of its last answer, or None), ``last_error`` (the
         latest failure, kept after a success; None if it never failed) and ``producers``
         (how many nsqd its last answer listed, or None). ``unreachable``: the nsqd found
