@@ -520,10 +520,22 @@ def test_blocking_requests_that_time_out_while_queued_are_never_sent(server: Fak
         except TimeoutError as exc:
             outcomes.append(exc)
 
+    # The first caller waits for its answer only once its own write ended: until then its
+    # flush loop also sends whatever was queued behind it (harmless: those wait for their
+    # answers), and the queued ones below must come after it (a race seen once in a CI run).
+    waiting = threading.Event()
+    wait = nsq_sync.conn._WaitedAnswer.wait
+
+    def noted_wait(self: Any, timeout: Any) -> bool:
+        waiting.set()
+        return wait(self, timeout)
+
+    monkeypatch.setattr(nsq_sync.conn._WaitedAnswer, "wait", noted_wait)
     try:
         first = threading.Thread(target=call, args=(b"sent",))
         first.start()
         server.wait_for_command("PUB", count=parks + 1)
+        assert waiting.wait(WAIT)
         queued = [threading.Thread(target=call, args=(b"queued %d" % n,)) for n in range(3)]
         for thread in queued:
             thread.start()
