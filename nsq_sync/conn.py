@@ -989,7 +989,7 @@ class AsyncConn(EventedMixin):
         touched at once) and every msg_timeout/4 while the workers are stuck.
         """
         timeouts = self._timeouts()
-        msg_timeout, max_msg_timeout = timeouts
+        msg_timeout = timeouts[0]
         quarter = max(msg_timeout / 4, ANSWER_HOLD_SECONDS)  # (a peer's msg_timeout of 0 must not spin the reader)
         lane = self.worker_pool.messages
         if now - lane.last_began >= msg_timeout or self.state != CONNECTED:
@@ -1005,8 +1005,7 @@ class AsyncConn(EventedMixin):
             for message in waiting:
                 if message._responded:
                     continue  # replaced by a newer copy, or forgotten (channel emptied)
-                expiry = self._expiry(message, timeouts)
-                if expiry <= now or expiry >= message._arrived + max_msg_timeout:
+                if not self._touch_gains(message, now, timeouts):
                     continue  # too late (nsqd timed it out), or nothing to gain (max_msg_timeout)
                 start = getattr(message, "_touched", message._arrived)
                 if now - start >= quarter:
@@ -1782,6 +1781,14 @@ class AsyncConn(EventedMixin):
         return min(getattr(message, "_touched", arrived) + msg_timeout, arrived + max_msg_timeout)
 
     @staticmethod
+    def _touch_gains(message: Message, now: float, timeouts: Tuple[float, float]) -> bool:
+        """A TOUCH of *message* at *now* would extend its time at nsqd: its _expiry() has not
+        passed by our clock (else nsqd timed it out, and would refuse the TOUCH) and is short of
+        max_msg_timeout from its arrival (which no TOUCH extends)."""
+        expiry = AsyncConn._expiry(message, timeouts)
+        return now < expiry < message._arrived + timeouts[1]
+
+    @staticmethod
     def _is_live(message: Message, now: float, timeouts: Tuple[float, float]) -> bool:
         """Surely still in flight at nsqd at *now*: its _expiry() is more than a margin for
         network and timer delays away."""
@@ -1850,8 +1857,7 @@ class AsyncConn(EventedMixin):
                 return
             if now - getattr(message, "_touched", message._arrived) <= self._pickup_touch_after:
                 return  # touched lately while it waited (_touch_waiting, under this lock)
-            expiry = self._expiry(message, timeouts)
-            if expiry <= now or expiry >= message._arrived + timeouts[1]:
+            if not self._touch_gains(message, now, timeouts):
                 return
             message._touched = now
             self._writes.append(b"TOUCH %s\n" % message.id)

@@ -90,9 +90,13 @@ def release(client: Any) -> None:
 def clients() -> List[Any]:
     """The live registered clients, Readers first (so consumers drain before producers close)."""
     items = list(_clients)
-    # A Reader is what has process_message (subclasses included, as pynsq's users write them).
-    items.sort(key=lambda c: 0 if hasattr(c, "process_message") else 1)
+    items.sort(key=lambda c: 0 if _is_reader(c) else 1)
     return items
+
+
+def _is_reader(client: Any) -> bool:
+    # A Reader is what has process_message (subclasses included, as pynsq's users write them).
+    return hasattr(client, "process_message")
 
 
 def _is_closed(client: Any) -> bool:
@@ -118,8 +122,7 @@ def _close_at_exit() -> None:
 
 def _split(items: List[Any]) -> Tuple[List[Any], List[Any]]:
     """(the Readers, the rest) of clients()' list."""
-    readers = [client for client in items if hasattr(client, "process_message")]
-    return readers, [client for client in items if not hasattr(client, "process_message")]
+    return [client for client in items if _is_reader(client)], [client for client in items if not _is_reader(client)]
 
 
 def _close_one(client: Any, timeout: Optional[float]) -> None:
@@ -138,11 +141,11 @@ def _close_together(items: List[Any], timeout: Optional[float]) -> None:
     Readers with slow handlers could need up to 30 x close_timeout and outlast a
     container's grace period. Together it takes about as long as the slowest. Where no
     thread can start (CPython 3.12.0-3.12.1 at interpreter exit) they close in turn."""
+    from .backends import get_backend
+
     tasks = []
     for client in items[:-1]:
         try:
-            from .backends import get_backend
-
             # (the library's own spawn: on threads, started with the asynchronous signals
             # blocked, as every task of ours, so a SIGTERM is never handled in one of them)
             task = get_backend(None).spawn(_close_one, client, timeout, name=f"nsq_sync-close-{getattr(client, 'name', 'client')}")
