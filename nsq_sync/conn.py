@@ -1385,7 +1385,8 @@ class AsyncConn(EventedMixin):
         return answer
 
     def _read_own_answer(self) -> Any:
-        """The fast paths' one read after sending their command ahead of every pending one.
+        """The fast paths' read after sending their command ahead of every pending one (one
+        more when a compressed read decoded to nothing).
 
         b"OK" when the bytes read are exactly nsqd's OK frame; otherwise the command's
         waiter, first in the pending queue, with what was read handled (or the end of the
@@ -1393,6 +1394,13 @@ class AsyncConn(EventedMixin):
         """
         try:
             chunk = self._stream.read_some(READ_SIZE)
+            if chunk == b"":
+                # Compressed bytes that completed nothing. nsqd writes a deflate answer's
+                # sync-flush marker in a write of its own; when the last caller's read took the
+                # answer before it, the marker comes alone first (about 1 serial publish in 6).
+                # A snappy chunk can come cut too. The answer is still to come: one more read
+                # (only one: a peer sending nothing but empty blocks meets the deadline checks).
+                chunk = self._stream.read_some(READ_SIZE)
         except BlockingIOError:
             chunk = b""  # a recv slice passed without the answer: the reading loop waits on
         except BaseException as exc:
