@@ -70,6 +70,19 @@ from .transport.tcp import SocketStream
 
 if TYPE_CHECKING:  # ssl is imported only when TLS is used (it costs ~3 MB)
     import ssl
+else:
+
+    class _LazySSL:
+        """The name ``ssl`` in this module's annotations (``tls_options: ssl.SSLContext``):
+        ``typing.get_type_hints()`` evaluates them here, as Sphinx, typer or pydantic do,
+        and failed with NameError. The module loads on the first attribute looked up."""
+
+        def __getattr__(self, name: str) -> Any:
+            import ssl as module
+
+            return getattr(module, name)
+
+    ssl = _LazySSL()
 
 __all__ = ["AsyncConn", "INIT", "CONNECTING", "CONNECTED", "DISCONNECTED", "DEFAULT_USER_AGENT"]
 
