@@ -78,6 +78,8 @@ else:
         and failed with NameError. The module loads on the first attribute looked up."""
 
         def __getattr__(self, name: str) -> Any:
+            if name.startswith("__"):
+                raise AttributeError(name)  # (inspect, mock, doctest probing: not a reason to load ssl)
             import ssl as module
 
             return getattr(module, name)
@@ -1255,7 +1257,7 @@ class AsyncConn(EventedMixin):
             slice_seconds = self._recv_slice
             if slice_seconds is not None and (timeout is None or timeout >= slice_seconds) and time.time() - self.last_recv_timestamp <= IDLE_CHECK_SECONDS:
                 # (a deadline within the first recv slice is kept by the general path's poll)
-                answer = self._exchange(data, timeout)
+                answer = self._exchange(data, timeout, deadline)
                 if answer.__class__ is bytes:
                     return answer  # (the finally below still runs)
             if answer is None:
@@ -1335,10 +1337,11 @@ class AsyncConn(EventedMixin):
         except Error:
             pass  # write side shut: the read below meets nsqd's close
 
-    def _exchange(self, data: bytes, budget: Optional[float]) -> Any:
+    def _exchange(self, data: bytes, budget: Optional[float], deadline: Optional[float]) -> Any:
         """request_wait's fast path: the caller holds the read token of a busy, healthy
         connection (native socket, read within IDLE_CHECK_SECONDS). With nothing else
-        pending or queued it sends *data* itself and reads once; when that read is exactly
+        pending or queued it sends *data* itself and reads once (see _read_own_answer for a
+        second read, within *deadline*, on the monotonic clock); when what it read is exactly
         nsqd's OK frame the answer is b"OK", with no waiter, lock or frame decoding (about
         a third of a publish's Python time, and with several threads publishing, time every
         other thread waits for the GIL). Otherwise it returns the request's _Answer, first
@@ -1378,7 +1381,7 @@ class AsyncConn(EventedMixin):
                 pass  # the write side is shut (ours went out before): the read meets the close
         if cut is not None:
             return cut  # (request_wait's reading loop waits for it until the deadline)
-        return self._read_own_answer()
+        return self._read_own_answer(deadline)
 
     def _first_pending(self) -> "_Answer":
         """A waiter for a command sent ahead of every pending one: its answer comes first."""
@@ -1397,9 +1400,10 @@ class AsyncConn(EventedMixin):
             pass
         return answer
 
-    def _read_own_answer(self) -> Any:
+    def _read_own_answer(self, deadline: Optional[float], clock: Callable[[], float] = time.monotonic) -> Any:
         """The fast paths' read after sending their command ahead of every pending one (one
-        more when a compressed read decoded to nothing).
+        more when a compressed read decoded to nothing and *deadline*, on *clock*, leaves
+        a recv slice for it: a read waits up to one).
 
         b"OK" when the bytes read are exactly nsqd's OK frame; otherwise the command's
         waiter, first in the pending queue, with what was read handled (or the end of the
@@ -1407,12 +1411,13 @@ class AsyncConn(EventedMixin):
         """
         try:
             chunk = self._stream.read_some(READ_SIZE)
-            if chunk == b"":
+            if chunk == b"" and (deadline is None or deadline - clock() >= self._recv_slice):  # type: ignore[operator]
                 # Compressed bytes that completed nothing. nsqd writes a deflate answer's
                 # sync-flush marker in a write of its own; when the last caller's read took the
                 # answer before it, the marker comes alone first (about 1 serial publish in 6).
                 # A snappy chunk can come cut too. The answer is still to come: one more read
-                # (only one: a peer sending nothing but empty blocks meets the deadline checks).
+                # (only one: a peer sending nothing but empty blocks meets the deadline checks;
+                # none when the deadline is nearer than a slice: the reading loop polls for it).
                 chunk = self._stream.read_some(READ_SIZE)
         except BlockingIOError:
             chunk = b""  # a recv slice passed without the answer: the reading loop waits on
@@ -1448,7 +1453,7 @@ class AsyncConn(EventedMixin):
 
         While the lane is busy (read within IDLE_CHECK_SECONDS) and its last exchange left
         nothing behind, one send and one read whose bytes are exactly nsqd's OK frame make
-        the whole publish. Anything else (a heartbeat, an error, a partial read, an idle
+        the whole publish (two reads on a compressed stream, see _read_own_answer). Anything else (a heartbeat, an error, a partial read, an idle
         lane, which may hold a heartbeat or nsqd's close) goes through request_wait.
         """
         began = time.time()
@@ -1476,7 +1481,7 @@ class AsyncConn(EventedMixin):
             else:
                 recv_into = self._lane_recv_into
                 if recv_into is None:
-                    answer = self._read_own_answer()
+                    answer = self._read_own_answer(began + timeout, time.time)
                     if answer.__class__ is bytes:
                         return answer  # type: ignore[no-any-return]
                 else:
