@@ -896,6 +896,24 @@ def test_split_marker_precondition() -> None:
     assert zlib.decompressobj(-15).decompress(data[:-4]) == frame  # a fresh decompressor
 
 
+def publish_behind_lone_markers(conn: AsyncConn, server: DeflateNsqd, count: int, prefix: bytes, timeout: float) -> None:
+    """*count* PUBs through *server*, which sends each answer's sync-flush marker alone once
+    the caller has the answer; each is answered within *timeout*. Then close, and check that
+    the server took every body and saw nothing wrong."""
+    for i in range(count):
+        started = time.monotonic()
+        assert conn.request_wait(commands.pub("t", prefix + b"%d" % i), timeout=timeout) == b"OK", i
+        assert time.monotonic() - started < timeout, i
+        server.answered.set()
+        assert server.marker_sent.wait(WAIT), i
+        server.marker_sent.clear()
+    assert conn.connected()
+    conn.close(timeout=2)
+    server.thread.join(WAIT)
+    assert server.problems == []
+    assert server.bodies == [prefix + b"%d" % i for i in range(count)]
+
+
 def test_deflate_marker_alone_does_not_block_caller(deflate_nsqd: DeflateNsqd, make_conn, monkeypatch) -> None:
     monkeypatch.setattr(nsq_sync.conn, "IDLE_CHECK_SECONDS", -1)  # every request_wait checks before sending
     monkeypatch.setattr(nsq_sync.conn, "PARK_SECONDS", LONG_PARK)  # callers lead from the 2nd request on
@@ -914,18 +932,7 @@ def test_deflate_marker_alone_does_not_block_caller(deflate_nsqd: DeflateNsqd, m
     conn.connect()
     assert isinstance(conn._stream, DeflateStream)
     count = 50
-    for i in range(count):
-        started = time.monotonic()
-        assert conn.request_wait(commands.pub("t", b"d%d" % i), timeout=2) == b"OK", i
-        assert time.monotonic() - started < 2, i
-        deflate_nsqd.answered.set()
-        assert deflate_nsqd.marker_sent.wait(WAIT), i
-        deflate_nsqd.marker_sent.clear()
-    assert conn.connected()
-    conn.close(timeout=2)
-    deflate_nsqd.thread.join(WAIT)
-    assert deflate_nsqd.problems == []
-    assert deflate_nsqd.bodies == [b"d%d" % i for i in range(count)]
+    publish_behind_lone_markers(conn, deflate_nsqd, count, b"d", timeout=2)
     # the lone markers were met by reads that decoded to nothing (at least the callers' checks)
     assert empty_reads[0] >= count - 2, empty_reads[0]
 
@@ -960,16 +967,7 @@ def test_deflate_answer_behind_a_lone_marker_stays_on_the_fast_path(deflate_nsqd
     conn.connect()
     assert isinstance(conn._stream, DeflateStream)
     count = 30
-    for i in range(count):
-        assert conn.request_wait(commands.pub("t", b"f%d" % i), timeout=5) == b"OK", i
-        deflate_nsqd.answered.set()
-        assert deflate_nsqd.marker_sent.wait(WAIT), i
-        deflate_nsqd.marker_sent.clear()
-    assert conn.connected()
-    conn.close(timeout=2)
-    deflate_nsqd.thread.join(WAIT)
-    assert deflate_nsqd.problems == []
-    assert deflate_nsqd.bodies == [b"f%d" % i for i in range(count)]
+    publish_behind_lone_markers(conn, deflate_nsqd, count, b"f", timeout=5)
     if conn._recv_slice is not None:
         # every answer after the first (read by the reader task) came whole from one caller's
         # reads on the fast path: none went the general way with a lone marker read (b"")
