@@ -1453,8 +1453,9 @@ class AsyncConn(EventedMixin):
 
         While the lane is busy (read within IDLE_CHECK_SECONDS) and its last exchange left
         nothing behind, one send and one read whose bytes are exactly nsqd's OK frame make
-        the whole publish (two reads on a compressed stream, see _read_own_answer). Anything else (a heartbeat, an error, a partial read, an idle
-        lane, which may hold a heartbeat or nsqd's close) goes through request_wait.
+        the whole publish (a compressed stream may take a second read: see _read_own_answer).
+        Anything else (a heartbeat, an error, a partial read, an idle lane, which may hold a
+        heartbeat or nsqd's close) goes through request_wait.
         """
         began = time.time()
         if self._lane_clean and began - self.last_recv_timestamp <= IDLE_CHECK_SECONDS and timeout >= self._recv_slice:  # type: ignore[operator]
