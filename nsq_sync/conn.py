@@ -1411,10 +1411,12 @@ class AsyncConn(EventedMixin):
         """
         try:
             chunk = self._stream.read_some(READ_SIZE)
-            if chunk == b"" and (deadline is None or deadline - clock() >= self._recv_slice):  # type: ignore[operator]
-                # Compressed bytes that completed nothing. nsqd writes a deflate answer's
-                # sync-flush marker in a write of its own; when the last caller's read took the
-                # answer before it, the marker comes alone first (about 1 serial publish in 6).
+            if not chunk and chunk is not None and (deadline is None or deadline - clock() >= self._recv_slice):  # type: ignore[operator]
+                # Compressed bytes that completed nothing (b""; a plain read is never empty, and
+                # this test costs it one truth check, not a memoryview comparison). nsqd writes
+                # a deflate answer's sync-flush marker in a write of its own; when the last
+                # caller's read took the answer before it, the marker comes alone first (about
+                # 1 serial publish in 6).
                 # A snappy chunk can come cut too. The answer is still to come: one more read
                 # (only one: a peer sending nothing but empty blocks meets the deadline checks;
                 # none when the deadline is nearer than a slice: the reading loop polls for it).
