@@ -51,6 +51,7 @@ from .errors import (
     error_from_frame,
 )
 from .events import EVENTS, EventedMixin
+from .lightfuture import LightFuture
 from .message import Message
 from .protocol import commands
 from .protocol.constants import (
@@ -2194,8 +2195,7 @@ class AsyncConn(EventedMixin):
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"request() takes command bytes, not {type(data).__name__}")
         if future is None:
-            future = Future()
-            future.set_running_or_notify_cancel()
+            future = LightFuture(running=True)
         future.command = data  # type: ignore[attr-defined]  # kept for a re-send (see unprocessed_handler)
         with self._lock:
             if self.state != CONNECTED:

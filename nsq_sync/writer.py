@@ -47,6 +47,7 @@ from .errors import (
     TLSError,
 )
 from .lifecycle import forget_parents_in_child, register, uwsgi_state
+from .lightfuture import LightFuture
 from .protocol import commands
 from .protocol.commands import MAX_BODY_SIZE as _MAX_BODY_SIZE, MessageBody, _PUB_HEADS as _pub_heads, _pack_size
 from .protocol.identify import check_number, check_timeout
@@ -117,10 +118,14 @@ def _settle(future: "Future[Any]", result: Any = None, error: Optional[BaseExcep
     return True
 
 
-class _PublishFuture(Future):
-    """The Future of an async publish (pub_async(), callback=): its failure counts in
-    Writer.stats() once, whoever sets it (the Writer, or the connection for one sent directly).
-    A retry's attempt on a connection is a plain Future (its failure is not the publish's)."""
+class _PublishFuture(LightFuture):
+    """The Future of an async publish (pub_async(), callback=), made running: its failure
+    counts in Writer.stats() once, whoever sets it (the Writer, or the connection for one sent
+    directly). A retry's attempt on a connection is another Future (its failure is not the
+    publish's)."""
+
+    def __init__(self) -> None:
+        super().__init__(running=True)
 
 
 #: Writer.stats()'s kinds of failed publishes
@@ -1399,7 +1404,6 @@ class Writer:
                 conn = self._pick()
                 if conn is not None:
                     future = _PublishFuture()
-                    future.set_running_or_notify_cancel()
                     try:
                         conn.request(data, future)
                     except ConnectionClosedError:
@@ -1409,7 +1413,6 @@ class Writer:
                         future.sent = True  # type: ignore[attr-defined]
             if future is None:
                 future = _PublishFuture()
-                future.set_running_or_notify_cancel()
                 self._attempt(data, deadline, self.retries, future, None)
         except BaseException:
             self._end()
