@@ -203,6 +203,28 @@ def test_pub_and_mpub_land_exactly(nsqd, writer_factory, backend):
     assert depth(nsqd, "land") == 0
 
 
+def test_async_publishes_make_no_condition_unless_waited_for(nsqd, writer_factory, backend):
+    """pub_async()'s Futures are LightFutures: answered before anyone waits, they are read and
+    called back without the condition concurrent.futures.Future makes for every instance; one
+    waited on before its answer makes one, and is woken through it. Each message lands once."""
+    writer = writer_factory(nsqd.tcp_address)
+    writer.pub("light", b"warm-up")  # connected
+    answered = threading.Semaphore(0)
+    futures = [writer.pub_async("light", b"light-%d" % i) for i in range(50)]
+    for future in futures:
+        future.add_done_callback(lambda _f: answered.release())
+    for _ in futures:
+        assert answered.acquire(timeout=10)
+    assert [f.result() for f in futures] == [b"OK"] * 50
+    assert [f._cond for f in futures] == [None] * 50
+    assert isinstance(futures[0], concurrent.futures.Future)
+    waited = writer.mpub_async("light", [b"waited-0", b"waited-1"])
+    done, _ = concurrent.futures.wait([waited], timeout=10)  # (may find it answered already)
+    assert done == {waited} and waited.result() == b"OK"
+    expected = [b"warm-up"] + [b"light-%d" % i for i in range(50)] + [b"waited-0", b"waited-1"]
+    assert sorted(consume_all(nsqd, "light", len(expected), backend)) == sorted(expected)
+
+
 def test_dpub_is_delivered_after_its_delay(nsqd, writer_factory, backend):
     # nsqd's deferred-queue scanner only looks at the channels it knew at its last
     # refresh (every 5 s, not configurable from the command line); a channel that
