@@ -286,7 +286,8 @@ class Writer:
         takes every publish pipelined behind it on the connection down with it.
     :param max_body_size: bytes; the same for a whole MPUB body (nsqd's --max-body-size, 5 MiB)
     :param reconnect_interval: first reconnect delay in seconds; doubles up to ``max_reconnect_interval``
-    :param concurrency: workers that run publish callbacks
+    :param concurrency: workers of the messages lane of the Writer's pool; publish callbacks run
+        on its control lane (one worker, in order), so this does not change how they run
     :param max_connections_per_nsqd: connections a Writer may open to one nsqd (1..64). The first
         carries every publish as long as the calling thread finds it free; when another thread's
         blocking publish is using it, extra connections (*lanes*) open, so a blocking publish
