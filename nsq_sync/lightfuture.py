@@ -6,12 +6,17 @@ answered before anyone asks for it: with 100 publishes outstanding from one thre
 condition's creation, its lock and its notify were about a third of the client's CPU per
 publish (``perf``, CPython 3.13). :class:`LightFuture` creates the condition on first use
 (``result()`` or ``exception()`` before the answer, ``concurrent.futures.wait``,
-``as_completed``, ``cancel()``, ``repr()``); until then a short lock shared by every
-LightFuture orders the changes of state, and reading a finished one takes no lock at all.
+``as_completed``, ``cancel()``, ``set_running_or_notify_cancel()``, ``repr()``); until then a
+short lock shared by every LightFuture orders the changes of state, and reading the state
+(``done()``, ``running()``, ``cancelled()``, a finished one's outcome) takes no lock at all.
 
 The rule that keeps it correct: while a LightFuture has no condition, its state changes and
-its done-callbacks are appended under ``_guard``; the condition is created under ``_guard``
-too, and from then on the base class's methods run as they are. So a waiter that created the
+its done-callbacks are appended under ``_guard``; the condition is installed under ``_guard``
+too, and from then on the base class's methods run as they are. Only attribute stores and a
+list append run under ``_guard`` (the condition is built before it is taken): no Python code
+that a signal handler or a finalizer could interrupt to take it again, and nothing that
+switches greenlets. A forked child gets a fresh ``_guard`` (the parent's may have been held by
+another thread at the fork). So a waiter that created the
 condition either sees the final state, or the change comes later and takes the condition's
 path (it notifies). The stdlib's module functions (``wait``, ``as_completed``) only use
 ``_condition``, ``_waiters`` and ``_state``, which keep their meaning.
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import _thread
 import logging
+import os
 import sys
 import threading
 from concurrent.futures import Future, InvalidStateError
@@ -38,7 +44,17 @@ def _native_lock() -> Any:
 
 
 _guard = _native_lock()
+
+
+def _fresh_guard_in_child() -> None:
+    global _guard
+    _guard = _native_lock()
+
+
+if hasattr(os, "register_at_fork"):  # (not on Windows)
+    os.register_at_fork(after_in_child=_fresh_guard_in_child)
 _DONE = frozenset((CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED))
+_CANCELLED = frozenset((CANCELLED, CANCELLED_AND_NOTIFIED))
 _LOGGER = logging.getLogger("concurrent.futures")
 
 
@@ -57,25 +73,34 @@ class LightFuture(Future):  # type: ignore[type-arg]
     def _condition(self) -> threading.Condition:
         cond = self._cond
         if cond is None:
+            new = threading.Condition()  # (built outside _guard: see the module's docstring)
             with _guard:
                 cond = self._cond
                 if cond is None:
-                    cond = self._cond = threading.Condition()
+                    cond = self._cond = new
         return cond
 
     def done(self) -> bool:
         return self._state in _DONE
 
+    def running(self) -> bool:
+        return self._state == RUNNING
+
+    def cancelled(self) -> bool:
+        return self._state in _CANCELLED
+
     def result(self, timeout: Optional[float] = None) -> Any:
-        if self._state == FINISHED:
-            error = self._exception
-            if error is None:
-                return self._result
-            try:
+        try:
+            if self._state == FINISHED:
+                error = self._exception
+                if not error:  # (as the base class tests it)
+                    return self._result
                 raise error
-            finally:
-                error = None  # (no reference cycle through the traceback)
-        return super().result(timeout)
+            return super().result(timeout)
+        finally:
+            # No reference cycle through a raised exception's traceback, which holds this frame.
+            self = None  # type: ignore[assignment]
+            error = None
 
     def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
         if self._state == FINISHED:

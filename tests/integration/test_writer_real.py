@@ -205,8 +205,9 @@ def test_pub_and_mpub_land_exactly(nsqd, writer_factory, backend):
 
 def test_async_publishes_make_no_condition_unless_waited_for(nsqd, writer_factory, backend):
     """pub_async()'s Futures are LightFutures: answered before anyone waits, they are read and
-    called back without the condition concurrent.futures.Future makes for every instance; one
-    waited on before its answer makes one, and is woken through it. Each message lands once."""
+    called back without the condition concurrent.futures.Future makes for every instance, and
+    concurrent.futures.wait() takes them (a wait before the answer is tested in
+    tests/unit/test_lightfuture.py). Each message lands once."""
     writer = writer_factory(nsqd.tcp_address)
     writer.pub("light", b"warm-up")  # connected
     answered = threading.Semaphore(0)

@@ -1,17 +1,23 @@
-"""LightFuture behaves as concurrent.futures.Future, including under races, and makes no
-condition for a Future nobody waits on."""
+"""LightFuture behaves as concurrent.futures.Future, including under races, across a fork
+and without reference cycles, and makes no condition for a Future nobody waits on."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import gc
 import logging
+import os
 import threading
+import time
+import weakref
 from typing import Any, Callable, List
 
 import pytest
 
+from nsq_sync import lightfuture
 from nsq_sync.lightfuture import LightFuture
+from nsq_sync.testing import wait_until
 
 KINDS = [cf.Future, LightFuture]
 
@@ -87,24 +93,39 @@ def test_done_callbacks_before_and_after(kind: type, caplog: pytest.LogCaptureFi
     assert any("exception calling callback" in r.getMessage() for r in caplog.records)
 
 
+def waits_on(future: cf.Future) -> bool:
+    """Whether a thread waits in *future*'s condition now (a LightFuture's condition is looked
+    at without creating it)."""
+    cond = future._cond if isinstance(future, LightFuture) else future._condition
+    return cond is not None and bool(cond._waiters)
+
+
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_waiting_result_wakes_when_another_thread_answers(kind: type) -> None:
+@pytest.mark.parametrize("how", ["result", "exception", "wait"])
+def test_a_thread_waiting_before_the_answer_is_woken(kind: type, how: str) -> None:
     future = kind()
-    waiting = threading.Event()
+    outcome: List[Any] = []
 
-    def answer() -> None:
-        waiting.wait(5)
-        future.set_result(b"OK")
+    def wait_for_it() -> None:
+        if how == "result":
+            outcome.append(future.result(10))
+        elif how == "exception":
+            outcome.append(future.exception(10))
+        else:
+            outcome.append(cf.wait([future], timeout=10).done)
 
-    thread = later(answer)
-    waiting.set()
-    assert future.result(5) == b"OK"
-    thread.join(5)
+    waiter = later(wait_for_it)
+    wait_until(lambda: waits_on(future) or any(getattr(w, "event", None) for w in future._waiters), timeout=5)
+    began = time.monotonic()
+    future.set_result(b"OK")
+    waiter.join(5)
+    assert outcome == [{"result": b"OK", "exception": None, "wait": {future}}[how]]
+    assert time.monotonic() - began < 5  # woken by the answer, not by its 10 s timeout
 
     failing = kind()
-    later(lambda: failing.set_exception(ConnectionError("gone")))
+    later(lambda: (wait_until(lambda: waits_on(failing), timeout=5), failing.set_exception(ConnectionError("gone"))))
     with pytest.raises(ConnectionError):
-        failing.result(5)
+        failing.result(10)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -209,3 +230,115 @@ def test_every_outcome_reaches_every_waiter_under_races() -> None:
     assert calls == [1] * rounds
     assert results == [f.result() for f in futures] == waited
     assert set(results) <= {"a", "b"}
+
+
+class _Checked(LightFuture):
+    """Asserts the rule of lightfuture's docstring on every change: while there is no
+    condition, state changes and done-callback appends happen under _guard; once there is
+    one, under the condition."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._done_callbacks = _CheckedList(self)
+        self.__dict__["_ready"] = True
+
+    def held(self) -> bool:
+        cond = self.__dict__.get("_cond")
+        if cond is None:
+            return lightfuture._guard.locked()
+        return cond._is_owned()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_ready") and name in ("_state", "_result", "_exception", "_cond"):
+            if name == "_cond":
+                assert lightfuture._guard.locked(), "condition installed outside _guard"
+            else:
+                assert self.held(), f"{name} changed outside the lock that orders it"
+        object.__setattr__(self, name, value)
+
+
+class _CheckedList(list):
+    def __init__(self, future: _Checked) -> None:
+        super().__init__()
+        self.future = future
+
+    def append(self, item: Any) -> None:
+        assert self.future.held(), "done-callback appended outside the lock that orders it"
+        super().append(item)
+
+
+def test_changes_happen_under_the_lock_that_orders_them() -> None:
+    quick = _Checked()
+    quick.add_done_callback(lambda f: None)
+    quick.set_result(1)
+    assert quick._cond is None
+    failed = _Checked()
+    failed.add_done_callback(lambda f: None)
+    failed.set_exception(ValueError("x"))
+
+    slow = _Checked()
+    with pytest.raises(cf.TimeoutError):
+        slow.result(0.001)  # installs the condition
+    slow.add_done_callback(lambda f: None)
+    slow.set_result(2)
+    assert slow.result() == 2
+    cancelled = _Checked()
+    assert cancelled.cancel()
+    running = _Checked()
+    assert running.set_running_or_notify_cancel()
+    running.set_exception(KeyError("y"))
+
+
+def test_a_raised_outcome_leaves_no_reference_cycle() -> None:
+    """result() raising a failed Future's exception: the traceback holds result()'s frame,
+    which must not hold the Future (every failed publish would wait for the cyclic GC)."""
+    gc.disable()
+    try:
+        for waited in (False, True):
+            future = LightFuture()
+            if waited:
+                with pytest.raises(cf.TimeoutError):
+                    future.result(0.001)  # the base class's path raises it below
+            future.set_exception(ValueError("failed"))
+            with pytest.raises(ValueError):
+                future.result()
+            ref = weakref.ref(future)
+            del future
+            assert ref() is None, f"a cycle keeps the Future (waited={waited})"
+    finally:
+        gc.enable()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")  # (the point of the test)
+def test_a_child_forked_while_another_thread_held_the_guard_completes_futures() -> None:
+    """Another thread of the parent holds _guard (it is inside a Future's change of state) at
+    the instant of the fork: the child must not inherit it held, or its first publish hangs."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold_the_guard() -> None:
+        with lightfuture._guard:
+            held.set()
+            release.wait(10)
+
+    holder = later(hold_the_guard)
+    assert held.wait(5)
+    pid = os.fork()
+    if pid == 0:  # the child: complete and read one, then leave at once
+        try:
+            child = LightFuture()
+            child.add_done_callback(lambda f: None)
+            child.set_result(b"OK")
+            os._exit(0 if child.result() == b"OK" else 1)
+        finally:
+            os._exit(2)
+    release.set()
+    holder.join(5)
+    statuses: List[int] = []
+    reaper = later(lambda: statuses.append(os.waitpid(pid, 0)[1]))
+    reaper.join(10)
+    if reaper.is_alive():
+        os.kill(pid, 9)
+        reaper.join(5)
+        pytest.fail("the child hung on the guard it inherited held")
+    assert os.WIFEXITED(statuses[0]) and os.WEXITSTATUS(statuses[0]) == 0
