@@ -12,14 +12,15 @@ short lock shared by every LightFuture orders the changes of state, and reading 
 
 The rule that keeps it correct: while a LightFuture has no condition, its state changes and
 its done-callbacks are appended under ``_guard``; the condition is installed under ``_guard``
-too, and from then on the base class's methods run as they are. Only attribute stores and a
-list append run under ``_guard`` (the condition is built before it is taken): no Python code
-that a signal handler or a finalizer could interrupt to take it again, and nothing that
-switches greenlets. A forked child gets a fresh ``_guard`` (the parent's may have been held by
-another thread at the fork). So a waiter that created the
+too, and from then on the base class's methods run as they are. So a waiter that installed the
 condition either sees the final state, or the change comes later and takes the condition's
 path (it notifies). The stdlib's module functions (``wait``, ``as_completed``) only use
 ``_condition``, ``_waiters`` and ``_state``, which keep their meaning.
+
+Only attribute stores and a list append run under ``_guard`` (the condition is built before
+it is taken): no Python code that a signal handler or a finalizer could interrupt to take it
+again, and nothing that switches greenlets. A forked child gets a fresh ``_guard`` (the
+parent's may have been held by another thread at the fork).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def _fresh_guard_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):  # (not on Windows)
     os.register_at_fork(after_in_child=_fresh_guard_in_child)
+
 _DONE = frozenset((CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED))
 _CANCELLED = frozenset((CANCELLED, CANCELLED_AND_NOTIFIED))
 _LOGGER = logging.getLogger("concurrent.futures")
