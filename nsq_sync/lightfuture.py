@@ -111,14 +111,11 @@ class LightFuture(Future):  # type: ignore[type-arg]
 
     def add_done_callback(self, fn: Callable[[Future], object]) -> None:  # type: ignore[override]
         with _guard:
-            if self._cond is None:
-                if self._state not in _DONE:
-                    self._done_callbacks.append(fn)
-                    return
-                quick = True
-            else:
-                quick = False
-        if not quick:
+            cond = self._cond
+            if cond is None and self._state not in _DONE:
+                self._done_callbacks.append(fn)
+                return
+        if cond is not None:
             super().add_done_callback(fn)
             return
         try:
