@@ -406,11 +406,11 @@ class Writer:
         self._nodes = [_Node(host, port) for host, port in self._addresses]
         for node in self._nodes:
             node.wake = backend.event()
-        # The free lanes pub() takes one from on its fast path: one nsqd only (several are
-        # taken round-robin, by _publish_blocking), and not in uWSGI (whose forks leave _pid
-        # stale: see _begin). None: no fast path.
+        # pub()'s fast path (thread backend): the free lanes it takes one from, else the one
+        # connection. One nsqd only (several are taken round-robin, by _publish_blocking),
+        # and not in uWSGI (whose forks leave _pid stale: see _begin). None: no fast path.
         self._fast_free: Optional[List[AsyncConn]] = (
-            self._nodes[0].free if self._max_lanes and len(self._nodes) == 1 and not self._uwsgi else None
+            self._nodes[0].free if getattr(backend, "name", "") == "thread" and len(self._nodes) == 1 and not self._uwsgi else None
         )
         # Replaced, never changed in place (under the lock): _pick reads it without the lock.
         self._connected: List[AsyncConn] = []
@@ -916,43 +916,62 @@ class Writer:
         the answer or the exception as data (pynsq's convention).
         """
         free = self._fast_free
-        if free and callback is None and timeout is None and msg.__class__ is bytes and topic.__class__ is str:
-            # The fast path: a blocking publish on a free lane, in one straight line. Threads
+        if free is not None and callback is None and timeout is None and msg.__class__ is bytes and topic.__class__ is str:
+            # The fast path: a blocking publish on a free lane, or on the one connection when
+            # no lanes are open (one thread publishing), in one straight line. Threads
             # publishing at once contend for the GIL, and each microsecond of Python here cost
             # 11,000-20,000 publishes a second with 8 threads (docs/architecture.md). The same
-            # steps as _pub_command, _begin, _lane, _lane_back and _end, without the calls; any
-            # failure goes on in _publish_blocking as that of a first attempt.
+            # steps as _pub_command, _begin, _publish_blocking, _lane_back and _end, without
+            # the calls; any failure goes on in _publish_blocking as that of a first attempt.
             head = _pub_heads.get(topic)
             size = len(msg)
             limit = self.max_msg_size
             if head is not None and limit is not None and 0 < size <= limit and size <= _MAX_BODY_SIZE and self._pid == _pid:
-                try:
-                    lane = free.pop()
-                except IndexError:
-                    lane = None
+                lane = None
+                if free:  # (tested first: one publishing thread has no lanes, and an IndexError costs ~1 µs)
+                    try:
+                        lane = free.pop()
+                    except IndexError:
+                        pass  # another thread took the last one
                 if lane is not None:
                     # (No state check: a lane that closed while free has _lane_clean unset, so
                     # its _lane_request checks and fails the publish unsent, re-sent elsewhere.)
+                    conn = lane
+                    request = lane._lane_request
+                else:
+                    connected = self._connected
+                    conn = connected[0] if len(connected) == 1 else None
+                    # (_publish_blocking's choice: a lane when another thread reads the connection,
+                    # or lanes are open; and its warning when gevent patched after this Writer began)
+                    if conn is None or conn._read_token.locked() or conn._writer_node.lanes or (self._check_late_patch and "gevent.monkey" in sys.modules):  # type: ignore[attr-defined]
+                        request = None
+                    else:
+                        request = conn._quick_request
+                if request is not None:
                     calls = self._calls
                     calls.append(None)  # (counted before the check: see _begin)
                     if self._closed:
-                        free.append(lane)
+                        if lane is not None:
+                            free.append(lane)
                         self._end()
                         raise ClosedError(f"{self.name} is closed")
                     data = head + _pack_size(size) + msg
                     timeout = self.publish_timeout
                     deadline = time.monotonic() + timeout
                     try:
-                        answer = lane._lane_request(data, timeout)
+                        answer = request(data, timeout)
                     except Exception as exc:
-                        return self._publish_blocking(data, None, (deadline, exc, lane))  # (gives the lane back)
+                        return self._publish_blocking(data, None, (deadline, exc, lane, conn))  # (gives a lane back)
                     except BaseException:
-                        self._lane_back(lane)
+                        if lane is not None:
+                            self._lane_back(lane)
                         self._end()
                         raise
-                    # Back without _lane_back's checks: a lane that closes meanwhile fails its next
-                    # publish unsent (see above), and is dropped when that one gives it back.
-                    free.append(lane)
+                    # A lane goes back without _lane_back's checks: one that closes meanwhile
+                    # fails its next publish unsent (see above), and is dropped when that one
+                    # gives it back.
+                    if lane is not None:
+                        free.append(lane)
                     calls.pop()
                     if not calls and self._draining:
                         self._idle.set()
@@ -1149,15 +1168,18 @@ class Writer:
         return f" (last errors: {'; '.join(errors)})" if errors else ""
 
     def _publish_blocking(
-        self, data: bytes, timeout: Optional[float], failed: Optional[Tuple[float, Exception, AsyncConn]] = None
+        self, data: bytes, timeout: Optional[float], failed: Optional[Tuple[float, Exception, Optional[AsyncConn], AsyncConn]] = None
     ) -> bytes:
         """Publish *data* and wait for the answer (see pub). *failed*: pub's fast path already
-        began this publish (counted, see _begin) and its attempt on a lane raised: (deadline,
-        the exception, the lane, still held). It is handled as any attempt's failure: retried
-        or raised, and the lane given back."""
-        if self._check_late_patch and "gevent.monkey" in sys.modules:
-            self._warn_patched_late()
-        deadline = self._begin(timeout) if failed is None else failed[0]
+        began this publish (counted, see _begin) and its attempt raised: (deadline, the
+        exception, the lane, still held, or None, the connection it used). It is handled as any
+        attempt's failure: retried or raised, and the lane given back."""
+        if failed is None:
+            if self._check_late_patch and "gevent.monkey" in sys.modules:
+                self._warn_patched_late()  # (before _begin: a warning made an error leaves nothing counted)
+            deadline = self._begin(timeout)
+        else:
+            deadline = failed[0]
         try:
             retries = self.retries
             avoid: Optional[AsyncConn] = None
@@ -1168,7 +1190,7 @@ class Writer:
                 if failed is not None:
                     # The fast path's lane, and its first connection, as if the attempt had gone through it.
                     lane = failed[2]
-                    conn = lane._writer_node.conn or lane  # type: ignore[attr-defined]
+                    conn = failed[3] if lane is None else lane._writer_node.conn or lane  # type: ignore[attr-defined]
                 else:
                     connected = self._connected
                     if len(connected) == 1 and avoid is None and connected[0].state == "CONNECTED":
@@ -1200,7 +1222,7 @@ class Writer:
                         sent_at = time.time()
                         return lane._lane_request(data, max(0.0, deadline - time.monotonic()))
                     # The calling thread reads the answer itself when it can (no hand-off).
-                    return conn.request_wait(data, max(0.0, deadline - time.monotonic()))
+                    return conn._quick_request(data, max(0.0, deadline - time.monotonic()))
                 except TimeoutError:
                     # Passed over by _pick while it stays silent (a hung or blackholed nsqd),
                     # not only after the staleness limit (two heartbeat intervals) closes it.

@@ -70,6 +70,32 @@ def make_conn(backend: str) -> Iterator[Callable[..., AsyncConn]]:
         conn.close(timeout=2)
 
 
+@pytest.fixture(params=["request_wait", "quick_request"])
+def ask(request: Any) -> Callable[..., bytes]:
+    """A caller's blocking request: AsyncConn.request_wait, or _quick_request (a Writer's
+    publish: request_wait's fast path written out, with the same answers and errors)."""
+    if request.param == "request_wait":
+        return lambda conn, data, timeout, strict=True: conn.request_wait(data, timeout=timeout)
+
+    def quick(conn: AsyncConn, data: bytes, timeout: float, strict: bool = True) -> bytes:
+        """Busy (read just now), so the fast path applies where it can (the thread backend);
+        there, with the read token free, it must not fall back to request_wait (the hand-off
+        to a reader task that reads), whatever the outcome."""
+        fell_back: List[bytes] = []
+        token_free = not conn._read_token.locked()
+        request_wait = conn.request_wait
+        conn.request_wait = lambda data, timeout=None: fell_back.append(data) or request_wait(data, timeout)  # type: ignore[method-assign]
+        conn.last_recv_timestamp = time.time()
+        try:
+            return conn._quick_request(data, float(timeout))
+        finally:
+            del conn.request_wait
+            if strict and conn._recv_slice is not None and token_free:
+                assert fell_back == [], "the quick request went request_wait's way"
+
+    return quick
+
+
 class FrameLog:
     """Wraps ``conn._handle_frames``: who handled which frames (the reader task or the test's thread)."""
 
@@ -271,7 +297,139 @@ def test_lane_publish_gets_the_server_error(server: FakeNsqd, make_conn) -> None
     assert conn.wait_closed(WAIT) and conn.closed()
 
 
-def test_fast_path_failing_to_flush_others_still_reads_its_own_answer(server: FakeNsqd, make_conn, monkeypatch) -> None:
+# ------------------------------- 1c. a Writer's publish on its first connection
+def parked(make_conn: Callable[..., AsyncConn], server: FakeNsqd, monkeypatch: Any) -> Tuple[AsyncConn, int]:
+    """A connection whose reader task parked (a publishing caller leads), as a serial
+    publisher leaves a Writer's first connection; and the PUBs that took."""
+    monkeypatch.setattr(nsq_sync.conn, "PARK_SECONDS", LONG_PARK)
+    monkeypatch.setattr(nsq_sync.conn, "IDLE_CHECK_SECONDS", 60.0)  # (a stalled test machine: still busy)
+    conn = connect(make_conn, server)
+    return conn, park_reader(conn, server)
+
+
+def general_calls(conn: AsyncConn) -> List[bytes]:
+    """Records each request that _quick_request hands to request_wait (its general path)."""
+    calls: List[bytes] = []
+    request_wait = conn.request_wait
+
+    def counted(data: bytes, timeout: Optional[float] = None) -> bytes:
+        calls.append(bytes(data))
+        return request_wait(data, timeout)
+
+    conn.request_wait = counted  # type: ignore[method-assign]
+    return calls
+
+
+def test_quick_requests_read_their_own_answers_on_the_fast_path(server: FakeNsqd, make_conn, monkeypatch) -> None:
+    conn, parks = parked(make_conn, server, monkeypatch)
+    log = FrameLog(conn)
+    general = general_calls(conn)
+    count = 30
+    conn.last_recv_timestamp = time.time()  # (busy: read just now)
+    for i in range(count):
+        assert conn._quick_request(commands.pub("t", b"q%d" % i), 5.0) == b"OK"
+        assert conn._parked, f"the reader task left its park at request {i}"
+    server.wait_for_command("PUB", count=parks + count)
+    assert published(server)[parks:] == [b"q%d" % i for i in range(count)]
+    if conn._recv_slice is not None:
+        # Thread backend: each OK read whole by this thread, no frame handled, no request_wait
+        assert general == [] and log.readers_of(b"OK") == [], (general, log.records)
+        assert conn._lane_recv_into is not None
+    else:
+        assert len(general) == count  # gevent: request_wait, every time
+    assert conn.pending_requests == 0 and conn.connected()
+
+
+def test_quick_request_answers_other_than_ok_go_through_the_reading_loop(server: FakeNsqd, make_conn, monkeypatch) -> None:
+    """An answer other than nsqd's OK frame (here an echo of the body), one in pieces, or one
+    that comes after a recv slice passed: each caller still gets its own, in order."""
+    conn, parks = parked(make_conn, server, monkeypatch)
+    server.set_answer("PUB", lambda session, command: response(b"ack:" + command.body))
+    for i in range(5):
+        conn.last_recv_timestamp = time.time()
+        assert conn._quick_request(commands.pub("t", b"e%d" % i), 5.0) == b"ack:e%d" % i
+    server.reset_answers()
+    inline = conn._recv_slice is not None
+    assert (conn._lane_recv_into is not None) is inline
+    real = conn._lane_recv_into
+    reads: List[str] = []
+
+    def four_bytes(buffer: bytearray) -> int:  # the frame's size only; the rest stays queued
+        reads.append("part")
+        return real(memoryview(buffer)[:4])
+
+    def slice_ended(buffer: bytearray) -> int:
+        reads.append("slice")
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    for name, fake in (("part", four_bytes), ("slice", slice_ended)):
+        conn._lane_recv_into = fake if inline else None
+        conn.last_recv_timestamp = time.time()
+        assert conn._quick_request(commands.pub("t", name.encode()), 5.0) == b"OK"
+        assert conn.pending_requests == 0 and conn._decoder.buffered == 0
+        conn._lane_recv_into = real
+        conn.last_recv_timestamp = time.time()
+        assert conn._quick_request(commands.pub("t", b"after-" + name.encode()), 5.0) == b"OK"
+    assert reads == (["part", "slice"] if inline else [])
+    server.wait_for_command("PUB", count=parks + 9)
+    assert published(server)[parks:] == [b"e%d" % i for i in range(5)] + [b"part", b"after-part", b"slice", b"after-slice"]
+    assert conn.connected()
+
+
+def test_quick_request_heartbeat_read_with_its_answer_is_answered(server: FakeNsqd, make_conn, monkeypatch) -> None:
+    conn, parks = parked(make_conn, server, monkeypatch)
+    events = Events(conn, "heartbeat", "error")
+    # the heartbeat and the answer in one read: not the OK frame alone, so the frames are handled
+    server.set_answer("PUB", raw(response_frame(HEARTBEAT) + response_frame(b"OK")), times=1)
+    conn.last_recv_timestamp = time.time()
+    assert conn._quick_request(commands.pub("t", b"second"), 5.0) == b"OK"
+    server.wait_for_command("NOP")
+    events.wait("heartbeat")
+    conn.last_recv_timestamp = time.time()
+    assert conn._quick_request(commands.pub("t", b"third"), 5.0) == b"OK"
+    server.wait_for_command("PUB", count=parks + 2)
+    assert pub_commands(server)[parks:] == [b"PUB t", b"NOP", b"PUB t"]
+    assert events.of("error") == [] and conn.connected()
+
+
+def test_idle_quick_request_reads_a_waiting_heartbeat_before_publishing(server: FakeNsqd, make_conn, monkeypatch) -> None:
+    """Idle for longer than IDLE_CHECK_SECONDS: the publish goes request_wait's general way,
+    which reads what came meanwhile first (the heartbeat, answered before the PUB goes out)."""
+    conn, parks = parked(make_conn, server, monkeypatch)
+    general = general_calls(conn)
+    server.session.send_heartbeat()
+    wait_until(lambda: conn._data_waiting(0), WAIT, message="the heartbeat to arrive")
+    conn.last_recv_timestamp -= 100.0  # idle (IDLE_CHECK_SECONDS is 60 here)
+    assert conn._quick_request(commands.pub("t", b"second"), 5.0) == b"OK"
+    server.wait_for_command("PUB", count=parks + 1)
+    assert pub_commands(server)[parks:] == [b"NOP", b"PUB t"]
+    # (the general path with the read token held: no hand-off; gevent: request_wait)
+    assert general == ([] if conn._recv_slice is not None else [commands.pub("t", b"second")])
+
+
+def test_quick_request_stands_aside_while_another_thread_writes(server: FakeNsqd, make_conn, monkeypatch) -> None:
+    """The write lock taken (a flush task finishing another write): nothing is sent by the
+    fast path; request_wait's general path queues the command for the holder of the write
+    lock to send."""
+    conn, parks = parked(make_conn, server, monkeypatch)
+    general = general_calls(conn)
+    assert conn._write_lock.acquire(False)
+    outcome: List[Any] = []
+    caller = threading.Thread(target=lambda: outcome.append(conn._quick_request(commands.pub("t", b"behind"), 5.0)))
+    try:
+        conn.last_recv_timestamp = time.time()
+        caller.start()
+        wait_until(lambda: conn._writes, WAIT, message="the publish to queue behind the write")
+        assert published(server)[parks:] == []  # not sent while another write is under way
+    finally:
+        conn._write_lock.release()
+    conn._flush(1.0)  # what the holder of the write lock does after its own write: drain the queue
+    caller.join(WAIT)
+    assert outcome == [b"OK"] and len(general) == (0 if conn._recv_slice is not None else 1)
+    assert published(server)[parks:] == [b"behind"]
+
+
+def test_fast_path_failing_to_flush_others_still_reads_its_own_answer(server: FakeNsqd, make_conn, monkeypatch, ask) -> None:
     """A request another thread queued while the fast path wrote is flushed by the fast path
     (the writer drains the queue); when that flush fails, the fast path's own command is
     already out and it must still read its answer, not raise and leave the answer to be
@@ -295,7 +453,7 @@ def test_fast_path_failing_to_flush_others_still_reads_its_own_answer(server: Fa
     monkeypatch.setattr(conn, "_send_some", send_then_someone_queues)
     monkeypatch.setattr(conn, "_flush", failing_flush)
     conn.last_recv_timestamp = time.time()  # busy: the fast path applies (thread backend; gevent takes the general path, which must cope too)
-    assert conn.request_wait(commands.pub("t", b"mine"), timeout=5) == b"OK"
+    assert ask(conn, commands.pub("t", b"mine"), 5) == b"OK"
     assert conn.pending_requests == 0
 
 # ------------------------------------------------- 2. a Future wakes it
@@ -551,7 +709,7 @@ def test_blocking_requests_that_time_out_while_queued_are_never_sent(server: Fak
 
 
 # --------------------------------------------- 5. close while a caller leads
-def test_close_while_caller_leads(server: FakeNsqd, make_conn, monkeypatch) -> None:
+def test_close_while_caller_leads(server: FakeNsqd, make_conn, monkeypatch, ask) -> None:
     monkeypatch.setattr(nsq_sync.conn, "PARK_SECONDS", LONG_PARK)
     conn = connect(make_conn, server)
     events = Events(conn, "error", "close", "heartbeat")
@@ -560,7 +718,7 @@ def test_close_while_caller_leads(server: FakeNsqd, make_conn, monkeypatch) -> N
     assert conn._parked and not conn._read_token.locked()  # the token is free: this caller leads
     started = time.monotonic()
     with pytest.raises(ConnectionClosedError) as info:
-        conn.request_wait(commands.pub("t", b"lost"), timeout=5)
+        ask(conn, commands.pub("t", b"lost"), 5)
     assert time.monotonic() - started < 2, "the close was not seen promptly"
     assert info.value.unprocessed is False  # sent: it may have run
     assert conn.wait_closed(WAIT)
@@ -571,7 +729,7 @@ def test_close_while_caller_leads(server: FakeNsqd, make_conn, monkeypatch) -> N
 
 # ----------------------------------------------- 6. timeout, then FIFO matching
 @pytest.mark.parametrize("late", ["before_second", "with_second"])
-def test_timeout_keeps_answers_in_order(server: FakeNsqd, make_conn, monkeypatch, late: str) -> None:
+def test_timeout_keeps_answers_in_order(server: FakeNsqd, make_conn, monkeypatch, late: str, ask) -> None:
     """A timed-out request keeps its place: its late answer is consumed for it.
 
     ``with_second``: the late OK arrives right before the second's answer, after the second
@@ -579,6 +737,7 @@ def test_timeout_keeps_answers_in_order(server: FakeNsqd, make_conn, monkeypatch
     ``before_second``: the late OK arrives while nobody waits (the woken reader task reads it).
     """
     monkeypatch.setattr(nsq_sync.conn, "PARK_SECONDS", LONG_PARK)
+    monkeypatch.setattr(nsq_sync.conn, "RECV_SLICE_SECONDS", 0.05)  # (below the timeout: the quick request's fast path applies)
     conn = connect(make_conn, server)
     events = Events(conn, "error", "close", "heartbeat")
     parks = park_reader(conn, server)
@@ -591,7 +750,7 @@ def test_timeout_keeps_answers_in_order(server: FakeNsqd, make_conn, monkeypatch
     assert conn._parked and not conn._read_token.locked()  # the first request leads
     started = time.monotonic()
     with pytest.raises(TimeoutError):
-        conn.request_wait(commands.pub("t", b"first"), timeout=0.2)
+        ask(conn, commands.pub("t", b"first"), 0.2)
     elapsed = time.monotonic() - started
     assert 0.2 <= elapsed < 2, elapsed
     assert conn.connected()
@@ -599,9 +758,10 @@ def test_timeout_keeps_answers_in_order(server: FakeNsqd, make_conn, monkeypatch
     if late == "before_second":
         server.session.send_response(b"OK")  # the first's answer, too late for its caller
 
-    # the late OK belongs to the first request: the second must get its own answer
-    assert conn.request_wait(commands.pub("t", b"second"), timeout=5) == b"second"
-    assert conn.request_wait(commands.pub("t", b"third"), timeout=5) == b"OK"
+    # the late OK belongs to the first request: the second must get its own answer (the
+    # reader task, woken for the late one, may be reading: then the hand-off, not strict)
+    assert ask(conn, commands.pub("t", b"second"), 5, strict=False) == b"second"
+    assert ask(conn, commands.pub("t", b"third"), 5, strict=False) == b"OK"
     assert conn.pending_requests == 0
     server.wait_for_command("PUB", count=parks + 3)
     assert published(server)[parks:] == [b"first", b"second", b"third"]
@@ -609,7 +769,7 @@ def test_timeout_keeps_answers_in_order(server: FakeNsqd, make_conn, monkeypatch
     assert events.of("error") == []
 
 
-def test_a_caller_reads_in_kernel_timed_slices_until_its_deadline(server: FakeNsqd, make_conn, monkeypatch, backend: str) -> None:
+def test_a_caller_reads_in_kernel_timed_slices_until_its_deadline(server: FakeNsqd, make_conn, monkeypatch, backend: str, ask) -> None:
     """Thread backend: a caller waiting for its answer recvs at once on the blocking socket,
     which the kernel wakes every RECV_SLICE_SECONDS with no data (SO_RCVTIMEO). Slices that
     pass empty neither end the wait early nor count as a stale connection; the deadline
@@ -629,18 +789,18 @@ def test_a_caller_reads_in_kernel_timed_slices_until_its_deadline(server: FakeNs
     server.set_answer("PUB", NOTHING, times=1)
     started = time.monotonic()
     with pytest.raises(TimeoutError):
-        conn.request_wait(commands.pub("t", b"unanswered"), timeout=0.4)  # eight slices
+        ask(conn, commands.pub("t", b"unanswered"), 0.4)  # eight slices
     elapsed = time.monotonic() - started
     assert 0.4 <= elapsed < 2, elapsed
     assert conn.connected() and events.of("error") == [] and events.of("close") == []
     server.session.send_response(b"OK")  # the late answer: consumed for the timed-out request
     server.set_answer("PUB", response(b"next"), times=1)
-    assert conn.request_wait(commands.pub("t", b"next"), timeout=5) == b"next"
+    assert ask(conn, commands.pub("t", b"next"), 5, strict=False) == b"next"  # (the reader task may read: see above)
     assert published(server)[parks:] == [b"unanswered", b"next"]
 
 
 # ------------------------------------------- 7. fatal error answering a led request
-def test_fatal_error_answering_led_request(server: FakeNsqd, make_conn, monkeypatch) -> None:
+def test_fatal_error_answering_led_request(server: FakeNsqd, make_conn, monkeypatch, ask) -> None:
     monkeypatch.setattr(nsq_sync.conn, "PARK_SECONDS", LONG_PARK)
     conn = connect(make_conn, server)
     events = Events(conn, "error", "close", "heartbeat")
@@ -649,7 +809,7 @@ def test_fatal_error_answering_led_request(server: FakeNsqd, make_conn, monkeypa
     assert conn._parked and not conn._read_token.locked()
     started = time.monotonic()
     with pytest.raises(BadTopicError) as info:
-        conn.request_wait(commands.pub("t", b"bad"), timeout=5)
+        ask(conn, commands.pub("t", b"bad"), 5)
     assert time.monotonic() - started < 2
     assert info.value.fatal
     assert conn.wait_closed(WAIT)
@@ -659,7 +819,7 @@ def test_fatal_error_answering_led_request(server: FakeNsqd, make_conn, monkeypa
     assert len(events.of("close")) == 1
     assert conn.error is errors[0]["error"]
     with pytest.raises(ConnectionClosedError) as after:
-        conn.request_wait(commands.pub("t", b"after"), timeout=5)
+        ask(conn, commands.pub("t", b"after"), 5)
     assert after.value.unprocessed is True
 
 

@@ -157,6 +157,42 @@ def test_one_thread_never_opens_a_lane(nsqd: NsqdProcess, writers) -> None:
     assert pub_counts(nsqd, "single") == [602]
 
 
+@pytest.mark.parametrize("limit", [None, 1])
+def test_one_thread_reads_its_own_answers_on_the_quick_path(nsqd: NsqdProcess, writers, backend: str, monkeypatch, limit: Any) -> None:
+    """One thread publishing one message at a time: on the thread backend pub() sends and
+    reads nsqd's OK itself on the first connection (AsyncConn._quick_request), with lanes
+    allowed or not; request_wait's general path only while the reader task still reads (the
+    first publish). Under gevent every publish takes request_wait. Each lands once."""
+    import nsq_sync.conn
+
+    monkeypatch.setattr(nsq_sync.conn, "IDLE_CHECK_SECONDS", 60.0)  # (a stalled test machine: not idle)
+    monkeypatch.setattr(nsq_sync.conn, "PARK_SECONDS", 30.0)  # (nor a reader task taking reading back)
+    general: List[bytes] = []
+    request_wait = AsyncConn.request_wait
+
+    def counted(self: AsyncConn, data: bytes, timeout: Any = None) -> bytes:
+        general.append(bytes(data))
+        return request_wait(self, data, timeout)
+
+    monkeypatch.setattr(AsyncConn, "request_wait", counted)
+    nsqd.create_channel("quick", "check")
+    writer = writers(nsqd.tcp_address, **({} if limit is None else {"max_connections_per_nsqd": limit}))
+    bodies = [b"q%d" % i for i in range(300)]
+    for body in bodies:
+        assert writer.pub("quick", body) == b"OK"
+    if backend == "thread":
+        assert len(general) <= 2, len(general)
+    else:
+        assert len(general) == len(bodies)
+    if limit == 1 or backend != "thread":
+        assert pub_counts(nsqd, "quick") == [len(bodies)]
+    else:
+        # (A first publish that meets the reader task parking, still holding the token, may
+        # open a lane, as in test_one_thread_never_opens_a_lane; nothing else does.)
+        assert len(lanes(writer)) <= 1 and sum(pub_counts(nsqd, "quick")) == len(bodies)
+    assert sorted(read_back(nsqd, "quick", len(bodies), backend)) == sorted(bodies)
+
+
 @pytest.mark.parametrize("limit", [1, 3])
 def test_max_connections_per_nsqd_caps_the_connections(nsqd: NsqdProcess, writers, limit: int) -> None:
     writer = writers(nsqd.tcp_address, max_connections_per_nsqd=limit)
