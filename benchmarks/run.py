@@ -693,7 +693,7 @@ def write_markdown(path: str, meta: Dict[str, Any], scenarios: List[Scenario], i
     if any(t["met"] is False and t["target"].startswith("publish one at a time") for t in targets):
         L.append("Publishing one at a time is bound by the round trip, and on a virtual machine whose idle vCPUs "
                  "halt, by wake-ups: each microsecond a client spends between nsqd's answer and its next PUB cost "
-                 "two to three in the round trip here. nsq_sync spends 6-10 us there (the Writer's and the "
+                 "two to three in the round trip here. nsq_sync spends 3.9-4.5 us there (the Writer's and the "
                  "connection's checks and bookkeeping), the minimal loop 1.4-2.0 us (it sends commands built "
                  "before the timing starts), so the gap shows most when the machine is quiet and the round trip "
                  "short; a client that stays busy until the answer arrives gains (the minimal loop's slow snappy "

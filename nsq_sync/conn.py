@@ -1551,11 +1551,12 @@ class AsyncConn(EventedMixin):
             write_lock = self._write_lock
             sent = -1  # (nothing sent)
             if began - self.last_recv_timestamp <= IDLE_CHECK_SECONDS and timeout >= self._recv_slice and write_lock.acquire(False):  # type: ignore[operator]
-                # The write lock first, then the checks (see _exchange).
+                # The write lock first, then the checks (see _exchange; the decoder's buffer read
+                # directly: its `buffered` property is a call more per publish).
                 try:
                     if not (
                         self._pending or self._writes or self._deferred or self.state != CONNECTED or self._read_ended
-                        or self._decoder.buffered or self._listeners.get("response") or (recv_into is None and self._stream.pending())
+                        or self._decoder._buf or self._listeners.get("response") or (recv_into is None and self._stream.pending())
                     ):
                         try:
                             sent = self._send_some(data)
