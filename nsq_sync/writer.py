@@ -928,7 +928,7 @@ class Writer:
             limit = self.max_msg_size
             if head is not None and limit is not None and 0 < size <= limit and size <= _MAX_BODY_SIZE and self._pid == _pid:
                 lane = None
-                if free:  # (tested first: one publishing thread has no lanes, and an IndexError costs ~1 µs)
+                if free:  # (tested first: one publishing thread has no lanes, and an IndexError per publish costs more)
                     try:
                         lane = free.pop()
                     except IndexError:
