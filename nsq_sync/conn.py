@@ -1276,12 +1276,18 @@ class AsyncConn(EventedMixin):
                 if self._parked and self._pending:
                     self._wake_reader.set()
             else:
-                with self._lock:
-                    self._last_led = time.monotonic()
-                    wake = self._parked and bool(self._pending)
-                if wake:
-                    self._wake_reader.set()
+                self._token_handed_back()
         return self._outcome(answer, timeout)
+
+    def _token_handed_back(self) -> None:
+        """After a caller that read for its own answer let go of the read token (the general
+        path): note the time, which a parked reader task checks, and wake that task when
+        requests are pending that nobody else will read."""
+        with self._lock:
+            self._last_led = time.monotonic()
+            wake = self._parked and bool(self._pending)
+        if wake:
+            self._wake_reader.set()
 
     def _outcome(self, answer: "_Answer", timeout: Optional[float]) -> bytes:
         """What a caller that read for its own *answer* returns (the answer) or raises (nsqd's
@@ -1610,17 +1616,12 @@ class AsyncConn(EventedMixin):
             pass  # reported; the answer holds the reason
         finally:
             token.release()
-            # request_wait's hand-back (see there)
-            if answer.__class__ is bytes:
+            if answer.__class__ is bytes:  # (as in request_wait: see there)
                 self._last_led = time.monotonic()
                 if self._parked and self._pending:
                     self._wake_reader.set()
             else:
-                with self._lock:
-                    self._last_led = time.monotonic()
-                    wake = self._parked and bool(self._pending)
-                if wake:
-                    self._wake_reader.set()
+                self._token_handed_back()
         if answer.__class__ is bytes:
             return answer  # type: ignore[no-any-return]
         return self._outcome(answer, timeout)

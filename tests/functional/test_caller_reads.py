@@ -217,6 +217,22 @@ def test_lane_publishes_read_their_own_answers(server: FakeNsqd, make_conn) -> N
     assert conn.pending_requests == 0 and conn.connected()
 
 
+def cut_reads(real: Any, reads: List[str]) -> List[Tuple[str, Callable[[bytearray], int]]]:
+    """Stand-ins for a plain connection's one read (``_lane_recv_into``), each noting its name
+    in *reads*: "part" reads the OK frame's size only (the rest stays queued in the socket),
+    "slice" reads nothing (the kernel's recv slice ended first)."""
+
+    def four_bytes(buffer: bytearray) -> int:
+        reads.append("part")
+        return real(memoryview(buffer)[:4])
+
+    def slice_ended(buffer: bytearray) -> int:
+        reads.append("slice")
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    return [("part", four_bytes), ("slice", slice_ended)]
+
+
 def test_lane_answer_in_pieces_or_after_a_recv_slice_is_still_its_own(server: FakeNsqd, make_conn) -> None:
     """The lane's one read brings part of the OK frame, or nothing (the kernel's recv slice
     ended first): the publish reads on for the rest, and the next one starts clean."""
@@ -228,16 +244,7 @@ def test_lane_answer_in_pieces_or_after_a_recv_slice_is_still_its_own(server: Fa
     assert (conn._lane_recv_into is not None) is inline
     real = conn._lane_recv_into
     reads: List[str] = []
-
-    def four_bytes(buffer: bytearray) -> int:  # the frame's size only; the rest stays queued
-        reads.append("part")
-        return real(memoryview(buffer)[:4])
-
-    def slice_ended(buffer: bytearray) -> int:
-        reads.append("slice")
-        raise BlockingIOError(11, "Resource temporarily unavailable")
-
-    for name, fake in (("part", four_bytes), ("slice", slice_ended)):
+    for name, fake in cut_reads(real, reads):
         conn._lane_recv_into = fake if inline else None
         assert conn._lane_request(commands.pub("t", name.encode()), 5.0) == b"OK"
         assert conn._lane_clean is inline and conn.pending_requests == 0
@@ -353,16 +360,7 @@ def test_quick_request_answers_other_than_ok_go_through_the_reading_loop(server:
     assert (conn._lane_recv_into is not None) is inline
     real = conn._lane_recv_into
     reads: List[str] = []
-
-    def four_bytes(buffer: bytearray) -> int:  # the frame's size only; the rest stays queued
-        reads.append("part")
-        return real(memoryview(buffer)[:4])
-
-    def slice_ended(buffer: bytearray) -> int:
-        reads.append("slice")
-        raise BlockingIOError(11, "Resource temporarily unavailable")
-
-    for name, fake in (("part", four_bytes), ("slice", slice_ended)):
+    for name, fake in cut_reads(real, reads):
         conn._lane_recv_into = fake if inline else None
         conn.last_recv_timestamp = time.time()
         assert conn._quick_request(commands.pub("t", name.encode()), 5.0) == b"OK"
