@@ -1590,7 +1590,7 @@ class AsyncConn(EventedMixin):
                     except Error:
                         pass  # the write side is shut (ours went out before): the read meets the close
                 if answer is not None:
-                    pass  # sent in part, or not at all: the reading loop below
+                    pass  # sent in part, or the send failed: the reading loop below
                 elif recv_into is None:
                     answer = self._read_own_answer(began + timeout, time.time)  # compressed
                 else:
