@@ -332,7 +332,6 @@ def test_quick_requests_read_their_own_answers_on_the_fast_path(server: FakeNsqd
     log = FrameLog(conn)
     general = general_calls(conn)
     count = 30
-    conn.last_recv_timestamp = time.time()  # (busy: read just now)
     for i in range(count):
         assert conn._quick_request(commands.pub("t", b"q%d" % i), 5.0) == b"OK"
         assert conn._parked, f"the reader task left its park at request {i}"
@@ -353,7 +352,6 @@ def test_quick_request_answers_other_than_ok_go_through_the_reading_loop(server:
     conn, parks = parked(make_conn, server, monkeypatch)
     server.set_answer("PUB", lambda session, command: response(b"ack:" + command.body))
     for i in range(5):
-        conn.last_recv_timestamp = time.time()
         assert conn._quick_request(commands.pub("t", b"e%d" % i), 5.0) == b"ack:e%d" % i
     server.reset_answers()
     inline = conn._recv_slice is not None
@@ -362,11 +360,9 @@ def test_quick_request_answers_other_than_ok_go_through_the_reading_loop(server:
     reads: List[str] = []
     for name, fake in cut_reads(real, reads):
         conn._lane_recv_into = fake if inline else None
-        conn.last_recv_timestamp = time.time()
         assert conn._quick_request(commands.pub("t", name.encode()), 5.0) == b"OK"
         assert conn.pending_requests == 0 and conn._decoder.buffered == 0
         conn._lane_recv_into = real
-        conn.last_recv_timestamp = time.time()
         assert conn._quick_request(commands.pub("t", b"after-" + name.encode()), 5.0) == b"OK"
     assert reads == (["part", "slice"] if inline else [])
     server.wait_for_command("PUB", count=parks + 9)
@@ -379,11 +375,9 @@ def test_quick_request_heartbeat_read_with_its_answer_is_answered(server: FakeNs
     events = Events(conn, "heartbeat", "error")
     # the heartbeat and the answer in one read: not the OK frame alone, so the frames are handled
     server.set_answer("PUB", raw(response_frame(HEARTBEAT) + response_frame(b"OK")), times=1)
-    conn.last_recv_timestamp = time.time()
     assert conn._quick_request(commands.pub("t", b"second"), 5.0) == b"OK"
     server.wait_for_command("NOP")
     events.wait("heartbeat")
-    conn.last_recv_timestamp = time.time()
     assert conn._quick_request(commands.pub("t", b"third"), 5.0) == b"OK"
     server.wait_for_command("PUB", count=parks + 2)
     assert pub_commands(server)[parks:] == [b"PUB t", b"NOP", b"PUB t"]
@@ -415,7 +409,6 @@ def test_quick_request_stands_aside_while_another_thread_writes(server: FakeNsqd
     outcome: List[Any] = []
     caller = threading.Thread(target=lambda: outcome.append(conn._quick_request(commands.pub("t", b"behind"), 5.0)))
     try:
-        conn.last_recv_timestamp = time.time()
         caller.start()
         wait_until(lambda: conn._writes, WAIT, message="the publish to queue behind the write")
         assert published(server)[parks:] == []  # not sent while another write is under way
