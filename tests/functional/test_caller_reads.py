@@ -810,7 +810,8 @@ def test_fatal_error_answering_led_request(server: FakeNsqd, make_conn, monkeypa
     assert len(events.of("close")) == 1
     assert conn.error is errors[0]["error"]
     with pytest.raises(ConnectionClosedError) as after:
-        ask(conn, commands.pub("t", b"after"), 5)
+        # (not strict: the ending reader task may still hold the read token for a moment)
+        ask(conn, commands.pub("t", b"after"), 5, strict=False)
     assert after.value.unprocessed is True
 
 
