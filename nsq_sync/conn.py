@@ -372,6 +372,11 @@ class AsyncConn(EventedMixin):
         #: set by an owner (the Reader): at a graceful close, called with the messages still
         #: queued for a worker (taken back from the pool: their listeners will not run)
         self._hand_back: Optional[Callable[[List[Message]], None]] = None
+        #: set by an owner (the Reader): called with this connection after each FIN is queued,
+        #: before the "resume" listeners (its count of finished messages, its way out of backoff).
+        #: The owner's own hot path finishes with _finish_message(message, False) and does that
+        #: bookkeeping inline: a listener call less per consumed message.
+        self._owner_finished: Optional[Callable[[AsyncConn], None]] = None
         self._hold_max = 1  # answers held back at most: half the RDY count (see _queue_answer_locked)
         self._held_head: Optional[bytes] = None  # the first write queued when the reader task last looked...
         self._held_seen = 0.0  # ...and when (see _read_holding)
@@ -2400,10 +2405,12 @@ class AsyncConn(EventedMixin):
             hold, drained = self._queue_answer_locked(message, data)
         self._after_answer(hold, drained)
 
-    def _finish_message(self, message: Message) -> None:
+    def _finish_message(self, message: Message, notify_owner: bool = True) -> None:
         # The consumer's hot path, so _respond's steps are inlined here under one lock. The
-        # FIN is queued before the "resume" listeners run: a RDY they send (leaving backoff)
-        # follows the FIN that freed its in-flight slot. Coalescing: see _queue_answer_locked.
+        # FIN is queued before the owner and the "resume" listeners hear of it: a RDY they send
+        # (leaving backoff) follows the FIN that freed its in-flight slot. Coalescing: see
+        # _queue_answer_locked. notify_owner=False: the owner (_owner_finished) calls, and
+        # counts the FIN itself.
         data = b"FIN %s\n" % message.id
         # An explicit acquire/release in try/finally costs 50-115 ns less than `with lock:`
         # (CPython 3.9-3.13), twice per consumed message with _deliver's.
@@ -2424,6 +2431,11 @@ class AsyncConn(EventedMixin):
             drained = closing and in_flight <= 0 and self._close_wait.is_set()
         finally:
             lock.release()
+        if notify_owner and self._owner_finished is not None:
+            try:
+                self._owner_finished(self)
+            except Exception:
+                logger.exception("%sthe owner's count of FINs on %s raised", self._log_prefix, self.id)
         for callback in self._listeners.get("resume", ()):
             try:
                 callback(conn=self)

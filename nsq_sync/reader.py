@@ -1243,10 +1243,14 @@ class Reader:
             return
         if result is not True and result is not None and self._answer_later(message, result):
             return
-        try:  # _answer(message, True), inlined: this is every consumed message's path
-            message._responder._finish_message(message)  # type: ignore[union-attr]  # delivered: has a connection
+        try:  # _answer(message, True) and _on_finished, inlined: this is every consumed message's path
+            message._responder._finish_message(message, False)  # type: ignore[union-attr]  # delivered: has a connection
         except Error as exc:
             self._not_answered(message, exc)
+            return
+        self._finished.bump()
+        if self._level or self._deficit:
+            self._result(True)
 
     def _answer_later(self, message: Message, result: Any) -> bool:
         """A handler's result that is not an answer yet; False for any other (then it finishes).
@@ -1376,7 +1380,8 @@ class Reader:
             self._answer(message, True)
 
     # ----------------------------------------- answer events (caller's thread)
-    def _on_resume(self, conn: AsyncConn) -> None:
+    def _on_finished(self, conn: AsyncConn) -> None:
+        # Each connection's _owner_finished: a FIN queued by any path but _on_message's own.
         self._finished.bump()
         if self._level == 0 and not self._deficit:
             return  # the common case: nothing to decide
@@ -1900,7 +1905,7 @@ class Reader:
                 conn._hand_back = self._hand_back
                 conn._lost_answers = self._not_answered  # (late answers from enable_async code)
                 conn._owned = True  # (_on_conn_close reports the close)
-                conn.on("resume", self._on_resume)
+                conn._owner_finished = self._on_finished  # (not a "resume" listener: see _on_message)
                 conn.on("backoff", self._on_backoff)
                 conn.on("continue", self._on_continue)
                 conn.on("close", self._on_conn_close)

@@ -107,6 +107,47 @@ def test_success_identify_sub_rdy_then_fin_per_message(fake_nsqd: FakeNsqd, make
     fake_nsqd.wait_disconnected()
 
 
+def test_every_way_of_finishing_counts_once_and_fires_resume_once(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> None:
+    # The handler's return is counted by the Reader itself, every other FIN by the connection's
+    # report to its owner: each FIN counts once in messages_finished, and a "resume" listener of
+    # the user's on the Reader's connection hears of every one.
+    parked: List[Any] = []
+    pending: List[futures.Future] = []
+
+    def handler(message: Any) -> Any:
+        how = message.body
+        if how == b"finish":
+            message.finish()
+            return None
+        if how == b"async":
+            message.enable_async()
+            parked.append(message)
+            return None
+        if how == b"future":
+            pending.append(futures.Future())
+            return pending[-1]
+        return True if how == b"true" else None
+
+    reader = make_reader(fake_nsqd, handler, max_in_flight=5)
+    reader.start()
+    fake_nsqd.wait_for_command("RDY 5")
+    conn = next(iter(reader.conns.values()))
+    resumed: List[Any] = []
+    conn.on("resume", lambda conn: resumed.append(conn))
+    sent = [fake_nsqd.enqueue(body) for body in (b"none", b"true", b"finish", b"async", b"future")]
+    wait_until(lambda: len(parked) == 1 and len(pending) == 1, WAIT, message="the async and future handlers returned")
+    fake_nsqd.wait_for_command("FIN", count=3, timeout=WAIT)
+    finisher = threading.Thread(target=parked[0].finish)
+    finisher.start()
+    finisher.join(WAIT)
+    pending[0].set_result(None)
+    fake_nsqd.wait_for_command("FIN", count=5, timeout=WAIT)
+    assert sorted(c for c in lines(fake_nsqd) if c.startswith(b"FIN ")) == sorted(b"FIN " + m.id for m in sent)
+    wait_until(lambda: reader.stats()["in_flight"] == 0, WAIT, message="in_flight 0")
+    assert reader.stats()["messages_finished"] == 5
+    assert resumed == [conn] * 5
+
+
 def test_identify_carries_conn_kwargs(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> None:
     reader = make_reader(fake_nsqd, lambda m: True, heartbeat_interval=5, user_agent="test-agent/1", msg_timeout=30)
     reader.start()
@@ -118,9 +159,21 @@ def test_identify_carries_conn_kwargs(fake_nsqd: FakeNsqd, make_reader: Callable
 
 
 # ------------------------------------------------------ (b) failure/backoff
-def test_failure_backs_off_then_tests_with_rdy_1_and_recovers(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> None:
+@pytest.mark.parametrize("success", ["returned", "finish() in the handler"])
+def test_failure_backs_off_then_tests_with_rdy_1_and_recovers(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader], success: str) -> None:
+    # The success that ends backoff is counted on either path: the Reader's own FIN after the
+    # handler returned (inline in _on_message) or the connection's report of a FIN sent by the
+    # handler itself (_owner_finished).
     answers = iter([False, True])
-    reader = make_reader(fake_nsqd, lambda m: next(answers), max_in_flight=3, backoff_strategy=ExponentialBackoff(multiplier=0.2))
+
+    def handler(message: Any) -> Any:
+        ok = next(answers)
+        if ok and success != "returned":
+            message.finish()
+            return None
+        return ok
+
+    reader = make_reader(fake_nsqd, handler, max_in_flight=3, backoff_strategy=ExponentialBackoff(multiplier=0.2))
     reader.start()
     fake_nsqd.wait_for_command("RDY 3")
     first = fake_nsqd.enqueue(b"fails")
