@@ -266,6 +266,7 @@ def _gevent_patched() -> bool:
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 @pytest.mark.skipif(_gevent_patched(), reason="the test server's greenlets would be forked along and answer the child")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")  # (the test server's thread: a prefork server's case)
 def test_a_forked_child_does_not_use_its_parents_kept_connection(make_server):
     server = make_server()
     client = NsqdHTTPClient(server.address, timeout=WAIT)
