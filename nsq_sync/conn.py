@@ -66,7 +66,7 @@ from .protocol.constants import (
 from .protocol.frames import FrameDecoder
 from .protocol.limits import limit, limit_note
 from .protocol.identify import MAX_WAIT_SECONDS, build_identify, check_number, check_timeout, parse_identify_response, parse_json_object
-from .transport.compression import DeflateStream, SnappyStream
+from .transport.compression import DeflateStream, SnappyStream, masked_crc32c
 from .transport.tcp import SocketStream
 
 if TYPE_CHECKING:  # ssl is imported only when TLS is used (it costs ~3 MB)
@@ -142,6 +142,8 @@ CLS_POLL_SECONDS = 0.05
 LATE_WARNING_SECONDS = 10.0
 _NOTHING = object()  # _read_before: the deadline passed with no data
 _OK_FRAME = b"\x00\x00\x00\x06\x00\x00\x00\x00OK"  # size 6, FRAME_TYPE_RESPONSE, OK
+#: the same in snappy's framing: an uncompressed chunk (type 1, length 4 + 10), its masked CRC-32C
+_SNAPPY_OK_CHUNK = b"\x01\x0e\x00\x00" + masked_crc32c(_OK_FRAME).to_bytes(4, "little") + _OK_FRAME
 #: how the commands nsqd answers through the pending queue begin (see _fail_unsent)
 _REQUESTS = frozenset((b"PUB ", b"MPUB", b"DPUB", b"SUB "))
 #: how long a caller whose timeout passed waits for the write lock to take its request out of
@@ -429,6 +431,13 @@ class AsyncConn(EventedMixin):
         #: read without SocketStream.read_some's call, view and pending check)
         self._lane_recv_into: Optional[Any] = None
         self._lane_buffer: Optional[bytearray] = None
+        #: _quick_request's own read, set at its first call: the socket's recv_into and the
+        #: stream's buffer, nsqd's OK as it arrives (plain, or in snappy's framing), and the
+        #: snappy layer's chunk reader (its reads bypass the layer: see _quick_request)
+        self._quick_recv_into: Optional[Any] = None
+        self._quick_buffer: Optional[bytearray] = None
+        self._quick_ok = _OK_FRAME
+        self._quick_snappy: Optional[Any] = None
         self._tls: Optional[Any] = None  # the TLSStream under any compression layer, once upgraded
         self._write_stall: Optional[SendError] = None  # set when a write timed out (see _write_failed)
         #: seconds a write may make no progress before the connection closes: the staleness
@@ -1536,7 +1545,9 @@ class AsyncConn(EventedMixin):
 
         request_wait's fast path (_exchange, _read_own_answer) is written out here, and on
         plain TCP reads as a lane does (_lane_request: one recv into the stream's buffer):
-        one Python call where request_wait makes seven. The caller takes the read token
+        one Python call where request_wait makes seven. Snappy over plain TCP reads the
+        same way, and only bytes other than the OK chunk go through the snappy layer
+        (_quick_read_setup). The caller takes the read token
         and the write lock of a busy connection (read within IDLE_CHECK_SECONDS) with
         nothing pending, queued or buffered, sends, and reads; the answer is b"OK" when the
         bytes read are exactly nsqd's OK frame. Anything else goes request_wait's general
@@ -1544,15 +1555,12 @@ class AsyncConn(EventedMixin):
         loop. (Deadlines on the wall clock, as the lane's: a clock step during a publish
         moves its timeout by as much.)
         """
-        recv_into = self._lane_recv_into
+        recv_into = self._quick_recv_into
         if recv_into is None:
             if self._recv_slice is None:
                 return self.request_wait(data, timeout)  # (gevent, TLS: reads poll first)
-            stream = self._stream
-            if stream.__class__ is SocketStream and stream._buffer is not None:  # type: ignore[union-attr]
-                # The stream's own buffer: whoever holds the read token reads into it.
-                recv_into = self._lane_recv_into = stream._recv_into  # type: ignore[union-attr]
-                self._lane_buffer = stream._buffer  # type: ignore[union-attr]
+            recv_into = self._quick_read_setup()
+        snappy = self._quick_snappy
         token = self._read_token
         if not token.acquire(False):
             return self.request_wait(data, timeout)  # someone else reads: the hand-off
@@ -1567,7 +1575,9 @@ class AsyncConn(EventedMixin):
                 try:
                     if not (
                         self._pending or self._writes or self._deferred or self.state != CONNECTED or self._read_ended
-                        or self._decoder._buf or self._listeners.get("response") or (recv_into is None and self._stream.pending())
+                        or self._decoder._buf or self._listeners.get("response")
+                        or ((recv_into is None or snappy is not None) and self._stream.pending())
+                        or (snappy is not None and snappy._rest)
                     ):
                         try:
                             sent = self._send_some(data)
@@ -1599,7 +1609,7 @@ class AsyncConn(EventedMixin):
                 elif recv_into is None:
                     answer = self._read_own_answer(began + timeout, time.time)  # compressed
                 else:
-                    buffer = self._lane_buffer
+                    buffer = self._quick_buffer
                     try:
                         count = recv_into(buffer)
                     except BlockingIOError:
@@ -1609,12 +1619,18 @@ class AsyncConn(EventedMixin):
                         if not isinstance(exc, Exception):
                             raise
                     else:
-                        if count == 10 and buffer.startswith(_OK_FRAME):  # type: ignore[union-attr]
+                        ok = self._quick_ok
+                        if count == len(ok) and buffer.startswith(ok):  # type: ignore[union-attr]
                             self.last_recv_timestamp = time.time()
                             self._answered_total += 1  # (its caller holds the read token)
                             answer = b"OK"
-                        else:
+                        elif snappy is None or not count:
                             answer = self._not_ok(memoryview(buffer)[:count] if count else None)  # type: ignore[arg-type]
+                        else:
+                            # Compressed bytes that are not the OK chunk: the layer decodes them
+                            # as its next read (and reads once more for a chunk they cut).
+                            self._stream._hold(bytes(memoryview(buffer)[:count]))  # type: ignore[union-attr]
+                            answer = self._read_own_answer(began + timeout, time.time)
             if answer.__class__ is not bytes:
                 self._read_until_done(answer, time.monotonic() + max(0.0, timeout - (time.time() - began)))
         except _ReadEnded:
@@ -1630,6 +1646,25 @@ class AsyncConn(EventedMixin):
         if answer.__class__ is bytes:
             return answer  # type: ignore[no-any-return]
         return self._outcome(answer, timeout)
+
+    def _quick_read_setup(self) -> Optional[Any]:
+        """_quick_request's first call on plain TCP or snappy over plain TCP: read into the
+        socket stream's own buffer (whoever holds the read token reads into it), and know
+        nsqd's OK as it arrives. Snappy's framing sends a 10-byte answer as one uncompressed
+        chunk whose checksum is that of the OK frame: 18 bytes that never change. None
+        (read through the stream) for anything else: deflate's bytes depend on all before."""
+        stream: Any = self._stream
+        if stream.__class__ is SnappyStream:
+            inner = stream.inner
+            if inner.__class__ is SocketStream and inner._buffer is not None:
+                self._quick_ok = _SNAPPY_OK_CHUNK
+                self._quick_snappy = stream._decompressor
+                self._quick_buffer = inner._buffer
+                self._quick_recv_into = inner._recv_into
+        elif stream.__class__ is SocketStream and stream._buffer is not None:
+            self._quick_buffer = stream._buffer
+            self._quick_recv_into = stream._recv_into
+        return self._quick_recv_into
 
     def _read_until_done(self, answer: "_Answer", deadline: Optional[float]) -> None:
         """Read, as the holder of the read token, until *answer* is done or *deadline* passed.

@@ -218,7 +218,7 @@ def test_lane_publishes_read_their_own_answers(server: FakeNsqd, make_conn) -> N
 
 
 def cut_reads(real: Any, reads: List[str]) -> List[Tuple[str, Callable[[bytearray], int]]]:
-    """Stand-ins for a plain connection's one read (``_lane_recv_into``), each noting its name
+    """Stand-ins for a plain connection's one read (``_lane_recv_into``, ``_quick_recv_into``), each noting its name
     in *reads*: "part" reads the OK frame's size only (the rest stays queued in the socket),
     "slice" reads nothing (the kernel's recv slice ended first)."""
 
@@ -340,7 +340,7 @@ def test_quick_requests_read_their_own_answers_on_the_fast_path(server: FakeNsqd
     if conn._recv_slice is not None:
         # Thread backend: each OK read whole by this thread, no frame handled, no request_wait
         assert general == [] and log.readers_of(b"OK") == [], (general, log.records)
-        assert conn._lane_recv_into is not None
+        assert conn._quick_recv_into is not None
     else:
         assert len(general) == count  # gevent: request_wait, every time
     assert conn.pending_requests == 0 and conn.connected()
@@ -355,14 +355,14 @@ def test_quick_request_answers_other_than_ok_go_through_the_reading_loop(server:
         assert conn._quick_request(commands.pub("t", b"e%d" % i), 5.0) == b"ack:e%d" % i
     server.reset_answers()
     inline = conn._recv_slice is not None
-    assert (conn._lane_recv_into is not None) is inline
-    real = conn._lane_recv_into
+    assert (conn._quick_recv_into is not None) is inline
+    real = conn._quick_recv_into
     reads: List[str] = []
     for name, fake in cut_reads(real, reads):
-        conn._lane_recv_into = fake if inline else None
+        conn._quick_recv_into = fake if inline else None
         assert conn._quick_request(commands.pub("t", name.encode()), 5.0) == b"OK"
         assert conn.pending_requests == 0 and conn._decoder.buffered == 0
-        conn._lane_recv_into = real
+        conn._quick_recv_into = real
         assert conn._quick_request(commands.pub("t", b"after-" + name.encode()), 5.0) == b"OK"
     assert reads == (["part", "slice"] if inline else [])
     server.wait_for_command("PUB", count=parks + 9)
@@ -1304,6 +1304,116 @@ def test_snappy_chunk_whose_last_bytes_come_late_is_read_when_they_come(make_con
         conn.close(timeout=2)
         server.thread.join(WAIT)
         assert server.problems == []
+
+
+def own_reads(conn: AsyncConn) -> List[float]:
+    """Records each read a fast path makes through the stream (AsyncConn._read_own_answer)."""
+    calls: List[float] = []
+    read_own_answer = conn._read_own_answer
+
+    def counted(deadline: Any, clock: Any = time.monotonic) -> Any:
+        calls.append(clock())
+        return read_own_answer(deadline, clock)
+
+    conn._read_own_answer = counted  # type: ignore[method-assign]
+    return calls
+
+
+def test_quick_requests_over_snappy_take_the_ok_chunk_as_it_comes(snappy_nsqd: SnappyNsqd, make_conn, monkeypatch) -> None:
+    """Snappy's framing sends nsqd's OK as one uncompressed chunk of 18 bytes that never
+    change (the fake writes its header and its data apart, as nsqd does): on the thread
+    backend _quick_request reads them from the socket into the stream's buffer and knows
+    the answer without the snappy layer; under gevent it goes through request_wait."""
+    monkeypatch.setattr(nsq_sync.conn, "PARK_SECONDS", LONG_PARK)  # callers lead from the 2nd request on
+    conn = make_conn(snappy_nsqd.host, snappy_nsqd.port, snappy=True, heartbeat_interval=1)
+    conn.connect()
+    assert conn.request_wait(commands.pub("t", b"first"), timeout=2) == b"OK"
+    general, through_layer = general_calls(conn), own_reads(conn)
+    count = 10
+    for i in range(count):
+        assert conn._quick_request(commands.pub("t", b"s%d" % i), 5.0) == b"OK", i
+    if conn._recv_slice is not None:
+        assert conn._quick_ok == nsq_sync.conn._SNAPPY_OK_CHUNK and conn._quick_snappy is not None
+        assert general == [] and through_layer == [], (general, through_layer)
+    else:
+        assert len(general) == count
+    assert conn.connected()
+    conn.close(timeout=2)
+    snappy_nsqd.thread.join(WAIT)
+    assert snappy_nsqd.problems == []
+    assert snappy_nsqd.bodies == [b"first"] + [b"s%d" % i for i in range(count)]
+
+
+def test_quick_request_over_snappy_reads_any_other_answer_through_the_layer(monkeypatch, make_conn) -> None:
+    """An answer other than the OK chunk (a 300-byte one whose last 5 bytes come late): the
+    bytes read go to the snappy layer, which reads on for the rest of the chunk."""
+    monkeypatch.setattr(nsq_sync.conn, "PARK_SECONDS", LONG_PARK)
+    for server in _serving(SnappyNsqdShortTail()):
+        conn = make_conn(server.host, server.port, snappy=True)
+        conn.connect()
+        assert conn.request_wait(commands.pub("t", b"first"), timeout=5) == b"OK" + b"." * 298
+        through_layer = own_reads(conn)
+        for i in range(3):
+            assert conn._quick_request(commands.pub("t", b"s%d" % i), 5.0) == b"OK" + b"." * 298, i
+        assert len(through_layer) == (3 if conn._recv_slice is not None else 0)
+        assert conn.connected() and conn.pending_requests == 0
+        conn.close(timeout=2)
+        server.thread.join(WAIT)
+        assert server.problems == []
+        assert server.bodies == [b"first", b"s0", b"s1", b"s2"]
+
+
+class SnappyNsqdPrefixed(SnappyNsqd):
+    """Answers each PUB with its OK chunk in one write, after the bytes the test put in
+    ``prefix`` (sent once)."""
+
+    def __init__(self) -> None:
+        self.prefix = b""
+        super().__init__()
+
+    def _answer(self, sock: socket.socket) -> bool:
+        prefix, self.prefix = self.prefix, b""
+        sock.sendall(prefix + self._compressor.add_chunk(response_frame(b"OK")))
+        return True
+
+
+def test_quick_request_over_snappy_stands_aside_while_part_of_a_chunk_is_held(monkeypatch, make_conn) -> None:
+    """A read that ended inside a chunk left its first bytes with the snappy layer: the
+    bytes that come next belong to that chunk, so the request goes request_wait's general
+    way, and the heartbeat completed ahead of the answer is answered."""
+    from nsq_sync.transport.compression import masked_crc32c
+
+    monkeypatch.setattr(nsq_sync.conn, "PARK_SECONDS", LONG_PARK)
+    frame = response_frame(HEARTBEAT)
+    chunk = b"\x01" + (4 + len(frame)).to_bytes(3, "little") + masked_crc32c(frame).to_bytes(4, "little") + frame
+    for server in _serving(SnappyNsqdPrefixed()):
+        conn = make_conn(server.host, server.port, snappy=True)
+        conn.connect()
+        events = Events(conn, "heartbeat")
+        assert conn.request_wait(commands.pub("t", b"first"), timeout=5) == b"OK"
+        assert conn._quick_request(commands.pub("t", b"second"), 5.0) == b"OK"  # (sets up the quick read)
+        direct: List[int] = []
+        real = conn._quick_recv_into
+        if real is not None:  # (the thread backend; under gevent every request goes request_wait's way)
+
+            def counted(buffer: bytearray) -> int:
+                direct.append(len(buffer))
+                return real(buffer)
+
+            conn._quick_recv_into = counted
+        reader = conn._stream._decompressor
+        reader._rest, server.prefix = chunk[:12], chunk[12:]  # (the reader task parked: nobody reads)
+        assert conn._quick_request(commands.pub("t", b"third"), 5.0) == b"OK"
+        assert direct == [] and reader._rest == b""
+        assert conn._quick_request(commands.pub("t", b"fourth"), 5.0) == b"OK"  # clean again: the quick read
+        assert len(direct) == (1 if real is not None else 0)
+        assert events.names() == ["heartbeat"]
+        wait_until(lambda: b"NOP" in server.lines, WAIT, message="the heartbeat answered")
+        assert conn.connected() and conn.pending_requests == 0
+        conn.close(timeout=2)
+        server.thread.join(WAIT)
+        assert server.problems == []
+        assert server.bodies == [b"first", b"second", b"third", b"fourth"]
 
 
 def test_plain_and_deflate_sockets_keep_the_default_low_mark(deflate_nsqd: DeflateNsqd, make_conn) -> None:

@@ -193,6 +193,35 @@ def test_one_thread_reads_its_own_answers_on_the_quick_path(nsqd: NsqdProcess, w
     assert sorted(read_back(nsqd, "quick", len(bodies), backend)) == sorted(bodies)
 
 
+def test_snappy_publishes_read_nsqds_ok_chunk_on_the_quick_path(nsqd: NsqdProcess, writers, backend: str, monkeypatch) -> None:
+    """nsqd v1.3.0 sends each OK on a snappy connection as the 18 bytes _quick_request knows
+    (an uncompressed chunk of the OK frame): on the thread backend no publish after the
+    first reads through the snappy layer. Each lands once."""
+    import nsq_sync.conn
+
+    monkeypatch.setattr(nsq_sync.conn, "IDLE_CHECK_SECONDS", 60.0)  # (a stalled test machine: not idle)
+    monkeypatch.setattr(nsq_sync.conn, "PARK_SECONDS", 30.0)
+    through_layer: List[Any] = []
+    read_own_answer = AsyncConn._read_own_answer
+
+    def counted(self: AsyncConn, *args: Any) -> Any:
+        through_layer.append(args)
+        return read_own_answer(self, *args)
+
+    monkeypatch.setattr(AsyncConn, "_read_own_answer", counted)
+    nsqd.create_channel("snappy-quick", "check")
+    writer = writers(nsqd.tcp_address, snappy=True, max_connections_per_nsqd=1)
+    bodies = [b"s%d" % i for i in range(300)]
+    for body in bodies:
+        assert writer.pub("snappy-quick", body) == b"OK"
+    if backend == "thread":
+        assert len(through_layer) <= 1, len(through_layer)
+        (conn,) = writer.conns.values()
+        assert conn._quick_ok == nsq_sync.conn._SNAPPY_OK_CHUNK
+    assert pub_counts(nsqd, "snappy-quick") == [len(bodies)]
+    assert sorted(read_back(nsqd, "snappy-quick", len(bodies), backend)) == sorted(bodies)
+
+
 @pytest.mark.parametrize("limit", [1, 3])
 def test_max_connections_per_nsqd_caps_the_connections(nsqd: NsqdProcess, writers, limit: int) -> None:
     writer = writers(nsqd.tcp_address, max_connections_per_nsqd=limit)
