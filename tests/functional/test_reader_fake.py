@@ -264,7 +264,8 @@ def test_backoff_windows_say_whether_a_failure_or_the_recovery_opened_them(
         ("WARNING", f"{name}: backing off for 0.100s (level 2) after a failed message (requeued with backoff): RDY 0 on every connection"),
         ("INFO", f"{name}: recovering from backoff: a message succeeded, level down to 1; pausing 0.050s before the next test (RDY 0 on every connection)"),
     ], said
-    assert any(r.getMessage() == f"{name}: backoff complete; resuming full RDY" for r in caplog.records)
+    # (The level reads 0 a moment before that line is logged, under the Reader's lock: waited for.)
+    wait_until(lambda: any(r.getMessage() == f"{name}: backoff complete; resuming full RDY" for r in list(caplog.records)), WAIT, message="backoff complete logged")
 
 
 # ---------------------------------------------- (c) requeue without backoff
