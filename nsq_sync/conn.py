@@ -346,6 +346,9 @@ class AsyncConn(EventedMixin):
         #: the answer did nothing), counted as they arrive (Reader.stats)
         self._fin_failed_total = 0
         self._req_failed_total = 0
+        #: FINs queued (_finish_message), counted under the lock that takes the message out of
+        #: in_flight: a Reader's stats never show one gone from in_flight and not finished
+        self._finished_total = 0
         self._touched_total = 0  # TOUCHes sent for messages that waited for a worker (_touch_waiting, _touch_picked_up)
         #: answers to requests (nsqd's OK to a PUB, MPUB, DPUB or SUB), counted by the one reading
         #: them (Writer.stats)
@@ -375,9 +378,9 @@ class AsyncConn(EventedMixin):
         #: queued for a worker (taken back from the pool: their listeners will not run)
         self._hand_back: Optional[Callable[[List[Message]], None]] = None
         #: set by an owner (the Reader): called with this connection after each FIN is queued,
-        #: before the "resume" listeners (its count of finished messages, its way out of backoff).
-        #: The owner's own hot path finishes with _finish_message(message, False) and does that
-        #: bookkeeping inline: a listener call less per consumed message.
+        #: before the "resume" listeners (its way out of backoff). The owner's own hot path
+        #: finishes with _finish_message(message, False) and decides inline: a listener call
+        #: less per consumed message.
         self._owner_finished: Optional[Callable[[AsyncConn], None]] = None
         self._hold_max = 1  # answers held back at most: half the RDY count (see _queue_answer_locked)
         self._held_head: Optional[bytes] = None  # the first write queued when the reader task last looked...
@@ -2445,7 +2448,7 @@ class AsyncConn(EventedMixin):
         # FIN is queued before the owner and the "resume" listeners hear of it: a RDY they send
         # (leaving backoff) follows the FIN that freed its in-flight slot. Coalescing: see
         # _queue_answer_locked. notify_owner=False: the owner (_owner_finished) calls, and
-        # counts the FIN itself.
+        # does what it would have done itself, once this returns.
         data = b"FIN %s\n" % message.id
         # An explicit acquire/release in try/finally costs 50-115 ns less than `with lock:`
         # (CPython 3.9-3.13), twice per consumed message with _deliver's.
@@ -2459,6 +2462,7 @@ class AsyncConn(EventedMixin):
             inflight = self._inflight
             inflight.pop(message.id, None)
             self.in_flight = in_flight = len(inflight)
+            self._finished_total += 1
             closing = self._closing
             hold = self._queued > 0 and not closing and len(self._writes) < self._hold_max
             # Drained only once CLOSE_WAIT came: messages nsqd sent before it may still be

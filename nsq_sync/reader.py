@@ -161,7 +161,7 @@ def _never_runs(fn: object) -> Optional[str]:
 #: AsyncConn's counters that Reader.stats() adds up over its connections, closed ones included:
 #: messages received, dropped unrun past msg_timeout (expired), TOUCHed while waiting for a
 #: worker, and FINs and REQs nsqd refused
-_CONN_TOTALS = ("_received_total", "_expired_total", "_touched_total", "_fin_failed_total", "_req_failed_total")
+_CONN_TOTALS = ("_received_total", "_finished_total", "_expired_total", "_touched_total", "_fin_failed_total", "_req_failed_total")
 
 
 def _announced(lookupd: str, exc: BaseException) -> str:
@@ -655,7 +655,6 @@ class Reader:
         self._gone = dict.fromkeys(_CONN_TOTALS, 0)
         self._warned_falsy = False  # a handler returned 0, "" or the like (_answer_later)
         self._unanswered = WarningTally(10.0)  # answers lost with their connection (_not_answered)
-        self._finished = _Counter()
         self._requeued = _Counter()
         self._given_up = _Counter()
 
@@ -946,15 +945,17 @@ class Reader:
         the Reader has had no connection while the nsqlookupd answers listed no nsqd for the
         topic (a misspelled topic, no producer yet, or every nsqd that had it down), else None.
         """
-        finished, requeued, given_up = self._finished.value, self._requeued.value, self._given_up.value
+        requeued, given_up = self._requeued.value, self._given_up.value
         with self._lock:
             states = list(self._conns.values())
             level, window = self._level, self._window
             # Counted by each connection: received on arrival (a message still waiting for a
-            # worker counts); FINs and REQs nsqd refused as the refusal comes (they were counted
+            # worker counts); finished as its FIN is queued (under the lock that takes it out of
+            # in_flight); FINs and REQs nsqd refused as the refusal comes (they were counted
             # as finished or requeued when sent: nsqd answers only a failure)
             totals = {name: gone + sum(getattr(st.conn, name) for st in states) for name, gone in self._gone.items()}
             received, expired, touched = totals["_received_total"], totals["_expired_total"], totals["_touched_total"]
+            finished = totals["_finished_total"]
             fin_failed, req_failed = totals["_fin_failed_total"], totals["_req_failed_total"]
             # A direct nsqd that is down (or not connected yet) is listed too, so that an alert
             # on "connected": False can fire (its max_rdy_count and last_msg_timestamp: None).
@@ -1248,7 +1249,6 @@ class Reader:
         except Error as exc:
             self._not_answered(message, exc)
             return
-        self._finished.bump()
         if self._level or self._deficit:
             self._result(True)
 
@@ -1381,8 +1381,8 @@ class Reader:
 
     # ----------------------------------------- answer events (caller's thread)
     def _on_finished(self, conn: AsyncConn) -> None:
-        # Each connection's _owner_finished: a FIN queued by any path but _on_message's own.
-        self._finished.bump()
+        # Each connection's _owner_finished: a FIN queued by any path but _on_message's own
+        # (the connection counts them all).
         if self._level == 0 and not self._deficit:
             return  # the common case: nothing to decide
         self._result(True)

@@ -148,6 +148,29 @@ def test_every_way_of_finishing_counts_once_and_fires_resume_once(fake_nsqd: Fak
     assert resumed == [conn] * 5
 
 
+def test_finishes_on_a_connection_that_closed_stay_counted(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> None:
+    # Each connection counts its FINs; the Reader keeps the count of one that closed.
+    reader = make_reader(fake_nsqd, lambda m: None, max_in_flight=2)
+    reader.start()
+    first = fake_nsqd.wait_connected(timeout=WAIT)
+    fake_nsqd.wait_for_command("RDY 2", session=first, timeout=WAIT)
+    for body in (b"a", b"b"):
+        fake_nsqd.enqueue(body)
+    fake_nsqd.wait_for_command("FIN", count=2, session=first, timeout=WAIT)
+    wait_until(lambda: reader.stats()["in_flight"] == 0, WAIT, message="in_flight 0")
+    assert reader.stats()["messages_finished"] == 2
+    fake_nsqd.close_client()
+    fake_nsqd.wait_disconnected(first)
+    second = fake_nsqd.wait_connected(count=2, timeout=WAIT)
+    fake_nsqd.wait_for_command("RDY 2", session=second, timeout=WAIT)
+    fake_nsqd.enqueue(b"c")
+    fake_nsqd.wait_for_command("FIN", session=second, timeout=WAIT)
+    wait_until(lambda: reader.stats()["in_flight"] == 0, WAIT, message="in_flight 0")
+    stats = reader.stats()
+    assert (stats["messages_received"], stats["messages_finished"]) == (3, 3)
+    assert len(stats["connections"]) == 1
+
+
 def test_identify_carries_conn_kwargs(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> None:
     reader = make_reader(fake_nsqd, lambda m: True, heartbeat_interval=5, user_agent="test-agent/1", msg_timeout=30)
     reader.start()
@@ -237,6 +260,7 @@ def test_failures_during_a_window_count_once_and_level_steps_down(fake_nsqd: Fak
     fake_nsqd.enqueue(b"ok2")
     fake_nsqd.wait_for_command("FIN", count=2, timeout=WAIT)
     fake_nsqd.wait_until(lambda: reader.backoff_level == 0, WAIT, "level 0 after two successes")
+    fake_nsqd.wait_for_command("RDY 3", count=2, timeout=WAIT)  # (written once the Reader let go of its lock)
     after_first_failure = lines(fake_nsqd)[3:]
     assert rdy_values(after_first_failure) == [0, 1, 0, 1, 0, 1, 3]
 
