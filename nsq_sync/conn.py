@@ -2474,7 +2474,7 @@ class AsyncConn(EventedMixin):
             try:
                 self._owner_finished(self)
             except Exception:
-                logger.exception("%sthe owner's count of FINs on %s raised", self._log_prefix, self.id)
+                logger.exception("%sthe owner's handling of a FIN on %s raised", self._log_prefix, self.id)
         for callback in self._listeners.get("resume", ()):
             try:
                 callback(conn=self)

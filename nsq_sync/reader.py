@@ -948,6 +948,9 @@ class Reader:
         requeued, given_up = self._requeued.value, self._given_up.value
         with self._lock:
             states = list(self._conns.values())
+            # Read before the totals: a FIN meanwhile shows in both in_flight and finished,
+            # never in neither (each connection counts it under the lock that updates in_flight).
+            flights = [st.conn.in_flight for st in states]
             level, window = self._level, self._window
             # Counted by each connection: received on arrival (a message still waiting for a
             # worker counts); finished as its FIN is queued (under the lock that takes it out of
@@ -981,7 +984,7 @@ class Reader:
             {
                 "address": st.address,
                 "rdy": st.conn.rdy,
-                "in_flight": st.conn.in_flight,
+                "in_flight": in_flight,
                 "connected": st.conn.connected(),
                 "max_rdy_count": st.conn.max_rdy_count,
                 "last_msg_timestamp": st.conn.last_msg_timestamp,
@@ -990,7 +993,7 @@ class Reader:
                 # (closed, and not yet taken off the list by its close event: why)
                 "last_error": None if st.conn.error is None or st.conn.connected() else str(st.conn.error),
             }
-            for st in states
+            for st, in_flight in zip(states, flights)
         ]
         connections += [
             {
@@ -1248,7 +1251,10 @@ class Reader:
             message._responder._finish_message(message, False)  # type: ignore[union-attr]  # delivered: has a connection
         except Error as exc:
             self._not_answered(message, exc)
-            return
+            if isinstance(exc, AlreadyRespondedError) or not message._responded:
+                return  # not ours to count: answered already, or its connection had ended
+            # Queued (and counted by the connection), then its write failed: a success all the
+            # same, as the FIN of any other path is (_on_finished).
         if self._level or self._deficit:
             self._result(True)
 

@@ -1325,6 +1325,7 @@ def test_quick_requests_over_snappy_take_the_ok_chunk_as_it_comes(snappy_nsqd: S
     backend _quick_request reads them from the socket into the stream's buffer and knows
     the answer without the snappy layer; under gevent it goes through request_wait."""
     monkeypatch.setattr(nsq_sync.conn, "PARK_SECONDS", LONG_PARK)  # callers lead from the 2nd request on
+    monkeypatch.setattr(nsq_sync.conn, "IDLE_CHECK_SECONDS", 60.0)  # (a stalled test machine: not idle)
     conn = make_conn(snappy_nsqd.host, snappy_nsqd.port, snappy=True, heartbeat_interval=1)
     conn.connect()
     assert conn.request_wait(commands.pub("t", b"first"), timeout=2) == b"OK"
@@ -1348,6 +1349,7 @@ def test_quick_request_over_snappy_reads_any_other_answer_through_the_layer(monk
     """An answer other than the OK chunk (a 300-byte one whose last 5 bytes come late): the
     bytes read go to the snappy layer, which reads on for the rest of the chunk."""
     monkeypatch.setattr(nsq_sync.conn, "PARK_SECONDS", LONG_PARK)
+    monkeypatch.setattr(nsq_sync.conn, "IDLE_CHECK_SECONDS", 60.0)
     for server in _serving(SnappyNsqdShortTail()):
         conn = make_conn(server.host, server.port, snappy=True)
         conn.connect()
@@ -1377,13 +1379,16 @@ class SnappyNsqdPrefixed(SnappyNsqd):
         return True
 
 
-def test_quick_request_over_snappy_stands_aside_while_part_of_a_chunk_is_held(monkeypatch, make_conn) -> None:
-    """A read that ended inside a chunk left its first bytes with the snappy layer: the
-    bytes that come next belong to that chunk, so the request goes request_wait's general
-    way, and the heartbeat completed ahead of the answer is answered."""
+@pytest.mark.parametrize("held_by", ["chunk reader", "layer"])
+def test_quick_request_over_snappy_stands_aside_while_part_of_a_chunk_is_held(monkeypatch, make_conn, held_by: str) -> None:
+    """The first bytes of a chunk are held: by the chunk reader (a read that ended inside the
+    chunk) or by the layer, not decoded yet (bytes read past the upgrade point). The bytes that
+    come next belong to that chunk, so the request goes request_wait's general way, and the
+    heartbeat completed ahead of the answer is answered."""
     from nsq_sync.transport.compression import masked_crc32c
 
     monkeypatch.setattr(nsq_sync.conn, "PARK_SECONDS", LONG_PARK)
+    monkeypatch.setattr(nsq_sync.conn, "IDLE_CHECK_SECONDS", 60.0)
     frame = response_frame(HEARTBEAT)
     chunk = b"\x01" + (4 + len(frame)).to_bytes(3, "little") + masked_crc32c(frame).to_bytes(4, "little") + frame
     for server in _serving(SnappyNsqdPrefixed()):
@@ -1402,9 +1407,13 @@ def test_quick_request_over_snappy_stands_aside_while_part_of_a_chunk_is_held(mo
 
             conn._quick_recv_into = counted
         reader = conn._stream._decompressor
-        reader._rest, server.prefix = chunk[:12], chunk[12:]  # (the reader task parked: nobody reads)
+        if held_by == "layer":
+            conn._stream._hold(chunk[:12])
+        else:
+            reader._rest = chunk[:12]
+        server.prefix = chunk[12:]  # (the reader task parked: nobody reads)
         assert conn._quick_request(commands.pub("t", b"third"), 5.0) == b"OK"
-        assert direct == [] and reader._rest == b""
+        assert direct == [] and reader._rest == b"" and not conn._stream.pending()
         assert conn._quick_request(commands.pub("t", b"fourth"), 5.0) == b"OK"  # clean again: the quick read
         assert len(direct) == (1 if real is not None else 0)
         assert events.names() == ["heartbeat"]

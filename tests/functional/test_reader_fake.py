@@ -26,7 +26,7 @@ from fake_nsqd import close as closing
 from tcp_proxy import TcpProxy
 
 from nsq_sync.backoff import ExponentialBackoff
-from nsq_sync.errors import ClosedError, ConfigError
+from nsq_sync.errors import ClosedError, ConfigError, SendError
 from nsq_sync.reader import Reader
 from nsq_sync.testing import wait_until
 
@@ -290,6 +290,33 @@ def test_backoff_windows_say_whether_a_failure_or_the_recovery_opened_them(
     ], said
     # (The level reads 0 a moment before that line is logged, under the Reader's lock: waited for.)
     wait_until(lambda: any(r.getMessage() == f"{name}: backoff complete; resuming full RDY" for r in list(caplog.records)), WAIT, message="backoff complete logged")
+
+
+def test_a_fin_whose_write_fails_still_counts_toward_leaving_backoff(fake_nsqd: FakeNsqd, make_reader: Callable[..., Reader]) -> None:
+    # The FIN was queued (and counted) before its write failed: a success, as on every
+    # other way of finishing, so the backoff level steps down.
+    answers = iter([False, True])
+    reader = make_reader(fake_nsqd, lambda m: next(answers), max_in_flight=3, backoff_strategy=ExponentialBackoff(multiplier=0.05))
+    reader.start()
+    fake_nsqd.wait_for_command("RDY 3")
+    fake_nsqd.enqueue(b"fails")
+    fake_nsqd.wait_for_command("REQ")
+    assert reader.backoff_level == 1
+    fake_nsqd.wait_for_command("RDY 1", timeout=WAIT)
+    conn = next(iter(reader.conns.values()))
+    real = conn._finish_message
+    failed: List[bytes] = []
+
+    def finish_then_fail(message: Any, notify_owner: bool = True) -> None:
+        real(message, notify_owner)
+        failed.append(message.body)
+        raise SendError("the write failed (test)")
+
+    conn._finish_message = finish_then_fail  # type: ignore[method-assign]
+    fake_nsqd.enqueue(b"succeeds")
+    wait_until(lambda: reader.backoff_level == 0, WAIT, message="the success counted")
+    assert failed == [b"succeeds"]
+    assert reader.stats()["messages_finished"] == 1
 
 
 # ---------------------------------------------- (c) requeue without backoff
