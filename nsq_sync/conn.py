@@ -441,6 +441,7 @@ class AsyncConn(EventedMixin):
         self._quick_buffer: Optional[bytearray] = None
         self._quick_ok = _OK_FRAME
         self._quick_snappy: Optional[Any] = None
+        self._quick_set = False  # no direct read, ever (deflate): _quick_read_setup looked once
         self._tls: Optional[Any] = None  # the TLSStream under any compression layer, once upgraded
         self._write_stall: Optional[SendError] = None  # set when a write timed out (see _write_failed)
         #: seconds a write may make no progress before the connection closes: the staleness
@@ -1559,7 +1560,7 @@ class AsyncConn(EventedMixin):
         moves its timeout by as much.)
         """
         recv_into = self._quick_recv_into
-        if recv_into is None:
+        if recv_into is None and not self._quick_set:
             if self._recv_slice is None:
                 return self.request_wait(data, timeout)  # (gevent, TLS: reads poll first)
             recv_into = self._quick_read_setup()
@@ -1651,11 +1652,12 @@ class AsyncConn(EventedMixin):
         return self._outcome(answer, timeout)
 
     def _quick_read_setup(self) -> Optional[Any]:
-        """_quick_request's first call on plain TCP or snappy over plain TCP: read into the
-        socket stream's own buffer (whoever holds the read token reads into it), and know
-        nsqd's OK as it arrives. Snappy's framing sends a 10-byte answer as one uncompressed
-        chunk whose checksum is that of the OK frame: 18 bytes that never change. None
-        (read through the stream) for anything else: deflate's bytes depend on all before."""
+        """_quick_request's look-up, on plain TCP or snappy over plain TCP, until it finds the
+        socket stream's own buffer: read into it (whoever holds the read token reads into it),
+        and know nsqd's OK as it arrives. Snappy's framing sends a 10-byte answer as one
+        uncompressed chunk whose checksum is that of the OK frame: 18 bytes that never change.
+        None (read through the stream) for anything else; deflate, whose bytes depend on all
+        before them, is looked at once (_quick_set)."""
         stream: Any = self._stream
         if stream.__class__ is SnappyStream:
             inner = stream.inner
@@ -1664,9 +1666,12 @@ class AsyncConn(EventedMixin):
                 self._quick_snappy = stream._decompressor
                 self._quick_buffer = inner._buffer
                 self._quick_recv_into = inner._recv_into
-        elif stream.__class__ is SocketStream and stream._buffer is not None:
-            self._quick_buffer = stream._buffer
-            self._quick_recv_into = stream._recv_into
+        elif stream.__class__ is SocketStream:
+            if stream._buffer is not None:  # (made by the stream's first read: until then, looked up again)
+                self._quick_buffer = stream._buffer
+                self._quick_recv_into = stream._recv_into
+        else:
+            self._quick_set = True
         return self._quick_recv_into
 
     def _read_until_done(self, answer: "_Answer", deadline: Optional[float]) -> None:

@@ -159,8 +159,8 @@ def _never_runs(fn: object) -> Optional[str]:
 
 
 #: AsyncConn's counters that Reader.stats() adds up over its connections, closed ones included:
-#: messages received, dropped unrun past msg_timeout (expired), TOUCHed while waiting for a
-#: worker, and FINs and REQs nsqd refused
+#: messages received, finished (FINs queued), dropped unrun past msg_timeout (expired),
+#: TOUCHed while waiting for a worker, and FINs and REQs nsqd refused
 _CONN_TOTALS = ("_received_total", "_finished_total", "_expired_total", "_touched_total", "_fin_failed_total", "_req_failed_total")
 
 
